@@ -1,0 +1,1 @@
+//! The gitops-reverser agent (work in progress, see issue "Agent").

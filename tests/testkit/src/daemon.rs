@@ -1,0 +1,68 @@
+//! `git daemon` serving a root directory over git:// with push enabled.
+
+use std::path::Path;
+use std::process::Stdio;
+
+use tempfile::TempDir;
+
+use crate::BareRepo;
+use crate::util::{ChildGuard, free_port, git_command};
+
+/// A running `git daemon --export-all --enable=receive-pack` on 127.0.0.1.
+pub struct GitDaemon {
+    _child: ChildGuard,
+    _logs: TempDir,
+    port: u16,
+    repo_name: String,
+}
+
+impl GitDaemon {
+    /// Serves the root of `repo`; [`url`](Self::url) points at it.
+    pub fn start(repo: &BareRepo) -> Self {
+        Self::start_root(repo.root(), repo.name())
+    }
+
+    /// Serves every repo under `root`; [`url`](Self::url) points at `root/repo_name`.
+    pub fn start_root(root: &Path, repo_name: &str) -> Self {
+        let logs = tempfile::tempdir().expect("cannot create a temp dir");
+        let log = logs.path().join("daemon.log");
+        let port = free_port();
+        let child = git_command()
+            .arg("daemon")
+            .args(["--export-all", "--enable=receive-pack", "--reuseaddr", "--informative-errors"])
+            .arg(format!("--base-path={}", root.display()))
+            .arg("--listen=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .arg(root)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("create log"))
+            .spawn()
+            .expect("cannot start `git daemon` (apt-get install -y git)");
+        let mut child = ChildGuard {
+            child,
+            what: "git daemon".into(),
+            log,
+        };
+        child.wait_for_port(port);
+        Self {
+            _child: child,
+            _logs: logs,
+            port,
+            repo_name: repo_name.to_owned(),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `git://127.0.0.1:P/repo.git`.
+    pub fn url(&self) -> String {
+        self.url_for(&self.repo_name)
+    }
+
+    /// The URL of another repo under the served root.
+    pub fn url_for(&self, repo_name: &str) -> String {
+        format!("git://127.0.0.1:{}/{repo_name}", self.port)
+    }
+}

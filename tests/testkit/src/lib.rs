@@ -1,0 +1,28 @@
+//! Test helpers: real git servers on 127.0.0.1, no mocks.
+//!
+//! Each helper starts real processes on an ephemeral port, waits until the port accepts
+//! connections, and stops them (and deletes its temp dirs) on `Drop`. A missing tool makes the
+//! helper panic with the command that installs it, so a test never passes silently without its
+//! server.
+//!
+//! | helper | server | what it is for |
+//! | --- | --- | --- |
+//! | [`BareRepo`] | a bare repo in a temp dir (`file://`) | the remote of most tests; inspected with the real `git` CLI (`log_subjects`, `read`, `ls_tree`, `commit_count`, `rev_parse`) and pushed to by a simulated human (`commit_as_human`) |
+//! | [`GitDaemon`] | `git daemon --enable=receive-pack` | the `git://` transport (unauthenticated) |
+//! | [`HttpGitServer`] | `git http-backend` (CGI) behind a small hyper + rustls HTTPS server with HTTP basic auth | smart HTTP over TLS: credentials, wrong passwords, custom CA ([`HttpGitServer::ca_file`]) |
+//! | [`SshGitServer`] | OpenSSH `sshd` with its own config, host key and one authorised client key | the SSH transport: private keys, known_hosts verification (`apt-get install -y openssh-server`) |
+//!
+//! Every server serves a root directory; [`BareRepo::new`] puts `repo.git` in its own root, and
+//! each server has a `url()` for that repo (and `url_for(name)` for others).
+
+mod bare;
+mod daemon;
+mod http;
+mod ssh;
+mod util;
+
+pub use bare::BareRepo;
+pub use daemon::GitDaemon;
+pub use http::HttpGitServer;
+pub use ssh::SshGitServer;
+pub use util::{free_port, git, require_tool};

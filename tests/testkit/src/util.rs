@@ -1,0 +1,108 @@
+//! Process plumbing shared by the servers: tool lookup, the `git` CLI, ports, child cleanup.
+
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Returns the path of a required tool or panics with the way to install it.
+pub fn require_tool(name: &str, install_hint: &str) -> PathBuf {
+    let candidate = Path::new(name);
+    if candidate.is_absolute() {
+        if candidate.exists() {
+            return candidate.to_owned();
+        }
+    } else if let Some(found) = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+    {
+        return found;
+    }
+    panic!("required tool `{name}` is not installed: {install_hint}");
+}
+
+/// A `git` command isolated from the user's and the system's configuration.
+pub(crate) fn git_command() -> Command {
+    let mut cmd = Command::new(require_tool("git", "apt-get install -y git"));
+    cmd.env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs the `git` CLI (in `cwd` if given) and returns its output, whatever the exit status.
+pub fn git(cwd: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = git_command();
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    cmd.args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run git {args:?}: {e}"))
+}
+
+/// Runs the `git` CLI and panics with its stderr unless it succeeds; returns stdout.
+pub(crate) fn git_ok(cwd: Option<&Path>, args: &[&str]) -> Vec<u8> {
+    let out = git(cwd, args);
+    assert!(
+        out.status.success(),
+        "git {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (the OS picks it).
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("cannot bind an ephemeral port on 127.0.0.1")
+}
+
+/// A child process that is killed and reaped on drop.
+pub(crate) struct ChildGuard {
+    pub child: Child,
+    pub what: String,
+    pub log: PathBuf,
+}
+
+impl ChildGuard {
+    /// Waits until `port` accepts TCP connections; panics with the server's log when the child
+    /// exits or 15 s pass.
+    pub fn wait_for_port(&mut self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited ({status}) before listening on 127.0.0.1:{port}:\n{}",
+                    self.what,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} does not listen on 127.0.0.1:{port} after 15 s:\n{}",
+                self.what,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,859 @@
+//! Pure batching and commit planning for one (repository, branch) worker.
+//!
+//! Changes arrive in sequence order and are buffered ([`Buffer`]). Snapshot epochs are tracked here too: every
+//! upsert between a `SnapshotBegin` and its `SnapshotEnd` is remembered, and the end turns into a *sweep* entry
+//! that deletes the scope's files nobody re-sent (orphans). When the worker flushes, [`plan`] replays the buffer
+//! in arrival order over the branch tip ([`TreeView`]): the latest content per path wins, semantically equal
+//! content is a no-op, ownership markers are checked and created, and the effective changes are grouped into one
+//! commit per author. Nothing here touches git or the network, so every rule is unit-tested on plain maps.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use reverser_common::{paths, yaml};
+
+use crate::{
+    git::{FileChange, GitError},
+    model::{Bytes, ClusterIdentity, Change, DestinationId, DestinationRef, ObjectId, Operation, Scope, one_line},
+};
+
+/// Flush thresholds (seed Appendix X).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_files: usize,
+    pub max_bytes: usize,
+    pub max_wait: Duration,
+}
+
+/// Read access to the tree a plan is made against (the branch tip).
+pub trait TreeView {
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, GitError>;
+    /// Every file under `folder`, recursively, as full repository paths.
+    fn list(&self, folder: &str) -> Result<Vec<String>, GitError>;
+}
+
+/// What one buffered entry does to the tree.
+#[derive(Clone, Debug)]
+pub enum EntryOp {
+    Write { path: String, content: Bytes, object: ObjectId, author: Option<String> },
+    Remove { path: String, object: ObjectId, author: Option<String> },
+    /// Delete the scope's files not in `keep` (full paths), at most `cap` of them.
+    Sweep { folder: String, namespace_given: bool, keep: Arc<HashSet<String>>, base_folder: String },
+    /// Nothing to write (a snapshot begin); only acknowledged.
+    Nothing,
+}
+
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub destination: DestinationRef,
+    pub sequence: u64,
+    pub op: EntryOp,
+}
+
+#[derive(Debug)]
+struct OpenSnapshot {
+    epoch: u64,
+    folder: String,
+    namespace_given: bool,
+    seen: HashSet<String>,
+}
+
+/// Result of offering a change to the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Accepted {
+    Buffered,
+    /// A `SnapshotEnd` without its `SnapshotBegin` (or with another epoch): nothing is deleted.
+    SnapshotMismatch(String),
+}
+
+/// Changes received but not yet pushed, plus the open snapshot epochs.
+#[derive(Debug, Default)]
+pub struct Buffer {
+    entries: Vec<Entry>,
+    distinct_paths: HashSet<String>,
+    bytes: usize,
+    first_at: Option<Instant>,
+    snapshots: HashMap<(DestinationId, String), OpenSnapshot>,
+}
+
+impl Buffer {
+    pub fn push(&mut self, change: Change, now: Instant) -> Accepted {
+        let base = change.destination.base_folder.clone();
+        let op = match change.operation {
+            Operation::Upsert { path, content, object, author } => {
+                let full = paths::join(&base, &path);
+                for snapshot in self.snapshots.iter_mut().filter(|((d, _), _)| *d == change.destination.id) {
+                    if paths::in_scope(&snapshot.1.folder, snapshot.1.namespace_given, &path) {
+                        snapshot.1.seen.insert(full.clone());
+                    }
+                }
+                self.bytes += content.len();
+                self.distinct_paths.insert(full.clone());
+                EntryOp::Write { path: full, content, object, author }
+            }
+            Operation::Delete { path, object, author } => {
+                let full = paths::join(&base, &path);
+                self.distinct_paths.insert(full.clone());
+                EntryOp::Remove { path: full, object, author }
+            }
+            Operation::SnapshotBegin { scope, epoch } => {
+                let Scope { folder, namespace_given } = scope;
+                self.snapshots.insert(
+                    (change.destination.id.clone(), folder.clone()),
+                    OpenSnapshot { epoch, folder, namespace_given, seen: HashSet::new() },
+                );
+                EntryOp::Nothing
+            }
+            Operation::SnapshotEnd { scope, epoch } => {
+                let key = (change.destination.id.clone(), scope.folder.clone());
+                match self.snapshots.remove(&key) {
+                    Some(open) if open.epoch == epoch => EntryOp::Sweep {
+                        folder: paths::join(&base, &open.folder),
+                        namespace_given: open.namespace_given,
+                        keep: Arc::new(open.seen),
+                        base_folder: base,
+                    },
+                    Some(open) => {
+                        let message = format!(
+                            "SnapshotEnd epoch {epoch} does not match the open SnapshotBegin epoch {} of {}",
+                            open.epoch, scope.folder
+                        );
+                        self.snapshots.insert(key, open);
+                        return Accepted::SnapshotMismatch(message);
+                    }
+                    None => {
+                        return Accepted::SnapshotMismatch(format!(
+                            "SnapshotEnd for {} (epoch {epoch}) without a SnapshotBegin",
+                            scope.folder
+                        ));
+                    }
+                }
+            }
+        };
+        self.first_at.get_or_insert(now);
+        self.entries.push(Entry { destination: change.destination, sequence: change.sequence, op });
+        Accepted::Buffered
+    }
+
+    /// Whether a flush is due now (any cap reached, or the oldest change waited long enough).
+    pub fn flush_due(&self, limits: &Limits, now: Instant) -> bool {
+        !self.entries.is_empty()
+            && (self.distinct_paths.len() >= limits.max_files
+                || self.bytes >= limits.max_bytes
+                || self.first_at.is_some_and(|t| now.duration_since(t) >= limits.max_wait))
+    }
+
+    /// Far past the flush caps (a failing remote): time to stop accepting more until a push succeeds.
+    pub fn over_hard_cap(&self, limits: &Limits) -> bool {
+        self.distinct_paths.len() >= limits.max_files.saturating_mul(4).max(1000)
+            || self.bytes >= limits.max_bytes.saturating_mul(4)
+    }
+
+    /// When the time cap fires, if anything is buffered.
+    pub fn deadline(&self, limits: &Limits) -> Option<Instant> {
+        self.first_at.map(|t| t + limits.max_wait)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn pending_files(&self) -> usize {
+        self.distinct_paths.len()
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Takes the buffered entries (after they were pushed); open snapshots stay open.
+    pub fn take(&mut self) -> Vec<Entry> {
+        self.distinct_paths.clear();
+        self.bytes = 0;
+        self.first_at = None;
+        std::mem::take(&mut self.entries)
+    }
+
+    /// Drops every entry and open snapshot of a destination (it was withdrawn or moved).
+    pub fn forget_destination(&mut self, id: &DestinationId) {
+        self.snapshots.retain(|(d, _), _| d != id);
+    }
+}
+
+/// Settings a plan needs besides the entries and the tree.
+#[derive(Clone, Debug)]
+pub struct PlanContext {
+    pub bot_name: String,
+    pub bot_email: String,
+    /// Maximum orphans one sweep deletes; 0 disables orphan deletion.
+    pub deletes_cap: usize,
+    /// RFC 3339 time written into new ownership markers.
+    pub now_rfc3339: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verb {
+    Create,
+    Update,
+    Delete,
+}
+
+impl Verb {
+    fn tag(&self) -> &'static str {
+        match self {
+            Verb::Create => "[CREATE]",
+            Verb::Update => "[UPDATE]",
+            Verb::Delete => "[DELETE]",
+        }
+    }
+}
+
+/// One commit to create, in order.
+#[derive(Clone, Debug)]
+pub struct PlannedCommit {
+    pub author_name: String,
+    pub author_email: String,
+    pub message: String,
+    pub changes: Vec<FileChange>,
+    /// Destinations touched, for logs and statuses.
+    pub destinations: Vec<DestinationId>,
+}
+
+/// A destination whose ownership marker names another owner.
+#[derive(Clone, Debug)]
+pub struct MarkerConflict {
+    pub destination: DestinationRef,
+    pub exclusive: bool,
+    pub found_owner: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlanStats {
+    pub written: usize,
+    pub deleted: usize,
+    pub orphans_deleted: usize,
+    pub noops: usize,
+    pub bytes: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    pub commits: Vec<PlannedCommit>,
+    pub marker_conflicts: Vec<MarkerConflict>,
+    /// Entries refused because their destination's marker belongs to someone else (exclusive mode).
+    pub refused_entries: Vec<usize>,
+    pub stats: PlanStats,
+}
+
+/// The last word about one path within the buffer.
+#[derive(Debug)]
+struct Slot<'a> {
+    content: Option<&'a Bytes>,
+    entry: usize,
+    author: Option<&'a str>,
+    orphan: bool,
+}
+
+/// Replays `entries` over `tree` and plans the commits that bring the tree to the result.
+pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result<Plan, GitError> {
+    // 1. Latest content per path, in arrival order; sweeps see the tree as the earlier entries left it.
+    let mut slots: BTreeMap<String, Slot<'_>> = BTreeMap::new();
+    for (index, entry) in entries.iter().enumerate() {
+        match &entry.op {
+            EntryOp::Write { path, content, author, .. } => {
+                slots.insert(
+                    path.clone(),
+                    Slot { content: Some(content), entry: index, author: author.as_deref(), orphan: false },
+                );
+            }
+            EntryOp::Remove { path, author, .. } => {
+                slots.insert(
+                    path.clone(),
+                    Slot { content: None, entry: index, author: author.as_deref(), orphan: false },
+                );
+            }
+            EntryOp::Sweep { folder, namespace_given, keep, base_folder } => {
+                if ctx.deletes_cap == 0 {
+                    continue;
+                }
+                let scope_relative = folder.strip_prefix(base_folder).and_then(|f| f.strip_prefix('/')).unwrap_or("");
+                let mut candidates: Vec<String> = Vec::new();
+                let listed = tree.list(folder)?;
+                let mut present: HashSet<String> = listed.into_iter().collect();
+                for (path, slot) in &slots {
+                    if path.starts_with(folder.as_str()) {
+                        if slot.content.is_some() {
+                            present.insert(path.clone());
+                        } else {
+                            present.remove(path);
+                        }
+                    }
+                }
+                let mut present: Vec<String> = present.into_iter().collect();
+                present.sort();
+                for path in &present {
+                    let Some(relative) = path.strip_prefix(base_folder.as_str()).and_then(|p| p.strip_prefix('/')) else {
+                        continue;
+                    };
+                    if !paths::in_scope(scope_relative, *namespace_given, relative) || keep.contains(path) {
+                        continue;
+                    }
+                    candidates.push(path.clone());
+                    if candidates.len() >= ctx.deletes_cap {
+                        break;
+                    }
+                }
+                for path in candidates {
+                    slots.insert(path, Slot { content: None, entry: index, author: None, orphan: true });
+                }
+            }
+            EntryOp::Nothing => {}
+        }
+    }
+
+    // 2. Effective changes against the tree.
+    struct Effective<'a> {
+        path: &'a str,
+        slot: &'a Slot<'a>,
+        verb: Verb,
+    }
+    let mut effective: Vec<Effective<'_>> = Vec::new();
+    let mut stats = PlanStats::default();
+    for (path, slot) in &slots {
+        let current = tree.read(path)?;
+        let verb = match (slot.content, current) {
+            (Some(new), Some(old)) if yaml::semantically_equal(&old, new) => {
+                stats.noops += 1;
+                continue;
+            }
+            (Some(_), Some(_)) => Verb::Update,
+            (Some(_), None) => Verb::Create,
+            (None, Some(_)) => Verb::Delete,
+            (None, None) => {
+                stats.noops += 1;
+                continue;
+            }
+        };
+        effective.push(Effective { path: path.as_str(), slot, verb });
+    }
+
+    // 3. Ownership markers of the destinations that change something.
+    let destination_of_entry: Vec<&DestinationRef> = entries.iter().map(|e| &e.destination).collect();
+    let mut touched: BTreeMap<&DestinationId, &DestinationRef> = BTreeMap::new();
+    for change in &effective {
+        let destination = destination_of_entry[change.slot.entry];
+        touched.insert(&destination.id, destination);
+    }
+    let mut marker_conflicts = Vec::new();
+    let mut refused_destinations: HashSet<&DestinationId> = HashSet::new();
+    let mut new_markers: HashMap<&DestinationId, FileChange> = HashMap::new();
+    for (id, destination) in &touched {
+        let marker_path = paths::marker_path(&destination.base_folder);
+        match tree.read(&marker_path)? {
+            None => {
+                new_markers.insert(
+                    id,
+                    FileChange { path: marker_path, content: Some(render_marker(&destination.origin.identity, &ctx.now_rfc3339)) },
+                );
+            }
+            Some(existing) => {
+                if let Some(found_owner) = marker_mismatch(&existing, &destination.origin.identity) {
+                    if destination.exclusive_mode {
+                        refused_destinations.insert(id);
+                    }
+                    marker_conflicts.push(MarkerConflict {
+                        destination: (*destination).clone(),
+                        exclusive: destination.exclusive_mode,
+                        found_owner,
+                    });
+                }
+            }
+        }
+    }
+    let refused_entries: Vec<usize> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| refused_destinations.contains(&e.destination.id))
+        .map(|(i, _)| i)
+        .collect();
+    effective.retain(|c| !refused_destinations.contains(&destination_of_entry[c.slot.entry].id));
+
+    // 4. One commit per (author, installation), ordered by first arrival.
+    let mut groups: Vec<(GroupKey<'_>, Vec<&Effective<'_>>)> = Vec::new();
+    let mut order: Vec<&Effective<'_>> = effective.iter().collect();
+    order.sort_by_key(|c| (c.slot.entry, c.path));
+    for change in order {
+        let destination = destination_of_entry[change.slot.entry];
+        let key = GroupKey { author: change.slot.author, identity: &destination.origin.identity };
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(change),
+            None => groups.push((key, vec![change])),
+        }
+    }
+    let mut commits = Vec::with_capacity(groups.len());
+    for (key, members) in groups {
+        let (author_name, author_email) = match key.author {
+            Some(user) => author_identity(user),
+            None => (ctx.bot_name.clone(), ctx.bot_email.clone()),
+        };
+        let mut changes = Vec::with_capacity(members.len() + 1);
+        let mut lines = Vec::with_capacity(members.len());
+        let mut destinations: Vec<DestinationId> = Vec::new();
+        let (mut created, mut updated, mut deleted) = (0usize, 0usize, 0usize);
+        for change in &members {
+            let destination = destination_of_entry[change.slot.entry];
+            if !destinations.contains(&destination.id) {
+                destinations.push(destination.id.clone());
+                if let Some(marker) = new_markers.remove(&destination.id) {
+                    changes.push(marker);
+                }
+            }
+            let content = change.slot.content.map(|c| c.to_vec());
+            stats.bytes += content.as_ref().map_or(0, Vec::len);
+            match change.verb {
+                Verb::Create => created += 1,
+                Verb::Update => updated += 1,
+                Verb::Delete => deleted += 1,
+            }
+            if change.verb == Verb::Delete {
+                stats.deleted += 1;
+                if change.slot.orphan {
+                    stats.orphans_deleted += 1;
+                }
+            } else {
+                stats.written += 1;
+            }
+            let shown = change
+                .path
+                .strip_prefix(destination.base_folder.as_str())
+                .and_then(|p| p.strip_prefix('/'))
+                .unwrap_or(change.path);
+            let shown = shown.strip_suffix(".yaml").unwrap_or(shown);
+            let note = if change.slot.orphan { " (orphan: no longer in the cluster)" } else { "" };
+            lines.push(format!("{} {}{}", change.verb.tag(), one_line(shown), note));
+            changes.push(FileChange { path: change.path.to_owned(), content });
+        }
+        let trailers = key.identity.trailers();
+        let message = if lines.len() == 1 {
+            format!("{}\n\n{trailers}\n", lines[0])
+        } else {
+            let folders: Vec<String> = members
+                .iter()
+                .map(|c| destination_of_entry[c.slot.entry].base_folder.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let mut summary = Vec::new();
+            for (count, word) in [(created, "created"), (updated, "updated"), (deleted, "deleted")] {
+                if count > 0 {
+                    summary.push(format!("{count} {word}"));
+                }
+            }
+            const MAX_LINES: usize = 1000;
+            let mut body = lines.iter().take(MAX_LINES).cloned().collect::<Vec<_>>().join("\n");
+            if lines.len() > MAX_LINES {
+                body.push_str(&format!("\n... and {} more", lines.len() - MAX_LINES));
+            }
+            format!(
+                "Sync {} objects in {}: {}\n\n{body}\n\n{trailers}\n",
+                lines.len(),
+                folders.join(", "),
+                summary.join(", ")
+            )
+        };
+        commits.push(PlannedCommit { author_name, author_email, message, changes, destinations });
+    }
+    Ok(Plan { commits, marker_conflicts, refused_entries, stats })
+}
+
+#[derive(PartialEq, Eq)]
+struct GroupKey<'a> {
+    author: Option<&'a str>,
+    identity: &'a ClusterIdentity,
+}
+
+/// Git author for a Kubernetes username: an e-mail username is used as is; anything else gets a deterministic
+/// `…@noreply.cluster.local` address. Names never contain `<`, `>` or control characters (git would refuse or
+/// mis-parse them).
+pub fn author_identity(username: &str) -> (String, String) {
+    let name: String = username.chars().filter(|c| !c.is_control() && *c != '<' && *c != '>').collect();
+    let name = name.trim().to_owned();
+    let looks_like_email = {
+        let mut parts = name.splitn(2, '@');
+        let local = parts.next().unwrap_or_default();
+        let domain = parts.next().unwrap_or_default();
+        !local.is_empty()
+            && domain.contains('.')
+            && !domain.starts_with('.')
+            && !domain.ends_with('.')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || "@._+-".contains(c))
+    };
+    if looks_like_email {
+        return (name.clone(), name);
+    }
+    let mut local: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    local = local.trim_matches(|c| c == '-' || c == '.').to_owned();
+    if local.is_empty() {
+        local = "unknown".to_owned();
+    }
+    let name = if name.is_empty() { local.clone() } else { name };
+    (name, format!("{local}@noreply.cluster.local"))
+}
+
+/// The ownership marker written into `{baseFolder}/.configbutler/owner.yaml`.
+pub fn render_marker(identity: &ClusterIdentity, now_rfc3339: &str) -> Vec<u8> {
+    let value = serde_json::json!({
+        "clusterUID": identity.cluster_uid,
+        "clusterName": identity.cluster_name,
+        "controllerNamespace": identity.controller_namespace,
+        "controllerName": identity.controller_name,
+        "instanceID": identity.instance_id,
+        "timestamp": now_rfc3339,
+    });
+    let mut text = String::from("# Written by gitops-reverser: this folder is mirrored from the cluster below.\n");
+    text.push_str(&serde_saphyr::to_string(&value).unwrap_or_default());
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.into_bytes()
+}
+
+/// `Some(description of the recorded owner)` when the marker names another installation. The instance id is
+/// not compared: it changes with every agent restart.
+pub fn marker_mismatch(marker: &[u8], identity: &ClusterIdentity) -> Option<String> {
+    let value = match yaml::parse_document(marker) {
+        Ok(value) => value,
+        Err(_) => return Some("an unreadable marker".to_owned()),
+    };
+    let field = |name: &str| value.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    let (uid, ns, name) = (field("clusterUID"), field("controllerNamespace"), field("controllerName"));
+    if uid == identity.cluster_uid && ns == identity.controller_namespace && name == identity.controller_name {
+        None
+    } else {
+        Some(format!("cluster {uid} controller {ns}/{name}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::model::Origin;
+
+    struct MapTree(BTreeMap<String, Vec<u8>>);
+
+    impl TreeView for MapTree {
+        fn read(&self, path: &str) -> Result<Option<Vec<u8>>, GitError> {
+            Ok(self.0.get(path).cloned())
+        }
+        fn list(&self, folder: &str) -> Result<Vec<String>, GitError> {
+            let prefix = format!("{folder}/");
+            Ok(self.0.keys().filter(|k| k.starts_with(&prefix)).cloned().collect())
+        }
+    }
+
+    fn tree(files: &[(&str, &str)]) -> MapTree {
+        MapTree(files.iter().map(|(p, c)| ((*p).to_owned(), c.as_bytes().to_vec())).collect())
+    }
+
+    fn identity(uid: &str) -> ClusterIdentity {
+        ClusterIdentity {
+            cluster_uid: uid.into(),
+            cluster_name: "test".into(),
+            instance_id: "agent-0".into(),
+            controller_namespace: "gitops".into(),
+            controller_name: "reverser".into(),
+        }
+    }
+
+    fn destination(base: &str, exclusive: bool) -> DestinationRef {
+        destination_for("uid-a", base, exclusive)
+    }
+
+    fn destination_for(uid: &str, base: &str, exclusive: bool) -> DestinationRef {
+        let (replies, _) = mpsc::unbounded_channel();
+        DestinationRef {
+            id: DestinationId { cluster_uid: uid.into(), key: format!("gitops/{base}") },
+            base_folder: base.into(),
+            exclusive_mode: exclusive,
+            origin: Arc::new(Origin { session_id: 1, identity: identity(uid), replies }),
+            acked: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn upsert(d: &DestinationRef, seq: u64, path: &str, content: &str, author: Option<&str>) -> Change {
+        Change {
+            destination: d.clone(),
+            sequence: seq,
+            operation: Operation::Upsert {
+                path: path.into(),
+                content: content.as_bytes().into(),
+                object: ObjectId::default(),
+                author: author.map(Into::into),
+            },
+        }
+    }
+
+    fn delete(d: &DestinationRef, seq: u64, path: &str) -> Change {
+        Change {
+            destination: d.clone(),
+            sequence: seq,
+            operation: Operation::Delete { path: path.into(), object: ObjectId::default(), author: None },
+        }
+    }
+
+    fn snapshot(d: &DestinationRef, seq: u64, folder: &str, ns: bool, epoch: u64, begin: bool) -> Change {
+        let scope = Scope { folder: folder.into(), namespace_given: ns };
+        Change {
+            destination: d.clone(),
+            sequence: seq,
+            operation: if begin {
+                Operation::SnapshotBegin { scope, epoch }
+            } else {
+                Operation::SnapshotEnd { scope, epoch }
+            },
+        }
+    }
+
+    fn context(cap: usize) -> PlanContext {
+        PlanContext {
+            bot_name: "Bot".into(),
+            bot_email: "bot@example.com".into(),
+            deletes_cap: cap,
+            now_rfc3339: "2026-11-26T00:00:00Z".into(),
+        }
+    }
+
+    fn buffer(changes: Vec<Change>) -> Buffer {
+        let mut buffer = Buffer::default();
+        let now = Instant::now();
+        for change in changes {
+            assert_eq!(buffer.push(change, now), Accepted::Buffered);
+        }
+        buffer
+    }
+
+    fn marker_for(uid: &str) -> String {
+        String::from_utf8(render_marker(&identity(uid), "2026-01-01T00:00:00Z")).unwrap()
+    }
+
+    fn changed_paths(plan: &Plan) -> Vec<(String, bool)> {
+        plan.commits.iter().flat_map(|c| c.changes.iter().map(|f| (f.path.clone(), f.content.is_some()))).collect()
+    }
+
+    const CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  k: v\n";
+    const CM2: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  k: w\n";
+
+    #[test]
+    fn latest_content_per_path_wins_and_first_write_adds_the_marker() {
+        let d = destination("clusters/prod", false);
+        let b = buffer(vec![
+            upsert(&d, 1, "core/v1/configmaps/shop/a.yaml", CM, None),
+            upsert(&d, 2, "core/v1/configmaps/shop/a.yaml", CM2, None),
+        ]);
+        let plan = plan(b.entries(), &tree(&[]), &context(500)).unwrap();
+        assert_eq!(plan.commits.len(), 1);
+        let commit = &plan.commits[0];
+        assert_eq!(commit.changes.len(), 2, "marker + object");
+        assert_eq!(commit.changes[0].path, "clusters/prod/.configbutler/owner.yaml");
+        assert_eq!(commit.changes[1].content.as_deref(), Some(CM2.as_bytes()));
+        assert!(commit.message.starts_with("[CREATE] core/v1/configmaps/shop/a\n"), "{}", commit.message);
+        assert!(commit.message.contains("X-ConfigButler-ClusterUID: uid-a"));
+        assert_eq!((commit.author_name.as_str(), commit.author_email.as_str()), ("Bot", "bot@example.com"));
+    }
+
+    #[test]
+    fn semantically_equal_content_is_a_no_op() {
+        let d = destination("clusters/prod", false);
+        let reformatted = "kind: ConfigMap\napiVersion: v1\ndata: {k: v}\nmetadata: {name: a}\n";
+        let t = tree(&[("clusters/prod/core/v1/configmaps/shop/a.yaml", CM), ("clusters/prod/.configbutler/owner.yaml", &marker_for("uid-a"))]);
+        let b = buffer(vec![upsert(&d, 1, "core/v1/configmaps/shop/a.yaml", reformatted, None), delete(&d, 2, "core/v1/configmaps/shop/gone.yaml")]);
+        let plan = plan(b.entries(), &t, &context(500)).unwrap();
+        assert!(plan.commits.is_empty());
+        assert_eq!(plan.stats.noops, 2);
+    }
+
+    #[test]
+    fn one_commit_per_author_in_arrival_order() {
+        let d = destination("c", false);
+        let t = tree(&[("c/.configbutler/owner.yaml", &marker_for("uid-a"))]);
+        let b = buffer(vec![
+            upsert(&d, 1, "core/v1/configmaps/ns/a.yaml", CM, Some("alice@example.com")),
+            upsert(&d, 2, "core/v1/configmaps/ns/b.yaml", CM, Some("system:serviceaccount:kube-system:deployer")),
+            upsert(&d, 3, "core/v1/configmaps/ns/c.yaml", CM, Some("alice@example.com")),
+            upsert(&d, 4, "core/v1/configmaps/ns/d.yaml", CM, None),
+        ]);
+        let plan = plan(b.entries(), &t, &context(500)).unwrap();
+        let authors: Vec<_> = plan.commits.iter().map(|c| (c.author_email.as_str(), c.changes.len())).collect();
+        assert_eq!(
+            authors,
+            vec![
+                ("alice@example.com", 2),
+                ("system-serviceaccount-kube-system-deployer@noreply.cluster.local", 1),
+                ("bot@example.com", 1)
+            ]
+        );
+        assert!(plan.commits[0].message.starts_with("Sync 2 objects in c: 2 created\n\n[CREATE] core/v1/configmaps/ns/a\n[CREATE] core/v1/configmaps/ns/c\n"));
+    }
+
+    #[test]
+    fn sweep_deletes_only_unseen_yaml_files_of_its_scope() {
+        let d = destination("c", false);
+        let t = tree(&[
+            ("c/.configbutler/owner.yaml", &marker_for("uid-a")),
+            ("c/apps/v1/deployments/shop/kept.yaml", CM),
+            ("c/apps/v1/deployments/shop/orphan.yaml", CM),
+            ("c/apps/v1/deployments/other/orphan2.yaml", CM),
+            ("c/apps/v1/deployments/shop/README.md", "notes"),
+            ("c/apps/v1/deployments/shop/deep/x.yaml", CM),
+            ("c/apps/v1/statefulsets/shop/other-scope.yaml", CM),
+            ("elsewhere/apps/v1/deployments/shop/x.yaml", CM),
+        ]);
+        let b = buffer(vec![
+            snapshot(&d, 1, "apps/v1/deployments", false, 7, true),
+            upsert(&d, 2, "apps/v1/deployments/shop/kept.yaml", CM, None),
+            upsert(&d, 3, "apps/v1/deployments/shop/new.yaml", CM, None),
+            snapshot(&d, 4, "apps/v1/deployments", false, 7, false),
+        ]);
+        let plan = plan(b.entries(), &t, &context(500)).unwrap();
+        let mut paths = changed_paths(&plan);
+        paths.sort();
+        assert_eq!(
+            paths,
+            vec![
+                ("c/apps/v1/deployments/other/orphan2.yaml".into(), false),
+                ("c/apps/v1/deployments/shop/new.yaml".into(), true),
+                ("c/apps/v1/deployments/shop/orphan.yaml".into(), false),
+            ]
+        );
+        assert_eq!(plan.stats.orphans_deleted, 2);
+        assert!(plan.commits.iter().any(|c| c.message.contains("(orphan: no longer in the cluster)")));
+    }
+
+    #[test]
+    fn sweep_respects_the_cap_and_zero_disables_it() {
+        let d = destination("c", false);
+        let files: Vec<(String, String)> =
+            (0..10).map(|i| (format!("c/core/v1/configmaps/ns/o{i}.yaml"), CM.to_owned())).collect();
+        let mut entries: Vec<(&str, &str)> = files.iter().map(|(p, c)| (p.as_str(), c.as_str())).collect();
+        let marker = marker_for("uid-a");
+        entries.push(("c/.configbutler/owner.yaml", &marker));
+        let t = tree(&entries);
+        let b = buffer(vec![
+            snapshot(&d, 1, "core/v1/configmaps/ns", true, 1, true),
+            snapshot(&d, 2, "core/v1/configmaps/ns", true, 1, false),
+        ]);
+        let capped = plan(b.entries(), &t, &context(3)).unwrap();
+        assert_eq!(capped.stats.deleted, 3);
+        let deleted: Vec<_> = changed_paths(&capped).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(deleted, vec!["c/core/v1/configmaps/ns/o0.yaml", "c/core/v1/configmaps/ns/o1.yaml", "c/core/v1/configmaps/ns/o2.yaml"]);
+        let disabled = plan(b.entries(), &t, &context(0)).unwrap();
+        assert!(disabled.commits.is_empty());
+    }
+
+    #[test]
+    fn snapshot_spanning_earlier_flushes_keeps_what_it_saw() {
+        // Objects upserted (and pushed) earlier in the same epoch are in the tree, not the buffer: still kept.
+        let d = destination("c", false);
+        let mut b = buffer(vec![
+            snapshot(&d, 1, "core/v1/configmaps", false, 1, true),
+            upsert(&d, 2, "core/v1/configmaps/ns/early.yaml", CM, None),
+        ]);
+        b.take();
+        b.push(snapshot(&d, 3, "core/v1/configmaps", false, 1, false), Instant::now());
+        let t = tree(&[
+            ("c/.configbutler/owner.yaml", &marker_for("uid-a")),
+            ("c/core/v1/configmaps/ns/early.yaml", CM),
+            ("c/core/v1/configmaps/ns/stale.yaml", CM),
+        ]);
+        let plan = plan(b.entries(), &t, &context(500)).unwrap();
+        assert_eq!(changed_paths(&plan), vec![("c/core/v1/configmaps/ns/stale.yaml".into(), false)]);
+    }
+
+    #[test]
+    fn snapshot_end_without_begin_is_refused() {
+        let d = destination("c", false);
+        let mut b = Buffer::default();
+        let result = b.push(snapshot(&d, 1, "core/v1/configmaps", false, 1, false), Instant::now());
+        assert!(matches!(result, Accepted::SnapshotMismatch(_)));
+        b.push(snapshot(&d, 2, "core/v1/configmaps", false, 1, true), Instant::now());
+        let result = b.push(snapshot(&d, 3, "core/v1/configmaps", false, 2, false), Instant::now());
+        assert!(matches!(result, Accepted::SnapshotMismatch(_)), "other epoch");
+        assert_eq!(b.len(), 1, "only the begin is buffered");
+    }
+
+    #[test]
+    fn foreign_marker_refuses_writes_in_exclusive_mode_and_warns_otherwise() {
+        let t = tree(&[("c/.configbutler/owner.yaml", &marker_for("uid-other"))]);
+        let exclusive = destination("c", true);
+        let b = buffer(vec![upsert(&exclusive, 1, "core/v1/configmaps/ns/a.yaml", CM, None)]);
+        let refused = plan(b.entries(), &t, &context(500)).unwrap();
+        assert!(refused.commits.is_empty());
+        assert_eq!(refused.refused_entries, vec![0]);
+        assert_eq!(refused.marker_conflicts.len(), 1);
+        assert!(refused.marker_conflicts[0].found_owner.contains("uid-other"));
+
+        let shared = destination("c", false);
+        let b = buffer(vec![upsert(&shared, 1, "core/v1/configmaps/ns/a.yaml", CM, None)]);
+        let warned = plan(b.entries(), &t, &context(500)).unwrap();
+        assert_eq!(changed_paths(&warned), vec![("c/core/v1/configmaps/ns/a.yaml".into(), true)]);
+        assert_eq!(warned.marker_conflicts.len(), 1);
+        assert!(warned.refused_entries.is_empty());
+    }
+
+    #[test]
+    fn two_clusters_on_one_branch_commit_separately_with_their_trailers() {
+        let a = destination_for("uid-a", "clusters/a", false);
+        let b_dest = destination_for("uid-b", "clusters/b", false);
+        let b = buffer(vec![
+            upsert(&a, 1, "core/v1/configmaps/ns/x.yaml", CM, None),
+            upsert(&b_dest, 1, "core/v1/configmaps/ns/x.yaml", CM, None),
+        ]);
+        let plan = plan(b.entries(), &tree(&[]), &context(500)).unwrap();
+        assert_eq!(plan.commits.len(), 2);
+        assert!(plan.commits[0].message.contains("ClusterUID: uid-a"));
+        assert!(plan.commits[1].message.contains("ClusterUID: uid-b"));
+    }
+
+    #[test]
+    fn flush_is_due_on_any_cap() {
+        let limits = Limits { max_files: 2, max_bytes: 1000, max_wait: Duration::from_secs(20) };
+        let d = destination("c", false);
+        let start = Instant::now();
+        let mut b = Buffer::default();
+        assert!(!b.flush_due(&limits, start), "empty buffer never flushes");
+        b.push(upsert(&d, 1, "core/v1/configmaps/ns/a.yaml", CM, None), start);
+        b.push(upsert(&d, 2, "core/v1/configmaps/ns/a.yaml", CM2, None), start);
+        assert!(!b.flush_due(&limits, start), "same path counts once");
+        assert!(b.flush_due(&limits, start + Duration::from_secs(20)), "time cap");
+        b.push(upsert(&d, 3, "core/v1/configmaps/ns/b.yaml", CM, None), start);
+        assert!(b.flush_due(&limits, start), "file cap");
+        let mut big = Buffer::default();
+        big.push(upsert(&d, 1, "core/v1/configmaps/ns/a.yaml", &"x: 1\n".repeat(300), None), start);
+        assert!(big.flush_due(&limits, start), "byte cap");
+    }
+
+    #[test]
+    fn author_identities_are_safe_and_deterministic() {
+        assert_eq!(author_identity("alice@example.com"), ("alice@example.com".into(), "alice@example.com".into()));
+        assert_eq!(author_identity("bob"), ("bob".into(), "bob@noreply.cluster.local".into()));
+        assert_eq!(
+            author_identity("Eve <evil@x.com>\nInjected: yes"),
+            ("Eve evil@x.comInjected: yes".into(), "eve-evil-x.cominjected--yes@noreply.cluster.local".into())
+        );
+        assert_eq!(author_identity(":::").1, "unknown@noreply.cluster.local");
+    }
+}

@@ -1,0 +1,194 @@
+//! The writer's own Git credentials (`--git-credentials FILE`): URL prefixes mapped to HTTP basic/token or SSH
+//! key credentials. They win over credentials an agent sends, and `Destination.credentials.reference` names an
+//! entry. Secret values may sit in the file or, better, in files it points to (mounted Secrets).
+//!
+//! ```yaml
+//! credentials:
+//!   - name: github                       # optional; lets agents reference it
+//!     urlPrefix: https://github.com/acme/
+//!     username: x-access-token
+//!     passwordFile: /etc/reverser/git/token
+//!   - urlPrefix: ssh://git@git.example.com/
+//!     sshPrivateKeyFile: /etc/reverser/git/id_ed25519
+//!     knownHostsFile: /etc/reverser/git/known_hosts
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::git::GitCredentials;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("parsing {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("credentials entry {index} ({prefix}): {message}")]
+    Invalid { index: usize, prefix: String, message: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileFormat {
+    credentials: Vec<RawEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawEntry {
+    name: Option<String>,
+    url_prefix: String,
+    username: Option<String>,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    ssh_private_key_file: Option<PathBuf>,
+    ssh_passphrase_file: Option<PathBuf>,
+    known_hosts_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    name: Option<String>,
+    url_prefix: String,
+    credentials: GitCredentials,
+}
+
+/// Loaded credentials configuration. Secret values are held in memory only and never printed (the
+/// `GitCredentials` Debug implementation redacts them).
+#[derive(Clone, Debug, Default)]
+pub struct CredentialStore {
+    entries: Vec<Entry>,
+}
+
+fn read_secret(path: &Path) -> Result<String, std::io::Error> {
+    Ok(std::fs::read_to_string(path)?.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+impl CredentialStore {
+    pub fn load(path: &Path) -> Result<Self, CredentialsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read { path: path.into(), source })?;
+        let parsed: FileFormat = serde_saphyr::from_str(&text)
+            .map_err(|e| CredentialsError::Parse { path: path.into(), message: e.to_string() })?;
+        let mut entries = Vec::with_capacity(parsed.credentials.len());
+        for (index, raw) in parsed.credentials.into_iter().enumerate() {
+            let prefix = crate::git::redact_url(&raw.url_prefix);
+            let invalid = |message: String| CredentialsError::Invalid { index, prefix: prefix.clone(), message };
+            let read = |p: &PathBuf| read_secret(p).map_err(|e| invalid(format!("reading {}: {e}", p.display())));
+            let password = match (&raw.password, &raw.password_file) {
+                (Some(p), None) => Some(p.clone()),
+                (None, Some(f)) => Some(read(f)?),
+                (None, None) => None,
+                (Some(_), Some(_)) => return Err(invalid("set password or passwordFile, not both".into())),
+            };
+            let token = match (&raw.token, &raw.token_file) {
+                (Some(t), None) => Some(t.clone()),
+                (None, Some(f)) => Some(read(f)?),
+                (None, None) => None,
+                (Some(_), Some(_)) => return Err(invalid("set token or tokenFile, not both".into())),
+            };
+            let credentials = match (password, token, &raw.ssh_private_key_file) {
+                (Some(password), None, None) => GitCredentials::Basic {
+                    username: raw.username.clone().ok_or_else(|| invalid("password needs a username".into()))?,
+                    password,
+                },
+                (None, Some(token), None) => match &raw.username {
+                    Some(username) => GitCredentials::Basic { username: username.clone(), password: token },
+                    None => GitCredentials::Token(token),
+                },
+                (None, None, Some(key_file)) => {
+                    let known_hosts_file = raw
+                        .known_hosts_file
+                        .as_ref()
+                        .ok_or_else(|| invalid("SSH keys need knownHostsFile (unknown hosts are never accepted)".into()))?;
+                    GitCredentials::Ssh {
+                        username: raw.username.clone().unwrap_or_else(|| "git".into()),
+                        private_key: read(key_file)?,
+                        passphrase: raw.ssh_passphrase_file.as_ref().map(read).transpose()?,
+                        known_hosts: read(known_hosts_file)?,
+                    }
+                }
+                (None, None, None) => return Err(invalid("no password, token or sshPrivateKeyFile".into())),
+                _ => return Err(invalid("set exactly one of password(File), token(File), sshPrivateKeyFile".into())),
+            };
+            entries.push(Entry { name: raw.name, url_prefix: raw.url_prefix, credentials });
+        }
+        Ok(Self { entries })
+    }
+
+    /// Credentials for `url`: the entry with the longest matching prefix.
+    pub fn for_url(&self, url: &str) -> Option<&GitCredentials> {
+        self.entries
+            .iter()
+            .filter(|e| url.starts_with(&e.url_prefix))
+            .max_by_key(|e| e.url_prefix.len())
+            .map(|e| &e.credentials)
+    }
+
+    /// Credentials an agent referenced by name.
+    pub fn by_name(&self, name: &str) -> Option<&GitCredentials> {
+        self.entries.iter().find(|e| e.name.as_deref() == Some(name)).map(|e| &e.credentials)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn longest_prefix_wins_and_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "token", "s3cret-token\n");
+        write(dir.path(), "key", "KEY");
+        write(dir.path(), "kh", "[127.0.0.1]:22 ssh-ed25519 AAAA");
+        let config = write(
+            dir.path(),
+            "creds.yaml",
+            &format!(
+                "credentials:\n  - urlPrefix: https://git.example.com/\n    username: bot\n    password: pw\n  - name: acme\n    urlPrefix: https://git.example.com/acme/\n    tokenFile: {0}/token\n  - urlPrefix: ssh://git@host/\n    sshPrivateKeyFile: {0}/key\n    knownHostsFile: {0}/kh\n",
+                dir.path().display()
+            ),
+        );
+        let store = CredentialStore::load(&config).unwrap();
+        assert!(matches!(store.for_url("https://git.example.com/acme/repo.git"), Some(GitCredentials::Token(t)) if t == "s3cret-token"));
+        assert!(matches!(store.for_url("https://git.example.com/other.git"), Some(GitCredentials::Basic { username, .. }) if username == "bot"));
+        assert!(matches!(store.for_url("ssh://git@host/x.git"), Some(GitCredentials::Ssh { username, .. }) if username == "git"));
+        assert!(store.for_url("https://elsewhere/x.git").is_none());
+        assert!(store.by_name("acme").is_some());
+        assert!(!format!("{store:?}").contains("s3cret-token"), "debug output must redact secrets");
+    }
+
+    #[test]
+    fn rejects_ssh_without_known_hosts_and_ambiguous_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "key", "KEY");
+        let config = write(
+            dir.path(),
+            "a.yaml",
+            &format!("credentials:\n  - urlPrefix: ssh://h/\n    sshPrivateKeyFile: {}/key\n", dir.path().display()),
+        );
+        let error = CredentialStore::load(&config).unwrap_err().to_string();
+        assert!(error.contains("knownHostsFile"), "{error}");
+        let config = write(dir.path(), "b.yaml", "credentials:\n  - urlPrefix: https://h/\n    token: t\n    password: p\n    username: u\n");
+        assert!(CredentialStore::load(&config).is_err());
+        let config = write(dir.path(), "c.yaml", "credentials:\n  - urlPrefix: https://h/\n    bogus: 1\n");
+        assert!(CredentialStore::load(&config).unwrap_err().to_string().contains("bogus"));
+    }
+}

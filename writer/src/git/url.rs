@@ -1,0 +1,168 @@
+//! Just enough URL handling for remotes: where to connect (for the reachability probe and for
+//! matching known_hosts entries) and how to print a URL without its userinfo.
+
+/// The network endpoint of a remote URL; `None` for local remotes (`file://`, plain paths).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Endpoint {
+    pub scheme: String,
+    pub host: String,
+    pub port: u16,
+}
+
+/// Parses `scheme://[userinfo@]host[:port]/path` and scp-like `[user@]host:path`.
+pub(crate) fn endpoint(url: &str) -> Option<Endpoint> {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let scheme = scheme.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "ssh" | "git+ssh" | "ssh+git" => 22,
+            "git" => 9418,
+            "https" => 443,
+            "http" => 80,
+            _ => return None, // file:// and anything libgit2 handles without a socket
+        };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let (host, port) = split_host_port(hostport)?;
+        return Some(Endpoint {
+            scheme: if default_port == 22 {
+                "ssh".into()
+            } else {
+                scheme
+            },
+            host,
+            port: port.unwrap_or(default_port),
+        });
+    }
+    // scp-like: a ':' before any '/', and not a Windows drive letter.
+    let colon = url.find(':')?;
+    if url[..colon].contains('/') || colon < 2 {
+        return None;
+    }
+    let userhost = &url[..colon];
+    let host = userhost.rsplit_once('@').map_or(userhost, |(_, h)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| Endpoint {
+        scheme: "ssh".into(),
+        host: host.to_owned(),
+        port: 22,
+    })
+}
+
+fn split_host_port(hostport: &str) -> Option<(String, Option<u16>)> {
+    if let Some(rest) = hostport.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None => None,
+        };
+        return Some((host.to_owned(), port));
+    }
+    match hostport.rsplit_once(':') {
+        Some((host, port)) if !port.is_empty() => Some((host.to_owned(), Some(port.parse().ok()?))),
+        Some((host, _)) => Some((host.to_owned(), None)),
+        None if hostport.is_empty() => None,
+        None => Some((hostport.to_owned(), None)),
+    }
+}
+
+/// The URL without userinfo (`https://user:pw@host/r.git` → `https://host/r.git`). scp-like URLs
+/// (`git@host:path`) keep their user name, which is not a secret and is needed to read them.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Makes free text (a libgit2 message) safe to show: any `scheme://userinfo@` is scrubbed and the
+/// given secrets are masked.
+pub(crate) fn scrub(text: &str, secrets: &[&str]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find("://") {
+        let (head, tail) = rest.split_at(pos + 3);
+        out.push_str(head);
+        let authority_end = tail
+            .find(|c: char| c == '/' || c.is_whitespace() || c == '\'' || c == '"')
+            .unwrap_or(tail.len());
+        let authority = &tail[..authority_end];
+        out.push_str(
+            authority
+                .rfind('@')
+                .map_or(authority, |at| &authority[at + 1..]),
+        );
+        rest = &tail[authority_end..];
+    }
+    out.push_str(rest);
+    for secret in secrets.iter().filter(|s| s.len() >= 3) {
+        out = out.replace(secret, "***");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(scheme: &str, host: &str, port: u16) -> Option<Endpoint> {
+        Some(Endpoint {
+            scheme: scheme.into(),
+            host: host.into(),
+            port,
+        })
+    }
+
+    #[test]
+    fn endpoints_of_network_urls() {
+        assert_eq!(
+            endpoint("https://u:p@h.example/r.git"),
+            ep("https", "h.example", 443)
+        );
+        assert_eq!(
+            endpoint("https://127.0.0.1:8443/r.git"),
+            ep("https", "127.0.0.1", 8443)
+        );
+        assert_eq!(
+            endpoint("git://127.0.0.1:9/r.git"),
+            ep("git", "127.0.0.1", 9)
+        );
+        assert_eq!(
+            endpoint("ssh://git@[::1]:2222/r.git"),
+            ep("ssh", "::1", 2222)
+        );
+        assert_eq!(endpoint("ssh://git@host/r.git"), ep("ssh", "host", 22));
+        assert_eq!(
+            endpoint("git@github.com:org/r.git"),
+            ep("ssh", "github.com", 22)
+        );
+    }
+
+    #[test]
+    fn local_urls_have_no_endpoint() {
+        assert_eq!(endpoint("file:///tmp/r.git"), None);
+        assert_eq!(endpoint("/tmp/r.git"), None);
+        assert_eq!(endpoint("./a:b/r.git"), None);
+        assert_eq!(endpoint("C:/r.git"), None);
+    }
+
+    #[test]
+    fn redact_url_drops_userinfo() {
+        assert_eq!(redact_url("https://u:pw@h/r.git"), "https://h/r.git");
+        assert_eq!(redact_url("https://tok@h:1/r@x.git"), "https://h:1/r@x.git");
+        assert_eq!(redact_url("https://h/r.git"), "https://h/r.git");
+        assert_eq!(redact_url("git@h:r.git"), "git@h:r.git");
+    }
+
+    #[test]
+    fn scrub_removes_userinfo_and_secrets_from_messages() {
+        let msg = "failed to fetch 'https://bob:hunter2@h/r.git': hunter2 rejected";
+        assert_eq!(
+            scrub(msg, &["hunter2"]),
+            "failed to fetch 'https://h/r.git': *** rejected"
+        );
+    }
+}

@@ -1,0 +1,163 @@
+//! Domain types the writer's pure logic and actors share: who sent a change, which destination it is for,
+//! and the change itself. Built from protocol messages once they have been validated.
+
+use std::{fmt, sync::Arc};
+
+use tokio::sync::mpsc;
+
+use reverser_proto::v1::{self as pb, WriterMessage};
+
+use crate::git::GitCredentials;
+
+/// A cheap, immutable byte buffer (YAML content travels from the gRPC stream to the git thread untouched).
+pub type Bytes = Arc<[u8]>;
+
+/// The agent installation a stream belongs to, from its `Hello`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterIdentity {
+    pub cluster_uid: String,
+    pub cluster_name: String,
+    pub instance_id: String,
+    pub controller_namespace: String,
+    pub controller_name: String,
+}
+
+impl ClusterIdentity {
+    /// Commit trailers recording which installation made a commit (seed: "Commit trailers for audit").
+    pub fn trailers(&self) -> String {
+        format!(
+            "X-ConfigButler-ClusterUID: {}\nX-ConfigButler-ControllerNS: {}\nX-ConfigButler-ControllerName: {}\nX-ConfigButler-InstanceID: {}",
+            one_line(&self.cluster_uid),
+            one_line(&self.controller_namespace),
+            one_line(&self.controller_name),
+            one_line(&self.instance_id)
+        )
+    }
+}
+
+/// Removes line breaks and other control characters from text that goes into commit messages and markers.
+pub fn one_line(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).collect()
+}
+
+/// One connected agent stream: its identity and where replies go.
+#[derive(Debug)]
+pub struct Origin {
+    /// Process-unique id of the stream (for logs and for keying acks).
+    pub session_id: u64,
+    pub identity: ClusterIdentity,
+    /// Replies (acks, rejects, statuses) for this stream. Unbounded: they are few and small, and a worker must
+    /// never block on a slow agent.
+    pub replies: mpsc::UnboundedSender<WriterMessage>,
+}
+
+impl Origin {
+    pub fn send(&self, message: pb::writer_message::Kind) {
+        // A closed stream just means the agent went away; it re-sends unacked work when it comes back.
+        let _ = self.replies.send(WriterMessage { kind: Some(message) });
+    }
+
+    pub fn reject(&self, destination: &str, sequence: u64, reason: &str, message: impl Into<String>) {
+        self.send(pb::writer_message::Kind::Reject(pb::Reject {
+            destination: destination.to_owned(),
+            sequence,
+            reason: reason.to_owned(),
+            message: message.into(),
+        }));
+    }
+
+    pub fn status(&self, destination: &str, kind: &str, status: bool, reason: &str, message: impl Into<String>) {
+        self.send(pb::writer_message::Kind::DestinationStatus(pb::DestinationStatus {
+            destination: destination.to_owned(),
+            r#type: kind.to_owned(),
+            status: if status { "True" } else { "False" }.to_owned(),
+            reason: reason.to_owned(),
+            message: message.into(),
+        }));
+    }
+}
+
+/// A destination is unique per cluster: two clusters may both have a `gitops/prod` GitDestination.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DestinationId {
+    pub cluster_uid: String,
+    pub key: String,
+}
+
+impl fmt::Display for DestinationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.cluster_uid, self.key)
+    }
+}
+
+/// A validated destination declaration.
+#[derive(Clone, Debug)]
+pub struct DestinationSpec {
+    pub id: DestinationId,
+    pub repo_url: String,
+    pub branch: String,
+    pub base_folder: String,
+    pub exclusive_mode: bool,
+    pub credentials: Option<GitCredentials>,
+}
+
+/// What a destination's messages need to carry into the worker.
+#[derive(Clone, Debug)]
+pub struct DestinationRef {
+    pub id: DestinationId,
+    pub base_folder: String,
+    pub exclusive_mode: bool,
+    pub origin: Arc<Origin>,
+    /// Highest sequence acked so far (for `WriterAdmin.ListDestinations`).
+    pub acked: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Object identity, for commit messages and logs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectId {
+    pub group: String,
+    pub version: String,
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl From<Option<pb::ObjectIdentity>> for ObjectId {
+    fn from(value: Option<pb::ObjectIdentity>) -> Self {
+        let value = value.unwrap_or_default();
+        Self {
+            group: value.group,
+            version: value.version,
+            resource: value.resource,
+            namespace: value.namespace,
+            name: value.name,
+        }
+    }
+}
+
+/// One snapshot scope (one resource in one namespace or in all).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Scope {
+    /// Folder relative to the base folder.
+    pub folder: String,
+    pub namespace_given: bool,
+}
+
+/// The operation a change carries.
+#[derive(Clone, Debug)]
+pub enum Operation {
+    /// Write `content` to `path` (relative to the base folder).
+    Upsert { path: String, content: Bytes, object: ObjectId, author: Option<String> },
+    /// Remove `path`.
+    Delete { path: String, object: ObjectId, author: Option<String> },
+    SnapshotBegin { scope: Scope, epoch: u64 },
+    SnapshotEnd { scope: Scope, epoch: u64 },
+}
+
+/// A validated, sequenced change on its way to a worker.
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub destination: DestinationRef,
+    pub sequence: u64,
+    pub operation: Operation,
+}

@@ -1,0 +1,213 @@
+//! Destinations and the workers serving them. One worker per (repository URL, branch); a destination is bound
+//! to the worker of its repository and branch. Declarations that would overlap another destination's base folder
+//! on the same branch, or exceed the worker caps, are refused.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tracing::info;
+
+use crate::{
+    credentials::CredentialStore,
+    git::{self, RepoSpec},
+    lease::{self, LeaseSettings},
+    metrics::Metrics,
+    model::{DestinationId, DestinationRef, DestinationSpec, Origin},
+    worker::{self, WorkerHandle, WorkerSettings},
+};
+
+/// Why a declaration was refused. `reason()` is the machine-readable reason sent to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum DeclareError {
+    #[error("base folder {base_folder:?} overlaps {other_base_folder:?} of destination {other} on the same branch")]
+    Overlap { base_folder: String, other: String, other_base_folder: String },
+    #[error("the writer already runs {0} workers (--workers-max-global)")]
+    GlobalWorkerLimit(usize),
+    #[error("the writer already runs {0} workers for this repository (--workers-max-per-repo)")]
+    RepoWorkerLimit(usize),
+    #[error("credentials reference {0:?} names no entry of the writer's --git-credentials file")]
+    UnknownCredentials(String),
+}
+
+impl DeclareError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DeclareError::Overlap { .. } => "OverlappingBaseFolder",
+            DeclareError::GlobalWorkerLimit(_) | DeclareError::RepoWorkerLimit(_) => "WorkerLimitReached",
+            DeclareError::UnknownCredentials(_) => "UnknownCredentials",
+        }
+    }
+}
+
+/// How an agent's declared credentials arrive before resolution.
+#[derive(Clone, Debug)]
+pub enum DeclaredCredentials {
+    None,
+    Reference(String),
+    Inline(git::GitCredentials),
+}
+
+#[derive(Clone, Debug)]
+pub struct DestinationRecord {
+    pub spec: DestinationSpec,
+    pub worker_id: String,
+    /// Highest sequence acked (shared with the worker, which updates it).
+    pub acked: Arc<AtomicU64>,
+}
+
+impl DestinationRecord {
+    pub fn acked_sequence(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+}
+
+/// Worker caps.
+#[derive(Clone, Debug)]
+pub struct Caps {
+    pub max_global: usize,
+    pub max_per_repo: usize,
+}
+
+pub struct Registry {
+    settings: WorkerSettings,
+    caps: Caps,
+    credentials: CredentialStore,
+    leases: Option<LeaseSettings>,
+    metrics: Metrics,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    workers: BTreeMap<String, WorkerHandle>,
+    destinations: BTreeMap<DestinationId, DestinationRecord>,
+}
+
+impl Registry {
+    pub fn new(
+        settings: WorkerSettings,
+        caps: Caps,
+        credentials: CredentialStore,
+        leases: Option<LeaseSettings>,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        Arc::new(Self { settings, caps, credentials, leases, metrics, inner: Mutex::new(Inner::default()) })
+    }
+
+    /// Resolves credentials: the writer's own configuration wins over anything an agent sends.
+    fn resolve_credentials(
+        &self,
+        repo_url: &str,
+        declared: DeclaredCredentials,
+    ) -> Result<Option<git::GitCredentials>, DeclareError> {
+        if let Some(own) = self.credentials.for_url(repo_url) {
+            return Ok(Some(own.clone()));
+        }
+        match declared {
+            DeclaredCredentials::None => Ok(None),
+            DeclaredCredentials::Inline(credentials) => Ok(Some(credentials)),
+            DeclaredCredentials::Reference(name) => {
+                self.credentials.by_name(&name).cloned().map(Some).ok_or(DeclareError::UnknownCredentials(name))
+            }
+        }
+    }
+
+    /// Declares or re-declares a destination and returns the worker that serves it plus what its changes carry.
+    pub fn declare(
+        &self,
+        mut spec: DestinationSpec,
+        declared: DeclaredCredentials,
+        origin: Arc<Origin>,
+    ) -> Result<(WorkerHandle, DestinationRef, Option<WorkerHandle>), DeclareError> {
+        spec.credentials = self.resolve_credentials(&spec.repo_url, declared)?;
+        let worker_id = git::worker_id(&spec.repo_url, &spec.branch);
+        let mut inner = self.inner.lock().expect("registry lock");
+        for (other_id, other) in &inner.destinations {
+            if *other_id != spec.id
+                && other.worker_id == worker_id
+                && reverser_common::paths::folders_overlap(&other.spec.base_folder, &spec.base_folder)
+            {
+                return Err(DeclareError::Overlap {
+                    base_folder: spec.base_folder.clone(),
+                    other: other_id.to_string(),
+                    other_base_folder: other.spec.base_folder.clone(),
+                });
+            }
+        }
+        let previous_worker = inner
+            .destinations
+            .get(&spec.id)
+            .filter(|r| r.worker_id != worker_id)
+            .and_then(|r| inner.workers.get(&r.worker_id).cloned());
+        let handle = match inner.workers.get(&worker_id) {
+            Some(handle) => handle.clone(),
+            None => {
+                if inner.workers.len() >= self.caps.max_global {
+                    return Err(DeclareError::GlobalWorkerLimit(self.caps.max_global));
+                }
+                let redacted = git::redact_url(&spec.repo_url);
+                let same_repo = inner.workers.values().filter(|w| w.repo_url == redacted).count();
+                if same_repo >= self.caps.max_per_repo {
+                    return Err(DeclareError::RepoWorkerLimit(self.caps.max_per_repo));
+                }
+                let mut repo = RepoSpec::new(spec.repo_url.clone(), spec.branch.clone());
+                if let Some(credentials) = spec.credentials.clone() {
+                    repo = repo.with_credentials(credentials);
+                }
+                let lease = self.leases.clone().map(|settings| lease::spawn(settings, worker_id.clone()));
+                let handle = worker::spawn(repo, self.settings.clone(), self.metrics.clone(), lease);
+                info!(worker = %handle.id, repo = %handle.repo_url, branch = %handle.branch, "started worker");
+                inner.workers.insert(worker_id.clone(), handle.clone());
+                handle
+            }
+        };
+        // A new stream starts its own sequence numbers; the counter is only what admins see.
+        let acked = Arc::new(AtomicU64::new(0));
+        let reference = DestinationRef {
+            id: spec.id.clone(),
+            base_folder: spec.base_folder.clone(),
+            exclusive_mode: spec.exclusive_mode,
+            origin,
+            acked: acked.clone(),
+        };
+        inner.destinations.insert(spec.id.clone(), DestinationRecord { spec, worker_id, acked });
+        Ok((handle, reference, previous_worker))
+    }
+
+    pub fn workers(&self) -> Vec<(WorkerHandle, Vec<String>)> {
+        let inner = self.inner.lock().expect("registry lock");
+        let mut by_worker: HashMap<&str, Vec<String>> = HashMap::new();
+        for (id, record) in &inner.destinations {
+            by_worker.entry(record.worker_id.as_str()).or_default().push(id.to_string());
+        }
+        inner
+            .workers
+            .values()
+            .map(|w| (w.clone(), by_worker.remove(w.id.as_str()).unwrap_or_default()))
+            .collect()
+    }
+
+    pub fn destinations(&self) -> Vec<DestinationRecord> {
+        self.inner.lock().expect("registry lock").destinations.values().cloned().collect()
+    }
+
+    pub fn worker_for(&self, repo_url: &str, branch: &str) -> Option<WorkerHandle> {
+        let id = git::worker_id(repo_url, branch);
+        let inner = self.inner.lock().expect("registry lock");
+        inner.workers.get(&id).cloned().or_else(|| {
+            // Admins may pass the redacted URL they see in ListWorkers.
+            inner.workers.values().find(|w| w.repo_url == repo_url && w.branch == branch).cloned()
+        })
+    }
+
+    /// Stops accepting work: dropping the handles lets each worker flush and exit.
+    pub fn shutdown(&self) -> Vec<WorkerHandle> {
+        let mut inner = self.inner.lock().expect("registry lock");
+        std::mem::take(&mut inner.workers).into_values().collect()
+    }
+}

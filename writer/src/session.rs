@@ -1,0 +1,433 @@
+//! One agent stream (`Writer.Sync`): validates every message, keeps the stream's protocol state (hello first,
+//! declared destinations, per-destination sequence order, open snapshots) and forwards valid changes to the
+//! workers. Bad input is answered with a `Reject` naming the reason and changes nothing.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use reverser_common::{paths, yaml};
+use reverser_proto::{
+    PROTOCOL_VERSION,
+    v1::{self as pb, agent_message::Kind},
+};
+
+use crate::{
+    git::{self, GitCredentials},
+    metrics::Metrics,
+    model::{Change, ClusterIdentity, DestinationId, DestinationRef, DestinationSpec, ObjectId, Operation, Origin, Scope},
+    registry::{DeclaredCredentials, Registry},
+    worker::WorkerHandle,
+};
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Limits applied to every message.
+#[derive(Clone, Debug)]
+pub struct SessionLimits {
+    pub max_object_bytes: usize,
+}
+
+/// A refused message: machine-readable reason plus explanation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn reject(reason: &'static str, message: impl Into<String>) -> Rejection {
+    Rejection { reason, message: message.into() }
+}
+
+/// Validates a `Hello` into the stream's identity.
+pub fn validate_hello(hello: &pb::Hello) -> Result<ClusterIdentity, Rejection> {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(reject(
+            "UnsupportedProtocolVersion",
+            format!("protocol_version {} is not supported; this writer speaks {PROTOCOL_VERSION}", hello.protocol_version),
+        ));
+    }
+    for (field, value) in [
+        ("cluster_uid", &hello.cluster_uid),
+        ("instance_id", &hello.instance_id),
+        ("controller_namespace", &hello.controller_namespace),
+        ("controller_name", &hello.controller_name),
+    ] {
+        if value.trim().is_empty() {
+            return Err(reject("InvalidHello", format!("hello.{field} is required")));
+        }
+        if value.len() > 253 || value.chars().any(char::is_control) {
+            return Err(reject("InvalidHello", format!("hello.{field} is longer than 253 characters or has control characters")));
+        }
+    }
+    Ok(ClusterIdentity {
+        cluster_uid: hello.cluster_uid.clone(),
+        cluster_name: hello.cluster_name.clone(),
+        instance_id: hello.instance_id.clone(),
+        controller_namespace: hello.controller_namespace.clone(),
+        controller_name: hello.controller_name.clone(),
+    })
+}
+
+fn valid_repo_url(url: &str) -> bool {
+    if url.is_empty() || url.len() > 2048 || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return false;
+    }
+    if let Some((scheme, rest)) = url.split_once("://") {
+        return matches!(scheme, "file" | "git" | "http" | "https" | "ssh") && !rest.is_empty();
+    }
+    // scp-like `user@host:path`
+    url.split_once(':').is_some_and(|(host, path)| !host.is_empty() && !host.contains('/') && !path.is_empty())
+}
+
+/// Validates a `Destination` declaration.
+pub fn validate_destination(
+    cluster_uid: &str,
+    message: &pb::Destination,
+) -> Result<(DestinationSpec, DeclaredCredentials), Rejection> {
+    let key = &message.key;
+    let key_ok = key.len() <= 253
+        && key.split_once('/').is_some_and(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+        && !key.chars().any(|c| c.is_control() || c.is_whitespace());
+    if !key_ok {
+        return Err(reject("InvalidDestination", format!("destination key {key:?} must be \"namespace/name\"")));
+    }
+    if !valid_repo_url(&message.repo_url) {
+        return Err(reject(
+            "InvalidDestination",
+            format!(
+                "repo_url {:?} is not a file://, git://, http(s)://, ssh:// or user@host:path URL",
+                git::redact_url(&message.repo_url)
+            ),
+        ));
+    }
+    git::validate_branch_name(&message.branch).map_err(|e| reject("InvalidDestination", e.to_string()))?;
+    paths::validate_base_folder(&message.base_folder)
+        .map_err(|e| reject("InvalidDestination", format!("base_folder: {e}")))?;
+    let credentials = match message.credentials.as_ref().and_then(|c| c.kind.as_ref()) {
+        None => DeclaredCredentials::None,
+        Some(pb::credentials::Kind::Reference(name)) => DeclaredCredentials::Reference(name.clone()),
+        Some(pb::credentials::Kind::Basic(basic)) => DeclaredCredentials::Inline(GitCredentials::Basic {
+            username: basic.username.clone(),
+            password: basic.password.clone(),
+        }),
+        Some(pb::credentials::Kind::Token(token)) => DeclaredCredentials::Inline(GitCredentials::Token(token.clone())),
+        Some(pb::credentials::Kind::Ssh(ssh)) => {
+            if ssh.known_hosts.trim().is_empty() {
+                return Err(reject(
+                    "InvalidDestination",
+                    "ssh credentials need known_hosts: the writer never accepts an unknown host key",
+                ));
+            }
+            if ssh.private_key.trim().is_empty() {
+                return Err(reject("InvalidDestination", "ssh credentials need a private_key"));
+            }
+            DeclaredCredentials::Inline(GitCredentials::Ssh {
+                username: if ssh.username.is_empty() { "git".into() } else { ssh.username.clone() },
+                private_key: ssh.private_key.clone(),
+                passphrase: (!ssh.passphrase.is_empty()).then(|| ssh.passphrase.clone()),
+                known_hosts: ssh.known_hosts.clone(),
+            })
+        }
+    };
+    let spec = DestinationSpec {
+        id: DestinationId { cluster_uid: cluster_uid.to_owned(), key: key.clone() },
+        repo_url: message.repo_url.clone(),
+        branch: message.branch.clone(),
+        base_folder: message.base_folder.clone(),
+        exclusive_mode: message.exclusive_mode,
+        credentials: None,
+    };
+    Ok((spec, credentials))
+}
+
+fn valid_segment(value: &str) -> bool {
+    !value.is_empty()
+        && value != "."
+        && value != ".."
+        && value.len() <= 253
+        && !value.contains(['/', '\\'])
+        && !value.chars().any(char::is_control)
+}
+
+/// Validates a snapshot scope into its folder.
+pub fn validate_scope(scope: Option<&pb::SnapshotScope>) -> Result<Scope, Rejection> {
+    let scope = scope.ok_or_else(|| reject("InvalidScope", "snapshot scope is required"))?;
+    if !(scope.group.is_empty() || valid_segment(&scope.group))
+        || !valid_segment(&scope.version)
+        || !valid_segment(&scope.resource)
+        || !(scope.namespace.is_empty() || valid_segment(&scope.namespace))
+    {
+        return Err(reject(
+            "InvalidScope",
+            "snapshot scope needs a version and resource (and optional group/namespace) that are single path segments",
+        ));
+    }
+    Ok(Scope {
+        folder: paths::scope_folder(&scope.group, &scope.version, &scope.resource, &scope.namespace),
+        namespace_given: !scope.namespace.is_empty(),
+    })
+}
+
+/// Validates an object path and YAML content.
+pub fn validate_upsert(path: &str, content: &[u8], limits: &SessionLimits) -> Result<(), Rejection> {
+    paths::validate_object_path(path).map_err(|e| reject("InvalidPath", e.to_string()))?;
+    if content.len() > limits.max_object_bytes {
+        return Err(reject(
+            "ObjectTooLarge",
+            format!("{} bytes is more than --max-object-bytes ({})", content.len(), limits.max_object_bytes),
+        ));
+    }
+    yaml::parse_object(content).map_err(|e| reject("InvalidYaml", e.to_string()))?;
+    Ok(())
+}
+
+struct DeclaredDestination {
+    worker: WorkerHandle,
+    reference: DestinationRef,
+    last_sequence: u64,
+    /// Open snapshots: scope folder → epoch.
+    open_snapshots: HashMap<String, u64>,
+}
+
+/// The state of one stream.
+pub struct Session {
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    limits: SessionLimits,
+    replies: mpsc::UnboundedSender<pb::WriterMessage>,
+    origin: Option<Arc<Origin>>,
+    destinations: HashMap<String, DeclaredDestination>,
+    id: u64,
+}
+
+/// What the stream driver should do after a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Continue,
+    /// A fatal protocol violation: end the stream with this message.
+    Close(String),
+}
+
+impl Session {
+    pub fn new(
+        registry: Arc<Registry>,
+        metrics: Metrics,
+        limits: SessionLimits,
+        replies: mpsc::UnboundedSender<pb::WriterMessage>,
+    ) -> Self {
+        Self {
+            registry,
+            metrics,
+            limits,
+            replies,
+            origin: None,
+            destinations: HashMap::new(),
+            id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    fn send(&self, kind: pb::writer_message::Kind) {
+        let _ = self.replies.send(pb::WriterMessage { kind: Some(kind) });
+    }
+
+    fn send_reject(&self, destination: &str, sequence: u64, rejection: Rejection) {
+        self.metrics.messages_rejected.with_label_values(&[rejection.reason]).inc();
+        warn!(session = self.id, destination, sequence, reason = rejection.reason, message = %rejection.message, "rejected message");
+        self.send(pb::writer_message::Kind::Reject(pb::Reject {
+            destination: destination.to_owned(),
+            sequence,
+            reason: rejection.reason.to_owned(),
+            message: rejection.message,
+        }));
+    }
+
+    /// Flushes every worker this stream wrote to (the agent half-closed and waits for its acks).
+    pub async fn flush_all(&self) {
+        let mut seen = std::collections::HashSet::new();
+        for destination in self.destinations.values() {
+            if seen.insert(destination.worker.id.clone())
+                && let Err(error) = destination.worker.flush().await
+            {
+                warn!(session = self.id, worker = %destination.worker.id, %error, "flush after half-close failed");
+            }
+        }
+    }
+
+    /// Handles one message.
+    pub async fn handle(&mut self, message: pb::AgentMessage) -> Next {
+        let Some(kind) = message.kind else {
+            self.send_reject("", 0, reject("ProtocolViolation", "empty message: set one of the AgentMessage fields"));
+            return Next::Continue;
+        };
+        let label = match &kind {
+            Kind::Hello(_) => "hello",
+            Kind::Destination(_) => "destination",
+            Kind::Upsert(_) => "upsert",
+            Kind::Delete(_) => "delete",
+            Kind::SnapshotBegin(_) => "snapshot_begin",
+            Kind::SnapshotEnd(_) => "snapshot_end",
+        };
+        self.metrics.messages_received.with_label_values(&[label]).inc();
+        let Some(origin) = self.origin.clone() else {
+            return match kind {
+                Kind::Hello(hello) => match validate_hello(&hello) {
+                    Ok(identity) => {
+                        info!(session = self.id, cluster = %identity.cluster_uid, name = %identity.cluster_name,
+                            instance = %identity.instance_id, "agent connected");
+                        self.origin = Some(Arc::new(Origin {
+                            session_id: self.id,
+                            identity,
+                            replies: self.replies.clone(),
+                        }));
+                        self.send(pb::writer_message::Kind::Welcome(pb::Welcome {
+                            protocol_version: PROTOCOL_VERSION,
+                            writer_version: env!("CARGO_PKG_VERSION").to_owned(),
+                        }));
+                        Next::Continue
+                    }
+                    Err(rejection) => {
+                        let message = rejection.message.clone();
+                        self.send_reject("", 0, rejection);
+                        Next::Close(message)
+                    }
+                },
+                _ => {
+                    let message = format!("the first message must be hello, got {label}");
+                    self.send_reject("", 0, reject("ProtocolViolation", message.clone()));
+                    Next::Close(message)
+                }
+            };
+        };
+        match kind {
+            Kind::Hello(_) => {
+                self.send_reject("", 0, reject("ProtocolViolation", "hello was already sent on this stream"));
+            }
+            Kind::Destination(message) => self.declare(&origin, message).await,
+            Kind::Upsert(upsert) => {
+                let result = validate_upsert(&upsert.path, &upsert.content, &self.limits).map(|()| Operation::Upsert {
+                    path: upsert.path.clone(),
+                    content: upsert.content.into(),
+                    object: ObjectId::from(upsert.object),
+                    author: (!upsert.author.is_empty()).then_some(upsert.author),
+                });
+                self.forward(&upsert.destination, upsert.sequence, result).await;
+            }
+            Kind::Delete(delete) => {
+                let result = paths::validate_object_path(&delete.path)
+                    .map_err(|e| reject("InvalidPath", e.to_string()))
+                    .map(|()| Operation::Delete {
+                        path: delete.path.clone(),
+                        object: ObjectId::from(delete.object),
+                        author: (!delete.author.is_empty()).then_some(delete.author),
+                    });
+                self.forward(&delete.destination, delete.sequence, result).await;
+            }
+            Kind::SnapshotBegin(begin) => {
+                let result = validate_scope(begin.scope.as_ref())
+                    .map(|scope| Operation::SnapshotBegin { scope, epoch: begin.epoch });
+                self.forward(&begin.destination, begin.sequence, result).await;
+            }
+            Kind::SnapshotEnd(end) => {
+                let result =
+                    validate_scope(end.scope.as_ref()).map(|scope| Operation::SnapshotEnd { scope, epoch: end.epoch });
+                self.forward(&end.destination, end.sequence, result).await;
+            }
+        }
+        Next::Continue
+    }
+
+    async fn declare(&mut self, origin: &Arc<Origin>, message: pb::Destination) {
+        let key = message.key.clone();
+        let (spec, credentials) = match validate_destination(&origin.identity.cluster_uid, &message) {
+            Ok(valid) => valid,
+            Err(rejection) => {
+                origin.status(&key, "Ready", false, rejection.reason, rejection.message.clone());
+                self.send_reject(&key, 0, rejection);
+                return;
+            }
+        };
+        let id = spec.id.clone();
+        let (base_folder, repo, branch) = (spec.base_folder.clone(), git::redact_url(&spec.repo_url), spec.branch.clone());
+        match self.registry.declare(spec, credentials, origin.clone()) {
+            Ok((worker, reference, previous)) => {
+                if let Some(previous) = previous {
+                    previous.forget(id.clone()).await;
+                }
+                if let Some(old) = self.destinations.get(&key).filter(|d| d.worker.id == worker.id) {
+                    // Same worker: snapshots opened before the re-declaration stay valid.
+                    let open = old.open_snapshots.clone();
+                    let last = old.last_sequence;
+                    self.destinations.insert(key.clone(), DeclaredDestination { worker, reference, last_sequence: last, open_snapshots: open });
+                } else {
+                    self.destinations.insert(key.clone(), DeclaredDestination { worker, reference, last_sequence: 0, open_snapshots: HashMap::new() });
+                }
+                info!(session = self.id, destination = %id, %repo, %branch, %base_folder, "destination declared");
+                origin.status(&key, "Accepted", true, "Declared", format!("{repo} {branch} {base_folder}"));
+            }
+            Err(error) => {
+                let message = error.to_string();
+                let kind = if error.reason() == "OverlappingBaseFolder" { "OwnershipConflict" } else { "Ready" };
+                origin.status(&key, kind, kind != "Ready", error.reason(), message.clone());
+                self.send_reject(&key, 0, Rejection { reason: error.reason(), message });
+            }
+        }
+    }
+
+    async fn forward(&mut self, key: &str, sequence: u64, operation: Result<Operation, Rejection>) {
+        let Some(destination) = self.destinations.get_mut(key) else {
+            let rejection = reject("UnknownDestination", format!("destination {key:?} was not declared on this stream"));
+            self.send_reject(key, sequence, rejection);
+            return;
+        };
+        if sequence == 0 || sequence <= destination.last_sequence {
+            let last = destination.last_sequence;
+            self.send_reject(
+                key,
+                sequence,
+                reject("OutOfOrder", format!("sequence {sequence} is not greater than the previous {last} of this destination")),
+            );
+            return;
+        }
+        let operation = match operation {
+            Ok(operation) => operation,
+            Err(rejection) => {
+                // The sequence is consumed: a later message must not reuse it.
+                destination.last_sequence = sequence;
+                self.send_reject(key, sequence, rejection);
+                return;
+            }
+        };
+        match &operation {
+            Operation::SnapshotBegin { scope, epoch } => {
+                destination.open_snapshots.insert(scope.folder.clone(), *epoch);
+            }
+            Operation::SnapshotEnd { scope, epoch } => {
+                if destination.open_snapshots.get(&scope.folder) != Some(epoch) {
+                    destination.last_sequence = sequence;
+                    let rejection = reject(
+                        "SnapshotMismatch",
+                        format!("SnapshotEnd for {} epoch {epoch} without a matching SnapshotBegin on this stream", scope.folder),
+                    );
+                    self.send_reject(key, sequence, rejection);
+                    return;
+                }
+                destination.open_snapshots.remove(&scope.folder);
+            }
+            _ => {}
+        }
+        destination.last_sequence = sequence;
+        let change = Change { destination: destination.reference.clone(), sequence, operation };
+        debug!(session = self.id, destination = key, sequence, "forwarding change");
+        if destination.worker.send(change).await.is_err() {
+            self.send_reject(key, sequence, reject("Unavailable", "the destination's worker stopped; reconnect and re-send"));
+        }
+    }
+}
