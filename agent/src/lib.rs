@@ -1,1 +1,32 @@
-//! The gitops-reverser agent (work in progress, see issue "Agent").
+//! The gitops-reverser agent: mirrors the desired state of a cluster into Git.
+//!
+//! Planned data flow, one arrow per stage:
+//!
+//! ```text
+//! discovery ──▶ rules ──▶ List+Watch ──▶ canonical YAML + paths ──▶ gRPC stream ──▶ writer
+//! (which types  (which      (initial      (sanitize, render,          (per destination;
+//!  exist)        objects)    snapshot,     hash, file path)             the writer commits
+//!                            then deltas)                               and pushes)
+//! ```
+//!
+//! What exists today is the pure core, with no network or cluster access:
+//!
+//! - [`canonical`]: sanitizes an object as the API server returns it and renders
+//!   the one canonical YAML form used for both creates and updates.
+//! - [`paths`]: maps an object to its file path below a destination's base folder,
+//!   escaping names that are not portable across filesystems.
+//! - [`rules`]: decides which resource types and objects a `WatchRule` or
+//!   `ClusterWatchRule` selects (admission-webhook style matching, label
+//!   selectors, the desired-state preset and the always-on exclusions), and which
+//!   cluster-generated objects are skipped.
+//! - [`crd`]: the `configbutler.ai/v1alpha1` custom resources the agent reads
+//!   (`GitRepoConfig`, `GitDestination`, `WatchRule`, `ClusterWatchRule`); the
+//!   `crdgen` binary writes their manifests to `crds/`.
+//!
+//! Still to come: discovery, the List+Watch loops with snapshot boundaries, and
+//! the gRPC client that streams rendered objects to the writer.
+
+pub mod canonical;
+pub mod crd;
+pub mod paths;
+pub mod rules;

@@ -60,7 +60,10 @@ pub async fn serve(
                     async move { Ok::<_, Infallible>(response) }
                 });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
+                if let Err(error) = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
                     tracing::debug!(%error, "admin connection ended");
                 }
             });
@@ -69,7 +72,11 @@ pub async fn serve(
     Ok((local, handle))
 }
 
-fn handle(req: &Request<Incoming>, registry: &Registry, readiness: &Readiness) -> Response<Full<Bytes>> {
+fn handle(
+    req: &Request<Incoming>,
+    registry: &Registry,
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
@@ -78,7 +85,10 @@ fn handle(req: &Request<Incoming>, registry: &Registry, readiness: &Readiness) -
             let encoder = TextEncoder::new();
             let mut buffer = Vec::new();
             if let Err(error) = encoder.encode(&registry.gather(), &mut buffer) {
-                return text(StatusCode::INTERNAL_SERVER_ERROR, &format!("encoding metrics: {error}\n"));
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("encoding metrics: {error}\n"),
+                );
             }
             Response::builder()
                 .header(header::CONTENT_TYPE, encoder.format_type())
@@ -88,7 +98,10 @@ fn handle(req: &Request<Incoming>, registry: &Registry, readiness: &Readiness) -
         "/healthz" | "/livez" => text(StatusCode::OK, "ok\n"),
         "/readyz" if readiness.get() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz, /readyz\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz, /readyz\n",
+        ),
     }
 }
 

@@ -47,7 +47,9 @@ fn check_segments(path: &str) -> Result<(), PathError> {
         return Err(PathError::Absolute(path.to_owned()));
     }
     if path.chars().any(|c| c == '\\' || c.is_control()) {
-        return Err(PathError::ForbiddenCharacter(path.escape_debug().to_string()));
+        return Err(PathError::ForbiddenCharacter(
+            path.escape_debug().to_string(),
+        ));
     }
     for segment in path.split('/') {
         match segment {
@@ -96,7 +98,8 @@ pub fn marker_path(base_folder: &str) -> String {
 /// Whether two base folders overlap: equal, or one contains the other (segment-wise, so `a/b` and `a/bc` do not).
 pub fn folders_overlap(a: &str, b: &str) -> bool {
     fn contains(outer: &str, inner: &str) -> bool {
-        inner == outer || (inner.starts_with(outer) && inner.as_bytes().get(outer.len()) == Some(&b'/'))
+        inner == outer
+            || (inner.starts_with(outer) && inner.as_bytes().get(outer.len()) == Some(&b'/'))
     }
     contains(a, b) || contains(b, a)
 }
@@ -115,14 +118,21 @@ pub fn scope_folder(group: &str, version: &str, resource: &str, namespace: &str)
 /// folder is `folder`. Object files sit at `{folder}/{name}.yaml` (cluster-scoped or one namespace) or
 /// `{folder}/{namespace}/{name}.yaml` (all namespaces); deeper files and non-`.yaml` files are never ours.
 pub fn in_scope(folder: &str, namespace_given: bool, relative: &str) -> bool {
-    let Some(rest) = relative.strip_prefix(folder).and_then(|r| r.strip_prefix('/')) else {
+    let Some(rest) = relative
+        .strip_prefix(folder)
+        .and_then(|r| r.strip_prefix('/'))
+    else {
         return false;
     };
     if validate_object_path(rest).is_err() {
         return false;
     }
     let depth = rest.split('/').count();
-    if namespace_given { depth == 1 } else { depth <= 2 }
+    if namespace_given {
+        depth == 1
+    } else {
+        depth <= 2
+    }
 }
 
 #[cfg(test)]
@@ -131,27 +141,72 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_object_paths() {
-        assert_eq!(validate_object_path("apps/v1/deployments/shop/web.yaml"), Ok(()));
+        assert_eq!(
+            validate_object_path("apps/v1/deployments/shop/web.yaml"),
+            Ok(())
+        );
         assert_eq!(validate_object_path("core/v1/namespaces/shop.yaml"), Ok(()));
-        assert_eq!(validate_object_path("rbac.authorization.k8s.io/v1/clusterroles/system%3Aauth.yaml"), Ok(()));
+        assert_eq!(
+            validate_object_path("rbac.authorization.k8s.io/v1/clusterroles/system%3Aauth.yaml"),
+            Ok(())
+        );
     }
 
     #[test]
     fn rejects_escaping_and_odd_object_paths() {
-        assert!(matches!(validate_object_path("/etc/passwd.yaml"), Err(PathError::Absolute(_))));
-        assert!(matches!(validate_object_path("../x.yaml"), Err(PathError::ParentSegment(_))));
-        assert!(matches!(validate_object_path("a/../../x.yaml"), Err(PathError::ParentSegment(_))));
-        assert!(matches!(validate_object_path("a//x.yaml"), Err(PathError::EmptySegment(_))));
-        assert!(matches!(validate_object_path("a/./x.yaml"), Err(PathError::EmptySegment(_))));
-        assert!(matches!(validate_object_path("a/x.json"), Err(PathError::NotYaml(_))));
-        assert!(matches!(validate_object_path("a/.yaml"), Err(PathError::NotYaml(_))));
-        assert!(matches!(validate_object_path(".configbutler/owner.yaml"), Err(PathError::ControlFolder(_))));
-        assert!(matches!(validate_object_path("a/.configbutler/x.yaml"), Err(PathError::ControlFolder(_))));
-        assert!(matches!(validate_object_path(".git/config.yaml"), Err(PathError::GitDir(_))));
-        assert!(matches!(validate_object_path("a\\b.yaml"), Err(PathError::ForbiddenCharacter(_))));
-        assert!(matches!(validate_object_path("a\nb.yaml"), Err(PathError::ForbiddenCharacter(_))));
+        assert!(matches!(
+            validate_object_path("/etc/passwd.yaml"),
+            Err(PathError::Absolute(_))
+        ));
+        assert!(matches!(
+            validate_object_path("../x.yaml"),
+            Err(PathError::ParentSegment(_))
+        ));
+        assert!(matches!(
+            validate_object_path("a/../../x.yaml"),
+            Err(PathError::ParentSegment(_))
+        ));
+        assert!(matches!(
+            validate_object_path("a//x.yaml"),
+            Err(PathError::EmptySegment(_))
+        ));
+        assert!(matches!(
+            validate_object_path("a/./x.yaml"),
+            Err(PathError::EmptySegment(_))
+        ));
+        assert!(matches!(
+            validate_object_path("a/x.json"),
+            Err(PathError::NotYaml(_))
+        ));
+        assert!(matches!(
+            validate_object_path("a/.yaml"),
+            Err(PathError::NotYaml(_))
+        ));
+        assert!(matches!(
+            validate_object_path(".configbutler/owner.yaml"),
+            Err(PathError::ControlFolder(_))
+        ));
+        assert!(matches!(
+            validate_object_path("a/.configbutler/x.yaml"),
+            Err(PathError::ControlFolder(_))
+        ));
+        assert!(matches!(
+            validate_object_path(".git/config.yaml"),
+            Err(PathError::GitDir(_))
+        ));
+        assert!(matches!(
+            validate_object_path("a\\b.yaml"),
+            Err(PathError::ForbiddenCharacter(_))
+        ));
+        assert!(matches!(
+            validate_object_path("a\nb.yaml"),
+            Err(PathError::ForbiddenCharacter(_))
+        ));
         assert!(matches!(validate_object_path(""), Err(PathError::Empty)));
-        assert!(matches!(validate_object_path(&"a/".repeat(600)), Err(PathError::TooLong(_))));
+        assert!(matches!(
+            validate_object_path(&"a/".repeat(600)),
+            Err(PathError::TooLong(_))
+        ));
     }
 
     #[test]
@@ -177,10 +232,26 @@ mod tests {
     fn scope_membership_matches_layout() {
         let all_ns = scope_folder("apps", "v1", "deployments", "");
         assert_eq!(all_ns, "apps/v1/deployments");
-        assert!(in_scope(&all_ns, false, "apps/v1/deployments/shop/web.yaml"));
-        assert!(!in_scope(&all_ns, false, "apps/v1/deployments/shop/deep/web.yaml"));
-        assert!(!in_scope(&all_ns, false, "apps/v1/deploymentsx/shop/web.yaml"));
-        assert!(!in_scope(&all_ns, false, "apps/v1/deployments/shop/README.md"));
+        assert!(in_scope(
+            &all_ns,
+            false,
+            "apps/v1/deployments/shop/web.yaml"
+        ));
+        assert!(!in_scope(
+            &all_ns,
+            false,
+            "apps/v1/deployments/shop/deep/web.yaml"
+        ));
+        assert!(!in_scope(
+            &all_ns,
+            false,
+            "apps/v1/deploymentsx/shop/web.yaml"
+        ));
+        assert!(!in_scope(
+            &all_ns,
+            false,
+            "apps/v1/deployments/shop/README.md"
+        ));
         let one_ns = scope_folder("", "v1", "configmaps", "shop");
         assert_eq!(one_ns, "core/v1/configmaps/shop");
         assert!(in_scope(&one_ns, true, "core/v1/configmaps/shop/a.yaml"));

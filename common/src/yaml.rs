@@ -10,14 +10,17 @@ pub struct YamlError(String);
 /// Parses one YAML document into a JSON value (the data model Kubernetes objects live in).
 pub fn parse_document(bytes: &[u8]) -> Result<serde_json::Value, YamlError> {
     let text = std::str::from_utf8(bytes).map_err(|e| YamlError(format!("not UTF-8: {e}")))?;
-    serde_saphyr::from_str::<serde_json::Value>(text).map_err(|e| YamlError(first_line(&e.to_string())))
+    serde_saphyr::from_str::<serde_json::Value>(text)
+        .map_err(|e| YamlError(first_line(&e.to_string())))
 }
 
 /// Parses and requires a mapping at the top (a Kubernetes object), not a scalar or a list.
 pub fn parse_object(bytes: &[u8]) -> Result<serde_json::Value, YamlError> {
     let value = parse_document(bytes)?;
     if !value.is_object() {
-        return Err(YamlError("the document is not a mapping (a Kubernetes object)".into()));
+        return Err(YamlError(
+            "the document is not a mapping (a Kubernetes object)".into(),
+        ));
     }
     Ok(value)
 }

@@ -12,7 +12,8 @@ pub mod v1 {
 
 /// Encoded `FileDescriptorSet` of every message and service in `reverser.v1` (and its imports), for
 /// `tonic-reflection`.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reverser_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/reverser_descriptor.bin"));
 
 /// Protocol version this crate describes (`Hello.protocol_version`).
 pub const PROTOCOL_VERSION: u32 = 1;

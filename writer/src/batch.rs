@@ -17,7 +17,10 @@ use reverser_common::{paths, yaml};
 
 use crate::{
     git::{FileChange, GitError},
-    model::{Bytes, ClusterIdentity, Change, DestinationId, DestinationRef, ObjectId, Operation, Scope, one_line},
+    model::{
+        Bytes, Change, ClusterIdentity, DestinationId, DestinationRef, ObjectId, Operation, Scope,
+        one_line,
+    },
 };
 
 /// Flush thresholds (seed Appendix X).
@@ -38,10 +41,24 @@ pub trait TreeView {
 /// What one buffered entry does to the tree.
 #[derive(Clone, Debug)]
 pub enum EntryOp {
-    Write { path: String, content: Bytes, object: ObjectId, author: Option<String> },
-    Remove { path: String, object: ObjectId, author: Option<String> },
+    Write {
+        path: String,
+        content: Bytes,
+        object: ObjectId,
+        author: Option<String>,
+    },
+    Remove {
+        path: String,
+        object: ObjectId,
+        author: Option<String>,
+    },
     /// Delete the scope's files not in `keep` (full paths), at most `cap` of them.
-    Sweep { folder: String, namespace_given: bool, keep: Arc<HashSet<String>>, base_folder: String },
+    Sweep {
+        folder: String,
+        namespace_given: bool,
+        keep: Arc<HashSet<String>>,
+        base_folder: String,
+    },
     /// Nothing to write (a snapshot begin); only acknowledged.
     Nothing,
 }
@@ -83,27 +100,57 @@ impl Buffer {
     pub fn push(&mut self, change: Change, now: Instant) -> Accepted {
         let base = change.destination.base_folder.clone();
         let op = match change.operation {
-            Operation::Upsert { path, content, object, author } => {
+            Operation::Upsert {
+                path,
+                content,
+                object,
+                author,
+            } => {
                 let full = paths::join(&base, &path);
-                for snapshot in self.snapshots.iter_mut().filter(|((d, _), _)| *d == change.destination.id) {
+                for snapshot in self
+                    .snapshots
+                    .iter_mut()
+                    .filter(|((d, _), _)| *d == change.destination.id)
+                {
                     if paths::in_scope(&snapshot.1.folder, snapshot.1.namespace_given, &path) {
                         snapshot.1.seen.insert(full.clone());
                     }
                 }
                 self.bytes += content.len();
                 self.distinct_paths.insert(full.clone());
-                EntryOp::Write { path: full, content, object, author }
+                EntryOp::Write {
+                    path: full,
+                    content,
+                    object,
+                    author,
+                }
             }
-            Operation::Delete { path, object, author } => {
+            Operation::Delete {
+                path,
+                object,
+                author,
+            } => {
                 let full = paths::join(&base, &path);
                 self.distinct_paths.insert(full.clone());
-                EntryOp::Remove { path: full, object, author }
+                EntryOp::Remove {
+                    path: full,
+                    object,
+                    author,
+                }
             }
             Operation::SnapshotBegin { scope, epoch } => {
-                let Scope { folder, namespace_given } = scope;
+                let Scope {
+                    folder,
+                    namespace_given,
+                } = scope;
                 self.snapshots.insert(
                     (change.destination.id.clone(), folder.clone()),
-                    OpenSnapshot { epoch, folder, namespace_given, seen: HashSet::new() },
+                    OpenSnapshot {
+                        epoch,
+                        folder,
+                        namespace_given,
+                        seen: HashSet::new(),
+                    },
                 );
                 EntryOp::Nothing
             }
@@ -134,7 +181,11 @@ impl Buffer {
             }
         };
         self.first_at.get_or_insert(now);
-        self.entries.push(Entry { destination: change.destination, sequence: change.sequence, op });
+        self.entries.push(Entry {
+            destination: change.destination,
+            sequence: change.sequence,
+            op,
+        });
         Accepted::Buffered
     }
 
@@ -143,7 +194,9 @@ impl Buffer {
         !self.entries.is_empty()
             && (self.distinct_paths.len() >= limits.max_files
                 || self.bytes >= limits.max_bytes
-                || self.first_at.is_some_and(|t| now.duration_since(t) >= limits.max_wait))
+                || self
+                    .first_at
+                    .is_some_and(|t| now.duration_since(t) >= limits.max_wait))
     }
 
     /// Far past the flush caps (a failing remote): time to stop accepting more until a push succeeds.
@@ -267,23 +320,46 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
     let mut slots: BTreeMap<String, Slot<'_>> = BTreeMap::new();
     for (index, entry) in entries.iter().enumerate() {
         match &entry.op {
-            EntryOp::Write { path, content, author, .. } => {
+            EntryOp::Write {
+                path,
+                content,
+                author,
+                ..
+            } => {
                 slots.insert(
                     path.clone(),
-                    Slot { content: Some(content), entry: index, author: author.as_deref(), orphan: false },
+                    Slot {
+                        content: Some(content),
+                        entry: index,
+                        author: author.as_deref(),
+                        orphan: false,
+                    },
                 );
             }
             EntryOp::Remove { path, author, .. } => {
                 slots.insert(
                     path.clone(),
-                    Slot { content: None, entry: index, author: author.as_deref(), orphan: false },
+                    Slot {
+                        content: None,
+                        entry: index,
+                        author: author.as_deref(),
+                        orphan: false,
+                    },
                 );
             }
-            EntryOp::Sweep { folder, namespace_given, keep, base_folder } => {
+            EntryOp::Sweep {
+                folder,
+                namespace_given,
+                keep,
+                base_folder,
+            } => {
                 if ctx.deletes_cap == 0 {
                     continue;
                 }
-                let scope_relative = folder.strip_prefix(base_folder).and_then(|f| f.strip_prefix('/')).unwrap_or("");
+                let scope_relative = folder
+                    .strip_prefix(base_folder)
+                    .and_then(|f| f.strip_prefix('/'))
+                    .unwrap_or("");
                 let mut candidates: Vec<String> = Vec::new();
                 let listed = tree.list(folder)?;
                 let mut present: HashSet<String> = listed.into_iter().collect();
@@ -299,10 +375,15 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 let mut present: Vec<String> = present.into_iter().collect();
                 present.sort();
                 for path in &present {
-                    let Some(relative) = path.strip_prefix(base_folder.as_str()).and_then(|p| p.strip_prefix('/')) else {
+                    let Some(relative) = path
+                        .strip_prefix(base_folder.as_str())
+                        .and_then(|p| p.strip_prefix('/'))
+                    else {
                         continue;
                     };
-                    if !paths::in_scope(scope_relative, *namespace_given, relative) || keep.contains(path) {
+                    if !paths::in_scope(scope_relative, *namespace_given, relative)
+                        || keep.contains(path)
+                    {
                         continue;
                     }
                     candidates.push(path.clone());
@@ -311,7 +392,15 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                     }
                 }
                 for path in candidates {
-                    slots.insert(path, Slot { content: None, entry: index, author: None, orphan: true });
+                    slots.insert(
+                        path,
+                        Slot {
+                            content: None,
+                            entry: index,
+                            author: None,
+                            orphan: true,
+                        },
+                    );
                 }
             }
             EntryOp::Nothing => {}
@@ -341,11 +430,16 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 continue;
             }
         };
-        effective.push(Effective { path: path.as_str(), slot, verb });
+        effective.push(Effective {
+            path: path.as_str(),
+            slot,
+            verb,
+        });
     }
 
     // 3. Ownership markers of the destinations that change something.
-    let destination_of_entry: Vec<&DestinationRef> = entries.iter().map(|e| &e.destination).collect();
+    let destination_of_entry: Vec<&DestinationRef> =
+        entries.iter().map(|e| &e.destination).collect();
     let mut touched: BTreeMap<&DestinationId, &DestinationRef> = BTreeMap::new();
     for change in &effective {
         let destination = destination_of_entry[change.slot.entry];
@@ -360,11 +454,18 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
             None => {
                 new_markers.insert(
                     id,
-                    FileChange { path: marker_path, content: Some(render_marker(&destination.origin.identity, &ctx.now_rfc3339)) },
+                    FileChange {
+                        path: marker_path,
+                        content: Some(render_marker(
+                            &destination.origin.identity,
+                            &ctx.now_rfc3339,
+                        )),
+                    },
                 );
             }
             Some(existing) => {
-                if let Some(found_owner) = marker_mismatch(&existing, &destination.origin.identity) {
+                if let Some(found_owner) = marker_mismatch(&existing, &destination.origin.identity)
+                {
                     if destination.exclusive_mode {
                         refused_destinations.insert(id);
                     }
@@ -391,7 +492,10 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
     order.sort_by_key(|c| (c.slot.entry, c.path));
     for change in order {
         let destination = destination_of_entry[change.slot.entry];
-        let key = GroupKey { author: change.slot.author, identity: &destination.origin.identity };
+        let key = GroupKey {
+            author: change.slot.author,
+            identity: &destination.origin.identity,
+        };
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, members)) => members.push(change),
             None => groups.push((key, vec![change])),
@@ -436,9 +540,16 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 .and_then(|p| p.strip_prefix('/'))
                 .unwrap_or(change.path);
             let shown = shown.strip_suffix(".yaml").unwrap_or(shown);
-            let note = if change.slot.orphan { " (orphan: no longer in the cluster)" } else { "" };
+            let note = if change.slot.orphan {
+                " (orphan: no longer in the cluster)"
+            } else {
+                ""
+            };
             lines.push(format!("{} {}{}", change.verb.tag(), one_line(shown), note));
-            changes.push(FileChange { path: change.path.to_owned(), content });
+            changes.push(FileChange {
+                path: change.path.to_owned(),
+                content,
+            });
         }
         let trailers = key.identity.trailers();
         let message = if lines.len() == 1 {
@@ -451,13 +562,22 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 .into_iter()
                 .collect();
             let mut summary = Vec::new();
-            for (count, word) in [(created, "created"), (updated, "updated"), (deleted, "deleted")] {
+            for (count, word) in [
+                (created, "created"),
+                (updated, "updated"),
+                (deleted, "deleted"),
+            ] {
                 if count > 0 {
                     summary.push(format!("{count} {word}"));
                 }
             }
             const MAX_LINES: usize = 1000;
-            let mut body = lines.iter().take(MAX_LINES).cloned().collect::<Vec<_>>().join("\n");
+            let mut body = lines
+                .iter()
+                .take(MAX_LINES)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n");
             if lines.len() > MAX_LINES {
                 body.push_str(&format!("\n... and {} more", lines.len() - MAX_LINES));
             }
@@ -468,9 +588,20 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 summary.join(", ")
             )
         };
-        commits.push(PlannedCommit { author_name, author_email, message, changes, destinations });
+        commits.push(PlannedCommit {
+            author_name,
+            author_email,
+            message,
+            changes,
+            destinations,
+        });
     }
-    Ok(Plan { commits, marker_conflicts, refused_entries, stats })
+    Ok(Plan {
+        commits,
+        marker_conflicts,
+        refused_entries,
+        stats,
+    })
 }
 
 #[derive(PartialEq, Eq)]
@@ -483,7 +614,10 @@ struct GroupKey<'a> {
 /// `…@noreply.cluster.local` address. Names never contain `<`, `>` or control characters (git would refuse or
 /// mis-parse them).
 pub fn author_identity(username: &str) -> (String, String) {
-    let name: String = username.chars().filter(|c| !c.is_control() && *c != '<' && *c != '>').collect();
+    let name: String = username
+        .chars()
+        .filter(|c| !c.is_control() && *c != '<' && *c != '>')
+        .collect();
     let name = name.trim().to_owned();
     let looks_like_email = {
         let mut parts = name.splitn(2, '@');
@@ -493,14 +627,22 @@ pub fn author_identity(username: &str) -> (String, String) {
             && domain.contains('.')
             && !domain.starts_with('.')
             && !domain.ends_with('.')
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || "@._+-".contains(c))
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "@._+-".contains(c))
     };
     if looks_like_email {
         return (name.clone(), name);
     }
     let mut local: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     local = local.trim_matches(|c| c == '-' || c == '.').to_owned();
     if local.is_empty() {
@@ -520,7 +662,9 @@ pub fn render_marker(identity: &ClusterIdentity, now_rfc3339: &str) -> Vec<u8> {
         "instanceID": identity.instance_id,
         "timestamp": now_rfc3339,
     });
-    let mut text = String::from("# Written by gitops-reverser: this folder is mirrored from the cluster below.\n");
+    let mut text = String::from(
+        "# Written by gitops-reverser: this folder is mirrored from the cluster below.\n",
+    );
     text.push_str(&serde_saphyr::to_string(&value).unwrap_or_default());
     if !text.ends_with('\n') {
         text.push('\n');
@@ -535,9 +679,22 @@ pub fn marker_mismatch(marker: &[u8], identity: &ClusterIdentity) -> Option<Stri
         Ok(value) => value,
         Err(_) => return Some("an unreadable marker".to_owned()),
     };
-    let field = |name: &str| value.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
-    let (uid, ns, name) = (field("clusterUID"), field("controllerNamespace"), field("controllerName"));
-    if uid == identity.cluster_uid && ns == identity.controller_namespace && name == identity.controller_name {
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (uid, ns, name) = (
+        field("clusterUID"),
+        field("controllerNamespace"),
+        field("controllerName"),
+    );
+    if uid == identity.cluster_uid
+        && ns == identity.controller_namespace
+        && name == identity.controller_name
+    {
         None
     } else {
         Some(format!("cluster {uid} controller {ns}/{name}"))
@@ -561,12 +718,22 @@ mod tests {
         }
         fn list(&self, folder: &str) -> Result<Vec<String>, GitError> {
             let prefix = format!("{folder}/");
-            Ok(self.0.keys().filter(|k| k.starts_with(&prefix)).cloned().collect())
+            Ok(self
+                .0
+                .keys()
+                .filter(|k| k.starts_with(&prefix))
+                .cloned()
+                .collect())
         }
     }
 
     fn tree(files: &[(&str, &str)]) -> MapTree {
-        MapTree(files.iter().map(|(p, c)| ((*p).to_owned(), c.as_bytes().to_vec())).collect())
+        MapTree(
+            files
+                .iter()
+                .map(|(p, c)| ((*p).to_owned(), c.as_bytes().to_vec()))
+                .collect(),
+        )
     }
 
     fn identity(uid: &str) -> ClusterIdentity {
@@ -586,15 +753,28 @@ mod tests {
     fn destination_for(uid: &str, base: &str, exclusive: bool) -> DestinationRef {
         let (replies, _) = mpsc::unbounded_channel();
         DestinationRef {
-            id: DestinationId { cluster_uid: uid.into(), key: format!("gitops/{base}") },
+            id: DestinationId {
+                cluster_uid: uid.into(),
+                key: format!("gitops/{base}"),
+            },
             base_folder: base.into(),
             exclusive_mode: exclusive,
-            origin: Arc::new(Origin { session_id: 1, identity: identity(uid), replies }),
+            origin: Arc::new(Origin {
+                session_id: 1,
+                identity: identity(uid),
+                replies,
+            }),
             acked: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    fn upsert(d: &DestinationRef, seq: u64, path: &str, content: &str, author: Option<&str>) -> Change {
+    fn upsert(
+        d: &DestinationRef,
+        seq: u64,
+        path: &str,
+        content: &str,
+        author: Option<&str>,
+    ) -> Change {
         Change {
             destination: d.clone(),
             sequence: seq,
@@ -611,12 +791,26 @@ mod tests {
         Change {
             destination: d.clone(),
             sequence: seq,
-            operation: Operation::Delete { path: path.into(), object: ObjectId::default(), author: None },
+            operation: Operation::Delete {
+                path: path.into(),
+                object: ObjectId::default(),
+                author: None,
+            },
         }
     }
 
-    fn snapshot(d: &DestinationRef, seq: u64, folder: &str, ns: bool, epoch: u64, begin: bool) -> Change {
-        let scope = Scope { folder: folder.into(), namespace_given: ns };
+    fn snapshot(
+        d: &DestinationRef,
+        seq: u64,
+        folder: &str,
+        ns: bool,
+        epoch: u64,
+        begin: bool,
+    ) -> Change {
+        let scope = Scope {
+            folder: folder.into(),
+            namespace_given: ns,
+        };
         Change {
             destination: d.clone(),
             sequence: seq,
@@ -651,7 +845,14 @@ mod tests {
     }
 
     fn changed_paths(plan: &Plan) -> Vec<(String, bool)> {
-        plan.commits.iter().flat_map(|c| c.changes.iter().map(|f| (f.path.clone(), f.content.is_some()))).collect()
+        plan.commits
+            .iter()
+            .flat_map(|c| {
+                c.changes
+                    .iter()
+                    .map(|f| (f.path.clone(), f.content.is_some()))
+            })
+            .collect()
     }
 
     const CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  k: v\n";
@@ -668,19 +869,40 @@ mod tests {
         assert_eq!(plan.commits.len(), 1);
         let commit = &plan.commits[0];
         assert_eq!(commit.changes.len(), 2, "marker + object");
-        assert_eq!(commit.changes[0].path, "clusters/prod/.configbutler/owner.yaml");
+        assert_eq!(
+            commit.changes[0].path,
+            "clusters/prod/.configbutler/owner.yaml"
+        );
         assert_eq!(commit.changes[1].content.as_deref(), Some(CM2.as_bytes()));
-        assert!(commit.message.starts_with("[CREATE] core/v1/configmaps/shop/a\n"), "{}", commit.message);
+        assert!(
+            commit
+                .message
+                .starts_with("[CREATE] core/v1/configmaps/shop/a\n"),
+            "{}",
+            commit.message
+        );
         assert!(commit.message.contains("X-ConfigButler-ClusterUID: uid-a"));
-        assert_eq!((commit.author_name.as_str(), commit.author_email.as_str()), ("Bot", "bot@example.com"));
+        assert_eq!(
+            (commit.author_name.as_str(), commit.author_email.as_str()),
+            ("Bot", "bot@example.com")
+        );
     }
 
     #[test]
     fn semantically_equal_content_is_a_no_op() {
         let d = destination("clusters/prod", false);
         let reformatted = "kind: ConfigMap\napiVersion: v1\ndata: {k: v}\nmetadata: {name: a}\n";
-        let t = tree(&[("clusters/prod/core/v1/configmaps/shop/a.yaml", CM), ("clusters/prod/.configbutler/owner.yaml", &marker_for("uid-a"))]);
-        let b = buffer(vec![upsert(&d, 1, "core/v1/configmaps/shop/a.yaml", reformatted, None), delete(&d, 2, "core/v1/configmaps/shop/gone.yaml")]);
+        let t = tree(&[
+            ("clusters/prod/core/v1/configmaps/shop/a.yaml", CM),
+            (
+                "clusters/prod/.configbutler/owner.yaml",
+                &marker_for("uid-a"),
+            ),
+        ]);
+        let b = buffer(vec![
+            upsert(&d, 1, "core/v1/configmaps/shop/a.yaml", reformatted, None),
+            delete(&d, 2, "core/v1/configmaps/shop/gone.yaml"),
+        ]);
         let plan = plan(b.entries(), &t, &context(500)).unwrap();
         assert!(plan.commits.is_empty());
         assert_eq!(plan.stats.noops, 2);
@@ -691,18 +913,43 @@ mod tests {
         let d = destination("c", false);
         let t = tree(&[("c/.configbutler/owner.yaml", &marker_for("uid-a"))]);
         let b = buffer(vec![
-            upsert(&d, 1, "core/v1/configmaps/ns/a.yaml", CM, Some("alice@example.com")),
-            upsert(&d, 2, "core/v1/configmaps/ns/b.yaml", CM, Some("system:serviceaccount:kube-system:deployer")),
-            upsert(&d, 3, "core/v1/configmaps/ns/c.yaml", CM, Some("alice@example.com")),
+            upsert(
+                &d,
+                1,
+                "core/v1/configmaps/ns/a.yaml",
+                CM,
+                Some("alice@example.com"),
+            ),
+            upsert(
+                &d,
+                2,
+                "core/v1/configmaps/ns/b.yaml",
+                CM,
+                Some("system:serviceaccount:kube-system:deployer"),
+            ),
+            upsert(
+                &d,
+                3,
+                "core/v1/configmaps/ns/c.yaml",
+                CM,
+                Some("alice@example.com"),
+            ),
             upsert(&d, 4, "core/v1/configmaps/ns/d.yaml", CM, None),
         ]);
         let plan = plan(b.entries(), &t, &context(500)).unwrap();
-        let authors: Vec<_> = plan.commits.iter().map(|c| (c.author_email.as_str(), c.changes.len())).collect();
+        let authors: Vec<_> = plan
+            .commits
+            .iter()
+            .map(|c| (c.author_email.as_str(), c.changes.len()))
+            .collect();
         assert_eq!(
             authors,
             vec![
                 ("alice@example.com", 2),
-                ("system-serviceaccount-kube-system-deployer@noreply.cluster.local", 1),
+                (
+                    "system-serviceaccount-kube-system-deployer@noreply.cluster.local",
+                    1
+                ),
                 ("bot@example.com", 1)
             ]
         );
@@ -740,15 +987,23 @@ mod tests {
             ]
         );
         assert_eq!(plan.stats.orphans_deleted, 2);
-        assert!(plan.commits.iter().any(|c| c.message.contains("(orphan: no longer in the cluster)")));
+        assert!(
+            plan.commits
+                .iter()
+                .any(|c| c.message.contains("(orphan: no longer in the cluster)"))
+        );
     }
 
     #[test]
     fn sweep_respects_the_cap_and_zero_disables_it() {
         let d = destination("c", false);
-        let files: Vec<(String, String)> =
-            (0..10).map(|i| (format!("c/core/v1/configmaps/ns/o{i}.yaml"), CM.to_owned())).collect();
-        let mut entries: Vec<(&str, &str)> = files.iter().map(|(p, c)| (p.as_str(), c.as_str())).collect();
+        let files: Vec<(String, String)> = (0..10)
+            .map(|i| (format!("c/core/v1/configmaps/ns/o{i}.yaml"), CM.to_owned()))
+            .collect();
+        let mut entries: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(p, c)| (p.as_str(), c.as_str()))
+            .collect();
         let marker = marker_for("uid-a");
         entries.push(("c/.configbutler/owner.yaml", &marker));
         let t = tree(&entries);
@@ -759,7 +1014,14 @@ mod tests {
         let capped = plan(b.entries(), &t, &context(3)).unwrap();
         assert_eq!(capped.stats.deleted, 3);
         let deleted: Vec<_> = changed_paths(&capped).into_iter().map(|(p, _)| p).collect();
-        assert_eq!(deleted, vec!["c/core/v1/configmaps/ns/o0.yaml", "c/core/v1/configmaps/ns/o1.yaml", "c/core/v1/configmaps/ns/o2.yaml"]);
+        assert_eq!(
+            deleted,
+            vec![
+                "c/core/v1/configmaps/ns/o0.yaml",
+                "c/core/v1/configmaps/ns/o1.yaml",
+                "c/core/v1/configmaps/ns/o2.yaml"
+            ]
+        );
         let disabled = plan(b.entries(), &t, &context(0)).unwrap();
         assert!(disabled.commits.is_empty());
     }
@@ -773,25 +1035,43 @@ mod tests {
             upsert(&d, 2, "core/v1/configmaps/ns/early.yaml", CM, None),
         ]);
         b.take();
-        b.push(snapshot(&d, 3, "core/v1/configmaps", false, 1, false), Instant::now());
+        b.push(
+            snapshot(&d, 3, "core/v1/configmaps", false, 1, false),
+            Instant::now(),
+        );
         let t = tree(&[
             ("c/.configbutler/owner.yaml", &marker_for("uid-a")),
             ("c/core/v1/configmaps/ns/early.yaml", CM),
             ("c/core/v1/configmaps/ns/stale.yaml", CM),
         ]);
         let plan = plan(b.entries(), &t, &context(500)).unwrap();
-        assert_eq!(changed_paths(&plan), vec![("c/core/v1/configmaps/ns/stale.yaml".into(), false)]);
+        assert_eq!(
+            changed_paths(&plan),
+            vec![("c/core/v1/configmaps/ns/stale.yaml".into(), false)]
+        );
     }
 
     #[test]
     fn snapshot_end_without_begin_is_refused() {
         let d = destination("c", false);
         let mut b = Buffer::default();
-        let result = b.push(snapshot(&d, 1, "core/v1/configmaps", false, 1, false), Instant::now());
+        let result = b.push(
+            snapshot(&d, 1, "core/v1/configmaps", false, 1, false),
+            Instant::now(),
+        );
         assert!(matches!(result, Accepted::SnapshotMismatch(_)));
-        b.push(snapshot(&d, 2, "core/v1/configmaps", false, 1, true), Instant::now());
-        let result = b.push(snapshot(&d, 3, "core/v1/configmaps", false, 2, false), Instant::now());
-        assert!(matches!(result, Accepted::SnapshotMismatch(_)), "other epoch");
+        b.push(
+            snapshot(&d, 2, "core/v1/configmaps", false, 1, true),
+            Instant::now(),
+        );
+        let result = b.push(
+            snapshot(&d, 3, "core/v1/configmaps", false, 2, false),
+            Instant::now(),
+        );
+        assert!(
+            matches!(result, Accepted::SnapshotMismatch(_)),
+            "other epoch"
+        );
         assert_eq!(b.len(), 1, "only the begin is buffered");
     }
 
@@ -799,17 +1079,36 @@ mod tests {
     fn foreign_marker_refuses_writes_in_exclusive_mode_and_warns_otherwise() {
         let t = tree(&[("c/.configbutler/owner.yaml", &marker_for("uid-other"))]);
         let exclusive = destination("c", true);
-        let b = buffer(vec![upsert(&exclusive, 1, "core/v1/configmaps/ns/a.yaml", CM, None)]);
+        let b = buffer(vec![upsert(
+            &exclusive,
+            1,
+            "core/v1/configmaps/ns/a.yaml",
+            CM,
+            None,
+        )]);
         let refused = plan(b.entries(), &t, &context(500)).unwrap();
         assert!(refused.commits.is_empty());
         assert_eq!(refused.refused_entries, vec![0]);
         assert_eq!(refused.marker_conflicts.len(), 1);
-        assert!(refused.marker_conflicts[0].found_owner.contains("uid-other"));
+        assert!(
+            refused.marker_conflicts[0]
+                .found_owner
+                .contains("uid-other")
+        );
 
         let shared = destination("c", false);
-        let b = buffer(vec![upsert(&shared, 1, "core/v1/configmaps/ns/a.yaml", CM, None)]);
+        let b = buffer(vec![upsert(
+            &shared,
+            1,
+            "core/v1/configmaps/ns/a.yaml",
+            CM,
+            None,
+        )]);
         let warned = plan(b.entries(), &t, &context(500)).unwrap();
-        assert_eq!(changed_paths(&warned), vec![("c/core/v1/configmaps/ns/a.yaml".into(), true)]);
+        assert_eq!(
+            changed_paths(&warned),
+            vec![("c/core/v1/configmaps/ns/a.yaml".into(), true)]
+        );
         assert_eq!(warned.marker_conflicts.len(), 1);
         assert!(warned.refused_entries.is_empty());
     }
@@ -830,29 +1129,63 @@ mod tests {
 
     #[test]
     fn flush_is_due_on_any_cap() {
-        let limits = Limits { max_files: 2, max_bytes: 1000, max_wait: Duration::from_secs(20) };
+        let limits = Limits {
+            max_files: 2,
+            max_bytes: 1000,
+            max_wait: Duration::from_secs(20),
+        };
         let d = destination("c", false);
         let start = Instant::now();
         let mut b = Buffer::default();
         assert!(!b.flush_due(&limits, start), "empty buffer never flushes");
-        b.push(upsert(&d, 1, "core/v1/configmaps/ns/a.yaml", CM, None), start);
-        b.push(upsert(&d, 2, "core/v1/configmaps/ns/a.yaml", CM2, None), start);
+        b.push(
+            upsert(&d, 1, "core/v1/configmaps/ns/a.yaml", CM, None),
+            start,
+        );
+        b.push(
+            upsert(&d, 2, "core/v1/configmaps/ns/a.yaml", CM2, None),
+            start,
+        );
         assert!(!b.flush_due(&limits, start), "same path counts once");
-        assert!(b.flush_due(&limits, start + Duration::from_secs(20)), "time cap");
-        b.push(upsert(&d, 3, "core/v1/configmaps/ns/b.yaml", CM, None), start);
+        assert!(
+            b.flush_due(&limits, start + Duration::from_secs(20)),
+            "time cap"
+        );
+        b.push(
+            upsert(&d, 3, "core/v1/configmaps/ns/b.yaml", CM, None),
+            start,
+        );
         assert!(b.flush_due(&limits, start), "file cap");
         let mut big = Buffer::default();
-        big.push(upsert(&d, 1, "core/v1/configmaps/ns/a.yaml", &"x: 1\n".repeat(300), None), start);
+        big.push(
+            upsert(
+                &d,
+                1,
+                "core/v1/configmaps/ns/a.yaml",
+                &"x: 1\n".repeat(300),
+                None,
+            ),
+            start,
+        );
         assert!(big.flush_due(&limits, start), "byte cap");
     }
 
     #[test]
     fn author_identities_are_safe_and_deterministic() {
-        assert_eq!(author_identity("alice@example.com"), ("alice@example.com".into(), "alice@example.com".into()));
-        assert_eq!(author_identity("bob"), ("bob".into(), "bob@noreply.cluster.local".into()));
+        assert_eq!(
+            author_identity("alice@example.com"),
+            ("alice@example.com".into(), "alice@example.com".into())
+        );
+        assert_eq!(
+            author_identity("bob"),
+            ("bob".into(), "bob@noreply.cluster.local".into())
+        );
         assert_eq!(
             author_identity("Eve <evil@x.com>\nInjected: yes"),
-            ("Eve evil@x.comInjected: yes".into(), "eve-evil-x.cominjected--yes@noreply.cluster.local".into())
+            (
+                "Eve evil@x.comInjected: yes".into(),
+                "eve-evil-x.cominjected--yes@noreply.cluster.local".into()
+            )
         );
         assert_eq!(author_identity(":::").1, "unknown@noreply.cluster.local");
     }

@@ -22,11 +22,18 @@ use crate::git::GitCredentials;
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("parsing {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("credentials entry {index} ({prefix}): {message}")]
-    Invalid { index: usize, prefix: String, message: String },
+    Invalid {
+        index: usize,
+        prefix: String,
+        message: String,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,45 +72,71 @@ pub struct CredentialStore {
 }
 
 fn read_secret(path: &Path) -> Result<String, std::io::Error> {
-    Ok(std::fs::read_to_string(path)?.trim_end_matches(['\n', '\r']).to_owned())
+    Ok(std::fs::read_to_string(path)?
+        .trim_end_matches(['\n', '\r'])
+        .to_owned())
 }
 
 impl CredentialStore {
     pub fn load(path: &Path) -> Result<Self, CredentialsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read { path: path.into(), source })?;
-        let parsed: FileFormat = serde_saphyr::from_str(&text)
-            .map_err(|e| CredentialsError::Parse { path: path.into(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let parsed: FileFormat =
+            serde_saphyr::from_str(&text).map_err(|e| CredentialsError::Parse {
+                path: path.into(),
+                message: e.to_string(),
+            })?;
         let mut entries = Vec::with_capacity(parsed.credentials.len());
         for (index, raw) in parsed.credentials.into_iter().enumerate() {
             let prefix = crate::git::redact_url(&raw.url_prefix);
-            let invalid = |message: String| CredentialsError::Invalid { index, prefix: prefix.clone(), message };
-            let read = |p: &PathBuf| read_secret(p).map_err(|e| invalid(format!("reading {}: {e}", p.display())));
+            let invalid = |message: String| CredentialsError::Invalid {
+                index,
+                prefix: prefix.clone(),
+                message,
+            };
+            let read = |p: &PathBuf| {
+                read_secret(p).map_err(|e| invalid(format!("reading {}: {e}", p.display())))
+            };
             let password = match (&raw.password, &raw.password_file) {
                 (Some(p), None) => Some(p.clone()),
                 (None, Some(f)) => Some(read(f)?),
                 (None, None) => None,
-                (Some(_), Some(_)) => return Err(invalid("set password or passwordFile, not both".into())),
+                (Some(_), Some(_)) => {
+                    return Err(invalid("set password or passwordFile, not both".into()));
+                }
             };
             let token = match (&raw.token, &raw.token_file) {
                 (Some(t), None) => Some(t.clone()),
                 (None, Some(f)) => Some(read(f)?),
                 (None, None) => None,
-                (Some(_), Some(_)) => return Err(invalid("set token or tokenFile, not both".into())),
+                (Some(_), Some(_)) => {
+                    return Err(invalid("set token or tokenFile, not both".into()));
+                }
             };
             let credentials = match (password, token, &raw.ssh_private_key_file) {
                 (Some(password), None, None) => GitCredentials::Basic {
-                    username: raw.username.clone().ok_or_else(|| invalid("password needs a username".into()))?,
+                    username: raw
+                        .username
+                        .clone()
+                        .ok_or_else(|| invalid("password needs a username".into()))?,
                     password,
                 },
                 (None, Some(token), None) => match &raw.username {
-                    Some(username) => GitCredentials::Basic { username: username.clone(), password: token },
+                    Some(username) => GitCredentials::Basic {
+                        username: username.clone(),
+                        password: token,
+                    },
                     None => GitCredentials::Token(token),
                 },
                 (None, None, Some(key_file)) => {
-                    let known_hosts_file = raw
-                        .known_hosts_file
-                        .as_ref()
-                        .ok_or_else(|| invalid("SSH keys need knownHostsFile (unknown hosts are never accepted)".into()))?;
+                    let known_hosts_file = raw.known_hosts_file.as_ref().ok_or_else(|| {
+                        invalid(
+                            "SSH keys need knownHostsFile (unknown hosts are never accepted)"
+                                .into(),
+                        )
+                    })?;
                     GitCredentials::Ssh {
                         username: raw.username.clone().unwrap_or_else(|| "git".into()),
                         private_key: read(key_file)?,
@@ -111,10 +144,20 @@ impl CredentialStore {
                         known_hosts: read(known_hosts_file)?,
                     }
                 }
-                (None, None, None) => return Err(invalid("no password, token or sshPrivateKeyFile".into())),
-                _ => return Err(invalid("set exactly one of password(File), token(File), sshPrivateKeyFile".into())),
+                (None, None, None) => {
+                    return Err(invalid("no password, token or sshPrivateKeyFile".into()));
+                }
+                _ => {
+                    return Err(invalid(
+                        "set exactly one of password(File), token(File), sshPrivateKeyFile".into(),
+                    ));
+                }
             };
-            entries.push(Entry { name: raw.name, url_prefix: raw.url_prefix, credentials });
+            entries.push(Entry {
+                name: raw.name,
+                url_prefix: raw.url_prefix,
+                credentials,
+            });
         }
         Ok(Self { entries })
     }
@@ -130,7 +173,10 @@ impl CredentialStore {
 
     /// Credentials an agent referenced by name.
     pub fn by_name(&self, name: &str) -> Option<&GitCredentials> {
-        self.entries.iter().find(|e| e.name.as_deref() == Some(name)).map(|e| &e.credentials)
+        self.entries
+            .iter()
+            .find(|e| e.name.as_deref() == Some(name))
+            .map(|e| &e.credentials)
     }
 
     pub fn len(&self) -> usize {
@@ -167,12 +213,21 @@ mod tests {
             ),
         );
         let store = CredentialStore::load(&config).unwrap();
-        assert!(matches!(store.for_url("https://git.example.com/acme/repo.git"), Some(GitCredentials::Token(t)) if t == "s3cret-token"));
-        assert!(matches!(store.for_url("https://git.example.com/other.git"), Some(GitCredentials::Basic { username, .. }) if username == "bot"));
-        assert!(matches!(store.for_url("ssh://git@host/x.git"), Some(GitCredentials::Ssh { username, .. }) if username == "git"));
+        assert!(
+            matches!(store.for_url("https://git.example.com/acme/repo.git"), Some(GitCredentials::Token(t)) if t == "s3cret-token")
+        );
+        assert!(
+            matches!(store.for_url("https://git.example.com/other.git"), Some(GitCredentials::Basic { username, .. }) if username == "bot")
+        );
+        assert!(
+            matches!(store.for_url("ssh://git@host/x.git"), Some(GitCredentials::Ssh { username, .. }) if username == "git")
+        );
         assert!(store.for_url("https://elsewhere/x.git").is_none());
         assert!(store.by_name("acme").is_some());
-        assert!(!format!("{store:?}").contains("s3cret-token"), "debug output must redact secrets");
+        assert!(
+            !format!("{store:?}").contains("s3cret-token"),
+            "debug output must redact secrets"
+        );
     }
 
     #[test]
@@ -182,13 +237,29 @@ mod tests {
         let config = write(
             dir.path(),
             "a.yaml",
-            &format!("credentials:\n  - urlPrefix: ssh://h/\n    sshPrivateKeyFile: {}/key\n", dir.path().display()),
+            &format!(
+                "credentials:\n  - urlPrefix: ssh://h/\n    sshPrivateKeyFile: {}/key\n",
+                dir.path().display()
+            ),
         );
         let error = CredentialStore::load(&config).unwrap_err().to_string();
         assert!(error.contains("knownHostsFile"), "{error}");
-        let config = write(dir.path(), "b.yaml", "credentials:\n  - urlPrefix: https://h/\n    token: t\n    password: p\n    username: u\n");
+        let config = write(
+            dir.path(),
+            "b.yaml",
+            "credentials:\n  - urlPrefix: https://h/\n    token: t\n    password: p\n    username: u\n",
+        );
         assert!(CredentialStore::load(&config).is_err());
-        let config = write(dir.path(), "c.yaml", "credentials:\n  - urlPrefix: https://h/\n    bogus: 1\n");
-        assert!(CredentialStore::load(&config).unwrap_err().to_string().contains("bogus"));
+        let config = write(
+            dir.path(),
+            "c.yaml",
+            "credentials:\n  - urlPrefix: https://h/\n    bogus: 1\n",
+        );
+        assert!(
+            CredentialStore::load(&config)
+                .unwrap_err()
+                .to_string()
+                .contains("bogus")
+        );
     }
 }

@@ -22,6 +22,8 @@ pub struct WriterService {
     pub registry: Arc<Registry>,
     pub metrics: Metrics,
     pub limits: SessionLimits,
+    /// Turns true when the writer shuts down: every stream flushes and ends, so the server can drain.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::WriterMessage, Status>> + Send>>;
@@ -30,14 +32,23 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::WriterMessage, Status>> 
 impl Writer for WriterService {
     type SyncStream = ReplyStream;
 
-    async fn sync(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Self::SyncStream>, Status> {
+    async fn sync(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
         let peer = request.remote_addr();
         let mut inbound = request.into_inner();
         let (replies, mut replies_rx) = mpsc::unbounded_channel::<pb::WriterMessage>();
         let (output, output_rx) = mpsc::unbounded_channel::<Result<pb::WriterMessage, Status>>();
         let (done, mut done_rx) = oneshot::channel::<Option<Status>>();
-        let mut session = Session::new(self.registry.clone(), self.metrics.clone(), self.limits.clone(), replies);
+        let mut session = Session::new(
+            self.registry.clone(),
+            self.metrics.clone(),
+            self.limits.clone(),
+            replies,
+        );
         let metrics = self.metrics.clone();
+        let mut shutdown = self.shutdown.clone();
         metrics.connected_agents.inc();
 
         // Reads the agent's messages in order; each is validated and forwarded before the next is read, so a full
@@ -45,7 +56,15 @@ impl Writer for WriterService {
         tokio::spawn(async move {
             let mut final_status = None;
             loop {
-                match inbound.message().await {
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {
+                        session.flush_all().await;
+                        final_status = Some(Status::unavailable("the writer is shutting down; reconnect and re-send unacked changes"));
+                        break;
+                    }
+                };
+                match next {
                     Ok(Some(message)) => {
                         if let Next::Close(reason) = session.handle(message).await {
                             final_status = Some(Status::failed_precondition(reason));
@@ -90,7 +109,9 @@ impl Writer for WriterService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(output_rx))))
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
+            output_rx,
+        ))))
     }
 }
 
@@ -100,12 +121,18 @@ pub struct AdminService {
 }
 
 fn timestamp(time: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: time.timestamp(), nanos: time.timestamp_subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: time.timestamp(),
+        nanos: time.timestamp_subsec_nanos() as i32,
+    }
 }
 
 #[tonic::async_trait]
 impl WriterAdmin for AdminService {
-    async fn list_workers(&self, _: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
+    async fn list_workers(
+        &self,
+        _: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let workers = self
             .registry
             .workers()
@@ -152,16 +179,25 @@ impl WriterAdmin for AdminService {
         Ok(Response::new(pb::ListDestinationsResponse { destinations }))
     }
 
-    async fn flush(&self, request: Request<pb::FlushRequest>) -> Result<Response<pb::FlushResponse>, Status> {
+    async fn flush(
+        &self,
+        request: Request<pb::FlushRequest>,
+    ) -> Result<Response<pb::FlushResponse>, Status> {
         let request = request.into_inner();
-        let worker = self.registry.worker_for(&request.repo_url, &request.branch).ok_or_else(|| {
-            Status::not_found(format!(
-                "no worker for {} {}; see WriterAdmin/ListWorkers",
-                crate::git::redact_url(&request.repo_url),
-                request.branch
-            ))
-        })?;
+        let worker = self
+            .registry
+            .worker_for(&request.repo_url, &request.branch)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no worker for {} {}; see WriterAdmin/ListWorkers",
+                    crate::git::redact_url(&request.repo_url),
+                    request.branch
+                ))
+            })?;
         let report = worker.flush().await.map_err(Status::unavailable)?;
-        Ok(Response::new(pb::FlushResponse { commit_sha: report.commit_sha, files_changed: report.files_changed }))
+        Ok(Response::new(pb::FlushResponse {
+            commit_sha: report.commit_sha,
+            files_changed: report.files_changed,
+        }))
     }
 }

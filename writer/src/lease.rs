@@ -13,10 +13,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
     jiff::Timestamp,
 };
-use kube::{
-    Api, Client,
-    api::{PostParams},
-};
+use kube::{Api, Client, api::PostParams};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -68,13 +65,21 @@ pub enum Claim {
 }
 
 /// One claim step: create the Lease, renew ours, or take over an expired one.
-pub async fn try_claim(api: &Api<Lease>, name: &str, identity: &str, duration: Duration) -> Result<Claim, LeaseError> {
+pub async fn try_claim(
+    api: &Api<Lease>,
+    name: &str,
+    identity: &str,
+    duration: Duration,
+) -> Result<Claim, LeaseError> {
     let now = Timestamp::now();
     let seconds = i32::try_from(duration.as_secs()).unwrap_or(i32::MAX);
     match api.get_opt(name).await? {
         None => {
             let lease = Lease {
-                metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
+                metadata: ObjectMeta {
+                    name: Some(name.to_owned()),
+                    ..ObjectMeta::default()
+                },
                 spec: Some(LeaseSpec {
                     holder_identity: Some(identity.to_owned()),
                     lease_duration_seconds: Some(seconds),
@@ -131,27 +136,38 @@ pub fn spawn(settings: LeaseSettings, name: String) -> watch::Receiver<LeaseStat
         let api: Api<Lease> = Api::namespaced(settings.client.clone(), &settings.namespace);
         let mut last_success: Option<tokio::time::Instant> = None;
         loop {
-            let state = match try_claim(&api, &name, &settings.identity, settings.lease_duration).await {
-                Ok(Claim::Held) => {
-                    last_success = Some(tokio::time::Instant::now());
-                    LeaseState { held: true, holder: settings.identity.clone() }
-                }
-                Ok(Claim::HeldBy(holder)) => {
-                    debug!(lease = %name, %holder, "lease held by another writer");
-                    LeaseState { held: false, holder }
-                }
-                Ok(Claim::LostRace) => {
-                    debug!(lease = %name, "lost a lease race; retrying");
-                    LeaseState { held: false, holder: sender.borrow().holder.clone() }
-                }
-                Err(error) => {
-                    warn!(lease = %name, %error, "lease claim failed");
-                    let still_valid = last_success.is_some_and(|t| t.elapsed() < settings.lease_duration);
-                    let mut state = sender.borrow().clone();
-                    state.held &= still_valid;
-                    state
-                }
-            };
+            let state =
+                match try_claim(&api, &name, &settings.identity, settings.lease_duration).await {
+                    Ok(Claim::Held) => {
+                        last_success = Some(tokio::time::Instant::now());
+                        LeaseState {
+                            held: true,
+                            holder: settings.identity.clone(),
+                        }
+                    }
+                    Ok(Claim::HeldBy(holder)) => {
+                        debug!(lease = %name, %holder, "lease held by another writer");
+                        LeaseState {
+                            held: false,
+                            holder,
+                        }
+                    }
+                    Ok(Claim::LostRace) => {
+                        debug!(lease = %name, "lost a lease race; retrying");
+                        LeaseState {
+                            held: false,
+                            holder: sender.borrow().holder.clone(),
+                        }
+                    }
+                    Err(error) => {
+                        warn!(lease = %name, %error, "lease claim failed");
+                        let still_valid =
+                            last_success.is_some_and(|t| t.elapsed() < settings.lease_duration);
+                        let mut state = sender.borrow().clone();
+                        state.held &= still_valid;
+                        state
+                    }
+                };
             if *sender.borrow() != state {
                 info!(lease = %name, held = state.held, holder = %state.holder, "lease state changed");
             }
@@ -182,7 +198,10 @@ mod tests {
     }
 
     fn respond(status: u16, body: serde_json::Value) -> Response<Body> {
-        Response::builder().status(status).body(Body::from(serde_json::to_vec(&body).unwrap())).unwrap()
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap()
     }
 
     fn not_found() -> serde_json::Value {
@@ -190,14 +209,18 @@ mod tests {
     }
 
     async fn run_claim(
-        script: impl FnOnce(tower_test::mock::Handle<Request<Body>, Response<Body>>) -> tokio::task::JoinHandle<()>,
+        script: impl FnOnce(
+            tower_test::mock::Handle<Request<Body>, Response<Body>>,
+        ) -> tokio::task::JoinHandle<()>,
         identity: &str,
     ) -> Claim {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let server = script(handle);
         let client = Client::new(service, "ns");
         let api: Api<Lease> = Api::namespaced(client, "ns");
-        let claim = try_claim(&api, "w", identity, Duration::from_secs(24)).await.unwrap();
+        let claim = try_claim(&api, "w", identity, Duration::from_secs(24))
+            .await
+            .unwrap();
         server.await.unwrap();
         claim
     }
@@ -212,8 +235,14 @@ mod tests {
                     send.send_response(respond(404, not_found()));
                     let (request, send) = handle.next_request().await.unwrap();
                     assert_eq!(request.method(), http::Method::POST);
-                    assert_eq!(request.uri().path(), "/apis/coordination.k8s.io/v1/namespaces/ns/leases");
-                    send.send_response(respond(201, lease_json("me", "2026-01-01T00:00:00.000000Z", "2")));
+                    assert_eq!(
+                        request.uri().path(),
+                        "/apis/coordination.k8s.io/v1/namespaces/ns/leases"
+                    );
+                    send.send_response(respond(
+                        201,
+                        lease_json("me", "2026-01-01T00:00:00.000000Z", "2"),
+                    ));
                 })
             },
             "me",
@@ -244,10 +273,16 @@ mod tests {
             |mut handle| {
                 tokio::spawn(async move {
                     let (_, send) = handle.next_request().await.unwrap();
-                    send.send_response(respond(200, lease_json("other", "2020-01-01T00:00:00.000000Z", "5")));
+                    send.send_response(respond(
+                        200,
+                        lease_json("other", "2020-01-01T00:00:00.000000Z", "5"),
+                    ));
                     let (request, send) = handle.next_request().await.unwrap();
                     assert_eq!(request.method(), http::Method::PUT);
-                    let body = http_body_util::BodyExt::collect(request.into_body()).await.unwrap().to_bytes();
+                    let body = http_body_util::BodyExt::collect(request.into_body())
+                        .await
+                        .unwrap()
+                        .to_bytes();
                     let sent: serde_json::Value = serde_json::from_slice(&body).unwrap();
                     assert_eq!(sent["metadata"]["resourceVersion"], "5");
                     assert_eq!(sent["spec"]["holderIdentity"], "me");

@@ -39,7 +39,12 @@ use reverser_proto::v1::{writer_admin_server::WriterAdminServer, writer_server::
 
 /// Command-line flags. Every flag can also be set through the environment variable named in `--help`.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "reverser-writer", version, about = "gitops-reverser writer: commits and pushes what agents stream")]
+#[command(
+    name = "reverser-writer",
+    version,
+    args_override_self = true,
+    about = "gitops-reverser writer: commits and pushes what agents stream"
+)]
 pub struct Args {
     /// Address of the gRPC server (Writer, WriterAdmin, reflection, health).
     #[arg(long, env = "WRITER_GRPC_ADDR", default_value = "127.0.0.1:9443")]
@@ -60,11 +65,18 @@ pub struct Args {
     #[arg(long, env = "WRITER_ADMIN_ADDR", default_value = "0.0.0.0:8081")]
     pub admin_addr: SocketAddr,
     /// Directory holding one bare clone per (repository, branch) worker.
-    #[arg(long, env = "WRITER_WORK_DIR", default_value = "/var/cache/gitops-reverser")]
+    #[arg(
+        long,
+        env = "WRITER_WORK_DIR",
+        default_value = "/var/cache/gitops-reverser"
+    )]
     pub work_dir: PathBuf,
     /// YAML file mapping repository URL prefixes to credentials (see README "Git credentials").
     #[arg(long, env = "WRITER_GIT_CREDENTIALS")]
     pub git_credentials: Option<PathBuf>,
+    /// Extra PEM CA bundle trusted for HTTPS remotes (self-hosted Git servers with a private CA).
+    #[arg(long, env = "WRITER_GIT_CA_FILE")]
+    pub git_ca_file: Option<PathBuf>,
     /// Flush when this many distinct files are buffered.
     #[arg(long, env = "WRITER_GIT_BATCH_MAX_FILES", default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
     pub git_batch_max_files: u64,
@@ -81,7 +93,11 @@ pub struct Args {
     #[arg(long, env = "WRITER_COMMIT_NAME", default_value = "GitOps Reverser")]
     pub commit_name: String,
     /// Committer (and bot author) e-mail.
-    #[arg(long, env = "WRITER_COMMIT_EMAIL", default_value = "gitops-reverser@noreply.cluster.local")]
+    #[arg(
+        long,
+        env = "WRITER_COMMIT_EMAIL",
+        default_value = "gitops-reverser@noreply.cluster.local"
+    )]
     pub commit_email: String,
     /// Largest accepted object YAML, in bytes.
     #[arg(long, env = "WRITER_MAX_OBJECT_BYTES", default_value_t = 3 * 1024 * 1024)]
@@ -177,7 +193,10 @@ impl Args {
             work_dir: self.work_dir.clone(),
             limits: batch::Limits {
                 max_files: usize::try_from(self.git_batch_max_files).unwrap_or(usize::MAX),
-                max_bytes: usize::try_from(self.git_batch_max_bytes_mib.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX),
+                max_bytes: usize::try_from(
+                    self.git_batch_max_bytes_mib.saturating_mul(1024 * 1024),
+                )
+                .unwrap_or(usize::MAX),
                 max_wait: Duration::from_secs_f64(self.git_batch_max_wait_sec),
             },
             deletes_cap: self.deletes_cap_per_cycle,
@@ -188,34 +207,45 @@ impl Args {
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(60),
             refetch_after: Duration::from_secs(30),
+            ca_cert_file: self.git_ca_file.clone(),
         })
     }
 
     async fn lease_settings(&self) -> anyhow::Result<Option<lease::LeaseSettings>> {
         if self.leases == LeaseMode::Off {
-            info!("leases are off (--leases=off): the fast-forward-only push is the only fence between writers");
+            info!(
+                "leases are off (--leases=off): the fast-forward-only push is the only fence between writers"
+            );
             return Ok(None);
         }
         let config = match &self.kubeconfig {
             Some(path) => {
                 let kubeconfig = kube::config::Kubeconfig::read_from(path)
                     .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-                    .await
-                    .context("loading kubeconfig")?
+                kube::Config::from_custom_kubeconfig(
+                    kubeconfig,
+                    &kube::config::KubeConfigOptions::default(),
+                )
+                .await
+                .context("loading kubeconfig")?
             }
             None => match kube::Config::incluster() {
                 Ok(config) => config,
                 Err(error) => {
                     if self.leases == LeaseMode::On {
-                        bail!("--leases=on but no Kubernetes API is reachable (not in a cluster, no --kubeconfig): {error}");
+                        bail!(
+                            "--leases=on but no Kubernetes API is reachable (not in a cluster, no --kubeconfig): {error}"
+                        );
                     }
                     info!("leases are off: not running in a cluster and no --kubeconfig given");
                     return Ok(None);
                 }
             },
         };
-        let namespace = self.lease_namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
+        let namespace = self
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
         let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
         let base = self
             .lease_identity
@@ -239,12 +269,18 @@ impl Args {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => {
-                let cert_pem = std::fs::read(cert).with_context(|| format!("reading --tls-cert {}", cert.display()))?;
-                let key_pem = std::fs::read(key).with_context(|| format!("reading --tls-key {}", key.display()))?;
-                let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
+                let cert_pem = std::fs::read(cert)
+                    .with_context(|| format!("reading --tls-cert {}", cert.display()))?;
+                let key_pem = std::fs::read(key)
+                    .with_context(|| format!("reading --tls-key {}", key.display()))?;
+                let mut config =
+                    ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
                 if let Some(ca) = &self.tls_client_ca {
-                    let ca_pem = std::fs::read(ca).with_context(|| format!("reading --tls-client-ca {}", ca.display()))?;
-                    config = config.client_ca_root(Certificate::from_pem(ca_pem)).client_auth_optional(false);
+                    let ca_pem = std::fs::read(ca)
+                        .with_context(|| format!("reading --tls-client-ca {}", ca.display()))?;
+                    config = config
+                        .client_ca_root(Certificate::from_pem(ca_pem))
+                        .client_auth_optional(false);
                 }
                 Some(config)
             }
@@ -265,7 +301,10 @@ impl Args {
         let metrics = metrics::Metrics::default();
         let registry = registry::Registry::new(
             self.worker_settings()?,
-            registry::Caps { max_global: self.workers_max_global, max_per_repo: self.workers_max_per_repo },
+            registry::Caps {
+                max_global: self.workers_max_global,
+                max_per_repo: self.workers_max_per_repo,
+            },
             credentials,
             self.lease_settings().await?,
             metrics.clone(),
@@ -274,10 +313,14 @@ impl Args {
         let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
         let readiness = admin::Readiness::default();
         let admin_shutdown = wait_for(shutdown_rx.clone());
-        let (admin_addr, _admin) =
-            admin::serve(self.admin_addr, metrics.registry.clone(), readiness.clone(), admin_shutdown)
-                .await
-                .with_context(|| format!("binding --admin-addr {}", self.admin_addr))?;
+        let (admin_addr, _admin) = admin::serve(
+            self.admin_addr,
+            metrics.registry.clone(),
+            readiness.clone(),
+            admin_shutdown,
+        )
+        .await
+        .with_context(|| format!("binding --admin-addr {}", self.admin_addr))?;
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(reverser_proto::FILE_DESCRIPTOR_SET)
@@ -288,17 +331,26 @@ impl Args {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<WriterServer<grpc::WriterService>>().await;
-        health.set_serving::<WriterAdminServer<grpc::AdminService>>().await;
+        health
+            .set_serving::<WriterServer<grpc::WriterService>>()
+            .await;
+        health
+            .set_serving::<WriterAdminServer<grpc::AdminService>>()
+            .await;
 
         let max_message = self.max_object_bytes.saturating_add(64 * 1024);
         let writer = WriterServer::new(grpc::WriterService {
             registry: registry.clone(),
             metrics: metrics.clone(),
-            limits: session::SessionLimits { max_object_bytes: self.max_object_bytes },
+            limits: session::SessionLimits {
+                max_object_bytes: self.max_object_bytes,
+            },
+            shutdown: shutdown_rx.clone(),
         })
         .max_decoding_message_size(max_message);
-        let admin_service = WriterAdminServer::new(grpc::AdminService { registry: registry.clone() });
+        let admin_service = WriterAdminServer::new(grpc::AdminService {
+            registry: registry.clone(),
+        });
 
         let listener = tokio::net::TcpListener::bind(self.grpc_addr)
             .await
@@ -338,7 +390,12 @@ impl Args {
             info!("writer stopped");
             Ok(())
         });
-        Ok(RunningWriter { grpc_addr, admin_addr, shutdown, server })
+        Ok(RunningWriter {
+            grpc_addr,
+            admin_addr,
+            shutdown,
+            server,
+        })
     }
 }
 
@@ -350,7 +407,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

@@ -25,14 +25,20 @@ pub struct Metrics {
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let metric = IntCounterVec::new(Opts::new(format!("gitops_reverser_{name}"), help), labels).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("metric registered once");
+    let metric = IntCounterVec::new(Opts::new(format!("gitops_reverser_{name}"), help), labels)
+        .expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
     metric
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let metric = IntGaugeVec::new(Opts::new(format!("gitops_reverser_{name}"), help), labels).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("metric registered once");
+    let metric = IntGaugeVec::new(Opts::new(format!("gitops_reverser_{name}"), help), labels)
+        .expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
     metric
 }
 
@@ -46,23 +52,58 @@ impl Metrics {
     pub fn new(registry: Registry) -> Self {
         const RB: &[&str] = &["repo", "branch"];
         const DEST: &[&str] = &["destination"];
-        let connected_agents =
-            IntGauge::new("gitops_reverser_connected_agents", "Agent streams currently connected.").expect("valid metric");
-        registry.register(Box::new(connected_agents.clone())).expect("metric registered once");
+        let connected_agents = IntGauge::new(
+            "gitops_reverser_connected_agents",
+            "Agent streams currently connected.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(connected_agents.clone()))
+            .expect("metric registered once");
         Self {
-            objects_written: counter(&registry, "objects_written_total", "Object files created or updated in commits.", RB),
-            files_deleted: counter(&registry, "files_deleted_total", "Object files deleted (deletes and orphans).", DEST),
+            objects_written: counter(
+                &registry,
+                "objects_written_total",
+                "Object files created or updated in commits.",
+                RB,
+            ),
+            files_deleted: counter(
+                &registry,
+                "files_deleted_total",
+                "Object files deleted (deletes and orphans).",
+                DEST,
+            ),
             commits: counter(&registry, "commits_total", "Commits pushed.", RB),
-            commit_bytes: counter(&registry, "commit_bytes_total", "Bytes of file content written by pushed commits.", RB),
-            commit_batches: counter(&registry, "commit_batches_total", "Flushes that pushed at least one commit.", RB),
+            commit_bytes: counter(
+                &registry,
+                "commit_bytes_total",
+                "Bytes of file content written by pushed commits.",
+                RB,
+            ),
+            commit_batches: counter(
+                &registry,
+                "commit_batches_total",
+                "Flushes that pushed at least one commit.",
+                RB,
+            ),
             rebase_retries: counter(
                 &registry,
                 "rebase_retries_total",
                 "Non-fast-forward rejections answered by fetch, reset to the remote tip and replay.",
                 RB,
             ),
-            push_retries: counter(&registry, "push_retries_total", "Flushes retried later after a failed push or fetch.", RB),
-            push_failures: counter(&registry, "push_failures_total", "Failed pushes or fetches, by kind.", &["repo", "branch", "kind"]),
+            push_retries: counter(
+                &registry,
+                "push_retries_total",
+                "Flushes retried later after a failed push or fetch.",
+                RB,
+            ),
+            push_failures: counter(
+                &registry,
+                "push_failures_total",
+                "Failed pushes or fetches, by kind.",
+                &["repo", "branch", "kind"],
+            ),
             ownership_conflicts: counter(
                 &registry,
                 "ownership_conflicts_total",
@@ -75,11 +116,36 @@ impl Metrics {
                 "Attempts to take a worker's Lease that failed or found another holder.",
                 &["worker"],
             ),
-            marker_conflicts: counter(&registry, "marker_conflicts_total", "Ownership marker mismatches seen.", DEST),
-            active_workers: gauge(&registry, "repo_branch_active_workers", "Running (repository, branch) workers.", RB),
-            queue_depth: gauge(&registry, "repo_branch_queue_depth", "Changes received by a worker and not yet pushed.", RB),
-            messages_received: counter(&registry, "messages_received_total", "Agent messages received, by kind.", &["kind"]),
-            messages_rejected: counter(&registry, "messages_rejected_total", "Agent messages rejected, by reason.", &["reason"]),
+            marker_conflicts: counter(
+                &registry,
+                "marker_conflicts_total",
+                "Ownership marker mismatches seen.",
+                DEST,
+            ),
+            active_workers: gauge(
+                &registry,
+                "repo_branch_active_workers",
+                "Running (repository, branch) workers.",
+                RB,
+            ),
+            queue_depth: gauge(
+                &registry,
+                "repo_branch_queue_depth",
+                "Changes received by a worker and not yet pushed.",
+                RB,
+            ),
+            messages_received: counter(
+                &registry,
+                "messages_received_total",
+                "Agent messages received, by kind.",
+                &["kind"],
+            ),
+            messages_rejected: counter(
+                &registry,
+                "messages_rejected_total",
+                "Agent messages rejected, by reason.",
+                &["reason"],
+            ),
             connected_agents,
             registry,
         }

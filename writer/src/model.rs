@@ -54,10 +54,18 @@ pub struct Origin {
 impl Origin {
     pub fn send(&self, message: pb::writer_message::Kind) {
         // A closed stream just means the agent went away; it re-sends unacked work when it comes back.
-        let _ = self.replies.send(WriterMessage { kind: Some(message) });
+        let _ = self.replies.send(WriterMessage {
+            kind: Some(message),
+        });
     }
 
-    pub fn reject(&self, destination: &str, sequence: u64, reason: &str, message: impl Into<String>) {
+    pub fn reject(
+        &self,
+        destination: &str,
+        sequence: u64,
+        reason: &str,
+        message: impl Into<String>,
+    ) {
         self.send(pb::writer_message::Kind::Reject(pb::Reject {
             destination: destination.to_owned(),
             sequence,
@@ -66,14 +74,23 @@ impl Origin {
         }));
     }
 
-    pub fn status(&self, destination: &str, kind: &str, status: bool, reason: &str, message: impl Into<String>) {
-        self.send(pb::writer_message::Kind::DestinationStatus(pb::DestinationStatus {
-            destination: destination.to_owned(),
-            r#type: kind.to_owned(),
-            status: if status { "True" } else { "False" }.to_owned(),
-            reason: reason.to_owned(),
-            message: message.into(),
-        }));
+    pub fn status(
+        &self,
+        destination: &str,
+        kind: &str,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+    ) {
+        self.send(pb::writer_message::Kind::DestinationStatus(
+            pb::DestinationStatus {
+                destination: destination.to_owned(),
+                r#type: kind.to_owned(),
+                status: if status { "True" } else { "False" }.to_owned(),
+                reason: reason.to_owned(),
+                message: message.into(),
+            },
+        ));
     }
 }
 
@@ -147,11 +164,26 @@ pub struct Scope {
 #[derive(Clone, Debug)]
 pub enum Operation {
     /// Write `content` to `path` (relative to the base folder).
-    Upsert { path: String, content: Bytes, object: ObjectId, author: Option<String> },
+    Upsert {
+        path: String,
+        content: Bytes,
+        object: ObjectId,
+        author: Option<String>,
+    },
     /// Remove `path`.
-    Delete { path: String, object: ObjectId, author: Option<String> },
-    SnapshotBegin { scope: Scope, epoch: u64 },
-    SnapshotEnd { scope: Scope, epoch: u64 },
+    Delete {
+        path: String,
+        object: ObjectId,
+        author: Option<String>,
+    },
+    SnapshotBegin {
+        scope: Scope,
+        epoch: u64,
+    },
+    SnapshotEnd {
+        scope: Scope,
+        epoch: u64,
+    },
 }
 
 /// A validated, sequenced change on its way to a worker.

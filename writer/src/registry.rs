@@ -24,8 +24,14 @@ use crate::{
 /// Why a declaration was refused. `reason()` is the machine-readable reason sent to the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum DeclareError {
-    #[error("base folder {base_folder:?} overlaps {other_base_folder:?} of destination {other} on the same branch")]
-    Overlap { base_folder: String, other: String, other_base_folder: String },
+    #[error(
+        "base folder {base_folder:?} overlaps {other_base_folder:?} of destination {other} on the same branch"
+    )]
+    Overlap {
+        base_folder: String,
+        other: String,
+        other_base_folder: String,
+    },
     #[error("the writer already runs {0} workers (--workers-max-global)")]
     GlobalWorkerLimit(usize),
     #[error("the writer already runs {0} workers for this repository (--workers-max-per-repo)")]
@@ -38,7 +44,9 @@ impl DeclareError {
     pub fn reason(&self) -> &'static str {
         match self {
             DeclareError::Overlap { .. } => "OverlappingBaseFolder",
-            DeclareError::GlobalWorkerLimit(_) | DeclareError::RepoWorkerLimit(_) => "WorkerLimitReached",
+            DeclareError::GlobalWorkerLimit(_) | DeclareError::RepoWorkerLimit(_) => {
+                "WorkerLimitReached"
+            }
             DeclareError::UnknownCredentials(_) => "UnknownCredentials",
         }
     }
@@ -96,7 +104,14 @@ impl Registry {
         leases: Option<LeaseSettings>,
         metrics: Metrics,
     ) -> Arc<Self> {
-        Arc::new(Self { settings, caps, credentials, leases, metrics, inner: Mutex::new(Inner::default()) })
+        Arc::new(Self {
+            settings,
+            caps,
+            credentials,
+            leases,
+            metrics,
+            inner: Mutex::new(Inner::default()),
+        })
     }
 
     /// Resolves credentials: the writer's own configuration wins over anything an agent sends.
@@ -111,9 +126,12 @@ impl Registry {
         match declared {
             DeclaredCredentials::None => Ok(None),
             DeclaredCredentials::Inline(credentials) => Ok(Some(credentials)),
-            DeclaredCredentials::Reference(name) => {
-                self.credentials.by_name(&name).cloned().map(Some).ok_or(DeclareError::UnknownCredentials(name))
-            }
+            DeclaredCredentials::Reference(name) => self
+                .credentials
+                .by_name(&name)
+                .cloned()
+                .map(Some)
+                .ok_or(DeclareError::UnknownCredentials(name)),
         }
     }
 
@@ -130,7 +148,10 @@ impl Registry {
         for (other_id, other) in &inner.destinations {
             if *other_id != spec.id
                 && other.worker_id == worker_id
-                && reverser_common::paths::folders_overlap(&other.spec.base_folder, &spec.base_folder)
+                && reverser_common::paths::folders_overlap(
+                    &other.spec.base_folder,
+                    &spec.base_folder,
+                )
             {
                 return Err(DeclareError::Overlap {
                     base_folder: spec.base_folder.clone(),
@@ -151,7 +172,11 @@ impl Registry {
                     return Err(DeclareError::GlobalWorkerLimit(self.caps.max_global));
                 }
                 let redacted = git::redact_url(&spec.repo_url);
-                let same_repo = inner.workers.values().filter(|w| w.repo_url == redacted).count();
+                let same_repo = inner
+                    .workers
+                    .values()
+                    .filter(|w| w.repo_url == redacted)
+                    .count();
                 if same_repo >= self.caps.max_per_repo {
                     return Err(DeclareError::RepoWorkerLimit(self.caps.max_per_repo));
                 }
@@ -159,8 +184,15 @@ impl Registry {
                 if let Some(credentials) = spec.credentials.clone() {
                     repo = repo.with_credentials(credentials);
                 }
-                let lease = self.leases.clone().map(|settings| lease::spawn(settings, worker_id.clone()));
-                let handle = worker::spawn(repo, self.settings.clone(), self.metrics.clone(), lease);
+                if let Some(ca) = &self.settings.ca_cert_file {
+                    repo = repo.with_ca_cert_file(ca.clone());
+                }
+                let lease = self
+                    .leases
+                    .clone()
+                    .map(|settings| lease::spawn(settings, worker_id.clone()));
+                let handle =
+                    worker::spawn(repo, self.settings.clone(), self.metrics.clone(), lease);
                 info!(worker = %handle.id, repo = %handle.repo_url, branch = %handle.branch, "started worker");
                 inner.workers.insert(worker_id.clone(), handle.clone());
                 handle
@@ -175,7 +207,14 @@ impl Registry {
             origin,
             acked: acked.clone(),
         };
-        inner.destinations.insert(spec.id.clone(), DestinationRecord { spec, worker_id, acked });
+        inner.destinations.insert(
+            spec.id.clone(),
+            DestinationRecord {
+                spec,
+                worker_id,
+                acked,
+            },
+        );
         Ok((handle, reference, previous_worker))
     }
 
@@ -183,17 +222,31 @@ impl Registry {
         let inner = self.inner.lock().expect("registry lock");
         let mut by_worker: HashMap<&str, Vec<String>> = HashMap::new();
         for (id, record) in &inner.destinations {
-            by_worker.entry(record.worker_id.as_str()).or_default().push(id.to_string());
+            by_worker
+                .entry(record.worker_id.as_str())
+                .or_default()
+                .push(id.to_string());
         }
         inner
             .workers
             .values()
-            .map(|w| (w.clone(), by_worker.remove(w.id.as_str()).unwrap_or_default()))
+            .map(|w| {
+                (
+                    w.clone(),
+                    by_worker.remove(w.id.as_str()).unwrap_or_default(),
+                )
+            })
             .collect()
     }
 
     pub fn destinations(&self) -> Vec<DestinationRecord> {
-        self.inner.lock().expect("registry lock").destinations.values().cloned().collect()
+        self.inner
+            .lock()
+            .expect("registry lock")
+            .destinations
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn worker_for(&self, repo_url: &str, branch: &str) -> Option<WorkerHandle> {
@@ -201,7 +254,11 @@ impl Registry {
         let inner = self.inner.lock().expect("registry lock");
         inner.workers.get(&id).cloned().or_else(|| {
             // Admins may pass the redacted URL they see in ListWorkers.
-            inner.workers.values().find(|w| w.repo_url == repo_url && w.branch == branch).cloned()
+            inner
+                .workers
+                .values()
+                .find(|w| w.repo_url == repo_url && w.branch == branch)
+                .cloned()
         })
     }
 

@@ -22,7 +22,10 @@ use reverser_proto::{
 use crate::{
     git::{self, GitCredentials},
     metrics::Metrics,
-    model::{Change, ClusterIdentity, DestinationId, DestinationRef, DestinationSpec, ObjectId, Operation, Origin, Scope},
+    model::{
+        Change, ClusterIdentity, DestinationId, DestinationRef, DestinationSpec, ObjectId,
+        Operation, Origin, Scope,
+    },
     registry::{DeclaredCredentials, Registry},
     worker::WorkerHandle,
 };
@@ -43,7 +46,10 @@ pub struct Rejection {
 }
 
 fn reject(reason: &'static str, message: impl Into<String>) -> Rejection {
-    Rejection { reason, message: message.into() }
+    Rejection {
+        reason,
+        message: message.into(),
+    }
 }
 
 /// Validates a `Hello` into the stream's identity.
@@ -51,7 +57,10 @@ pub fn validate_hello(hello: &pb::Hello) -> Result<ClusterIdentity, Rejection> {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(reject(
             "UnsupportedProtocolVersion",
-            format!("protocol_version {} is not supported; this writer speaks {PROTOCOL_VERSION}", hello.protocol_version),
+            format!(
+                "protocol_version {} is not supported; this writer speaks {PROTOCOL_VERSION}",
+                hello.protocol_version
+            ),
         ));
     }
     for (field, value) in [
@@ -64,7 +73,10 @@ pub fn validate_hello(hello: &pb::Hello) -> Result<ClusterIdentity, Rejection> {
             return Err(reject("InvalidHello", format!("hello.{field} is required")));
         }
         if value.len() > 253 || value.chars().any(char::is_control) {
-            return Err(reject("InvalidHello", format!("hello.{field} is longer than 253 characters or has control characters")));
+            return Err(reject(
+                "InvalidHello",
+                format!("hello.{field} is longer than 253 characters or has control characters"),
+            ));
         }
     }
     Ok(ClusterIdentity {
@@ -77,14 +89,18 @@ pub fn validate_hello(hello: &pb::Hello) -> Result<ClusterIdentity, Rejection> {
 }
 
 fn valid_repo_url(url: &str) -> bool {
-    if url.is_empty() || url.len() > 2048 || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+    if url.is_empty()
+        || url.len() > 2048
+        || url.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
         return false;
     }
     if let Some((scheme, rest)) = url.split_once("://") {
         return matches!(scheme, "file" | "git" | "http" | "https" | "ssh") && !rest.is_empty();
     }
     // scp-like `user@host:path`
-    url.split_once(':').is_some_and(|(host, path)| !host.is_empty() && !host.contains('/') && !path.is_empty())
+    url.split_once(':')
+        .is_some_and(|(host, path)| !host.is_empty() && !host.contains('/') && !path.is_empty())
 }
 
 /// Validates a `Destination` declaration.
@@ -94,10 +110,15 @@ pub fn validate_destination(
 ) -> Result<(DestinationSpec, DeclaredCredentials), Rejection> {
     let key = &message.key;
     let key_ok = key.len() <= 253
-        && key.split_once('/').is_some_and(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+        && key
+            .split_once('/')
+            .is_some_and(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
         && !key.chars().any(|c| c.is_control() || c.is_whitespace());
     if !key_ok {
-        return Err(reject("InvalidDestination", format!("destination key {key:?} must be \"namespace/name\"")));
+        return Err(reject(
+            "InvalidDestination",
+            format!("destination key {key:?} must be \"namespace/name\""),
+        ));
     }
     if !valid_repo_url(&message.repo_url) {
         return Err(reject(
@@ -108,17 +129,24 @@ pub fn validate_destination(
             ),
         ));
     }
-    git::validate_branch_name(&message.branch).map_err(|e| reject("InvalidDestination", e.to_string()))?;
+    git::validate_branch_name(&message.branch)
+        .map_err(|e| reject("InvalidDestination", e.to_string()))?;
     paths::validate_base_folder(&message.base_folder)
         .map_err(|e| reject("InvalidDestination", format!("base_folder: {e}")))?;
     let credentials = match message.credentials.as_ref().and_then(|c| c.kind.as_ref()) {
         None => DeclaredCredentials::None,
-        Some(pb::credentials::Kind::Reference(name)) => DeclaredCredentials::Reference(name.clone()),
-        Some(pb::credentials::Kind::Basic(basic)) => DeclaredCredentials::Inline(GitCredentials::Basic {
-            username: basic.username.clone(),
-            password: basic.password.clone(),
-        }),
-        Some(pb::credentials::Kind::Token(token)) => DeclaredCredentials::Inline(GitCredentials::Token(token.clone())),
+        Some(pb::credentials::Kind::Reference(name)) => {
+            DeclaredCredentials::Reference(name.clone())
+        }
+        Some(pb::credentials::Kind::Basic(basic)) => {
+            DeclaredCredentials::Inline(GitCredentials::Basic {
+                username: basic.username.clone(),
+                password: basic.password.clone(),
+            })
+        }
+        Some(pb::credentials::Kind::Token(token)) => {
+            DeclaredCredentials::Inline(GitCredentials::Token(token.clone()))
+        }
         Some(pb::credentials::Kind::Ssh(ssh)) => {
             if ssh.known_hosts.trim().is_empty() {
                 return Err(reject(
@@ -127,10 +155,17 @@ pub fn validate_destination(
                 ));
             }
             if ssh.private_key.trim().is_empty() {
-                return Err(reject("InvalidDestination", "ssh credentials need a private_key"));
+                return Err(reject(
+                    "InvalidDestination",
+                    "ssh credentials need a private_key",
+                ));
             }
             DeclaredCredentials::Inline(GitCredentials::Ssh {
-                username: if ssh.username.is_empty() { "git".into() } else { ssh.username.clone() },
+                username: if ssh.username.is_empty() {
+                    "git".into()
+                } else {
+                    ssh.username.clone()
+                },
                 private_key: ssh.private_key.clone(),
                 passphrase: (!ssh.passphrase.is_empty()).then(|| ssh.passphrase.clone()),
                 known_hosts: ssh.known_hosts.clone(),
@@ -138,7 +173,10 @@ pub fn validate_destination(
         }
     };
     let spec = DestinationSpec {
-        id: DestinationId { cluster_uid: cluster_uid.to_owned(), key: key.clone() },
+        id: DestinationId {
+            cluster_uid: cluster_uid.to_owned(),
+            key: key.clone(),
+        },
         repo_url: message.repo_url.clone(),
         branch: message.branch.clone(),
         base_folder: message.base_folder.clone(),
@@ -171,18 +209,31 @@ pub fn validate_scope(scope: Option<&pb::SnapshotScope>) -> Result<Scope, Reject
         ));
     }
     Ok(Scope {
-        folder: paths::scope_folder(&scope.group, &scope.version, &scope.resource, &scope.namespace),
+        folder: paths::scope_folder(
+            &scope.group,
+            &scope.version,
+            &scope.resource,
+            &scope.namespace,
+        ),
         namespace_given: !scope.namespace.is_empty(),
     })
 }
 
 /// Validates an object path and YAML content.
-pub fn validate_upsert(path: &str, content: &[u8], limits: &SessionLimits) -> Result<(), Rejection> {
+pub fn validate_upsert(
+    path: &str,
+    content: &[u8],
+    limits: &SessionLimits,
+) -> Result<(), Rejection> {
     paths::validate_object_path(path).map_err(|e| reject("InvalidPath", e.to_string()))?;
     if content.len() > limits.max_object_bytes {
         return Err(reject(
             "ObjectTooLarge",
-            format!("{} bytes is more than --max-object-bytes ({})", content.len(), limits.max_object_bytes),
+            format!(
+                "{} bytes is more than --max-object-bytes ({})",
+                content.len(),
+                limits.max_object_bytes
+            ),
         ));
     }
     yaml::parse_object(content).map_err(|e| reject("InvalidYaml", e.to_string()))?;
@@ -239,7 +290,10 @@ impl Session {
     }
 
     fn send_reject(&self, destination: &str, sequence: u64, rejection: Rejection) {
-        self.metrics.messages_rejected.with_label_values(&[rejection.reason]).inc();
+        self.metrics
+            .messages_rejected
+            .with_label_values(&[rejection.reason])
+            .inc();
         warn!(session = self.id, destination, sequence, reason = rejection.reason, message = %rejection.message, "rejected message");
         self.send(pb::writer_message::Kind::Reject(pb::Reject {
             destination: destination.to_owned(),
@@ -264,7 +318,14 @@ impl Session {
     /// Handles one message.
     pub async fn handle(&mut self, message: pb::AgentMessage) -> Next {
         let Some(kind) = message.kind else {
-            self.send_reject("", 0, reject("ProtocolViolation", "empty message: set one of the AgentMessage fields"));
+            self.send_reject(
+                "",
+                0,
+                reject(
+                    "ProtocolViolation",
+                    "empty message: set one of the AgentMessage fields",
+                ),
+            );
             return Next::Continue;
         };
         let label = match &kind {
@@ -275,7 +336,10 @@ impl Session {
             Kind::SnapshotBegin(_) => "snapshot_begin",
             Kind::SnapshotEnd(_) => "snapshot_end",
         };
-        self.metrics.messages_received.with_label_values(&[label]).inc();
+        self.metrics
+            .messages_received
+            .with_label_values(&[label])
+            .inc();
         let Some(origin) = self.origin.clone() else {
             return match kind {
                 Kind::Hello(hello) => match validate_hello(&hello) {
@@ -308,17 +372,25 @@ impl Session {
         };
         match kind {
             Kind::Hello(_) => {
-                self.send_reject("", 0, reject("ProtocolViolation", "hello was already sent on this stream"));
+                self.send_reject(
+                    "",
+                    0,
+                    reject("ProtocolViolation", "hello was already sent on this stream"),
+                );
             }
             Kind::Destination(message) => self.declare(&origin, message).await,
             Kind::Upsert(upsert) => {
-                let result = validate_upsert(&upsert.path, &upsert.content, &self.limits).map(|()| Operation::Upsert {
-                    path: upsert.path.clone(),
-                    content: upsert.content.into(),
-                    object: ObjectId::from(upsert.object),
-                    author: (!upsert.author.is_empty()).then_some(upsert.author),
-                });
-                self.forward(&upsert.destination, upsert.sequence, result).await;
+                let result =
+                    validate_upsert(&upsert.path, &upsert.content, &self.limits).map(|()| {
+                        Operation::Upsert {
+                            path: upsert.path.clone(),
+                            content: upsert.content.into(),
+                            object: ObjectId::from(upsert.object),
+                            author: (!upsert.author.is_empty()).then_some(upsert.author),
+                        }
+                    });
+                self.forward(&upsert.destination, upsert.sequence, result)
+                    .await;
             }
             Kind::Delete(delete) => {
                 let result = paths::validate_object_path(&delete.path)
@@ -328,16 +400,24 @@ impl Session {
                         object: ObjectId::from(delete.object),
                         author: (!delete.author.is_empty()).then_some(delete.author),
                     });
-                self.forward(&delete.destination, delete.sequence, result).await;
+                self.forward(&delete.destination, delete.sequence, result)
+                    .await;
             }
             Kind::SnapshotBegin(begin) => {
-                let result = validate_scope(begin.scope.as_ref())
-                    .map(|scope| Operation::SnapshotBegin { scope, epoch: begin.epoch });
-                self.forward(&begin.destination, begin.sequence, result).await;
+                let result =
+                    validate_scope(begin.scope.as_ref()).map(|scope| Operation::SnapshotBegin {
+                        scope,
+                        epoch: begin.epoch,
+                    });
+                self.forward(&begin.destination, begin.sequence, result)
+                    .await;
             }
             Kind::SnapshotEnd(end) => {
                 let result =
-                    validate_scope(end.scope.as_ref()).map(|scope| Operation::SnapshotEnd { scope, epoch: end.epoch });
+                    validate_scope(end.scope.as_ref()).map(|scope| Operation::SnapshotEnd {
+                        scope,
+                        epoch: end.epoch,
+                    });
                 self.forward(&end.destination, end.sequence, result).await;
             }
         }
@@ -346,44 +426,95 @@ impl Session {
 
     async fn declare(&mut self, origin: &Arc<Origin>, message: pb::Destination) {
         let key = message.key.clone();
-        let (spec, credentials) = match validate_destination(&origin.identity.cluster_uid, &message) {
+        let (spec, credentials) = match validate_destination(&origin.identity.cluster_uid, &message)
+        {
             Ok(valid) => valid,
             Err(rejection) => {
-                origin.status(&key, "Ready", false, rejection.reason, rejection.message.clone());
+                origin.status(
+                    &key,
+                    "Ready",
+                    false,
+                    rejection.reason,
+                    rejection.message.clone(),
+                );
                 self.send_reject(&key, 0, rejection);
                 return;
             }
         };
         let id = spec.id.clone();
-        let (base_folder, repo, branch) = (spec.base_folder.clone(), git::redact_url(&spec.repo_url), spec.branch.clone());
+        let (base_folder, repo, branch) = (
+            spec.base_folder.clone(),
+            git::redact_url(&spec.repo_url),
+            spec.branch.clone(),
+        );
         match self.registry.declare(spec, credentials, origin.clone()) {
             Ok((worker, reference, previous)) => {
                 if let Some(previous) = previous {
                     previous.forget(id.clone()).await;
                 }
-                if let Some(old) = self.destinations.get(&key).filter(|d| d.worker.id == worker.id) {
+                if let Some(old) = self
+                    .destinations
+                    .get(&key)
+                    .filter(|d| d.worker.id == worker.id)
+                {
                     // Same worker: snapshots opened before the re-declaration stay valid.
                     let open = old.open_snapshots.clone();
                     let last = old.last_sequence;
-                    self.destinations.insert(key.clone(), DeclaredDestination { worker, reference, last_sequence: last, open_snapshots: open });
+                    self.destinations.insert(
+                        key.clone(),
+                        DeclaredDestination {
+                            worker,
+                            reference,
+                            last_sequence: last,
+                            open_snapshots: open,
+                        },
+                    );
                 } else {
-                    self.destinations.insert(key.clone(), DeclaredDestination { worker, reference, last_sequence: 0, open_snapshots: HashMap::new() });
+                    self.destinations.insert(
+                        key.clone(),
+                        DeclaredDestination {
+                            worker,
+                            reference,
+                            last_sequence: 0,
+                            open_snapshots: HashMap::new(),
+                        },
+                    );
                 }
                 info!(session = self.id, destination = %id, %repo, %branch, %base_folder, "destination declared");
-                origin.status(&key, "Accepted", true, "Declared", format!("{repo} {branch} {base_folder}"));
+                origin.status(
+                    &key,
+                    "Accepted",
+                    true,
+                    "Declared",
+                    format!("{repo} {branch} {base_folder}"),
+                );
             }
             Err(error) => {
                 let message = error.to_string();
-                let kind = if error.reason() == "OverlappingBaseFolder" { "OwnershipConflict" } else { "Ready" };
+                let kind = if error.reason() == "OverlappingBaseFolder" {
+                    "OwnershipConflict"
+                } else {
+                    "Ready"
+                };
                 origin.status(&key, kind, kind != "Ready", error.reason(), message.clone());
-                self.send_reject(&key, 0, Rejection { reason: error.reason(), message });
+                self.send_reject(
+                    &key,
+                    0,
+                    Rejection {
+                        reason: error.reason(),
+                        message,
+                    },
+                );
             }
         }
     }
 
     async fn forward(&mut self, key: &str, sequence: u64, operation: Result<Operation, Rejection>) {
         let Some(destination) = self.destinations.get_mut(key) else {
-            let rejection = reject("UnknownDestination", format!("destination {key:?} was not declared on this stream"));
+            let rejection = reject(
+                "UnknownDestination",
+                format!("destination {key:?} was not declared on this stream"),
+            );
             self.send_reject(key, sequence, rejection);
             return;
         };
@@ -407,14 +538,19 @@ impl Session {
         };
         match &operation {
             Operation::SnapshotBegin { scope, epoch } => {
-                destination.open_snapshots.insert(scope.folder.clone(), *epoch);
+                destination
+                    .open_snapshots
+                    .insert(scope.folder.clone(), *epoch);
             }
             Operation::SnapshotEnd { scope, epoch } => {
                 if destination.open_snapshots.get(&scope.folder) != Some(epoch) {
                     destination.last_sequence = sequence;
                     let rejection = reject(
                         "SnapshotMismatch",
-                        format!("SnapshotEnd for {} epoch {epoch} without a matching SnapshotBegin on this stream", scope.folder),
+                        format!(
+                            "SnapshotEnd for {} epoch {epoch} without a matching SnapshotBegin on this stream",
+                            scope.folder
+                        ),
                     );
                     self.send_reject(key, sequence, rejection);
                     return;
@@ -424,10 +560,26 @@ impl Session {
             _ => {}
         }
         destination.last_sequence = sequence;
-        let change = Change { destination: destination.reference.clone(), sequence, operation };
-        debug!(session = self.id, destination = key, sequence, "forwarding change");
+        let change = Change {
+            destination: destination.reference.clone(),
+            sequence,
+            operation,
+        };
+        debug!(
+            session = self.id,
+            destination = key,
+            sequence,
+            "forwarding change"
+        );
         if destination.worker.send(change).await.is_err() {
-            self.send_reject(key, sequence, reject("Unavailable", "the destination's worker stopped; reconnect and re-send"));
+            self.send_reject(
+                key,
+                sequence,
+                reject(
+                    "Unavailable",
+                    "the destination's worker stopped; reconnect and re-send",
+                ),
+            );
         }
     }
 }

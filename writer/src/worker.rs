@@ -46,6 +46,8 @@ pub struct WorkerSettings {
     pub retry_max: Duration,
     /// Re-fetch before a flush when the last fetch is older than this (so no-op detection sees human edits).
     pub refetch_after: Duration,
+    /// Extra CA for HTTPS remotes (`--git-ca-file`).
+    pub ca_cert_file: Option<PathBuf>,
 }
 
 /// What admins see of a worker (`WriterAdmin.ListWorkers`).
@@ -86,7 +88,10 @@ pub struct WorkerHandle {
 impl WorkerHandle {
     /// Queues a change; waits while the worker's queue is full (backpressure).
     pub async fn send(&self, change: Change) -> Result<(), WorkerGone> {
-        self.sender.send(Command::Change(Box::new(change))).await.map_err(|_| WorkerGone)
+        self.sender
+            .send(Command::Change(Box::new(change)))
+            .await
+            .map_err(|_| WorkerGone)
     }
 
     pub async fn forget(&self, id: DestinationId) {
@@ -95,7 +100,10 @@ impl WorkerHandle {
 
     pub async fn flush(&self) -> Result<FlushReport, String> {
         let (reply, answer) = oneshot::channel();
-        self.sender.send(Command::Flush(reply)).await.map_err(|_| WorkerGone.to_string())?;
+        self.sender
+            .send(Command::Flush(reply))
+            .await
+            .map_err(|_| WorkerGone.to_string())?;
         answer.await.map_err(|_| WorkerGone.to_string())?
     }
 
@@ -179,9 +187,14 @@ impl std::fmt::Display for FlushError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FlushError::Git(e) => write!(f, "{e}"),
-            FlushError::LeaseNotHeld(holder) => write!(f, "the worker's Lease is held by {holder:?}"),
+            FlushError::LeaseNotHeld(holder) => {
+                write!(f, "the worker's Lease is held by {holder:?}")
+            }
             FlushError::TooManyRejections(n) => {
-                write!(f, "push rejected {n} times in a row (the branch keeps moving); will retry")
+                write!(
+                    f,
+                    "push rejected {n} times in a row (the branch keeps moving); will retry"
+                )
             }
         }
     }
@@ -200,9 +213,13 @@ impl Worker {
     }
 
     async fn run(mut self, mut receiver: mpsc::Receiver<Command>) {
-        self.metrics.active_workers.with_label_values(&self.labels()).set(1);
+        self.metrics
+            .active_workers
+            .with_label_values(&self.labels())
+            .set(1);
         info!(worker = %self.id, repo = %self.labels[0], branch = %self.spec.branch, "worker started");
-        self.open().await;
+        // A failure is reported by the first flush, which retries the fetch.
+        let _ = self.open().await;
         loop {
             let deadline = match (self.buffer.deadline(&self.settings.limits), self.retry_at) {
                 (Some(d), Some(r)) => Some(d.max(r)),
@@ -245,7 +262,8 @@ impl Worker {
                         }
                     }
                     let backing_off = self.retry_at.is_some_and(|r| r > Instant::now());
-                    if self.buffer.flush_due(&self.settings.limits, Instant::now()) && !backing_off {
+                    if self.buffer.flush_due(&self.settings.limits, Instant::now()) && !backing_off
+                    {
                         self.flush_now(None).await;
                     }
                 }
@@ -257,7 +275,10 @@ impl Worker {
         if !self.buffer.is_empty() {
             self.flush_now(None).await;
         }
-        self.metrics.active_workers.with_label_values(&self.labels()).set(0);
+        self.metrics
+            .active_workers
+            .with_label_values(&self.labels())
+            .set(0);
         info!(worker = %self.id, "worker stopped");
     }
 
@@ -274,32 +295,46 @@ impl Worker {
         let sequence = change.sequence;
         if let Accepted::SnapshotMismatch(message) = self.buffer.push(change, Instant::now()) {
             warn!(worker = %self.id, destination = %destination.id, sequence, %message, "snapshot mismatch");
-            self.metrics.messages_rejected.with_label_values(&["SnapshotMismatch"]).inc();
-            destination.origin.reject(&destination.id.key, sequence, "SnapshotMismatch", message);
+            self.metrics
+                .messages_rejected
+                .with_label_values(&["SnapshotMismatch"])
+                .inc();
+            destination
+                .origin
+                .reject(&destination.id.key, sequence, "SnapshotMismatch", message);
         }
-        self.metrics.queue_depth.with_label_values(&self.labels()).set(self.buffer.len() as i64);
+        self.metrics
+            .queue_depth
+            .with_label_values(&self.labels())
+            .set(self.buffer.len() as i64);
     }
 
-    /// Opens (or initialises) the clone and fetches the branch. Failures are retried by the next flush.
-    async fn open(&mut self) {
+    /// Opens (or initialises) the clone and fetches the branch. A failed fetch keeps the clone (the next flush
+    /// fetches again); the error is returned so the caller can report it.
+    async fn open(&mut self) -> Result<(), GitError> {
         let dir = self.dir.clone();
         let spec = self.spec.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let mut clone = Clone::open_or_init(&dir, spec)?;
-            let tip = clone.fetch()?;
-            Ok::<_, GitError>((clone, tip))
+        let (clone, fetched) = tokio::task::spawn_blocking(move || {
+            let mut clone = match Clone::open_or_init(&dir, spec) {
+                Ok(clone) => clone,
+                Err(error) => return (None, Err(error)),
+            };
+            let fetched = clone.fetch();
+            (Some(clone), fetched)
         })
         .await
         .expect("git thread panicked");
-        match result {
-            Ok((clone, tip)) => {
+        self.clone = clone;
+        match fetched {
+            Ok(tip) => {
                 info!(worker = %self.id, tip = ?tip.map(|t| t.to_string()), "clone ready");
-                self.clone = Some(clone);
                 self.last_fetch = Some(Instant::now());
+                Ok(())
             }
             Err(error) => {
-                warn!(worker = %self.id, %error, "opening the clone failed; will retry");
+                warn!(worker = %self.id, %error, "opening or fetching the clone failed; will retry");
                 self.status.lock().expect("status lock").last_error = error.to_string();
+                Err(error)
             }
         }
     }
@@ -308,8 +343,16 @@ impl Worker {
         if self.buffer.is_empty() {
             self.retry_at = None;
             if let Some(reply) = reply {
-                let sha = self.status.lock().expect("status lock").last_commit_sha.clone();
-                let _ = reply.send(Ok(FlushReport { commit_sha: sha, files_changed: 0 }));
+                let sha = self
+                    .status
+                    .lock()
+                    .expect("status lock")
+                    .last_commit_sha
+                    .clone();
+                let _ = reply.send(Ok(FlushReport {
+                    commit_sha: sha,
+                    files_changed: 0,
+                }));
             }
             return;
         }
@@ -322,10 +365,17 @@ impl Worker {
             }
             Err(error) => {
                 self.failures += 1;
-                let delay = backoff(self.settings.retry_initial, self.settings.retry_max, self.failures);
+                let delay = backoff(
+                    self.settings.retry_initial,
+                    self.settings.retry_max,
+                    self.failures,
+                );
                 self.retry_at = Some(Instant::now() + delay);
                 self.report_failure(&error);
-                self.metrics.push_retries.with_label_values(&self.labels()).inc();
+                self.metrics
+                    .push_retries
+                    .with_label_values(&self.labels())
+                    .inc();
                 warn!(worker = %self.id, %error, retry_in = ?delay, pending = self.buffer.len(), "flush failed; changes stay pending");
                 Err(error.to_string())
             }
@@ -340,19 +390,25 @@ impl Worker {
         if let Some(lease) = &self.lease {
             let state = lease.borrow().clone();
             if !state.held {
-                self.metrics.lease_acquire_failures.with_label_values(&[self.id.as_str()]).inc();
+                self.metrics
+                    .lease_acquire_failures
+                    .with_label_values(&[self.id.as_str()])
+                    .inc();
                 return Err(FlushError::LeaseNotHeld(state.holder));
             }
         }
         if self.clone.is_none() {
-            self.open().await;
+            self.open().await.map_err(FlushError::Git)?;
         }
         let Some(mut clone) = self.clone.take() else {
-            let error = self.status.lock().expect("status lock").last_error.clone();
-            return Err(FlushError::Git(GitError::Other(format!("the clone is not available: {error}"))));
+            return Err(FlushError::Git(GitError::Other(
+                "the clone is not available".into(),
+            )));
         };
         let entries = self.buffer.entries().to_vec();
-        let refetch = self.last_fetch.is_none_or(|t| t.elapsed() >= self.settings.refetch_after);
+        let refetch = self
+            .last_fetch
+            .is_none_or(|t| t.elapsed() >= self.settings.refetch_after);
         let context = PlanContext {
             bot_name: self.settings.bot_name.clone(),
             bot_email: self.settings.bot_email.clone(),
@@ -372,7 +428,10 @@ impl Worker {
         }
         let outcome = result?;
         if outcome.rejections > 0 {
-            self.metrics.rebase_retries.with_label_values(&self.labels()).inc_by(u64::from(outcome.rejections));
+            self.metrics
+                .rebase_retries
+                .with_label_values(&self.labels())
+                .inc_by(u64::from(outcome.rejections));
         }
         Ok(outcome)
     }
@@ -380,19 +439,41 @@ impl Worker {
     /// Book-keeping after a successful flush: metrics, statuses, acks.
     fn finish(&mut self, outcome: FlushOutcome) -> FlushReport {
         let entries = self.buffer.take();
-        self.metrics.queue_depth.with_label_values(&self.labels()).set(0);
+        self.metrics
+            .queue_depth
+            .with_label_values(&self.labels())
+            .set(0);
         let plan = &outcome.plan;
         let sha = outcome.tip.map(|t| t.to_string()).unwrap_or_default();
         if outcome.pushed {
-            self.metrics.commit_batches.with_label_values(&self.labels()).inc();
-            self.metrics.commits.with_label_values(&self.labels()).inc_by(plan.commits.len() as u64);
-            self.metrics.commit_bytes.with_label_values(&self.labels()).inc_by(plan.stats.bytes as u64);
-            self.metrics.objects_written.with_label_values(&self.labels()).inc_by(plan.stats.written as u64);
+            self.metrics
+                .commit_batches
+                .with_label_values(&self.labels())
+                .inc();
+            self.metrics
+                .commits
+                .with_label_values(&self.labels())
+                .inc_by(plan.commits.len() as u64);
+            self.metrics
+                .commit_bytes
+                .with_label_values(&self.labels())
+                .inc_by(plan.stats.bytes as u64);
+            self.metrics
+                .objects_written
+                .with_label_values(&self.labels())
+                .inc_by(plan.stats.written as u64);
             for commit in &plan.commits {
-                let deleted = commit.changes.iter().filter(|c| c.content.is_none()).count() as u64;
+                let deleted = commit
+                    .changes
+                    .iter()
+                    .filter(|c| c.content.is_none())
+                    .count() as u64;
                 if deleted > 0 {
                     for destination in &commit.destinations {
-                        self.metrics.files_deleted.with_label_values(&[destination.key.as_str()]).inc_by(deleted);
+                        self.metrics
+                            .files_deleted
+                            .with_label_values(&[destination.key.as_str()])
+                            .inc_by(deleted);
                     }
                 }
             }
@@ -417,17 +498,36 @@ impl Worker {
 
         for conflict in &plan.marker_conflicts {
             let key = conflict.destination.id.key.as_str();
-            self.metrics.marker_conflicts.with_label_values(&[key]).inc();
-            self.metrics.ownership_conflicts.with_label_values(&[key]).inc();
+            self.metrics
+                .marker_conflicts
+                .with_label_values(&[key])
+                .inc();
+            self.metrics
+                .ownership_conflicts
+                .with_label_values(&[key])
+                .inc();
             let message = format!(
                 "{}/.configbutler/owner.yaml names {} as owner{}",
                 conflict.destination.base_folder,
                 conflict.found_owner,
-                if conflict.exclusive { "; exclusiveMode refuses writes" } else { "; continuing (exclusiveMode=false)" }
+                if conflict.exclusive {
+                    "; exclusiveMode refuses writes"
+                } else {
+                    "; continuing (exclusiveMode=false)"
+                }
             );
             warn!(worker = %self.id, destination = %conflict.destination.id, %message, "ownership marker conflict");
-            conflict.destination.origin.status(key, "MarkerConflict", true, "MarkerOwnedByOther", message.clone());
-            self.conditions.insert(conflict.destination.id.clone(), ("MarkerConflict".into(), true));
+            conflict.destination.origin.status(
+                key,
+                "MarkerConflict",
+                true,
+                "MarkerOwnedByOther",
+                message.clone(),
+            );
+            self.conditions.insert(
+                conflict.destination.id.clone(),
+                ("MarkerConflict".into(), true),
+            );
         }
         for &index in &plan.refused_entries {
             let entry = &entries[index];
@@ -440,37 +540,66 @@ impl Worker {
         }
 
         // Ack the highest sequence per (stream, destination): every earlier one is in this push too.
-        let mut highest: BTreeMap<(u64, DestinationId), (u64, Arc<Origin>, DestinationRef)> = BTreeMap::new();
+        let mut highest: BTreeMap<(u64, DestinationId), (u64, Arc<Origin>, DestinationRef)> =
+            BTreeMap::new();
         for entry in &entries {
-            let key = (entry.destination.origin.session_id, entry.destination.id.clone());
-            let slot = highest
-                .entry(key)
-                .or_insert((0, entry.destination.origin.clone(), entry.destination.clone()));
+            let key = (
+                entry.destination.origin.session_id,
+                entry.destination.id.clone(),
+            );
+            let slot = highest.entry(key).or_insert((
+                0,
+                entry.destination.origin.clone(),
+                entry.destination.clone(),
+            ));
             slot.0 = slot.0.max(entry.sequence);
         }
         for ((_, id), (sequence, origin, destination)) in highest {
-            destination.acked.fetch_max(sequence, std::sync::atomic::Ordering::Relaxed);
+            destination
+                .acked
+                .fetch_max(sequence, std::sync::atomic::Ordering::Relaxed);
             origin.send(pb::writer_message::Kind::Ack(pb::Ack {
                 destination: id.key.clone(),
                 sequence,
                 commit_sha: sha.clone(),
             }));
-            let conflicted = plan.marker_conflicts.iter().any(|c| c.destination.id == id && c.exclusive);
+            let conflicted = plan
+                .marker_conflicts
+                .iter()
+                .any(|c| c.destination.id == id && c.exclusive);
             if !conflicted {
-                self.set_condition(&destination, "Ready", true, "Pushed", format!("up to date at {sha}"));
+                self.set_condition(
+                    &destination,
+                    "Ready",
+                    true,
+                    "Pushed",
+                    format!("up to date at {sha}"),
+                );
             }
         }
         let files_changed = plan.commits.iter().map(|c| c.changes.len() as u64).sum();
-        FlushReport { commit_sha: sha, files_changed }
+        FlushReport {
+            commit_sha: sha,
+            files_changed,
+        }
     }
 
     /// Reports a condition to a destination's agent when it changed since the last report.
-    fn set_condition(&mut self, destination: &DestinationRef, kind: &str, status: bool, reason: &str, message: String) {
+    fn set_condition(
+        &mut self,
+        destination: &DestinationRef,
+        kind: &str,
+        status: bool,
+        reason: &str,
+        message: String,
+    ) {
         let current = (kind.to_owned(), status);
         if self.conditions.get(&destination.id) == Some(&current) {
             return;
         }
-        destination.origin.status(&destination.id.key, kind, status, reason, message);
+        destination
+            .origin
+            .status(&destination.id.key, kind, status, reason, message);
         self.conditions.insert(destination.id.clone(), current);
     }
 
@@ -478,18 +607,28 @@ impl Worker {
         let (kind, reason, metric_kind) = match error {
             FlushError::Git(GitError::Auth(_)) => ("AuthFailed", "AuthenticationFailed", "auth"),
             FlushError::Git(GitError::HostKey(_)) => ("AuthFailed", "HostKeyMismatch", "host_key"),
-            FlushError::Git(GitError::Unreachable(_)) => ("PushFailing", "RemoteUnreachable", "unreachable"),
+            FlushError::Git(GitError::Unreachable(_)) => {
+                ("PushFailing", "RemoteUnreachable", "unreachable")
+            }
             FlushError::Git(_) => ("PushFailing", "GitError", "other"),
             FlushError::LeaseNotHeld(_) => ("LeaseConflict", "LeaseHeldByOther", "lease"),
             FlushError::TooManyRejections(_) => ("PushFailing", "BranchKeepsMoving", "rejected"),
         };
-        self.metrics.push_failures.with_label_values(&[self.labels[0].as_str(), self.labels[1].as_str(), metric_kind]).inc();
+        self.metrics
+            .push_failures
+            .with_label_values(&[
+                self.labels[0].as_str(),
+                self.labels[1].as_str(),
+                metric_kind,
+            ])
+            .inc();
         let message = error.to_string();
         self.status.lock().expect("status lock").last_error = message.clone();
         let destinations: Vec<DestinationRef> = {
             let mut seen = HashMap::new();
             for entry in self.buffer.entries() {
-                seen.entry(entry.destination.id.clone()).or_insert_with(|| entry.destination.clone());
+                seen.entry(entry.destination.id.clone())
+                    .or_insert_with(|| entry.destination.clone());
             }
             seen.into_values().collect()
         };
@@ -546,9 +685,22 @@ fn flush_blocking(
     let mut rejections = 0;
     loop {
         let base = clone.base();
-        let plan = batch::plan(entries, &CommitTree { clone, commit: base }, context).map_err(FlushError::Git)?;
+        let plan = batch::plan(
+            entries,
+            &CommitTree {
+                clone,
+                commit: base,
+            },
+            context,
+        )
+        .map_err(FlushError::Git)?;
         if plan.commits.is_empty() {
-            return Ok(FlushOutcome { plan, tip: base, pushed: false, rejections });
+            return Ok(FlushOutcome {
+                plan,
+                tip: base,
+                pushed: false,
+                rejections,
+            });
         }
         let mut parent = base;
         for commit in &plan.commits {
@@ -559,11 +711,22 @@ fn flush_blocking(
                 committer_email: context.bot_email.clone(),
                 message: commit.message.clone(),
             };
-            parent = Some(clone.commit(parent, &commit.changes, &meta).map_err(FlushError::Git)?);
+            parent = Some(
+                clone
+                    .commit(parent, &commit.changes, &meta)
+                    .map_err(FlushError::Git)?,
+            );
         }
         let tip = parent.expect("at least one commit");
         match clone.push(tip).map_err(FlushError::Git)? {
-            PushOutcome::Pushed => return Ok(FlushOutcome { plan, tip: Some(tip), pushed: true, rejections }),
+            PushOutcome::Pushed => {
+                return Ok(FlushOutcome {
+                    plan,
+                    tip: Some(tip),
+                    pushed: true,
+                    rejections,
+                });
+            }
             PushOutcome::Rejected => {
                 rejections += 1;
                 if rejections > max_retries {
@@ -571,7 +734,10 @@ fn flush_blocking(
                     let _ = clone.fetch();
                     return Err(FlushError::TooManyRejections(rejections));
                 }
-                info!(attempt = rejections, "push rejected (non-fast-forward); fetching and replaying");
+                info!(
+                    attempt = rejections,
+                    "push rejected (non-fast-forward); fetching and replaying"
+                );
                 clone.fetch().map_err(FlushError::Git)?;
                 std::thread::sleep(Duration::from_millis(50u64 << rejections.min(6)));
             }

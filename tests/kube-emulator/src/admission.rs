@@ -39,27 +39,36 @@ pub async fn admit(
         Plan::Put { key, old, new, op } => (
             key,
             *op,
-            if *op == Operation::Delete { None } else { Some(new.clone()) },
+            if *op == Operation::Delete {
+                None
+            } else {
+                Some(new.clone())
+            },
             old.as_deref().cloned(),
         ),
-        Plan::Remove { key, old, op } => (
-            key,
-            *op,
-            None,
-            Some((**old).clone()),
-        ),
+        Plan::Remove { key, old, op } => (key, *op, None, Some((**old).clone())),
         Plan::Noop { .. } => return Ok(()),
     };
     let (configs, ns_labels) = {
         let s = shared.store.read();
         let mut configs = Vec::new();
-        s.scan(VWC_GROUP, "validatingwebhookconfigurations", None, None, s.rv(), |_, v| {
-            configs.push(v.clone());
-            true
-        })
+        s.scan(
+            VWC_GROUP,
+            "validatingwebhookconfigurations",
+            None,
+            None,
+            s.rv(),
+            |_, v| {
+                configs.push(v.clone());
+                true
+            },
+        )
         .ok();
         let ns_labels = if def.group.is_empty() && def.plural == "namespaces" {
-            object.as_ref().or(old_object.as_ref()).map(|o| o["metadata"]["labels"].clone())
+            object
+                .as_ref()
+                .or(old_object.as_ref())
+                .map(|o| o["metadata"]["labels"].clone())
         } else if def.namespaced {
             s.get(&Key::new("", "namespaces", "", &key.namespace))
                 .map(|n| n["metadata"]["labels"].clone())
@@ -73,10 +82,26 @@ pub async fn admit(
     }
     for config in configs {
         for hook in config["webhooks"].as_array().into_iter().flatten() {
-            if !matches(hook, def, subresource, op, ns_labels.as_ref(), object.as_ref(), old_object.as_ref())? {
+            if !matches(
+                hook,
+                def,
+                subresource,
+                op,
+                ns_labels.as_ref(),
+                object.as_ref(),
+                old_object.as_ref(),
+            )? {
                 continue;
             }
-            let review = review_request(def, subresource, key, op, object.as_ref(), old_object.as_ref(), opts);
+            let review = review_request(
+                def,
+                subresource,
+                key,
+                op,
+                object.as_ref(),
+                old_object.as_ref(),
+                opts,
+            );
             call_one(shared, hook, review).await?;
         }
     }
@@ -99,7 +124,8 @@ fn rule_matches(rule: &Value, def: &ResourceDef, subresource: Option<&str>, op: 
         *r == "*/*"
             || *r == resource
             || (*r == "*" && subresource.is_none())
-            || subresource.is_some_and(|sub| *r == format!("*/{sub}") || *r == format!("{}/*", def.plural))
+            || subresource
+                .is_some_and(|sub| *r == format!("*/{sub}") || *r == format!("{}/*", def.plural))
     });
     let scope_ok = match rule["scope"].as_str().unwrap_or("*") {
         "Cluster" => !def.namespaced,
@@ -116,7 +142,8 @@ fn rule_matches(rule: &Value, def: &ResourceDef, subresource: Option<&str>, op: 
 fn selector(hook: &Value, field: &str) -> Result<LabelSelector, ApiError> {
     match hook.get(field) {
         None | Some(Value::Null) => Ok(LabelSelector::default()),
-        Some(sel) => LabelSelector::from_structured(sel).map_err(|e| ApiError::internal(format!("webhook {field}: {e}"))),
+        Some(sel) => LabelSelector::from_structured(sel)
+            .map_err(|e| ApiError::internal(format!("webhook {field}: {e}"))),
     }
 }
 
@@ -146,10 +173,18 @@ fn matches(
         }
     }
     let sel = selector(hook, "objectSelector")?;
-    if !sel.is_empty() && ![object, old_object].into_iter().flatten().any(|o| sel.matches(o)) {
+    if !sel.is_empty()
+        && ![object, old_object]
+            .into_iter()
+            .flatten()
+            .any(|o| sel.matches(o))
+    {
         return Ok(false);
     }
-    if hook.get("matchConditions").is_some_and(|m| m.as_array().is_some_and(|a| !a.is_empty())) {
+    if hook
+        .get("matchConditions")
+        .is_some_and(|m| m.as_array().is_some_and(|a| !a.is_empty()))
+    {
         tracing::warn!("kube-emulator ignores webhook matchConditions (no CEL)");
     }
     Ok(true)
@@ -231,7 +266,10 @@ fn endpoint(client_config: &Value) -> Result<Endpoint, String> {
         };
         return Ok(Endpoint {
             addr,
-            server_name: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+            server_name: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
             path: path.to_string(),
             display: url.to_string(),
         });
@@ -255,7 +293,9 @@ fn service_endpoint(shared: &Shared, client_config: &Value) -> Result<Endpoint, 
     let ip = service["spec"]["clusterIP"]
         .as_str()
         .filter(|ip| ip.starts_with("127.") || *ip == "::1")
-        .ok_or_else(|| format!("service {ns}/{name} has no loopback clusterIP for kube-emulator to dial"))?;
+        .ok_or_else(|| {
+            format!("service {ns}/{name} has no loopback clusterIP for kube-emulator to dial")
+        })?;
     let target = service["spec"]["ports"]
         .as_array()
         .into_iter()
@@ -276,7 +316,10 @@ async fn call_one(shared: &Shared, hook: &Value, review: Value) -> Result<(), Ap
     let name = hook["name"].as_str().unwrap_or_default();
     let fail_closed = hook["failurePolicy"].as_str() != Some("Ignore");
     let timeout = Duration::from_secs(hook["timeoutSeconds"].as_u64().unwrap_or(10).clamp(1, 30));
-    let uid = review["request"]["uid"].as_str().unwrap_or_default().to_string();
+    let uid = review["request"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let result = match resolve(shared, hook) {
         Err(e) => Err(e),
         Ok(ep) => match tokio::time::timeout(timeout, post(&ep, hook, &review)).await {
@@ -290,7 +333,9 @@ async fn call_one(shared: &Shared, hook: &Value, review: Value) -> Result<(), Ap
     let response = match result {
         Ok(r) => r,
         Err(e) if fail_closed => {
-            return Err(ApiError::internal(format!("failed calling webhook \"{name}\": {e}")));
+            return Err(ApiError::internal(format!(
+                "failed calling webhook \"{name}\": {e}"
+            )));
         }
         Err(e) => {
             tracing::warn!(webhook = name, error = %e, "webhook call failed, ignored by failurePolicy");
@@ -301,7 +346,9 @@ async fn call_one(shared: &Shared, hook: &Value, review: Value) -> Result<(), Ap
     if resp["uid"].as_str() != Some(uid.as_str()) {
         let e = format!("received invalid webhook response: expected response.uid={uid:?}");
         return if fail_closed {
-            Err(ApiError::internal(format!("failed calling webhook \"{name}\": {e}")))
+            Err(ApiError::internal(format!(
+                "failed calling webhook \"{name}\": {e}"
+            )))
         } else {
             Ok(())
         };
@@ -316,7 +363,10 @@ async fn call_one(shared: &Shared, hook: &Value, review: Value) -> Result<(), Ap
     } else {
         format!("admission webhook \"{name}\" denied the request: {msg}")
     };
-    let code = status["code"].as_u64().filter(|c| (400..600).contains(c)).unwrap_or(403) as u16;
+    let code = status["code"]
+        .as_u64()
+        .filter(|c| (400..600).contains(c))
+        .unwrap_or(403) as u16;
     let reason = status["reason"].as_str().unwrap_or_default();
     Err(ApiError::new(code, reason, message))
 }
@@ -331,22 +381,30 @@ fn resolve(shared: &Shared, hook: &Value) -> Result<Endpoint, String> {
 }
 
 async fn post(ep: &Endpoint, hook: &Value, review: &Value) -> Result<Value, String> {
-    let ca = hook["clientConfig"]["caBundle"].as_str().unwrap_or_default();
+    let ca = hook["clientConfig"]["caBundle"]
+        .as_str()
+        .unwrap_or_default();
     let pem = base64::engine::general_purpose::STANDARD
         .decode(ca.trim())
         .map_err(|e| format!("invalid caBundle: {e}"))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         let cert = cert.map_err(|e| format!("invalid caBundle: {e}"))?;
-        roots.add(cert).map_err(|e| format!("invalid caBundle: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("invalid caBundle: {e}"))?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let server_name = ServerName::try_from(ep.server_name.clone()).map_err(|e| e.to_string())?;
-    let tcp = tokio::net::TcpStream::connect(&ep.addr).await.map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(&ep.addr)
+        .await
+        .map_err(|e| e.to_string())?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(server_name, tcp)
         .await
@@ -371,7 +429,10 @@ async fn post(ep: &Endpoint, hook: &Value, review: &Value) -> Result<Value, Stri
         .map_err(|e| e.to_string())?
         .to_bytes();
     if !status.is_success() {
-        return Err(format!("expected webhook response of 200, got {}", status.as_u16()));
+        return Err(format!(
+            "expected webhook response of 200, got {}",
+            status.as_u16()
+        ));
     }
     serde_json::from_slice(&bytes).map_err(|e| format!("invalid webhook response: {e}"))
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
 
+use crate::Shared;
 use crate::admission;
 use crate::auth::UserInfo;
 use crate::patch::{self, PatchKind};
@@ -17,7 +18,6 @@ use crate::resources::{ResourceDef, defs_from_crd};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::status::{ApiError, Target};
 use crate::store::{Key, State};
-use crate::Shared;
 
 pub const CRD_GROUP: &str = "apiextensions.k8s.io";
 pub const CRD_PLURAL: &str = "customresourcedefinitions";
@@ -120,7 +120,11 @@ pub fn key_for(def: &ResourceDef, ns: Option<&str>, name: &str) -> Key {
     Key::new(
         &def.group,
         &def.plural,
-        if def.namespaced { ns.unwrap_or_default() } else { "" },
+        if def.namespaced {
+            ns.unwrap_or_default()
+        } else {
+            ""
+        },
         name,
     )
 }
@@ -128,7 +132,8 @@ pub fn key_for(def: &ResourceDef, ns: Option<&str>, name: &str) -> Key {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -137,7 +142,11 @@ fn validate_name(def: &ResourceDef, name: &str) -> Result<(), ApiError> {
     let (ok, rule) = if def.group == "rbac.authorization.k8s.io" {
         // RBAC objects are path-segment names (`system:controller:...`).
         (
-            !name.is_empty() && !name.contains('/') && !name.contains('%') && name != "." && name != "..",
+            !name.is_empty()
+                && !name.contains('/')
+                && !name.contains('%')
+                && name != "."
+                && name != "..",
             "may not contain '/' or '%' and may not be '.' or '..'",
         )
     } else if def.plural == "namespaces" {
@@ -178,7 +187,9 @@ fn generate_suffix() -> String {
 /// Checks `apiVersion`/`kind` of a body against the URL's resource, filling them in if absent.
 fn check_type(def: &ResourceDef, body: &mut Value) -> Result<(), ApiError> {
     let Some(obj) = body.as_object_mut() else {
-        return Err(ApiError::bad_request("the request body must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
     };
     let api_version = def.api_version();
     match obj.get("apiVersion").and_then(Value::as_str) {
@@ -290,10 +301,17 @@ impl Shared {
             }
             // Raced with another writer: plan again against the new state.
         }
-        Err(ApiError::internal("too much contention on this object, giving up"))
+        Err(ApiError::internal(
+            "too much contention on this object, giving up",
+        ))
     }
 
-    pub fn get(&self, def: &ResourceDef, ns: Option<&str>, name: &str) -> Result<Arc<Value>, ApiError> {
+    pub fn get(
+        &self,
+        def: &ResourceDef,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<Arc<Value>, ApiError> {
         self.store
             .read()
             .get(&key_for(def, ns, name))
@@ -397,6 +415,8 @@ impl Shared {
         .await
     }
 
+    // One argument per URL part and query option, mirroring the HTTP request.
+    #[allow(clippy::too_many_arguments)]
     pub async fn patch(
         &self,
         def: &ResourceDef,
@@ -487,7 +507,12 @@ impl Shared {
         .await
     }
 
-    pub fn list(&self, def: &ResourceDef, ns: Option<&str>, p: &ListParams) -> Result<ListResult, ApiError> {
+    pub fn list(
+        &self,
+        def: &ResourceDef,
+        ns: Option<&str>,
+        p: &ListParams,
+    ) -> Result<ListResult, ApiError> {
         let s = self.store.read();
         let mut after: Option<(String, String)> = None;
         let at = if let Some(token) = p.continue_token.as_deref().filter(|t| !t.is_empty()) {
@@ -527,8 +552,9 @@ impl Shared {
                 if limit.is_some_and(|l| items.len() >= l) {
                     more = true;
                     remaining += 1;
-                    // Counting the rest only makes sense without selectors (as upstream).
-                    return unfiltered;
+                    // Counting the rest only makes sense without selectors (as upstream);
+                    // at the current state a tight count does it (below).
+                    return unfiltered && at != s.rv();
                 }
                 last_key = Some((k.namespace.clone(), k.name.clone()));
                 items.push(v.clone());
@@ -536,6 +562,14 @@ impl Shared {
             },
         )
         .map_err(|e| ApiError::too_old(e.requested, e.oldest))?;
+        let scope_ns = if def.namespaced { ns } else { None };
+        if more
+            && unfiltered
+            && at == s.rv()
+            && let Some((lns, lname)) = &last_key
+        {
+            remaining = s.count_after(&def.group, &def.plural, scope_ns, (lns, lname));
+        }
         let continue_token = if more {
             last_key.map(|k| encode_continue(at, &k))
         } else {
@@ -561,7 +595,9 @@ fn check_namespace_open(s: &State, ns: &str) -> Result<(), ApiError> {
         Some(n) if n.pointer("/metadata/deletionTimestamp").is_some() => Err(ApiError::new(
             403,
             "Forbidden",
-            format!("unable to create new content in namespace {ns} because it is being terminated"),
+            format!(
+                "unable to create new content in namespace {ns} because it is being terminated"
+            ),
         )),
         Some(_) => Ok(()),
     }
@@ -569,8 +605,16 @@ fn check_namespace_open(s: &State, ns: &str) -> Result<(), ApiError> {
 
 /// Server-owned fields of a new object.
 fn prepare_new(def: &ResourceDef, obj: &mut Value) -> Result<(), ApiError> {
-    let m = obj["metadata"].as_object_mut().expect("checked by check_type");
-    for f in ["resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink", "generation"] {
+    let m = obj["metadata"]
+        .as_object_mut()
+        .expect("checked by check_type");
+    for f in [
+        "resourceVersion",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "selfLink",
+        "generation",
+    ] {
         m.remove(f);
     }
     m.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
@@ -581,10 +625,10 @@ fn prepare_new(def: &ResourceDef, obj: &mut Value) -> Result<(), ApiError> {
     if def.group.is_empty() && def.plural == "namespaces" {
         obj["spec"] = json!({ "finalizers": ["kubernetes"] });
         obj["status"] = json!({ "phase": "Active" });
-    } else if def.status_subresource {
-        if let Some(o) = obj.as_object_mut() {
-            o.remove("status");
-        }
+    } else if def.status_subresource
+        && let Some(o) = obj.as_object_mut()
+    {
+        o.remove("status");
     }
     if def.group == CRD_GROUP && def.plural == CRD_PLURAL {
         defs_from_crd(obj).map_err(|(field, why)| {
@@ -596,14 +640,21 @@ fn prepare_new(def: &ResourceDef, obj: &mut Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_preconditions(def: &ResourceDef, name: &str, old: &Value, pre: &Value) -> Result<(), ApiError> {
+fn check_preconditions(
+    def: &ResourceDef,
+    name: &str,
+    old: &Value,
+    pre: &Value,
+) -> Result<(), ApiError> {
     let got_uid = meta_str(old, "uid").unwrap_or_default();
     if let Some(uid) = pre.get("uid").and_then(Value::as_str)
         && uid != got_uid
     {
         return Err(ApiError::conflict_msg(
             target(def, name),
-            &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {got_uid}"),
+            &format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {got_uid}"
+            ),
         ));
     }
     if let Some(rv) = pre.get("resourceVersion").and_then(Value::as_str)
@@ -671,7 +722,11 @@ fn plan_update(
                 }
             }
         }
-        Some(other) => return Err(ApiError::not_implemented(format!("the {other} subresource"))),
+        Some(other) => {
+            return Err(ApiError::not_implemented(format!(
+                "the {other} subresource"
+            )));
+        }
         None if def.status_subresource => match old.get("status") {
             Some(st) => new["status"] = st.clone(),
             None => {
@@ -702,7 +757,10 @@ fn plan_update(
         }
     }
     if def.tracks_generation() && spec_part(def, &old) != spec_part(def, &new) {
-        let generation = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+        let generation = old
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
         new["metadata"]["generation"] = json!(generation + 1);
     }
     if def.group == CRD_GROUP && def.plural == CRD_PLURAL {
@@ -733,7 +791,10 @@ fn plan_update(
 fn resolve_list_rv(s: &State, p: &ListParams) -> Result<u64, ApiError> {
     let current = s.rv();
     let rv = p.resource_version.as_deref().filter(|v| !v.is_empty());
-    let m = p.resource_version_match.as_deref().filter(|v| !v.is_empty());
+    let m = p
+        .resource_version_match
+        .as_deref()
+        .filter(|v| !v.is_empty());
     let Some(rv) = rv else {
         if m.is_some() {
             return Err(ApiError::bad_request(
@@ -746,7 +807,9 @@ fn resolve_list_rv(s: &State, p: &ListParams) -> Result<u64, ApiError> {
         .parse()
         .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv:?}")))?;
     let too_large = || {
-        let mut e = ApiError::timeout(format!("Too large resource version: {n}, current: {current}"));
+        let mut e = ApiError::timeout(format!(
+            "Too large resource version: {n}, current: {current}"
+        ));
         e.details = Some(json!({
             "causes": [{ "reason": "ResourceVersionTooLarge", "message": "Too large resource version" }],
             "retryAfterSeconds": 1,
@@ -872,16 +935,15 @@ fn establish_crd(s: &mut State, key: &Key, old: Option<&Value>, stored: &Arc<Val
         return;
     }
     let established = stored["status"]["acceptedNames"] == names
-        && stored["status"]["conditions"]
-            .as_array()
-            .is_some_and(|c| c.iter().any(|c| c["type"] == "Established" && c["status"] == "True"));
+        && stored["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Established" && c["status"] == "True")
+        });
     if established {
         return;
     }
     let ts = now();
-    let condition = |t: &str, reason: &str, message: &str| {
-        json!({"type": t, "status": "True", "lastTransitionTime": ts, "reason": reason, "message": message})
-    };
+    let condition = |t: &str, reason: &str, message: &str| json!({"type": t, "status": "True", "lastTransitionTime": ts, "reason": reason, "message": message});
     let mut with_status = (**stored).clone();
     with_status["status"] = json!({
         "conditions": [
@@ -896,8 +958,14 @@ fn establish_crd(s: &mut State, key: &Key, old: Option<&Value>, stored: &Arc<Val
 
 /// A deleted CRD takes its custom resources and their discovery entries with it.
 fn remove_crd_resources(s: &mut State, crd: &Value) {
-    let group = crd["spec"]["group"].as_str().unwrap_or_default().to_string();
-    let plural = crd["spec"]["names"]["plural"].as_str().unwrap_or_default().to_string();
+    let group = crd["spec"]["group"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let plural = crd["spec"]["names"]["plural"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     for k in s.keys_of(&group, &plural) {
         s.remove(&k);
     }
@@ -911,7 +979,10 @@ mod tests {
     #[test]
     fn continue_tokens_round_trip() {
         let t = encode_continue(42, &("ns".into(), "name".into()));
-        assert_eq!(decode_continue(&t).unwrap(), (42, ("ns".into(), "name".into())));
+        assert_eq!(
+            decode_continue(&t).unwrap(),
+            (42, ("ns".into(), "name".into()))
+        );
         assert_eq!(decode_continue("garbage!").unwrap_err().code, 400);
     }
 
@@ -923,7 +994,9 @@ mod tests {
         assert_eq!(validate_name(&cm, "Bad_Name").unwrap_err().code, 422);
         let ns = r.get("", "v1", "namespaces").unwrap();
         assert!(validate_name(&ns, "a.b").is_err());
-        let role = r.get("rbac.authorization.k8s.io", "v1", "clusterroles").unwrap();
+        let role = r
+            .get("rbac.authorization.k8s.io", "v1", "clusterroles")
+            .unwrap();
         assert!(validate_name(&role, "system:controller:x").is_ok());
     }
 }

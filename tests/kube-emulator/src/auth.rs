@@ -105,7 +105,11 @@ impl Tokens {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
         {
-            Some(token) => self.0.get(token.trim()).cloned().ok_or_else(ApiError::unauthorized)?,
+            Some(token) => self
+                .0
+                .get(token.trim())
+                .cloned()
+                .ok_or_else(ApiError::unauthorized)?,
             None => UserInfo::admin(),
         };
         let header_str = |name: &str| -> Vec<String> {
@@ -134,7 +138,10 @@ impl Tokens {
             }
             user = UserInfo {
                 username: name,
-                uid: header_str("impersonate-uid").into_iter().next().unwrap_or_default(),
+                uid: header_str("impersonate-uid")
+                    .into_iter()
+                    .next()
+                    .unwrap_or_default(),
                 groups,
                 extra,
             };
@@ -171,7 +178,8 @@ mod tests {
 
     #[test]
     fn token_file_maps_tokens_to_users_and_groups() {
-        let t = Tokens::parse("# comment\nsecret,alice,uid-1,\"devs,ops\"\nother,bob,uid-2\n").unwrap();
+        let t =
+            Tokens::parse("# comment\nsecret,alice,uid-1,\"devs,ops\"\nother,bob,uid-2\n").unwrap();
         let mut h = HeaderMap::new();
         h.insert("authorization", HeaderValue::from_static("Bearer secret"));
         let u = t.authenticate(&h).unwrap();

@@ -78,7 +78,7 @@ pub enum Error {
     Api {
         kind: String,
         name: String,
-        source: ApiError,
+        source: Box<ApiError>,
     },
 }
 
@@ -156,7 +156,9 @@ impl EmulatorBuilder {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| Error::Bind { addr, source })?;
-        let local = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| Error::Bind { addr, source })?;
         let store = Arc::new(Store::new(self.config.history_limit));
         let shared = Shared(Arc::new(Inner {
             faults: Faults::new(store.clone()),
@@ -300,15 +302,24 @@ preferences: {{}}
         files.sort();
         let mut docs = Vec::new();
         for f in files {
-            let text = std::fs::read_to_string(&f).map_err(|source| Error::Io { path: f.clone(), source })?;
-            docs.extend(parse_documents(&text).map_err(|e| Error::Yaml(format!("{}: {e}", f.display())))?);
+            let text = std::fs::read_to_string(&f).map_err(|source| Error::Io {
+                path: f.clone(),
+                source,
+            })?;
+            docs.extend(
+                parse_documents(&text).map_err(|e| Error::Yaml(format!("{}: {e}", f.display())))?,
+            );
         }
         self.apply_documents(docs).await
     }
 
     async fn apply_documents(&self, mut docs: Vec<Value>) -> Result<(), Error> {
         let rank = |d: &Value| match (d["apiVersion"].as_str(), d["kind"].as_str()) {
-            (Some(av), Some("CustomResourceDefinition")) if av.starts_with("apiextensions.k8s.io/") => 0,
+            (Some(av), Some("CustomResourceDefinition"))
+                if av.starts_with("apiextensions.k8s.io/") =>
+            {
+                0
+            }
             (Some("v1"), Some("Namespace")) => 1,
             _ => 2,
         };
@@ -320,7 +331,10 @@ preferences: {{}}
         for doc in docs {
             let api_version = doc["apiVersion"].as_str().unwrap_or_default().to_string();
             let kind = doc["kind"].as_str().unwrap_or_default().to_string();
-            let name = doc["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let name = doc["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             let def = self
                 .shared
                 .store
@@ -331,7 +345,10 @@ preferences: {{}}
                     api_version: api_version.clone(),
                     kind: kind.clone(),
                 })?;
-            let ns = doc["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+            let ns = doc["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string();
             let ns = def.namespaced.then_some(ns.as_str());
             let exists = !name.is_empty() && self.shared.get(&def, ns, &name).is_ok();
             let result = if exists {
@@ -343,7 +360,11 @@ preferences: {{}}
             } else {
                 self.shared.create(&def, ns, doc, &opts).await
             };
-            result.map_err(|source| Error::Api { kind, name, source })?;
+            result.map_err(|source| Error::Api {
+                kind,
+                name,
+                source: Box::new(source),
+            })?;
         }
         Ok(())
     }
@@ -359,12 +380,15 @@ preferences: {{}}
 }
 
 fn parse_documents(yaml: &str) -> Result<Vec<Value>, Error> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).map_err(|e| Error::Yaml(e.to_string()))?;
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(yaml).map_err(|e| Error::Yaml(e.to_string()))?;
     let mut out = Vec::new();
     for d in docs {
         match d {
             Value::Null => {}
-            d if d["kind"] == "List" => out.extend(d["items"].as_array().cloned().unwrap_or_default()),
+            d if d["kind"] == "List" => {
+                out.extend(d["items"].as_array().cloned().unwrap_or_default())
+            }
             d => out.push(d),
         }
     }

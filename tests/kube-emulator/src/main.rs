@@ -50,7 +50,8 @@ async fn main() -> anyhow::Result<()> {
         .history_limit(args.history)
         .bookmark_interval(std::time::Duration::from_secs(args.bookmark_seconds.max(1)));
     if let Some(path) = &args.tokens {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         builder = builder.tokens(Tokens::parse(&text).map_err(anyhow::Error::msg)?);
     }
     let emulator = builder.start(args.addr).await?;
@@ -61,8 +62,11 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("loading {}", dir.display()))?;
     }
     if let Some(path) = &args.kubeconfig_out {
-        std::fs::write(path, emulator.kubeconfig_yaml(args.kubeconfig_token.as_deref()))
-            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(
+            path,
+            emulator.kubeconfig_yaml(args.kubeconfig_token.as_deref()),
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
     }
     tracing::info!(url = %emulator.url(), "kube-emulator serving");
     println!("kube-emulator listening on {}", emulator.url());

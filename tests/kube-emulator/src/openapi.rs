@@ -66,7 +66,9 @@ pub fn index(reg: &Registry) -> Value {
     let mut paths = Map::new();
     for g in reg.groups() {
         for v in reg.group_versions(g) {
-            let Some(doc) = group_version(reg, g, v) else { continue };
+            let Some(doc) = group_version(reg, g, v) else {
+                continue;
+            };
             let mut h = DefaultHasher::new();
             doc.to_string().hash(&mut h);
             let p = gv_path(g, v);

@@ -35,7 +35,11 @@ pub fn apply(kind: PatchKind, doc: &mut Value, patch: &Value) -> Result<(), ApiE
             let ops: json_patch::Patch = serde_json::from_value(patch.clone())
                 .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
             json_patch::patch(doc, &ops).map_err(|e| {
-                ApiError::new(422, "Invalid", format!("the JSON patch could not be applied: {e}"))
+                ApiError::new(
+                    422,
+                    "Invalid",
+                    format!("the JSON patch could not be applied: {e}"),
+                )
             })
         }
         PatchKind::Merge | PatchKind::Apply => {
@@ -93,7 +97,9 @@ pub fn strategic_merge(doc: &mut Value, patch: &Value) {
 }
 
 fn keyed_by_name(items: &[Value]) -> bool {
-    items.iter().all(|i| i.get("name").is_some_and(Value::is_string))
+    items
+        .iter()
+        .all(|i| i.get("name").is_some_and(Value::is_string))
 }
 
 fn merge_named_list(existing: &mut Vec<Value>, patch: &[Value]) {
@@ -133,7 +139,12 @@ mod tests {
     #[test]
     fn merge_patch_removes_nulls_and_replaces_lists() {
         let mut d = json!({"data": {"a": "1", "b": "2"}, "list": [1, 2]});
-        apply(PatchKind::Merge, &mut d, &json!({"data": {"a": null}, "list": [3]})).unwrap();
+        apply(
+            PatchKind::Merge,
+            &mut d,
+            &json!({"data": {"a": null}, "list": [3]}),
+        )
+        .unwrap();
         assert_eq!(d, json!({"data": {"b": "2"}, "list": [3]}));
     }
 
@@ -160,13 +171,18 @@ mod tests {
             ]}
         });
         strategic_merge(&mut d, &p);
-        assert_eq!(d, json!({"spec": {"containers": [{"name": "b", "image": "b:2"}]}}));
+        assert_eq!(
+            d,
+            json!({"spec": {"containers": [{"name": "b", "image": "b:2"}]}})
+        );
     }
 
     #[test]
     fn unknown_patch_content_type_is_unsupported_media_type() {
         assert_eq!(
-            PatchKind::from_content_type("application/apply-patch+cbor").unwrap_err().code,
+            PatchKind::from_content_type("application/apply-patch+cbor")
+                .unwrap_err()
+                .code,
             415
         );
         assert_eq!(

@@ -64,7 +64,10 @@ pub fn object(def: &ResourceDef, obj: &Value, view: View) -> Bytes {
 pub fn list(def: &ResourceDef, result: &ListResult, view: View) -> Bytes {
     let mut out = Vec::with_capacity(64 + result.items.len() * 256);
     let (kind, api_version) = match view {
-        View::Metadata => ("PartialObjectMetadataList".to_string(), "meta.k8s.io/v1".to_string()),
+        View::Metadata => (
+            "PartialObjectMetadataList".to_string(),
+            "meta.k8s.io/v1".to_string(),
+        ),
         View::Full => (def.list_kind(), def.api_version()),
     };
     let mut meta = serde_json::json!({ "resourceVersion": result.resource_version.to_string() });
@@ -118,7 +121,9 @@ mod tests {
     fn builtin_list_items_have_no_type_fields() {
         let r = Registry::default();
         let cm = r.get("", "v1", "configmaps").unwrap();
-        let obj = std::sync::Arc::new(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}}));
+        let obj = std::sync::Arc::new(
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}}),
+        );
         let res = ListResult {
             resource_version: 7,
             items: vec![obj],

@@ -205,7 +205,9 @@ impl Registry {
     }
 
     pub fn groups(&self) -> impl Iterator<Item = &String> {
-        self.group_order.iter().filter(|g| self.versions.contains_key(*g))
+        self.group_order
+            .iter()
+            .filter(|g| self.versions.contains_key(*g))
     }
 
     pub fn group_versions(&self, group: &str) -> &[String] {
@@ -222,22 +224,20 @@ impl Registry {
 
     /// Drops every version of `group/plural` (a CRD was deleted or renamed).
     pub fn remove(&mut self, group: &str, plural: &str) {
-        self.by_gvr.retain(|(g, _, p), _| !(g == group && p == plural));
+        self.by_gvr
+            .retain(|(g, _, p), _| !(g == group && p == plural));
         let remaining: Vec<String> = self
             .by_gvr
             .keys()
             .filter(|(g, _, _)| g == group)
             .map(|(_, v, _)| v.clone())
             .collect();
-        match self.versions.get_mut(group) {
-            Some(vs) => {
-                vs.retain(|v| remaining.contains(v));
-                if vs.is_empty() {
-                    self.versions.remove(group);
-                    self.group_order.retain(|g| g != group);
-                }
+        if let Some(vs) = self.versions.get_mut(group) {
+            vs.retain(|v| remaining.contains(v));
+            if vs.is_empty() {
+                self.versions.remove(group);
+                self.group_order.retain(|g| g != group);
             }
-            None => {}
         }
     }
 }
@@ -284,7 +284,11 @@ pub fn defs_from_crd(crd: &Value) -> Result<Vec<ResourceDef>, (String, String)> 
     };
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
-            .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let versions = spec["versions"].as_array().cloned().unwrap_or_default();
@@ -337,13 +341,18 @@ mod tests {
         let cm = r.get("", "v1", "configmaps").expect("configmaps served");
         assert_eq!(cm.kind, "ConfigMap");
         assert!(cm.namespaced);
-        let lease = r.get("coordination.k8s.io", "v1", "leases").expect("leases served");
+        let lease = r
+            .get("coordination.k8s.io", "v1", "leases")
+            .expect("leases served");
         assert_eq!(lease.kind, "Lease");
         let crd = r
             .get("apiextensions.k8s.io", "v1", "customresourcedefinitions")
             .expect("crds served");
         assert!(!crd.namespaced);
-        assert_eq!(r.by_kind("apps/v1", "Deployment").map(|d| d.plural.clone()), Some("deployments".into()));
+        assert_eq!(
+            r.by_kind("apps/v1", "Deployment").map(|d| d.plural.clone()),
+            Some("deployments".into())
+        );
     }
 
     #[test]
@@ -365,7 +374,10 @@ mod tests {
         for d in defs {
             r.insert(d);
         }
-        assert!(r.get("example.com", "v2", "widgets").is_some_and(|d| d.status_subresource));
+        assert!(
+            r.get("example.com", "v2", "widgets")
+                .is_some_and(|d| d.status_subresource)
+        );
         r.remove("example.com", "widgets");
         assert!(r.get("example.com", "v1", "widgets").is_none());
         assert!(!r.groups().any(|g| g == "example.com"));

@@ -37,7 +37,11 @@ fn split_top_level(s: &str) -> Vec<&str> {
         }
     }
     parts.push(&s[start..]);
-    parts.into_iter().map(str::trim).filter(|p| !p.is_empty()).collect()
+    parts
+        .into_iter()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect()
 }
 
 fn valid_key(k: &str) -> bool {
@@ -104,6 +108,9 @@ impl LabelSelector {
 
     /// Matches an object's `metadata.labels`.
     pub fn matches(&self, obj: &Value) -> bool {
+        if self.0.is_empty() {
+            return true;
+        }
         let labels = obj.pointer("/metadata/labels");
         self.matches_labels(|k| labels.and_then(|l| l.get(k)).and_then(Value::as_str))
     }
@@ -124,14 +131,26 @@ impl LabelSelector {
         let mut reqs = Vec::new();
         if let Some(m) = sel.get("matchLabels").and_then(Value::as_object) {
             for (k, v) in m {
-                reqs.push(LabelReq::Eq(k.clone(), v.as_str().unwrap_or_default().to_string()));
+                reqs.push(LabelReq::Eq(
+                    k.clone(),
+                    v.as_str().unwrap_or_default().to_string(),
+                ));
             }
         }
-        for e in sel.get("matchExpressions").and_then(Value::as_array).into_iter().flatten() {
+        for e in sel
+            .get("matchExpressions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let key = e["key"].as_str().unwrap_or_default().to_string();
             let values: Vec<String> = e["values"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default();
             reqs.push(match e["operator"].as_str() {
                 Some("In") => LabelReq::In(key, values),
@@ -218,14 +237,26 @@ mod tests {
             ("app=web,tier=back", false),
             ("", true),
         ] {
-            assert_eq!(LabelSelector::parse(sel).unwrap().matches(&o), want, "{sel}");
+            assert_eq!(
+                LabelSelector::parse(sel).unwrap().matches(&o),
+                want,
+                "{sel}"
+            );
         }
     }
 
     #[test]
     fn not_equal_matches_objects_without_the_label() {
-        assert!(LabelSelector::parse("app!=web").unwrap().matches(&obj(json!({}))));
-        assert!(LabelSelector::parse("app notin (web)").unwrap().matches(&obj(json!(null))));
+        assert!(
+            LabelSelector::parse("app!=web")
+                .unwrap()
+                .matches(&obj(json!({})))
+        );
+        assert!(
+            LabelSelector::parse("app notin (web)")
+                .unwrap()
+                .matches(&obj(json!(null)))
+        );
     }
 
     #[test]
@@ -238,8 +269,17 @@ mod tests {
     fn field_selector_supports_name_and_namespace_only() {
         let o = obj(json!({}));
         assert!(FieldSelector::parse("metadata.name=a").unwrap().matches(&o));
-        assert!(!FieldSelector::parse("metadata.namespace!=ns").unwrap().matches(&o));
-        assert_eq!(FieldSelector::parse("status.phase=Running").unwrap_err().code, 400);
+        assert!(
+            !FieldSelector::parse("metadata.namespace!=ns")
+                .unwrap()
+                .matches(&o)
+        );
+        assert_eq!(
+            FieldSelector::parse("status.phase=Running")
+                .unwrap_err()
+                .code,
+            400
+        );
     }
 
     #[test]

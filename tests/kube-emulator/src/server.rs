@@ -140,7 +140,10 @@ struct Req {
 
 impl Req {
     fn header(&self, name: http::header::HeaderName) -> &str {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default()
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
     }
 
     fn accept(&self) -> &str {
@@ -169,8 +172,9 @@ impl Req {
 fn parse_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
     let base = content_type.split(';').next().unwrap_or_default().trim();
     match base {
-        "" | "application/json" => serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("the object provided is not valid JSON: {e}"))),
+        "" | "application/json" => serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(format!("the object provided is not valid JSON: {e}"))
+        }),
         "application/yaml" | "application/apply-patch+yaml" => parse_yaml_or_json(body),
         _ => Err(ApiError::unsupported_media_type(content_type)),
     }
@@ -180,8 +184,10 @@ fn parse_yaml_or_json(body: &[u8]) -> Result<Value, ApiError> {
     if let Ok(v) = serde_json::from_slice(body) {
         return Ok(v);
     }
-    let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("the body is not UTF-8"))?;
-    serde_saphyr::from_str(text).map_err(|e| ApiError::bad_request(format!("the object provided is not valid YAML: {e}")))
+    let text =
+        std::str::from_utf8(body).map_err(|_| ApiError::bad_request("the body is not UTF-8"))?;
+    serde_saphyr::from_str(text)
+        .map_err(|e| ApiError::bad_request(format!("the object provided is not valid YAML: {e}")))
 }
 
 /// The response view `Accept` asks for; 406 when it admits no JSON at all.
@@ -199,7 +205,9 @@ fn negotiate(accept: &str) -> Result<View, ApiError> {
         let as_ = params.iter().find_map(|p| p.strip_prefix("as="));
         match as_ {
             None => return Ok(View::Full),
-            Some("PartialObjectMetadata" | "PartialObjectMetadataList") => return Ok(View::Metadata),
+            Some("PartialObjectMetadata" | "PartialObjectMetadataList") => {
+                return Ok(View::Metadata);
+            }
             // Tables and other server-side conversions are not emulated.
             Some(_) => continue,
         }
@@ -208,7 +216,11 @@ fn negotiate(accept: &str) -> Result<View, ApiError> {
 }
 
 fn not_found_path() -> ApiError {
-    let mut e = ApiError::new(404, "NotFound", "the server could not find the requested resource");
+    let mut e = ApiError::new(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    );
     e.details = Some(json!({}));
     e
 }
@@ -271,7 +283,9 @@ async fn route(shared: &Shared, path: &str, req: Req) -> Result<Response<Body>, 
     };
     match segs.as_slice() {
         ["version"] => get_only(Ok(json_response(200, &discovery::version()))),
-        ["healthz" | "livez" | "readyz", ..] => get_only(Ok(full(200, "text/plain", Bytes::from_static(b"ok")))),
+        ["healthz" | "livez" | "readyz", ..] => {
+            get_only(Ok(full(200, "text/plain", Bytes::from_static(b"ok"))))
+        }
         ["api"] => get_only(discovery_root(shared, &req, true)),
         ["apis"] => get_only(discovery_root(shared, &req, false)),
         ["api", version] => get_only(resource_list(shared, "", version)),
@@ -284,7 +298,10 @@ async fn route(shared: &Shared, path: &str, req: Req) -> Result<Response<Body>, 
             }
         }),
         ["apis", group, version] => get_only(resource_list(shared, group, version)),
-        ["openapi", "v3"] => get_only(Ok(json_response(200, &openapi::index(&shared.store.read().registry)))),
+        ["openapi", "v3"] => get_only(Ok(json_response(
+            200,
+            &openapi::index(&shared.store.read().registry),
+        ))),
         ["openapi", "v3", "api", version] => get_only(openapi_doc(shared, "", version)),
         ["openapi", "v3", "apis", group, version] => get_only(openapi_doc(shared, group, version)),
         ["api", version, rest @ ..] => match parse_resource_path("", version, rest) {
@@ -326,7 +343,10 @@ fn resource_list(shared: &Shared, group: &str, version: &str) -> Result<Response
     if !reg.group_versions(group).iter().any(|v| v == version) || shared.faults.is_hidden(group) {
         return Err(not_found_path());
     }
-    Ok(json_response(200, &discovery::resource_list(reg, group, version)))
+    Ok(json_response(
+        200,
+        &discovery::resource_list(reg, group, version),
+    ))
 }
 
 fn verb(req: &Req, p: &ResPath) -> &'static str {
@@ -346,8 +366,16 @@ fn verb(req: &Req, p: &ResPath) -> &'static str {
 
 fn list_params(q: &Query) -> Result<ListParams, ApiError> {
     Ok(ListParams {
-        labels: LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or_default())?,
-        fields: FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or_default())?,
+        labels: LabelSelector::parse(
+            q.get("labelSelector")
+                .map(String::as_str)
+                .unwrap_or_default(),
+        )?,
+        fields: FieldSelector::parse(
+            q.get("fieldSelector")
+                .map(String::as_str)
+                .unwrap_or_default(),
+        )?,
         limit: match q.get("limit").filter(|l| !l.is_empty()) {
             Some(l) => Some(
                 l.parse()
@@ -388,7 +416,11 @@ async fn resource(shared: &Shared, p: ResPath, req: Req) -> Result<Response<Body
         return Err(if code == 429 {
             ApiError::too_many_requests(1)
         } else {
-            ApiError::new(code, "InternalError", "Internal error occurred: injected by kube-emulator")
+            ApiError::new(
+                code,
+                "InternalError",
+                "Internal error occurred: injected by kube-emulator",
+            )
         });
     }
     if def.create_only {
@@ -397,7 +429,10 @@ async fn resource(shared: &Shared, p: ResPath, req: Req) -> Result<Response<Body
     if let Some(sub) = p.sub.as_deref()
         && (sub != "status" || !def.status_subresource)
     {
-        return Err(ApiError::not_implemented(format!("the {sub} subresource of {}", def.plural)));
+        return Err(ApiError::not_implemented(format!(
+            "the {sub} subresource of {}",
+            def.plural
+        )));
     }
     let ns = p.namespace.as_deref();
     let name = p.name.as_deref().unwrap_or_default();
@@ -406,13 +441,21 @@ async fn resource(shared: &Shared, p: ResPath, req: Req) -> Result<Response<Body
         "get" => {
             let view = negotiate(req.accept())?;
             let obj = shared.get(&def, ns, name)?;
-            Ok(full(200, "application/json", render::object(&def, &obj, view)))
+            Ok(full(
+                200,
+                "application/json",
+                render::object(&def, &obj, view),
+            ))
         }
         "list" => {
             let view = negotiate(req.accept())?;
             let params = list_params(&req.query)?;
             let result = shared.list(&def, ns, &params)?;
-            Ok(full(200, "application/json", render::list(&def, &result, view)))
+            Ok(full(
+                200,
+                "application/json",
+                render::list(&def, &result, view),
+            ))
         }
         "watch" => {
             let view = negotiate(req.accept())?;
@@ -453,13 +496,23 @@ async fn resource(shared: &Shared, p: ResPath, req: Req) -> Result<Response<Body
             let view = negotiate(req.accept())?;
             let body = parse_body(req.header(http::header::CONTENT_TYPE), &req.body)?;
             let out = shared.create(&def, ns, body, &req.write_opts()?).await?;
-            Ok(full(if out.created { 201 } else { 200 }, "application/json", render::object(&def, &out.object, view)))
+            Ok(full(
+                if out.created { 201 } else { 200 },
+                "application/json",
+                render::object(&def, &out.object, view),
+            ))
         }
         "update" => {
             let view = negotiate(req.accept())?;
             let body = parse_body(req.header(http::header::CONTENT_TYPE), &req.body)?;
-            let out = shared.update(&def, ns, name, sub, body, &req.write_opts()?).await?;
-            Ok(full(200, "application/json", render::object(&def, &out.object, view)))
+            let out = shared
+                .update(&def, ns, name, sub, body, &req.write_opts()?)
+                .await?;
+            Ok(full(
+                200,
+                "application/json",
+                render::object(&def, &out.object, view),
+            ))
         }
         "patch" => {
             let view = negotiate(req.accept())?;
@@ -468,11 +521,18 @@ async fn resource(shared: &Shared, p: ResPath, req: Req) -> Result<Response<Body
             let body = if kind == PatchKind::Apply {
                 parse_yaml_or_json(&req.body)?
             } else {
-                serde_json::from_slice(&req.body)
-                    .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?
+                serde_json::from_slice(&req.body).map_err(|e| {
+                    ApiError::bad_request(format!("the patch is not valid JSON: {e}"))
+                })?
             };
-            let out = shared.patch(&def, ns, name, sub, kind, body, &req.write_opts()?).await?;
-            Ok(full(if out.created { 201 } else { 200 }, "application/json", render::object(&def, &out.object, view)))
+            let out = shared
+                .patch(&def, ns, name, sub, kind, body, &req.write_opts()?)
+                .await?;
+            Ok(full(
+                if out.created { 201 } else { 200 },
+                "application/json",
+                render::object(&def, &out.object, view),
+            ))
         }
         "delete" => {
             let view = negotiate(req.accept())?;
@@ -491,7 +551,10 @@ async fn resource(shared: &Shared, p: ResPath, req: Req) -> Result<Response<Body
             for item in &listed.items {
                 let name = item["metadata"]["name"].as_str().unwrap_or_default();
                 let item_ns = item["metadata"]["namespace"].as_str();
-                match shared.delete(&def, item_ns, name, &Value::Null, &opts).await {
+                match shared
+                    .delete(&def, item_ns, name, &Value::Null, &opts)
+                    .await
+                {
                     Ok(out) if out.removed => deleted.push(item.clone()),
                     Ok(out) => deleted.push(out.object),
                     // Deleted concurrently: nothing left to do for it.
@@ -505,7 +568,11 @@ async fn resource(shared: &Shared, p: ResPath, req: Req) -> Result<Response<Body
                 continue_token: None,
                 remaining: None,
             };
-            Ok(full(200, "application/json", render::list(&def, &result, view)))
+            Ok(full(
+                200,
+                "application/json",
+                render::list(&def, &result, view),
+            ))
         }
         _ => Err(ApiError::method_not_allowed()),
     }
@@ -519,7 +586,10 @@ fn delete_options(req: &Req) -> Result<(Value, WriteOpts), ApiError> {
     } else {
         parse_body(req.header(http::header::CONTENT_TYPE), &req.body)?
     };
-    if body["dryRun"].as_array().is_some_and(|a| a.iter().any(|v| v == "All")) {
+    if body["dryRun"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|v| v == "All"))
+    {
         opts.dry_run = true;
     }
     Ok((body["preconditions"].clone(), opts))
@@ -528,9 +598,14 @@ fn delete_options(req: &Req) -> Result<(Value, WriteOpts), ApiError> {
 fn delete_response(def: &ResourceDef, name: &str, out: &Outcome, view: View) -> Response<Body> {
     // Upstream returns the object for custom resources, pods and pending (finalized)
     // deletions, and a Success Status for most other built-ins.
-    let returns_object = def.custom || (def.group.is_empty() && def.plural == "pods") || !out.removed;
+    let returns_object =
+        def.custom || (def.group.is_empty() && def.plural == "pods") || !out.removed;
     if returns_object {
-        return full(200, "application/json", render::object(def, &out.object, view));
+        return full(
+            200,
+            "application/json",
+            render::object(def, &out.object, view),
+        );
     }
     let uid = out.object["metadata"]["uid"].as_str().unwrap_or_default();
     let target = Target {
@@ -558,7 +633,8 @@ fn create_only(def: &ResourceDef, verb: &str, req: &Req) -> Result<Response<Body
 fn emulator_endpoint(shared: &Shared, method: &Method, op: &str, q: &Query) -> Response<Body> {
     let ok = || json_response(200, &json!({ "ok": true }));
     let arg = |name: &str| q.get(name).map(String::as_str).unwrap_or_default();
-    let num = |name: &str, default: u64| q.get(name).and_then(|v| v.parse().ok()).unwrap_or(default);
+    let num =
+        |name: &str, default: u64| q.get(name).and_then(|v| v.parse().ok()).unwrap_or(default);
     if op == "stats" {
         let s = shared.store.read();
         return json_response(
@@ -579,7 +655,11 @@ fn emulator_endpoint(shared: &Shared, method: &Method, op: &str, q: &Query) -> R
     match op {
         "compact" => faults.compact_history(),
         "close-watches" => faults.close_watches(),
-        "fail" => faults.fail_next(arg("resource"), num("count", 1) as u32, num("code", 500) as u16),
+        "fail" => faults.fail_next(
+            arg("resource"),
+            num("count", 1) as u32,
+            num("code", 500) as u16,
+        ),
         "delay" => faults.set_delay(Duration::from_millis(num("ms", 0))),
         "forbid" => faults.forbid(arg("resource")),
         "allow" => faults.allow(arg("resource")),
@@ -598,10 +678,17 @@ mod tests {
     #[test]
     fn resource_paths_parse_like_the_apiserver() {
         let p = parse_resource_path("", "v1", &["namespaces", "ns", "configmaps", "cm"]).unwrap();
-        assert_eq!((p.namespace.as_deref(), p.plural.as_str(), p.name.as_deref()), (Some("ns"), "configmaps", Some("cm")));
+        assert_eq!(
+            (p.namespace.as_deref(), p.plural.as_str(), p.name.as_deref()),
+            (Some("ns"), "configmaps", Some("cm"))
+        );
         let p = parse_resource_path("", "v1", &["namespaces", "ns", "status"]).unwrap();
-        assert_eq!((p.namespace, p.plural.as_str(), p.sub.as_deref()), (None, "namespaces", Some("status")));
-        let p = parse_resource_path("apps", "v1", &["watch", "namespaces", "ns", "deployments"]).unwrap();
+        assert_eq!(
+            (p.namespace, p.plural.as_str(), p.sub.as_deref()),
+            (None, "namespaces", Some("status"))
+        );
+        let p = parse_resource_path("apps", "v1", &["watch", "namespaces", "ns", "deployments"])
+            .unwrap();
         assert!(p.watch_prefix);
         assert_eq!(p.plural, "deployments");
         let p = parse_resource_path("", "v1", &["namespaces"]).unwrap();
@@ -616,10 +703,20 @@ mod tests {
             negotiate("application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1").unwrap(),
             View::Metadata
         );
-        assert_eq!(negotiate("application/vnd.kubernetes.protobuf").unwrap_err().code, 406);
-        assert_eq!(negotiate("application/vnd.kubernetes.protobuf, */*").unwrap(), View::Full);
         assert_eq!(
-            negotiate("application/json;as=Table;v=v1;g=meta.k8s.io").unwrap_err().code,
+            negotiate("application/vnd.kubernetes.protobuf")
+                .unwrap_err()
+                .code,
+            406
+        );
+        assert_eq!(
+            negotiate("application/vnd.kubernetes.protobuf, */*").unwrap(),
+            View::Full
+        );
+        assert_eq!(
+            negotiate("application/json;as=Table;v=v1;g=meta.k8s.io")
+                .unwrap_err()
+                .code,
             406
         );
     }
@@ -627,9 +724,14 @@ mod tests {
     #[test]
     fn protobuf_bodies_are_unsupported_media() {
         assert_eq!(
-            parse_body("application/vnd.kubernetes.protobuf", b"\x00").unwrap_err().code,
+            parse_body("application/vnd.kubernetes.protobuf", b"\x00")
+                .unwrap_err()
+                .code,
             415
         );
-        assert_eq!(parse_body("application/yaml", b"a: 1").unwrap(), json!({"a": 1}));
+        assert_eq!(
+            parse_body("application/yaml", b"a: 1").unwrap(),
+            json!({"a": 1})
+        );
     }
 }

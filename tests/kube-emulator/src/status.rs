@@ -59,8 +59,12 @@ impl ApiError {
     }
 
     pub fn not_found(t: Target<'_>) -> Self {
-        Self::new(404, "NotFound", format!("{} \"{}\" not found", t.qualified(), t.name))
-            .with_details(t.details())
+        Self::new(
+            404,
+            "NotFound",
+            format!("{} \"{}\" not found", t.qualified(), t.name),
+        )
+        .with_details(t.details())
     }
 
     pub fn already_exists(t: Target<'_>) -> Self {
@@ -84,7 +88,11 @@ impl ApiError {
         Self::new(
             409,
             "Conflict",
-            format!("Operation cannot be fulfilled on {} \"{}\": {why}", t.qualified(), t.name),
+            format!(
+                "Operation cannot be fulfilled on {} \"{}\": {why}",
+                t.qualified(),
+                t.name
+            ),
         )
         .with_details(t.details())
     }
@@ -98,7 +106,14 @@ impl ApiError {
     }
 
     /// 422 with one field cause, e.g. `metadata.name: Required value: ...`.
-    pub fn invalid(kind: &str, group: &str, name: &str, field: &str, cause: &str, detail: &str) -> Self {
+    pub fn invalid(
+        kind: &str,
+        group: &str,
+        name: &str,
+        field: &str,
+        cause: &str,
+        detail: &str,
+    ) -> Self {
         let message = format!("{kind} \"{name}\" is invalid: {field}: {cause}: {detail}");
         let reason = match cause {
             "Required value" => "FieldValueRequired",
@@ -157,10 +172,20 @@ impl ApiError {
 
     /// Something Kubernetes does but this emulator deliberately does not.
     pub fn not_implemented(what: impl std::fmt::Display) -> Self {
-        Self::new(501, "NotImplemented", format!("kube-emulator does not support {what}"))
+        Self::new(
+            501,
+            "NotImplemented",
+            format!("kube-emulator does not support {what}"),
+        )
     }
 
-    pub fn forbidden(user: &str, verb: &str, group: &str, plural: &str, namespace: Option<&str>) -> Self {
+    pub fn forbidden(
+        user: &str,
+        verb: &str,
+        group: &str,
+        plural: &str,
+        namespace: Option<&str>,
+    ) -> Self {
         let scope = match namespace {
             Some(ns) => format!(" in the namespace \"{ns}\""),
             None => " at the cluster scope".to_string(),
@@ -169,7 +194,11 @@ impl ApiError {
         if !group.is_empty() {
             details["group"] = json!(group);
         }
-        let qualified = if group.is_empty() { plural.to_string() } else { format!("{plural}.{group}") };
+        let qualified = if group.is_empty() {
+            plural.to_string()
+        } else {
+            format!("{plural}.{group}")
+        };
         Self::new(
             403,
             "Forbidden",
@@ -185,7 +214,11 @@ impl ApiError {
     }
 
     pub fn internal(message: impl std::fmt::Display) -> Self {
-        Self::new(500, "InternalError", format!("Internal error occurred: {message}"))
+        Self::new(
+            500,
+            "InternalError",
+            format!("Internal error occurred: {message}"),
+        )
     }
 
     pub fn too_many_requests(retry_after: u64) -> Self {

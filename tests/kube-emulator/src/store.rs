@@ -303,6 +303,24 @@ impl State {
         }
     }
 
+    /// How many objects of `group/plural` (in `namespace`, if given) come after `after` in
+    /// the current state; a tight count for `remainingItemCount`.
+    pub fn count_after(
+        &self,
+        group: &str,
+        plural: &str,
+        namespace: Option<&str>,
+        after: (&str, &str),
+    ) -> u64 {
+        let start = Key::new(group, plural, after.0, after.1);
+        self.objects
+            .range((Bound::Excluded(start), Bound::Unbounded))
+            .take_while(|(k, _)| {
+                k.same_resource(group, plural) && namespace.is_none_or(|ns| k.namespace == ns)
+            })
+            .count() as u64
+    }
+
     /// All keys in `namespace`, of any resource (for namespace deletion).
     pub fn keys_in_namespace(&self, namespace: &str) -> Vec<Key> {
         self.objects
@@ -425,7 +443,12 @@ mod tests {
     fn bounded_history_makes_old_resource_versions_too_old() {
         let store = Store::new(2);
         for i in 0..5 {
-            store.write(|s| s.put(Key::new("", "configmaps", "ns", "a"), cm("a", &i.to_string())));
+            store.write(|s| {
+                s.put(
+                    Key::new("", "configmaps", "ns", "a"),
+                    cm("a", &i.to_string()),
+                )
+            });
         }
         let s = store.read();
         assert_eq!(s.history_len(), 2);
@@ -439,8 +462,17 @@ mod tests {
         store.write(|s| s.put(Key::new("", "configmaps", "ns", "a"), cm("a", "1")));
         store.write(|s| s.compact());
         let s = store.read();
-        assert!(s.events_after(1, 10, false).is_err(), "a resume from rv 1 expires");
-        assert!(s.events_after(1, 10, true).is_ok(), "an open, caught-up watch continues");
-        assert!(s.events_after(0, 10, true).is_err(), "a lagging watch expires");
+        assert!(
+            s.events_after(1, 10, false).is_err(),
+            "a resume from rv 1 expires"
+        );
+        assert!(
+            s.events_after(1, 10, true).is_ok(),
+            "an open, caught-up watch continues"
+        );
+        assert!(
+            s.events_after(0, 10, true).is_err(),
+            "a lagging watch expires"
+        );
     }
 }

@@ -37,7 +37,11 @@ enum Start {
 }
 
 /// Validates the request and starts the watch task; the receiver yields body chunks.
-pub fn start(shared: Shared, def: Arc<ResourceDef>, p: WatchParams) -> Result<mpsc::Receiver<Bytes>, ApiError> {
+pub fn start(
+    shared: Shared,
+    def: Arc<ResourceDef>,
+    p: WatchParams,
+) -> Result<mpsc::Receiver<Bytes>, ApiError> {
     let rv = p.list.resource_version.clone().unwrap_or_default();
     let rv_match = p.list.resource_version_match.clone().unwrap_or_default();
     if p.send_initial_events {
@@ -130,7 +134,8 @@ impl Filter {
             EventType::Deleted if before || now => EventType::Deleted,
             _ => return None,
         };
-        let plain = self.view() == View::Full && ev.object["apiVersion"] == self.def.api_version().as_str();
+        let plain =
+            self.view() == View::Full && ev.object["apiVersion"] == self.def.api_version().as_str();
         let json = if plain {
             ev.object_json()
         } else {
@@ -141,7 +146,10 @@ impl Filter {
 
     fn bookmark(&self, rv: u64, initial_events_end: bool) -> Bytes {
         let (kind, api_version) = match self.view() {
-            View::Metadata => ("PartialObjectMetadata".to_string(), "meta.k8s.io/v1".to_string()),
+            View::Metadata => (
+                "PartialObjectMetadata".to_string(),
+                "meta.k8s.io/v1".to_string(),
+            ),
             View::Full => (self.def.kind.clone(), self.def.api_version()),
         };
         let mut obj = json!({
@@ -167,7 +175,13 @@ impl Drop for OpenWatch {
     }
 }
 
-async fn run(shared: Shared, def: Arc<ResourceDef>, p: WatchParams, start: Start, tx: mpsc::Sender<Bytes>) {
+async fn run(
+    shared: Shared,
+    def: Arc<ResourceDef>,
+    p: WatchParams,
+    start: Start,
+    tx: mpsc::Sender<Bytes>,
+) {
     shared.open_watches.fetch_add(1, Ordering::Relaxed);
     let _guard = OpenWatch(shared.clone());
     let mut closer = shared.faults.watch_closer();
@@ -183,13 +197,24 @@ async fn run(shared: Shared, def: Arc<ResourceDef>, p: WatchParams, start: Start
             let (items, rv) = {
                 let s = shared.store.read();
                 let mut items = Vec::new();
-                let ns = if filter.def.namespaced { filter.p.namespace.as_deref() } else { None };
-                s.scan(&filter.def.group, &filter.def.plural, ns, None, s.rv(), |_, v| {
-                    if filter.in_scope(v) {
-                        items.push(v.clone());
-                    }
-                    true
-                })
+                let ns = if filter.def.namespaced {
+                    filter.p.namespace.as_deref()
+                } else {
+                    None
+                };
+                s.scan(
+                    &filter.def.group,
+                    &filter.def.plural,
+                    ns,
+                    None,
+                    s.rv(),
+                    |_, v| {
+                        if filter.in_scope(v) {
+                            items.push(v.clone());
+                        }
+                        true
+                    },
+                )
                 .ok();
                 (items, s.rv())
             };
@@ -215,7 +240,9 @@ async fn run(shared: Shared, def: Arc<ResourceDef>, p: WatchParams, start: Start
         let (events, progressed) = match read {
             Ok(r) => r,
             Err(e) => {
-                let _ = tx.send(error_frame(&ApiError::too_old(e.requested, e.oldest))).await;
+                let _ = tx
+                    .send(error_frame(&ApiError::too_old(e.requested, e.oldest)))
+                    .await;
                 return;
             }
         };

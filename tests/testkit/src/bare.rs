@@ -25,10 +25,19 @@ impl BareRepo {
         let path = root.path().join(name);
         git_ok(
             None,
-            &["init", "--bare", "--quiet", "--initial-branch=main", path.to_str().expect("utf-8 temp path")],
+            &[
+                "init",
+                "--bare",
+                "--quiet",
+                "--initial-branch=main",
+                path.to_str().expect("utf-8 temp path"),
+            ],
         );
         // Like a hosted forge: the server enforces fast-forward too.
-        git_ok(Some(&path), &["config", "receive.denyNonFastForwards", "true"]);
+        git_ok(
+            Some(&path),
+            &["config", "receive.denyNonFastForwards", "true"],
+        );
         Self {
             root,
             name: name.to_owned(),
@@ -61,7 +70,12 @@ impl BareRepo {
 
     /// The commit id `branch` points at, if the branch exists.
     pub fn rev_parse(&self, branch: &str) -> Option<String> {
-        let out = self.cli(&["rev-parse", "--verify", "--quiet", &format!("refs/heads/{branch}")]);
+        let out = self.cli(&[
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            &format!("refs/heads/{branch}"),
+        ]);
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
@@ -69,18 +83,27 @@ impl BareRepo {
 
     /// Branch names, sorted.
     pub fn branches(&self) -> Vec<String> {
-        lines(&git_ok(Some(&self.path()), &["for-each-ref", "--format=%(refname:short)", "refs/heads/"]))
+        lines(&git_ok(
+            Some(&self.path()),
+            &["for-each-ref", "--format=%(refname:short)", "refs/heads/"],
+        ))
     }
 
     /// Commit subjects on `branch`, newest first.
     pub fn log_subjects(&self, branch: &str) -> Vec<String> {
-        lines(&git_ok(Some(&self.path()), &["log", "--format=%s", branch, "--"]))
+        lines(&git_ok(
+            Some(&self.path()),
+            &["log", "--format=%s", branch, "--"],
+        ))
     }
 
     /// Full message of the tip commit of `branch`.
     pub fn tip_message(&self, branch: &str) -> String {
-        String::from_utf8_lossy(&git_ok(Some(&self.path()), &["log", "-1", "--format=%B", branch, "--"]))
-            .into_owned()
+        String::from_utf8_lossy(&git_ok(
+            Some(&self.path()),
+            &["log", "-1", "--format=%B", branch, "--"],
+        ))
+        .into_owned()
     }
 
     /// `path` at the tip of `branch`, or None when it does not exist there.
@@ -93,27 +116,48 @@ impl BareRepo {
 
     /// Every file path at the tip of `branch` (recursive), sorted.
     pub fn ls_tree(&self, branch: &str) -> Vec<String> {
-        lines(&git_ok(Some(&self.path()), &["ls-tree", "-r", "--name-only", branch]))
+        lines(&git_ok(
+            Some(&self.path()),
+            &["ls-tree", "-r", "--name-only", branch],
+        ))
     }
 
     /// Number of commits reachable from `branch`.
     pub fn commit_count(&self, branch: &str) -> usize {
-        String::from_utf8_lossy(&git_ok(Some(&self.path()), &["rev-list", "--count", branch, "--"]))
-            .trim()
-            .parse()
-            .expect("rev-list --count prints a number")
+        String::from_utf8_lossy(&git_ok(
+            Some(&self.path()),
+            &["rev-list", "--count", branch, "--"],
+        ))
+        .trim()
+        .parse()
+        .expect("rev-list --count prints a number")
     }
 
     /// Simulates a human: clones with the git CLI, writes `path`, commits and pushes to
     /// `branch` (creating it when missing). Returns the new commit id.
-    pub fn commit_as_human(&self, branch: &str, path: &str, content: &str, message: &str) -> String {
+    pub fn commit_as_human(
+        &self,
+        branch: &str,
+        path: &str,
+        content: &str,
+        message: &str,
+    ) -> String {
         let work = tempfile::tempdir().expect("cannot create a temp dir");
         let dir = work.path().join("w");
         let dir_s = dir.to_str().expect("utf-8 temp path");
         git_ok(None, &["clone", "--quiet", &self.file_url(), dir_s]);
         let has_branch = self.rev_parse(branch).is_some();
         if has_branch {
-            git_ok(Some(&dir), &["checkout", "--quiet", "-B", branch, &format!("origin/{branch}")]);
+            git_ok(
+                Some(&dir),
+                &[
+                    "checkout",
+                    "--quiet",
+                    "-B",
+                    branch,
+                    &format!("origin/{branch}"),
+                ],
+            );
         } else {
             git_ok(Some(&dir), &["checkout", "--quiet", "--orphan", branch]);
         }
@@ -123,9 +167,26 @@ impl BareRepo {
         git_ok(Some(&dir), &["add", "--", path]);
         git_ok(
             Some(&dir),
-            &["-c", "user.name=Human", "-c", "user.email=human@example.com", "commit", "--quiet", "-m", message],
+            &[
+                "-c",
+                "user.name=Human",
+                "-c",
+                "user.email=human@example.com",
+                "commit",
+                "--quiet",
+                "-m",
+                message,
+            ],
         );
-        git_ok(Some(&dir), &["push", "--quiet", "origin", &format!("HEAD:refs/heads/{branch}")]);
+        git_ok(
+            Some(&dir),
+            &[
+                "push",
+                "--quiet",
+                "origin",
+                &format!("HEAD:refs/heads/{branch}"),
+            ],
+        );
         self.rev_parse(branch).expect("branch exists after push")
     }
 }
@@ -137,5 +198,8 @@ impl Default for BareRepo {
 }
 
 fn lines(stdout: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(stdout).lines().map(str::to_owned).collect()
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }

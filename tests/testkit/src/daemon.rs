@@ -29,7 +29,12 @@ impl GitDaemon {
         let port = free_port();
         let child = git_command()
             .arg("daemon")
-            .args(["--export-all", "--enable=receive-pack", "--reuseaddr", "--informative-errors"])
+            .args([
+                "--export-all",
+                "--enable=receive-pack",
+                "--reuseaddr",
+                "--informative-errors",
+            ])
             .arg(format!("--base-path={}", root.display()))
             .arg("--listen=127.0.0.1")
             .arg(format!("--port={port}"))

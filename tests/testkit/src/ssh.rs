@@ -11,7 +11,8 @@ use crate::BareRepo;
 use crate::util::{ChildGuard, free_port, require_tool};
 
 const SSHD: &str = "/usr/sbin/sshd";
-const INSTALL_SSHD: &str = "the SSH tests need OpenSSH's sshd at /usr/sbin/sshd: apt-get install -y openssh-server";
+const INSTALL_SSHD: &str =
+    "the SSH tests need OpenSSH's sshd at /usr/sbin/sshd: apt-get install -y openssh-server";
 
 /// A running `sshd -D -e -f <temp config>` that lets the current user in with
 /// [`client_private_key`](Self::client_private_key).
@@ -38,7 +39,8 @@ impl SshGitServer {
         let host_key = keygen(dir.path(), "host_ed25519");
         let client_key = keygen(dir.path(), "client_ed25519");
         let authorized = dir.path().join("authorized_keys");
-        std::fs::copy(client_key.with_extension("pub"), &authorized).expect("write authorized_keys");
+        std::fs::copy(client_key.with_extension("pub"), &authorized)
+            .expect("write authorized_keys");
         set_mode(&authorized, 0o600);
         // sshd's privilege separation directory; a fresh machine may not have it yet.
         let privsep = Path::new("/run/sshd");
@@ -104,7 +106,12 @@ impl SshGitServer {
 
     /// The URL of another repo under the served root.
     pub fn url_for(&self, repo_name: &str) -> String {
-        format!("ssh://{}@127.0.0.1:{}{}", self.user, self.port, self.root.join(repo_name).display())
+        format!(
+            "ssh://{}@127.0.0.1:{}{}",
+            self.user,
+            self.port,
+            self.root.join(repo_name).display()
+        )
     }
 
     /// The authorised client key, OpenSSH private key format, no passphrase.
@@ -125,6 +132,13 @@ impl SshGitServer {
         known_hosts_line(self.port, &key.with_extension("pub"))
     }
 
+    /// A valid private key that is not authorised on this server.
+    pub fn foreign_private_key(&self) -> String {
+        let other = tempfile::tempdir().expect("cannot create a temp dir");
+        let key = keygen(other.path(), "stranger_ed25519");
+        std::fs::read_to_string(key).expect("read key")
+    }
+
     /// What sshd logged so far (for assertion messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
@@ -134,7 +148,10 @@ impl SshGitServer {
 fn known_hosts_line(port: u16, public_key: &Path) -> String {
     let public = std::fs::read_to_string(public_key).expect("read public key");
     let mut fields = public.split_whitespace();
-    let (kind, key) = (fields.next().expect("key type"), fields.next().expect("key"));
+    let (kind, key) = (
+        fields.next().expect("key type"),
+        fields.next().expect("key"),
+    );
     format!("[127.0.0.1]:{port} {kind} {key}\n")
 }
 
@@ -148,7 +165,11 @@ fn keygen(dir: &Path, name: &str) -> PathBuf {
         .stdin(Stdio::null())
         .output()
         .expect("run ssh-keygen");
-    assert!(out.status.success(), "ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ssh-keygen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     set_mode(&path, 0o600);
     path
 }

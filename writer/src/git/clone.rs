@@ -196,9 +196,8 @@ impl Clone {
         changes: &[FileChange],
         meta: &CommitMeta,
     ) -> Result<Oid, GitError> {
-        let parent_tree = self.parent_tree(parent)?;
-        let tree = self.updated_tree(parent_tree, changes)?;
-        self.commit_tree(parent, tree, meta)
+        let commit = self.build(parent, changes, meta, false)?;
+        Ok(commit.expect("build always commits when asked to"))
     }
 
     /// Like [`commit`](Self::commit), but returns None instead of creating an empty commit when
@@ -209,12 +208,7 @@ impl Clone {
         changes: &[FileChange],
         meta: &CommitMeta,
     ) -> Result<Option<Oid>, GitError> {
-        let parent_tree = self.parent_tree(parent)?;
-        let tree = self.updated_tree(parent_tree, changes)?;
-        if Some(tree) == parent_tree || (parent_tree.is_none() && self.is_empty_tree(tree)?) {
-            return Ok(None);
-        }
-        self.commit_tree(parent, tree, meta).map(Some)
+        self.build(parent, changes, meta, true)
     }
 
     /// Push `commit` to `refs/heads/<branch>` of the remote, fast-forward only (never a forced
@@ -276,72 +270,19 @@ impl Clone {
         commit.tree().map(Some).map_err(local)
     }
 
-    fn parent_tree(&self, parent: Option<Oid>) -> Result<Option<Oid>, GitError> {
-        parent
-            .map(|oid| self.repo.find_commit(oid).map(|c| c.tree_id()))
-            .transpose()
-            .map_err(local)
-    }
-
-    fn commit_tree(
+    /// Writes blobs, trees and the commit as loose objects.
+    ///
+    /// Measured alternative, rejected: an in-memory ODB (mempack) dumped as one pack per commit
+    /// is ~4x slower for 200-file commits, because `git_mempack_dump` delta-compresses the
+    /// objects, and one pack per commit slows every later lookup.
+    fn build(
         &self,
         parent: Option<Oid>,
-        tree: Oid,
+        changes: &[FileChange],
         meta: &CommitMeta,
-    ) -> Result<Oid, GitError> {
-        let parent = parent
-            .map(|oid| self.repo.find_commit(oid))
-            .transpose()
-            .map_err(local)?;
-        let tree = self.repo.find_tree(tree).map_err(local)?;
-        let author = Signature::now(&meta.author_name, &meta.author_email).map_err(local)?;
-        let committer =
-            Signature::now(&meta.committer_name, &meta.committer_email).map_err(local)?;
-        let parents: Vec<_> = parent.iter().collect();
-        self.repo
-            .commit(None, &author, &committer, &meta.message, &tree, &parents)
-            .map_err(local)
-    }
-
-    fn is_empty_tree(&self, tree: Oid) -> Result<bool, GitError> {
-        Ok(self.repo.find_tree(tree).map_err(local)?.is_empty())
-    }
-
-    /// Writes the blobs and the updated trees; returns the new root tree.
-    fn updated_tree(&self, base: Option<Oid>, changes: &[FileChange]) -> Result<Oid, GitError> {
-        let base = match base {
-            Some(oid) => self.repo.find_tree(oid).map_err(local)?,
-            None => {
-                let empty = self.repo.treebuilder(None).and_then(|b| b.write());
-                self.repo.find_tree(empty.map_err(local)?).map_err(local)?
-            }
-        };
-        // Last write wins; libgit2 wants each path once.
-        let mut latest: BTreeMap<&str, Option<&[u8]>> = BTreeMap::new();
-        for change in changes {
-            validate_path(&change.path)?;
-            latest.insert(&change.path, change.content.as_deref());
-        }
-        let mut update = TreeUpdateBuilder::new();
-        for (path, content) in latest {
-            match content {
-                Some(bytes) => {
-                    let blob = self.repo.blob(bytes).map_err(local)?;
-                    update.upsert(path, blob, FileMode::Blob);
-                }
-                // libgit2 refuses to remove what is not there; a delete of a missing file is a
-                // no-op for us (deletes are replayed after rejected pushes).
-                None => {
-                    if base
-                        .get_path(Path::new(path))
-                        .is_ok_and(|e| e.kind() == Some(ObjectType::Blob))
-                    {
-                        update.remove(path);
-                    }
-                }
-            }
-        }
-        update.create_updated(&self.repo, &base).map_err(local)
+        skip_unchanged: bool,
+    ) -> Result<Option<Oid>, GitError> {
+        build_commit(&self.repo, parent, changes, meta, skip_unchanged)
     }
 
     fn scrub(&self, text: &str) -> String {
@@ -362,7 +303,10 @@ impl Clone {
         if let Some(why) = state.identity_failure.take() {
             return GitError::HostKey(format!("{url}: {why}"));
         }
-        if err.code() == ErrorCode::Certificate {
+        // libgit2 loses GIT_ECERTIFICATE on some paths; the SSL class + text still say it.
+        let untrusted = err.code() == ErrorCode::Certificate
+            || (err.class() == ErrorClass::Ssl && err.message().contains("certificate"));
+        if untrusted {
             let why = state.tls_note.take().unwrap_or_else(|| msg.clone());
             return GitError::HostKey(format!("{url}: {}", self.scrub(&why)));
         }
@@ -381,6 +325,95 @@ impl Clone {
             _ => GitError::Other(msg),
         }
     }
+}
+
+/// Builds the new tree on `parent` and commits it; None when `skip_unchanged` and the tree did
+/// not change.
+fn build_commit(
+    repo: &Repository,
+    parent: Option<Oid>,
+    changes: &[FileChange],
+    meta: &CommitMeta,
+    skip_unchanged: bool,
+) -> Result<Option<Oid>, GitError> {
+    let parent_tree = parent_tree(repo, parent)?;
+    let tree = updated_tree(repo, parent_tree, changes)?;
+    let unchanged =
+        Some(tree) == parent_tree || (parent_tree.is_none() && is_empty_tree(repo, tree)?);
+    if skip_unchanged && unchanged {
+        return Ok(None);
+    }
+    commit_tree(repo, parent, tree, meta).map(Some)
+}
+
+fn parent_tree(repo: &Repository, parent: Option<Oid>) -> Result<Option<Oid>, GitError> {
+    parent
+        .map(|oid| repo.find_commit(oid).map(|c| c.tree_id()))
+        .transpose()
+        .map_err(local)
+}
+
+fn commit_tree(
+    repo: &Repository,
+    parent: Option<Oid>,
+    tree: Oid,
+    meta: &CommitMeta,
+) -> Result<Oid, GitError> {
+    let parent = parent
+        .map(|oid| repo.find_commit(oid))
+        .transpose()
+        .map_err(local)?;
+    let tree = repo.find_tree(tree).map_err(local)?;
+    let author = Signature::now(&meta.author_name, &meta.author_email).map_err(local)?;
+    let committer = Signature::now(&meta.committer_name, &meta.committer_email).map_err(local)?;
+    let parents: Vec<_> = parent.iter().collect();
+    repo.commit(None, &author, &committer, &meta.message, &tree, &parents)
+        .map_err(local)
+}
+
+fn is_empty_tree(repo: &Repository, tree: Oid) -> Result<bool, GitError> {
+    Ok(repo.find_tree(tree).map_err(local)?.is_empty())
+}
+
+/// Writes the blobs and the updated trees; returns the new root tree.
+fn updated_tree(
+    repo: &Repository,
+    base: Option<Oid>,
+    changes: &[FileChange],
+) -> Result<Oid, GitError> {
+    let base = match base {
+        Some(oid) => repo.find_tree(oid).map_err(local)?,
+        None => {
+            let empty = repo.treebuilder(None).and_then(|b| b.write());
+            repo.find_tree(empty.map_err(local)?).map_err(local)?
+        }
+    };
+    // Last write wins; libgit2 wants each path once.
+    let mut latest: BTreeMap<&str, Option<&[u8]>> = BTreeMap::new();
+    for change in changes {
+        validate_path(&change.path)?;
+        latest.insert(&change.path, change.content.as_deref());
+    }
+    let mut update = TreeUpdateBuilder::new();
+    for (path, content) in latest {
+        match content {
+            Some(bytes) => {
+                let blob = repo.blob(bytes).map_err(local)?;
+                update.upsert(path, blob, FileMode::Blob);
+            }
+            // libgit2 refuses to remove what is not there; a delete of a missing file is a
+            // no-op for us (deletes are replayed after rejected pushes).
+            None => {
+                if base
+                    .get_path(Path::new(path))
+                    .is_ok_and(|e| e.kind() == Some(ObjectType::Blob))
+                {
+                    update.remove(path);
+                }
+            }
+        }
+    }
+    update.create_updated(repo, &base).map_err(local)
 }
 
 /// Errors of purely local operations (no URL, no credentials involved).

