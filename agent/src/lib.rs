@@ -28,5 +28,8 @@
 
 pub mod canonical;
 pub mod crd;
+pub mod events;
+pub mod ingest;
 pub mod paths;
 pub mod rules;
+pub mod stream;

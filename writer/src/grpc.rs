@@ -95,7 +95,13 @@ impl Writer for WriterService {
                 tokio::select! {
                     reply = replies_rx.recv() => match reply {
                         Some(reply) => { let _ = output.send(Ok(reply)); }
-                        None => break,
+                        None => {
+                            // Every reply sender is gone: the session ended; pass on how it ended.
+                            if let Ok(Some(status)) = (&mut done_rx).await {
+                                let _ = output.send(Err(status));
+                            }
+                            break;
+                        }
                     },
                     finished = &mut done_rx => {
                         while let Ok(reply) = replies_rx.try_recv() {

@@ -723,3 +723,46 @@ async fn plaintext_on_a_public_address_is_refused_without_the_flag() {
     let error = args.start().await.err().expect("refused").to_string();
     assert!(error.contains("refusing to serve plaintext"), "{error}");
 }
+
+#[tokio::test]
+async fn worker_caps_refuse_destinations_beyond_them() {
+    let repo = BareRepo::new();
+    let other = BareRepo::new();
+    let writer = Writer::start(&["--workers-max-per-repo", "1", "--workers-max-global", "2"]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent
+        .declare("gitops/main", &repo.file_url(), "main", "a")
+        .await;
+    agent
+        .send(destination(
+            "gitops/second-branch",
+            &repo.file_url(),
+            "staging",
+            "a",
+            false,
+        ))
+        .await;
+    let refused = agent.status("gitops/second-branch", "Ready").await;
+    assert_eq!(
+        (refused.status.as_str(), refused.reason.as_str()),
+        ("False", "WorkerLimitReached"),
+        "{}",
+        refused.message
+    );
+    agent
+        .declare("gitops/other-repo", &other.file_url(), "main", "a")
+        .await;
+    let third = BareRepo::new();
+    agent
+        .send(destination(
+            "gitops/third-repo",
+            &third.file_url(),
+            "main",
+            "a",
+            false,
+        ))
+        .await;
+    let refused = agent.status("gitops/third-repo", "Ready").await;
+    assert_eq!(refused.reason, "WorkerLimitReached", "{}", refused.message);
+    writer.stop().await;
+}

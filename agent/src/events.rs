@@ -1,0 +1,54 @@
+//! The boundary between ingestion (discovery, rules, List+Watch, canonical YAML) and the stream to the writer.
+//!
+//! Ingestion sends [`AgentEvent`]s on a bounded channel; the stream client ([`crate::stream`]) numbers them per
+//! destination, keeps every unacked one, sends them to the writer and re-sends them after a reconnect. A full
+//! channel slows the watches down (backpressure) instead of dropping anything.
+
+/// Where a destination's files go, as resolved from a `GitDestination` and its `GitRepoConfig`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DestinationDecl {
+    /// `namespace/name` of the GitDestination.
+    pub key: String,
+    pub repo_url: String,
+    pub branch: String,
+    pub base_folder: String,
+    pub exclusive_mode: bool,
+    /// Name of an entry of the writer's credentials file, when the repo config names one.
+    pub credentials_reference: Option<String>,
+}
+
+/// Which Kubernetes object an event is about.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectRef {
+    pub group: String,
+    pub version: String,
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub resource_version: String,
+}
+
+/// One List's scope: a group/version/resource in one namespace or (empty) in all of them / cluster-wide.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ScopeRef {
+    pub group: String,
+    pub version: String,
+    pub resource: String,
+    pub namespace: String,
+}
+
+/// What ingestion tells the stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// Declare or update a destination (before any change for it).
+    Destination(DestinationDecl),
+    /// Write the object's canonical YAML to `path` (relative to the destination's base folder).
+    Upsert { destination: String, path: String, yaml: String, object: ObjectRef, created: bool, author: Option<String> },
+    /// Remove the object's file.
+    Delete { destination: String, path: String, object: ObjectRef, author: Option<String> },
+    /// A complete (re)list of `scope` starts.
+    SnapshotBegin { destination: String, scope: ScopeRef, epoch: u64 },
+    /// Every object of `scope` that exists now was sent since the matching begin.
+    SnapshotEnd { destination: String, scope: ScopeRef, epoch: u64 },
+}
