@@ -294,6 +294,21 @@ impl Args {
         }
         std::fs::create_dir_all(&self.work_dir)
             .with_context(|| format!("creating --work-dir {}", self.work_dir.display()))?;
+        // Two writers on one work dir would corrupt each other's clones: hold an exclusive lock for the process
+        // lifetime (released by the OS even after kill -9).
+        let work_dir_lock = std::fs::File::create(self.work_dir.join(".writer.lock"))
+            .with_context(|| {
+                format!(
+                    "creating the lock file in --work-dir {}",
+                    self.work_dir.display()
+                )
+            })?;
+        if work_dir_lock.try_lock().is_err() {
+            bail!(
+                "another reverser-writer is using --work-dir {}",
+                self.work_dir.display()
+            );
+        }
         let credentials = match &self.git_credentials {
             Some(path) => credentials::CredentialStore::load(path)?,
             None => credentials::CredentialStore::default(),
@@ -374,6 +389,7 @@ impl Args {
         readiness.set(true);
         let server_shutdown = wait_for(shutdown_rx);
         let server = tokio::spawn(async move {
+            let _work_dir_lock = work_dir_lock;
             router
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_shutdown)
                 .await

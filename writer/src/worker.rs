@@ -315,6 +315,7 @@ impl Worker {
         let dir = self.dir.clone();
         let spec = self.spec.clone();
         let (clone, fetched) = tokio::task::spawn_blocking(move || {
+            remove_stale_locks(&dir);
             let mut clone = match Clone::open_or_init(&dir, spec) {
                 Ok(clone) => clone,
                 Err(error) => return (None, Err(error)),
@@ -646,6 +647,36 @@ impl Worker {
             status.lease_holder = lease.borrow().holder.clone();
         }
     }
+}
+
+/// Removes `*.lock` files a killed writer may have left in its clone (libgit2 refuses to update a ref, the
+/// config or packed-refs while one exists). Safe: the writer holds an exclusive lock on its work dir (see
+/// `Args::start`), and each clone belongs to exactly one worker of this process.
+fn remove_stale_locks(dir: &std::path::Path) {
+    fn walk(dir: &std::path::Path, depth: usize) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() && depth < 8 && (depth > 0 || entry.file_name() == "refs") {
+                walk(&path, depth + 1);
+            } else if kind.is_file() && path.extension().is_some_and(|e| e == "lock") {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        warn!(path = %path.display(), "removed a stale git lock file left by an earlier run")
+                    }
+                    Err(error) => {
+                        warn!(path = %path.display(), %error, "could not remove a stale git lock file")
+                    }
+                }
+            }
+        }
+    }
+    walk(dir, 0);
 }
 
 /// Exponential backoff with jitter: `initial * 2^(attempt-1)`, capped, ±20 %.

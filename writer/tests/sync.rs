@@ -766,3 +766,28 @@ async fn worker_caps_refuse_destinations_beyond_them() {
     assert_eq!(refused.reason, "WorkerLimitReached", "{}", refused.message);
     writer.stop().await;
 }
+
+#[tokio::test]
+async fn a_second_writer_on_the_same_work_dir_is_refused() {
+    use clap::Parser;
+    let writer = Writer::start(&[]).await;
+    let work = writer.work_dir.path().display().to_string();
+    let args = reverser_writer::Args::try_parse_from([
+        "reverser-writer",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--work-dir",
+        &work,
+        "--leases",
+        "off",
+    ])
+    .unwrap();
+    let error = args.start().await.err().expect("refused").to_string();
+    assert!(
+        error.contains("another reverser-writer is using --work-dir"),
+        "{error}"
+    );
+    writer.stop().await;
+}
