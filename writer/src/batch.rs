@@ -765,6 +765,7 @@ mod tests {
                 replies,
             }),
             acked: Arc::new(AtomicU64::new(0)),
+            conditions: Default::default(),
         }
     }
 

@@ -179,7 +179,13 @@ impl WriterAdmin for AdminService {
                 exclusive_mode: record.spec.exclusive_mode,
                 worker_id: record.worker_id.clone(),
                 acked_sequence: record.acked_sequence(),
-                conditions: Vec::new(),
+                conditions: record
+                    .conditions
+                    .lock()
+                    .expect("conditions lock")
+                    .values()
+                    .cloned()
+                    .collect(),
             })
             .collect();
         Ok(Response::new(pb::ListDestinationsResponse { destinations }))

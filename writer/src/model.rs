@@ -127,6 +127,31 @@ pub struct DestinationRef {
     pub origin: Arc<Origin>,
     /// Highest sequence acked so far (for `WriterAdmin.ListDestinations`).
     pub acked: Arc<std::sync::atomic::AtomicU64>,
+    /// Latest condition per type (for `WriterAdmin.ListDestinations`).
+    pub conditions: Conditions,
+}
+
+/// Latest reported condition per type, shared by the registry record and the destination's changes.
+pub type Conditions =
+    Arc<std::sync::Mutex<std::collections::BTreeMap<String, pb::DestinationStatus>>>;
+
+impl DestinationRef {
+    /// Records a condition and reports it to the destination's agent.
+    pub fn report(&self, kind: &str, status: bool, reason: &str, message: impl Into<String>) {
+        let condition = pb::DestinationStatus {
+            destination: self.id.key.clone(),
+            r#type: kind.to_owned(),
+            status: if status { "True" } else { "False" }.to_owned(),
+            reason: reason.to_owned(),
+            message: message.into(),
+        };
+        self.conditions
+            .lock()
+            .expect("conditions lock")
+            .insert(kind.to_owned(), condition.clone());
+        self.origin
+            .send(pb::writer_message::Kind::DestinationStatus(condition));
+    }
 }
 
 /// Object identity, for commit messages and logs.

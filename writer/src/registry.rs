@@ -66,6 +66,8 @@ pub struct DestinationRecord {
     pub worker_id: String,
     /// Highest sequence acked (shared with the worker, which updates it).
     pub acked: Arc<AtomicU64>,
+    /// Latest conditions (shared with the worker and the session, which report them).
+    pub conditions: crate::model::Conditions,
 }
 
 impl DestinationRecord {
@@ -200,12 +202,18 @@ impl Registry {
         };
         // A new stream starts its own sequence numbers; the counter is only what admins see.
         let acked = Arc::new(AtomicU64::new(0));
+        let conditions = inner
+            .destinations
+            .get(&spec.id)
+            .map(|r| r.conditions.clone())
+            .unwrap_or_default();
         let reference = DestinationRef {
             id: spec.id.clone(),
             base_folder: spec.base_folder.clone(),
             exclusive_mode: spec.exclusive_mode,
             origin,
             acked: acked.clone(),
+            conditions: conditions.clone(),
         };
         inner.destinations.insert(
             spec.id.clone(),
@@ -213,6 +221,7 @@ impl Registry {
                 spec,
                 worker_id,
                 acked,
+                conditions,
             },
         );
         Ok((handle, reference, previous_worker))

@@ -481,13 +481,14 @@ impl Session {
                     );
                 }
                 info!(session = self.id, destination = %id, %repo, %branch, %base_folder, "destination declared");
-                origin.status(
-                    &key,
-                    "Accepted",
-                    true,
-                    "Declared",
-                    format!("{repo} {branch} {base_folder}"),
-                );
+                if let Some(declared) = self.destinations.get(&key) {
+                    declared.reference.report(
+                        "Accepted",
+                        true,
+                        "Declared",
+                        format!("{repo} {branch} {base_folder}"),
+                    );
+                }
             }
             Err(error) => {
                 let message = error.to_string();

@@ -518,8 +518,7 @@ impl Worker {
                 }
             );
             warn!(worker = %self.id, destination = %conflict.destination.id, %message, "ownership marker conflict");
-            conflict.destination.origin.status(
-                key,
+            conflict.destination.report(
                 "MarkerConflict",
                 true,
                 "MarkerOwnedByOther",
@@ -598,9 +597,7 @@ impl Worker {
         if self.conditions.get(&destination.id) == Some(&current) {
             return;
         }
-        destination
-            .origin
-            .status(&destination.id.key, kind, status, reason, message);
+        destination.report(kind, status, reason, message);
         self.conditions.insert(destination.id.clone(), current);
     }
 

@@ -170,6 +170,10 @@ async fn a_scripted_grpcurl_sync_lands_a_commit_and_the_admin_service_shows_it()
             && stdout.contains("\"ackedSequence\": \"1\""),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("\"type\": \"Ready\"") && stdout.contains("\"reason\": \"Pushed\""),
+        "conditions are listed: {stdout}"
+    );
     let target = addr.clone();
     let request = format!(r#"{{"repoUrl": "{url}", "branch": "main"}}"#);
     let (ok, stdout, stderr) = blocking(move || {
