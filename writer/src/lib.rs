@@ -399,7 +399,7 @@ impl Args {
             let workers = registry.shutdown();
             drop(registry);
             for worker in workers {
-                if let Err(error) = worker.flush().await {
+                if let Err(error) = worker.shutdown().await {
                     warn!(worker = %worker.id, %error, "final flush failed; the agents will re-send");
                 }
             }

@@ -73,6 +73,8 @@ pub enum Command {
     Flush(oneshot::Sender<Result<FlushReport, String>>),
     /// Drop open snapshots of a destination that moved elsewhere or was redeclared.
     Forget(DestinationId),
+    /// Push what is pending, then stop: later changes are refused (the agents re-send them elsewhere or later).
+    Shutdown(oneshot::Sender<Result<FlushReport, String>>),
 }
 
 /// Handle to a running worker.
@@ -102,6 +104,16 @@ impl WorkerHandle {
         let (reply, answer) = oneshot::channel();
         self.sender
             .send(Command::Flush(reply))
+            .await
+            .map_err(|_| WorkerGone.to_string())?;
+        answer.await.map_err(|_| WorkerGone.to_string())?
+    }
+
+    /// Pushes what is pending and stops the worker; returns once it has stopped accepting changes.
+    pub async fn shutdown(&self) -> Result<FlushReport, String> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send(Command::Shutdown(reply))
             .await
             .map_err(|_| WorkerGone.to_string())?;
         answer.await.map_err(|_| WorkerGone.to_string())?
@@ -247,6 +259,11 @@ impl Worker {
                 None => receiver.recv().await,
             };
             let Some(command) = command else { break };
+            if let Command::Shutdown(reply) = command {
+                self.flush_now(Some(reply)).await;
+                receiver.close();
+                break;
+            }
             match command {
                 Command::Change(change) => {
                     self.accept(*change);
@@ -254,6 +271,16 @@ impl Worker {
                     while !self.buffer.flush_due(&self.settings.limits, Instant::now()) {
                         match receiver.try_recv() {
                             Ok(Command::Change(change)) => self.accept(*change),
+                            Ok(Command::Shutdown(reply)) => {
+                                self.flush_now(Some(reply)).await;
+                                receiver.close();
+                                self.metrics
+                                    .active_workers
+                                    .with_label_values(&self.labels())
+                                    .set(0);
+                                info!(worker = %self.id, "worker stopped");
+                                return;
+                            }
                             Ok(other) => {
                                 self.handle_other(other).await;
                                 break;
@@ -287,6 +314,8 @@ impl Worker {
             Command::Change(change) => self.accept(*change),
             Command::Flush(reply) => self.flush_now(Some(reply)).await,
             Command::Forget(id) => self.buffer.forget_destination(&id),
+            // Handled by the run loop, which stops after it.
+            Command::Shutdown(reply) => self.flush_now(Some(reply)).await,
         }
     }
 
