@@ -1,0 +1,618 @@
+//! Which types exist ([`discover`]) and which watches to run ([`desired_watches`]).
+//!
+//! ```text
+//! API server ──discover──▶ [DiscoveredResource]   (list+watch verbs, one version per group/resource)
+//!                                  │
+//! Selection (rules) ──────────────▶ desired_watches ──▶ DesiredWatches { plans, skipped }
+//! DiscoveryOptions (--watch-all,    (pure: exclusions, preset, Secrets, cap, watch scopes,
+//!  --discovery-exclude, cap)          destinations and snapshot scopes per watch)
+//! ```
+//!
+//! One watch runs per (type, scope), shared by every rule and destination that selects the
+//! type: a `ClusterWatchRule` makes the watch cluster-wide, otherwise there is one namespaced
+//! watch per `WatchRule` namespace. Never N×M watches for N rules and M destinations.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kube::Client;
+use kube::core::discovery::ApiResource;
+use kube::discovery::{Discovery, Scope, verbs};
+use tracing::{debug, info, warn};
+
+use super::selection::{CompiledRule, NamespaceLabels, Selection};
+use crate::events::{DestinationDecl, ScopeRef};
+use crate::rules::{ResourceKey, in_desired_state_preset, is_default_excluded};
+
+/// Default upper bound on concurrently watched types.
+pub const DEFAULT_MAX_GVKS: usize = 300;
+
+/// A type the server serves with `list` and `watch`, at the version ingestion uses.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DiscoveredResource {
+    /// Group, chosen version, plural and scope.
+    pub key: ResourceKey,
+    pub kind: String,
+}
+
+impl DiscoveredResource {
+    pub fn new(group: &str, version: &str, resource: &str, kind: &str, namespaced: bool) -> Self {
+        Self {
+            key: ResourceKey::new(group, version, resource, namespaced),
+            kind: kind.to_owned(),
+        }
+    }
+
+    /// `v1` for core, `group/version` otherwise.
+    pub fn api_version(&self) -> String {
+        if self.key.group.is_empty() {
+            self.key.version.clone()
+        } else {
+            format!("{}/{}", self.key.group, self.key.version)
+        }
+    }
+
+    /// The kube-rs type descriptor for `Api<DynamicObject>`.
+    pub fn api_resource(&self) -> ApiResource {
+        ApiResource {
+            group: self.key.group.clone(),
+            version: self.key.version.clone(),
+            api_version: self.api_version(),
+            kind: self.kind.clone(),
+            plural: self.key.resource.clone(),
+        }
+    }
+
+    /// `(group, plural)`: the identity across versions.
+    pub fn group_resource(&self) -> (String, String) {
+        (self.key.group.clone(), self.key.resource.clone())
+    }
+}
+
+/// Discovery failures.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("API discovery failed: {0}")]
+    Api(#[from] kube::Error),
+}
+
+/// Lists every type the server serves with `list` and `watch`, at its preferred version.
+///
+/// Tries aggregated discovery first (two requests), and falls back to the legacy per-group
+/// walk when it fails or finds nothing: kube-rs's `run_aggregated()` silently returns zero
+/// groups against servers without aggregated discovery.
+pub async fn discover(client: &Client) -> Result<Vec<DiscoveredResource>, DiscoveryError> {
+    let aggregated = match Discovery::new(client.clone()).run_aggregated().await {
+        Ok(d) if d.groups().next().is_some() => Some(d),
+        Ok(_) => {
+            debug!("aggregated discovery returned no groups; using legacy discovery");
+            None
+        }
+        Err(e) => {
+            debug!(error = %e, "aggregated discovery failed; using legacy discovery");
+            None
+        }
+    };
+    let discovery = match aggregated {
+        Some(d) => d,
+        None => Discovery::new(client.clone()).run().await?,
+    };
+    Ok(from_discovery(&discovery))
+}
+
+/// Flattens a kube-rs discovery: one entry per (group, resource) that supports list and watch,
+/// at the group's preferred version, or, for a resource the preferred version lacks, the first
+/// version (in the server's priority order) that serves it.
+pub fn from_discovery(discovery: &Discovery) -> Vec<DiscoveredResource> {
+    let mut out = Vec::new();
+    for group in discovery.groups() {
+        let preferred = group.preferred_version_or_latest().to_owned();
+        let mut versions = vec![preferred.clone()];
+        versions.extend(
+            group
+                .versions()
+                .filter(|v| *v != preferred)
+                .map(str::to_owned),
+        );
+        let mut seen = BTreeSet::new();
+        for version in versions {
+            for (ar, caps) in group.versioned_resources(&version) {
+                if ar.plural.contains('/')
+                    || !caps.supports_operation(verbs::LIST)
+                    || !caps.supports_operation(verbs::WATCH)
+                    || !seen.insert(ar.plural.clone())
+                {
+                    continue;
+                }
+                out.push(DiscoveredResource::new(
+                    &ar.group,
+                    &ar.version,
+                    &ar.plural,
+                    &ar.kind,
+                    caps.scope == Scope::Namespaced,
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Discovery-level options (flags).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiscoveryOptions {
+    /// `--watch-all`: rules without `resources` select every discovered type instead of the
+    /// desired-state preset.
+    pub watch_all: bool,
+    /// `--discovery-exclude`: `plural` (any group) or `plural.group` entries never watched, on
+    /// top of [`crate::rules::DEFAULT_EXCLUSIONS`].
+    pub exclude: Vec<String>,
+    /// Upper bound on watched types (maxGVKs).
+    pub max_gvks: usize,
+}
+
+impl Default for DiscoveryOptions {
+    fn default() -> Self {
+        Self {
+            watch_all: false,
+            exclude: Vec::new(),
+            max_gvks: DEFAULT_MAX_GVKS,
+        }
+    }
+}
+
+impl DiscoveryOptions {
+    fn excludes(&self, key: &ResourceKey) -> bool {
+        self.exclude
+            .iter()
+            .any(|entry| match entry.split_once('.') {
+                Some((resource, group)) => resource == key.resource && group == key.group,
+                None => entry == &key.resource,
+            })
+    }
+}
+
+/// Identifies one watch: a type at one version, in one namespace or (`""`) in all of them /
+/// cluster-wide.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WatchKey {
+    pub group: String,
+    pub version: String,
+    pub resource: String,
+    /// `""`: all namespaces, or a cluster-scoped type.
+    pub namespace: String,
+}
+
+impl WatchKey {
+    /// The snapshot scope of this type in `namespace`.
+    pub fn scope(&self, namespace: &str) -> ScopeRef {
+        ScopeRef {
+            group: self.group.clone(),
+            version: self.version.clone(),
+            resource: self.resource.clone(),
+            namespace: namespace.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for WatchKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let group = if self.group.is_empty() {
+            "core"
+        } else {
+            &self.group
+        };
+        write!(f, "{group}/{}/{}", self.version, self.resource)?;
+        if !self.namespace.is_empty() {
+            write!(f, " in {}", self.namespace)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where one watch's objects go for one destination.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DestinationRoute {
+    pub destination: DestinationDecl,
+    /// The destination's rules that select this type.
+    pub rules: Vec<CompiledRule>,
+    /// Snapshot scopes (namespaces; `""` = all / cluster-scoped) each relist opens and closes.
+    pub snapshot_namespaces: BTreeSet<String>,
+}
+
+/// Everything one watch needs. A running watch whose plan changes is restarted: it relists
+/// and opens new snapshot epochs, which is always correct (the writer makes repeats no-ops).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WatchPlan {
+    pub key: WatchKey,
+    pub resource: DiscoveredResource,
+    /// Sorted by destination key.
+    pub routes: Vec<DestinationRoute>,
+    /// Namespace labels, only when a route's rule has a namespace selector (so that label
+    /// changes restart only the watches they affect).
+    pub namespace_labels: NamespaceLabels,
+}
+
+/// Why a selected type is not watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Secrets are never mirrored in plaintext (SOPS encryption is not built yet).
+    Secret,
+    /// Over the maxGVKs cap.
+    Capped,
+}
+
+/// The result of planning.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DesiredWatches {
+    pub plans: BTreeMap<WatchKey, WatchPlan>,
+    /// Types some rule selects but that are not watched, and why.
+    pub skipped: Vec<(ResourceKey, SkipReason)>,
+}
+
+fn is_secret(key: &ResourceKey) -> bool {
+    key.group.is_empty() && key.resource == "secrets"
+}
+
+/// Computes the set of watches from discovered types, the selection and the options. Pure.
+pub fn desired_watches(
+    discovered: &[DiscoveredResource],
+    selection: &Selection,
+    options: &DiscoveryOptions,
+) -> DesiredWatches {
+    let rules: Vec<CompiledRule> = selection
+        .rules
+        .iter()
+        // A rule whose destination is not declared has nowhere to write.
+        .filter(|r| selection.destination(&r.destination).is_some())
+        .map(|r| {
+            if options.watch_all {
+                r.widened_for_watch_all()
+            } else {
+                r.clone()
+            }
+        })
+        .collect();
+
+    let mut out = DesiredWatches::default();
+    let mut selected: Vec<(&DiscoveredResource, Vec<&CompiledRule>)> = Vec::new();
+    for res in discovered {
+        if is_default_excluded(&res.key) || options.excludes(&res.key) {
+            continue;
+        }
+        let selecting: Vec<&CompiledRule> =
+            rules.iter().filter(|r| r.selects_type(&res.key)).collect();
+        if selecting.is_empty() {
+            continue;
+        }
+        if is_secret(&res.key) {
+            out.skipped.push((res.key.clone(), SkipReason::Secret));
+            continue;
+        }
+        selected.push((res, selecting));
+    }
+    // Deterministic cap: desired-state types first, then by group and resource.
+    selected.sort_by_key(|(res, _)| {
+        (
+            !in_desired_state_preset(&res.key),
+            res.key.group.clone(),
+            res.key.resource.clone(),
+        )
+    });
+    if selected.len() > options.max_gvks {
+        for (res, _) in selected.drain(options.max_gvks..) {
+            out.skipped.push((res.key.clone(), SkipReason::Capped));
+        }
+    }
+
+    for (res, selecting) in selected {
+        let cluster_wide =
+            !res.key.namespaced || selecting.iter().any(|r| r.needs_all_namespaces());
+        // Group the rules by watch namespace.
+        let mut by_watch: BTreeMap<String, Vec<&CompiledRule>> = BTreeMap::new();
+        for rule in selecting {
+            let watch_ns = match (&rule.kind, cluster_wide) {
+                (super::selection::RuleKind::Namespaced { namespace, .. }, false) => {
+                    namespace.clone()
+                }
+                _ => String::new(),
+            };
+            by_watch.entry(watch_ns).or_default().push(rule);
+        }
+        for (namespace, rules) in by_watch {
+            let key = WatchKey {
+                group: res.key.group.clone(),
+                version: res.key.version.clone(),
+                resource: res.key.resource.clone(),
+                namespace,
+            };
+            let uses_labels = rules.iter().any(|r| r.uses_namespace_labels());
+            let mut routes: BTreeMap<String, DestinationRoute> = BTreeMap::new();
+            for rule in rules {
+                let Some(decl) = selection.destination(&rule.destination) else {
+                    continue;
+                };
+                let route =
+                    routes
+                        .entry(rule.destination.clone())
+                        .or_insert_with(|| DestinationRoute {
+                            destination: decl.clone(),
+                            rules: Vec::new(),
+                            snapshot_namespaces: BTreeSet::new(),
+                        });
+                route.rules.push(rule.clone());
+                route
+                    .snapshot_namespaces
+                    .extend(rule.snapshot_namespaces(&res.key, &selection.namespace_labels));
+            }
+            for route in routes.values_mut() {
+                if route.snapshot_namespaces.contains("") {
+                    route.snapshot_namespaces.retain(String::is_empty);
+                }
+            }
+            out.plans.insert(
+                key.clone(),
+                WatchPlan {
+                    key,
+                    resource: res.clone(),
+                    routes: routes.into_values().collect(),
+                    namespace_labels: if uses_labels {
+                        selection.namespace_labels.clone()
+                    } else {
+                        NamespaceLabels::new()
+                    },
+                },
+            );
+        }
+    }
+    out
+}
+
+/// Logs the skipped types once per planning round, at a level matching their importance.
+pub(crate) fn log_skipped(skipped: &[(ResourceKey, SkipReason)]) {
+    for (key, reason) in skipped {
+        match reason {
+            SkipReason::Secret => info!(
+                group = %key.group, resource = %key.resource,
+                "not watching Secrets: plaintext Secrets never go to Git (SOPS encryption is not built yet)"
+            ),
+            SkipReason::Capped => warn!(
+                group = %key.group, resource = %key.resource,
+                "not watching: over the maxGVKs cap"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::selection::test_support::*;
+    use super::*;
+    use crate::crd::ResourceScope;
+
+    fn cluster() -> Vec<DiscoveredResource> {
+        vec![
+            DiscoveredResource::new("", "v1", "pods", "Pod", true),
+            DiscoveredResource::new("", "v1", "events", "Event", true),
+            DiscoveredResource::new("", "v1", "configmaps", "ConfigMap", true),
+            DiscoveredResource::new("", "v1", "secrets", "Secret", true),
+            DiscoveredResource::new("", "v1", "services", "Service", true),
+            DiscoveredResource::new("", "v1", "namespaces", "Namespace", false),
+            DiscoveredResource::new("apps", "v1", "deployments", "Deployment", true),
+            DiscoveredResource::new("batch", "v1", "jobs", "Job", true),
+            DiscoveredResource::new(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "clusterroles",
+                "ClusterRole",
+                false,
+            ),
+            DiscoveredResource::new("example.com", "v1", "widgets", "Widget", true),
+        ]
+    }
+
+    fn selection(rules: Vec<CompiledRule>) -> Selection {
+        let mut dests: Vec<_> = rules.iter().map(|r| decl(&r.destination)).collect();
+        dests.dedup();
+        Selection {
+            destinations: dests,
+            rules,
+            namespace_labels: NamespaceLabels::new(),
+        }
+    }
+
+    fn types(d: &DesiredWatches) -> Vec<String> {
+        let mut out: Vec<String> = d.plans.keys().map(|k| k.to_string()).collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn preset_rule_watches_desired_state_types_but_not_pods_events_jobs_or_secrets() {
+        let sel = selection(vec![cluster_rule(
+            "x/prod",
+            ResourceScope::Namespaced,
+            &[],
+            None,
+        )]);
+        let d = desired_watches(&cluster(), &sel, &DiscoveryOptions::default());
+        assert_eq!(
+            types(&d),
+            vec![
+                "apps/v1/deployments",
+                "core/v1/configmaps",
+                "core/v1/services"
+            ]
+        );
+        assert_eq!(
+            d.skipped,
+            vec![(
+                ResourceKey::new("", "v1", "secrets", true),
+                SkipReason::Secret
+            )]
+        );
+    }
+
+    #[test]
+    fn wildcard_rule_still_applies_default_exclusions() {
+        let sel = selection(vec![
+            cluster_rule("x/prod", ResourceScope::Namespaced, &["*"], None),
+            cluster_rule("x/prod", ResourceScope::Cluster, &["*"], None),
+        ]);
+        let d = desired_watches(&cluster(), &sel, &DiscoveryOptions::default());
+        assert_eq!(
+            types(&d),
+            vec![
+                "apps/v1/deployments",
+                "core/v1/configmaps",
+                "core/v1/namespaces",
+                "core/v1/services",
+                "example.com/v1/widgets",
+                "rbac.authorization.k8s.io/v1/clusterroles",
+            ]
+        );
+    }
+
+    #[test]
+    fn watch_all_widens_preset_rules_minus_discovery_excludes() {
+        let sel = selection(vec![cluster_rule(
+            "x/prod",
+            ResourceScope::Namespaced,
+            &[],
+            None,
+        )]);
+        let opts = DiscoveryOptions {
+            watch_all: true,
+            exclude: vec!["widgets.example.com".into(), "services".into()],
+            ..Default::default()
+        };
+        let d = desired_watches(&cluster(), &sel, &opts);
+        assert_eq!(types(&d), vec!["apps/v1/deployments", "core/v1/configmaps"]);
+    }
+
+    #[test]
+    fn watch_rules_alone_get_one_namespaced_watch_per_namespace() {
+        let sel = selection(vec![
+            watch_rule("shop", "shop/prod", &["configmaps"], None),
+            watch_rule("shop", "shop/audit", &["configmaps"], None),
+            watch_rule("web", "web/prod", &["configmaps"], None),
+        ]);
+        let d = desired_watches(&cluster(), &sel, &DiscoveryOptions::default());
+        assert_eq!(
+            types(&d),
+            vec!["core/v1/configmaps in shop", "core/v1/configmaps in web"]
+        );
+        let shop = d.plans.values().next().unwrap();
+        let dests: Vec<_> = shop
+            .routes
+            .iter()
+            .map(|r| r.destination.key.as_str())
+            .collect();
+        assert_eq!(dests, vec!["shop/audit", "shop/prod"]);
+    }
+
+    #[test]
+    fn a_cluster_rule_makes_one_shared_cluster_wide_watch_with_narrow_snapshot_scopes() {
+        let sel = selection(vec![
+            watch_rule("shop", "shop/prod", &["configmaps"], None),
+            cluster_rule("x/all", ResourceScope::Namespaced, &["configmaps"], None),
+        ]);
+        let d = desired_watches(&cluster(), &sel, &DiscoveryOptions::default());
+        assert_eq!(types(&d), vec!["core/v1/configmaps"]);
+        let plan = d.plans.values().next().unwrap();
+        let scopes: Vec<(&str, Vec<&str>)> = plan
+            .routes
+            .iter()
+            .map(|r| {
+                (
+                    r.destination.key.as_str(),
+                    r.snapshot_namespaces.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            scopes,
+            vec![("shop/prod", vec!["shop"]), ("x/all", vec![""])]
+        );
+    }
+
+    #[test]
+    fn rules_without_a_declared_destination_watch_nothing() {
+        let mut sel = selection(vec![watch_rule("shop", "shop/prod", &["configmaps"], None)]);
+        sel.destinations.clear();
+        let d = desired_watches(&cluster(), &sel, &DiscoveryOptions::default());
+        assert!(d.plans.is_empty());
+    }
+
+    #[test]
+    fn caps_watched_types_keeping_desired_state_types_first() {
+        let mut discovered = cluster();
+        for i in 0..5 {
+            discovered.push(DiscoveredResource::new(
+                "aaa.example.com",
+                "v1",
+                &format!("things{i}"),
+                "Thing",
+                true,
+            ));
+        }
+        let sel = selection(vec![cluster_rule(
+            "x/prod",
+            ResourceScope::Namespaced,
+            &["*"],
+            None,
+        )]);
+        let opts = DiscoveryOptions {
+            max_gvks: 3,
+            ..Default::default()
+        };
+        let d = desired_watches(&discovered, &sel, &opts);
+        assert_eq!(
+            types(&d),
+            vec![
+                "apps/v1/deployments",
+                "core/v1/configmaps",
+                "core/v1/services"
+            ]
+        );
+        let capped = d
+            .skipped
+            .iter()
+            .filter(|(_, r)| *r == SkipReason::Capped)
+            .count();
+        assert_eq!(capped, 6, "5 things + widgets");
+    }
+
+    #[test]
+    fn plans_carry_namespace_labels_only_when_a_selector_needs_them() {
+        let mut sel = selection(vec![
+            cluster_rule(
+                "x/prod",
+                ResourceScope::Namespaced,
+                &["configmaps"],
+                Some(match_labels(&[("team", "a")])),
+            ),
+            cluster_rule("x/prod", ResourceScope::Namespaced, &["services"], None),
+        ]);
+        sel.namespace_labels
+            .insert("a1".into(), labels(&[("team", "a")]));
+        let d = desired_watches(&cluster(), &sel, &DiscoveryOptions::default());
+        let cm = &d.plans[&WatchKey {
+            group: "".into(),
+            version: "v1".into(),
+            resource: "configmaps".into(),
+            namespace: "".into(),
+        }];
+        assert_eq!(cm.namespace_labels.len(), 1);
+        assert_eq!(
+            cm.routes[0].snapshot_namespaces,
+            BTreeSet::from(["a1".to_owned()])
+        );
+        let svc = &d.plans[&WatchKey {
+            group: "".into(),
+            version: "v1".into(),
+            resource: "services".into(),
+            namespace: "".into(),
+        }];
+        assert!(svc.namespace_labels.is_empty());
+    }
+}

@@ -1,0 +1,364 @@
+//! Ingestion: discovery → selection → one List+Watch per selected (type, scope) → canonical YAML
+//! → [`AgentEvent`]s on a bounded channel.
+//!
+//! ```text
+//!            ┌──────────── supervisor task (spawn) ─────────────┐
+//! API server │ discover() every 5 min or on refresh_discovery()  │  Selection (watch channel,
+//!  ─────────▶│   (backoff 1 s..60 s + jitter on failure,          │◀─ from the CRDs: resolve)
+//!            │    a vanished type is kept for `vanish_grace`)      │
+//!            │ desired_watches(discovered, selection, options)    │
+//!            │ diff with running watches: start / stop / restart  │
+//!            └───────┬───────────────────────────────┬───────────┘
+//!                    │ Destination decls              │ one task per WatchPlan
+//!                    ▼                                ▼
+//!              mpsc::Sender<AgentEvent>  ◀──  watch::run: kube watcher → WatchIndex
+//!              (bounded: a slow writer         (snapshot epochs, upserts, deletes,
+//!               slows the watches down)         per-(destination, path) content hashes)
+//! ```
+//!
+//! Safety rules carried through every module (upstream lessons): deletions happen only at a
+//! completed snapshot boundary, scoped to that snapshot's type and namespace; a failed list, a
+//! 403 or a type that vanished from discovery never ends a snapshot; Secrets are never sent.
+//!
+//! - [`discovery`]: which types exist, and the pure planner of watches.
+//! - [`selection`]: destinations and compiled rules, as matching needs them.
+//! - [`resolve`]: from the custom resources to a [`Selection`], enforcing access policy.
+//! - [`watch`]: one watch task and its pure event index.
+//! - [`backoff`]: exponential backoff with jitter.
+
+pub mod backoff;
+pub mod discovery;
+pub mod resolve;
+pub mod selection;
+pub mod watch;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, watch as tokio_watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+pub use discovery::{
+    DesiredWatches, DiscoveredResource, DiscoveryOptions, SkipReason, WatchKey, WatchPlan,
+    desired_watches, discover,
+};
+pub use selection::{CompiledRule, RuleKind, Selection};
+pub use watch::{InitialList, WatchIndex, WatchStatus};
+
+use crate::events::{AgentEvent, DestinationDecl};
+use crate::rules::SelectionOptions;
+use backoff::Backoff;
+
+/// Ingestion settings (flags).
+#[derive(Clone, Debug)]
+pub struct IngestConfig {
+    pub discovery: DiscoveryOptions,
+    /// Opt-ins for derived objects (controller-owned, `kube-root-ca.crt`).
+    pub selection_options: SelectionOptions,
+    /// How often discovery runs to find new types (CRDs) and drop removed ones.
+    pub discovery_refresh: Duration,
+    /// How long a type missing from discovery keeps its watch: discovery of aggregated APIs
+    /// blinks, and a restart would relist for nothing.
+    pub vanish_grace: Duration,
+    pub initial_list: InitialList,
+    /// Watch restart backoff bounds.
+    pub watch_backoff: (Duration, Duration),
+    /// Discovery failure backoff bounds.
+    pub discovery_backoff: (Duration, Duration),
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            discovery: DiscoveryOptions::default(),
+            selection_options: SelectionOptions::default(),
+            discovery_refresh: Duration::from_secs(300),
+            vanish_grace: Duration::from_secs(60),
+            initial_list: InitialList::default(),
+            watch_backoff: (Duration::from_millis(500), Duration::from_secs(30)),
+            discovery_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Counters for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct IngestMetrics {
+    /// Completed discovery runs.
+    pub discovery_runs: AtomicU64,
+    /// Failed discovery runs (`discovery_errors_total`).
+    pub discovery_errors: AtomicU64,
+    /// Errors reported by any watch (each is retried with backoff).
+    pub watch_errors: AtomicU64,
+    /// Watches currently running.
+    pub active_watches: AtomicU64,
+}
+
+/// State shared by the supervisor and the watch tasks.
+pub(crate) struct Shared {
+    pub(crate) config: IngestConfig,
+    pub(crate) tx: mpsc::Sender<AgentEvent>,
+    /// Epoch numbers, shared by all watches so they only grow on a stream.
+    pub(crate) epochs: AtomicU64,
+    pub(crate) metrics: Arc<IngestMetrics>,
+    status: Mutex<BTreeMap<WatchKey, WatchStatus>>,
+}
+
+impl Shared {
+    pub(crate) fn update_status(&self, key: &WatchKey, f: impl FnOnce(&mut WatchStatus)) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = status.get_mut(key) {
+            f(s);
+        }
+    }
+}
+
+/// Handle to the running ingestion; dropping it stops every watch.
+pub struct IngestHandle {
+    refresh: Arc<Notify>,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for IngestHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestHandle").finish_non_exhaustive()
+    }
+}
+
+impl IngestHandle {
+    /// Runs discovery now instead of at the next interval (e.g. after a CRD was created).
+    pub fn refresh_discovery(&self) {
+        self.refresh.notify_one();
+    }
+
+    pub fn metrics(&self) -> &IngestMetrics {
+        &self.shared.metrics
+    }
+
+    /// Status of every running watch.
+    pub fn watch_status(&self) -> BTreeMap<WatchKey, WatchStatus> {
+        self.shared
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Stops discovery and every watch.
+    pub async fn shutdown(mut self) {
+        self.task.abort();
+        // Waiting for the aborted supervisor means its watch tasks were aborted too.
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for IngestHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts ingestion: discovery at once, then watches per the current selection. Events go to
+/// `tx`; a full channel blocks the watches (backpressure), a closed one stops them.
+pub fn spawn(
+    client: kube::Client,
+    config: IngestConfig,
+    selection: tokio_watch::Receiver<Arc<Selection>>,
+    tx: mpsc::Sender<AgentEvent>,
+) -> IngestHandle {
+    let shared = Arc::new(Shared {
+        config,
+        tx,
+        epochs: AtomicU64::new(0),
+        metrics: Arc::new(IngestMetrics::default()),
+        status: Mutex::new(BTreeMap::new()),
+    });
+    let refresh = Arc::new(Notify::new());
+    let task = tokio::spawn(supervise(
+        client,
+        Arc::clone(&shared),
+        selection,
+        Arc::clone(&refresh),
+    ));
+    IngestHandle {
+        refresh,
+        shared,
+        task,
+    }
+}
+
+/// Aborts the task when dropped, so that dropping the supervisor stops every watch.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Running {
+    plan: Arc<WatchPlan>,
+    _task: AbortOnDrop,
+}
+
+#[derive(Default)]
+struct Supervisor {
+    /// (group, resource) → the type and when discovery last listed it.
+    known: HashMap<(String, String), (DiscoveredResource, Instant)>,
+    running: BTreeMap<WatchKey, Running>,
+    declared: BTreeMap<String, DestinationDecl>,
+    last_skipped: Vec<(crate::rules::ResourceKey, SkipReason)>,
+}
+
+async fn supervise(
+    client: kube::Client,
+    shared: Arc<Shared>,
+    mut selection_rx: tokio_watch::Receiver<Arc<Selection>>,
+    refresh: Arc<Notify>,
+) {
+    let config = shared.config.clone();
+    let mut state = Supervisor::default();
+    let mut backoff = Backoff::new(config.discovery_backoff.0, config.discovery_backoff.1);
+    let mut next_discovery = Instant::now();
+    let mut selection_open = true;
+    loop {
+        if Instant::now() >= next_discovery {
+            match discover(&client).await {
+                Ok(found) => {
+                    let now = Instant::now();
+                    for res in found {
+                        state.known.insert(res.group_resource(), (res, now));
+                    }
+                    // Keep a vanished type for the grace period: a blink must not stop (and
+                    // later relist) its watch, and must never delete anything.
+                    state.known.retain(|_, (res, seen)| {
+                        let keep = now.duration_since(*seen) < config.vanish_grace || *seen == now;
+                        if !keep {
+                            info!(group = %res.key.group, resource = %res.key.resource, "type left discovery; stopping its watch (files are kept)");
+                        }
+                        keep
+                    });
+                    shared
+                        .metrics
+                        .discovery_runs
+                        .fetch_add(1, Ordering::Relaxed);
+                    backoff.reset();
+                    next_discovery = now + config.discovery_refresh;
+                }
+                Err(e) => {
+                    shared
+                        .metrics
+                        .discovery_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    let delay = backoff.next_delay();
+                    warn!(error = %e, retry_in = ?delay, "discovery failed; keeping the known types");
+                    next_discovery = Instant::now() + delay;
+                }
+            }
+        }
+        let selection = Arc::clone(&selection_rx.borrow_and_update());
+        if reconcile(&client, &shared, &mut state, &selection)
+            .await
+            .is_err()
+        {
+            info!("event channel closed; stopping ingestion");
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(next_discovery) => {}
+            _ = refresh.notified() => next_discovery = Instant::now(),
+            changed = selection_rx.changed(), if selection_open => {
+                // Without a sender the last selection stays in force.
+                selection_open = changed.is_ok();
+            }
+        }
+    }
+}
+
+/// Declares destinations and brings the running watches in line with the plan.
+async fn reconcile(
+    client: &kube::Client,
+    shared: &Arc<Shared>,
+    state: &mut Supervisor,
+    selection: &Selection,
+) -> Result<(), mpsc::error::SendError<AgentEvent>> {
+    let discovered: Vec<DiscoveredResource> =
+        state.known.values().map(|(r, _)| r.clone()).collect();
+    let desired = desired_watches(&discovered, selection, &shared.config.discovery);
+    if desired.skipped != state.last_skipped {
+        discovery::log_skipped(&desired.skipped);
+        state.last_skipped = desired.skipped.clone();
+    }
+
+    // Destinations first: the stream must know a destination before any change for it.
+    for decl in &selection.destinations {
+        if state.declared.get(&decl.key) != Some(decl) {
+            shared
+                .tx
+                .send(AgentEvent::Destination(decl.clone()))
+                .await?;
+            state.declared.insert(decl.key.clone(), decl.clone());
+        }
+    }
+    state
+        .declared
+        .retain(|key, _| selection.destination(key).is_some());
+
+    // A watch whose plan changed restarts: its relist opens new epochs for the new routes.
+    let before = state.running.len();
+    state.running.retain(|key, running| {
+        let keep = desired.plans.get(key) == Some(&*running.plan);
+        if !keep {
+            info!(watch = %key, "stopping watch");
+        }
+        keep
+    });
+    let stopped = before - state.running.len();
+    {
+        let mut status = shared.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.retain(|key, _| state.running.contains_key(key));
+    }
+    let mut started = 0;
+    for (key, plan) in desired.plans {
+        if state.running.contains_key(&key) {
+            continue;
+        }
+        let plan = Arc::new(plan);
+        shared
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), WatchStatus::default());
+        let task = tokio::spawn(watch::run(
+            client.clone(),
+            Arc::clone(&plan),
+            Arc::clone(shared),
+        ));
+        state.running.insert(
+            key,
+            Running {
+                plan,
+                _task: AbortOnDrop(task),
+            },
+        );
+        started += 1;
+    }
+    if started > 0 || stopped > 0 {
+        info!(
+            started,
+            stopped,
+            running = state.running.len(),
+            "watches reconciled"
+        );
+    }
+    shared
+        .metrics
+        .active_watches
+        .store(state.running.len() as u64, Ordering::Relaxed);
+    Ok(())
+}

@@ -1,0 +1,619 @@
+//! From the custom resources to a [`Selection`], enforcing the access policy. Pure.
+//!
+//! ```text
+//! GitRepoConfig ◀─repoRef── GitDestination ◀─destinationRef── WatchRule / ClusterWatchRule
+//!  allowedBranches            accessPolicy                      (namespace, rules)
+//!  accessPolicy               baseFolder
+//!  allowClusterRules
+//! ```
+//!
+//! A destination is usable when its repository exists, its branch is in the repository's
+//! `allowedBranches`, its `baseFolder` is valid and the repository's access policy admits the
+//! destination's namespace. A `WatchRule` is admitted when its destination is usable and both
+//! the destination's and the repository's `namespacedRules` policy admit the rule's namespace;
+//! a `ClusterWatchRule` needs a usable destination and `allowClusterRules` on the repository.
+//! Every rule and destination gets a condition (Ready or the reason it is not); only admitted
+//! rules and the destinations they use reach the [`Selection`].
+//!
+//! Everything fails closed: an unknown namespace, an invalid label selector or an empty
+//! `allowedBranches` admits nothing.
+
+// next: a controller task that watches the four custom resources and the Namespaces, calls
+// `resolve` on every change, publishes `Resolution::selection` on the `watch` channel that
+// `ingest::spawn` reads, and writes `rule_conditions` / `destination_conditions` as the `Ready`
+// condition (with `observedGeneration`) to each object's `/status` — only while holding the
+// leader lease.
+
+use std::collections::BTreeMap;
+
+use kube::ResourceExt;
+
+use super::selection::{CompiledRule, NamespaceLabels, RuleKind, Selection};
+use crate::crd::{
+    AccessPolicy, ClusterWatchRule, GitDestination, GitRepoConfig, NamespacedRulesMode, WatchRule,
+    validate_base_folder,
+};
+use crate::events::DestinationDecl;
+use crate::rules::label_selector_matches;
+
+/// Why a rule or destination is not Ready (the condition's `reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// Ready=True.
+    Ready,
+    /// An access policy does not admit the referencing namespace or cluster rule.
+    AccessDenied,
+    /// The destination's branch is not in the repository's `allowedBranches`.
+    BranchNotAllowed,
+    DestinationNotFound,
+    RepoNotFound,
+    /// The destination's `baseFolder` is not a clean relative path.
+    InvalidBaseFolder,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Ready => "Ready",
+            Reason::AccessDenied => "AccessDenied",
+            Reason::BranchNotAllowed => "BranchNotAllowed",
+            Reason::DestinationNotFound => "DestinationNotFound",
+            Reason::RepoNotFound => "RepoNotFound",
+            Reason::InvalidBaseFolder => "InvalidBaseFolder",
+        }
+    }
+}
+
+/// The `Ready` condition to write to an object's status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadyCondition {
+    pub ready: bool,
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl ReadyCondition {
+    fn ok(message: impl Into<String>) -> Self {
+        Self {
+            ready: true,
+            reason: Reason::Ready,
+            message: message.into(),
+        }
+    }
+
+    fn not(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            ready: false,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// The custom resources and namespaces as listed.
+#[derive(Clone, Copy, Debug)]
+pub struct Inputs<'a> {
+    pub repos: &'a [GitRepoConfig],
+    pub destinations: &'a [GitDestination],
+    pub watch_rules: &'a [WatchRule],
+    pub cluster_watch_rules: &'a [ClusterWatchRule],
+    pub namespaces: &'a NamespaceLabels,
+}
+
+/// The resolved selection plus a condition per object.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Resolution {
+    pub selection: Selection,
+    /// Keyed `WatchRule/{ns}/{name}` and `ClusterWatchRule/{name}`.
+    pub rule_conditions: BTreeMap<String, ReadyCondition>,
+    /// Keyed `{ns}/{name}`.
+    pub destination_conditions: BTreeMap<String, ReadyCondition>,
+}
+
+fn key(ns: &str, name: &str) -> String {
+    format!("{ns}/{name}")
+}
+
+/// Whether `policy` (of an object in `owner_ns`) admits a namespaced referrer in `from_ns`.
+/// No policy means `SameNamespace`.
+fn admits_namespace(
+    policy: Option<&AccessPolicy>,
+    owner_ns: &str,
+    from_ns: &str,
+    namespaces: &NamespaceLabels,
+) -> bool {
+    let rules = policy.and_then(|p| p.namespaced_rules.as_ref());
+    match rules.map(|r| r.mode).unwrap_or_default() {
+        NamespacedRulesMode::SameNamespace => owner_ns == from_ns,
+        NamespacedRulesMode::AllNamespaces => true,
+        NamespacedRulesMode::FromSelector => {
+            let selector = rules.and_then(|r| r.namespace_selector.as_ref());
+            match (selector, namespaces.get(from_ns)) {
+                (Some(selector), Some(labels)) => {
+                    label_selector_matches(selector, labels).unwrap_or(false)
+                }
+                _ => false,
+            }
+        }
+    }
+}
+
+struct UsableDestination<'a> {
+    decl: DestinationDecl,
+    ns: String,
+    dest: &'a GitDestination,
+    repo: &'a GitRepoConfig,
+}
+
+/// Resolves the custom resources into a selection and conditions.
+pub fn resolve(inputs: Inputs<'_>) -> Resolution {
+    let mut out = Resolution {
+        selection: Selection {
+            namespace_labels: inputs.namespaces.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+
+    // Destinations.
+    let mut usable: BTreeMap<String, UsableDestination<'_>> = BTreeMap::new();
+    for dest in inputs.destinations {
+        let ns = dest.namespace().unwrap_or_default();
+        let dest_key = key(&ns, &dest.name_any());
+        let repo_ref = &dest.spec.repo_ref;
+        let repo = inputs.repos.iter().find(|r| {
+            r.namespace().as_deref() == Some(repo_ref.namespace.as_str())
+                && r.name_any() == repo_ref.name
+        });
+        let condition = match repo {
+            None => ReadyCondition::not(
+                Reason::RepoNotFound,
+                format!(
+                    "GitRepoConfig {} not found",
+                    key(&repo_ref.namespace, &repo_ref.name)
+                ),
+            ),
+            Some(repo) if !repo.spec.allowed_branches.contains(&dest.spec.branch) => {
+                ReadyCondition::not(
+                    Reason::BranchNotAllowed,
+                    format!(
+                        "branch {:?} is not in allowedBranches of GitRepoConfig {}",
+                        dest.spec.branch,
+                        key(&repo_ref.namespace, &repo_ref.name)
+                    ),
+                )
+            }
+            Some(repo)
+                if !admits_namespace(
+                    repo.spec.access_policy.as_ref(),
+                    &repo_ref.namespace,
+                    &ns,
+                    inputs.namespaces,
+                ) =>
+            {
+                ReadyCondition::not(
+                    Reason::AccessDenied,
+                    format!(
+                        "GitRepoConfig {} does not admit destinations from namespace {ns}",
+                        key(&repo_ref.namespace, &repo_ref.name)
+                    ),
+                )
+            }
+            Some(_) => match validate_base_folder(&dest.spec.base_folder) {
+                Err(e) => ReadyCondition::not(Reason::InvalidBaseFolder, e.to_string()),
+                Ok(()) => ReadyCondition::ok("destination resolved"),
+            },
+        };
+        if let (true, Some(repo)) = (condition.ready, repo) {
+            usable.insert(
+                dest_key.clone(),
+                UsableDestination {
+                    decl: DestinationDecl {
+                        key: dest_key.clone(),
+                        repo_url: repo.spec.repo_url.clone(),
+                        branch: dest.spec.branch.clone(),
+                        base_folder: dest.spec.base_folder.clone(),
+                        exclusive_mode: dest.spec.exclusive_mode,
+                        // `secretRef` names a Kubernetes Secret, not an entry of the writer's
+                        // credentials file; credentials stay with the writer for now.
+                        credentials_reference: None,
+                    },
+                    ns: ns.clone(),
+                    dest,
+                    repo,
+                },
+            );
+        }
+        out.destination_conditions.insert(dest_key, condition);
+    }
+
+    // The condition of a rule whose destination is missing or unusable.
+    let destination_problem = |dest_key: &str| -> Option<ReadyCondition> {
+        if usable.contains_key(dest_key) {
+            return None;
+        }
+        Some(match out.destination_conditions.get(dest_key) {
+            None => ReadyCondition::not(
+                Reason::DestinationNotFound,
+                format!("GitDestination {dest_key} not found"),
+            ),
+            Some(c) => ReadyCondition::not(
+                c.reason,
+                format!("GitDestination {dest_key} is not ready: {}", c.message),
+            ),
+        })
+    };
+
+    let mut rules = Vec::new();
+    let mut rule_conditions = BTreeMap::new();
+    for rule in inputs.watch_rules {
+        let ns = rule.namespace().unwrap_or_default();
+        let id = format!("WatchRule/{ns}/{}", rule.name_any());
+        let dest_ref = &rule.spec.destination_ref;
+        let dest_ns = dest_ref.namespace.clone().unwrap_or_else(|| ns.clone());
+        let dest_key = key(&dest_ns, &dest_ref.name);
+        let condition = destination_problem(&dest_key).unwrap_or_else(|| {
+            let d = &usable[&dest_key];
+            let repo_ns = &d.dest.spec.repo_ref.namespace;
+            if !admits_namespace(
+                d.dest.spec.access_policy.as_ref(),
+                &d.ns,
+                &ns,
+                inputs.namespaces,
+            ) {
+                ReadyCondition::not(
+                    Reason::AccessDenied,
+                    format!("GitDestination {dest_key} does not admit rules from namespace {ns}"),
+                )
+            } else if !admits_namespace(
+                d.repo.spec.access_policy.as_ref(),
+                repo_ns,
+                &ns,
+                inputs.namespaces,
+            ) {
+                ReadyCondition::not(
+                    Reason::AccessDenied,
+                    format!(
+                        "the GitRepoConfig of {dest_key} does not admit rules from namespace {ns}"
+                    ),
+                )
+            } else {
+                ReadyCondition::ok(format!("mirroring into {dest_key}"))
+            }
+        });
+        if condition.ready {
+            rules.push(CompiledRule {
+                id: id.clone(),
+                destination: dest_key,
+                kind: RuleKind::Namespaced {
+                    namespace: ns,
+                    spec: rule.spec.clone(),
+                },
+            });
+        }
+        rule_conditions.insert(id, condition);
+    }
+    for rule in inputs.cluster_watch_rules {
+        let id = format!("ClusterWatchRule/{}", rule.name_any());
+        let dest_ref = &rule.spec.destination_ref;
+        let dest_key = key(&dest_ref.namespace, &dest_ref.name);
+        let condition = destination_problem(&dest_key).unwrap_or_else(|| {
+            let d = &usable[&dest_key];
+            let allowed = d
+                .repo
+                .spec
+                .access_policy
+                .as_ref()
+                .is_some_and(|p| p.allow_cluster_rules);
+            if allowed {
+                ReadyCondition::ok(format!("mirroring into {dest_key}"))
+            } else {
+                ReadyCondition::not(
+                    Reason::AccessDenied,
+                    format!("the GitRepoConfig of {dest_key} does not set accessPolicy.allowClusterRules"),
+                )
+            }
+        });
+        if condition.ready {
+            rules.push(CompiledRule {
+                id: id.clone(),
+                destination: dest_key,
+                kind: RuleKind::Cluster {
+                    spec: rule.spec.clone(),
+                },
+            });
+        }
+        rule_conditions.insert(id, condition);
+    }
+
+    // Only destinations some admitted rule writes to are declared to the writer.
+    let used: std::collections::BTreeSet<&str> =
+        rules.iter().map(|r| r.destination.as_str()).collect();
+    out.selection.destinations = usable
+        .values()
+        .filter(|d| used.contains(d.decl.key.as_str()))
+        .map(|d| d.decl.clone())
+        .collect();
+    out.selection.rules = rules;
+    out.rule_conditions = rule_conditions;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::selection::test_support::labels;
+    use super::*;
+    use serde_json::json;
+
+    fn repo(ns: &str, name: &str, branches: &[&str], policy: Value) -> GitRepoConfig {
+        serde_json::from_value(json!({
+            "apiVersion": "configbutler.ai/v1alpha1", "kind": "GitRepoConfig",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"repoUrl": "https://git.example.com/infra.git", "allowedBranches": branches, "accessPolicy": policy}
+        }))
+        .unwrap()
+    }
+
+    use serde_json::Value;
+
+    fn dest(
+        ns: &str,
+        name: &str,
+        repo: (&str, &str),
+        branch: &str,
+        policy: Value,
+    ) -> GitDestination {
+        serde_json::from_value(json!({
+            "apiVersion": "configbutler.ai/v1alpha1", "kind": "GitDestination",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"repoRef": {"namespace": repo.0, "name": repo.1}, "branch": branch,
+                     "baseFolder": format!("clusters/{name}"), "accessPolicy": policy}
+        }))
+        .unwrap()
+    }
+
+    fn wr(ns: &str, name: &str, dest_ref: Value) -> WatchRule {
+        serde_json::from_value(json!({
+            "apiVersion": "configbutler.ai/v1alpha1", "kind": "WatchRule",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"destinationRef": dest_ref, "rules": [{"resources": ["configmaps"]}]}
+        }))
+        .unwrap()
+    }
+
+    fn cwr(name: &str, dest_ns: &str, dest_name: &str) -> ClusterWatchRule {
+        serde_json::from_value(json!({
+            "apiVersion": "configbutler.ai/v1alpha1", "kind": "ClusterWatchRule",
+            "metadata": {"name": name},
+            "spec": {"destinationRef": {"namespace": dest_ns, "name": dest_name},
+                     "rules": [{"scope": "Cluster", "resources": ["clusterroles"]}]}
+        }))
+        .unwrap()
+    }
+
+    fn namespaces() -> NamespaceLabels {
+        NamespaceLabels::from([
+            ("cfg".to_owned(), labels(&[])),
+            ("shop".to_owned(), labels(&[("team", "shop")])),
+            ("web".to_owned(), labels(&[("team", "web")])),
+        ])
+    }
+
+    fn reason(res: &Resolution, id: &str) -> Reason {
+        res.rule_conditions[id].reason
+    }
+
+    #[test]
+    fn a_rule_in_the_destinations_namespace_is_admitted_by_default() {
+        let repos = [repo("cfg", "repo", &["main"], json!({}))];
+        let dests = [dest("cfg", "prod", ("cfg", "repo"), "main", json!({}))];
+        let rules = [wr("cfg", "r", json!({"name": "prod"}))];
+        let ns = namespaces();
+        let res = resolve(Inputs {
+            repos: &repos,
+            destinations: &dests,
+            watch_rules: &rules,
+            cluster_watch_rules: &[],
+            namespaces: &ns,
+        });
+        assert_eq!(reason(&res, "WatchRule/cfg/r"), Reason::Ready);
+        assert_eq!(res.selection.rules.len(), 1);
+        let d = &res.selection.destinations[0];
+        assert_eq!(
+            (
+                d.key.as_str(),
+                d.repo_url.as_str(),
+                d.branch.as_str(),
+                d.base_folder.as_str()
+            ),
+            (
+                "cfg/prod",
+                "https://git.example.com/infra.git",
+                "main",
+                "clusters/prod"
+            )
+        );
+    }
+
+    #[test]
+    fn namespaced_rules_policies_of_destination_and_repo_both_apply() {
+        let from_shop = json!({"namespacedRules": {"mode": "FromSelector", "namespaceSelector": {"matchLabels": {"team": "shop"}}}});
+        let all = json!({"namespacedRules": {"mode": "AllNamespaces"}});
+        let repos = [
+            repo("cfg", "open", &["main"], all.clone()),
+            repo("cfg", "closed", &["main"], json!({})),
+        ];
+        let dests = [
+            // Destinations live in cfg; repos admit them (same namespace).
+            dest("cfg", "shop-only", ("cfg", "open"), "main", from_shop),
+            dest("cfg", "everyone", ("cfg", "open"), "main", all.clone()),
+            dest("cfg", "repo-closed", ("cfg", "closed"), "main", all),
+            dest("cfg", "default", ("cfg", "open"), "main", json!({})),
+        ];
+        let rules = [
+            wr(
+                "shop",
+                "a",
+                json!({"name": "shop-only", "namespace": "cfg"}),
+            ),
+            wr("web", "b", json!({"name": "shop-only", "namespace": "cfg"})),
+            wr("web", "c", json!({"name": "everyone", "namespace": "cfg"})),
+            wr(
+                "web",
+                "d",
+                json!({"name": "repo-closed", "namespace": "cfg"}),
+            ),
+            wr("web", "e", json!({"name": "default", "namespace": "cfg"})),
+            wr(
+                "nowhere",
+                "f",
+                json!({"name": "shop-only", "namespace": "cfg"}),
+            ),
+        ];
+        let ns = namespaces();
+        let res = resolve(Inputs {
+            repos: &repos,
+            destinations: &dests,
+            watch_rules: &rules,
+            cluster_watch_rules: &[],
+            namespaces: &ns,
+        });
+        assert_eq!(reason(&res, "WatchRule/shop/a"), Reason::Ready);
+        assert_eq!(reason(&res, "WatchRule/web/b"), Reason::AccessDenied);
+        assert_eq!(reason(&res, "WatchRule/web/c"), Reason::Ready);
+        assert_eq!(
+            reason(&res, "WatchRule/web/d"),
+            Reason::AccessDenied,
+            "the repo's policy applies too"
+        );
+        assert_eq!(
+            reason(&res, "WatchRule/web/e"),
+            Reason::AccessDenied,
+            "default is SameNamespace"
+        );
+        assert_eq!(
+            reason(&res, "WatchRule/nowhere/f"),
+            Reason::AccessDenied,
+            "unknown namespaces fail closed"
+        );
+        let ids: Vec<&str> = res.selection.rules.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, vec!["WatchRule/shop/a", "WatchRule/web/c"]);
+        let declared: Vec<&str> = res
+            .selection
+            .destinations
+            .iter()
+            .map(|d| d.key.as_str())
+            .collect();
+        assert_eq!(
+            declared,
+            vec!["cfg/everyone", "cfg/shop-only"],
+            "only destinations in use"
+        );
+    }
+
+    #[test]
+    fn unknown_repo_destination_and_disallowed_branch_are_reported() {
+        let repos = [repo("cfg", "repo", &["main"], json!({}))];
+        let dests = [
+            dest("cfg", "nobranch", ("cfg", "repo"), "feature", json!({})),
+            dest("cfg", "norepo", ("cfg", "missing"), "main", json!({})),
+        ];
+        let rules = [
+            wr("cfg", "a", json!({"name": "nobranch"})),
+            wr("cfg", "b", json!({"name": "norepo"})),
+            wr("cfg", "c", json!({"name": "ghost"})),
+        ];
+        let ns = namespaces();
+        let res = resolve(Inputs {
+            repos: &repos,
+            destinations: &dests,
+            watch_rules: &rules,
+            cluster_watch_rules: &[],
+            namespaces: &ns,
+        });
+        assert_eq!(reason(&res, "WatchRule/cfg/a"), Reason::BranchNotAllowed);
+        assert_eq!(reason(&res, "WatchRule/cfg/b"), Reason::RepoNotFound);
+        assert_eq!(reason(&res, "WatchRule/cfg/c"), Reason::DestinationNotFound);
+        assert_eq!(
+            res.destination_conditions["cfg/nobranch"].reason,
+            Reason::BranchNotAllowed
+        );
+        assert!(res.selection.rules.is_empty() && res.selection.destinations.is_empty());
+    }
+
+    #[test]
+    fn a_repo_admits_destinations_only_from_namespaces_its_policy_allows() {
+        let repos = [repo("cfg", "repo", &["main"], json!({}))];
+        let dests = [dest("shop", "prod", ("cfg", "repo"), "main", json!({}))];
+        let rules = [wr("shop", "a", json!({"name": "prod"}))];
+        let ns = namespaces();
+        let res = resolve(Inputs {
+            repos: &repos,
+            destinations: &dests,
+            watch_rules: &rules,
+            cluster_watch_rules: &[],
+            namespaces: &ns,
+        });
+        assert_eq!(
+            res.destination_conditions["shop/prod"].reason,
+            Reason::AccessDenied
+        );
+        assert_eq!(reason(&res, "WatchRule/shop/a"), Reason::AccessDenied);
+    }
+
+    #[test]
+    fn cluster_rules_need_allow_cluster_rules_on_the_repo() {
+        let repos = [
+            repo("cfg", "yes", &["main"], json!({"allowClusterRules": true})),
+            repo("cfg", "no", &["main"], json!({})),
+        ];
+        let dests = [
+            dest("cfg", "a", ("cfg", "yes"), "main", json!({})),
+            dest("cfg", "b", ("cfg", "no"), "main", json!({})),
+        ];
+        let cluster = [
+            cwr("allowed", "cfg", "a"),
+            cwr("denied", "cfg", "b"),
+            cwr("lost", "cfg", "zz"),
+        ];
+        let ns = namespaces();
+        let res = resolve(Inputs {
+            repos: &repos,
+            destinations: &dests,
+            watch_rules: &[],
+            cluster_watch_rules: &cluster,
+            namespaces: &ns,
+        });
+        assert_eq!(reason(&res, "ClusterWatchRule/allowed"), Reason::Ready);
+        assert_eq!(
+            reason(&res, "ClusterWatchRule/denied"),
+            Reason::AccessDenied
+        );
+        assert_eq!(
+            reason(&res, "ClusterWatchRule/lost"),
+            Reason::DestinationNotFound
+        );
+        assert_eq!(res.selection.rules.len(), 1);
+        assert!(matches!(
+            res.selection.rules[0].kind,
+            RuleKind::Cluster { .. }
+        ));
+    }
+
+    #[test]
+    fn an_invalid_base_folder_makes_the_destination_unusable() {
+        let repos = [repo("cfg", "repo", &["main"], json!({}))];
+        let mut d = dest("cfg", "prod", ("cfg", "repo"), "main", json!({}));
+        d.spec.base_folder = "../escape".into();
+        let rules = [wr("cfg", "a", json!({"name": "prod"}))];
+        let ns = namespaces();
+        let res = resolve(Inputs {
+            repos: &repos,
+            destinations: &[d],
+            watch_rules: &rules,
+            cluster_watch_rules: &[],
+            namespaces: &ns,
+        });
+        assert_eq!(reason(&res, "WatchRule/cfg/a"), Reason::InvalidBaseFolder);
+    }
+}

@@ -1,0 +1,362 @@
+//! What ingestion mirrors and where: destinations plus compiled rules.
+//!
+//! A [`Selection`] is the resolved, access-checked view of the `GitDestination`, `WatchRule` and
+//! `ClusterWatchRule` objects ([`super::resolve`] builds it from the custom resources). Discovery
+//! planning ([`super::discovery::desired_watches`]) asks it which types to watch, and each watch
+//! asks it which destination an object belongs to.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::crd::{ClusterWatchRuleSpec, ResourceScope, WatchRuleSpec};
+use crate::events::DestinationDecl;
+use crate::rules::{
+    self, ObjectFacts, Operation, ResourceKey, cluster_resource_rule_selects,
+    label_selector_matches, resource_rule_selects,
+};
+
+/// Labels per namespace name.
+pub type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
+
+/// Everything ingestion needs to know about the custom resources.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Selection {
+    /// Destinations that at least one rule may write to (access already checked).
+    pub destinations: Vec<DestinationDecl>,
+    /// Rules that passed the access checks, each naming its destination.
+    pub rules: Vec<CompiledRule>,
+    /// Labels of every namespace, for `ClusterWatchRule` namespace selectors.
+    pub namespace_labels: NamespaceLabels,
+}
+
+impl Selection {
+    /// The destination declaration for `key`, if declared.
+    pub fn destination(&self, key: &str) -> Option<&DestinationDecl> {
+        self.destinations.iter().find(|d| d.key == key)
+    }
+}
+
+/// A `WatchRule` or `ClusterWatchRule` bound to its destination.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompiledRule {
+    /// `WatchRule/{namespace}/{name}` or `ClusterWatchRule/{name}`, for logs and conditions.
+    pub id: String,
+    /// `namespace/name` of the destination ([`DestinationDecl::key`]).
+    pub destination: String,
+    pub kind: RuleKind,
+}
+
+/// The two rule flavours.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RuleKind {
+    /// A `WatchRule`: namespaced objects of its own namespace only.
+    Namespaced {
+        namespace: String,
+        spec: WatchRuleSpec,
+    },
+    /// A `ClusterWatchRule`: cluster-scoped objects and namespaced objects across namespaces.
+    Cluster { spec: ClusterWatchRuleSpec },
+}
+
+impl CompiledRule {
+    /// Whether the rule selects the type at all (operations and label selectors aside).
+    pub fn selects_type(&self, key: &ResourceKey) -> bool {
+        match &self.kind {
+            RuleKind::Namespaced { spec, .. } => {
+                spec.rules.iter().any(|r| resource_rule_selects(r, key))
+            }
+            RuleKind::Cluster { spec } => spec
+                .rules
+                .iter()
+                .any(|r| cluster_resource_rule_selects(r, key)),
+        }
+    }
+
+    /// Whether objects of this type must be watched in every namespace for this rule.
+    pub fn needs_all_namespaces(&self) -> bool {
+        matches!(self.kind, RuleKind::Cluster { .. })
+    }
+
+    /// Whether the rule selects this object for this change.
+    pub fn matches(
+        &self,
+        key: &ResourceKey,
+        op: Operation,
+        namespace: Option<&str>,
+        labels: &BTreeMap<String, String>,
+        namespace_labels: &NamespaceLabels,
+    ) -> bool {
+        match &self.kind {
+            RuleKind::Namespaced {
+                namespace: rule_ns,
+                spec,
+            } => {
+                rules::watch_rule_matches(rule_ns, spec, key, op, ObjectFacts { namespace, labels })
+            }
+            RuleKind::Cluster { spec } => {
+                let ns_labels = namespace
+                    .filter(|ns| !ns.is_empty())
+                    .and_then(|ns| namespace_labels.get(ns));
+                rules::cluster_watch_rule_matches(spec, key, op, ns_labels)
+            }
+        }
+    }
+
+    /// Whether the rule selects the object in its current state, whatever the operation: this
+    /// decides membership in a snapshot and "stopped matching" deletes, while operations only
+    /// filter live changes.
+    pub fn selects_object(
+        &self,
+        key: &ResourceKey,
+        namespace: Option<&str>,
+        labels: &BTreeMap<String, String>,
+        namespace_labels: &NamespaceLabels,
+    ) -> bool {
+        [Operation::Create, Operation::Update, Operation::Delete]
+            .into_iter()
+            .any(|op| self.matches(key, op, namespace, labels, namespace_labels))
+    }
+
+    /// The snapshot namespaces this rule covers for a type (`""`: all namespaces, or the
+    /// cluster-scoped type). A snapshot end lets the writer delete unsent files of that scope, so
+    /// scopes are as narrow as the rule: a `WatchRule` covers its own namespace, a
+    /// `ClusterWatchRule` with a namespace selector only the namespaces that match now.
+    pub fn snapshot_namespaces(
+        &self,
+        key: &ResourceKey,
+        namespace_labels: &NamespaceLabels,
+    ) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        match &self.kind {
+            RuleKind::Namespaced { namespace, .. } => {
+                if key.namespaced && self.selects_type(key) {
+                    out.insert(namespace.clone());
+                }
+            }
+            RuleKind::Cluster { spec } => {
+                for rule in spec
+                    .rules
+                    .iter()
+                    .filter(|r| cluster_resource_rule_selects(r, key))
+                {
+                    match (&rule.namespace_selector, rule.scope) {
+                        (Some(selector), ResourceScope::Namespaced) => {
+                            out.extend(
+                                namespace_labels
+                                    .iter()
+                                    .filter(|(_, labels)| {
+                                        label_selector_matches(selector, labels).unwrap_or(false)
+                                    })
+                                    .map(|(ns, _)| ns.clone()),
+                            );
+                        }
+                        _ => {
+                            out.insert(String::new());
+                        }
+                    }
+                }
+            }
+        }
+        if out.contains("") {
+            // All namespaces cover each single one; sending both would sweep twice.
+            out.retain(String::is_empty);
+        }
+        out
+    }
+
+    /// Whether evaluating the rule needs namespace labels.
+    pub fn uses_namespace_labels(&self) -> bool {
+        match &self.kind {
+            RuleKind::Namespaced { .. } => false,
+            RuleKind::Cluster { spec } => spec.rules.iter().any(|r| r.namespace_selector.is_some()),
+        }
+    }
+
+    /// With `--watch-all`, a rule that leaves `resources` empty selects every type instead of
+    /// the desired-state preset (the always-on exclusions still apply).
+    pub fn widened_for_watch_all(&self) -> Self {
+        let mut out = self.clone();
+        match &mut out.kind {
+            RuleKind::Namespaced { spec, .. } => {
+                for r in &mut spec.rules {
+                    if r.resources.is_empty() {
+                        r.resources = vec!["*".to_owned()];
+                    }
+                }
+            }
+            RuleKind::Cluster { spec } => {
+                for r in &mut spec.rules {
+                    if r.resources.is_empty() {
+                        r.resources = vec!["*".to_owned()];
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Small builders shared by the ingestion unit tests.
+
+    use super::*;
+    use crate::crd::{
+        ClusterResourceRule, DestinationRef, NamespacedName, ResourceRule, ResourceScope,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+    pub fn decl(key: &str) -> DestinationDecl {
+        DestinationDecl {
+            key: key.to_owned(),
+            repo_url: "file:///repo.git".into(),
+            branch: "main".into(),
+            base_folder: format!("clusters/{}", key.replace('/', "-")),
+            exclusive_mode: false,
+            credentials_reference: None,
+        }
+    }
+
+    pub fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    pub fn watch_rule(
+        ns: &str,
+        destination: &str,
+        resources: &[&str],
+        selector: Option<LabelSelector>,
+    ) -> CompiledRule {
+        CompiledRule {
+            id: format!("WatchRule/{ns}/r"),
+            destination: destination.to_owned(),
+            kind: RuleKind::Namespaced {
+                namespace: ns.to_owned(),
+                spec: WatchRuleSpec {
+                    destination_ref: DestinationRef {
+                        name: "d".into(),
+                        namespace: None,
+                    },
+                    object_selector: selector,
+                    rules: vec![ResourceRule {
+                        resources: strings(resources),
+                        ..Default::default()
+                    }],
+                },
+            },
+        }
+    }
+
+    pub fn cluster_rule(
+        destination: &str,
+        scope: ResourceScope,
+        resources: &[&str],
+        namespace_selector: Option<LabelSelector>,
+    ) -> CompiledRule {
+        CompiledRule {
+            id: "ClusterWatchRule/c".into(),
+            destination: destination.to_owned(),
+            kind: RuleKind::Cluster {
+                spec: ClusterWatchRuleSpec {
+                    destination_ref: NamespacedName {
+                        name: "d".into(),
+                        namespace: "x".into(),
+                    },
+                    rules: vec![ClusterResourceRule {
+                        operations: vec![],
+                        api_groups: vec![],
+                        api_versions: vec![],
+                        resources: strings(resources),
+                        scope,
+                        namespace_selector,
+                    }],
+                },
+            },
+        }
+    }
+
+    pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    pub fn match_labels(pairs: &[(&str, &str)]) -> LabelSelector {
+        LabelSelector {
+            match_labels: Some(labels(pairs)),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
+
+    #[test]
+    fn snapshot_scope_of_a_watch_rule_is_its_own_namespace() {
+        let r = watch_rule("shop", "shop/prod", &["configmaps"], None);
+        let cm = ResourceKey::new("", "v1", "configmaps", true);
+        assert_eq!(
+            r.snapshot_namespaces(&cm, &NamespaceLabels::new()),
+            BTreeSet::from(["shop".to_owned()])
+        );
+    }
+
+    #[test]
+    fn snapshot_scope_of_a_namespace_selector_is_only_the_matching_namespaces() {
+        let r = cluster_rule(
+            "x/prod",
+            ResourceScope::Namespaced,
+            &["configmaps"],
+            Some(match_labels(&[("team", "a")])),
+        );
+        let ns = NamespaceLabels::from([
+            ("a1".to_owned(), labels(&[("team", "a")])),
+            ("b1".to_owned(), labels(&[("team", "b")])),
+            ("a2".to_owned(), labels(&[("team", "a")])),
+        ]);
+        let cm = ResourceKey::new("", "v1", "configmaps", true);
+        assert_eq!(
+            r.snapshot_namespaces(&cm, &ns),
+            BTreeSet::from(["a1".to_owned(), "a2".to_owned()])
+        );
+    }
+
+    #[test]
+    fn snapshot_scope_of_an_unrestricted_cluster_rule_is_all_namespaces() {
+        let r = cluster_rule("x/prod", ResourceScope::Namespaced, &["configmaps"], None);
+        let cm = ResourceKey::new("", "v1", "configmaps", true);
+        assert_eq!(
+            r.snapshot_namespaces(&cm, &NamespaceLabels::new()),
+            BTreeSet::from([String::new()])
+        );
+    }
+
+    #[test]
+    fn watch_all_widens_only_rules_without_resources() {
+        let preset = watch_rule("shop", "shop/prod", &[], None);
+        let widget = ResourceKey::new("example.com", "v1", "widgets", true);
+        assert!(!preset.selects_type(&widget));
+        assert!(preset.widened_for_watch_all().selects_type(&widget));
+        let explicit = watch_rule("shop", "shop/prod", &["configmaps"], None);
+        assert!(!explicit.widened_for_watch_all().selects_type(&widget));
+        // The always-on exclusions survive widening.
+        let pods = ResourceKey::new("", "v1", "pods", true);
+        assert!(!preset.widened_for_watch_all().selects_type(&pods));
+    }
+
+    #[test]
+    fn membership_ignores_operations() {
+        let mut r = watch_rule("shop", "shop/prod", &["configmaps"], None);
+        if let RuleKind::Namespaced { spec, .. } = &mut r.kind {
+            spec.rules[0].operations = vec![crate::crd::OperationType::Delete];
+        }
+        let cm = ResourceKey::new("", "v1", "configmaps", true);
+        let l = labels(&[]);
+        let ns = NamespaceLabels::new();
+        assert!(!r.matches(&cm, Operation::Update, Some("shop"), &l, &ns));
+        assert!(r.selects_object(&cm, Some("shop"), &l, &ns));
+    }
+}

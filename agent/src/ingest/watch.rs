@@ -1,0 +1,822 @@
+//! One List+Watch per [`WatchPlan`], mapped onto snapshot epochs and changes.
+//!
+//! ```text
+//! kube watcher (streaming list or paged list, then watch; bookmarks; relist on 410)
+//!   │ Init · InitApply* · InitDone · Apply · Delete · Err
+//!   ▼
+//! WatchIndex (pure)                        per (destination, path): the content hash only
+//!   Init        → a new epoch, opened lazily (SnapshotBegin for every scope of every route)
+//!   InitApply   → Upsert for each destination that selects the object (always: a snapshot
+//!                 must name every live object, or the writer would sweep it)
+//!   InitDone    → SnapshotEnd for every scope; hashes of objects not relisted are forgotten
+//!   Apply       → Upsert if the canonical YAML changed; Delete if it stopped matching
+//!   Delete      → Delete where it was mirrored
+//!   Err         → nothing: the open epoch is never ended, so the writer deletes nothing
+//!   ▼
+//! bounded mpsc of AgentEvent → stream client → writer
+//! ```
+//!
+//! This mirrors kubert's index (`Init` resets, `InitDone` computes what was removed), except that
+//! removals found at `InitDone` are *not* sent as explicit deletes: the writer sweeps them at
+//! `SnapshotEnd`, under its per-snapshot delete cap, which protects against a relist that
+//! wrongly comes back empty.
+//!
+//! The `SnapshotBegin` is deferred to the first listed object (or the end of an empty list):
+//! with paged lists the watcher reports `Init` before it lists, so a list that keeps failing
+//! (a 403) would otherwise open a new epoch on every retry.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::StreamExt;
+use kube::api::{Api, DynamicObject, TypeMeta};
+use kube::runtime::watcher::{self, Event};
+use serde_json::Value;
+use tracing::{debug, info, warn};
+
+use super::Shared;
+use super::backoff::Backoff;
+use super::discovery::WatchPlan;
+use crate::canonical;
+use crate::events::{AgentEvent, ObjectRef};
+use crate::paths;
+use crate::rules::{Operation, SelectionOptions, labels_of};
+
+/// How the initial list is fetched.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InitialList {
+    /// A streaming list (`sendInitialEvents=true`), falling back to a paged list when the server
+    /// refuses it (400/422: the WatchList feature is off or unknown).
+    #[default]
+    StreamingWithFallback,
+    /// Always a paged list followed by a watch.
+    Paged,
+}
+
+/// What a watch reports about itself (readiness, debugging, tests).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchStatus {
+    /// Completed snapshots (list or relist reached its end).
+    pub snapshots_completed: u64,
+    /// The last error since the last success, if any.
+    pub last_error: Option<String>,
+    /// The last error was a 403 (RBAC denies list or watch).
+    pub forbidden: bool,
+    /// Errors seen in total.
+    pub errors: u64,
+    /// Whether the initial list is streamed.
+    pub streaming: bool,
+}
+
+/// Content hash of the canonical YAML last sent for one path to one destination.
+type Hash = [u8; 32];
+
+#[derive(Debug)]
+struct Epoch {
+    /// Allocated when the epoch is opened (first object or end of an empty list).
+    id: Option<u64>,
+    /// (route index, path) sent in this epoch.
+    seen: HashSet<(usize, String)>,
+}
+
+/// The pure core of one watch: turns watcher events into [`AgentEvent`]s.
+#[derive(Debug)]
+pub struct WatchIndex {
+    plan: Arc<WatchPlan>,
+    options: SelectionOptions,
+    /// (route index, path) → hash of what that destination holds.
+    hashes: HashMap<(usize, String), Hash>,
+    epoch: Option<Epoch>,
+}
+
+/// An object as the index sees it.
+struct View {
+    namespace: Option<String>,
+    labels: BTreeMap<String, String>,
+    path: String,
+    object: ObjectRef,
+}
+
+impl WatchIndex {
+    pub fn new(plan: Arc<WatchPlan>, options: SelectionOptions) -> Self {
+        Self {
+            plan,
+            options,
+            hashes: HashMap::new(),
+            epoch: None,
+        }
+    }
+
+    /// Number of (destination, path) entries held.
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    /// Maps one watcher event; `epochs` allocates epoch numbers (shared by all watches, so
+    /// they only ever grow on a stream).
+    pub fn apply(&mut self, event: Event<Value>, epochs: &AtomicU64) -> Vec<AgentEvent> {
+        let mut out = Vec::new();
+        match event {
+            Event::Init => {
+                // A relist supersedes an open epoch that never ended (it sent no end, so the
+                // writer deleted nothing for it).
+                self.epoch = Some(Epoch {
+                    id: None,
+                    seen: HashSet::new(),
+                });
+            }
+            Event::InitApply(obj) => {
+                self.open_epoch(epochs, &mut out);
+                self.on_object(&obj, Change::Listed, &mut out);
+            }
+            Event::InitDone => {
+                self.open_epoch(epochs, &mut out);
+                if let Some(Epoch { id: Some(id), seen }) = self.epoch.take() {
+                    for route in &self.plan.routes {
+                        for ns in &route.snapshot_namespaces {
+                            out.push(AgentEvent::SnapshotEnd {
+                                destination: route.destination.key.clone(),
+                                scope: self.plan.key.scope(ns),
+                                epoch: id,
+                            });
+                        }
+                    }
+                    // Objects not relisted are gone; the writer sweeps their files.
+                    self.hashes.retain(|k, _| seen.contains(k));
+                }
+            }
+            Event::Apply(obj) => self.on_object(&obj, Change::Applied, &mut out),
+            Event::Delete(obj) => self.on_object(&obj, Change::Deleted, &mut out),
+        }
+        out
+    }
+
+    fn open_epoch(&mut self, epochs: &AtomicU64, out: &mut Vec<AgentEvent>) {
+        let epoch = self.epoch.get_or_insert_with(|| Epoch {
+            id: None,
+            seen: HashSet::new(),
+        });
+        if epoch.id.is_some() {
+            return;
+        }
+        let id = epochs.fetch_add(1, Ordering::Relaxed) + 1;
+        epoch.id = Some(id);
+        for route in &self.plan.routes {
+            for ns in &route.snapshot_namespaces {
+                out.push(AgentEvent::SnapshotBegin {
+                    destination: route.destination.key.clone(),
+                    scope: self.plan.key.scope(ns),
+                    epoch: id,
+                });
+            }
+        }
+    }
+
+    fn view(&self, obj: &Value) -> Option<View> {
+        let meta = obj.get("metadata")?;
+        let name = meta.get("name").and_then(Value::as_str).unwrap_or("");
+        let namespace = meta
+            .get("namespace")
+            .and_then(Value::as_str)
+            .filter(|ns| !ns.is_empty())
+            .map(str::to_owned);
+        let key = &self.plan.resource.key;
+        let path = match paths::object_path(
+            &key.group,
+            &key.version,
+            &key.resource,
+            namespace.as_deref(),
+            name,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(watch = %self.plan.key, error = %e, "skipping object without a usable path");
+                return None;
+            }
+        };
+        let text = |field: &str| {
+            meta.get(field)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        Some(View {
+            labels: labels_of(obj),
+            object: ObjectRef {
+                group: key.group.clone(),
+                version: key.version.clone(),
+                resource: key.resource.clone(),
+                namespace: namespace.clone().unwrap_or_default(),
+                name: name.to_owned(),
+                uid: text("uid"),
+                resource_version: text("resourceVersion"),
+            },
+            namespace,
+            path,
+        })
+    }
+
+    fn on_object(&mut self, obj: &Value, change: Change, out: &mut Vec<AgentEvent>) {
+        if is_secret(obj) {
+            // Belt and braces: planning never watches Secrets, but nothing must leak if a
+            // Secret arrives through a broader type (e.g. a CRD wrapping one) or a future path.
+            debug!(watch = %self.plan.key, "skipping Secret: no plaintext Secrets in Git");
+            return;
+        }
+        let Some(view) = self.view(obj) else {
+            return;
+        };
+        // Derived or generated objects (controller-owned, kube-root-ca.crt) count as not
+        // selected: if one was mirrored and then became derived, its file is removed.
+        let skip = self.options.skip_reason(obj);
+        if let Some(reason) = skip {
+            debug!(watch = %self.plan.key, path = %view.path, reason, "skipping derived object");
+        }
+        let plan = Arc::clone(&self.plan);
+        let key = &plan.resource.key;
+        // Rendered lazily, once for all destinations.
+        let mut rendered: Option<(String, Hash)> = None;
+        for (route_index, route) in plan.routes.iter().enumerate() {
+            let dest = &route.destination.key;
+            let slot = (route_index, view.path.clone());
+            let held = self.hashes.get(&slot).copied();
+            let ns = view.namespace.as_deref();
+            let selected = skip.is_none()
+                && route
+                    .rules
+                    .iter()
+                    .any(|r| r.selects_object(key, ns, &view.labels, &plan.namespace_labels));
+            let op_allowed = |op: Operation| {
+                route
+                    .rules
+                    .iter()
+                    .any(|r| r.matches(key, op, ns, &view.labels, &plan.namespace_labels))
+            };
+            match change {
+                Change::Deleted => {
+                    if held.is_some() {
+                        self.hashes.remove(&slot);
+                        if op_allowed(Operation::Delete) || skip.is_some() {
+                            out.push(delete(dest, &view));
+                        }
+                    }
+                }
+                Change::Listed | Change::Applied if !selected => {
+                    // Stopped matching (label removed, became derived): remove the file.
+                    if held.is_some() {
+                        self.hashes.remove(&slot);
+                        out.push(delete(dest, &view));
+                    }
+                }
+                Change::Listed | Change::Applied => {
+                    let Some((yaml, hash)) = render(&mut rendered, obj, &view.path, &plan.key)
+                    else {
+                        continue;
+                    };
+                    if change == Change::Listed {
+                        if let Some(epoch) = &mut self.epoch {
+                            epoch.seen.insert(slot.clone());
+                        }
+                    } else {
+                        if held == Some(hash) {
+                            // Status-only or server-side-only change: same file, nothing to send.
+                            continue;
+                        }
+                        let op = if held.is_some() {
+                            Operation::Update
+                        } else {
+                            Operation::Create
+                        };
+                        if !op_allowed(op) {
+                            continue;
+                        }
+                    }
+                    self.hashes.insert(slot, hash);
+                    out.push(AgentEvent::Upsert {
+                        destination: dest.clone(),
+                        path: view.path.clone(),
+                        yaml,
+                        object: view.object.clone(),
+                        created: held.is_none(),
+                        author: None,
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    /// Part of a (re)list: always sent, so the snapshot names it.
+    Listed,
+    Applied,
+    Deleted,
+}
+
+fn delete(dest: &str, view: &View) -> AgentEvent {
+    AgentEvent::Delete {
+        destination: dest.to_owned(),
+        path: view.path.clone(),
+        object: view.object.clone(),
+        author: None,
+    }
+}
+
+fn render(
+    rendered: &mut Option<(String, Hash)>,
+    obj: &Value,
+    path: &str,
+    watch: &super::discovery::WatchKey,
+) -> Option<(String, Hash)> {
+    if rendered.is_none() {
+        match canonical::to_canonical_yaml(obj) {
+            Ok(yaml) => {
+                let hash = canonical::content_hash(&yaml);
+                *rendered = Some((yaml, hash));
+            }
+            Err(e) => {
+                warn!(watch = %watch, path, error = %e, "cannot render object; skipping it");
+                return None;
+            }
+        }
+    }
+    rendered.clone()
+}
+
+fn is_secret(obj: &Value) -> bool {
+    obj.get("apiVersion").and_then(Value::as_str) == Some("v1")
+        && obj.get("kind").and_then(Value::as_str) == Some("Secret")
+}
+
+/// A dynamic object as JSON, with `apiVersion` and `kind` filled in: list items of built-ins
+/// come without them, and canonical YAML needs them.
+fn to_json(mut obj: DynamicObject, plan: &WatchPlan) -> Option<Value> {
+    obj.types = Some(TypeMeta {
+        api_version: plan.resource.api_version(),
+        kind: plan.resource.kind.clone(),
+    });
+    serde_json::to_value(obj).ok()
+}
+
+fn map_event(event: Event<DynamicObject>, plan: &WatchPlan) -> Option<Event<Value>> {
+    Some(match event {
+        Event::Init => Event::Init,
+        Event::InitDone => Event::InitDone,
+        Event::InitApply(o) => Event::InitApply(to_json(o, plan)?),
+        Event::Apply(o) => Event::Apply(to_json(o, plan)?),
+        Event::Delete(o) => Event::Delete(to_json(o, plan)?),
+    })
+}
+
+/// Whether a streaming-list start failed because the server does not support it.
+fn streaming_unsupported(err: &watcher::Error) -> bool {
+    matches!(err, watcher::Error::WatchStartFailed(kube::Error::Api(s)) if s.code == 400 || s.code == 422)
+}
+
+fn is_forbidden(err: &watcher::Error) -> bool {
+    match err {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 403,
+        watcher::Error::WatchError(s) => s.code == 403,
+        _ => false,
+    }
+}
+
+/// Runs one watch until the task is aborted or the event channel closes.
+pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<Shared>) {
+    let ar = plan.resource.api_resource();
+    let api: Api<DynamicObject> = if plan.key.namespace.is_empty() {
+        Api::all_with(client, &ar)
+    } else {
+        Api::namespaced_with(client, &plan.key.namespace, &ar)
+    };
+    let mut streaming = shared.config.initial_list == InitialList::StreamingWithFallback;
+    let mut index = WatchIndex::new(Arc::clone(&plan), shared.config.selection_options);
+    let mut backoff = Backoff::new(shared.config.watch_backoff.0, shared.config.watch_backoff.1);
+    info!(watch = %plan.key, destinations = plan.routes.len(), "starting watch");
+    loop {
+        // Bookmarks are on by default; they keep the resume point fresh.
+        let mut config = watcher::Config::default();
+        if streaming {
+            config = config.streaming_lists();
+        }
+        shared.update_status(&plan.key, |s| s.streaming = streaming);
+        let mut stream = watcher::watcher(api.clone(), config).boxed();
+        let mut restart = false;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(event) => {
+                    let progress = !matches!(event, Event::Init);
+                    let done = matches!(event, Event::InitDone);
+                    let Some(event) = map_event(event, &plan) else {
+                        continue;
+                    };
+                    if progress {
+                        backoff.reset();
+                        shared.update_status(&plan.key, |s| {
+                            s.last_error = None;
+                            s.forbidden = false;
+                            if done {
+                                s.snapshots_completed += 1;
+                            }
+                        });
+                    }
+                    for out in index.apply(event, &shared.epochs) {
+                        if shared.tx.send(out).await.is_err() {
+                            debug!(watch = %plan.key, "event channel closed; stopping watch");
+                            return;
+                        }
+                    }
+                }
+                Err(err) => {
+                    shared.metrics.watch_errors.fetch_add(1, Ordering::Relaxed);
+                    let forbidden = is_forbidden(&err);
+                    shared.update_status(&plan.key, |s| {
+                        s.errors += 1;
+                        s.last_error = Some(err.to_string());
+                        s.forbidden = forbidden;
+                    });
+                    if streaming && streaming_unsupported(&err) {
+                        warn!(watch = %plan.key, error = %err, "server refused a streaming list; falling back to list+watch");
+                        streaming = false;
+                        restart = true;
+                        break;
+                    }
+                    if forbidden {
+                        warn!(watch = %plan.key, error = %err, "access denied; keeping the files, retrying");
+                    } else {
+                        debug!(watch = %plan.key, error = %err, "watch error; retrying");
+                    }
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+        if !restart {
+            // The watcher stream is endless by design; if it ever ends, start over after a pause.
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::discovery::{DestinationRoute, DiscoveredResource, WatchKey};
+    use super::super::selection::test_support::*;
+    use super::super::selection::{CompiledRule, NamespaceLabels};
+    use super::*;
+    use crate::crd::ResourceScope;
+    use serde_json::json;
+    use std::collections::BTreeSet;
+
+    fn plan(routes: Vec<(&str, Vec<CompiledRule>, &[&str])>) -> Arc<WatchPlan> {
+        Arc::new(WatchPlan {
+            key: WatchKey {
+                group: "".into(),
+                version: "v1".into(),
+                resource: "configmaps".into(),
+                namespace: "".into(),
+            },
+            resource: DiscoveredResource::new("", "v1", "configmaps", "ConfigMap", true),
+            routes: routes
+                .into_iter()
+                .map(|(d, rules, scopes)| DestinationRoute {
+                    destination: decl(d),
+                    rules,
+                    snapshot_namespaces: scopes
+                        .iter()
+                        .map(|s| (*s).to_owned())
+                        .collect::<BTreeSet<_>>(),
+                })
+                .collect(),
+            namespace_labels: NamespaceLabels::new(),
+        })
+    }
+
+    fn cm(ns: &str, name: &str, labels: Value, data: &str, rv: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": ns, "labels": labels, "resourceVersion": rv, "uid": format!("uid-{name}")},
+            "data": {"k": data}})
+    }
+
+    fn all_configmaps(dest: &str) -> Vec<(&str, Vec<CompiledRule>, &'static [&'static str])> {
+        vec![(
+            dest,
+            vec![cluster_rule(
+                dest,
+                ResourceScope::Namespaced,
+                &["configmaps"],
+                None,
+            )],
+            &[""],
+        )]
+    }
+
+    fn kinds(events: &[AgentEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                AgentEvent::Destination(d) => format!("Destination {}", d.key),
+                AgentEvent::Upsert {
+                    destination,
+                    path,
+                    created,
+                    ..
+                } => {
+                    format!("Upsert {destination} {path} created={created}")
+                }
+                AgentEvent::Delete {
+                    destination, path, ..
+                } => format!("Delete {destination} {path}"),
+                AgentEvent::SnapshotBegin {
+                    destination,
+                    scope,
+                    epoch,
+                } => {
+                    format!("Begin {destination} {:?} {epoch}", scope.namespace)
+                }
+                AgentEvent::SnapshotEnd {
+                    destination,
+                    scope,
+                    epoch,
+                } => {
+                    format!("End {destination} {:?} {epoch}", scope.namespace)
+                }
+            })
+            .collect()
+    }
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(Box::new(
+            kube::core::Status::failure("x", "y").with_code(code),
+        ))
+    }
+
+    #[test]
+    fn only_a_refused_streaming_list_falls_back_to_paging() {
+        // 422: the WatchList feature gate is off; 400: an old server rejects the parameters.
+        assert!(streaming_unsupported(&watcher::Error::WatchStartFailed(
+            api_error(422)
+        )));
+        assert!(streaming_unsupported(&watcher::Error::WatchStartFailed(
+            api_error(400)
+        )));
+        // RBAC, throttling and server errors are retried as they are.
+        for code in [403, 429, 500] {
+            assert!(!streaming_unsupported(&watcher::Error::WatchStartFailed(
+                api_error(code)
+            )));
+        }
+        assert!(!streaming_unsupported(&watcher::Error::InitialListFailed(
+            api_error(422)
+        )));
+        assert!(is_forbidden(&watcher::Error::InitialListFailed(api_error(
+            403
+        ))));
+        assert!(is_forbidden(&watcher::Error::WatchStartFailed(api_error(
+            403
+        ))));
+        assert!(!is_forbidden(&watcher::Error::WatchStartFailed(api_error(
+            500
+        ))));
+    }
+
+    #[test]
+    fn initial_list_opens_an_epoch_sends_every_object_and_ends_it() {
+        let epochs = AtomicU64::new(0);
+        let mut idx = WatchIndex::new(plan(all_configmaps("x/prod")), SelectionOptions::default());
+        let mut out = idx.apply(Event::Init, &epochs);
+        assert!(out.is_empty(), "the begin waits for the first object");
+        out.extend(idx.apply(
+            Event::InitApply(cm("shop", "a", json!({}), "1", "5")),
+            &epochs,
+        ));
+        out.extend(idx.apply(Event::InitDone, &epochs));
+        assert_eq!(
+            kinds(&out),
+            vec![
+                "Begin x/prod \"\" 1",
+                "Upsert x/prod core/v1/configmaps/shop/a.yaml created=true",
+                "End x/prod \"\" 1",
+            ]
+        );
+        let AgentEvent::Upsert { yaml, object, .. } = &out[1] else {
+            unreachable!()
+        };
+        assert_eq!(
+            yaml,
+            &canonical::to_canonical_yaml(&cm("shop", "a", json!({}), "1", "5")).unwrap()
+        );
+        assert_eq!(
+            (object.uid.as_str(), object.resource_version.as_str()),
+            ("uid-a", "5")
+        );
+    }
+
+    #[test]
+    fn an_empty_list_still_opens_and_ends_the_snapshot() {
+        let epochs = AtomicU64::new(0);
+        let mut idx = WatchIndex::new(plan(all_configmaps("x/prod")), SelectionOptions::default());
+        idx.apply(Event::Init, &epochs);
+        assert_eq!(
+            kinds(&idx.apply(Event::InitDone, &epochs)),
+            vec!["Begin x/prod \"\" 1", "End x/prod \"\" 1"]
+        );
+    }
+
+    #[test]
+    fn a_list_that_fails_before_any_object_opens_no_epoch() {
+        let epochs = AtomicU64::new(0);
+        let mut idx = WatchIndex::new(plan(all_configmaps("x/prod")), SelectionOptions::default());
+        // Paged lists report Init before listing; a 403 then retries with another Init.
+        assert!(idx.apply(Event::Init, &epochs).is_empty());
+        assert!(idx.apply(Event::Init, &epochs).is_empty());
+        assert_eq!(epochs.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_relist_always_resends_and_forgets_objects_it_did_not_see() {
+        let epochs = AtomicU64::new(0);
+        let mut idx = WatchIndex::new(plan(all_configmaps("x/prod")), SelectionOptions::default());
+        idx.apply(Event::Init, &epochs);
+        idx.apply(
+            Event::InitApply(cm("shop", "a", json!({}), "1", "5")),
+            &epochs,
+        );
+        idx.apply(
+            Event::InitApply(cm("shop", "b", json!({}), "1", "6")),
+            &epochs,
+        );
+        idx.apply(Event::InitDone, &epochs);
+        assert_eq!(idx.len(), 2);
+        // Relist after a 410: `a` is unchanged but is sent again; `b` is gone, which the
+        // writer learns from the snapshot, not from an explicit delete.
+        let mut out = idx.apply(Event::Init, &epochs);
+        out.extend(idx.apply(
+            Event::InitApply(cm("shop", "a", json!({}), "1", "9")),
+            &epochs,
+        ));
+        out.extend(idx.apply(Event::InitDone, &epochs));
+        assert_eq!(
+            kinds(&out),
+            vec![
+                "Begin x/prod \"\" 2",
+                "Upsert x/prod core/v1/configmaps/shop/a.yaml created=false",
+                "End x/prod \"\" 2",
+            ]
+        );
+        assert_eq!(idx.len(), 1);
+    }
+
+    #[test]
+    fn unchanged_canonical_yaml_is_not_resent_but_changes_and_deletes_are() {
+        let epochs = AtomicU64::new(0);
+        let mut idx = WatchIndex::new(plan(all_configmaps("x/prod")), SelectionOptions::default());
+        idx.apply(Event::Init, &epochs);
+        idx.apply(
+            Event::InitApply(cm("shop", "a", json!({}), "1", "5")),
+            &epochs,
+        );
+        idx.apply(Event::InitDone, &epochs);
+        let same = idx.apply(Event::Apply(cm("shop", "a", json!({}), "1", "7")), &epochs);
+        assert!(same.is_empty(), "only the resourceVersion changed");
+        let changed = idx.apply(Event::Apply(cm("shop", "a", json!({}), "2", "8")), &epochs);
+        assert_eq!(
+            kinds(&changed),
+            vec!["Upsert x/prod core/v1/configmaps/shop/a.yaml created=false"]
+        );
+        let created = idx.apply(Event::Apply(cm("shop", "n", json!({}), "1", "9")), &epochs);
+        assert_eq!(
+            kinds(&created),
+            vec!["Upsert x/prod core/v1/configmaps/shop/n.yaml created=true"]
+        );
+        let deleted = idx.apply(
+            Event::Delete(cm("shop", "a", json!({}), "2", "10")),
+            &epochs,
+        );
+        assert_eq!(
+            kinds(&deleted),
+            vec!["Delete x/prod core/v1/configmaps/shop/a.yaml"]
+        );
+        // A delete of something never mirrored sends nothing.
+        assert!(
+            idx.apply(
+                Event::Delete(cm("shop", "zz", json!({}), "1", "11")),
+                &epochs
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn an_object_that_stops_matching_is_deleted_only_for_that_destination() {
+        let epochs = AtomicU64::new(0);
+        let p = plan(vec![
+            (
+                "shop/mirror",
+                vec![watch_rule(
+                    "shop",
+                    "shop/mirror",
+                    &["configmaps"],
+                    Some(match_labels(&[("mirror", "yes")])),
+                )],
+                &["shop"],
+            ),
+            ("x/all", all_configmaps("x/all").remove(0).1, &[""]),
+        ]);
+        let mut idx = WatchIndex::new(p, SelectionOptions::default());
+        idx.apply(Event::Init, &epochs);
+        idx.apply(Event::InitDone, &epochs);
+        let both = idx.apply(
+            Event::Apply(cm("shop", "a", json!({"mirror": "yes"}), "1", "5")),
+            &epochs,
+        );
+        assert_eq!(
+            kinds(&both),
+            vec![
+                "Upsert shop/mirror core/v1/configmaps/shop/a.yaml created=true",
+                "Upsert x/all core/v1/configmaps/shop/a.yaml created=true",
+            ]
+        );
+        let unlabeled = idx.apply(Event::Apply(cm("shop", "a", json!({}), "1", "6")), &epochs);
+        assert_eq!(
+            kinds(&unlabeled),
+            vec![
+                "Delete shop/mirror core/v1/configmaps/shop/a.yaml",
+                "Upsert x/all core/v1/configmaps/shop/a.yaml created=false",
+            ]
+        );
+        let relabeled = idx.apply(
+            Event::Apply(cm("shop", "a", json!({"mirror": "yes"}), "1", "7")),
+            &epochs,
+        );
+        assert_eq!(
+            kinds(&relabeled),
+            vec![
+                "Upsert shop/mirror core/v1/configmaps/shop/a.yaml created=true",
+                "Upsert x/all core/v1/configmaps/shop/a.yaml created=false",
+            ]
+        );
+        // Another namespace never reaches the WatchRule's destination.
+        let other = idx.apply(
+            Event::Apply(cm("web", "b", json!({"mirror": "yes"}), "1", "8")),
+            &epochs,
+        );
+        assert_eq!(
+            kinds(&other),
+            vec!["Upsert x/all core/v1/configmaps/web/b.yaml created=true"]
+        );
+    }
+
+    #[test]
+    fn derived_objects_and_secrets_are_never_sent() {
+        let epochs = AtomicU64::new(0);
+        let mut idx = WatchIndex::new(plan(all_configmaps("x/prod")), SelectionOptions::default());
+        idx.apply(Event::Init, &epochs);
+        let root_ca = cm("shop", "kube-root-ca.crt", json!({}), "1", "5");
+        let mut owned = cm("shop", "owned", json!({}), "1", "6");
+        owned["metadata"]["ownerReferences"] =
+            json!([{"kind": "X", "name": "x", "controller": true}]);
+        let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "namespace": "shop"}, "data": {"p": "c2VjcmV0"}});
+        let mut out = Vec::new();
+        for obj in [root_ca, owned, secret] {
+            out.extend(idx.apply(Event::InitApply(obj), &epochs));
+        }
+        out.extend(idx.apply(Event::InitDone, &epochs));
+        assert_eq!(
+            kinds(&out),
+            vec!["Begin x/prod \"\" 1", "End x/prod \"\" 1"]
+        );
+    }
+
+    #[test]
+    fn operations_filter_live_changes_but_not_snapshots() {
+        let epochs = AtomicU64::new(0);
+        let mut rule = watch_rule("shop", "shop/p", &["configmaps"], None);
+        if let super::super::selection::RuleKind::Namespaced { spec, .. } = &mut rule.kind {
+            spec.rules[0].operations = vec![crate::crd::OperationType::Create];
+        }
+        let mut idx = WatchIndex::new(
+            plan(vec![("shop/p", vec![rule], &["shop"])]),
+            SelectionOptions::default(),
+        );
+        idx.apply(Event::Init, &epochs);
+        idx.apply(Event::InitDone, &epochs);
+        let created = idx.apply(Event::Apply(cm("shop", "a", json!({}), "1", "5")), &epochs);
+        assert_eq!(created.len(), 1);
+        assert!(
+            idx.apply(Event::Apply(cm("shop", "a", json!({}), "2", "6")), &epochs)
+                .is_empty()
+        );
+        assert!(
+            idx.apply(Event::Delete(cm("shop", "a", json!({}), "2", "7")), &epochs)
+                .is_empty()
+        );
+    }
+}

@@ -1,0 +1,679 @@
+//! The stream client's pure core: sequence numbers, the unacked backlog, and what goes out on a connection.
+//!
+//! Every change event gets the next sequence number of its destination (never reused for the life of the
+//! process) and stays in its destination's queue, in order, until an `Ack` covers it or a `Reject` names it.
+//! While a connection is up, [`Backlog`] also keeps that connection's send queue: on a new connection it holds
+//! every destination declaration (in declaration order) followed by every unacked message (in arrival order);
+//! later events are appended as they arrive.
+//!
+//! Snapshot safety. A `SnapshotEnd` makes the writer delete the scope's files that were not upserted since the
+//! matching `SnapshotBegin`, so an end must never reach the writer unless its whole epoch went out on the same
+//! connection. Two rules enforce that:
+//!
+//! - An end is only sent when its begin was queued on the *current* connection. When the begin was acked on an
+//!   earlier connection (so it is not re-sent), the upserts acked before it are not re-sent either and the seen
+//!   set would be incomplete: the end is dropped instead ([`Abandoned`], reported to ingestion, which re-lists
+//!   after every reconnect anyway). The writer would refuse it too (`SnapshotMismatch`), but not reliably: see
+//!   the next rule.
+//! - Epochs on the wire are unique per connection: each begin gets a fresh wire epoch, and its end carries the
+//!   same one. An old stream the writer is still draining (its session blocked on a full worker queue) may
+//!   deliver a stale begin or end after the new stream re-opened the same scope; with distinct wire epochs a
+//!   stale end can never close the new stream's snapshot (the worker matches snapshots by destination and
+//!   scope, not by stream), so nothing is deleted on a partial seen set.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    time::SystemTime,
+};
+
+use reverser_proto::v1::{self as pb, agent_message::Kind};
+
+use crate::events::{AgentEvent, DestinationDecl, ObjectRef, ScopeRef};
+
+/// A `SnapshotEnd` dropped because its epoch did not go out whole on the current connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Abandoned {
+    pub destination: String,
+    pub sequence: u64,
+    pub scope: ScopeRef,
+    pub epoch: u64,
+}
+
+#[derive(Debug)]
+struct Pending {
+    sequence: u64,
+    /// Arrival order across destinations, so a re-send keeps the original interleaving.
+    order: u64,
+    seen_at: SystemTime,
+    event: AgentEvent,
+}
+
+#[derive(Debug, Default)]
+struct Destination {
+    decl: Option<DestinationDecl>,
+    last_sequence: u64,
+    pending: VecDeque<Pending>,
+}
+
+#[derive(Debug)]
+enum Outgoing {
+    Declare(DestinationDecl),
+    Message {
+        destination: String,
+        sequence: u64,
+        wire_epoch: Option<u64>,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Connection {
+    outgoing: VecDeque<Outgoing>,
+    /// Snapshots begun on this connection: (destination, scope) → (ingestion epoch, wire epoch).
+    open: HashMap<(String, ScopeRef), (u64, u64)>,
+}
+
+/// Unacked messages per destination plus the current connection's send queue.
+#[derive(Debug)]
+pub struct Backlog {
+    destinations: HashMap<String, Destination>,
+    /// Declared keys in the order of their latest declaration: re-declaring in that order on a new connection
+    /// cannot trip the writer's overlapping-base-folder check with a stale declaration.
+    declared: Vec<String>,
+    unacked: usize,
+    next_order: u64,
+    next_wire_epoch: u64,
+    connection: Option<Connection>,
+}
+
+impl Default for Backlog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backlog {
+    pub fn new() -> Self {
+        // Wire epochs start at the clock so that a restarted agent does not reuse the epochs of its previous
+        // run (the writer may still drain that run's last stream).
+        let start = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
+            .unwrap_or(1);
+        Self::with_first_wire_epoch(start.max(1))
+    }
+
+    fn with_first_wire_epoch(first: u64) -> Self {
+        Self {
+            destinations: HashMap::new(),
+            declared: Vec::new(),
+            unacked: 0,
+            next_order: 0,
+            next_wire_epoch: first,
+            connection: None,
+        }
+    }
+
+    /// Messages (upserts, deletes, snapshot boundaries) not yet acked or rejected.
+    pub fn unacked(&self) -> usize {
+        self.unacked
+    }
+
+    /// Whether the current connection has something queued.
+    pub fn has_outgoing(&self) -> bool {
+        self.connection
+            .as_ref()
+            .is_some_and(|c| !c.outgoing.is_empty())
+    }
+
+    /// Takes an event from ingestion: numbers it and, when connected, queues it for sending.
+    pub fn accept(&mut self, event: AgentEvent, now: SystemTime) -> Option<Abandoned> {
+        let key = match &event {
+            AgentEvent::Destination(decl) => {
+                self.declared.retain(|k| *k != decl.key);
+                self.declared.push(decl.key.clone());
+                self.destinations.entry(decl.key.clone()).or_default().decl = Some(decl.clone());
+                if let Some(connection) = &mut self.connection {
+                    connection
+                        .outgoing
+                        .push_back(Outgoing::Declare(decl.clone()));
+                }
+                return None;
+            }
+            AgentEvent::Upsert { destination, .. }
+            | AgentEvent::Delete { destination, .. }
+            | AgentEvent::SnapshotBegin { destination, .. }
+            | AgentEvent::SnapshotEnd { destination, .. } => destination.clone(),
+        };
+        let destination = self.destinations.entry(key.clone()).or_default();
+        destination.last_sequence += 1;
+        let sequence = destination.last_sequence;
+        destination.pending.push_back(Pending {
+            sequence,
+            order: self.next_order,
+            seen_at: now,
+            event,
+        });
+        self.next_order += 1;
+        self.unacked += 1;
+        if self.connection.is_some() {
+            return self.enqueue(&key, sequence);
+        }
+        None
+    }
+
+    /// A connection is up (the writer welcomed it): queue every declaration, then every unacked message.
+    pub fn begin_connection(&mut self) -> Vec<Abandoned> {
+        let mut connection = Connection::default();
+        for key in &self.declared {
+            if let Some(decl) = self.destinations.get(key).and_then(|d| d.decl.clone()) {
+                connection.outgoing.push_back(Outgoing::Declare(decl));
+            }
+        }
+        self.connection = Some(connection);
+        let mut resend: Vec<(u64, String, u64)> = self
+            .destinations
+            .iter()
+            .flat_map(|(key, d)| d.pending.iter().map(|p| (p.order, key.clone(), p.sequence)))
+            .collect();
+        resend.sort_unstable();
+        resend
+            .into_iter()
+            .filter_map(|(_, key, sequence)| self.enqueue(&key, sequence))
+            .collect()
+    }
+
+    /// The connection is gone: what was queued but not sent stays unacked for the next one.
+    pub fn end_connection(&mut self) {
+        self.connection = None;
+    }
+
+    /// Queues one pending message on the current connection, applying the snapshot rules.
+    fn enqueue(&mut self, key: &str, sequence: u64) -> Option<Abandoned> {
+        let connection = self.connection.as_mut()?;
+        let destination = self.destinations.get_mut(key)?;
+        let index = position(&destination.pending, sequence)?;
+        let wire_epoch = match &destination.pending[index].event {
+            AgentEvent::SnapshotBegin { scope, epoch, .. } => {
+                let wire = self.next_wire_epoch;
+                self.next_wire_epoch += 1;
+                connection
+                    .open
+                    .insert((key.to_owned(), scope.clone()), (*epoch, wire));
+                Some(wire)
+            }
+            AgentEvent::SnapshotEnd { scope, epoch, .. } => {
+                let slot = (key.to_owned(), scope.clone());
+                match connection.open.get(&slot) {
+                    Some(&(open_epoch, wire)) if open_epoch == *epoch => {
+                        connection.open.remove(&slot);
+                        Some(wire)
+                    }
+                    _ => {
+                        // Its begin did not go out on this connection: the seen set would be incomplete.
+                        let abandoned = Abandoned {
+                            destination: key.to_owned(),
+                            sequence,
+                            scope: scope.clone(),
+                            epoch: *epoch,
+                        };
+                        destination.pending.remove(index);
+                        self.unacked -= 1;
+                        return Some(abandoned);
+                    }
+                }
+            }
+            _ => None,
+        };
+        connection.outgoing.push_back(Outgoing::Message {
+            destination: key.to_owned(),
+            sequence,
+            wire_epoch,
+        });
+        None
+    }
+
+    /// The next message to send on the current connection; `true` when it carries a sequence number. Messages
+    /// acked or rejected since they were queued are skipped.
+    pub fn next_message(&mut self) -> Option<(pb::AgentMessage, bool)> {
+        let connection = self.connection.as_mut()?;
+        while let Some(outgoing) = connection.outgoing.pop_front() {
+            match outgoing {
+                Outgoing::Declare(decl) => return Some((declare_message(&decl), false)),
+                Outgoing::Message {
+                    destination,
+                    sequence,
+                    wire_epoch,
+                } => {
+                    let Some(d) = self.destinations.get(&destination) else {
+                        continue;
+                    };
+                    let Some(index) = position(&d.pending, sequence) else {
+                        continue;
+                    };
+                    let pending = &d.pending[index];
+                    return Some((
+                        change_message(&pending.event, sequence, pending.seen_at, wire_epoch),
+                        true,
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// An `Ack`: every message of `destination` up to `sequence` is done. Returns how many were dropped.
+    pub fn ack(&mut self, destination: &str, sequence: u64) -> usize {
+        let Some(d) = self.destinations.get_mut(destination) else {
+            return 0;
+        };
+        let before = d.pending.len();
+        while d.pending.front().is_some_and(|p| p.sequence <= sequence) {
+            d.pending.pop_front();
+        }
+        let dropped = before - d.pending.len();
+        self.unacked -= dropped;
+        dropped
+    }
+
+    /// A `Reject` naming one message: it must not be re-sent. Returns whether it was still unacked.
+    pub fn reject(&mut self, destination: &str, sequence: u64) -> bool {
+        let Some(d) = self.destinations.get_mut(destination) else {
+            return false;
+        };
+        match position(&d.pending, sequence) {
+            Some(index) => {
+                d.pending.remove(index);
+                self.unacked -= 1;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn position(pending: &VecDeque<Pending>, sequence: u64) -> Option<usize> {
+    pending.binary_search_by_key(&sequence, |p| p.sequence).ok()
+}
+
+fn declare_message(decl: &DestinationDecl) -> pb::AgentMessage {
+    pb::AgentMessage {
+        kind: Some(Kind::Destination(pb::Destination {
+            key: decl.key.clone(),
+            repo_url: decl.repo_url.clone(),
+            branch: decl.branch.clone(),
+            base_folder: decl.base_folder.clone(),
+            exclusive_mode: decl.exclusive_mode,
+            credentials: decl
+                .credentials_reference
+                .clone()
+                .map(|name| pb::Credentials {
+                    kind: Some(pb::credentials::Kind::Reference(name)),
+                }),
+        })),
+    }
+}
+
+fn identity(object: &ObjectRef) -> pb::ObjectIdentity {
+    pb::ObjectIdentity {
+        group: object.group.clone(),
+        version: object.version.clone(),
+        resource: object.resource.clone(),
+        namespace: object.namespace.clone(),
+        name: object.name.clone(),
+        uid: object.uid.clone(),
+        resource_version: object.resource_version.clone(),
+    }
+}
+
+fn scope(scope: &ScopeRef) -> pb::SnapshotScope {
+    pb::SnapshotScope {
+        group: scope.group.clone(),
+        version: scope.version.clone(),
+        resource: scope.resource.clone(),
+        namespace: scope.namespace.clone(),
+    }
+}
+
+/// The wire form of a change event. Snapshot boundaries carry `wire_epoch` (see the module docs).
+fn change_message(
+    event: &AgentEvent,
+    sequence: u64,
+    seen_at: SystemTime,
+    wire_epoch: Option<u64>,
+) -> pb::AgentMessage {
+    let kind = match event {
+        AgentEvent::Destination(decl) => return declare_message(decl),
+        AgentEvent::Upsert {
+            destination,
+            path,
+            yaml,
+            object,
+            created,
+            author,
+        } => Kind::Upsert(pb::Upsert {
+            sequence,
+            destination: destination.clone(),
+            path: path.clone(),
+            content: yaml.as_bytes().to_vec(),
+            object: Some(identity(object)),
+            operation: if *created {
+                pb::Operation::Create
+            } else {
+                pb::Operation::Update
+            } as i32,
+            author: author.clone().unwrap_or_default(),
+            event_time: Some(seen_at.into()),
+        }),
+        AgentEvent::Delete {
+            destination,
+            path,
+            object,
+            author,
+        } => Kind::Delete(pb::Delete {
+            sequence,
+            destination: destination.clone(),
+            path: path.clone(),
+            object: Some(identity(object)),
+            author: author.clone().unwrap_or_default(),
+            event_time: Some(seen_at.into()),
+        }),
+        AgentEvent::SnapshotBegin {
+            destination,
+            scope: s,
+            epoch,
+        } => Kind::SnapshotBegin(pb::SnapshotBegin {
+            sequence,
+            destination: destination.clone(),
+            scope: Some(scope(s)),
+            epoch: wire_epoch.unwrap_or(*epoch),
+        }),
+        AgentEvent::SnapshotEnd {
+            destination,
+            scope: s,
+            epoch,
+        } => Kind::SnapshotEnd(pb::SnapshotEnd {
+            sequence,
+            destination: destination.clone(),
+            scope: Some(scope(s)),
+            epoch: wire_epoch.unwrap_or(*epoch),
+        }),
+    };
+    pb::AgentMessage { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decl(key: &str, folder: &str) -> AgentEvent {
+        AgentEvent::Destination(DestinationDecl {
+            key: key.into(),
+            repo_url: "file:///tmp/repo.git".into(),
+            branch: "main".into(),
+            base_folder: folder.into(),
+            exclusive_mode: false,
+            credentials_reference: None,
+        })
+    }
+
+    fn upsert(dest: &str, name: &str) -> AgentEvent {
+        AgentEvent::Upsert {
+            destination: dest.into(),
+            path: format!("core/v1/configmaps/ns/{name}.yaml"),
+            yaml: format!("kind: ConfigMap\nmetadata:\n  name: {name}\n"),
+            object: ObjectRef::default(),
+            created: true,
+            author: None,
+        }
+    }
+
+    fn configmaps() -> ScopeRef {
+        ScopeRef {
+            group: String::new(),
+            version: "v1".into(),
+            resource: "configmaps".into(),
+            namespace: "ns".into(),
+        }
+    }
+
+    fn begin(dest: &str, epoch: u64) -> AgentEvent {
+        AgentEvent::SnapshotBegin {
+            destination: dest.into(),
+            scope: configmaps(),
+            epoch,
+        }
+    }
+
+    fn end(dest: &str, epoch: u64) -> AgentEvent {
+        AgentEvent::SnapshotEnd {
+            destination: dest.into(),
+            scope: configmaps(),
+            epoch,
+        }
+    }
+
+    /// Everything queued on the current connection, as (kind, destination, sequence, epoch).
+    fn drain(backlog: &mut Backlog) -> Vec<(&'static str, String, u64, u64)> {
+        let mut out = Vec::new();
+        while let Some((message, _)) = backlog.next_message() {
+            out.push(match message.kind.unwrap() {
+                Kind::Destination(d) => ("destination", d.key, 0, 0),
+                Kind::Upsert(u) => ("upsert", u.destination, u.sequence, 0),
+                Kind::Delete(d) => ("delete", d.destination, d.sequence, 0),
+                Kind::SnapshotBegin(b) => ("begin", b.destination, b.sequence, b.epoch),
+                Kind::SnapshotEnd(e) => ("end", e.destination, e.sequence, e.epoch),
+                Kind::Hello(_) => ("hello", String::new(), 0, 0),
+            });
+        }
+        out
+    }
+
+    fn now() -> SystemTime {
+        SystemTime::now()
+    }
+
+    #[test]
+    fn sequences_count_per_destination_and_are_never_reused_across_connections() {
+        let mut backlog = Backlog::with_first_wire_epoch(100);
+        backlog.accept(decl("a/x", "x"), now());
+        backlog.accept(decl("a/y", "y"), now());
+        backlog.begin_connection();
+        backlog.accept(upsert("a/x", "1"), now());
+        backlog.accept(upsert("a/y", "1"), now());
+        backlog.accept(upsert("a/x", "2"), now());
+        let sent = drain(&mut backlog);
+        assert_eq!(
+            sent.iter()
+                .map(|(_, d, s, _)| (d.as_str(), *s))
+                .collect::<Vec<_>>(),
+            [("a/x", 0), ("a/y", 0), ("a/x", 1), ("a/y", 1), ("a/x", 2)]
+        );
+        assert_eq!(backlog.ack("a/x", 2), 2);
+        backlog.end_connection();
+        backlog.begin_connection();
+        backlog.accept(upsert("a/x", "3"), now());
+        let sent = drain(&mut backlog);
+        assert_eq!(
+            sent.iter()
+                .map(|(_, d, s, _)| (d.as_str(), *s))
+                .collect::<Vec<_>>(),
+            [("a/x", 0), ("a/y", 0), ("a/y", 1), ("a/x", 3)],
+            "re-declared, unacked a/y#1 re-sent with its number, then a/x continues at 3"
+        );
+    }
+
+    #[test]
+    fn an_ack_covers_every_earlier_sequence_of_its_destination_only() {
+        let mut backlog = Backlog::with_first_wire_epoch(100);
+        for name in ["1", "2", "3"] {
+            backlog.accept(upsert("a/x", name), now());
+            backlog.accept(upsert("a/y", name), now());
+        }
+        assert_eq!(backlog.unacked(), 6);
+        assert_eq!(backlog.ack("a/x", 2), 2);
+        assert_eq!(backlog.ack("a/x", 2), 0, "acks are idempotent");
+        assert_eq!(backlog.ack("a/unknown", 9), 0);
+        assert_eq!(backlog.unacked(), 4);
+        assert_eq!(backlog.ack("a/y", 3), 3);
+        assert_eq!(backlog.unacked(), 1);
+    }
+
+    #[test]
+    fn a_reject_drops_only_the_message_it_names() {
+        let mut backlog = Backlog::with_first_wire_epoch(100);
+        backlog.accept(decl("a/x", "x"), now());
+        for name in ["1", "2", "3"] {
+            backlog.accept(upsert("a/x", name), now());
+        }
+        assert!(backlog.reject("a/x", 2));
+        assert!(!backlog.reject("a/x", 2));
+        assert!(
+            !backlog.reject("a/x", 0),
+            "unsequenced rejects drop nothing"
+        );
+        assert_eq!(backlog.unacked(), 2);
+        backlog.begin_connection();
+        let sent: Vec<u64> = drain(&mut backlog).iter().map(|m| m.2).collect();
+        assert_eq!(sent, [0, 1, 3]);
+    }
+
+    #[test]
+    fn messages_acked_while_queued_are_not_sent() {
+        let mut backlog = Backlog::with_first_wire_epoch(100);
+        backlog.begin_connection();
+        for name in ["1", "2", "3"] {
+            backlog.accept(upsert("a/x", name), now());
+        }
+        backlog.ack("a/x", 2);
+        let sent: Vec<u64> = drain(&mut backlog).iter().map(|m| m.2).collect();
+        assert_eq!(sent, [3]);
+        assert!(!backlog.has_outgoing());
+    }
+
+    #[test]
+    fn redeclaration_moves_a_destination_to_the_end_of_the_declaration_order() {
+        let mut backlog = Backlog::with_first_wire_epoch(100);
+        backlog.accept(decl("a/x", "one"), now());
+        backlog.accept(decl("a/y", "two"), now());
+        backlog.accept(decl("a/x", "three"), now());
+        backlog.begin_connection();
+        let mut folders = Vec::new();
+        while let Some((message, sequenced)) = backlog.next_message() {
+            assert!(!sequenced);
+            if let Some(Kind::Destination(d)) = message.kind {
+                folders.push((d.key, d.base_folder));
+            }
+        }
+        assert_eq!(
+            folders,
+            [("a/y".into(), "two".into()), ("a/x".into(), "three".into())]
+        );
+    }
+
+    #[test]
+    fn a_whole_unacked_epoch_is_resent_under_a_fresh_wire_epoch() {
+        let mut backlog = Backlog::with_first_wire_epoch(100);
+        backlog.begin_connection();
+        backlog.accept(begin("a/x", 7), now());
+        backlog.accept(upsert("a/x", "1"), now());
+        backlog.accept(end("a/x", 7), now());
+        let first = drain(&mut backlog);
+        assert_eq!(first[0], ("begin", "a/x".into(), 1, 100));
+        assert_eq!(first[2], ("end", "a/x".into(), 3, 100));
+        backlog.end_connection();
+        assert!(backlog.begin_connection().is_empty());
+        let again = drain(&mut backlog);
+        assert_eq!(again[0], ("begin", "a/x".into(), 1, 101));
+        assert_eq!(again[1].2, 2);
+        assert_eq!(again[2], ("end", "a/x".into(), 3, 101));
+    }
+
+    #[test]
+    fn an_end_whose_begin_was_acked_on_an_earlier_connection_is_abandoned_not_sent() {
+        let mut backlog = Backlog::with_first_wire_epoch(100);
+        backlog.begin_connection();
+        backlog.accept(begin("a/x", 7), now());
+        backlog.accept(upsert("a/x", "1"), now());
+        drain(&mut backlog);
+        backlog.ack("a/x", 2);
+        backlog.accept(upsert("a/x", "2"), now());
+        backlog.end_connection();
+        // Produced while disconnected: queued for the next connection.
+        backlog.accept(end("a/x", 7), now());
+        let abandoned = backlog.begin_connection();
+        assert_eq!(
+            abandoned,
+            [Abandoned {
+                destination: "a/x".into(),
+                sequence: 4,
+                scope: configmaps(),
+                epoch: 7
+            }]
+        );
+        let sent: Vec<_> = drain(&mut backlog).into_iter().map(|m| m.0).collect();
+        assert_eq!(sent, ["upsert"]);
+        assert_eq!(backlog.unacked(), 1);
+
+        // The same holds for an end produced after the reconnect.
+        backlog.accept(end("a/x", 7), now());
+        assert!(!backlog.has_outgoing());
+        assert_eq!(backlog.unacked(), 1);
+    }
+
+    #[test]
+    fn an_end_for_another_epoch_than_the_open_one_is_abandoned() {
+        let mut backlog = Backlog::with_first_wire_epoch(100);
+        backlog.begin_connection();
+        backlog.accept(begin("a/x", 7), now());
+        backlog.accept(begin("a/x", 8), now());
+        assert!(backlog.accept(end("a/x", 7), now()).is_some());
+        assert!(backlog.accept(end("a/x", 8), now()).is_none());
+        let sent: Vec<_> = drain(&mut backlog)
+            .into_iter()
+            .map(|m| (m.0, m.3))
+            .collect();
+        assert_eq!(sent, [("begin", 100), ("begin", 101), ("end", 101)]);
+    }
+
+    #[test]
+    fn events_are_converted_to_their_wire_form() {
+        let seen = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(5);
+        let event = AgentEvent::Upsert {
+            destination: "a/x".into(),
+            path: "p.yaml".into(),
+            yaml: "a: 1\n".into(),
+            object: ObjectRef {
+                name: "n".into(),
+                ..ObjectRef::default()
+            },
+            created: false,
+            author: Some("alice".into()),
+        };
+        let Some(Kind::Upsert(u)) = change_message(&event, 4, seen, None).kind else {
+            panic!("an upsert")
+        };
+        assert_eq!(u.sequence, 4);
+        assert_eq!(u.content, b"a: 1\n");
+        assert_eq!(u.operation, pb::Operation::Update as i32);
+        assert_eq!(u.author, "alice");
+        assert_eq!(u.object.unwrap().name, "n");
+        assert_eq!(u.event_time.unwrap().seconds, 5);
+
+        let decl = DestinationDecl {
+            key: "a/x".into(),
+            repo_url: "u".into(),
+            branch: "b".into(),
+            base_folder: "f".into(),
+            exclusive_mode: true,
+            credentials_reference: Some("github".into()),
+        };
+        let Some(Kind::Destination(d)) = declare_message(&decl).kind else {
+            panic!("a destination")
+        };
+        assert!(d.exclusive_mode);
+        assert_eq!(
+            d.credentials.unwrap().kind,
+            Some(pb::credentials::Kind::Reference("github".into()))
+        );
+    }
+}

@@ -1,0 +1,769 @@
+//! Ingestion against the kube-emulator: discovery, List+Watch, snapshot epochs and the
+//! failure modes that must never delete anything (403, compaction, discovery blinks).
+//!
+//! Every wait has a generous upper bound only to turn a hang into a failure; no test asserts
+//! on how long something took.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube_emulator::Emulator;
+use reverser_agent::canonical;
+use reverser_agent::crd::{
+    ClusterResourceRule, ClusterWatchRuleSpec, DestinationRef, NamespacedName, ResourceRule,
+    ResourceScope, WatchRuleSpec,
+};
+use reverser_agent::events::{AgentEvent, DestinationDecl};
+use reverser_agent::ingest::{
+    self, CompiledRule, DiscoveredResource, IngestConfig, IngestHandle, RuleKind, Selection,
+    WatchKey,
+};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+const SHOP: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: web, image: 'nginx:1.27'}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: api, namespace: shop, labels: {app: api}}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: api}}
+  template:
+    metadata: {labels: {app: api}}
+    spec: {containers: [{name: api, image: 'api:1'}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: app, namespace: shop, labels: {mirror: 'yes'}}
+data: {color: blue}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: kube-root-ca.crt, namespace: shop}
+data: {ca.crt: 'PEM'}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: db, namespace: shop}
+stringData: {password: hunter2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop}
+spec: {containers: [{name: web, image: 'nginx:1.27'}]}
+---
+apiVersion: v1
+kind: Event
+metadata: {name: web.1, namespace: shop}
+involvedObject: {kind: Pod, name: web-1, namespace: shop}
+reason: Started
+";
+
+fn decl(key: &str) -> DestinationDecl {
+    DestinationDecl {
+        key: key.to_owned(),
+        repo_url: "file:///srv/git/config.git".into(),
+        branch: "main".into(),
+        base_folder: format!("clusters/{}", key.replace('/', "-")),
+        exclusive_mode: false,
+        credentials_reference: None,
+    }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// A ClusterWatchRule over namespaced types: `resources` empty means the desired-state preset.
+fn cluster_rule(destination: &str, groups: &[&str], resources: &[&str]) -> CompiledRule {
+    CompiledRule {
+        id: format!("ClusterWatchRule/{resources:?}"),
+        destination: destination.to_owned(),
+        kind: RuleKind::Cluster {
+            spec: ClusterWatchRuleSpec {
+                destination_ref: NamespacedName {
+                    name: "prod".into(),
+                    namespace: "cfg".into(),
+                },
+                rules: vec![ClusterResourceRule {
+                    operations: vec![],
+                    api_groups: strings(groups),
+                    api_versions: vec![],
+                    resources: strings(resources),
+                    scope: ResourceScope::Namespaced,
+                    namespace_selector: None,
+                }],
+            },
+        },
+    }
+}
+
+fn selection(rules: Vec<CompiledRule>) -> Selection {
+    let mut destinations: Vec<DestinationDecl> =
+        rules.iter().map(|r| decl(&r.destination)).collect();
+    destinations.dedup();
+    Selection {
+        destinations,
+        rules,
+        namespace_labels: Default::default(),
+    }
+}
+
+struct Harness {
+    emu: Emulator,
+    events: mpsc::Receiver<AgentEvent>,
+    handle: IngestHandle,
+    _selection: watch::Sender<Arc<Selection>>,
+    /// Everything received so far, in order.
+    log: Vec<AgentEvent>,
+}
+
+async fn emulator() -> Emulator {
+    Emulator::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("emulator starts")
+}
+
+async fn start(emu: Emulator, sel: Selection, config: IngestConfig) -> Harness {
+    let (tx, rx) = mpsc::channel(64);
+    let (sel_tx, sel_rx) = watch::channel(Arc::new(sel));
+    let handle = ingest::spawn(emu.client().await, config, sel_rx, tx);
+    Harness {
+        emu,
+        events: rx,
+        handle,
+        _selection: sel_tx,
+        log: Vec::new(),
+    }
+}
+
+impl Harness {
+    /// Receives events until one satisfies `pred`; returns the events received meanwhile
+    /// (including the match).
+    async fn until(&mut self, what: &str, pred: impl Fn(&AgentEvent) -> bool) -> Vec<AgentEvent> {
+        let mut got = Vec::new();
+        loop {
+            let event = tokio::time::timeout(PATIENCE, self.events.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no event for {what:?}; received {:#?}", got))
+                .expect("ingestion stopped");
+            self.log.push(event.clone());
+            let done = pred(&event);
+            got.push(event);
+            if done {
+                return got;
+            }
+        }
+    }
+
+    /// Receives events until every scope in `resources` (all-namespace scopes) has ended.
+    async fn until_ended(&mut self, resources: &[&str]) -> Vec<AgentEvent> {
+        let mut got = Vec::new();
+        let mut pending: Vec<String> = resources.iter().map(|r| (*r).to_owned()).collect();
+        while !pending.is_empty() {
+            let batch = self
+                .until(&format!("SnapshotEnd for {pending:?}"), |e| {
+                    matches!(e, AgentEvent::SnapshotEnd { scope, .. } if pending.contains(&scope.resource))
+                })
+                .await;
+            if let Some(AgentEvent::SnapshotEnd { scope, .. }) = batch.last() {
+                pending.retain(|r| *r != scope.resource);
+            }
+            got.extend(batch);
+        }
+        got
+    }
+
+    /// Everything already queued, without waiting.
+    fn drain(&mut self) -> Vec<AgentEvent> {
+        let mut got = Vec::new();
+        while let Ok(event) = self.events.try_recv() {
+            self.log.push(event.clone());
+            got.push(event);
+        }
+        got
+    }
+
+    /// Polls the ingestion until `cond` holds (hang-protected).
+    async fn wait_for(&self, what: &str, cond: impl Fn(&IngestHandle) -> bool) {
+        tokio::time::timeout(PATIENCE, async {
+            while !cond(&self.handle) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+
+    /// Triggers discovery and waits until it has run and the watches were reconciled.
+    async fn refresh_discovery(&self) {
+        let runs = self
+            .handle
+            .metrics()
+            .discovery_runs
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.handle.refresh_discovery();
+        self.wait_for("a discovery run", |h| {
+            h.metrics()
+                .discovery_runs
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > runs
+        })
+        .await;
+        // Reconciliation follows discovery in the same loop turn; one more run makes sure it
+        // finished (discovery_runs is bumped before reconciling).
+        let runs = runs + 1;
+        self.handle.refresh_discovery();
+        self.wait_for("a second discovery run", |h| {
+            h.metrics()
+                .discovery_runs
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > runs
+        })
+        .await;
+    }
+
+    async fn json(&self, res: &DiscoveredResource, ns: &str, name: &str) -> Value {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.emu.client().await, ns, &res.api_resource());
+        let mut obj = api.get(name).await.expect("object exists");
+        obj.types = Some(kube::api::TypeMeta {
+            api_version: res.api_version(),
+            kind: res.kind.clone(),
+        });
+        serde_json::to_value(obj).unwrap()
+    }
+}
+
+fn watched(h: &IngestHandle) -> Vec<String> {
+    h.watch_status().keys().map(WatchKey::to_string).collect()
+}
+
+fn upsert_paths(events: &[AgentEvent]) -> Vec<&str> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            AgentEvent::Upsert { path, .. } => Some(path.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn is_upsert_of(e: &AgentEvent, want: &str) -> bool {
+    matches!(e, AgentEvent::Upsert { path, .. } if path == want)
+}
+
+fn mentions(e: &AgentEvent, needle: &str) -> bool {
+    match e {
+        AgentEvent::Upsert { path, .. } | AgentEvent::Delete { path, .. } => path.contains(needle),
+        AgentEvent::SnapshotBegin { scope, .. } | AgentEvent::SnapshotEnd { scope, .. } => {
+            scope.resource == needle
+        }
+        AgentEvent::Destination(_) => false,
+    }
+}
+
+fn deployments() -> DiscoveredResource {
+    DiscoveredResource::new("apps", "v1", "deployments", "Deployment", true)
+}
+
+fn configmaps() -> DiscoveredResource {
+    DiscoveredResource::new("", "v1", "configmaps", "ConfigMap", true)
+}
+
+#[tokio::test]
+async fn first_snapshot_mirrors_desired_state_and_skips_runtime_secret_and_generated_objects() {
+    let emu = emulator().await;
+    emu.apply_yaml(SHOP).await.unwrap();
+    let sel = selection(vec![
+        cluster_rule("cfg/prod", &[], &[]),
+        // Explicitly asking for runtime types does not beat the always-on exclusions.
+        cluster_rule("cfg/prod", &[], &["pods", "events", "secrets"]),
+    ]);
+    let mut h = start(emu, sel, IngestConfig::default()).await;
+    let events = h
+        .until_ended(&["deployments", "services", "configmaps"])
+        .await;
+
+    assert_eq!(events[0], AgentEvent::Destination(decl("cfg/prod")));
+    let mut paths = upsert_paths(&events);
+    paths.sort();
+    assert_eq!(
+        paths,
+        vec![
+            "apps/v1/deployments/shop/api.yaml",
+            "apps/v1/deployments/shop/web.yaml",
+            "core/v1/configmaps/shop/app.yaml",
+            "core/v1/services/shop/web.yaml",
+        ]
+    );
+    let watches = watched(&h.handle);
+    for want in [
+        "apps/v1/deployments",
+        "core/v1/configmaps",
+        "core/v1/services",
+    ] {
+        assert!(watches.iter().any(|w| w == want), "{want} in {watches:?}");
+    }
+    for never in ["pods", "events", "secrets", "leases", "endpoints"] {
+        assert!(
+            !watches.iter().any(|w| w.ends_with(&format!("/{never}"))),
+            "{never} watched: {watches:?}"
+        );
+    }
+
+    // Each upsert sits inside its type's epoch, and carries the canonical YAML.
+    let web = "apps/v1/deployments/shop/web.yaml";
+    let begin = events
+        .iter()
+        .position(|e| matches!(e, AgentEvent::SnapshotBegin { scope, .. } if scope.resource == "deployments"))
+        .unwrap();
+    let upsert = events.iter().position(|e| is_upsert_of(e, web)).unwrap();
+    let end = events
+        .iter()
+        .position(|e| matches!(e, AgentEvent::SnapshotEnd { scope, .. } if scope.resource == "deployments"))
+        .unwrap();
+    assert!(begin < upsert && upsert < end);
+    let (
+        AgentEvent::SnapshotBegin {
+            epoch: b,
+            scope,
+            destination,
+        },
+        AgentEvent::SnapshotEnd { epoch: e, .. },
+    ) = (&events[begin], &events[end])
+    else {
+        unreachable!()
+    };
+    assert_eq!(b, e);
+    assert_eq!(destination, "cfg/prod");
+    assert_eq!(
+        (
+            scope.group.as_str(),
+            scope.version.as_str(),
+            scope.namespace.as_str()
+        ),
+        ("apps", "v1", "")
+    );
+    let AgentEvent::Upsert {
+        yaml,
+        object,
+        created,
+        destination,
+        ..
+    } = &events[upsert]
+    else {
+        unreachable!()
+    };
+    let live = h.json(&deployments(), "shop", "web").await;
+    assert_eq!(yaml, &canonical::to_canonical_yaml(&live).unwrap());
+    assert!(
+        yaml.starts_with("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n"),
+        "{yaml}"
+    );
+    assert!(
+        yaml.contains("replicas: 2") && !yaml.contains("uid:") && !yaml.contains("resourceVersion")
+    );
+    assert_eq!(destination, "cfg/prod");
+    assert!(*created);
+    assert_eq!(
+        (object.namespace.as_str(), object.name.as_str()),
+        ("shop", "web")
+    );
+    assert!(!object.uid.is_empty() && !object.resource_version.is_empty());
+}
+
+#[tokio::test]
+async fn live_changes_become_upserts_and_deletes_but_status_only_updates_send_nothing() {
+    let emu = emulator().await;
+    emu.apply_yaml(SHOP).await.unwrap();
+    let sel = selection(vec![cluster_rule("cfg/prod", &[], &[])]);
+    let mut h = start(emu.clone(), sel, IngestConfig::default()).await;
+    h.until_ended(&["deployments", "configmaps"]).await;
+
+    // An edit of the data is an update.
+    emu.apply_yaml(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: app, namespace: shop, labels: {mirror: 'yes'}}\ndata: {color: green}\n",
+    )
+    .await
+    .unwrap();
+    let got = h
+        .until("configmap update", |e| {
+            is_upsert_of(e, "core/v1/configmaps/shop/app.yaml")
+        })
+        .await;
+    let Some(AgentEvent::Upsert { yaml, created, .. }) = got.last() else {
+        unreachable!()
+    };
+    assert!(yaml.contains("color: green") && !created, "{yaml}");
+
+    // A status-only write changes the resourceVersion, not the canonical YAML: nothing is sent.
+    // The same watch then sees an edit of another Deployment, which must be the next thing
+    // it reports.
+    let deploys: Api<DynamicObject> =
+        Api::namespaced_with(emu.client().await, "shop", &deployments().api_resource());
+    deploys
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"replicas": 2, "readyReplicas": 2}})),
+        )
+        .await
+        .unwrap();
+    deploys
+        .patch(
+            "api",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
+        )
+        .await
+        .unwrap();
+    let got = h
+        .until("api deployment update", |e| {
+            is_upsert_of(e, "apps/v1/deployments/shop/api.yaml")
+        })
+        .await;
+    assert!(
+        !got.iter().any(|e| mentions(e, "deployments/shop/web")),
+        "status-only update was sent: {got:#?}"
+    );
+
+    // Deleting removes the file.
+    let cms: Api<DynamicObject> =
+        Api::namespaced_with(emu.client().await, "shop", &configmaps().api_resource());
+    cms.delete("app", &Default::default()).await.unwrap();
+    let got = h
+        .until("configmap delete", |e| {
+            matches!(e, AgentEvent::Delete { .. })
+        })
+        .await;
+    let Some(AgentEvent::Delete {
+        path,
+        destination,
+        object,
+        ..
+    }) = got.last()
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (path.as_str(), destination.as_str(), object.name.as_str()),
+        ("core/v1/configmaps/shop/app.yaml", "cfg/prod", "app")
+    );
+}
+
+#[tokio::test]
+async fn removing_the_selected_label_deletes_and_adding_it_back_upserts() {
+    let emu = emulator().await;
+    emu.apply_yaml(SHOP).await.unwrap();
+    let rule = CompiledRule {
+        id: "WatchRule/shop/mirror".into(),
+        destination: "shop/mirror".into(),
+        kind: RuleKind::Namespaced {
+            namespace: "shop".into(),
+            spec: WatchRuleSpec {
+                destination_ref: DestinationRef {
+                    name: "mirror".into(),
+                    namespace: None,
+                },
+                object_selector: Some(
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                        match_labels: Some([("mirror".to_owned(), "yes".to_owned())].into()),
+                        ..Default::default()
+                    },
+                ),
+                rules: vec![ResourceRule {
+                    resources: strings(&["configmaps"]),
+                    ..Default::default()
+                }],
+            },
+        },
+    };
+    let mut h = start(emu.clone(), selection(vec![rule]), IngestConfig::default()).await;
+    let first = h.until_ended(&["configmaps"]).await;
+    assert_eq!(
+        upsert_paths(&first),
+        vec!["core/v1/configmaps/shop/app.yaml"]
+    );
+    assert_eq!(
+        watched(&h.handle),
+        vec!["core/v1/configmaps in shop"],
+        "one namespaced watch"
+    );
+    let AgentEvent::SnapshotEnd { scope, .. } = first.last().unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(
+        scope.namespace, "shop",
+        "the snapshot covers only the rule's namespace"
+    );
+
+    emu.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: app, namespace: shop}\ndata: {color: blue}\n")
+        .await
+        .unwrap();
+    let got = h
+        .until("delete after unlabel", |e| {
+            matches!(e, AgentEvent::Delete { .. })
+        })
+        .await;
+    let Some(AgentEvent::Delete {
+        path, destination, ..
+    }) = got.last()
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (path.as_str(), destination.as_str()),
+        ("core/v1/configmaps/shop/app.yaml", "shop/mirror")
+    );
+
+    emu.apply_yaml(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: app, namespace: shop, labels: {mirror: 'yes'}}\ndata: {color: blue}\n",
+    )
+    .await
+    .unwrap();
+    let got = h
+        .until("upsert after relabel", |e| {
+            is_upsert_of(e, "core/v1/configmaps/shop/app.yaml")
+        })
+        .await;
+    let Some(AgentEvent::Upsert { created, .. }) = got.last() else {
+        unreachable!()
+    };
+    assert!(*created);
+}
+
+#[tokio::test]
+async fn forced_compaction_relists_in_a_new_epoch_without_deletes() {
+    // No periodic bookmarks: a bookmark after the compaction would move the resume point
+    // past it and hide the 410 this test is about.
+    let emu = Emulator::builder()
+        .bookmark_interval(Duration::from_secs(3600))
+        .start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    emu.apply_yaml(SHOP).await.unwrap();
+    let sel = selection(vec![cluster_rule("cfg/prod", &[], &["configmaps"])]);
+    let mut h = start(emu.clone(), sel, IngestConfig::default()).await;
+    let first = h.until_ended(&["configmaps"]).await;
+    let Some(AgentEvent::SnapshotEnd {
+        epoch: first_epoch, ..
+    }) = first.last()
+    else {
+        unreachable!()
+    };
+    let first_epoch = *first_epoch;
+
+    emu.faults().compact_history();
+    emu.faults().close_watches();
+    let second = h.until_ended(&["configmaps"]).await;
+    let begin = second
+        .iter()
+        .find_map(|e| match e {
+            AgentEvent::SnapshotBegin { epoch, .. } => Some(*epoch),
+            _ => None,
+        })
+        .expect("a relist opens a new snapshot");
+    let Some(AgentEvent::SnapshotEnd { epoch: end, .. }) = second.last() else {
+        unreachable!()
+    };
+    assert!(begin > first_epoch && begin == *end);
+    assert_eq!(
+        upsert_paths(&second),
+        vec!["core/v1/configmaps/shop/app.yaml"],
+        "the relist re-sends every object"
+    );
+    assert!(
+        !second
+            .iter()
+            .any(|e| matches!(e, AgentEvent::Delete { .. }))
+    );
+    let status = &h.handle.watch_status()[&WatchKey {
+        group: "".into(),
+        version: "v1".into(),
+        resource: "configmaps".into(),
+        namespace: "".into(),
+    }];
+    assert_eq!(status.snapshots_completed, 2);
+}
+
+#[tokio::test]
+async fn a_forbidden_resource_never_ends_its_snapshot_until_access_returns() {
+    let emu = emulator().await;
+    emu.apply_yaml(SHOP).await.unwrap();
+    emu.faults().forbid("configmaps");
+    let sel = selection(vec![cluster_rule(
+        "cfg/prod",
+        &[],
+        &["configmaps", "services"],
+    )]);
+    let mut h = start(emu.clone(), sel, IngestConfig::default()).await;
+    let cm_key = WatchKey {
+        group: "".into(),
+        version: "v1".into(),
+        resource: "configmaps".into(),
+        namespace: "".into(),
+    };
+    let mut seen = h.until_ended(&["services"]).await;
+    h.wait_for("a 403 on configmaps", |h| {
+        h.watch_status().get(&cm_key).is_some_and(|s| s.forbidden)
+    })
+    .await;
+    seen.extend(h.drain());
+    assert!(
+        !seen.iter().any(|e| mentions(e, "configmaps")),
+        "a denied list must not open or end a snapshot: {seen:#?}"
+    );
+    assert!(
+        h.handle
+            .metrics()
+            .watch_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+
+    emu.faults().allow("configmaps");
+    let after = h.until_ended(&["configmaps"]).await;
+    assert_eq!(
+        upsert_paths(&after),
+        vec!["core/v1/configmaps/shop/app.yaml"]
+    );
+}
+
+#[tokio::test]
+async fn a_crd_created_at_runtime_is_watched_after_a_discovery_refresh() {
+    let emu = emulator().await;
+    emu.apply_yaml(SHOP).await.unwrap();
+    let sel = selection(vec![cluster_rule("cfg/prod", &["example.com"], &["*"])]);
+    let mut h = start(emu.clone(), sel, IngestConfig::default()).await;
+    h.wait_for("the first discovery", |h| {
+        h.metrics()
+            .discovery_runs
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    })
+    .await;
+    assert!(watched(&h.handle).is_empty());
+
+    emu.apply_yaml(
+        "
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: widgets.example.com}
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget, listKind: WidgetList}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+---
+apiVersion: example.com/v1
+kind: Widget
+metadata: {name: w1, namespace: shop}
+spec: {size: 3}
+",
+    )
+    .await
+    .unwrap();
+    h.handle.refresh_discovery();
+    let got = h.until_ended(&["widgets"]).await;
+    let upsert = got
+        .iter()
+        .find(|e| is_upsert_of(e, "example.com/v1/widgets/shop/w1.yaml"))
+        .expect("the widget is mirrored");
+    let AgentEvent::Upsert { yaml, .. } = upsert else {
+        unreachable!()
+    };
+    assert!(
+        yaml.starts_with("apiVersion: example.com/v1\nkind: Widget\n"),
+        "{yaml}"
+    );
+    assert!(yaml.contains("size: 3"));
+}
+
+#[tokio::test]
+async fn a_group_blinking_out_of_discovery_keeps_its_watch_during_the_grace_period() {
+    let emu = emulator().await;
+    emu.apply_yaml(SHOP).await.unwrap();
+    let sel = selection(vec![cluster_rule("cfg/prod", &["apps"], &["deployments"])]);
+    let mut h = start(emu.clone(), sel, IngestConfig::default()).await;
+    h.until_ended(&["deployments"]).await;
+
+    emu.faults().hide_group("apps", Duration::from_secs(3600));
+    h.refresh_discovery().await;
+    assert_eq!(watched(&h.handle), vec!["apps/v1/deployments"]);
+    emu.faults().unhide_group("apps");
+    h.refresh_discovery().await;
+    assert_eq!(watched(&h.handle), vec!["apps/v1/deployments"]);
+    let later = h.drain();
+    assert!(
+        later.is_empty(),
+        "a blink within the grace period changes nothing: {later:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_group_gone_from_discovery_past_the_grace_period_stops_its_watch_without_deleting() {
+    let emu = emulator().await;
+    emu.apply_yaml(SHOP).await.unwrap();
+    let sel = selection(vec![cluster_rule("cfg/prod", &["apps"], &["deployments"])]);
+    let config = IngestConfig {
+        vanish_grace: Duration::ZERO,
+        ..Default::default()
+    };
+    let mut h = start(emu.clone(), sel, config).await;
+    let first = h.until_ended(&["deployments"]).await;
+
+    emu.faults().hide_group("apps", Duration::from_secs(3600));
+    h.refresh_discovery().await;
+    assert!(
+        watched(&h.handle).is_empty(),
+        "the vanished type is no longer watched"
+    );
+    emu.faults().unhide_group("apps");
+    h.refresh_discovery().await;
+    let second = h.until_ended(&["deployments"]).await;
+
+    let all: Vec<&AgentEvent> = first.iter().chain(&second).collect();
+    assert!(
+        !all.iter().any(|e| matches!(e, AgentEvent::Delete { .. })),
+        "{all:#?}"
+    );
+    let mut paths = upsert_paths(&second);
+    paths.sort();
+    assert_eq!(
+        paths,
+        vec![
+            "apps/v1/deployments/shop/api.yaml",
+            "apps/v1/deployments/shop/web.yaml"
+        ],
+        "the returning type is relisted in a new snapshot"
+    );
+}
