@@ -1,6 +1,6 @@
 //! The gitops-reverser agent: mirrors the desired state of a cluster into Git.
 //!
-//! Planned data flow, one arrow per stage:
+//! Data flow, one arrow per stage:
 //!
 //! ```text
 //! discovery ──▶ rules ──▶ List+Watch ──▶ canonical YAML + paths ──▶ gRPC stream ──▶ writer
@@ -23,8 +23,16 @@
 //!   (`GitRepoConfig`, `GitDestination`, `WatchRule`, `ClusterWatchRule`); the
 //!   `crdgen` binary writes their manifests to `crds/`.
 //!
-//! Still to come: discovery, the List+Watch loops with snapshot boundaries, and
-//! the gRPC client that streams rendered objects to the writer.
+//! Around that core, the running agent (binary `reverser-agent`, flags in [`run::Args`]):
+//!
+//! - [`leader`]: Lease-based leader election; only the leader runs what follows.
+//! - [`controller`]: watches the custom resources and Namespaces, resolves them
+//!   ([`ingest::resolve`]) into the selection ingestion mirrors, and writes each
+//!   rule's and destination's `Ready` condition.
+//! - [`ingest`]: discovery, one List+Watch per selected type and scope, snapshot
+//!   epochs, [`events::AgentEvent`]s.
+//! - [`stream`]: the gRPC client delivering those events to the writer at least once.
+//! - [`run`]: flags, wiring, metrics and the admin endpoint.
 
 pub mod canonical;
 pub mod crd;
@@ -33,3 +41,6 @@ pub mod ingest;
 pub mod paths;
 pub mod rules;
 pub mod stream;
+pub mod controller;
+pub mod leader;
+pub mod run;

@@ -1,0 +1,492 @@
+//! The custom-resource controller: from `GitRepoConfig`, `GitDestination`, `WatchRule`,
+//! `ClusterWatchRule` and `Namespace` objects to the [`Selection`] ingestion mirrors, plus a
+//! `Ready` condition on every destination and rule.
+//!
+//! ```text
+//!  API server ──watch──▶ 5 reflector stores ──any event──▶ debounce ──▶ resolve() (pure)
+//!  (4 CRDs + Namespaces)                                                 │
+//!                 ┌──────────────────────────────────────────────────────┤
+//!                 ▼                                                      ▼
+//!   watch::Sender<Arc<Selection>> ──▶ ingestion              desired Ready conditions
+//!   (only when it changed; ingestion                          │ compare with each object's status
+//!    declares the destinations to the                         ▼
+//!    stream before any change for them)              merge patch on /status (only on change)
+//! ```
+//!
+//! Nothing is published before every store finished its initial list: a selection resolved from a
+//! half-listed cluster would stop watches (and their snapshots) for rules that merely were not
+//! listed yet. The controller must only run while its process holds the leader lease; it writes
+//! status and never anything else.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{BoxStream, SelectAll};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::crd::{ClusterWatchRule, GitDestination, GitRepoConfig, ResourceStatus, WatchRule};
+use crate::ingest::Selection;
+use crate::ingest::resolve::{Inputs, ReadyCondition, Resolution, resolve};
+use crate::ingest::selection::NamespaceLabels;
+
+/// The condition type the controller owns.
+pub const READY: &str = "Ready";
+
+/// Controller settings.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Events arriving within this window are resolved once (an `apply -f dir/` is one burst).
+    pub debounce: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            debounce: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Counters and state for `/metrics` and `/readyz`.
+#[derive(Debug, Default)]
+pub struct ControllerStats {
+    /// `resolve` runs.
+    pub resolutions: std::sync::atomic::AtomicU64,
+    /// Status patches written.
+    pub status_writes: std::sync::atomic::AtomicU64,
+    /// Status patches that failed (retried on the next change).
+    pub status_write_errors: std::sync::atomic::AtomicU64,
+}
+
+/// A running controller; dropping it stops the watches.
+#[derive(Debug)]
+pub struct ControllerHandle {
+    synced: watch::Receiver<bool>,
+    stats: Arc<ControllerStats>,
+    task: JoinHandle<()>,
+}
+
+impl ControllerHandle {
+    /// Turns `true` once the first selection (from complete lists) was published.
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        self.synced.clone()
+    }
+
+    pub fn stats(&self) -> Arc<ControllerStats> {
+        Arc::clone(&self.stats)
+    }
+}
+
+impl Drop for ControllerHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the controller. It publishes on `selection` and writes status with `client`.
+pub fn spawn(
+    client: Client,
+    config: ControllerConfig,
+    selection: watch::Sender<Arc<Selection>>,
+) -> ControllerHandle {
+    let (synced_tx, synced) = watch::channel(false);
+    let stats = Arc::new(ControllerStats::default());
+    let task = tokio::spawn(run(
+        client,
+        config,
+        selection,
+        synced_tx,
+        Arc::clone(&stats),
+    ));
+    ControllerHandle {
+        synced,
+        stats,
+        task,
+    }
+}
+
+/// Which store an event came from, and whether its (re)list just completed.
+type Tick = (usize, bool);
+
+fn reflect<K>(api: Api<K>, index: usize) -> (Store<K>, BoxStream<'static, Tick>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
+    K: 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .map_ok(move |event| (index, matches!(event, watcher::Event::InitDone)))
+        // The backoff retries; the error is only worth a log line (and a tick: a store may
+        // have changed before the error).
+        .map(move |item| {
+            item.unwrap_or_else(|error| {
+                warn!(%error, store = STORE_NAMES[index], "watch failed; retrying");
+                (index, false)
+            })
+        })
+        .boxed();
+    (reader, stream)
+}
+
+const STORE_NAMES: [&str; 5] = [
+    "gitrepoconfigs",
+    "gitdestinations",
+    "watchrules",
+    "clusterwatchrules",
+    "namespaces",
+];
+
+struct Stores {
+    repos: Store<GitRepoConfig>,
+    destinations: Store<GitDestination>,
+    watch_rules: Store<WatchRule>,
+    cluster_watch_rules: Store<ClusterWatchRule>,
+    namespaces: Store<Namespace>,
+}
+
+impl Stores {
+    fn snapshot(&self) -> Snapshot {
+        fn owned<K: Clone>(items: Vec<Arc<K>>) -> Vec<K> {
+            items.into_iter().map(|k| (*k).clone()).collect()
+        }
+        Snapshot {
+            repos: owned(self.repos.state()),
+            destinations: owned(self.destinations.state()),
+            watch_rules: owned(self.watch_rules.state()),
+            cluster_watch_rules: owned(self.cluster_watch_rules.state()),
+            namespaces: self
+                .namespaces
+                .state()
+                .iter()
+                .map(|ns| (ns.name_any(), ns.labels().clone()))
+                .collect(),
+        }
+    }
+}
+
+/// The listed objects, owned, so that resolving holds no store lock.
+struct Snapshot {
+    repos: Vec<GitRepoConfig>,
+    destinations: Vec<GitDestination>,
+    watch_rules: Vec<WatchRule>,
+    cluster_watch_rules: Vec<ClusterWatchRule>,
+    namespaces: NamespaceLabels,
+}
+
+impl Snapshot {
+    fn resolve(&self) -> Resolution {
+        resolve(Inputs {
+            repos: &self.repos,
+            destinations: &self.destinations,
+            watch_rules: &self.watch_rules,
+            cluster_watch_rules: &self.cluster_watch_rules,
+            namespaces: &self.namespaces,
+        })
+    }
+}
+
+async fn run(
+    client: Client,
+    config: ControllerConfig,
+    selection: watch::Sender<Arc<Selection>>,
+    synced: watch::Sender<bool>,
+    stats: Arc<ControllerStats>,
+) {
+    let (repos, s0) = reflect(Api::<GitRepoConfig>::all(client.clone()), 0);
+    let (destinations, s1) = reflect(Api::<GitDestination>::all(client.clone()), 1);
+    let (watch_rules, s2) = reflect(Api::<WatchRule>::all(client.clone()), 2);
+    let (cluster_watch_rules, s3) = reflect(Api::<ClusterWatchRule>::all(client.clone()), 3);
+    let (namespaces, s4) = reflect(Api::<Namespace>::all(client.clone()), 4);
+    let stores = Stores {
+        repos,
+        destinations,
+        watch_rules,
+        cluster_watch_rules,
+        namespaces,
+    };
+    let mut ticks: SelectAll<BoxStream<'static, Tick>> =
+        futures::stream::select_all([s0, s1, s2, s3, s4]);
+    let mut listed = [false; 5];
+    let writer = StatusWriter {
+        client,
+        stats: Arc::clone(&stats),
+    };
+
+    loop {
+        let Some((index, done)) = ticks.next().await else {
+            return;
+        };
+        listed[index] |= done;
+        // Coalesce a burst into one resolution.
+        let pause = tokio::time::sleep(config.debounce);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                _ = &mut pause => break,
+                tick = ticks.next() => match tick {
+                    Some((index, done)) => listed[index] |= done,
+                    None => return,
+                },
+            }
+        }
+        if !listed.iter().all(|l| *l) {
+            debug!(
+                ?listed,
+                "waiting for every custom resource list before resolving"
+            );
+            continue;
+        }
+        let snapshot = stores.snapshot();
+        let resolution = snapshot.resolve();
+        stats
+            .resolutions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let published = selection.send_if_modified(|current| {
+            if **current == resolution.selection {
+                false
+            } else {
+                *current = Arc::new(resolution.selection.clone());
+                true
+            }
+        });
+        if published {
+            info!(
+                destinations = resolution.selection.destinations.len(),
+                rules = resolution.selection.rules.len(),
+                "selection changed"
+            );
+        }
+        synced.send_replace(true);
+        writer.write_all(&snapshot, &resolution).await;
+    }
+}
+
+/// Writes `Ready` conditions to `/status`.
+struct StatusWriter {
+    client: Client,
+    stats: Arc<ControllerStats>,
+}
+
+impl StatusWriter {
+    async fn write_all(&self, snapshot: &Snapshot, resolution: &Resolution) {
+        for dest in &snapshot.destinations {
+            let key = format!(
+                "{}/{}",
+                dest.namespace().unwrap_or_default(),
+                dest.name_any()
+            );
+            if let Some(cond) = resolution.destination_conditions.get(&key) {
+                let api = Api::<GitDestination>::namespaced(
+                    self.client.clone(),
+                    &dest.namespace().unwrap_or_default(),
+                );
+                self.write(&api, dest, dest.status.as_ref(), cond).await;
+            }
+        }
+        for rule in &snapshot.watch_rules {
+            let ns = rule.namespace().unwrap_or_default();
+            let key = format!("WatchRule/{ns}/{}", rule.name_any());
+            if let Some(cond) = resolution.rule_conditions.get(&key) {
+                let api = Api::<WatchRule>::namespaced(self.client.clone(), &ns);
+                self.write(&api, rule, rule.status.as_ref(), cond).await;
+            }
+        }
+        for rule in &snapshot.cluster_watch_rules {
+            let key = format!("ClusterWatchRule/{}", rule.name_any());
+            if let Some(cond) = resolution.rule_conditions.get(&key) {
+                let api = Api::<ClusterWatchRule>::all(self.client.clone());
+                self.write(&api, rule, rule.status.as_ref(), cond).await;
+            }
+        }
+    }
+
+    async fn write<K>(
+        &self,
+        api: &Api<K>,
+        object: &K,
+        current: Option<&ResourceStatus>,
+        condition: &ReadyCondition,
+    ) where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        let generation = object.meta().generation;
+        let Some(status) = next_status(current, condition, generation, Timestamp::now()) else {
+            return;
+        };
+        let name = object.name_any();
+        let patch = serde_json::json!({ "status": status });
+        match api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                self.stats
+                    .status_writes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                info!(
+                    kind = %K::kind(&()),
+                    namespace = object.namespace().unwrap_or_default(),
+                    %name,
+                    ready = condition.ready,
+                    reason = condition.reason.as_str(),
+                    "status updated"
+                );
+            }
+            // The object may have been deleted meanwhile; the next event retries anything else.
+            Err(error) => {
+                self.stats
+                    .status_write_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                warn!(kind = %K::kind(&()), %name, %error, "status update failed");
+            }
+        }
+    }
+}
+
+/// The status to write so that it says `condition` for `generation`, or `None` when it already
+/// does. Other condition types are kept; `lastTransitionTime` only moves when the status flips.
+pub fn next_status(
+    current: Option<&ResourceStatus>,
+    condition: &ReadyCondition,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Option<ResourceStatus> {
+    let status = if condition.ready { "True" } else { "False" };
+    let existing = current.and_then(|s| s.conditions.iter().find(|c| c.type_ == READY));
+    let unchanged = existing.is_some_and(|c| {
+        c.status == status
+            && c.reason == condition.reason.as_str()
+            && c.message == condition.message
+            && c.observed_generation == generation
+    }) && current.and_then(|s| s.observed_generation) == generation;
+    if unchanged {
+        return None;
+    }
+    let last_transition_time = match existing {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    let ready = Condition {
+        type_: READY.to_owned(),
+        status: status.to_owned(),
+        reason: condition.reason.as_str().to_owned(),
+        message: condition.message.clone(),
+        observed_generation: generation,
+        last_transition_time,
+    };
+    // A merge patch replaces the whole list, so it carries the conditions others wrote too.
+    let mut conditions: Vec<Condition> = current
+        .map(|s| {
+            s.conditions
+                .iter()
+                .filter(|c| c.type_ != READY)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    conditions.insert(0, ready);
+    Some(ResourceStatus {
+        conditions,
+        observed_generation: generation,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::resolve::Reason;
+
+    fn cond(ready: bool, reason: Reason, message: &str) -> ReadyCondition {
+        ReadyCondition {
+            ready,
+            reason,
+            message: message.to_owned(),
+        }
+    }
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(seconds).unwrap()
+    }
+
+    #[test]
+    fn writes_a_ready_condition_when_there_is_no_status_yet() {
+        let status = next_status(None, &cond(true, Reason::Ready, "ok"), Some(3), at(10)).unwrap();
+        assert_eq!(status.observed_generation, Some(3));
+        let c = &status.conditions[0];
+        assert_eq!(
+            (c.type_.as_str(), c.status.as_str(), c.reason.as_str()),
+            ("Ready", "True", "Ready")
+        );
+        assert_eq!(c.observed_generation, Some(3));
+        assert_eq!(c.last_transition_time, Time(at(10)));
+    }
+
+    #[test]
+    fn writes_nothing_when_the_condition_is_already_there() {
+        let first = next_status(
+            None,
+            &cond(false, Reason::RepoNotFound, "gone"),
+            Some(1),
+            at(1),
+        );
+        let again = next_status(
+            first.as_ref(),
+            &cond(false, Reason::RepoNotFound, "gone"),
+            Some(1),
+            at(2),
+        );
+        assert_eq!(again, None);
+    }
+
+    #[test]
+    fn a_new_generation_is_written_but_keeps_the_transition_time() {
+        let first = next_status(None, &cond(true, Reason::Ready, "ok"), Some(1), at(1)).unwrap();
+        let next = next_status(
+            Some(&first),
+            &cond(true, Reason::Ready, "ok"),
+            Some(2),
+            at(5),
+        )
+        .expect("generation moved");
+        assert_eq!(next.conditions[0].last_transition_time, Time(at(1)));
+        assert_eq!(next.observed_generation, Some(2));
+    }
+
+    #[test]
+    fn flipping_to_false_moves_the_transition_time_and_keeps_other_conditions() {
+        let mut first =
+            next_status(None, &cond(true, Reason::Ready, "ok"), Some(1), at(1)).unwrap();
+        first.conditions.push(Condition {
+            type_: "PushFailing".into(),
+            status: "False".into(),
+            reason: "Ok".into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: Time(at(0)),
+        });
+        let next = next_status(
+            Some(&first),
+            &cond(false, Reason::AccessDenied, "denied"),
+            Some(1),
+            at(7),
+        )
+        .unwrap();
+        assert_eq!(next.conditions.len(), 2);
+        assert_eq!(next.conditions[0].status, "False");
+        assert_eq!(next.conditions[0].reason, "AccessDenied");
+        assert_eq!(next.conditions[0].last_transition_time, Time(at(7)));
+        assert_eq!(next.conditions[1].type_, "PushFailing");
+    }
+}

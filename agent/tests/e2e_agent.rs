@@ -1,0 +1,831 @@
+//! End to end, as users run it: the `reverser-agent` binary (a child process, flags only) against
+//! the kube-emulator (the API server double, in-process) streaming to the real writer
+//! (in-process, real gRPC) that pushes to a bare Git repository over `file://`.
+//!
+//! ```text
+//! test ──apply/patch/delete──▶ kube-emulator ◀──List+Watch── reverser-agent ──gRPC──▶ writer ──push──▶ BareRepo
+//!   ▲                                                            │ /metrics                              │
+//!   └──────────────── asserts on files, commits, conditions, Lease, Pod labels ◀─────────────────────────┘
+//! ```
+//!
+//! Every wait has a generous upper bound only to turn a hang into a failure; no test asserts on
+//! how long something took.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use clap::Parser;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::ApiResource;
+use kube_emulator::Emulator;
+use testkit::BareRepo;
+use tokio::process::{Child, Command};
+
+const PATIENCE: Duration = Duration::from_secs(90);
+const BRANCH: &str = "main";
+const BASE: &str = "clusters/prod";
+
+/// The cluster users have: namespaces, workloads, config, RBAC, and noise that must not land.
+const CLUSTER: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: web, image: 'nginx:1.27'}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: app, namespace: shop}
+data: {color: blue}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: flags, namespace: shop}
+data: {beta: 'on'}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: shop-reader}
+rules: [{apiGroups: [''], resources: [configmaps], verbs: [get, list]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop}
+spec: {containers: [{name: web, image: 'nginx:1.27'}]}
+---
+apiVersion: v1
+kind: Event
+metadata: {name: web.1, namespace: shop}
+involvedObject: {kind: Pod, name: web-1, namespace: shop}
+reason: Started
+";
+
+/// The agent's own configuration: one repo, one destination, a WatchRule for `shop` and a
+/// ClusterWatchRule for cluster-scoped RBAC.
+fn config(repo_url: &str) -> String {
+    format!(
+        "
+apiVersion: v1
+kind: Namespace
+metadata: {{name: gitops-reverser}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitRepoConfig
+metadata: {{name: repo, namespace: gitops-reverser}}
+spec:
+  repoUrl: '{repo_url}'
+  allowedBranches: [{BRANCH}]
+  accessPolicy: {{allowClusterRules: true, namespacedRules: {{mode: AllNamespaces}}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitDestination
+metadata: {{name: prod, namespace: gitops-reverser}}
+spec:
+  repoRef: {{namespace: gitops-reverser, name: repo}}
+  branch: {BRANCH}
+  baseFolder: {BASE}
+  accessPolicy: {{namespacedRules: {{mode: AllNamespaces}}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: WatchRule
+metadata: {{name: shop, namespace: shop}}
+spec:
+  destinationRef: {{name: prod, namespace: gitops-reverser}}
+  rules: [{{}}]
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: ClusterWatchRule
+metadata: {{name: rbac}}
+spec:
+  destinationRef: {{name: prod, namespace: gitops-reverser}}
+  rules: [{{scope: Cluster, apiGroups: [rbac.authorization.k8s.io], resources: [clusterroles]}}]
+"
+    )
+}
+
+const DEPLOYMENT: &str = "clusters/prod/apps/v1/deployments/shop/web.yaml";
+const SERVICE: &str = "clusters/prod/core/v1/services/shop/web.yaml";
+const CONFIGMAP_APP: &str = "clusters/prod/core/v1/configmaps/shop/app.yaml";
+const CONFIGMAP_FLAGS: &str = "clusters/prod/core/v1/configmaps/shop/flags.yaml";
+const CLUSTERROLE: &str =
+    "clusters/prod/rbac.authorization.k8s.io/v1/clusterroles/shop-reader.yaml";
+
+struct World {
+    emu: Emulator,
+    repo: BareRepo,
+    writer: Option<reverser_writer::RunningWriter>,
+    _writer_dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    _kubeconfig_dir: tempfile::TempDir,
+}
+
+impl World {
+    async fn start() -> World {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let emu = Emulator::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .expect("emulator starts");
+        let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        emu.apply_dir(&crds).await.expect("CRDs apply");
+        emu.apply_yaml(CLUSTER)
+            .await
+            .expect("cluster objects apply");
+        let repo = BareRepo::new();
+        emu.apply_yaml(&config(&repo.file_url()))
+            .await
+            .expect("agent configuration applies");
+
+        let writer_dir = tempfile::tempdir().unwrap();
+        let work = writer_dir.path().display().to_string();
+        let args = reverser_writer::Args::try_parse_from([
+            "reverser-writer",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--work-dir",
+            &work,
+            "--git-batch-max-wait-sec",
+            "0.2",
+            "--leases",
+            "off",
+        ])
+        .unwrap();
+        let writer = args.start().await.expect("writer starts");
+
+        let kubeconfig_dir = tempfile::tempdir().unwrap();
+        let kubeconfig = kubeconfig_dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, emu.kubeconfig_yaml(None)).unwrap();
+        World {
+            emu,
+            repo,
+            writer: Some(writer),
+            _writer_dir: writer_dir,
+            kubeconfig,
+            _kubeconfig_dir: kubeconfig_dir,
+        }
+    }
+
+    fn writer_url(&self) -> String {
+        format!("http://{}", self.writer.as_ref().unwrap().grpc_addr)
+    }
+
+    /// Starts the agent binary; `extra` are more flags, `env` more environment.
+    fn agent(&self, extra: &[&str], env: &[(&str, &str)]) -> Agent {
+        let admin_port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_reverser-agent"));
+        cmd.arg("--writer-url")
+            .arg(self.writer_url())
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--admin-addr")
+            .arg(format!("127.0.0.1:{admin_port}"))
+            .args(["--cluster-name", "e2e"])
+            // Short Lease timings keep failover tests quick; the logic is the same.
+            .args([
+                "--leader-election-lease-sec",
+                "3",
+                "--leader-election-renew-sec",
+                "1",
+            ])
+            .args(extra)
+            .env(
+                "AGENT_LOG_LEVEL",
+                std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("the agent binary starts");
+        Agent {
+            child,
+            admin: format!("127.0.0.1:{admin_port}"),
+        }
+    }
+
+    async fn wait_for_file(&self, path: &str, contains: &str) -> String {
+        wait(&format!("{path} containing {contains:?}"), || {
+            self.repo
+                .read(BRANCH, path)
+                .filter(|text| text.contains(contains))
+        })
+        .await
+    }
+
+    async fn wait_until_gone(&self, path: &str) {
+        wait(&format!("{path} to be removed"), || {
+            (self.repo.rev_parse(BRANCH).is_some() && self.repo.read(BRANCH, path).is_none())
+                .then_some(())
+        })
+        .await
+    }
+
+    fn files(&self) -> Vec<String> {
+        self.repo.ls_tree(BRANCH)
+    }
+
+    async fn stop(mut self) {
+        if let Some(w) = self.writer.take() {
+            w.stop().await.unwrap();
+        }
+        self.emu.shutdown().await;
+    }
+}
+
+struct Agent {
+    child: Child,
+    admin: String,
+}
+
+impl Agent {
+    async fn metrics(&self) -> Option<String> {
+        http_get(&self.admin, "/metrics").await
+    }
+
+    /// Waits until everything ingestion produced was acked by the writer (so pushed) and every
+    /// running watch completed a snapshot.
+    async fn settle(&self) {
+        // The same totals on two reads a pump tick (1 s) apart: nothing was still on its way.
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let mut last = None;
+        loop {
+            let current = self.settled_totals().await;
+            if current.is_some() && current == last {
+                return;
+            }
+            last = current;
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for the agent to settle"
+            );
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+    }
+
+    /// (produced, acked) when everything produced was acked and every watch listed once.
+    async fn settled_totals(&self) -> Option<(u64, u64)> {
+        let text = self.metrics().await?;
+        let m = |name: &str| metric(&text, name);
+        let produced = ["upsert", "delete", "snapshot_begin", "snapshot_end"]
+            .iter()
+            .map(|k| {
+                m(&format!(
+                    "gitops_reverser_agent_events_total{{kind=\"{k}\"}}"
+                ))
+            })
+            .sum::<f64>();
+        let acked = m("gitops_reverser_agent_stream_messages_acked_total");
+        let settled = m("gitops_reverser_agent_active_watches") > 0.0
+            && m("gitops_reverser_agent_watch_snapshots_completed")
+                >= m("gitops_reverser_agent_active_watches")
+            && m("gitops_reverser_agent_stream_connected") == 1.0
+            && m("gitops_reverser_agent_stream_unacked") == 0.0
+            && produced > 0.0
+            && acked >= produced;
+        settled.then_some((produced as u64, acked as u64))
+    }
+
+    async fn kill(&mut self) {
+        self.child.kill().await.expect("kill the agent");
+    }
+
+    /// SIGTERM, as Kubernetes stops a Pod, and wait for a clean exit.
+    async fn terminate(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("the agent exits after SIGTERM")
+            .unwrap();
+        assert!(status.success(), "the agent exits cleanly: {status}");
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("child status").is_none()
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A metric's value from the Prometheus text, 0 when absent.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+async fn http_get(host: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+}
+
+async fn wait<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_async<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `(status, reason)` of the `Ready` condition of a configbutler object.
+async fn ready_condition(
+    client: &kube::Client,
+    kind: &str,
+    namespace: Option<&str>,
+    name: &str,
+) -> Option<(String, String, i64)> {
+    let gvk = GroupVersionKind::gvk("configbutler.ai", "v1alpha1", kind);
+    let plural = format!("{}s", kind.to_lowercase());
+    let ar = ApiResource::from_gvk_with_plural(&gvk, &plural);
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    };
+    let obj = api.get_opt(name).await.ok()??;
+    let conditions = obj.data.pointer("/status/conditions")?.as_array()?.clone();
+    let ready = conditions.iter().find(|c| c["type"] == "Ready")?;
+    Some((
+        ready["status"].as_str()?.to_owned(),
+        ready["reason"].as_str()?.to_owned(),
+        ready["observedGeneration"].as_i64().unwrap_or(-1),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_a_cluster_into_git_and_follows_updates_and_deletes() {
+    let world = World::start().await;
+    let agent = world.agent(&["--controller-namespace", "gitops-reverser"], &[]);
+
+    for path in [
+        DEPLOYMENT,
+        SERVICE,
+        CONFIGMAP_APP,
+        CONFIGMAP_FLAGS,
+        CLUSTERROLE,
+    ] {
+        world.wait_for_file(path, "metadata").await;
+    }
+    agent.settle().await;
+    let files = world.files();
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.contains("/pods/") || f.contains("/events/")),
+        "Pods and Events are not desired state: {files:#?}"
+    );
+    let deployment = world.repo.read(BRANCH, DEPLOYMENT).unwrap();
+    assert!(
+        deployment.starts_with("apiVersion: apps/v1\nkind: Deployment\nmetadata:"),
+        "{deployment}"
+    );
+    assert!(
+        !deployment.contains("uid:") && !deployment.contains("resourceVersion"),
+        "{deployment}"
+    );
+    let flags = world.repo.read(BRANCH, CONFIGMAP_FLAGS).unwrap();
+    assert!(
+        flags.contains("beta: 'on'") || flags.contains("beta: \"on\""),
+        "on stays a string: {flags}"
+    );
+    let commits_after_snapshot = world.repo.commit_count(BRANCH);
+
+    // An update lands as a new commit.
+    let client = world.emu.client().await;
+    let deployments: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "shop",
+        &ApiResource::from_gvk(&GroupVersionKind::gvk("apps", "v1", "Deployment")),
+    );
+    deployments
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"replicas": 5}})),
+        )
+        .await
+        .unwrap();
+    world.wait_for_file(DEPLOYMENT, "replicas: 5").await;
+    assert!(world.repo.commit_count(BRANCH) > commits_after_snapshot);
+    assert!(
+        world
+            .repo
+            .tip_message(BRANCH)
+            .contains("apps/v1/deployments/shop/web"),
+        "{}",
+        world.repo.tip_message(BRANCH)
+    );
+
+    // A delete lands as a commit removing the file.
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
+    configmaps
+        .delete("app", &DeleteParams::default())
+        .await
+        .unwrap();
+    world.wait_until_gone(CONFIGMAP_APP).await;
+    assert!(
+        world.repo.read(BRANCH, CONFIGMAP_FLAGS).is_some(),
+        "other files stay"
+    );
+
+    // Pods and Events created later are not mirrored either.
+    world
+        .emu
+        .apply_yaml(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: late, namespace: shop}\ndata: {a: b}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-2, namespace: shop}\nspec: {containers: [{name: web, image: x}]}\n",
+        )
+        .await
+        .unwrap();
+    world
+        .wait_for_file("clusters/prod/core/v1/configmaps/shop/late.yaml", "a: b")
+        .await;
+    assert!(!world.files().iter().any(|f| f.contains("/pods/")));
+
+    agent.terminate().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_over_an_unchanged_cluster_commits_nothing_and_removes_what_was_deleted_meanwhile()
+ {
+    let world = World::start().await;
+    let flags = ["--controller-namespace", "gitops-reverser"];
+    let agent = world.agent(&flags, &[]);
+    world.wait_for_file(CLUSTERROLE, "shop-reader").await;
+    world.wait_for_file(CONFIGMAP_FLAGS, "beta").await;
+    agent.settle().await;
+    agent.terminate().await;
+    let commits = world.repo.commit_count(BRANCH);
+    let tip = world.repo.rev_parse(BRANCH);
+
+    // Same cluster: the full re-snapshot is a no-op for the writer.
+    let again = world.agent(&flags, &[]);
+    again.settle().await;
+    assert_eq!(
+        world.repo.rev_parse(BRANCH),
+        tip,
+        "no commit for an unchanged cluster"
+    );
+    assert_eq!(world.repo.commit_count(BRANCH), commits);
+    again.terminate().await;
+
+    // Deleted while no agent ran: no watch saw it, the next snapshot finds the orphan.
+    let client = world.emu.client().await;
+    let configmaps: Api<ConfigMap> = Api::namespaced(client, "shop");
+    configmaps
+        .delete("flags", &DeleteParams::default())
+        .await
+        .unwrap();
+    let third = world.agent(&flags, &[]);
+    world.wait_until_gone(CONFIGMAP_FLAGS).await;
+    assert!(
+        world.repo.read(BRANCH, CONFIGMAP_APP).is_some(),
+        "only the orphan goes"
+    );
+    assert!(
+        world.repo.read(BRANCH, DEPLOYMENT).is_some(),
+        "only the orphan goes"
+    );
+    third.terminate().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_custom_resources_get_ready_false_and_valid_ones_keep_mirroring() {
+    let world = World::start().await;
+    world
+        .emu
+        .apply_yaml(
+            "
+apiVersion: configbutler.ai/v1alpha1
+kind: GitDestination
+metadata: {name: feature, namespace: gitops-reverser}
+spec:
+  repoRef: {namespace: gitops-reverser, name: repo}
+  branch: feature
+  baseFolder: clusters/feature
+  accessPolicy: {namespacedRules: {mode: AllNamespaces}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: WatchRule
+metadata: {name: to-feature, namespace: shop}
+spec:
+  destinationRef: {name: feature, namespace: gitops-reverser}
+  rules: [{}]
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: WatchRule
+metadata: {name: ghost, namespace: shop}
+spec:
+  destinationRef: {name: nowhere}
+  rules: [{}]
+",
+        )
+        .await
+        .unwrap();
+    let mut agent = world.agent(&["--controller-namespace", "gitops-reverser"], &[]);
+    let client = world.emu.client().await;
+    let expect = [
+        (
+            "GitDestination",
+            Some("gitops-reverser"),
+            "feature",
+            "False",
+            "BranchNotAllowed",
+        ),
+        (
+            "WatchRule",
+            Some("shop"),
+            "to-feature",
+            "False",
+            "BranchNotAllowed",
+        ),
+        (
+            "WatchRule",
+            Some("shop"),
+            "ghost",
+            "False",
+            "DestinationNotFound",
+        ),
+        (
+            "GitDestination",
+            Some("gitops-reverser"),
+            "prod",
+            "True",
+            "Ready",
+        ),
+        ("WatchRule", Some("shop"), "shop", "True", "Ready"),
+        ("ClusterWatchRule", None, "rbac", "True", "Ready"),
+    ];
+    for (kind, ns, name, status, reason) in expect {
+        let got = wait_async(&format!("{kind} {name} Ready={status}"), || {
+            let client = client.clone();
+            async move {
+                ready_condition(&client, kind, ns, name)
+                    .await
+                    .filter(|(s, r, _)| s == status && r == reason)
+            }
+        })
+        .await;
+        assert_eq!(got.2, 1, "observedGeneration of {kind} {name}");
+    }
+    world.wait_for_file(DEPLOYMENT, "web").await;
+    assert!(
+        !world
+            .files()
+            .iter()
+            .any(|f| f.starts_with("clusters/feature")),
+        "nothing reaches a destination that is not Ready"
+    );
+
+    // Fixing the repo's allowed branches makes the destination usable, and the status follows.
+    let repos: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "gitops-reverser",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("configbutler.ai", "v1alpha1", "GitRepoConfig"),
+            "gitrepoconfigs",
+        ),
+    );
+    repos
+        .patch(
+            "repo",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"allowedBranches": ["main", "feature"]}})),
+        )
+        .await
+        .unwrap();
+    wait_async("the feature destination to become Ready", || {
+        let client = client.clone();
+        async move {
+            ready_condition(
+                &client,
+                "GitDestination",
+                Some("gitops-reverser"),
+                "feature",
+            )
+            .await
+            .filter(|(s, _, _)| s == "True")
+        }
+    })
+    .await;
+    wait("the feature branch to be written", || {
+        world
+            .repo
+            .branches()
+            .iter()
+            .any(|b| b == "feature")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        agent.is_running(),
+        "invalid configuration never stops the agent"
+    );
+    agent.terminate().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_elect_one_leader_that_labels_its_pod_and_the_other_takes_over_when_it_dies() {
+    let world = World::start().await;
+    world
+        .emu
+        .apply_yaml(
+            "
+apiVersion: v1
+kind: Pod
+metadata: {name: agent-a, namespace: gitops-reverser}
+spec: {containers: [{name: agent, image: reverser-agent}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: agent-b, namespace: gitops-reverser}
+spec: {containers: [{name: agent, image: reverser-agent}]}
+",
+        )
+        .await
+        .unwrap();
+    let flags = ["--controller-namespace", "gitops-reverser"];
+    let mut a = world.agent(
+        &flags,
+        &[
+            ("POD_NAME", "agent-a"),
+            ("POD_NAMESPACE", "gitops-reverser"),
+        ],
+    );
+    let mut b = world.agent(
+        &flags,
+        &[
+            ("POD_NAME", "agent-b"),
+            ("POD_NAMESPACE", "gitops-reverser"),
+        ],
+    );
+    world.wait_for_file(DEPLOYMENT, "web").await;
+
+    let client = world.emu.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "gitops-reverser");
+    let leaders = || {
+        let pods = pods.clone();
+        async move {
+            let mut out = Vec::new();
+            for name in ["agent-a", "agent-b"] {
+                let pod = pods.get(name).await.ok()?;
+                if pod
+                    .metadata
+                    .labels
+                    .unwrap_or_default()
+                    .get("configbutler.ai/leader")
+                    .map(String::as_str)
+                    == Some("true")
+                {
+                    out.push(name);
+                }
+            }
+            Some(out)
+        }
+    };
+    let first = wait_async("exactly one leader label", || async {
+        leaders().await.filter(|l| l.len() == 1).map(|l| l[0])
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "gitops-reverser");
+    let lease = leases.get("gitops-reverser-agent").await.unwrap();
+    let holder = lease.spec.unwrap().holder_identity.unwrap();
+    assert!(
+        holder.starts_with(first),
+        "the Lease holder {holder} is the labelled pod {first}"
+    );
+    let standby_metrics = if first == "agent-a" {
+        b.metrics().await
+    } else {
+        a.metrics().await
+    }
+    .unwrap();
+    assert_eq!(
+        metric(&standby_metrics, "gitops_reverser_agent_leader"),
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &standby_metrics,
+            "gitops_reverser_agent_events_total{kind=\"upsert\"}"
+        ),
+        0.0,
+        "a standby mirrors nothing"
+    );
+
+    // Kill the leader without a chance to release anything: the standby waits for the Lease to
+    // expire, then takes over and keeps mirroring.
+    let (survivor_name, mut survivor) = if first == "agent-a" {
+        a.kill().await;
+        ("agent-b", b)
+    } else {
+        b.kill().await;
+        ("agent-a", a)
+    };
+    wait_async("the standby to take over", || async {
+        leaders().await.filter(|l| l.contains(&survivor_name))
+    })
+    .await;
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
+    configmaps
+        .patch(
+            "app",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"data": {"color": "green"}})),
+        )
+        .await
+        .unwrap();
+    world.wait_for_file(CONFIGMAP_APP, "color: green").await;
+    assert!(survivor.is_running());
+    survivor.terminate().await;
+    // A clean shutdown gives the Lease and the label back.
+    let pod = pods.get(survivor_name).await.unwrap();
+    assert!(
+        !pod.metadata
+            .labels
+            .unwrap_or_default()
+            .contains_key("configbutler.ai/leader"),
+        "the label goes with the leadership"
+    );
+    let lease = leases.get("gitops-reverser-agent").await.unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity,
+        None,
+        "the Lease is released"
+    );
+    world.stop().await;
+}
