@@ -1,16 +1,19 @@
 //! The custom-resource controller: from `GitRepoConfig`, `GitDestination`, `WatchRule`,
-//! `ClusterWatchRule` and `Namespace` objects to the [`Selection`] ingestion mirrors, plus a
-//! `Ready` condition on every destination and rule.
+//! `ClusterWatchRule` and `Namespace` objects to the [`Selection`] ingestion mirrors, plus the
+//! status conditions of every destination and rule ([`crate::conditions`] says which): `Ready`
+//! from the configuration and the writer's feedback, the writer's own conditions,
+//! `WriterConnected` and `SecretsSkipped`.
 //!
 //! ```text
 //!  API server ──watch──▶ 5 reflector stores ──any event──▶ debounce ──▶ resolve() (pure)
 //!  (4 CRDs + Namespaces)                                                 │
 //!                 ┌──────────────────────────────────────────────────────┤
 //!                 ▼                                                      ▼
-//!   watch::Sender<Arc<Selection>> ──▶ ingestion              desired Ready conditions
-//!   (only when it changed; ingestion                          │ compare with each object's status
-//!    declares the destinations to the                         ▼
-//!    stream before any change for them)              merge patch on /status (only on change)
+//!   watch::Sender<Arc<Selection>> ──▶ ingestion              desired conditions ◀── WriterView
+//!   (only when it changed; ingestion                          │ compare with      (writer feedback,
+//!    declares the destinations to the                         │ each status        a watch channel:
+//!    stream before any change for them)                       ▼                    also a trigger)
+//!                                                   merge patch on /status (only on change)
 //! ```
 //!
 //! Nothing is published before every store finished its initial list: a selection resolved from a
@@ -24,7 +27,6 @@ use std::time::Duration;
 use futures::stream::{BoxStream, SelectAll};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
@@ -35,13 +37,16 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::conditions::{
+    self, DesiredCondition, DesiredConditions, DestinationReadiness, WriterView,
+};
 use crate::crd::{ClusterWatchRule, GitDestination, GitRepoConfig, ResourceStatus, WatchRule};
 use crate::ingest::Selection;
 use crate::ingest::resolve::{Inputs, ReadyCondition, Resolution, resolve};
 use crate::ingest::selection::NamespaceLabels;
 
-/// The condition type the controller owns.
-pub const READY: &str = "Ready";
+/// The condition type every object gets.
+pub const READY: &str = conditions::READY;
 
 /// Controller settings.
 #[derive(Clone, Debug)]
@@ -94,11 +99,24 @@ impl Drop for ControllerHandle {
     }
 }
 
-/// Starts the controller. It publishes on `selection` and writes status with `client`.
+/// Starts the controller without writer feedback (configuration conditions only).
 pub fn spawn(
     client: Client,
     config: ControllerConfig,
     selection: watch::Sender<Arc<Selection>>,
+) -> ControllerHandle {
+    let (_unused, writer) = watch::channel(WriterView::default());
+    spawn_with_writer(client, config, selection, writer)
+}
+
+/// Starts the controller. It publishes on `selection`, and writes status with `client` from the
+/// resolution and from `writer` (what the writer reported in this leader term); every change
+/// of `writer` re-evaluates the conditions.
+pub fn spawn_with_writer(
+    client: Client,
+    config: ControllerConfig,
+    selection: watch::Sender<Arc<Selection>>,
+    writer: watch::Receiver<WriterView>,
 ) -> ControllerHandle {
     let (synced_tx, synced) = watch::channel(false);
     let stats = Arc::new(ControllerStats::default());
@@ -106,6 +124,7 @@ pub fn spawn(
         client,
         config,
         selection,
+        writer,
         synced_tx,
         Arc::clone(&stats),
     ));
@@ -201,6 +220,7 @@ async fn run(
     client: Client,
     config: ControllerConfig,
     selection: watch::Sender<Arc<Selection>>,
+    mut writer_view: watch::Receiver<WriterView>,
     synced: watch::Sender<bool>,
     stats: Arc<ControllerStats>,
 ) {
@@ -224,11 +244,21 @@ async fn run(
         stats: Arc::clone(&stats),
     };
 
+    // Without a sender the last view stays in force.
+    let mut writer_open = true;
     loop {
-        let Some((index, done)) = ticks.next().await else {
-            return;
-        };
-        listed[index] |= done;
+        tokio::select! {
+            tick = ticks.next() => match tick {
+                Some((index, done)) => listed[index] |= done,
+                None => return,
+            },
+            changed = writer_view.changed(), if writer_open => {
+                writer_open = changed.is_ok();
+                if !writer_open {
+                    continue;
+                }
+            }
+        }
         // Coalesce a burst into one resolution.
         let pause = tokio::time::sleep(config.debounce);
         tokio::pin!(pause);
@@ -239,6 +269,7 @@ async fn run(
                     Some((index, done)) => listed[index] |= done,
                     None => return,
                 },
+                changed = writer_view.changed(), if writer_open => writer_open = changed.is_ok(),
             }
         }
         if !listed.iter().all(|l| *l) {
@@ -269,45 +300,73 @@ async fn run(
             );
         }
         synced.send_replace(true);
-        writer.write_all(&snapshot, &resolution).await;
+        let view = writer_view.borrow_and_update().clone();
+        writer.write_all(&snapshot, &resolution, &view).await;
     }
 }
 
-/// Writes `Ready` conditions to `/status`.
+/// Writes the conditions to `/status`.
 struct StatusWriter {
     client: Client,
     stats: Arc<ControllerStats>,
 }
 
 impl StatusWriter {
-    async fn write_all(&self, snapshot: &Snapshot, resolution: &Resolution) {
+    async fn write_all(&self, snapshot: &Snapshot, resolution: &Resolution, view: &WriterView) {
+        let mut readiness: std::collections::BTreeMap<String, DestinationReadiness> =
+            Default::default();
         for dest in &snapshot.destinations {
-            let key = format!(
-                "{}/{}",
-                dest.namespace().unwrap_or_default(),
-                dest.name_any()
+            let ns = dest.namespace().unwrap_or_default();
+            let key = format!("{ns}/{}", dest.name_any());
+            let Some(config) = resolution.destination_conditions.get(&key) else {
+                continue;
+            };
+            let declared = resolution.selection.destination(&key).is_some();
+            let (desired, ready) = conditions::destination_conditions(
+                config,
+                declared,
+                dest.spec.exclusive_mode,
+                dest.status.as_ref(),
+                view,
+                &key,
             );
-            if let Some(cond) = resolution.destination_conditions.get(&key) {
-                let api = Api::<GitDestination>::namespaced(
-                    self.client.clone(),
-                    &dest.namespace().unwrap_or_default(),
-                );
-                self.write(&api, dest, dest.status.as_ref(), cond).await;
-            }
+            readiness.insert(key, ready);
+            let api = Api::<GitDestination>::namespaced(self.client.clone(), &ns);
+            self.write(&api, dest, dest.status.as_ref(), &desired).await;
         }
         for rule in &snapshot.watch_rules {
             let ns = rule.namespace().unwrap_or_default();
-            let key = format!("WatchRule/{ns}/{}", rule.name_any());
-            if let Some(cond) = resolution.rule_conditions.get(&key) {
+            let id = format!("WatchRule/{ns}/{}", rule.name_any());
+            let dest_ref = &rule.spec.destination_ref;
+            let dest_key = format!(
+                "{}/{}",
+                dest_ref.namespace.as_deref().unwrap_or(&ns),
+                dest_ref.name
+            );
+            if let Some(config) = resolution.rule_conditions.get(&id) {
+                let desired = conditions::rule_conditions(
+                    config,
+                    &dest_key,
+                    readiness.get(&dest_key),
+                    resolution.rules_selecting_secrets.contains(&id),
+                );
                 let api = Api::<WatchRule>::namespaced(self.client.clone(), &ns);
-                self.write(&api, rule, rule.status.as_ref(), cond).await;
+                self.write(&api, rule, rule.status.as_ref(), &desired).await;
             }
         }
         for rule in &snapshot.cluster_watch_rules {
-            let key = format!("ClusterWatchRule/{}", rule.name_any());
-            if let Some(cond) = resolution.rule_conditions.get(&key) {
+            let id = format!("ClusterWatchRule/{}", rule.name_any());
+            let dest_ref = &rule.spec.destination_ref;
+            let dest_key = format!("{}/{}", dest_ref.namespace, dest_ref.name);
+            if let Some(config) = resolution.rule_conditions.get(&id) {
+                let desired = conditions::rule_conditions(
+                    config,
+                    &dest_key,
+                    readiness.get(&dest_key),
+                    resolution.rules_selecting_secrets.contains(&id),
+                );
                 let api = Api::<ClusterWatchRule>::all(self.client.clone());
-                self.write(&api, rule, rule.status.as_ref(), cond).await;
+                self.write(&api, rule, rule.status.as_ref(), &desired).await;
             }
         }
     }
@@ -317,12 +376,13 @@ impl StatusWriter {
         api: &Api<K>,
         object: &K,
         current: Option<&ResourceStatus>,
-        condition: &ReadyCondition,
+        desired: &DesiredConditions,
     ) where
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     {
         let generation = object.meta().generation;
-        let Some(status) = next_status(current, condition, generation, Timestamp::now()) else {
+        let Some(status) = conditions::next_status(current, desired, generation, Timestamp::now())
+        else {
             return;
         };
         let name = object.name_any();
@@ -335,14 +395,28 @@ impl StatusWriter {
                 self.stats
                     .status_writes
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let ready = desired.set.iter().find(|c| c.type_ == READY);
+                let secrets_skipped = desired
+                    .set
+                    .iter()
+                    .any(|c| c.type_ == conditions::SECRETS_SKIPPED);
                 info!(
                     kind = %K::kind(&()),
                     namespace = object.namespace().unwrap_or_default(),
                     %name,
-                    ready = condition.ready,
-                    reason = condition.reason.as_str(),
+                    ready = ready.map(|c| c.status),
+                    reason = ready.map(|c| c.reason.as_str()),
+                    conditions = ?desired.set.iter().map(|c| format!("{}={}", c.type_, c.status)).collect::<Vec<_>>(),
                     "status updated"
                 );
+                if secrets_skipped {
+                    info!(
+                        kind = %K::kind(&()),
+                        namespace = object.namespace().unwrap_or_default(),
+                        %name,
+                        "the rule selects Secrets; they are skipped until encrypted output is configured"
+                    );
+                }
             }
             // The object may have been deleted meanwhile; the next event retries anything else.
             Err(error) => {
@@ -355,58 +429,32 @@ impl StatusWriter {
     }
 }
 
-/// The status to write so that it says `condition` for `generation`, or `None` when it already
-/// does. Other condition types are kept; `lastTransitionTime` only moves when the status flips.
+/// The status to write so that its `Ready` says `condition` for `generation`, or `None` when it
+/// already does. Other condition types are kept; `lastTransitionTime` only moves when the status
+/// flips. (The controller writes more conditions at once with [`conditions::next_status`].)
 pub fn next_status(
     current: Option<&ResourceStatus>,
     condition: &ReadyCondition,
     generation: Option<i64>,
     now: Timestamp,
 ) -> Option<ResourceStatus> {
-    let status = if condition.ready { "True" } else { "False" };
-    let existing = current.and_then(|s| s.conditions.iter().find(|c| c.type_ == READY));
-    let unchanged = existing.is_some_and(|c| {
-        c.status == status
-            && c.reason == condition.reason.as_str()
-            && c.message == condition.message
-            && c.observed_generation == generation
-    }) && current.and_then(|s| s.observed_generation) == generation;
-    if unchanged {
-        return None;
-    }
-    let last_transition_time = match existing {
-        Some(c) if c.status == status => c.last_transition_time.clone(),
-        _ => Time(now),
+    let desired = DesiredConditions {
+        set: vec![DesiredCondition::new(
+            READY,
+            condition.ready,
+            condition.reason.as_str(),
+            condition.message.clone(),
+        )],
+        remove: Vec::new(),
     };
-    let ready = Condition {
-        type_: READY.to_owned(),
-        status: status.to_owned(),
-        reason: condition.reason.as_str().to_owned(),
-        message: condition.message.clone(),
-        observed_generation: generation,
-        last_transition_time,
-    };
-    // A merge patch replaces the whole list, so it carries the conditions others wrote too.
-    let mut conditions: Vec<Condition> = current
-        .map(|s| {
-            s.conditions
-                .iter()
-                .filter(|c| c.type_ != READY)
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default();
-    conditions.insert(0, ready);
-    Some(ResourceStatus {
-        conditions,
-        observed_generation: generation,
-    })
+    conditions::next_status(current, &desired, generation, now)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ingest::resolve::Reason;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
     fn cond(ready: bool, reason: Reason, message: &str) -> ReadyCondition {
         ReadyCondition {

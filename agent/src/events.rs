@@ -44,11 +44,31 @@ pub enum AgentEvent {
     /// Declare or update a destination (before any change for it).
     Destination(DestinationDecl),
     /// Write the object's canonical YAML to `path` (relative to the destination's base folder).
-    Upsert { destination: String, path: String, yaml: String, object: ObjectRef, created: bool, author: Option<String> },
+    Upsert {
+        destination: String,
+        path: String,
+        yaml: String,
+        object: ObjectRef,
+        created: bool,
+        author: Option<String>,
+    },
     /// Remove the object's file.
-    Delete { destination: String, path: String, object: ObjectRef, author: Option<String> },
+    Delete {
+        destination: String,
+        path: String,
+        object: ObjectRef,
+        author: Option<String>,
+    },
     /// A complete (re)list of `scope` starts.
-    SnapshotBegin { destination: String, scope: ScopeRef, epoch: u64 },
+    SnapshotBegin {
+        destination: String,
+        scope: ScopeRef,
+        epoch: u64,
+    },
     /// Every object of `scope` that exists now was sent since the matching begin.
-    SnapshotEnd { destination: String, scope: ScopeRef, epoch: u64 },
+    SnapshotEnd {
+        destination: String,
+        scope: ScopeRef,
+        epoch: u64,
+    },
 }

@@ -28,19 +28,22 @@
 //! - [`leader`]: Lease-based leader election; only the leader runs what follows.
 //! - [`controller`]: watches the custom resources and Namespaces, resolves them
 //!   ([`ingest::resolve`]) into the selection ingestion mirrors, and writes each
-//!   rule's and destination's `Ready` condition.
+//!   rule's and destination's status conditions ([`conditions`]: `Ready`, the writer's
+//!   feedback, `WriterConnected`, `SecretsSkipped`).
 //! - [`ingest`]: discovery, one List+Watch per selected type and scope, snapshot
 //!   epochs, [`events::AgentEvent`]s.
 //! - [`stream`]: the gRPC client delivering those events to the writer at least once.
 //! - [`run`]: flags, wiring, metrics and the admin endpoint.
 
 pub mod canonical;
+pub mod conditions;
+pub mod controller;
 pub mod crd;
 pub mod events;
 pub mod ingest;
+pub mod leader;
 pub mod paths;
 pub mod rules;
-pub mod stream;
-pub mod controller;
-pub mod leader;
 pub mod run;
+pub mod stream;
+pub mod webhook;

@@ -5,16 +5,32 @@
 //!                    ┌────────────────────── one leader term (Session) ───────────────────────┐
 //! Lease ──leading──▶ │ controller ──Selection (watch)──▶ ingestion ──AgentEvent──▶ counter ──▶ │──▶ stream ──▶ writer
 //! (leader.rs)        │  (CRs → resolve → /status)         ▲ restarted on a           (events_total)│      │
-//!                    │                                    └─ stream reconnect ◀── Feedback ◀─────┼──────┘
+//!                    │      ▲                             └─ stream reconnect ◀── Feedback ◀─────┼──────┘
+//!                    │      └──── WriterView (watch): statuses, rejects, connection ◀──┘          │
 //!                    └────────────────────────────────────────────────────────────────────────┘
 //! admin: /metrics (counters folded across terms), /healthz, /readyz
 //! ```
+//!
+//! Metrics, all prefixed `gitops_reverser_agent_` (`promtool check metrics` accepts them, tested):
+//! `leader`; `events_total{kind}` (what ingestion produced); `objects_scanned_total{resource}`,
+//! `watch_restarts_total{resource}`, `watch_relists_total{resource}` (`resource` is `plural` or
+//! `plural.group`); `active_watches`, `watch_snapshots_completed`, `watch_errors_total`,
+//! `discovery_runs_total`, `discovery_errors_total`, `ingestion_restarts_total`;
+//! `stream_connected`, `stream_unacked`, `stream_messages_sent_total`, `_acked_total`,
+//! `_rejected_total`, `stream_reconnects_total`, `stream_snapshots_abandoned_total`,
+//! `stream_feedback_dropped_total`; `resolutions_total`, `status_writes_total`,
+//! `status_write_errors_total`.
+//!
+//! The stream's [`Feedback`] (writer statuses, rejects, connection state) is folded into a
+//! [`WriterView`] that the controller turns into status conditions
+//! ([`crate::conditions`]); a reconnect also restarts ingestion.
 //!
 //! A term starts when this process acquires the Lease and is aborted the moment it loses it:
 //! the stream task is dropped, so nothing more reaches the writer from a former leader. On
 //! SIGTERM the term stops gracefully (ingestion first, then the stream waits briefly for acks),
 //! the Lease is released and the Pod's leader label removed.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,9 +47,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::conditions::WriterView;
 use crate::controller::{self, ControllerConfig, ControllerHandle, ControllerStats};
 use crate::events::AgentEvent;
-use crate::ingest::{self, DiscoveryOptions, IngestConfig, IngestHandle, Selection};
+use crate::ingest::{
+    self, DiscoveryOptions, IngestConfig, IngestHandle, ResourceTotals, Selection,
+};
 use crate::leader::{self, LeaderConfig};
 use crate::stream::{
     AgentIdentity, Feedback, StreamClient, StreamConfig, StreamStats, TlsSettings,
@@ -110,6 +129,13 @@ pub struct Args {
     /// Never watch this type: `plural` (any group) or `plural.group`. Repeatable; comma-separated in the env var.
     #[arg(long, env = "AGENT_DISCOVERY_EXCLUDE", value_delimiter = ',')]
     pub discovery_exclude: Vec<String>,
+    /// Also mirror objects a controller generated (a controller `ownerReference`: ReplicaSets of Deployments,
+    /// Jobs of CronJobs …); skipped by default because their owner is already mirrored.
+    #[arg(long, env = "AGENT_KEEP_CONTROLLER_OWNED")]
+    pub keep_controller_owned: bool,
+    /// Also mirror the `kube-root-ca.crt` ConfigMap the cluster puts in every namespace.
+    #[arg(long, env = "AGENT_KEEP_KUBE_ROOT_CA")]
+    pub keep_kube_root_ca: bool,
     /// How often discovery looks for new or removed types (`300`, `90s`, `5m`, `1h`).
     #[arg(long, env = "AGENT_DISCOVERY_REFRESH", default_value = "5m", value_parser = parse_duration)]
     pub discovery_refresh: Duration,
@@ -181,6 +207,8 @@ impl Args {
             leader_election_renew_sec,
             watch_all,
             discovery_exclude,
+            keep_controller_owned,
+            keep_kube_root_ca,
             discovery_refresh,
             max_unacked,
             admin_addr,
@@ -254,6 +282,10 @@ impl Args {
                 ..DiscoveryOptions::default()
             },
             discovery_refresh,
+            selection_options: crate::rules::SelectionOptions {
+                keep_controller_owned,
+                keep_kube_root_ca,
+            },
             ..IngestConfig::default()
         };
         let parts = Arc::new(Parts {
@@ -326,11 +358,46 @@ struct Parts {
     metrics: Metrics,
 }
 
+/// Watches CustomResourceDefinitions and asks ingestion to re-run discovery when one is added, changed or
+/// deleted, so a new CRD's objects are mirrored without waiting for `--discovery-refresh`.
+async fn refresh_discovery_on_crd_changes(client: kube::Client, live: Arc<Live>) {
+    use futures::StreamExt;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let api: Api<CustomResourceDefinition> = Api::all(client);
+    let (mut synced, mut first_list) = (false, true);
+    let mut events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::InitDone) => {
+                synced = true;
+                if !std::mem::replace(&mut first_list, false) {
+                    live.refresh_discovery();
+                }
+            }
+            // A relist after a watch error may have missed changes: refresh once it completes.
+            Ok(watcher::Event::Init) => synced = false,
+            Ok(watcher::Event::Apply(crd) | watcher::Event::Delete(crd)) if synced => {
+                info!(crd = %crd.metadata.name.as_deref().unwrap_or_default(), "a CRD changed; refreshing discovery");
+                live.refresh_discovery();
+            }
+            Ok(_) => {}
+            Err(error) => {
+                warn!(%error, "watching CustomResourceDefinitions failed; discovery still refreshes on its timer")
+            }
+        }
+    }
+}
+
 /// One leader term: controller, ingestion, the event counter, the stream and its feedback.
 struct Session {
     live: Arc<Live>,
     controller: ControllerHandle,
     forwarder: JoinHandle<()>,
+    /// Refreshes discovery as soon as a CRD appears, changes or goes (instead of waiting for the timer).
+    crd_watch: JoinHandle<()>,
     feedback: JoinHandle<()>,
     stream: JoinHandle<()>,
     stop_stream: oneshot::Sender<()>,
@@ -350,7 +417,11 @@ struct Live {
 
 impl Live {
     fn totals(&self) -> Totals {
-        let mut t = *self.ingest_base.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = self
+            .ingest_base
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if let Some(h) = self
             .ingest
             .lock()
@@ -367,10 +438,23 @@ impl Live {
         let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         t.status_writes += load(&self.controller.status_writes);
         t.status_write_errors += load(&self.controller.status_write_errors);
+        t.resolutions += load(&self.controller.resolutions);
+        t.feedback_dropped += self.stream.feedback_dropped();
         t
     }
 
     /// Replaces ingestion: a new instance relists every scope, opening fresh snapshot epochs.
+    fn refresh_discovery(&self) {
+        if let Some(handle) = self
+            .ingest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            handle.refresh_discovery();
+        }
+    }
+
     fn replace_ingest(&self, next: IngestHandle) {
         let mut slot = self.ingest.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(old) = slot.take() {
@@ -387,10 +471,13 @@ impl Live {
 impl Session {
     fn start(parts: &Arc<Parts>) -> Session {
         let (selection_tx, selection_rx) = watch::channel(Arc::new(Selection::default()));
-        let controller = controller::spawn(
+        // What the writer reports in this term; the controller turns it into status conditions.
+        let (writer_view_tx, writer_view_rx) = watch::channel(WriterView::default());
+        let controller = controller::spawn_with_writer(
             parts.client.clone(),
             ControllerConfig::default(),
             selection_tx,
+            writer_view_rx,
         );
         let (ingest_tx, mut ingest_rx) = mpsc::channel::<AgentEvent>(1024);
         let (events_tx, events_rx) = mpsc::channel::<AgentEvent>(1024);
@@ -410,6 +497,10 @@ impl Session {
             ingest_tx.clone(),
         ));
         parts.metrics.set_live(Some(Arc::clone(&live)));
+        let crd_watch = tokio::spawn(refresh_discovery_on_crd_changes(
+            parts.client.clone(),
+            Arc::clone(&live),
+        ));
 
         // Counts what ingestion produces; both channels are bounded, so backpressure from the
         // stream still reaches the watches.
@@ -439,6 +530,7 @@ impl Session {
         let feedback_parts = Arc::clone(parts);
         let feedback = tokio::spawn(async move {
             while let Some(feedback) = feedback_rx.recv().await {
+                writer_view_tx.send_if_modified(|view| view.apply(&feedback));
                 match feedback {
                     Feedback::Connected => info!("connected to the writer"),
                     Feedback::Reconnected => {
@@ -479,6 +571,7 @@ impl Session {
             live,
             controller,
             forwarder,
+            crd_watch,
             feedback,
             stream,
             stop_stream,
@@ -493,6 +586,7 @@ impl Session {
             live,
             controller,
             forwarder,
+            crd_watch,
             feedback,
             mut stream,
             stop_stream,
@@ -500,6 +594,7 @@ impl Session {
             metrics,
         } = self;
         drop(controller);
+        crd_watch.abort();
         feedback.abort();
         live.ingest.lock().unwrap_or_else(|p| p.into_inner()).take();
         let _ = stop_stream.send(());
@@ -516,6 +611,7 @@ impl Session {
     /// Immediate end (lost the lease): nothing more may reach the writer from this process.
     fn abort(self) {
         self.stream.abort();
+        self.crd_watch.abort();
         self.forwarder.abort();
         self.feedback.abort();
         self.live
@@ -528,8 +624,10 @@ impl Session {
 }
 
 /// Counter values, summed across ingestion instances and leader terms.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Totals {
+    /// Per `resource` label.
+    per_resource: BTreeMap<String, ResourceTotals>,
     discovery_runs: u64,
     discovery_errors: u64,
     watch_errors: u64,
@@ -540,6 +638,8 @@ struct Totals {
     abandoned: u64,
     status_writes: u64,
     status_write_errors: u64,
+    feedback_dropped: u64,
+    resolutions: u64,
 }
 
 impl Totals {
@@ -549,9 +649,18 @@ impl Totals {
         self.discovery_runs += load(&m.discovery_runs);
         self.discovery_errors += load(&m.discovery_errors);
         self.watch_errors += load(&m.watch_errors);
+        for (label, counts) in m.per_resource() {
+            self.per_resource.entry(label).or_default().add(&counts);
+        }
     }
 
     fn add(&mut self, o: &Totals) {
+        for (label, counts) in &o.per_resource {
+            self.per_resource
+                .entry(label.clone())
+                .or_default()
+                .add(counts);
+        }
         self.discovery_runs += o.discovery_runs;
         self.discovery_errors += o.discovery_errors;
         self.watch_errors += o.watch_errors;
@@ -562,11 +671,15 @@ impl Totals {
         self.abandoned += o.abandoned;
         self.status_writes += o.status_writes;
         self.status_write_errors += o.status_write_errors;
+        self.feedback_dropped += o.feedback_dropped;
+        self.resolutions += o.resolutions;
     }
 }
 
 /// Reads one counter's value from the totals.
 type ReadTotal = fn(&Totals) -> u64;
+/// Reads one per-resource counter's value.
+type ReadResourceTotal = fn(&ResourceTotals) -> u64;
 
 /// The agent's Prometheus metrics, all prefixed `gitops_reverser_agent_`.
 #[derive(Clone)]
@@ -577,6 +690,8 @@ struct Metrics {
     ingestion_restarts: IntCounter,
     state: Arc<Mutex<MetricsState>>,
     counters: Arc<Vec<(IntCounter, ReadTotal)>>,
+    /// Labelled `resource`.
+    resource_counters: Arc<Vec<(IntCounterVec, ReadResourceTotal)>>,
     active_watches: IntGauge,
     snapshots_completed: IntGauge,
     unacked: IntGauge,
@@ -663,12 +778,45 @@ impl Metrics {
             ("status_write_errors_total", "Failed status writes", |t| {
                 t.status_write_errors
             }),
+            (
+                "stream_feedback_dropped_total",
+                "Writer rejects and statuses dropped because their receiver fell far behind",
+                |t| t.feedback_dropped,
+            ),
+            (
+                "resolutions_total",
+                "Resolutions of the custom resources into a selection and conditions",
+                |t| t.resolutions,
+            ),
         ];
         let mut counters = Vec::new();
         for (name, help, read) in specs {
             let c = IntCounter::new(name, help)?;
             registry.register(Box::new(c.clone()))?;
             counters.push((c, read));
+        }
+        let resource_specs: Vec<(&str, &str, ReadResourceTotal)> = vec![
+            (
+                "objects_scanned_total",
+                "Objects seen by lists and watches (listed, added, modified, deleted), by resource",
+                |t| t.objects_scanned,
+            ),
+            (
+                "watch_restarts_total",
+                "Watches re-established after an error or an ended stream, by resource",
+                |t| t.watch_restarts,
+            ),
+            (
+                "watch_relists_total",
+                "Lists after a watch's first one (410 Gone, desync, streaming fallback), by resource",
+                |t| t.relists,
+            ),
+        ];
+        let mut resource_counters = Vec::new();
+        for (name, help, read) in resource_specs {
+            let c = IntCounterVec::new(Opts::new(name, help), &["resource"])?;
+            registry.register(Box::new(c.clone()))?;
+            resource_counters.push((c, read));
         }
         for g in [
             &leader,
@@ -688,6 +836,7 @@ impl Metrics {
             ingestion_restarts,
             state: Arc::default(),
             counters: Arc::new(counters),
+            resource_counters: Arc::new(resource_counters),
             active_watches,
             snapshots_completed,
             unacked,
@@ -713,7 +862,7 @@ impl Metrics {
             tick.tick().await;
             let (mut totals, live) = {
                 let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                (state.base, state.live.clone())
+                (state.base.clone(), state.live.clone())
             };
             match &live {
                 Some(live) => {
@@ -746,6 +895,16 @@ impl Metrics {
                 let shown = counter.get();
                 if value >= shown {
                     counter.inc_by(value - shown);
+                }
+            }
+            for (label, values) in &totals.per_resource {
+                for (vec, read) in self.resource_counters.iter() {
+                    let counter = vec.with_label_values(&[label.as_str()]);
+                    let value = read(values);
+                    let shown = counter.get();
+                    if value >= shown {
+                        counter.inc_by(value - shown);
+                    }
                 }
             }
         }

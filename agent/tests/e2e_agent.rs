@@ -134,7 +134,8 @@ struct World {
     emu: Emulator,
     repo: BareRepo,
     writer: Option<reverser_writer::RunningWriter>,
-    _writer_dir: tempfile::TempDir,
+    /// Work dirs of the writers started so far.
+    writer_dirs: Vec<tempfile::TempDir>,
     kubeconfig: PathBuf,
     _kubeconfig_dir: tempfile::TempDir,
 }
@@ -160,22 +161,7 @@ impl World {
             .expect("agent configuration applies");
 
         let writer_dir = tempfile::tempdir().unwrap();
-        let work = writer_dir.path().display().to_string();
-        let args = reverser_writer::Args::try_parse_from([
-            "reverser-writer",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--work-dir",
-            &work,
-            "--git-batch-max-wait-sec",
-            "0.2",
-            "--leases",
-            "off",
-        ])
-        .unwrap();
-        let writer = args.start().await.expect("writer starts");
+        let writer = start_writer("127.0.0.1:0", &writer_dir).await;
 
         let kubeconfig_dir = tempfile::tempdir().unwrap();
         let kubeconfig = kubeconfig_dir.path().join("kubeconfig");
@@ -184,10 +170,25 @@ impl World {
             emu,
             repo,
             writer: Some(writer),
-            _writer_dir: writer_dir,
+            writer_dirs: vec![writer_dir],
             kubeconfig,
             _kubeconfig_dir: kubeconfig_dir,
         }
+    }
+
+    /// Stops the writer (the agent loses its stream) and returns its gRPC address.
+    async fn stop_writer(&mut self) -> std::net::SocketAddr {
+        let writer = self.writer.take().expect("a running writer");
+        let addr = writer.grpc_addr;
+        writer.stop().await.expect("the writer stops cleanly");
+        addr
+    }
+
+    /// Starts a new writer (fresh work dir) on `addr`, where the agent reconnects.
+    async fn restart_writer(&mut self, addr: std::net::SocketAddr) {
+        let dir = tempfile::tempdir().unwrap();
+        self.writer = Some(start_writer(&addr.to_string(), &dir).await);
+        self.writer_dirs.push(dir);
     }
 
     fn writer_url(&self) -> String {
@@ -257,7 +258,30 @@ impl World {
             w.stop().await.unwrap();
         }
         self.emu.shutdown().await;
+        drop(self.writer_dirs);
     }
+}
+
+async fn start_writer(
+    grpc_addr: &str,
+    work_dir: &tempfile::TempDir,
+) -> reverser_writer::RunningWriter {
+    let work = work_dir.path().display().to_string();
+    let args = reverser_writer::Args::try_parse_from([
+        "reverser-writer",
+        "--grpc-addr",
+        grpc_addr,
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--work-dir",
+        &work,
+        "--git-batch-max-wait-sec",
+        "0.2",
+        "--leases",
+        "off",
+    ])
+    .unwrap();
+    args.start().await.expect("writer starts")
 }
 
 struct Agent {
@@ -398,6 +422,49 @@ async fn wait_async<T, F: std::future::Future<Output = Option<T>>>(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `(status, reason, message)` of one condition of a configbutler object.
+async fn condition(
+    client: &kube::Client,
+    kind: &str,
+    namespace: Option<&str>,
+    name: &str,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    let gvk = GroupVersionKind::gvk("configbutler.ai", "v1alpha1", kind);
+    let plural = format!("{}s", kind.to_lowercase());
+    let ar = ApiResource::from_gvk_with_plural(&gvk, &plural);
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    };
+    let obj = api.get_opt(name).await.ok()??;
+    let conditions = obj.data.pointer("/status/conditions")?.as_array()?.clone();
+    let found = conditions.iter().find(|c| c["type"] == type_)?;
+    Some((
+        found["status"].as_str()?.to_owned(),
+        found["reason"].as_str()?.to_owned(),
+        found["message"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+/// Waits until `kind/name` has condition `type_` with `status`, and returns `(reason, message)`.
+async fn wait_for_condition(
+    client: &kube::Client,
+    kind: &str,
+    namespace: Option<&str>,
+    name: &str,
+    type_: &str,
+    status: &str,
+) -> (String, String) {
+    wait_async(&format!("{kind} {name} {type_}={status}"), || async {
+        condition(client, kind, namespace, name, type_)
+            .await
+            .filter(|(s, _, _)| s == status)
+            .map(|(_, reason, message)| (reason, message))
+    })
+    .await
 }
 
 /// `(status, reason)` of the `Ready` condition of a configbutler object.
@@ -827,5 +894,382 @@ spec: {containers: [{name: agent, image: reverser-agent}]}
         None,
         "the Lease is released"
     );
+    world.stop().await;
+}
+
+/// A second repository whose directory does not exist yet (the writer cannot reach it), a
+/// destination on it and a WatchRule for the `shop` ConfigMaps.
+fn unreachable_destination(repo_url: &str) -> String {
+    format!(
+        "
+apiVersion: configbutler.ai/v1alpha1
+kind: GitRepoConfig
+metadata: {{name: later, namespace: gitops-reverser}}
+spec:
+  repoUrl: '{repo_url}'
+  allowedBranches: [{BRANCH}]
+  accessPolicy: {{namespacedRules: {{mode: AllNamespaces}}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitDestination
+metadata: {{name: later, namespace: gitops-reverser}}
+spec:
+  repoRef: {{namespace: gitops-reverser, name: later}}
+  branch: {BRANCH}
+  baseFolder: clusters/later
+  accessPolicy: {{namespacedRules: {{mode: AllNamespaces}}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: WatchRule
+metadata: {{name: to-later, namespace: shop}}
+spec:
+  destinationRef: {{name: later, namespace: gitops-reverser}}
+  rules: [{{resources: [configmaps]}}]
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_push_failures_and_disconnections_become_conditions_on_destinations_and_rules() {
+    let mut world = World::start().await;
+    let later = BareRepo::named("later.git");
+    let hidden = later.root().join("not-yet");
+    std::fs::rename(later.path(), &hidden).unwrap();
+    world
+        .emu
+        .apply_yaml(&unreachable_destination(&later.file_url()))
+        .await
+        .unwrap();
+    let agent = world.agent(&["--controller-namespace", "gitops-reverser"], &[]);
+    let client = world.emu.client().await;
+    let ns = Some("gitops-reverser");
+
+    // The writer cannot push to a repository that does not exist: PushFailing, and Ready=False
+    // with the writer's reason on the destination and on the rule that uses it.
+    let (failing_reason, failing_message) = wait_for_condition(
+        &client,
+        "GitDestination",
+        ns,
+        "later",
+        "PushFailing",
+        "True",
+    )
+    .await;
+    let (reason, message) =
+        wait_for_condition(&client, "GitDestination", ns, "later", "Ready", "False").await;
+    assert_eq!(
+        reason, failing_reason,
+        "Ready=False carries the writer's reason"
+    );
+    assert!(message.contains("writer"), "{message}");
+    assert!(!failing_message.is_empty());
+    let (rule_reason, rule_message) = wait_for_condition(
+        &client,
+        "WatchRule",
+        Some("shop"),
+        "to-later",
+        "Ready",
+        "False",
+    )
+    .await;
+    assert_eq!(rule_reason, failing_reason);
+    assert!(
+        rule_message.contains("gitops-reverser/later"),
+        "{rule_message}"
+    );
+    // The healthy destination and its rules are unaffected.
+    world.wait_for_file(CONFIGMAP_APP, "color").await;
+    wait_for_condition(&client, "GitDestination", ns, "prod", "Ready", "True").await;
+    wait_for_condition(&client, "WatchRule", Some("shop"), "shop", "Ready", "True").await;
+    let (connected, _) = wait_for_condition(
+        &client,
+        "GitDestination",
+        ns,
+        "prod",
+        "WriterConnected",
+        "True",
+    )
+    .await;
+    assert_eq!(connected, "Connected");
+
+    // The repository appears: the writer's retry pushes, and everything turns Ready.
+    std::fs::rename(&hidden, later.path()).unwrap();
+    let (reason, _) =
+        wait_for_condition(&client, "GitDestination", ns, "later", "Ready", "True").await;
+    assert_eq!(reason, "Ready");
+    wait_for_condition(
+        &client,
+        "GitDestination",
+        ns,
+        "later",
+        "PushFailing",
+        "False",
+    )
+    .await;
+    wait_for_condition(
+        &client,
+        "WatchRule",
+        Some("shop"),
+        "to-later",
+        "Ready",
+        "True",
+    )
+    .await;
+    wait("the later repository to get the ConfigMaps", || {
+        later
+            .read(BRANCH, "clusters/later/core/v1/configmaps/shop/app.yaml")
+            .filter(|t| t.contains("color"))
+    })
+    .await;
+
+    // The writer goes away: WriterConnected=False on the destinations; back when it returns.
+    let addr = world.stop_writer().await;
+    let (reason, message) = wait_for_condition(
+        &client,
+        "GitDestination",
+        ns,
+        "prod",
+        "WriterConnected",
+        "False",
+    )
+    .await;
+    assert_eq!(reason, "Disconnected");
+    assert!(!message.is_empty());
+    wait_for_condition(
+        &client,
+        "GitDestination",
+        ns,
+        "later",
+        "WriterConnected",
+        "False",
+    )
+    .await;
+    world.restart_writer(addr).await;
+    wait_for_condition(
+        &client,
+        "GitDestination",
+        ns,
+        "prod",
+        "WriterConnected",
+        "True",
+    )
+    .await;
+    wait_for_condition(
+        &client,
+        "GitDestination",
+        ns,
+        "later",
+        "WriterConnected",
+        "True",
+    )
+    .await;
+
+    agent.terminate().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_selecting_secrets_say_they_are_skipped_and_no_secret_reaches_git() {
+    let world = World::start().await;
+    world
+        .emu
+        .apply_yaml(
+            "
+apiVersion: v1
+kind: Secret
+metadata: {name: db-password, namespace: shop}
+type: Opaque
+stringData: {password: hunter2}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: WatchRule
+metadata: {name: configmaps-only, namespace: shop}
+spec:
+  destinationRef: {name: prod, namespace: gitops-reverser}
+  rules: [{resources: [configmaps]}]
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: ClusterWatchRule
+metadata: {name: all-secrets}
+spec:
+  destinationRef: {name: prod, namespace: gitops-reverser}
+  rules: [{scope: Namespaced, resources: [secrets]}]
+",
+        )
+        .await
+        .unwrap();
+    let agent = world.agent(&["--controller-namespace", "gitops-reverser"], &[]);
+    let client = world.emu.client().await;
+
+    // The preset (WatchRule shop: `rules: [{}]`) and an explicit `secrets` entry select Secrets.
+    for (kind, ns, name) in [
+        ("WatchRule", Some("shop"), "shop"),
+        ("ClusterWatchRule", None, "all-secrets"),
+    ] {
+        let (reason, message) =
+            wait_for_condition(&client, kind, ns, name, "SecretsSkipped", "True").await;
+        assert_eq!(reason, "EncryptionNotConfigured");
+        assert!(message.contains("no plaintext Secret"), "{message}");
+    }
+    world.wait_for_file(CONFIGMAP_APP, "color").await;
+    wait_for_condition(
+        &client,
+        "WatchRule",
+        Some("shop"),
+        "configmaps-only",
+        "Ready",
+        "True",
+    )
+    .await;
+    agent.settle().await;
+    for (kind, ns, name) in [
+        ("WatchRule", Some("shop"), "configmaps-only"),
+        ("ClusterWatchRule", None, "rbac"),
+    ] {
+        assert_eq!(
+            condition(&client, kind, ns, name, "SecretsSkipped").await,
+            None,
+            "{kind} {name} does not select Secrets"
+        );
+    }
+    let files = world.files();
+    assert!(
+        !files.iter().any(|f| f.contains("/secrets/")),
+        "no Secret reaches Git: {files:#?}"
+    );
+    assert!(
+        !files
+            .iter()
+            .filter_map(|f| world.repo.read(BRANCH, f))
+            .any(|text| text.contains("hunter2") || text.contains("aHVudGVyMg")),
+        "no Secret value reaches Git"
+    );
+
+    agent.terminate().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_agent_exports_valid_prometheus_metrics_with_per_resource_counters() {
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "/usr/bin/promtool".into());
+    assert!(
+        std::path::Path::new(&promtool).exists(),
+        "promtool is required for this test (expected at {promtool}; scripts/install-test-deps.sh installs it)"
+    );
+    let world = World::start().await;
+    let agent = world.agent(&["--controller-namespace", "gitops-reverser"], &[]);
+    world.wait_for_file(CONFIGMAP_FLAGS, "beta").await;
+    agent.settle().await;
+    let text = agent.metrics().await.expect("/metrics answers");
+
+    let m = |name: &str| metric(&text, name);
+    assert!(
+        m("gitops_reverser_agent_objects_scanned_total{resource=\"configmaps\"}") >= 2.0,
+        "{text}"
+    );
+    assert!(
+        m("gitops_reverser_agent_objects_scanned_total{resource=\"deployments.apps\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        m(
+            "gitops_reverser_agent_objects_scanned_total{resource=\"clusterroles.rbac.authorization.k8s.io\"}"
+        ) >= 1.0,
+        "{text}"
+    );
+    assert_eq!(m("gitops_reverser_agent_leader"), 1.0);
+    assert_eq!(m("gitops_reverser_agent_stream_connected"), 1.0);
+    assert!(m("gitops_reverser_agent_events_total{kind=\"upsert\"}") >= 5.0);
+    assert!(m("gitops_reverser_agent_stream_messages_sent_total") >= 5.0);
+    for name in [
+        "gitops_reverser_agent_watch_restarts_total{resource=\"configmaps\"}",
+        "gitops_reverser_agent_watch_relists_total{resource=\"configmaps\"}",
+        "gitops_reverser_agent_watch_errors_total",
+        "gitops_reverser_agent_stream_reconnects_total",
+        "gitops_reverser_agent_stream_unacked",
+        "gitops_reverser_agent_stream_messages_acked_total",
+        "gitops_reverser_agent_ingestion_restarts_total",
+        "gitops_reverser_agent_active_watches",
+        "gitops_reverser_agent_status_writes_total",
+        "gitops_reverser_agent_resolutions_total",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "{name} is exported:\n{text}"
+        );
+    }
+
+    let mut child = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool check metrics rejects the exposition: {}{}\n{text}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    agent.terminate().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crd_created_at_runtime_is_mirrored_without_waiting_for_the_discovery_timer() {
+    let world = World::start().await;
+    // An hour-long timer: only the CRD watch can make the new type appear within the test.
+    let agent = world.agent(&["--discovery-refresh", "1h"], &[]);
+    world.wait_for_file(DEPLOYMENT, "metadata").await;
+    world
+        .emu
+        .apply_yaml(
+            "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: gadgets.demo.example.com}
+spec:
+  group: demo.example.com
+  scope: Namespaced
+  names: {plural: gadgets, singular: gadget, kind: Gadget, listKind: GadgetList}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: ClusterWatchRule
+metadata: {name: gadgets}
+spec:
+  destinationRef: {name: prod, namespace: gitops-reverser}
+  rules: [{scope: Namespaced, apiGroups: [demo.example.com], resources: [gadgets]}]
+---
+apiVersion: demo.example.com/v1
+kind: Gadget
+metadata: {name: g1, namespace: shop}
+spec: {size: 3}
+",
+        )
+        .await
+        .unwrap();
+    world
+        .wait_for_file(
+            "clusters/prod/demo.example.com/v1/gadgets/shop/g1.yaml",
+            "size: 3",
+        )
+        .await;
+    agent.terminate().await;
     world.stop().await;
 }

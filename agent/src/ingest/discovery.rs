@@ -66,6 +66,15 @@ impl DiscoveredResource {
     pub fn group_resource(&self) -> (String, String) {
         (self.key.group.clone(), self.key.resource.clone())
     }
+
+    /// The `resource` label of per-type metrics: `configmaps`, `deployments.apps`.
+    pub fn metric_label(&self) -> String {
+        if self.key.group.is_empty() {
+            self.key.resource.clone()
+        } else {
+            format!("{}.{}", self.key.resource, self.key.group)
+        }
+    }
 }
 
 /// Discovery failures.

@@ -49,6 +49,8 @@ pub use discovery::{
 pub use selection::{CompiledRule, RuleKind, Selection};
 pub use watch::{InitialList, WatchIndex, WatchStatus};
 
+// `ResourceCounters` and `ResourceTotals` are defined below.
+
 use crate::events::{AgentEvent, DestinationDecl};
 use crate::rules::SelectionOptions;
 use backoff::Backoff;
@@ -96,6 +98,61 @@ pub struct IngestMetrics {
     pub watch_errors: AtomicU64,
     /// Watches currently running.
     pub active_watches: AtomicU64,
+    /// Per resource (`plural` for the core group, else `plural.group`), over all its watches.
+    per_resource: Mutex<BTreeMap<String, Arc<ResourceCounters>>>,
+}
+
+/// Counters of one resource type, summed over its watches (one per namespace or cluster-wide).
+#[derive(Debug, Default)]
+pub struct ResourceCounters {
+    /// Objects seen by lists and watches (listed, added, modified, deleted), Secrets and
+    /// derived objects included: what ingestion looked at, not what it sent.
+    pub objects_scanned: AtomicU64,
+    /// Watches re-established after an error or an ended stream (each is retried with backoff).
+    pub watch_restarts: AtomicU64,
+    /// Lists after a watch's first one: a 410 Gone, a desync, a streaming-list fallback.
+    pub relists: AtomicU64,
+}
+
+/// Plain values of [`ResourceCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResourceTotals {
+    pub objects_scanned: u64,
+    pub watch_restarts: u64,
+    pub relists: u64,
+}
+
+impl ResourceTotals {
+    pub fn add(&mut self, other: &ResourceTotals) {
+        self.objects_scanned += other.objects_scanned;
+        self.watch_restarts += other.watch_restarts;
+        self.relists += other.relists;
+    }
+}
+
+impl IngestMetrics {
+    /// The counters of one resource label (created on first use).
+    pub fn resource(&self, label: &str) -> Arc<ResourceCounters> {
+        let mut map = self.per_resource.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(map.entry(label.to_owned()).or_default())
+    }
+
+    /// Current values per resource label.
+    pub fn per_resource(&self) -> BTreeMap<String, ResourceTotals> {
+        let map = self.per_resource.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .map(|(label, c)| {
+                (
+                    label.clone(),
+                    ResourceTotals {
+                        objects_scanned: c.objects_scanned.load(Ordering::Relaxed),
+                        watch_restarts: c.watch_restarts.load(Ordering::Relaxed),
+                        relists: c.relists.load(Ordering::Relaxed),
+                    },
+                )
+            })
+            .collect()
+    }
 }
 
 /// State shared by the supervisor and the watch tasks.

@@ -18,13 +18,10 @@
 //! Everything fails closed: an unknown namespace, an invalid label selector or an empty
 //! `allowedBranches` admits nothing.
 
-// next: a controller task that watches the four custom resources and the Namespaces, calls
-// `resolve` on every change, publishes `Resolution::selection` on the `watch` channel that
-// `ingest::spawn` reads, and writes `rule_conditions` / `destination_conditions` as the `Ready`
-// condition (with `observedGeneration`) to each object's `/status` — only while holding the
-// leader lease.
+// [`crate::controller`] runs `resolve` on every change of the custom resources and writes the
+// conditions ([`crate::conditions`]) to each object's `/status`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use kube::ResourceExt;
 
@@ -34,7 +31,9 @@ use crate::crd::{
     validate_base_folder,
 };
 use crate::events::DestinationDecl;
-use crate::rules::label_selector_matches;
+use crate::rules::{
+    ResourceKey, cluster_resource_rule_selects, label_selector_matches, resource_rule_selects,
+};
 
 /// Why a rule or destination is not Ready (the condition's `reason`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -108,6 +107,15 @@ pub struct Resolution {
     pub rule_conditions: BTreeMap<String, ReadyCondition>,
     /// Keyed `{ns}/{name}`.
     pub destination_conditions: BTreeMap<String, ReadyCondition>,
+    /// Rules (keyed like `rule_conditions`) whose selection includes Secrets, explicitly or
+    /// through the desired-state preset, admitted or not: Secrets are never mirrored until
+    /// encrypted output exists, and these rules say so in a condition.
+    pub rules_selecting_secrets: BTreeSet<String>,
+}
+
+/// The core `secrets` type, as rules match it.
+fn secrets_type() -> ResourceKey {
+    ResourceKey::new("", "v1", "secrets", true)
 }
 
 fn key(ns: &str, name: &str) -> String {
@@ -252,6 +260,14 @@ pub fn resolve(inputs: Inputs<'_>) -> Resolution {
         let dest_ref = &rule.spec.destination_ref;
         let dest_ns = dest_ref.namespace.clone().unwrap_or_else(|| ns.clone());
         let dest_key = key(&dest_ns, &dest_ref.name);
+        if rule
+            .spec
+            .rules
+            .iter()
+            .any(|r| resource_rule_selects(r, &secrets_type()))
+        {
+            out.rules_selecting_secrets.insert(id.clone());
+        }
         let condition = destination_problem(&dest_key).unwrap_or_else(|| {
             let d = &usable[&dest_key];
             let repo_ns = &d.dest.spec.repo_ref.namespace;
@@ -297,6 +313,14 @@ pub fn resolve(inputs: Inputs<'_>) -> Resolution {
         let id = format!("ClusterWatchRule/{}", rule.name_any());
         let dest_ref = &rule.spec.destination_ref;
         let dest_key = key(&dest_ref.namespace, &dest_ref.name);
+        if rule
+            .spec
+            .rules
+            .iter()
+            .any(|r| cluster_resource_rule_selects(r, &secrets_type()))
+        {
+            out.rules_selecting_secrets.insert(id.clone());
+        }
         let condition = destination_problem(&dest_key).unwrap_or_else(|| {
             let d = &usable[&dest_key];
             let allowed = d
@@ -615,5 +639,58 @@ mod tests {
             namespaces: &ns,
         });
         assert_eq!(reason(&res, "WatchRule/cfg/a"), Reason::InvalidBaseFolder);
+    }
+
+    #[test]
+    fn rules_selecting_secrets_explicitly_or_through_the_preset_are_listed() {
+        let repos = [repo(
+            "cfg",
+            "repo",
+            &["main"],
+            json!({"allowClusterRules": true}),
+        )];
+        let dests = [dest("cfg", "prod", ("cfg", "repo"), "main", json!({}))];
+        let mut preset = wr("cfg", "preset", json!({"name": "prod"}));
+        preset.spec.rules = vec![Default::default()];
+        let mut explicit = wr("cfg", "explicit", json!({"name": "prod"}));
+        explicit.spec.rules[0].resources = vec!["secrets".into()];
+        let mut denied = wr(
+            "shop",
+            "denied",
+            json!({"name": "prod", "namespace": "cfg"}),
+        );
+        denied.spec.rules[0].resources = vec!["*".into()];
+        let configmaps = wr("cfg", "configmaps", json!({"name": "prod"}));
+        let cluster: ClusterWatchRule = serde_json::from_value(json!({
+            "apiVersion": "configbutler.ai/v1alpha1", "kind": "ClusterWatchRule",
+            "metadata": {"name": "everything"},
+            "spec": {"destinationRef": {"namespace": "cfg", "name": "prod"},
+                     "rules": [{"scope": "Namespaced", "resources": ["*"]}]}
+        }))
+        .unwrap();
+        let roles = cwr("roles", "cfg", "prod");
+        let ns = namespaces();
+        let res = resolve(Inputs {
+            repos: &repos,
+            destinations: &dests,
+            watch_rules: &[preset, explicit, denied, configmaps],
+            cluster_watch_rules: &[cluster, roles],
+            namespaces: &ns,
+        });
+        let listed: Vec<&str> = res
+            .rules_selecting_secrets
+            .iter()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                "ClusterWatchRule/everything",
+                "WatchRule/cfg/explicit",
+                "WatchRule/cfg/preset",
+                "WatchRule/shop/denied",
+            ]
+        );
+        assert_eq!(reason(&res, "WatchRule/shop/denied"), Reason::AccessDenied);
     }
 }

@@ -400,6 +400,8 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
     let mut streaming = shared.config.initial_list == InitialList::StreamingWithFallback;
     let mut index = WatchIndex::new(Arc::clone(&plan), shared.config.selection_options);
     let mut backoff = Backoff::new(shared.config.watch_backoff.0, shared.config.watch_backoff.1);
+    let counters = shared.metrics.resource(&plan.resource.metric_label());
+    let mut listed_before = false;
     info!(watch = %plan.key, destinations = plan.routes.len(), "starting watch");
     loop {
         // Bookmarks are on by default; they keep the resume point fresh.
@@ -415,6 +417,18 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
                 Ok(event) => {
                     let progress = !matches!(event, Event::Init);
                     let done = matches!(event, Event::InitDone);
+                    match &event {
+                        Event::Init => {
+                            if listed_before {
+                                counters.relists.fetch_add(1, Ordering::Relaxed);
+                            }
+                            listed_before = true;
+                        }
+                        Event::InitApply(_) | Event::Apply(_) | Event::Delete(_) => {
+                            counters.objects_scanned.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Event::InitDone => {}
+                    }
                     let Some(event) = map_event(event, &plan) else {
                         continue;
                     };
@@ -437,6 +451,7 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
                 }
                 Err(err) => {
                     shared.metrics.watch_errors.fetch_add(1, Ordering::Relaxed);
+                    counters.watch_restarts.fetch_add(1, Ordering::Relaxed);
                     let forbidden = is_forbidden(&err);
                     shared.update_status(&plan.key, |s| {
                         s.errors += 1;
@@ -460,6 +475,7 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
         }
         if !restart {
             // The watcher stream is endless by design; if it ever ends, start over after a pause.
+            counters.watch_restarts.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(backoff.next_delay()).await;
         }
     }

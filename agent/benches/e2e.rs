@@ -1,0 +1,1135 @@
+//! End-to-end benchmark of the agent: kube-emulator (in-process) → `reverser-agent` (the release
+//! binary, a child process) → writer (in-process, real gRPC) → bare repository over `file://`,
+//! compared in the same run with a writer-only seed of the same canonical YAML.
+//!
+//! ```text
+//! cargo bench -p reverser-agent --bench e2e                        # BENCH_OBJECTS=10000
+//! BENCH_OBJECTS=100000 cargo bench -p reverser-agent --bench e2e
+//! ```
+//!
+//! Phases, each bounded by `BENCH_TIMEOUT_SEC` (default 240 s):
+//!
+//! 1. load N objects into the emulator (half ConfigMaps ~300 B, half Deployments ~2 KiB, over 100
+//!    namespaces), the configbutler CRDs, a GitRepoConfig, a GitDestination and a
+//!    ClusterWatchRule selecting configmaps and deployments cluster-wide;
+//! 2. writer-only baseline: list the objects, render them with the agent's own canonical YAML and
+//!    paths (not timed), then stream SnapshotBegin · Upsert×N · SnapshotEnd to a fresh writer over
+//!    gRPC and time connect → the final Ack;
+//! 3. agent seed: start the agent against a second fresh writer and time its start → the pushed
+//!    commit holding all N files (the bare repo's tip polled every 100 ms; files counted
+//!    incrementally with `git diff-tree` between successive tips);
+//! 4. agent VmRSS / VmHWM once it has settled (unacked 0, everything produced acked);
+//! 5. `BENCH_UPDATE_RATE` (1000) ConfigMap updates/s for `BENCH_UPDATE_SECS` (10) through the
+//!    emulator's API, sampling the agent's `gitops_reverser_agent_stream_unacked` every second,
+//!    then the time until the last update is in the pushed tip.
+//!
+//! Writers use the defaults except `--leases off` and `--git-batch-max-wait-sec 1`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use kube::api::{Api, DynamicObject, ListParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::ApiResource;
+use kube_emulator::Emulator;
+use reverser_agent::{canonical, paths};
+use reverser_proto::v1::{
+    self as pb, agent_message::Kind as In, writer_client::WriterClient, writer_message::Kind as Out,
+};
+use testkit::BareRepo;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const BRANCH: &str = "main";
+const BASE: &str = "clusters/prod";
+/// The destination key the agent derives from the GitDestination (namespace/name).
+const DEST: &str = "gitops-reverser/prod";
+const NAMESPACES: usize = 100;
+const POLL: Duration = Duration::from_millis(100);
+const EMPTY_TREE: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
+const MIRRORED: [&str; 2] = [
+    "clusters/prod/core/v1/configmaps",
+    "clusters/prod/apps/v1/deployments",
+];
+
+struct Settings {
+    objects: usize,
+    update_rate: usize,
+    update_secs: usize,
+    timeout: Duration,
+}
+
+fn env_num(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes `--bench`; this harness takes no arguments.
+    let settings = Settings {
+        objects: env_num("BENCH_OBJECTS", 10_000).max(2),
+        update_rate: env_num("BENCH_UPDATE_RATE", 1_000).max(100),
+        update_secs: env_num("BENCH_UPDATE_SECS", 10).max(1),
+        timeout: Duration::from_secs(env_num("BENCH_TIMEOUT_SEC", 240) as u64),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(settings))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The corpus (same shapes as writer/benches/corpus.rs, as objects the API server stores).
+
+fn namespace(i: usize) -> String {
+    format!("ns-{:02}", (i / 2) % NAMESPACES)
+}
+
+fn name(i: usize) -> String {
+    let app = [
+        "api", "web", "worker", "cache", "gateway", "billing", "search", "auth",
+    ][i % 8];
+    if i % 2 == 0 {
+        format!("{app}-{i:06}-config")
+    } else {
+        format!("{app}-{i:06}")
+    }
+}
+
+fn object_path(i: usize) -> String {
+    let (group, resource) = if i % 2 == 0 {
+        ("core", "configmaps")
+    } else {
+        ("apps", "deployments")
+    };
+    format!(
+        "{BASE}/{group}/v1/{resource}/{}/{}.yaml",
+        namespace(i),
+        name(i)
+    )
+}
+
+/// A ConfigMap (~300 B); `seq` marks updates.
+fn configmap(i: usize, seq: &str) -> String {
+    let (ns, name) = (namespace(i), name(i));
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  labels:\n    app.kubernetes.io/name: {name}\n    \
+         app.kubernetes.io/part-of: shop\n  name: {name}\n  namespace: {ns}\ndata:\n  ENDPOINT: \
+         http://{name}.{ns}.svc.cluster.local:8080\n  FEATURE_FLAGS: alpha,beta\n  LOG_LEVEL: info\n  \
+         seq: {seq}\n"
+    )
+}
+
+/// A Deployment (~2 KiB).
+fn deployment(i: usize) -> String {
+    let (ns, name) = (namespace(i), name(i));
+    let replicas = 1 + i % 5;
+    let port = 8000 + i % 1000;
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  annotations:
+    reverser.example.com/owner: team-{team}
+  labels:
+    app.kubernetes.io/component: backend
+    app.kubernetes.io/name: {name}
+    app.kubernetes.io/part-of: shop
+    app.kubernetes.io/version: 1.{i}.0
+  name: {name}
+  namespace: {ns}
+spec:
+  progressDeadlineSeconds: 600
+  replicas: {replicas}
+  revisionHistoryLimit: 10
+  selector:
+    matchLabels:
+      app.kubernetes.io/name: {name}
+  strategy:
+    rollingUpdate:
+      maxSurge: 25%
+      maxUnavailable: 25%
+    type: RollingUpdate
+  template:
+    metadata:
+      labels:
+        app.kubernetes.io/name: {name}
+        app.kubernetes.io/part-of: shop
+    spec:
+      containers:
+      - env:
+        - name: LOG_LEVEL
+          value: info
+        - name: POD_NAMESPACE
+          valueFrom:
+            fieldRef:
+              apiVersion: v1
+              fieldPath: metadata.namespace
+        envFrom:
+        - configMapRef:
+            name: {name}-config
+        image: registry.example.com/shop/{name}:1.{i}.0
+        imagePullPolicy: IfNotPresent
+        livenessProbe:
+          failureThreshold: 3
+          httpGet:
+            path: /healthz
+            port: http
+            scheme: HTTP
+          periodSeconds: 10
+          successThreshold: 1
+          timeoutSeconds: 1
+        name: {name}
+        ports:
+        - containerPort: {port}
+          name: http
+          protocol: TCP
+        resources:
+          limits:
+            cpu: 500m
+            memory: 256Mi
+          requests:
+            cpu: 100m
+            memory: 128Mi
+        securityContext:
+          allowPrivilegeEscalation: false
+          readOnlyRootFilesystem: true
+          runAsNonRoot: true
+        terminationMessagePath: /dev/termination-log
+        terminationMessagePolicy: File
+        volumeMounts:
+        - mountPath: /tmp
+          name: tmp
+      dnsPolicy: ClusterFirst
+      restartPolicy: Always
+      schedulerName: default-scheduler
+      securityContext:
+        fsGroup: 2000
+      serviceAccountName: {name}
+      terminationGracePeriodSeconds: 30
+      volumes:
+      - emptyDir: {{}}
+        name: tmp
+"#,
+        team = i % 7
+    )
+}
+
+fn agent_config(repo_url: &str) -> String {
+    format!(
+        "
+apiVersion: v1
+kind: Namespace
+metadata: {{name: gitops-reverser}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitRepoConfig
+metadata: {{name: repo, namespace: gitops-reverser}}
+spec:
+  repoUrl: '{repo_url}'
+  allowedBranches: [{BRANCH}]
+  accessPolicy: {{allowClusterRules: true}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitDestination
+metadata: {{name: prod, namespace: gitops-reverser}}
+spec:
+  repoRef: {{namespace: gitops-reverser, name: repo}}
+  branch: {BRANCH}
+  baseFolder: {BASE}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: ClusterWatchRule
+metadata: {{name: bench}}
+spec:
+  destinationRef: {{name: prod, namespace: gitops-reverser}}
+  rules: [{{scope: Namespaced, apiGroups: ['', apps], resources: [configmaps, deployments]}}]
+"
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements.
+
+/// The 1-minute load average now.
+fn load1() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn uptime() -> String {
+    std::process::Command::new("uptime")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|_| format!("load {}", load1()))
+}
+
+/// `(VmRSS, VmHWM)` of a process in MiB.
+fn rss_mib(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |key: &str| {
+        status.lines().find_map(|l| {
+            let rest = l.strip_prefix(key)?;
+            let kb: f64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+            Some(kb / 1024.0)
+        })
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// user+system CPU seconds of a process (`self` for this one).
+fn cpu_secs(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state(0) ... utime(11) stime(12), in clock ticks (100/s on Linux).
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Sum of every sample of a metric family (any labels).
+fn metric_sum(text: &str, family: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            let base = n.split('{').next()?;
+            (base == family).then(|| v.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+async fn http_get(host: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn git(repo: &Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Command::new("git")
+        .arg("--git-dir")
+        .arg(repo)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("running git")
+}
+
+/// Counts the mirrored files at a bare repo's tip, incrementally: each new tip is diffed
+/// against the previous one, so a poll costs what changed, not the repository's size.
+struct TipCounter {
+    repo: PathBuf,
+    tip: Option<String>,
+    files: i64,
+    commits_seen: usize,
+}
+
+impl TipCounter {
+    fn new(repo: PathBuf) -> Self {
+        TipCounter {
+            repo,
+            tip: None,
+            files: 0,
+            commits_seen: 0,
+        }
+    }
+
+    async fn tip(&self) -> anyhow::Result<Option<String>> {
+        let out = git(
+            &self.repo,
+            &[
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                &format!("refs/heads/{BRANCH}"),
+            ],
+        )
+        .await?;
+        Ok(out
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+    }
+
+    /// Re-reads the tip; returns the file count.
+    async fn poll(&mut self) -> anyhow::Result<i64> {
+        let Some(tip) = self.tip().await? else {
+            return Ok(0);
+        };
+        if self.tip.as_deref() == Some(tip.as_str()) {
+            return Ok(self.files);
+        }
+        let old = self.tip.clone().unwrap_or_else(|| EMPTY_TREE.to_owned());
+        let mut args = vec![
+            "diff-tree",
+            "-r",
+            "--no-commit-id",
+            "--name-status",
+            old.as_str(),
+            tip.as_str(),
+            "--",
+        ];
+        args.extend(MIRRORED);
+        let out = git(&self.repo, &args).await?;
+        if !out.status.success() {
+            bail!("git diff-tree: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            match line.as_bytes().first() {
+                Some(b'A') => self.files += 1,
+                Some(b'D') => self.files -= 1,
+                _ => {}
+            }
+        }
+        self.commits_seen += 1;
+        self.tip = Some(tip);
+        Ok(self.files)
+    }
+}
+
+async fn tree_id(repo: &Path, path: &str) -> String {
+    match git(repo, &["rev-parse", &format!("{BRANCH}:{path}")]).await {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        _ => "-".into(),
+    }
+}
+
+async fn commit_count(repo: &Path) -> usize {
+    match git(repo, &["rev-list", "--count", BRANCH]).await {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writers.
+
+async fn start_writer(work: &Path) -> anyhow::Result<reverser_writer::RunningWriter> {
+    let work = work.display().to_string();
+    let args = reverser_writer::Args::try_parse_from([
+        "reverser-writer",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--work-dir",
+        &work,
+        "--git-batch-max-wait-sec",
+        "1",
+        "--leases",
+        "off",
+    ])?;
+    args.start().await
+}
+
+/// The agent's canonical YAML and paths for every mirrored object, read back from the emulator.
+async fn canonical_corpus(client: &kube::Client) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for (group, kind, plural) in [
+        ("", "ConfigMap", "configmaps"),
+        ("apps", "Deployment", "deployments"),
+    ] {
+        let gvk = GroupVersionKind::gvk(group, "v1", kind);
+        let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        let mut params = ListParams::default().limit(5000);
+        loop {
+            let list = api.list(&params).await?;
+            for item in list.items {
+                let mut value = serde_json::to_value(&item)?;
+                value["apiVersion"] = ar.api_version.clone().into();
+                value["kind"] = kind.into();
+                let ns = item.metadata.namespace.as_deref();
+                let name = item.metadata.name.as_deref().unwrap_or_default();
+                let path = paths::object_path(group, "v1", plural, ns, name)?;
+                out.push((path, canonical::to_canonical_yaml(&value)?.into_bytes()));
+            }
+            match list.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct WriterOnly {
+    elapsed: Duration,
+    acks: usize,
+    rejects: usize,
+}
+
+/// Streams the corpus to the writer as one snapshot per resource (as the agent's seed does) and
+/// returns the time from connecting to the Ack covering the last message.
+async fn writer_only_seed(
+    url: String,
+    repo_url: String,
+    corpus: Vec<(String, Vec<u8>)>,
+    timeout: Duration,
+) -> anyhow::Result<WriterOnly> {
+    let msg = |kind| pb::AgentMessage { kind: Some(kind) };
+    let scope = |group: &str, resource: &str| pb::SnapshotScope {
+        group: group.into(),
+        version: "v1".into(),
+        resource: resource.into(),
+        namespace: String::new(),
+    };
+    let scopes = [scope("", "configmaps"), scope("apps", "deployments")];
+    let mut messages = Vec::with_capacity(corpus.len() + 4);
+    let mut seq = 0u64;
+    for s in &scopes {
+        seq += 1;
+        messages.push(msg(In::SnapshotBegin(pb::SnapshotBegin {
+            sequence: seq,
+            destination: DEST.into(),
+            scope: Some(s.clone()),
+            epoch: 1,
+        })));
+    }
+    for (path, content) in corpus {
+        seq += 1;
+        messages.push(msg(In::Upsert(pb::Upsert {
+            sequence: seq,
+            destination: DEST.into(),
+            path,
+            content,
+            object: None,
+            operation: pb::Operation::Create as i32,
+            author: String::new(),
+            event_time: None,
+        })));
+    }
+    for s in &scopes {
+        seq += 1;
+        messages.push(msg(In::SnapshotEnd(pb::SnapshotEnd {
+            sequence: seq,
+            destination: DEST.into(),
+            scope: Some(s.clone()),
+            epoch: 1,
+        })));
+    }
+    let last = seq;
+
+    let started = Instant::now();
+    let work = async {
+        let channel = tonic::transport::Channel::from_shared(url)?
+            .connect()
+            .await?;
+        let mut client = WriterClient::new(channel);
+        let (tx, rx) = mpsc::channel(1024);
+        tx.send(msg(In::Hello(pb::Hello {
+            cluster_uid: "bench-writer-only".into(),
+            cluster_name: "bench".into(),
+            instance_id: "bench-0".into(),
+            controller_namespace: "gitops-reverser".into(),
+            controller_name: "gitops-reverser".into(),
+            protocol_version: reverser_proto::PROTOCOL_VERSION,
+        })))
+        .await?;
+        let mut replies = client.sync(ReceiverStream::new(rx)).await?.into_inner();
+        tx.send(msg(In::Destination(pb::Destination {
+            key: DEST.into(),
+            repo_url,
+            branch: BRANCH.into(),
+            base_folder: BASE.into(),
+            exclusive_mode: false,
+            credentials: None,
+        })))
+        .await?;
+        let sender = {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                for m in messages {
+                    if tx.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let (mut acks, mut rejects) = (0, 0);
+        loop {
+            let Some(reply) = replies.message().await? else {
+                bail!("the writer ended the stream before the final ack");
+            };
+            match reply.kind {
+                Some(Out::Ack(a)) => {
+                    acks += 1;
+                    if a.sequence >= last {
+                        break;
+                    }
+                }
+                Some(Out::Reject(r)) => {
+                    rejects += 1;
+                    if rejects <= 3 {
+                        eprintln!(
+                            "writer-only: rejected {}: {} {}",
+                            r.sequence, r.reason, r.message
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        let elapsed = started.elapsed();
+        sender.await?;
+        drop(tx);
+        anyhow::Ok(WriterOnly {
+            elapsed,
+            acks,
+            rejects,
+        })
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .context("writer-only seed timed out")?
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent child.
+
+struct Agent {
+    child: Child,
+    pid: u32,
+    admin: String,
+}
+
+impl Agent {
+    fn start(bin: &Path, writer_url: &str, kubeconfig: &Path) -> anyhow::Result<Agent> {
+        let port = free_port();
+        let admin = format!("127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .arg("--writer-url")
+            .arg(writer_url)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--admin-addr")
+            .arg(&admin)
+            .args(["--cluster-name", "bench"])
+            .args(["--controller-namespace", "gitops-reverser"])
+            .arg("--leader-election=false")
+            .env(
+                "AGENT_LOG_LEVEL",
+                std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = child.id().context("agent pid")?;
+        Ok(Agent { child, pid, admin })
+    }
+
+    async fn metrics(&self) -> Option<String> {
+        http_get(&self.admin, "/metrics").await
+    }
+
+    /// (produced, acked) when everything produced was acked and every watch listed once.
+    async fn settled_totals(&self) -> Option<(u64, u64)> {
+        let text = self.metrics().await?;
+        let m = |name: &str| metric(&text, name);
+        let produced: f64 = ["upsert", "delete", "snapshot_begin", "snapshot_end"]
+            .iter()
+            .map(|k| {
+                m(&format!(
+                    "gitops_reverser_agent_events_total{{kind=\"{k}\"}}"
+                ))
+            })
+            .sum();
+        let acked = m("gitops_reverser_agent_stream_messages_acked_total");
+        let settled = m("gitops_reverser_agent_active_watches") > 0.0
+            && m("gitops_reverser_agent_watch_snapshots_completed")
+                >= m("gitops_reverser_agent_active_watches")
+            && m("gitops_reverser_agent_stream_connected") == 1.0
+            && m("gitops_reverser_agent_stream_unacked") == 0.0
+            && produced > 0.0
+            && acked >= produced;
+        settled.then_some((produced as u64, acked as u64))
+    }
+
+    /// Same settled totals on two reads a metrics pump tick (1 s) apart.
+    async fn settle(&self, timeout: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let mut last = None;
+        loop {
+            let current = self.settled_totals().await;
+            if current.is_some() && current == last {
+                return Ok(started.elapsed());
+            }
+            last = current;
+            if started.elapsed() > timeout {
+                bail!("the agent did not settle within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+    }
+
+    async fn unacked(&self) -> Option<f64> {
+        let text = self.metrics().await?;
+        Some(metric(&text, "gitops_reverser_agent_stream_unacked"))
+    }
+
+    async fn terminate(mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        if tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// One row of the result table.
+struct Row {
+    what: String,
+    value: String,
+    target: String,
+    met: String,
+    load: String,
+}
+
+fn row(what: impl Into<String>, value: impl Into<String>, load: &str) -> Row {
+    Row {
+        what: what.into(),
+        value: value.into(),
+        target: String::new(),
+        met: String::new(),
+        load: load.to_owned(),
+    }
+}
+
+fn judged(
+    what: impl Into<String>,
+    value: impl Into<String>,
+    target: &str,
+    ok: bool,
+    load: &str,
+) -> Row {
+    Row {
+        what: what.into(),
+        value: value.into(),
+        target: target.into(),
+        met: if ok { "yes" } else { "**no**" }.into(),
+        load: load.to_owned(),
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+async fn run(s: Settings) -> anyhow::Result<()> {
+    let n = s.objects;
+    let configmaps = n.div_ceil(2);
+    let uptime_start = uptime();
+    let agent_bin = PathBuf::from(env!("CARGO_BIN_EXE_reverser-agent"));
+    eprintln!("bench e2e: N={n}, agent binary {}", agent_bin.display());
+    eprintln!("start: {uptime_start}");
+    let mut rows = Vec::new();
+
+    // 1. The cluster.
+    let t = Instant::now();
+    let emu = Emulator::start("127.0.0.1:0".parse()?).await?;
+    emu.apply_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds"))
+        .await?;
+    let namespaces: String = (0..NAMESPACES)
+        .map(|i| format!("---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns-{i:02}\n"))
+        .collect();
+    emu.apply_yaml(&namespaces).await?;
+    let mut bytes = 0usize;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut docs = String::new();
+        for &i in chunk {
+            let doc = if i % 2 == 0 {
+                configmap(i, "s0")
+            } else {
+                deployment(i)
+            };
+            bytes += doc.len();
+            docs.push_str("---\n");
+            docs.push_str(&doc);
+        }
+        emu.apply_yaml(&docs).await?;
+    }
+    let repo_agent = BareRepo::named("agent.git");
+    let repo_writer = BareRepo::named("writer-only.git");
+    emu.apply_yaml(&agent_config(&repo_agent.file_url()))
+        .await?;
+    let l = load1();
+    rows.push(row(
+        format!(
+            "emulator load: {n} objects ({:.1} MiB manifests, {NAMESPACES} namespaces)",
+            bytes as f64 / 1048576.0
+        ),
+        secs(t.elapsed()),
+        &l,
+    ));
+    eprintln!("loaded {} objects in {:?}", emu.object_count(), t.elapsed());
+
+    // 2. Writer-only baseline: the same canonical YAML straight to a fresh writer.
+    let client = emu.client().await;
+    let corpus = canonical_corpus(&client).await?;
+    if corpus.len() != n {
+        bail!("listed {} objects, expected {n}", corpus.len());
+    }
+    let canonical_bytes: usize = corpus.iter().map(|(_, c)| c.len()).sum();
+    let wo_dir = tempfile::tempdir()?;
+    let writer = start_writer(wo_dir.path()).await?;
+    let wo = writer_only_seed(
+        format!("http://{}", writer.grpc_addr),
+        repo_writer.file_url(),
+        corpus,
+        s.timeout,
+    )
+    .await?;
+    let l_wo = load1();
+    writer.stop().await?;
+    let mut wo_counter = TipCounter::new(repo_writer.path());
+    let wo_files = wo_counter.poll().await?;
+    let wo_commits = commit_count(&repo_writer.path()).await;
+    eprintln!(
+        "writer-only: {:?} ({} acks, {} rejects, {wo_files} files, {wo_commits} commits)",
+        wo.elapsed, wo.acks, wo.rejects
+    );
+    rows.push(row(
+        format!(
+            "writer-only seed: connect → final Ack ({wo_files} files, {wo_commits} commits, {:.1} MiB canonical YAML)",
+            canonical_bytes as f64 / 1048576.0
+        ),
+        format!(
+            "{} ({:.0} objects/s)",
+            secs(wo.elapsed),
+            n as f64 / wo.elapsed.as_secs_f64()
+        ),
+        &l_wo,
+    ));
+    if wo_files != n as i64 || wo.rejects > 0 {
+        eprintln!(
+            "WARNING: writer-only repo has {wo_files} files, {} rejects",
+            wo.rejects
+        );
+    }
+
+    // 3. The agent's seed.
+    let w_dir = tempfile::tempdir()?;
+    let writer = start_writer(w_dir.path()).await?;
+    let writer_admin = writer.admin_addr.to_string();
+    let kube_dir = tempfile::tempdir()?;
+    let kubeconfig = kube_dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, emu.kubeconfig_yaml(None))?;
+    let self_cpu0 = cpu_secs("self");
+    let started = Instant::now();
+    let mut agent = Agent::start(
+        &agent_bin,
+        &format!("http://{}", writer.grpc_addr),
+        &kubeconfig,
+    )?;
+    let pid = agent.pid;
+    let mut counter = TipCounter::new(repo_agent.path());
+    let mut first_commit = None;
+    let mut peak_rss_seed: f64 = 0.0;
+    loop {
+        let files = counter.poll().await?;
+        if files > 0 && first_commit.is_none() {
+            first_commit = Some(started.elapsed());
+        }
+        if let Some((rss, _)) = rss_mib(pid) {
+            peak_rss_seed = peak_rss_seed.max(rss);
+        }
+        if files >= n as i64 {
+            break;
+        }
+        if let Some(status) = agent.child.try_wait()? {
+            bail!("the agent exited during the seed: {status}");
+        }
+        if started.elapsed() > s.timeout {
+            bail!(
+                "agent seed timed out after {:?}: {files}/{n} files in {} tips",
+                s.timeout,
+                counter.commits_seen
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let seed = started.elapsed();
+    let l_seed = load1();
+    let agent_cpu_seed = cpu_secs(&pid.to_string());
+    let self_cpu_seed = cpu_secs("self") - self_cpu0;
+    let agent_commits = commit_count(&repo_agent.path()).await;
+    eprintln!("agent seed: {seed:?} ({agent_commits} commits)");
+    rows.push(row(
+        format!("agent seed: start → pushed commit with all {n} files ({agent_commits} commits; first commit at {})",
+            first_commit.map(secs).unwrap_or_default()),
+        format!("{} ({:.0} objects/s)", secs(seed), n as f64 / seed.as_secs_f64()),
+        &l_seed,
+    ));
+    let ratio = seed.as_secs_f64() / wo.elapsed.as_secs_f64();
+    rows.push(judged(
+        "agent seed / writer-only seed",
+        format!("{ratio:.2}×"),
+        "≤ 1.5×",
+        ratio <= 1.5,
+        &l_seed,
+    ));
+    rows.push(row(
+        "CPU during the agent seed: agent process / bench process (emulator + writer)",
+        format!("{agent_cpu_seed:.1} s / {self_cpu_seed:.1} s"),
+        &l_seed,
+    ));
+
+    // 4. Memory at steady state.
+    let settle = agent.settle(s.timeout).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss, hwm) = rss_mib(pid).context("agent /proc status")?;
+    let l_rss = load1();
+    rows.push(judged(
+        format!(
+            "agent VmRSS at steady state (settled {} after the last file)",
+            secs(settle)
+        ),
+        format!("{rss:.1} MiB"),
+        "≤ 200 MB",
+        rss * 1.048576 <= 200.0,
+        &l_rss,
+    ));
+    rows.push(row(
+        "agent VmHWM (peak RSS, seed included)",
+        format!("{hwm:.1} MiB (sampled peak during seed {peak_rss_seed:.1} MiB)"),
+        &l_rss,
+    ));
+    let mut same = true;
+    for folder in MIRRORED {
+        same &=
+            tree_id(&repo_agent.path(), folder).await == tree_id(&repo_writer.path(), folder).await;
+    }
+    rows.push(judged(
+        "agent tree == writer-only tree (configmaps, deployments)",
+        if same { "identical" } else { "different" },
+        "identical",
+        same,
+        &l_rss,
+    ));
+
+    // 5. Sustained updates.
+    let before = agent.metrics().await.unwrap_or_default();
+    let upserts_before = metric(
+        &before,
+        "gitops_reverser_agent_events_total{kind=\"upsert\"}",
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sampler = {
+        let admin = agent.admin.clone();
+        let writer_admin = writer_admin.clone();
+        let mut stop_rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut samples: Vec<(f64, f64, f64, f64)> = Vec::new();
+            let t0 = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop_rx.changed() => break,
+                }
+                let unacked = http_get(&admin, "/metrics")
+                    .await
+                    .map(|t| metric(&t, "gitops_reverser_agent_stream_unacked"))
+                    .unwrap_or(f64::NAN);
+                let queue = http_get(&writer_admin, "/metrics")
+                    .await
+                    .map(|t| metric_sum(&t, "gitops_reverser_repo_branch_queue_depth"))
+                    .unwrap_or(f64::NAN);
+                let rss = rss_mib(pid).map(|r| r.0).unwrap_or(f64::NAN);
+                samples.push((t0.elapsed().as_secs_f64(), unacked, queue, rss));
+            }
+            samples
+        })
+    };
+    let total = s.update_rate * s.update_secs;
+    let per_tick = s.update_rate / 100;
+    let l_upd0 = load1();
+    let load_start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut k = 0usize;
+    let mut late_ticks = 0usize;
+    for t in 0..s.update_secs * 100 {
+        tick.tick().await;
+        if load_start.elapsed() > Duration::from_millis(10 * t as u64 + 20) {
+            late_ticks += 1;
+        }
+        for _ in 0..per_tick {
+            let i = 2 * (k % configmaps);
+            emu.apply_yaml(&configmap(i, &format!("u{k}"))).await?;
+            k += 1;
+        }
+    }
+    let load_time = load_start.elapsed();
+    let l_upd = load1();
+    let last = k - 1;
+    let last_path = object_path(2 * (last % configmaps));
+    let expect = format!("seq: u{last}\n");
+    let stopped = Instant::now();
+    let mut pushed_after = None;
+    let mut drained_after = None;
+    while stopped.elapsed() < s.timeout {
+        if pushed_after.is_none() {
+            let out = git(
+                &repo_agent.path(),
+                &["show", &format!("{BRANCH}:{last_path}")],
+            )
+            .await?;
+            if String::from_utf8_lossy(&out.stdout).contains(&expect) {
+                pushed_after = Some(stopped.elapsed());
+            }
+        }
+        if pushed_after.is_some() && agent.unacked().await == Some(0.0) {
+            drained_after = Some(stopped.elapsed());
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let _ = stop_tx.send(true);
+    let samples = sampler.await?;
+    let l_drain = load1();
+    let after = agent.metrics().await.unwrap_or_default();
+    let upserts = metric(
+        &after,
+        "gitops_reverser_agent_events_total{kind=\"upsert\"}",
+    ) - upserts_before;
+    let max = |f: fn(&(f64, f64, f64, f64)) -> f64| {
+        samples
+            .iter()
+            .map(f)
+            .filter(|v| v.is_finite())
+            .fold(0.0, f64::max)
+    };
+    let max_unacked = max(|s| s.1);
+    let max_queue = max(|s| s.2);
+    let max_rss = max(|s| s.3);
+    let achieved = total as f64 / load_time.as_secs_f64();
+    rows.push(row(
+        format!(
+            "updates issued through the emulator ({} ticks late by > 10 ms)",
+            late_ticks
+        ),
+        format!("{total} in {} = {achieved:.0}/s", secs(load_time)),
+        &l_upd,
+    ));
+    rows.push(row(
+        "agent upserts produced during the update phase",
+        format!("{upserts:.0}"),
+        &l_drain,
+    ));
+    let bounded = max_unacked <= 1000.0 && pushed_after.is_some();
+    rows.push(judged(
+        "max agent unacked backlog (gitops_reverser_agent_stream_unacked, 1 s samples, load + drain)",
+        format!("{max_unacked:.0} (writer queue depth max {max_queue:.0})"),
+        "bounded (≤ --max-unacked 1000) and drains",
+        bounded,
+        &l_upd,
+    ));
+    rows.push(row(
+        "agent VmRSS max during updates",
+        format!("{max_rss:.1} MiB"),
+        &l_drain,
+    ));
+    rows.push(judged(
+        "load stop → last update in the pushed tip",
+        pushed_after
+            .map(secs)
+            .unwrap_or_else(|| "not within the timeout".into()),
+        "bounded",
+        pushed_after.is_some(),
+        &l_drain,
+    ));
+    rows.push(row(
+        "load stop → agent unacked 0",
+        drained_after
+            .map(secs)
+            .unwrap_or_else(|| "not within the timeout".into()),
+        &l_drain,
+    ));
+
+    agent.terminate().await;
+    writer.stop().await?;
+    emu.shutdown().await;
+    let uptime_end = uptime();
+
+    println!("\n## agent e2e bench, N = {n} (load at start {l_upd0} before updates)\n");
+    println!("start: `{uptime_start}`  ");
+    println!("end:   `{uptime_end}`\n");
+    println!("| measurement | value | target | met | load (1 min) |");
+    println!("| --- | --- | --- | --- | --- |");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.what, r.value, r.target, r.met, r.load
+        );
+    }
+    println!("\nbacklog samples (s since load start: unacked / writer queue / agent RSS MiB):");
+    let line: Vec<String> = samples
+        .iter()
+        .map(|(t, u, q, r)| format!("{t:.0}: {u:.0}/{q:.0}/{r:.0}"))
+        .collect();
+    println!("{}", line.join(", "));
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! Attribution: *who* changed an object, from a validating admission webhook that only
+//! observes.
+//!
+//! ```text
+//!  kube-apiserver ──HTTPS AdmissionReview──▶ server (TLS only, cert reloaded on change,
+//!  (ValidatingWebhookConfiguration            │      body/time limits)
+//!   from `registration`)                      ▼
+//!                                       handler::review ──▶ allowed: true, always
+//!                                             │ Fact{key, operation, user, groups, uid,
+//!                                             │      hash of the sanitized canonical object}
+//!                                             ▼ (not for dry runs)
+//!                                        facts::FactStore (bounded, TTL, injectable clock)
+//!                                             ▲
+//!  ingestion (watch events) ──attribute_upsert(key, uid, hash) / attribute_delete(key, uid)──┘
+//!        └──▶ AgentEvent::Upsert/Delete { author: Some(user) or None (the bot) }
+//! ```
+//!
+//! Admission sees attempts, not persisted changes, so a fact names an author only when a watch
+//! event proves the attempt became state: same object and byte-identical canonical content for
+//! ADDED/MODIFIED, the same uid for DELETED. Anything else — no fact, an expired fact, facts of
+//! different users — leaves the bot as the author; the join never guesses, and capturing state
+//! never waits for a fact.
+//!
+//! - [`facts`]: the pure store and join.
+//! - [`handler`]: AdmissionReview parsing → fact, and the response.
+//! - [`server`]: the HTTPS server; [`spawn`] starts it.
+//! - [`tls`]: the certificate resolver that re-reads changed files.
+//! - [`registration`]: the `ValidatingWebhookConfiguration` for the watched types.
+//! - [`metrics`]: the Prometheus collectors.
+
+pub mod facts;
+pub mod handler;
+pub mod metrics;
+pub mod registration;
+pub mod server;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use facts::{
+    Clock, Fact, FactStore, FactsConfig, ManualClock, ObjectKey, Operation, SystemClock,
+};
+pub use metrics::AttributionMetrics;
+pub use server::{WebhookHandle, spawn};
+
+/// The one path the webhook serves.
+pub const PATH: &str = "/process-validating-webhook";
+
+/// Default `--webhook-max-body-bytes`: an AdmissionReview carries the object and the old
+/// object, each up to etcd's 1.5 MiB, and JSON can be a third larger than what etcd stores.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+/// Errors starting the webhook. Request-level problems never surface here: they are answered
+/// with a 4xx and counted.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("reading {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing PEM in {path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("binding the webhook to {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// How the server runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// `--webhook-addr`.
+    pub addr: SocketAddr,
+    /// PEM certificate chain (`--webhook-cert`), re-read when it changes.
+    pub cert_file: PathBuf,
+    /// PEM private key (`--webhook-key`), re-read when it changes.
+    pub key_file: PathBuf,
+    /// Larger bodies get 413 (`--webhook-max-body-bytes`).
+    pub max_body_bytes: usize,
+    /// A TLS handshake not done within this closes the connection.
+    pub handshake_timeout: Duration,
+    /// HTTP/1 request headers not received within this close the connection.
+    pub header_read_timeout: Duration,
+    /// A body not received within this gets 408.
+    pub body_read_timeout: Duration,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+}
+
+impl WebhookConfig {
+    pub fn new(addr: SocketAddr, cert_file: PathBuf, key_file: PathBuf) -> Self {
+        Self {
+            addr,
+            cert_file,
+            key_file,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            // The API server gives a webhook at most 30 s in total (default 10 s); a client
+            // slower than this is not the API server.
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            max_connections: 512,
+        }
+    }
+}
+
+/// The webhook's flags, for `#[command(flatten)]` into the agent's `Args`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct WebhookArgs {
+    /// Serve the attribution admission webhook (HTTPS) on this address; off when unset.
+    #[arg(long, env = "AGENT_WEBHOOK_ADDR", requires_all = ["webhook_cert", "webhook_key"])]
+    pub webhook_addr: Option<SocketAddr>,
+    /// PEM certificate chain of the webhook (re-read when the file changes).
+    #[arg(long, env = "AGENT_WEBHOOK_CERT")]
+    pub webhook_cert: Option<PathBuf>,
+    /// PEM private key of the webhook (re-read when the file changes).
+    #[arg(long, env = "AGENT_WEBHOOK_KEY")]
+    pub webhook_key: Option<PathBuf>,
+    /// Largest AdmissionReview accepted; larger ones get 413.
+    #[arg(long, env = "AGENT_WEBHOOK_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub webhook_max_body_bytes: usize,
+    /// How long an admission fact waits for its watch event (`600`, `90s`, `10m`).
+    #[arg(long, env = "AGENT_ATTRIBUTION_TTL", default_value = "10m", value_parser = crate::run::parse_duration)]
+    pub attribution_ttl: Duration,
+    /// Most admission facts held; the oldest is evicted beyond it.
+    #[arg(long, env = "AGENT_ATTRIBUTION_MAX_FACTS", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub attribution_max_facts: u64,
+}
+
+impl WebhookArgs {
+    /// The server settings (`None` when `--webhook-addr` is unset) and the store limits.
+    pub fn configs(&self) -> Result<(Option<WebhookConfig>, FactsConfig), WebhookError> {
+        let facts = FactsConfig {
+            ttl: self.attribution_ttl,
+            max_facts: usize::try_from(self.attribution_max_facts).unwrap_or(usize::MAX),
+        };
+        let Some(addr) = self.webhook_addr else {
+            return Ok((None, facts));
+        };
+        let (Some(cert), Some(key)) = (&self.webhook_cert, &self.webhook_key) else {
+            return Err(WebhookError::Config(
+                "--webhook-addr needs --webhook-cert and --webhook-key".into(),
+            ));
+        };
+        if self.webhook_max_body_bytes == 0 {
+            return Err(WebhookError::Config(
+                "--webhook-max-body-bytes must be positive".into(),
+            ));
+        }
+        let mut config = WebhookConfig::new(addr, cert.clone(), key.clone());
+        config.max_body_bytes = self.webhook_max_body_bytes;
+        Ok((Some(config), facts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        webhook: WebhookArgs,
+    }
+
+    #[test]
+    fn webhook_is_off_without_an_address_and_defaults_to_ten_minutes() {
+        let cli = Cli::try_parse_from(["agent"]).unwrap();
+        let (server, facts) = cli.webhook.configs().unwrap();
+        assert!(server.is_none());
+        assert_eq!(facts.ttl, Duration::from_secs(600));
+        assert_eq!(facts.max_facts, 50_000);
+    }
+
+    #[test]
+    fn webhook_address_requires_certificate_and_key() {
+        assert!(Cli::try_parse_from(["agent", "--webhook-addr", "0.0.0.0:9443"]).is_err());
+        let cli = Cli::try_parse_from([
+            "agent",
+            "--webhook-addr",
+            "0.0.0.0:9443",
+            "--webhook-cert",
+            "tls.crt",
+            "--webhook-key",
+            "tls.key",
+            "--webhook-max-body-bytes",
+            "1024",
+            "--attribution-ttl",
+            "90s",
+        ])
+        .unwrap();
+        let (server, facts) = cli.webhook.configs().unwrap();
+        let server = server.unwrap();
+        assert_eq!(server.max_body_bytes, 1024);
+        assert_eq!(server.cert_file, PathBuf::from("tls.crt"));
+        assert_eq!(facts.ttl, Duration::from_secs(90));
+    }
+}

@@ -1,0 +1,193 @@
+//! The `ValidatingWebhookConfiguration` that sends the watched types' writes to the webhook.
+//! Pure: the leader applies what [`validating_webhook_configuration`] builds (server-side
+//! apply) whenever the set of watched types changes.
+//!
+//! Choices, each for attribution's sake:
+//! - `rules`: exactly the watched group/version/resources, CREATE/UPDATE/DELETE, no
+//!   subresources. With `matchPolicy: Equivalent` the API server converts the object to the
+//!   *watched* version before calling, so the admitted object hashes like the watch event.
+//! - `failurePolicy: Ignore` and a short timeout: attribution must never block the cluster,
+//!   even while the agent is down or changing leaders.
+//! - `sideEffects: NoneOnDryRun`: recording a fact is a side effect, and dry runs record none.
+//! - Secrets are never listed (never mirrored, never hashed).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    RuleWithOperations, ServiceReference, ValidatingWebhook, ValidatingWebhookConfiguration,
+    WebhookClientConfig,
+};
+use kube::api::ObjectMeta;
+
+use super::PATH;
+use crate::rules::ResourceKey;
+
+/// Where the API server reaches the webhook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// `https://host:port` (the path is appended).
+    Url(String),
+    /// The leader-only Service (selecting `configbutler.ai/leader=true`).
+    Service {
+        namespace: String,
+        name: String,
+        port: u16,
+    },
+}
+
+/// Everything but the rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    /// `metadata.name` of the configuration.
+    pub name: String,
+    /// The webhook's name (a DNS name with at least three labels).
+    pub webhook_name: String,
+    pub target: Target,
+    /// PEM of the CA that signed the webhook's certificate.
+    pub ca_bundle_pem: Vec<u8>,
+    /// 1..=30 seconds.
+    pub timeout_seconds: i32,
+}
+
+impl Registration {
+    pub fn new(name: &str, target: Target, ca_bundle_pem: Vec<u8>) -> Self {
+        Self {
+            name: name.to_owned(),
+            webhook_name: "attribution.gitops-reverser.configbutler.ai".to_owned(),
+            target,
+            ca_bundle_pem,
+            timeout_seconds: 5,
+        }
+    }
+}
+
+/// The configuration for the watched `resources`. Rules are grouped per group/version and
+/// sorted, so the same watches always produce the same object (no needless apply).
+pub fn validating_webhook_configuration<'a>(
+    registration: &Registration,
+    resources: impl IntoIterator<Item = &'a ResourceKey>,
+) -> ValidatingWebhookConfiguration {
+    let mut grouped: BTreeMap<(&str, &str), BTreeSet<&str>> = BTreeMap::new();
+    for key in resources {
+        if key.group.is_empty() && key.resource == "secrets" {
+            continue;
+        }
+        grouped
+            .entry((key.group.as_str(), key.version.as_str()))
+            .or_default()
+            .insert(key.resource.as_str());
+    }
+    let rules = grouped
+        .into_iter()
+        .map(|((group, version), plurals)| RuleWithOperations {
+            api_groups: Some(vec![group.to_owned()]),
+            api_versions: Some(vec![version.to_owned()]),
+            operations: Some(["CREATE", "UPDATE", "DELETE"].map(str::to_owned).to_vec()),
+            resources: Some(plurals.into_iter().map(str::to_owned).collect()),
+            scope: Some("*".to_owned()),
+        })
+        .collect();
+    let client_config = match &registration.target {
+        Target::Url(base) => WebhookClientConfig {
+            url: Some(format!("{}{PATH}", base.trim_end_matches('/'))),
+            ca_bundle: Some(ByteString(registration.ca_bundle_pem.clone())),
+            service: None,
+        },
+        Target::Service {
+            namespace,
+            name,
+            port,
+        } => WebhookClientConfig {
+            url: None,
+            ca_bundle: Some(ByteString(registration.ca_bundle_pem.clone())),
+            service: Some(ServiceReference {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                path: Some(PATH.to_owned()),
+                port: Some(i32::from(*port)),
+            }),
+        },
+    };
+    ValidatingWebhookConfiguration {
+        metadata: ObjectMeta {
+            name: Some(registration.name.clone()),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "gitops-reverser".to_owned(),
+                )]
+                .into(),
+            ),
+            ..ObjectMeta::default()
+        },
+        webhooks: Some(vec![ValidatingWebhook {
+            name: registration.webhook_name.clone(),
+            admission_review_versions: vec!["v1".to_owned()],
+            client_config,
+            failure_policy: Some("Ignore".to_owned()),
+            match_policy: Some("Equivalent".to_owned()),
+            side_effects: "NoneOnDryRun".to_owned(),
+            timeout_seconds: Some(registration.timeout_seconds.clamp(1, 30)),
+            rules: Some(rules),
+            ..ValidatingWebhook::default()
+        }]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn lists_exactly_the_watched_types_grouped_by_version_without_secrets() {
+        let watched = [
+            ResourceKey::new("apps", "v1", "deployments", true),
+            ResourceKey::new("", "v1", "configmaps", true),
+            ResourceKey::new("", "v1", "secrets", true),
+            ResourceKey::new("", "v1", "services", true),
+            ResourceKey::new("apps", "v1", "deployments", true),
+        ];
+        let reg = Registration::new(
+            "gitops-reverser-attribution",
+            Target::Service {
+                namespace: "gitops-reverser".into(),
+                name: "gitops-reverser-webhook".into(),
+                port: 443,
+            },
+            b"PEM".to_vec(),
+        );
+        let vwc = serde_json::to_value(validating_webhook_configuration(&reg, &watched)).unwrap();
+        let hook = &vwc["webhooks"][0];
+        assert_eq!(
+            hook["rules"],
+            json!([
+                {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE", "DELETE"],
+                 "resources": ["configmaps", "services"], "scope": "*"},
+                {"apiGroups": ["apps"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE", "DELETE"],
+                 "resources": ["deployments"], "scope": "*"}
+            ])
+        );
+        assert_eq!(
+            hook["clientConfig"],
+            json!({"caBundle": "UEVN", "service": {"namespace": "gitops-reverser",
+                   "name": "gitops-reverser-webhook", "path": PATH, "port": 443}})
+        );
+        assert_eq!(hook["failurePolicy"], "Ignore");
+        assert_eq!(hook["sideEffects"], "NoneOnDryRun");
+        assert_eq!(hook["matchPolicy"], "Equivalent");
+        assert_eq!(hook["admissionReviewVersions"], json!(["v1"]));
+    }
+
+    #[test]
+    fn appends_the_webhook_path_to_a_url_target() {
+        let reg = Registration::new("x", Target::Url("https://127.0.0.1:8443/".into()), vec![]);
+        let vwc = validating_webhook_configuration(&reg, &[]);
+        let hook = &vwc.webhooks.unwrap()[0];
+        assert_eq!(
+            hook.client_config.url.as_deref(),
+            Some("https://127.0.0.1:8443/process-validating-webhook")
+        );
+    }
+}

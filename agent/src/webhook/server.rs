@@ -1,0 +1,353 @@
+//! The HTTPS server: TLS only, one path, bounded bodies and patience.
+//!
+//! ```text
+//! TCP accept (at most max_connections at once)
+//!   └─ TLS handshake (handshake_timeout; certificate from ReloadingCert; plain HTTP fails here)
+//!        └─ HTTP/1.1 or HTTP/2 (ALPN); HTTP/1 headers within header_read_timeout
+//!             └─ POST /process-validating-webhook
+//!                  body ≤ max_body_bytes within body_read_timeout ──▶ handler::review
+//!                     ──▶ FactStore::record(fact) ──▶ 200 AdmissionReview{allowed: true}
+//! ```
+//!
+//! Failures answer with a clear status and store nothing: 404 (other path), 405 (not POST),
+//! 413 (body too large; checked on `Content-Length` first, then while reading), 408 (body too
+//! slow), 400 (not a v1 AdmissionReview). Each request is counted by outcome and timed.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::facts::FactStore;
+use super::handler;
+use super::tls::ReloadingCert;
+use super::{PATH, WebhookConfig, WebhookError};
+
+/// Reviews larger than this are handled on the blocking pool.
+const BLOCKING_ABOVE_BYTES: usize = 64 * 1024;
+
+/// A running webhook server; dropping it stops the server and every connection.
+#[derive(Debug)]
+pub struct WebhookHandle {
+    local_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
+}
+
+impl WebhookHandle {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting and closes every connection. In-flight reviews are cut off; with the
+    /// registration's `failurePolicy: Ignore` the API server lets those requests through.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.server).await;
+        self.sweeper.abort();
+    }
+}
+
+impl Drop for WebhookHandle {
+    fn drop(&mut self) {
+        self.server.abort();
+        self.sweeper.abort();
+    }
+}
+
+/// Loads the certificate, binds `config.addr` and serves until shut down. Facts go to `store`,
+/// request metrics to `store.metrics()`.
+pub async fn spawn(config: WebhookConfig, store: FactStore) -> Result<WebhookHandle, WebhookError> {
+    // One provider for the whole workspace (ring); naming it here keeps the server independent
+    // of whether main() installed the process default.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let resolver = ReloadingCert::load(
+        config.cert_file.clone(),
+        config.key_file.clone(),
+        Arc::clone(&provider),
+    )?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(WebhookError::Tls)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let listener = TcpListener::bind(config.addr)
+        .await
+        .map_err(|source| WebhookError::Bind {
+            addr: config.addr,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| WebhookError::Bind {
+        addr: config.addr,
+        source,
+    })?;
+    info!(addr = %local_addr, path = PATH, "attribution webhook listening (TLS)");
+
+    let sweep_every =
+        (store.config().ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let sweeper = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sweep_every);
+            loop {
+                tick.tick().await;
+                store.sweep();
+            }
+        })
+    };
+    let (stop, stop_rx) = oneshot::channel();
+    let server = tokio::spawn(accept_loop(
+        listener,
+        TlsAcceptor::from(Arc::new(tls)),
+        Arc::new(Ctx {
+            store,
+            config: config.clone(),
+        }),
+        stop_rx,
+    ));
+    Ok(WebhookHandle {
+        local_addr,
+        stop: Some(stop),
+        server,
+        sweeper,
+    })
+}
+
+struct Ctx {
+    store: FactStore,
+    config: WebhookConfig,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    ctx: Arc<Ctx>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let permits = Arc::new(Semaphore::new(ctx.config.max_connections.max(1)));
+    // Dropping the set (when this task ends or is aborted) aborts every connection.
+    let mut connections = JoinSet::new();
+    loop {
+        // Waiting for a permit before accepting leaves excess clients in the kernel backlog
+        // instead of holding their buffers here.
+        let permit = tokio::select! {
+            _ = &mut stop => break,
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(%error, "webhook accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        while connections.try_join_next().is_some() {}
+        let acceptor = acceptor.clone();
+        let ctx = Arc::clone(&ctx);
+        connections.spawn(async move {
+            serve_connection(tcp, peer, acceptor, ctx).await;
+            drop(permit);
+        });
+    }
+    info!("attribution webhook stopped");
+}
+
+async fn serve_connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, ctx: Arc<Ctx>) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(ctx.config.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            // Plain HTTP lands here: there is no plaintext listener to fall back to.
+            debug!(%peer, %error, "webhook TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "webhook TLS handshake timed out");
+            return;
+        }
+    };
+    let header_read_timeout = ctx.config.header_read_timeout;
+    let service = service_fn(move |req| {
+        let ctx = Arc::clone(&ctx);
+        async move { Ok::<_, Infallible>(ctx.handle(req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
+        debug!(%peer, %error, "webhook connection ended");
+    }
+}
+
+/// A reply before it is counted and timed.
+struct Reply {
+    status: StatusCode,
+    outcome: &'static str,
+    body: Bytes,
+    json: bool,
+}
+
+impl Reply {
+    fn error(status: StatusCode, outcome: &'static str, message: impl Into<String>) -> Self {
+        let mut text = message.into();
+        text.push('\n');
+        Self {
+            status,
+            outcome,
+            body: Bytes::from(text),
+            json: false,
+        }
+    }
+}
+
+impl Ctx {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let reply = self.process(req).await;
+        let metrics = self.store.metrics();
+        metrics.requests.with_label_values(&[reply.outcome]).inc();
+        metrics.latency.observe(started.elapsed().as_secs_f64());
+        let content_type = if reply.json {
+            "application/json"
+        } else {
+            "text/plain; charset=utf-8"
+        };
+        let mut response = Response::builder()
+            .status(reply.status)
+            .header(header::CONTENT_TYPE, content_type);
+        if reply.status == StatusCode::METHOD_NOT_ALLOWED {
+            response = response.header(header::ALLOW, "POST");
+        }
+        if reply.status == StatusCode::PAYLOAD_TOO_LARGE
+            || reply.status == StatusCode::REQUEST_TIMEOUT
+        {
+            // The rest of the body is never read; the connection cannot be reused.
+            response = response.header(header::CONNECTION, "close");
+        }
+        response
+            .body(Full::new(reply.body))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+    }
+
+    async fn process(&self, req: Request<Incoming>) -> Reply {
+        if req.uri().path() != PATH {
+            return Reply::error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("not found; the webhook path is {PATH}"),
+            );
+        }
+        if req.method() != Method::POST {
+            return Reply::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "only POST is allowed",
+            );
+        }
+        let max = self.config.max_body_bytes;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > max as u64) {
+            return too_large(max);
+        }
+        let body = Limited::new(req.into_body(), max);
+        let bytes = match tokio::time::timeout(self.config.body_read_timeout, body.collect()).await
+        {
+            Err(_) => {
+                return Reply::error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    "request body not received in time",
+                );
+            }
+            Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
+                return too_large(max);
+            }
+            Ok(Err(error)) => {
+                return Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    "malformed",
+                    format!("reading the request body: {error}"),
+                );
+            }
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+        // Rendering a large object takes milliseconds: do it off the async workers, so one big
+        // review does not hold up the handshakes and small reviews of other connections.
+        let reviewed = if bytes.len() > BLOCKING_ABOVE_BYTES {
+            match tokio::task::spawn_blocking(move || handler::review(&bytes)).await {
+                Ok(reviewed) => reviewed,
+                Err(error) => {
+                    warn!(%error, "admission review task failed");
+                    return Reply::error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal_error",
+                        "internal error",
+                    );
+                }
+            }
+        } else {
+            handler::review(&bytes)
+        };
+        match reviewed {
+            Err(error) => {
+                debug!(%error, "rejecting a malformed admission review");
+                Reply::error(StatusCode::BAD_REQUEST, "malformed", error.to_string())
+            }
+            Ok(reviewed) => {
+                if let Some(fact) = reviewed.fact {
+                    debug!(object = %fact.key, user = %fact.username, operation = ?fact.operation, "attribution fact");
+                    self.store.record(fact);
+                } else if let handler::Outcome::Ignored(reason) = reviewed.outcome {
+                    debug!(reason, "admission review produced no fact");
+                }
+                Reply {
+                    status: StatusCode::OK,
+                    outcome: reviewed.outcome.label(),
+                    body: Bytes::from(reviewed.response),
+                    json: true,
+                }
+            }
+        }
+    }
+}
+
+fn too_large(max: usize) -> Reply {
+    Reply::error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("request body exceeds {max} bytes (--webhook-max-body-bytes)"),
+    )
+}

@@ -1,0 +1,331 @@
+//! The webhook's HTTPS server against real TLS clients: what it answers, what it refuses and
+//! that refusals store nothing. Timeouts are set short so the refusals happen quickly; every
+//! wait is bounded only to turn a hang into a failure, and no test asserts on durations.
+
+mod webhook_support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use reverser_agent::webhook;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use webhook_support::{PATIENCE, Server, peer_leaf, post, request, review_body, tls_connect};
+
+const CREATE: &str = "configmap/create-succeeds/admission.create.yaml";
+
+/// Reads until EOF or error; what the server sent before closing.
+async fn read_to_close(stream: &mut (impl AsyncReadExt + Unpin)) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
+            Err(_) => panic!("the server kept the connection open"),
+            Ok(Ok(0)) | Ok(Err(_)) => return seen,
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn answers_an_admission_review_over_tls_and_records_its_fact() {
+    let server = Server::start(|_| {}).await;
+    let (status, body) = post(server.addr(), &server.pki.ca_pem, review_body(CREATE)).await;
+    assert_eq!(status, StatusCode::OK);
+    let review: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        review,
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+               "response": {"uid": "00000000-0000-4000-8000-000000000002", "allowed": true}})
+    );
+    assert_eq!(server.store.len(), 1);
+    let metrics = server.store.metrics();
+    assert_eq!(metrics.requests_with("recorded"), 1);
+    assert_eq!(metrics.facts.get(), 1);
+    assert_eq!(metrics.latency.get_sample_count(), 1);
+}
+
+#[tokio::test]
+async fn serves_http2_when_the_client_negotiates_it() {
+    let server = Server::start(|_| {}).await;
+    let tls = tls_connect(server.addr(), &server.pki.ca_pem, &[b"h2"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = http::Request::post(format!("https://127.0.0.1{}", webhook::PATH))
+            .body(Full::new(Bytes::from(review_body(CREATE))))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    assert_eq!(server.store.len(), 3);
+}
+
+#[tokio::test]
+async fn dry_runs_are_allowed_and_leave_no_fact() {
+    let server = Server::start(|_| {}).await;
+    let (status, body) = post(
+        server.addr(),
+        &server.pki.ca_pem,
+        review_body("configmap/dry-run-create/admission.create.yaml"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let review: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(review["response"]["allowed"], true);
+    assert!(server.store.is_empty());
+    assert_eq!(server.store.metrics().requests_with("dry_run"), 1);
+}
+
+#[tokio::test]
+async fn refuses_plain_http_at_the_tls_layer() {
+    let server = Server::start(|_| {}).await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let body = review_body(CREATE);
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        webhook::PATH,
+        body.len()
+    );
+    // The peer may already have closed by the time the body goes out.
+    let _ = tcp.write_all(head.as_bytes()).await;
+    let _ = tcp.write_all(&body).await;
+    let answer = read_to_close(&mut tcp).await;
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plain HTTP got an HTTP answer: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    // A plain-HTTP client library fails outright.
+    let tcp = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(webhook::PATH)
+        .header(http::header::HOST, "127.0.0.1")
+        .body(Full::new(Bytes::from(review_body(CREATE))))
+        .unwrap();
+    assert!(sender.send_request(req).await.is_err());
+    assert!(server.store.is_empty());
+    assert_eq!(server.store.metrics().facts.get(), 0);
+}
+
+#[tokio::test]
+async fn rejects_an_oversized_body_with_413_and_stores_nothing() {
+    let server = Server::start(|c| c.max_body_bytes = 1024).await;
+    let (status, body) = post(server.addr(), &server.pki.ca_pem, vec![b' '; 4096]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(String::from_utf8_lossy(&body).contains("1024"));
+    // A valid review that is merely too big is refused as well.
+    let (status, _) = post(server.addr(), &server.pki.ca_pem, review_body(CREATE)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(server.store.is_empty());
+    assert_eq!(server.store.metrics().requests_with("too_large"), 2);
+}
+
+#[tokio::test]
+async fn rejects_an_oversized_chunked_body_without_a_length_with_413() {
+    let server = Server::start(|c| c.max_body_bytes = 1024).await;
+    let tls = tls_connect(server.addr(), &server.pki.ca_pem, &[b"http/1.1"]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let chunks = (0..4)
+        .map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![b' '; 512]))));
+    let req = http::Request::post(webhook::PATH)
+        .header(http::header::HOST, "127.0.0.1")
+        .body(StreamBody::new(futures::stream::iter(chunks)))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(server.store.is_empty());
+}
+
+#[tokio::test]
+async fn rejects_malformed_reviews_with_400_and_stores_nothing() {
+    let server = Server::start(|_| {}).await;
+    let request = webhook_support::corpus(CREATE)["request"].clone();
+    for body in [
+        b"{not json".to_vec(),
+        b"".to_vec(),
+        json!({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview", "request": request})
+            .to_string()
+            .into_bytes(),
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "Pod", "request": request})
+            .to_string()
+            .into_bytes(),
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"})
+            .to_string()
+            .into_bytes(),
+    ] {
+        let (status, answer) = post(server.addr(), &server.pki.ca_pem, body.clone()).await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(!answer.is_empty(), "a 400 says why");
+    }
+    assert!(server.store.is_empty());
+    assert_eq!(server.store.metrics().requests_with("malformed"), 5);
+}
+
+#[tokio::test]
+async fn answers_other_paths_with_404_and_other_methods_with_405() {
+    let server = Server::start(|_| {}).await;
+    let (status, _) = request(
+        server.addr(),
+        &server.pki.ca_pem,
+        "POST",
+        "/validate",
+        review_body(CREATE),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = request(
+        server.addr(),
+        &server.pki.ca_pem,
+        "GET",
+        webhook::PATH,
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(server.store.is_empty());
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_gets_408_and_stores_nothing() {
+    let server = Server::start(|c| c.body_read_timeout = Duration::from_millis(200)).await;
+    let mut tls = tls_connect(server.addr(), &server.pki.ca_pem, &[b"http/1.1"]).await;
+    let body = review_body(CREATE);
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n",
+        webhook::PATH,
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(&body[..body.len() / 2]).await.unwrap();
+    tls.flush().await.unwrap();
+    let answer = read_to_close(&mut tls).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(server.store.is_empty());
+    assert_eq!(server.store.metrics().requests_with("timeout"), 1);
+}
+
+#[tokio::test]
+async fn headers_that_stall_close_the_connection() {
+    let server = Server::start(|c| c.header_read_timeout = Duration::from_millis(200)).await;
+    let mut tls = tls_connect(server.addr(), &server.pki.ca_pem, &[b"http/1.1"]).await;
+    tls.write_all(b"POST /process-validating-webhook HTTP/1.1\r\nHost: 127")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    let answer = read_to_close(&mut tls).await;
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(server.store.is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_never_handshakes_is_disconnected() {
+    let server = Server::start(|c| c.handshake_timeout = Duration::from_millis(200)).await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    assert!(read_to_close(&mut tcp).await.is_empty());
+    // The server still serves others.
+    let (status, _) = post(server.addr(), &server.pki.ca_pem, review_body(CREATE)).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn new_handshakes_see_a_rotated_certificate() {
+    let mut server = Server::start(|_| {}).await;
+    let first = server.pki.leaf_der.clone();
+    let old_conn = tls_connect(server.addr(), &server.pki.ca_pem, &[b"http/1.1"]).await;
+    assert_eq!(peer_leaf(&old_conn), first);
+
+    server.pki.issue("second");
+    let second = server.pki.leaf_der.clone();
+    assert_ne!(first, second);
+    let conn = tls_connect(server.addr(), &server.pki.ca_pem, &[b"http/1.1"]).await;
+    assert_eq!(peer_leaf(&conn), second);
+    let (status, _) = post(server.addr(), &server.pki.ca_pem, review_body(CREATE)).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Half a rotation (a new certificate next to the old key) is not served: the last good
+    // pair stays until the key arrives too.
+    let (cert_pem, key_pem, third) = server.pki.leaf("third");
+    std::fs::write(server.pki.cert_file(), &cert_pem).unwrap();
+    let conn = tls_connect(server.addr(), &server.pki.ca_pem, &[b"http/1.1"]).await;
+    assert_eq!(peer_leaf(&conn), second);
+    std::fs::write(server.pki.key_file(), &key_pem).unwrap();
+    let conn = tls_connect(server.addr(), &server.pki.ca_pem, &[b"http/1.1"]).await;
+    assert_eq!(peer_leaf(&conn), third);
+    drop(old_conn);
+}
+
+#[tokio::test]
+async fn refuses_to_start_without_a_loadable_certificate() {
+    let pki = webhook_support::Pki::new();
+    std::fs::write(pki.key_file(), "not a key").unwrap();
+    let store = reverser_agent::webhook::FactStore::new(
+        Default::default(),
+        reverser_agent::webhook::AttributionMetrics::new().unwrap(),
+    );
+    let config = webhook::WebhookConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        pki.cert_file(),
+        pki.key_file(),
+    );
+    let error = webhook::spawn(config, store).await.unwrap_err();
+    assert!(error.to_string().contains("tls.key"), "{error}");
+}
+
+#[tokio::test]
+async fn shutdown_stops_serving() {
+    let server = Server::start(|_| {}).await;
+    let addr = server.addr();
+    server.handle.shutdown().await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn answers_many_reviews_on_one_reused_connection() {
+    // The API server reuses connections: several reviews on one HTTP/1.1 connection.
+    let server = Server::start(|_| {}).await;
+    let tls = tls_connect(server.addr(), &server.pki.ca_pem, &[b"http/1.1"]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..5 {
+        let req = http::Request::post(webhook::PATH)
+            .header(http::header::HOST, "127.0.0.1")
+            .body(Full::new(Bytes::from(review_body(CREATE))))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let review: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(review["response"]["allowed"], true);
+    }
+    assert_eq!(server.store.len(), 5);
+}
