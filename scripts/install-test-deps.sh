@@ -11,6 +11,8 @@ command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need_apt+=(openssh-s
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v git >/dev/null 2>&1 || need_apt+=(git)
 command -v kubectl >/dev/null 2>&1 || need_apt+=(kubernetes-client)
+command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-test-deps: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -33,7 +35,19 @@ if [ ! -x "$TOOLS/bin/grpcurl" ]; then
   rm -rf "$tmp"
 fi
 
-for tool in sshd promtool kubectl git python3; do
+# Chart tests (tests/chart): helm-sdkpy needs Python >= 3.12 (pyenv provides it here), kept in a venv under .tools.
+if [ ! -x "$TOOLS/chart-venv/bin/python" ]; then
+  py=""
+  for candidate in python3.13 python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python3; do
+    if "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then py="$candidate"; break; fi
+  done
+  [ -n "$py" ] || { echo "install-test-deps: no Python >= 3.12 for the chart tests (helm-sdkpy)" >&2; exit 1; }
+  "$py" -m venv "$TOOLS/chart-venv"
+fi
+"$TOOLS/chart-venv/bin/python" -c 'import helm_sdkpy, kubernetes_validate, pytest, yaml' 2>/dev/null \
+  || "$TOOLS/chart-venv/bin/python" -m pip install -q -r tests/chart/requirements.txt
+
+for tool in sshd promtool kubectl git python3 docker-compose openssl; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool after install" >&2; exit 1; }
 done
 "$TOOLS/bin/grpcurl" -version >/dev/null 2>&1

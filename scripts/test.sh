@@ -16,3 +16,6 @@ if command -v cargo-nextest >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+echo "== chart tests (tests/chart: helm lint/install against the kube-emulator, docker-compose config)"
+cargo build --workspace --bins --locked -q
+.tools/chart-venv/bin/python -m pytest -q tests/chart
