@@ -170,6 +170,7 @@ impl Backlog {
             }
         }
         self.connection = Some(connection);
+        self.drop_superseded();
         let mut resend: Vec<(u64, String, u64)> = self
             .destinations
             .iter()
@@ -180,6 +181,36 @@ impl Backlog {
             .into_iter()
             .filter_map(|(_, key, sequence)| self.enqueue(&key, sequence))
             .collect()
+    }
+
+    /// Before a re-send, keeps only the newest unacked upsert/delete per path between two snapshot markers.
+    /// Why: the older ones may already be pushed (only their acks were lost); re-sending them would make the
+    /// writer commit the old content again before the new one (a visible rollback in the history). Within one
+    /// segment the newest message carries everything the writer needs, including snapshot membership; the
+    /// dropped sequence numbers simply become gaps, which the protocol allows.
+    fn drop_superseded(&mut self) {
+        for destination in self.destinations.values_mut() {
+            let mut newer_paths: std::collections::HashSet<String> =
+                std::collections::HashSet::new();
+            let before = destination.pending.len();
+            let mut keep = vec![true; before];
+            for (index, pending) in destination.pending.iter().enumerate().rev() {
+                match &pending.event {
+                    AgentEvent::Upsert { path, .. } | AgentEvent::Delete { path, .. } => {
+                        if !newer_paths.insert(path.clone()) {
+                            keep[index] = false;
+                        }
+                    }
+                    AgentEvent::SnapshotBegin { .. } | AgentEvent::SnapshotEnd { .. } => {
+                        newer_paths.clear()
+                    }
+                    AgentEvent::Destination(_) => {}
+                }
+            }
+            let mut flags = keep.into_iter();
+            destination.pending.retain(|_| flags.next().unwrap_or(true));
+            self.unacked -= before - destination.pending.len();
+        }
     }
 
     /// The connection is gone: what was queued but not sent stays unacked for the next one.
@@ -470,6 +501,34 @@ mod tests {
 
     fn now() -> SystemTime {
         SystemTime::now()
+    }
+
+    #[test]
+    fn a_re_send_keeps_only_the_newest_change_per_path_within_a_snapshot_segment() {
+        let mut backlog = Backlog::with_first_wire_epoch(1);
+        backlog.accept(decl("a/x", "x"), now());
+        backlog.begin_connection();
+        backlog.accept(upsert("a/x", "1"), now()); // 1: superseded by 3 (same segment)
+        backlog.accept(upsert("a/x", "2"), now()); // 2
+        backlog.accept(upsert("a/x", "1"), now()); // 3
+        backlog.accept(begin("a/x", 7), now()); // 4
+        backlog.accept(upsert("a/x", "1"), now()); // 5: other segment, kept
+        backlog.accept(end("a/x", 7), now()); // 6
+        drain(&mut backlog);
+        backlog.end_connection();
+        // All acks were lost: the reconnect re-sends, without the superseded sequence 1.
+        backlog.begin_connection();
+        let resent: Vec<u64> = drain(&mut backlog)
+            .into_iter()
+            .filter(|(k, ..)| *k != "destination")
+            .map(|(_, _, s, _)| s)
+            .collect();
+        assert_eq!(resent, vec![2, 3, 4, 5, 6]);
+        assert_eq!(
+            backlog.ack("a/x", 6),
+            5,
+            "the dropped message no longer counts as unacked"
+        );
     }
 
     #[test]
