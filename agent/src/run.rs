@@ -9,6 +9,8 @@
 //!                    │      └──── WriterView (watch): statuses, rejects, connection ◀──┘          │
 //!                    └────────────────────────────────────────────────────────────────────────┘
 //! admin: /metrics (counters folded across terms), /healthz, /readyz
+//! webhook (--webhook-addr, once per process) ──facts──▶ FactStore (kept across terms) ──▶ ingestion
+//!   (authors); with --webhook-manage-configuration the leader applies the webhook configuration
 //! ```
 //!
 //! Metrics, all prefixed `gitops_reverser_agent_` (`promtool check metrics` accepts them, tested):
@@ -57,6 +59,7 @@ use crate::leader::{self, LeaderConfig};
 use crate::stream::{
     AgentIdentity, Feedback, StreamClient, StreamConfig, StreamStats, TlsSettings,
 };
+use crate::webhook::{self, AttributionMetrics, FactStore, registration::Registration};
 
 /// Label the leader puts on its own Pod (removed when it steps down).
 pub const LEADER_LABEL: &str = "configbutler.ai/leader";
@@ -151,6 +154,9 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "AGENT_LOG_FORMAT", value_enum, default_value_t = telemetry::LogFormat::Plain)]
     pub log_format: telemetry::LogFormat,
+    /// The attribution webhook (who made a change).
+    #[command(flatten)]
+    pub webhook: webhook::WebhookArgs,
 }
 
 /// `300` (seconds), `500ms`, `90s`, `5m`, `1h`.
@@ -214,6 +220,7 @@ impl Args {
             admin_addr,
             log_level: _,
             log_format: _,
+            webhook,
         } = self;
         if leader_election && leader_election_renew_sec >= leader_election_lease_sec {
             bail!("--leader-election-renew-sec must be less than --leader-election-lease-sec");
@@ -236,6 +243,10 @@ impl Args {
             }),
             None => None,
         };
+        let (webhook_server, facts_config) = webhook.configs()?;
+        let registration = webhook
+            .registration(&controller_name, &controller_namespace)
+            .context("--webhook-manage-configuration")?;
         let instance_id = instance_id
             .or_else(|| std::env::var("POD_NAME").ok().filter(|s| !s.is_empty()))
             .unwrap_or_else(hostname);
@@ -243,6 +254,20 @@ impl Args {
 
         let mut shutdown = Box::pin(shutdown);
         let metrics = Metrics::new()?;
+        // Attribution: one store per process, kept across leader terms. Every replica serves
+        // the webhook; the chart's Service sends admission requests to the leader only.
+        let (attribution, webhook_handle) = match webhook_server {
+            Some(server_config) => {
+                let attribution_metrics = AttributionMetrics::new()?;
+                attribution_metrics.register(&metrics.registry)?;
+                let store = FactStore::new(facts_config, attribution_metrics);
+                let handle = webhook::spawn(server_config, store.clone())
+                    .await
+                    .context("starting the attribution webhook")?;
+                (Some(store), Some(handle))
+            }
+            None => (None, None),
+        };
         let readiness = admin::Readiness::default();
         let (admin_stop, admin_stop_rx) = oneshot::channel::<()>();
         let (bound, admin_task) = admin::serve(
@@ -286,6 +311,7 @@ impl Args {
                 keep_controller_owned,
                 keep_kube_root_ca,
             },
+            attribution,
             ..IngestConfig::default()
         };
         let parts = Arc::new(Parts {
@@ -293,6 +319,7 @@ impl Args {
             stream: stream_config,
             ingest: ingest_config,
             metrics: metrics.clone(),
+            registration,
         });
         let pump = tokio::spawn(metrics.clone().pump(readiness.clone()));
 
@@ -343,6 +370,9 @@ impl Args {
             election.abort();
         }
         pump.abort();
+        if let Some(handle) = webhook_handle {
+            handle.shutdown().await;
+        }
         let _ = admin_stop.send(());
         let _ = admin_task.await;
         info!("agent stopped");
@@ -356,7 +386,60 @@ struct Parts {
     stream: StreamConfig,
     ingest: IngestConfig,
     metrics: Metrics,
+    /// The webhook configuration to keep in sync with the watched types while leading.
+    registration: Option<Registration>,
 }
+
+/// While leading: server-side applies the `ValidatingWebhookConfiguration` whenever the set of
+/// watched types changes (and once at the start of each term), so the API server calls the
+/// webhook for exactly the types a watch can attribute.
+async fn sync_webhook_configuration(
+    client: kube::Client,
+    registration: Registration,
+    live: Arc<Live>,
+) {
+    use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+    let api: Api<ValidatingWebhookConfiguration> = Api::all(client);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let mut applied: Option<std::collections::BTreeSet<crate::rules::ResourceKey>> = None;
+    let mut backoff =
+        ingest::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let mut delay = Duration::from_secs(1);
+    loop {
+        tokio::time::sleep(delay).await;
+        delay = Duration::from_secs(1);
+        // Before the controller published its first selection, ingestion plans nothing: do
+        // not narrow a configuration a former leader left right to nothing.
+        if !*live.synced.borrow() {
+            continue;
+        }
+        let Some(types) = live.watched_types() else {
+            continue;
+        };
+        if applied.as_ref() == Some(&types) {
+            continue;
+        }
+        let configuration =
+            webhook::registration::validating_webhook_configuration(&registration, &types);
+        match api
+            .patch(&registration.name, &params, &Patch::Apply(&configuration))
+            .await
+        {
+            Ok(_) => {
+                info!(name = %registration.name, types = types.len(), "webhook configuration applied");
+                applied = Some(types);
+                backoff.reset();
+            }
+            Err(error) => {
+                delay = backoff.next_delay();
+                warn!(name = %registration.name, %error, retry_in = ?delay, "applying the webhook configuration failed");
+            }
+        }
+    }
+}
+
+/// Field manager of what the agent applies.
+const FIELD_MANAGER: &str = "gitops-reverser";
 
 /// Watches CustomResourceDefinitions and asks ingestion to re-run discovery when one is added, changed or
 /// deleted, so a new CRD's objects are mirrored without waiting for `--discovery-refresh`.
@@ -398,6 +481,8 @@ struct Session {
     forwarder: JoinHandle<()>,
     /// Refreshes discovery as soon as a CRD appears, changes or goes (instead of waiting for the timer).
     crd_watch: JoinHandle<()>,
+    /// Keeps the webhook configuration listing the watched types (`--webhook-manage-configuration`).
+    webhook_sync: Option<JoinHandle<()>>,
     feedback: JoinHandle<()>,
     stream: JoinHandle<()>,
     stop_stream: oneshot::Sender<()>,
@@ -441,6 +526,15 @@ impl Live {
         t.resolutions += load(&self.controller.resolutions);
         t.feedback_dropped += self.stream.feedback_dropped();
         t
+    }
+
+    /// The types ingestion watches now (`None` before its first plan).
+    fn watched_types(&self) -> Option<std::collections::BTreeSet<crate::rules::ResourceKey>> {
+        self.ingest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(IngestHandle::watched_types)
     }
 
     /// Replaces ingestion: a new instance relists every scope, opening fresh snapshot epochs.
@@ -501,6 +595,13 @@ impl Session {
             parts.client.clone(),
             Arc::clone(&live),
         ));
+        let webhook_sync = parts.registration.clone().map(|registration| {
+            tokio::spawn(sync_webhook_configuration(
+                parts.client.clone(),
+                registration,
+                Arc::clone(&live),
+            ))
+        });
 
         // Counts what ingestion produces; both channels are bounded, so backpressure from the
         // stream still reaches the watches.
@@ -572,6 +673,7 @@ impl Session {
             controller,
             forwarder,
             crd_watch,
+            webhook_sync,
             feedback,
             stream,
             stop_stream,
@@ -587,6 +689,7 @@ impl Session {
             controller,
             forwarder,
             crd_watch,
+            webhook_sync,
             feedback,
             mut stream,
             stop_stream,
@@ -595,6 +698,9 @@ impl Session {
         } = self;
         drop(controller);
         crd_watch.abort();
+        if let Some(sync) = webhook_sync {
+            sync.abort();
+        }
         feedback.abort();
         live.ingest.lock().unwrap_or_else(|p| p.into_inner()).take();
         let _ = stop_stream.send(());
@@ -612,6 +718,9 @@ impl Session {
     fn abort(self) {
         self.stream.abort();
         self.crd_watch.abort();
+        if let Some(sync) = &self.webhook_sync {
+            sync.abort();
+        }
         self.forwarder.abort();
         self.feedback.abort();
         self.live

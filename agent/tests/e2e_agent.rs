@@ -8,6 +8,9 @@
 //!   └──────────────── asserts on files, commits, conditions, Lease, Pod labels ◀─────────────────────────┘
 //! ```
 //!
+//! With `--webhook-addr` the agent also serves the attribution webhook, which the emulator calls
+//! (over TLS, trusting the registered `caBundle`) for writes made by impersonated users.
+//!
 //! Every wait has a generous upper bound only to turn a hang into a failure; no test asserts on
 //! how long something took.
 
@@ -25,6 +28,8 @@ use kube::discovery::ApiResource;
 use kube_emulator::Emulator;
 use testkit::BareRepo;
 use tokio::process::{Child, Command};
+
+mod webhook_support;
 
 const PATIENCE: Duration = Duration::from_secs(90);
 const BRANCH: &str = "main";
@@ -1270,6 +1275,178 @@ spec: {size: 3}
             "size: 3",
         )
         .await;
+    agent.terminate().await;
+    world.stop().await;
+}
+
+/// `git log --format=%an` of one file, newest first (the git CLI, as a user would check).
+fn authors_of(repo: &BareRepo, path: &str) -> Vec<String> {
+    let out = std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(repo.path())
+        .args(["log", "--format=%an", BRANCH, "--", path])
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A client acting as `user` (the `Impersonate-User` header), in namespace `shop`.
+fn as_user(emu: &Emulator, user: &str) -> Api<ConfigMap> {
+    let mut config = kube::Config::new(emu.url().parse().unwrap());
+    config.default_namespace = "shop".into();
+    config.auth_info.impersonate = Some(user.to_owned());
+    config.auth_info.impersonate_groups = Some(vec!["devs".to_owned()]);
+    Api::namespaced(kube::Client::try_from(config).unwrap(), "shop")
+}
+
+fn configmap(name: &str, owner: &str) -> ConfigMap {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": "shop"},
+        "data": {"owner": owner}
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_authored_by_the_users_the_webhook_saw_and_by_the_bot_without_it() {
+    use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+    use kube::api::PostParams;
+
+    let world = World::start().await;
+    let admin = world.emu.client().await;
+    // Narrow the selection to ConfigMaps of `shop`, so the watched set is known exactly.
+    world
+        .emu
+        .apply_yaml(
+            "
+apiVersion: configbutler.ai/v1alpha1
+kind: WatchRule
+metadata: {name: shop, namespace: shop}
+spec:
+  destinationRef: {name: prod, namespace: gitops-reverser}
+  rules: [{apiGroups: [''], resources: [configmaps]}]
+",
+        )
+        .await
+        .unwrap();
+    let cluster_rules = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("configbutler.ai", "v1alpha1", "ClusterWatchRule"),
+        "clusterwatchrules",
+    );
+    Api::<DynamicObject>::all_with(admin.clone(), &cluster_rules)
+        .delete("rbac", &DeleteParams::default())
+        .await
+        .unwrap();
+
+    let pki = webhook_support::Pki::new();
+    let ca_file = pki.dir.path().join("ca.crt");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = world.agent(
+        &[
+            "--controller-namespace",
+            "gitops-reverser",
+            "--webhook-addr",
+            &addr,
+            "--webhook-cert",
+            pki.cert_file().to_str().unwrap(),
+            "--webhook-key",
+            pki.key_file().to_str().unwrap(),
+            "--webhook-manage-configuration",
+            "--webhook-ca-bundle",
+            ca_file.to_str().unwrap(),
+            "--webhook-url",
+            &format!("https://{addr}"),
+        ],
+        &[],
+    );
+
+    // The leader registers the webhook for exactly the watched types, never for its own namespace.
+    let configurations: Api<ValidatingWebhookConfiguration> = Api::all(admin.clone());
+    let expected_rules = serde_json::json!([{
+        "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE", "DELETE"],
+        "resources": ["configmaps"], "scope": "*"
+    }]);
+    let hook = wait_async("the agent's webhook configuration", || async {
+        let vwc = configurations.get_opt("gitops-reverser").await.ok()??;
+        let hook = serde_json::to_value(&vwc.webhooks?[0]).ok()?;
+        (hook["rules"] == expected_rules).then_some(hook)
+    })
+    .await;
+    assert_eq!(hook["sideEffects"], "None");
+    assert_eq!(hook["failurePolicy"], "Ignore");
+    assert_eq!(hook["matchPolicy"], "Equivalent");
+    assert_eq!(
+        hook["clientConfig"]["url"],
+        format!("https://{addr}/process-validating-webhook")
+    );
+    assert_eq!(
+        hook["namespaceSelector"]["matchExpressions"][0]["values"],
+        serde_json::json!(["gitops-reverser"])
+    );
+    world.wait_for_file(CONFIGMAP_APP, "blue").await;
+    agent.settle().await;
+
+    let path = "clusters/prod/core/v1/configmaps/shop/team.yaml";
+    let alice = as_user(&world.emu, "alice");
+    alice
+        .create(&PostParams::default(), &configmap("team", "alice-1"))
+        .await
+        .unwrap();
+    world.wait_for_file(path, "alice-1").await;
+    alice
+        .patch(
+            "team",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"data": {"owner": "alice-2"}})),
+        )
+        .await
+        .unwrap();
+    world.wait_for_file(path, "alice-2").await;
+    as_user(&world.emu, "bob")
+        .delete("team", &DeleteParams::default())
+        .await
+        .unwrap();
+    world.wait_until_gone(path).await;
+    assert_eq!(authors_of(&world.repo, path), ["bob", "alice", "alice"]);
+
+    // Without the webhook (its configuration removed) changes still land, as the bot's.
+    configurations
+        .delete("gitops-reverser", &DeleteParams::default())
+        .await
+        .unwrap();
+    let late = "clusters/prod/core/v1/configmaps/shop/late.yaml";
+    alice
+        .create(&PostParams::default(), &configmap("late", "nobody-knows"))
+        .await
+        .unwrap();
+    world.wait_for_file(late, "nobody-knows").await;
+    assert_eq!(authors_of(&world.repo, late), ["GitOps Reverser"]);
+
+    agent.settle().await;
+    let text = agent.metrics().await.expect("metrics");
+    assert_eq!(
+        metric(&text, "gitops_reverser_agent_attribution_matches_total"),
+        3.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "gitops_reverser_agent_webhook_requests_total{outcome=\"recorded\"}"
+        ) >= 3.0
+    );
     agent.terminate().await;
     world.stop().await;
 }

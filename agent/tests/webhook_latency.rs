@@ -10,7 +10,7 @@
 //! Each run reports the round trip the API server waits for (p50/p90/p99/max) in two client
 //! modes — one reused HTTP/2 connection (what kube-apiserver does) and a fresh TLS connection
 //! per request (the worst case, what the kube-emulator does) — for a small review (the corpus
-//! ConfigMap update, 3 KiB) and a large one (64 KiB of data, twice). A bare TLS server that
+//! ConfigMap update, 1.7 KiB) and a large one (64 KiB of data, twice). A bare TLS server that
 //! answers the same bytes without parsing anything gives the baseline; the difference is the
 //! webhook's own work (parse, sanitize, render, hash, record).
 
@@ -192,7 +192,7 @@ async fn webhook_added_latency_at_200_requests_per_second() {
         "{:<10} {:<22} {:<8} {:>7} {:>7} {:>7} {:>7}",
         "payload", "client", "server", "p50", "p90", "p99", "max"
     );
-    for (payload, data_bytes) in [("3 KiB", 0usize), ("130 KiB", 64 * 1024)] {
+    for (payload, data_bytes) in [("1.7 KiB", 0usize), ("130 KiB", 64 * 1024)] {
         for mode in [Mode::Http2Reused, Mode::FreshTlsPerRequest] {
             for (name, addr) in [("bare", bare), ("webhook", server.addr())] {
                 let rtts = run(addr, &ca, mode, data_bytes, secs).await;
@@ -221,7 +221,7 @@ async fn webhook_added_latency_at_200_requests_per_second() {
 #[test]
 #[ignore = "benchmark: prints the handler's own cost; run with --ignored --nocapture"]
 fn handler_cost_per_review() {
-    for (payload, data_bytes) in [("3 KiB", 0usize), ("130 KiB", 64 * 1024)] {
+    for (payload, data_bytes) in [("1.7 KiB", 0usize), ("130 KiB", 64 * 1024)] {
         let body = review("cm-x", data_bytes);
         let rounds = 200;
         let started = Instant::now();

@@ -329,3 +329,74 @@ async fn answers_many_reviews_on_one_reused_connection() {
     }
     assert_eq!(server.store.len(), 5);
 }
+
+#[tokio::test]
+async fn records_a_review_larger_than_the_inline_threshold() {
+    // Reviews over 64 KiB are handled on the blocking pool; the answer is the same.
+    let server = Server::start(|_| {}).await;
+    let mut request = webhook_support::corpus(CREATE)["request"].clone();
+    request["object"]["data"]["blob"] = json!("x".repeat(200 * 1024));
+    let (status, body) = post(
+        server.addr(),
+        &server.pki.ca_pem,
+        webhook_support::review_of(request),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let review: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(review["response"]["allowed"], true);
+    assert_eq!(server.store.len(), 1);
+}
+
+#[tokio::test]
+async fn exports_metrics_promtool_accepts() {
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "/usr/bin/promtool".into());
+    assert!(
+        std::path::Path::new(&promtool).exists(),
+        "promtool is required for this test (expected at {promtool}; scripts/install-test-deps.sh installs it)"
+    );
+    let server = Server::start(|_| {}).await;
+    let registry =
+        prometheus::Registry::new_custom(Some("gitops_reverser_agent".into()), None).unwrap();
+    server.store.metrics().register(&registry).unwrap();
+    post(server.addr(), &server.pki.ca_pem, review_body(CREATE)).await;
+    post(server.addr(), &server.pki.ca_pem, b"nope".to_vec()).await;
+    let mut text = Vec::new();
+    prometheus::Encoder::encode(
+        &prometheus::TextEncoder::new(),
+        &registry.gather(),
+        &mut text,
+    )
+    .unwrap();
+    let text = String::from_utf8(text).unwrap();
+    assert!(
+        text.contains("gitops_reverser_agent_webhook_requests_total{outcome=\"recorded\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("gitops_reverser_agent_attribution_facts_total 1"),
+        "{text}"
+    );
+
+    let mut child = tokio::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .await
+        .unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -146,16 +146,14 @@ def test_every_rendered_flag_parses_with_the_real_binary(custom, defaults, tmp_p
             assert out.returncode == 0, f"reverser-{component} refused {args}: {out.stderr}"
 
 
-def test_webhook_flags_are_real_or_declared_by_the_agent_code(render, tmp_path):
-    """With the webhook on, the agent gets --webhook-*: accepted by the binary once it flattens WebhookArgs, and
-    until then at least declared by agent/src/webhook/mod.rs (the chart README marks them pending)."""
+def test_webhook_flags_are_accepted_by_the_agent(render, tmp_path):
+    """With the webhook on and the agent managing its configuration, the agent gets every --webhook-* flag the chart
+    sets, and the binary accepts them (all declared by WebhookArgs in agent/src/webhook/mod.rs)."""
     r = render({"agent": {"webhook": {"enabled": True, "createConfiguration": False}}})
     webhook_args = [a for a in r.args("agent") if a.startswith("--webhook-")]
-    assert len(webhook_args) == 3
-    if "--webhook-addr" in binary_flags("agent"):
-        out = subprocess.run(
-            [str(require_binary("reverser-agent")), *r.args("agent"), "--help"], capture_output=True, text=True
-        )
-        assert out.returncode == 0, out.stderr
-    else:
-        assert {a.split("=", 1)[0] for a in webhook_args} <= declared_webhook_flags()
+    assert len(webhook_args) == 6
+    assert {a.split("=", 1)[0] for a in webhook_args} <= declared_webhook_flags() <= binary_flags("agent")
+    out = subprocess.run(
+        [str(require_binary("reverser-agent")), *r.args("agent"), "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr

@@ -119,7 +119,10 @@ def test_plaintext_when_tls_is_off(render):
     assert r.flag("writer", "--tls-cert") == []
     assert r.flag("agent", "--writer-url")[0].startswith("http://")
     assert r.flag("agent", "--writer-ca") == []
-    assert not [s for s in r.all("Secret") if s["metadata"]["name"].endswith("-tls")]
+    # The API server calls webhooks over HTTPS only: the webhook keeps its certificate (and the CA that signs it).
+    assert {s["metadata"]["name"] for s in r.all("Secret")} == {f"{r.fullname}-ca", f"{r.fullname}-webhook-tls"}
+    r = render({"tls": {"enabled": False}, "agent": {"webhook": {"enabled": False}}})
+    assert not r.all("Secret")
 
 
 def test_tls_without_client_certificates(render):
@@ -129,8 +132,18 @@ def test_tls_without_client_certificates(render):
     assert r.flag("agent", "--writer-cert") == []
 
 
-def test_services_metrics_and_no_webhook_by_default(render):
+def test_services_metrics_and_the_webhook_by_default(render, emulator):
     r = render()
+    try:
+        assert r.all("ValidatingWebhookConfiguration")
+        assert r.has("Service", f"{r.fullname}-webhook")
+        assert "webhook" in {p["name"] for p in r.container("agent")["ports"]}
+        # The chart owns the configuration: the agent does not manage it.
+        assert "--webhook-manage-configuration" not in r.args("agent")
+    finally:
+        emulator.request(
+            "DELETE", f"/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/{r.fullname}"
+        )
     grpc = r.get("Service", f"{r.fullname}-writer")
     assert grpc["spec"]["ports"][0]["port"] == 9443
     assert grpc["spec"]["ports"][0]["targetPort"] == "grpc"
@@ -139,9 +152,14 @@ def test_services_metrics_and_no_webhook_by_default(render):
         svc = r.get("Service", f"{r.fullname}-{component}-metrics")
         assert svc["spec"]["ports"][0]["targetPort"] == "admin"
         assert svc["spec"]["selector"]["app.kubernetes.io/component"] == component
+
+
+def test_the_webhook_can_be_turned_off(render):
+    r = render({"agent": {"webhook": {"enabled": False}}})
     assert not r.all("ValidatingWebhookConfiguration")
     assert not r.has("Service", f"{r.fullname}-webhook")
     assert "webhook" not in {p["name"] for p in r.container("agent")["ports"]}
+    assert not [a for a in r.args("agent") if a.startswith("--webhook-")]
 
 
 def test_webhook_ignores_failures_and_routes_to_the_leader_only(render, emulator):
@@ -152,7 +170,7 @@ def test_webhook_ignores_failures_and_routes_to_the_leader_only(render, emulator
         assert hook["failurePolicy"] == "Ignore"
         assert hook["sideEffects"] == "None"
         assert hook["matchPolicy"] == "Equivalent"
-        assert hook["timeoutSeconds"] <= 5
+        assert hook["timeoutSeconds"] == 3  # as the agent's own registration
         assert hook["admissionReviewVersions"] == ["v1"]
         assert hook["clientConfig"]["service"] == {
             "name": f"{r.fullname}-webhook",
@@ -163,7 +181,7 @@ def test_webhook_ignores_failures_and_routes_to_the_leader_only(render, emulator
         [expr] = hook["namespaceSelector"]["matchExpressions"]
         assert expr["key"] == "kubernetes.io/metadata.name"
         assert expr["operator"] == "NotIn"
-        assert r.namespace in expr["values"] and "kube-system" in expr["values"]
+        assert set(expr["values"]) == {r.namespace, "kube-system", "kube-node-lease"}
         ca = r.get("Secret", f"{r.fullname}-ca")
         assert hook["clientConfig"]["caBundle"] == ca["data"]["tls.crt"]
         assert r.get("Secret", f"{r.fullname}-webhook-tls")["data"]["ca.crt"] == ca["data"]["tls.crt"]
@@ -198,6 +216,11 @@ def test_agent_can_register_the_webhook_configuration_itself(render):
     assert verbs_for(role, "admissionregistration.k8s.io", "validatingwebhookconfigurations") == {
         "create", "get", "update", "patch"
     }
+    # The leader applies the configuration named --controller-name (FULLNAME, as RBAC's resourceNames).
+    assert r.flag("agent", "--controller-name") == [r.fullname]
+    assert "--webhook-manage-configuration" in r.args("agent")
+    assert r.flag("agent", "--webhook-ca-bundle") == ["/etc/reverser/webhook-tls/ca.crt"]
+    assert r.flag("agent", "--webhook-service") == [f"{r.namespace}/{r.fullname}-webhook"]
 
 
 def test_agent_rbac_follows_the_seed(render):
@@ -325,7 +348,16 @@ def test_agent_only_install_with_an_external_writer(render):
     assert r.flag("agent", "--writer-tls-domain") == ["writer.example.com"]
     assert r.flag("agent", "--writer-cert") == ["/etc/reverser/tls/tls.crt"]
     assert volumes_by_name(r.deployment("agent"))["writer-tls"]["secret"]["secretName"] == "ext-writer-tls"
-    assert not r.all("Secret"), "no chart-generated certificates when the agent brings its own"
+    # Only the webhook's own certificate (and its CA) is generated when the agent brings its writer certificate.
+    assert {s["metadata"]["name"] for s in r.all("Secret")} == {f"{r.fullname}-ca", f"{r.fullname}-webhook-tls"}
+    external = {
+        "writer": {"enabled": False},
+        "agent": {
+            "writer": {"url": "https://writer.example.com:443", "existingTlsSecret": "ext-writer-tls"},
+            "webhook": {"enabled": False},
+        },
+    }
+    assert not render(external).all("Secret"), "no chart-generated certificates when the agent brings its own"
 
 
 def test_writer_only_install(render):

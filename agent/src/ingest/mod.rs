@@ -32,7 +32,7 @@ pub mod resolve;
 pub mod selection;
 pub mod watch;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,7 +52,8 @@ pub use watch::{InitialList, WatchIndex, WatchStatus};
 // `ResourceCounters` and `ResourceTotals` are defined below.
 
 use crate::events::{AgentEvent, DestinationDecl};
-use crate::rules::SelectionOptions;
+use crate::rules::{ResourceKey, SelectionOptions};
+use crate::webhook::FactStore;
 use backoff::Backoff;
 
 /// Ingestion settings (flags).
@@ -71,6 +72,8 @@ pub struct IngestConfig {
     pub watch_backoff: (Duration, Duration),
     /// Discovery failure backoff bounds.
     pub discovery_backoff: (Duration, Duration),
+    /// Admission facts to name the author of each change (`None`: every change is the bot's).
+    pub attribution: Option<FactStore>,
 }
 
 impl Default for IngestConfig {
@@ -83,6 +86,7 @@ impl Default for IngestConfig {
             initial_list: InitialList::default(),
             watch_backoff: (Duration::from_millis(500), Duration::from_secs(30)),
             discovery_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+            attribution: None,
         }
     }
 }
@@ -163,6 +167,8 @@ pub(crate) struct Shared {
     pub(crate) epochs: AtomicU64,
     pub(crate) metrics: Arc<IngestMetrics>,
     status: Mutex<BTreeMap<WatchKey, WatchStatus>>,
+    /// The types with a running watch; `None` until the first reconcile.
+    watched_types: Mutex<Option<BTreeSet<ResourceKey>>>,
 }
 
 impl Shared {
@@ -206,6 +212,15 @@ impl IngestHandle {
             .clone()
     }
 
+    /// The types watched now (any scope); `None` until ingestion planned its first watches.
+    pub fn watched_types(&self) -> Option<BTreeSet<ResourceKey>> {
+        self.shared
+            .watched_types
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Stops discovery and every watch.
     pub async fn shutdown(mut self) {
         self.task.abort();
@@ -234,6 +249,7 @@ pub fn spawn(
         epochs: AtomicU64::new(0),
         metrics: Arc::new(IngestMetrics::default()),
         status: Mutex::new(BTreeMap::new()),
+        watched_types: Mutex::new(None),
     });
     let refresh = Arc::new(Notify::new());
     let task = tokio::spawn(supervise(
@@ -417,5 +433,14 @@ async fn reconcile(
         .metrics
         .active_watches
         .store(state.running.len() as u64, Ordering::Relaxed);
+    let types: BTreeSet<ResourceKey> = state
+        .running
+        .values()
+        .map(|r| r.plan.resource.key.clone())
+        .collect();
+    *shared
+        .watched_types
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(types);
     Ok(())
 }

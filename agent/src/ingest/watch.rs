@@ -42,6 +42,7 @@ use crate::canonical;
 use crate::events::{AgentEvent, ObjectRef};
 use crate::paths;
 use crate::rules::{Operation, SelectionOptions, labels_of};
+use crate::webhook::{FactStore, ObjectKey};
 
 /// How the initial list is fetched.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -88,6 +89,8 @@ pub struct WatchIndex {
     /// (route index, path) → hash of what that destination holds.
     hashes: HashMap<(usize, String), Hash>,
     epoch: Option<Epoch>,
+    /// Admission facts naming the authors of changes.
+    attribution: Option<FactStore>,
 }
 
 /// An object as the index sees it.
@@ -105,7 +108,14 @@ impl WatchIndex {
             options,
             hashes: HashMap::new(),
             epoch: None,
+            attribution: None,
         }
+    }
+
+    /// Names the author of each change from `store` (else every change is the bot's).
+    pub fn with_attribution(mut self, store: FactStore) -> Self {
+        self.attribution = Some(store);
+        self
     }
 
     /// Number of (destination, path) entries held.
@@ -241,6 +251,27 @@ impl WatchIndex {
         let key = &plan.resource.key;
         // Rendered lazily, once for all destinations.
         let mut rendered: Option<(String, Hash)> = None;
+        // Joined once per event, before any skip: a matched fact is consumed even when the
+        // file does not change. Never waits: no fact now means the bot.
+        let author = match &self.attribution {
+            None => None,
+            Some(store) => {
+                let object_key = ObjectKey::new(
+                    &key.group,
+                    &key.resource,
+                    &view.object.namespace,
+                    &view.object.name,
+                );
+                match change {
+                    Change::Deleted => store.attribute_delete(&object_key, &view.object.uid),
+                    Change::Listed | Change::Applied => {
+                        render(&mut rendered, obj, &view.path, &plan.key).and_then(|(_, hash)| {
+                            store.attribute_upsert(&object_key, Some(&view.object.uid), &hash)
+                        })
+                    }
+                }
+            }
+        };
         for (route_index, route) in plan.routes.iter().enumerate() {
             let dest = &route.destination.key;
             let slot = (route_index, view.path.clone());
@@ -262,7 +293,7 @@ impl WatchIndex {
                     if held.is_some() {
                         self.hashes.remove(&slot);
                         if op_allowed(Operation::Delete) || skip.is_some() {
-                            out.push(delete(dest, &view));
+                            out.push(delete(dest, &view, author.clone()));
                         }
                     }
                 }
@@ -270,7 +301,7 @@ impl WatchIndex {
                     // Stopped matching (label removed, became derived): remove the file.
                     if held.is_some() {
                         self.hashes.remove(&slot);
-                        out.push(delete(dest, &view));
+                        out.push(delete(dest, &view, author.clone()));
                     }
                 }
                 Change::Listed | Change::Applied => {
@@ -303,7 +334,7 @@ impl WatchIndex {
                         yaml,
                         object: view.object.clone(),
                         created: held.is_none(),
-                        author: None,
+                        author: author.clone(),
                     });
                 }
             }
@@ -319,12 +350,12 @@ enum Change {
     Deleted,
 }
 
-fn delete(dest: &str, view: &View) -> AgentEvent {
+fn delete(dest: &str, view: &View, author: Option<String>) -> AgentEvent {
     AgentEvent::Delete {
         destination: dest.to_owned(),
         path: view.path.clone(),
         object: view.object.clone(),
-        author: None,
+        author,
     }
 }
 
@@ -399,6 +430,9 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
     };
     let mut streaming = shared.config.initial_list == InitialList::StreamingWithFallback;
     let mut index = WatchIndex::new(Arc::clone(&plan), shared.config.selection_options);
+    if let Some(store) = &shared.config.attribution {
+        index = index.with_attribution(store.clone());
+    }
     let mut backoff = Backoff::new(shared.config.watch_backoff.0, shared.config.watch_backoff.1);
     let counters = shared.metrics.resource(&plan.resource.metric_label());
     let mut listed_before = false;
@@ -572,6 +606,89 @@ mod tests {
         kube::Error::Api(Box::new(
             kube::core::Status::failure("x", "y").with_code(code),
         ))
+    }
+
+    fn authors(events: &[AgentEvent]) -> Vec<(String, Option<String>)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                AgentEvent::Upsert { path, author, .. } => {
+                    Some((format!("upsert {path}"), author.clone()))
+                }
+                AgentEvent::Delete { path, author, .. } => {
+                    Some((format!("delete {path}"), author.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn fact(op: crate::webhook::Operation, user: &str, obj: &Value) -> crate::webhook::Fact {
+        let name = obj["metadata"]["name"].as_str().unwrap();
+        crate::webhook::Fact {
+            key: ObjectKey::new("", "configmaps", "shop", name),
+            operation: op,
+            username: user.to_owned(),
+            groups: vec![],
+            uid: Some(format!("uid-{name}")),
+            content_hash: (op != crate::webhook::Operation::Delete)
+                .then(|| canonical::content_hash(&canonical::to_canonical_yaml(obj).unwrap())),
+        }
+    }
+
+    fn store() -> FactStore {
+        FactStore::new(
+            crate::webhook::FactsConfig::default(),
+            crate::webhook::AttributionMetrics::new().unwrap(),
+        )
+    }
+
+    #[test]
+    fn changes_carry_the_author_whose_admitted_content_became_state() {
+        use crate::webhook::Operation as Op;
+        let store = store();
+        let mut index = WatchIndex::new(plan(all_configmaps("d")), SelectionOptions::default())
+            .with_attribution(store.clone());
+        let epochs = AtomicU64::new(0);
+        let path = "core/v1/configmaps/shop/a.yaml";
+        let v1 = cm("shop", "a", json!({}), "1", "1");
+        let v2 = cm("shop", "a", json!({}), "2", "2");
+        let v3 = cm("shop", "a", json!({}), "3", "3");
+        store.record(fact(Op::Create, "alice", &v1));
+        let out = index.apply(Event::Apply(v1.clone()), &epochs);
+        assert_eq!(
+            authors(&out),
+            [(format!("upsert {path}"), Some("alice".into()))]
+        );
+        // A fact for other content (a conflict that never persisted) names nobody.
+        store.record(fact(Op::Update, "mallory", &v3));
+        let out = index.apply(Event::Apply(v2.clone()), &epochs);
+        assert_eq!(authors(&out), [(format!("upsert {path}"), None)]);
+        // A matched no-op (same file) is consumed even though nothing is sent.
+        store.record(fact(Op::Update, "carol", &v2));
+        assert!(index.apply(Event::Apply(v2.clone()), &epochs).is_empty());
+        assert!(
+            store.snapshot().iter().all(|f| f.username != "carol"),
+            "the no-op's fact was consumed: {:?}",
+            store.snapshot()
+        );
+        store.record(fact(Op::Delete, "bob", &v2));
+        let out = index.apply(Event::Delete(v2), &epochs);
+        assert_eq!(
+            authors(&out),
+            [(format!("delete {path}"), Some("bob".into()))]
+        );
+    }
+
+    #[test]
+    fn without_a_store_every_change_is_the_bots() {
+        let mut index = WatchIndex::new(plan(all_configmaps("d")), SelectionOptions::default());
+        let epochs = AtomicU64::new(0);
+        let out = index.apply(Event::Apply(cm("shop", "a", json!({}), "1", "1")), &epochs);
+        assert_eq!(
+            authors(&out),
+            [("upsert core/v1/configmaps/shop/a.yaml".to_owned(), None)]
+        );
     }
 
     #[test]

@@ -133,6 +133,18 @@ pub struct WebhookArgs {
     /// Most admission facts held; the oldest is evicted beyond it.
     #[arg(long, env = "AGENT_ATTRIBUTION_MAX_FACTS", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub attribution_max_facts: u64,
+    /// While leading, keep the ValidatingWebhookConfiguration named --controller-name listing exactly the watched types (server-side apply); off when the chart owns it.
+    #[arg(long, env = "AGENT_WEBHOOK_MANAGE_CONFIGURATION")]
+    pub webhook_manage_configuration: bool,
+    /// PEM CA bundle the API server must trust the webhook's certificate with (for the managed configuration).
+    #[arg(long, env = "AGENT_WEBHOOK_CA_BUNDLE")]
+    pub webhook_ca_bundle: Option<PathBuf>,
+    /// Service the API server calls, `namespace/name` or `namespace/name:port` (port 443 by default), for the managed configuration.
+    #[arg(long, env = "AGENT_WEBHOOK_SERVICE", conflicts_with = "webhook_url")]
+    pub webhook_service: Option<String>,
+    /// Base URL the API server calls (`https://host:port`), instead of --webhook-service.
+    #[arg(long, env = "AGENT_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
 }
 
 impl WebhookArgs {
@@ -159,6 +171,86 @@ impl WebhookArgs {
         config.max_body_bytes = self.webhook_max_body_bytes;
         Ok((Some(config), facts))
     }
+
+    /// What the leader registers when `--webhook-manage-configuration` is on (`None` when it
+    /// is off): the configuration `name`, the target, the CA bundle (read now) and the agent's
+    /// own namespace excluded.
+    pub fn registration(
+        &self,
+        name: &str,
+        own_namespace: &str,
+    ) -> Result<Option<registration::Registration>, WebhookError> {
+        if !self.webhook_manage_configuration {
+            return Ok(None);
+        }
+        let config = |m: &str| Err(WebhookError::Config(m.to_owned()));
+        if self.webhook_addr.is_none() {
+            return config("--webhook-manage-configuration needs --webhook-addr");
+        }
+        let Some(ca) = &self.webhook_ca_bundle else {
+            return config("--webhook-manage-configuration needs --webhook-ca-bundle");
+        };
+        let target = match (&self.webhook_service, &self.webhook_url) {
+            (Some(service), None) => parse_service(service)?,
+            (None, Some(url)) if url.starts_with("https://") => {
+                registration::Target::Url(url.clone())
+            }
+            (None, Some(url)) => {
+                return Err(WebhookError::Config(format!(
+                    "--webhook-url must start with https:// (got {url:?})"
+                )));
+            }
+            _ => {
+                return config(
+                    "--webhook-manage-configuration needs --webhook-service or --webhook-url",
+                );
+            }
+        };
+        let ca_pem = std::fs::read(ca).map_err(|source| WebhookError::ReadFile {
+            path: ca.clone(),
+            source,
+        })?;
+        if rustls_pemfile_certs(&ca_pem) == 0 {
+            return Err(WebhookError::Pem {
+                path: ca.clone(),
+                message: "no certificate".into(),
+            });
+        }
+        let mut reg = registration::Registration::new(name, target, ca_pem);
+        reg.exclude_namespaces = vec![own_namespace.to_owned()];
+        Ok(Some(reg))
+    }
+}
+
+/// Certificates in a PEM bundle.
+fn rustls_pemfile_certs(pem: &[u8]) -> usize {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem)
+        .filter(Result::is_ok)
+        .count()
+}
+
+/// `namespace/name` or `namespace/name:port`.
+fn parse_service(text: &str) -> Result<registration::Target, WebhookError> {
+    let bad = || {
+        WebhookError::Config(format!(
+            "--webhook-service must be namespace/name or namespace/name:port (got {text:?})"
+        ))
+    };
+    let (namespace, rest) = text.split_once('/').ok_or_else(bad)?;
+    let (name, port) = match rest.split_once(':') {
+        Some((name, port)) => (name, port.parse::<u16>().map_err(|_| bad())?),
+        None => (rest, 443),
+    };
+    if namespace.is_empty() || name.is_empty() || name.contains('/') || port == 0 {
+        return Err(bad());
+    }
+    Ok(registration::Target::Service {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        port,
+    })
 }
 
 #[cfg(test)]
@@ -203,5 +295,88 @@ mod tests {
         assert_eq!(server.max_body_bytes, 1024);
         assert_eq!(server.cert_file, PathBuf::from("tls.crt"));
         assert_eq!(facts.ttl, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn managed_configuration_is_off_by_default_and_needs_a_target_and_a_ca() {
+        let cli = Cli::try_parse_from(["agent"]).unwrap();
+        assert!(cli.webhook.registration("gr", "ns").unwrap().is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        let cert = rcgen::generate_simple_self_signed(vec!["x".to_owned()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let ca = ca.to_str().unwrap();
+        let base = [
+            "agent",
+            "--webhook-addr",
+            "0.0.0.0:9443",
+            "--webhook-cert",
+            "c",
+            "--webhook-key",
+            "k",
+            "--webhook-manage-configuration",
+        ];
+        let parse = |extra: &[&str]| {
+            Cli::try_parse_from(base.iter().chain(extra))
+                .map(|c| c.webhook.registration("gr", "gitops"))
+        };
+        assert!(parse(&[]).unwrap().is_err(), "no CA, no target");
+        assert!(
+            parse(&["--webhook-ca-bundle", ca]).unwrap().is_err(),
+            "no target"
+        );
+        assert!(
+            parse(&["--webhook-ca-bundle", ca, "--webhook-url", "http://x"])
+                .unwrap()
+                .is_err()
+        );
+        assert!(
+            parse(&["--webhook-ca-bundle", ca, "--webhook-service", "gitops"])
+                .unwrap()
+                .is_err()
+        );
+        assert!(parse(&["--webhook-service", "a/b", "--webhook-url", "https://x"]).is_err());
+        let reg = parse(&[
+            "--webhook-ca-bundle",
+            ca,
+            "--webhook-service",
+            "gitops/gr-webhook",
+        ])
+        .unwrap()
+        .unwrap()
+        .unwrap();
+        assert_eq!(reg.name, "gr");
+        assert_eq!(reg.exclude_namespaces, ["gitops"]);
+        assert_eq!(
+            reg.target,
+            registration::Target::Service {
+                namespace: "gitops".into(),
+                name: "gr-webhook".into(),
+                port: 443
+            }
+        );
+        let reg = parse(&[
+            "--webhook-ca-bundle",
+            ca,
+            "--webhook-url",
+            "https://127.0.0.1:8443",
+        ])
+        .unwrap()
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            reg.target,
+            registration::Target::Url("https://127.0.0.1:8443".into())
+        );
+        let no_addr = Cli::try_parse_from([
+            "agent",
+            "--webhook-manage-configuration",
+            "--webhook-ca-bundle",
+            ca,
+            "--webhook-url",
+            "https://x",
+        ])
+        .unwrap();
+        assert!(no_addr.webhook.registration("gr", "ns").is_err());
     }
 }

@@ -8,8 +8,14 @@
 //!   *watched* version before calling, so the admitted object hashes like the watch event.
 //! - `failurePolicy: Ignore` and a short timeout: attribution must never block the cluster,
 //!   even while the agent is down or changing leaders.
-//! - `sideEffects: NoneOnDryRun`: recording a fact is a side effect, and dry runs record none.
+//! - `sideEffects: None`: the webhook changes nothing outside the agent's memory (a fact is not
+//!   a side effect on the cluster), and the handler records nothing for dry runs anyway.
+//! - `namespaceSelector`: never the agent's own namespace (nor `exclude_namespaces`), so the
+//!   agent's own writes (Lease, Pod label, events) never wait for its webhook.
 //! - Secrets are never listed (never mirrored, never hashed).
+//!
+//! The chart's template (`charts/gitops-reverser/templates/validating-webhook.yaml`) uses the
+//! same values, with broad rules instead of the watched types.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -18,6 +24,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     RuleWithOperations, ServiceReference, ValidatingWebhook, ValidatingWebhookConfiguration,
     WebhookClientConfig,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::api::ObjectMeta;
 
 use super::PATH;
@@ -48,6 +55,8 @@ pub struct Registration {
     pub ca_bundle_pem: Vec<u8>,
     /// 1..=30 seconds.
     pub timeout_seconds: i32,
+    /// Namespaces never sent to the webhook (the agent's own, at least).
+    pub exclude_namespaces: Vec<String>,
 }
 
 impl Registration {
@@ -57,7 +66,9 @@ impl Registration {
             webhook_name: "attribution.gitops-reverser.configbutler.ai".to_owned(),
             target,
             ca_bundle_pem,
-            timeout_seconds: 5,
+            // As the chart's default `agent.webhook.timeoutSeconds`.
+            timeout_seconds: 3,
+            exclude_namespaces: Vec::new(),
         }
     }
 }
@@ -109,6 +120,18 @@ pub fn validating_webhook_configuration<'a>(
             }),
         },
     };
+    let mut excluded: Vec<String> = registration.exclude_namespaces.clone();
+    excluded.sort();
+    excluded.dedup();
+    excluded.retain(|ns| !ns.is_empty());
+    let namespace_selector = (!excluded.is_empty()).then(|| LabelSelector {
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: "kubernetes.io/metadata.name".to_owned(),
+            operator: "NotIn".to_owned(),
+            values: Some(excluded),
+        }]),
+        match_labels: None,
+    });
     ValidatingWebhookConfiguration {
         metadata: ObjectMeta {
             name: Some(registration.name.clone()),
@@ -127,8 +150,9 @@ pub fn validating_webhook_configuration<'a>(
             client_config,
             failure_policy: Some("Ignore".to_owned()),
             match_policy: Some("Equivalent".to_owned()),
-            side_effects: "NoneOnDryRun".to_owned(),
+            side_effects: "None".to_owned(),
             timeout_seconds: Some(registration.timeout_seconds.clamp(1, 30)),
+            namespace_selector,
             rules: Some(rules),
             ..ValidatingWebhook::default()
         }]),
@@ -149,7 +173,7 @@ mod tests {
             ResourceKey::new("", "v1", "services", true),
             ResourceKey::new("apps", "v1", "deployments", true),
         ];
-        let reg = Registration::new(
+        let mut reg = Registration::new(
             "gitops-reverser-attribution",
             Target::Service {
                 namespace: "gitops-reverser".into(),
@@ -158,6 +182,7 @@ mod tests {
             },
             b"PEM".to_vec(),
         );
+        reg.exclude_namespaces = vec!["gitops-reverser".into(), "kube-system".into()];
         let vwc = serde_json::to_value(validating_webhook_configuration(&reg, &watched)).unwrap();
         let hook = &vwc["webhooks"][0];
         assert_eq!(
@@ -175,7 +200,13 @@ mod tests {
                    "name": "gitops-reverser-webhook", "path": PATH, "port": 443}})
         );
         assert_eq!(hook["failurePolicy"], "Ignore");
-        assert_eq!(hook["sideEffects"], "NoneOnDryRun");
+        assert_eq!(hook["sideEffects"], "None");
+        assert_eq!(hook["timeoutSeconds"], 3);
+        assert_eq!(
+            hook["namespaceSelector"],
+            json!({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                   "values": ["gitops-reverser", "kube-system"]}]})
+        );
         assert_eq!(hook["matchPolicy"], "Equivalent");
         assert_eq!(hook["admissionReviewVersions"], json!(["v1"]));
     }
@@ -185,6 +216,7 @@ mod tests {
         let reg = Registration::new("x", Target::Url("https://127.0.0.1:8443/".into()), vec![]);
         let vwc = validating_webhook_configuration(&reg, &[]);
         let hook = &vwc.webhooks.unwrap()[0];
+        assert!(hook.namespace_selector.is_none());
         assert_eq!(
             hook.client_config.url.as_deref(),
             Some("https://127.0.0.1:8443/process-validating-webhook")
