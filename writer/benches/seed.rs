@@ -1,0 +1,488 @@
+//! End-to-end seeding benchmark: the real writer, in process, fed over real gRPC, pushing to a
+//! local bare repository over `file://`, compared in the same run with what other tools need for
+//! the same tree.
+//!
+//! ```text
+//! cargo bench -p reverser-writer --bench seed                      # 10,000 objects
+//! BENCH_OBJECTS=100000 cargo bench -p reverser-writer --bench seed
+//! ```
+//!
+//! Environment:
+//! - `BENCH_OBJECTS` (default 10000): objects to seed, half ConfigMaps (~300 B), half Deployments
+//!   (~2 KiB) over 100 namespaces (see `corpus.rs`).
+//! - `BENCH_ROUNDS` (default 21): one-file changes whose median is reported.
+//! - `BENCH_ORDER` = `grouped` (default: per type, then namespace, then name — the order of a
+//!   Kubernetes list) or `interleaved` (consecutive objects in different folders: the worst case
+//!   for tree rewriting, since every 200-file commit then touches every folder).
+//! - `BENCH_GIT_DAEMON=0` skips the `git://` row (the generic network push path).
+//! - `BENCH_BASELINES=0` skips the baselines (for profiling the writer alone).
+//!
+//! Phases, in this order:
+//! 1. `git fast-import` of the identical tree as one commit into an empty bare repository.
+//! 2. A shell peer: write the files into a worktree, `git add -A && git commit && git push` over
+//!    `file://`; then one-file changes the same way.
+//! 3. The writer (default batching: a commit and a push per 200 files; `--git-batch-max-wait-sec
+//!    0.2` so the tail does not wait 20 s): stream every object as an `Upsert`, wait for the `Ack`
+//!    of the last sequence. Then a writer restarted on the same work dir with
+//!    `--git-batch-max-wait-sec 0` (flush per change): upsert one changed object, wait for its
+//!    `Ack`; the median of `BENCH_ROUNDS` rounds. Then the same through `git daemon` (git://,
+//!    libgit2's generic push as for https and ssh), after a `git gc` of the remote as a server
+//!    would run it.
+//!
+//! Peak RSS is the process's `VmHWM`, reset (`/proc/self/clear_refs`) right before the writer
+//! phase; it includes the in-process gRPC client, whose own share is reported separately (the
+//! client's peak while streaming to a writer that discards nothing is not separable, so the
+//! bench reports the process's resident memory right before the writer starts as its baseline).
+
+#[path = "support/corpus.rs"]
+mod corpus;
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use reverser_proto::v1::{
+    self as pb, agent_message::Kind as In, writer_client::WriterClient, writer_message::Kind as Out,
+};
+use reverser_writer::{Args, RunningWriter};
+use testkit::{BareRepo, GitDaemon, git};
+
+const BASE: &str = "clusters/prod";
+const DEST: &str = "bench/seed";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .unwrap_or(default)
+}
+
+use corpus::order;
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// (VmHWM, VmRSS) of this process, in MiB.
+fn memory() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(f64::NAN, |kib| kib / 1024.0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+fn reset_peak_rss() {
+    // "5" resets VmHWM to the current RSS (Linux >= 4.0).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn git_ok(cwd: &Path, args: &[&str]) {
+    let out = git(Some(cwd), args);
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Baselines
+
+/// `git fast-import` of the whole tree as one commit; returns its wall time.
+fn fast_import(n: usize) -> Duration {
+    let remote = BareRepo::new();
+    let started = Instant::now();
+    let mut child = Command::new("git")
+        .args(["fast-import", "--quiet"])
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .current_dir(remote.path())
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("git fast-import");
+    let mut stdin = std::io::BufWriter::new(child.stdin.take().expect("stdin"));
+    let message = "seed";
+    write!(
+        stdin,
+        "commit refs/heads/main\ncommitter bench <bench@example.com> 1700000000 +0000\ndata {}\n{message}\n",
+        message.len()
+    )
+    .and_then(|()| {
+        for i in order(n) {
+            let data = corpus::yaml(i, 0);
+            write!(
+                stdin,
+                "M 100644 inline {BASE}/{}\ndata {}\n",
+                corpus::path(i),
+                data.len()
+            )?;
+            stdin.write_all(data.as_bytes())?;
+            stdin.write_all(b"\n")?;
+        }
+        stdin.flush()
+    })
+    .expect("feeding git fast-import");
+    drop(stdin);
+    assert!(child.wait().expect("git fast-import").success());
+    let elapsed = started.elapsed();
+    assert_eq!(remote.ls_tree("main").len(), n, "fast-import tree");
+    elapsed
+}
+
+struct ShellPeer {
+    seed: Duration,
+    write_files: Duration,
+    add_commit: Duration,
+    push: Duration,
+    one_file: Duration,
+}
+
+/// What shell-based peers do: files in a worktree, `git add -A && git commit`, `git push`.
+fn shell_peer(n: usize, rounds: usize) -> ShellPeer {
+    let remote = BareRepo::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let work = dir.path().join("work");
+    let started = Instant::now();
+    git_ok(
+        dir.path(),
+        &["clone", "--quiet", &remote.file_url(), "work"],
+    );
+    git_ok(&work, &["config", "user.name", "peer"]);
+    git_ok(&work, &["config", "user.email", "peer@example.com"]);
+    for i in order(n) {
+        let path = work.join(BASE).join(corpus::path(i));
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, corpus::yaml(i, 0)).expect("write file");
+    }
+    let written = Instant::now();
+    git_ok(&work, &["add", "-A"]);
+    git_ok(&work, &["commit", "--quiet", "-m", "seed"]);
+    let committed = Instant::now();
+    git_ok(&work, &["push", "--quiet", "origin", "HEAD:main"]);
+    let pushed = Instant::now();
+    assert_eq!(remote.ls_tree("main").len(), n, "shell peer tree");
+
+    let mut samples = Vec::new();
+    for round in 0..rounds {
+        let i = round * 4999 % n;
+        let started = Instant::now();
+        std::fs::write(
+            work.join(BASE).join(corpus::path(i)),
+            corpus::yaml(i, round as u64 + 1),
+        )
+        .expect("write file");
+        git_ok(&work, &["add", "-A"]);
+        git_ok(&work, &["commit", "--quiet", "-m", "one"]);
+        git_ok(&work, &["push", "--quiet", "origin", "HEAD:main"]);
+        samples.push(started.elapsed());
+    }
+    ShellPeer {
+        seed: pushed - started,
+        write_files: written - started,
+        add_commit: committed - written,
+        push: pushed - committed,
+        one_file: median(samples),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer
+
+async fn start_writer(work_dir: &Path, max_wait: &str) -> anyhow::Result<RunningWriter> {
+    let work = work_dir.display().to_string();
+    let args = Args::try_parse_from([
+        "reverser-writer",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--work-dir",
+        &work,
+        "--leases",
+        "off",
+        "--git-batch-max-wait-sec",
+        max_wait,
+        "--log-level",
+        "warn",
+    ])?;
+    args.start().await
+}
+
+/// One `Writer.Sync` stream; replies are read by a task that publishes the highest acked sequence.
+struct Agent {
+    sender: mpsc::Sender<pb::AgentMessage>,
+    acked: watch::Receiver<u64>,
+    reader: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Agent {
+    async fn connect(writer: &RunningWriter, repo_url: &str) -> anyhow::Result<Agent> {
+        let mut client = WriterClient::connect(format!("http://{}", writer.grpc_addr)).await?;
+        let (sender, receiver) = mpsc::channel(1024);
+        sender
+            .send(msg(In::Hello(pb::Hello {
+                cluster_uid: "bench-cluster".into(),
+                cluster_name: "bench".into(),
+                instance_id: "bench-0".into(),
+                controller_namespace: "gitops-reverser".into(),
+                controller_name: "reverser".into(),
+                protocol_version: reverser_proto::PROTOCOL_VERSION,
+            })))
+            .await?;
+        sender
+            .send(msg(In::Destination(pb::Destination {
+                key: DEST.into(),
+                repo_url: repo_url.into(),
+                branch: "main".into(),
+                base_folder: BASE.into(),
+                exclusive_mode: false,
+                credentials: None,
+            })))
+            .await?;
+        let mut replies = client
+            .sync(ReceiverStream::new(receiver))
+            .await?
+            .into_inner();
+        // Wait for the destination to be accepted before streaming.
+        loop {
+            match replies.message().await?.and_then(|m| m.kind) {
+                Some(Out::DestinationStatus(s)) if s.r#type == "Accepted" => break,
+                Some(Out::Reject(r)) => bail!("rejected: {r:?}"),
+                Some(_) => {}
+                None => bail!("stream ended before the destination was accepted"),
+            }
+        }
+        let (acks, acked) = watch::channel(0);
+        let reader = tokio::spawn(async move {
+            while let Some(message) = replies.message().await? {
+                match message.kind {
+                    Some(Out::Ack(ack)) if ack.destination == DEST => {
+                        acks.send_modify(|a| *a = (*a).max(ack.sequence));
+                    }
+                    Some(Out::Reject(r)) => bail!("rejected: {r:?}"),
+                    _ => {}
+                }
+            }
+            Ok(())
+        });
+        Ok(Agent {
+            sender,
+            acked,
+            reader,
+        })
+    }
+
+    async fn upsert(&self, sequence: u64, i: usize, generation: u64) -> anyhow::Result<()> {
+        self.sender
+            .send(msg(In::Upsert(pb::Upsert {
+                sequence,
+                destination: DEST.into(),
+                path: corpus::path(i),
+                content: corpus::yaml(i, generation).into_bytes(),
+                object: None,
+                operation: pb::Operation::Update as i32,
+                author: String::new(),
+                event_time: None,
+            })))
+            .await
+            .context("stream closed")
+    }
+
+    async fn wait_ack(&mut self, sequence: u64) -> anyhow::Result<()> {
+        let wait = self.acked.wait_for(|&a| a >= sequence);
+        match tokio::time::timeout(Duration::from_secs(3600), wait).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => {
+                if self.reader.is_finished() {
+                    (&mut self.reader).await??;
+                }
+                bail!("no ack for sequence {sequence}")
+            }
+        }
+    }
+}
+
+fn msg(kind: In) -> pb::AgentMessage {
+    pb::AgentMessage { kind: Some(kind) }
+}
+
+struct WriterRun {
+    seed: Duration,
+    rss_before_mib: f64,
+    peak_rss_mib: f64,
+    rss_after_mib: f64,
+    one_file: Duration,
+    one_file_git_daemon: Option<Duration>,
+}
+
+async fn one_file_rounds(
+    agent: &mut Agent,
+    n: usize,
+    rounds: usize,
+    first_sequence: u64,
+    generation: u64,
+) -> anyhow::Result<Duration> {
+    let mut samples = Vec::new();
+    for round in 0..rounds {
+        let i = (round * 4999 + 17) % n;
+        let sequence = first_sequence + round as u64;
+        let started = Instant::now();
+        agent.upsert(sequence, i, generation + round as u64).await?;
+        agent.wait_ack(sequence).await?;
+        samples.push(started.elapsed());
+    }
+    Ok(median(samples))
+}
+
+async fn writer(n: usize, rounds: usize, with_daemon: bool) -> anyhow::Result<WriterRun> {
+    let remote = BareRepo::new();
+    let work_dir = tempfile::tempdir()?;
+
+    // Seed with the default batching (a commit + push per 200 files).
+    reset_peak_rss();
+    let rss_before_mib = memory().1;
+    let running = start_writer(work_dir.path(), "0.2").await?;
+    let mut agent = Agent::connect(&running, &remote.file_url()).await?;
+    let started = Instant::now();
+    for (sequence, i) in (1..).zip(order(n)) {
+        agent.upsert(sequence, i, 0).await?;
+    }
+    agent.wait_ack(n as u64).await?;
+    let seed = started.elapsed();
+    let (peak_rss_mib, rss_after_mib) = memory();
+    drop(agent);
+    running.stop().await?;
+    let files = remote.ls_tree("main");
+    if files.len() != n + 1 {
+        bail!("the remote has {} files, expected {}", files.len(), n + 1);
+    }
+
+    // One-file changes: a writer that flushes every change at once, on the same clone.
+    let running = start_writer(work_dir.path(), "0").await?;
+    let mut agent = Agent::connect(&running, &remote.file_url()).await?;
+    let one_file = one_file_rounds(&mut agent, n, rounds, 1, 1).await?;
+    drop(agent);
+
+    let one_file_git_daemon = if with_daemon {
+        // A server keeps its repositories packed; without this, `git receive-pack` starts
+        // `git gc --auto` on the hundreds of packs the seed left and the rounds measure that.
+        git_ok(&remote.path(), &["gc", "--quiet"]);
+        let daemon = GitDaemon::start(&remote);
+        let mut agent = Agent::connect(&running, &daemon.url()).await?;
+        // The first change pays for the new clone's initial fetch; it is not counted.
+        one_file_rounds(&mut agent, n, 1, 1, 1000).await?;
+        Some(one_file_rounds(&mut agent, n, rounds, 2, 1001).await?)
+    } else {
+        None
+    };
+    running.stop().await?;
+    Ok(WriterRun {
+        seed,
+        rss_before_mib,
+        peak_rss_mib,
+        rss_after_mib,
+        one_file,
+        one_file_git_daemon,
+    })
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+fn millis(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let n = env_usize("BENCH_OBJECTS", 10_000);
+    let rounds = env_usize("BENCH_ROUNDS", 21).max(1);
+    let with_daemon = std::env::var("BENCH_GIT_DAEMON").as_deref() != Ok("0");
+    let order_name = if corpus::interleaved() {
+        "interleaved"
+    } else {
+        "grouped"
+    };
+    eprintln!("seeding {n} objects ({order_name} order), {rounds} one-file rounds");
+
+    let baselines = std::env::var("BENCH_BASELINES").as_deref() != Ok("0");
+    let imported = if baselines {
+        fast_import(n)
+    } else {
+        Duration::from_secs(1)
+    };
+    eprintln!("git fast-import: {}", secs(imported));
+    let peer = if baselines {
+        shell_peer(n, rounds)
+    } else {
+        ShellPeer {
+            seed: Duration::ZERO,
+            write_files: Duration::ZERO,
+            add_commit: Duration::ZERO,
+            push: Duration::ZERO,
+            one_file: Duration::ZERO,
+        }
+    };
+    eprintln!("shell peer: {}", secs(peer.seed));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let run = runtime.block_on(writer(n, rounds, with_daemon))?;
+    eprintln!("writer: {}", secs(run.seed));
+
+    let ratio = |d: Duration| d.as_secs_f64() / imported.as_secs_f64();
+    println!();
+    println!(
+        "### Seeding {n} objects ({order_name} order; {} ConfigMaps ~300 B, {} Deployments ~2 KiB, {} namespaces) into a bare repo over file://",
+        n.div_ceil(2),
+        n / 2,
+        corpus::NAMESPACES
+    );
+    println!();
+    println!("| what | seed | vs fast-import | one changed file (median of {rounds}) |");
+    println!("| --- | ---: | ---: | ---: |");
+    println!(
+        "| `git fast-import`, one commit | {} | 1.00x | — |",
+        secs(imported)
+    );
+    println!(
+        "| shell peer: write files + `git add -A && git commit` + `git push` | {} (files {} + add/commit {} + push {}) | {:.2}x | {} |",
+        secs(peer.seed),
+        secs(peer.write_files),
+        secs(peer.add_commit),
+        secs(peer.push),
+        ratio(peer.seed),
+        millis(peer.one_file)
+    );
+    println!(
+        "| writer: gRPC → commit + push per 200 files, until the last Ack | {} | {:.2}x | {} |",
+        secs(run.seed),
+        ratio(run.seed),
+        millis(run.one_file)
+    );
+    if let Some(daemon) = run.one_file_git_daemon {
+        println!(
+            "| writer, same repo over `git daemon` (git://) | — | — | {} |",
+            millis(daemon)
+        );
+    }
+    println!();
+    println!(
+        "Writer memory: peak RSS (VmHWM) {:.0} MiB during the seed, {:.0} MiB resident after it; \
+         the process held {:.0} MiB before the writer started (bench client and runtime; included in the peak).",
+        run.peak_rss_mib, run.rss_after_mib, run.rss_before_mib
+    );
+    Ok(())
+}
