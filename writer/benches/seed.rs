@@ -9,7 +9,7 @@
 //!
 //! Environment:
 //! - `BENCH_OBJECTS` (default 10000): objects to seed, half ConfigMaps (~300 B), half Deployments
-//!   (~2 KiB) over 100 namespaces (see `corpus.rs`).
+//!   (~2 KiB) over 100 namespaces (see `support/corpus.rs`).
 //! - `BENCH_ROUNDS` (default 21): one-file changes whose median is reported.
 //! - `BENCH_ORDER` = `grouped` (default: per type, then namespace, then name — the order of a
 //!   Kubernetes list) or `interleaved` (consecutive objects in different folders: the worst case
@@ -21,18 +21,22 @@
 //! 1. `git fast-import` of the identical tree as one commit into an empty bare repository.
 //! 2. A shell peer: write the files into a worktree, `git add -A && git commit && git push` over
 //!    `file://`; then one-file changes the same way.
-//! 3. The writer (default batching: a commit and a push per 200 files; `--git-batch-max-wait-sec
+//! 3. Not a seed: the YAML parse the writer's session runs on every Upsert, alone, on one thread
+//!    (one stream is validated in order, so this is a floor for the writer's seed time).
+//! 4. The writer (default batching: a commit and a push per 200 files; `--git-batch-max-wait-sec
 //!    0.2` so the tail does not wait 20 s): stream every object as an `Upsert`, wait for the `Ack`
 //!    of the last sequence. Then a writer restarted on the same work dir with
 //!    `--git-batch-max-wait-sec 0` (flush per change): upsert one changed object, wait for its
 //!    `Ack`; the median of `BENCH_ROUNDS` rounds. Then the same through `git daemon` (git://,
 //!    libgit2's generic push as for https and ssh), after a `git gc` of the remote as a server
-//!    would run it.
+//!    would run it, and `git push` (CLI) of one-file commits to the same server for comparison.
+//!
+//! The git layer alone (no gRPC, no YAML) has its own micro-benchmark: `tests/git_bench.rs`.
 //!
 //! Peak RSS is the process's `VmHWM`, reset (`/proc/self/clear_refs`) right before the writer
-//! phase; it includes the in-process gRPC client, whose own share is reported separately (the
-//! client's peak while streaming to a writer that discards nothing is not separable, so the
-//! bench reports the process's resident memory right before the writer starts as its baseline).
+//! starts, read when the last seed Ack arrived. It includes the in-process gRPC client and the
+//! runtime; the bench reports the resident size before the writer started as their baseline
+//! (objects are generated on the fly, so the client holds at most the stream's buffer).
 
 #[path = "support/corpus.rs"]
 mod corpus;
@@ -83,6 +87,25 @@ fn memory() -> (f64, f64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
+/// Bytes of the files under `dir`.
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => dir_size(&e.path()),
+                    _ => e.metadata().map_or(0, |m| m.len()),
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 fn reset_peak_rss() {
     // "5" resets VmHWM to the current RSS (Linux >= 4.0).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -97,11 +120,35 @@ fn git_ok(cwd: &Path, args: &[&str]) {
     );
 }
 
+/// The git CLI, isolated from the user's configuration, with an identity.
+fn git_cli(cwd: &Path) -> Command {
+    let mut cmd = Command::new("git");
+    cmd.current_dir(cwd)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "peer")
+        .env("GIT_AUTHOR_EMAIL", "peer@example.com")
+        .env("GIT_COMMITTER_NAME", "peer")
+        .env("GIT_COMMITTER_EMAIL", "peer@example.com")
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn run(mut cmd: Command) -> String {
+    let out = cmd.output().expect("run git");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Baselines
 
 /// `git fast-import` of the whole tree as one commit; returns its wall time.
-fn fast_import(n: usize) -> Duration {
+fn fast_import(n: usize) -> (Duration, u64) {
     let remote = BareRepo::new();
     let started = Instant::now();
     let mut child = Command::new("git")
@@ -138,7 +185,7 @@ fn fast_import(n: usize) -> Duration {
     assert!(child.wait().expect("git fast-import").success());
     let elapsed = started.elapsed();
     assert_eq!(remote.ls_tree("main").len(), n, "fast-import tree");
-    elapsed
+    (elapsed, dir_size(&remote.path()))
 }
 
 struct ShellPeer {
@@ -195,6 +242,67 @@ fn shell_peer(n: usize, rounds: usize) -> ShellPeer {
         push: pushed - committed,
         one_file: median(samples),
     }
+}
+
+/// `git push` (CLI) of one-file commits to `url`: what one changed file costs any git client
+/// against that server. The commits are made with plumbing in a bare clone (no worktree to scan),
+/// so only the push is timed.
+fn cli_one_file_pushes(url: &str, n: usize, rounds: usize) -> Duration {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut clone = git_cli(dir.path());
+    clone.args(["clone", "--quiet", "--bare", url, "c.git"]);
+    run(clone);
+    let repo = dir.path().join("c.git");
+    let index = dir.path().join("index");
+    let plumbing = |args: &[&str]| {
+        let mut cmd = git_cli(&repo);
+        cmd.env("GIT_INDEX_FILE", &index).args(args);
+        run(cmd)
+    };
+    plumbing(&["read-tree", "main"]);
+    let mut samples = Vec::new();
+    for round in 0..rounds {
+        let i = (round * 4999 + 29) % n;
+        let mut hash = git_cli(&repo);
+        hash.args(["hash-object", "-w", "--stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = hash.spawn().expect("git hash-object");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(corpus::yaml(i, 5000 + round as u64).as_bytes())
+            .expect("write blob");
+        let out = child.wait_with_output().expect("git hash-object");
+        let blob = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        plumbing(&[
+            "update-index",
+            "--cacheinfo",
+            &format!("100644,{blob},{BASE}/{}", corpus::path(i)),
+        ]);
+        let tree = plumbing(&["write-tree"]);
+        let commit = plumbing(&["commit-tree", &tree, "-p", "main", "-m", "cli"]);
+        plumbing(&["update-ref", "refs/heads/main", &commit]);
+        let mut push = git_cli(&repo);
+        push.args(["push", "--quiet", "origin", "main"]);
+        let started = Instant::now();
+        run(push);
+        samples.push(started.elapsed());
+    }
+    median(samples)
+}
+
+/// What the writer's session does to every Upsert before it reaches git: parse the YAML
+/// (`reverser_common::yaml::parse_object`), one stream's objects on one thread. A floor for the
+/// writer's seed time that has nothing to do with git.
+fn yaml_validation(n: usize) -> Duration {
+    let started = Instant::now();
+    for i in order(n) {
+        let yaml = corpus::yaml(i, 0);
+        reverser_common::yaml::parse_object(yaml.as_bytes()).expect("valid YAML");
+    }
+    started.elapsed()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -323,8 +431,12 @@ struct WriterRun {
     rss_before_mib: f64,
     peak_rss_mib: f64,
     rss_after_mib: f64,
+    /// Bytes on disk after the seed: the writer's clone, the remote.
+    clone_bytes: u64,
+    remote_bytes: u64,
     one_file: Duration,
-    one_file_git_daemon: Option<Duration>,
+    /// (writer, `git push` CLI) over git://.
+    one_file_git_daemon: Option<(Duration, Duration)>,
 }
 
 async fn one_file_rounds(
@@ -368,6 +480,8 @@ async fn writer(n: usize, rounds: usize, with_daemon: bool) -> anyhow::Result<Wr
     if files.len() != n + 1 {
         bail!("the remote has {} files, expected {}", files.len(), n + 1);
     }
+    let clone_bytes = dir_size(work_dir.path());
+    let remote_bytes = dir_size(&remote.path());
 
     // One-file changes: a writer that flushes every change at once, on the same clone.
     let running = start_writer(work_dir.path(), "0").await?;
@@ -383,7 +497,10 @@ async fn writer(n: usize, rounds: usize, with_daemon: bool) -> anyhow::Result<Wr
         let mut agent = Agent::connect(&running, &daemon.url()).await?;
         // The first change pays for the new clone's initial fetch; it is not counted.
         one_file_rounds(&mut agent, n, 1, 1, 1000).await?;
-        Some(one_file_rounds(&mut agent, n, rounds, 2, 1001).await?)
+        let writer = one_file_rounds(&mut agent, n, rounds, 2, 1001).await?;
+        let url = daemon.url();
+        let cli = tokio::task::spawn_blocking(move || cli_one_file_pushes(&url, n, rounds)).await?;
+        Some((writer, cli))
     } else {
         None
     };
@@ -393,6 +510,8 @@ async fn writer(n: usize, rounds: usize, with_daemon: bool) -> anyhow::Result<Wr
         rss_before_mib,
         peak_rss_mib,
         rss_after_mib,
+        clone_bytes,
+        remote_bytes,
         one_file,
         one_file_git_daemon,
     })
@@ -418,10 +537,10 @@ fn main() -> anyhow::Result<()> {
     eprintln!("seeding {n} objects ({order_name} order), {rounds} one-file rounds");
 
     let baselines = std::env::var("BENCH_BASELINES").as_deref() != Ok("0");
-    let imported = if baselines {
+    let (imported, imported_bytes) = if baselines {
         fast_import(n)
     } else {
-        Duration::from_secs(1)
+        (Duration::from_secs(1), 0)
     };
     eprintln!("git fast-import: {}", secs(imported));
     let peer = if baselines {
@@ -436,6 +555,7 @@ fn main() -> anyhow::Result<()> {
         }
     };
     eprintln!("shell peer: {}", secs(peer.seed));
+    let yaml = yaml_validation(n);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -472,10 +592,19 @@ fn main() -> anyhow::Result<()> {
         ratio(run.seed),
         millis(run.one_file)
     );
-    if let Some(daemon) = run.one_file_git_daemon {
+    println!(
+        "| (not a seed) YAML validation alone: the session's `parse_object` of every object, one thread | {} | {:.2}x | — |",
+        secs(yaml),
+        ratio(yaml)
+    );
+    if let Some((writer, cli)) = run.one_file_git_daemon {
         println!(
-            "| writer, same repo over `git daemon` (git://) | — | — | {} |",
-            millis(daemon)
+            "| writer, same repo over `git daemon` (git://: libgit2's generic push, as for https/ssh) | — | — | {} |",
+            millis(writer)
+        );
+        println!(
+            "| `git push` (CLI) of a one-file commit to the same `git daemon` (push only) | — | — | {} |",
+            millis(cli)
         );
     }
     println!();
@@ -483,6 +612,13 @@ fn main() -> anyhow::Result<()> {
         "Writer memory: peak RSS (VmHWM) {:.0} MiB during the seed, {:.0} MiB resident after it; \
          the process held {:.0} MiB before the writer started (bench client and runtime; included in the peak).",
         run.peak_rss_mib, run.rss_after_mib, run.rss_before_mib
+    );
+    println!(
+        "Disk after the seed: writer's clone {:.0} MiB (objects stored uncompressed), remote {:.0} MiB \
+         (shares the clone's packs through hard links), `git fast-import`'s repository {:.0} MiB.",
+        mib(run.clone_bytes),
+        mib(run.remote_bytes),
+        mib(imported_bytes)
     );
     Ok(())
 }

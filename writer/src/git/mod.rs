@@ -5,7 +5,7 @@
 //! ```text
 //! Clone::fetch ──► refs/remotes/origin/<branch> = remote tip = base
 //!                                                     │
-//! FileChange[] ──► Clone::commit(base, ..) ──► blobs + TreeUpdateBuilder ──► commit (no ref moved)
+//! FileChange[] ──► Clone::commit(base, ..) ──► blobs + rewritten trees + commit ──► one pack (no ref moved)
 //!                                                     │
 //!                  Clone::push(commit) ──► refs/heads/<branch> on the remote, fast-forward only
 //!                        │ Pushed   ──► base = commit
@@ -15,7 +15,13 @@
 //! Design points:
 //! - The clone is bare: nothing half-written can be left in a worktree, and commits are built from
 //!   trees directly, so the cost of a commit is proportional to the files it changes, not to the
-//!   size of the repository.
+//!   size of the repository. Trees are parsed once and cached (`tree.rs`); the objects of a
+//!   commit are written as one pack of uncompressed entries, and small packs are merged
+//!   (`pack.rs`).
+//! - A remote in the local file system (`file://`, a plain path) is pushed to directly: the new
+//!   objects as a pack, then a compare-and-swap of the branch under git's ref lock. Every other
+//!   transport goes through libgit2's push, which walks every tree of the remote tip to decide
+//!   what not to send: a cost proportional to the repository size (see `clone.rs`).
 //! - Pushes never use a forced refspec. A non-fast-forward or stale rejection is an ordinary
 //!   outcome ([`PushOutcome::Rejected`]), not an error: a human's concurrent commit must survive.
 //! - Error messages never carry credentials: URLs are scrubbed of userinfo and secrets are masked.
@@ -25,6 +31,8 @@
 
 mod auth;
 mod clone;
+mod pack;
+mod tree;
 mod url;
 
 use std::fmt;
