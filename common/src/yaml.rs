@@ -25,6 +25,15 @@ pub fn parse_object(bytes: &[u8]) -> Result<serde_json::Value, YamlError> {
     Ok(value)
 }
 
+/// Checks that `bytes` is one valid YAML document whose top level is a mapping with string keys (a Kubernetes
+/// object), without building the value: the writer validates every upsert on the stream, so this is on the hot path.
+pub fn validate_object(bytes: &[u8]) -> Result<(), YamlError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| YamlError(format!("not UTF-8: {e}")))?;
+    serde_saphyr::from_str::<std::collections::HashMap<String, serde::de::IgnoredAny>>(text)
+        .map(|_| ())
+        .map_err(|e| YamlError(first_line(&e.to_string())))
+}
+
 /// Whether two YAML documents carry the same value. Unparseable documents are equal only byte for byte.
 pub fn semantically_equal(a: &[u8], b: &[u8]) -> bool {
     if a == b {
@@ -67,5 +76,21 @@ mod tests {
         assert!(parse_object(b"key: [unclosed\n").is_err());
         assert!(parse_object(&[0xff, 0xfe]).is_err());
         assert!(parse_object(b"a: 1\n").is_ok());
+        for bad in [
+            &b"- a\n- b\n"[..],
+            b"key: [unclosed\n",
+            &[0xff, 0xfe],
+            b"just a string\n",
+            b"a: 1\na: 2\n",
+        ] {
+            assert!(
+                validate_object(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(
+            validate_object(b"apiVersion: v1\nkind: ConfigMap\ndata: {a: [1, {b: c}]}\n").is_ok()
+        );
     }
 }

@@ -236,7 +236,7 @@ pub fn validate_upsert(
             ),
         ));
     }
-    yaml::parse_object(content).map_err(|e| reject("InvalidYaml", e.to_string()))?;
+    yaml::validate_object(content).map_err(|e| reject("InvalidYaml", e.to_string()))?;
     Ok(())
 }
 
