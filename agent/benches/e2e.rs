@@ -43,7 +43,7 @@ use reverser_agent::{canonical, paths};
 use reverser_proto::v1::{
     self as pb, agent_message::Kind as In, writer_client::WriterClient, writer_message::Kind as Out,
 };
-use testkit::BareRepo;
+use testkit::{BareRepo, corpus};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -52,7 +52,6 @@ const BRANCH: &str = "main";
 const BASE: &str = "clusters/prod";
 /// The destination key the agent derives from the GitDestination (namespace/name).
 const DEST: &str = "gitops-reverser/prod";
-const NAMESPACES: usize = 100;
 const POLL: Duration = Duration::from_millis(100);
 const EMPTY_TREE: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
 const MIRRORED: [&str; 2] = [
@@ -94,140 +93,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The corpus (same shapes as writer/benches/corpus.rs, as objects the API server stores).
-
-fn namespace(i: usize) -> String {
-    format!("ns-{:02}", (i / 2) % NAMESPACES)
-}
-
-fn name(i: usize) -> String {
-    let app = [
-        "api", "web", "worker", "cache", "gateway", "billing", "search", "auth",
-    ][i % 8];
-    if i.is_multiple_of(2) {
-        format!("{app}-{i:06}-config")
-    } else {
-        format!("{app}-{i:06}")
-    }
-}
+// The corpus: `testkit::corpus`, the objects the writer's seed benchmark uses, as the API server stores them.
 
 fn object_path(i: usize) -> String {
-    let (group, resource) = if i.is_multiple_of(2) {
-        ("core", "configmaps")
-    } else {
-        ("apps", "deployments")
-    };
-    format!(
-        "{BASE}/{group}/v1/{resource}/{}/{}.yaml",
-        namespace(i),
-        name(i)
-    )
-}
-
-/// A ConfigMap (~300 B); `seq` marks updates.
-fn configmap(i: usize, seq: &str) -> String {
-    let (ns, name) = (namespace(i), name(i));
-    format!(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  labels:\n    app.kubernetes.io/name: {name}\n    \
-         app.kubernetes.io/part-of: shop\n  name: {name}\n  namespace: {ns}\ndata:\n  ENDPOINT: \
-         http://{name}.{ns}.svc.cluster.local:8080\n  FEATURE_FLAGS: alpha,beta\n  LOG_LEVEL: info\n  \
-         seq: {seq}\n"
-    )
-}
-
-/// A Deployment (~2 KiB).
-fn deployment(i: usize) -> String {
-    let (ns, name) = (namespace(i), name(i));
-    let replicas = 1 + i % 5;
-    let port = 8000 + i % 1000;
-    format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  annotations:
-    reverser.example.com/owner: team-{team}
-  labels:
-    app.kubernetes.io/component: backend
-    app.kubernetes.io/name: {name}
-    app.kubernetes.io/part-of: shop
-    app.kubernetes.io/version: 1.{i}.0
-  name: {name}
-  namespace: {ns}
-spec:
-  progressDeadlineSeconds: 600
-  replicas: {replicas}
-  revisionHistoryLimit: 10
-  selector:
-    matchLabels:
-      app.kubernetes.io/name: {name}
-  strategy:
-    rollingUpdate:
-      maxSurge: 25%
-      maxUnavailable: 25%
-    type: RollingUpdate
-  template:
-    metadata:
-      labels:
-        app.kubernetes.io/name: {name}
-        app.kubernetes.io/part-of: shop
-    spec:
-      containers:
-      - env:
-        - name: LOG_LEVEL
-          value: info
-        - name: POD_NAMESPACE
-          valueFrom:
-            fieldRef:
-              apiVersion: v1
-              fieldPath: metadata.namespace
-        envFrom:
-        - configMapRef:
-            name: {name}-config
-        image: registry.example.com/shop/{name}:1.{i}.0
-        imagePullPolicy: IfNotPresent
-        livenessProbe:
-          failureThreshold: 3
-          httpGet:
-            path: /healthz
-            port: http
-            scheme: HTTP
-          periodSeconds: 10
-          successThreshold: 1
-          timeoutSeconds: 1
-        name: {name}
-        ports:
-        - containerPort: {port}
-          name: http
-          protocol: TCP
-        resources:
-          limits:
-            cpu: 500m
-            memory: 256Mi
-          requests:
-            cpu: 100m
-            memory: 128Mi
-        securityContext:
-          allowPrivilegeEscalation: false
-          readOnlyRootFilesystem: true
-          runAsNonRoot: true
-        terminationMessagePath: /dev/termination-log
-        terminationMessagePolicy: File
-        volumeMounts:
-        - mountPath: /tmp
-          name: tmp
-      dnsPolicy: ClusterFirst
-      restartPolicy: Always
-      schedulerName: default-scheduler
-      securityContext:
-        fsGroup: 2000
-      serviceAccountName: {name}
-      terminationGracePeriodSeconds: 30
-      volumes:
-      - emptyDir: {{}}
-        name: tmp
-"#,
-        team = i % 7
-    )
+    format!("{BASE}/{}", corpus::path(i))
 }
 
 fn agent_config(repo_url: &str) -> String {
@@ -537,6 +406,7 @@ fn upsert(
         operation: operation as i32,
         author: String::new(),
         event_time: None,
+        fingerprint: String::new(),
     }))
 }
 
@@ -565,6 +435,7 @@ impl DirectStream {
             base_folder: BASE.into(),
             exclusive_mode: false,
             credentials: None,
+            age_recipients: Vec::new(),
         })))
         .await?;
         Ok(DirectStream {
@@ -698,7 +569,7 @@ where
 /// Path (relative to the base folder) and canonical YAML of the `k`-th update.
 fn update_of(k: usize, configmaps: usize) -> anyhow::Result<(usize, String, String)> {
     let i = 2 * (k % configmaps);
-    let doc = configmap(i, &format!("u{k}"));
+    let doc = corpus::configmap(i, &format!("u{k}"));
     let canonical = canonical::to_canonical_yaml(&canonical::parse_yaml(&doc)?)?;
     let path = object_path(i)
         .strip_prefix(&format!("{BASE}/"))
@@ -861,7 +732,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let emu = Emulator::start("127.0.0.1:0".parse()?).await?;
     emu.apply_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds"))
         .await?;
-    let namespaces: String = (0..NAMESPACES)
+    let namespaces: String = (0..corpus::NAMESPACES)
         .map(|i| format!("---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns-{i:02}\n"))
         .collect();
     emu.apply_yaml(&namespaces).await?;
@@ -870,9 +741,9 @@ async fn run(s: Settings) -> anyhow::Result<()> {
         let mut docs = String::new();
         for &i in chunk {
             let doc = if i.is_multiple_of(2) {
-                configmap(i, "s0")
+                corpus::configmap(i, "s0")
             } else {
-                deployment(i)
+                corpus::deployment(i, "s0")
             };
             bytes += doc.len();
             docs.push_str("---\n");
@@ -887,8 +758,9 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let l = load1();
     rows.push(row(
         format!(
-            "emulator load: {n} objects ({:.1} MiB manifests, {NAMESPACES} namespaces)",
-            bytes as f64 / 1048576.0
+            "emulator load: {n} objects ({:.1} MiB manifests, {} namespaces)",
+            bytes as f64 / 1048576.0,
+            corpus::NAMESPACES
         ),
         secs(t.elapsed()),
         &l,
@@ -1141,7 +1013,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let commits0 = commit_count(&repo_agent.path()).await;
     let load = paced(s.update_rate, s.update_secs, |k| {
         let emu = emu.clone();
-        let doc = configmap(2 * (k % configmaps), &format!("u{k}"));
+        let doc = corpus::configmap(2 * (k % configmaps), &format!("u{k}"));
         async move { emu.apply_yaml(&doc).await.map_err(anyhow::Error::from) }
     })
     .await?;

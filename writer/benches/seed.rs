@@ -9,7 +9,7 @@
 //!
 //! Environment:
 //! - `BENCH_OBJECTS` (default 10000): objects to seed, half ConfigMaps (~300 B), half Deployments
-//!   (~2 KiB) over 100 namespaces (see `support/corpus.rs`).
+//!   (~2 KiB) over 100 namespaces (see `testkit::corpus`).
 //! - `BENCH_ROUNDS` (default 21): one-file changes whose median is reported.
 //! - `BENCH_ORDER` = `grouped` (default: per type, then namespace, then name — the order of a
 //!   Kubernetes list) or `interleaved` (consecutive objects in different folders: the worst case
@@ -38,8 +38,7 @@
 //! runtime; the bench reports the resident size before the writer started as their baseline
 //! (objects are generated on the fly, so the client holds at most the stream's buffer).
 
-#[path = "support/corpus.rs"]
-mod corpus;
+use testkit::corpus;
 
 use std::io::Write as _;
 use std::path::Path;
@@ -168,7 +167,7 @@ fn fast_import(n: usize) -> (Duration, u64) {
     )
     .and_then(|()| {
         for i in order(n) {
-            let data = corpus::yaml(i, 0);
+            let data = corpus::yaml(i, "0");
             write!(
                 stdin,
                 "M 100644 inline {BASE}/{}\ndata {}\n",
@@ -211,7 +210,7 @@ fn shell_peer(n: usize, rounds: usize) -> ShellPeer {
     for i in order(n) {
         let path = work.join(BASE).join(corpus::path(i));
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-        std::fs::write(&path, corpus::yaml(i, 0)).expect("write file");
+        std::fs::write(&path, corpus::yaml(i, "0")).expect("write file");
     }
     let written = Instant::now();
     git_ok(&work, &["add", "-A"]);
@@ -227,7 +226,7 @@ fn shell_peer(n: usize, rounds: usize) -> ShellPeer {
         let started = Instant::now();
         std::fs::write(
             work.join(BASE).join(corpus::path(i)),
-            corpus::yaml(i, round as u64 + 1),
+            corpus::yaml(i, &(round + 1).to_string()),
         )
         .expect("write file");
         git_ok(&work, &["add", "-A"]);
@@ -272,7 +271,7 @@ fn cli_one_file_pushes(url: &str, n: usize, rounds: usize) -> Duration {
             .stdin
             .take()
             .expect("stdin")
-            .write_all(corpus::yaml(i, 5000 + round as u64).as_bytes())
+            .write_all(corpus::yaml(i, &(5000 + round).to_string()).as_bytes())
             .expect("write blob");
         let out = child.wait_with_output().expect("git hash-object");
         let blob = String::from_utf8_lossy(&out.stdout).trim().to_owned();
@@ -299,7 +298,7 @@ fn cli_one_file_pushes(url: &str, n: usize, rounds: usize) -> Duration {
 fn yaml_validation(n: usize) -> Duration {
     let started = Instant::now();
     for i in order(n) {
-        let yaml = corpus::yaml(i, 0);
+        let yaml = corpus::yaml(i, "0");
         reverser_common::yaml::parse_object(yaml.as_bytes()).expect("valid YAML");
     }
     started.elapsed()
@@ -357,6 +356,7 @@ impl Agent {
                 base_folder: BASE.into(),
                 exclusive_mode: false,
                 credentials: None,
+                age_recipients: Vec::new(),
             })))
             .await?;
         let mut replies = client
@@ -398,11 +398,12 @@ impl Agent {
                 sequence,
                 destination: DEST.into(),
                 path: corpus::path(i),
-                content: corpus::yaml(i, generation).into_bytes(),
+                content: corpus::yaml(i, &generation.to_string()).into_bytes(),
                 object: None,
                 operation: pb::Operation::Update as i32,
                 author: String::new(),
                 event_time: None,
+                fingerprint: String::new(),
             })))
             .await
             .context("stream closed")

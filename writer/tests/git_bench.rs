@@ -3,10 +3,9 @@
 //! The end-to-end benchmark (gRPC → writer → push, with baselines) is `benches/seed.rs`.
 //!
 //! `BENCH_FILES` sets the repository size (default 100,000), `BENCH_ORDER=interleaved` the worst
-//! order (see `benches/support/corpus.rs`).
+//! order (see `testkit::corpus`).
 
-#[path = "../benches/support/corpus.rs"]
-mod corpus;
+use testkit::corpus;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -38,7 +37,7 @@ fn meta(message: String) -> CommitMeta {
 fn change(i: usize, generation: u64) -> FileChange {
     FileChange::write(
         format!("{BASE}/{}", corpus::path(i)),
-        corpus::yaml(i, generation),
+        corpus::yaml(i, &generation.to_string()),
     )
 }
 
@@ -60,7 +59,7 @@ fn fast_import(remote: &BareRepo) -> Duration {
     )
     .unwrap();
     for i in corpus::order(files()) {
-        let data = corpus::yaml(i, 0);
+        let data = corpus::yaml(i, "0");
         write!(
             stdin,
             "M 100644 inline {BASE}/{}\ndata {}\n",

@@ -12,10 +12,14 @@
 //! | [`HttpGitServer`] | `git http-backend` (CGI) behind a small hyper + rustls HTTPS server with HTTP basic auth | smart HTTP over TLS: credentials, wrong passwords, custom CA ([`HttpGitServer::ca_file`]) |
 //! | [`SshGitServer`] | OpenSSH `sshd` with its own config, host key and one authorised client key | the SSH transport: private keys, known_hosts verification (`apt-get install -y openssh-server`) |
 //!
+//! [`corpus`] is the benchmark corpus (ConfigMaps and Deployments at the agent's paths) shared by the writer's
+//! and the agent's benchmarks.
+//!
 //! Every server serves a root directory; [`BareRepo::new`] puts `repo.git` in its own root, and
 //! each server has a `url()` for that repo (and `url_for(name)` for others).
 
 mod bare;
+pub mod corpus;
 mod daemon;
 mod http;
 mod ssh;

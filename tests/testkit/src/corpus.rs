@@ -3,8 +3,8 @@
 //! Half ConfigMaps (~300 B), half Deployments (~2 KiB), spread over [`NAMESPACES`] namespaces, at
 //! the paths the agent uses (relative to the destination's base folder):
 //! `core/v1/configmaps/ns-XX/<name>.yaml` and `apps/v1/deployments/ns-XX/<name>.yaml`.
-//! Shared by `benches/seed.rs` and `tests/git_bench.rs` (included with `#[path]`).
-#![allow(dead_code)]
+//! Shared by the writer's seed benchmark (`writer/benches/seed.rs`, `writer/tests/git_bench.rs`)
+//! and the agent's end-to-end benchmark (`agent/benches/e2e.rs`), so both measure the same objects.
 
 /// Namespaces the objects are spread over.
 pub const NAMESPACES: usize = 100;
@@ -35,11 +35,13 @@ pub fn path(i: usize) -> String {
     }
 }
 
-fn namespace(i: usize) -> String {
+/// Namespace of object `i`.
+pub fn namespace(i: usize) -> String {
     format!("ns-{:02}", (i / 2) % NAMESPACES)
 }
 
-fn name(i: usize) -> String {
+/// Name of object `i`.
+pub fn name(i: usize) -> String {
     let app = [
         "api", "web", "worker", "cache", "gateway", "billing", "search", "auth",
     ][i % 8];
@@ -50,26 +52,28 @@ fn name(i: usize) -> String {
     }
 }
 
-/// Canonical YAML of object `i`; `generation` varies one value (for "one changed file").
-pub fn yaml(i: usize, generation: u64) -> String {
+/// Canonical YAML of object `i`; `revision` varies one value (for "one changed file").
+pub fn yaml(i: usize, revision: &str) -> String {
     if i.is_multiple_of(2) {
-        configmap(i, generation)
+        configmap(i, revision)
     } else {
-        deployment(i, generation)
+        deployment(i, revision)
     }
 }
 
-fn configmap(i: usize, generation: u64) -> String {
+/// A ConfigMap (~300 B) whose `data.revision` is `revision`.
+pub fn configmap(i: usize, revision: &str) -> String {
     let (ns, name) = (namespace(i), name(i));
     format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  labels:\n    app.kubernetes.io/name: {name}\n    \
          app.kubernetes.io/part-of: shop\n  name: {name}\n  namespace: {ns}\ndata:\n  ENDPOINT: \
          http://{name}.{ns}.svc.cluster.local:8080\n  FEATURE_FLAGS: alpha,beta\n  LOG_LEVEL: info\n  \
-         generation: \"{generation}\"\n"
+         revision: \"{revision}\"\n"
     )
 }
 
-fn deployment(i: usize, generation: u64) -> String {
+/// A Deployment (~2 KiB) annotated with `revision`.
+pub fn deployment(i: usize, revision: &str) -> String {
     let (ns, name) = (namespace(i), name(i));
     let replicas = 1 + i % 5;
     let port = 8000 + i % 1000;
@@ -78,7 +82,7 @@ fn deployment(i: usize, generation: u64) -> String {
 kind: Deployment
 metadata:
   annotations:
-    reverser.example.com/generation: "{generation}"
+    reverser.example.com/revision: "{revision}"
   labels:
     app.kubernetes.io/component: backend
     app.kubernetes.io/name: {name}
@@ -166,8 +170,8 @@ spec:
 mod tests {
     #[test]
     fn sizes_are_realistic() {
-        let cm = super::yaml(0, 0).len();
-        let deploy = super::yaml(1, 0).len();
+        let cm = super::yaml(0, "0").len();
+        let deploy = super::yaml(1, "0").len();
         assert!((250..400).contains(&cm), "{cm}");
         assert!((1800..2400).contains(&deploy), "{deploy}");
     }
