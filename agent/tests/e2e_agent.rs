@@ -1450,3 +1450,120 @@ spec:
     agent.terminate().await;
     world.stop().await;
 }
+
+/// Runs the real `kubectl` against the emulator with the world's kubeconfig; panics with its stderr on failure.
+async fn kubectl(world: &World, args: &[&str], stdin: Option<&str>) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", &world.kubeconfig)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl is installed (scripts/install-test-deps.sh installs it)");
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(input.as_bytes()).await.unwrap();
+        drop(pipe);
+    }
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_with_kubectl_land_as_commits_and_a_second_apply_changes_nothing() {
+    let world = World::start().await;
+    let agent = world.agent(&["--controller-namespace", "gitops-reverser"], &[]);
+    world.wait_for_file(DEPLOYMENT, "replicas: 2").await;
+    world.wait_for_file(CONFIGMAP_APP, "color: blue").await;
+    agent.settle().await;
+
+    // Client-side apply creates (and records last-applied, which must not reach Git).
+    let created = "clusters/prod/core/v1/configmaps/shop/settings.yaml";
+    let manifest = |level: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: shop\ndata:\n  level: {level}\n"
+        )
+    };
+    kubectl(&world, &["apply", "-f", "-"], Some(&manifest("debug"))).await;
+    let text = world.wait_for_file(created, "level: debug").await;
+    assert!(
+        !text.contains("last-applied-configuration"),
+        "kubectl's bookkeeping annotation is stripped: {text}"
+    );
+    // A second apply of a change is a strategic-merge PATCH.
+    kubectl(&world, &["apply", "-f", "-"], Some(&manifest("info"))).await;
+    world.wait_for_file(created, "level: info").await;
+
+    // Patch (as `kubectl scale` would, the emulator has no /scale), label, create, delete.
+    kubectl(
+        &world,
+        &[
+            "-n",
+            "shop",
+            "patch",
+            "deployment",
+            "web",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"replicas":4}}"#,
+        ],
+        None,
+    )
+    .await;
+    kubectl(
+        &world,
+        &["-n", "shop", "label", "configmap", "app", "tier=frontend"],
+        None,
+    )
+    .await;
+    // (`kubectl create configmap NAME` would send protobuf, which the JSON-only emulator refuses.)
+    kubectl(
+        &world,
+        &["create", "-f", "-"],
+        Some("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: literal, namespace: shop}\ndata: {greeting: hello}\n"),
+    )
+    .await;
+    kubectl(&world, &["-n", "shop", "delete", "service", "web"], None).await;
+    world.wait_for_file(DEPLOYMENT, "replicas: 4").await;
+    world.wait_for_file(CONFIGMAP_APP, "tier: frontend").await;
+    world
+        .wait_for_file(
+            "clusters/prod/core/v1/configmaps/shop/literal.yaml",
+            "greeting: hello",
+        )
+        .await;
+    world.wait_until_gone(SERVICE).await;
+    agent.settle().await;
+
+    // Re-applying what is already live changes nothing in the cluster, so nothing in Git either.
+    let commits = world.repo.commit_count(BRANCH);
+    let unchanged = kubectl(&world, &["apply", "-f", "-"], Some(&manifest("info"))).await;
+    assert!(unchanged.contains("unchanged"), "{unchanged}");
+    agent.settle().await;
+    assert_eq!(world.repo.commit_count(BRANCH), commits);
+
+    // Server-side apply takes a field over; the change lands like any other.
+    kubectl(
+        &world,
+        &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+        Some(&manifest("warn")),
+    )
+    .await;
+    let text = world.wait_for_file(created, "level: warn").await;
+    assert!(!text.contains("managedFields"), "{text}");
+
+    agent.terminate().await;
+    world.stop().await;
+}
