@@ -13,6 +13,9 @@ command -v git >/dev/null 2>&1 || need_apt+=(git)
 command -v kubectl >/dev/null 2>&1 || need_apt+=(kubernetes-client)
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v age >/dev/null 2>&1 || need_apt+=(age)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-test-deps: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -35,6 +38,13 @@ if [ ! -x "$TOOLS/bin/grpcurl" ]; then
   rm -rf "$tmp"
 fi
 
+# SOPS interop tests (agent/tests/sops_*.rs): sops-age, an independent SOPS + age decrypter, from npm.
+if [ ! -f "$TOOLS/node/node_modules/sops-age/package.json" ]; then
+  echo "install-test-deps: npm sops-age@4.0.2 into .tools/node"
+  mkdir -p "$TOOLS/node"
+  npm install -q --prefix "$TOOLS/node" --no-audit --no-fund sops-age@4.0.2 >/dev/null
+fi
+
 # Chart tests (tests/chart): helm-sdkpy needs Python >= 3.12 (pyenv provides it here), kept in a venv under .tools.
 if [ ! -x "$TOOLS/chart-venv/bin/python" ]; then
   py=""
@@ -47,7 +57,7 @@ fi
 "$TOOLS/chart-venv/bin/python" -c 'import helm_sdkpy, kubernetes_validate, pytest, yaml' 2>/dev/null \
   || "$TOOLS/chart-venv/bin/python" -m pip install -q -r tests/chart/requirements.txt
 
-for tool in sshd promtool kubectl git python3 docker-compose openssl; do
+for tool in sshd promtool kubectl git python3 docker-compose openssl age node npm; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool after install" >&2; exit 1; }
 done
 "$TOOLS/bin/grpcurl" -version >/dev/null 2>&1

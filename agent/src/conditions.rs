@@ -41,10 +41,13 @@
 //! - `Ready` is the configuration verdict; when that is Ready but the rule's destination is not
 //!   Ready because of the writer, the rule is `Ready=False` with the destination's reason and a
 //!   message naming the destination.
-//! - `SecretsSkipped=True` (reason `EncryptionNotConfigured`) on every rule whose selection
-//!   includes Secrets, explicitly or through the desired-state preset: until encrypted output
-//!   exists, Secrets are never watched, so no plaintext Secret ever reaches Git. The condition is
-//!   removed when the rule stops selecting Secrets.
+//! - `SecretsSkipped=True` on every rule whose selection includes Secrets, explicitly or through
+//!   the desired-state preset, while its destination does not encrypt: reason
+//!   `EncryptionNotConfigured` (no `spec.encryption`), `InvalidRecipients` (a recipient is not an
+//!   age public key, or there is none) or `RecipientsSecretNotFound` / `RecipientsSecretUnreadable`
+//!   (the recipients Secret is missing or unreadable). Such a destination is never sent a Secret, so
+//!   no plaintext Secret ever reaches Git. The condition is removed when the rule stops selecting
+//!   Secrets or its destination encrypts them.
 
 use std::collections::BTreeMap;
 
@@ -361,7 +364,7 @@ pub fn rule_conditions(
     config: &ReadyCondition,
     destination_key: &str,
     destination: Option<&DestinationReadiness>,
-    selects_secrets: bool,
+    secrets_skipped: Option<DesiredCondition>,
 ) -> DesiredConditions {
     let ready = match destination {
         Some(d) if config.ready && d.from_writer => DesiredCondition::new(
@@ -379,8 +382,8 @@ pub fn rule_conditions(
         set: vec![ready],
         remove: Vec::new(),
     };
-    if selects_secrets {
-        out.set.push(secrets_skipped());
+    if let Some(skipped) = secrets_skipped {
+        out.set.push(skipped);
     } else {
         out.remove.push(SECRETS_SKIPPED);
     }
@@ -389,13 +392,17 @@ pub fn rule_conditions(
 
 /// `SecretsSkipped=True`: the rule selects Secrets, which are not mirrored without encryption.
 pub fn secrets_skipped() -> DesiredCondition {
-    DesiredCondition::new(
-        SECRETS_SKIPPED,
-        true,
+    secrets_skipped_because(
         ENCRYPTION_NOT_CONFIGURED,
-        "this rule selects Secrets, but encrypted output is not configured: Secrets are not \
-         watched and no plaintext Secret ever reaches Git",
+        "this rule selects Secrets, but its GitDestination has no spec.encryption: Secrets are not \
+         sent and no plaintext Secret ever reaches Git",
     )
+}
+
+/// `SecretsSkipped=True` with a specific reason (`EncryptionNotConfigured`, `InvalidRecipients`,
+/// `RecipientsSecretNotFound`, …) and message.
+pub fn secrets_skipped_because(reason: &str, message: &str) -> DesiredCondition {
+    DesiredCondition::new(SECRETS_SKIPPED, true, reason, message)
 }
 
 /// The status to write so that it holds `desired` for `generation`, or `None` when it already
@@ -663,7 +670,7 @@ mod tests {
             message: "the writer reports: no such repository".into(),
             from_writer: true,
         };
-        let set = rule_conditions(&resolved(), KEY, Some(&failing), false);
+        let set = rule_conditions(&resolved(), KEY, Some(&failing), None);
         assert!(!set.set[0].status);
         assert_eq!(set.set[0].reason, "RemoteUnreachable");
         assert!(set.set[0].message.contains("GitDestination gitops/prod"));
@@ -674,7 +681,7 @@ mod tests {
             message: String::new(),
             from_writer: false,
         };
-        let set = rule_conditions(&resolved(), KEY, Some(&fine), true);
+        let set = rule_conditions(&resolved(), KEY, Some(&fine), Some(secrets_skipped()));
         assert!(set.set[0].status);
         let secrets = find(&set, SECRETS_SKIPPED).unwrap();
         assert!(secrets.status && secrets.reason == ENCRYPTION_NOT_CONFIGURED);

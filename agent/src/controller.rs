@@ -42,7 +42,11 @@ use crate::conditions::{
 };
 use crate::crd::{ClusterWatchRule, GitDestination, GitRepoConfig, ResourceStatus, WatchRule};
 use crate::ingest::Selection;
-use crate::ingest::resolve::{Inputs, ReadyCondition, Resolution, resolve};
+use std::collections::BTreeMap;
+
+use crate::ingest::resolve::{
+    EncryptionLookup, Inputs, ReadyCondition, Resolution, resolve_with_encryption,
+};
 use crate::ingest::selection::NamespaceLabels;
 
 /// The condition type every object gets.
@@ -53,12 +57,19 @@ pub const READY: &str = conditions::READY;
 pub struct ControllerConfig {
     /// Events arriving within this window are resolved once (an `apply -f dir/` is one burst).
     pub debounce: Duration,
+    /// The agent's namespace: where the per-destination fingerprint keys are kept (Secrets
+    /// `gitops-reverser-fingerprint-…`).
+    pub namespace: String,
+    /// How often encrypting destinations' recipients (and recipients Secrets) are re-read.
+    pub encryption_refresh: Duration,
 }
 
 impl Default for ControllerConfig {
     fn default() -> Self {
         Self {
             debounce: Duration::from_millis(200),
+            namespace: "gitops-reverser".into(),
+            encryption_refresh: Duration::from_secs(30),
         }
     }
 }
@@ -205,14 +216,17 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn resolve(&self) -> Resolution {
-        resolve(Inputs {
-            repos: &self.repos,
-            destinations: &self.destinations,
-            watch_rules: &self.watch_rules,
-            cluster_watch_rules: &self.cluster_watch_rules,
-            namespaces: &self.namespaces,
-        })
+    fn resolve(&self, encryption: &BTreeMap<String, EncryptionLookup>) -> Resolution {
+        resolve_with_encryption(
+            Inputs {
+                repos: &self.repos,
+                destinations: &self.destinations,
+                watch_rules: &self.watch_rules,
+                cluster_watch_rules: &self.cluster_watch_rules,
+                namespaces: &self.namespaces,
+            },
+            encryption,
+        )
     }
 }
 
@@ -246,12 +260,18 @@ async fn run(
 
     // Without a sender the last view stays in force.
     let mut writer_open = true;
+    let mut keys = encryption::KeyCache::default();
+    let mut refresh = tokio::time::interval(config.encryption_refresh);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             tick = ticks.next() => match tick {
                 Some((index, done)) => listed[index] |= done,
                 None => return,
             },
+            // Recipients Secrets are not watched (the agent does not hold every Secret in memory):
+            // re-read them now and then, so a changed or deleted one takes effect.
+            _ = refresh.tick() => {}
             changed = writer_view.changed(), if writer_open => {
                 writer_open = changed.is_ok();
                 if !writer_open {
@@ -280,7 +300,14 @@ async fn run(
             continue;
         }
         let snapshot = stores.snapshot();
-        let resolution = snapshot.resolve();
+        let lookups = encryption::lookup_all(
+            &writer.client,
+            &config.namespace,
+            &snapshot.destinations,
+            &mut keys,
+        )
+        .await;
+        let resolution = snapshot.resolve(&lookups);
         stats
             .resolutions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -302,6 +329,197 @@ async fn run(
         synced.send_replace(true);
         let view = writer_view.borrow_and_update().clone();
         writer.write_all(&snapshot, &resolution, &view).await;
+    }
+}
+
+/// Looks up what encrypting destinations need: their recipients and fingerprint keys.
+mod encryption {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, ObjectMeta, PostParams};
+    use kube::{Client, ResourceExt};
+    use sha2::{Digest, Sha256};
+    use tracing::warn;
+
+    use crate::crd::GitDestination;
+    use crate::ingest::resolve::EncryptionLookup;
+    use crate::sops::{self, Encryption, FingerprintKey};
+
+    /// Key of the fingerprint key inside its Secret.
+    const KEY: &str = "key";
+
+    /// Fingerprint keys already read or created, per destination key.
+    #[derive(Default)]
+    pub(super) struct KeyCache(BTreeMap<String, FingerprintKey>);
+
+    /// `gitops-reverser-fingerprint-{namespace}.{name}`, or a hash of the key when that is too long for
+    /// a Secret name.
+    pub fn fingerprint_secret_name(destination_key: &str) -> String {
+        let readable = format!(
+            "gitops-reverser-fingerprint-{}",
+            destination_key.replace('/', ".")
+        );
+        if readable.len() <= 253 {
+            readable
+        } else {
+            let digest = hex::encode(Sha256::digest(destination_key.as_bytes()));
+            format!("gitops-reverser-fingerprint-{}", &digest[..32])
+        }
+    }
+
+    pub(super) async fn lookup_all(
+        client: &Client,
+        namespace: &str,
+        destinations: &[GitDestination],
+        keys: &mut KeyCache,
+    ) -> BTreeMap<String, EncryptionLookup> {
+        let mut out = BTreeMap::new();
+        for dest in destinations {
+            let Some(spec) = &dest.spec.encryption else {
+                continue;
+            };
+            let ns = dest.namespace().unwrap_or_default();
+            let dest_key = format!("{ns}/{}", dest.name_any());
+            let lookup = match recipients(client, &ns, &spec.age).await {
+                Err((reason, message)) => EncryptionLookup::Failed { reason, message },
+                Ok(recipients) => match fingerprint_key(client, namespace, &dest_key, keys).await {
+                    Ok(fingerprint_key) => EncryptionLookup::Ready(Encryption {
+                        recipients,
+                        fingerprint_key,
+                    }),
+                    Err(message) => EncryptionLookup::Failed {
+                        reason: "FingerprintKeyUnavailable".into(),
+                        message,
+                    },
+                },
+            };
+            if let EncryptionLookup::Failed { reason, message } = &lookup {
+                warn!(destination = %dest_key, %reason, %message, "encryption of the destination is not usable; its Secrets are not sent");
+            }
+            out.insert(dest_key, lookup);
+        }
+        out
+    }
+
+    async fn recipients(
+        client: &Client,
+        ns: &str,
+        age: &crate::crd::AgeEncryption,
+    ) -> Result<Vec<String>, (String, String)> {
+        let mut entries: Vec<String> = age.recipients.clone();
+        if let Some(reference) = &age.recipients_secret_ref {
+            let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+            let unreadable = |message: String| ("RecipientsSecretUnreadable".to_owned(), message);
+            let secret = api
+                .get_opt(&reference.name)
+                .await
+                .map_err(|e| {
+                    unreadable(format!(
+                        "reading Secret {ns}/{} failed: {e}",
+                        reference.name
+                    ))
+                })?
+                .ok_or_else(|| {
+                    (
+                        "RecipientsSecretNotFound".to_owned(),
+                        format!(
+                            "the recipients Secret {ns}/{} does not exist",
+                            reference.name
+                        ),
+                    )
+                })?;
+            let data = secret.data.unwrap_or_default();
+            let values: Vec<&ByteString> = match &reference.key {
+                Some(key) => vec![data.get(key).ok_or_else(|| {
+                    unreadable(format!(
+                        "the recipients Secret {ns}/{} has no key {key:?}",
+                        reference.name
+                    ))
+                })?],
+                None => data.values().collect(),
+            };
+            for value in values {
+                entries.push(String::from_utf8(value.0.clone()).map_err(|_| {
+                    unreadable(format!(
+                        "the recipients Secret {ns}/{} is not UTF-8 text",
+                        reference.name
+                    ))
+                })?);
+            }
+        }
+        sops::parse_recipients(entries.iter().map(String::as_str))
+            .map_err(|e| ("InvalidRecipients".to_owned(), e.to_string()))
+    }
+
+    /// The destination's fingerprint key: cached, else read from its Secret, else created (a race with
+    /// another leader creating it is resolved by reading theirs).
+    async fn fingerprint_key(
+        client: &Client,
+        namespace: &str,
+        dest_key: &str,
+        keys: &mut KeyCache,
+    ) -> Result<FingerprintKey, String> {
+        if let Some(key) = keys.0.get(dest_key) {
+            return Ok(key.clone());
+        }
+        let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+        let name = fingerprint_secret_name(dest_key);
+        let read = |secret: Secret| {
+            secret
+                .data
+                .and_then(|d| d.get(KEY).and_then(|v| FingerprintKey::from_slice(&v.0)))
+                .ok_or_else(|| format!("Secret {namespace}/{name} holds no 32-byte {KEY:?}"))
+        };
+        let key = match api.get_opt(&name).await {
+            Err(e) => return Err(format!("reading Secret {namespace}/{name} failed: {e}")),
+            Ok(Some(secret)) => read(secret)?,
+            Ok(None) => {
+                let key = FingerprintKey::generate();
+                let secret = Secret {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        namespace: Some(namespace.to_owned()),
+                        labels: Some(
+                            [(
+                                "app.kubernetes.io/managed-by".to_owned(),
+                                "gitops-reverser".to_owned(),
+                            )]
+                            .into(),
+                        ),
+                        annotations: Some(
+                            [(
+                                "configbutler.ai/destination".to_owned(),
+                                dest_key.to_owned(),
+                            )]
+                            .into(),
+                        ),
+                        ..Default::default()
+                    },
+                    data: Some([(KEY.to_owned(), ByteString(key.as_bytes().to_vec()))].into()),
+                    type_: Some("Opaque".into()),
+                    ..Default::default()
+                };
+                match api.create(&PostParams::default(), &secret).await {
+                    Ok(_) => key,
+                    Err(kube::Error::Api(status)) if status.code == 409 => match api
+                        .get(&name)
+                        .await
+                    {
+                        Ok(secret) => read(secret)?,
+                        Err(e) => {
+                            return Err(format!("reading Secret {namespace}/{name} failed: {e}"));
+                        }
+                    },
+                    Err(e) => {
+                        return Err(format!("creating Secret {namespace}/{name} failed: {e}"));
+                    }
+                }
+            }
+        };
+        keys.0.insert(dest_key.to_owned(), key.clone());
+        Ok(key)
     }
 }
 
@@ -348,7 +566,12 @@ impl StatusWriter {
                     config,
                     &dest_key,
                     readiness.get(&dest_key),
-                    resolution.rules_selecting_secrets.contains(&id),
+                    resolution
+                        .secrets_skipped
+                        .get(&id)
+                        .map(|(reason, message)| {
+                            conditions::secrets_skipped_because(reason, message)
+                        }),
                 );
                 let api = Api::<WatchRule>::namespaced(self.client.clone(), &ns);
                 self.write(&api, rule, rule.status.as_ref(), &desired).await;
@@ -363,7 +586,12 @@ impl StatusWriter {
                     config,
                     &dest_key,
                     readiness.get(&dest_key),
-                    resolution.rules_selecting_secrets.contains(&id),
+                    resolution
+                        .secrets_skipped
+                        .get(&id)
+                        .map(|(reason, message)| {
+                            conditions::secrets_skipped_because(reason, message)
+                        }),
                 );
                 let api = Api::<ClusterWatchRule>::all(self.client.clone());
                 self.write(&api, rule, rule.status.as_ref(), &desired).await;

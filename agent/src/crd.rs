@@ -239,6 +239,44 @@ pub struct GitDestinationSpec {
     /// Refuse to write when `{baseFolder}/.configbutler/owner.yaml` names another owner.
     #[serde(default)]
     pub exclusive_mode: bool,
+    /// Encrypt sensitive objects (Secrets, and the agent's `--sensitive-resources`) with SOPS + age before
+    /// they leave the cluster. Without it, rules selecting Secrets skip them: Secrets never reach Git in
+    /// plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionSpec>,
+}
+
+/// How a destination encrypts sensitive objects.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptionSpec {
+    /// SOPS with age: the files are `{name}.sops.yaml`, readable by `sops --decrypt` and Flux's
+    /// kustomize-controller (`decryption.provider: sops`) with any matching age identity.
+    pub age: AgeEncryption,
+}
+
+/// age recipients (X25519 public keys, `age1…`), inline and/or from a Secret; all of them are used.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgeEncryption {
+    /// Public keys, e.g. `age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
+    /// A Secret in the GitDestination's namespace whose value(s) list public keys, one per line or
+    /// comma-separated (`#` starts a comment). Re-read periodically: a changed list re-encrypts every file once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients_secret_ref: Option<SecretKeyReference>,
+}
+
+/// A key of a Secret in the referencing object's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyReference {
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// The key holding the recipients; every key of the Secret when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// Kind of change a rule applies to.

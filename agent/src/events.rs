@@ -15,6 +15,8 @@ pub struct DestinationDecl {
     pub exclusive_mode: bool,
     /// Name of an entry of the writer's credentials file, when the repo config names one.
     pub credentials_reference: Option<String>,
+    /// SOPS + age encryption of sensitive objects (Secrets): without it they are never sent.
+    pub encryption: Option<crate::sops::Encryption>,
 }
 
 /// Which Kubernetes object an event is about.
@@ -51,6 +53,8 @@ pub enum AgentEvent {
         object: ObjectRef,
         created: bool,
         author: Option<String>,
+        /// For SOPS-encrypted objects: the keyed fingerprint of the plaintext (the writer's no-op test).
+        fingerprint: Option<String>,
     },
     /// Remove the object's file.
     Delete {

@@ -32,6 +32,7 @@
 //!   feedback, `WriterConnected`, `SecretsSkipped`).
 //! - [`ingest`]: discovery, one List+Watch per selected type and scope, snapshot
 //!   epochs, [`events::AgentEvent`]s.
+//! - [`sops`]: SOPS v3 + age encryption of sensitive objects (Secrets) and their keyed fingerprints.
 //! - [`stream`]: the gRPC client delivering those events to the writer at least once.
 //! - [`run`]: flags, wiring, metrics and the admin endpoint.
 
@@ -45,5 +46,6 @@ pub mod leader;
 pub mod paths;
 pub mod rules;
 pub mod run;
+pub mod sops;
 pub mod stream;
 pub mod webhook;

@@ -351,6 +351,9 @@ pub fn is_derived_or_generated(obj: &Value) -> Option<&'static str> {
     if controller_owned {
         return Some(REASON_CONTROLLER_OWNED);
     }
+    if is_fingerprint_key(obj) {
+        return Some(REASON_FINGERPRINT_KEY);
+    }
     let is_root_ca = obj.get("apiVersion").and_then(Value::as_str) == Some("v1")
         && obj.get("kind").and_then(Value::as_str) == Some("ConfigMap")
         && obj.pointer("/metadata/name").and_then(Value::as_str) == Some("kube-root-ca.crt");
@@ -358,6 +361,22 @@ pub fn is_derived_or_generated(obj: &Value) -> Option<&'static str> {
 }
 
 const REASON_CONTROLLER_OWNED: &str = "controller-owned";
+const REASON_FINGERPRINT_KEY: &str = "fingerprint-key";
+
+/// The agent's own per-destination fingerprint keys (Secrets `gitops-reverser-fingerprint-…` it
+/// created): agent state, never mirrored.
+fn is_fingerprint_key(obj: &Value) -> bool {
+    obj.get("apiVersion").and_then(Value::as_str) == Some("v1")
+        && obj.get("kind").and_then(Value::as_str) == Some("Secret")
+        && obj
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| n.starts_with("gitops-reverser-fingerprint-"))
+        && obj
+            .pointer("/metadata/labels/app.kubernetes.io~1managed-by")
+            .and_then(Value::as_str)
+            == Some("gitops-reverser")
+}
 const REASON_KUBE_ROOT_CA: &str = "kube-root-ca.crt";
 
 /// Opt-ins for objects skipped by default.

@@ -9,7 +9,7 @@
 //!                    │      └──── WriterView (watch): statuses, rejects, connection ◀──┘          │
 //!                    └────────────────────────────────────────────────────────────────────────┘
 //! admin: /metrics (counters folded across terms), /healthz, /readyz
-//! webhook (--webhook-addr, once per process) ──facts──▶ FactStore (kept across terms) ──▶ ingestion
+//! webhook (--webhook-addr, leader only) ──facts──▶ FactStore (one per process, kept across terms) ──▶ ingestion
 //!   (authors); with --webhook-manage-configuration the leader applies the webhook configuration
 //! ```
 //!
@@ -132,6 +132,19 @@ pub struct Args {
     /// Never watch this type: `plural` (any group) or `plural.group`. Repeatable; comma-separated in the env var.
     #[arg(long, env = "AGENT_DISCOVERY_EXCLUDE", value_delimiter = ',')]
     pub discovery_exclude: Vec<String>,
+    /// Types only ever sent SOPS-encrypted, and only to GitDestinations with `spec.encryption`: `plural` (any
+    /// group) or `plural.group`. Repeatable; comma-separated in the env var. Core `secrets` always are.
+    #[arg(
+        long,
+        env = "AGENT_SENSITIVE_RESOURCES",
+        value_delimiter = ',',
+        default_value = "secrets"
+    )]
+    pub sensitive_resources: Vec<String>,
+    /// How often the recipients of encrypting GitDestinations (and their recipients Secrets) are re-read
+    /// (`30s`, `5m`).
+    #[arg(long, env = "AGENT_ENCRYPTION_REFRESH", default_value = "30s", value_parser = parse_duration)]
+    pub encryption_refresh: Duration,
     /// Also mirror objects a controller generated (a controller `ownerReference`: ReplicaSets of Deployments,
     /// Jobs of CronJobs …); skipped by default because their owner is already mirrored.
     #[arg(long, env = "AGENT_KEEP_CONTROLLER_OWNED")]
@@ -213,6 +226,8 @@ impl Args {
             leader_election_renew_sec,
             watch_all,
             discovery_exclude,
+            sensitive_resources,
+            encryption_refresh,
             keep_controller_owned,
             keep_kube_root_ca,
             discovery_refresh,
@@ -254,20 +269,24 @@ impl Args {
 
         let mut shutdown = Box::pin(shutdown);
         let metrics = Metrics::new()?;
-        // Attribution: one store per process, kept across leader terms. Every replica serves
-        // the webhook; the chart's Service sends admission requests to the leader only.
-        let (attribution, webhook_handle) = match webhook_server {
+        // Attribution: one store per process, kept across leader terms. Only the leader serves the
+        // webhook (a standby answers nothing on its port); the certificate is checked now, so a bad
+        // one fails the start rather than a later term.
+        let attribution = match &webhook_server {
             Some(server_config) => {
+                webhook::tls::ReloadingCert::load(
+                    server_config.cert_file.clone(),
+                    server_config.key_file.clone(),
+                    Arc::new(rustls::crypto::ring::default_provider()),
+                )
+                .context("loading the attribution webhook's certificate")?;
                 let attribution_metrics = AttributionMetrics::new()?;
                 attribution_metrics.register(&metrics.registry)?;
-                let store = FactStore::new(facts_config, attribution_metrics);
-                let handle = webhook::spawn(server_config, store.clone())
-                    .await
-                    .context("starting the attribution webhook")?;
-                (Some(store), Some(handle))
+                Some(FactStore::new(facts_config, attribution_metrics))
             }
-            None => (None, None),
+            None => None,
         };
+        let webhook_parts = webhook_server.zip(attribution.clone());
         let readiness = admin::Readiness::default();
         let (admin_stop, admin_stop_rx) = oneshot::channel::<()>();
         let (bound, admin_task) = admin::serve(
@@ -304,6 +323,7 @@ impl Args {
             discovery: DiscoveryOptions {
                 watch_all,
                 exclude: discovery_exclude,
+                sensitive: sensitive_resources,
                 ..DiscoveryOptions::default()
             },
             discovery_refresh,
@@ -317,14 +337,21 @@ impl Args {
         let parts = Arc::new(Parts {
             client: client.clone(),
             stream: stream_config,
+            controller: ControllerConfig {
+                namespace: controller_namespace.clone(),
+                encryption_refresh,
+                ..ControllerConfig::default()
+            },
             ingest: ingest_config,
             metrics: metrics.clone(),
             registration,
         });
         let pump = tokio::spawn(metrics.clone().pump(readiness.clone()));
 
+        let mut webhook_handle = None;
         if !leader_election {
             metrics.leader.set(1);
+            webhook_handle = start_webhook(webhook_parts.as_ref()).await;
             let session = Session::start(&parts);
             shutdown.await;
             session.stop().await;
@@ -346,6 +373,8 @@ impl Args {
                     changed = leading.wait_for(|l| *l) => if changed.is_err() { bail!("leader election stopped") },
                 }
                 metrics.leader.set(1);
+                // Listening before the label: the Service routes to the labelled Pod at once.
+                webhook_handle = start_webhook(webhook_parts.as_ref()).await;
                 label_own_pod(&client, true).await;
                 let session = Session::start(&parts);
                 let stop = tokio::select! {
@@ -366,11 +395,14 @@ impl Args {
                 warn!("lost the leader lease: stopping at once");
                 session.abort();
                 label_own_pod(&client, false).await;
+                if let Some(handle) = webhook_handle.take() {
+                    handle.shutdown().await;
+                }
             }
             election.abort();
         }
         pump.abort();
-        if let Some(handle) = webhook_handle {
+        if let Some(handle) = webhook_handle.take() {
             handle.shutdown().await;
         }
         let _ = admin_stop.send(());
@@ -384,10 +416,26 @@ impl Args {
 struct Parts {
     client: kube::Client,
     stream: StreamConfig,
+    controller: ControllerConfig,
     ingest: IngestConfig,
     metrics: Metrics,
     /// The webhook configuration to keep in sync with the watched types while leading.
     registration: Option<Registration>,
+}
+
+/// Starts the attribution webhook for a leader term (or the whole run without leader election). A failure (the
+/// port still held, say) is logged and the term goes on without it: changes are then the bot's, never lost.
+async fn start_webhook(
+    parts: Option<&(webhook::WebhookConfig, FactStore)>,
+) -> Option<webhook::WebhookHandle> {
+    let (config, store) = parts?;
+    match webhook::spawn(config.clone(), store.clone()).await {
+        Ok(handle) => Some(handle),
+        Err(error) => {
+            warn!(%error, "the attribution webhook could not start; changes of this term are the bot's");
+            None
+        }
+    }
 }
 
 /// While leading: server-side applies the `ValidatingWebhookConfiguration` whenever the set of
@@ -569,7 +617,7 @@ impl Session {
         let (writer_view_tx, writer_view_rx) = watch::channel(WriterView::default());
         let controller = controller::spawn_with_writer(
             parts.client.clone(),
-            ControllerConfig::default(),
+            parts.controller.clone(),
             selection_tx,
             writer_view_rx,
         );

@@ -83,6 +83,7 @@ fn declare(repo_url: &str) -> AgentEvent {
         base_folder: "c".into(),
         exclusive_mode: false,
         credentials_reference: None,
+        encryption: None,
     })
 }
 
@@ -100,6 +101,7 @@ fn upsert(name: &str, value: &str) -> AgentEvent {
         },
         created: true,
         author: None,
+        fingerprint: None,
     }
 }
 

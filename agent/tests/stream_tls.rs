@@ -116,6 +116,7 @@ fn events(repo_url: &str) -> [AgentEvent; 2] {
             base_folder: "c".into(),
             exclusive_mode: false,
             credentials_reference: None,
+            encryption: None,
         }),
         AgentEvent::Upsert {
             destination: "gitops/prod".into(),
@@ -124,6 +125,7 @@ fn events(repo_url: &str) -> [AgentEvent; 2] {
             object: ObjectRef::default(),
             created: true,
             author: None,
+            fingerprint: None,
         },
     ]
 }

@@ -420,3 +420,56 @@ fn admitted_and_watched_hashes_agree_for_every_corpus_create_and_update() {
         );
     }
 }
+
+#[test]
+fn a_kubectl_scale_is_attributed_to_the_deployments_next_version() {
+    let (store, _) = store();
+    // The corpus holds the audit of `PATCH .../deployments/d1/scale` (its response is the
+    // Scale as persisted, at the version the first watch event carries) but not the
+    // AdmissionReview: build it as the API server does, from the Scale before and after.
+    let audit = corpus("deployment/scale-patch/audit.patch.yaml");
+    let after = audit["responseObject"].clone();
+    let mut before = after.clone();
+    before["metadata"]["resourceVersion"] = json!("0");
+    before["spec"]["replicas"] = json!(1);
+    let mut admitted = after.clone();
+    admitted["metadata"]["resourceVersion"] = json!("0");
+    let review = |user: &str| {
+        review_of(json!({
+            "uid": format!("req-{user}"),
+            "kind": {"group": "autoscaling", "version": "v1", "kind": "Scale"},
+            "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
+            "subResource": "scale",
+            "requestKind": {"group": "autoscaling", "version": "v1", "kind": "Scale"},
+            "requestResource": {"group": "apps", "version": "v1", "resource": "deployments"},
+            "requestSubResource": "scale",
+            "name": "d1", "namespace": audit["objectRef"]["namespace"],
+            "operation": "UPDATE",
+            "userInfo": audit["user"].clone(),
+            "object": admitted, "oldObject": before, "dryRun": false
+        }))
+    };
+    assert_eq!(admit_body(&store, &review("admin")), Outcome::Recorded);
+    let fact = &store.snapshot()[0];
+    assert_eq!(fact.key.resource, "deployments");
+    assert_eq!(fact.scale_replicas, Some(2));
+    // The Deployment's next version (the scale) is the admin's; the controller's status
+    // write after it (same spec) is nobody's.
+    let scaled = corpus("deployment/scale-patch/watch.modified.1.yaml");
+    assert_eq!(
+        feed(&store, "apps", "deployments", &scaled),
+        Some("system:admin".into())
+    );
+    let status = corpus("deployment/scale-patch/watch.modified.2.yaml");
+    assert_eq!(feed(&store, "apps", "deployments", &status), None);
+    assert!(store.is_empty());
+
+    // The same scale denied after admission: the next version keeps the old replicas, and
+    // the fact is gone before a later, unseen scale to 2 could claim it.
+    assert_eq!(admit_body(&store, &review("admin")), Outcome::Recorded);
+    let mut unscaled = scaled.clone();
+    unscaled["object"]["spec"]["replicas"] = json!(1);
+    assert_eq!(feed(&store, "apps", "deployments", &unscaled), None);
+    assert!(store.is_empty());
+    assert_eq!(feed(&store, "apps", "deployments", &status), None);
+}

@@ -172,6 +172,9 @@ def test_webhook_ignores_failures_and_routes_to_the_leader_only(render, emulator
         assert hook["matchPolicy"] == "Equivalent"
         assert hook["timeoutSeconds"] == 3  # as the agent's own registration
         assert hook["admissionReviewVersions"] == ["v1"]
+        # `*` never matches subresources: `kubectl scale` of built-in workloads needs its own rule to be attributed.
+        scale = [rule for rule in hook["rules"] if any(res.endswith("/scale") for res in rule["resources"])]
+        assert scale and "deployments/scale" in scale[0]["resources"] and scale[0]["operations"] == ["UPDATE"]
         assert hook["clientConfig"]["service"] == {
             "name": f"{r.fullname}-webhook",
             "namespace": r.namespace,

@@ -222,6 +222,7 @@ async fn main() -> anyhow::Result<()> {
             base_folder: "clusters/demo".into(),
             exclusive_mode: true,
             credentials: None,
+            age_recipients: Vec::new(),
         }))
         .await?;
 

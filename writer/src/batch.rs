@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use reverser_common::{paths, yaml};
+use reverser_common::{paths, sops, yaml};
 
 use crate::{
     git::{FileChange, GitError},
@@ -46,6 +46,8 @@ pub enum EntryOp {
         content: Bytes,
         object: ObjectId,
         author: Option<String>,
+        /// Keyed fingerprint of a SOPS-encrypted object's plaintext (see [`reverser_common::sops`]).
+        fingerprint: Option<String>,
     },
     Remove {
         path: String,
@@ -105,6 +107,7 @@ impl Buffer {
                 content,
                 object,
                 author,
+                fingerprint,
             } => {
                 let full = paths::join(&base, &path);
                 for snapshot in self
@@ -123,6 +126,7 @@ impl Buffer {
                     content,
                     object,
                     author,
+                    fingerprint,
                 }
             }
             Operation::Delete {
@@ -309,6 +313,7 @@ pub struct Plan {
 #[derive(Debug)]
 struct Slot<'a> {
     content: Option<&'a Bytes>,
+    fingerprint: Option<&'a str>,
     entry: usize,
     author: Option<&'a str>,
     orphan: bool,
@@ -324,12 +329,14 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 path,
                 content,
                 author,
+                fingerprint,
                 ..
             } => {
                 slots.insert(
                     path.clone(),
                     Slot {
                         content: Some(content),
+                        fingerprint: fingerprint.as_deref(),
                         entry: index,
                         author: author.as_deref(),
                         orphan: false,
@@ -341,6 +348,7 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                     path.clone(),
                     Slot {
                         content: None,
+                        fingerprint: None,
                         entry: index,
                         author: author.as_deref(),
                         orphan: false,
@@ -396,6 +404,7 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                         path,
                         Slot {
                             content: None,
+                            fingerprint: None,
                             entry: index,
                             author: None,
                             orphan: true,
@@ -418,6 +427,15 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
     for (path, slot) in &slots {
         let current = tree.read(path)?;
         let verb = match (slot.content, current) {
+            // Ciphertext differs on every encryption: the plaintext fingerprint decides.
+            (Some(_), Some(old))
+                if slot
+                    .fingerprint
+                    .is_some_and(|f| sops::fingerprint_of(&old).as_deref() == Some(f)) =>
+            {
+                stats.noops += 1;
+                continue;
+            }
             (Some(new), Some(old)) if yaml::semantically_equal(&old, new) => {
                 stats.noops += 1;
                 continue;
@@ -486,6 +504,35 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
         .collect();
     effective.retain(|c| !refused_destinations.contains(&destination_of_entry[c.slot.entry].id));
 
+    // The sops CLI configuration of destinations that write encrypted files: created when missing, kept in line
+    // with the recipients while it is the generated one, never touched once a person replaced it.
+    let mut new_sops_configs: HashMap<&DestinationId, FileChange> = HashMap::new();
+    for change in &effective {
+        let destination = destination_of_entry[change.slot.entry];
+        if change.slot.fingerprint.is_none()
+            || change.slot.content.is_none()
+            || destination.age_recipients.is_empty()
+            || new_sops_configs.contains_key(&destination.id)
+        {
+            continue;
+        }
+        let path = paths::join(&destination.base_folder, sops::CONFIG_FILE);
+        let wanted = sops::render_config(&destination.age_recipients);
+        let write = match tree.read(&path)? {
+            None => true,
+            Some(existing) => sops::is_generated_config(&existing) && existing != wanted.as_bytes(),
+        };
+        if write {
+            new_sops_configs.insert(
+                &destination.id,
+                FileChange {
+                    path,
+                    content: Some(wanted.into_bytes()),
+                },
+            );
+        }
+    }
+
     // 4. One commit per (author, installation), ordered by first arrival.
     let mut groups: Vec<(GroupKey<'_>, Vec<&Effective<'_>>)> = Vec::new();
     let mut order: Vec<&Effective<'_>> = effective.iter().collect();
@@ -517,6 +564,9 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 destinations.push(destination.id.clone());
                 if let Some(marker) = new_markers.remove(&destination.id) {
                     changes.push(marker);
+                }
+                if let Some(config) = new_sops_configs.remove(&destination.id) {
+                    changes.push(config);
                 }
             }
             let content = change.slot.content.map(|c| c.to_vec());
@@ -759,6 +809,7 @@ mod tests {
             },
             base_folder: base.into(),
             exclusive_mode: exclusive,
+            age_recipients: Vec::new().into(),
             origin: Arc::new(Origin {
                 session_id: 1,
                 identity: identity(uid),
@@ -784,8 +835,136 @@ mod tests {
                 content: content.as_bytes().into(),
                 object: ObjectId::default(),
                 author: author.map(Into::into),
+                fingerprint: None,
             },
         }
+    }
+
+    fn encrypted(fingerprint: &str, ciphertext: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\n  annotations:\n    {}: {fingerprint}\n\
+             data:\n  password: ENC[AES256_GCM,data:{ciphertext},iv:x,tag:y,type:str]\nsops:\n  version: 3.9.4\n",
+            sops::FINGERPRINT_ANNOTATION
+        )
+    }
+
+    fn sealed_upsert(
+        d: &DestinationRef,
+        seq: u64,
+        path: &str,
+        fingerprint: &str,
+        ciphertext: &str,
+    ) -> Change {
+        let mut change = upsert(d, seq, path, &encrypted(fingerprint, ciphertext), None);
+        if let Operation::Upsert { fingerprint: f, .. } = &mut change.operation {
+            *f = Some(fingerprint.to_owned());
+        }
+        change
+    }
+
+    fn encrypting(base: &str, recipients: &[&str]) -> DestinationRef {
+        let mut d = destination(base, false);
+        d.age_recipients = recipients
+            .iter()
+            .map(|r| (*r).to_owned())
+            .collect::<Vec<_>>()
+            .into();
+        d
+    }
+
+    const SECRET_PATH: &str = "core/v1/secrets/shop/db.sops.yaml";
+
+    #[test]
+    fn equal_fingerprint_is_a_no_op_although_the_ciphertext_differs() {
+        let d = encrypting("clusters/prod", &["age1a"]);
+        let config = sops::render_config(&["age1a".to_owned()]);
+        let t = tree(&[
+            (
+                "clusters/prod/core/v1/secrets/shop/db.sops.yaml",
+                &encrypted("v1:aa", "OLD"),
+            ),
+            (
+                "clusters/prod/.configbutler/owner.yaml",
+                &marker_for("uid-a"),
+            ),
+            ("clusters/prod/.sops.yaml", &config),
+        ]);
+        let same = buffer(vec![sealed_upsert(&d, 1, SECRET_PATH, "v1:aa", "NEW")]);
+        let plan_same = plan(same.entries(), &t, &context(500)).unwrap();
+        assert!(plan_same.commits.is_empty());
+        assert_eq!(plan_same.stats.noops, 1);
+        // Another fingerprint (changed data or recipients) re-encrypts once.
+        let changed = buffer(vec![sealed_upsert(&d, 2, SECRET_PATH, "v1:bb", "NEW")]);
+        let plan_changed = plan(changed.entries(), &t, &context(500)).unwrap();
+        assert_eq!(
+            changed_paths(&plan_changed),
+            vec![(
+                "clusters/prod/core/v1/secrets/shop/db.sops.yaml".to_owned(),
+                true
+            )]
+        );
+    }
+
+    #[test]
+    fn first_encrypted_file_bootstraps_sops_config_and_keeps_a_human_one() {
+        let d = encrypting("clusters/prod", &["age1b", "age1a"]);
+        let b = buffer(vec![
+            upsert(&d, 1, "core/v1/configmaps/shop/a.yaml", CM, None),
+            sealed_upsert(&d, 2, SECRET_PATH, "v1:aa", "C"),
+        ]);
+        let plan1 = plan(b.entries(), &tree(&[]), &context(500)).unwrap();
+        let paths = changed_paths(&plan1);
+        assert!(
+            paths.contains(&("clusters/prod/.sops.yaml".to_owned(), true)),
+            "{paths:?}"
+        );
+        let config = plan1.commits[0]
+            .changes
+            .iter()
+            .find(|c| c.path == "clusters/prod/.sops.yaml")
+            .and_then(|c| c.content.clone())
+            .unwrap();
+        assert!(
+            String::from_utf8(config)
+                .unwrap()
+                .contains("age: 'age1a,age1b'")
+        );
+        // Recipients changed: the generated file follows them.
+        let stale = sops::render_config(&["age1old".to_owned()]);
+        let t = tree(&[
+            (
+                "clusters/prod/.configbutler/owner.yaml",
+                &marker_for("uid-a"),
+            ),
+            ("clusters/prod/.sops.yaml", &stale),
+        ]);
+        let b2 = buffer(vec![sealed_upsert(&d, 3, SECRET_PATH, "v1:cc", "C")]);
+        let paths2 = changed_paths(&plan(b2.entries(), &t, &context(500)).unwrap());
+        assert!(paths2.contains(&("clusters/prod/.sops.yaml".to_owned(), true)));
+        // A configuration written by a person is left alone; plain destinations never get one.
+        let human = tree(&[
+            (
+                "clusters/prod/.configbutler/owner.yaml",
+                &marker_for("uid-a"),
+            ),
+            ("clusters/prod/.sops.yaml", "creation_rules: []\n"),
+        ]);
+        let paths3 = changed_paths(&plan(b2.entries(), &human, &context(500)).unwrap());
+        assert!(
+            !paths3
+                .iter()
+                .any(|(p, _)| p.ends_with(".sops.yaml") && !p.contains("secrets"))
+        );
+        let plain = destination("clusters/prod", false);
+        let b4 = buffer(vec![upsert(
+            &plain,
+            4,
+            "core/v1/configmaps/shop/a.yaml",
+            CM,
+            None,
+        )]);
+        let paths4 = changed_paths(&plan(b4.entries(), &tree(&[]), &context(500)).unwrap());
+        assert!(!paths4.iter().any(|(p, _)| p.ends_with("/.sops.yaml")));
     }
 
     fn delete(d: &DestinationRef, seq: u64, path: &str) -> Change {

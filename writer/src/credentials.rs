@@ -12,6 +12,9 @@
 //!     sshPrivateKeyFile: /etc/reverser/git/id_ed25519
 //!     knownHostsFile: /etc/reverser/git/known_hosts
 //! ```
+//!
+//! The writer configuration file (`--config`, see [`crate::config`]) takes the same entries under its own
+//! `credentials:` key; there, relative file paths are resolved against the configuration file's folder.
 
 use std::path::{Path, PathBuf};
 
@@ -42,9 +45,10 @@ struct FileFormat {
     credentials: Vec<RawEntry>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One credentials entry as written in YAML (shared by `--git-credentials` and the `--config` file).
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawEntry {
+pub struct RawEntry {
     name: Option<String>,
     url_prefix: String,
     username: Option<String>,
@@ -88,8 +92,16 @@ impl CredentialStore {
                 path: path.into(),
                 message: e.to_string(),
             })?;
-        let mut entries = Vec::with_capacity(parsed.credentials.len());
-        for (index, raw) in parsed.credentials.into_iter().enumerate() {
+        Self::from_entries(parsed.credentials, None)
+    }
+
+    /// Builds a store from parsed entries; relative file paths are resolved against `base_dir` when given.
+    pub fn from_entries(
+        raw_entries: Vec<RawEntry>,
+        base_dir: Option<&Path>,
+    ) -> Result<Self, CredentialsError> {
+        let mut entries = Vec::with_capacity(raw_entries.len());
+        for (index, raw) in raw_entries.into_iter().enumerate() {
             let prefix = crate::git::redact_url(&raw.url_prefix);
             let invalid = |message: String| CredentialsError::Invalid {
                 index,
@@ -97,7 +109,11 @@ impl CredentialStore {
                 message,
             };
             let read = |p: &PathBuf| {
-                read_secret(p).map_err(|e| invalid(format!("reading {}: {e}", p.display())))
+                let p = match base_dir {
+                    Some(base) if p.is_relative() => base.join(p),
+                    _ => p.clone(),
+                };
+                read_secret(&p).map_err(|e| invalid(format!("reading {}: {e}", p.display())))
             };
             let password = match (&raw.password, &raw.password_file) {
                 (Some(p), None) => Some(p.clone()),
@@ -169,6 +185,20 @@ impl CredentialStore {
             .filter(|e| url.starts_with(&e.url_prefix))
             .max_by_key(|e| e.url_prefix.len())
             .map(|e| &e.credentials)
+    }
+
+    /// This store's entries followed by `other`'s (for `for_url`, the longest prefix still wins).
+    pub fn merged(mut self, other: CredentialStore) -> CredentialStore {
+        self.entries.extend(other.entries);
+        self
+    }
+
+    /// The URL prefix of the entry named `name`, if any (to check that a reference fits a repository).
+    pub fn prefix_of(&self, name: &str) -> Option<&str> {
+        self.entries
+            .iter()
+            .find(|e| e.name.as_deref() == Some(name))
+            .map(|e| e.url_prefix.as_str())
     }
 
     /// Credentials an agent referenced by name.

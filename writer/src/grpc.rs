@@ -1,20 +1,33 @@
 //! gRPC edge: `reverser.v1.Writer` (the agent stream) and `reverser.v1.WriterAdmin` (for people with grpcurl).
 //! Internal errors become `tonic::Status` here and nowhere else.
+//!
+//! With a writer configuration file ([`WriterService::policy`]) every stream belongs to the client identity of its
+//! verified certificate ([`crate::tls::ConnInfo`]): unknown identities are refused, each identity has a cap on
+//! concurrent streams and a message rate (a token bucket shared by its streams: a flooding client is slowed down,
+//! its reads wait, the others' are untouched), a stream must say `Hello` in time, and a client removed from the
+//! configuration has its streams ended with `PermissionDenied` as soon as the new configuration is loaded.
 
-use std::{pin::Pin, sync::Arc};
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures::Stream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use reverser_proto::v1::{self as pb, writer_admin_server::WriterAdmin, writer_server::Writer};
 
 use crate::{
+    authz::{Access, Limits, Policy, TokenBucket},
     metrics::Metrics,
     registry::Registry,
-    session::{Next, Session, SessionLimits},
+    session::{ContentCheck, Next, Session, SessionLimits, check_content},
+    tls::ConnInfo,
 };
 
 #[derive(Clone)]
@@ -24,6 +37,97 @@ pub struct WriterService {
     pub limits: SessionLimits,
     /// Turns true when the writer shuts down: every stream flushes and ends, so the server can drain.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The configured clients (None without a configuration file: one trusted agent, no limits).
+    pub policy: Option<watch::Receiver<Arc<Policy>>>,
+    /// Open streams and rate buckets per client identity.
+    pub clients: Arc<Clients>,
+}
+
+/// Per-identity bookkeeping: open streams and the shared rate bucket.
+#[derive(Debug, Default)]
+pub struct Clients {
+    inner: Mutex<HashMap<String, (usize, Arc<TokenBucket>)>>,
+}
+
+/// One open stream of an identity; closing it (drop) frees the slot.
+struct StreamSlot {
+    clients: Arc<Clients>,
+    identity: String,
+    bucket: Arc<TokenBucket>,
+}
+
+impl Clients {
+    fn open(self: &Arc<Self>, identity: &str, max: usize) -> Result<StreamSlot, Status> {
+        let mut inner = self.inner.lock().expect("clients lock");
+        let entry = inner
+            .entry(identity.to_owned())
+            .or_insert_with(|| (0, Arc::new(TokenBucket::new())));
+        if entry.0 >= max {
+            return Err(Status::resource_exhausted(format!(
+                "client {identity:?} already has {max} open streams (limits.maxStreamsPerClient)"
+            )));
+        }
+        entry.0 += 1;
+        Ok(StreamSlot {
+            clients: self.clone(),
+            identity: identity.to_owned(),
+            bucket: entry.1.clone(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let Some(entry) = self
+            .clients
+            .inner
+            .lock()
+            .expect("clients lock")
+            .get_mut(&self.identity)
+        {
+            entry.0 = entry.0.saturating_sub(1);
+        }
+    }
+}
+
+/// The identity of the request's verified client certificate, checked against the configuration; None when no
+/// configuration file is in force.
+fn access_of<T>(
+    request: &Request<T>,
+    policy: Option<&watch::Receiver<Arc<Policy>>>,
+) -> Result<Access, Status> {
+    let Some(policy) = policy else {
+        return Ok(Access::Unrestricted);
+    };
+    let identity = request
+        .extensions()
+        .get::<ConnInfo>()
+        .and_then(|c| c.identity.clone())
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "a verified client certificate with an identity (URI SAN, DNS SAN or CN) is required",
+            )
+        })?;
+    if policy.borrow().client(&identity).is_none() {
+        warn!(client = %identity, "refused a client that is not in the configuration");
+        return Err(Status::permission_denied(format!(
+            "client {identity:?} is not in the writer's configuration"
+        )));
+    }
+    Ok(Access::Client {
+        identity,
+        policy: policy.clone(),
+    })
+}
+
+/// Resolves when the configuration changed (never without one).
+async fn policy_changed(policy: &mut Option<watch::Receiver<Arc<Policy>>>) {
+    if let Some(receiver) = policy
+        && receiver.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending::<()>().await;
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::WriterMessage, Status>> + Send>>;
@@ -36,8 +140,22 @@ impl Writer for WriterService {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let peer = request.remote_addr();
-        let mut inbound = request.into_inner();
+        let access = access_of(&request, self.policy.as_ref())?;
+        let peer = request
+            .extensions()
+            .get::<ConnInfo>()
+            .map(|c| c.remote_addr)
+            .or_else(|| request.remote_addr());
+        let limits: Option<Limits> = self.policy.as_ref().map(|p| p.borrow().limits.clone());
+        let slot = match (access.identity(), &limits) {
+            (Some(identity), Some(limits)) => {
+                Some(self.clients.open(identity, limits.max_streams_per_client)?)
+            }
+            _ => None,
+        };
+        let client = access.identity().unwrap_or("-").to_owned();
+        let mut policy = self.policy.clone();
+        let mut inbound = check_ahead(request.into_inner(), self.limits.clone());
         let (replies, mut replies_rx) = mpsc::unbounded_channel::<pb::WriterMessage>();
         let (output, output_rx) = mpsc::unbounded_channel::<Result<pb::WriterMessage, Status>>();
         let (done, mut done_rx) = oneshot::channel::<Option<Status>>();
@@ -46,7 +164,8 @@ impl Writer for WriterService {
             self.metrics.clone(),
             self.limits.clone(),
             replies,
-        );
+        )
+        .with_access(access.clone());
         let metrics = self.metrics.clone();
         let mut shutdown = self.shutdown.clone();
         metrics.connected_agents.inc();
@@ -55,20 +174,57 @@ impl Writer for WriterService {
         // worker queue slows the stream down (HTTP/2 flow control does the rest).
         tokio::spawn(async move {
             let mut final_status = None;
+            let mut first = true;
             loop {
+                // The first message (Hello) must come within the hello timeout; later ones within the idle timeout.
+                let timeout = limits.as_ref().and_then(|l| {
+                    if first {
+                        Some(l.hello_timeout)
+                    } else {
+                        l.idle_timeout
+                    }
+                });
                 let next = tokio::select! {
-                    next = inbound.message() => next,
+                    next = read(&mut inbound, timeout) => next,
                     _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {
                         session.flush_all().await;
                         final_status = Some(Status::unavailable("the writer is shutting down; reconnect and re-send unacked changes"));
                         break;
                     }
+                    _ = policy_changed(&mut policy) => {
+                        if let Err(denied) = access.grant() {
+                            warn!(?peer, %client, "client removed from the configuration; ending its stream");
+                            final_status = Some(Status::permission_denied(denied.to_string()));
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                first = false;
+                let Some(next) = next else {
+                    info!(?peer, %client, "stream timed out");
+                    final_status = Some(Status::deadline_exceeded(
+                        "no message within the hello/idle timeout; reconnect",
+                    ));
+                    break;
                 };
                 match next {
-                    Ok(Some(message)) => {
-                        if let Next::Close(reason) = session.handle(message).await {
-                            final_status = Some(Status::failed_precondition(reason));
-                            break;
+                    Ok(Some((message, checked))) => {
+                        if let (Some(slot), Some(limits)) = (&slot, &limits) {
+                            slot.bucket
+                                .take(limits.messages_per_second, limits.message_burst)
+                                .await;
+                        }
+                        match session.handle_checked(message, checked).await {
+                            Next::Continue => {}
+                            Next::Close(reason) => {
+                                final_status = Some(Status::failed_precondition(reason));
+                                break;
+                            }
+                            Next::Deny(reason) => {
+                                final_status = Some(Status::permission_denied(reason));
+                                break;
+                            }
                         }
                     }
                     Ok(None) => {
@@ -84,7 +240,7 @@ impl Writer for WriterService {
                 }
             }
             metrics.connected_agents.dec();
-            info!(?peer, "agent stream closed");
+            info!(?peer, %client, "agent stream closed");
             let _ = done.send(final_status);
         });
 
@@ -121,9 +277,101 @@ impl Writer for WriterService {
     }
 }
 
+/// The next message, or None when `timeout` passed first.
+/// A message read ahead of the session, with its content check (or how the stream ended).
+type Checked = Result<Option<(pb::AgentMessage, ContentCheck)>, Status>;
+
+/// How many messages are read and checked ahead of the session (bounded: a slow session slows the reading, and
+/// HTTP/2 flow control slows the agent).
+const CHECK_AHEAD: usize = 32;
+
+/// Reads the stream on its own task and checks each upsert's content on the blocking pool, several at a time, and
+/// hands them to the session in stream order: the YAML check is the costliest step of a stream, so one agent's seed
+/// then uses every core instead of one. The returned receiver is cancel-safe (the session `select!`s on it).
+fn check_ahead(
+    mut inbound: Streaming<pb::AgentMessage>,
+    limits: SessionLimits,
+) -> mpsc::Receiver<Checked> {
+    let (checking, mut checking_rx) =
+        mpsc::channel::<tokio::task::JoinHandle<Checked>>(CHECK_AHEAD);
+    let (checked, checked_rx) = mpsc::channel::<Checked>(1);
+    tokio::spawn(async move {
+        loop {
+            // When the session ends, the stream must be dropped at once (not at the agent's next message): an open
+            // request stream would keep the connection, and a graceful shutdown, waiting.
+            let next = tokio::select! {
+                next = inbound.message() => next,
+                _ = checking.closed() => break,
+            };
+            let last = !matches!(next, Ok(Some(_)));
+            let handle = match next {
+                Ok(Some(message)) => {
+                    let limits = limits.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let content = check_content(&message, &limits);
+                        Ok(Some((message, content)))
+                    })
+                }
+                other => tokio::spawn(async move { other.map(|_| None) }),
+            };
+            // The session is gone (stream over): stop reading.
+            if checking.send(handle).await.is_err() || last {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let handle = tokio::select! {
+                handle = checking_rx.recv() => match handle {
+                    Some(handle) => handle,
+                    None => break,
+                },
+                // The session ended: closing `checking_rx` (by returning) stops the reader.
+                _ = checked.closed() => break,
+            };
+            let result = handle
+                .await
+                .unwrap_or_else(|e| Err(Status::internal(format!("message check failed: {e}"))));
+            let last = !matches!(result, Ok(Some(_)));
+            if checked.send(result).await.is_err() || last {
+                break;
+            }
+        }
+    });
+    checked_rx
+}
+
+/// The next message read ahead, within `timeout` when there is one (None: timed out).
+async fn read(inbound: &mut mpsc::Receiver<Checked>, timeout: Option<Duration>) -> Option<Checked> {
+    // A closed channel: the reader ended after the end of the stream or an error it already passed on.
+    let next = async { inbound.recv().await.unwrap_or(Ok(None)) };
+    match timeout {
+        Some(timeout) => tokio::time::timeout(timeout, next).await.ok(),
+        None => Some(next.await),
+    }
+}
+
 #[derive(Clone)]
 pub struct AdminService {
     pub registry: Arc<Registry>,
+    /// With a configuration file only clients with `admin: true` may call WriterAdmin.
+    pub policy: Option<watch::Receiver<Arc<Policy>>>,
+}
+
+impl AdminService {
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let access = access_of(request, self.policy.as_ref())?;
+        match access.grant() {
+            Ok(None) => Ok(()),
+            Ok(Some(grant)) if grant.admin => Ok(()),
+            Ok(Some(grant)) => Err(Status::permission_denied(format!(
+                "client {:?} may not call WriterAdmin (admin: false)",
+                grant.identity
+            ))),
+            Err(denied) => Err(Status::permission_denied(denied.to_string())),
+        }
+    }
 }
 
 fn timestamp(time: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
@@ -137,8 +385,9 @@ fn timestamp(time: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
 impl WriterAdmin for AdminService {
     async fn list_workers(
         &self,
-        _: Request<pb::ListWorkersRequest>,
+        request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        self.authorize(&request)?;
         let workers = self
             .registry
             .workers()
@@ -164,8 +413,9 @@ impl WriterAdmin for AdminService {
 
     async fn list_destinations(
         &self,
-        _: Request<pb::ListDestinationsRequest>,
+        request: Request<pb::ListDestinationsRequest>,
     ) -> Result<Response<pb::ListDestinationsResponse>, Status> {
+        self.authorize(&request)?;
         let destinations = self
             .registry
             .destinations()
@@ -195,6 +445,7 @@ impl WriterAdmin for AdminService {
         &self,
         request: Request<pb::FlushRequest>,
     ) -> Result<Response<pb::FlushResponse>, Status> {
+        self.authorize(&request)?;
         let request = request.into_inner();
         let worker = self
             .registry

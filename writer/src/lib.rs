@@ -11,11 +11,17 @@
 //!                                                                   │
 //! agent ◀── Ack / Reject / DestinationStatus ◀──────────────────────┘ (acks only after the push)
 //! ```
-//! Pure logic lives in [`batch`], [`session`]'s validators and [`credentials`]; I/O actors in [`worker`]
-//! (git on the blocking pool), [`lease`] (Kubernetes Leases), [`grpc`] (tonic) and the admin HTTP endpoint.
-//! [`Args::run`] wires them together; `main.rs` only parses arguments.
+//! Pure logic lives in [`batch`], [`session`]'s validators, [`credentials`], [`config`] and [`authz`]; I/O actors
+//! in [`worker`] (git on the blocking pool), [`lease`] (Kubernetes Leases), [`grpc`] (tonic), [`tls`] (rustls
+//! with certificate reload) and the admin HTTP endpoint. [`Args::start`] wires them together; `main.rs` only
+//! parses arguments.
+//!
+//! Standalone, several clusters: `--config FILE` names the clients (verified client-certificate identities) and
+//! what each may write; [`Args::start`] re-reads that file and the TLS files every few seconds and swaps them in.
 
+pub mod authz;
 pub mod batch;
+pub mod config;
 pub mod credentials;
 pub mod git;
 pub mod grpc;
@@ -24,15 +30,22 @@ pub mod metrics;
 pub mod model;
 pub mod registry;
 pub mod session;
+pub mod tls;
 pub mod worker;
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use sha2::Digest;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
-use tracing::{info, warn};
+use tonic::transport::Server;
+use tracing::{error, info, warn};
 
 use reverser_common::{admin, telemetry};
 use reverser_proto::v1::{writer_admin_server::WriterAdminServer, writer_server::WriterServer};
@@ -46,9 +59,19 @@ use reverser_proto::v1::{writer_admin_server::WriterAdminServer, writer_server::
     about = "gitops-reverser writer: commits and pushes what agents stream"
 )]
 pub struct Args {
-    /// Address of the gRPC server (Writer, WriterAdmin, reflection, health).
-    #[arg(long, env = "WRITER_GRPC_ADDR", default_value = "127.0.0.1:9443")]
-    pub grpc_addr: SocketAddr,
+    /// Address of the gRPC server (Writer, WriterAdmin, reflection, health) [default: the config file's
+    /// listen.grpcAddr, else 127.0.0.1:9443].
+    #[arg(long, env = "WRITER_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Writer configuration file (YAML; see writer/config.example.yaml): TLS, limits, Git credentials and the
+    /// clients (client-certificate identities) with what each may write. With it, anything not granted is
+    /// denied; it is reloaded when it changes.
+    #[arg(long, env = "WRITER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// How often the TLS files and --git-credentials are checked for changes when no --config sets
+    /// reloadIntervalSec.
+    #[arg(long, env = "WRITER_RELOAD_INTERVAL_SEC", default_value_t = 5.0)]
+    pub reload_interval_sec: f64,
     /// PEM certificate chain for TLS on the gRPC server.
     #[arg(long, env = "WRITER_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -115,8 +138,9 @@ pub struct Args {
     /// them, `off` disables them (the fast-forward-only push stays the fence).
     #[arg(long, env = "WRITER_LEASES", value_enum, default_value_t = LeaseMode::Auto)]
     pub leases: LeaseMode,
-    /// Kubeconfig for Leases when not running in a cluster.
-    #[arg(long, env = "WRITER_KUBECONFIG")]
+    /// Kubeconfig for Leases when not running in a cluster (standalone: coordinate several writers through this
+    /// cluster's Leases; without it leases are off and the fast-forward-only push is the fence).
+    #[arg(long, env = "WRITER_KUBECONFIG", visible_alias = "lease-kubeconfig")]
     pub kubeconfig: Option<PathBuf>,
     /// Namespace of the Leases (default: the writer's own namespace in-cluster, else `default`).
     #[arg(long, env = "WRITER_LEASE_NAMESPACE")]
@@ -264,34 +288,91 @@ impl Args {
         }))
     }
 
+    /// Reads the configuration file, the credentials and the TLS files (at start and on every reload).
+    fn load_files(&self) -> anyhow::Result<Loaded> {
+        let config = self
+            .config
+            .as_ref()
+            .map(|path| config::WriterConfig::load(path))
+            .transpose()?;
+        let tls_paths = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::TlsPaths {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone().or_else(|| {
+                    config
+                        .as_ref()
+                        .and_then(|c| c.tls.as_ref()?.client_ca.clone())
+                }),
+            }),
+            _ => config.as_ref().and_then(|c| c.tls.clone()),
+        };
+        if config.is_some() && tls_paths.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+            bail!(
+                "--config needs TLS with client certificates (tls.cert, tls.key and tls.clientCA in the file, or --tls-cert, --tls-key and --tls-client-ca): client identities come from verified certificates"
+            );
+        }
+        let tls = tls_paths
+            .as_ref()
+            .map(tls::TlsMaterial::load)
+            .transpose()
+            .context("loading the TLS files")?;
+        let mut credentials = match &self.git_credentials {
+            Some(path) => credentials::CredentialStore::load(path)?,
+            None => credentials::CredentialStore::default(),
+        };
+        if let Some(config) = &config {
+            credentials = credentials.merged(config.credentials.clone());
+        }
+        Ok(Loaded {
+            config,
+            tls_paths,
+            tls,
+            credentials,
+        })
+    }
+
+    /// A digest of every file the writer reloads (a missing file counts as a value, too).
+    fn files_digest(&self, tls_paths: Option<&tls::TlsPaths>) -> Vec<u8> {
+        let mut digest = sha2::Sha256::new();
+        let mut paths: Vec<&PathBuf> = self.config.iter().chain(&self.git_credentials).collect();
+        if let Some(t) = tls_paths {
+            paths.extend([&t.cert, &t.key]);
+            paths.extend(&t.client_ca);
+        }
+        for path in paths {
+            digest.update(path.as_os_str().as_encoded_bytes());
+            match std::fs::read(path) {
+                Ok(bytes) => {
+                    digest.update([1]);
+                    digest.update(sha2::Sha256::digest(&bytes));
+                }
+                Err(_) => digest.update([0]),
+            }
+        }
+        digest.finalize().to_vec()
+    }
+
     /// Starts every component and returns once the listeners are bound.
     pub async fn start(self) -> anyhow::Result<RunningWriter> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let tls = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => {
-                let cert_pem = std::fs::read(cert)
-                    .with_context(|| format!("reading --tls-cert {}", cert.display()))?;
-                let key_pem = std::fs::read(key)
-                    .with_context(|| format!("reading --tls-key {}", key.display()))?;
-                let mut config =
-                    ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
-                if let Some(ca) = &self.tls_client_ca {
-                    let ca_pem = std::fs::read(ca)
-                        .with_context(|| format!("reading --tls-client-ca {}", ca.display()))?;
-                    config = config
-                        .client_ca_root(Certificate::from_pem(ca_pem))
-                        .client_auth_optional(false);
-                }
-                Some(config)
-            }
-            _ => None,
-        };
-        if tls.is_none() && !self.grpc_addr.ip().is_loopback() && !self.allow_plaintext {
+        let loaded = self.load_files()?;
+        let grpc_addr_wanted = self
+            .grpc_addr
+            .or_else(|| loaded.config.as_ref().and_then(|c| c.grpc_addr))
+            .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 9443)));
+        if loaded.tls.is_none() && !grpc_addr_wanted.ip().is_loopback() && !self.allow_plaintext {
             bail!(
-                "refusing to serve plaintext gRPC on {} (not a loopback address): give --tls-cert/--tls-key, or --allow-plaintext",
-                self.grpc_addr
+                "refusing to serve plaintext gRPC on {grpc_addr_wanted} (not a loopback address): give --tls-cert/--tls-key, or --allow-plaintext"
             );
         }
+        let reload_interval = match &loaded.config {
+            Some(config) => config.reload_interval,
+            None if self.reload_interval_sec.is_finite() && self.reload_interval_sec > 0.0 => {
+                Duration::from_secs_f64(self.reload_interval_sec)
+            }
+            None => bail!("--reload-interval-sec must be a positive number"),
+        };
         std::fs::create_dir_all(&self.work_dir)
             .with_context(|| format!("creating --work-dir {}", self.work_dir.display()))?;
         // Two writers on one work dir would corrupt each other's clones: hold an exclusive lock for the process
@@ -309,10 +390,12 @@ impl Args {
                 self.work_dir.display()
             );
         }
-        let credentials = match &self.git_credentials {
-            Some(path) => credentials::CredentialStore::load(path)?,
-            None => credentials::CredentialStore::default(),
-        };
+        let Loaded {
+            config,
+            tls_paths,
+            tls,
+            credentials,
+        } = loaded;
         let metrics = metrics::Metrics::default();
         let registry = registry::Registry::new(
             self.worker_settings()?,
@@ -324,6 +407,19 @@ impl Args {
             self.lease_settings().await?,
             metrics.clone(),
         );
+        let tls = tls
+            .map(tls::ReloadableTls::new)
+            .transpose()
+            .context("configuring TLS")?
+            .map(Arc::new);
+        let policy = config.as_ref().map(|c| {
+            info!(path = %c.path.display(), clients = c.policy.clients.len(), "writer configuration loaded: only granted clients may write");
+            tokio::sync::watch::channel(Arc::new(c.policy.clone()))
+        });
+        let (policy_tx, policy_rx) = match policy {
+            Some((tx, rx)) => (Some(tx), Some(rx)),
+            None => (None, None),
+        };
 
         let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
         let readiness = admin::Readiness::default();
@@ -353,7 +449,10 @@ impl Args {
             .set_serving::<WriterAdminServer<grpc::AdminService>>()
             .await;
 
-        let max_message = self.max_object_bytes.saturating_add(64 * 1024);
+        let max_message = config
+            .as_ref()
+            .and_then(|c| c.policy.limits.max_message_bytes)
+            .unwrap_or_else(|| self.max_object_bytes.saturating_add(64 * 1024));
         let writer = WriterServer::new(grpc::WriterService {
             registry: registry.clone(),
             metrics: metrics.clone(),
@@ -361,22 +460,29 @@ impl Args {
                 max_object_bytes: self.max_object_bytes,
             },
             shutdown: shutdown_rx.clone(),
+            policy: policy_rx.clone(),
+            clients: Arc::default(),
         })
         .max_decoding_message_size(max_message);
         let admin_service = WriterAdminServer::new(grpc::AdminService {
             registry: registry.clone(),
-        });
+            policy: policy_rx,
+        })
+        .max_decoding_message_size(64 * 1024);
 
-        let listener = tokio::net::TcpListener::bind(self.grpc_addr)
+        let listener = tokio::net::TcpListener::bind(grpc_addr_wanted)
             .await
-            .with_context(|| format!("binding --grpc-addr {}", self.grpc_addr))?;
+            .with_context(|| format!("binding --grpc-addr {grpc_addr_wanted}"))?;
         let grpc_addr = listener.local_addr()?;
         let mut builder = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
-        if let Some(tls) = tls {
-            builder = builder.tls_config(tls).context("configuring TLS")?;
-        } else if !grpc_addr.ip().is_loopback() {
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .tcp_keepalive(Some(Duration::from_secs(60)));
+        if config.is_some() {
+            // Streams per connection; streams per identity are capped by limits.maxStreamsPerClient.
+            builder = builder.max_concurrent_streams(Some(32));
+        }
+        if tls.is_none() && !grpc_addr.ip().is_loopback() {
             warn!(%grpc_addr, "serving plaintext gRPC (--allow-plaintext)");
         }
         let router = builder
@@ -385,15 +491,70 @@ impl Args {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        info!(%grpc_addr, %admin_addr, work_dir = %self.work_dir.display(), "writer listening");
+        info!(%grpc_addr, %admin_addr, work_dir = %self.work_dir.display(), tls = tls.is_some(), "writer listening");
         readiness.set(true);
+
+        // Reload: compare the files' content every interval; a bad new version is logged and the old one stays.
+        let reload = {
+            let args = self.clone();
+            let tls = tls.clone();
+            let registry = registry.clone();
+            let mut shutdown = shutdown_rx.clone();
+            let mut tls_paths = tls_paths;
+            let mut last = self.files_digest(tls_paths.as_ref());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(reload_interval) => {}
+                        _ = shutdown.wait_for(|stop| *stop) => break,
+                    }
+                    let digest = args.files_digest(tls_paths.as_ref());
+                    if digest == last {
+                        continue;
+                    }
+                    match args.load_files().and_then(|loaded| {
+                        apply_reload(loaded, tls.as_deref(), policy_tx.as_ref(), &registry)
+                    }) {
+                        Ok(paths) => {
+                            info!("reloaded the writer configuration, credentials and TLS files");
+                            tls_paths = paths;
+                            last = args.files_digest(tls_paths.as_ref());
+                        }
+                        Err(err) => {
+                            error!(
+                                error = format!("{err:#}"),
+                                "reload failed; the previous configuration and certificates stay in force"
+                            );
+                            last = digest;
+                        }
+                    }
+                }
+            })
+        };
+
         let server_shutdown = wait_for(shutdown_rx);
         let server = tokio::spawn(async move {
             let _work_dir_lock = work_dir_lock;
-            router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_shutdown)
-                .await
-                .context("gRPC server failed")?;
+            match tls {
+                Some(tls) => {
+                    router
+                        .serve_with_incoming_shutdown(
+                            tls::incoming(listener, tls, Duration::from_secs(10)),
+                            server_shutdown,
+                        )
+                        .await
+                }
+                None => {
+                    router
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(listener),
+                            server_shutdown,
+                        )
+                        .await
+                }
+            }
+            .context("gRPC server failed")?;
+            reload.abort();
             readiness.set(false);
             // Streams are gone; let every worker push what it still holds, then stop.
             let workers = registry.shutdown();
@@ -413,6 +574,33 @@ impl Args {
             server,
         })
     }
+}
+
+/// What [`Args::load_files`] read.
+struct Loaded {
+    config: Option<config::WriterConfig>,
+    tls_paths: Option<tls::TlsPaths>,
+    tls: Option<tls::TlsMaterial>,
+    credentials: credentials::CredentialStore,
+}
+
+/// Swaps reloaded files in; returns the TLS paths now watched.
+fn apply_reload(
+    loaded: Loaded,
+    tls: Option<&tls::ReloadableTls>,
+    policy: Option<&tokio::sync::watch::Sender<Arc<authz::Policy>>>,
+    registry: &registry::Registry,
+) -> anyhow::Result<Option<tls::TlsPaths>> {
+    match (tls, loaded.tls) {
+        (Some(current), Some(material)) => current.update(material)?,
+        (None, None) => {}
+        _ => bail!("turning TLS on or off needs a restart"),
+    }
+    if let (Some(sender), Some(config)) = (policy, &loaded.config) {
+        sender.send_replace(Arc::new(config.policy.clone()));
+    }
+    registry.set_credentials(loaded.credentials);
+    Ok(loaded.tls_paths)
 }
 
 async fn wait_for(mut receiver: tokio::sync::watch::Receiver<bool>) {

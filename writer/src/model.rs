@@ -116,6 +116,9 @@ pub struct DestinationSpec {
     pub base_folder: String,
     pub exclusive_mode: bool,
     pub credentials: Option<GitCredentials>,
+    /// age public keys of the destination's SOPS-encrypted files (empty: it has none); the writer keeps a
+    /// matching `.sops.yaml` in the base folder.
+    pub age_recipients: Vec<String>,
 }
 
 /// What a destination's messages need to carry into the worker.
@@ -124,6 +127,8 @@ pub struct DestinationRef {
     pub id: DestinationId,
     pub base_folder: String,
     pub exclusive_mode: bool,
+    /// age public keys for the base folder's `.sops.yaml` (empty: none is written).
+    pub age_recipients: Arc<[String]>,
     pub origin: Arc<Origin>,
     /// Highest sequence acked so far (for `WriterAdmin.ListDestinations`).
     pub acked: Arc<std::sync::atomic::AtomicU64>,
@@ -194,6 +199,8 @@ pub enum Operation {
         content: Bytes,
         object: ObjectId,
         author: Option<String>,
+        /// Keyed fingerprint of a SOPS-encrypted object's plaintext: equal to the existing file's means no-op.
+        fingerprint: Option<String>,
     },
     /// Remove `path`.
     Delete {

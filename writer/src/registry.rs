@@ -1,11 +1,15 @@
 //! Destinations and the workers serving them. One worker per (repository URL, branch); a destination is bound
 //! to the worker of its repository and branch. Declarations that would overlap another destination's base folder
 //! on the same branch, or exceed the worker caps, are refused.
+//!
+//! With a writer configuration file every declaration names its client identity (`owner`): a destination belongs
+//! to the client that declared it first (another client cannot take it over by claiming the same cluster and key),
+//! and a worker started with credentials an agent sent serves only that agent's client.
 
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -38,6 +42,8 @@ pub enum DeclareError {
     RepoWorkerLimit(usize),
     #[error("credentials reference {0:?} names no entry of the writer's --git-credentials file")]
     UnknownCredentials(String),
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl DeclareError {
@@ -48,6 +54,7 @@ impl DeclareError {
                 "WorkerLimitReached"
             }
             DeclareError::UnknownCredentials(_) => "UnknownCredentials",
+            DeclareError::Forbidden(_) => "Forbidden",
         }
     }
 }
@@ -68,6 +75,8 @@ pub struct DestinationRecord {
     pub acked: Arc<AtomicU64>,
     /// Latest conditions (shared with the worker and the session, which report them).
     pub conditions: crate::model::Conditions,
+    /// The client identity that declared it (None without a writer configuration file).
+    pub owner: Option<String>,
 }
 
 impl DestinationRecord {
@@ -86,7 +95,7 @@ pub struct Caps {
 pub struct Registry {
     settings: WorkerSettings,
     caps: Caps,
-    credentials: CredentialStore,
+    credentials: RwLock<CredentialStore>,
     leases: Option<LeaseSettings>,
     metrics: Metrics,
     inner: Mutex<Inner>,
@@ -96,6 +105,8 @@ pub struct Registry {
 struct Inner {
     workers: BTreeMap<String, WorkerHandle>,
     destinations: BTreeMap<DestinationId, DestinationRecord>,
+    /// Workers that push with credentials an agent sent, and the client identity that sent them.
+    agent_credentials: HashMap<String, String>,
 }
 
 impl Registry {
@@ -109,44 +120,92 @@ impl Registry {
         Arc::new(Self {
             settings,
             caps,
-            credentials,
+            credentials: RwLock::new(credentials),
             leases,
             metrics,
             inner: Mutex::new(Inner::default()),
         })
     }
 
-    /// Resolves credentials: the writer's own configuration wins over anything an agent sends.
+    /// Replaces the writer's own credentials (a reloaded configuration). Running workers keep theirs.
+    pub fn set_credentials(&self, credentials: CredentialStore) {
+        *self.credentials.write().expect("credentials lock") = credentials;
+    }
+
+    /// Whether the writer has credentials of its own for `repo_url` (then an agent's are never used).
+    pub fn has_own_credentials(&self, repo_url: &str) -> bool {
+        self.credentials
+            .read()
+            .expect("credentials lock")
+            .for_url(repo_url)
+            .is_some()
+    }
+
+    /// Resolves credentials: the writer's own configuration wins over anything an agent sends. Returns whether
+    /// the credentials are the agent's (inline). With `restricted` (a writer configuration file), a reference
+    /// must name an entry whose URL prefix fits the repository.
     fn resolve_credentials(
         &self,
         repo_url: &str,
         declared: DeclaredCredentials,
-    ) -> Result<Option<git::GitCredentials>, DeclareError> {
-        if let Some(own) = self.credentials.for_url(repo_url) {
-            return Ok(Some(own.clone()));
+        restricted: bool,
+    ) -> Result<(Option<git::GitCredentials>, bool), DeclareError> {
+        let store = self.credentials.read().expect("credentials lock");
+        if let Some(own) = store.for_url(repo_url) {
+            return Ok((Some(own.clone()), false));
         }
         match declared {
-            DeclaredCredentials::None => Ok(None),
-            DeclaredCredentials::Inline(credentials) => Ok(Some(credentials)),
-            DeclaredCredentials::Reference(name) => self
-                .credentials
-                .by_name(&name)
-                .cloned()
-                .map(Some)
-                .ok_or(DeclareError::UnknownCredentials(name)),
+            DeclaredCredentials::None => Ok((None, false)),
+            DeclaredCredentials::Inline(credentials) => Ok((Some(credentials), true)),
+            DeclaredCredentials::Reference(name) => {
+                if restricted && store.prefix_of(&name).is_some() {
+                    return Err(DeclareError::Forbidden(format!(
+                        "credentials reference {name:?} is for other repositories than {}",
+                        git::redact_url(repo_url)
+                    )));
+                }
+                store
+                    .by_name(&name)
+                    .cloned()
+                    .map(|c| (Some(c), false))
+                    .ok_or(DeclareError::UnknownCredentials(name))
+            }
         }
     }
 
     /// Declares or re-declares a destination and returns the worker that serves it plus what its changes carry.
+    /// `owner` is the declaring client's identity when a writer configuration file is in force.
     pub fn declare(
         &self,
         mut spec: DestinationSpec,
         declared: DeclaredCredentials,
         origin: Arc<Origin>,
+        owner: Option<&str>,
     ) -> Result<(WorkerHandle, DestinationRef, Option<WorkerHandle>), DeclareError> {
-        spec.credentials = self.resolve_credentials(&spec.repo_url, declared)?;
+        let (credentials, from_agent) =
+            self.resolve_credentials(&spec.repo_url, declared, owner.is_some())?;
+        spec.credentials = credentials;
         let worker_id = git::worker_id(&spec.repo_url, &spec.branch);
         let mut inner = self.inner.lock().expect("registry lock");
+        if let Some(owner) = owner {
+            if let Some(existing) = inner.destinations.get(&spec.id)
+                && existing.owner.as_deref() != Some(owner)
+            {
+                return Err(DeclareError::Forbidden(format!(
+                    "destination {} belongs to another client",
+                    spec.id
+                )));
+            }
+            if let Some(holder) = inner.agent_credentials.get(&worker_id)
+                && holder != owner
+            {
+                return Err(DeclareError::Forbidden(format!(
+                    "the worker for {} branch {} pushes with another client's credentials",
+                    git::redact_url(&spec.repo_url),
+                    spec.branch
+                )));
+            }
+        }
         for (other_id, other) in &inner.destinations {
             if *other_id != spec.id
                 && other.worker_id == worker_id
@@ -197,6 +256,11 @@ impl Registry {
                     worker::spawn(repo, self.settings.clone(), self.metrics.clone(), lease);
                 info!(worker = %handle.id, repo = %handle.repo_url, branch = %handle.branch, "started worker");
                 inner.workers.insert(worker_id.clone(), handle.clone());
+                if let (Some(owner), true) = (owner, from_agent) {
+                    inner
+                        .agent_credentials
+                        .insert(worker_id.clone(), owner.to_owned());
+                }
                 handle
             }
         };
@@ -211,6 +275,7 @@ impl Registry {
             id: spec.id.clone(),
             base_folder: spec.base_folder.clone(),
             exclusive_mode: spec.exclusive_mode,
+            age_recipients: spec.age_recipients.clone().into(),
             origin,
             acked: acked.clone(),
             conditions: conditions.clone(),
@@ -222,6 +287,7 @@ impl Registry {
                 worker_id,
                 acked,
                 conditions,
+                owner: owner.map(str::to_owned),
             },
         );
         Ok((handle, reference, previous_worker))

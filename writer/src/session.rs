@@ -1,6 +1,10 @@
 //! One agent stream (`Writer.Sync`): validates every message, keeps the stream's protocol state (hello first,
 //! declared destinations, per-destination sequence order, open snapshots) and forwards valid changes to the
 //! workers. Bad input is answered with a `Reject` naming the reason and changes nothing.
+//!
+//! With a writer configuration file the stream belongs to a client identity ([`Access`]): the cluster its
+//! `Hello` claims, every destination it declares and every later message are checked against the client's
+//! current grant; anything outside it is rejected with reason `Forbidden`, and a revoked client's stream ends.
 
 use std::{
     collections::HashMap,
@@ -20,6 +24,7 @@ use reverser_proto::{
 };
 
 use crate::{
+    authz::Access,
     git::{self, GitCredentials},
     metrics::Metrics,
     model::{
@@ -182,6 +187,7 @@ pub fn validate_destination(
         base_folder: message.base_folder.clone(),
         exclusive_mode: message.exclusive_mode,
         credentials: None,
+        age_recipients: message.age_recipients.clone(),
     };
     Ok((spec, credentials))
 }
@@ -225,6 +231,29 @@ pub fn validate_upsert(
     content: &[u8],
     limits: &SessionLimits,
 ) -> Result<(), Rejection> {
+    validate_upsert_with(path, content, limits, None)
+}
+
+/// Checks an upsert's content ahead of the session, off the stream's task (see [`crate::grpc`]): the YAML check is
+/// the costliest step of a stream, and doing it on the blocking pool lets one stream use every core.
+pub fn check_content(message: &pb::AgentMessage, limits: &SessionLimits) -> ContentCheck {
+    match &message.kind {
+        Some(Kind::Upsert(upsert)) if upsert.content.len() <= limits.max_object_bytes => {
+            Some(yaml::validate_object(&upsert.content).map_err(|e| e.to_string()))
+        }
+        _ => None,
+    }
+}
+
+/// The outcome of [`check_content`] for one message; `None` when it was not checked ahead (the session checks).
+pub type ContentCheck = Option<Result<(), String>>;
+
+fn validate_upsert_with(
+    path: &str,
+    content: &[u8],
+    limits: &SessionLimits,
+    checked: ContentCheck,
+) -> Result<(), Rejection> {
     paths::validate_object_path(path).map_err(|e| reject("InvalidPath", e.to_string()))?;
     if content.len() > limits.max_object_bytes {
         return Err(reject(
@@ -236,12 +265,17 @@ pub fn validate_upsert(
             ),
         ));
     }
-    yaml::validate_object(content).map_err(|e| reject("InvalidYaml", e.to_string()))?;
+    match checked {
+        Some(result) => result.map_err(|e| reject("InvalidYaml", e))?,
+        None => yaml::validate_object(content).map_err(|e| reject("InvalidYaml", e.to_string()))?,
+    }
     Ok(())
 }
 
 struct DeclaredDestination {
     worker: WorkerHandle,
+    /// Repository URL, branch and base folder, re-checked against the client's grant at every message.
+    place: (String, String, String),
     reference: DestinationRef,
     last_sequence: u64,
     /// Open snapshots: scope folder → epoch.
@@ -257,6 +291,7 @@ pub struct Session {
     origin: Option<Arc<Origin>>,
     destinations: HashMap<String, DeclaredDestination>,
     id: u64,
+    access: Access,
 }
 
 /// What the stream driver should do after a message.
@@ -265,6 +300,8 @@ pub enum Next {
     Continue,
     /// A fatal protocol violation: end the stream with this message.
     Close(String),
+    /// The client may not (or no longer) use this stream: end it with PermissionDenied.
+    Deny(String),
 }
 
 impl Session {
@@ -282,7 +319,18 @@ impl Session {
             origin: None,
             destinations: HashMap::new(),
             id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
+            access: Access::Unrestricted,
         }
+    }
+
+    /// Restricts the stream to a configured client's grant (default: unrestricted).
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
+    }
+
+    fn client(&self) -> &str {
+        self.access.identity().unwrap_or("-")
     }
 
     fn send(&self, kind: pb::writer_message::Kind) {
@@ -294,7 +342,7 @@ impl Session {
             .messages_rejected
             .with_label_values(&[rejection.reason])
             .inc();
-        warn!(session = self.id, destination, sequence, reason = rejection.reason, message = %rejection.message, "rejected message");
+        warn!(session = self.id, client = self.client(), destination, sequence, reason = rejection.reason, message = %rejection.message, "rejected message");
         self.send(pb::writer_message::Kind::Reject(pb::Reject {
             destination: destination.to_owned(),
             sequence,
@@ -317,6 +365,15 @@ impl Session {
 
     /// Handles one message.
     pub async fn handle(&mut self, message: pb::AgentMessage) -> Next {
+        self.handle_checked(message, None).await
+    }
+
+    /// [`Session::handle`] for a message whose content was already checked by [`check_content`].
+    pub async fn handle_checked(
+        &mut self,
+        message: pb::AgentMessage,
+        checked: ContentCheck,
+    ) -> Next {
         let Some(kind) = message.kind else {
             self.send_reject(
                 "",
@@ -340,11 +397,27 @@ impl Session {
             .messages_received
             .with_label_values(&[label])
             .inc();
+        // A client removed from the configuration is cut off at its next message (and by the stream driver).
+        let grant = match self.access.grant() {
+            Ok(grant) => grant,
+            Err(denied) => {
+                let message = denied.to_string();
+                self.send_reject("", 0, reject("Forbidden", message.clone()));
+                return Next::Deny(message);
+            }
+        };
         let Some(origin) = self.origin.clone() else {
             return match kind {
-                Kind::Hello(hello) => match validate_hello(&hello) {
+                Kind::Hello(hello) => match validate_hello(&hello).and_then(|identity| match &grant
+                {
+                    Some(grant) => grant
+                        .check_hello(&identity.cluster_uid, &identity.cluster_name)
+                        .map(|()| identity)
+                        .map_err(|denied| reject("Forbidden", denied.to_string())),
+                    None => Ok(identity),
+                }) {
                     Ok(identity) => {
-                        info!(session = self.id, cluster = %identity.cluster_uid, name = %identity.cluster_name,
+                        info!(session = self.id, client = self.client(), cluster = %identity.cluster_uid, name = %identity.cluster_name,
                             instance = %identity.instance_id, "agent connected");
                         self.origin = Some(Arc::new(Origin {
                             session_id: self.id,
@@ -359,8 +432,13 @@ impl Session {
                     }
                     Err(rejection) => {
                         let message = rejection.message.clone();
+                        let forbidden = rejection.reason == "Forbidden";
                         self.send_reject("", 0, rejection);
-                        Next::Close(message)
+                        if forbidden {
+                            Next::Deny(message)
+                        } else {
+                            Next::Close(message)
+                        }
                     }
                 },
                 _ => {
@@ -381,14 +459,16 @@ impl Session {
             Kind::Destination(message) => self.declare(&origin, message).await,
             Kind::Upsert(upsert) => {
                 let result =
-                    validate_upsert(&upsert.path, &upsert.content, &self.limits).map(|()| {
-                        Operation::Upsert {
+                    validate_upsert_with(&upsert.path, &upsert.content, &self.limits, checked).map(
+                        |()| Operation::Upsert {
                             path: upsert.path.clone(),
                             content: upsert.content.into(),
                             object: ObjectId::from(upsert.object),
                             author: (!upsert.author.is_empty()).then_some(upsert.author),
-                        }
-                    });
+                            fingerprint: (!upsert.fingerprint.is_empty())
+                                .then_some(upsert.fingerprint),
+                        },
+                    );
                 self.forward(&upsert.destination, upsert.sequence, result)
                     .await;
             }
@@ -424,10 +504,50 @@ impl Session {
         Next::Continue
     }
 
+    /// Checks a validated declaration against the client's grant.
+    fn authorize_destination(
+        &self,
+        spec: &DestinationSpec,
+        credentials: DeclaredCredentials,
+    ) -> Result<DeclaredCredentials, Rejection> {
+        let Some(grant) = self
+            .access
+            .grant()
+            .map_err(|denied| reject("Forbidden", denied.to_string()))?
+        else {
+            return Ok(credentials);
+        };
+        grant
+            .check_destination(&spec.repo_url, &spec.branch, &spec.base_folder)
+            .map_err(|denied| reject("Forbidden", denied.to_string()))?;
+        match credentials {
+            DeclaredCredentials::Inline(_) if !grant.allow_agent_credentials => {
+                if self.registry.has_own_credentials(&spec.repo_url) {
+                    // The writer's own credentials win anyway; the agent's are dropped unused.
+                    Ok(DeclaredCredentials::None)
+                } else {
+                    Err(reject(
+                        "Forbidden",
+                        format!(
+                            "client {:?} may not send its own Git credentials (allowAgentCredentials)",
+                            grant.identity
+                        ),
+                    ))
+                }
+            }
+            other => Ok(other),
+        }
+    }
+
     async fn declare(&mut self, origin: &Arc<Origin>, message: pb::Destination) {
         let key = message.key.clone();
-        let (spec, credentials) = match validate_destination(&origin.identity.cluster_uid, &message)
-        {
+        let validated = validate_destination(&origin.identity.cluster_uid, &message).and_then(
+            |(spec, credentials)| {
+                self.authorize_destination(&spec, credentials)
+                    .map(|credentials| (spec, credentials))
+            },
+        );
+        let (spec, credentials) = match validated {
             Ok(valid) => valid,
             Err(rejection) => {
                 origin.status(
@@ -447,7 +567,16 @@ impl Session {
             git::redact_url(&spec.repo_url),
             spec.branch.clone(),
         );
-        match self.registry.declare(spec, credentials, origin.clone()) {
+        let place = (
+            spec.repo_url.clone(),
+            spec.branch.clone(),
+            spec.base_folder.clone(),
+        );
+        let owner = self.access.identity().map(str::to_owned);
+        match self
+            .registry
+            .declare(spec, credentials, origin.clone(), owner.as_deref())
+        {
             Ok((worker, reference, previous)) => {
                 if let Some(previous) = previous {
                     previous.forget(id.clone()).await;
@@ -464,6 +593,7 @@ impl Session {
                         key.clone(),
                         DeclaredDestination {
                             worker,
+                            place,
                             reference,
                             last_sequence: last,
                             open_snapshots: open,
@@ -474,13 +604,14 @@ impl Session {
                         key.clone(),
                         DeclaredDestination {
                             worker,
+                            place,
                             reference,
                             last_sequence: 0,
                             open_snapshots: HashMap::new(),
                         },
                     );
                 }
-                info!(session = self.id, destination = %id, %repo, %branch, %base_folder, "destination declared");
+                info!(session = self.id, client = self.client(), destination = %id, %repo, %branch, %base_folder, "destination declared");
                 if let Some(declared) = self.destinations.get(&key) {
                     declared.reference.report(
                         "Accepted",
@@ -519,6 +650,18 @@ impl Session {
             self.send_reject(key, sequence, rejection);
             return;
         };
+        // The grant may have narrowed since the declaration (a reloaded configuration).
+        if let Ok(Some(grant)) = self.access.grant()
+            && let Err(denied) = grant.check_destination(
+                &destination.place.0,
+                &destination.place.1,
+                &destination.place.2,
+            )
+        {
+            destination.last_sequence = destination.last_sequence.max(sequence);
+            self.send_reject(key, sequence, reject("Forbidden", denied.to_string()));
+            return;
+        }
         if sequence == 0 || sequence <= destination.last_sequence {
             let last = destination.last_sequence;
             self.send_reject(

@@ -157,6 +157,9 @@ pub struct DiscoveryOptions {
     pub exclude: Vec<String>,
     /// Upper bound on watched types (maxGVKs).
     pub max_gvks: usize,
+    /// `--sensitive-resources`: `plural` (any group) or `plural.group` types that are only ever sent
+    /// SOPS-encrypted, to destinations with encryption configured. Core `secrets` always are, listed or not.
+    pub sensitive: Vec<String>,
 }
 
 impl Default for DiscoveryOptions {
@@ -165,20 +168,31 @@ impl Default for DiscoveryOptions {
             watch_all: false,
             exclude: Vec::new(),
             max_gvks: DEFAULT_MAX_GVKS,
+            sensitive: vec!["secrets".to_owned()],
         }
     }
 }
 
 impl DiscoveryOptions {
     fn excludes(&self, key: &ResourceKey) -> bool {
-        self.exclude
-            .iter()
-            .any(|entry| match entry.split_once('.') {
-                Some((resource, group)) => resource == key.resource && group == key.group,
-                None => entry == &key.resource,
-            })
+        matches_entry(&self.exclude, key)
+    }
+
+    /// Whether objects of this type are only ever sent encrypted (core Secrets always are).
+    pub fn is_sensitive(&self, key: &ResourceKey) -> bool {
+        is_secret(key) || matches_entry(&self.sensitive, key)
     }
 }
+
+/// `plural` entries match the resource in any group, `plural.group` entries that group only.
+fn matches_entry(entries: &[String], key: &ResourceKey) -> bool {
+    entries.iter().any(|entry| match entry.split_once('.') {
+        Some((resource, group)) => resource == key.resource && group == key.group,
+        None => entry == &key.resource,
+    })
+}
+
+impl DiscoveryOptions {}
 
 /// Identifies one watch: a type at one version, in one namespace or (`""`) in all of them /
 /// cluster-wide.
@@ -239,12 +253,14 @@ pub struct WatchPlan {
     /// Namespace labels, only when a route's rule has a namespace selector (so that label
     /// changes restart only the watches they affect).
     pub namespace_labels: NamespaceLabels,
+    /// A sensitive type (Secrets): objects are sent only SOPS-encrypted, and every route has encryption.
+    pub sensitive: bool,
 }
 
 /// Why a selected type is not watched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SkipReason {
-    /// Secrets are never mirrored in plaintext (SOPS encryption is not built yet).
+    /// A sensitive type (Secrets) that no selecting rule's destination encrypts: never sent in plaintext.
     Secret,
     /// Over the maxGVKs cap.
     Capped,
@@ -288,14 +304,22 @@ pub fn desired_watches(
         if is_default_excluded(&res.key) || options.excludes(&res.key) {
             continue;
         }
-        let selecting: Vec<&CompiledRule> =
+        let mut selecting: Vec<&CompiledRule> =
             rules.iter().filter(|r| r.selects_type(&res.key)).collect();
         if selecting.is_empty() {
             continue;
         }
-        if is_secret(&res.key) {
-            out.skipped.push((res.key.clone(), SkipReason::Secret));
-            continue;
+        if options.is_sensitive(&res.key) {
+            // Only destinations that encrypt ever see a sensitive type; without one it is not watched.
+            selecting.retain(|r| {
+                selection
+                    .destination(&r.destination)
+                    .is_some_and(|d| d.encryption.is_some())
+            });
+            if selecting.is_empty() {
+                out.skipped.push((res.key.clone(), SkipReason::Secret));
+                continue;
+            }
         }
         selected.push((res, selecting));
     }
@@ -369,6 +393,7 @@ pub fn desired_watches(
                     } else {
                         NamespaceLabels::new()
                     },
+                    sensitive: options.is_sensitive(&res.key),
                 },
             );
         }
@@ -382,7 +407,7 @@ pub(crate) fn log_skipped(skipped: &[(ResourceKey, SkipReason)]) {
         match reason {
             SkipReason::Secret => info!(
                 group = %key.group, resource = %key.resource,
-                "not watching Secrets: plaintext Secrets never go to Git (SOPS encryption is not built yet)"
+                "not watching a sensitive type: no destination selecting it has encryption configured, and it never goes to Git in plaintext"
             ),
             SkipReason::Capped => warn!(
                 group = %key.group, resource = %key.resource,

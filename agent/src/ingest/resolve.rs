@@ -34,6 +34,7 @@ use crate::events::DestinationDecl;
 use crate::rules::{
     ResourceKey, cluster_resource_rule_selects, label_selector_matches, resource_rule_selects,
 };
+use crate::sops::Encryption;
 
 /// Why a rule or destination is not Ready (the condition's `reason`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -111,7 +112,27 @@ pub struct Resolution {
     /// through the desired-state preset, admitted or not: Secrets are never mirrored until
     /// encrypted output exists, and these rules say so in a condition.
     pub rules_selecting_secrets: BTreeSet<String>,
+    /// Rules selecting Secrets whose destination does not encrypt: (reason, message) of their
+    /// `SecretsSkipped` condition. Such a destination is never sent a Secret.
+    pub secrets_skipped: BTreeMap<String, (String, String)>,
 }
+
+/// The controller's lookup of a destination's `spec.encryption` (recipients from the spec and the
+/// referenced Secret, plus the fingerprint key), keyed `{ns}/{name}`. Destinations without
+/// `spec.encryption` have no entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EncryptionLookup {
+    Ready(Encryption),
+    /// Configured but unusable: the condition reason (`InvalidRecipients`, `RecipientsSecretNotFound`, …)
+    /// and a message that names the problem without echoing any value.
+    Failed {
+        reason: String,
+        message: String,
+    },
+}
+
+/// Reason of `SecretsSkipped` when the destination has no `spec.encryption`.
+pub const ENCRYPTION_NOT_CONFIGURED: &str = "EncryptionNotConfigured";
 
 /// The core `secrets` type, as rules match it.
 fn secrets_type() -> ResourceKey {
@@ -153,8 +174,17 @@ struct UsableDestination<'a> {
     repo: &'a GitRepoConfig,
 }
 
-/// Resolves the custom resources into a selection and conditions.
+/// Resolves the custom resources into a selection and conditions, with no destination encrypting.
 pub fn resolve(inputs: Inputs<'_>) -> Resolution {
+    resolve_with_encryption(inputs, &BTreeMap::new())
+}
+
+/// Resolves the custom resources into a selection and conditions; `encryption` says which destinations
+/// encrypt sensitive objects (only those are ever sent Secrets).
+pub fn resolve_with_encryption(
+    inputs: Inputs<'_>,
+    encryption: &BTreeMap<String, EncryptionLookup>,
+) -> Resolution {
     let mut out = Resolution {
         selection: Selection {
             namespace_labels: inputs.namespaces.clone(),
@@ -225,6 +255,12 @@ pub fn resolve(inputs: Inputs<'_>) -> Resolution {
                         // `secretRef` names a Kubernetes Secret, not an entry of the writer's
                         // credentials file; credentials stay with the writer for now.
                         credentials_reference: None,
+                        encryption: match encryption.get(&dest_key) {
+                            Some(EncryptionLookup::Ready(e)) if dest.spec.encryption.is_some() => {
+                                Some(e.clone())
+                            }
+                            _ => None,
+                        },
                     },
                     ns: ns.clone(),
                     dest,
@@ -360,6 +396,68 @@ pub fn resolve(inputs: Inputs<'_>) -> Resolution {
         .collect();
     out.selection.rules = rules;
     out.rule_conditions = rule_conditions;
+
+    // Rules selecting Secrets for a destination that does not encrypt say why Secrets are skipped.
+    let rule_destinations = inputs
+        .watch_rules
+        .iter()
+        .map(|r| {
+            let ns = r.namespace().unwrap_or_default();
+            let dest_ns = r
+                .spec
+                .destination_ref
+                .namespace
+                .clone()
+                .unwrap_or_else(|| ns.clone());
+            (
+                format!("WatchRule/{ns}/{}", r.name_any()),
+                key(&dest_ns, &r.spec.destination_ref.name),
+            )
+        })
+        .chain(inputs.cluster_watch_rules.iter().map(|r| {
+            let d = &r.spec.destination_ref;
+            (
+                format!("ClusterWatchRule/{}", r.name_any()),
+                key(&d.namespace, &d.name),
+            )
+        }));
+    for (id, dest_key) in rule_destinations {
+        if !out.rules_selecting_secrets.contains(&id) {
+            continue;
+        }
+        let configured = inputs
+            .destinations
+            .iter()
+            .find(|d| key(&d.namespace().unwrap_or_default(), &d.name_any()) == dest_key)
+            .is_some_and(|d| d.spec.encryption.is_some());
+        let skipped = match (configured, encryption.get(&dest_key)) {
+            (true, Some(EncryptionLookup::Ready(_))) => None,
+            (true, Some(EncryptionLookup::Failed { reason, message })) => Some((
+                reason.clone(),
+                format!(
+                    "this rule selects Secrets, but the encryption of GitDestination {dest_key} is not usable: \
+                     {message}; Secrets are not sent and no plaintext Secret ever reaches Git"
+                ),
+            )),
+            (true, None) => Some((
+                ENCRYPTION_NOT_CONFIGURED.to_owned(),
+                format!(
+                    "this rule selects Secrets; the encryption of GitDestination {dest_key} is not resolved \
+                     yet, so Secrets are not sent and no plaintext Secret ever reaches Git"
+                ),
+            )),
+            (false, _) => Some((
+                ENCRYPTION_NOT_CONFIGURED.to_owned(),
+                format!(
+                    "this rule selects Secrets, but GitDestination {dest_key} has no spec.encryption \
+                     (age recipients): Secrets are not sent and no plaintext Secret ever reaches Git"
+                ),
+            )),
+        };
+        if let Some(skipped) = skipped {
+            out.secrets_skipped.insert(id, skipped);
+        }
+    }
     out
 }
 

@@ -33,6 +33,7 @@ use futures::StreamExt;
 use kube::api::{Api, DynamicObject, TypeMeta};
 use kube::runtime::watcher::{self, Event};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use super::Shared;
@@ -42,6 +43,7 @@ use crate::canonical;
 use crate::events::{AgentEvent, ObjectRef};
 use crate::paths;
 use crate::rules::{Operation, SelectionOptions, labels_of};
+use crate::sops;
 use crate::webhook::{FactStore, ObjectKey};
 
 /// How the initial list is fetched.
@@ -187,7 +189,7 @@ impl WatchIndex {
         }
     }
 
-    fn view(&self, obj: &Value) -> Option<View> {
+    fn view(&self, obj: &Value, sensitive: bool) -> Option<View> {
         let meta = obj.get("metadata")?;
         let name = meta.get("name").and_then(Value::as_str).unwrap_or("");
         let namespace = meta
@@ -203,6 +205,12 @@ impl WatchIndex {
             namespace.as_deref(),
             name,
         ) {
+            // Encrypted objects live in `{name}.sops.yaml`, which Flux and the sops CLI recognise.
+            Ok(p) if sensitive => format!(
+                "{}{}",
+                p.strip_suffix(".yaml").unwrap_or(&p),
+                sops::FILE_SUFFIX
+            ),
             Ok(p) => p,
             Err(e) => {
                 warn!(watch = %self.plan.key, error = %e, "skipping object without a usable path");
@@ -232,13 +240,10 @@ impl WatchIndex {
     }
 
     fn on_object(&mut self, obj: &Value, change: Change, out: &mut Vec<AgentEvent>) {
-        if is_secret(obj) {
-            // Belt and braces: planning never watches Secrets, but nothing must leak if a
-            // Secret arrives through a broader type (e.g. a CRD wrapping one) or a future path.
-            debug!(watch = %self.plan.key, "skipping Secret: no plaintext Secrets in Git");
-            return;
-        }
-        let Some(view) = self.view(obj) else {
+        // Belt and braces: a Secret arriving through a type not planned as sensitive is still only ever sent
+        // encrypted, and only to destinations that encrypt. Nothing about its content is logged.
+        let sensitive = self.plan.sensitive || is_secret(obj);
+        let Some(view) = self.view(obj, sensitive) else {
             return;
         };
         // Derived or generated objects (controller-owned, kube-root-ca.crt) count as not
@@ -253,7 +258,14 @@ impl WatchIndex {
         let mut rendered: Option<(String, Hash)> = None;
         // Joined once per event, before any skip: a matched fact is consumed even when the
         // file does not change. Never waits: no fact now means the bot.
-        let author = match &self.attribution {
+        // Admission facts never cover Secrets (the webhook skips them), and hashing plaintext for a
+        // lookup is pointless: encrypted objects are the bot's.
+        let attribution = if sensitive {
+            None
+        } else {
+            self.attribution.as_ref()
+        };
+        let author = match attribution {
             None => None,
             Some(store) => {
                 let object_key = ObjectKey::new(
@@ -265,15 +277,20 @@ impl WatchIndex {
                 match change {
                     Change::Deleted => store.attribute_delete(&object_key, &view.object.uid),
                     Change::Listed | Change::Applied => {
-                        render(&mut rendered, obj, &view.path, &plan.key).and_then(|(_, hash)| {
-                            store.attribute_upsert(&object_key, Some(&view.object.uid), &hash)
-                        })
+                        render(&mut rendered, obj, &view.path, &plan.key)
+                            .and_then(|(_, hash)| store.attribute_watched(&object_key, obj, &hash))
                     }
                 }
             }
         };
         for (route_index, route) in plan.routes.iter().enumerate() {
             let dest = &route.destination.key;
+            // Only sensitive objects are encrypted; everything else stays plain canonical YAML.
+            let encryption = route.destination.encryption.as_ref().filter(|_| sensitive);
+            if sensitive && encryption.is_none() {
+                // Never in plaintext: a destination without encryption gets nothing of this object.
+                continue;
+            }
             let slot = (route_index, view.path.clone());
             let held = self.hashes.get(&slot).copied();
             let ns = view.namespace.as_deref();
@@ -305,9 +322,24 @@ impl WatchIndex {
                     }
                 }
                 Change::Listed | Change::Applied => {
-                    let Some((yaml, hash)) = render(&mut rendered, obj, &view.path, &plan.key)
-                    else {
-                        continue;
+                    let mut sealed: Option<sops::Prepared> = None;
+                    let hash = match encryption {
+                        Some(encryption) => match sops::prepare(obj, encryption) {
+                            Ok(prepared) => {
+                                let hash: Hash =
+                                    Sha256::digest(prepared.fingerprint.as_bytes()).into();
+                                sealed = Some(prepared);
+                                hash
+                            }
+                            Err(e) => {
+                                warn!(watch = %plan.key, path = %view.path, destination = %dest, error = %e, "cannot encrypt object; not sending it");
+                                continue;
+                            }
+                        },
+                        None => match render(&mut rendered, obj, &view.path, &plan.key) {
+                            Some((_, hash)) => hash,
+                            None => continue,
+                        },
                     };
                     if change == Change::Listed {
                         if let Some(epoch) = &mut self.epoch {
@@ -327,6 +359,25 @@ impl WatchIndex {
                             continue;
                         }
                     }
+                    let (yaml, fingerprint) = match (&sealed, encryption) {
+                        (Some(prepared), Some(encryption)) => {
+                            match sops::encrypt(
+                                prepared,
+                                &encryption.recipients,
+                                &sops::now_rfc3339(),
+                            ) {
+                                Ok(yaml) => (yaml, Some(prepared.fingerprint.clone())),
+                                Err(e) => {
+                                    warn!(watch = %plan.key, path = %view.path, destination = %dest, error = %e, "cannot encrypt object; not sending it");
+                                    continue;
+                                }
+                            }
+                        }
+                        _ => match render(&mut rendered, obj, &view.path, &plan.key) {
+                            Some((yaml, _)) => (yaml, None),
+                            None => continue,
+                        },
+                    };
                     self.hashes.insert(slot, hash);
                     out.push(AgentEvent::Upsert {
                         destination: dest.clone(),
@@ -335,6 +386,7 @@ impl WatchIndex {
                         object: view.object.clone(),
                         created: held.is_none(),
                         author: author.clone(),
+                        fingerprint,
                     });
                 }
             }
@@ -546,7 +598,115 @@ mod tests {
                 })
                 .collect(),
             namespace_labels: NamespaceLabels::new(),
+            sensitive: false,
         })
+    }
+
+    /// A Secrets watch routed to `encrypted` (with encryption to `identity`) and `plain` (without).
+    fn secrets_plan(identity: &age::x25519::Identity) -> Arc<WatchPlan> {
+        let rules = |d: &str| {
+            vec![cluster_rule(
+                d,
+                ResourceScope::Namespaced,
+                &["secrets"],
+                None,
+            )]
+        };
+        let mut encrypted = decl("x/encrypted");
+        encrypted.encryption = Some(sops::Encryption {
+            recipients: vec![identity.to_public().to_string()],
+            fingerprint_key: sops::FingerprintKey::new([1; 32]),
+        });
+        Arc::new(WatchPlan {
+            key: WatchKey {
+                group: "".into(),
+                version: "v1".into(),
+                resource: "secrets".into(),
+                namespace: "".into(),
+            },
+            resource: DiscoveredResource::new("", "v1", "secrets", "Secret", true),
+            routes: vec![
+                DestinationRoute {
+                    destination: decl("x/plain"),
+                    rules: rules("x/plain"),
+                    snapshot_namespaces: BTreeSet::from([String::new()]),
+                },
+                DestinationRoute {
+                    destination: encrypted,
+                    rules: rules("x/encrypted"),
+                    snapshot_namespaces: BTreeSet::from([String::new()]),
+                },
+            ],
+            namespace_labels: NamespaceLabels::new(),
+            sensitive: true,
+        })
+    }
+
+    fn secret(value: &str, rv: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "db", "namespace": "shop", "resourceVersion": rv, "uid": "uid-db"},
+            "data": {"password": value}})
+    }
+
+    #[test]
+    fn secrets_go_only_encrypted_and_only_to_destinations_that_encrypt() {
+        let identity = age::x25519::Identity::generate();
+        let epochs = AtomicU64::new(0);
+        let mut idx = WatchIndex::new(secrets_plan(&identity), SelectionOptions::default());
+        idx.apply(Event::Init, &epochs);
+        let listed = idx.apply(Event::InitApply(secret("c2VjcmV0LTE=", "1")), &epochs);
+        let upserts: Vec<&AgentEvent> = listed
+            .iter()
+            .filter(|e| matches!(e, AgentEvent::Upsert { .. }))
+            .collect();
+        assert_eq!(upserts.len(), 1, "{}", kinds(&listed).join("\n"));
+        let AgentEvent::Upsert {
+            destination,
+            path,
+            yaml,
+            fingerprint,
+            author,
+            ..
+        } = upserts[0]
+        else {
+            unreachable!()
+        };
+        assert_eq!(destination, "x/encrypted");
+        assert_eq!(path, "core/v1/secrets/shop/db.sops.yaml");
+        assert!(!yaml.contains("c2VjcmV0LTE="), "plaintext leaked");
+        assert!(yaml.contains("ENC[AES256_GCM,data:"));
+        assert!(fingerprint.as_deref().is_some_and(|f| f.starts_with("v1:")));
+        assert_eq!(
+            reverser_common::sops::fingerprint_of(yaml.as_bytes()).as_ref(),
+            fingerprint.as_ref()
+        );
+        assert!(author.is_none());
+        idx.apply(Event::InitDone, &epochs);
+        // A resync or a metadata-only change: same fingerprint, nothing sent.
+        assert!(
+            idx.apply(Event::Apply(secret("c2VjcmV0LTE=", "2")), &epochs)
+                .is_empty()
+        );
+        // A changed value is re-encrypted for the encrypting destination only.
+        let changed = idx.apply(Event::Apply(secret("c2VjcmV0LTI=", "3")), &epochs);
+        assert_eq!(
+            kinds(&changed),
+            vec!["Upsert x/encrypted core/v1/secrets/shop/db.sops.yaml created=false"]
+        );
+        let deleted = idx.apply(Event::Delete(secret("c2VjcmV0LTI=", "4")), &epochs);
+        assert_eq!(
+            kinds(&deleted),
+            vec!["Delete x/encrypted core/v1/secrets/shop/db.sops.yaml"]
+        );
+    }
+
+    #[test]
+    fn a_secret_through_a_plain_watch_is_never_sent() {
+        let epochs = AtomicU64::new(0);
+        let mut idx = WatchIndex::new(plan(all_configmaps("x/prod")), SelectionOptions::default());
+        idx.apply(Event::Init, &epochs);
+        let out = idx.apply(Event::InitApply(secret("c2VjcmV0", "1")), &epochs);
+        assert!(!out.iter().any(|e| matches!(e, AgentEvent::Upsert { .. })));
     }
 
     fn cm(ns: &str, name: &str, labels: Value, data: &str, rv: &str) -> Value {
@@ -633,6 +793,8 @@ mod tests {
             uid: Some(format!("uid-{name}")),
             content_hash: (op != crate::webhook::Operation::Delete)
                 .then(|| canonical::content_hash(&canonical::to_canonical_yaml(obj).unwrap())),
+            base_version: None,
+            scale_replicas: None,
         }
     }
 

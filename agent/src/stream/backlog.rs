@@ -340,6 +340,11 @@ fn declare_message(decl: &DestinationDecl) -> pb::AgentMessage {
                 .map(|name| pb::Credentials {
                     kind: Some(pb::credentials::Kind::Reference(name)),
                 }),
+            age_recipients: decl
+                .encryption
+                .as_ref()
+                .map(|e| e.recipients.clone())
+                .unwrap_or_default(),
         })),
     }
 }
@@ -381,6 +386,7 @@ fn change_message(
             object,
             created,
             author,
+            fingerprint,
         } => Kind::Upsert(pb::Upsert {
             sequence,
             destination: destination.clone(),
@@ -394,6 +400,7 @@ fn change_message(
             } as i32,
             author: author.clone().unwrap_or_default(),
             event_time: Some(seen_at.into()),
+            fingerprint: fingerprint.clone().unwrap_or_default(),
         }),
         AgentEvent::Delete {
             destination,
@@ -444,6 +451,7 @@ mod tests {
             base_folder: folder.into(),
             exclusive_mode: false,
             credentials_reference: None,
+            encryption: None,
         })
     }
 
@@ -455,6 +463,7 @@ mod tests {
             object: ObjectRef::default(),
             created: true,
             author: None,
+            fingerprint: None,
         }
     }
 
@@ -707,6 +716,7 @@ mod tests {
             },
             created: false,
             author: Some("alice".into()),
+            fingerprint: None,
         };
         let Some(Kind::Upsert(u)) = change_message(&event, 4, seen, None).kind else {
             panic!("an upsert")
@@ -725,6 +735,7 @@ mod tests {
             base_folder: "f".into(),
             exclusive_mode: true,
             credentials_reference: Some("github".into()),
+            encryption: None,
         };
         let Some(Kind::Destination(d)) = declare_message(&decl).kind else {
             panic!("a destination")

@@ -26,6 +26,17 @@
 //! one that just became state either persisted earlier (and was matched then) or never will
 //! (conflict, no-op). The API server runs validating admission inside its optimistic-update
 //! retry loop, so a write that commits after a conflict is admitted again, newer.
+//!
+//! Lineage: an UPDATE (or DELETE) is computed against the stored version it read — the
+//! `oldObject`'s resourceVersion, kept as the fact's `base_version` — and can only commit as
+//! the next version of the object (the API server's compare-and-swap). So once a watch event
+//! *newer* than that base arrives, the fact is decided: it produced this event (same content)
+//! or it never will (another webhook denied it, a precondition failed, it was a no-op) and is
+//! dropped. Without this, an attempt denied by another webhook would linger until the TTL and
+//! author a later identical change made without attribution. An event that is not newer than
+//! the base (the watch lagging behind the webhook) can never be the fact's result. The same
+//! lineage lets a `/scale` fact (which carries a `Scale`, not the object) match its parent's
+//! next version by `spec.replicas`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -133,8 +144,50 @@ pub struct Fact {
     /// `metadata.uid` of the object (for DELETE: of the object being deleted). The API server
     /// assigns it before admission, so even a CREATE's fact knows it.
     pub uid: Option<String>,
-    /// Hash of the sanitized canonical object as admitted; `None` for DELETE.
+    /// Hash of the sanitized canonical object as admitted; `None` for DELETE and `/scale`.
     pub content_hash: Option<ContentHash>,
+    /// `metadata.resourceVersion` of the object the request changed (UPDATE and DELETE: the
+    /// `oldObject`), when it is a number (comparable since Kubernetes 1.35, KEP-5504; in
+    /// practice always). The request can only become the object's *next* version, so once a
+    /// watch event newer than this arrives, the fact has either produced it or never will.
+    pub base_version: Option<u64>,
+    /// For a `/scale` UPDATE of a built-in workload: the `spec.replicas` asked for. The fact
+    /// is keyed on the parent object; `content_hash` is `None`.
+    pub scale_replicas: Option<i64>,
+}
+
+/// What a watch event (or a relisted object) shows of an object, for the join.
+#[derive(Clone, Copy, Debug)]
+pub struct Observed<'a> {
+    /// `metadata.uid`.
+    pub uid: Option<&'a str>,
+    /// `metadata.resourceVersion` as a number; `None` turns the lineage checks off.
+    pub version: Option<u64>,
+    /// Hash of the sanitized canonical object.
+    pub hash: &'a ContentHash,
+    /// `spec.replicas`, for `/scale` facts.
+    pub replicas: Option<i64>,
+    /// `metadata.deletionTimestamp` is set.
+    pub deleting: bool,
+}
+
+impl<'a> Observed<'a> {
+    /// Reads uid, resourceVersion, `spec.replicas` and `deletionTimestamp` from `object`.
+    pub fn of(object: &'a serde_json::Value, hash: &'a ContentHash) -> Self {
+        let meta = &object["metadata"];
+        Self {
+            uid: meta["uid"].as_str(),
+            version: resource_version(&meta["resourceVersion"]),
+            hash,
+            replicas: object["spec"]["replicas"].as_i64(),
+            deleting: !meta["deletionTimestamp"].is_null(),
+        }
+    }
+}
+
+/// A resourceVersion as a number, `None` when absent or not a number.
+pub fn resource_version(value: &serde_json::Value) -> Option<u64> {
+    value.as_str().and_then(|v| v.parse().ok())
 }
 
 /// Limits of the store.
@@ -302,44 +355,106 @@ impl FactStore {
     }
 
     /// The author of an ADDED or MODIFIED watch event (or a relisted object) whose sanitized
-    /// canonical content hashes to `hash`: the user of the CREATE/UPDATE facts of `key` with
-    /// exactly this content (and this uid, when both know it). `None` when there is no such
-    /// fact or they name different users.
-    ///
-    /// Call it once per watch event, whether or not the event changes the mirrored file: a
-    /// matched no-op is consumed instead of lingering.
+    /// canonical content hashes to `hash`, without the lineage checks of
+    /// [`attribute_watched`](Self::attribute_watched) (the event's resourceVersion unknown).
     pub fn attribute_upsert(
         &self,
         key: &ObjectKey,
         uid: Option<&str>,
         hash: &ContentHash,
     ) -> Option<String> {
+        self.attribute(
+            key,
+            &Observed {
+                uid,
+                version: None,
+                hash,
+                replicas: None,
+                deleting: false,
+            },
+        )
+    }
+
+    /// The author of an ADDED or MODIFIED watch event (or a relisted object): `object` as
+    /// watched, `hash` its sanitized canonical content hash. See [`attribute`](Self::attribute).
+    pub fn attribute_watched(
+        &self,
+        key: &ObjectKey,
+        object: &serde_json::Value,
+        hash: &ContentHash,
+    ) -> Option<String> {
+        self.attribute(key, &Observed::of(object, hash))
+    }
+
+    /// The author of an ADDED or MODIFIED watch event (or a relisted object): the user of the
+    /// CREATE/UPDATE facts of `key` with exactly this content (and this uid, when both know
+    /// it), or of the `/scale` facts asking for exactly these replicas. `None` when there is
+    /// no such fact or they name different users.
+    ///
+    /// Lineage, when both resourceVersions are known: a fact based on version `B` can only
+    /// produce the object's next version, so it is a candidate only for an event newer than
+    /// `B`, and once such an event arrived it has either produced it or never will — it is
+    /// dropped either way. That is what keeps an attempt a later webhook denied (or a
+    /// precondition failed) from authoring a later, identical change made by someone else.
+    /// A `/scale` fact needs the lineage (replicas alone are weak evidence).
+    ///
+    /// Call it once per watch event, whether or not the event changes the mirrored file: a
+    /// matched no-op is consumed instead of lingering.
+    pub fn attribute(&self, key: &ObjectKey, seen: &Observed<'_>) -> Option<String> {
         let now = self.clock.now();
         let mut inner = self.lock();
         self.expire(&mut inner, now);
-        let uid = uid.filter(|u| !u.is_empty());
+        let uid = seen.uid.filter(|u| !u.is_empty());
+        let same_uid = |f: &Fact| match (uid, f.uid.as_deref()) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        // Based on a version older than this event's: decided by this event.
+        let decided =
+            |f: &Fact| matches!((f.base_version, seen.version), (Some(b), Some(v)) if b < v);
+        // Could have produced this event (unknown versions: no lineage, content alone decides).
+        let could_produce = |f: &Fact| match (f.base_version, seen.version) {
+            (Some(b), Some(v)) => b < v,
+            _ => true,
+        };
         let candidates = inner.select(key, |f| {
             f.operation.is_upsert()
-                && f.content_hash.as_ref() == Some(hash)
-                && match (uid, f.uid.as_deref()) {
-                    (Some(a), Some(b)) => a == b,
-                    _ => true,
+                && same_uid(f)
+                && could_produce(f)
+                && match f.scale_replicas {
+                    Some(replicas) => {
+                        decided(f)
+                            && uid.is_some()
+                            && f.uid.is_some()
+                            && seen.replicas == Some(replicas)
+                    }
+                    None => f.content_hash.as_ref() == Some(seen.hash),
                 }
         });
-        let Some(&newest) = candidates.last() else {
-            self.metrics.held.set(inner.facts.len() as i64);
-            return None;
+        let author = if candidates.is_empty() {
+            None
+        } else {
+            self.decide(&inner, &candidates)
         };
-        let author = self.decide(&inner, &candidates);
         for seq in &candidates {
             inner.remove(*seq);
         }
         // Upsert facts admitted before the newest match can no longer become state.
-        for seq in inner.select(key, |f| f.operation.is_upsert()) {
-            if seq < newest {
-                inner.remove(seq);
-                self.metrics.unmatched.inc();
+        if let Some(&newest) = candidates.last() {
+            for seq in inner.select(key, |f| f.operation.is_upsert()) {
+                if seq < newest {
+                    inner.remove(seq);
+                    self.metrics.unmatched.inc();
+                }
             }
+        }
+        // Facts this event's version outdated: an upsert that did not produce it never will; a
+        // DELETE did not happen when the newer version is not being deleted.
+        for seq in inner.select(key, |f| {
+            same_uid(f) && decided(f) && (f.operation.is_upsert() || !seen.deleting)
+        }) {
+            inner.remove(seq);
+            self.metrics.unmatched.inc();
         }
         self.metrics.held.set(inner.facts.len() as i64);
         author
@@ -417,6 +532,8 @@ mod tests {
             groups: vec!["system:authenticated".into()],
             uid: Some(uid.into()),
             content_hash: Some([hash; 32]),
+            base_version: None,
+            scale_replicas: None,
         }
     }
 
@@ -570,6 +687,147 @@ mod tests {
         assert_eq!(store.metrics().held.get(), 2);
         assert_eq!(store.attribute_upsert(&cm("a"), None, &[1; 32]), None);
         assert!(store.attribute_upsert(&cm("c"), None, &[1; 32]).is_some());
+    }
+
+    fn based_on(fact: Fact, version: u64) -> Fact {
+        Fact {
+            base_version: Some(version),
+            ..fact
+        }
+    }
+
+    fn scale(name: &str, user: &str, uid: &str, base: u64, replicas: i64) -> Fact {
+        Fact {
+            content_hash: None,
+            scale_replicas: Some(replicas),
+            ..based_on(upsert(name, user, uid, 0), base)
+        }
+    }
+
+    /// A watched object: uid, resourceVersion, `spec.replicas`, optionally being deleted.
+    fn object(uid: &str, rv: u64, replicas: i64, deleting: bool) -> serde_json::Value {
+        let mut o = serde_json::json!({
+            "metadata": {"uid": uid, "resourceVersion": rv.to_string()},
+            "spec": {"replicas": replicas}
+        });
+        if deleting {
+            o["metadata"]["deletionTimestamp"] = "2026-06-25T10:00:00Z".into();
+        }
+        o
+    }
+
+    #[test]
+    fn an_attempt_outdated_by_a_newer_version_never_authors_an_identical_change() {
+        let (store, _) = store(FactsConfig::default());
+        // Alice's update of version 5 to content 1 is denied by a later webhook.
+        store.record(based_on(upsert("a", "alice", "u1", 1), 5));
+        // Someone the webhook did not see writes content 2 (version 6): alice's attempt can
+        // no longer become state, whatever comes next.
+        let v6 = object("u1", 6, 1, false);
+        assert_eq!(store.attribute_watched(&cm("a"), &v6, &[2; 32]), None);
+        assert!(store.is_empty(), "{:?}", store.snapshot());
+        assert_eq!(store.metrics().unmatched.get(), 1);
+        // ... and then content 1 again (version 7), still unseen by the webhook: the bot's.
+        let v7 = object("u1", 7, 1, false);
+        assert_eq!(store.attribute_watched(&cm("a"), &v7, &[1; 32]), None);
+        // Without lineage (the old join) alice's fact would have survived and matched here.
+        store.record(upsert("a", "alice", "u1", 1));
+        store.attribute_upsert(&cm("a"), Some("u1"), &[2; 32]);
+        assert_eq!(
+            store.attribute_upsert(&cm("a"), Some("u1"), &[1; 32]),
+            Some("alice".into())
+        );
+    }
+
+    #[test]
+    fn an_outdated_attempt_does_not_make_a_later_users_identical_change_ambiguous() {
+        let (store, _) = store(FactsConfig::default());
+        store.record(based_on(upsert("a", "alice", "u1", 1), 5)); // denied
+        let v6 = object("u1", 6, 1, false);
+        assert_eq!(store.attribute_watched(&cm("a"), &v6, &[2; 32]), None);
+        store.record(based_on(upsert("a", "bob", "u1", 1), 6));
+        let v7 = object("u1", 7, 1, false);
+        assert_eq!(
+            store.attribute_watched(&cm("a"), &v7, &[1; 32]),
+            Some("bob".into())
+        );
+    }
+
+    #[test]
+    fn an_event_not_newer_than_the_base_is_never_the_facts_result() {
+        let (store, _) = store(FactsConfig::default());
+        // A no-op-looking attempt on version 5 while the watch still delivers version 5.
+        store.record(based_on(upsert("a", "alice", "u1", 1), 5));
+        let v5 = object("u1", 5, 1, false);
+        assert_eq!(store.attribute_watched(&cm("a"), &v5, &[1; 32]), None);
+        assert_eq!(store.len(), 1, "kept: its result may still come");
+        let v6 = object("u1", 6, 1, false);
+        assert_eq!(
+            store.attribute_watched(&cm("a"), &v6, &[1; 32]),
+            Some("alice".into())
+        );
+    }
+
+    #[test]
+    fn a_delete_is_dropped_once_a_newer_version_is_not_being_deleted() {
+        let (store, _) = store(FactsConfig::default());
+        store.record(based_on(delete("a", "alice", "u1"), 5));
+        // Held by a finalizer: the next version carries a deletionTimestamp; keep the fact.
+        let v6 = object("u1", 6, 1, true);
+        store.attribute_watched(&cm("a"), &v6, &[1; 32]);
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.attribute_delete(&cm("a"), "u1"), Some("alice".into()));
+
+        // Denied by another webhook: the next version is not being deleted.
+        store.record(based_on(delete("b", "alice", "u2"), 5));
+        let v6 = object("u2", 6, 1, false);
+        store.attribute_watched(&cm("b"), &v6, &[1; 32]);
+        assert!(store.is_empty());
+        assert_eq!(store.attribute_delete(&cm("b"), "u2"), None);
+    }
+
+    #[test]
+    fn a_scale_matches_the_parents_next_version_with_those_replicas() {
+        let (store, _) = store(FactsConfig::default());
+        store.record(scale("web", "alice", "u1", 5, 4));
+        // The watch lagging: version 5 (the base) with 4 replicas already is not the result.
+        let v5 = object("u1", 5, 4, false);
+        assert_eq!(store.attribute_watched(&cm("web"), &v5, &[1; 32]), None);
+        // Another incarnation of the name is not either.
+        let other = object("u9", 6, 4, false);
+        assert_eq!(store.attribute_watched(&cm("web"), &other, &[1; 32]), None);
+        let v6 = object("u1", 6, 4, false);
+        assert_eq!(
+            store.attribute_watched(&cm("web"), &v6, &[2; 32]),
+            Some("alice".into())
+        );
+        assert!(store.is_empty());
+    }
+
+    #[test]
+    fn a_scale_that_did_not_become_the_next_version_authors_nothing() {
+        let (store, _) = store(FactsConfig::default());
+        store.record(scale("web", "alice", "u1", 5, 4));
+        // The next version kept 2 replicas (the scale was denied): dropped at once.
+        let v6 = object("u1", 6, 2, false);
+        assert_eq!(store.attribute_watched(&cm("web"), &v6, &[1; 32]), None);
+        assert!(store.is_empty());
+        // A later version with 4 replicas written by someone unseen stays the bot's.
+        let v7 = object("u1", 7, 4, false);
+        assert_eq!(store.attribute_watched(&cm("web"), &v7, &[1; 32]), None);
+        // Without a resourceVersion there is no lineage, and replicas alone prove nothing.
+        store.record(scale("web", "alice", "u1", 7, 4));
+        assert_eq!(
+            store.attribute_upsert(&cm("web"), Some("u1"), &[1; 32]),
+            None
+        );
+        let mut unversioned = object("u1", 8, 4, false);
+        unversioned["metadata"]["resourceVersion"] = "not-a-number".into();
+        assert_eq!(
+            store.attribute_watched(&cm("web"), &unversioned, &[1; 32]),
+            None
+        );
+        assert_eq!(store.len(), 1);
     }
 
     #[test]

@@ -125,6 +125,7 @@ struct Identity {
 }
 
 #[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct IdentityMeta {
     #[serde(default)]
     name: Option<String>,
@@ -132,6 +133,8 @@ struct IdentityMeta {
     namespace: Option<String>,
     #[serde(default)]
     uid: Option<String>,
+    #[serde(default)]
+    resource_version: Option<String>,
 }
 
 impl IdentityMeta {
@@ -146,6 +149,7 @@ impl IdentityMeta {
             name: text("name"),
             namespace: text("namespace"),
             uid: text("uid"),
+            resource_version: text("resourceVersion"),
         }
     }
 }
@@ -205,13 +209,11 @@ fn fact_of(request: Request) -> Result<Fact, Outcome> {
         _ => return Err(Outcome::Ignored("operation")),
     };
     // `/status` writes change nothing the mirror keeps; `/scale` carries a Scale, not the
-    // object, so its content can never equal a watch event's.
-    if request
-        .sub_resource
-        .as_deref()
-        .is_some_and(|s| !s.is_empty())
-    {
-        return Err(Outcome::Ignored("subresource"));
+    // object: it becomes a fact about the parent's replicas (see `scale_fact`).
+    match request.sub_resource.as_deref() {
+        None | Some("") => {}
+        Some("scale") if operation == Operation::Update => return scale_fact(request),
+        Some(_) => return Err(Outcome::Ignored("subresource")),
     }
     // Never mirrored, so never attributed; and their content is not hashed here at all.
     if request.resource.group.is_empty() && request.resource.resource == "secrets" {
@@ -221,6 +223,11 @@ fn fact_of(request: Request) -> Result<Fact, Outcome> {
         return Err(Outcome::Ignored("no username"));
     }
     // DELETE carries only oldObject; CREATE/UPDATE the object as it will be stored.
+    let base_version = request
+        .old_object
+        .as_ref()
+        .and_then(|old| old.metadata.resource_version.as_deref())
+        .and_then(|v| v.parse().ok());
     let (object, identity) = match operation {
         Operation::Delete => {
             let old = request.old_object.ok_or(Outcome::Ignored("no object"))?;
@@ -263,6 +270,76 @@ fn fact_of(request: Request) -> Result<Fact, Outcome> {
         groups: request.user_info.groups,
         uid,
         content_hash,
+        base_version,
+        scale_replicas: None,
+    })
+}
+
+/// Workloads whose `/scale` maps to their own `spec.replicas` (custom resources declare their
+/// own replicas path, which the watch cannot know; their scales stay the bot's).
+const SCALED_BY_SPEC_REPLICAS: [(&str, &str); 4] = [
+    ("apps", "deployments"),
+    ("apps", "statefulsets"),
+    ("apps", "replicasets"),
+    ("", "replicationcontrollers"),
+];
+
+/// Whether a `/scale` of this resource is attributed (and so registered).
+pub fn is_scaled_by_spec_replicas(group: &str, resource: &str) -> bool {
+    SCALED_BY_SPEC_REPLICAS.contains(&(group, resource))
+}
+
+/// An UPDATE of `/scale` (`kubectl scale`, an HPA): the `autoscaling/v1` Scale names the
+/// parent (name, namespace, uid, resourceVersion) and the replicas asked for. The fact is keyed
+/// on the parent and joins its next version by `spec.replicas` (lineage required: without the
+/// old resourceVersion and the uid there is no fact).
+fn scale_fact(request: Request) -> Result<Fact, Outcome> {
+    let group = request.resource.group.as_str();
+    let resource = request.resource.resource.as_str();
+    if !is_scaled_by_spec_replicas(group, resource) {
+        return Err(Outcome::Ignored("subresource"));
+    }
+    if request.user_info.username.is_empty() {
+        return Err(Outcome::Ignored("no username"));
+    }
+    let object = request
+        .object
+        .filter(Value::is_object)
+        .ok_or(Outcome::Ignored("no object"))?;
+    let replicas = object
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .ok_or(Outcome::Ignored("scale without replicas"))?;
+    let identity = IdentityMeta::of(&object);
+    let old = request.old_object.map(|o| o.metadata).unwrap_or_default();
+    let non_empty = |s: Option<String>| s.filter(|s| !s.is_empty());
+    let name = non_empty(request.name)
+        .or_else(|| non_empty(identity.name))
+        .ok_or(Outcome::Ignored("no name"))?;
+    let namespace = non_empty(request.namespace)
+        .or_else(|| non_empty(identity.namespace))
+        .unwrap_or_default();
+    let uid = non_empty(identity.uid)
+        .or_else(|| non_empty(old.uid))
+        .ok_or(Outcome::Ignored("scale without lineage"))?;
+    let base_version = old
+        .resource_version
+        .and_then(|v| v.parse().ok())
+        .ok_or(Outcome::Ignored("scale without lineage"))?;
+    Ok(Fact {
+        key: ObjectKey {
+            group: request.resource.group,
+            resource: request.resource.resource,
+            namespace,
+            name,
+        },
+        operation: Operation::Update,
+        username: request.user_info.username,
+        groups: request.user_info.groups,
+        uid: Some(uid),
+        content_hash: None,
+        base_version: Some(base_version),
+        scale_replicas: Some(replicas),
     })
 }
 
@@ -350,6 +427,60 @@ mod tests {
         assert_eq!(fact.key.name, "b");
         assert_eq!(fact.uid.as_deref(), Some("u2"));
         assert_eq!(fact.content_hash, None);
+    }
+
+    fn scale_request(resource: &str, old_rv: Value) -> Value {
+        let scale = |replicas: i64, rv: Value| {
+            json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+                   "metadata": {"name": "web", "namespace": "shop", "uid": "u7",
+                                "resourceVersion": rv},
+                   "spec": {"replicas": replicas}, "status": {"replicas": 2, "selector": "app=web"}})
+        };
+        create(json!({
+            "kind": {"group": "autoscaling", "version": "v1", "kind": "Scale"},
+            "resource": {"group": "apps", "version": "v1", "resource": resource},
+            "subResource": "scale", "requestSubResource": "scale",
+            "name": "web", "operation": "UPDATE",
+            "object": scale(5, json!("41")),
+            "oldObject": scale(2, old_rv),
+        }))
+    }
+
+    #[test]
+    fn a_scale_of_a_workload_is_a_fact_about_the_parents_replicas() {
+        let reviewed = review(&body(scale_request("deployments", json!("41")))).unwrap();
+        assert_eq!(response(&reviewed)["response"]["allowed"], true);
+        let fact = reviewed.fact.unwrap();
+        assert_eq!(
+            fact.key,
+            ObjectKey::new("apps", "deployments", "shop", "web")
+        );
+        assert_eq!(fact.operation, Operation::Update);
+        assert_eq!(fact.uid.as_deref(), Some("u7"));
+        assert_eq!(fact.content_hash, None);
+        assert_eq!(fact.scale_replicas, Some(5));
+        assert_eq!(fact.base_version, Some(41));
+        // Lineage is required; custom resources' replicas paths are unknown.
+        for (resource, old_rv) in [("deployments", Value::Null), ("widgets", json!("41"))] {
+            let reviewed = review(&body(scale_request(resource, old_rv))).unwrap();
+            assert!(reviewed.fact.is_none(), "{resource}");
+            assert_eq!(response(&reviewed)["response"]["allowed"], true);
+        }
+    }
+
+    #[test]
+    fn an_update_remembers_the_version_it_was_based_on() {
+        let request = create(json!({
+            "operation": "UPDATE",
+            "oldObject": {"apiVersion": "v1", "kind": "ConfigMap",
+                          "metadata": {"name": "a", "namespace": "shop", "uid": "u1",
+                                       "resourceVersion": "17"}}
+        }));
+        let fact = review(&body(request)).unwrap().fact.unwrap();
+        assert_eq!(fact.base_version, Some(17));
+        assert_eq!(fact.scale_replicas, None);
+        let fact = review(&body(create(json!({})))).unwrap().fact.unwrap();
+        assert_eq!(fact.base_version, None, "a CREATE has no base");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!
 //! Choices, each for attribution's sake:
 //! - `rules`: exactly the watched group/version/resources, CREATE/UPDATE/DELETE, no
-//!   subresources. With `matchPolicy: Equivalent` the API server converts the object to the
+//!   subresources but `/scale` of the built-in workloads (deployments, statefulsets,
+//!   replicasets, replicationcontrollers), whose Scale names the parent's replicas. With `matchPolicy: Equivalent` the API server converts the object to the
 //!   *watched* version before calling, so the admitted object hashes like the watch event.
 //! - `failurePolicy: Ignore` and a short timeout: attribution must never block the cluster,
 //!   even while the agent is down or changing leaders.
@@ -79,7 +80,7 @@ pub fn validating_webhook_configuration<'a>(
     registration: &Registration,
     resources: impl IntoIterator<Item = &'a ResourceKey>,
 ) -> ValidatingWebhookConfiguration {
-    let mut grouped: BTreeMap<(&str, &str), BTreeSet<&str>> = BTreeMap::new();
+    let mut grouped: BTreeMap<(&str, &str), BTreeSet<String>> = BTreeMap::new();
     for key in resources {
         if key.group.is_empty() && key.resource == "secrets" {
             continue;
@@ -87,7 +88,14 @@ pub fn validating_webhook_configuration<'a>(
         grouped
             .entry((key.group.as_str(), key.version.as_str()))
             .or_default()
-            .insert(key.resource.as_str());
+            .insert(key.resource.clone());
+        // `kubectl scale` and HPAs write the parent through `/scale` (see the handler).
+        if super::handler::is_scaled_by_spec_replicas(&key.group, &key.resource) {
+            grouped
+                .entry((key.group.as_str(), key.version.as_str()))
+                .or_default()
+                .insert(format!("{}/scale", key.resource));
+        }
     }
     let rules = grouped
         .into_iter()
@@ -95,7 +103,7 @@ pub fn validating_webhook_configuration<'a>(
             api_groups: Some(vec![group.to_owned()]),
             api_versions: Some(vec![version.to_owned()]),
             operations: Some(["CREATE", "UPDATE", "DELETE"].map(str::to_owned).to_vec()),
-            resources: Some(plurals.into_iter().map(str::to_owned).collect()),
+            resources: Some(plurals.into_iter().collect()),
             scope: Some("*".to_owned()),
         })
         .collect();
@@ -191,7 +199,7 @@ mod tests {
                 {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE", "DELETE"],
                  "resources": ["configmaps", "services"], "scope": "*"},
                 {"apiGroups": ["apps"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE", "DELETE"],
-                 "resources": ["deployments"], "scope": "*"}
+                 "resources": ["deployments", "deployments/scale"], "scope": "*"}
             ])
         );
         assert_eq!(

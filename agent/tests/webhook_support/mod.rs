@@ -111,11 +111,14 @@ pub fn watched(group: &str, resource: &str, object: &Value) -> Watched {
 }
 
 /// Feeds one watch event (`{"type": ..., "object": ...}`) to the store, as ingestion would:
-/// ADDED/MODIFIED join on content, DELETED on uid.
+/// ADDED/MODIFIED join on content (with the lineage of the object's resourceVersion), DELETED
+/// on uid.
 pub fn feed(store: &FactStore, group: &str, resource: &str, event: &Value) -> Option<String> {
     let w = watched(group, resource, &event["object"]);
     match event["type"].as_str() {
-        Some("ADDED") | Some("MODIFIED") => store.attribute_upsert(&w.key, Some(&w.uid), &w.hash),
+        Some("ADDED") | Some("MODIFIED") => {
+            store.attribute_watched(&w.key, &event["object"], &w.hash)
+        }
         Some("DELETED") => store.attribute_delete(&w.key, &w.uid),
         other => panic!("not a change event: {other:?}"),
     }

@@ -139,6 +139,7 @@ pub fn destination(
             base_folder: base_folder.into(),
             exclusive_mode: exclusive,
             credentials: None,
+            age_recipients: Vec::new(),
         })),
     }
 }
@@ -164,6 +165,7 @@ pub fn upsert_by(
             operation: pb::Operation::Update as i32,
             author: author.into(),
             event_time: None,
+            fingerprint: String::new(),
         })),
     }
 }

@@ -1,0 +1,396 @@
+//! Two clusters, one standalone writer: two kube-emulators (in-process), each with its own `reverser-agent`
+//! binary (a child process with its own client certificate), streaming over mTLS to one writer started with a
+//! `--config` file that grants each client certificate only its own base folder of one shared bare repository.
+//!
+//! ```text
+//! emulator prod    ◀── agent (cert spiffe://…/prod) ──┐ mTLS
+//!                                                      ├──▶ writer --config ──push──▶ BareRepo: clusters/prod,
+//! emulator staging ◀── agent (cert agent.staging…) ───┘                                        clusters/staging
+//! ```
+//!
+//! Waits have generous upper bounds only to turn a hang into a failure; no test asserts on durations.
+
+use std::{net::TcpListener, path::PathBuf, process::Stdio, time::Duration};
+
+use clap::Parser;
+use kube::api::{Api, DynamicObject};
+use kube::core::GroupVersionKind;
+use kube::discovery::ApiResource;
+use kube_emulator::Emulator;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType};
+use testkit::BareRepo;
+use tokio::process::{Child, Command};
+
+const PATIENCE: Duration = Duration::from_secs(90);
+const PROD_ID: &str = "spiffe://e2e.example/cluster/prod";
+const STAGING_ID: &str = "agent.staging.e2e.example";
+
+fn cluster_objects(name: &str) -> String {
+    format!(
+        "
+apiVersion: v1
+kind: Namespace
+metadata: {{name: shop}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: app, namespace: shop}}
+data: {{cluster: {name}}}
+"
+    )
+}
+
+/// The agent's configuration in cluster `name`: one destination `clusters/{name}`; with `forge`, a second
+/// destination pointing into the other cluster's folder.
+fn agent_config(repo_url: &str, name: &str, forge: Option<&str>) -> String {
+    let mut text = format!(
+        "
+apiVersion: v1
+kind: Namespace
+metadata: {{name: gitops-reverser}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitRepoConfig
+metadata: {{name: repo, namespace: gitops-reverser}}
+spec:
+  repoUrl: '{repo_url}'
+  allowedBranches: [main]
+  accessPolicy: {{namespacedRules: {{mode: AllNamespaces}}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitDestination
+metadata: {{name: own, namespace: gitops-reverser}}
+spec:
+  repoRef: {{namespace: gitops-reverser, name: repo}}
+  branch: main
+  baseFolder: clusters/{name}
+  accessPolicy: {{namespacedRules: {{mode: AllNamespaces}}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: WatchRule
+metadata: {{name: shop, namespace: shop}}
+spec:
+  destinationRef: {{name: own, namespace: gitops-reverser}}
+  rules: [{{apiGroups: [''], resources: [configmaps]}}]
+"
+    );
+    if let Some(other) = forge {
+        text.push_str(&format!(
+            "
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitDestination
+metadata: {{name: forged, namespace: gitops-reverser}}
+spec:
+  repoRef: {{namespace: gitops-reverser, name: repo}}
+  branch: main
+  baseFolder: clusters/{other}
+  accessPolicy: {{namespacedRules: {{mode: AllNamespaces}}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: WatchRule
+metadata: {{name: forged, namespace: shop}}
+spec:
+  destinationRef: {{name: forged, namespace: gitops-reverser}}
+  rules: [{{apiGroups: [''], resources: [configmaps]}}]
+"
+        ));
+    }
+    text
+}
+
+fn writer_config(repo_url: &str) -> String {
+    format!(
+        "tls: {{cert: tls.crt, key: tls.key, clientCA: ca.crt}}
+reloadIntervalSec: 0.5
+clients:
+  - identity: {PROD_ID}
+    clusterNames: [prod]
+    grants: [{{repos: ['{repo_url}'], branches: [main], baseFolders: [clusters/prod]}}]
+  - identity: {STAGING_ID}
+    clusterNames: [staging]
+    grants: [{{repos: ['{repo_url}'], branches: [main], baseFolders: [clusters/staging]}}]
+"
+    )
+}
+
+struct Pki {
+    dir: tempfile::TempDir,
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "e2e clusters CA");
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.crt"), issuer.pem()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+        Pki { dir, issuer }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `{name}.crt` and `{name}.key` for a client identity (a URI SAN or a DNS SAN).
+    fn client(&self, name: &str, identity: &str) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![if identity.contains("://") {
+            SanType::URI(identity.try_into().unwrap())
+        } else {
+            SanType::DnsName(identity.try_into().unwrap())
+        }];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (cert_path, key_path) = (
+            self.path(&format!("{name}.crt")),
+            self.path(&format!("{name}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+}
+
+struct Cluster {
+    emu: Emulator,
+    _kubeconfig_dir: tempfile::TempDir,
+    agent: Child,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn cluster(
+    name: &str,
+    identity: &str,
+    pki: &Pki,
+    repo_url: &str,
+    writer: &str,
+    forge: Option<&str>,
+) -> Cluster {
+    let emu = Emulator::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("emulator starts");
+    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    emu.apply_dir(&crds).await.expect("CRDs apply");
+    emu.apply_yaml(&cluster_objects(name)).await.unwrap();
+    emu.apply_yaml(&agent_config(repo_url, name, forge))
+        .await
+        .unwrap();
+    let kubeconfig_dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kubeconfig_dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, emu.kubeconfig_yaml(None)).unwrap();
+    let (cert, key) = pki.client(name, identity);
+    let agent = Command::new(env!("CARGO_BIN_EXE_reverser-agent"))
+        .arg("--writer-url")
+        .arg(writer)
+        .arg("--writer-ca")
+        .arg(pki.path("ca.crt"))
+        .arg("--writer-cert")
+        .arg(cert)
+        .arg("--writer-key")
+        .arg(key)
+        .args(["--writer-tls-domain", "localhost"])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--admin-addr")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .args(["--cluster-name", name])
+        .args(["--controller-namespace", "gitops-reverser"])
+        .args([
+            "--leader-election-lease-sec",
+            "3",
+            "--leader-election-renew-sec",
+            "1",
+        ])
+        .env(
+            "AGENT_LOG_LEVEL",
+            std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env_remove("POD_NAME")
+        .env_remove("POD_NAMESPACE")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the agent binary starts");
+    Cluster {
+        emu,
+        _kubeconfig_dir: kubeconfig_dir,
+        agent,
+    }
+}
+
+async fn wait<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `(status, reason, message)` of a GitDestination condition.
+async fn destination_condition(
+    client: &kube::Client,
+    name: &str,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    let gvk = GroupVersionKind::gvk("configbutler.ai", "v1alpha1", "GitDestination");
+    let ar = ApiResource::from_gvk_with_plural(&gvk, "gitdestinations");
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "gitops-reverser", &ar);
+    let obj = api.get_opt(name).await.ok()??;
+    let conditions = obj.data.pointer("/status/conditions")?.as_array()?.clone();
+    let found = conditions.iter().find(|c| c["type"] == type_)?;
+    Some((
+        found["status"].as_str()?.to_owned(),
+        found["reason"].as_str()?.to_owned(),
+        found["message"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+fn git(repo: &BareRepo, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(repo.path())
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The distinct `X-ConfigButler-ClusterUID` trailers of the commits that touched `folder`.
+fn cluster_uids_of(repo: &BareRepo, folder: &str) -> Vec<String> {
+    let log = git(repo, &["log", "--format=%B", "main", "--", folder]);
+    let mut uids: Vec<String> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("X-ConfigButler-ClusterUID: "))
+        .map(str::to_owned)
+        .collect();
+    uids.sort();
+    uids.dedup();
+    uids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clusters_write_their_own_folders_through_one_standalone_writer() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pki = Pki::new();
+    let repo = BareRepo::new();
+    let url = repo.file_url();
+    let config = pki.path("writer.yaml");
+    std::fs::write(&config, writer_config(&url)).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (config_arg, work_arg) = (
+        config.display().to_string(),
+        work.path().display().to_string(),
+    );
+    let writer = reverser_writer::Args::try_parse_from([
+        "reverser-writer",
+        "--config",
+        &config_arg,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--work-dir",
+        &work_arg,
+        "--git-batch-max-wait-sec",
+        "0.2",
+        "--leases",
+        "off",
+    ])
+    .unwrap()
+    .start()
+    .await
+    .expect("the standalone writer starts");
+    let writer_url = format!("https://127.0.0.1:{}", writer.grpc_addr.port());
+
+    // Both agents start at once; prod also has a destination forged into staging's folder.
+    let (mut prod, mut staging) = tokio::join!(
+        cluster("prod", PROD_ID, &pki, &url, &writer_url, Some("staging")),
+        cluster("staging", STAGING_ID, &pki, &url, &writer_url, None),
+    );
+
+    // Each cluster lands in its own base folder.
+    let prod_file = "clusters/prod/core/v1/configmaps/shop/app.yaml";
+    let staging_file = "clusters/staging/core/v1/configmaps/shop/app.yaml";
+    wait("both clusters' ConfigMaps in Git", async || {
+        let a = repo.read("main", prod_file)?;
+        let b = repo.read("main", staging_file)?;
+        (a.contains("cluster: prod") && b.contains("cluster: staging")).then_some(())
+    })
+    .await;
+
+    // Prod's forged destination is refused by the writer, and the refusal reaches the cluster as a condition.
+    let client = prod.emu.client().await;
+    let (_, reason, message) = wait("the forged destination's Ready=False", async || {
+        destination_condition(&client, "forged", "Ready")
+            .await
+            .filter(|(status, _, _)| status == "False")
+    })
+    .await;
+    assert_eq!(reason, "Forbidden", "{message}");
+    let own = wait("prod's own destination Ready=True", async || {
+        destination_condition(&client, "own", "Ready")
+            .await
+            .filter(|(status, _, _)| status == "True")
+    })
+    .await;
+    assert_eq!(own.0, "True");
+
+    // Commits name their cluster: every commit touching a folder carries that cluster's UID, and they differ.
+    let prod_uids = cluster_uids_of(&repo, "clusters/prod");
+    let staging_uids = cluster_uids_of(&repo, "clusters/staging");
+    assert_eq!(prod_uids.len(), 1, "{prod_uids:?}");
+    assert_eq!(staging_uids.len(), 1, "{staging_uids:?}");
+    assert_ne!(prod_uids, staging_uids);
+    // Nothing of prod's ever landed in staging's folder.
+    assert!(
+        repo.read("main", staging_file)
+            .unwrap()
+            .contains("cluster: staging")
+    );
+    let staging_files: Vec<String> = repo
+        .ls_tree("main")
+        .into_iter()
+        .filter(|f| f.starts_with("clusters/staging/"))
+        .collect();
+    assert!(
+        staging_files
+            .iter()
+            .all(|f| f.ends_with("owner.yaml") || repo.read("main", f).unwrap().contains("staging")),
+        "{staging_files:?}"
+    );
+
+    prod.agent.kill().await.unwrap();
+    staging.agent.kill().await.unwrap();
+    writer.stop().await.unwrap();
+    prod.emu.shutdown().await;
+    staging.emu.shutdown().await;
+}

@@ -1,0 +1,633 @@
+//! Secrets end to end: kube-emulator + the `reverser-agent` binary + the in-process writer + a bare repository.
+//! Secrets reach Git only as SOPS + age files (checked with the independent `tests/sops/verify.mjs`, which uses
+//! the npm package sops-age and recomputes the MAC), never in plaintext anywhere: not in any blob of any commit,
+//! not in the writer's work dir, not in the agent's or the writer's logs. Restarting over unchanged Secrets
+//! commits nothing; changing recipients re-encrypts in one commit; destinations without (usable) encryption get
+//! a condition and no file. Needs `scripts/install-test-deps.sh` (node modules in `.tools/node`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use age::secrecy::ExposeSecret;
+use clap::Parser;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::ApiResource;
+use kube_emulator::Emulator;
+use serde_json::{Value, json};
+use testkit::BareRepo;
+use tokio::process::{Child, Command};
+
+const PATIENCE: Duration = Duration::from_secs(90);
+const BRANCH: &str = "main";
+const DB_FILE: &str = "clusters/prod/core/v1/secrets/shop/db.sops.yaml";
+const API_FILE: &str = "clusters/prod/core/v1/secrets/shop/api.sops.yaml";
+/// Values that must never appear anywhere, as plaintext and as base64 (what `data` holds).
+const PLAINTEXTS: &[&str] = &[
+    "s3cr3t-hunter-2718",
+    "r0tated-hunter-3141",
+    "api-t0ken-1618",
+];
+
+/// In-process logs (the writer's), captured for the plaintext scan.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn needles() -> Vec<String> {
+    use base64::Engine;
+    PLAINTEXTS
+        .iter()
+        .flat_map(|p| {
+            [
+                (*p).to_owned(),
+                base64::engine::general_purpose::STANDARD.encode(p),
+            ]
+        })
+        .collect()
+}
+
+fn config(repo_url: &str, recipients: &[String]) -> String {
+    let list = recipients
+        .iter()
+        .map(|r| format!("'{r}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "
+apiVersion: v1
+kind: Namespace
+metadata: {{name: gitops-reverser}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: shop}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: db, namespace: shop}}
+type: Opaque
+data: {{password: czNjcjN0LWh1bnRlci0yNzE4, user: YWRtaW4=}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitRepoConfig
+metadata: {{name: repo, namespace: gitops-reverser}}
+spec:
+  repoUrl: '{repo_url}'
+  allowedBranches: [{BRANCH}]
+  accessPolicy: {{allowClusterRules: true}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitDestination
+metadata: {{name: prod, namespace: gitops-reverser}}
+spec:
+  repoRef: {{namespace: gitops-reverser, name: repo}}
+  branch: {BRANCH}
+  baseFolder: clusters/prod
+  encryption: {{age: {{recipients: [{list}]}}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitDestination
+metadata: {{name: plain, namespace: gitops-reverser}}
+spec:
+  repoRef: {{namespace: gitops-reverser, name: repo}}
+  branch: {BRANCH}
+  baseFolder: clusters/plain
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitDestination
+metadata: {{name: bad, namespace: gitops-reverser}}
+spec:
+  repoRef: {{namespace: gitops-reverser, name: repo}}
+  branch: {BRANCH}
+  baseFolder: clusters/bad
+  encryption: {{age: {{recipients: ['age1-not-a-key', 'AGE-SECRET-KEY-1NOTHERE']}}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitDestination
+metadata: {{name: keyed, namespace: gitops-reverser}}
+spec:
+  repoRef: {{namespace: gitops-reverser, name: repo}}
+  branch: {BRANCH}
+  baseFolder: clusters/keyed
+  encryption: {{age: {{recipientsSecretRef: {{name: age-recipients, key: recipients}}}}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: age-recipients, namespace: gitops-reverser}}
+data: {{recipients: '{first}'}}
+",
+        first = b64(&recipients[0])
+    ) + &["prod", "plain", "bad", "keyed"]
+        .iter()
+        .map(|d| {
+            format!(
+                "---
+apiVersion: configbutler.ai/v1alpha1
+kind: ClusterWatchRule
+metadata: {{name: secrets-{d}}}
+spec:
+  destinationRef: {{name: {d}, namespace: gitops-reverser}}
+  rules: [{{scope: Namespaced, resources: [secrets, configmaps]}}]
+"
+            )
+        })
+        .collect::<String>()
+}
+
+struct Agent {
+    child: Child,
+    admin: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_agent(writer: &str, kubeconfig: &Path, log: &Path) -> Agent {
+    let port = free_port();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_reverser-agent"))
+        .arg("--writer-url")
+        .arg(writer)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--admin-addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--controller-namespace", "gitops-reverser"])
+        .args(["--leader-election", "false"])
+        .args(["--encryption-refresh", "1s"])
+        // Everything the agent logs, debug included, goes through the plaintext scan.
+        .env("AGENT_LOG_LEVEL", "debug")
+        .env_remove("POD_NAME")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the agent binary starts");
+    Agent {
+        child,
+        admin: format!("127.0.0.1:{port}"),
+    }
+}
+
+impl Agent {
+    async fn metrics(&self) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(&self.admin).await.ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+    }
+
+    /// Waits until everything produced was acked and every watch completed a snapshot, twice in a row.
+    async fn settle(&self) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let mut last = None;
+        loop {
+            let current = self.metrics().await.and_then(|text| {
+                let m = |name: &str| metric(&text, name);
+                let produced: f64 = ["upsert", "delete", "snapshot_begin", "snapshot_end"]
+                    .iter()
+                    .map(|k| {
+                        m(&format!(
+                            "gitops_reverser_agent_events_total{{kind=\"{k}\"}}"
+                        ))
+                    })
+                    .sum();
+                let acked = m("gitops_reverser_agent_stream_messages_acked_total");
+                let ok = m("gitops_reverser_agent_active_watches") > 0.0
+                    && m("gitops_reverser_agent_watch_snapshots_completed")
+                        >= m("gitops_reverser_agent_active_watches")
+                    && m("gitops_reverser_agent_stream_connected") == 1.0
+                    && m("gitops_reverser_agent_stream_unacked") == 0.0
+                    && produced > 0.0
+                    && acked >= produced;
+                ok.then_some((produced as u64, acked as u64))
+            });
+            if current.is_some() && current == last {
+                return;
+            }
+            last = current;
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "agent did not settle"
+            );
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+    }
+
+    async fn terminate(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("the agent exits after SIGTERM")
+            .unwrap();
+        assert!(status.success(), "the agent exits cleanly: {status}");
+    }
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+async fn wait<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `(status, reason, message)` of a ClusterWatchRule condition.
+async fn rule_condition(
+    client: &kube::Client,
+    name: &str,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    let gvk = GroupVersionKind::gvk("configbutler.ai", "v1alpha1", "ClusterWatchRule");
+    let ar = ApiResource::from_gvk_with_plural(&gvk, "clusterwatchrules");
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+    let obj = api.get_opt(name).await.ok()??;
+    let conditions = obj.data.pointer("/status/conditions")?.as_array()?.clone();
+    let c = conditions.iter().find(|c| c["type"] == type_)?;
+    Some((
+        c["status"].as_str()?.to_owned(),
+        c["reason"].as_str()?.to_owned(),
+        c["message"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+async fn wait_for_skipped(client: &kube::Client, rule: &str, reason: &str) -> String {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some((status, r, message)) = rule_condition(client, rule, "SecretsSkipped").await
+            && status == "True"
+            && r == reason
+        {
+            return message;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {rule} SecretsSkipped={reason}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn node_modules() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/node/node_modules");
+    assert!(
+        dir.join("sops-age").is_dir(),
+        "run scripts/install-test-deps.sh"
+    );
+    dir
+}
+
+/// Decrypts `yaml` with `identity` through sops-age and checks the MAC independently.
+fn decrypt(yaml: &str, identity: &age::x25519::Identity) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, key) = (dir.path().join("f.sops.yaml"), dir.path().join("key.txt"));
+    std::fs::write(&file, yaml).unwrap();
+    std::fs::write(&key, identity.to_string().expose_secret()).unwrap();
+    let out = std::process::Command::new("node")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sops/verify.mjs"))
+        .args([&file, &key])
+        .env("SOPS_NODE_MODULES", node_modules())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["macOk"], true, "{report:#}");
+    report["decrypted"].clone()
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// Every blob of every commit, as text.
+fn all_blobs(repo: &Path) -> Vec<(String, String)> {
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .arg("--git-dir")
+            .arg(repo)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    git(&["rev-list", "--objects", "--all"])
+        .lines()
+        .filter_map(|l| l.split_once(' ').or(Some((l, ""))))
+        .filter(|(oid, _)| git(&["cat-file", "-t", oid]).trim() == "blob")
+        .map(|(oid, path)| (path.to_owned(), git(&["cat-file", "-p", oid])))
+        .collect()
+}
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_reach_git_only_encrypted_without_churn_and_never_in_plaintext() {
+    let logs = Captured::default();
+    let sink = logs.clone();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("debug,h2=info,hyper=info,tower=info,kube_emulator=info")
+        .with_writer(move || sink.clone())
+        .try_init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (a, b) = (
+        age::x25519::Identity::generate(),
+        age::x25519::Identity::generate(),
+    );
+    let (ra, rb) = (a.to_public().to_string(), b.to_public().to_string());
+
+    let emu = Emulator::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    emu.apply_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds"))
+        .await
+        .unwrap();
+    let repo = BareRepo::new();
+    emu.apply_yaml(&config(&repo.file_url(), std::slice::from_ref(&ra)))
+        .await
+        .unwrap();
+    let client = emu.client().await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "shop");
+
+    let writer_dir = tempfile::tempdir().unwrap();
+    let work = writer_dir.path().display().to_string();
+    let writer = reverser_writer::Args::try_parse_from([
+        "reverser-writer",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--work-dir",
+        &work,
+        "--git-batch-max-wait-sec",
+        "0.2",
+        "--leases",
+        "off",
+    ])
+    .unwrap()
+    .start()
+    .await
+    .unwrap();
+    let writer_url = format!("http://{}", writer.grpc_addr);
+    let kube_dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kube_dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, emu.kubeconfig_yaml(None)).unwrap();
+    let agent_log = kube_dir.path().join("agent.log");
+
+    let agent = start_agent(&writer_url, &kubeconfig, &agent_log);
+    let read = |path: &str| repo.read(BRANCH, path);
+
+    // 1. Created: only the encrypting destination gets the Secret, as a SOPS file sops-age decrypts.
+    let first = wait("the encrypted db Secret", || read(DB_FILE)).await;
+    let decrypted = decrypt(&first, &a);
+    assert_eq!(decrypted["data"]["password"], b64("s3cr3t-hunter-2718"));
+    assert_eq!(decrypted["data"]["user"], b64("admin"));
+    let config = wait("the sops configuration", || {
+        read("clusters/prod/.sops.yaml")
+    })
+    .await;
+    assert!(config.contains(&ra), "{config}");
+    let keyed = wait(
+        "the Secret of the destination with a recipients Secret",
+        || read("clusters/keyed/core/v1/secrets/shop/db.sops.yaml"),
+    )
+    .await;
+    decrypt(&keyed, &a);
+
+    // Destinations without (usable) encryption: a condition, and not a single Secret file.
+    let message = wait_for_skipped(&client, "secrets-plain", "EncryptionNotConfigured").await;
+    assert!(message.contains("no plaintext Secret"), "{message}");
+    let message = wait_for_skipped(&client, "secrets-bad", "InvalidRecipients").await;
+    assert!(message.contains("recipient #1"), "{message}");
+    assert!(
+        !message.contains("AGE-SECRET-KEY"),
+        "no key material in conditions: {message}"
+    );
+    assert_eq!(
+        rule_condition(&client, "secrets-prod", "SecretsSkipped").await,
+        None
+    );
+
+    // 2. Updated: re-encrypted with the new value.
+    secrets
+        .patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"password": b64("r0tated-hunter-3141")}})),
+        )
+        .await
+        .unwrap();
+    let rotated = b64("r0tated-hunter-3141");
+    wait("the rotated password", || {
+        read(DB_FILE).filter(|y| decrypt(y, &a)["data"]["password"] == rotated.as_str())
+    })
+    .await;
+
+    // 3. Created and deleted: the file comes and goes.
+    emu.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: api, namespace: shop}\ndata: {token: YXBpLXQwa2VuLTE2MTg=}\n")
+        .await
+        .unwrap();
+    wait("the api Secret", || read(API_FILE)).await;
+    secrets
+        .delete("api", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait("the api Secret to go", || {
+        read(API_FILE).is_none().then_some(())
+    })
+    .await;
+
+    // 4. A huge Secret is refused with a clear error; the agent keeps running and writing.
+    let huge = "A".repeat(2 * 1024 * 1024);
+    emu.apply_yaml(&format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: huge, namespace: shop}}\ndata: {{blob: {huge}}}\n"))
+        .await
+        .unwrap();
+    emu.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: after-huge, namespace: shop}\ndata: {k: v}\n")
+        .await
+        .unwrap();
+    wait("a ConfigMap after the huge Secret", || {
+        read("clusters/prod/core/v1/configmaps/shop/after-huge.yaml")
+    })
+    .await;
+    assert!(read("clusters/prod/core/v1/secrets/shop/huge.sops.yaml").is_none());
+    agent.settle().await;
+    let log = std::fs::read_to_string(&agent_log).unwrap();
+    assert!(
+        log.contains("cannot encrypt object"),
+        "the huge Secret is reported"
+    );
+
+    // 5. A recipients Secret that disappears: condition, the existing file stays, nothing new is sent.
+    Api::<Secret>::namespaced(client.clone(), "gitops-reverser")
+        .delete("age-recipients", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for_skipped(&client, "secrets-keyed", "RecipientsSecretNotFound").await;
+    agent.settle().await;
+    assert!(read("clusters/keyed/core/v1/secrets/shop/db.sops.yaml").is_some());
+
+    // 6. Restart over unchanged Secrets: no commit.
+    agent.terminate().await;
+    let tip = repo.rev_parse(BRANCH);
+    let agent = start_agent(&writer_url, &kubeconfig, &agent_log);
+    agent.settle().await;
+    assert_eq!(
+        repo.rev_parse(BRANCH),
+        tip,
+        "a restart over unchanged Secrets commits nothing"
+    );
+
+    // 7. Recipients changed: one re-encryption commit, readable by the new recipient.
+    let commits = repo.commit_count(BRANCH);
+    let destinations = Api::<DynamicObject>::namespaced_with(
+        client.clone(),
+        "gitops-reverser",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("configbutler.ai", "v1alpha1", "GitDestination"),
+            "gitdestinations",
+        ),
+    );
+    destinations
+        .patch(
+            "prod",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"encryption": {"age": {"recipients": [ra, rb]}}}})),
+        )
+        .await
+        .unwrap();
+    wait("the file re-encrypted to both recipients", || {
+        read(DB_FILE).filter(|y| y.contains(&rb))
+    })
+    .await;
+    let both = read(DB_FILE).unwrap();
+    decrypt(&both, &a);
+    assert_eq!(decrypt(&both, &b)["data"]["password"], rotated.as_str());
+    assert!(read("clusters/prod/.sops.yaml").unwrap().contains(&rb));
+    agent.settle().await;
+    assert_eq!(
+        repo.commit_count(BRANCH),
+        commits + 1,
+        "one re-encryption commit"
+    );
+    agent.terminate().await;
+
+    // 8. No plaintext anywhere: every blob of every commit, the writer's work dir, every log.
+    let files = repo.ls_tree(BRANCH);
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.starts_with("clusters/plain/core/v1/secrets")),
+        "{files:#?}"
+    );
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.starts_with("clusters/bad/core/v1/secrets")),
+        "{files:#?}"
+    );
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.contains("gitops-reverser-fingerprint-")),
+        "the agent's own fingerprint keys are never mirrored: {files:#?}"
+    );
+    let blobs = all_blobs(&repo.path());
+    assert!(blobs.len() > 5);
+    let mut work_files = Vec::new();
+    files_under(writer_dir.path(), &mut work_files);
+    assert!(!work_files.is_empty());
+    let agent_log = std::fs::read(&agent_log).unwrap();
+    let writer_log = logs.0.lock().unwrap().clone();
+    for needle in needles() {
+        for (path, blob) in &blobs {
+            assert!(!blob.contains(&needle), "plaintext in the blob of {path}");
+        }
+        for file in &work_files {
+            let bytes = std::fs::read(file).unwrap_or_default();
+            assert!(
+                !contains(&bytes, &needle),
+                "plaintext in the writer's {}",
+                file.display()
+            );
+        }
+        assert!(
+            !contains(&agent_log, &needle),
+            "plaintext in the agent's log"
+        );
+        assert!(
+            !contains(&writer_log, &needle),
+            "plaintext in the writer's log"
+        );
+    }
+    writer.stop().await.unwrap();
+    emu.shutdown().await;
+}

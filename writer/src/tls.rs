@@ -1,0 +1,509 @@
+//! TLS for the gRPC server with reload: tonic's `ServerTlsConfig` is fixed at start, so the writer builds its own
+//! rustls `ServerConfig` whose certificate resolver and client-certificate verifier are swappable slots, accepts
+//! connections itself (tokio-rustls) and hands tonic a stream of established connections
+//! (`Server::serve_with_incoming`). Each connection carries the identity of its verified client certificate
+//! ([`ConnInfo`], a request extension) for [`crate::authz`].
+//!
+//! Rotation: [`ReloadableTls::update`] swaps the server certificate and the client CA; new handshakes use them,
+//! established connections keep going. Only the `ring` crypto provider is used.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{Arc, RwLock},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+    client::danger::HandshakeSignatureValid,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject},
+    server::{
+        ClientHello, ResolvesServerCert, WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+    sign::CertifiedKey,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tracing::{debug, info};
+
+/// The TLS files of the gRPC server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA bundle (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.into(),
+            message: "no CERTIFICATE in the file".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The certificate, key and client verifier read from [`TlsPaths`].
+pub struct TlsMaterial {
+    certified: Arc<CertifiedKey>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+impl TlsMaterial {
+    /// Reads and checks the files (the key must match the certificate; the CA bundle must hold a CA).
+    pub fn load(paths: &TlsPaths) -> Result<Self, TlsError> {
+        let provider = provider();
+        let chain = certificates(&paths.cert)?;
+        let key_pem = read(&paths.key)?;
+        // The key's text never goes into an error message.
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
+            path: paths.key.clone(),
+            message: format!("no usable private key ({e})"),
+        })?;
+        let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
+            TlsError::Invalid(format!(
+                "{} and {} do not make a usable certificate and key: {e}",
+                paths.cert.display(),
+                paths.key.display()
+            ))
+        })?;
+        let verifier = match &paths.client_ca {
+            None => None,
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for cert in certificates(ca)? {
+                    roots.add(cert).map_err(|e| TlsError::Pem {
+                        path: ca.clone(),
+                        message: format!("not a usable CA certificate: {e}"),
+                    })?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .build()
+                        .map_err(|e| {
+                            TlsError::Invalid(format!("client CA {}: {e}", ca.display()))
+                        })?;
+                Some(verifier)
+            }
+        };
+        Ok(Self {
+            certified: Arc::new(certified),
+            verifier,
+        })
+    }
+}
+
+/// The server certificate, swappable.
+struct CertSlot(RwLock<Arc<CertifiedKey>>);
+
+impl fmt::Debug for CertSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CertSlot")
+    }
+}
+
+impl ResolvesServerCert for CertSlot {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().expect("certificate slot").clone())
+    }
+}
+
+/// The client-certificate verifier (built from the current client CA), swappable.
+struct VerifierSlot(RwLock<Arc<dyn ClientCertVerifier>>);
+
+impl fmt::Debug for VerifierSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("VerifierSlot")
+    }
+}
+
+impl VerifierSlot {
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        self.0.read().expect("verifier slot").clone()
+    }
+}
+
+impl ClientCertVerifier for VerifierSlot {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // The hints cannot borrow from a swappable slot. They are optional: clients with one certificate send it.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
+
+/// A rustls server configuration whose certificate and client CA can be replaced while it serves.
+pub struct ReloadableTls {
+    cert: Arc<CertSlot>,
+    verifier: Option<Arc<VerifierSlot>>,
+    config: Arc<ServerConfig>,
+}
+
+impl ReloadableTls {
+    pub fn new(material: TlsMaterial) -> Result<Self, TlsError> {
+        let cert = Arc::new(CertSlot(RwLock::new(material.certified)));
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Invalid(e.to_string()))?;
+        let (builder, verifier) = match material.verifier {
+            Some(verifier) => {
+                let slot = Arc::new(VerifierSlot(RwLock::new(verifier)));
+                (builder.with_client_cert_verifier(slot.clone()), Some(slot))
+            }
+            None => (builder.with_no_client_auth(), None),
+        };
+        let mut config = builder.with_cert_resolver(cert.clone());
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self {
+            cert,
+            verifier,
+            config: Arc::new(config),
+        })
+    }
+
+    /// Swaps in new material; new handshakes use it. Turning mTLS on or off needs a restart.
+    pub fn update(&self, material: TlsMaterial) -> Result<(), TlsError> {
+        match (&self.verifier, material.verifier) {
+            (Some(slot), Some(verifier)) => {
+                *slot.0.write().expect("verifier slot") = verifier;
+            }
+            (None, None) => {}
+            _ => {
+                return Err(TlsError::Invalid(
+                    "turning client certificates (clientCA) on or off needs a restart".into(),
+                ));
+            }
+        }
+        *self.cert.0.write().expect("certificate slot") = material.certified;
+        Ok(())
+    }
+
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.config.clone()
+    }
+}
+
+/// The client identity of a certificate: its first URI SAN, else its first DNS SAN, else its subject CN.
+pub fn identity_of(der: &[u8]) -> Result<String, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unparsable client certificate: {e}"))?;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        let names = &san.value.general_names;
+        let uri = names.iter().find_map(|n| match n {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        });
+        let dns = names.iter().find_map(|n| match n {
+            GeneralName::DNSName(dns) => Some(*dns),
+            _ => None,
+        });
+        if let Some(name) = uri.or(dns).filter(|n| !n.is_empty()) {
+            return Ok(name.to_owned());
+        }
+    }
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .filter(|cn| !cn.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| "the client certificate has no URI or DNS SAN and no CN".into())
+}
+
+/// What the gRPC service learns about a connection (a request extension).
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub remote_addr: SocketAddr,
+    /// The verified client certificate's identity (None without mTLS).
+    pub identity: Option<String>,
+}
+
+/// An established TLS connection.
+pub struct TlsConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    info: ConnInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TCP connections and completes their TLS handshakes (each on its own task, bounded by
+/// `handshake_timeout`, so a slow or silent client holds nothing up); yields the established ones. Refused
+/// handshakes (no certificate, another CA, expired, plaintext) are logged and dropped.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<ReloadableTls>,
+    handshake_timeout: Duration,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = sender.closed() => break,
+            };
+            let (tcp, remote_addr) = match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    debug!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let stream =
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            info!(peer = %remote_addr, %error, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            info!(peer = %remote_addr, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let identity = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .map(|cert| identity_of(cert.as_ref()));
+                let identity = match identity {
+                    None => None,
+                    Some(Ok(identity)) => Some(identity),
+                    Some(Err(error)) => {
+                        info!(peer = %remote_addr, %error, "client certificate without a usable identity");
+                        None
+                    }
+                };
+                debug!(peer = %remote_addr, identity = identity.as_deref().unwrap_or("-"), "TLS connection");
+                let _ = sender
+                    .send(Ok(TlsConn {
+                        inner: stream,
+                        info: ConnInfo {
+                            remote_addr,
+                            identity,
+                        },
+                    }))
+                    .await;
+            });
+        }
+    });
+    ReceiverStream::new(receiver)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+
+    fn cert_with(sans: Vec<SanType>, cn: Option<&str>) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params.distinguished_name.push(DnType::CommonName, cn);
+        }
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn identity_prefers_uri_then_dns_then_cn() {
+        let uri = cert_with(
+            vec![
+                SanType::DnsName("agent.prod.example".try_into().unwrap()),
+                SanType::URI("spiffe://acme/cluster/prod".try_into().unwrap()),
+            ],
+            Some("cn-prod"),
+        );
+        assert_eq!(identity_of(&uri).unwrap(), "spiffe://acme/cluster/prod");
+        let dns = cert_with(
+            vec![SanType::DnsName("agent.prod.example".try_into().unwrap())],
+            Some("cn-prod"),
+        );
+        assert_eq!(identity_of(&dns).unwrap(), "agent.prod.example");
+        let cn = cert_with(vec![], Some("cn-prod"));
+        assert_eq!(identity_of(&cn).unwrap(), "cn-prod");
+        let nothing = cert_with(vec![], None);
+        assert!(identity_of(&nothing).is_err());
+        assert!(identity_of(b"not a certificate").is_err());
+    }
+
+    #[test]
+    fn bad_files_are_reported_without_their_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+        let other = KeyPair::generate().unwrap();
+        std::fs::write(dir.path().join("other.key"), other.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("garbage"), "hello").unwrap();
+        let paths = |cert: &str, key: &str, ca: Option<&str>| TlsPaths {
+            cert: dir.path().join(cert),
+            key: dir.path().join(key),
+            client_ca: ca.map(|c| dir.path().join(c)),
+        };
+        assert!(TlsMaterial::load(&paths("tls.crt", "tls.key", Some("tls.crt"))).is_ok());
+        let mismatch = TlsMaterial::load(&paths("tls.crt", "other.key", None))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(mismatch.contains("do not make a usable"), "{mismatch}");
+        assert!(!mismatch.contains("PRIVATE KEY"), "{mismatch}");
+        let garbage = TlsMaterial::load(&paths("garbage", "tls.key", None))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(garbage.contains("no CERTIFICATE"), "{garbage}");
+        let missing = TlsMaterial::load(&paths("tls.crt", "absent.key", None))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(missing.contains("absent.key"), "{missing}");
+        // A reloadable config refuses to switch mTLS on at runtime.
+        let tls =
+            ReloadableTls::new(TlsMaterial::load(&paths("tls.crt", "tls.key", None)).unwrap())
+                .unwrap();
+        assert!(
+            tls.update(TlsMaterial::load(&paths("tls.crt", "tls.key", Some("tls.crt"))).unwrap())
+                .is_err()
+        );
+    }
+}
