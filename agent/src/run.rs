@@ -53,7 +53,8 @@ use crate::conditions::WriterView;
 use crate::controller::{self, ControllerConfig, ControllerHandle, ControllerStats};
 use crate::events::AgentEvent;
 use crate::ingest::{
-    self, DiscoveryOptions, IngestConfig, IngestHandle, ResourceTotals, Selection,
+    self, DiscoveryOptions, IngestConfig, IngestHandle, ListPermits, RequestRate, ResourceTotals,
+    Selection,
 };
 use crate::leader::{self, LeaderConfig};
 use crate::stream::{
@@ -155,6 +156,16 @@ pub struct Args {
     /// How often discovery looks for new or removed types (`300`, `90s`, `5m`, `1h`).
     #[arg(long, env = "AGENT_DISCOVERY_REFRESH", default_value = "5m", value_parser = parse_duration)]
     pub discovery_refresh: Duration,
+    /// Requests per second each watched type may make to the API server (list pages, watch restarts,
+    /// relists); 0 = unlimited.
+    #[arg(long, env = "AGENT_WATCH_QPS", default_value_t = 5.0)]
+    pub watch_qps: f64,
+    /// Requests each watched type may make at once above --watch-qps.
+    #[arg(long, env = "AGENT_WATCH_BURST", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub watch_burst: u32,
+    /// Initial lists (and relists) in flight at once, over all watched types.
+    #[arg(long, env = "AGENT_MAX_CONCURRENT_LISTS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_concurrent_lists: u64,
     /// Messages sent but not acked before the agent stops reading (backpressure).
     #[arg(long, env = "AGENT_MAX_UNACKED", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_unacked: u64,
@@ -231,6 +242,9 @@ impl Args {
             keep_controller_owned,
             keep_kube_root_ca,
             discovery_refresh,
+            watch_qps,
+            watch_burst,
+            max_concurrent_lists,
             max_unacked,
             admin_addr,
             log_level: _,
@@ -332,6 +346,13 @@ impl Args {
                 keep_kube_root_ca,
             },
             attribution,
+            request_rate: RequestRate {
+                qps: watch_qps,
+                burst: watch_burst,
+            },
+            list_permits: ListPermits::new(
+                usize::try_from(max_concurrent_lists).unwrap_or(usize::MAX),
+            ),
             ..IngestConfig::default()
         };
         let parts = Arc::new(Parts {

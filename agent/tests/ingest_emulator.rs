@@ -768,3 +768,36 @@ async fn a_group_gone_from_discovery_past_the_grace_period_stops_its_watch_witho
         "the returning type is relisted in a new snapshot"
     );
 }
+
+#[tokio::test]
+async fn with_one_list_permit_every_type_lists_in_turn_and_a_failing_list_blocks_nobody() {
+    let emu = emulator().await;
+    emu.apply_yaml(SHOP).await.unwrap();
+    // configmaps keeps failing: its list must give the only permit back while it backs off.
+    emu.faults().forbid("configmaps");
+    let sel = selection(vec![cluster_rule(
+        "cfg/prod",
+        &[],
+        &["configmaps", "services", "deployments"],
+    )]);
+    let permits = ingest::ListPermits::new(1);
+    let config = IngestConfig {
+        list_permits: permits.clone(),
+        request_rate: ingest::RequestRate {
+            qps: 50.0,
+            burst: 2,
+        },
+        ..IngestConfig::default()
+    };
+    let mut h = start(emu.clone(), sel, config).await;
+    let seen = h.until_ended(&["services", "deployments"]).await;
+    assert!(!seen.iter().any(|e| mentions(e, "configmaps")), "{seen:#?}");
+
+    emu.faults().allow("configmaps");
+    let after = h.until_ended(&["configmaps"]).await;
+    assert_eq!(
+        upsert_paths(&after),
+        vec!["core/v1/configmaps/shop/app.yaml"]
+    );
+    assert_eq!(permits.in_flight(), 0, "every list gave its permit back");
+}

@@ -28,6 +28,7 @@
 
 pub mod backoff;
 pub mod discovery;
+pub mod limits;
 pub mod resolve;
 pub mod selection;
 pub mod watch;
@@ -46,6 +47,7 @@ pub use discovery::{
     DesiredWatches, DiscoveredResource, DiscoveryOptions, SkipReason, WatchKey, WatchPlan,
     desired_watches, discover,
 };
+pub use limits::{ListPermits, RequestRate};
 pub use selection::{CompiledRule, RuleKind, Selection};
 pub use watch::{InitialList, WatchIndex, WatchStatus};
 
@@ -74,6 +76,10 @@ pub struct IngestConfig {
     pub discovery_backoff: (Duration, Duration),
     /// Admission facts to name the author of each change (`None`: every change is the bot's).
     pub attribution: Option<FactStore>,
+    /// Requests per second (and burst) of each watched type towards the API server.
+    pub request_rate: RequestRate,
+    /// Lists in flight at once, over every watch.
+    pub list_permits: ListPermits,
 }
 
 impl Default for IngestConfig {
@@ -87,6 +93,8 @@ impl Default for IngestConfig {
             watch_backoff: (Duration::from_millis(500), Duration::from_secs(30)),
             discovery_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
             attribution: None,
+            request_rate: RequestRate::default(),
+            list_permits: ListPermits::default(),
         }
     }
 }
@@ -169,9 +177,23 @@ pub(crate) struct Shared {
     status: Mutex<BTreeMap<WatchKey, WatchStatus>>,
     /// The types with a running watch; `None` until the first reconcile.
     watched_types: Mutex<Option<BTreeSet<ResourceKey>>>,
+    /// One rate-limited client per watched type (its watches in several namespaces share the budget).
+    clients_per_type: Mutex<BTreeMap<String, kube::Client>>,
 }
 
 impl Shared {
+    /// The client of a watched type: `base` behind the type's own request budget.
+    pub(crate) fn client_for(&self, base: &kube::Client, type_label: &str) -> kube::Client {
+        let mut clients = self
+            .clients_per_type
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        clients
+            .entry(type_label.to_owned())
+            .or_insert_with(|| limits::rate_limited_client(base, self.config.request_rate))
+            .clone()
+    }
+
     pub(crate) fn update_status(&self, key: &WatchKey, f: impl FnOnce(&mut WatchStatus)) {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = status.get_mut(key) {
@@ -250,6 +272,7 @@ pub fn spawn(
         metrics: Arc::new(IngestMetrics::default()),
         status: Mutex::new(BTreeMap::new()),
         watched_types: Mutex::new(None),
+        clients_per_type: Mutex::new(BTreeMap::new()),
     });
     let refresh = Arc::new(Notify::new());
     let task = tokio::spawn(supervise(

@@ -475,6 +475,8 @@ fn is_forbidden(err: &watcher::Error) -> bool {
 /// Runs one watch until the task is aborted or the event channel closes.
 pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<Shared>) {
     let ar = plan.resource.api_resource();
+    // Every request of this type (list pages, watch restarts, relists) spends the type's budget.
+    let client = shared.client_for(&client, &plan.resource.metric_label());
     let api: Api<DynamicObject> = if plan.key.namespace.is_empty() {
         Api::all_with(client, &ar)
     } else {
@@ -488,6 +490,11 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
     let mut backoff = Backoff::new(shared.config.watch_backoff.0, shared.config.watch_backoff.1);
     let counters = shared.metrics.resource(&plan.resource.metric_label());
     let mut listed_before = false;
+    // At most --max-concurrent-lists lists in flight over all watches: a watch holds a permit for every poll
+    // from its (re)start or `Init` until `InitDone`, and gives it back while it backs off after an error (a
+    // type whose list keeps failing blocks nobody).
+    let mut list_permit = None;
+    let mut listing;
     info!(watch = %plan.key, destinations = plan.routes.len(), "starting watch");
     loop {
         // Bookmarks are on by default; they keep the resume point fresh.
@@ -498,7 +505,14 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
         shared.update_status(&plan.key, |s| s.streaming = streaming);
         let mut stream = watcher::watcher(api.clone(), config).boxed();
         let mut restart = false;
-        while let Some(item) = stream.next().await {
+        listing = true;
+        loop {
+            if listing && list_permit.is_none() {
+                list_permit = Some(shared.config.list_permits.acquire().await);
+            }
+            let Some(item) = stream.next().await else {
+                break;
+            };
             match item {
                 Ok(event) => {
                     let progress = !matches!(event, Event::Init);
@@ -509,11 +523,16 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
                                 counters.relists.fetch_add(1, Ordering::Relaxed);
                             }
                             listed_before = true;
+                            // A (re)list follows: the next poll waits for a permit.
+                            listing = true;
                         }
                         Event::InitApply(_) | Event::Apply(_) | Event::Delete(_) => {
                             counters.objects_scanned.fetch_add(1, Ordering::Relaxed);
                         }
-                        Event::InitDone => {}
+                        Event::InitDone => {
+                            listing = false;
+                            list_permit = None;
+                        }
                     }
                     let Some(event) = map_event(event, &plan) else {
                         continue;
@@ -536,6 +555,7 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
                     }
                 }
                 Err(err) => {
+                    list_permit = None;
                     shared.metrics.watch_errors.fetch_add(1, Ordering::Relaxed);
                     counters.watch_restarts.fetch_add(1, Ordering::Relaxed);
                     let forbidden = is_forbidden(&err);
