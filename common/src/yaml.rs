@@ -156,6 +156,37 @@ pub fn semantically_equal(a: &[u8], b: &[u8]) -> bool {
     }
 }
 
+/// A parse error of a file that may hold secrets (credentials, tokens), fit for a log line: the first line of the
+/// parser's message (it may add a snippet of the input below) with every quoted value replaced by `…`; field names,
+/// which serde quotes with backticks, and the line and column stay.
+pub fn error_without_values(error: &impl std::fmt::Display) -> String {
+    let message = first_line(&error.to_string());
+    let mut out = String::with_capacity(message.len());
+    let mut quote: Option<char> = None;
+    for c in message.chars() {
+        match quote {
+            Some(q) if c == q => {
+                out.push('…');
+                out.push(c);
+                quote = None;
+            }
+            Some(_) => {}
+            None => {
+                out.push(c);
+                if c == '"' || c == '\'' {
+                    quote = Some(c);
+                }
+            }
+        }
+    }
+    if let Some(q) = quote {
+        // An unterminated quote: drop what followed it.
+        out.push('…');
+        out.push(q);
+    }
+    out
+}
+
 // Parser errors can quote large parts of the input; keep messages short (and free of object content).
 fn first_line(message: &str) -> String {
     let line = message.lines().next().unwrap_or_default();
@@ -202,6 +233,38 @@ mod tests {
         }
         assert!(
             validate_object(b"apiVersion: v1\nkind: ConfigMap\ndata: {a: [1, {b: c}]}\n").is_ok()
+        );
+    }
+
+    #[test]
+    fn errors_of_secret_files_keep_no_values() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Creds {
+            token: String,
+            insecure: bool,
+        }
+        let bad_value =
+            serde_saphyr::from_str::<Creds>("token: ghp_SECRET123\ninsecure: ghp_OTHER456\n")
+                .unwrap_err();
+        let typo =
+            serde_saphyr::from_str::<Creds>("token: ghp_SECRET123\ninsecur: true\n").unwrap_err();
+        for error in [&bad_value, &typo] {
+            let message = error_without_values(error);
+            assert!(
+                !message.contains("SECRET") && !message.contains("OTHER"),
+                "{message} (from {error})"
+            );
+            assert!(message.contains("line"), "{message}");
+        }
+        assert!(
+            error_without_values(&typo).contains("insecur"),
+            "field names stay"
+        );
+        assert_eq!(
+            error_without_values(&"invalid value: string \"hunter2\", expected bool"),
+            "invalid value: string \"…\", expected bool"
         );
     }
 

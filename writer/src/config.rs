@@ -134,7 +134,7 @@ impl WriterConfig {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.into(),
-            message: e.to_string(),
+            message: reverser_common::yaml::error_without_values(&e),
         })?;
         let invalid = |message: String| ConfigError::Invalid {
             path: path.into(),

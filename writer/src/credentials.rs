@@ -73,12 +73,24 @@ struct Entry {
 #[derive(Clone, Debug, Default)]
 pub struct CredentialStore {
     entries: Vec<Entry>,
+    /// The files the secrets were read from (token, password, key, known_hosts): the writer reloads when one
+    /// changes, so a rotated token applies without a restart.
+    source_files: Vec<PathBuf>,
 }
 
 fn read_secret(path: &Path) -> Result<String, std::io::Error> {
     Ok(std::fs::read_to_string(path)?
         .trim_end_matches(['\n', '\r'])
         .to_owned())
+}
+
+/// Whether `prefix` covers `url` at a boundary: `https://git.example.com` covers `https://git.example.com/acme/x`
+/// but not `https://git.example.com.evil.net/x`, and `https://github.com/acme` not `https://github.com/acme-evil/x`
+/// (a token must never reach another host or owner).
+pub fn prefix_fits(prefix: &str, url: &str) -> bool {
+    url.strip_prefix(prefix).is_some_and(|rest| {
+        rest.is_empty() || prefix.ends_with(['/', ':']) || rest.starts_with(['/', ':'])
+    })
 }
 
 impl CredentialStore {
@@ -90,7 +102,7 @@ impl CredentialStore {
         let parsed: FileFormat =
             serde_saphyr::from_str(&text).map_err(|e| CredentialsError::Parse {
                 path: path.into(),
-                message: e.to_string(),
+                message: reverser_common::yaml::error_without_values(&e),
             })?;
         Self::from_entries(parsed.credentials, None)
     }
@@ -101,6 +113,7 @@ impl CredentialStore {
         base_dir: Option<&Path>,
     ) -> Result<Self, CredentialsError> {
         let mut entries = Vec::with_capacity(raw_entries.len());
+        let mut source_files = Vec::new();
         for (index, raw) in raw_entries.into_iter().enumerate() {
             let prefix = crate::git::redact_url(&raw.url_prefix);
             let invalid = |message: String| CredentialsError::Invalid {
@@ -108,12 +121,16 @@ impl CredentialStore {
                 prefix: prefix.clone(),
                 message,
             };
+            let sources = std::cell::RefCell::new(Vec::new());
             let read = |p: &PathBuf| {
                 let p = match base_dir {
                     Some(base) if p.is_relative() => base.join(p),
                     _ => p.clone(),
                 };
-                read_secret(&p).map_err(|e| invalid(format!("reading {}: {e}", p.display())))
+                let secret =
+                    read_secret(&p).map_err(|e| invalid(format!("reading {}: {e}", p.display())));
+                sources.borrow_mut().push(p);
+                secret
             };
             let password = match (&raw.password, &raw.password_file) {
                 (Some(p), None) => Some(p.clone()),
@@ -174,15 +191,24 @@ impl CredentialStore {
                 url_prefix: raw.url_prefix,
                 credentials,
             });
+            source_files.extend(sources.into_inner());
         }
-        Ok(Self { entries })
+        Ok(Self {
+            entries,
+            source_files,
+        })
+    }
+
+    /// The files the secrets were read from.
+    pub fn source_files(&self) -> &[PathBuf] {
+        &self.source_files
     }
 
     /// Credentials for `url`: the entry with the longest matching prefix.
     pub fn for_url(&self, url: &str) -> Option<&GitCredentials> {
         self.entries
             .iter()
-            .filter(|e| url.starts_with(&e.url_prefix))
+            .filter(|e| prefix_fits(&e.url_prefix, url))
             .max_by_key(|e| e.url_prefix.len())
             .map(|e| &e.credentials)
     }
@@ -190,6 +216,7 @@ impl CredentialStore {
     /// This store's entries followed by `other`'s (for `for_url`, the longest prefix still wins).
     pub fn merged(mut self, other: CredentialStore) -> CredentialStore {
         self.entries.extend(other.entries);
+        self.source_files.extend(other.source_files);
         self
     }
 
@@ -226,6 +253,35 @@ mod tests {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    #[test]
+    fn a_prefix_covers_urls_only_at_a_boundary() {
+        assert!(prefix_fits(
+            "https://git.example.com",
+            "https://git.example.com/acme/x.git"
+        ));
+        assert!(prefix_fits(
+            "https://git.example.com/",
+            "https://git.example.com/acme/x.git"
+        ));
+        assert!(prefix_fits("git@github.com", "git@github.com:acme/x.git"));
+        assert!(prefix_fits(
+            "https://github.com/acme/x.git",
+            "https://github.com/acme/x.git"
+        ));
+        assert!(!prefix_fits(
+            "https://git.example.com",
+            "https://git.example.com.evil.net/x.git"
+        ));
+        assert!(!prefix_fits(
+            "https://github.com/acme",
+            "https://github.com/acme-evil/x.git"
+        ));
+        assert!(!prefix_fits(
+            "https://github.com/acme/",
+            "https://github.com/other/x.git"
+        ));
     }
 
     #[test]

@@ -333,9 +333,14 @@ impl Args {
     }
 
     /// A digest of every file the writer reloads (a missing file counts as a value, too).
-    fn files_digest(&self, tls_paths: Option<&tls::TlsPaths>) -> Vec<u8> {
+    fn files_digest(&self, tls_paths: Option<&tls::TlsPaths>, secret_files: &[PathBuf]) -> Vec<u8> {
         let mut digest = sha2::Sha256::new();
-        let mut paths: Vec<&PathBuf> = self.config.iter().chain(&self.git_credentials).collect();
+        let mut paths: Vec<&PathBuf> = self
+            .config
+            .iter()
+            .chain(&self.git_credentials)
+            .chain(secret_files)
+            .collect();
         if let Some(t) = tls_paths {
             paths.extend([&t.cert, &t.key]);
             paths.extend(&t.client_ca);
@@ -396,6 +401,7 @@ impl Args {
             tls,
             credentials,
         } = loaded;
+        let secret_files = credentials.source_files().to_vec();
         let metrics = metrics::Metrics::default();
         let registry = registry::Registry::new(
             self.worker_settings()?,
@@ -501,24 +507,26 @@ impl Args {
             let registry = registry.clone();
             let mut shutdown = shutdown_rx.clone();
             let mut tls_paths = tls_paths;
-            let mut last = self.files_digest(tls_paths.as_ref());
+            let mut secret_files = secret_files;
+            let mut last = self.files_digest(tls_paths.as_ref(), &secret_files);
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep(reload_interval) => {}
                         _ = shutdown.wait_for(|stop| *stop) => break,
                     }
-                    let digest = args.files_digest(tls_paths.as_ref());
+                    let digest = args.files_digest(tls_paths.as_ref(), &secret_files);
                     if digest == last {
                         continue;
                     }
                     match args.load_files().and_then(|loaded| {
                         apply_reload(loaded, tls.as_deref(), policy_tx.as_ref(), &registry)
                     }) {
-                        Ok(paths) => {
+                        Ok((paths, files)) => {
                             info!("reloaded the writer configuration, credentials and TLS files");
                             tls_paths = paths;
-                            last = args.files_digest(tls_paths.as_ref());
+                            secret_files = files;
+                            last = args.files_digest(tls_paths.as_ref(), &secret_files);
                         }
                         Err(err) => {
                             error!(
@@ -584,13 +592,13 @@ struct Loaded {
     credentials: credentials::CredentialStore,
 }
 
-/// Swaps reloaded files in; returns the TLS paths now watched.
+/// Swaps reloaded files in; returns the TLS paths and secret files now watched.
 fn apply_reload(
     loaded: Loaded,
     tls: Option<&tls::ReloadableTls>,
     policy: Option<&tokio::sync::watch::Sender<Arc<authz::Policy>>>,
     registry: &registry::Registry,
-) -> anyhow::Result<Option<tls::TlsPaths>> {
+) -> anyhow::Result<(Option<tls::TlsPaths>, Vec<PathBuf>)> {
     match (tls, loaded.tls) {
         (Some(current), Some(material)) => current.update(material)?,
         (None, None) => {}
@@ -599,8 +607,9 @@ fn apply_reload(
     if let (Some(sender), Some(config)) = (policy, &loaded.config) {
         sender.send_replace(Arc::new(config.policy.clone()));
     }
+    let secret_files = loaded.credentials.source_files().to_vec();
     registry.set_credentials(loaded.credentials);
-    Ok(loaded.tls_paths)
+    Ok((loaded.tls_paths, secret_files))
 }
 
 async fn wait_for(mut receiver: tokio::sync::watch::Receiver<bool>) {

@@ -128,8 +128,24 @@ impl Registry {
     }
 
     /// Replaces the writer's own credentials (a reloaded configuration). Running workers keep theirs.
+    /// Swaps the writer's own credentials in (a reload) and hands running workers whose credentials changed the
+    /// new ones: a rotated token applies at the next push, a removed one is no longer used.
     pub fn set_credentials(&self, credentials: CredentialStore) {
-        *self.credentials.write().expect("credentials lock") = credentials;
+        let mut store = self.credentials.write().expect("credentials lock");
+        let previous = std::mem::replace(&mut *store, credentials);
+        let inner = self.inner.lock().expect("registry lock");
+        let mut updated = std::collections::BTreeSet::new();
+        for record in inner.destinations.values() {
+            let url = &record.spec.repo_url;
+            let (new, old) = (store.for_url(url), previous.for_url(url));
+            if new == old || !updated.insert(record.worker_id.clone()) {
+                continue;
+            }
+            if let Some(handle) = inner.workers.get(&record.worker_id) {
+                let (handle, new) = (handle.clone(), new.cloned());
+                tokio::spawn(async move { handle.set_credentials(new).await });
+            }
+        }
     }
 
     /// Whether the writer has credentials of its own for `repo_url` (then an agent's are never used).

@@ -100,6 +100,19 @@ fn valid_repo_url(url: &str) -> bool {
     {
         return false;
     }
+    // Dot segments (plain or percent-encoded) and backslashes would let a URL that matches a grant's prefix
+    // resolve somewhere else (`file:///srv/acme/../victim.git`): refused, never normalised.
+    let lowered = url.to_ascii_lowercase();
+    if url.contains('\\')
+        || lowered.contains("%2e")
+        || lowered.contains("%2f")
+        || lowered.contains("%5c")
+        || url
+            .split(['/', ':'])
+            .any(|segment| segment == "." || segment == "..")
+    {
+        return false;
+    }
     if let Some((scheme, rest)) = url.split_once("://") {
         return matches!(scheme, "file" | "git" | "http" | "https" | "ssh") && !rest.is_empty();
     }
@@ -177,6 +190,26 @@ pub fn validate_destination(
             })
         }
     };
+    if message.age_recipients.len() > MAX_AGE_RECIPIENTS {
+        return Err(reject(
+            "InvalidDestination",
+            format!(
+                "{} age recipients; at most {MAX_AGE_RECIPIENTS} are accepted",
+                message.age_recipients.len()
+            ),
+        ));
+    }
+    if let Some(position) = message
+        .age_recipients
+        .iter()
+        .position(|r| !valid_age_recipient(r))
+    {
+        // The value is not echoed: it is not a key, so it may be anything.
+        return Err(reject(
+            "InvalidDestination",
+            format!("age_recipients[{position}] is not an age X25519 public key (age1…)"),
+        ));
+    }
     let spec = DestinationSpec {
         id: DestinationId {
             cluster_uid: cluster_uid.to_owned(),
@@ -190,6 +223,18 @@ pub fn validate_destination(
         age_recipients: message.age_recipients.clone(),
     };
     Ok((spec, credentials))
+}
+
+/// Recipients one destination may list (they go into `.sops.yaml` and every encrypted file).
+const MAX_AGE_RECIPIENTS: usize = 64;
+
+/// An age X25519 recipient: `age1` and 58 bech32 characters. Checked here because the writer renders recipients into
+/// the generated `.sops.yaml`: anything else could inject YAML.
+fn valid_age_recipient(recipient: &str) -> bool {
+    const BECH32: &str = "qpzry9x8gf2tvdw0s3jn54khce6mua7l";
+    recipient
+        .strip_prefix("age1")
+        .is_some_and(|data| data.len() == 58 && data.chars().all(|c| BECH32.contains(c)))
 }
 
 fn valid_segment(value: &str) -> bool {
@@ -724,6 +769,54 @@ impl Session {
                     "the destination's worker stopped; reconnect and re-send",
                 ),
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_urls_with_dot_segments_or_escapes_are_refused() {
+        for good in [
+            "file:///srv/repos/acme/state.git",
+            "https://git.example.com/acme/state.git",
+            "ssh://git@git.example.com:2222/acme/state.git",
+            "git@github.com:acme/state.git",
+            "https://git.example.com/acme/state.v1.git",
+        ] {
+            assert!(valid_repo_url(good), "{good}");
+        }
+        for bad in [
+            "file:///srv/repos/acme/../victim.git",
+            "file:///srv/repos/acme/./x/../../victim.git",
+            "https://git.example.com/acme/%2e%2e/victim.git",
+            "https://git.example.com/acme/%2E%2E/victim.git",
+            "https://git.example.com/acme%2fvictim.git",
+            "https://git.example.com/acme\\..\\victim.git",
+            "git@github.com:../victim.git",
+            "ftp://example.com/x.git",
+            "https://git.example.com/a b.git",
+        ] {
+            assert!(!valid_repo_url(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_age_x25519_recipients_are_accepted() {
+        assert!(valid_age_recipient(
+            "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
+        ));
+        for bad in [
+            "",
+            "age1",
+            "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8",
+            "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8b",
+            "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8'\nx: y",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE",
+        ] {
+            assert!(!valid_age_recipient(bad), "{bad:?}");
         }
     }
 }

@@ -235,6 +235,10 @@ impl ReloadableTls {
         };
         let mut config = builder.with_cert_resolver(cert.clone());
         config.alpn_protocols = vec![b"h2".to_vec()];
+        // No session resumption: a resumed session skips the client-certificate verifier, so an expired
+        // certificate or one whose CA a reload removed would keep being accepted. Full handshakes only.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok(Self {
             cert,
             verifier,

@@ -23,7 +23,7 @@ use reverser_proto::v1 as pb;
 
 use crate::{
     batch::{self, Accepted, Buffer, Limits, Plan, PlanContext, TreeView},
-    git::{self, Clone, CommitMeta, GitError, PushOutcome, RepoSpec},
+    git::{self, Clone, CommitMeta, GitCredentials, GitError, PushOutcome, RepoSpec},
     lease::LeaseState,
     metrics::Metrics,
     model::{Change, DestinationId, DestinationRef, Origin},
@@ -75,6 +75,8 @@ pub enum Command {
     Forget(DestinationId),
     /// Push what is pending, then stop: later changes are refused (the agents re-send them elsewhere or later).
     Shutdown(oneshot::Sender<Result<FlushReport, String>>),
+    /// The writer's credentials for this repository changed (a reload): use these from the next fetch or push.
+    SetCredentials(Option<GitCredentials>),
 }
 
 /// Handle to a running worker.
@@ -98,6 +100,11 @@ impl WorkerHandle {
 
     pub async fn forget(&self, id: DestinationId) {
         let _ = self.sender.send(Command::Forget(id)).await;
+    }
+
+    /// Hands the worker new credentials (see [`Command::SetCredentials`]).
+    pub async fn set_credentials(&self, credentials: Option<GitCredentials>) {
+        let _ = self.sender.send(Command::SetCredentials(credentials)).await;
     }
 
     pub async fn flush(&self) -> Result<FlushReport, String> {
@@ -314,6 +321,16 @@ impl Worker {
             Command::Change(change) => self.accept(*change),
             Command::Flush(reply) => self.flush_now(Some(reply)).await,
             Command::Forget(id) => self.buffer.forget_destination(&id),
+            Command::SetCredentials(credentials) => {
+                info!(worker = %self.id, "credentials changed; retrying with the new ones");
+                self.spec.credentials = credentials.clone();
+                if let Some(clone) = &mut self.clone {
+                    clone.set_credentials(credentials);
+                }
+                // A push that failed for want of valid credentials is retried at once, not after the backoff.
+                self.retry_at = None;
+                self.failures = 0;
+            }
             // Handled by the run loop, which stops after it.
             Command::Shutdown(reply) => self.flush_now(Some(reply)).await,
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use reverser_proto::v1::writer_message::Kind as Out;
 use support::*;
-use testkit::BareRepo;
+use testkit::{BareRepo, HttpGitServer};
 
 const DEST: &str = "gitops/prod";
 
@@ -788,6 +788,57 @@ async fn a_second_writer_on_the_same_work_dir_is_refused() {
     assert!(
         error.contains("another reverser-writer is using --work-dir"),
         "{error}"
+    );
+    writer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_password_file_applies_to_the_running_worker_without_a_restart() {
+    let repo = BareRepo::new();
+    let server = HttpGitServer::start(&repo, "bot", "new-password-456");
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "old-password-123\n").unwrap();
+    let credentials = dir.path().join("credentials.yaml");
+    std::fs::write(
+        &credentials,
+        format!(
+            "credentials:\n  - urlPrefix: {}\n    username: bot\n    passwordFile: {}\n",
+            server.url(),
+            password.display()
+        ),
+    )
+    .unwrap();
+    let ca = server.ca_file().display().to_string();
+    let writer = Writer::start(&[
+        "--git-ca-file",
+        &ca,
+        "--git-credentials",
+        credentials.to_str().unwrap(),
+        "--reload-interval-sec",
+        "0.2",
+    ])
+    .await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &server.url(), "main", "c").await;
+    agent
+        .send(upsert(
+            DEST,
+            1,
+            "core/v1/configmaps/ns/a.yaml",
+            &configmap("ns", "a", "1"),
+        ))
+        .await;
+    agent.status(DEST, "AuthFailed").await;
+    assert_eq!(repo.rev_parse("main"), None);
+
+    // Only the password file changes (the credentials file stays as it is): the worker gets the new password
+    // and pushes without a restart and without waiting out its backoff.
+    std::fs::write(&password, "new-password-456\n").unwrap();
+    agent.ack(DEST, 1).await;
+    assert_eq!(
+        repo.read("main", "c/core/v1/configmaps/ns/a.yaml").unwrap(),
+        configmap("ns", "a", "1")
     );
     writer.stop().await;
 }

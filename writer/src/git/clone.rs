@@ -18,7 +18,8 @@ use super::pack::{self, NewPack};
 use super::tree::TreeCache;
 use super::url::{endpoint, redact_url, scrub};
 use super::{
-    CommitMeta, FileChange, GitError, PushOutcome, RepoSpec, validate_branch_name, validate_path,
+    CommitMeta, FileChange, GitCredentials, GitError, PushOutcome, RepoSpec, validate_branch_name,
+    validate_path,
 };
 
 /// Id of the empty tree (the same in every SHA-1 repository).
@@ -78,6 +79,11 @@ impl Clone {
     ///
     /// The base is restored from `refs/remotes/origin/<branch>`, i.e. the remote tip as last
     /// seen by a fetch or a successful push.
+    /// Uses `credentials` from the next network operation on.
+    pub fn set_credentials(&mut self, credentials: Option<GitCredentials>) {
+        self.spec.credentials = credentials;
+    }
+
     pub fn open_or_init(dir: &Path, spec: RepoSpec) -> Result<Clone, GitError> {
         validate_branch_name(&spec.branch)?;
         relax_libgit2_checks();
