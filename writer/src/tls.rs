@@ -358,6 +358,9 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// TLS handshakes in progress at most (see [`incoming`]).
+const MAX_CONCURRENT_HANDSHAKES: usize = 64;
+
 /// Accepts TCP connections and completes their TLS handshakes (each on its own task, bounded by
 /// `handshake_timeout`, so a slow or silent client holds nothing up); yields the established ones. Refused
 /// handshakes (no certificate, another CA, expired, plaintext) are logged and dropped.
@@ -368,6 +371,9 @@ pub fn incoming(
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (sender, receiver) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+    // Handshakes cost CPU before anyone is authenticated: at most this many at once (a connection flood waits in
+    // the listen backlog instead of starving the streams already served).
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -385,19 +391,23 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let sender = sender.clone();
+            let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else {
+                break;
+            };
             tokio::spawn(async move {
-                let stream =
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(error)) => {
-                            info!(peer = %remote_addr, %error, "TLS handshake refused");
-                            return;
-                        }
-                        Err(_) => {
-                            info!(peer = %remote_addr, "TLS handshake timed out");
-                            return;
-                        }
-                    };
+                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+                drop(permit);
+                let stream = match handshake {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        info!(peer = %remote_addr, %error, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        info!(peer = %remote_addr, "TLS handshake timed out");
+                        return;
+                    }
+                };
                 let identity = stream
                     .get_ref()
                     .1
