@@ -17,6 +17,7 @@
 //! `leader`; `events_total{kind}` (what ingestion produced); `objects_scanned_total{resource}`,
 //! `watch_restarts_total{resource}`, `watch_relists_total{resource}` (`resource` is `plural` or
 //! `plural.group`); `active_watches`, `watch_snapshots_completed`, `watch_errors_total`,
+//! `encryption_failures_total`, `snapshots_withheld_total`,
 //! `discovery_runs_total`, `discovery_errors_total`, `ingestion_restarts_total`;
 //! `stream_connected`, `stream_unacked`, `stream_messages_sent_total`, `_acked_total`,
 //! `_rejected_total`, `stream_reconnects_total`, `stream_snapshots_abandoned_total`,
@@ -272,9 +273,15 @@ impl Args {
             }),
             None => None,
         };
-        let (webhook_server, facts_config) = webhook.configs()?;
+        // Sensitive types are never attributed: the webhook hashes nothing of them and the managed
+        // configuration does not list them (the same matching as ingestion's, see `is_sensitive_resource`).
+        let (webhook_server, facts_config) = webhook.configs(&sensitive_resources)?;
         let registration = webhook
-            .registration(&controller_name, &controller_namespace)
+            .registration(
+                &controller_name,
+                &controller_namespace,
+                &sensitive_resources,
+            )
             .context("--webhook-manage-configuration")?;
         let instance_id = instance_id
             .or_else(|| std::env::var("POD_NAME").ok().filter(|s| !s.is_empty()))
@@ -809,6 +816,8 @@ struct Totals {
     discovery_runs: u64,
     discovery_errors: u64,
     watch_errors: u64,
+    encryption_failures: u64,
+    snapshots_withheld: u64,
     sent: u64,
     acked: u64,
     rejected: u64,
@@ -827,6 +836,8 @@ impl Totals {
         self.discovery_runs += load(&m.discovery_runs);
         self.discovery_errors += load(&m.discovery_errors);
         self.watch_errors += load(&m.watch_errors);
+        self.encryption_failures += load(&m.encryption_failures);
+        self.snapshots_withheld += load(&m.snapshots_withheld);
         for (label, counts) in m.per_resource() {
             self.per_resource.entry(label).or_default().add(&counts);
         }
@@ -842,6 +853,8 @@ impl Totals {
         self.discovery_runs += o.discovery_runs;
         self.discovery_errors += o.discovery_errors;
         self.watch_errors += o.watch_errors;
+        self.encryption_failures += o.encryption_failures;
+        self.snapshots_withheld += o.snapshots_withheld;
         self.sent += o.sent;
         self.acked += o.acked;
         self.rejected += o.rejected;
@@ -922,6 +935,16 @@ impl Metrics {
                 "watch_errors_total",
                 "Watch errors (each is retried; a relist follows a 410)",
                 |t| t.watch_errors,
+            ),
+            (
+                "encryption_failures_total",
+                "Sensitive objects not sent because encrypting them was refused (too large) or failed, per destination",
+                |t| t.encryption_failures,
+            ),
+            (
+                "snapshots_withheld_total",
+                "Snapshot ends not sent because an object of their scope could not be sent (nothing there is deleted)",
+                |t| t.snapshots_withheld,
             ),
             (
                 "stream_messages_sent_total",

@@ -1190,6 +1190,8 @@ async fn the_running_agent_exports_valid_prometheus_metrics_with_per_resource_co
         "gitops_reverser_agent_watch_restarts_total{resource=\"configmaps\"}",
         "gitops_reverser_agent_watch_relists_total{resource=\"configmaps\"}",
         "gitops_reverser_agent_watch_errors_total",
+        "gitops_reverser_agent_encryption_failures_total",
+        "gitops_reverser_agent_snapshots_withheld_total",
         "gitops_reverser_agent_stream_reconnects_total",
         "gitops_reverser_agent_stream_unacked",
         "gitops_reverser_agent_stream_messages_acked_total",

@@ -22,7 +22,7 @@ fn admit(store: &FactStore, rel: &str) -> Outcome {
 }
 
 fn admit_body(store: &FactStore, body: &[u8]) -> Outcome {
-    let reviewed = handler::review(body).unwrap();
+    let reviewed = handler::review(body, &[]).unwrap();
     let response: Value = serde_json::from_slice(&reviewed.response).unwrap();
     assert_eq!(
         response["response"]["allowed"], true,
@@ -406,7 +406,7 @@ fn admitted_and_watched_hashes_agree_for_every_corpus_create_and_update() {
             "configmaps",
         ),
     ] {
-        let fact = handler::review(&review_body(admission))
+        let fact = handler::review(&review_body(admission), &[])
             .unwrap()
             .fact
             .unwrap();

@@ -226,7 +226,7 @@ fn handler_cost_per_review() {
         let rounds = 200;
         let started = Instant::now();
         for _ in 0..rounds {
-            let reviewed = webhook::handler::review(&body).unwrap();
+            let reviewed = webhook::handler::review(&body, &[]).unwrap();
             assert!(reviewed.fact.is_some());
         }
         println!(

@@ -34,7 +34,7 @@ pub fn parse_object(bytes: &[u8]) -> Result<serde_json::Value, YamlError> {
 ///
 /// The writer validates every upsert on the stream, so this is on the hot path: it walks the parser's events
 /// without building a value (about twice as fast as deserializing into an ignored value).
-pub fn validate_object(bytes: &[u8]) -> Result<(), YamlError> {
+pub fn validate_object(bytes: &[u8]) -> Result<ObjectShape, YamlError> {
     use serde_saphyr::granit_parser::{Event, Parser};
 
     /// What the walk is inside of.
@@ -51,6 +51,9 @@ pub fn validate_object(bytes: &[u8]) -> Result<(), YamlError> {
     let mut stack: Vec<Frame<'_>> = Vec::new();
     let mut documents = 0usize;
     let mut root_seen = false;
+    let mut shape = ObjectShape::default();
+    // The top-level key whose value comes next, when it is one the shape records.
+    let mut top_key: Option<TopKey> = None;
     while let Some(next) = parser.next_event() {
         let (event, span) = next.map_err(|e| {
             let at = e.marker();
@@ -87,6 +90,7 @@ pub fn validate_object(bytes: &[u8]) -> Result<(), YamlError> {
             if anchored {
                 return Err(at("anchors and aliases are not allowed in an object"));
             }
+            let at_top = stack.len() == 1;
             match stack.last_mut() {
                 None => {
                     if root_seen {
@@ -113,6 +117,25 @@ pub fn validate_object(bytes: &[u8]) -> Result<(), YamlError> {
                         if !keys.insert(key.clone()) {
                             let key: String = key.chars().take(100).collect();
                             return Err(at(&format!("duplicate mapping key {key:?}")));
+                        }
+                        if at_top {
+                            top_key = match key.as_ref() {
+                                "apiVersion" => Some(TopKey::ApiVersion),
+                                "kind" => Some(TopKey::Kind),
+                                "sops" => Some(TopKey::Sops),
+                                _ => None,
+                            };
+                        }
+                    } else if at_top {
+                        match (top_key.take(), &event) {
+                            (Some(TopKey::ApiVersion), Event::Scalar(value, ..)) => {
+                                shape.api_version = Some(value.to_string());
+                            }
+                            (Some(TopKey::Kind), Event::Scalar(value, ..)) => {
+                                shape.kind = Some(value.to_string());
+                            }
+                            (Some(TopKey::Sops), Event::MappingStart(..)) => shape.sops = true,
+                            _ => {}
                         }
                     }
                     *expecting_key = !*expecting_key;
@@ -142,7 +165,31 @@ pub fn validate_object(bytes: &[u8]) -> Result<(), YamlError> {
     if !root_seen {
         return Err(YamlError("empty document: expected a mapping".into()));
     }
-    Ok(())
+    Ok(shape)
+}
+
+/// The top-level facts [`validate_object`] reports about an object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectShape {
+    pub api_version: Option<String>,
+    pub kind: Option<String>,
+    /// Whether it has a top-level `sops` mapping (a SOPS-encrypted document).
+    pub sops: bool,
+}
+
+impl ObjectShape {
+    /// A core Secret without SOPS metadata: plaintext (base64 is not encryption), never to be written.
+    pub fn is_plaintext_secret(&self) -> bool {
+        self.api_version.as_deref() == Some("v1")
+            && self.kind.as_deref() == Some("Secret")
+            && !self.sops
+    }
+}
+
+enum TopKey {
+    ApiVersion,
+    Kind,
+    Sops,
 }
 
 /// Whether two YAML documents carry the same value. Unparseable documents are equal only byte for byte.
@@ -265,6 +312,32 @@ mod tests {
         assert_eq!(
             error_without_values(&"invalid value: string \"hunter2\", expected bool"),
             "invalid value: string \"…\", expected bool"
+        );
+    }
+
+    #[test]
+    fn validation_reports_the_top_level_shape() {
+        let plain = validate_object(b"apiVersion: v1\nkind: Secret\nmetadata: {name: a, labels: {kind: x}}\ndata: {k: dg==}\n").unwrap();
+        assert_eq!(plain.kind.as_deref(), Some("Secret"));
+        assert!(plain.is_plaintext_secret());
+        let encrypted = validate_object(
+            b"apiVersion: v1\nkind: Secret\ndata: {k: 'ENC[AES256_GCM,data:x,iv:y,tag:z,type:str]'}\nsops: {version: 3.9.4}\n",
+        )
+        .unwrap();
+        assert!(encrypted.sops && !encrypted.is_plaintext_secret());
+        // A nested `sops` or `kind` is not the object's.
+        let nested =
+            validate_object(b"apiVersion: v1\nkind: Secret\nmetadata: {sops: {a: b}}\n").unwrap();
+        assert!(nested.is_plaintext_secret());
+        let scalar_sops = validate_object(b"apiVersion: v1\nkind: Secret\nsops: yes\n").unwrap();
+        assert!(scalar_sops.is_plaintext_secret());
+        let configmap =
+            validate_object(b"apiVersion: v1\nkind: ConfigMap\ndata: {kind: Secret}\n").unwrap();
+        assert!(!configmap.is_plaintext_secret());
+        assert!(
+            !validate_object(b"apiVersion: example.com/v1\nkind: Secret\n")
+                .unwrap()
+                .is_plaintext_secret()
         );
     }
 

@@ -295,6 +295,10 @@ fn check_ahead(
     let (checking, mut checking_rx) =
         mpsc::channel::<tokio::task::JoinHandle<Checked>>(CHECK_AHEAD);
     let (checked, checked_rx) = mpsc::channel::<Checked>(1);
+    // As many checks at once as there are cores: more would only add blocking-pool threads (and their allocator
+    // arenas) without adding speed.
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    let checkers = Arc::new(tokio::sync::Semaphore::new(cores));
     tokio::spawn(async move {
         loop {
             // When the session ends, the stream must be dropped at once (not at the agent's next message): an open
@@ -307,8 +311,12 @@ fn check_ahead(
             let handle = match next {
                 Ok(Some(message)) => {
                     let limits = limits.clone();
+                    let Ok(permit) = Arc::clone(&checkers).acquire_owned().await else {
+                        break;
+                    };
                     tokio::task::spawn_blocking(move || {
                         let content = check_content(&message, &limits);
+                        drop(permit);
                         Ok(Some((message, content)))
                     })
                 }

@@ -84,6 +84,13 @@ pub fn validate_hello(hello: &pb::Hello) -> Result<ClusterIdentity, Rejection> {
             ));
         }
     }
+    // Optional, but it lands in logs and the ownership marker.
+    if hello.cluster_name.len() > 253 || hello.cluster_name.chars().any(char::is_control) {
+        return Err(reject(
+            "InvalidHello",
+            "hello.cluster_name is longer than 253 characters or has control characters",
+        ));
+    }
     Ok(ClusterIdentity {
         cluster_uid: hello.cluster_uid.clone(),
         cluster_name: hello.cluster_name.clone(),
@@ -284,14 +291,27 @@ pub fn validate_upsert(
 pub fn check_content(message: &pb::AgentMessage, limits: &SessionLimits) -> ContentCheck {
     match &message.kind {
         Some(Kind::Upsert(upsert)) if upsert.content.len() <= limits.max_object_bytes => {
-            Some(yaml::validate_object(&upsert.content).map_err(|e| e.to_string()))
+            Some(check_object(&upsert.content))
         }
         _ => None,
     }
 }
 
 /// The outcome of [`check_content`] for one message; `None` when it was not checked ahead (the session checks).
-pub type ContentCheck = Option<Result<(), String>>;
+pub type ContentCheck = Option<Result<(), Rejection>>;
+
+/// One YAML object, and never a plaintext Secret: whatever an agent sends, a core Secret reaches Git only as a SOPS
+/// document (the agent encrypts; this is the writer's own guard).
+fn check_object(content: &[u8]) -> Result<(), Rejection> {
+    let shape = yaml::validate_object(content).map_err(|e| reject("InvalidYaml", e.to_string()))?;
+    if shape.is_plaintext_secret() {
+        return Err(reject(
+            "PlaintextSecret",
+            "a Secret without SOPS encryption is never written (configure spec.encryption on the GitDestination)",
+        ));
+    }
+    Ok(())
+}
 
 fn validate_upsert_with(
     path: &str,
@@ -310,11 +330,7 @@ fn validate_upsert_with(
             ),
         ));
     }
-    match checked {
-        Some(result) => result.map_err(|e| reject("InvalidYaml", e))?,
-        None => yaml::validate_object(content).map_err(|e| reject("InvalidYaml", e.to_string()))?,
-    }
-    Ok(())
+    checked.unwrap_or_else(|| check_object(content))
 }
 
 struct DeclaredDestination {

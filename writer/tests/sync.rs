@@ -396,6 +396,16 @@ async fn bad_input_is_rejected_with_a_reason_and_changes_nothing() {
             "InvalidScope",
         ),
         (12, delete(DEST, 12, "../x.yaml"), "InvalidPath"),
+        (
+            13,
+            upsert(
+                DEST,
+                13,
+                "core/v1/secrets/ns/db.yaml",
+                "apiVersion: v1\nkind: Secret\nmetadata: {name: db, namespace: ns}\ndata: {password: aHVudGVyMg==}\n",
+            ),
+            "PlaintextSecret",
+        ),
     ];
     for (sequence, message, reason) in cases {
         agent.send(message).await;
@@ -409,9 +419,9 @@ async fn bad_input_is_rejected_with_a_reason_and_changes_nothing() {
     }
     // Sequence numbers must grow.
     agent
-        .send(upsert(DEST, 12, "core/v1/configmaps/ns/a.yaml", &cm))
+        .send(upsert(DEST, 13, "core/v1/configmaps/ns/a.yaml", &cm))
         .await;
-    assert_eq!(agent.reject(12).await.reason, "OutOfOrder");
+    assert_eq!(agent.reject(13).await.reason, "OutOfOrder");
     // Invalid destinations.
     for (key, url, branch, base, reason) in [
         (

@@ -175,20 +175,27 @@ impl Default for DiscoveryOptions {
 
 impl DiscoveryOptions {
     fn excludes(&self, key: &ResourceKey) -> bool {
-        matches_entry(&self.exclude, key)
+        matches_entry(&self.exclude, &key.group, &key.resource)
     }
 
     /// Whether objects of this type are only ever sent encrypted (core Secrets always are).
     pub fn is_sensitive(&self, key: &ResourceKey) -> bool {
-        is_secret(key) || matches_entry(&self.sensitive, key)
+        is_sensitive_resource(&self.sensitive, &key.group, &key.resource)
     }
 }
 
+/// Whether `group`/`resource` is sensitive under the `--sensitive-resources` `entries` (`plural` or
+/// `plural.group`): core `secrets` always are, listed or not. The one rule ingestion (what is encrypted) and the
+/// attribution webhook (what is never hashed nor registered) share.
+pub fn is_sensitive_resource(entries: &[String], group: &str, resource: &str) -> bool {
+    (group.is_empty() && resource == "secrets") || matches_entry(entries, group, resource)
+}
+
 /// `plural` entries match the resource in any group, `plural.group` entries that group only.
-fn matches_entry(entries: &[String], key: &ResourceKey) -> bool {
+fn matches_entry(entries: &[String], group: &str, resource: &str) -> bool {
     entries.iter().any(|entry| match entry.split_once('.') {
-        Some((resource, group)) => resource == key.resource && group == key.group,
-        None => entry == &key.resource,
+        Some((r, g)) => r == resource && g == group,
+        None => entry == resource,
     })
 }
 
@@ -272,10 +279,6 @@ pub struct DesiredWatches {
     pub plans: BTreeMap<WatchKey, WatchPlan>,
     /// Types some rule selects but that are not watched, and why.
     pub skipped: Vec<(ResourceKey, SkipReason)>,
-}
-
-fn is_secret(key: &ResourceKey) -> bool {
-    key.group.is_empty() && key.resource == "secrets"
 }
 
 /// Computes the set of watches from discovered types, the selection and the options. Pure.

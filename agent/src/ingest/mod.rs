@@ -45,7 +45,7 @@ use tracing::{info, warn};
 
 pub use discovery::{
     DesiredWatches, DiscoveredResource, DiscoveryOptions, SkipReason, WatchKey, WatchPlan,
-    desired_watches, discover,
+    desired_watches, discover, is_sensitive_resource,
 };
 pub use limits::{ListPermits, RequestRate};
 pub use selection::{CompiledRule, RuleKind, Selection};
@@ -110,6 +110,12 @@ pub struct IngestMetrics {
     pub watch_errors: AtomicU64,
     /// Watches currently running.
     pub active_watches: AtomicU64,
+    /// Sensitive objects not sent because encrypting them was refused (too large) or failed, per
+    /// destination (`encryption_failures_total`).
+    pub encryption_failures: AtomicU64,
+    /// Snapshot ends not sent because an object of their scope could not be sent
+    /// (`snapshots_withheld_total`): the writer deletes nothing in those scopes.
+    pub snapshots_withheld: AtomicU64,
     /// Per resource (`plural` for the core group, else `plural.group`), over all its watches.
     per_resource: Mutex<BTreeMap<String, Arc<ResourceCounters>>>,
 }

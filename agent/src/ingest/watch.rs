@@ -8,10 +8,13 @@
 //!   Init        → a new epoch, opened lazily (SnapshotBegin for every scope of every route)
 //!   InitApply   → Upsert for each destination that selects the object (always: a snapshot
 //!                 must name every live object, or the writer would sweep it)
-//!   InitDone    → SnapshotEnd for every scope; hashes of objects not relisted are forgotten
+//!   InitDone    → SnapshotEnd for every scope, except scopes holding an object that could not be
+//!                 sent (encryption refused or failed, not renderable): those stay open, so the
+//!                 writer sweeps nothing there; hashes of objects not relisted are forgotten
 //!   Apply       → Upsert if the canonical YAML changed; Delete if it stopped matching
 //!   Delete      → Delete where it was mirrored
 //!   Err         → nothing: the open epoch is never ended, so the writer deletes nothing
+//!   (an object that cannot be sent is never sent at all: its destination keeps the file it has)
 //!   ▼
 //! bounded mpsc of AgentEvent → stream client → writer
 //! ```
@@ -70,6 +73,12 @@ pub struct WatchStatus {
     pub errors: u64,
     /// Whether the initial list is streamed.
     pub streaming: bool,
+    /// Sensitive objects that could not be encrypted (too large, or encryption failed), per destination.
+    pub encryption_failures: u64,
+    /// Snapshot ends withheld because an object of their scope could not be sent.
+    pub snapshots_withheld: u64,
+    /// The last object that could not be sent: its path, destination, plaintext size and why (never content).
+    pub last_unsent: Option<String>,
 }
 
 /// Content hash of the canonical YAML last sent for one path to one destination.
@@ -79,8 +88,20 @@ type Hash = [u8; 32];
 struct Epoch {
     /// Allocated when the epoch is opened (first object or end of an empty list).
     id: Option<u64>,
-    /// (route index, path) sent in this epoch.
+    /// (route index, path) sent in this epoch (or kept as it is, when it could not be sent).
     seen: HashSet<(usize, String)>,
+    /// (route index, snapshot namespace) holding an object that could not be sent: not ended.
+    withheld: HashSet<(usize, String)>,
+}
+
+impl Epoch {
+    fn new() -> Self {
+        Self {
+            id: None,
+            seen: HashSet::new(),
+            withheld: HashSet::new(),
+        }
+    }
 }
 
 /// The pure core of one watch: turns watcher events into [`AgentEvent`]s.
@@ -93,6 +114,12 @@ pub struct WatchIndex {
     epoch: Option<Epoch>,
     /// Admission facts naming the authors of changes.
     attribution: Option<FactStore>,
+    /// Sensitive objects not encrypted (per destination), since this index was made.
+    encryption_failures: u64,
+    /// Snapshot ends withheld, since this index was made.
+    snapshots_withheld: u64,
+    /// See [`WatchStatus::last_unsent`].
+    last_unsent: Option<String>,
 }
 
 /// An object as the index sees it.
@@ -111,7 +138,26 @@ impl WatchIndex {
             hashes: HashMap::new(),
             epoch: None,
             attribution: None,
+            encryption_failures: 0,
+            snapshots_withheld: 0,
+            last_unsent: None,
         }
+    }
+
+    /// Sensitive objects that could not be encrypted (too large, or encryption failed), counted once per
+    /// destination and event.
+    pub fn encryption_failures(&self) -> u64 {
+        self.encryption_failures
+    }
+
+    /// Snapshot ends withheld because an object of their scope could not be sent.
+    pub fn snapshots_withheld(&self) -> u64 {
+        self.snapshots_withheld
+    }
+
+    /// The last object that could not be sent (path, destination, size, reason; never content).
+    pub fn last_unsent(&self) -> Option<&str> {
+        self.last_unsent.as_deref()
     }
 
     /// Names the author of each change from `store` (else every change is the bot's).
@@ -137,10 +183,7 @@ impl WatchIndex {
             Event::Init => {
                 // A relist supersedes an open epoch that never ended (it sent no end, so the
                 // writer deleted nothing for it).
-                self.epoch = Some(Epoch {
-                    id: None,
-                    seen: HashSet::new(),
-                });
+                self.epoch = Some(Epoch::new());
             }
             Event::InitApply(obj) => {
                 self.open_epoch(epochs, &mut out);
@@ -148,9 +191,21 @@ impl WatchIndex {
             }
             Event::InitDone => {
                 self.open_epoch(epochs, &mut out);
-                if let Some(Epoch { id: Some(id), seen }) = self.epoch.take() {
-                    for route in &self.plan.routes {
+                if let Some(Epoch {
+                    id: Some(id),
+                    seen,
+                    withheld,
+                }) = self.epoch.take()
+                {
+                    for (route_index, route) in self.plan.routes.iter().enumerate() {
                         for ns in &route.snapshot_namespaces {
+                            if withheld.contains(&(route_index, ns.clone())) {
+                                // As after a failed list: the epoch stays open, the writer deletes
+                                // nothing in this scope until a later list sends every object.
+                                self.snapshots_withheld += 1;
+                                warn!(watch = %self.plan.key, destination = %route.destination.key, namespace = %ns, epoch = id, "not ending the snapshot: an object of this scope could not be sent, so nothing of it is deleted");
+                                continue;
+                            }
                             out.push(AgentEvent::SnapshotEnd {
                                 destination: route.destination.key.clone(),
                                 scope: self.plan.key.scope(ns),
@@ -169,10 +224,7 @@ impl WatchIndex {
     }
 
     fn open_epoch(&mut self, epochs: &AtomicU64, out: &mut Vec<AgentEvent>) {
-        let epoch = self.epoch.get_or_insert_with(|| Epoch {
-            id: None,
-            seen: HashSet::new(),
-        });
+        let epoch = self.epoch.get_or_insert_with(Epoch::new);
         if epoch.id.is_some() {
             return;
         }
@@ -332,13 +384,24 @@ impl WatchIndex {
                                 hash
                             }
                             Err(e) => {
-                                warn!(watch = %plan.key, path = %view.path, destination = %dest, error = %e, "cannot encrypt object; not sending it");
+                                self.not_sent(route_index, route, &view, change, obj, &e, true);
                                 continue;
                             }
                         },
                         None => match render(&mut rendered, obj, &view.path, &plan.key) {
                             Some((_, hash)) => hash,
-                            None => continue,
+                            None => {
+                                self.not_sent(
+                                    route_index,
+                                    route,
+                                    &view,
+                                    change,
+                                    obj,
+                                    &"not renderable",
+                                    false,
+                                );
+                                continue;
+                            }
                         },
                     };
                     if change == Change::Listed {
@@ -368,14 +431,25 @@ impl WatchIndex {
                             ) {
                                 Ok(yaml) => (yaml, Some(prepared.fingerprint.clone())),
                                 Err(e) => {
-                                    warn!(watch = %plan.key, path = %view.path, destination = %dest, error = %e, "cannot encrypt object; not sending it");
+                                    self.not_sent(route_index, route, &view, change, obj, &e, true);
                                     continue;
                                 }
                             }
                         }
                         _ => match render(&mut rendered, obj, &view.path, &plan.key) {
                             Some((yaml, _)) => (yaml, None),
-                            None => continue,
+                            None => {
+                                self.not_sent(
+                                    route_index,
+                                    route,
+                                    &view,
+                                    change,
+                                    obj,
+                                    &"not renderable",
+                                    false,
+                                );
+                                continue;
+                            }
                         },
                     };
                     self.hashes.insert(slot, hash);
@@ -391,6 +465,65 @@ impl WatchIndex {
                 }
             }
         }
+    }
+}
+
+impl WatchIndex {
+    /// An object that could not be sent to one destination (encryption refused or failed, or not renderable).
+    /// Nothing is sent, so the destination keeps the file it has. In a (re)list the object's snapshot scope is
+    /// not ended for this epoch, or the writer would sweep that file; its hash is kept, so a later delete
+    /// still reaches the destination. Logged with the path and size, never the content.
+    #[allow(clippy::too_many_arguments)]
+    fn not_sent(
+        &mut self,
+        route_index: usize,
+        route: &super::discovery::DestinationRoute,
+        view: &View,
+        change: Change,
+        obj: &Value,
+        reason: &dyn std::fmt::Display,
+        encryption: bool,
+    ) {
+        if encryption {
+            self.encryption_failures += 1;
+        }
+        // The plaintext's canonical size (a number only), for the operator to see what is too large.
+        let bytes = canonical::render(&canonical::sanitize(obj))
+            .map(|yaml| yaml.len())
+            .unwrap_or_default();
+        let destination = &route.destination.key;
+        let listed = change == Change::Listed;
+        if encryption {
+            warn!(watch = %self.plan.key, path = %view.path, %destination, bytes, error = %reason, listed,
+                "cannot encrypt object; not sending it (its file in Git is kept as it is)");
+        } else {
+            warn!(watch = %self.plan.key, path = %view.path, %destination, bytes, error = %reason, listed,
+                "cannot render object; not sending it (its file in Git is kept as it is)");
+        }
+        self.last_unsent = Some(format!(
+            "{} for {destination} ({bytes} bytes): {reason}",
+            view.path
+        ));
+        if !listed {
+            return;
+        }
+        let Some(epoch) = &mut self.epoch else {
+            return;
+        };
+        epoch.seen.insert((route_index, view.path.clone()));
+        let scopes = &route.snapshot_namespaces;
+        let held: Vec<String> = if scopes.contains("") {
+            vec![String::new()]
+        } else {
+            match view.namespace.as_deref().filter(|ns| scopes.contains(*ns)) {
+                Some(ns) => vec![ns.to_owned()],
+                // Cannot tell which scope would sweep it: hold them all.
+                None => scopes.iter().cloned().collect(),
+            }
+        };
+        epoch
+            .withheld
+            .extend(held.into_iter().map(|ns| (route_index, ns)));
     }
 }
 
@@ -490,6 +623,8 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
     let mut backoff = Backoff::new(shared.config.watch_backoff.0, shared.config.watch_backoff.1);
     let counters = shared.metrics.resource(&plan.resource.metric_label());
     let mut listed_before = false;
+    // The index's (encryption failures, withheld snapshot ends) already added to the metrics.
+    let mut reported = (0, 0);
     // At most --max-concurrent-lists lists in flight over all watches: a watch holds a permit for every poll
     // from its (re)start or `Init` until `InitDone`, and gives it back while it backs off after an error (a
     // type whose list keeps failing blocks nobody).
@@ -547,7 +682,26 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
                             }
                         });
                     }
-                    for out in index.apply(event, &shared.epochs) {
+                    let events = index.apply(event, &shared.epochs);
+                    let counts = (index.encryption_failures(), index.snapshots_withheld());
+                    if counts != reported {
+                        shared
+                            .metrics
+                            .encryption_failures
+                            .fetch_add(counts.0.saturating_sub(reported.0), Ordering::Relaxed);
+                        shared
+                            .metrics
+                            .snapshots_withheld
+                            .fetch_add(counts.1.saturating_sub(reported.1), Ordering::Relaxed);
+                        reported = counts;
+                        let last_unsent = index.last_unsent().map(str::to_owned);
+                        shared.update_status(&plan.key, |s| {
+                            s.encryption_failures = counts.0;
+                            s.snapshots_withheld = counts.1;
+                            s.last_unsent = last_unsent;
+                        });
+                    }
+                    for out in events {
                         if shared.tx.send(out).await.is_err() {
                             debug!(watch = %plan.key, "event channel closed; stopping watch");
                             return;
@@ -594,6 +748,7 @@ mod tests {
     use super::super::selection::{CompiledRule, NamespaceLabels};
     use super::*;
     use crate::crd::ResourceScope;
+    use crate::events::DestinationDecl;
     use serde_json::json;
     use std::collections::BTreeSet;
 
@@ -717,6 +872,169 @@ mod tests {
         assert_eq!(
             kinds(&deleted),
             vec!["Delete x/encrypted core/v1/secrets/shop/db.sops.yaml"]
+        );
+    }
+
+    /// A Secrets watch (cluster-wide) routed to `shop/enc` (a WatchRule in `shop`), `web/enc` (in `web`),
+    /// `x/enc-all` (a ClusterWatchRule), all encrypting to `identity`, and `x/plain` (no encryption).
+    fn secrets_plan_with_scopes(identity: &age::x25519::Identity) -> Arc<WatchPlan> {
+        let encrypted = |key: &str| {
+            let mut d = decl(key);
+            d.encryption = Some(sops::Encryption {
+                recipients: vec![identity.to_public().to_string()],
+                fingerprint_key: sops::FingerprintKey::new([2; 32]),
+            });
+            d
+        };
+        let route =
+            |destination: DestinationDecl, rule: CompiledRule, scope: &str| DestinationRoute {
+                destination,
+                rules: vec![rule],
+                snapshot_namespaces: BTreeSet::from([scope.to_owned()]),
+            };
+        let cluster = |d: &str| cluster_rule(d, ResourceScope::Namespaced, &["secrets"], None);
+        Arc::new(WatchPlan {
+            key: WatchKey {
+                group: "".into(),
+                version: "v1".into(),
+                resource: "secrets".into(),
+                namespace: "".into(),
+            },
+            resource: DiscoveredResource::new("", "v1", "secrets", "Secret", true),
+            routes: vec![
+                route(
+                    encrypted("shop/enc"),
+                    watch_rule("shop", "shop/enc", &["secrets"], None),
+                    "shop",
+                ),
+                route(
+                    encrypted("web/enc"),
+                    watch_rule("web", "web/enc", &["secrets"], None),
+                    "web",
+                ),
+                route(encrypted("x/enc-all"), cluster("x/enc-all"), ""),
+                route(decl("x/plain"), cluster("x/plain"), ""),
+            ],
+            namespace_labels: NamespaceLabels::new(),
+            sensitive: true,
+        })
+    }
+
+    fn named_secret(ns: &str, name: &str, value: &str, rv: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": ns, "resourceVersion": rv, "uid": format!("uid-{name}")},
+            "data": {"password": value}})
+    }
+
+    /// Lists `objects` as one (re)list and returns what came out.
+    fn list(idx: &mut WatchIndex, epochs: &AtomicU64, objects: &[Value]) -> Vec<AgentEvent> {
+        let mut out = idx.apply(Event::Init, epochs);
+        for obj in objects {
+            out.extend(idx.apply(Event::InitApply(obj.clone()), epochs));
+        }
+        out.extend(idx.apply(Event::InitDone, epochs));
+        out
+    }
+
+    fn ends(events: &[AgentEvent]) -> Vec<String> {
+        kinds(events)
+            .into_iter()
+            .filter(|k| k.starts_with("End "))
+            .collect()
+    }
+
+    #[test]
+    fn a_secret_too_large_to_encrypt_in_a_list_holds_back_only_its_scopes_snapshot_end() {
+        let identity = age::x25519::Identity::generate();
+        let epochs = AtomicU64::new(0);
+        let mut idx = WatchIndex::new(
+            secrets_plan_with_scopes(&identity),
+            SelectionOptions::default(),
+        );
+        let db = named_secret("shop", "db", "c2VjcmV0LTE=", "1");
+        let api = named_secret("web", "api", "c2VjcmV0LTI=", "2");
+        let out = list(&mut idx, &epochs, &[db.clone(), api.clone()]);
+        assert_eq!(
+            ends(&out),
+            [
+                "End shop/enc \"shop\" 1",
+                "End web/enc \"web\" 1",
+                "End x/enc-all \"\" 1",
+                "End x/plain \"\" 1",
+            ]
+        );
+        assert_eq!(idx.encryption_failures(), 0);
+
+        // Relist: `db` grew past what the agent encrypts. It is not sent, and the scopes that hold its file
+        // (shop/enc's `shop`, x/enc-all's cluster-wide scope) are not ended: the writer must not sweep it.
+        let huge = "A".repeat(sops::MAX_PLAINTEXT_BYTES + 1);
+        let too_large = named_secret("shop", "db", &huge, "3");
+        let out = list(&mut idx, &epochs, &[too_large.clone(), api.clone()]);
+        assert_eq!(
+            kinds(&out),
+            [
+                "Begin shop/enc \"shop\" 2",
+                "Begin web/enc \"web\" 2",
+                "Begin x/enc-all \"\" 2",
+                "Begin x/plain \"\" 2",
+                "Upsert web/enc core/v1/secrets/web/api.sops.yaml created=false",
+                "Upsert x/enc-all core/v1/secrets/web/api.sops.yaml created=false",
+                "End web/enc \"web\" 2",
+                "End x/plain \"\" 2",
+            ]
+        );
+        // Counted once per encrypting destination; both withheld ends counted.
+        assert_eq!(idx.encryption_failures(), 2);
+        assert_eq!(idx.snapshots_withheld(), 2);
+        let last = idx.last_unsent().unwrap();
+        assert!(
+            last.contains("core/v1/secrets/shop/db.sops.yaml") && last.contains("bytes"),
+            "{last}"
+        );
+        assert!(!last.contains("AAAA"), "no content in the status: {last}");
+
+        // Its file is still known to be there: a delete reaches both destinations that hold it.
+        let deleted = idx.apply(Event::Delete(too_large), &epochs);
+        assert_eq!(
+            kinds(&deleted),
+            [
+                "Delete shop/enc core/v1/secrets/shop/db.sops.yaml",
+                "Delete x/enc-all core/v1/secrets/shop/db.sops.yaml",
+            ]
+        );
+
+        // A later list that sends everything ends every scope again.
+        let out = list(&mut idx, &epochs, &[db, api]);
+        assert_eq!(ends(&out).len(), 4, "{}", kinds(&out).join("\n"));
+        assert_eq!(idx.encryption_failures(), 2);
+    }
+
+    #[test]
+    fn a_live_update_that_cannot_be_encrypted_keeps_the_old_file() {
+        let identity = age::x25519::Identity::generate();
+        let epochs = AtomicU64::new(0);
+        let mut idx = WatchIndex::new(secrets_plan(&identity), SelectionOptions::default());
+        list(&mut idx, &epochs, &[secret("c2VjcmV0LTE=", "1")]);
+        let huge = "A".repeat(sops::MAX_PLAINTEXT_BYTES + 1);
+        // Nothing is sent (no upsert, no delete): the destination keeps the last version it got.
+        assert!(
+            idx.apply(Event::Apply(secret(&huge, "2")), &epochs)
+                .is_empty()
+        );
+        assert_eq!(idx.encryption_failures(), 1);
+        assert_eq!(
+            idx.snapshots_withheld(),
+            0,
+            "not a list: no snapshot involved"
+        );
+        // The held version is still the old one: going back to it sends nothing, a new value is sent.
+        assert!(
+            idx.apply(Event::Apply(secret("c2VjcmV0LTE=", "3")), &epochs)
+                .is_empty()
+        );
+        assert_eq!(
+            kinds(&idx.apply(Event::Apply(secret("c2VjcmV0LTI=", "4")), &epochs)),
+            ["Upsert x/encrypted core/v1/secrets/shop/db.sops.yaml created=false"]
         );
     }
 

@@ -40,6 +40,11 @@ pub const SOPS_VERSION: &str = "3.9.4";
 /// Largest canonical plaintext the agent encrypts (Kubernetes caps Secrets at 1 MiB; base64 and YAML add a
 /// little): anything larger is refused with [`SopsError::TooLarge`] instead of sent.
 pub const MAX_PLAINTEXT_BYTES: usize = 1536 * 1024;
+/// Largest encrypted document the agent sends: the writer refuses objects above its `--max-object-bytes`
+/// (3 MiB by default), and encryption inflates small values a lot (each becomes `ENC[…,iv:…,tag:…]`), so a
+/// document above this is refused here with [`SopsError::DocumentTooLarge`] (3 MiB less 64 KiB of headroom)
+/// rather than rejected by the writer.
+pub const MAX_DOCUMENT_BYTES: usize = 3 * 1024 * 1024 - 64 * 1024;
 
 /// AES-256-GCM with the 32-byte nonces sops uses.
 type SopsCipher = AesGcm<Aes256, U32>;
@@ -57,6 +62,8 @@ pub enum SopsError {
         "the object is {bytes} bytes of canonical YAML, more than the {limit} bytes the agent encrypts"
     )]
     TooLarge { bytes: usize, limit: usize },
+    #[error("the encrypted document is {bytes} bytes, more than the {limit} bytes the agent sends")]
+    DocumentTooLarge { bytes: usize, limit: usize },
     #[error(
         "a value at {path:?} is an integer outside the signed 64-bit range, which sops cannot represent"
     )]
@@ -252,7 +259,8 @@ fn encrypted_regex(keys: &[String]) -> String {
 }
 
 /// Encrypts a prepared object into a SOPS v3 YAML document (with the fingerprint annotation) for
-/// `recipients`, stamped `lastmodified` (RFC 3339, UTC, whole seconds: `2026-01-02T03:04:05Z`).
+/// `recipients`, stamped `lastmodified` (RFC 3339, UTC, whole seconds: `2026-01-02T03:04:05Z`). A document
+/// larger than [`MAX_DOCUMENT_BYTES`] is refused.
 pub fn encrypt(
     prepared: &Prepared,
     recipients: &[String],
@@ -323,6 +331,12 @@ pub fn encrypt(
         "  lastmodified: \"{lastmodified}\"\n  mac: {mac}\n  encrypted_regex: '{}'\n  version: {SOPS_VERSION}\n",
         regex.replace('\'', "''")
     ));
+    if out.len() > MAX_DOCUMENT_BYTES {
+        return Err(SopsError::DocumentTooLarge {
+            bytes: out.len(),
+            limit: MAX_DOCUMENT_BYTES,
+        });
+    }
     Ok(out)
 }
 

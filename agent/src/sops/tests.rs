@@ -238,6 +238,27 @@ fn huge_objects_are_refused_with_a_clear_error() {
 }
 
 #[test]
+fn documents_the_writer_would_refuse_are_refused_here() {
+    // Many tiny values: well under the plaintext limit, but each becomes a ~100-byte `ENC[…]`.
+    let a = identity();
+    let enc = encryption_for(&[&a]);
+    let mut many = secret();
+    let data: serde_json::Map<String, Value> = (0..40_000)
+        .map(|i| (format!("k{i}"), json!("eA==")))
+        .collect();
+    many["data"] = Value::Object(data);
+    let prepared = prepare(&many, &enc).unwrap();
+    let err = encrypt(&prepared, &enc.recipients, "2026-01-02T03:04:05Z").unwrap_err();
+    let SopsError::DocumentTooLarge { bytes, limit } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(*limit, MAX_DOCUMENT_BYTES);
+    assert!(*bytes > MAX_DOCUMENT_BYTES);
+    assert!(err.to_string().contains("more than"), "{err}");
+    assert!(!err.to_string().contains("eA=="), "{err}");
+}
+
+#[test]
 fn other_sensitive_types_encrypt_everything_but_the_header_with_typed_values() {
     let a = identity();
     let enc = encryption_for(&[&a]);

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 use super::facts::{ContentHash, Fact, ObjectKey, Operation};
 use crate::canonical;
+use crate::ingest::is_sensitive_resource;
 
 /// The AdmissionReview version spoken (and the only one accepted).
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -162,8 +163,10 @@ struct UserInfo {
     groups: Vec<String>,
 }
 
-/// Parses one AdmissionReview body and answers it.
-pub fn review(body: &[u8]) -> Result<Reviewed, ReviewError> {
+/// Parses one AdmissionReview body and answers it. Reviews of sensitive types (core `secrets` and the
+/// `--sensitive-resources` entries in `sensitive`, matched as ingestion matches them) are allowed and leave no
+/// fact: nothing of their content is hashed.
+pub fn review(body: &[u8], sensitive: &[String]) -> Result<Reviewed, ReviewError> {
     let review: Review = serde_json::from_slice(body)?;
     if review.api_version != API_VERSION || review.kind != KIND {
         return Err(ReviewError::WrongType {
@@ -176,7 +179,7 @@ pub fn review(body: &[u8]) -> Result<Reviewed, ReviewError> {
         return Err(ReviewError::MissingUid);
     }
     let response = allowed(&request.uid);
-    let (fact, outcome) = match fact_of(request) {
+    let (fact, outcome) = match fact_of(request, sensitive) {
         Ok(fact) => (Some(fact), Outcome::Recorded),
         Err(outcome) => (None, outcome),
     };
@@ -198,9 +201,19 @@ pub fn allowed(uid: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-fn fact_of(request: Request) -> Result<Fact, Outcome> {
+fn fact_of(request: Request, sensitive: &[String]) -> Result<Fact, Outcome> {
     if request.dry_run == Some(true) {
         return Err(Outcome::DryRun);
+    }
+    // Sensitive types are mirrored only encrypted and never attributed: their content is not hashed here at
+    // all (an unkeyed hash of plaintext would let anyone holding the fact store test guesses), whatever the
+    // operation or subresource.
+    if is_sensitive_resource(
+        sensitive,
+        &request.resource.group,
+        &request.resource.resource,
+    ) {
+        return Err(Outcome::Ignored("sensitive"));
     }
     let operation = match request.operation.as_str() {
         "CREATE" => Operation::Create,
@@ -214,10 +227,6 @@ fn fact_of(request: Request) -> Result<Fact, Outcome> {
         None | Some("") => {}
         Some("scale") if operation == Operation::Update => return scale_fact(request),
         Some(_) => return Err(Outcome::Ignored("subresource")),
-    }
-    // Never mirrored, so never attributed; and their content is not hashed here at all.
-    if request.resource.group.is_empty() && request.resource.resource == "secrets" {
-        return Err(Outcome::Ignored("secret"));
     }
     if request.user_info.username.is_empty() {
         return Err(Outcome::Ignored("no username"));
@@ -356,6 +365,11 @@ pub fn admitted_hash(object: Value) -> Option<ContentHash> {
 mod tests {
     use super::*;
 
+    /// With no `--sensitive-resources` beyond the built-in core Secrets.
+    fn review_default(body: &[u8]) -> Result<Reviewed, ReviewError> {
+        review(body, &[])
+    }
+
     fn body(request: Value) -> Vec<u8> {
         json!({"apiVersion": API_VERSION, "kind": KIND, "request": request})
             .to_string()
@@ -386,7 +400,7 @@ mod tests {
 
     #[test]
     fn allows_and_records_a_create_with_user_uid_and_content_hash() {
-        let reviewed = review(&body(create(json!({})))).unwrap();
+        let reviewed = review_default(&body(create(json!({})))).unwrap();
         assert_eq!(
             response(&reviewed),
             json!({"apiVersion": API_VERSION, "kind": KIND,
@@ -408,7 +422,7 @@ mod tests {
 
     #[test]
     fn dry_runs_are_allowed_and_leave_no_fact() {
-        let reviewed = review(&body(create(json!({"dryRun": true})))).unwrap();
+        let reviewed = review_default(&body(create(json!({"dryRun": true})))).unwrap();
         assert_eq!(response(&reviewed)["response"]["allowed"], true);
         assert_eq!(reviewed.outcome, Outcome::DryRun);
         assert!(reviewed.fact.is_none());
@@ -422,7 +436,7 @@ mod tests {
             "oldObject": {"apiVersion": "v1", "kind": "ConfigMap",
                           "metadata": {"name": "b", "namespace": "shop", "uid": "u2"}}
         }));
-        let fact = review(&body(request)).unwrap().fact.unwrap();
+        let fact = review_default(&body(request)).unwrap().fact.unwrap();
         assert_eq!(fact.operation, Operation::Delete);
         assert_eq!(fact.key.name, "b");
         assert_eq!(fact.uid.as_deref(), Some("u2"));
@@ -448,7 +462,7 @@ mod tests {
 
     #[test]
     fn a_scale_of_a_workload_is_a_fact_about_the_parents_replicas() {
-        let reviewed = review(&body(scale_request("deployments", json!("41")))).unwrap();
+        let reviewed = review_default(&body(scale_request("deployments", json!("41")))).unwrap();
         assert_eq!(response(&reviewed)["response"]["allowed"], true);
         let fact = reviewed.fact.unwrap();
         assert_eq!(
@@ -462,7 +476,7 @@ mod tests {
         assert_eq!(fact.base_version, Some(41));
         // Lineage is required; custom resources' replicas paths are unknown.
         for (resource, old_rv) in [("deployments", Value::Null), ("widgets", json!("41"))] {
-            let reviewed = review(&body(scale_request(resource, old_rv))).unwrap();
+            let reviewed = review_default(&body(scale_request(resource, old_rv))).unwrap();
             assert!(reviewed.fact.is_none(), "{resource}");
             assert_eq!(response(&reviewed)["response"]["allowed"], true);
         }
@@ -476,10 +490,13 @@ mod tests {
                           "metadata": {"name": "a", "namespace": "shop", "uid": "u1",
                                        "resourceVersion": "17"}}
         }));
-        let fact = review(&body(request)).unwrap().fact.unwrap();
+        let fact = review_default(&body(request)).unwrap().fact.unwrap();
         assert_eq!(fact.base_version, Some(17));
         assert_eq!(fact.scale_replicas, None);
-        let fact = review(&body(create(json!({})))).unwrap().fact.unwrap();
+        let fact = review_default(&body(create(json!({}))))
+            .unwrap()
+            .fact
+            .unwrap();
         assert_eq!(fact.base_version, None, "a CREATE has no base");
     }
 
@@ -492,7 +509,7 @@ mod tests {
             (json!({"object": null}), "no object"),
             (
                 json!({"resource": {"group": "", "version": "v1", "resource": "secrets"}}),
-                "secret",
+                "sensitive",
             ),
             (
                 json!({"operation": "DELETE", "object": null,
@@ -500,7 +517,7 @@ mod tests {
                 "delete without uid",
             ),
         ] {
-            let reviewed = review(&body(create(extra.clone()))).unwrap();
+            let reviewed = review_default(&body(create(extra.clone()))).unwrap();
             assert_eq!(reviewed.outcome, Outcome::Ignored(reason), "{extra}");
             assert!(reviewed.fact.is_none());
             assert_eq!(response(&reviewed)["response"]["allowed"], true);
@@ -508,27 +525,83 @@ mod tests {
     }
 
     #[test]
+    fn sensitive_types_are_allowed_but_leave_no_fact_and_are_not_hashed() {
+        let sealed = |operation: &str| {
+            let object = json!({"apiVersion": "bitnami.com/v1alpha1", "kind": "SealedSecret",
+                "metadata": {"name": "db", "namespace": "shop", "uid": "u9", "resourceVersion": "3"},
+                "spec": {"encryptedData": {"password": "AgBy3i4OJSWK+PiTySYZZA=="}}});
+            let (object, old) = match operation {
+                "DELETE" => (Value::Null, object),
+                "UPDATE" => (object.clone(), object),
+                _ => (object, Value::Null),
+            };
+            body(create(json!({
+                "kind": {"group": "bitnami.com", "version": "v1alpha1", "kind": "SealedSecret"},
+                "resource": {"group": "bitnami.com", "version": "v1alpha1", "resource": "sealedsecrets"},
+                "name": "db", "operation": operation, "object": object, "oldObject": old,
+            })))
+        };
+        let sensitive = ["secrets".to_owned(), "sealedsecrets.bitnami.com".to_owned()];
+        for operation in ["CREATE", "UPDATE", "DELETE"] {
+            // Not marked sensitive: an ordinary custom resource, attributed.
+            let plain = review(&sealed(operation), &["secrets".to_owned()]).unwrap();
+            assert_eq!(plain.outcome, Outcome::Recorded, "{operation}");
+            // Marked sensitive: allowed as always, no fact, nothing hashed.
+            let reviewed = review(&sealed(operation), &sensitive).unwrap();
+            assert_eq!(
+                reviewed.outcome,
+                Outcome::Ignored("sensitive"),
+                "{operation}"
+            );
+            assert!(reviewed.fact.is_none(), "{operation}");
+            assert_eq!(response(&reviewed)["response"]["allowed"], true);
+        }
+        // A bare plural is sensitive in any group, core included (configmaps marked sensitive).
+        let reviewed = review(&body(create(json!({}))), &["configmaps".to_owned()]).unwrap();
+        assert_eq!(reviewed.outcome, Outcome::Ignored("sensitive"));
+        assert!(reviewed.fact.is_none());
+        assert_eq!(response(&reviewed)["response"]["allowed"], true);
+        // `plural.group` names that group only.
+        let other_group = review(&sealed("CREATE"), &["sealedsecrets.other.io".to_owned()]);
+        assert_eq!(other_group.unwrap().outcome, Outcome::Recorded);
+        // Even a /scale of a sensitive workload type leaves no fact.
+        let scale = review(
+            &body(scale_request("deployments", json!("41"))),
+            &["deployments.apps".to_owned()],
+        )
+        .unwrap();
+        assert_eq!(scale.outcome, Outcome::Ignored("sensitive"));
+        assert!(scale.fact.is_none());
+    }
+
+    #[test]
     fn rejects_bodies_that_are_not_a_v1_admission_review() {
-        assert!(matches!(review(b"{nope"), Err(ReviewError::Malformed(_))));
-        assert!(matches!(review(b"[1, 2]"), Err(ReviewError::Malformed(_))));
+        assert!(matches!(
+            review_default(b"{nope"),
+            Err(ReviewError::Malformed(_))
+        ));
+        assert!(matches!(
+            review_default(b"[1, 2]"),
+            Err(ReviewError::Malformed(_))
+        ));
         let v1beta1 = json!({"apiVersion": "admission.k8s.io/v1beta1", "kind": KIND,
                              "request": create(json!({}))});
         assert!(matches!(
-            review(v1beta1.to_string().as_bytes()),
+            review_default(v1beta1.to_string().as_bytes()),
             Err(ReviewError::WrongType { .. })
         ));
         let wrong_kind = json!({"apiVersion": API_VERSION, "kind": "ConfigMap"});
         assert!(matches!(
-            review(wrong_kind.to_string().as_bytes()),
+            review_default(wrong_kind.to_string().as_bytes()),
             Err(ReviewError::WrongType { .. })
         ));
         let no_request = json!({"apiVersion": API_VERSION, "kind": KIND});
         assert!(matches!(
-            review(no_request.to_string().as_bytes()),
+            review_default(no_request.to_string().as_bytes()),
             Err(ReviewError::MissingRequest)
         ));
         assert!(matches!(
-            review(&body(create(json!({"uid": ""})))),
+            review_default(&body(create(json!({"uid": ""})))),
             Err(ReviewError::MissingUid)
         ));
     }

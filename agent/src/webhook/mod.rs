@@ -93,6 +93,9 @@ pub struct WebhookConfig {
     pub body_read_timeout: Duration,
     /// Connections served at once; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// `--sensitive-resources` (`plural` or `plural.group`; core `secrets` always count): reviews of these
+    /// types leave no fact and nothing of their content is hashed.
+    pub sensitive_resources: Vec<String>,
 }
 
 impl WebhookConfig {
@@ -108,6 +111,7 @@ impl WebhookConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
             max_connections: 512,
+            sensitive_resources: Vec::new(),
         }
     }
 }
@@ -148,8 +152,12 @@ pub struct WebhookArgs {
 }
 
 impl WebhookArgs {
-    /// The server settings (`None` when `--webhook-addr` is unset) and the store limits.
-    pub fn configs(&self) -> Result<(Option<WebhookConfig>, FactsConfig), WebhookError> {
+    /// The server settings (`None` when `--webhook-addr` is unset) and the store limits. `sensitive_resources`
+    /// is `--sensitive-resources`: those types are never attributed (nor hashed).
+    pub fn configs(
+        &self,
+        sensitive_resources: &[String],
+    ) -> Result<(Option<WebhookConfig>, FactsConfig), WebhookError> {
         let facts = FactsConfig {
             ttl: self.attribution_ttl,
             max_facts: usize::try_from(self.attribution_max_facts).unwrap_or(usize::MAX),
@@ -169,16 +177,18 @@ impl WebhookArgs {
         }
         let mut config = WebhookConfig::new(addr, cert.clone(), key.clone());
         config.max_body_bytes = self.webhook_max_body_bytes;
+        config.sensitive_resources = sensitive_resources.to_vec();
         Ok((Some(config), facts))
     }
 
     /// What the leader registers when `--webhook-manage-configuration` is on (`None` when it
-    /// is off): the configuration `name`, the target, the CA bundle (read now) and the agent's
-    /// own namespace excluded.
+    /// is off): the configuration `name`, the target, the CA bundle (read now), the agent's
+    /// own namespace excluded and the `--sensitive-resources` never listed.
     pub fn registration(
         &self,
         name: &str,
         own_namespace: &str,
+        sensitive_resources: &[String],
     ) -> Result<Option<registration::Registration>, WebhookError> {
         if !self.webhook_manage_configuration {
             return Ok(None);
@@ -218,6 +228,7 @@ impl WebhookArgs {
         }
         let mut reg = registration::Registration::new(name, target, ca_pem);
         reg.exclude_namespaces = vec![own_namespace.to_owned()];
+        reg.sensitive_resources = sensitive_resources.to_vec();
         Ok(Some(reg))
     }
 }
@@ -267,7 +278,7 @@ mod tests {
     #[test]
     fn webhook_is_off_without_an_address_and_defaults_to_ten_minutes() {
         let cli = Cli::try_parse_from(["agent"]).unwrap();
-        let (server, facts) = cli.webhook.configs().unwrap();
+        let (server, facts) = cli.webhook.configs(&[]).unwrap();
         assert!(server.is_none());
         assert_eq!(facts.ttl, Duration::from_secs(600));
         assert_eq!(facts.max_facts, 50_000);
@@ -290,9 +301,10 @@ mod tests {
             "90s",
         ])
         .unwrap();
-        let (server, facts) = cli.webhook.configs().unwrap();
+        let (server, facts) = cli.webhook.configs(&["configmaps".to_owned()]).unwrap();
         let server = server.unwrap();
         assert_eq!(server.max_body_bytes, 1024);
+        assert_eq!(server.sensitive_resources, ["configmaps"]);
         assert_eq!(server.cert_file, PathBuf::from("tls.crt"));
         assert_eq!(facts.ttl, Duration::from_secs(90));
     }
@@ -300,7 +312,7 @@ mod tests {
     #[test]
     fn managed_configuration_is_off_by_default_and_needs_a_target_and_a_ca() {
         let cli = Cli::try_parse_from(["agent"]).unwrap();
-        assert!(cli.webhook.registration("gr", "ns").unwrap().is_none());
+        assert!(cli.webhook.registration("gr", "ns", &[]).unwrap().is_none());
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.crt");
         let cert = rcgen::generate_simple_self_signed(vec!["x".to_owned()]).unwrap();
@@ -317,8 +329,10 @@ mod tests {
             "--webhook-manage-configuration",
         ];
         let parse = |extra: &[&str]| {
-            Cli::try_parse_from(base.iter().chain(extra))
-                .map(|c| c.webhook.registration("gr", "gitops"))
+            Cli::try_parse_from(base.iter().chain(extra)).map(|c| {
+                c.webhook
+                    .registration("gr", "gitops", &["sealedsecrets.bitnami.com".to_owned()])
+            })
         };
         assert!(parse(&[]).unwrap().is_err(), "no CA, no target");
         assert!(
@@ -347,6 +361,7 @@ mod tests {
         .unwrap();
         assert_eq!(reg.name, "gr");
         assert_eq!(reg.exclude_namespaces, ["gitops"]);
+        assert_eq!(reg.sensitive_resources, ["sealedsecrets.bitnami.com"]);
         assert_eq!(
             reg.target,
             registration::Target::Service {
@@ -377,6 +392,6 @@ mod tests {
             "https://x",
         ])
         .unwrap();
-        assert!(no_addr.webhook.registration("gr", "ns").is_err());
+        assert!(no_addr.webhook.registration("gr", "ns", &[]).is_err());
     }
 }

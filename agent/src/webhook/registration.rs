@@ -13,7 +13,8 @@
 //!   a side effect on the cluster), and the handler records nothing for dry runs anyway.
 //! - `namespaceSelector`: never the agent's own namespace (nor `exclude_namespaces`), so the
 //!   agent's own writes (Lease, Pod label, events) never wait for its webhook.
-//! - Secrets are never listed (never mirrored, never hashed).
+//! - Sensitive types (core Secrets and `--sensitive-resources`) are never listed: they are mirrored only
+//!   encrypted, never attributed, and their plaintext is never hashed.
 //!
 //! The chart's template (`charts/gitops-reverser/templates/validating-webhook.yaml`) uses the
 //! same values, with broad rules instead of the watched types.
@@ -29,6 +30,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelecto
 use kube::api::ObjectMeta;
 
 use super::PATH;
+use crate::ingest::is_sensitive_resource;
 use crate::rules::ResourceKey;
 
 /// Where the API server reaches the webhook.
@@ -58,6 +60,9 @@ pub struct Registration {
     pub timeout_seconds: i32,
     /// Namespaces never sent to the webhook (the agent's own, at least).
     pub exclude_namespaces: Vec<String>,
+    /// `--sensitive-resources` (`plural` or `plural.group`): never listed, even when watched. Core `secrets`
+    /// never are, whatever this holds.
+    pub sensitive_resources: Vec<String>,
 }
 
 impl Registration {
@@ -70,6 +75,7 @@ impl Registration {
             // As the chart's default `agent.webhook.timeoutSeconds`.
             timeout_seconds: 3,
             exclude_namespaces: Vec::new(),
+            sensitive_resources: Vec::new(),
         }
     }
 }
@@ -82,7 +88,7 @@ pub fn validating_webhook_configuration<'a>(
 ) -> ValidatingWebhookConfiguration {
     let mut grouped: BTreeMap<(&str, &str), BTreeSet<String>> = BTreeMap::new();
     for key in resources {
-        if key.group.is_empty() && key.resource == "secrets" {
+        if is_sensitive_resource(&registration.sensitive_resources, &key.group, &key.resource) {
             continue;
         }
         grouped
@@ -173,13 +179,16 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn lists_exactly_the_watched_types_grouped_by_version_without_secrets() {
+    fn lists_exactly_the_watched_types_grouped_by_version_without_sensitive_ones() {
         let watched = [
             ResourceKey::new("apps", "v1", "deployments", true),
             ResourceKey::new("", "v1", "configmaps", true),
             ResourceKey::new("", "v1", "secrets", true),
             ResourceKey::new("", "v1", "services", true),
             ResourceKey::new("apps", "v1", "deployments", true),
+            // Watched because a destination encrypts them, but sensitive: never registered.
+            ResourceKey::new("bitnami.com", "v1alpha1", "sealedsecrets", true),
+            ResourceKey::new("vault.example.com", "v1", "credentials", true),
         ];
         let mut reg = Registration::new(
             "gitops-reverser-attribution",
@@ -191,6 +200,11 @@ mod tests {
             b"PEM".to_vec(),
         );
         reg.exclude_namespaces = vec!["gitops-reverser".into(), "kube-system".into()];
+        reg.sensitive_resources = vec![
+            "secrets".into(),
+            "sealedsecrets.bitnami.com".into(),
+            "credentials".into(),
+        ];
         let vwc = serde_json::to_value(validating_webhook_configuration(&reg, &watched)).unwrap();
         let hook = &vwc["webhooks"][0];
         assert_eq!(
@@ -217,6 +231,39 @@ mod tests {
         );
         assert_eq!(hook["matchPolicy"], "Equivalent");
         assert_eq!(hook["admissionReviewVersions"], json!(["v1"]));
+    }
+
+    #[test]
+    fn sensitive_resources_decide_what_is_left_out() {
+        let watched = [
+            ResourceKey::new("", "v1", "configmaps", true),
+            ResourceKey::new("", "v1", "secrets", true),
+            ResourceKey::new("bitnami.com", "v1alpha1", "sealedsecrets", true),
+        ];
+        let resources = |sensitive: &[&str]| {
+            let mut reg = Registration::new("x", Target::Url("https://h".into()), vec![]);
+            reg.sensitive_resources = sensitive.iter().map(|s| (*s).to_owned()).collect();
+            let vwc = validating_webhook_configuration(&reg, &watched);
+            vwc.webhooks.unwrap()[0]
+                .rules
+                .clone()
+                .unwrap()
+                .into_iter()
+                .flat_map(|r| r.resources.unwrap())
+                .collect::<Vec<_>>()
+        };
+        // Core Secrets are always left out; other types only when marked sensitive.
+        assert_eq!(resources(&[]), ["configmaps", "sealedsecrets"]);
+        assert_eq!(resources(&["sealedsecrets.bitnami.com"]), ["configmaps"]);
+        // `plural.group` names that group only; a bare `plural` any group.
+        assert_eq!(
+            resources(&["sealedsecrets.other.io"]),
+            ["configmaps", "sealedsecrets"]
+        );
+        assert_eq!(
+            resources(&["configmaps", "sealedsecrets"]),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

@@ -307,7 +307,8 @@ impl Ctx {
         // Rendering a large object takes milliseconds: do it off the async workers, so one big
         // review does not hold up the handshakes and small reviews of other connections.
         let reviewed = if bytes.len() > BLOCKING_ABOVE_BYTES {
-            match tokio::task::spawn_blocking(move || handler::review(&bytes)).await {
+            let sensitive = self.config.sensitive_resources.clone();
+            match tokio::task::spawn_blocking(move || handler::review(&bytes, &sensitive)).await {
                 Ok(reviewed) => reviewed,
                 Err(error) => {
                     warn!(%error, "admission review task failed");
@@ -319,7 +320,7 @@ impl Ctx {
                 }
             }
         } else {
-            handler::review(&bytes)
+            handler::review(&bytes, &self.config.sensitive_resources)
         };
         match reviewed {
             Err(error) => {
