@@ -250,7 +250,7 @@ def test_agent_rbac_follows_the_seed(render):
     for resource in ("watchrules", "clusterwatchrules", "gitrepoconfigs", "gitdestinations"):
         assert verbs_for(role, "configbutler.ai", resource) == read
         assert verbs_for(role, "configbutler.ai", f"{resource}/status") == {"get", "update", "patch"}
-    assert verbs_for(role, "", "secrets") == {"get"}, "Secrets are never listed or watched"
+    assert verbs_for(role, "", "secrets") == {"get"}, "Secrets are not listed or watched by default"
     assert verbs_for(role, "", "namespaces") == read
     assert verbs_for(role, "", "events") == {"create", "patch"}
     assert verbs_for(role, "events.k8s.io", "events") == {"create", "patch"}
@@ -271,6 +271,15 @@ def test_agent_rbac_follows_the_seed(render):
         ("coordination.k8s.io", "leases", tuple(sorted(["get", "list", "watch", "create", "update", "patch", "delete"])))
     ]
     assert r.get("RoleBinding", f"{r.fullname}-writer")["subjects"][0]["name"] == f"{r.fullname}-writer"
+    assert verbs_for(ns_role, "", "secrets") == set(), "no fingerprint keys without readSecrets"
+
+
+def test_reading_secrets_is_an_explicit_opt_in_for_sops_mirroring(render):
+    r = render({"agent": {"rbac": {"readSecrets": True}}})
+    role = r.get("ClusterRole", f"{r.fullname}-agent")
+    assert verbs_for(role, "", "secrets") == {"get", "list", "watch"}
+    ns_role = r.get("Role", f"{r.fullname}-agent")
+    assert verbs_for(ns_role, "", "secrets") == {"create"}, "fingerprint keys in the release namespace only"
 
 
 def test_watch_all_widens_the_cluster_role(render):
