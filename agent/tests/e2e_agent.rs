@@ -1407,19 +1407,34 @@ spec:
         .await
         .unwrap();
     world.wait_for_file(path, "alice-1").await;
-    alice
-        .patch(
+    // The edit and the delete go through the real kubectl (`--as`: over plain HTTP client-go sends no bearer token).
+    kubectl(
+        &world,
+        &[
+            "--as",
+            "alice",
+            "--as-group",
+            "devs",
+            "-n",
+            "shop",
+            "patch",
+            "configmap",
             "team",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"data": {"owner": "alice-2"}})),
-        )
-        .await
-        .unwrap();
+            "--type",
+            "merge",
+            "-p",
+            r#"{"data":{"owner":"alice-2"}}"#,
+        ],
+        None,
+    )
+    .await;
     world.wait_for_file(path, "alice-2").await;
-    as_user(&world.emu, "bob")
-        .delete("team", &DeleteParams::default())
-        .await
-        .unwrap();
+    kubectl(
+        &world,
+        &["--as", "bob", "-n", "shop", "delete", "configmap", "team"],
+        None,
+    )
+    .await;
     world.wait_until_gone(path).await;
     assert_eq!(authors_of(&world.repo, path), ["bob", "alice", "alice"]);
 
