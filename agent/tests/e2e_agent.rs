@@ -14,7 +14,6 @@
 //! Every wait has a generous upper bound only to turn a hang into a failure; no test asserts on
 //! how long something took.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -29,9 +28,14 @@ use kube_emulator::Emulator;
 use testkit::BareRepo;
 use tokio::process::{Child, Command};
 
+mod support;
 mod webhook_support;
 
-const PATIENCE: Duration = Duration::from_secs(90);
+use support::{
+    PATIENCE, condition, configbutler_object, free_port, http_get, metric, wait, wait_async,
+    wait_for_condition,
+};
+
 const BRANCH: &str = "main";
 const BASE: &str = "clusters/prod";
 
@@ -365,113 +369,6 @@ impl Agent {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A metric's value from the Prometheus text, 0 when absent.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (n, v) = l.rsplit_once(' ')?;
-            (n == name).then(|| v.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
-}
-
-async fn http_get(host: &str, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
-}
-
-async fn wait<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn wait_async<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// `(status, reason, message)` of one condition of a configbutler object.
-async fn condition(
-    client: &kube::Client,
-    kind: &str,
-    namespace: Option<&str>,
-    name: &str,
-    type_: &str,
-) -> Option<(String, String, String)> {
-    let gvk = GroupVersionKind::gvk("configbutler.ai", "v1alpha1", kind);
-    let plural = format!("{}s", kind.to_lowercase());
-    let ar = ApiResource::from_gvk_with_plural(&gvk, &plural);
-    let api: Api<DynamicObject> = match namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
-        None => Api::all_with(client.clone(), &ar),
-    };
-    let obj = api.get_opt(name).await.ok()??;
-    let conditions = obj.data.pointer("/status/conditions")?.as_array()?.clone();
-    let found = conditions.iter().find(|c| c["type"] == type_)?;
-    Some((
-        found["status"].as_str()?.to_owned(),
-        found["reason"].as_str()?.to_owned(),
-        found["message"].as_str().unwrap_or_default().to_owned(),
-    ))
-}
-
-/// Waits until `kind/name` has condition `type_` with `status`, and returns `(reason, message)`.
-async fn wait_for_condition(
-    client: &kube::Client,
-    kind: &str,
-    namespace: Option<&str>,
-    name: &str,
-    type_: &str,
-    status: &str,
-) -> (String, String) {
-    wait_async(&format!("{kind} {name} {type_}={status}"), || async {
-        condition(client, kind, namespace, name, type_)
-            .await
-            .filter(|(s, _, _)| s == status)
-            .map(|(_, reason, message)| (reason, message))
-    })
-    .await
-}
-
 /// `(status, reason)` of the `Ready` condition of a configbutler object.
 async fn ready_condition(
     client: &kube::Client,
@@ -479,14 +376,7 @@ async fn ready_condition(
     namespace: Option<&str>,
     name: &str,
 ) -> Option<(String, String, i64)> {
-    let gvk = GroupVersionKind::gvk("configbutler.ai", "v1alpha1", kind);
-    let plural = format!("{}s", kind.to_lowercase());
-    let ar = ApiResource::from_gvk_with_plural(&gvk, &plural);
-    let api: Api<DynamicObject> = match namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
-        None => Api::all_with(client.clone(), &ar),
-    };
-    let obj = api.get_opt(name).await.ok()??;
+    let obj = configbutler_object(client, kind, namespace, name).await?;
     let conditions = obj.data.pointer("/status/conditions")?.as_array()?.clone();
     let ready = conditions.iter().find(|c| c["type"] == "Ready")?;
     Some((

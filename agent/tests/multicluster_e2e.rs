@@ -10,18 +10,18 @@
 //!
 //! Waits have generous upper bounds only to turn a hang into a failure; no test asserts on durations.
 
-use std::{net::TcpListener, path::PathBuf, process::Stdio, time::Duration};
+use std::{path::PathBuf, process::Stdio};
 
 use clap::Parser;
-use kube::api::{Api, DynamicObject};
-use kube::core::GroupVersionKind;
-use kube::discovery::ApiResource;
 use kube_emulator::Emulator;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType};
 use testkit::BareRepo;
 use tokio::process::{Child, Command};
 
-const PATIENCE: Duration = Duration::from_secs(90);
+mod support;
+
+use support::{condition, free_port, wait_async};
+
 const PROD_ID: &str = "spiffe://e2e.example/cluster/prod";
 const STAGING_ID: &str = "agent.staging.e2e.example";
 
@@ -169,14 +169,6 @@ struct Cluster {
     agent: Child,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn cluster(
     name: &str,
     identity: &str,
@@ -235,39 +227,6 @@ async fn cluster(
         _kubeconfig_dir: kubeconfig_dir,
         agent,
     }
-}
-
-async fn wait<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// `(status, reason, message)` of a GitDestination condition.
-async fn destination_condition(
-    client: &kube::Client,
-    name: &str,
-    type_: &str,
-) -> Option<(String, String, String)> {
-    let gvk = GroupVersionKind::gvk("configbutler.ai", "v1alpha1", "GitDestination");
-    let ar = ApiResource::from_gvk_with_plural(&gvk, "gitdestinations");
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "gitops-reverser", &ar);
-    let obj = api.get_opt(name).await.ok()??;
-    let conditions = obj.data.pointer("/status/conditions")?.as_array()?.clone();
-    let found = conditions.iter().find(|c| c["type"] == type_)?;
-    Some((
-        found["status"].as_str()?.to_owned(),
-        found["reason"].as_str()?.to_owned(),
-        found["message"].as_str().unwrap_or_default().to_owned(),
-    ))
 }
 
 fn git(repo: &BareRepo, args: &[&str]) -> String {
@@ -340,7 +299,7 @@ async fn two_clusters_write_their_own_folders_through_one_standalone_writer() {
     // Each cluster lands in its own base folder.
     let prod_file = "clusters/prod/core/v1/configmaps/shop/app.yaml";
     let staging_file = "clusters/staging/core/v1/configmaps/shop/app.yaml";
-    wait("both clusters' ConfigMaps in Git", async || {
+    wait_async("both clusters' ConfigMaps in Git", async || {
         let a = repo.read("main", prod_file)?;
         let b = repo.read("main", staging_file)?;
         (a.contains("cluster: prod") && b.contains("cluster: staging")).then_some(())
@@ -349,17 +308,29 @@ async fn two_clusters_write_their_own_folders_through_one_standalone_writer() {
 
     // Prod's forged destination is refused by the writer, and the refusal reaches the cluster as a condition.
     let client = prod.emu.client().await;
-    let (_, reason, message) = wait("the forged destination's Ready=False", async || {
-        destination_condition(&client, "forged", "Ready")
-            .await
-            .filter(|(status, _, _)| status == "False")
+    let (_, reason, message) = wait_async("the forged destination's Ready=False", async || {
+        condition(
+            &client,
+            "GitDestination",
+            Some("gitops-reverser"),
+            "forged",
+            "Ready",
+        )
+        .await
+        .filter(|(status, _, _)| status == "False")
     })
     .await;
     assert_eq!(reason, "Forbidden", "{message}");
-    let own = wait("prod's own destination Ready=True", async || {
-        destination_condition(&client, "own", "Ready")
-            .await
-            .filter(|(status, _, _)| status == "True")
+    let own = wait_async("prod's own destination Ready=True", async || {
+        condition(
+            &client,
+            "GitDestination",
+            Some("gitops-reverser"),
+            "own",
+            "Ready",
+        )
+        .await
+        .filter(|(status, _, _)| status == "True")
     })
     .await;
     assert_eq!(own.0, "True");

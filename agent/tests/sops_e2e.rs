@@ -22,7 +22,10 @@ use serde_json::{Value, json};
 use testkit::BareRepo;
 use tokio::process::{Child, Command};
 
-const PATIENCE: Duration = Duration::from_secs(90);
+mod support;
+
+use support::{PATIENCE, condition, free_port, http_get, metric, wait, wait_async};
+
 const BRANCH: &str = "main";
 const DB_FILE: &str = "clusters/prod/core/v1/secrets/shop/db.sops.yaml";
 const API_FILE: &str = "clusters/prod/core/v1/secrets/shop/api.sops.yaml";
@@ -153,14 +156,6 @@ struct Agent {
     admin: String,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_agent(writer: &str, kubeconfig: &Path, log: &Path) -> Agent {
     let port = free_port();
     let log = std::fs::OpenOptions::new()
@@ -195,15 +190,7 @@ fn start_agent(writer: &str, kubeconfig: &Path, log: &Path) -> Agent {
 
 impl Agent {
     async fn metrics(&self) -> Option<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(&self.admin).await.ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+        http_get(&self.admin, "/metrics").await
     }
 
     /// Waits until everything produced was acked and every watch completed a snapshot, twice in a row.
@@ -257,64 +244,14 @@ impl Agent {
     }
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (n, v) = l.rsplit_once(' ')?;
-            (n == name).then(|| v.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
-}
-
-async fn wait<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// `(status, reason, message)` of a ClusterWatchRule condition.
-async fn rule_condition(
-    client: &kube::Client,
-    name: &str,
-    type_: &str,
-) -> Option<(String, String, String)> {
-    let gvk = GroupVersionKind::gvk("configbutler.ai", "v1alpha1", "ClusterWatchRule");
-    let ar = ApiResource::from_gvk_with_plural(&gvk, "clusterwatchrules");
-    let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-    let obj = api.get_opt(name).await.ok()??;
-    let conditions = obj.data.pointer("/status/conditions")?.as_array()?.clone();
-    let c = conditions.iter().find(|c| c["type"] == type_)?;
-    Some((
-        c["status"].as_str()?.to_owned(),
-        c["reason"].as_str()?.to_owned(),
-        c["message"].as_str().unwrap_or_default().to_owned(),
-    ))
-}
-
 async fn wait_for_skipped(client: &kube::Client, rule: &str, reason: &str) -> String {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some((status, r, message)) = rule_condition(client, rule, "SecretsSkipped").await
-            && status == "True"
-            && r == reason
-        {
-            return message;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {rule} SecretsSkipped={reason}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_async(&format!("{rule} SecretsSkipped={reason}"), || async {
+        condition(client, "ClusterWatchRule", None, rule, "SecretsSkipped")
+            .await
+            .filter(|(status, r, _)| status == "True" && r == reason)
+            .map(|(_, _, message)| message)
+    })
+    .await
 }
 
 fn node_modules() -> PathBuf {
@@ -473,7 +410,14 @@ async fn secrets_reach_git_only_encrypted_without_churn_and_never_in_plaintext()
         "no key material in conditions: {message}"
     );
     assert_eq!(
-        rule_condition(&client, "secrets-prod", "SecretsSkipped").await,
+        condition(
+            &client,
+            "ClusterWatchRule",
+            None,
+            "secrets-prod",
+            "SecretsSkipped"
+        )
+        .await,
         None
     );
 

@@ -16,9 +16,10 @@
 //!
 //! Every wait has a generous bound only to turn a hang into a failure; nothing asserts on time.
 
+mod support;
 mod webhook_support;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -34,11 +35,11 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube_emulator::Emulator;
 use serde_json::{Value, json};
+use support::{PATIENCE, free_port, http_get, metric, wait_async};
 use testkit::BareRepo;
 use tokio::process::{Child, Command};
 use webhook_support::Pki;
 
-const PATIENCE: Duration = Duration::from_secs(90);
 const BRANCH: &str = "main";
 const BOT: &str = "GitOps Reverser";
 /// The configuration the agent manages (named after `--controller-name`).
@@ -210,7 +211,7 @@ impl World {
     }
 
     async fn wait_for_file(&self, path: &str, contains: &str) {
-        wait(&format!("{path} containing {contains:?}"), || async {
+        wait_async(&format!("{path} containing {contains:?}"), || async {
             self.repo
                 .read(BRANCH, path)
                 .filter(|text| text.contains(contains))
@@ -245,7 +246,7 @@ impl World {
     /// Waits until our configuration lists the shop ConfigMaps and calls `url`.
     async fn wait_for_registration(&self, client: &kube::Client, url: &str) {
         let api = self.configurations(client);
-        wait(
+        wait_async(
             &format!("the webhook configuration calling {url}"),
             || async {
                 let vwc = api.get_opt(OURS).await.ok()??;
@@ -322,56 +323,6 @@ impl Agent {
 
     async fn kill(&mut self) {
         self.child.kill().await.expect("kill the agent");
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A metric's value from the Prometheus text, 0 when absent.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (n, v) = l.rsplit_once(' ')?;
-            (n == name).then(|| v.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
-}
-
-async fn http_get(host: &str, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
-}
-
-async fn wait<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -633,12 +584,12 @@ async fn leader_failover_moves_the_webhook_endpoint_with_the_leadership() {
     // `a` leads first (started alone), `b` stands by.
     let mut a = world.agent("agent-a");
     world.wait_for_registration(&admin, &a.url).await;
-    wait("agent-a's leader label", || is_leader("agent-a")).await;
+    wait_async("agent-a's leader label", || is_leader("agent-a")).await;
     let b = world.agent("agent-b");
     assert_ne!(a.url, b.url);
     world.wait_for_file(APP, "color: blue").await;
     a.settle().await;
-    wait("agent-b to run as a standby", || async {
+    wait_async("agent-b to run as a standby", || async {
         (http_get(&b.admin, "/metrics").await.is_some()
             && b.metric("gitops_reverser_agent_leader").await == 0.0)
             .then_some(())
@@ -663,7 +614,7 @@ async fn leader_failover_moves_the_webhook_endpoint_with_the_leadership() {
     // points the webhook configuration at itself.
     a.kill().await;
     world.wait_for_registration(&admin, &b.url).await;
-    wait("agent-b's leader label", || is_leader("agent-b")).await;
+    wait_async("agent-b's leader label", || is_leader("agent-b")).await;
     assert!(
         tokio::net::TcpStream::connect(&b.webhook).await.is_ok(),
         "the new leader listens"
