@@ -89,6 +89,7 @@ wait_for "show apps/v1/deployments/shop/web.yaml | grep -q 'replicas: 5'"
 wait_for "show core/v1/configmaps/shop/web-config.yaml | grep -q 'color: green'"
 wait_for "! show core/v1/configmaps/shop/legacy.yaml"
 wait_for "show demo.example.com/v1/widgets/shop/doohickey.yaml"
+wait_for "show core/v1/secrets/billing/db-password.sops.yaml"
 
 echo
 echo "==> status of the agent's custom resources"
@@ -102,10 +103,20 @@ echo
 echo "==> tree of main"
 git --git-dir "$repo" ls-tree -r --name-only main
 echo
-if git --git-dir "$repo" ls-tree -r --name-only main | grep -E '/(pods|events|secrets)/|kube-root-ca'; then
-  echo "demo: FAILED: runtime state or secrets were mirrored" >&2
+if git --git-dir "$repo" ls-tree -r --name-only main | grep -E '/(pods|events)/|kube-root-ca|/secrets/.*[^s]\.yaml$|/secrets/.*[^.]sops\.yaml$'; then
+  echo "demo: FAILED: runtime state or a plaintext Secret was mirrored" >&2
   exit 1
 fi
+echo "==> the Secret, as it is in Git (SOPS + age; the plaintext 'hunter2' is in no blob of the history)"
+show core/v1/secrets/billing/db-password.sops.yaml | sed -n '1,/^sops:/p'
+echo "  ..."
+for blob in $(git --git-dir "$repo" rev-list --objects --all | awk '{print $1}'); do
+  if git --git-dir "$repo" cat-file -p "$blob" 2>/dev/null | grep -qE 'hunter2|aHVudGVyMg'; then
+    echo "demo: FAILED: the Secret's plaintext is in the repository" >&2
+    exit 1
+  fi
+done
+echo
 echo "==> agent metrics (excerpt)"
 python3 - "$agent_admin" <<'PY'
 import sys, urllib.request
