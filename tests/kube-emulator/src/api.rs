@@ -603,8 +603,30 @@ fn check_namespace_open(s: &State, ns: &str) -> Result<(), ApiError> {
     }
 }
 
+/// As kube-apiserver does on every write of a Secret: `stringData` is write-only, merged into `data` (base64,
+/// winning over a `data` key of the same name) and never stored.
+fn fold_string_data(def: &ResourceDef, obj: &mut Value) {
+    use base64::Engine as _;
+    if !(def.group.is_empty() && def.plural == "secrets") {
+        return;
+    }
+    let Some(Value::Object(string_data)) = obj.as_object_mut().and_then(|o| o.remove("stringData"))
+    else {
+        return;
+    };
+    if !obj.get("data").is_some_and(Value::is_object) {
+        obj["data"] = json!({});
+    }
+    for (key, value) in string_data {
+        if let Some(text) = value.as_str() {
+            obj["data"][key] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+        }
+    }
+}
+
 /// Server-owned fields of a new object.
 fn prepare_new(def: &ResourceDef, obj: &mut Value) -> Result<(), ApiError> {
+    fold_string_data(def, obj);
     let m = obj["metadata"]
         .as_object_mut()
         .expect("checked by check_type");
@@ -684,6 +706,7 @@ fn plan_update(
     if !new.is_object() {
         return Err(ApiError::bad_request("the object must be a JSON object"));
     }
+    fold_string_data(def, &mut new);
     if !new.get("metadata").is_some_and(Value::is_object) {
         new["metadata"] = json!({});
     }

@@ -567,3 +567,37 @@ async fn kubeconfig_token_authenticates_as_the_mapped_user() {
     let err = cms.list(&ListParams::default()).await.unwrap_err();
     assert!(matches!(err, kube::Error::Api(s) if s.code == 401));
 }
+
+/// Secrets: `stringData` is write-only; the server folds it into `data` (base64) on create and update.
+#[tokio::test]
+async fn secret_string_data_is_folded_into_data() {
+    use k8s_openapi::api::core::v1::Secret;
+    let emu = common::emulator().await;
+    let secrets: Api<Secret> = Api::namespaced(emu.client().await, "default");
+    let created = secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "db"},
+                "data": {"user": "YWRtaW4="},
+                "stringData": {"password": "hunter2"}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(created.string_data.is_none());
+    let data = created.data.unwrap();
+    assert_eq!(data["password"].0, b"hunter2");
+    assert_eq!(data["user"].0, b"admin");
+    let patched = secrets
+        .patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"user": "root"}})),
+        )
+        .await
+        .unwrap();
+    assert!(patched.string_data.is_none());
+    assert_eq!(patched.data.unwrap()["user"].0, b"root");
+}
