@@ -130,6 +130,10 @@ pub struct Limits {
     pub messages_per_second: f64,
     /// Messages a client may send at once above the sustained rate.
     pub message_burst: f64,
+    /// Sustained bytes per second per client identity (0: unlimited): large objects cost more than small ones.
+    pub bytes_per_second: f64,
+    /// Bytes a client may send at once above the sustained rate (a larger message waits for a full bucket).
+    pub byte_burst: f64,
     /// A stream must say `Hello` within this time.
     pub hello_timeout: Duration,
     /// A stream that sends nothing for this long is ended (None: never; HTTP/2 keepalive still finds dead peers).
@@ -143,6 +147,8 @@ impl Default for Limits {
             max_streams_per_client: 4,
             messages_per_second: 1000.0,
             message_burst: 5000.0,
+            bytes_per_second: 16.0 * 1024.0 * 1024.0,
+            byte_burst: 64.0 * 1024.0 * 1024.0,
             hello_timeout: Duration::from_secs(30),
             idle_timeout: None,
         }

@@ -71,6 +71,8 @@ struct RawLimits {
     max_streams_per_client: Option<usize>,
     messages_per_second: Option<f64>,
     message_burst: Option<f64>,
+    bytes_per_second: Option<f64>,
+    byte_burst: Option<f64>,
     hello_timeout_sec: Option<f64>,
     idle_timeout_sec: Option<f64>,
 }
@@ -167,6 +169,8 @@ impl WriterConfig {
         for (field, value) in [
             ("limits.messagesPerSecond", l.messages_per_second),
             ("limits.messageBurst", l.message_burst),
+            ("limits.bytesPerSecond", l.bytes_per_second),
+            ("limits.byteBurst", l.byte_burst),
         ] {
             if value.is_some_and(|v| !v.is_finite() || v < 0.0) {
                 return Err(invalid(format!(
@@ -183,6 +187,8 @@ impl WriterConfig {
                 .messages_per_second
                 .unwrap_or(defaults.messages_per_second),
             message_burst: l.message_burst.unwrap_or(defaults.message_burst),
+            bytes_per_second: l.bytes_per_second.unwrap_or(defaults.bytes_per_second),
+            byte_burst: l.byte_burst.unwrap_or(defaults.byte_burst),
             hello_timeout: seconds(
                 "limits.helloTimeoutSec",
                 l.hello_timeout_sec,
@@ -394,5 +400,7 @@ clients:
         let config = WriterConfig::parse(&path, &text).unwrap();
         assert_eq!(config.policy.clients.len(), 3);
         assert!(config.tls.is_some());
+        assert_eq!(config.policy.limits.bytes_per_second, 16.0 * 1024.0 * 1024.0);
+        assert_eq!(config.policy.limits.byte_burst, 64.0 * 1024.0 * 1024.0);
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! With a writer configuration file ([`WriterService::policy`]) every stream belongs to the client identity of its
 //! verified certificate ([`crate::tls::ConnInfo`]): unknown identities are refused, each identity has a cap on
-//! concurrent streams and a message rate (a token bucket shared by its streams: a flooding client is slowed down,
-//! its reads wait, the others' are untouched), a stream must say `Hello` in time, and a client removed from the
+//! concurrent streams, a message rate and a byte rate (token buckets shared by its streams: a flooding client is
+//! slowed down, its reads wait, the others' are untouched), a stream must say `Hello` in time, and a client removed from the
 //! configuration has its streams ended with `PermissionDenied` as soon as the new configuration is loaded.
 
 use std::{
@@ -39,21 +39,45 @@ pub struct WriterService {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// The configured clients (None without a configuration file: one trusted agent, no limits).
     pub policy: Option<watch::Receiver<Arc<Policy>>>,
-    /// Open streams and rate buckets per client identity.
+    /// Open streams and rate budgets per client identity.
     pub clients: Arc<Clients>,
 }
 
-/// Per-identity bookkeeping: open streams and the shared rate bucket.
+/// Per-identity bookkeeping: open streams and the shared rate budget.
 #[derive(Debug, Default)]
 pub struct Clients {
-    inner: Mutex<HashMap<String, (usize, Arc<TokenBucket>)>>,
+    inner: Mutex<HashMap<String, (usize, Budget)>>,
+}
+
+/// An identity's rate budget, shared by its streams: messages and bytes.
+#[derive(Clone, Debug, Default)]
+struct Budget {
+    messages: Arc<TokenBucket>,
+    bytes: Arc<TokenBucket>,
+}
+
+impl Budget {
+    /// Waits until `message` fits both rates.
+    async fn spend(&self, limits: &Limits, message: &pb::AgentMessage) {
+        use prost::Message as _;
+        self.messages
+            .take(limits.messages_per_second, limits.message_burst)
+            .await;
+        self.bytes
+            .take_cost(
+                limits.bytes_per_second,
+                limits.byte_burst,
+                message.encoded_len() as f64,
+            )
+            .await;
+    }
 }
 
 /// One open stream of an identity; closing it (drop) frees the slot.
 struct StreamSlot {
     clients: Arc<Clients>,
     identity: String,
-    bucket: Arc<TokenBucket>,
+    budget: Budget,
 }
 
 impl Clients {
@@ -61,7 +85,7 @@ impl Clients {
         let mut inner = self.inner.lock().expect("clients lock");
         let entry = inner
             .entry(identity.to_owned())
-            .or_insert_with(|| (0, Arc::new(TokenBucket::new())));
+            .or_insert_with(|| (0, Budget::default()));
         if entry.0 >= max {
             return Err(Status::resource_exhausted(format!(
                 "client {identity:?} already has {max} open streams (limits.maxStreamsPerClient)"
@@ -71,7 +95,7 @@ impl Clients {
         Ok(StreamSlot {
             clients: self.clone(),
             identity: identity.to_owned(),
-            bucket: entry.1.clone(),
+            budget: entry.1.clone(),
         })
     }
 }
@@ -211,9 +235,7 @@ impl Writer for WriterService {
                 match next {
                     Ok(Some((message, checked))) => {
                         if let (Some(slot), Some(limits)) = (&slot, &limits) {
-                            slot.bucket
-                                .take(limits.messages_per_second, limits.message_burst)
-                                .await;
+                            slot.budget.spend(limits, &message).await;
                         }
                         match session.handle_checked(message, checked).await {
                             Next::Continue => {}
