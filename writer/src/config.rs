@@ -400,7 +400,10 @@ clients:
         let config = WriterConfig::parse(&path, &text).unwrap();
         assert_eq!(config.policy.clients.len(), 3);
         assert!(config.tls.is_some());
-        assert_eq!(config.policy.limits.bytes_per_second, 16.0 * 1024.0 * 1024.0);
+        assert_eq!(
+            config.policy.limits.bytes_per_second,
+            16.0 * 1024.0 * 1024.0
+        );
         assert_eq!(config.policy.limits.byte_burst, 64.0 * 1024.0 * 1024.0);
     }
 }
