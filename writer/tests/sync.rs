@@ -655,6 +655,17 @@ async fn two_destinations_share_one_worker_and_overlapping_ones_are_refused() {
     .await;
     let refused = b.status("gitops/sneaky", "OwnershipConflict").await;
     assert_eq!(refused.reason, "OverlappingBaseFolder");
+    // Another spelling of the same repository (a trailing `/`) is the same repository: refused too.
+    b.send(destination(
+        "gitops/sneakier",
+        &format!("{}/", repo.file_url()),
+        "main",
+        "clusters/a/inner",
+        false,
+    ))
+    .await;
+    let refused = b.status("gitops/sneakier", "OwnershipConflict").await;
+    assert_eq!(refused.reason, "OverlappingBaseFolder");
     a.send(upsert(
         DEST,
         1,

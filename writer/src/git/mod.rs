@@ -41,7 +41,7 @@ use std::path::PathBuf;
 use sha2::{Digest, Sha256};
 
 pub use self::clone::Clone;
-pub use self::url::redact_url;
+pub use self::url::{canonical_remote, redact_url};
 
 /// How to authenticate against a remote.
 #[derive(Clone, PartialEq, Eq)]
@@ -228,9 +228,11 @@ pub enum GitError {
     Other(String),
 }
 
-/// Stable worker id for a (repository, branch): hex SHA-256 of `"repo_url|branch"`, first 16 hex
+/// Stable worker id for a (repository, branch): hex SHA-256 of `"canonical repo_url|branch"` (see
+/// [`canonical_remote`]), first 16 hex
 /// characters. Used as the clone's directory name.
 pub fn worker_id(repo_url: &str, branch: &str) -> String {
+    let repo_url = url::canonical_remote(repo_url);
     let digest = Sha256::digest(format!("{repo_url}|{branch}").as_bytes());
     hex::encode(&digest[..8])
 }

@@ -65,6 +65,48 @@ fn split_host_port(hostport: &str) -> Option<(String, Option<u16>)> {
     }
 }
 
+/// One spelling per remote, for keying workers: scheme and host in lower case, no default port, no trailing `/`.
+/// `https://Git.example.com:443/acme/x.git/` and `https://git.example.com/acme/x.git` are one repository, so they
+/// get one worker (and the overlap check between base folders sees both). The path keeps its case.
+pub fn canonical_remote(url: &str) -> String {
+    let trimmed = url.trim_end_matches('/');
+    let url = if trimmed.is_empty() { url } else { trimmed };
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let scheme = scheme.to_ascii_lowercase();
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let (userinfo, host_port) = match authority.rsplit_once('@') {
+            Some((user, host)) => (Some(user), host),
+            None => (None, authority),
+        };
+        let mut host_port = host_port.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "https" => Some(":443"),
+            "http" => Some(":80"),
+            "ssh" => Some(":22"),
+            "git" => Some(":9418"),
+            _ => None,
+        };
+        if let Some(port) = default_port
+            && host_port.ends_with(port)
+        {
+            host_port.truncate(host_port.len() - port.len());
+        }
+        let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+        return format!("{scheme}://{userinfo}{host_port}{path}");
+    }
+    // scp-like `user@host:path`
+    match url.split_once(':') {
+        Some((user_host, path)) => {
+            let (user, host) = match user_host.rsplit_once('@') {
+                Some((user, host)) => (format!("{user}@"), host),
+                None => (String::new(), user_host),
+            };
+            format!("{user}{}:{path}", host.to_ascii_lowercase())
+        }
+        None => url.to_owned(),
+    }
+}
+
 /// The URL without userinfo (`https://user:pw@host/r.git` → `https://host/r.git`). scp-like URLs
 /// (`git@host:path`) keep their user name, which is not a secret and is needed to read them.
 pub fn redact_url(url: &str) -> String {
@@ -107,6 +149,47 @@ pub(crate) fn scrub(text: &str, secrets: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_repository_has_one_canonical_spelling() {
+        for (a, b) in [
+            (
+                "https://Git.Example.com:443/acme/state.git/",
+                "https://git.example.com/acme/state.git",
+            ),
+            (
+                "HTTPS://git.example.com/acme/state.git",
+                "https://git.example.com/acme/state.git",
+            ),
+            (
+                "ssh://git@Host:22/acme/state.git",
+                "ssh://git@host/acme/state.git",
+            ),
+            (
+                "git@GitHub.com:acme/state.git",
+                "git@github.com:acme/state.git",
+            ),
+            (
+                "file:///srv/repos/state.git/",
+                "file:///srv/repos/state.git",
+            ),
+        ] {
+            assert_eq!(canonical_remote(a), canonical_remote(b), "{a} vs {b}");
+        }
+        assert_eq!(
+            canonical_remote("https://git.example.com/acme/state.git"),
+            "https://git.example.com/acme/state.git"
+        );
+        // Paths keep their case, other ports stay.
+        assert_ne!(
+            canonical_remote("https://git.example.com/Acme/state.git"),
+            canonical_remote("https://git.example.com/acme/state.git")
+        );
+        assert_ne!(
+            canonical_remote("https://git.example.com:8443/acme/state.git"),
+            canonical_remote("https://git.example.com/acme/state.git")
+        );
+    }
 
     fn ep(scheme: &str, host: &str, port: u16) -> Option<Endpoint> {
         Some(Endpoint {
