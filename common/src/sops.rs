@@ -33,6 +33,16 @@ pub fn fingerprint_of(content: &[u8]) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Whether `recipient` is an age X25519 public key: `age1` and 58 bech32 characters. The writer accepts only such
+/// recipients from agents, because [`render_config`] writes them into `.sops.yaml` verbatim: anything else could
+/// inject YAML.
+pub fn is_age_recipient(recipient: &str) -> bool {
+    const BECH32: &str = "qpzry9x8gf2tvdw0s3jn54khce6mua7l";
+    recipient
+        .strip_prefix("age1")
+        .is_some_and(|data| data.len() == 58 && data.chars().all(|c| BECH32.contains(c)))
+}
+
 /// The `.sops.yaml` for a base folder whose encrypted files go to `recipients` (age public keys).
 /// `path_regex` is relative to the folder holding the file, as the sops CLI applies it.
 pub fn render_config(recipients: &[String]) -> String {
@@ -58,6 +68,23 @@ pub fn is_generated_config(content: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_age_x25519_recipients_are_accepted() {
+        assert!(is_age_recipient(
+            "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
+        ));
+        for bad in [
+            "",
+            "age1",
+            "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8",
+            "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8b",
+            "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8'\nx: y",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE",
+        ] {
+            assert!(!is_age_recipient(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn reads_the_fingerprint_of_an_encrypted_document_only() {
