@@ -226,6 +226,18 @@ fn all_commit_messages(repo: &BareRepo) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Prod and staging connected with their own certificates, each with its destination declared in its own folder.
+async fn prod_and_staging(pki: &Pki, writer: &Writer, url: &str) -> (Agent, Agent) {
+    let mut prod = agent_as(pki, writer, PROD, "uid-a").await;
+    let mut staging = agent_as(pki, writer, STAGING, "uid-b").await;
+    prod.declare("gitops/prod", url, "main", "clusters/prod")
+        .await;
+    staging
+        .declare("gitops/staging", url, "main", "clusters/staging")
+        .await;
+    (prod, staging)
+}
+
 #[tokio::test]
 async fn each_client_writes_only_inside_its_grant() {
     let pki = Pki::new();
@@ -233,13 +245,7 @@ async fn each_client_writes_only_inside_its_grant() {
     let url = repo.file_url();
     let writer = start_writer(&pki, &config(&url, "", true)).await;
 
-    let mut prod = agent_as(&pki, &writer, PROD, "uid-a").await;
-    let mut staging = agent_as(&pki, &writer, STAGING, "uid-b").await;
-    prod.declare("gitops/prod", &url, "main", "clusters/prod")
-        .await;
-    staging
-        .declare("gitops/staging", &url, "main", "clusters/staging")
-        .await;
+    let (mut prod, mut staging) = prod_and_staging(&pki, &writer, &url).await;
     // Both clusters write concurrently into their own base folders.
     prod.send(upsert(
         "gitops/prod",
@@ -507,13 +513,7 @@ async fn a_client_removed_from_the_configuration_is_cut_off_after_the_reload() {
     let repo = BareRepo::new();
     let url = repo.file_url();
     let writer = start_writer(&pki, &config(&url, "", true)).await;
-    let mut prod = agent_as(&pki, &writer, PROD, "uid-a").await;
-    let mut staging = agent_as(&pki, &writer, STAGING, "uid-b").await;
-    prod.declare("gitops/prod", &url, "main", "clusters/prod")
-        .await;
-    staging
-        .declare("gitops/staging", &url, "main", "clusters/staging")
-        .await;
+    let (mut prod, mut staging) = prod_and_staging(&pki, &writer, &url).await;
 
     // A broken configuration is refused and the old one stays: both keep working.
     pki.write_config("clients: [{identity: x, oops: 1}]\n");
