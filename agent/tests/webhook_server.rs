@@ -400,3 +400,178 @@ async fn exports_metrics_promtool_accepts() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A small, valid AdmissionReview (a ConfigMap created by `alice`), self-contained.
+fn small_review() -> Vec<u8> {
+    webhook_support::review_of(json!({
+        "uid": "00000000-0000-4000-8000-0000000000aa",
+        "kind": {"group": "", "version": "v1", "kind": "ConfigMap"},
+        "resource": {"group": "", "version": "v1", "resource": "configmaps"},
+        "requestKind": {"group": "", "version": "v1", "kind": "ConfigMap"},
+        "requestResource": {"group": "", "version": "v1", "resource": "configmaps"},
+        "name": "cm-a",
+        "namespace": "shop",
+        "operation": "CREATE",
+        "userInfo": {"username": "alice", "groups": ["system:authenticated"]},
+        "object": {"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "cm-a", "namespace": "shop", "uid": "00000000-0000-4000-8000-0000000000ab"},
+                   "data": {"key": "value"}},
+        "oldObject": null,
+        "dryRun": false,
+        "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
+    }))
+}
+
+/// One request over a fresh HTTP/2 connection (ALPN `h2` over TLS), as kube-apiserver sends
+/// them: the status and the whole response body, or the client's error.
+async fn h2_request(
+    server: &Server,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+    declare_length: bool,
+) -> Result<(StatusCode, Bytes), String> {
+    let tls = tls_connect(server.addr(), &server.pki.ca_pem, &[b"h2"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let builder = http::Request::builder()
+        .method(method)
+        .uri(format!("https://127.0.0.1{path}"))
+        .header(http::header::CONTENT_TYPE, "application/json");
+    // Sent in 64 KiB frames; with `declare_length` the length is announced up front.
+    let builder = if declare_length {
+        builder.header(http::header::CONTENT_LENGTH, body.len())
+    } else {
+        builder
+    };
+    let chunks: Vec<_> = body
+        .chunks(64 * 1024)
+        .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::copy_from_slice(c))))
+        .collect();
+    let req = builder
+        .body(StreamBody::new(futures::stream::iter(chunks)))
+        .unwrap();
+    let resp = tokio::time::timeout(PATIENCE, sender.send_request(req))
+        .await
+        .expect("an answer in time")
+        .map_err(|e| format!("{e:?}"))?;
+    let status = resp.status();
+    let body = tokio::time::timeout(PATIENCE, resp.into_body().collect())
+        .await
+        .expect("the body in time")
+        .map_err(|e| format!("{e:?}"))?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// kube-apiserver speaks HTTP/2 to webhooks: refusals must arrive as answers there too, never as
+/// a reset stream, however much of the body the client is still sending.
+#[tokio::test]
+async fn http2_refusals_are_answers_not_stream_resets() {
+    const MIB: usize = 1024 * 1024;
+    let server = Server::start(|_| {}).await;
+    let big = vec![b' '; 9 * MIB];
+    for round in 0..12 {
+        for declare_length in [true, false] {
+            let (status, body) = h2_request(
+                &server,
+                "POST",
+                webhook::PATH,
+                big.clone(),
+                declare_length,
+            )
+            .await
+            .unwrap_or_else(|e| {
+                panic!("round {round}: 9 MiB over HTTP/2 (length declared: {declare_length}): {e}")
+            });
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "round {round}");
+            assert!(
+                String::from_utf8_lossy(&body).contains("exceeds"),
+                "a 413 says why: {body:?}"
+            );
+            for (path, payload) in [("/validate", small_review()), ("/", big.clone())] {
+                let (status, body) = h2_request(&server, "POST", path, payload, declare_length)
+                    .await
+                    .unwrap_or_else(|e| panic!("round {round}: POST {path} over HTTP/2: {e}"));
+                assert_eq!(status, StatusCode::NOT_FOUND, "round {round}: {path}");
+                assert!(String::from_utf8_lossy(&body).contains(webhook::PATH));
+            }
+        }
+        let (status, body) = h2_request(&server, "GET", webhook::PATH, Vec::new(), false)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: GET over HTTP/2: {e}"));
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(!body.is_empty());
+        let (status, body) = h2_request(&server, "PUT", webhook::PATH, big.clone(), true)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: PUT over HTTP/2: {e}"));
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(!body.is_empty());
+        let (status, body) =
+            h2_request(&server, "POST", webhook::PATH, b"{not json".to_vec(), true)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: malformed over HTTP/2: {e}"));
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(!body.is_empty());
+    }
+    assert!(server.store.is_empty());
+    // The server still answers reviews over HTTP/2 afterwards.
+    let (status, _) = h2_request(&server, "POST", webhook::PATH, small_review(), true)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(server.store.len(), 1);
+}
+
+/// The same over another HTTP/2 implementation: the curl CLI (libcurl with nghttp2). The CLI
+/// blocks its thread while the server runs on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_refusals_reach_curl() {
+    let server = Server::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.crt");
+    std::fs::write(&ca, &server.pki.ca_pem).unwrap();
+    let big = dir.path().join("big.json");
+    std::fs::write(&big, vec![b' '; 9 * 1024 * 1024]).unwrap();
+    let small = dir.path().join("review.json");
+    std::fs::write(&small, small_review()).unwrap();
+    let curl = |method: &str, path: &str, data: &std::path::Path| {
+        let out = std::process::Command::new("curl")
+            .args(["--http2", "--silent", "--show-error", "--max-time", "30"])
+            .arg("--cacert")
+            .arg(&ca)
+            .args(["-X", method, "-H", "Content-Type: application/json"])
+            .arg("--data-binary")
+            .arg(format!("@{}", data.display()))
+            .args(["--write-out", "\n%{http_version} %{http_code}"])
+            .arg(format!("https://{}{path}", server.addr()))
+            .output()
+            .expect("curl is installed (scripts/install-test-deps.sh)");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "curl -X {method} {path}: {}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (body, status) = stdout.rsplit_once('\n').unwrap();
+        (status.to_owned(), body.to_owned())
+    };
+    for _ in 0..4 {
+        let (status, body) = curl("POST", webhook::PATH, &big);
+        assert_eq!(status, "2 413", "{body}");
+        assert!(body.contains("exceeds"), "{body}");
+        for data in [&small, &big] {
+            let (status, body) = curl("POST", "/validate", data);
+            assert_eq!(status, "2 404", "{body}");
+        }
+        let (status, _) = curl("PUT", webhook::PATH, &small);
+        assert_eq!(status, "2 405");
+        let (status, body) = curl("POST", webhook::PATH, &small);
+        assert_eq!(status, "2 200", "{body}");
+    }
+    assert_eq!(server.store.len(), 4);
+}

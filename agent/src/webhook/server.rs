@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -232,6 +232,7 @@ impl Reply {
 impl Ctx {
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let started = Instant::now();
+        let is_http1 = req.version() < http::Version::HTTP_2;
         let reply = self.process(req).await;
         let metrics = self.store.metrics();
         metrics.requests.with_label_values(&[reply.outcome]).inc();
@@ -247,10 +248,12 @@ impl Ctx {
         if reply.status == StatusCode::METHOD_NOT_ALLOWED {
             response = response.header(header::ALLOW, "POST");
         }
-        if reply.status == StatusCode::PAYLOAD_TOO_LARGE
-            || reply.status == StatusCode::REQUEST_TIMEOUT
+        if is_http1
+            && (reply.status == StatusCode::PAYLOAD_TOO_LARGE
+                || reply.status == StatusCode::REQUEST_TIMEOUT)
         {
-            // The rest of the body is never read; the connection cannot be reused.
+            // The rest of the body is drained or cut off, never parsed: do not reuse the
+            // connection. (HTTP/2 has no Connection header; the stream ends on its own.)
             response = response.header(header::CONNECTION, "close");
         }
         response
@@ -259,51 +262,64 @@ impl Ctx {
     }
 
     async fn process(&self, req: Request<Incoming>) -> Reply {
-        if req.uri().path() != PATH {
-            return Reply::error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("not found; the webhook path is {PATH}"),
+        let (parts, mut body) = req.into_parts();
+        // Every refusal before the end of the body leaves the rest to a bounded drain: over
+        // HTTP/2 a client still sending reads the answer only once it may finish its upload,
+        // and dropping the body instead resets the stream before the answer is seen.
+        let refuse = |reply: Reply, body: Incoming| {
+            self.drain(body);
+            reply
+        };
+        if parts.uri.path() != PATH {
+            return refuse(
+                Reply::error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("not found; the webhook path is {PATH}"),
+                ),
+                body,
             );
         }
-        if req.method() != Method::POST {
-            return Reply::error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "only POST is allowed",
+        if parts.method != Method::POST {
+            return refuse(
+                Reply::error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "only POST is allowed",
+                ),
+                body,
             );
         }
         let max = self.config.max_body_bytes;
-        let declared = req
-            .headers()
+        let declared = parts
+            .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > max as u64) {
-            return too_large(max);
+            return refuse(too_large(max), body);
         }
-        let body = Limited::new(req.into_body(), max);
-        let bytes = match tokio::time::timeout(self.config.body_read_timeout, body.collect()).await
-        {
-            Err(_) => {
-                return Reply::error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "timeout",
-                    "request body not received in time",
-                );
-            }
-            Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
-                return too_large(max);
-            }
-            Ok(Err(error)) => {
-                return Reply::error(
-                    StatusCode::BAD_REQUEST,
-                    "malformed",
-                    format!("reading the request body: {error}"),
-                );
-            }
-            Ok(Ok(collected)) => collected.to_bytes(),
-        };
+        let bytes =
+            match tokio::time::timeout(self.config.body_read_timeout, read_body(&mut body, max))
+                .await
+            {
+                Err(_) => {
+                    return Reply::error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "timeout",
+                        "request body not received in time",
+                    );
+                }
+                Ok(Err(BodyError::TooLarge)) => return refuse(too_large(max), body),
+                Ok(Err(BodyError::Read(error))) => {
+                    return Reply::error(
+                        StatusCode::BAD_REQUEST,
+                        "malformed",
+                        format!("reading the request body: {error}"),
+                    );
+                }
+                Ok(Ok(bytes)) => bytes,
+            };
         // Rendering a large object takes milliseconds: do it off the async workers, so one big
         // review does not hold up the handshakes and small reviews of other connections.
         let reviewed = if bytes.len() > BLOCKING_ABOVE_BYTES {
@@ -343,6 +359,63 @@ impl Ctx {
             }
         }
     }
+}
+
+impl Ctx {
+    /// Reads and discards what is left of a refused request's body in the background, at most
+    /// [`drain_budget`] bytes within the body timeout; a client sending more or slower has its
+    /// stream (HTTP/2) or connection (HTTP/1) cut, after the answer went out.
+    fn drain(&self, mut body: Incoming) {
+        if body.is_end_stream() {
+            return;
+        }
+        let budget = drain_budget(self.config.max_body_bytes);
+        let patience = self.config.body_read_timeout;
+        tokio::spawn(async move {
+            let discard = async {
+                let mut seen = 0usize;
+                while let Some(frame) = body.frame().await {
+                    let Ok(frame) = frame else { return };
+                    if let Some(data) = frame.data_ref() {
+                        seen = seen.saturating_add(data.len());
+                        if seen > budget {
+                            debug!(
+                                budget,
+                                "refused request body exceeds the drain budget; cutting it off"
+                            );
+                            return;
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(patience, discard).await;
+        });
+    }
+}
+
+/// Most bytes of a refused body read and thrown away so the client sees the answer.
+fn drain_budget(max_body_bytes: usize) -> usize {
+    max_body_bytes.max(1024 * 1024).saturating_mul(4)
+}
+
+enum BodyError {
+    TooLarge,
+    Read(hyper::Error),
+}
+
+/// The whole body, or `TooLarge` as soon as it passes `max` (the rest stays unread in `body`).
+async fn read_body(body: &mut Incoming, max: usize) -> Result<Bytes, BodyError> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Read)?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > max {
+                return Err(BodyError::TooLarge);
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out.freeze())
 }
 
 fn too_large(max: usize) -> Reply {
