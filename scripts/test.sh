@@ -6,6 +6,12 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export CARGO_INCREMENTAL=0
 ./scripts/install-test-deps.sh
+echo "== self-contained: nothing reads outside the repository"
+# A fresh clone may sit anywhere: tests and scripts must not reach for ../shared (fixtures live in tests/fixtures).
+if git grep -nE '\.\./(\.\./)*shared(/|\b)' -- '*.rs' '*.py' '*.sh' ':!scripts/test.sh'; then
+  echo "these files read ../shared at run time; copy what they need into tests/fixtures" >&2
+  exit 1
+fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
