@@ -17,11 +17,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== tests"
-if command -v cargo-nextest >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
-else
-  cargo test --workspace --locked --no-fail-fast
-fi
+cargo nextest run --workspace --locked --no-fail-fast
 echo "== chart tests (tests/chart: helm lint/install against the kube-emulator, docker-compose config)"
 cargo build --workspace --bins --locked -q
 .tools/chart-venv/bin/python -m pytest -q tests/chart
