@@ -23,6 +23,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
+# cargo-nextest: runs the test binaries in parallel (the e2e suites mostly wait on real servers), with the per-test
+# timeouts of .config/nextest.toml. Built once from crates.io into ~/.cargo/bin (a few minutes on 2 cores).
+NEXTEST_VERSION=0.9.151
+if ! cargo nextest --version 2>/dev/null | grep -q "cargo-nextest $NEXTEST_VERSION"; then
+  echo "install-test-deps: cargo install cargo-nextest $NEXTEST_VERSION (one-time build, a few minutes)"
+  cargo install -q cargo-nextest --version "$NEXTEST_VERSION" --locked
+fi
+
 # PyYAML: the YAML 1.1 reader the canonical-YAML round-trip tests compare against.
 python3 -c 'import yaml' 2>/dev/null || python3 -m pip install -q pyyaml
 

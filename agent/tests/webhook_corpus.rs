@@ -1,4 +1,4 @@
-//! The attribution join over real kube-apiserver payloads (`shared/fixtures/apiserver-corpus`,
+//! The attribution join over real kube-apiserver payloads (`tests/fixtures/apiserver-corpus`,
 //! captured from k3s v1.36): AdmissionReview requests go through the webhook's handler into
 //! the store, and the watch events of the same scenario are fed to the join exactly as
 //! ingestion hashes them. Time is a manual clock; nothing here waits.

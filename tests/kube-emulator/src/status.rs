@@ -1,5 +1,5 @@
 //! `metav1.Status` failure bodies, shaped like the real kube-apiserver's
-//! (compare with `shared/fixtures/apiserver-corpus/`).
+//! (compare with `tests/fixtures/apiserver-corpus/`).
 
 use serde_json::{Value, json};
 

@@ -1,6 +1,6 @@
 //! Raw HTTP behaviour, checked against the Kubernetes API concepts documentation
 //! (https://kubernetes.io/docs/reference/using-api/api-concepts/) and the real response
-//! shapes in shared/fixtures/apiserver-corpus/.
+//! shapes in tests/fixtures/apiserver-corpus/.
 
 mod common;
 

@@ -99,10 +99,10 @@ pub async fn patch(addr: SocketAddr, path: &str, content_type: &str, body: &str)
     raw(addr, "PATCH", path, &[("content-type", content_type)], body).await
 }
 
-/// Reads a corpus fixture (`shared/fixtures/apiserver-corpus/...`) as JSON.
+/// Reads a corpus fixture (`tests/fixtures/apiserver-corpus/...`) as JSON.
 pub fn corpus(rel: &str) -> Value {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/fixtures/apiserver-corpus")
+        .join("../fixtures/apiserver-corpus")
         .join(rel);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_saphyr::from_str(&text).expect("corpus YAML")
