@@ -560,7 +560,7 @@ async fn http2_refusals_reach_curl() {
         let (body, status) = stdout.rsplit_once('\n').unwrap();
         (status.to_owned(), body.to_owned())
     };
-    for _ in 0..4 {
+    for _ in 0..8 {
         let (status, body) = curl("POST", webhook::PATH, &big);
         assert_eq!(status, "2 413", "{body}");
         assert!(body.contains("exceeds"), "{body}");
@@ -573,5 +573,116 @@ async fn http2_refusals_reach_curl() {
         let (status, body) = curl("POST", webhook::PATH, &small);
         assert_eq!(status, "2 200", "{body}");
     }
-    assert_eq!(server.store.len(), 4);
+    assert_eq!(server.store.len(), 8);
+}
+
+/// One review over HTTP/2 (as the API server sends it) on a connection presenting `identity`:
+/// the status, or the error that refused the connection.
+async fn review_as(
+    server: &Server,
+    identity: Option<&webhook_support::ClientIdentity>,
+) -> Result<StatusCode, String> {
+    let tls =
+        webhook_support::tls_connect_as(server.addr(), &server.pki.ca_pem, &[b"h2"], identity)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP/2: {e}"))?;
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("https://127.0.0.1{}", webhook::PATH))
+        .body(Full::new(Bytes::from(small_review())))
+        .unwrap();
+    let resp = tokio::time::timeout(PATIENCE, sender.send_request(req))
+        .await
+        .expect("an answer or an error in time")
+        .map_err(|e| format!("request: {e:?}"))?;
+    Ok(resp.status())
+}
+
+/// With `--webhook-client-ca` only callers holding a certificate from that CA reach the handler:
+/// a forged review without one (or with one from another CA, or naming someone else) is refused
+/// during the TLS handshake and leaves nothing in the fact store. The CA file reloads.
+#[tokio::test]
+async fn a_client_ca_refuses_callers_without_its_certificate_at_tls() {
+    use webhook_support::ClientCa;
+    let apiserver_ca = ClientCa::new("apiserver client CA");
+    let other_ca = ClientCa::new("someone else's CA");
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca_file = ca_dir.path().join("client-ca.crt");
+    std::fs::write(&ca_file, &apiserver_ca.ca_pem).unwrap();
+    let server = Server::start(|c| {
+        c.client_ca_file = Some(ca_file.clone());
+        c.client_names = vec!["kube-apiserver-webhook-client".to_owned()];
+    })
+    .await;
+
+    let apiserver = apiserver_ca.issue("kube-apiserver-webhook-client", &[]);
+    let apiserver_by_san = apiserver_ca.issue("front-proxy", &["kube-apiserver-webhook-client"]);
+    let wrong_name = apiserver_ca.issue("mallory", &["mallory.example"]);
+    let foreign = other_ca.issue("kube-apiserver-webhook-client", &[]);
+    for _ in 0..3 {
+        for (who, identity) in [
+            ("no certificate", None),
+            ("another CA", Some(&foreign)),
+            ("a name not allowed", Some(&wrong_name)),
+        ] {
+            let refused = review_as(&server, identity).await;
+            assert!(refused.is_err(), "{who}: {refused:?}");
+        }
+    }
+    assert!(server.store.is_empty(), "a refused caller left a fact");
+    assert_eq!(server.store.metrics().facts.get(), 0);
+    // HTTP/1.1 is refused the same way.
+    let tls =
+        webhook_support::tls_connect_as(server.addr(), &server.pki.ca_pem, &[b"http/1.1"], None)
+            .await;
+    if let Ok(tls) = tls {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::post(webhook::PATH)
+            .header(http::header::HOST, "127.0.0.1")
+            .body(Full::new(Bytes::from(small_review())))
+            .unwrap();
+        assert!(sender.send_request(req).await.is_err());
+    }
+    assert!(server.store.is_empty());
+
+    assert_eq!(
+        review_as(&server, Some(&apiserver)).await,
+        Ok(StatusCode::OK)
+    );
+    assert_eq!(
+        review_as(&server, Some(&apiserver_by_san)).await,
+        Ok(StatusCode::OK)
+    );
+    assert_eq!(server.store.len(), 2);
+    assert_eq!(server.store.metrics().requests_with("recorded"), 2);
+
+    // A rotated client CA: the old CA's certificates stop working, the new one's start.
+    let rotated = ClientCa::new("rotated apiserver client CA");
+    std::fs::write(&ca_file, &rotated.ca_pem).unwrap();
+    assert!(review_as(&server, Some(&apiserver)).await.is_err());
+    let renewed = rotated.issue("kube-apiserver-webhook-client", &[]);
+    assert_eq!(review_as(&server, Some(&renewed)).await, Ok(StatusCode::OK));
+    // A bundle that does not load keeps the last good one.
+    std::fs::write(&ca_file, "not a certificate").unwrap();
+    assert_eq!(review_as(&server, Some(&renewed)).await, Ok(StatusCode::OK));
+    assert!(review_as(&server, Some(&foreign)).await.is_err());
+}
+
+/// Without `--webhook-client-ca` (the default) any caller who completes TLS is served: the
+/// behaviour the option exists to close.
+#[tokio::test]
+async fn without_a_client_ca_any_caller_is_served() {
+    let server = Server::start(|_| {}).await;
+    let stranger = webhook_support::ClientCa::new("any").issue("anyone", &[]);
+    assert_eq!(review_as(&server, None).await, Ok(StatusCode::OK));
+    assert_eq!(
+        review_as(&server, Some(&stranger)).await,
+        Ok(StatusCode::OK)
+    );
 }

@@ -83,6 +83,12 @@ pub struct WebhookConfig {
     pub cert_file: PathBuf,
     /// PEM private key (`--webhook-key`), re-read when it changes.
     pub key_file: PathBuf,
+    /// `--webhook-client-ca`: when set, callers must present a certificate signed by this CA
+    /// bundle (re-read when it changes); others are refused during the TLS handshake.
+    pub client_ca_file: Option<PathBuf>,
+    /// `--webhook-client-names`: with a client CA, the certificate must carry one of these as
+    /// subject CN or DNS/URI SAN (any name when empty).
+    pub client_names: Vec<String>,
     /// Larger bodies get 413 (`--webhook-max-body-bytes`).
     pub max_body_bytes: usize,
     /// A TLS handshake not done within this closes the connection.
@@ -104,6 +110,8 @@ impl WebhookConfig {
             addr,
             cert_file,
             key_file,
+            client_ca_file: None,
+            client_names: Vec::new(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             // The API server gives a webhook at most 30 s in total (default 10 s); a client
             // slower than this is not the API server.
@@ -128,6 +136,17 @@ pub struct WebhookArgs {
     /// PEM private key of the webhook (re-read when the file changes).
     #[arg(long, env = "AGENT_WEBHOOK_KEY")]
     pub webhook_key: Option<PathBuf>,
+    /// PEM CA bundle that signs the API server's client certificate (its AdmissionConfiguration kubeconfig): callers without a certificate from it are refused during the TLS handshake (re-read when the file changes). Off when unset: anyone who reaches the port may post reviews.
+    #[arg(long, env = "AGENT_WEBHOOK_CLIENT_CA")]
+    pub webhook_client_ca: Option<PathBuf>,
+    /// With --webhook-client-ca: names (comma-separated) of which the client certificate must carry one, as subject CN or DNS/URI SAN; any name when unset.
+    #[arg(
+        long,
+        env = "AGENT_WEBHOOK_CLIENT_NAMES",
+        value_delimiter = ',',
+        requires = "webhook_client_ca"
+    )]
+    pub webhook_client_names: Vec<String>,
     /// Largest AdmissionReview accepted; larger ones get 413.
     #[arg(long, env = "AGENT_WEBHOOK_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub webhook_max_body_bytes: usize,
@@ -176,6 +195,21 @@ impl WebhookArgs {
             ));
         }
         let mut config = WebhookConfig::new(addr, cert.clone(), key.clone());
+        if let Some(ca) = &self.webhook_client_ca {
+            // Checked now, so a bad bundle fails the start rather than a later leader term.
+            tls::ReloadingClientCa::load(
+                ca.clone(),
+                Vec::new(),
+                std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+            )?;
+            config.client_ca_file = Some(ca.clone());
+            config.client_names = self
+                .webhook_client_names
+                .iter()
+                .map(|n| n.trim().to_owned())
+                .filter(|n| !n.is_empty())
+                .collect();
+        }
         config.max_body_bytes = self.webhook_max_body_bytes;
         config.sensitive_resources = sensitive_resources.to_vec();
         Ok((Some(config), facts))
@@ -307,6 +341,50 @@ mod tests {
         assert_eq!(server.sensitive_resources, ["configmaps"]);
         assert_eq!(server.cert_file, PathBuf::from("tls.crt"));
         assert_eq!(facts.ttl, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn a_client_ca_is_loaded_at_start_and_names_need_it() {
+        let base = [
+            "agent",
+            "--webhook-addr",
+            "0.0.0.0:9443",
+            "--webhook-cert",
+            "c",
+            "--webhook-key",
+            "k",
+        ];
+        let parse = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra));
+        assert!(
+            parse(&["--webhook-client-names", "kube-apiserver"]).is_err(),
+            "names without a CA"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("client-ca.crt");
+        std::fs::write(&ca, "not PEM").unwrap();
+        let ca = ca.to_str().unwrap();
+        let cli = parse(&["--webhook-client-ca", ca]).unwrap();
+        assert!(
+            cli.webhook.configs(&[]).is_err(),
+            "an unloadable CA fails the start"
+        );
+        let cert = rcgen::generate_simple_self_signed(vec!["ca".to_owned()]).unwrap();
+        std::fs::write(ca, cert.cert.pem()).unwrap();
+        let cli = parse(&[
+            "--webhook-client-ca",
+            ca,
+            "--webhook-client-names",
+            "kube-apiserver, front-proxy",
+        ])
+        .unwrap();
+        let server = cli.webhook.configs(&[]).unwrap().0.unwrap();
+        assert_eq!(
+            server.client_ca_file.as_deref(),
+            Some(std::path::Path::new(ca))
+        );
+        assert_eq!(server.client_names, ["kube-apiserver", "front-proxy"]);
+        let open = parse(&[]).unwrap().webhook.configs(&[]).unwrap().0.unwrap();
+        assert_eq!(open.client_ca_file, None);
     }
 
     #[test]

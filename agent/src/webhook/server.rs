@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! TCP accept (at most max_connections at once)
-//!   └─ TLS handshake (handshake_timeout; certificate from ReloadingCert; plain HTTP fails here)
+//!   └─ TLS handshake (handshake_timeout; certificate from ReloadingCert; plain HTTP fails here;
+//!      with --webhook-client-ca a caller without a certificate from that CA fails here too)
 //!        └─ HTTP/1.1 or HTTP/2 (ALPN); HTTP/1 headers within header_read_timeout
 //!             └─ POST /process-validating-webhook
 //!                  body ≤ max_body_bytes within body_read_timeout ──▶ handler::review
@@ -32,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use super::facts::FactStore;
 use super::handler;
-use super::tls::ReloadingCert;
+use super::tls::{ReloadingCert, ReloadingClientCa};
 use super::{PATH, WebhookConfig, WebhookError};
 
 /// Reviews larger than this are handled on the blocking pool.
@@ -82,11 +83,26 @@ pub async fn spawn(config: WebhookConfig, store: FactStore) -> Result<WebhookHan
         config.key_file.clone(),
         Arc::clone(&provider),
     )?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
-        .map_err(WebhookError::Tls)?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .map_err(WebhookError::Tls)?;
+    let mut tls = match &config.client_ca_file {
+        None => builder
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(resolver)),
+        Some(ca) => {
+            let verifier =
+                ReloadingClientCa::load(ca.clone(), config.client_names.clone(), provider)?;
+            let mut tls = builder
+                .with_client_cert_verifier(Arc::new(verifier))
+                .with_cert_resolver(Arc::new(resolver));
+            // A resumed session skips the client-certificate check, so a certificate the
+            // reloaded CA no longer signs would keep working: full handshakes only.
+            tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            tls.send_tls13_tickets = 0;
+            tls
+        }
+    };
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let listener = TcpListener::bind(config.addr)
         .await
@@ -98,7 +114,7 @@ pub async fn spawn(config: WebhookConfig, store: FactStore) -> Result<WebhookHan
         addr: config.addr,
         source,
     })?;
-    info!(addr = %local_addr, path = PATH, "attribution webhook listening (TLS)");
+    info!(addr = %local_addr, path = PATH, client_ca = ?config.client_ca_file, "attribution webhook listening (TLS)");
 
     let sweep_every =
         (store.config().ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));

@@ -8,17 +8,24 @@
 //! leaves the metadata unchanged (git's "racy" index entries have the same problem). New bytes
 //! are loaded; a pair that does not load — half-written, or a new certificate with the old
 //! key — keeps the previous certificate in service and is reported once.
+//!
+//! [`ReloadingClientCa`] does the same for `--webhook-client-ca`: the CA that signs the
+//! certificate the API server presents (its admission configuration's `client-certificate`),
+//! with an optional list of names the certificate must carry.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use tracing::{info, warn};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use tracing::{debug, info, warn};
 
 use super::WebhookError;
 
@@ -141,6 +148,190 @@ impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current())
     }
+}
+
+/// The client-certificate check of the webhook: a chain to the CA bundle in `ca_file` (re-read
+/// when the file changes, like the serving certificate), and, when `allowed_names` is not empty,
+/// one of those names as the certificate's subject CN or a DNS or URI SAN. A bundle that stops
+/// loading keeps the previous one in force.
+#[derive(Debug)]
+pub struct ReloadingClientCa {
+    ca_file: PathBuf,
+    allowed_names: Vec<String>,
+    provider: Arc<CryptoProvider>,
+    current: Mutex<CurrentCa>,
+}
+
+#[derive(Debug)]
+struct CurrentCa {
+    stamp: Option<Stamp>,
+    pem: Vec<u8>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    failed: Option<Vec<u8>>,
+}
+
+impl ReloadingClientCa {
+    /// Loads the bundle now: a webhook told to authenticate its callers must not start without.
+    pub fn load(
+        ca_file: PathBuf,
+        allowed_names: Vec<String>,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, WebhookError> {
+        let stamp = stamp(&ca_file);
+        let pem = read(&ca_file)?;
+        let verifier = client_verifier(&ca_file, &pem, &provider)?;
+        Ok(Self {
+            ca_file,
+            allowed_names,
+            provider,
+            current: Mutex::new(CurrentCa {
+                stamp,
+                pem,
+                verifier,
+                failed: None,
+            }),
+        })
+    }
+
+    /// The verifier for the bundle in the file now.
+    fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        let stamp = stamp(&self.ca_file);
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let racy = stamp.as_ref().is_none_or(|s| s.is_racy(SystemTime::now()));
+        if stamp == current.stamp && !racy {
+            return Arc::clone(&current.verifier);
+        }
+        let Ok(pem) = read(&self.ca_file) else {
+            return Arc::clone(&current.verifier);
+        };
+        current.stamp = stamp;
+        if pem == current.pem || current.failed.as_ref() == Some(&pem) {
+            return Arc::clone(&current.verifier);
+        }
+        match client_verifier(&self.ca_file, &pem, &self.provider) {
+            Ok(verifier) => {
+                info!(ca = %self.ca_file.display(), "webhook client CA reloaded");
+                current.verifier = verifier;
+                current.pem = pem;
+                current.failed = None;
+            }
+            Err(error) => {
+                warn!(%error, "webhook client CA file changed but does not load; keeping the previous CA");
+                current.failed = Some(pem);
+            }
+        }
+        Arc::clone(&current.verifier)
+    }
+}
+
+impl ClientCertVerifier for ReloadingClientCa {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Cannot borrow from a bundle that may be swapped; the hints are optional, and a client
+        // with one certificate (the API server's kubeconfig entry) sends it without them.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .verifier()
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if self.allowed_names.is_empty() {
+            return Ok(verified);
+        }
+        let names = certificate_names(end_entity);
+        if names.iter().any(|n| self.allowed_names.contains(n)) {
+            Ok(verified)
+        } else {
+            debug!(
+                ?names,
+                "webhook client certificate names none of --webhook-client-names"
+            );
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.verifier().supported_verify_schemes()
+    }
+}
+
+fn client_verifier(
+    ca_file: &Path,
+    pem: &[u8],
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, WebhookError> {
+    let bad = |message: String| WebhookError::Pem {
+        path: ca_file.to_owned(),
+        message,
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| bad(e.to_string()))?;
+        roots
+            .add(cert)
+            .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate".into()));
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
+        .build()
+        .map_err(|e| bad(e.to_string()))
+}
+
+/// The subject CNs, DNS SANs and URI SANs of a certificate (empty when it does not parse).
+fn certificate_names(der: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(n) | GeneralName::URI(n) => names.push((*n).to_owned()),
+                _ => {}
+            }
+        }
+    }
+    names
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, WebhookError> {

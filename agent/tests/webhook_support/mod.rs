@@ -220,20 +220,88 @@ impl Server {
     }
 }
 
+/// A client certificate chain and its key, PEM.
+pub struct ClientIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// A CA for client certificates (as the one signing kube-apiserver's webhook client certificate).
+pub struct ClientCa {
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    pub ca_pem: String,
+}
+
+impl ClientCa {
+    pub fn new(name: &str) -> ClientCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        ClientCa {
+            ca_pem: ca.pem(),
+            ca,
+        }
+    }
+
+    /// A client certificate with subject CN `common_name` and the DNS SANs `dns`.
+    pub fn issue(&self, common_name: &str, dns: &[&str]) -> ClientIdentity {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(dns.iter().map(|d| (*d).to_owned()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        ClientIdentity {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
 /// A TLS connection trusting only `ca_pem`, offering `alpn`.
 pub async fn tls_connect(addr: SocketAddr, ca_pem: &str, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+    tls_connect_as(addr, ca_pem, alpn, None)
+        .await
+        .expect("TLS handshake")
+}
+
+/// As [`tls_connect`], presenting `identity` when given; the handshake's error otherwise.
+pub async fn tls_connect_as(
+    addr: SocketAddr,
+    ca_pem: &str,
+    alpn: &[&[u8]],
+    identity: Option<&ClientIdentity>,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(ca_pem.as_bytes()) {
         let cert: CertificateDer<'static> = cert.unwrap();
         roots.add(cert).unwrap();
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let mut config = match identity {
+        None => config.with_no_client_auth(),
+        Some(id) => {
+            use rustls::pki_types::PrivateKeyDer;
+            use rustls::pki_types::pem::PemObject;
+            let chain = CertificateDer::pem_slice_iter(id.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap();
+            config.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let tcp = TcpStream::connect(addr).await.unwrap();
     // As any HTTP client does; without it Nagle + delayed ACKs add 40 ms stalls to HTTP/2.
@@ -241,7 +309,6 @@ pub async fn tls_connect(addr: SocketAddr, ca_pem: &str, alpn: &[&[u8]]) -> TlsS
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
         .await
-        .unwrap()
 }
 
 /// The leaf certificate the server presented on `tls`.
