@@ -474,13 +474,11 @@ async fn sync_webhook_configuration(
     registration: Registration,
     live: Arc<Live>,
 ) {
-    use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
-    let api: Api<ValidatingWebhookConfiguration> = Api::all(client);
-    let params = PatchParams::apply(FIELD_MANAGER).force();
     let mut applied: Option<std::collections::BTreeSet<crate::rules::ResourceKey>> = None;
     let mut backoff =
         ingest::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut delay = Duration::from_secs(1);
+    let mut checked = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(delay).await;
         delay = Duration::from_secs(1);
@@ -492,19 +490,29 @@ async fn sync_webhook_configuration(
         let Some(types) = live.watched_types() else {
             continue;
         };
+        // Deleted behind our back (for example by the `helm upgrade` that handed the
+        // configuration over from the chart): apply it again.
+        if applied.is_some() && checked.elapsed() >= WEBHOOK_CONFIGURATION_CHECK {
+            checked = tokio::time::Instant::now();
+            if let Ok(false) = webhook::registration::exists(&client, &registration.name).await {
+                info!(name = %registration.name, "webhook configuration missing; applying it again");
+                applied = None;
+            }
+        }
         if applied.as_ref() == Some(&types) {
             continue;
         }
-        let configuration =
-            webhook::registration::validating_webhook_configuration(&registration, &types);
-        match api
-            .patch(&registration.name, &params, &Patch::Apply(&configuration))
-            .await
-        {
-            Ok(_) => {
+        match webhook::registration::apply(&client, &registration, &types, FIELD_MANAGER).await {
+            Ok(webhook::registration::Applied::Applied) => {
                 info!(name = %registration.name, types = types.len(), "webhook configuration applied");
                 applied = Some(types);
+                checked = tokio::time::Instant::now();
                 backoff.reset();
+            }
+            Ok(webhook::registration::Applied::OwnerMissing) => {
+                delay = backoff.next_delay();
+                info!(name = %registration.name, owner = ?registration.owner_cluster_role, retry_in = ?delay,
+                      "the webhook configuration's owner ClusterRole does not exist (being uninstalled?); not applying");
             }
             Err(error) => {
                 delay = backoff.next_delay();
@@ -513,6 +521,9 @@ async fn sync_webhook_configuration(
         }
     }
 }
+
+/// How often the leader checks that the configuration it applied still exists.
+const WEBHOOK_CONFIGURATION_CHECK: Duration = Duration::from_secs(15);
 
 /// Field manager of what the agent applies.
 const FIELD_MANAGER: &str = "gitops-reverser";

@@ -168,6 +168,25 @@ pub struct WebhookArgs {
     /// Base URL the API server calls (`https://host:port`), instead of --webhook-service.
     #[arg(long, env = "AGENT_WEBHOOK_URL")]
     pub webhook_url: Option<String>,
+    /// Label (`key=value`, repeatable; comma-separated in the env) of the managed configuration, e.g. Helm's `app.kubernetes.io/managed-by=Helm` so a later chart-owned configuration adopts it.
+    #[arg(long, env = "AGENT_WEBHOOK_CONFIGURATION_LABELS", value_delimiter = ',', value_parser = parse_key_value)]
+    pub webhook_configuration_label: Vec<(String, String)>,
+    /// Annotation (`key=value`, repeatable; comma-separated in the env) of the managed configuration, e.g. Helm's `meta.helm.sh/release-name=NAME`.
+    #[arg(long, env = "AGENT_WEBHOOK_CONFIGURATION_ANNOTATIONS", value_delimiter = ',', value_parser = parse_key_value)]
+    pub webhook_configuration_annotation: Vec<(String, String)>,
+    /// ClusterRole that owns the managed configuration: deleting it (helm uninstall) lets the garbage collector delete the configuration; nothing is applied while it is missing.
+    #[arg(long, env = "AGENT_WEBHOOK_CONFIGURATION_OWNER")]
+    pub webhook_configuration_owner: Option<String>,
+}
+
+/// `key=value` with a non-empty key.
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!("expected key=value, got {text:?}")),
+    }
 }
 
 impl WebhookArgs {
@@ -261,6 +280,16 @@ impl WebhookArgs {
             });
         }
         let mut reg = registration::Registration::new(name, target, ca_pem);
+        reg.labels = self.webhook_configuration_label.iter().cloned().collect();
+        reg.annotations = self
+            .webhook_configuration_annotation
+            .iter()
+            .cloned()
+            .collect();
+        reg.owner_cluster_role = self
+            .webhook_configuration_owner
+            .clone()
+            .filter(|n| !n.is_empty());
         reg.exclude_namespaces = vec![own_namespace.to_owned()];
         reg.sensitive_resources = sensitive_resources.to_vec();
         Ok(Some(reg))
@@ -438,6 +467,8 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(reg.name, "gr");
+        assert_eq!(reg.owner_cluster_role, None);
+        assert!(reg.labels.is_empty() && reg.annotations.is_empty());
         assert_eq!(reg.exclude_namespaces, ["gitops"]);
         assert_eq!(reg.sensitive_resources, ["sealedsecrets.bitnami.com"]);
         assert_eq!(
@@ -461,6 +492,28 @@ mod tests {
             reg.target,
             registration::Target::Url("https://127.0.0.1:8443".into())
         );
+        let reg = parse(&[
+            "--webhook-ca-bundle",
+            ca,
+            "--webhook-service",
+            "gitops/gr-webhook",
+            "--webhook-configuration-label",
+            "app.kubernetes.io/managed-by=Helm",
+            "--webhook-configuration-annotation",
+            "meta.helm.sh/release-name=gr",
+            "--webhook-configuration-annotation",
+            "meta.helm.sh/release-namespace=gitops",
+            "--webhook-configuration-owner",
+            "gr-agent",
+        ])
+        .unwrap()
+        .unwrap()
+        .unwrap();
+        assert_eq!(reg.owner_cluster_role.as_deref(), Some("gr-agent"));
+        assert_eq!(reg.labels["app.kubernetes.io/managed-by"], "Helm");
+        assert_eq!(reg.annotations["meta.helm.sh/release-name"], "gr");
+        assert_eq!(reg.annotations["meta.helm.sh/release-namespace"], "gitops");
+        assert!(parse(&["--webhook-configuration-label", "=x"]).is_err());
         let no_addr = Cli::try_parse_from([
             "agent",
             "--webhook-manage-configuration",

@@ -18,6 +18,16 @@
 //!
 //! The chart's template (`charts/gitops-reverser/templates/validating-webhook.yaml`) uses the
 //! same values, with broad rules instead of the watched types.
+//!
+//! Lifecycle (the chart passes these; see the chart README "Webhook"):
+//! - `labels`/`annotations` (`--webhook-configuration-label`/`-annotation`): Helm's ownership
+//!   metadata, so a later `helm upgrade` that makes the chart own the configuration again adopts
+//!   it instead of refusing to import it.
+//! - `owner_cluster_role` (`--webhook-configuration-owner`): an ownerReference to that
+//!   ClusterRole (cluster-scoped, as the owner of a cluster-scoped object must be), so the
+//!   garbage collector deletes the configuration with the release. While the ClusterRole does
+//!   not exist (an uninstall under way) nothing is applied, so the agent never re-creates what
+//!   the collector just removed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -26,8 +36,12 @@ use k8s_openapi::api::admissionregistration::v1::{
     RuleWithOperations, ServiceReference, ValidatingWebhook, ValidatingWebhookConfiguration,
     WebhookClientConfig,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
-use kube::api::ObjectMeta;
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, OwnerReference,
+};
+use kube::Api;
+use kube::api::{ObjectMeta, Patch, PatchParams};
 
 use super::PATH;
 use crate::ingest::is_sensitive_resource;
@@ -63,6 +77,13 @@ pub struct Registration {
     /// `--sensitive-resources` (`plural` or `plural.group`): never listed, even when watched. Core `secrets`
     /// never are, whatever this holds.
     pub sensitive_resources: Vec<String>,
+    /// Set on the configuration besides `app.kubernetes.io/managed-by: gitops-reverser` (which
+    /// a label here may replace).
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// ClusterRole that owns the configuration (garbage collection); nothing is applied while
+    /// it is missing.
+    pub owner_cluster_role: Option<String>,
 }
 
 impl Registration {
@@ -76,8 +97,68 @@ impl Registration {
             timeout_seconds: 3,
             exclude_namespaces: Vec::new(),
             sensitive_resources: Vec::new(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            owner_cluster_role: None,
         }
     }
+}
+
+/// The ownerReference to a ClusterRole (not blocking its deletion: that needs more RBAC and the
+/// configuration is worthless without its owner anyway).
+pub fn owner_reference(role: &ClusterRole) -> Option<OwnerReference> {
+    Some(OwnerReference {
+        api_version: "rbac.authorization.k8s.io/v1".to_owned(),
+        kind: "ClusterRole".to_owned(),
+        name: role.metadata.name.clone()?,
+        uid: role.metadata.uid.clone()?,
+        block_owner_deletion: None,
+        controller: None,
+    })
+}
+
+/// What [`apply`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    Applied,
+    /// The owner ClusterRole does not exist: nothing applied.
+    OwnerMissing,
+}
+
+/// Server-side applies the configuration for `resources` as `field_manager`, owned by the
+/// registration's ClusterRole when it has one (and not at all while that is missing).
+pub async fn apply<'a>(
+    client: &kube::Client,
+    registration: &Registration,
+    resources: impl IntoIterator<Item = &'a ResourceKey>,
+    field_manager: &str,
+) -> Result<Applied, kube::Error> {
+    let owner = match &registration.owner_cluster_role {
+        None => None,
+        Some(name) => {
+            let roles: Api<ClusterRole> = Api::all(client.clone());
+            match roles.get_opt(name).await? {
+                None => return Ok(Applied::OwnerMissing),
+                Some(role) => owner_reference(&role),
+            }
+        }
+    };
+    let mut configuration = validating_webhook_configuration(registration, resources);
+    configuration.metadata.owner_references = owner.map(|o| vec![o]);
+    let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    api.patch(
+        &registration.name,
+        &PatchParams::apply(field_manager).force(),
+        &Patch::Apply(&configuration),
+    )
+    .await?;
+    Ok(Applied::Applied)
+}
+
+/// Whether the configuration exists (someone may have deleted it: then it is applied again).
+pub async fn exists(client: &kube::Client, name: &str) -> Result<bool, kube::Error> {
+    let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    Ok(api.get_opt(name).await?.is_some())
 }
 
 /// The configuration for the watched `resources`. Rules are grouped per group/version and
@@ -149,13 +230,16 @@ pub fn validating_webhook_configuration<'a>(
     ValidatingWebhookConfiguration {
         metadata: ObjectMeta {
             name: Some(registration.name.clone()),
-            labels: Some(
-                [(
+            labels: Some({
+                let mut labels = BTreeMap::from([(
                     "app.kubernetes.io/managed-by".to_owned(),
                     "gitops-reverser".to_owned(),
-                )]
-                .into(),
-            ),
+                )]);
+                labels.extend(registration.labels.clone());
+                labels
+            }),
+            annotations: (!registration.annotations.is_empty())
+                .then(|| registration.annotations.clone()),
             ..ObjectMeta::default()
         },
         webhooks: Some(vec![ValidatingWebhook {
@@ -263,6 +347,24 @@ mod tests {
         assert_eq!(
             resources(&["configmaps", "sealedsecrets"]),
             Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn carries_the_ownership_metadata_it_is_given() {
+        let mut reg = Registration::new("x", Target::Url("https://h".into()), vec![]);
+        let plain = serde_json::to_value(validating_webhook_configuration(&reg, &[])).unwrap();
+        assert_eq!(
+            plain["metadata"],
+            json!({"name": "x", "labels": {"app.kubernetes.io/managed-by": "gitops-reverser"}})
+        );
+        reg.labels = [("app.kubernetes.io/managed-by".into(), "Helm".into())].into();
+        reg.annotations = [("meta.helm.sh/release-name".into(), "gr".into())].into();
+        let helm = serde_json::to_value(validating_webhook_configuration(&reg, &[])).unwrap();
+        assert_eq!(
+            helm["metadata"],
+            json!({"name": "x", "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                   "annotations": {"meta.helm.sh/release-name": "gr"}})
         );
     }
 
