@@ -147,6 +147,41 @@ def run_helm(emulator: Emulator, namespace: str, ops: list[dict]) -> list[dict]:
     return json.loads(out.stdout)
 
 
+class HelmSession:
+    """Helm actions on one release, one at a time, with the cluster free to change in between (helm_runner.py
+    --interactive; the release lives in that child's memory)."""
+
+    def __init__(self, emulator: Emulator, namespace: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(RUNNER), "--interactive"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, HELM_DRIVER="memory"),
+        )
+        self._send({"kubeconfig": str(emulator.kubeconfig), "namespace": namespace})
+
+    def _send(self, message: dict) -> None:
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+
+    def run(self, op: str, release: str, values: dict | None = None) -> dict:
+        self._send({"op": op, "release": release, "chart": str(CHART), "values": values or {}})
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"helm runner died: {self.proc.stderr.read()[-4000:]}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 class Rendered:
     """The objects of one release manifest."""
 
