@@ -151,7 +151,7 @@ def test_webhook_flags_are_accepted_by_the_agent(render, tmp_path):
     sets, and the binary accepts them (all declared by WebhookArgs in agent/src/webhook/mod.rs)."""
     r = render({"agent": {"webhook": {"enabled": True, "createConfiguration": False}}})
     webhook_args = [a for a in r.args("agent") if a.startswith("--webhook-")]
-    assert len(webhook_args) == 6
+    assert len(webhook_args) == 10
     assert {a.split("=", 1)[0] for a in webhook_args} <= declared_webhook_flags() <= binary_flags("agent")
     out = subprocess.run(
         [str(require_binary("reverser-agent")), *r.args("agent"), "--help"], capture_output=True, text=True
