@@ -110,3 +110,21 @@ def test_the_network_policy_admits_the_webhook_only_from_the_listed_peers(render
 def test_a_network_policy_without_peers_is_refused(render):
     error = render({"agent": {"webhook": {"networkPolicy": {"enabled": True}}}}, expect_error=True)
     assert "agent.webhook.networkPolicy.from" in error
+
+
+@pytest.mark.parametrize("watch_all", [False, True])
+def test_the_agent_may_read_the_cluster_role_that_owns_its_configuration(render, watch_all):
+    """--webhook-configuration-owner needs the ClusterRole's uid: the agent's own ClusterRole must allow `get` on it."""
+    r = render(
+        {"agent": {"discovery": {"watchAll": watch_all}, "webhook": {"enabled": True, "createConfiguration": False}}}
+    )
+    [owner] = r.flag("agent", "--webhook-configuration-owner")
+    role = r.get("ClusterRole", f"{r.fullname}-agent")
+    assert owner == role["metadata"]["name"]
+    assert any(
+        set(rule.get("apiGroups", [])) & {"rbac.authorization.k8s.io", "*"}
+        and set(rule.get("resources", [])) & {"clusterroles", "*"}
+        and set(rule["verbs"]) & {"get", "*"}
+        and owner in rule.get("resourceNames", [owner])
+        for rule in role["rules"]
+    ), role["rules"]
