@@ -24,7 +24,8 @@
 //! - [`facts`]: the pure store and join.
 //! - [`handler`]: AdmissionReview parsing → fact, and the response.
 //! - [`server`]: the HTTPS server; [`spawn`] starts it.
-//! - [`tls`]: the certificate resolver that re-reads changed files.
+//! - [`tls`]: the certificate resolver and the client-CA verifier (`--webhook-client-ca`), both
+//!   re-reading changed files.
 //! - [`registration`]: the `ValidatingWebhookConfiguration` for the watched types.
 //! - [`metrics`]: the Prometheus collectors.
 
