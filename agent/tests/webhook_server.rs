@@ -634,6 +634,17 @@ async fn a_client_ca_refuses_callers_without_its_certificate_at_tls() {
     }
     assert!(server.store.is_empty(), "a refused caller left a fact");
     assert_eq!(server.store.metrics().facts.get(), 0);
+    // Refused during the handshake: counted there, never as a request.
+    assert_eq!(
+        server
+            .store
+            .metrics()
+            .requests
+            .with_label_values(&["recorded"])
+            .get(),
+        0
+    );
+    assert!(server.store.metrics().tls_failures.get() >= 9);
     // HTTP/1.1 is refused the same way.
     let tls =
         webhook_support::tls_connect_as(server.addr(), &server.pki.ca_pem, &[b"http/1.1"], None)

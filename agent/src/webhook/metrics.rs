@@ -39,6 +39,9 @@ pub struct AttributionMetrics {
     pub requests: IntCounterVec,
     /// Time from the request's arrival to its response, body read included.
     pub latency: Histogram,
+    /// Connections that failed the TLS handshake (plain HTTP, timeouts, and with
+    /// `--webhook-client-ca` callers without an accepted client certificate).
+    pub tls_failures: IntCounter,
 }
 
 impl AttributionMetrics {
@@ -89,6 +92,10 @@ impl AttributionMetrics {
             held: IntGauge::new("attribution_facts", "Attribution facts held now")?,
             requests,
             latency,
+            tls_failures: counter(
+                "webhook_tls_handshake_failures_total",
+                "Webhook connections that failed the TLS handshake (including refused client certificates)",
+            )?,
         })
     }
 
@@ -100,6 +107,7 @@ impl AttributionMetrics {
             &self.unmatched,
             &self.evictions,
             &self.ambiguous,
+            &self.tls_failures,
         ] {
             registry.register(Box::new(counter.clone()))?;
         }
@@ -139,6 +147,7 @@ mod tests {
             "gitops_reverser_agent_attribution_facts",
             "gitops_reverser_agent_webhook_requests_total",
             "gitops_reverser_agent_webhook_request_duration_seconds",
+            "gitops_reverser_agent_webhook_tls_handshake_failures_total",
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing");
         }

@@ -198,11 +198,14 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAccepto
     let tls = match tokio::time::timeout(ctx.config.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
-            // Plain HTTP lands here: there is no plaintext listener to fall back to.
+            // Plain HTTP lands here (there is no plaintext listener to fall back to), and so
+            // does a caller refused by --webhook-client-ca.
+            ctx.store.metrics().tls_failures.inc();
             debug!(%peer, %error, "webhook TLS handshake failed");
             return;
         }
         Err(_) => {
+            ctx.store.metrics().tls_failures.inc();
             debug!(%peer, "webhook TLS handshake timed out");
             return;
         }
