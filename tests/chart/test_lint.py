@@ -20,6 +20,19 @@ CASES = {
     "plaintext": {"tls": {"enabled": False}},
     "agent-only": {"writer": {"enabled": False}, "agent": {"writer": {"url": "http://writer.example:9443"}}},
     "writer-only": {"agent": {"enabled": False}},
+    "webhook-hardened": {
+        "agent": {
+            "webhook": {
+                "createConfiguration": False,
+                "clientAuth": {"existingSecret": "apiserver-client-ca", "allowedNames": ["kube-apiserver"]},
+                "networkPolicy": {
+                    "enabled": True,
+                    "from": [{"ipBlock": {"cidr": "10.0.0.10/32"}}],
+                    "adminFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+                },
+            }
+        }
+    },
     "everything-on": {
         "metrics": {"serviceMonitor": {"enabled": True}},
         "writer": {
