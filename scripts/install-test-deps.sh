@@ -13,6 +13,7 @@ command -v git >/dev/null 2>&1 || need_apt+=(git)
 command -v kubectl >/dev/null 2>&1 || need_apt+=(kubernetes-client)
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)  # an HTTP/2 client for the webhook tests (Debian's has nghttp2)
 command -v age >/dev/null 2>&1 || need_apt+=(age)
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
@@ -76,9 +77,10 @@ fi
 "$TOOLS/chart-venv/bin/python" -c 'import helm_sdkpy, kubernetes_validate, pytest, yaml' 2>/dev/null \
   || "$TOOLS/chart-venv/bin/python" -m pip install -q -r tests/chart/requirements.txt
 
-for tool in sshd promtool kubectl git python3 docker-compose openssl age node npm; do
+for tool in sshd promtool kubectl git python3 docker-compose openssl curl age node npm; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool after install" >&2; exit 1; }
 done
 "$TOOLS/bin/grpcurl" -version >/dev/null 2>&1
+curl --version | grep -q HTTP2 || { echo "curl lacks HTTP/2 support" >&2; exit 1; }
 "$TOOLS/bin/sops" --help >/dev/null 2>&1
 echo "install-test-deps: ok"
