@@ -306,6 +306,54 @@ impl Backlog {
         dropped
     }
 
+    /// Drops a message that cannot go to the writer (too large) without sending it: it is never re-sent. The
+    /// object still exists, so the snapshots of its scope that are open on this connection, or whose end is still
+    /// pending, must not delete it as an orphan: their ends are dropped ([`Abandoned`]).
+    pub fn skip(&mut self, destination: &str, sequence: u64) -> Vec<Abandoned> {
+        let object = self.destinations.get(destination).and_then(|d| {
+            let pending = &d.pending[position(&d.pending, sequence)?];
+            match &pending.event {
+                AgentEvent::Upsert { object, .. } | AgentEvent::Delete { object, .. } => {
+                    Some(object.clone())
+                }
+                _ => None,
+            }
+        });
+        self.reject(destination, sequence);
+        let Some(object) = object else {
+            return Vec::new();
+        };
+        let covers = |scope: &ScopeRef| {
+            scope.group == object.group
+                && scope.version == object.version
+                && scope.resource == object.resource
+                && (scope.namespace.is_empty() || scope.namespace == object.namespace)
+        };
+        if let Some(connection) = &mut self.connection {
+            connection
+                .open
+                .retain(|(key, scope), _| !(key == destination && covers(scope)));
+        }
+        let Some(d) = self.destinations.get_mut(destination) else {
+            return Vec::new();
+        };
+        let mut abandoned = Vec::new();
+        d.pending.retain(|p| match &p.event {
+            AgentEvent::SnapshotEnd { scope, epoch, .. } if p.sequence > sequence && covers(scope) => {
+                abandoned.push(Abandoned {
+                    destination: destination.to_owned(),
+                    sequence: p.sequence,
+                    scope: scope.clone(),
+                    epoch: *epoch,
+                });
+                false
+            }
+            _ => true,
+        });
+        self.unacked -= abandoned.len();
+        abandoned
+    }
+
     /// A `Reject` naming one message: it must not be re-sent. Returns whether it was still unacked.
     pub fn reject(&mut self, destination: &str, sequence: u64) -> bool {
         let Some(d) = self.destinations.get_mut(destination) else {
