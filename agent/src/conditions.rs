@@ -233,7 +233,14 @@ impl WriterView {
                     if more > 0 {
                         message.push_str(&format!("; and {more} more"));
                     }
-                    self.set(destination, OBJECTS_SKIPPED, true, "ObjectTooLarge", message, false);
+                    self.set(
+                        destination,
+                        OBJECTS_SKIPPED,
+                        true,
+                        "ObjectTooLarge",
+                        message,
+                        false,
+                    );
                 } else if self
                     .destinations
                     .get(destination)

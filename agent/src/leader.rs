@@ -127,7 +127,10 @@ impl Tenure {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attempt {
     /// We hold the Lease (uid, transitions) as written.
-    Held { lease_uid: String, transitions: u64 },
+    Held {
+        lease_uid: String,
+        transitions: u64,
+    },
     HeldBy(String),
     /// Another replica wrote the Lease between our read and our write.
     LostRace,

@@ -21,6 +21,7 @@
 //! `discovery_runs_total`, `discovery_errors_total`, `ingestion_restarts_total`;
 //! `stream_connected`, `stream_unacked`, `stream_messages_sent_total`, `_acked_total`,
 //! `_rejected_total`, `stream_reconnects_total`, `stream_snapshots_abandoned_total`,
+//! `stream_objects_too_large_total{destination}`,
 //! `stream_feedback_dropped_total`; `resolutions_total`, `status_writes_total`,
 //! `status_write_errors_total`.
 //!
@@ -753,7 +754,9 @@ impl Session {
                         destination,
                         objects,
                         total,
-                    } => info!(%destination, total, ?objects, "objects not mirrored for their size"),
+                    } => {
+                        info!(%destination, total, ?objects, "objects not mirrored for their size")
+                    }
                     Feedback::Fenced { message } => warn!(
                         %message,
                         "the writer refused this leader term; waiting for the elector to step down"

@@ -180,7 +180,10 @@ async fn an_object_above_the_writers_limit_is_skipped_and_named_and_everything_e
         counters(&after),
         "reconnects, ingestion restarts and skips stay put while nothing changes"
     );
-    assert_eq!(metric(&after, "gitops_reverser_agent_stream_connected"), 1.0);
+    assert_eq!(
+        metric(&after, "gitops_reverser_agent_stream_connected"),
+        1.0
+    );
     assert!(repo.read(BRANCH, &file("huge")).is_none());
 
     // Later changes still flow; the huge object shrinking clears the condition.
@@ -204,7 +207,10 @@ async fn an_object_above_the_writers_limit_is_skipped_and_named_and_everything_e
     )
     .await
     .unwrap();
-    wait("huge in Git once it fits", || repo.read(BRANCH, &file("huge"))).await;
+    wait("huge in Git once it fits", || {
+        repo.read(BRANCH, &file("huge"))
+    })
+    .await;
     wait_for_condition(
         &client,
         "GitDestination",

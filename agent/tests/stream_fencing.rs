@@ -371,9 +371,16 @@ async fn an_object_above_the_writers_limit_is_skipped_and_the_rest_flows() {
     .await;
     assert_eq!(stats.objects_too_large(), 2);
     assert_eq!(stats.reconnects(), 0, "no reconnect loop");
-    assert_eq!(stats.rejected(), 0, "the writer never had to refuse anything");
+    assert_eq!(
+        stats.rejected(),
+        0,
+        "the writer never had to refuse anything"
+    );
     for name in ["small", "after"] {
-        assert!(repo.read("main", &format!("c/{}", path(name))).is_some(), "{name}");
+        assert!(
+            repo.read("main", &format!("c/{}", path(name))).is_some(),
+            "{name}"
+        );
     }
     assert!(repo.read("main", &format!("c/{}", path("huge"))).is_none());
     client.shutdown().await;

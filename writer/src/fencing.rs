@@ -195,7 +195,8 @@ impl Terms {
                         let old = cluster.record.current.clone();
                         if old.lease_uid != term.lease_uid {
                             cluster.record.retired.push(old.lease_uid.clone());
-                            let excess = cluster.record.retired.len().saturating_sub(RETIRED_LEASES);
+                            let excess =
+                                cluster.record.retired.len().saturating_sub(RETIRED_LEASES);
                             cluster.record.retired.drain(..excess);
                         }
                         cluster.record.current = term.clone();

@@ -114,7 +114,9 @@ pub fn validate_leader_term(hello: &pb::Hello) -> Result<Option<Term>, Rejection
         if value.trim().is_empty() || value.len() > 253 || value.chars().any(char::is_control) {
             return Err(reject(
                 "InvalidHello",
-                format!("hello.leader_term.{field} is required, at most 253 characters, without control characters"),
+                format!(
+                    "hello.leader_term.{field} is required, at most 253 characters, without control characters"
+                ),
             ));
         }
     }

@@ -91,10 +91,16 @@ async fn a_newer_leader_term_cuts_off_the_older_one_for_good_even_after_a_writer
     let writer = Writer::start(&[]).await;
 
     let mut old = connect_in_term(&writer, "agent-a", 4).await;
-    old.expect(|m| matches!(m, Out::Welcome(_)), "welcome").await;
-    old.declare("ns/prod", &url, "main", "clusters/prod").await;
-    old.send(upsert("ns/prod", 1, "cm/a.yaml", &configmap("shop", "a", "old-1")))
+    old.expect(|m| matches!(m, Out::Welcome(_)), "welcome")
         .await;
+    old.declare("ns/prod", &url, "main", "clusters/prod").await;
+    old.send(upsert(
+        "ns/prod",
+        1,
+        "cm/a.yaml",
+        &configmap("shop", "a", "old-1"),
+    ))
+    .await;
     old.ack("ns/prod", 1).await;
     let first = repo.tip_message("main");
     assert!(
@@ -104,7 +110,8 @@ async fn a_newer_leader_term_cuts_off_the_older_one_for_good_even_after_a_writer
 
     // The successor says Hello: the old stream is refused and ended at once.
     let mut new = connect_in_term(&writer, "agent-b", 5).await;
-    new.expect(|m| matches!(m, Out::Welcome(_)), "welcome").await;
+    new.expect(|m| matches!(m, Out::Welcome(_)), "welcome")
+        .await;
     let (rejects, status) = refusal(&mut old).await;
     assert!(
         rejects.iter().any(|r| r.reason == "StaleLeaderTerm"),
@@ -115,8 +122,13 @@ async fn a_newer_leader_term_cuts_off_the_older_one_for_good_even_after_a_writer
 
     // What the old leader still had in its send buffer never lands, whatever the new leader does.
     new.declare("ns/prod", &url, "main", "clusters/prod").await;
-    new.send(upsert("ns/prod", 1, "cm/a.yaml", &configmap("shop", "a", "new-1")))
-        .await;
+    new.send(upsert(
+        "ns/prod",
+        1,
+        "cm/a.yaml",
+        &configmap("shop", "a", "new-1"),
+    ))
+    .await;
     new.ack("ns/prod", 1).await;
     let mut late = connect_in_term(&writer, "agent-a", 4).await;
     let (rejects, _) = refusal(&mut late).await;
@@ -142,7 +154,10 @@ async fn a_newer_leader_term_cuts_off_the_older_one_for_good_even_after_a_writer
     let mut other = Agent::connect_raw(&writer.grpc_url(), "cluster-2").await;
     other.send(hello_in_term("cluster-2", "agent-a", 0)).await;
     other
-        .expect(|m| matches!(m, Out::Welcome(_)), "welcome of another cluster")
+        .expect(
+            |m| matches!(m, Out::Welcome(_)),
+            "welcome of another cluster",
+        )
         .await;
     drop((new, other));
 
@@ -158,7 +173,10 @@ async fn a_newer_leader_term_cuts_off_the_older_one_for_good_even_after_a_writer
     );
     let mut new_again = connect_in_term(&writer, "agent-b", 5).await;
     new_again
-        .expect(|m| matches!(m, Out::Welcome(_)), "welcome of the current term")
+        .expect(
+            |m| matches!(m, Out::Welcome(_)),
+            "welcome of the current term",
+        )
         .await;
     assert!(
         repo.read("main", "clusters/prod/cm/a.yaml")
@@ -199,7 +217,9 @@ async fn an_oversize_message_gets_a_clear_status_and_other_streams_go_on() {
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: big\n  namespace: shop\ndata:\n  key: {}\n",
         "x".repeat(4096)
     );
-    hostile.send(upsert("ns/hostile", 1, "cm/big.yaml", &big)).await;
+    hostile
+        .send(upsert("ns/hostile", 1, "cm/big.yaml", &big))
+        .await;
     assert_eq!(hostile.reject(1).await.reason, "ObjectTooLarge");
     // Above the message limit: the writer cannot read it; it says so and ends the stream.
     let huge = format!(
@@ -227,8 +247,13 @@ async fn an_oversize_message_gets_a_clear_status_and_other_streams_go_on() {
     );
 
     // The other stream is untouched.
-    calm.send(upsert("ns/calm", 1, "cm/a.yaml", &configmap("shop", "a", "1")))
-        .await;
+    calm.send(upsert(
+        "ns/calm",
+        1,
+        "cm/a.yaml",
+        &configmap("shop", "a", "1"),
+    ))
+    .await;
     calm.ack("ns/calm", 1).await;
     assert!(repo.read("main", "clusters/calm/cm/a.yaml").is_some());
     assert!(repo.read("main", "clusters/hostile/cm/big.yaml").is_none());

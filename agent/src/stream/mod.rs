@@ -607,7 +607,8 @@ impl Runner {
                         },
                         &self.stats,
                     );
-                    self.feedback.push(Feedback::Fenced { message }, &self.stats);
+                    self.feedback
+                        .push(Feedback::Fenced { message }, &self.stats);
                     // Wait for the end of the term (the elector notices, or shutdown) without sending.
                     while self.idle(Instant::now() + Duration::from_secs(3600)).await {}
                     return;
@@ -942,7 +943,12 @@ impl Runner {
     /// Whether this client may send now: always without leader election, else only while the Lease is provably
     /// ours (and never again once the writer refused our term).
     fn lease_current(&self) -> bool {
-        !self.fenced && self.config.fence.as_ref().is_none_or(LeaderFence::is_current)
+        !self.fenced
+            && self
+                .config
+                .fence
+                .as_ref()
+                .is_none_or(LeaderFence::is_current)
     }
 
     /// Why `message` cannot go to the writer (too large for its limits), if so.
