@@ -678,6 +678,38 @@ mod tests {
     }
 
     #[test]
+    fn skipped_objects_are_named_survive_pushes_and_clear_when_they_fit() {
+        let mut view = WriterView::default();
+        assert!(
+            !view.apply(&Feedback::ObjectsSkipped {
+                destination: KEY.into(),
+                objects: vec![],
+                total: 0,
+            }),
+            "nothing skipped, nothing to say"
+        );
+        view.apply(&Feedback::ObjectsSkipped {
+            destination: KEY.into(),
+            objects: vec!["configmaps shop/huge: 200000 bytes".into()],
+            total: 3,
+        });
+        view.apply(&status("Ready", "True", "Pushed"));
+        let (set, readiness) = written(&view, None);
+        let skipped = find(&set, OBJECTS_SKIPPED).unwrap();
+        assert!(skipped.status && skipped.reason == "ObjectTooLarge");
+        assert!(skipped.message.contains("shop/huge") && skipped.message.contains("2 more"));
+        assert!(readiness.ready, "everything else is mirrored");
+        view.apply(&Feedback::ObjectsSkipped {
+            destination: KEY.into(),
+            objects: vec![],
+            total: 0,
+        });
+        let (set, _) = written(&view, None);
+        let cleared = find(&set, OBJECTS_SKIPPED).unwrap();
+        assert!(!cleared.status && cleared.reason == "AllObjectsFit");
+    }
+
+    #[test]
     fn a_marker_conflict_blocks_only_in_exclusive_mode() {
         let mut view = WriterView::default();
         view.apply(&status("MarkerConflict", "True", "MarkerOwnedByOther"));
