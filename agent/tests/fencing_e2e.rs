@@ -421,6 +421,11 @@ async fn a_killed_leader_is_replaced_and_the_tree_follows_the_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_in_a_quiet_cluster() {
+    failover(Fault::Kill, false, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thawed_leader_is_fenced_by_a_restarted_writer() {
     failover(Fault::Freeze, true, true).await;
 }

@@ -110,12 +110,13 @@ pub fn validate_leader_term(hello: &pb::Hello) -> Result<Option<Term>, Rejection
     let Some(term) = &hello.leader_term else {
         return Ok(None);
     };
+    // The holder is the agent's instance id plus a suffix, so it may be a little longer than the id.
     for (field, value) in [("lease_uid", &term.lease_uid), ("holder", &term.holder)] {
-        if value.trim().is_empty() || value.len() > 253 || value.chars().any(char::is_control) {
+        if value.trim().is_empty() || value.len() > 512 || value.chars().any(char::is_control) {
             return Err(reject(
                 "InvalidHello",
                 format!(
-                    "hello.leader_term.{field} is required, at most 253 characters, without control characters"
+                    "hello.leader_term.{field} is required, at most 512 bytes, without control characters"
                 ),
             ));
         }
@@ -856,6 +857,36 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leader_term_needs_a_lease_uid_and_a_clean_holder() {
+        let hello = |lease_uid: &str, holder: &str| pb::Hello {
+            leader_term: Some(pb::LeaderTerm {
+                lease_uid: lease_uid.into(),
+                transitions: 7,
+                holder: holder.into(),
+            }),
+            ..pb::Hello::default()
+        };
+        assert_eq!(validate_leader_term(&pb::Hello::default()), Ok(None));
+        let term = validate_leader_term(&hello("uid", "agent-0-abc123"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(term.to_string(), "7/agent-0-abc123");
+        for (uid, holder) in [
+            ("", "a"),
+            ("uid", " "),
+            ("uid", "a\nX-Forged: 1"),
+            ("uid", &"a".repeat(513)),
+        ] {
+            assert_eq!(
+                validate_leader_term(&hello(uid, holder))
+                    .unwrap_err()
+                    .reason,
+                "InvalidHello"
+            );
+        }
+    }
 
     #[test]
     fn repository_urls_with_dot_segments_or_escapes_are_refused() {
