@@ -425,6 +425,7 @@ impl DirectStream {
             controller_namespace: "gitops-reverser".into(),
             controller_name: "gitops-reverser".into(),
             protocol_version: reverser_proto::PROTOCOL_VERSION,
+            leader_term: None,
         })))
         .await?;
         let replies = client.sync(ReceiverStream::new(rx)).await?.into_inner();

@@ -18,6 +18,10 @@
 //!   copied verbatim: it is folded into the destination's `Ready` (below).
 //! - A writer `Reject` naming the destination becomes `Rejected=True` with the writer's reason
 //!   and message (and the rejected sequence number).
+//! - `ObjectsSkipped=True` (reason `ObjectTooLarge`) while objects are not mirrored because they
+//!   exceed the writer's limits (announced in its `Welcome`); the message names them (the first
+//!   ten). Everything else is mirrored, so it does not make the destination not Ready. It turns
+//!   `False` (reason `AllObjectsFit`) when each of them went out again within limits.
 //! - The writer only reports recoveries as `Ready=True` (after a successful push) and
 //!   `Accepted=True` (after a declaration). So `Ready=True` turns `PushFailing`, `AuthFailed`,
 //!   `LeaseConflict` and `Rejected` to `False`, and `Accepted=True` turns `OwnershipConflict` to
@@ -64,6 +68,8 @@ pub const READY: &str = "Ready";
 pub const WRITER_CONNECTED: &str = "WriterConnected";
 /// The latest writer `Reject` for a destination.
 pub const REJECTED: &str = "Rejected";
+/// Objects not sent because they exceed the writer's limits (`True`, reason `ObjectTooLarge`, naming them).
+pub const OBJECTS_SKIPPED: &str = "ObjectsSkipped";
 /// The writer's acceptance of a destination declaration.
 pub const ACCEPTED: &str = "Accepted";
 /// On rules that select Secrets while no encryption is configured.
@@ -213,7 +219,44 @@ impl WriterView {
                     }
                 }
             }
-            Feedback::SnapshotAbandoned { .. } => {}
+            Feedback::ObjectsSkipped {
+                destination,
+                objects,
+                total,
+            } => {
+                if *total > 0 {
+                    let more = total.saturating_sub(objects.len());
+                    let mut message = format!(
+                        "{total} object(s) exceed the writer's message or object size limit and are not mirrored (everything else is): {}",
+                        objects.join("; ")
+                    );
+                    if more > 0 {
+                        message.push_str(&format!("; and {more} more"));
+                    }
+                    self.set(
+                        destination,
+                        OBJECTS_SKIPPED,
+                        true,
+                        "ObjectTooLarge",
+                        message,
+                        false,
+                    );
+                } else if self
+                    .destinations
+                    .get(destination)
+                    .is_some_and(|c| c.contains_key(OBJECTS_SKIPPED))
+                {
+                    self.set(
+                        destination,
+                        OBJECTS_SKIPPED,
+                        false,
+                        "AllObjectsFit",
+                        "every object fits the writer's limits again".into(),
+                        false,
+                    );
+                }
+            }
+            Feedback::SnapshotAbandoned { .. } | Feedback::Fenced { .. } => {}
         }
         *self != before
     }
@@ -632,6 +675,38 @@ mod tests {
             find(&set, REJECTED).unwrap().status,
             "a declaration does not resolve a reject"
         );
+    }
+
+    #[test]
+    fn skipped_objects_are_named_survive_pushes_and_clear_when_they_fit() {
+        let mut view = WriterView::default();
+        assert!(
+            !view.apply(&Feedback::ObjectsSkipped {
+                destination: KEY.into(),
+                objects: vec![],
+                total: 0,
+            }),
+            "nothing skipped, nothing to say"
+        );
+        view.apply(&Feedback::ObjectsSkipped {
+            destination: KEY.into(),
+            objects: vec!["configmaps shop/huge: 200000 bytes".into()],
+            total: 3,
+        });
+        view.apply(&status("Ready", "True", "Pushed"));
+        let (set, readiness) = written(&view, None);
+        let skipped = find(&set, OBJECTS_SKIPPED).unwrap();
+        assert!(skipped.status && skipped.reason == "ObjectTooLarge");
+        assert!(skipped.message.contains("shop/huge") && skipped.message.contains("2 more"));
+        assert!(readiness.ready, "everything else is mirrored");
+        view.apply(&Feedback::ObjectsSkipped {
+            destination: KEY.into(),
+            objects: vec![],
+            total: 0,
+        });
+        let (set, _) = written(&view, None);
+        let cleared = find(&set, OBJECTS_SKIPPED).unwrap();
+        assert!(!cleared.status && cleared.reason == "AllObjectsFit");
     }
 
     #[test]

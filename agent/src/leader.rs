@@ -96,10 +96,41 @@ pub fn decide(
     Decision::Update(next)
 }
 
+/// The Lease we hold: the term every stream names (`Hello.leader_term`), and until when we can prove we hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tenure {
+    pub lease_uid: String,
+    /// `spec.leaseTransitions`: every takeover increases it.
+    pub transitions: u64,
+    /// Our `spec.holderIdentity`.
+    pub holder: String,
+    /// On the monotonic clock: the last successful renewal's send time plus `lease - renew`. Past it, another
+    /// replica may hold the Lease (after a freeze, say), so nothing may be sent to the writer.
+    pub valid_until: Instant,
+}
+
+impl Tenure {
+    /// Whether `other` is the same term (a renewal), whatever its deadline.
+    pub fn same_term(&self, other: &Tenure) -> bool {
+        self.lease_uid == other.lease_uid
+            && self.transitions == other.transitions
+            && self.holder == other.holder
+    }
+
+    /// Whether the Lease is provably still ours now.
+    pub fn is_current(&self) -> bool {
+        Instant::now() < self.valid_until
+    }
+}
+
 /// One attempt's outcome.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attempt {
-    Held,
+    /// We hold the Lease (uid, transitions) as written.
+    Held {
+        lease_uid: String,
+        transitions: u64,
+    },
     HeldBy(String),
     /// Another replica wrote the Lease between our read and our write.
     LostRace,
@@ -137,7 +168,18 @@ pub async fn try_acquire(api: &Api<Lease>, config: &LeaderConfig) -> Result<Atte
             }
         };
         match written {
-            Ok(_) => Ok(Attempt::Held),
+            Ok(lease) => Ok(Attempt::Held {
+                // Without a uid (an API server that sets none) the Lease's name stands in.
+                lease_uid: lease
+                    .metadata
+                    .uid
+                    .filter(|uid| !uid.is_empty())
+                    .unwrap_or_else(|| format!("{}/{}", config.namespace, config.name)),
+                transitions: lease
+                    .spec
+                    .and_then(|s| s.lease_transitions)
+                    .map_or(0, |t| u64::try_from(t).unwrap_or(0)),
+            }),
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(Attempt::LostRace),
             Err(error) => Err(LeaderError::Api(error)),
         }
@@ -171,9 +213,18 @@ pub async fn release(api: &Api<Lease>, config: &LeaderConfig) -> Result<(), Lead
     }
 }
 
-/// Runs the election loop; the receiver says whether this process leads right now.
-pub fn spawn(client: Client, config: LeaderConfig) -> (watch::Receiver<bool>, JoinHandle<()>) {
+/// Runs the election loop; the first receiver says whether this process leads right now, the second which term
+/// it holds and until when that is proven (updated before the first, so a new leader finds its term set).
+pub fn spawn(
+    client: Client,
+    config: LeaderConfig,
+) -> (
+    watch::Receiver<bool>,
+    watch::Receiver<Option<Tenure>>,
+    JoinHandle<()>,
+) {
     let (tx, rx) = watch::channel(false);
+    let (tenure_tx, tenure_rx) = watch::channel(None::<Tenure>);
     let task = tokio::spawn(async move {
         let api: Api<Lease> = Api::namespaced(client, &config.namespace);
         // Leadership ends on its own this long after the last renewal we sent, before anyone
@@ -183,10 +234,19 @@ pub fn spawn(client: Client, config: LeaderConfig) -> (watch::Receiver<bool>, Jo
         loop {
             let started = Instant::now();
             let leading = match try_acquire(&api, &config).await {
-                Ok(Attempt::Held) => {
+                Ok(Attempt::Held {
+                    lease_uid,
+                    transitions,
+                }) => {
                     // Counted from when the request was sent: the server's renewTime is no
                     // earlier than that.
                     renewed_at = Some(started);
+                    tenure_tx.send_replace(Some(Tenure {
+                        lease_uid,
+                        transitions,
+                        holder: config.identity.clone(),
+                        valid_until: started + step_down_after,
+                    }));
                     true
                 }
                 Ok(Attempt::HeldBy(holder)) => {
@@ -205,6 +265,9 @@ pub fn spawn(client: Client, config: LeaderConfig) -> (watch::Receiver<bool>, Jo
             if leading != *tx.borrow() {
                 info!(lease = %config.name, identity = %config.identity, leading, "leadership changed");
             }
+            if !leading {
+                tenure_tx.send_replace(None);
+            }
             tx.send_replace(leading);
             if tx.is_closed() {
                 return;
@@ -221,7 +284,7 @@ pub fn spawn(client: Client, config: LeaderConfig) -> (watch::Receiver<bool>, Jo
             tokio::time::sleep_until(deadline).await;
         }
     });
-    (rx, task)
+    (rx, tenure_rx, task)
 }
 
 #[cfg(test)]

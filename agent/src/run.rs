@@ -21,6 +21,7 @@
 //! `discovery_runs_total`, `discovery_errors_total`, `ingestion_restarts_total`;
 //! `stream_connected`, `stream_unacked`, `stream_messages_sent_total`, `_acked_total`,
 //! `_rejected_total`, `stream_reconnects_total`, `stream_snapshots_abandoned_total`,
+//! `stream_objects_too_large_total{destination}`,
 //! `stream_feedback_dropped_total`; `resolutions_total`, `status_writes_total`,
 //! `status_write_errors_total`.
 //!
@@ -59,7 +60,7 @@ use crate::ingest::{
 };
 use crate::leader::{self, LeaderConfig};
 use crate::stream::{
-    AgentIdentity, Feedback, StreamClient, StreamConfig, StreamStats, TlsSettings,
+    AgentIdentity, Feedback, LeaderFence, StreamClient, StreamConfig, StreamStats, TlsSettings,
 };
 use crate::webhook::{self, AttributionMetrics, FactStore, registration::Registration};
 
@@ -338,6 +339,7 @@ impl Args {
         );
         stream_config.tls = tls;
         stream_config.max_unacked = usize::try_from(max_unacked).unwrap_or(usize::MAX);
+        stream_config.objects_too_large = Some(metrics.objects_too_large.clone());
         // Invalid URLs or TLS settings are the only fatal stream errors: fail at start.
         StreamClient::new(stream_config.clone()).context("writer connection settings")?;
         let ingest_config = IngestConfig {
@@ -380,7 +382,7 @@ impl Args {
         if !leader_election {
             metrics.leader.set(1);
             webhook_handle = start_webhook(webhook_parts.as_ref()).await;
-            let session = Session::start(&parts);
+            let session = Session::start(&parts, None);
             shutdown.await;
             session.stop().await;
         } else {
@@ -394,17 +396,30 @@ impl Args {
                 renew_every: Duration::from_secs(leader_election_renew_sec),
             };
             info!(lease = %config.name, namespace = %config.namespace, identity = %config.identity, "leader election on");
-            let (mut leading, election) = leader::spawn(client.clone(), config.clone());
+            let (mut leading, mut tenure, election) = leader::spawn(client.clone(), config.clone());
             loop {
                 tokio::select! {
                     _ = &mut shutdown => break,
                     changed = leading.wait_for(|l| *l) => if changed.is_err() { bail!("leader election stopped") },
                 }
+                // The term this process leads in (set by the elector before it says we lead): every stream of
+                // the session names it, and sends only while the Lease is provably still ours.
+                let term = tokio::select! {
+                    _ = &mut shutdown => break,
+                    term = tenure.wait_for(Option::is_some) => match term {
+                        Ok(term) => term.clone(),
+                        Err(_) => bail!("leader election stopped"),
+                    },
+                };
+                let fence = term.map(|term| LeaderFence {
+                    term,
+                    tenure: tenure.clone(),
+                });
                 metrics.leader.set(1);
                 // Listening before the label: the Service routes to the labelled Pod at once.
                 webhook_handle = start_webhook(webhook_parts.as_ref()).await;
                 label_own_pod(&client, true).await;
-                let session = Session::start(&parts);
+                let session = Session::start(&parts, fence);
                 let stop = tokio::select! {
                     _ = &mut shutdown => true,
                     _ = leading.wait_for(|l| !*l) => false,
@@ -650,7 +665,7 @@ impl Live {
 }
 
 impl Session {
-    fn start(parts: &Arc<Parts>) -> Session {
+    fn start(parts: &Arc<Parts>, fence: Option<LeaderFence>) -> Session {
         let (selection_tx, selection_rx) = watch::channel(Arc::new(Selection::default()));
         // What the writer reports in this term; the controller turns it into status conditions.
         let (writer_view_tx, writer_view_rx) = watch::channel(WriterView::default());
@@ -663,7 +678,9 @@ impl Session {
         let (ingest_tx, mut ingest_rx) = mpsc::channel::<AgentEvent>(1024);
         let (events_tx, events_rx) = mpsc::channel::<AgentEvent>(1024);
         let (feedback_tx, mut feedback_rx) = mpsc::channel::<Feedback>(256);
-        let client = StreamClient::new(parts.stream.clone()).expect("validated at start");
+        let mut stream_config = parts.stream.clone();
+        stream_config.fence = fence;
+        let client = StreamClient::new(stream_config).expect("validated at start");
         let live = Arc::new(Live {
             ingest: Mutex::new(None),
             ingest_base: Mutex::new(Totals::default()),
@@ -743,6 +760,17 @@ impl Session {
                     Feedback::Status(s) => info!(
                         destination = %s.destination, condition = %s.condition_type, status = %s.status,
                         reason = %s.reason, message = %s.message, "destination status"
+                    ),
+                    Feedback::ObjectsSkipped {
+                        destination,
+                        objects,
+                        total,
+                    } => {
+                        info!(%destination, total, ?objects, "objects not mirrored for their size")
+                    }
+                    Feedback::Fenced { message } => warn!(
+                        %message,
+                        "the writer refused this leader term; waiting for the elector to step down"
                     ),
                     Feedback::SnapshotAbandoned {
                         destination,
@@ -890,6 +918,8 @@ struct Metrics {
     events: IntCounterVec,
     leader: IntGauge,
     ingestion_restarts: IntCounter,
+    /// Labelled `destination`; incremented by the stream itself.
+    objects_too_large: IntCounterVec,
     state: Arc<Mutex<MetricsState>>,
     counters: Arc<Vec<(IntCounter, ReadTotal)>>,
     /// Labelled `resource`.
@@ -1041,9 +1071,19 @@ impl Metrics {
         }
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(ingestion_restarts.clone()))?;
+        let objects_too_large = IntCounterVec::new(
+            Opts::new(
+                "stream_objects_too_large_total",
+                "Objects not sent because they exceed the writer's message or object size limit, per destination \
+                 (the destination's ObjectsSkipped condition names them)",
+            ),
+            &["destination"],
+        )?;
+        registry.register(Box::new(objects_too_large.clone()))?;
         Ok(Self {
             registry,
             events,
+            objects_too_large,
             leader,
             ingestion_restarts,
             state: Arc::default(),

@@ -346,6 +346,7 @@ impl Agent {
                 controller_namespace: "gitops-reverser".into(),
                 controller_name: "reverser".into(),
                 protocol_version: reverser_proto::PROTOCOL_VERSION,
+                leader_term: None,
             })))
             .await?;
         sender

@@ -212,6 +212,7 @@ async fn main() -> anyhow::Result<()> {
             controller_namespace: "gitops-reverser".into(),
             controller_name: "gitops-reverser".into(),
             protocol_version: reverser_proto::PROTOCOL_VERSION,
+            leader_term: None,
         }))
         .await?;
     stream

@@ -793,6 +793,7 @@ mod tests {
             instance_id: "agent-0".into(),
             controller_namespace: "gitops".into(),
             controller_name: "reverser".into(),
+            leader_term: None,
         }
     }
 

@@ -191,6 +191,7 @@ impl Writer for WriterService {
         )
         .with_access(access.clone());
         let metrics = self.metrics.clone();
+        let max_message = self.limits.max_message_bytes;
         let mut shutdown = self.shutdown.clone();
         metrics.connected_agents.inc();
 
@@ -199,6 +200,8 @@ impl Writer for WriterService {
         tokio::spawn(async move {
             let mut final_status = None;
             let mut first = true;
+            // The stream's leader term, once its Hello named one: a newer term cuts it off at once.
+            let mut fence: Option<crate::fencing::Fence> = None;
             loop {
                 // The first message (Hello) must come within the hello timeout; later ones within the idle timeout.
                 let timeout = limits.as_ref().and_then(|l| {
@@ -213,6 +216,12 @@ impl Writer for WriterService {
                     _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {
                         session.flush_all().await;
                         final_status = Some(Status::unavailable("the writer is shutting down; reconnect and re-send unacked changes"));
+                        break;
+                    }
+                    why = superseded(&mut fence) => {
+                        warn!(?peer, %client, %why, "ending a stream of a superseded agent leader term");
+                        session.supersede(&why);
+                        final_status = Some(Status::failed_precondition(why));
                         break;
                     }
                     _ = policy_changed(&mut policy) => {
@@ -237,7 +246,11 @@ impl Writer for WriterService {
                         if let (Some(slot), Some(limits)) = (&slot, &limits) {
                             slot.budget.spend(limits, &message).await;
                         }
-                        match session.handle_checked(message, checked).await {
+                        let next = session.handle_checked(message, checked).await;
+                        if fence.is_none() {
+                            fence = session.fence();
+                        }
+                        match next {
                             Next::Continue => {}
                             Next::Close(reason) => {
                                 final_status = Some(Status::failed_precondition(reason));
@@ -253,6 +266,19 @@ impl Writer for WriterService {
                         // The agent half-closed: push what it sent now, so it gets its acks before the stream ends.
                         debug!(?peer, "agent finished sending; flushing its destinations");
                         session.flush_all().await;
+                        break;
+                    }
+                    Err(status) if status.code() == tonic::Code::OutOfRange => {
+                        // A message above the decoding limit (Welcome.max_message_bytes): the stream cannot go on
+                        // (the message was not read), so say so clearly instead of ending quietly.
+                        let message = format!(
+                            "a message is larger than the writer's limit of {max_message} bytes (Welcome.max_message_bytes); \
+                             the agent must skip such objects: {}",
+                            status.message()
+                        );
+                        warn!(?peer, %client, %message, "oversize message: ending the stream");
+                        session.reject_oversize(&message);
+                        final_status = Some(Status::resource_exhausted(message));
                         break;
                     }
                     Err(status) => {
@@ -296,6 +322,14 @@ impl Writer for WriterService {
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
             output_rx,
         ))))
+    }
+}
+
+/// Resolves with why once the stream's leader term was superseded (never without a term).
+async fn superseded(fence: &mut Option<crate::fencing::Fence>) -> String {
+    match fence {
+        Some(fence) => fence.wait_superseded().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -23,6 +23,7 @@ pub mod authz;
 pub mod batch;
 pub mod config;
 pub mod credentials;
+pub mod fencing;
 pub mod git;
 pub mod grpc;
 pub mod lease;
@@ -464,6 +465,7 @@ impl Args {
             metrics: metrics.clone(),
             limits: session::SessionLimits {
                 max_object_bytes: self.max_object_bytes,
+                max_message_bytes: max_message,
             },
             shutdown: shutdown_rx.clone(),
             policy: policy_rx.clone(),

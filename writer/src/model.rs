@@ -20,18 +20,24 @@ pub struct ClusterIdentity {
     pub instance_id: String,
     pub controller_namespace: String,
     pub controller_name: String,
+    /// `{transitions}/{holder}` of the agent's leader term (`Hello.leader_term`), when it runs leader election.
+    pub leader_term: Option<String>,
 }
 
 impl ClusterIdentity {
     /// Commit trailers recording which installation made a commit (seed: "Commit trailers for audit").
     pub fn trailers(&self) -> String {
-        format!(
+        let trailers = format!(
             "X-ConfigButler-ClusterUID: {}\nX-ConfigButler-ControllerNS: {}\nX-ConfigButler-ControllerName: {}\nX-ConfigButler-InstanceID: {}",
             one_line(&self.cluster_uid),
             one_line(&self.controller_namespace),
             one_line(&self.controller_name),
             one_line(&self.instance_id)
-        )
+        );
+        match &self.leader_term {
+            Some(term) => format!("{trailers}\nX-ConfigButler-LeaderTerm: {}", one_line(term)),
+            None => trailers,
+        }
     }
 }
 

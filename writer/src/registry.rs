@@ -18,6 +18,7 @@ use tracing::info;
 
 use crate::{
     credentials::CredentialStore,
+    fencing::Terms,
     git::{self, RepoSpec},
     lease::{self, LeaseSettings},
     metrics::Metrics,
@@ -98,6 +99,8 @@ pub struct Registry {
     credentials: RwLock<CredentialStore>,
     leases: Option<LeaseSettings>,
     metrics: Metrics,
+    /// The newest agent leader term per cluster (persisted under the work dir).
+    terms: Terms,
     inner: Mutex<Inner>,
 }
 
@@ -117,7 +120,9 @@ impl Registry {
         leases: Option<LeaseSettings>,
         metrics: Metrics,
     ) -> Arc<Self> {
+        let terms = Terms::load(&settings.work_dir);
         Arc::new(Self {
+            terms,
             settings,
             caps,
             credentials: RwLock::new(credentials),
@@ -127,7 +132,11 @@ impl Registry {
         })
     }
 
-    /// Replaces the writer's own credentials (a reloaded configuration). Running workers keep theirs.
+    /// The newest agent leader term per cluster ([`crate::fencing`]).
+    pub fn terms(&self) -> &Terms {
+        &self.terms
+    }
+
     /// Swaps the writer's own credentials in (a reload) and hands running workers whose credentials changed the
     /// new ones: a rotated token applies at the next push, a removed one is no longer used.
     pub fn set_credentials(&self, credentials: CredentialStore) {

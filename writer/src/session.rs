@@ -25,6 +25,7 @@ use reverser_proto::{
 
 use crate::{
     authz::Access,
+    fencing::{Fence, Term},
     git::{self, GitCredentials},
     metrics::Metrics,
     model::{
@@ -41,6 +42,8 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 #[derive(Clone, Debug)]
 pub struct SessionLimits {
     pub max_object_bytes: usize,
+    /// The gRPC decoding limit, announced in `Welcome` so that agents never send more.
+    pub max_message_bytes: usize,
 }
 
 /// A refused message: machine-readable reason plus explanation.
@@ -91,13 +94,38 @@ pub fn validate_hello(hello: &pb::Hello) -> Result<ClusterIdentity, Rejection> {
             "hello.cluster_name is longer than 253 characters or has control characters",
         ));
     }
+    let leader_term = validate_leader_term(hello)?;
     Ok(ClusterIdentity {
         cluster_uid: hello.cluster_uid.clone(),
         cluster_name: hello.cluster_name.clone(),
         instance_id: hello.instance_id.clone(),
         controller_namespace: hello.controller_namespace.clone(),
         controller_name: hello.controller_name.clone(),
+        leader_term: leader_term.map(|term| term.to_string()),
     })
+}
+
+/// The leader term a `Hello` speaks for, if any.
+pub fn validate_leader_term(hello: &pb::Hello) -> Result<Option<Term>, Rejection> {
+    let Some(term) = &hello.leader_term else {
+        return Ok(None);
+    };
+    // The holder is the agent's instance id plus a suffix, so it may be a little longer than the id.
+    for (field, value) in [("lease_uid", &term.lease_uid), ("holder", &term.holder)] {
+        if value.trim().is_empty() || value.len() > 512 || value.chars().any(char::is_control) {
+            return Err(reject(
+                "InvalidHello",
+                format!(
+                    "hello.leader_term.{field} is required, at most 512 bytes, without control characters"
+                ),
+            ));
+        }
+    }
+    Ok(Some(Term {
+        lease_uid: term.lease_uid.clone(),
+        transitions: term.transitions,
+        holder: term.holder.clone(),
+    }))
 }
 
 fn valid_repo_url(url: &str) -> bool {
@@ -344,6 +372,8 @@ pub struct Session {
     destinations: HashMap<String, DeclaredDestination>,
     id: u64,
     access: Access,
+    /// The leader term the stream speaks for (None without leader election).
+    fence: Option<Fence>,
 }
 
 /// What the stream driver should do after a message.
@@ -372,7 +402,24 @@ impl Session {
             destinations: HashMap::new(),
             id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
             access: Access::Unrestricted,
+            fence: None,
         }
+    }
+
+    /// The stream's leader-term fence, once its `Hello` named a term.
+    pub fn fence(&self) -> Option<Fence> {
+        self.fence.clone()
+    }
+
+    /// Answers a message the gRPC layer could not read because it exceeds the decoding limit.
+    pub fn reject_oversize(&self, message: &str) {
+        self.send_reject("", 0, reject("ObjectTooLarge", message));
+    }
+
+    /// Refuses the stream for good because a newer leader term said Hello: a `Reject` (reason `StaleLeaderTerm`)
+    /// now, and the caller ends the stream.
+    pub fn supersede(&self, why: &str) {
+        self.send_reject("", 0, reject("StaleLeaderTerm", why));
     }
 
     /// Restricts the stream to a configured client's grant (default: unrestricted).
@@ -469,8 +516,13 @@ impl Session {
                     None => Ok(identity),
                 }) {
                     Ok(identity) => {
+                        if let Err(rejection) = self.enter_term(&identity.cluster_uid, &hello) {
+                            let message = rejection.message.clone();
+                            self.send_reject("", 0, rejection);
+                            return Next::Close(message);
+                        }
                         info!(session = self.id, client = self.client(), cluster = %identity.cluster_uid, name = %identity.cluster_name,
-                            instance = %identity.instance_id, "agent connected");
+                            instance = %identity.instance_id, term = identity.leader_term.as_deref().unwrap_or("-"), "agent connected");
                         self.origin = Some(Arc::new(Origin {
                             session_id: self.id,
                             identity,
@@ -479,6 +531,8 @@ impl Session {
                         self.send(pb::writer_message::Kind::Welcome(pb::Welcome {
                             protocol_version: PROTOCOL_VERSION,
                             writer_version: env!("CARGO_PKG_VERSION").to_owned(),
+                            max_message_bytes: self.limits.max_message_bytes as u64,
+                            max_object_bytes: self.limits.max_object_bytes as u64,
                         }));
                         Next::Continue
                     }
@@ -500,6 +554,12 @@ impl Session {
                 }
             };
         };
+        // A newer leader term said Hello: nothing more of this stream is applied (whatever a former leader had
+        // queued before it noticed).
+        if let Some(why) = self.fence.as_ref().and_then(Fence::superseded) {
+            self.send_reject("", 0, reject("StaleLeaderTerm", why.clone()));
+            return Next::Close(why);
+        }
         match kind {
             Kind::Hello(_) => {
                 self.send_reject(
@@ -554,6 +614,20 @@ impl Session {
             }
         }
         Next::Continue
+    }
+
+    /// Admits the stream under its Hello's leader term (refused when older than the cluster's newest).
+    fn enter_term(&mut self, cluster_uid: &str, hello: &pb::Hello) -> Result<(), Rejection> {
+        let Some(term) = validate_leader_term(hello)? else {
+            return Ok(());
+        };
+        match self.registry.terms().enter(cluster_uid, term) {
+            Ok(fence) => {
+                self.fence = Some(fence);
+                Ok(())
+            }
+            Err(why) => Err(reject("StaleLeaderTerm", why)),
+        }
     }
 
     /// Checks a validated declaration against the client's grant.
@@ -783,6 +857,36 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leader_term_needs_a_lease_uid_and_a_clean_holder() {
+        let hello = |lease_uid: &str, holder: &str| pb::Hello {
+            leader_term: Some(pb::LeaderTerm {
+                lease_uid: lease_uid.into(),
+                transitions: 7,
+                holder: holder.into(),
+            }),
+            ..pb::Hello::default()
+        };
+        assert_eq!(validate_leader_term(&pb::Hello::default()), Ok(None));
+        let term = validate_leader_term(&hello("uid", "agent-0-abc123"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(term.to_string(), "7/agent-0-abc123");
+        for (uid, holder) in [
+            ("", "a"),
+            ("uid", " "),
+            ("uid", "a\nX-Forged: 1"),
+            ("uid", &"a".repeat(513)),
+        ] {
+            assert_eq!(
+                validate_leader_term(&hello(uid, holder))
+                    .unwrap_err()
+                    .reason,
+                "InvalidHello"
+            );
+        }
+    }
 
     #[test]
     fn repository_urls_with_dot_segments_or_escapes_are_refused() {

@@ -306,6 +306,56 @@ impl Backlog {
         dropped
     }
 
+    /// Drops a message that cannot go to the writer (too large) without sending it: it is never re-sent. The
+    /// object still exists, so the snapshots of its scope that are open on this connection, or whose end is still
+    /// pending, must not delete it as an orphan: their ends are dropped ([`Abandoned`]).
+    pub fn skip(&mut self, destination: &str, sequence: u64) -> Vec<Abandoned> {
+        let object = self.destinations.get(destination).and_then(|d| {
+            let pending = &d.pending[position(&d.pending, sequence)?];
+            match &pending.event {
+                AgentEvent::Upsert { object, .. } | AgentEvent::Delete { object, .. } => {
+                    Some(object.clone())
+                }
+                _ => None,
+            }
+        });
+        self.reject(destination, sequence);
+        let Some(object) = object else {
+            return Vec::new();
+        };
+        let covers = |scope: &ScopeRef| {
+            scope.group == object.group
+                && scope.version == object.version
+                && scope.resource == object.resource
+                && (scope.namespace.is_empty() || scope.namespace == object.namespace)
+        };
+        if let Some(connection) = &mut self.connection {
+            connection
+                .open
+                .retain(|(key, scope), _| !(key == destination && covers(scope)));
+        }
+        let Some(d) = self.destinations.get_mut(destination) else {
+            return Vec::new();
+        };
+        let mut abandoned = Vec::new();
+        d.pending.retain(|p| match &p.event {
+            AgentEvent::SnapshotEnd { scope, epoch, .. }
+                if p.sequence > sequence && covers(scope) =>
+            {
+                abandoned.push(Abandoned {
+                    destination: destination.to_owned(),
+                    sequence: p.sequence,
+                    scope: scope.clone(),
+                    epoch: *epoch,
+                });
+                false
+            }
+            _ => true,
+        });
+        self.unacked -= abandoned.len();
+        abandoned
+    }
+
     /// A `Reject` naming one message: it must not be re-sent. Returns whether it was still unacked.
     pub fn reject(&mut self, destination: &str, sequence: u64) -> bool {
         let Some(d) = self.destinations.get_mut(destination) else {
@@ -584,6 +634,77 @@ mod tests {
         assert_eq!(backlog.unacked(), 4);
         assert_eq!(backlog.ack("a/y", 3), 3);
         assert_eq!(backlog.unacked(), 1);
+    }
+
+    #[test]
+    fn a_skipped_object_drops_the_snapshot_ends_of_its_scope_only() {
+        let in_scope = |name: &str| match upsert("a/x", name) {
+            AgentEvent::Upsert {
+                destination,
+                path,
+                yaml,
+                ..
+            } => AgentEvent::Upsert {
+                destination,
+                path,
+                yaml,
+                object: ObjectRef {
+                    version: "v1".into(),
+                    resource: "configmaps".into(),
+                    namespace: "ns".into(),
+                    name: name.into(),
+                    ..ObjectRef::default()
+                },
+                created: true,
+                author: None,
+                fingerprint: None,
+            },
+            _ => unreachable!(),
+        };
+        let mut backlog = Backlog::with_first_wire_epoch(1);
+        backlog.accept(decl("a/x", "x"), now());
+        backlog.accept(decl("a/y", "y"), now());
+        backlog.begin_connection();
+        backlog.accept(begin("a/x", 1), now()); // 1
+        backlog.accept(begin("a/y", 1), now()); // a/y 1
+        backlog.accept(in_scope("small"), now()); // 2
+        backlog.accept(in_scope("huge"), now()); // 3
+        backlog.accept(end("a/x", 1), now()); // 4: already queued when 3 is skipped
+        backlog.accept(end("a/y", 1), now()); // a/y 2
+        let abandoned = backlog.skip("a/x", 3);
+        assert_eq!(
+            abandoned
+                .iter()
+                .map(|a| (a.destination.as_str(), a.sequence))
+                .collect::<Vec<_>>(),
+            [("a/x", 4)]
+        );
+        let sent: Vec<_> = drain(&mut backlog)
+            .into_iter()
+            .filter(|(k, ..)| *k != "destination")
+            .map(|(k, d, s, _)| (k, d, s))
+            .collect();
+        assert_eq!(
+            sent,
+            [
+                ("begin", "a/x".into(), 1),
+                ("begin", "a/y".into(), 1),
+                ("upsert", "a/x".into(), 2),
+                ("end", "a/y".into(), 2),
+            ],
+            "neither the skipped object nor its scope's end goes out; the other destination's end does"
+        );
+        assert_eq!(backlog.unacked(), 4);
+        // A later epoch begun after the skip may end again.
+        backlog.accept(begin("a/x", 2), now()); // 5
+        backlog.accept(end("a/x", 2), now()); // 6
+        assert_eq!(
+            drain(&mut backlog)
+                .iter()
+                .map(|(k, _, s, _)| (*k, *s))
+                .collect::<Vec<_>>(),
+            [("begin", 5), ("end", 6)]
+        );
     }
 
     #[test]

@@ -22,6 +22,16 @@
 //!   scope: the writer may have lost open snapshots. A `SnapshotEnd` whose epoch did not go out whole on the
 //!   current connection is never sent ([`Feedback::SnapshotAbandoned`]), so the writer never deletes orphans on
 //!   an incomplete seen-set; see [`backlog`] for the rules.
+//! - Fencing: with leader election every stream names the leader term it speaks for (`Hello.leader_term`), and
+//!   nothing is sent unless the Lease is provably still ours ([`LeaderFence`]: its validity deadline on the
+//!   monotonic clock). A process that was frozen past that deadline sends nothing once it runs again, not even
+//!   before its elector tries to renew. A `Reject` with reason `StaleLeaderTerm` (a newer leader said Hello to the
+//!   writer) ends the client's sending for good: the term can never become current again.
+//! - Limits: the writer announces its largest message in `Welcome`. Every message is measured before it goes out;
+//!   an upsert that does not fit is not sent (it would end the stream and loop): it is dropped from the backlog,
+//!   counted (`objects_too_large`, per destination), logged at WARN and reported as [`Feedback::ObjectsSkipped`]
+//!   naming it, and the open snapshots of its scope lose their end (nothing of the scope is deleted, since the
+//!   object still exists). Everything else flows.
 //! - When the events channel closes, the client half-closes the stream once everything is sent (the writer
 //!   then pushes at once) and returns when every message is acked. On shutdown it half-closes and waits at
 //!   most `shutdown_grace` for the acks.
@@ -51,7 +61,40 @@ use reverser_proto::{
 };
 
 use crate::events::{AgentEvent, ScopeRef};
+use crate::leader::Tenure;
 use backlog::Backlog;
+
+/// The leader term a stream speaks for, and the elector's view of the Lease to prove it is still current.
+#[derive(Clone, Debug)]
+pub struct LeaderFence {
+    /// The term as acquired (named in every `Hello`).
+    pub term: Tenure,
+    /// The elector's latest tenure (renewals move its deadline; `None` or another term: not ours any more).
+    pub tenure: tokio::sync::watch::Receiver<Option<Tenure>>,
+}
+
+impl LeaderFence {
+    /// Whether the Lease is provably ours now (same term, renewal deadline not passed on the monotonic clock).
+    pub fn is_current(&self) -> bool {
+        self.tenure
+            .borrow()
+            .as_ref()
+            .is_some_and(|t| t.same_term(&self.term) && t.is_current())
+    }
+
+    fn hello_term(&self) -> pb::LeaderTerm {
+        pb::LeaderTerm {
+            lease_uid: self.term.lease_uid.clone(),
+            transitions: self.term.transitions,
+            holder: self.term.holder.clone(),
+        }
+    }
+}
+
+/// Encoded size the writer is assumed to accept when its `Welcome` does not say (tonic's default).
+const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Objects named in an `ObjectsSkipped` condition message.
+const SKIPPED_NAMED: usize = 10;
 
 /// Who the agent is, sent in `Hello` and recorded in commit trailers and ownership markers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -107,6 +150,10 @@ pub struct StreamConfig {
     pub keepalive_timeout: Duration,
     /// On shutdown, how long to wait for acks of what was already sent.
     pub shutdown_grace: Duration,
+    /// The leader term of this client (None without leader election: nothing to prove).
+    pub fence: Option<LeaderFence>,
+    /// Counter of objects skipped as too large, labelled `destination` (the agent's `/metrics`).
+    pub objects_too_large: Option<prometheus::IntCounterVec>,
 }
 
 impl StreamConfig {
@@ -123,6 +170,8 @@ impl StreamConfig {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
             shutdown_grace: Duration::from_secs(5),
+            fence: None,
+            objects_too_large: None,
         }
     }
 }
@@ -175,6 +224,17 @@ pub enum Feedback {
     },
     Rejected(Rejection),
     Status(DestinationCondition),
+    /// The objects of `destination` currently not mirrored because they exceed the writer's limits
+    /// (`path → description`); empty when the last of them was sent again (or deleted) within limits.
+    ObjectsSkipped {
+        destination: String,
+        objects: Vec<String>,
+        total: usize,
+    },
+    /// The writer refused this client's leader term (a newer leader said Hello): nothing more is sent.
+    Fenced {
+        message: String,
+    },
     /// A `SnapshotEnd` was dropped without being sent because its epoch did not go out whole on the current
     /// connection; nothing of that epoch is deleted. Re-list the scope to get orphan deletion.
     SnapshotAbandoned {
@@ -203,6 +263,7 @@ pub struct StreamStats {
     unacked: AtomicU64,
     snapshots_abandoned: AtomicU64,
     feedback_dropped: AtomicU64,
+    objects_too_large: AtomicU64,
     connected: AtomicBool,
 }
 
@@ -234,6 +295,10 @@ impl StreamStats {
     /// Rejects and statuses dropped because the feedback receiver fell far behind.
     pub fn feedback_dropped(&self) -> u64 {
         self.feedback_dropped.load(Ordering::Relaxed)
+    }
+    /// Upserts not sent because they exceed the writer's limits.
+    pub fn objects_too_large(&self) -> u64 {
+        self.objects_too_large.load(Ordering::Relaxed)
     }
     /// Whether a welcomed connection is up (gauge).
     pub fn connected(&self) -> bool {
@@ -320,6 +385,10 @@ impl StreamClient {
             shutdown: Box::pin(shutdown),
             shutdown_requested: false,
             ever_connected: false,
+            fenced: false,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_object_bytes: 0,
+            skipped: std::collections::BTreeMap::new(),
         };
         runner.run().await;
         runner.feedback.flush_now(&runner.stats);
@@ -480,6 +549,8 @@ enum Ended {
         error: String,
         welcomed: bool,
     },
+    /// The writer refused our leader term: never send again.
+    Fenced(String),
 }
 
 struct Runner {
@@ -493,6 +564,13 @@ struct Runner {
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
     shutdown_requested: bool,
     ever_connected: bool,
+    /// The writer refused our leader term.
+    fenced: bool,
+    /// The writer's limits from its `Welcome`.
+    max_message_bytes: usize,
+    max_object_bytes: usize,
+    /// Objects not sent for their size: destination → path → description.
+    skipped: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
 }
 
 type Replies = tonic::Streaming<pb::WriterMessage>;
@@ -516,6 +594,23 @@ impl Runner {
                         unacked = self.backlog.unacked(),
                         "stream client stopped (shutdown)"
                     );
+                    return;
+                }
+                Ended::Fenced(message) => {
+                    self.backlog.end_connection();
+                    self.stats.connected.store(false, Ordering::Relaxed);
+                    self.fenced = true;
+                    warn!(%message, "the writer refused this leader term: sending nothing more");
+                    self.feedback.push(
+                        Feedback::Disconnected {
+                            error: format!("superseded leader term: {message}"),
+                        },
+                        &self.stats,
+                    );
+                    self.feedback
+                        .push(Feedback::Fenced { message }, &self.stats);
+                    // Wait for the end of the term (the elector notices, or shutdown) without sending.
+                    while self.idle(Instant::now() + Duration::from_secs(3600)).await {}
                     return;
                 }
                 Ended::Lost { error, welcomed } => {
@@ -616,6 +711,7 @@ impl Runner {
     async fn open(
         endpoint: &Endpoint,
         identity: &AgentIdentity,
+        leader_term: Option<pb::LeaderTerm>,
     ) -> Result<(mpsc::Sender<pb::AgentMessage>, Replies), String> {
         let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
         let (sender, receiver) = mpsc::channel(SEND_BUFFER);
@@ -627,6 +723,7 @@ impl Runner {
                 controller_namespace: identity.controller_namespace.clone(),
                 controller_name: identity.controller_name.clone(),
                 protocol_version: PROTOCOL_VERSION,
+                leader_term,
             })),
         };
         sender
@@ -646,7 +743,8 @@ impl Runner {
                 self.shutdown_requested = true;
                 return Ended::Shutdown;
             }
-            opened = tokio::time::timeout(self.config.connect_timeout, Self::open(&self.endpoint, &self.config.identity)) => opened,
+            opened = tokio::time::timeout(self.config.connect_timeout, Self::open(&self.endpoint, &self.config.identity,
+                self.config.fence.as_ref().map(LeaderFence::hello_term))) => opened,
         };
         let (sender, mut replies) = match opened {
             Ok(Ok(opened)) => opened,
@@ -670,6 +768,8 @@ impl Runner {
         let mut welcomed = false;
         let welcome_by = Instant::now() + self.config.connect_timeout;
         let mut grace_until: Option<Instant> = None;
+        // The elector's view of the Lease: a renewal re-enables sending after the deadline passed.
+        let mut tenure = self.config.fence.as_ref().map(|f| f.tenure.clone());
         loop {
             if self.finished() {
                 return Ended::Finished;
@@ -721,9 +821,21 @@ impl Runner {
                         return Ended::Lost { error: "the writer ended the stream".into(), welcomed };
                     }
                 },
-                permit = reserve(&sender), if welcomed && !self.shutdown_requested && self.backlog.has_outgoing() => {
+                _ = tenure_changed(&mut tenure), if welcomed && self.backlog.has_outgoing() && !self.lease_current() => {}
+                permit = reserve(&sender), if welcomed && !self.shutdown_requested && self.backlog.has_outgoing() && self.lease_current() => {
                     if let Some(permit) = permit {
+                        // Checked again at the moment of sending: time passes (or the process was frozen)
+                        // between the loop's start and here.
+                        if !self.lease_current() {
+                            continue;
+                        }
                         if let Some((message, sequenced)) = self.backlog.next_message() {
+                            if let Some(why) = self.too_large(&message) {
+                                drop(permit);
+                                self.skip(&message, why);
+                                continue;
+                            }
+                            self.sent_within_limits(&message);
                             permit.send(message);
                             if sequenced {
                                 StreamStats::add(&self.stats.sent, 1);
@@ -752,7 +864,13 @@ impl Runner {
                     return None;
                 }
                 *welcomed = true;
-                info!(writer_version = %welcome.writer_version, unacked = self.backlog.unacked(), "connected to the writer");
+                self.max_message_bytes = usize::try_from(welcome.max_message_bytes)
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+                self.max_object_bytes = usize::try_from(welcome.max_object_bytes).unwrap_or(0);
+                info!(writer_version = %welcome.writer_version, unacked = self.backlog.unacked(),
+                    max_message_bytes = self.max_message_bytes, "connected to the writer");
                 for abandoned in self.backlog.begin_connection() {
                     self.abandon(abandoned);
                 }
@@ -772,6 +890,9 @@ impl Runner {
                 debug!(destination = %ack.destination, sequence = ack.sequence, commit = %ack.commit_sha, dropped, "acked");
                 StreamStats::add(&self.stats.acked, dropped as u64);
                 self.set_unacked();
+            }
+            Reply::Reject(reject) if reject.reason == "StaleLeaderTerm" => {
+                return Some(Ended::Fenced(reject.message));
             }
             Reply::Reject(reject) => {
                 // The one transient reason: the message was not applied and the writer asks for a re-send,
@@ -815,6 +936,137 @@ impl Runner {
             }
         }
         None
+    }
+}
+
+impl Runner {
+    /// Whether this client may send now: always without leader election, else only while the Lease is provably
+    /// ours (and never again once the writer refused our term).
+    fn lease_current(&self) -> bool {
+        !self.fenced
+            && self
+                .config
+                .fence
+                .as_ref()
+                .is_none_or(LeaderFence::is_current)
+    }
+
+    /// Why `message` cannot go to the writer (too large for its limits), if so.
+    fn too_large(&self, message: &pb::AgentMessage) -> Option<String> {
+        use prost::Message as _;
+        let encoded = message.encoded_len();
+        // The gRPC frame adds 5 bytes to the encoded message.
+        if encoded.saturating_add(5) > self.max_message_bytes {
+            return Some(format!(
+                "{encoded} bytes encoded, more than the writer's limit of {} bytes per message",
+                self.max_message_bytes
+            ));
+        }
+        match &message.kind {
+            Some(pb::agent_message::Kind::Upsert(upsert))
+                if self.max_object_bytes > 0 && upsert.content.len() > self.max_object_bytes =>
+            {
+                Some(format!(
+                    "{} bytes of YAML, more than the writer's limit of {} bytes per object",
+                    upsert.content.len(),
+                    self.max_object_bytes
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Drops a message that cannot go to the writer, and reports the object.
+    fn skip(&mut self, message: &pb::AgentMessage, why: String) {
+        use pb::agent_message::Kind;
+        let (destination, sequence, path, object) = match &message.kind {
+            Some(Kind::Upsert(u)) => (&u.destination, u.sequence, &u.path, u.object.as_ref()),
+            Some(Kind::Delete(d)) => (&d.destination, d.sequence, &d.path, d.object.as_ref()),
+            // A declaration or snapshot marker is small; should one ever not fit, it is dropped the same way.
+            _ => {
+                warn!(%why, "a protocol message exceeds the writer's limit; dropped");
+                return;
+            }
+        };
+        let (destination, path) = (destination.clone(), path.clone());
+        let name = object.map_or_else(
+            || path.clone(),
+            |o| {
+                let kind = if o.group.is_empty() {
+                    o.resource.clone()
+                } else {
+                    format!("{}.{}", o.resource, o.group)
+                };
+                if o.namespace.is_empty() {
+                    format!("{kind}/{}", o.name)
+                } else {
+                    format!("{kind} {}/{}", o.namespace, o.name)
+                }
+            },
+        );
+        warn!(destination = %destination, object = %name, %path, %why, "object too large for the writer: not mirrored");
+        StreamStats::add(&self.stats.objects_too_large, 1);
+        if let Some(counter) = &self.config.objects_too_large {
+            counter.with_label_values(&[destination.as_str()]).inc();
+        }
+        for abandoned in self.backlog.skip(&destination, sequence) {
+            self.abandon(abandoned);
+        }
+        self.set_unacked();
+        self.skipped
+            .entry(destination.clone())
+            .or_default()
+            .insert(path, format!("{name}: {why}"));
+        self.report_skipped(&destination);
+    }
+
+    /// A change of a path that was skipped went out within limits: it is mirrored again.
+    fn sent_within_limits(&mut self, message: &pb::AgentMessage) {
+        use pb::agent_message::Kind;
+        let (destination, path) = match &message.kind {
+            Some(Kind::Upsert(u)) => (&u.destination, &u.path),
+            Some(Kind::Delete(d)) => (&d.destination, &d.path),
+            _ => return,
+        };
+        let removed = self
+            .skipped
+            .get_mut(destination)
+            .is_some_and(|paths| paths.remove(path).is_some());
+        if removed {
+            let destination = destination.clone();
+            self.report_skipped(&destination);
+        }
+    }
+
+    fn report_skipped(&mut self, destination: &str) {
+        let paths = self.skipped.get(destination);
+        let total = paths.map_or(0, |p| p.len());
+        let objects = paths
+            .map(|p| p.values().take(SKIPPED_NAMED).cloned().collect())
+            .unwrap_or_default();
+        if total == 0 {
+            self.skipped.remove(destination);
+        }
+        self.feedback.push(
+            Feedback::ObjectsSkipped {
+                destination: destination.to_owned(),
+                objects,
+                total,
+            },
+            &self.stats,
+        );
+    }
+}
+
+/// Resolves when the elector's tenure changes; never without leader election (or once the elector is gone).
+async fn tenure_changed(tenure: &mut Option<tokio::sync::watch::Receiver<Option<Tenure>>>) {
+    match tenure {
+        Some(receiver) => {
+            if receiver.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 

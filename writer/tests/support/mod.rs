@@ -120,6 +120,7 @@ pub fn hello(cluster_uid: &str) -> pb::AgentMessage {
             controller_namespace: "gitops-reverser".into(),
             controller_name: "reverser".into(),
             protocol_version: 1,
+            leader_term: None,
         })),
     }
 }

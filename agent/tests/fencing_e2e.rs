@@ -1,0 +1,431 @@
+//! Leader fencing end to end: two `reverser-agent` processes (Lease 12 s, renew 4 s) against the
+//! kube-emulator, one writer (in-process, real gRPC) pushing to a bare repository, 50 ConfigMaps.
+//!
+//! The leader is frozen (`SIGSTOP`) or killed (`SIGKILL`) while the ConfigMaps keep changing (or
+//! not); the standby takes the Lease and mirrors the new state; then the frozen leader is thawed
+//! (`SIGCONT`). Whatever the old leader had queued (watch events buffered in its sockets, messages
+//! in its gRPC send buffer) must never reach Git: the final tree equals the cluster, and once a
+//! commit of the newer leader term is in the history no later commit carries an older term
+//! (`X-ConfigButler-InstanceID` / `X-ConfigButler-LeaderTerm` trailers).
+//!
+//! Every wait has a generous upper bound only to turn a hang into a failure; no test asserts on
+//! how long something took.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use clap::Parser;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams};
+use kube_emulator::Emulator;
+use testkit::BareRepo;
+use tokio::process::{Child, Command};
+
+mod support;
+
+use support::{PATIENCE, free_port, http_get, metric, wait, wait_async};
+
+const BRANCH: &str = "main";
+const NS: &str = "shop";
+const COUNT: usize = 50;
+const LEASE: &str = "gitops-reverser-agent";
+
+fn cluster(repo_url: &str) -> String {
+    let mut yaml = format!(
+        "
+apiVersion: v1
+kind: Namespace
+metadata: {{name: gitops-reverser}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: {NS}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitRepoConfig
+metadata: {{name: repo, namespace: gitops-reverser}}
+spec:
+  repoUrl: '{repo_url}'
+  allowedBranches: [{BRANCH}]
+  accessPolicy: {{namespacedRules: {{mode: AllNamespaces}}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitDestination
+metadata: {{name: prod, namespace: gitops-reverser}}
+spec:
+  repoRef: {{namespace: gitops-reverser, name: repo}}
+  branch: {BRANCH}
+  baseFolder: clusters/prod
+  accessPolicy: {{namespacedRules: {{mode: AllNamespaces}}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: WatchRule
+metadata: {{name: config, namespace: {NS}}}
+spec:
+  destinationRef: {{name: prod, namespace: gitops-reverser}}
+  rules: [{{resources: [configmaps]}}]
+"
+    );
+    for i in 0..COUNT {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm-{i}, namespace: {NS}}}\ndata: {{v: r0}}\n"
+        ));
+    }
+    yaml
+}
+
+fn file(i: usize) -> String {
+    format!("clusters/prod/core/v1/configmaps/{NS}/cm-{i}.yaml")
+}
+
+struct World {
+    emu: Emulator,
+    client: kube::Client,
+    repo: BareRepo,
+    writer: Option<reverser_writer::RunningWriter>,
+    writer_dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    _kubeconfig_dir: tempfile::TempDir,
+}
+
+impl World {
+    async fn start() -> World {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let emu = Emulator::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .expect("emulator starts");
+        let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        emu.apply_dir(&crds).await.expect("CRDs apply");
+        let repo = BareRepo::new();
+        emu.apply_yaml(&cluster(&repo.file_url()))
+            .await
+            .expect("cluster applies");
+        let writer_dir = tempfile::tempdir().unwrap();
+        let writer = start_writer("127.0.0.1:0", &writer_dir).await;
+        let kubeconfig_dir = tempfile::tempdir().unwrap();
+        let kubeconfig = kubeconfig_dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, emu.kubeconfig_yaml(None)).unwrap();
+        let client = emu.client().await;
+        World {
+            emu,
+            client,
+            repo,
+            writer: Some(writer),
+            writer_dir,
+            kubeconfig,
+            _kubeconfig_dir: kubeconfig_dir,
+        }
+    }
+
+    fn agent(&self, name: &str) -> Agent {
+        let admin = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_reverser-agent"))
+            .arg("--writer-url")
+            .arg(format!(
+                "http://{}",
+                self.writer.as_ref().expect("a writer").grpc_addr
+            ))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["--admin-addr", &admin, "--cluster-name", "e2e"])
+            .args(["--controller-namespace", "gitops-reverser"])
+            .args(["--instance-id", name])
+            .args([
+                "--leader-election-lease-sec",
+                "12",
+                "--leader-election-renew-sec",
+                "4",
+            ])
+            .env(
+                "AGENT_LOG_LEVEL",
+                std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the agent binary starts");
+        Agent { child, admin }
+    }
+
+    async fn holder(&self) -> Option<String> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), "gitops-reverser");
+        leases
+            .get_opt(LEASE)
+            .await
+            .ok()
+            .flatten()?
+            .spec?
+            .holder_identity
+    }
+
+    async fn wait_for_holder(&self, prefix: &str) {
+        wait_async(&format!("a Lease held by {prefix}"), || async {
+            self.holder()
+                .await
+                .filter(|h| h.starts_with(&format!("{prefix}-")))
+        })
+        .await;
+    }
+
+    /// Sets every ConfigMap's value to `r{round}`.
+    async fn patch_all(&self, round: usize) {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), NS);
+        for i in 0..COUNT {
+            api.patch(
+                &format!("cm-{i}"),
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"data": {"v": format!("r{round}")}})),
+            )
+            .await
+            .expect("patch");
+        }
+    }
+
+    /// The files that differ from the cluster (every ConfigMap at `r{round}`).
+    fn stale_files(&self, round: usize) -> Vec<String> {
+        (0..COUNT)
+            .filter(|i| {
+                !self
+                    .repo
+                    .read(BRANCH, &file(*i))
+                    .is_some_and(|text| text.contains(&format!("v: r{round}\n")))
+            })
+            .map(file)
+            .collect()
+    }
+
+    async fn wait_for_tree(&self, round: usize) {
+        wait(&format!("every ConfigMap at r{round} in Git"), || {
+            self.stale_files(round).is_empty().then_some(())
+        })
+        .await;
+    }
+
+    /// `(instance id, leader term)` of every commit, oldest first.
+    fn commit_terms(&self) -> Vec<(String, String)> {
+        let out = std::process::Command::new("git")
+            .arg("--git-dir")
+            .arg(self.repo.path())
+            .args(["log", "--reverse", "--format=%B%x00", BRANCH])
+            .output()
+            .expect("git log");
+        assert!(out.status.success(), "git log fails");
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .split('\0')
+            .filter(|m| !m.trim().is_empty())
+            .map(|message| {
+                let trailer = |key: &str| {
+                    message
+                        .lines()
+                        .find_map(|l| l.strip_prefix(key))
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned()
+                };
+                (
+                    trailer("X-ConfigButler-InstanceID:"),
+                    trailer("X-ConfigButler-LeaderTerm:"),
+                )
+            })
+            .collect()
+    }
+
+    /// No commit of `old` after the first commit of `new`, nor after the first `settled` commits (the history
+    /// when the new leader had mirrored the cluster: it may have had nothing to commit).
+    fn assert_no_superseded_commit(&self, old: &str, new: &str, settled: usize) {
+        let commits = self.commit_terms();
+        let first_new = commits
+            .iter()
+            .position(|(instance, _)| instance == new)
+            .unwrap_or(settled)
+            .min(settled);
+        let late: Vec<_> = commits[first_new..]
+            .iter()
+            .filter(|(instance, _)| instance == old)
+            .collect();
+        assert!(
+            late.is_empty(),
+            "commits of the superseded leader {old} after {new} took over: {late:?} (history {commits:#?})"
+        );
+        // Terms never go backwards along the history.
+        let terms: Vec<u64> = commits
+            .iter()
+            .filter_map(|(_, term)| term.split('/').next()?.parse().ok())
+            .collect();
+        assert!(
+            terms.windows(2).all(|w| w[0] <= w[1]),
+            "leader terms go backwards in the history: {commits:#?}"
+        );
+    }
+
+    async fn restart_writer(&mut self) {
+        let writer = self.writer.take().expect("a running writer");
+        let addr = writer.grpc_addr;
+        writer.stop().await.expect("the writer stops cleanly");
+        self.writer = Some(start_writer(&addr.to_string(), &self.writer_dir).await);
+    }
+
+    async fn stop(mut self) {
+        if let Some(w) = self.writer.take() {
+            w.stop().await.unwrap();
+        }
+        self.emu.shutdown().await;
+    }
+}
+
+async fn start_writer(
+    grpc_addr: &str,
+    work_dir: &tempfile::TempDir,
+) -> reverser_writer::RunningWriter {
+    let work = work_dir.path().display().to_string();
+    let args = reverser_writer::Args::try_parse_from([
+        "reverser-writer",
+        "--grpc-addr",
+        grpc_addr,
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--work-dir",
+        &work,
+        "--git-batch-max-wait-sec",
+        "0.2",
+        "--leases",
+        "off",
+    ])
+    .unwrap();
+    args.start().await.expect("writer starts")
+}
+
+struct Agent {
+    child: Child,
+    admin: String,
+}
+
+impl Agent {
+    async fn metric(&self, name: &str) -> Option<f64> {
+        Some(metric(&http_get(&self.admin, "/metrics").await?, name))
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("the agent runs");
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    /// SIGSTOP the leader, SIGCONT it once the standby mirrored the new state.
+    Freeze,
+    /// SIGKILL the leader.
+    Kill,
+}
+
+/// Leader `agent-a` fails (`fault`); with `changes` the ConfigMaps keep changing until `agent-b`
+/// holds the Lease. With `restart_writer` the writer restarts (same work dir) while `agent-a` is
+/// frozen, so only what it persisted tells it which term is current.
+async fn failover(fault: Fault, changes: bool, restart_writer: bool) {
+    let mut world = World::start().await;
+    let a = world.agent("agent-a");
+    world.wait_for_holder("agent-a").await;
+    world.wait_for_tree(0).await;
+    let b = world.agent("agent-b");
+    wait_async("agent-b to stand by", || async {
+        (b.metric("gitops_reverser_agent_leader").await? == 0.0).then_some(())
+    })
+    .await;
+    // Some work of the leader in flight before the fault.
+    world.patch_all(1).await;
+    let mut a = a;
+    match fault {
+        Fault::Freeze => a.signal("STOP"),
+        Fault::Kill => a.child.kill().await.expect("kill -9"),
+    }
+    let mut round = 1;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if changes {
+            round += 1;
+            world.patch_all(round).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if world
+            .holder()
+            .await
+            .is_some_and(|h| h.starts_with("agent-b-"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent-b never took the Lease"
+        );
+    }
+    // The cluster is quiet from here on; the new leader mirrors it.
+    world.wait_for_tree(round).await;
+    let settled = world.commit_terms().len();
+    if restart_writer {
+        world.restart_writer().await;
+    }
+    if fault == Fault::Freeze {
+        a.signal("CONT");
+        // The thawed agent notices it lost the Lease and stops leading.
+        wait_async("agent-a to step down", || async {
+            (a.metric("gitops_reverser_agent_leader").await? == 0.0).then_some(())
+        })
+        .await;
+    }
+    // Whatever the old leader had queued would land within a few batch periods (0.2 s): watch a
+    // while, then look. Nothing changes in the cluster, so Git must stay equal to it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    wait_async("agent-b to be connected", || async {
+        (b.metric("gitops_reverser_agent_stream_connected").await? == 1.0).then_some(())
+    })
+    .await;
+    let stale = world.stale_files(round);
+    assert!(
+        stale.is_empty(),
+        "Git differs from the cluster (every ConfigMap at r{round}): {stale:#?}"
+    );
+    world.assert_no_superseded_commit("agent-a", "agent-b", settled);
+    drop(a);
+    drop(b);
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thawed_leader_never_writes_over_its_successor_while_changes_go_on() {
+    failover(Fault::Freeze, true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thawed_leader_never_writes_over_its_successor_in_a_quiet_cluster() {
+    failover(Fault::Freeze, false, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_and_the_tree_follows_the_cluster() {
+    failover(Fault::Kill, true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_in_a_quiet_cluster() {
+    failover(Fault::Kill, false, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thawed_leader_is_fenced_by_a_restarted_writer() {
+    failover(Fault::Freeze, true, true).await;
+}
