@@ -1,14 +1,15 @@
 //! End to end, as users run it: the `reverser-agent` binary (a child process, flags only) against
-//! the kube-emulator (the API server double, in-process) streaming to the real writer
+//! an API server (the real kube-apiserver v1.37.2 by default, or the in-process kube-emulator with
+//! `REVERSER_E2E_BACKEND=emulator`; see `support/cluster.rs`) streaming to the real writer
 //! (in-process, real gRPC) that pushes to a bare Git repository over `file://`.
 //!
 //! ```text
-//! test ──apply/patch/delete──▶ kube-emulator ◀──List+Watch── reverser-agent ──gRPC──▶ writer ──push──▶ BareRepo
+//! test ──apply/patch/delete──▶ API server ◀──List+Watch── reverser-agent ──gRPC──▶ writer ──push──▶ BareRepo
 //!   ▲                                                            │ /metrics                              │
 //!   └──────────────── asserts on files, commits, conditions, Lease, Pod labels ◀─────────────────────────┘
 //! ```
 //!
-//! With `--webhook-addr` the agent also serves the attribution webhook, which the emulator calls
+//! With `--webhook-addr` the agent also serves the attribution webhook, which the API server calls
 //! (over TLS, trusting the registered `caBundle`) for writes made by impersonated users.
 //!
 //! Every wait has a generous upper bound only to turn a hang into a failure; no test asserts on
@@ -24,12 +25,13 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::ApiResource;
-use kube_emulator::Emulator;
 use testkit::BareRepo;
 use tokio::process::{Child, Command};
 
 mod support;
 mod webhook_support;
+
+use support::cluster::TestCluster;
 
 use support::{
     PATIENCE, condition, configbutler_object, free_port, http_get, metric, wait, wait_async,
@@ -140,7 +142,7 @@ const CLUSTERROLE: &str =
     "clusters/prod/rbac.authorization.k8s.io/v1/clusterroles/shop-reader.yaml";
 
 struct World {
-    emu: Emulator,
+    cluster: TestCluster,
     repo: BareRepo,
     writer: Option<reverser_writer::RunningWriter>,
     /// Work dirs of the writers started so far.
@@ -156,27 +158,21 @@ impl World {
             .with_test_writer()
             .try_init();
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let emu = Emulator::start("127.0.0.1:0".parse().unwrap())
-            .await
-            .expect("emulator starts");
+        let cluster = TestCluster::start().await;
         let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-        emu.apply_dir(&crds).await.expect("CRDs apply");
-        emu.apply_yaml(CLUSTER)
-            .await
-            .expect("cluster objects apply");
+        cluster.apply_dir(&crds).await;
+        cluster.apply_yaml(CLUSTER).await;
         let repo = BareRepo::new();
-        emu.apply_yaml(&config(&repo.file_url()))
-            .await
-            .expect("agent configuration applies");
+        cluster.apply_yaml(&config(&repo.file_url())).await;
 
         let writer_dir = tempfile::tempdir().unwrap();
         let writer = start_writer("127.0.0.1:0", &writer_dir).await;
 
         let kubeconfig_dir = tempfile::tempdir().unwrap();
         let kubeconfig = kubeconfig_dir.path().join("kubeconfig");
-        std::fs::write(&kubeconfig, emu.kubeconfig_yaml(None)).unwrap();
+        std::fs::write(&kubeconfig, cluster.kubeconfig_yaml(None)).unwrap();
         World {
-            emu,
+            cluster,
             repo,
             writer: Some(writer),
             writer_dirs: vec![writer_dir],
@@ -266,7 +262,7 @@ impl World {
         if let Some(w) = self.writer.take() {
             w.stop().await.unwrap();
         }
-        self.emu.shutdown().await;
+        self.cluster.shutdown().await;
         drop(self.writer_dirs);
     }
 }
@@ -425,7 +421,7 @@ async fn mirrors_a_cluster_into_git_and_follows_updates_and_deletes() {
     let commits_after_snapshot = world.repo.commit_count(BRANCH);
 
     // An update lands as a new commit.
-    let client = world.emu.client().await;
+    let client = world.cluster.client().await;
     let deployments: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),
         "shop",
@@ -464,12 +460,11 @@ async fn mirrors_a_cluster_into_git_and_follows_updates_and_deletes() {
 
     // Pods and Events created later are not mirrored either.
     world
-        .emu
+        .cluster
         .apply_yaml(
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: late, namespace: shop}\ndata: {a: b}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-2, namespace: shop}\nspec: {containers: [{name: web, image: x}]}\n",
         )
-        .await
-        .unwrap();
+        .await;
     world
         .wait_for_file("clusters/prod/core/v1/configmaps/shop/late.yaml", "a: b")
         .await;
@@ -504,7 +499,7 @@ async fn a_restart_over_an_unchanged_cluster_commits_nothing_and_removes_what_wa
     again.terminate().await;
 
     // Deleted while no agent ran: no watch saw it, the next snapshot finds the orphan.
-    let client = world.emu.client().await;
+    let client = world.cluster.client().await;
     let configmaps: Api<ConfigMap> = Api::namespaced(client, "shop");
     configmaps
         .delete("flags", &DeleteParams::default())
@@ -528,7 +523,7 @@ async fn a_restart_over_an_unchanged_cluster_commits_nothing_and_removes_what_wa
 async fn invalid_custom_resources_get_ready_false_and_valid_ones_keep_mirroring() {
     let world = World::start().await;
     world
-        .emu
+        .cluster
         .apply_yaml(
             "
 apiVersion: configbutler.ai/v1alpha1
@@ -555,10 +550,9 @@ spec:
   rules: [{}]
 ",
         )
-        .await
-        .unwrap();
+        .await;
     let mut agent = world.agent(&["--controller-namespace", "gitops-reverser"], &[]);
-    let client = world.emu.client().await;
+    let client = world.cluster.client().await;
     let expect = [
         (
             "GitDestination",
@@ -664,7 +658,7 @@ spec:
 async fn two_replicas_elect_one_leader_that_labels_its_pod_and_the_other_takes_over_when_it_dies() {
     let world = World::start().await;
     world
-        .emu
+        .cluster
         .apply_yaml(
             "
 apiVersion: v1
@@ -678,8 +672,7 @@ metadata: {name: agent-b, namespace: gitops-reverser}
 spec: {containers: [{name: agent, image: reverser-agent}]}
 ",
         )
-        .await
-        .unwrap();
+        .await;
     let flags = ["--controller-namespace", "gitops-reverser"];
     let mut a = world.agent(
         &flags,
@@ -697,7 +690,7 @@ spec: {containers: [{name: agent, image: reverser-agent}]}
     );
     world.wait_for_file(DEPLOYMENT, "web").await;
 
-    let client = world.emu.client().await;
+    let client = world.cluster.client().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "gitops-reverser");
     let leaders = || {
         let pods = pods.clone();
@@ -831,12 +824,11 @@ async fn writer_push_failures_and_disconnections_become_conditions_on_destinatio
     let hidden = later.root().join("not-yet");
     std::fs::rename(later.path(), &hidden).unwrap();
     world
-        .emu
+        .cluster
         .apply_yaml(&unreachable_destination(&later.file_url()))
-        .await
-        .unwrap();
+        .await;
     let agent = world.agent(&["--controller-namespace", "gitops-reverser"], &[]);
-    let client = world.emu.client().await;
+    let client = world.cluster.client().await;
     let ns = Some("gitops-reverser");
 
     // The writer cannot push to a repository that does not exist: PushFailing, and Ready=False
@@ -967,7 +959,7 @@ async fn writer_push_failures_and_disconnections_become_conditions_on_destinatio
 async fn rules_selecting_secrets_say_they_are_skipped_and_no_secret_reaches_git() {
     let world = World::start().await;
     world
-        .emu
+        .cluster
         .apply_yaml(
             "
 apiVersion: v1
@@ -991,10 +983,9 @@ spec:
   rules: [{scope: Namespaced, resources: [secrets]}]
 ",
         )
-        .await
-        .unwrap();
+        .await;
     let agent = world.agent(&["--controller-namespace", "gitops-reverser"], &[]);
-    let client = world.emu.client().await;
+    let client = world.cluster.client().await;
 
     // The preset (WatchRule shop: `rules: [{}]`) and an explicit `secrets` entry select Secrets.
     for (kind, ns, name) in [
@@ -1131,7 +1122,7 @@ async fn a_crd_created_at_runtime_is_mirrored_without_waiting_for_the_discovery_
     let agent = world.agent(&["--discovery-refresh", "1h"], &[]);
     world.wait_for_file(DEPLOYMENT, "metadata").await;
     world
-        .emu
+        .cluster
         .apply_yaml(
             "apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
@@ -1159,8 +1150,7 @@ metadata: {name: g1, namespace: shop}
 spec: {size: 3}
 ",
         )
-        .await
-        .unwrap();
+        .await;
     world
         .wait_for_file(
             "clusters/prod/demo.example.com/v1/gadgets/shop/g1.yaml",
@@ -1191,9 +1181,12 @@ fn authors_of(repo: &BareRepo, path: &str) -> Vec<String> {
         .collect()
 }
 
-/// A client acting as `user` (the `Impersonate-User` header), in namespace `shop`.
-fn as_user(emu: &Emulator, user: &str) -> Api<ConfigMap> {
-    let mut config = kube::Config::new(emu.url().parse().unwrap());
+/// A client acting as `user` (the `Impersonate-User` header, sent by the admin), in namespace `shop`.
+async fn as_user(cluster: &TestCluster, user: &str) -> Api<ConfigMap> {
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&cluster.kubeconfig_yaml(None)).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
     config.default_namespace = "shop".into();
     config.auth_info.impersonate = Some(user.to_owned());
     config.auth_info.impersonate_groups = Some(vec!["devs".to_owned()]);
@@ -1215,10 +1208,10 @@ async fn commits_are_authored_by_the_users_the_webhook_saw_and_by_the_bot_withou
     use kube::api::PostParams;
 
     let world = World::start().await;
-    let admin = world.emu.client().await;
+    let admin = world.cluster.client().await;
     // Narrow the selection to ConfigMaps of `shop`, so the watched set is known exactly.
     world
-        .emu
+        .cluster
         .apply_yaml(
             "
 apiVersion: configbutler.ai/v1alpha1
@@ -1229,8 +1222,7 @@ spec:
   rules: [{apiGroups: [''], resources: [configmaps]}]
 ",
         )
-        .await
-        .unwrap();
+        .await;
     let cluster_rules = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("configbutler.ai", "v1alpha1", "ClusterWatchRule"),
         "clusterwatchrules",
@@ -1291,7 +1283,7 @@ spec:
     agent.settle().await;
 
     let path = "clusters/prod/core/v1/configmaps/shop/team.yaml";
-    let alice = as_user(&world.emu, "alice");
+    let alice = as_user(&world.cluster, "alice").await;
     alice
         .create(&PostParams::default(), &configmap("team", "alice-1"))
         .await
@@ -1358,10 +1350,10 @@ spec:
     world.stop().await;
 }
 
-/// Runs the real `kubectl` against the emulator with the world's kubeconfig; panics with its stderr on failure.
+/// Runs the real `kubectl` against the API server with the world's kubeconfig; panics with its stderr on failure.
 async fn kubectl(world: &World, args: &[&str], stdin: Option<&str>) -> String {
     use tokio::io::AsyncWriteExt;
-    let mut child = Command::new("kubectl")
+    let mut child = Command::new(world.cluster.kubectl_binary())
         .args(args)
         .env("KUBECONFIG", &world.kubeconfig)
         .stdin(if stdin.is_some() {

@@ -12,6 +12,9 @@
 //! | [`HttpGitServer`] | `git http-backend` (CGI) behind a small hyper + rustls HTTPS server with HTTP basic auth | smart HTTP over TLS: credentials, wrong passwords, custom CA ([`HttpGitServer::ca_file`]) |
 //! | [`SshGitServer`] | OpenSSH `sshd` with its own config, host key and one authorised client key | the SSH transport: private keys, known_hosts verification (`apt-get install -y openssh-server`) |
 //!
+//! [`RealCluster`] is a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager v1.37.2, built
+//! from Go modules by `scripts/build-real-kube.sh`) on loopback ports.
+//!
 //! [`corpus`] is the benchmark corpus (ConfigMaps and Deployments at the agent's paths) shared by the writer's
 //! and the agent's benchmarks.
 //!
@@ -22,11 +25,13 @@ mod bare;
 pub mod corpus;
 mod daemon;
 mod http;
+pub mod real_cluster;
 mod ssh;
 mod util;
 
 pub use bare::BareRepo;
 pub use daemon::GitDaemon;
 pub use http::HttpGitServer;
+pub use real_cluster::{RealCluster, real_kube_binary};
 pub use ssh::SshGitServer;
 pub use util::{free_port, git, require_tool};
