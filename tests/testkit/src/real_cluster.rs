@@ -234,13 +234,13 @@ impl RealCluster {
             "--endpoint-reconciler-type=none".to_owned(),
             "--allow-privileged=true".to_owned(),
             format!("--service-account-issuer=https://127.0.0.1:{api_port}"),
-            format!("--service-account-key-file={}", p("sa.key")),
+            format!("--service-account-key-file={}", p("sa.pub")),
             format!("--service-account-signing-key-file={}", p("sa.key")),
             format!(
                 "--etcd-compaction-interval={}s",
                 options.compaction_interval.as_secs().max(1)
             ),
-            "--v=1".to_owned(),
+            "--v=0".to_owned(),
         ];
         if !options.controller_manager {
             // Without the ServiceAccount controller no `default` ServiceAccount appears; envtest does the same.
@@ -283,7 +283,7 @@ impl RealCluster {
                      statefulset-controller,daemonset-controller,job-controller,cronjob-controller,\
                      disruption-controller,ttl-after-finished-controller,resourcequota-controller"
                         .to_owned(),
-                    "--v=1".to_owned(),
+                    "--v=0".to_owned(),
                 ]),
             );
             cluster.wait_until(
@@ -704,6 +704,7 @@ impl Pki {
         // One key signs and verifies ServiceAccount tokens (ES256).
         let sa_key = KeyPair::generate().expect("service-account key");
         write("sa.key", &sa_key.serialize_pem());
+        write("sa.pub", &sa_key.public_key_pem());
 
         let mut tokens = String::new();
         for user in users {
