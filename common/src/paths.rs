@@ -42,9 +42,9 @@ const HASH_HEX_DIGITS: usize = 32;
 pub const HASHED_PREFIX_BYTES: usize = MAX_SEGMENT_BYTES - 1 - HASH_HEX_DIGITS;
 /// Names Windows reserves for devices, with or without an extension (compared ignoring case).
 const WINDOWS_DEVICE_NAMES: &[&str] = &[
-    "con", "prn", "aux", "nul", "com0", "com1", "com2", "com3", "com4", "com5", "com6", "com7", "com8",
-    "com9", "lpt0", "lpt1", "lpt2", "lpt3", "lpt4", "lpt5", "lpt6", "lpt7", "lpt8", "lpt9", "conin$",
-    "conout$", "clock$",
+    "con", "prn", "aux", "nul", "com0", "com1", "com2", "com3", "com4", "com5", "com6", "com7",
+    "com8", "com9", "lpt0", "lpt1", "lpt2", "lpt3", "lpt4", "lpt5", "lpt6", "lpt7", "lpt8", "lpt9",
+    "conin$", "conout$", "clock$",
 ];
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -67,9 +67,13 @@ pub enum PathError {
     TooLong(String),
     #[error("path {0:?} contains a .git segment")]
     GitDir(String),
-    #[error("path {path:?} has a component of {bytes} bytes; at most {MAX_COMPONENT_BYTES} can be checked out")]
+    #[error(
+        "path {path:?} has a component of {bytes} bytes; at most {MAX_COMPONENT_BYTES} can be checked out"
+    )]
     ComponentTooLong { path: String, bytes: usize },
-    #[error("path {0:?} contains a name Windows reserves for a device (con, nul, aux, prn, com1, lpt1, …)")]
+    #[error(
+        "path {0:?} contains a name Windows reserves for a device (con, nul, aux, prn, com1, lpt1, …)"
+    )]
     WindowsDeviceName(String),
     #[error("path {0:?} has a component ending in a dot or space, which Windows drops")]
     TrailingDotOrSpace(String),
@@ -483,7 +487,10 @@ mod tests {
             ("core/v1/configmaps/NUL/a.yaml", "reserves for a device"),
             ("core/v1/configmaps/ns/aux.d.yaml", "reserves for a device"),
             ("core/v1/configmaps/ns/Aux .d.yaml", "reserves for a device"),
-            ("core/v1/configmaps/ns/prn.sops.yaml", "reserves for a device"),
+            (
+                "core/v1/configmaps/ns/prn.sops.yaml",
+                "reserves for a device",
+            ),
             ("core/v1/configmaps/ns/com1.yaml", "reserves for a device"),
             ("core/v1/configmaps/ns/lpt9.yaml", "reserves for a device"),
             ("core/v1/configmaps/ns/conin$.yaml", "reserves for a device"),
@@ -491,8 +498,14 @@ mod tests {
             ("core/v1/configmaps/ns /a.yaml", "dot or space"),
             ("core/v1/configmaps/git~1/a.yaml", ".git"),
             ("core/v1/configmaps/GIT~1/a.yaml", ".git"),
-            ("rbac.authorization.k8s.io/v1/clusterroles/Case-Demo.yaml", "portable"),
-            ("rbac.authorization.k8s.io/v1/clusterroles/system:auth.yaml", "portable"),
+            (
+                "rbac.authorization.k8s.io/v1/clusterroles/Case-Demo.yaml",
+                "portable",
+            ),
+            (
+                "rbac.authorization.k8s.io/v1/clusterroles/system:auth.yaml",
+                "portable",
+            ),
             ("core/v1/configmaps/ns/a*b.yaml", "portable"),
             ("core/v1/configmaps/ns/a<b>.yaml", "portable"),
             ("core/v1/configmaps/ns/a|b.yaml", "portable"),
@@ -555,7 +568,10 @@ mod tests {
             ("web", "web"),
             ("kube-root-ca.crt", "kube-root-ca.crt"),
             ("system:controller:foo", "system%3Acontroller%3Afoo"),
-            ("kubeadm:kubelet-config-1.18", "kubeadm%3Akubelet-config-1.18"),
+            (
+                "kubeadm:kubelet-config-1.18",
+                "kubeadm%3Akubelet-config-1.18",
+            ),
             ("Case-Demo", "%43ase-%44emo"),
             ("case-demo", "case-demo"),
             ("con", "%63on"),
@@ -599,7 +615,11 @@ mod tests {
         assert!(encode_segment(&"a".repeat(246)).contains('~'));
         // A cut never splits an escape.
         for pad in 0..3 {
-            let name = format!("{}{}", "a".repeat(HASHED_PREFIX_BYTES - 3 + pad), ":".repeat(40));
+            let name = format!(
+                "{}{}",
+                "a".repeat(HASHED_PREFIX_BYTES - 3 + pad),
+                ":".repeat(40)
+            );
             let encoded = encode_segment(&name);
             let prefix = encoded.split('~').next().unwrap();
             assert!(decode_segment(prefix).is_ok(), "{prefix}");
@@ -637,7 +657,10 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert!(matches!(decode_segment("%FF"), Err(DecodeError::NotUtf8(_))));
+        assert!(matches!(
+            decode_segment("%FF"),
+            Err(DecodeError::NotUtf8(_))
+        ));
     }
 
     proptest::proptest! {
