@@ -610,7 +610,10 @@ mod tests {
             encoded,
             format!("{}~{}", "a".repeat(HASHED_PREFIX_BYTES), &digest[..32])
         );
-        assert!(encoded.ends_with("~32859a3ab65ac52932e16fad60606536"), "the README's example");
+        assert!(
+            encoded.ends_with("~32859a3ab65ac52932e16fad60606536"),
+            "the README's example"
+        );
         assert!(matches!(decode_segment(&encoded), Err(DecodeError::Cut(_))));
         assert_eq!(encode_segment(&"a".repeat(245)), "a".repeat(245));
         assert!(encode_segment(&"a".repeat(246)).contains('~'));
