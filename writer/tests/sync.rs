@@ -565,6 +565,44 @@ async fn unportable_paths_are_rejected_and_later_messages_flow() {
     writer.stop().await;
 }
 
+/// A snapshot scope names raw Kubernetes names; its folder is theirs in the portable form, where the agent puts the
+/// files, so orphans there are swept (namespace `con` lives in `%63on`, a Windows-safe folder).
+#[tokio::test]
+async fn snapshot_scopes_find_files_in_portable_folders() {
+    let repo = BareRepo::new();
+    repo.commit_as_human(
+        "main",
+        "c/core/v1/configmaps/%63on/orphan.yaml",
+        &configmap("con", "orphan", "1"),
+        "seed",
+    );
+    let writer = Writer::start(&[]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &repo.file_url(), "main", "c").await;
+    let con = || scope("", "v1", "configmaps", "con");
+    agent.send(snapshot_begin(DEST, 1, con(), 1)).await;
+    agent
+        .send(upsert(
+            DEST,
+            2,
+            "core/v1/configmaps/%63on/kept.yaml",
+            &configmap("con", "kept", "1"),
+        ))
+        .await;
+    agent.send(snapshot_end(DEST, 3, con(), 1)).await;
+    agent.ack(DEST, 3).await;
+    let files = repo.ls_tree("main");
+    assert!(
+        files.contains(&"c/core/v1/configmaps/%63on/kept.yaml".to_owned()),
+        "{files:?}"
+    );
+    assert!(
+        !files.contains(&"c/core/v1/configmaps/%63on/orphan.yaml".to_owned()),
+        "the orphan in the scope's folder is swept: {files:?}"
+    );
+    writer.stop().await;
+}
+
 #[tokio::test]
 async fn a_stream_must_start_with_hello() {
     let repo = BareRepo::new();
