@@ -188,3 +188,116 @@ fn dropping_the_cluster_stops_every_component() {
     }
     assert!(!dir.exists(), "the cluster's directory is removed");
 }
+
+/// The short compaction interval really compacts etcd: a watch from a resource version that was still served right
+/// after the write ends in 410 Gone once the API server's compactor has run twice. The watch cache is off, so the
+/// watch is served by etcd itself (the cache would answer from memory).
+#[test]
+fn the_compaction_interval_expires_old_resource_versions_with_410_gone() {
+    let cluster = RealCluster::builder()
+        .without_controller_manager()
+        .compaction_interval(std::time::Duration::from_secs(4))
+        .apiserver_arg("--watch-cache=false")
+        .start_blocking();
+    cluster.kubectl_ok(&[
+        "-n",
+        "default",
+        "create",
+        "configmap",
+        "c",
+        "--from-literal=k=0",
+    ]);
+    let created = cluster.kubectl_ok(&[
+        "-n",
+        "default",
+        "get",
+        "configmap",
+        "c",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ]);
+    cluster.kubectl_ok(&[
+        "-n",
+        "default",
+        "patch",
+        "configmap",
+        "c",
+        "-p",
+        r#"{"data":{"k":"1"}}"#,
+    ]);
+    let watch_from_creation = || {
+        let out = cluster.kubectl(&[
+            "get",
+            "--raw",
+            &format!(
+                "/api/v1/namespaces/default/configmaps?watch=1&resourceVersion={created}&timeoutSeconds=1"
+            ),
+        ]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+
+    // A revision outlives at least one interval after the next write, so this read comes before any compaction.
+    let fresh = watch_from_creation();
+    assert!(
+        fresh.contains(r#""type":"MODIFIED""#) && !fresh.contains(r#""code":410"#),
+        "the update is still in etcd's history right after it: {fresh}"
+    );
+
+    let mut last = String::new();
+    wait_for(
+        "the compactor to expire the creation's resource version",
+        || {
+            last = watch_from_creation();
+            last.contains(r#""code":410"#)
+        },
+    );
+    assert!(
+        !last.contains(r#""type":"MODIFIED""#),
+        "an expired watch delivers no events: {last}"
+    );
+}
+
+/// Started by [`missing_binaries_fail_loudly_with_the_build_command`] with no binaries; on its own (`--ignored`)
+/// it just starts a cluster.
+#[test]
+#[ignore = "started by missing_binaries_fail_loudly_with_the_build_command"]
+fn start_with_the_binaries_of_reverser_real_kube_bin() {
+    drop(RealCluster::builder().start_blocking());
+}
+
+#[test]
+fn missing_binaries_fail_loudly_with_the_build_command() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "start_with_the_binaries_of_reverser_real_kube_bin",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("REVERSER_REAL_KUBE_BIN", empty.path())
+        .output()
+        .unwrap();
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "a start without binaries fails: {output}"
+    );
+    assert!(
+        output.contains(&empty.path().join("etcd").display().to_string())
+            && output.contains("./scripts/build-real-kube.sh"),
+        "the failure names the missing path and the build command: {output}"
+    );
+    assert!(
+        output.contains("0 passed; 1 failed"),
+        "the helper test ran (not filtered out) and failed: {output}"
+    );
+}
