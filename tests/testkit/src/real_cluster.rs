@@ -98,6 +98,8 @@ impl RealClusterBuilder {
     }
 
     /// How often the API server compacts etcd (`--etcd-compaction-interval`; default 10 s).
+    /// A revision is gone about two intervals after the next write; with `--watch-cache=false`
+    /// ([`RealClusterBuilder::apiserver_arg`]) a watch from it then ends in 410 Gone (the cache would serve it).
     pub fn compaction_interval(mut self, every: Duration) -> Self {
         self.compaction_interval = every;
         self
