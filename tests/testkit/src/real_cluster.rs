@@ -332,6 +332,7 @@ impl RealCluster {
 
     /// A shell that ends every component if this test process dies without dropping the cluster (a SIGKILLed
     /// test, a runner's timeout).
+    /// `kill -KILL -PGID`, not `kill -KILL -- -PGID`: dash's builtin refuses the latter ("Illegal number").
     fn start_watchdog(&mut self) {
         let pids: Vec<String> = self
             .components
@@ -339,7 +340,7 @@ impl RealCluster {
             .map(|c| c.child.id().to_string())
             .collect();
         let script = format!(
-            "while kill -0 {parent} 2>/dev/null; do sleep 1; done; for p in {pids}; do kill -KILL -- -$p 2>/dev/null; done",
+            "while kill -0 {parent} 2>/dev/null; do sleep 1; done; for p in {pids}; do kill -KILL -$p 2>/dev/null; done",
             parent = std::process::id(),
             pids = pids.join(" ")
         );
@@ -591,6 +592,8 @@ impl Drop for RealCluster {
                         let _ = Command::new("kill")
                             .args(["-KILL", "--", &format!("-{pid}")])
                             .status();
+                        // The component itself at least, should the group kill have failed.
+                        let _ = component.child.kill();
                         let _ = component.child.wait();
                         break;
                     }

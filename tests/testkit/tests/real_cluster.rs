@@ -301,3 +301,59 @@ fn missing_binaries_fail_loudly_with_the_build_command() {
         "the helper test ran (not filtered out) and failed: {output}"
     );
 }
+
+/// The processes whose command line names `dir` (the cluster's components), excluding zombies.
+fn processes_under(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("cmdline"))
+                .is_ok_and(|c| c.contains(dir.to_str().unwrap()))
+                && std::fs::read_to_string(e.path().join("status"))
+                    .is_ok_and(|s| !s.contains("State:\tZ"))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Started by [`a_test_process_that_dies_without_dropping_leaves_no_component_running`] with
+/// `REVERSER_TEST_ABORT=1`: aborts right after the start, so no destructor runs. Otherwise it starts and stops a
+/// cluster.
+#[test]
+#[ignore = "started by a_test_process_that_dies_without_dropping_leaves_no_component_running"]
+fn start_a_cluster_then_abort() {
+    let cluster = RealCluster::builder()
+        .without_controller_manager()
+        .start_blocking();
+    if std::env::var_os("REVERSER_TEST_ABORT").is_some() {
+        eprintln!("CLUSTER_DIR={}", cluster.dir().display());
+        std::process::abort();
+    }
+}
+
+#[test]
+fn a_test_process_that_dies_without_dropping_leaves_no_component_running() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "start_a_cluster_then_abort",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("REVERSER_TEST_ABORT", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let dir = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("CLUSTER_DIR="))
+        .unwrap_or_else(|| panic!("the helper started a cluster: {stderr}"));
+    let dir = std::path::PathBuf::from(dir);
+    assert!(!out.status.success(), "the helper aborted");
+    wait_for("the watchdog to end etcd and kube-apiserver", || {
+        processes_under(&dir).is_empty()
+    });
+    // Nothing removed the directory (no destructor ran).
+    std::fs::remove_dir_all(&dir).unwrap();
+}
