@@ -370,3 +370,57 @@ fn a_test_process_that_dies_without_dropping_leaves_no_component_running() {
     // Nothing removed the directory (no destructor ran).
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// With the watch cache on (the default), paginated lists still expire: a continue token that worked right after
+/// it was issued gets 410 Gone once etcd has been compacted past its revision.
+#[test]
+fn a_continue_token_expires_with_410_gone_after_compaction() {
+    let cluster = RealCluster::builder()
+        .without_controller_manager()
+        .compaction_interval(std::time::Duration::from_secs(4))
+        .start_blocking();
+    for name in ["a", "b", "c"] {
+        cluster.kubectl_ok(&["-n", "default", "create", "configmap", name]);
+    }
+    let page = cluster.kubectl_ok(&[
+        "get",
+        "--raw",
+        "/api/v1/namespaces/default/configmaps?limit=1",
+    ]);
+    let token = page
+        .split(r#""continue":""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("a first page with a continue token: {page}"))
+        .to_owned();
+    // A later write moves the compactor past the token's revision.
+    cluster.kubectl_ok(&["-n", "default", "create", "configmap", "d"]);
+    let next_page = || {
+        let out = cluster.kubectl(&[
+            "get",
+            "--raw",
+            &format!("/api/v1/namespaces/default/configmaps?limit=1&continue={token}"),
+        ]);
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, fresh) = next_page();
+    assert!(ok, "the token works right after it was issued: {fresh}");
+
+    let mut last = String::new();
+    wait_for("the continue token to expire", || {
+        let (ok, text) = next_page();
+        last = text;
+        !ok
+    });
+    assert!(
+        last.contains("Expired") && last.contains("too old"),
+        "410 Gone (Expired), not another error: {last}"
+    );
+}
