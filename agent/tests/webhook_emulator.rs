@@ -3,6 +3,14 @@
 //! kube-rs clients as different users; a watch on the same objects is fed to the store the way
 //! ingestion will feed it, and every change must come out with the right author.
 //!
+//! Emulator only, by design: these scenarios count the admission requests of each write right
+//! after registering the configuration, and the emulator applies a new configuration to the very
+//! next request. A real kube-apiserver picks configurations up asynchronously (through its own
+//! informer), so writes right after registering may pass unseen. The same path on the real server
+//! (the API server calling the agent's webhook over HTTPS with the registered `caBundle`, users
+//! impersonated or with their own tokens, a request denied by another webhook) is covered by
+//! `webhook_e2e` and `e2e_agent`, which run against the real kube-apiserver.
+//!
 //! Waits are bounded only to turn a hang into a failure; nothing asserts on durations.
 
 mod webhook_support;
