@@ -222,7 +222,50 @@ fn check_type(def: &ResourceDef, body: &mut Value) -> Result<(), ApiError> {
     if !obj.get("metadata").is_some_and(Value::is_object) {
         obj.insert("metadata".into(), Value::Object(Map::new()));
     }
+    check_string_maps(def, body)
+}
+
+/// The string maps of the core types hold strings only (ConfigMap `data`/`binaryData`, Secret
+/// `data`/`stringData`): the API server decodes them into Go `map[string]string` and refuses
+/// anything else with 400, so a YAML `1e3` never becomes the number 1000.
+fn check_string_maps(def: &ResourceDef, body: &Value) -> Result<(), ApiError> {
+    let fields: &[&str] = match (def.group.as_str(), def.kind.as_str()) {
+        ("", "ConfigMap") => &["data", "binaryData"],
+        ("", "Secret") => &["data", "stringData"],
+        _ => return Ok(()),
+    };
+    for field in fields {
+        let Some(map) = body.get(*field).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let bad = match map.as_object() {
+            None => Some(format!("{field} must be an object")),
+            Some(entries) => entries.iter().find(|(_, v)| !v.is_string()).map(|(k, v)| {
+                format!(
+                    "{field}.{k}: cannot unmarshal {} into a string",
+                    json_type(v)
+                )
+            }),
+        };
+        if let Some(why) = bad {
+            return Err(ApiError::bad_request(format!(
+                "{kind} in version \"v1\" cannot be handled as a {kind}: {why}",
+                kind = def.kind
+            )));
+        }
+    }
     Ok(())
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
 }
 
 /// Everything but metadata (and status, when it is a subresource) — what `generation` tracks.
@@ -463,6 +506,7 @@ impl Shared {
                 .ok_or_else(|| ApiError::not_found(target(def, name)))?;
             let mut doc = (*old).clone();
             patch::apply(kind, &mut doc, &patch_body)?;
+            check_string_maps(def, &doc)?;
             plan_update(def, &key, old, doc, subresource)
         })
         .await
@@ -1021,5 +1065,49 @@ mod tests {
             .get("rbac.authorization.k8s.io", "v1", "clusterroles")
             .unwrap();
         assert!(validate_name(&role, "system:controller:x").is_ok());
+    }
+
+    #[test]
+    fn configmap_and_secret_maps_hold_strings_only() {
+        let r = crate::resources::Registry::default();
+        let cm = r.get("", "v1", "configmaps").unwrap();
+        let secret = r.get("", "v1", "secrets").unwrap();
+        let deploy = r.get("apps", "v1", "deployments").unwrap();
+        assert!(
+            check_string_maps(
+                &cm,
+                &json!({"data": {"a": "1e3"}, "binaryData": {"b": "AA=="}})
+            )
+            .is_ok()
+        );
+        assert!(check_string_maps(&cm, &json!({"data": null})).is_ok());
+        for bad in [
+            json!({"data": {"a": 1000}}),
+            json!({"data": {"a": true}}),
+            json!({"data": {"a": null}}),
+            json!({"binaryData": {"b": ["x"]}}),
+            json!({"data": "not a map"}),
+        ] {
+            let err = check_string_maps(&cm, &bad).unwrap_err();
+            assert_eq!(
+                (err.code, err.reason.as_str()),
+                (400, "BadRequest"),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            check_string_maps(&secret, &json!({"stringData": {"n": 1}}))
+                .unwrap_err()
+                .code,
+            400
+        );
+        assert_eq!(
+            check_string_maps(&secret, &json!({"data": {"n": {}}}))
+                .unwrap_err()
+                .code,
+            400
+        );
+        // Other kinds have no such maps.
+        assert!(check_string_maps(&deploy, &json!({"data": {"n": 1}})).is_ok());
     }
 }
