@@ -257,6 +257,55 @@ fn check_string_maps(def: &ResourceDef, body: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A ConfigMap or Secret created with `immutable: true` keeps its data and stays immutable (422
+/// otherwise, as the real server).
+fn check_immutable(
+    def: &ResourceDef,
+    name: &str,
+    old: &Value,
+    new: &Value,
+) -> Result<(), ApiError> {
+    let fields: &[&str] = match (def.group.as_str(), def.kind.as_str()) {
+        ("", "ConfigMap") => &["data", "binaryData"],
+        ("", "Secret") => &["data"],
+        _ => return Ok(()),
+    };
+    if old.get("immutable") != Some(&Value::Bool(true)) {
+        return Ok(());
+    }
+    const DETAIL: &str = "field is immutable when `immutable` is set";
+    if new.get("immutable") != Some(&Value::Bool(true)) {
+        return Err(ApiError::invalid(
+            &def.kind,
+            "",
+            name,
+            "immutable",
+            "Forbidden",
+            DETAIL,
+        ));
+    }
+    let empty = Value::Object(Map::new());
+    let map = |obj: &Value, field: &str| {
+        obj.get(field)
+            .filter(|v| !v.is_null())
+            .cloned()
+            .unwrap_or(empty.clone())
+    };
+    for field in fields {
+        if map(old, field) != map(new, field) {
+            return Err(ApiError::invalid(
+                &def.kind,
+                "",
+                name,
+                field,
+                "Forbidden",
+                DETAIL,
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn json_type(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -479,8 +528,13 @@ impl Shared {
             ));
         }
         if kind == PatchKind::Apply && opts.field_manager.is_none() {
-            return Err(ApiError::bad_request(
-                "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+            return Err(ApiError::invalid(
+                "PatchOptions.meta.k8s.io",
+                "",
+                "",
+                "fieldManager",
+                "Required value",
+                "is required for apply patch",
             ));
         }
         let key = key_for(def, ns, name);
@@ -753,6 +807,9 @@ fn plan_update(
     fold_string_data(def, &mut new);
     if !new.get("metadata").is_some_and(Value::is_object) {
         new["metadata"] = json!({});
+    }
+    if subresource.is_none() {
+        check_immutable(def, name, &old, &new)?;
     }
     match meta_str(&new, "resourceVersion") {
         Some(rv) if !rv.is_empty() && rv != rv_of(&old) => {
@@ -1109,5 +1166,46 @@ mod tests {
         );
         // Other kinds have no such maps.
         assert!(check_string_maps(&deploy, &json!({"data": {"n": 1}})).is_ok());
+    }
+
+    #[test]
+    fn immutable_configmaps_and_secrets_keep_their_data() {
+        let r = crate::resources::Registry::default();
+        let cm = r.get("", "v1", "configmaps").unwrap();
+        let secret = r.get("", "v1", "secrets").unwrap();
+        let frozen =
+            json!({"immutable": true, "data": {"k": "v"}, "metadata": {"labels": {"a": "b"}}});
+        // Metadata may change.
+        let relabeled =
+            json!({"immutable": true, "data": {"k": "v"}, "metadata": {"labels": {"a": "c"}}});
+        assert!(check_immutable(&cm, "x", &frozen, &relabeled).is_ok());
+        for changed in [
+            json!({"immutable": true, "data": {"k": "w"}}),
+            json!({"immutable": true, "data": {"k": "v"}, "binaryData": {"b": "AA=="}}),
+            json!({"immutable": false, "data": {"k": "v"}}),
+            json!({"data": {"k": "v"}}),
+        ] {
+            let err = check_immutable(&cm, "x", &frozen, &changed).unwrap_err();
+            assert_eq!(
+                (err.code, err.reason.as_str()),
+                (422, "Invalid"),
+                "{changed}"
+            );
+        }
+        assert_eq!(
+            check_immutable(
+                &secret,
+                "s",
+                &frozen,
+                &json!({"immutable": true, "data": {}})
+            )
+            .unwrap_err()
+            .code,
+            422
+        );
+        // Not immutable: anything goes.
+        assert!(
+            check_immutable(&cm, "x", &json!({"data": {"k": "v"}}), &json!({"data": {}})).is_ok()
+        );
     }
 }

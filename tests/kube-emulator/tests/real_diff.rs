@@ -218,6 +218,119 @@ async fn outcomes(client: &kube::Client, tag: &str) -> Vec<(&'static str, Outcom
         ),
     ));
 
+    // Selectors: a supported and an unsupported field.
+    let (code, body) = json(
+        client,
+        "GET",
+        &format!("{CM}?fieldSelector=metadata.name%3D{name}"),
+        Value::Null,
+    )
+    .await;
+    out.push((
+        "list by metadata.name",
+        Outcome(
+            code,
+            reason(&body),
+            format!(
+                "items={}",
+                body["items"].as_array().map(Vec::len).unwrap_or(0)
+            ),
+        ),
+    ));
+    let (code, body) = json(
+        client,
+        "GET",
+        &format!("{CM}?fieldSelector=data.k%3Dv"),
+        Value::Null,
+    )
+    .await;
+    out.push((
+        "list by an unsupported field",
+        Outcome(code, reason(&body), String::new()),
+    ));
+
+    // A dry run stores nothing; generateName makes a name; a missing namespace is NotFound.
+    let (code, _) = json(
+        client,
+        "POST",
+        &format!("{CM}?dryRun=All"),
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": format!("dry-{tag}")}}),
+    )
+    .await;
+    let (after, _) = json(client, "GET", &format!("{CM}/dry-{tag}"), Value::Null).await;
+    out.push((
+        "dry-run create, then get",
+        Outcome(code, after.to_string(), String::new()),
+    ));
+    let (code, body) = json(
+        client,
+        "POST",
+        CM,
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"generateName": "gen-"}}),
+    )
+    .await;
+    out.push((
+        "create with generateName",
+        Outcome(
+            code,
+            reason(&body),
+            format!(
+                "{}",
+                body["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.len() == 9 && n.starts_with("gen-"))
+            ),
+        ),
+    ));
+    let (code, body) = json(
+        client,
+        "POST",
+        "/api/v1/namespaces/nowhere/configmaps",
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}),
+    )
+    .await;
+    out.push((
+        "create in a missing namespace",
+        Outcome(code, reason(&body), String::new()),
+    ));
+
+    // Server-side apply needs a field manager.
+    let (code, body) = send(
+        client,
+        "PATCH",
+        &format!("{CM}/{name}"),
+        "application/apply-patch+yaml",
+        b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n".to_vec(),
+    )
+    .await;
+    out.push((
+        "apply without fieldManager",
+        Outcome(code, reason(&body), String::new()),
+    ));
+
+    // An immutable ConfigMap keeps its data.
+    let frozen = format!("frozen-{tag}");
+    let (code, _) = json(
+        client,
+        "POST",
+        CM,
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": frozen}, "data": {"k": "v"}, "immutable": true}),
+    )
+    .await;
+    assert_eq!(code, 201);
+    let (code, body) = send(
+        client,
+        "PATCH",
+        &format!("{CM}/{frozen}"),
+        "application/merge-patch+json",
+        br#"{"data": {"k": "w"}}"#.to_vec(),
+    )
+    .await;
+    out.push((
+        "change an immutable ConfigMap",
+        Outcome(code, reason(&body), String::new()),
+    ));
+
     // Deleting answers with a Status (nothing holds the object back).
     let (code, body) = json(client, "DELETE", &format!("{CM}/{name}"), Value::Null).await;
     out.push((
