@@ -254,6 +254,48 @@ fn check_string_maps(def: &ResourceDef, body: &Value) -> Result<(), ApiError> {
             )));
         }
     }
+    check_data_size(def, body, fields)
+}
+
+/// The most data a ConfigMap or Secret holds: keys plus (decoded) values.
+const MAX_DATA_BYTES: usize = 1024 * 1024;
+
+/// A ConfigMap's or Secret's data above [`MAX_DATA_BYTES`] is 422 Invalid, as on the real server
+/// (base64 values count decoded).
+fn check_data_size(def: &ResourceDef, body: &Value, fields: &[&str]) -> Result<(), ApiError> {
+    let mut total = 0;
+    for field in fields {
+        let base64 = *field == "binaryData" || (def.kind == "Secret" && *field == "data");
+        for (key, value) in body
+            .get(*field)
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            let text = value.as_str().unwrap_or_default();
+            let padding = text.bytes().rev().take_while(|b| *b == b'=').count();
+            total += key.len()
+                + if base64 {
+                    (text.len() / 4 * 3).saturating_sub(padding)
+                } else {
+                    text.len()
+                };
+        }
+    }
+    if total > MAX_DATA_BYTES {
+        let name = body
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        return Err(ApiError::invalid(
+            &def.kind,
+            "",
+            name,
+            "data",
+            "Too long",
+            &format!("must have at most {MAX_DATA_BYTES} bytes"),
+        ));
+    }
     Ok(())
 }
 
@@ -1163,6 +1205,25 @@ mod tests {
                 .unwrap_err()
                 .code,
             400
+        );
+        // At most 1 MiB of data, base64 values counted decoded.
+        let fits = "A".repeat(1024 * 1024 / 3 * 4 - 8);
+        assert!(check_string_maps(&secret, &json!({"data": {"k": fits}})).is_ok());
+        let over = "A".repeat(1024 * 1024 / 3 * 4 + 8);
+        assert_eq!(
+            check_string_maps(&secret, &json!({"data": {"k": over}}))
+                .unwrap_err()
+                .code,
+            422
+        );
+        assert_eq!(
+            check_string_maps(&cm, &json!({"data": {"k": "x".repeat(1024 * 1024)}}))
+                .unwrap_err()
+                .code,
+            422
+        );
+        assert!(
+            check_string_maps(&cm, &json!({"data": {"k": "x".repeat(1024 * 1024 - 1)}})).is_ok()
         );
         // Other kinds have no such maps.
         assert!(check_string_maps(&deploy, &json!({"data": {"n": 1}})).is_ok());

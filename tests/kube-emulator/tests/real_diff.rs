@@ -142,6 +142,20 @@ async fn outcomes(client: &kube::Client, tag: &str) -> Vec<(&'static str, Outcom
         Outcome(code, reason(&body), String::new()),
     ));
 
+    // A Secret's data is capped at 1 MiB (decoded).
+    let big = "A".repeat(1536 * 1024);
+    let (code, body) = json(
+        client,
+        "POST",
+        "/api/v1/namespaces/default/secrets",
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": format!("big-{tag}")}, "data": {"blob": big}}),
+    )
+    .await;
+    out.push((
+        "a Secret with 1.1 MiB of data",
+        Outcome(code, reason(&body), String::new()),
+    ));
+
     // Plain errors.
     let (code, body) = json(client, "GET", &format!("{CM}/missing-{tag}"), Value::Null).await;
     out.push((
