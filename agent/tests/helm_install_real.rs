@@ -245,6 +245,35 @@ struct Rendered {
     service_account: String,
 }
 
+/// `text` with every absolute path under a mount point (one that starts after a non-path character) moved to
+/// the mount's local directory, in one pass.
+fn relocate(text: &str, mounts: &[(String, PathBuf)]) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    let mut previous: Option<char> = None;
+    'scan: while !rest.is_empty() {
+        let starts_path = !previous.is_some_and(|c| c.is_alphanumeric() || "/._-~".contains(c));
+        if starts_path {
+            for (mount_path, local) in mounts {
+                let ends_at_boundary = |tail: &str| tail.is_empty() || !tail.starts_with(|c: char| c.is_alphanumeric() || "._-".contains(c));
+                if let Some(tail) = rest.strip_prefix(mount_path.as_str())
+                    && ends_at_boundary(tail)
+                {
+                    out.push_str(&local.display().to_string());
+                    previous = mount_path.chars().last();
+                    rest = tail;
+                    continue 'scan;
+                }
+            }
+        }
+        let c = rest.chars().next().unwrap();
+        out.push(c);
+        previous = Some(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
 /// Reads `deployment` from the cluster (what Helm applied), writes its volumes under `root` and translates the
 /// container's arguments. `ports` maps a listen flag to the loopback port it gets.
 fn render_for_local_run(
@@ -292,34 +321,23 @@ fn render_for_local_run(
     }
     // Longest mount first, so a nested mount wins over its parent.
     mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
-    let translate_paths = |text: &str| -> String {
-        let mut out = text.to_owned();
-        for (mount_path, local) in &mounts {
-            if out.contains(mount_path.as_str()) {
-                out = out.replace(mount_path.as_str(), &local.display().to_string());
-                break;
-            }
-        }
-        out
-    };
     // File contents refer to mounted paths too (the credentials file names its token file).
     for (_, local) in &mounts {
         for entry in std::fs::read_dir(local).unwrap().flatten() {
             if let Ok(text) = std::fs::read_to_string(entry.path())
-                && text.contains("/etc/reverser/")
+                && !text.contains("-----BEGIN")
             {
-                let mut out = text.clone();
-                for (mount_path, local) in &mounts {
-                    out = out.replace(mount_path.as_str(), &local.display().to_string());
+                let moved = relocate(&text, &mounts);
+                if moved != text {
+                    std::fs::write(entry.path(), moved).unwrap();
                 }
-                std::fs::write(entry.path(), out).unwrap();
             }
         }
     }
     let mut args = Vec::new();
     let mut writer_host = None;
     for arg in container["args"].as_array().expect("args") {
-        let arg = translate_paths(arg.as_str().unwrap());
+        let arg = relocate(arg.as_str().unwrap(), &mounts);
         let flag = arg.split('=').next().unwrap().to_owned();
         if let Some(port) = ports.get(flag.as_str()) {
             args.push(format!("{flag}=127.0.0.1:{port}"));
@@ -560,6 +578,7 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
         )
     };
 
+    let mut ready_table = String::new();
     // 1.–4. The README, command by command.
     for step in &steps {
         let text = step
@@ -584,14 +603,14 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
             writer = Some(spawn(&cluster, "writer", &writer_binary(), &rendered, dir.path()));
             agent = Some(start_agent(&cluster, dir.path(), writer_port, 0));
         } else if text.starts_with("kubectl get") {
-            // Ready=True once the first push succeeded: the same command until it says so.
-            wait_until(
+            // The same command until every row says Ready=True.
+            let table = wait_until(
                 "Ready=True on every GitDestination and ClusterWatchRule",
                 || {
                     agent.as_ref().unwrap().assert_running();
                     writer.as_ref().unwrap().assert_running();
                     let (ok, stdout, _) = shell.run(&text, None, &[]);
-                    (ok && all_ready(&stdout)).then_some(())
+                    (ok && all_ready(&stdout)).then_some(stdout)
                 },
                 || {
                     format!(
@@ -601,18 +620,28 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
                     )
                 },
             );
+            ready_table = table;
+            // Ready=True means the writer accepted the destination; the first commit follows within the batch
+            // window (writer.git.batch.maxWaitSec, 20 s by default).
+            wait_until(
+                "the first push",
+                || {
+                    writer.as_ref().unwrap().assert_running();
+                    bare.rev_parse("main")
+                },
+                || logs(&writer, &agent),
+            );
         } else if text.starts_with("git clone") {
             // The clone authenticates like any client of that server would (its CA, the token).
             let basic = base64::engine::general_purpose::STANDARD.encode(format!("{GIT_USER}:{GIT_TOKEN}"));
             let env = [
-                ("GIT_CONFIG_COUNT", "2".to_owned()),
-                ("GIT_CONFIG_KEY_0", "http.sslCAInfo".to_owned()),
-                ("GIT_CONFIG_VALUE_0", work.join("git-ca.crt").display().to_string()),
-                ("GIT_CONFIG_KEY_1", "http.extraHeader".to_owned()),
-                ("GIT_CONFIG_VALUE_1", format!("Authorization: Basic {basic}")),
+                ("GIT_SSL_CAINFO", work.join("git-ca.crt").display().to_string()),
+                ("GIT_CONFIG_COUNT", "1".to_owned()),
+                ("GIT_CONFIG_KEY_0", "http.extraHeader".to_owned()),
+                ("GIT_CONFIG_VALUE_0", format!("Authorization: Basic {basic}")),
             ];
             let (ok, stdout, stderr) = shell.run(&text, None, &env);
-            assert!(ok, "`{text}` failed:\n{stderr}\n{stdout}");
+            assert!(ok, "`{text}` failed:\n{stderr}\n{stdout}\n{ready_table}\n{}", logs(&writer, &agent));
             assert!(
                 work.join("cluster-state/clusters/prod").is_dir(),
                 "the clone has no clusters/prod:\n{stdout}"
@@ -679,9 +708,24 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
     assert_eq!(owners[0]["kind"], "ClusterRole", "{owners}");
     assert_eq!(owners[0]["uid"], role_uid.as_str(), "{owners}");
 
-    // 6. Back to the chart with the real helm CLI: it adopts the agent's configuration.
+    // 6. Back to the chart with the real helm CLI: it adopts the agent's configuration. Helm 4 installed the
+    // release with server-side apply, and the agent's field manager owns the rules it set: the plain upgrade is
+    // refused with a field conflict (not "cannot be imported": the ownership metadata works), and
+    // `--force-conflicts` (chart README) takes the fields over.
     let (ok, out) = helm_upgrade(&shell, &chart, "agent.webhook.createConfiguration=true", "");
-    assert!(ok, "helm upgrade back to createConfiguration=true: {out}");
+    if !ok {
+        assert!(
+            out.contains("conflict") && out.contains(".rules") && !out.contains("cannot be imported"),
+            "helm upgrade back to createConfiguration=true failed for another reason than a field conflict: {out}"
+        );
+        let (ok, out) = helm_upgrade(
+            &shell,
+            &chart,
+            "agent.webhook.createConfiguration=true",
+            "--force-conflicts",
+        );
+        assert!(ok, "helm upgrade --force-conflicts back to createConfiguration=true: {out}");
+    }
     let adopted = vwc(&cluster).expect("the chart's configuration");
     assert_eq!(
         adopted["webhooks"][0]["rules"][0]["resources"],
