@@ -112,11 +112,18 @@ struct Shell {
 impl Shell {
     fn new(cluster: &RealCluster, cwd: &Path) -> Self {
         let bin = real_kube_binary("helm").parent().unwrap().to_owned();
-        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let helm_home = cwd.join(".helm");
         let mut env = vec![
             ("PATH".to_owned(), path),
-            ("KUBECONFIG".to_owned(), cluster.kubeconfig().display().to_string()),
+            (
+                "KUBECONFIG".to_owned(),
+                cluster.kubeconfig().display().to_string(),
+            ),
             ("HOME".to_owned(), cwd.display().to_string()),
         ];
         for (var, sub) in [
@@ -133,14 +140,23 @@ impl Shell {
     }
 
     /// `bash -c text`; returns (success, stdout, stderr).
-    fn run(&self, text: &str, stdin: Option<&str>, extra_env: &[(&str, String)]) -> (bool, String, String) {
+    fn run(
+        &self,
+        text: &str,
+        stdin: Option<&str>,
+        extra_env: &[(&str, String)],
+    ) -> (bool, String, String) {
         use std::io::Write as _;
         let mut cmd = Command::new("bash");
         cmd.args(["-euo", "pipefail", "-c", text])
             .current_dir(&self.cwd)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("bash starts");
@@ -173,7 +189,11 @@ fn kubectl_json(cluster: &RealCluster, args: &[&str]) -> Value {
     serde_json::from_str(&cluster.kubectl_ok(&all)).expect("kubectl JSON")
 }
 
-fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>, on_timeout: impl Fn() -> String) -> T {
+fn wait_until<T>(
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+    on_timeout: impl Fn() -> String,
+) -> T {
     let deadline = Instant::now() + PATIENCE;
     loop {
         if let Some(found) = check() {
@@ -255,7 +275,10 @@ fn relocate(text: &str, mounts: &[(String, PathBuf)]) -> String {
         let starts_path = !previous.is_some_and(|c| c.is_alphanumeric() || "/._-~".contains(c));
         if starts_path {
             for (mount_path, local) in mounts {
-                let ends_at_boundary = |tail: &str| tail.is_empty() || !tail.starts_with(|c: char| c.is_alphanumeric() || "._-".contains(c));
+                let ends_at_boundary = |tail: &str| {
+                    tail.is_empty()
+                        || !tail.starts_with(|c: char| c.is_alphanumeric() || "._-".contains(c))
+                };
                 if let Some(tail) = rest.strip_prefix(mount_path.as_str())
                     && ends_at_boundary(tail)
                 {
@@ -287,7 +310,11 @@ fn render_for_local_run(
     let container = &pod["containers"][0];
     let volumes = pod["volumes"].as_array().cloned().unwrap_or_default();
     let mut mounts = Vec::new();
-    for mount in container["volumeMounts"].as_array().cloned().unwrap_or_default() {
+    for mount in container["volumeMounts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
         let mount_path = mount["mountPath"].as_str().unwrap().to_owned();
         let local = root.join(mount_path.trim_start_matches('/'));
         std::fs::create_dir_all(&local).unwrap();
@@ -302,7 +329,12 @@ fn render_for_local_run(
             let items: Vec<(String, String)> = match secret["items"].as_array() {
                 Some(items) => items
                     .iter()
-                    .map(|i| (i["key"].as_str().unwrap().into(), i["path"].as_str().unwrap().into()))
+                    .map(|i| {
+                        (
+                            i["key"].as_str().unwrap().into(),
+                            i["path"].as_str().unwrap().into(),
+                        )
+                    })
                     .collect(),
                 None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
             };
@@ -345,7 +377,10 @@ fn render_for_local_run(
             let url = arg.split_once('=').unwrap().1;
             let (scheme, rest) = url.split_once("://").expect("writer URL scheme");
             writer_host = Some(rest.rsplit_once(':').unwrap().0.to_owned());
-            args.push(format!("--writer-url={scheme}://127.0.0.1:{}", ports["writer"]));
+            args.push(format!(
+                "--writer-url={scheme}://127.0.0.1:{}",
+                ports["writer"]
+            ));
         } else {
             args.push(arg);
         }
@@ -498,7 +533,12 @@ fn all_ready(table: &str) -> bool {
             continue;
         }
         let Some(at) = column else { return false };
-        let value: String = line.get(at..).unwrap_or("").chars().take_while(|c| !c.is_whitespace()).collect();
+        let value: String = line
+            .get(at..)
+            .unwrap_or("")
+            .chars()
+            .take_while(|c| !c.is_whitespace())
+            .collect();
         if value != "True" {
             return false;
         }
@@ -516,7 +556,11 @@ fn vwc(cluster: &RealCluster) -> Option<Value> {
         "-o",
         "json",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     (!text.trim().is_empty()).then(|| serde_json::from_str(&text).unwrap())
 }
@@ -540,9 +584,21 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
     let steps = readme_install_steps();
     let programs: Vec<String> = steps
         .iter()
-        .map(|s| s.text.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+        .map(|s| {
+            s.text
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .collect();
-    for expected in ["kubectl create", "helm install", "kubectl apply", "kubectl get", "git clone"] {
+    for expected in [
+        "kubectl create",
+        "helm install",
+        "kubectl apply",
+        "kubectl get",
+        "git clone",
+    ] {
         assert!(
             programs.iter().any(|p| p == expected),
             "the README Install block no longer has a `{expected}` step: {programs:?}"
@@ -561,7 +617,10 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
     // credentials", token file at the chart's mount path).
     std::fs::write(
         work.join("credentials.yaml"),
-        CREDENTIALS_YAML.replace("{URL_PREFIX}", &format!("https://127.0.0.1:{}/", server.port())),
+        CREDENTIALS_YAML.replace(
+            "{URL_PREFIX}",
+            &format!("https://127.0.0.1:{}/", server.port()),
+        ),
     )
     .unwrap();
     std::fs::write(work.join("token"), GIT_TOKEN).unwrap();
@@ -585,7 +644,10 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
             .text
             .replace(README_REPO_URL, &repo_url)
             .replace(README_CHART, &format!(" {} ", chart.display()));
-        let stdin = step.stdin.as_ref().map(|s| s.replace(README_REPO_URL, &repo_url));
+        let stdin = step
+            .stdin
+            .as_ref()
+            .map(|s| s.replace(README_REPO_URL, &repo_url));
         if text.starts_with("helm install") {
             shell.ok(&format!(
                 "kubectl -n {NAMESPACE} create secret generic git-ca --from-file=ca.crt=git-ca.crt"
@@ -600,7 +662,13 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
                 &dir.path().join("writer-root"),
                 &BTreeMap::from([("--grpc-addr", writer_port), ("--admin-addr", free_port())]),
             );
-            writer = Some(spawn(&cluster, "writer", &writer_binary(), &rendered, dir.path()));
+            writer = Some(spawn(
+                &cluster,
+                "writer",
+                &writer_binary(),
+                &rendered,
+                dir.path(),
+            ));
             agent = Some(start_agent(&cluster, dir.path(), writer_port, 0));
         } else if text.starts_with("kubectl get") {
             // The same command until every row says Ready=True.
@@ -633,15 +701,26 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
             );
         } else if text.starts_with("git clone") {
             // The clone authenticates like any client of that server would (its CA, the token).
-            let basic = base64::engine::general_purpose::STANDARD.encode(format!("{GIT_USER}:{GIT_TOKEN}"));
+            let basic =
+                base64::engine::general_purpose::STANDARD.encode(format!("{GIT_USER}:{GIT_TOKEN}"));
             let env = [
-                ("GIT_SSL_CAINFO", work.join("git-ca.crt").display().to_string()),
+                (
+                    "GIT_SSL_CAINFO",
+                    work.join("git-ca.crt").display().to_string(),
+                ),
                 ("GIT_CONFIG_COUNT", "1".to_owned()),
                 ("GIT_CONFIG_KEY_0", "http.extraHeader".to_owned()),
-                ("GIT_CONFIG_VALUE_0", format!("Authorization: Basic {basic}")),
+                (
+                    "GIT_CONFIG_VALUE_0",
+                    format!("Authorization: Basic {basic}"),
+                ),
             ];
             let (ok, stdout, stderr) = shell.run(&text, None, &env);
-            assert!(ok, "`{text}` failed:\n{stderr}\n{stdout}\n{ready_table}\n{}", logs(&writer, &agent));
+            assert!(
+                ok,
+                "`{text}` failed:\n{stderr}\n{stdout}\n{ready_table}\n{}",
+                logs(&writer, &agent)
+            );
             assert!(
                 work.join("cluster-state/clusters/prod").is_dir(),
                 "the clone has no clusters/prod:\n{stdout}"
@@ -665,7 +744,11 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
         ("agent", agent.as_ref().unwrap().log()),
     ] {
         let denied = forbidden_lines(&log);
-        assert!(denied.is_empty(), "the {component} got 403s:\n{}", denied.join("\n"));
+        assert!(
+            denied.is_empty(),
+            "the {component} got 403s:\n{}",
+            denied.join("\n")
+        );
     }
     for (sa, verb, expected) in [
         ("gitops-reverser-writer", "get", "no"),
@@ -689,12 +772,20 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
     // 5. helm upgrade with a changed value: the agent manages the webhook configuration, owned by its ClusterRole.
     let chart_made = vwc(&cluster).expect("the chart created the webhook configuration");
     assert!(chart_made["metadata"].get("ownerReferences").is_none());
-    let (ok, out) = helm_upgrade(&shell, &chart, "agent.webhook.createConfiguration=false", "");
+    let (ok, out) = helm_upgrade(
+        &shell,
+        &chart,
+        "agent.webhook.createConfiguration=false",
+        "",
+    );
     assert!(ok, "helm upgrade to createConfiguration=false: {out}");
     assert!(vwc(&cluster).is_none(), "Helm removes its configuration");
     agent.take().unwrap().stop();
     agent = Some(start_agent(&cluster, dir.path(), writer_port, 1));
-    let role = kubectl_json(&cluster, &["get", "clusterrole", &format!("{RELEASE}-agent")]);
+    let role = kubectl_json(
+        &cluster,
+        &["get", "clusterrole", &format!("{RELEASE}-agent")],
+    );
     let role_uid = role["metadata"]["uid"].as_str().unwrap().to_owned();
     let applied = wait_until(
         "the agent's webhook configuration",
@@ -715,7 +806,9 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
     let (ok, out) = helm_upgrade(&shell, &chart, "agent.webhook.createConfiguration=true", "");
     if !ok {
         assert!(
-            out.contains("conflict") && out.contains(".rules") && !out.contains("cannot be imported"),
+            out.contains("conflict")
+                && out.contains(".rules")
+                && !out.contains("cannot be imported"),
             "helm upgrade back to createConfiguration=true failed for another reason than a field conflict: {out}"
         );
         let (ok, out) = helm_upgrade(
@@ -724,7 +817,10 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
             "agent.webhook.createConfiguration=true",
             "--force-conflicts",
         );
-        assert!(ok, "helm upgrade --force-conflicts back to createConfiguration=true: {out}");
+        assert!(
+            ok,
+            "helm upgrade --force-conflicts back to createConfiguration=true: {out}"
+        );
     }
     let adopted = vwc(&cluster).expect("the chart's configuration");
     assert_eq!(
@@ -735,14 +831,20 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
     agent.take().unwrap().stop();
 
     // 7. To the agent again, then uninstall: the garbage collector follows the ownerReference.
-    let (ok, out) = helm_upgrade(&shell, &chart, "agent.webhook.createConfiguration=false", "");
+    let (ok, out) = helm_upgrade(
+        &shell,
+        &chart,
+        "agent.webhook.createConfiguration=false",
+        "",
+    );
     assert!(ok, "helm upgrade to createConfiguration=false again: {out}");
     agent = Some(start_agent(&cluster, dir.path(), writer_port, 2));
     wait_until(
         "the agent's webhook configuration again",
         || {
             agent.as_ref().unwrap().assert_running();
-            vwc(&cluster).filter(|v| v["metadata"]["ownerReferences"][0]["uid"] == role_uid.as_str())
+            vwc(&cluster)
+                .filter(|v| v["metadata"]["ownerReferences"][0]["uid"] == role_uid.as_str())
         },
         || logs(&writer, &agent),
     );
@@ -751,7 +853,11 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
         ("agent", agent.as_ref().unwrap().log()),
     ] {
         let denied = forbidden_lines(&log);
-        assert!(denied.is_empty(), "the {component} got 403s:\n{}", denied.join("\n"));
+        assert!(
+            denied.is_empty(),
+            "the {component} got 403s:\n{}",
+            denied.join("\n")
+        );
     }
 
     shell.ok(&format!("helm uninstall {RELEASE} -n {NAMESPACE}"));
@@ -767,7 +873,10 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
     // Nothing labelled with the release is left, in any namespace, of any listable type, but the CA Secret the
     // chart keeps on purpose (helm.sh/resource-policy: keep). The CRDs stay (Helm never deletes crds/).
     let resources = cluster.kubectl_ok(&["api-resources", "--verbs=list", "-o", "name"]);
-    let resources: Vec<&str> = resources.lines().filter(|r| !r.starts_with("events")).collect();
+    let resources: Vec<&str> = resources
+        .lines()
+        .filter(|r| !r.starts_with("events"))
+        .collect();
     let left = cluster.kubectl_ok(&[
         "get",
         &resources.join(","),
@@ -778,14 +887,58 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
         "name",
     ]);
     let left: Vec<&str> = left.lines().collect();
-    assert_eq!(left, vec![format!("secret/{RELEASE}-ca").as_str()], "left behind");
-    for kind in ["clusterrole", "clusterrolebinding", "validatingwebhookconfiguration"] {
+    assert_eq!(
+        left,
+        vec![format!("secret/{RELEASE}-ca").as_str()],
+        "left behind"
+    );
+    for kind in [
+        "clusterrole",
+        "clusterrolebinding",
+        "validatingwebhookconfiguration",
+    ] {
         let names = cluster.kubectl_ok(&["get", kind, "-o", "name"]);
         assert!(
             !names.contains(RELEASE),
             "a {kind} of the release is left: {names}"
         );
     }
+    // The release namespace holds only what the README's user created, the cluster's own defaults and the Leases:
+    // no Pod, ReplicaSet, Endpoint(Slice), Service, ConfigMap or Secret of the agent or the writer is left.
+    let namespaced = cluster.kubectl_ok(&[
+        "api-resources",
+        "--namespaced=true",
+        "--verbs=list",
+        "-o",
+        "name",
+    ]);
+    let namespaced: Vec<&str> = namespaced
+        .lines()
+        .filter(|r| !r.starts_with("events"))
+        .collect();
+    let in_namespace =
+        cluster.kubectl_ok(&["get", &namespaced.join(","), "-n", NAMESPACE, "-o", "name"]);
+    // Known leftover (chart README "Uninstalling"): the agent's leader Lease and the writer's per-branch Leases.
+    // Helm deletes the Roles with the Deployments, so the Pods, stopped after that, cannot delete them.
+    let (leases, mut in_namespace): (Vec<&str>, Vec<&str>) = in_namespace
+        .lines()
+        .partition(|name| name.starts_with("lease.coordination.k8s.io/"));
+    assert!(
+        leases.contains(&"lease.coordination.k8s.io/gitops-reverser-agent") && leases.len() == 2,
+        "the Leases left: {leases:?}"
+    );
+    in_namespace.sort_unstable();
+    let mut expected = vec![
+        "configmap/kube-root-ca.crt",
+        "gitdestination.configbutler.ai/prod",
+        "gitrepoconfig.configbutler.ai/infra",
+        "secret/git-ca",
+        "secret/git-credentials",
+        "secret/gitops-reverser-ca",
+        "serviceaccount/default",
+    ];
+    expected.sort_unstable();
+    assert_eq!(in_namespace, expected, "left in the release namespace");
     let crds = cluster.kubectl_ok(&["get", "crd", "-o", "name"]);
     assert_eq!(crds.matches(".configbutler.ai").count(), 4, "{crds}");
 }
