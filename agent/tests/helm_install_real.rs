@@ -838,6 +838,10 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
         "",
     );
     assert!(ok, "helm upgrade to createConfiguration=false again: {out}");
+    assert!(
+        vwc(&cluster).is_none(),
+        "Helm removes the configuration it adopted"
+    );
     agent = Some(start_agent(&cluster, dir.path(), writer_port, 2));
     wait_until(
         "the agent's webhook configuration again",
