@@ -59,7 +59,7 @@ pub struct TokenUser {
 }
 
 /// Options of a [`RealCluster`].
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct RealClusterBuilder {
     users: Vec<TokenUser>,
     compaction_interval: Duration,
@@ -169,7 +169,33 @@ impl RealCluster {
         Self::builder().start().await
     }
 
+    /// Starts the components; a start-up in which a component exits (most often a loopback port that another
+    /// test took between picking it and binding it) is retried with fresh ports, twice at most.
     fn start_with(options: RealClusterBuilder) -> RealCluster {
+        let mut attempt = 1;
+        loop {
+            let this_try = options.clone();
+            match std::panic::catch_unwind(move || Self::start_once(this_try)) {
+                Ok(cluster) => return cluster,
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_default();
+                    if attempt >= 3 || !message.contains(" exited (") {
+                        std::panic::resume_unwind(panic);
+                    }
+                    eprintln!(
+                        "real cluster start-up attempt {attempt} failed, retrying: {message}"
+                    );
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    fn start_once(options: RealClusterBuilder) -> RealCluster {
         let started = Instant::now();
         let etcd_bin = real_kube_binary("etcd");
         let apiserver_bin = real_kube_binary("kube-apiserver");
