@@ -678,9 +678,9 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
     })
 }
 
-/// Removes from `slots` every write whose path clashes with a file or folder of the result (the tree with the
-/// batch's deletions and earlier accepted writes applied); returns the refused entries with a reason that
-/// names only the refused path (the other path may belong to another client).
+/// Removes from `slots` every write whose path clashes with a file or folder of the tree or of an earlier accepted
+/// write; returns the refused entries with a reason that names only the refused path (the other path may belong
+/// to another client).
 fn refuse_path_conflicts(
     slots: &mut BTreeMap<String, Slot<'_>>,
     entries: &[Entry],
@@ -696,11 +696,10 @@ fn refuse_path_conflicts(
     let mut refused = Vec::new();
     for (index, path) in writes {
         // A file at `candidate` in the result, as far as decided yet.
-        // Deleted by the batch: no file there in the result (a later write keeps a tree file a file).
-        let deleted = |candidate: &str| slots.get(candidate).is_some_and(|s| s.content.is_none());
+        // A deletion in the same batch does not make room: the batch's commits (one per author) may apply the
+        // write before the deletion, and git would refuse that tree. The next batch can write it.
         let file_at = |candidate: &str| -> Result<bool, GitError> {
-            Ok(accepted.contains(candidate)
-                || (!deleted(candidate) && tree.read(candidate)?.is_some()))
+            Ok(accepted.contains(candidate) || tree.read(candidate)?.is_some())
         };
         let mut why = None;
         for (slash, _) in path.match_indices('/') {
@@ -716,10 +715,7 @@ fn refuse_path_conflicts(
                 .next()
                 .is_some_and(|p| p.starts_with(&prefix));
             let below_tree = || -> Result<bool, GitError> {
-                Ok(tree
-                    .list(&path)?
-                    .iter()
-                    .any(|p| p.starts_with(&prefix) && !deleted(p)))
+                Ok(tree.list(&path)?.iter().any(|p| p.starts_with(&prefix)))
             };
             if below_pending || below_tree()? {
                 why = Some("it is a folder holding other files");
@@ -1359,13 +1355,14 @@ mod tests {
             assert!(!message.contains("human.yaml") && !message.contains("b/f.yaml "));
         }
         assert_eq!(changed_paths(&p), vec![("c/ok.yaml".to_owned(), true)]);
-        // Deleting the file first makes room for the folder.
+        // A deletion in the same batch does not make room (its commit may come after the write's): refused too.
         let b = buffer(vec![
             delete(&d, 1, "b/f.yaml"),
-            upsert(&d, 2, "b/f.yaml/g.yaml", CM, None),
+            upsert(&d, 2, "b/f.yaml/g.yaml", CM, Some("alice")),
         ]);
         let p = plan(b.entries(), &t, &context(500)).unwrap();
-        assert!(p.path_conflicts.is_empty());
+        assert_eq!(refused(&p), vec![1]);
+        assert_eq!(changed_paths(&p), vec![("c/b/f.yaml".to_owned(), false)]);
     }
 
     #[test]
