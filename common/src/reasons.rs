@@ -76,6 +76,8 @@ vocabulary! {
         SnapshotMismatch,
         /// Outside the client's grants (writer configuration file).
         Forbidden,
+        /// An Upsert whose path would be a file and a folder at once; only this message is refused.
+        PathConflict,
         /// The destination's worker stopped: reconnect and re-send.
         Unavailable,
     }
@@ -98,6 +100,8 @@ vocabulary! {
         AuthFailed,
         /// Pushes fail (unreachable remote, Git errors, a branch that keeps moving).
         PushFailing,
+        /// The delete cap stops snapshot sweeps (True) or a sweep found nothing over it (False).
+        SweepIncomplete,
     }
 }
 
@@ -132,6 +136,10 @@ vocabulary! {
         BranchKeepsMoving,
         /// LeaseConflict=True.
         LeaseHeldByOther,
+        /// SweepIncomplete=True: orphans are left over the delete cap.
+        DeleteCapReached,
+        /// SweepIncomplete=False.
+        SweepComplete,
     }
 }
 

@@ -306,6 +306,13 @@ pub struct Plan {
     pub marker_conflicts: Vec<MarkerConflict>,
     /// Entries refused because their destination's marker belongs to someone else (exclusive mode).
     pub refused_entries: Vec<usize>,
+    /// Writes refused because their path would be a file and a folder at once (against the tree or an
+    /// earlier write of the batch): entry index and why. Nothing else in the batch is held back by them.
+    pub path_conflicts: Vec<(usize, String)>,
+    /// Sweeps the delete cap stopped early: entry index of the sweep and how many orphans are left.
+    pub truncated_sweeps: Vec<(usize, usize)>,
+    /// Sweeps that deleted every orphan they found (entry indexes).
+    pub completed_sweeps: Vec<usize>,
     pub stats: PlanStats,
 }
 
@@ -323,6 +330,8 @@ struct Slot<'a> {
 pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result<Plan, GitError> {
     // 1. Latest content per path, in arrival order; sweeps see the tree as the earlier entries left it.
     let mut slots: BTreeMap<String, Slot<'_>> = BTreeMap::new();
+    let mut truncated_sweeps = Vec::new();
+    let mut completed_sweeps = Vec::new();
     for (index, entry) in entries.iter().enumerate() {
         match &entry.op {
             EntryOp::Write {
@@ -382,6 +391,7 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 }
                 let mut present: Vec<String> = present.into_iter().collect();
                 present.sort();
+                let mut left = 0usize;
                 for path in &present {
                     let Some(relative) = path
                         .strip_prefix(base_folder.as_str())
@@ -394,10 +404,17 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                     {
                         continue;
                     }
-                    candidates.push(path.clone());
+                    // Over the cap: count what is left (reported, deleted by a later sweep).
                     if candidates.len() >= ctx.deletes_cap {
-                        break;
+                        left += 1;
+                    } else {
+                        candidates.push(path.clone());
                     }
+                }
+                if left > 0 {
+                    truncated_sweeps.push((index, left));
+                } else {
+                    completed_sweeps.push(index);
                 }
                 for path in candidates {
                     slots.insert(
@@ -415,6 +432,10 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
             EntryOp::Nothing => {}
         }
     }
+
+    // 1b. A write that would turn a file into a folder or the other way round (git's D/F conflict) is refused
+    // alone, in arrival order: the earlier write (or the tree) wins.
+    let path_conflicts = refuse_path_conflicts(&mut slots, entries, tree)?;
 
     // 2. Effective changes against the tree.
     struct Effective<'a> {
@@ -650,8 +671,75 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
         commits,
         marker_conflicts,
         refused_entries,
+        path_conflicts,
+        truncated_sweeps,
+        completed_sweeps,
         stats,
     })
+}
+
+/// Removes from `slots` every write whose path clashes with a file or folder of the tree or of an earlier accepted
+/// write; returns the refused entries with a reason that names only the refused path (the other path may belong
+/// to another client).
+fn refuse_path_conflicts(
+    slots: &mut BTreeMap<String, Slot<'_>>,
+    entries: &[Entry],
+    tree: &dyn TreeView,
+) -> Result<Vec<(usize, String)>, GitError> {
+    let mut writes: Vec<(usize, String)> = slots
+        .iter()
+        .filter(|(_, slot)| slot.content.is_some())
+        .map(|(path, slot)| (slot.entry, path.clone()))
+        .collect();
+    writes.sort();
+    let mut accepted: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    let mut refused = Vec::new();
+    for (index, path) in writes {
+        // A file at `candidate` in the result, as far as decided yet.
+        // A deletion in the same batch does not make room: the batch's commits (one per author) may apply the
+        // write before the deletion, and git would refuse that tree. The next batch can write it.
+        let file_at = |candidate: &str| -> Result<bool, GitError> {
+            Ok(accepted.contains(candidate) || tree.read(candidate)?.is_some())
+        };
+        let mut why = None;
+        for (slash, _) in path.match_indices('/') {
+            if file_at(&path[..slash])? {
+                why = Some("a folder on its path is a file");
+                break;
+            }
+        }
+        if why.is_none() {
+            let prefix = format!("{path}/");
+            let below_pending = accepted
+                .range(prefix.clone()..)
+                .next()
+                .is_some_and(|p| p.starts_with(&prefix));
+            let below_tree = || -> Result<bool, GitError> {
+                Ok(tree.list(&path)?.iter().any(|p| p.starts_with(&prefix)))
+            };
+            if below_pending || below_tree()? {
+                why = Some("it is a folder holding other files");
+            }
+        }
+        match why {
+            Some(why) => {
+                let entry = &entries[index];
+                let shown = path
+                    .strip_prefix(entry.destination.base_folder.as_str())
+                    .and_then(|p| p.strip_prefix('/'))
+                    .unwrap_or(&path);
+                refused.push((
+                    index,
+                    format!("cannot write {}: {why} in the branch", one_line(shown)),
+                ));
+                slots.remove(&path);
+            }
+            None => {
+                accepted.insert(path);
+            }
+        }
+    }
+    Ok(refused)
 }
 
 #[derive(PartialEq, Eq)]
@@ -1205,6 +1293,92 @@ mod tests {
         );
         let disabled = plan(b.entries(), &t, &context(0)).unwrap();
         assert!(disabled.commits.is_empty());
+        // The truncation is reported with what is left; a sweep under the cap completes.
+        assert_eq!(capped.truncated_sweeps, vec![(1, 7)]);
+        assert!(capped.completed_sweeps.is_empty());
+        let complete = plan(b.entries(), &t, &context(10)).unwrap();
+        assert!(complete.truncated_sweeps.is_empty());
+        assert_eq!(complete.completed_sweeps, vec![1]);
+    }
+
+    fn refused(plan: &Plan) -> Vec<usize> {
+        plan.path_conflicts.iter().map(|(i, _)| *i).collect()
+    }
+
+    #[test]
+    fn a_file_under_a_pending_file_is_refused_alone() {
+        let d = destination("c", false);
+        let b = buffer(vec![
+            upsert(&d, 1, "a/x.yaml", CM, None),
+            upsert(&d, 2, "a/x.yaml/y.yaml", CM, None),
+            upsert(&d, 3, "a/z.yaml", CM, None),
+        ]);
+        let p = plan(b.entries(), &tree(&[]), &context(500)).unwrap();
+        assert_eq!(refused(&p), vec![1]);
+        assert!(p.path_conflicts[0].1.contains("a/x.yaml/y.yaml"));
+        let written: Vec<_> = changed_paths(&p).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(
+            written,
+            vec!["c/.configbutler/owner.yaml", "c/a/x.yaml", "c/a/z.yaml"]
+        );
+    }
+
+    #[test]
+    fn a_file_where_a_pending_folder_is_is_refused_alone() {
+        let d = destination("c", false);
+        let b = buffer(vec![
+            upsert(&d, 1, "a/x.yaml/y.yaml", CM, None),
+            upsert(&d, 2, "a/x.yaml", CM, None),
+        ]);
+        let p = plan(b.entries(), &tree(&[]), &context(500)).unwrap();
+        assert_eq!(refused(&p), vec![1]);
+        assert_eq!(p.stats.written, 1);
+    }
+
+    #[test]
+    fn conflicts_with_the_tree_are_refused_and_deletions_resolve_them() {
+        let d = destination("c", false);
+        let marker = marker_for("uid-a");
+        // A person pushed a/x.yaml as a folder; another client owns a file b/f.yaml.
+        let t = tree(&[
+            ("c/.configbutler/owner.yaml", &marker),
+            ("c/a/x.yaml/human.yaml", CM),
+            ("c/b/f.yaml", CM),
+        ]);
+        let b = buffer(vec![
+            upsert(&d, 1, "a/x.yaml", CM, None),
+            upsert(&d, 2, "b/f.yaml/g.yaml", CM, None),
+            upsert(&d, 3, "ok.yaml", CM, None),
+        ]);
+        let p = plan(b.entries(), &t, &context(500)).unwrap();
+        assert_eq!(refused(&p), vec![0, 1]);
+        for (_, message) in &p.path_conflicts {
+            assert!(!message.contains("human.yaml") && !message.contains("b/f.yaml "));
+        }
+        assert_eq!(changed_paths(&p), vec![("c/ok.yaml".to_owned(), true)]);
+        // A deletion in the same batch does not make room (its commit may come after the write's): refused too.
+        let b = buffer(vec![
+            delete(&d, 1, "b/f.yaml"),
+            upsert(&d, 2, "b/f.yaml/g.yaml", CM, Some("alice")),
+        ]);
+        let p = plan(b.entries(), &t, &context(500)).unwrap();
+        assert_eq!(refused(&p), vec![1]);
+        assert_eq!(changed_paths(&p), vec![("c/b/f.yaml".to_owned(), false)]);
+    }
+
+    #[test]
+    fn clients_sharing_a_branch_do_not_hold_each_other_back() {
+        let a = destination_for("uid-a", "c", false);
+        let b_dest = destination_for("uid-b", "c", false);
+        let b = buffer(vec![
+            upsert(&a, 1, "a/x.yaml", CM, None),
+            upsert(&b_dest, 1, "a/x.yaml/y.yaml", CM, None),
+            upsert(&b_dest, 2, "b.yaml", CM, None),
+        ]);
+        let p = plan(b.entries(), &tree(&[]), &context(500)).unwrap();
+        assert_eq!(refused(&p), vec![1]);
+        assert!(!p.path_conflicts[0].1.contains("a/x.yaml:"));
+        assert_eq!(p.stats.written, 2);
     }
 
     #[test]

@@ -113,6 +113,20 @@ pub struct Args {
     /// Orphan files one snapshot may delete; 0 disables orphan deletion.
     #[arg(long, env = "WRITER_DELETES_CAP_PER_CYCLE", default_value_t = 500)]
     pub deletes_cap_per_cycle: usize,
+    /// Seconds to wait for a TCP connection to a Git remote.
+    #[arg(long, env = "WRITER_GIT_CONNECT_TIMEOUT_SEC", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub git_connect_timeout_sec: u64,
+    /// Seconds a read or write on a Git remote's connection may wait without progress (libgit2's socket
+    /// timeout; without one a remote that accepts and never answers hangs its worker forever).
+    #[arg(long, env = "WRITER_GIT_IO_TIMEOUT_SEC", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub git_io_timeout_sec: u64,
+    /// Seconds a whole fetch or push may take (checked whenever the transfer makes progress).
+    #[arg(long, env = "WRITER_GIT_OPERATION_TIMEOUT_SEC", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub git_operation_timeout_sec: u64,
+    /// On shutdown, seconds the workers get to push what is pending; then the writer exits anyway (what was
+    /// not pushed was not acked, so the agents re-send it to the next writer).
+    #[arg(long, env = "WRITER_SHUTDOWN_GRACE_SEC", default_value_t = 7)]
+    pub shutdown_grace_sec: u64,
     /// Committer (and bot author) name.
     #[arg(long, env = "WRITER_COMMIT_NAME", default_value = "GitOps Reverser")]
     pub commit_name: String,
@@ -362,6 +376,14 @@ impl Args {
     /// Starts every component and returns once the listeners are bound.
     pub async fn start(self) -> anyhow::Result<RunningWriter> {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // Before any worker exists (the settings are process-wide; the first start in a process wins).
+        git::set_network_timeouts(git::NetworkTimeouts {
+            connect: Duration::from_secs(self.git_connect_timeout_sec),
+            io: Duration::from_secs(self.git_io_timeout_sec),
+            operation: Duration::from_secs(self.git_operation_timeout_sec),
+        })
+        .context("setting the Git network timeouts")?;
+        let shutdown_grace = Duration::from_secs(self.shutdown_grace_sec);
         let loaded = self.load_files()?;
         let grpc_addr_wanted = self
             .grpc_addr
@@ -542,37 +564,76 @@ impl Args {
             })
         };
 
+        // The whole shutdown (streams' final flushes, then the workers') gets `shutdown_grace` from the request on.
+        let grace_over = {
+            let requested = shutdown_rx.clone();
+            async move {
+                wait_for(requested).await;
+                tokio::time::sleep(shutdown_grace).await;
+            }
+        };
         let server_shutdown = wait_for(shutdown_rx);
         let server = tokio::spawn(async move {
             let _work_dir_lock = work_dir_lock;
-            match tls {
-                Some(tls) => {
-                    router
-                        .serve_with_incoming_shutdown(
-                            tls::incoming(listener, tls, Duration::from_secs(10)),
-                            server_shutdown,
-                        )
-                        .await
+            tokio::pin!(grace_over);
+            let serve = async {
+                match tls {
+                    Some(tls) => {
+                        router
+                            .serve_with_incoming_shutdown(
+                                tls::incoming(listener, tls, Duration::from_secs(10)),
+                                server_shutdown,
+                            )
+                            .await
+                    }
+                    None => {
+                        router
+                            .serve_with_incoming_shutdown(
+                                TcpListenerStream::new(listener),
+                                server_shutdown,
+                            )
+                            .await
+                    }
                 }
-                None => {
-                    router
-                        .serve_with_incoming_shutdown(
-                            TcpListenerStream::new(listener),
-                            server_shutdown,
-                        )
-                        .await
+                .context("gRPC server failed")
+            };
+            let mut grace_passed = false;
+            tokio::select! {
+                served = serve => served?,
+                // A stream's final flush waits on its worker, which may wait on a silent remote.
+                _ = &mut grace_over => {
+                    grace_passed = true;
+                    warn!(
+                        grace_sec = shutdown_grace.as_secs(),
+                        "streams still flushing at the end of the shutdown grace; closing them (the agents re-send what was not acked)"
+                    );
                 }
             }
-            .context("gRPC server failed")?;
             reload.abort();
             readiness.set(false);
-            // Streams are gone; let every worker push what it still holds, then stop.
+            // Streams are gone; let every worker push what it still holds, all at once and for a bounded time: a
+            // hung remote must not hold the exit (unpushed changes were not acked; the agents re-send them).
             let workers = registry.shutdown();
             drop(registry);
+            let mut finals = tokio::task::JoinSet::new();
             for worker in workers {
-                if let Err(error) = worker.shutdown().await {
-                    warn!(worker = %worker.id, %error, "final flush failed; the agents will re-send");
-                }
+                finals.spawn(async move {
+                    if let Err(error) = worker.shutdown().await {
+                        warn!(worker = %worker.id, %error, "final flush failed; the agents will re-send");
+                    }
+                });
+            }
+            let finished = !grace_passed
+                && tokio::select! {
+                    () = async { while finals.join_next().await.is_some() {} } => true,
+                    () = &mut grace_over => false,
+                };
+            if !finished {
+                warn!(
+                    grace_sec = shutdown_grace.as_secs(),
+                    "workers still busy with their remote at the end of the shutdown grace; exiting without them (the agents re-send what was not acked)"
+                );
+                finals.abort_all();
             }
             info!("writer stopped");
             Ok(())

@@ -17,6 +17,9 @@ pub struct Metrics {
     pub ownership_conflicts: IntCounterVec,
     pub lease_acquire_failures: IntCounterVec,
     pub marker_conflicts: IntCounterVec,
+    /// Orphans the last sweep of a destination left for later because of `--deletes-cap-per-cycle`.
+    pub orphans_pending: IntGaugeVec,
+    pub sweeps_truncated: IntCounterVec,
     pub active_workers: IntGaugeVec,
     pub queue_depth: IntGaugeVec,
     pub messages_received: IntCounterVec,
@@ -120,6 +123,18 @@ impl Metrics {
                 &registry,
                 "marker_conflicts_total",
                 "Ownership marker mismatches seen.",
+                DEST,
+            ),
+            orphans_pending: gauge(
+                &registry,
+                "orphans_pending",
+                "Orphan files the last snapshot sweep left undeleted because of --deletes-cap-per-cycle.",
+                DEST,
+            ),
+            sweeps_truncated: counter(
+                &registry,
+                "sweeps_truncated_total",
+                "Snapshot sweeps stopped early by --deletes-cap-per-cycle.",
                 DEST,
             ),
             active_workers: gauge(

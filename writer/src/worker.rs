@@ -575,6 +575,71 @@ impl Worker {
                 ("MarkerConflict".into(), true),
             );
         }
+        for (index, message) in &plan.path_conflicts {
+            let entry = &entries[*index];
+            warn!(worker = %self.id, destination = %entry.destination.id, sequence = entry.sequence, %message, "path conflict; write refused");
+            self.metrics
+                .messages_rejected
+                .with_label_values(&["PathConflict"])
+                .inc();
+            entry.destination.origin.reject(
+                &entry.destination.id.key,
+                entry.sequence,
+                "PathConflict",
+                message.clone(),
+            );
+        }
+        for &(index, left) in &plan.truncated_sweeps {
+            let destination = &entries[index].destination;
+            let key = destination.id.key.as_str();
+            info!(worker = %self.id, destination = %destination.id, orphans_left = left, cap = self.settings.deletes_cap, "sweep stopped at the delete cap; the next snapshot deletes more");
+            self.metrics
+                .orphans_pending
+                .with_label_values(&[key])
+                .set(left as i64);
+            self.metrics
+                .sweeps_truncated
+                .with_label_values(&[key])
+                .inc();
+            destination.report(
+                "SweepIncomplete",
+                true,
+                "DeleteCapReached",
+                format!(
+                    "{left} orphan files left after deleting {} (--deletes-cap-per-cycle); the next snapshot continues",
+                    self.settings.deletes_cap
+                ),
+            );
+        }
+        for &index in &plan.completed_sweeps {
+            let destination = &entries[index].destination;
+            if plan
+                .truncated_sweeps
+                .iter()
+                .any(|&(i, _)| entries[i].destination.id == destination.id)
+            {
+                continue;
+            }
+            self.metrics
+                .orphans_pending
+                .with_label_values(&[destination.id.key.as_str()])
+                .set(0);
+            let incomplete = destination
+                .conditions
+                .lock()
+                .expect("conditions lock")
+                .get("SweepIncomplete")
+                .is_some_and(|c| c.status == "True");
+            if incomplete {
+                info!(worker = %self.id, destination = %destination.id, "sweep complete");
+                destination.report(
+                    "SweepIncomplete",
+                    false,
+                    "SweepComplete",
+                    "the last snapshot deleted every orphan",
+                );
+            }
+        }
         for &index in &plan.refused_entries {
             let entry = &entries[index];
             entry.destination.origin.reject(

@@ -231,6 +231,26 @@ async fn snapshot_end_deletes_orphans_of_its_scope_only_within_the_cap() {
             "{kept} must stay: {files:?}"
         );
     }
+    // The truncation is visible: a condition and a gauge with the number left.
+    let incomplete = agent.status(DEST, "SweepIncomplete").await;
+    assert_eq!(
+        (incomplete.status.as_str(), incomplete.reason.as_str()),
+        ("True", "DeleteCapReached")
+    );
+    assert!(incomplete.message.starts_with("1 orphan"), "{incomplete:?}");
+    let pending = |metrics: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("gitops_reverser_orphans_pending{destination=\"gitops/prod\"}"))
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+    };
+    assert_eq!(pending(&writer.metrics().await).as_deref(), Some("1"));
+    assert!(
+        writer
+            .metrics()
+            .await
+            .contains("gitops_reverser_sweeps_truncated_total{destination=\"gitops/prod\"} 1")
+    );
     // The next snapshot takes the rest.
     agent.send(snapshot_begin(DEST, 4, deployments(), 2)).await;
     agent
@@ -243,6 +263,12 @@ async fn snapshot_end_deletes_orphans_of_its_scope_only_within_the_cap() {
             .ls_tree("main")
             .contains(&"c/apps/v1/deployments/shop/orphan-3.yaml".to_owned())
     );
+    let complete = agent.status(DEST, "SweepIncomplete").await;
+    assert_eq!(
+        (complete.status.as_str(), complete.reason.as_str()),
+        ("False", "SweepComplete")
+    );
+    assert_eq!(pending(&writer.metrics().await).as_deref(), Some("0"));
     writer.stop().await;
 }
 
@@ -982,5 +1008,59 @@ async fn a_rotated_password_file_applies_to_the_running_worker_without_a_restart
         repo.read("main", "c/core/v1/configmaps/ns/a.yaml").unwrap(),
         configmap("ns", "a", "1")
     );
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn a_path_conflict_is_rejected_alone_and_the_rest_of_the_batch_lands() {
+    let repo = BareRepo::new();
+    // A person made `c/h/x.yaml` a folder.
+    repo.commit_as_human(
+        "main",
+        "c/h/x.yaml/notes.yaml",
+        "by: hand\n",
+        "human folder",
+    );
+    let writer = Writer::start(&["--git-batch-max-wait-sec", "1"]).await;
+    let mut a = writer.agent("uid-a").await;
+    let mut b = writer.agent("uid-b").await;
+    a.declare(DEST, &repo.file_url(), "main", "c").await;
+    // Another client on the same branch (the same worker) must not be held back or told about A's paths.
+    b.declare("gitops/other", &repo.file_url(), "main", "d")
+        .await;
+    let cm = configmap("ns", "x", "1");
+    a.send(upsert(DEST, 1, "a/x.yaml", &cm)).await;
+    // A file under a pending file, then a file where the human's folder is.
+    a.send(upsert(DEST, 2, "a/x.yaml/y.yaml", &cm)).await;
+    a.send(upsert(DEST, 3, "h/x.yaml", &cm)).await;
+    b.send(upsert("gitops/other", 1, "b/ok.yaml", &cm)).await;
+    a.send(upsert(DEST, 4, "a/z.yaml", &cm)).await;
+
+    for sequence in [2, 3] {
+        let reject = a.reject(sequence).await;
+        assert_eq!(reject.reason, "PathConflict", "{reject:?}");
+    }
+    a.ack(DEST, 4).await;
+    b.ack("gitops/other", 1).await;
+    for path in [
+        "c/a/x.yaml",
+        "c/a/z.yaml",
+        "d/b/ok.yaml",
+        "c/h/x.yaml/notes.yaml",
+    ] {
+        assert!(repo.read("main", path).is_some(), "{path} missing");
+    }
+    assert!(repo.read("main", "c/a/x.yaml/y.yaml").is_none());
+    // Nothing failed: B saw no failure and none of A's paths.
+    for out in b.drain_for(Duration::from_millis(300)).await {
+        let text = format!("{out:?}");
+        assert!(
+            !text.contains("x.yaml") && !text.contains("PushFailing"),
+            "{text}"
+        );
+    }
+    // The worker is not poisoned: the next change lands too.
+    a.send(upsert(DEST, 5, "a/w.yaml", &cm)).await;
+    a.ack(DEST, 5).await;
     writer.stop().await;
 }

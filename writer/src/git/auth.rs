@@ -22,12 +22,28 @@ pub(crate) struct CallState {
     pub identity_failure: RefCell<Option<String>>,
     /// Why the extra CA did not vouch for a TLS certificate (libgit2 may still trust it).
     pub tls_note: RefCell<Option<String>>,
+    /// When the whole operation must be over (see `--git-operation-timeout-sec`).
+    deadline: Cell<Option<std::time::Instant>>,
+    /// Set when a progress callback aborted the operation at its deadline.
+    pub timed_out: Cell<bool>,
     userpass_tries: Cell<u32>,
     key_tries: Cell<u32>,
     username_tries: Cell<u32>,
 }
 
 impl CallState {
+    /// False (abort) once the operation's deadline has passed.
+    fn within_deadline(&self) -> bool {
+        let late = self
+            .deadline
+            .get()
+            .is_some_and(|d| std::time::Instant::now() >= d);
+        if late {
+            self.timed_out.set(true);
+        }
+        !late
+    }
+
     fn fail_auth(&self, why: &str) -> git2::Error {
         *self.auth_failure.borrow_mut() = Some(why.to_owned());
         git2::Error::from_str(why)
@@ -43,6 +59,21 @@ impl CallState {
 /// Callbacks for `spec`, reporting into `state`.
 pub(crate) fn callbacks<'a>(spec: &'a RepoSpec, state: &'a CallState) -> RemoteCallbacks<'a> {
     let mut cb = RemoteCallbacks::new();
+    // libgit2's socket timeout bounds a silent remote; this bounds one that trickles data forever.
+    state
+        .deadline
+        .set(Some(std::time::Instant::now() + super::operation_timeout()));
+    cb.transfer_progress(move |_| state.within_deadline());
+    cb.sideband_progress(move |_| state.within_deadline());
+    cb.push_negotiation(move |_| {
+        if state.within_deadline() {
+            Ok(())
+        } else {
+            Err(git2::Error::from_str(
+                "the push took longer than its deadline",
+            ))
+        }
+    });
     cb.credentials(move |_url, user_from_url, allowed| {
         credentials(spec.credentials.as_ref(), state, user_from_url, allowed)
     });

@@ -5,7 +5,6 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use git2::{
     AutotagOption, ConfigLevel, ErrorClass, ErrorCode, FetchOptions, ObjectType, Oid, PushOptions,
@@ -42,13 +41,6 @@ const CONFIG_OVERRIDES: &str = "\
 [pack]
 \tdeltaCacheSize = 1
 ";
-
-/// How long the reachability probe waits for a TCP connection before a fetch or push.
-///
-/// libgit2's own socket timeouts (`git2::opts::set_server_*timeout*`) default to "none" and can
-/// only be set through an `unsafe fn`, which this workspace forbids; the probe bounds at least
-/// the connect phase of every network operation.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A bare clone tracking `refs/heads/<branch>` of one remote.
 pub struct Clone {
@@ -583,6 +575,12 @@ impl Clone {
     fn classify(&self, err: &git2::Error, state: &CallState) -> GitError {
         let url = redact_url(&self.spec.url);
         let msg = format!("{url}: {}", self.scrub(err.message()));
+        if state.timed_out.get() {
+            return GitError::Unreachable(format!(
+                "{url}: did not finish within {} s (--git-operation-timeout-sec)",
+                super::operation_timeout().as_secs()
+            ));
+        }
         if let Some(why) = state.identity_failure.take() {
             return GitError::HostKey(format!("{url}: {why}"));
         }
@@ -721,7 +719,7 @@ fn lost_race(status: &str) -> bool {
 }
 
 /// Fails fast with [`GitError::Unreachable`] when the remote's TCP endpoint does not accept a
-/// connection within [`CONNECT_TIMEOUT`]. Local remotes are not probed.
+/// connection within the connect timeout (`--git-connect-timeout-sec`). Local remotes are not probed.
 fn probe(url: &str) -> Result<(), GitError> {
     let Some(ep) = endpoint(url) else {
         return Ok(());
@@ -739,7 +737,7 @@ fn probe(url: &str) -> Result<(), GitError> {
         .map_err(|e| unreachable(e.to_string()))?;
     let mut last = String::from("no address");
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+        match TcpStream::connect_timeout(&addr, super::connect_timeout()) {
             Ok(_) => return Ok(()),
             Err(e) => last = e.to_string(),
         }

@@ -37,10 +37,59 @@ mod url;
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
 pub use self::clone::Clone;
+
+/// Deadlines of every network operation, in milliseconds (see [`set_network_timeouts`]).
+static CONNECT_TIMEOUT_MS: AtomicU64 = AtomicU64::new(10_000);
+static OPERATION_TIMEOUT_MS: AtomicU64 = AtomicU64::new(300_000);
+
+/// Deadlines for talking to Git remotes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetworkTimeouts {
+    /// TCP connect (the reachability probe and libgit2's own connect).
+    pub connect: Duration,
+    /// One socket read or write without progress (libgit2's server timeout).
+    pub io: Duration,
+    /// A whole fetch or push, checked whenever libgit2 reports progress.
+    pub operation: Duration,
+}
+
+/// Sets the deadlines of every later fetch and push in this process. libgit2's socket timeouts default to
+/// "none": a remote that accepts TCP and never answers would block a worker (and the shutdown) forever.
+/// The first call wins (the settings are process-wide); call it at start-up, before any network operation.
+#[allow(unsafe_code)]
+pub fn set_network_timeouts(timeouts: NetworkTimeouts) -> Result<(), GitError> {
+    static ONCE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let millis = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX).max(1);
+    let result = ONCE.get_or_init(|| {
+        CONNECT_TIMEOUT_MS.store(timeouts.connect.as_millis() as u64, Ordering::Relaxed);
+        OPERATION_TIMEOUT_MS.store(timeouts.operation.as_millis() as u64, Ordering::Relaxed);
+        // SAFETY: these setters write libgit2's process-global options without synchronisation, which is
+        // only unsound while another thread runs libgit2 concurrently. The OnceLock runs this body once per
+        // process, and the writer calls it at start-up before any worker (the only libgit2 users) exists.
+        unsafe {
+            git2::opts::set_server_connect_timeout_in_milliseconds(millis(timeouts.connect))
+                .and_then(|()| git2::opts::set_server_timeout_in_milliseconds(millis(timeouts.io)))
+        }
+        .map_err(|e| e.message().to_owned())
+    });
+    result.clone().map_err(GitError::Other)
+}
+
+/// The connect deadline set by [`set_network_timeouts`] (10 s before).
+pub(crate) fn connect_timeout() -> Duration {
+    Duration::from_millis(CONNECT_TIMEOUT_MS.load(Ordering::Relaxed))
+}
+
+/// The whole-operation deadline set by [`set_network_timeouts`] (300 s before).
+pub(crate) fn operation_timeout() -> Duration {
+    Duration::from_millis(OPERATION_TIMEOUT_MS.load(Ordering::Relaxed))
+}
 pub use self::url::{canonical_remote, redact_url};
 
 /// How to authenticate against a remote.
