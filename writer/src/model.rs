@@ -5,6 +5,7 @@ use std::{fmt, sync::Arc};
 
 use tokio::sync::mpsc;
 
+use reverser_common::reasons::{ConditionReason, ConditionType, RejectReason};
 use reverser_proto::v1::{self as pb, WriterMessage};
 
 use crate::git::GitCredentials;
@@ -69,13 +70,13 @@ impl Origin {
         &self,
         destination: &str,
         sequence: u64,
-        reason: &str,
+        reason: RejectReason,
         message: impl Into<String>,
     ) {
         self.send(pb::writer_message::Kind::Reject(pb::Reject {
             destination: destination.to_owned(),
             sequence,
-            reason: reason.to_owned(),
+            reason: reason.as_str().to_owned(),
             message: message.into(),
         }));
     }
@@ -83,17 +84,17 @@ impl Origin {
     pub fn status(
         &self,
         destination: &str,
-        kind: &str,
+        kind: ConditionType,
         status: bool,
-        reason: &str,
+        reason: ConditionReason,
         message: impl Into<String>,
     ) {
         self.send(pb::writer_message::Kind::DestinationStatus(
             pb::DestinationStatus {
                 destination: destination.to_owned(),
-                r#type: kind.to_owned(),
+                r#type: kind.as_str().to_owned(),
                 status: if status { "True" } else { "False" }.to_owned(),
-                reason: reason.to_owned(),
+                reason: reason.as_str().to_owned(),
                 message: message.into(),
             },
         ));
@@ -148,18 +149,24 @@ pub type Conditions =
 
 impl DestinationRef {
     /// Records a condition and reports it to the destination's agent.
-    pub fn report(&self, kind: &str, status: bool, reason: &str, message: impl Into<String>) {
+    pub fn report(
+        &self,
+        kind: ConditionType,
+        status: bool,
+        reason: ConditionReason,
+        message: impl Into<String>,
+    ) {
         let condition = pb::DestinationStatus {
             destination: self.id.key.clone(),
-            r#type: kind.to_owned(),
+            r#type: kind.as_str().to_owned(),
             status: if status { "True" } else { "False" }.to_owned(),
-            reason: reason.to_owned(),
+            reason: reason.as_str().to_owned(),
             message: message.into(),
         };
         self.conditions
             .lock()
             .expect("conditions lock")
-            .insert(kind.to_owned(), condition.clone());
+            .insert(kind.as_str().to_owned(), condition.clone());
         self.origin
             .send(pb::writer_message::Kind::DestinationStatus(condition));
     }

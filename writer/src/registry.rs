@@ -6,6 +6,7 @@
 //! to the client that declared it first (another client cannot take it over by claiming the same cluster and key),
 //! and a worker started with credentials an agent sent serves only that agent's client.
 
+use reverser_common::reasons::{ConditionReason, ConditionType, RejectReason};
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
@@ -48,14 +49,31 @@ pub enum DeclareError {
 }
 
 impl DeclareError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> RejectReason {
         match self {
-            DeclareError::Overlap { .. } => "OverlappingBaseFolder",
+            DeclareError::Overlap { .. } => RejectReason::OverlappingBaseFolder,
             DeclareError::GlobalWorkerLimit(_) | DeclareError::RepoWorkerLimit(_) => {
-                "WorkerLimitReached"
+                RejectReason::WorkerLimitReached
             }
-            DeclareError::UnknownCredentials(_) => "UnknownCredentials",
-            DeclareError::Forbidden(_) => "Forbidden",
+            DeclareError::UnknownCredentials(_) => RejectReason::UnknownCredentials,
+            DeclareError::Forbidden(_) => RejectReason::Forbidden,
+        }
+    }
+
+    /// How the refusal shows as a condition: an overlap is an ownership conflict, the rest make it not Ready.
+    pub fn condition(&self) -> (ConditionType, ConditionReason) {
+        match self {
+            DeclareError::Overlap { .. } => (
+                ConditionType::OwnershipConflict,
+                ConditionReason::OverlappingBaseFolder,
+            ),
+            DeclareError::GlobalWorkerLimit(_) | DeclareError::RepoWorkerLimit(_) => {
+                (ConditionType::Ready, ConditionReason::WorkerLimitReached)
+            }
+            DeclareError::UnknownCredentials(_) => {
+                (ConditionType::Ready, ConditionReason::UnknownCredentials)
+            }
+            DeclareError::Forbidden(_) => (ConditionType::Ready, ConditionReason::Forbidden),
         }
     }
 }

@@ -17,6 +17,7 @@ use std::{
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use reverser_common::reasons::{ConditionReason, ConditionType, RejectReason};
 use reverser_common::{paths, sops, yaml};
 use reverser_proto::{
     PROTOCOL_VERSION,
@@ -49,11 +50,11 @@ pub struct SessionLimits {
 /// A refused message: machine-readable reason plus explanation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
-    pub reason: &'static str,
+    pub reason: RejectReason,
     pub message: String,
 }
 
-fn reject(reason: &'static str, message: impl Into<String>) -> Rejection {
+fn reject(reason: RejectReason, message: impl Into<String>) -> Rejection {
     Rejection {
         reason,
         message: message.into(),
@@ -64,7 +65,7 @@ fn reject(reason: &'static str, message: impl Into<String>) -> Rejection {
 pub fn validate_hello(hello: &pb::Hello) -> Result<ClusterIdentity, Rejection> {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(reject(
-            "UnsupportedProtocolVersion",
+            RejectReason::UnsupportedProtocolVersion,
             format!(
                 "protocol_version {} is not supported; this writer speaks {PROTOCOL_VERSION}",
                 hello.protocol_version
@@ -78,11 +79,14 @@ pub fn validate_hello(hello: &pb::Hello) -> Result<ClusterIdentity, Rejection> {
         ("controller_name", &hello.controller_name),
     ] {
         if value.trim().is_empty() {
-            return Err(reject("InvalidHello", format!("hello.{field} is required")));
+            return Err(reject(
+                RejectReason::InvalidHello,
+                format!("hello.{field} is required"),
+            ));
         }
         if value.len() > 253 || value.chars().any(char::is_control) {
             return Err(reject(
-                "InvalidHello",
+                RejectReason::InvalidHello,
                 format!("hello.{field} is longer than 253 characters or has control characters"),
             ));
         }
@@ -90,7 +94,7 @@ pub fn validate_hello(hello: &pb::Hello) -> Result<ClusterIdentity, Rejection> {
     // Optional, but it lands in logs and the ownership marker.
     if hello.cluster_name.len() > 253 || hello.cluster_name.chars().any(char::is_control) {
         return Err(reject(
-            "InvalidHello",
+            RejectReason::InvalidHello,
             "hello.cluster_name is longer than 253 characters or has control characters",
         ));
     }
@@ -114,7 +118,7 @@ pub fn validate_leader_term(hello: &pb::Hello) -> Result<Option<Term>, Rejection
     for (field, value) in [("lease_uid", &term.lease_uid), ("holder", &term.holder)] {
         if value.trim().is_empty() || value.len() > 512 || value.chars().any(char::is_control) {
             return Err(reject(
-                "InvalidHello",
+                RejectReason::InvalidHello,
                 format!(
                     "hello.leader_term.{field} is required, at most 512 bytes, without control characters"
                 ),
@@ -169,13 +173,13 @@ pub fn validate_destination(
         && !key.chars().any(|c| c.is_control() || c.is_whitespace());
     if !key_ok {
         return Err(reject(
-            "InvalidDestination",
+            RejectReason::InvalidDestination,
             format!("destination key {key:?} must be \"namespace/name\""),
         ));
     }
     if !valid_repo_url(&message.repo_url) {
         return Err(reject(
-            "InvalidDestination",
+            RejectReason::InvalidDestination,
             format!(
                 "repo_url {:?} is not a file://, git://, http(s)://, ssh:// or user@host:path URL",
                 git::redact_url(&message.repo_url)
@@ -183,9 +187,13 @@ pub fn validate_destination(
         ));
     }
     git::validate_branch_name(&message.branch)
-        .map_err(|e| reject("InvalidDestination", e.to_string()))?;
-    paths::validate_base_folder(&message.base_folder)
-        .map_err(|e| reject("InvalidDestination", format!("base_folder: {e}")))?;
+        .map_err(|e| reject(RejectReason::InvalidDestination, e.to_string()))?;
+    paths::validate_base_folder(&message.base_folder).map_err(|e| {
+        reject(
+            RejectReason::InvalidDestination,
+            format!("base_folder: {e}"),
+        )
+    })?;
     let credentials = match message.credentials.as_ref().and_then(|c| c.kind.as_ref()) {
         None => DeclaredCredentials::None,
         Some(pb::credentials::Kind::Reference(name)) => {
@@ -203,13 +211,13 @@ pub fn validate_destination(
         Some(pb::credentials::Kind::Ssh(ssh)) => {
             if ssh.known_hosts.trim().is_empty() {
                 return Err(reject(
-                    "InvalidDestination",
+                    RejectReason::InvalidDestination,
                     "ssh credentials need known_hosts: the writer never accepts an unknown host key",
                 ));
             }
             if ssh.private_key.trim().is_empty() {
                 return Err(reject(
-                    "InvalidDestination",
+                    RejectReason::InvalidDestination,
                     "ssh credentials need a private_key",
                 ));
             }
@@ -227,7 +235,7 @@ pub fn validate_destination(
     };
     if message.age_recipients.len() > MAX_AGE_RECIPIENTS {
         return Err(reject(
-            "InvalidDestination",
+            RejectReason::InvalidDestination,
             format!(
                 "{} age recipients; at most {MAX_AGE_RECIPIENTS} are accepted",
                 message.age_recipients.len()
@@ -241,7 +249,7 @@ pub fn validate_destination(
     {
         // The value is not echoed: it is not a key, so it may be anything.
         return Err(reject(
-            "InvalidDestination",
+            RejectReason::InvalidDestination,
             format!("age_recipients[{position}] is not an age X25519 public key (age1…)"),
         ));
     }
@@ -274,14 +282,15 @@ fn valid_segment(value: &str) -> bool {
 
 /// Validates a snapshot scope into its folder.
 pub fn validate_scope(scope: Option<&pb::SnapshotScope>) -> Result<Scope, Rejection> {
-    let scope = scope.ok_or_else(|| reject("InvalidScope", "snapshot scope is required"))?;
+    let scope =
+        scope.ok_or_else(|| reject(RejectReason::InvalidScope, "snapshot scope is required"))?;
     if !(scope.group.is_empty() || valid_segment(&scope.group))
         || !valid_segment(&scope.version)
         || !valid_segment(&scope.resource)
         || !(scope.namespace.is_empty() || valid_segment(&scope.namespace))
     {
         return Err(reject(
-            "InvalidScope",
+            RejectReason::InvalidScope,
             "snapshot scope needs a version and resource (and optional group/namespace) that are single path segments",
         ));
     }
@@ -322,10 +331,11 @@ pub type ContentCheck = Option<Result<(), Rejection>>;
 /// One YAML object, and never a plaintext Secret: whatever an agent sends, a core Secret reaches Git only as a SOPS
 /// document (the agent encrypts; this is the writer's own guard).
 fn check_object(content: &[u8]) -> Result<(), Rejection> {
-    let shape = yaml::validate_object(content).map_err(|e| reject("InvalidYaml", e.to_string()))?;
+    let shape = yaml::validate_object(content)
+        .map_err(|e| reject(RejectReason::InvalidYaml, e.to_string()))?;
     if shape.is_plaintext_secret() {
         return Err(reject(
-            "PlaintextSecret",
+            RejectReason::PlaintextSecret,
             "a Secret without SOPS encryption is never written (configure spec.encryption on the GitDestination)",
         ));
     }
@@ -338,10 +348,11 @@ fn validate_upsert_with(
     limits: &SessionLimits,
     checked: ContentCheck,
 ) -> Result<(), Rejection> {
-    paths::validate_object_path(path).map_err(|e| reject("InvalidPath", e.to_string()))?;
+    paths::validate_object_path(path)
+        .map_err(|e| reject(RejectReason::InvalidPath, e.to_string()))?;
     if content.len() > limits.max_object_bytes {
         return Err(reject(
-            "ObjectTooLarge",
+            RejectReason::ObjectTooLarge,
             format!(
                 "{} bytes is more than --max-object-bytes ({})",
                 content.len(),
@@ -413,13 +424,13 @@ impl Session {
 
     /// Answers a message the gRPC layer could not read because it exceeds the decoding limit.
     pub fn reject_oversize(&self, message: &str) {
-        self.send_reject("", 0, reject("ObjectTooLarge", message));
+        self.send_reject("", 0, reject(RejectReason::ObjectTooLarge, message));
     }
 
     /// Refuses the stream for good because a newer leader term said Hello: a `Reject` (reason `StaleLeaderTerm`)
     /// now, and the caller ends the stream.
     pub fn supersede(&self, why: &str) {
-        self.send_reject("", 0, reject("StaleLeaderTerm", why));
+        self.send_reject("", 0, reject(RejectReason::StaleLeaderTerm, why));
     }
 
     /// Restricts the stream to a configured client's grant (default: unrestricted).
@@ -439,13 +450,13 @@ impl Session {
     fn send_reject(&self, destination: &str, sequence: u64, rejection: Rejection) {
         self.metrics
             .messages_rejected
-            .with_label_values(&[rejection.reason])
+            .with_label_values(&[rejection.reason.as_str()])
             .inc();
-        warn!(session = self.id, client = self.client(), destination, sequence, reason = rejection.reason, message = %rejection.message, "rejected message");
+        warn!(session = self.id, client = self.client(), destination, sequence, reason = %rejection.reason, message = %rejection.message, "rejected message");
         self.send(pb::writer_message::Kind::Reject(pb::Reject {
             destination: destination.to_owned(),
             sequence,
-            reason: rejection.reason.to_owned(),
+            reason: rejection.reason.as_str().to_owned(),
             message: rejection.message,
         }));
     }
@@ -478,7 +489,7 @@ impl Session {
                 "",
                 0,
                 reject(
-                    "ProtocolViolation",
+                    RejectReason::ProtocolViolation,
                     "empty message: set one of the AgentMessage fields",
                 ),
             );
@@ -501,7 +512,7 @@ impl Session {
             Ok(grant) => grant,
             Err(denied) => {
                 let message = denied.to_string();
-                self.send_reject("", 0, reject("Forbidden", message.clone()));
+                self.send_reject("", 0, reject(RejectReason::Forbidden, message.clone()));
                 return Next::Deny(message);
             }
         };
@@ -512,7 +523,7 @@ impl Session {
                     Some(grant) => grant
                         .check_hello(&identity.cluster_uid, &identity.cluster_name)
                         .map(|()| identity)
-                        .map_err(|denied| reject("Forbidden", denied.to_string())),
+                        .map_err(|denied| reject(RejectReason::Forbidden, denied.to_string())),
                     None => Ok(identity),
                 }) {
                     Ok(identity) => {
@@ -538,7 +549,7 @@ impl Session {
                     }
                     Err(rejection) => {
                         let message = rejection.message.clone();
-                        let forbidden = rejection.reason == "Forbidden";
+                        let forbidden = rejection.reason == RejectReason::Forbidden;
                         self.send_reject("", 0, rejection);
                         if forbidden {
                             Next::Deny(message)
@@ -549,7 +560,11 @@ impl Session {
                 },
                 _ => {
                     let message = format!("the first message must be hello, got {label}");
-                    self.send_reject("", 0, reject("ProtocolViolation", message.clone()));
+                    self.send_reject(
+                        "",
+                        0,
+                        reject(RejectReason::ProtocolViolation, message.clone()),
+                    );
                     Next::Close(message)
                 }
             };
@@ -557,7 +572,7 @@ impl Session {
         // A newer leader term said Hello: nothing more of this stream is applied (whatever a former leader had
         // queued before it noticed).
         if let Some(why) = self.fence.as_ref().and_then(Fence::superseded) {
-            self.send_reject("", 0, reject("StaleLeaderTerm", why.clone()));
+            self.send_reject("", 0, reject(RejectReason::StaleLeaderTerm, why.clone()));
             return Next::Close(why);
         }
         match kind {
@@ -565,7 +580,10 @@ impl Session {
                 self.send_reject(
                     "",
                     0,
-                    reject("ProtocolViolation", "hello was already sent on this stream"),
+                    reject(
+                        RejectReason::ProtocolViolation,
+                        "hello was already sent on this stream",
+                    ),
                 );
             }
             Kind::Destination(message) => self.declare(&origin, message).await,
@@ -586,7 +604,7 @@ impl Session {
             }
             Kind::Delete(delete) => {
                 let result = paths::validate_object_path(&delete.path)
-                    .map_err(|e| reject("InvalidPath", e.to_string()))
+                    .map_err(|e| reject(RejectReason::InvalidPath, e.to_string()))
                     .map(|()| Operation::Delete {
                         path: delete.path.clone(),
                         object: ObjectId::from(delete.object),
@@ -626,7 +644,7 @@ impl Session {
                 self.fence = Some(fence);
                 Ok(())
             }
-            Err(why) => Err(reject("StaleLeaderTerm", why)),
+            Err(why) => Err(reject(RejectReason::StaleLeaderTerm, why)),
         }
     }
 
@@ -639,13 +657,13 @@ impl Session {
         let Some(grant) = self
             .access
             .grant()
-            .map_err(|denied| reject("Forbidden", denied.to_string()))?
+            .map_err(|denied| reject(RejectReason::Forbidden, denied.to_string()))?
         else {
             return Ok(credentials);
         };
         grant
             .check_destination(&spec.repo_url, &spec.branch, &spec.base_folder)
-            .map_err(|denied| reject("Forbidden", denied.to_string()))?;
+            .map_err(|denied| reject(RejectReason::Forbidden, denied.to_string()))?;
         match credentials {
             DeclaredCredentials::Inline(_) if !grant.allow_agent_credentials => {
                 if self.registry.has_own_credentials(&spec.repo_url) {
@@ -653,7 +671,7 @@ impl Session {
                     Ok(DeclaredCredentials::None)
                 } else {
                     Err(reject(
-                        "Forbidden",
+                        RejectReason::Forbidden,
                         format!(
                             "client {:?} may not send its own Git credentials (allowAgentCredentials)",
                             grant.identity
@@ -676,11 +694,14 @@ impl Session {
         let (spec, credentials) = match validated {
             Ok(valid) => valid,
             Err(rejection) => {
+                // Declaration refusals use reasons that are condition reasons too (InvalidDestination, Forbidden …).
+                let reason = ConditionReason::parse(rejection.reason.as_str())
+                    .unwrap_or(ConditionReason::InvalidDestination);
                 origin.status(
                     &key,
-                    "Ready",
+                    ConditionType::Ready,
                     false,
-                    rejection.reason,
+                    reason,
                     rejection.message.clone(),
                 );
                 self.send_reject(&key, 0, rejection);
@@ -740,21 +761,23 @@ impl Session {
                 info!(session = self.id, client = self.client(), destination = %id, %repo, %branch, %base_folder, "destination declared");
                 if let Some(declared) = self.destinations.get(&key) {
                     declared.reference.report(
-                        "Accepted",
+                        ConditionType::Accepted,
                         true,
-                        "Declared",
+                        ConditionReason::Declared,
                         format!("{repo} {branch} {base_folder}"),
                     );
                 }
             }
             Err(error) => {
                 let message = error.to_string();
-                let kind = if error.reason() == "OverlappingBaseFolder" {
-                    "OwnershipConflict"
-                } else {
-                    "Ready"
-                };
-                origin.status(&key, kind, kind != "Ready", error.reason(), message.clone());
+                let (kind, reason) = error.condition();
+                origin.status(
+                    &key,
+                    kind,
+                    kind != ConditionType::Ready,
+                    reason,
+                    message.clone(),
+                );
                 self.send_reject(
                     &key,
                     0,
@@ -770,7 +793,7 @@ impl Session {
     async fn forward(&mut self, key: &str, sequence: u64, operation: Result<Operation, Rejection>) {
         let Some(destination) = self.destinations.get_mut(key) else {
             let rejection = reject(
-                "UnknownDestination",
+                RejectReason::UnknownDestination,
                 format!("destination {key:?} was not declared on this stream"),
             );
             self.send_reject(key, sequence, rejection);
@@ -785,7 +808,11 @@ impl Session {
             )
         {
             destination.last_sequence = destination.last_sequence.max(sequence);
-            self.send_reject(key, sequence, reject("Forbidden", denied.to_string()));
+            self.send_reject(
+                key,
+                sequence,
+                reject(RejectReason::Forbidden, denied.to_string()),
+            );
             return;
         }
         if sequence == 0 || sequence <= destination.last_sequence {
@@ -793,7 +820,7 @@ impl Session {
             self.send_reject(
                 key,
                 sequence,
-                reject("OutOfOrder", format!("sequence {sequence} is not greater than the previous {last} of this destination")),
+                reject(RejectReason::OutOfOrder, format!("sequence {sequence} is not greater than the previous {last} of this destination")),
             );
             return;
         }
@@ -816,7 +843,7 @@ impl Session {
                 if destination.open_snapshots.get(&scope.folder) != Some(epoch) {
                     destination.last_sequence = sequence;
                     let rejection = reject(
-                        "SnapshotMismatch",
+                        RejectReason::SnapshotMismatch,
                         format!(
                             "SnapshotEnd for {} epoch {epoch} without a matching SnapshotBegin on this stream",
                             scope.folder
@@ -846,7 +873,7 @@ impl Session {
                 key,
                 sequence,
                 reject(
-                    "Unavailable",
+                    RejectReason::Unavailable,
                     "the destination's worker stopped; reconnect and re-send",
                 ),
             );
@@ -883,7 +910,7 @@ mod tests {
                 validate_leader_term(&hello(uid, holder))
                     .unwrap_err()
                     .reason,
-                "InvalidHello"
+                RejectReason::InvalidHello
             );
         }
     }

@@ -19,6 +19,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use reverser_common::reasons::{ConditionReason, ConditionType, RejectReason};
+
 use reverser_proto::v1 as pb;
 
 use crate::{
@@ -343,11 +345,14 @@ impl Worker {
             warn!(worker = %self.id, destination = %destination.id, sequence, %message, "snapshot mismatch");
             self.metrics
                 .messages_rejected
-                .with_label_values(&["SnapshotMismatch"])
+                .with_label_values(&[RejectReason::SnapshotMismatch.as_str()])
                 .inc();
-            destination
-                .origin
-                .reject(&destination.id.key, sequence, "SnapshotMismatch", message);
+            destination.origin.reject(
+                &destination.id.key,
+                sequence,
+                RejectReason::SnapshotMismatch,
+                message,
+            );
         }
         self.metrics
             .queue_depth
@@ -565,14 +570,14 @@ impl Worker {
             );
             warn!(worker = %self.id, destination = %conflict.destination.id, %message, "ownership marker conflict");
             conflict.destination.report(
-                "MarkerConflict",
+                ConditionType::MarkerConflict,
                 true,
-                "MarkerOwnedByOther",
+                ConditionReason::MarkerOwnedByOther,
                 message.clone(),
             );
             self.conditions.insert(
                 conflict.destination.id.clone(),
-                ("MarkerConflict".into(), true),
+                (ConditionType::MarkerConflict.as_str().to_owned(), true),
             );
         }
         for (index, message) in &plan.path_conflicts {
@@ -580,12 +585,12 @@ impl Worker {
             warn!(worker = %self.id, destination = %entry.destination.id, sequence = entry.sequence, %message, "path conflict; write refused");
             self.metrics
                 .messages_rejected
-                .with_label_values(&["PathConflict"])
+                .with_label_values(&[RejectReason::PathConflict.as_str()])
                 .inc();
             entry.destination.origin.reject(
                 &entry.destination.id.key,
                 entry.sequence,
-                "PathConflict",
+                RejectReason::PathConflict,
                 message.clone(),
             );
         }
@@ -602,9 +607,9 @@ impl Worker {
                 .with_label_values(&[key])
                 .inc();
             destination.report(
-                "SweepIncomplete",
+                ConditionType::SweepIncomplete,
                 true,
-                "DeleteCapReached",
+                ConditionReason::DeleteCapReached,
                 format!(
                     "{left} orphan files left after deleting {} (--deletes-cap-per-cycle); the next snapshot continues",
                     self.settings.deletes_cap
@@ -628,14 +633,14 @@ impl Worker {
                 .conditions
                 .lock()
                 .expect("conditions lock")
-                .get("SweepIncomplete")
+                .get(ConditionType::SweepIncomplete.as_str())
                 .is_some_and(|c| c.status == "True");
             if incomplete {
                 info!(worker = %self.id, destination = %destination.id, "sweep complete");
                 destination.report(
-                    "SweepIncomplete",
+                    ConditionType::SweepIncomplete,
                     false,
-                    "SweepComplete",
+                    ConditionReason::SweepComplete,
                     "the last snapshot deleted every orphan",
                 );
             }
@@ -645,7 +650,7 @@ impl Worker {
             entry.destination.origin.reject(
                 &entry.destination.id.key,
                 entry.sequence,
-                "MarkerConflict",
+                RejectReason::MarkerConflict,
                 "the destination's ownership marker names another owner and exclusiveMode is on",
             );
         }
@@ -681,9 +686,9 @@ impl Worker {
             if !conflicted {
                 self.set_condition(
                     &destination,
-                    "Ready",
+                    ConditionType::Ready,
                     true,
-                    "Pushed",
+                    ConditionReason::Pushed,
                     format!("up to date at {sha}"),
                 );
             }
@@ -699,12 +704,12 @@ impl Worker {
     fn set_condition(
         &mut self,
         destination: &DestinationRef,
-        kind: &str,
+        kind: ConditionType,
         status: bool,
-        reason: &str,
+        reason: ConditionReason,
         message: String,
     ) {
-        let current = (kind.to_owned(), status);
+        let current = (kind.as_str().to_owned(), status);
         if self.conditions.get(&destination.id) == Some(&current) {
             return;
         }
@@ -714,14 +719,36 @@ impl Worker {
 
     fn report_failure(&mut self, error: &FlushError) {
         let (kind, reason, metric_kind) = match error {
-            FlushError::Git(GitError::Auth(_)) => ("AuthFailed", "AuthenticationFailed", "auth"),
-            FlushError::Git(GitError::HostKey(_)) => ("AuthFailed", "HostKeyMismatch", "host_key"),
-            FlushError::Git(GitError::Unreachable(_)) => {
-                ("PushFailing", "RemoteUnreachable", "unreachable")
-            }
-            FlushError::Git(_) => ("PushFailing", "GitError", "other"),
-            FlushError::LeaseNotHeld(_) => ("LeaseConflict", "LeaseHeldByOther", "lease"),
-            FlushError::TooManyRejections(_) => ("PushFailing", "BranchKeepsMoving", "rejected"),
+            FlushError::Git(GitError::Auth(_)) => (
+                ConditionType::AuthFailed,
+                ConditionReason::AuthenticationFailed,
+                "auth",
+            ),
+            FlushError::Git(GitError::HostKey(_)) => (
+                ConditionType::AuthFailed,
+                ConditionReason::HostKeyMismatch,
+                "host_key",
+            ),
+            FlushError::Git(GitError::Unreachable(_)) => (
+                ConditionType::PushFailing,
+                ConditionReason::RemoteUnreachable,
+                "unreachable",
+            ),
+            FlushError::Git(_) => (
+                ConditionType::PushFailing,
+                ConditionReason::GitError,
+                "other",
+            ),
+            FlushError::LeaseNotHeld(_) => (
+                ConditionType::LeaseConflict,
+                ConditionReason::LeaseHeldByOther,
+                "lease",
+            ),
+            FlushError::TooManyRejections(_) => (
+                ConditionType::PushFailing,
+                ConditionReason::BranchKeepsMoving,
+                "rejected",
+            ),
         };
         self.metrics
             .push_failures
@@ -743,7 +770,13 @@ impl Worker {
         };
         for destination in destinations {
             self.set_condition(&destination, kind, true, reason, message.clone());
-            self.set_condition(&destination, "Ready", false, reason, message.clone());
+            self.set_condition(
+                &destination,
+                ConditionType::Ready,
+                false,
+                reason,
+                message.clone(),
+            );
         }
     }
 
