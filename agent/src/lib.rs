@@ -39,6 +39,7 @@
 pub mod canonical;
 pub mod conditions;
 pub mod controller;
+pub mod credentials;
 pub mod crd;
 pub mod events;
 pub mod ingest;

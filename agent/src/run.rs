@@ -336,6 +336,7 @@ impl Args {
                 controller_name,
             },
         );
+        let writer_tls = tls.is_some();
         stream_config.tls = tls;
         stream_config.max_unacked = usize::try_from(max_unacked).unwrap_or(usize::MAX);
         // Invalid URLs or TLS settings are the only fatal stream errors: fail at start.
@@ -368,6 +369,7 @@ impl Args {
             controller: ControllerConfig {
                 namespace: controller_namespace.clone(),
                 encryption_refresh,
+                writer_tls,
                 ..ControllerConfig::default()
             },
             ingest: ingest_config,

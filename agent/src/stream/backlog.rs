@@ -334,11 +334,17 @@ fn declare_message(decl: &DestinationDecl) -> pb::AgentMessage {
             branch: decl.branch.clone(),
             base_folder: decl.base_folder.clone(),
             exclusive_mode: decl.exclusive_mode,
+            // Inline credentials (from a secretRef Secret) go before a reference to the writer's own.
             credentials: decl
-                .credentials_reference
-                .clone()
-                .map(|name| pb::Credentials {
-                    kind: Some(pb::credentials::Kind::Reference(name)),
+                .credentials
+                .as_ref()
+                .map(|c| c.to_proto())
+                .or_else(|| {
+                    decl.credentials_reference
+                        .clone()
+                        .map(|name| pb::Credentials {
+                            kind: Some(pb::credentials::Kind::Reference(name)),
+                        })
                 }),
             age_recipients: decl
                 .encryption
@@ -451,6 +457,7 @@ mod tests {
             base_folder: folder.into(),
             exclusive_mode: false,
             credentials_reference: None,
+            credentials: None,
             encryption: None,
         })
     }
