@@ -18,7 +18,10 @@ use k8s_openapi::ByteString;
 /// Credentials an agent sends in `Destination.credentials` (inline).
 #[derive(Clone, PartialEq, Eq)]
 pub enum GitCredentials {
-    Basic { username: String, password: String },
+    Basic {
+        username: String,
+        password: String,
+    },
     Token(String),
     Ssh {
         username: String,
@@ -115,8 +118,8 @@ pub fn from_secret_data(
     let token = line("token")?;
     match (identity, token) {
         (Some(private_key), None) => {
-            let known_hosts =
-                text("known_hosts")?.ok_or(SecretCredentialsError::Missing("identity", "known_hosts"))?;
+            let known_hosts = text("known_hosts")?
+                .ok_or(SecretCredentialsError::Missing("identity", "known_hosts"))?;
             let passphrase = match (password, line("passphrase")?) {
                 (Some(_), Some(_)) => {
                     return Err(SecretCredentialsError::Ambiguous(
@@ -228,7 +231,10 @@ mod tests {
                 data(&[("identity", "hunter2")]),
                 SecretCredentialsError::Missing("identity", "known_hosts"),
             ),
-            (data(&[("token", "  ")]), SecretCredentialsError::Empty("token")),
+            (
+                data(&[("token", "  ")]),
+                SecretCredentialsError::Empty("token"),
+            ),
             (
                 data(&[("token", "hunter2"), ("password", "hunter2")]),
                 SecretCredentialsError::Ambiguous("password and token".into()),
@@ -244,6 +250,26 @@ mod tests {
         assert_eq!(
             from_secret_data(&binary),
             Err(SecretCredentialsError::NotText("token"))
+        );
+    }
+
+    #[test]
+    fn proto_form_carries_the_values() {
+        use reverser_proto::v1::{BasicAuth, credentials::Kind};
+        let basic = GitCredentials::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        assert_eq!(
+            basic.to_proto().kind,
+            Some(Kind::Basic(BasicAuth {
+                username: "u".into(),
+                password: "p".into()
+            }))
+        );
+        assert_eq!(
+            GitCredentials::Token("t".into()).to_proto().kind,
+            Some(Kind::Token("t".into()))
         );
     }
 

@@ -39,8 +39,8 @@
 pub mod canonical;
 pub mod conditions;
 pub mod controller;
-pub mod credentials;
 pub mod crd;
+pub mod credentials;
 pub mod events;
 pub mod ingest;
 pub mod leader;

@@ -26,11 +26,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use kube::ResourceExt;
 
 use super::selection::{CompiledRule, NamespaceLabels, RuleKind, Selection};
-use crate::credentials::GitCredentials;
 use crate::crd::{
     AccessPolicy, ClusterWatchRule, GitDestination, GitRepoConfig, NamespacedRulesMode, WatchRule,
     validate_base_folder,
 };
+use crate::credentials::GitCredentials;
 use crate::events::DestinationDecl;
 use crate::rules::{
     ResourceKey, cluster_resource_rule_selects, label_selector_matches, resource_rule_selects,
@@ -147,7 +147,10 @@ pub enum EncryptionLookup {
 pub enum CredentialsLookup {
     Ready(GitCredentials),
     /// Unusable: the reason and a message naming the Secret and keys, never a value.
-    Failed { reason: Reason, message: String },
+    Failed {
+        reason: Reason,
+        message: String,
+    },
 }
 
 /// Reason of `SecretsSkipped` when the destination has no `spec.encryption`.
@@ -768,6 +771,61 @@ mod tests {
             res.selection.rules[0].kind,
             RuleKind::Cluster { .. }
         ));
+    }
+
+    #[test]
+    fn secret_ref_credentials_are_declared_only_when_usable() {
+        let mut r = repo("cfg", "repo", &["main"], json!({}));
+        r.spec.secret_ref = Some(crate::crd::LocalObjectReference {
+            name: "repo-cred".into(),
+        });
+        let repos = [r];
+        let dests = [dest("cfg", "prod", ("cfg", "repo"), "main", json!({}))];
+        let rules = [wr("cfg", "a", json!({"name": "prod"}))];
+        let ns = namespaces();
+        let inputs = || Inputs {
+            repos: &repos,
+            destinations: &dests,
+            watch_rules: &rules,
+            cluster_watch_rules: &[],
+            namespaces: &ns,
+        };
+        let token = GitCredentials::Token("tok-hunter2".into());
+        let ready = BTreeMap::from([(
+            "cfg/repo".to_owned(),
+            CredentialsLookup::Ready(token.clone()),
+        )]);
+        let res = resolve_with_lookups(inputs(), &BTreeMap::new(), &ready);
+        assert_eq!(reason(&res, "WatchRule/cfg/a"), Reason::Ready);
+        assert_eq!(res.selection.destinations[0].credentials, Some(token));
+        assert!(!format!("{res:?}").contains("hunter2"));
+
+        for (lookup, expected) in [
+            (
+                Some(CredentialsLookup::Failed {
+                    reason: Reason::CredentialsNeedTls,
+                    message: "no TLS".into(),
+                }),
+                Reason::CredentialsNeedTls,
+            ),
+            (
+                Some(CredentialsLookup::Failed {
+                    reason: Reason::InvalidCredentialsSecret,
+                    message: "no keys".into(),
+                }),
+                Reason::InvalidCredentialsSecret,
+            ),
+            (None, Reason::CredentialsSecretNotFound),
+        ] {
+            let lookups: BTreeMap<_, _> = lookup
+                .map(|l| ("cfg/repo".to_owned(), l))
+                .into_iter()
+                .collect();
+            let res = resolve_with_lookups(inputs(), &BTreeMap::new(), &lookups);
+            assert_eq!(res.destination_conditions["cfg/prod"].reason, expected);
+            assert_eq!(reason(&res, "WatchRule/cfg/a"), expected);
+            assert!(res.selection.destinations.is_empty(), "nothing is declared");
+        }
     }
 
     #[test]

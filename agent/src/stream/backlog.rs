@@ -335,17 +335,13 @@ fn declare_message(decl: &DestinationDecl) -> pb::AgentMessage {
             base_folder: decl.base_folder.clone(),
             exclusive_mode: decl.exclusive_mode,
             // Inline credentials (from a secretRef Secret) go before a reference to the writer's own.
-            credentials: decl
-                .credentials
-                .as_ref()
-                .map(|c| c.to_proto())
-                .or_else(|| {
-                    decl.credentials_reference
-                        .clone()
-                        .map(|name| pb::Credentials {
-                            kind: Some(pb::credentials::Kind::Reference(name)),
-                        })
-                }),
+            credentials: decl.credentials.as_ref().map(|c| c.to_proto()).or_else(|| {
+                decl.credentials_reference
+                    .clone()
+                    .map(|name| pb::Credentials {
+                        kind: Some(pb::credentials::Kind::Reference(name)),
+                    })
+            }),
             age_recipients: decl
                 .encryption
                 .as_ref()
@@ -742,6 +738,7 @@ mod tests {
             base_folder: "f".into(),
             exclusive_mode: true,
             credentials_reference: Some("github".into()),
+            credentials: None,
             encryption: None,
         };
         let Some(Kind::Destination(d)) = declare_message(&decl).kind else {
@@ -751,6 +748,18 @@ mod tests {
         assert_eq!(
             d.credentials.unwrap().kind,
             Some(pb::credentials::Kind::Reference("github".into()))
+        );
+        // Credentials from a secretRef Secret are sent inline.
+        let inline = DestinationDecl {
+            credentials: Some(crate::credentials::GitCredentials::Token("t".into())),
+            ..decl
+        };
+        let Some(Kind::Destination(d)) = declare_message(&inline).kind else {
+            panic!("a destination")
+        };
+        assert_eq!(
+            d.credentials.unwrap().kind,
+            Some(pb::credentials::Kind::Token("t".into()))
         );
     }
 }
