@@ -302,7 +302,7 @@ pub fn resolve_with_lookups(
                         credentials_reference: None,
                         credentials: match credentials.get(&repo_key) {
                             Some(CredentialsLookup::Ready(c)) if repo.spec.secret_ref.is_some() => {
-                                Some(c.clone())
+                                Some(Box::new(c.clone()))
                             }
                             _ => None,
                         },
@@ -797,7 +797,10 @@ mod tests {
         )]);
         let res = resolve_with_lookups(inputs(), &BTreeMap::new(), &ready);
         assert_eq!(reason(&res, "WatchRule/cfg/a"), Reason::Ready);
-        assert_eq!(res.selection.destinations[0].credentials, Some(token));
+        assert_eq!(
+            res.selection.destinations[0].credentials,
+            Some(Box::new(token))
+        );
         assert!(!format!("{res:?}").contains("hunter2"));
 
         for (lookup, expected) in [

@@ -751,7 +751,9 @@ mod tests {
         );
         // Credentials from a secretRef Secret are sent inline.
         let inline = DestinationDecl {
-            credentials: Some(crate::credentials::GitCredentials::Token("t".into())),
+            credentials: Some(Box::new(crate::credentials::GitCredentials::Token(
+                "t".into(),
+            ))),
             ..decl
         };
         let Some(Kind::Destination(d)) = declare_message(&inline).kind else {
