@@ -143,8 +143,8 @@ pub struct Args {
         default_value = "secrets"
     )]
     pub sensitive_resources: Vec<String>,
-    /// How often the recipients of encrypting GitDestinations (and their recipients Secrets) are re-read
-    /// (`30s`, `5m`).
+    /// How often the recipients of encrypting GitDestinations (and their recipients Secrets) and the
+    /// GitRepoConfigs' `secretRef` credentials Secrets are re-read (`30s`, `5m`).
     #[arg(long, env = "AGENT_ENCRYPTION_REFRESH", default_value = "30s", value_parser = parse_duration)]
     pub encryption_refresh: Duration,
     /// Also mirror objects a controller generated (a controller `ownerReference`: ReplicaSets of Deployments,
