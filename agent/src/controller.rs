@@ -45,7 +45,7 @@ use crate::ingest::Selection;
 use std::collections::BTreeMap;
 
 use crate::ingest::resolve::{
-    EncryptionLookup, Inputs, ReadyCondition, Resolution, resolve_with_encryption,
+    CredentialsLookup, EncryptionLookup, Inputs, ReadyCondition, Resolution, resolve_with_lookups,
 };
 use crate::ingest::selection::NamespaceLabels;
 
@@ -60,8 +60,11 @@ pub struct ControllerConfig {
     /// The agent's namespace: where the per-destination fingerprint keys are kept (Secrets
     /// `gitops-reverser-fingerprint-…`).
     pub namespace: String,
-    /// How often encrypting destinations' recipients (and recipients Secrets) are re-read.
+    /// How often encrypting destinations' recipients (and recipients Secrets) and the repositories'
+    /// `secretRef` credentials Secrets are re-read (a rotated Secret reaches the writer within this).
     pub encryption_refresh: Duration,
+    /// Whether the stream to the writer uses TLS. Without it, `secretRef` credentials are never sent.
+    pub writer_tls: bool,
 }
 
 impl Default for ControllerConfig {
@@ -70,6 +73,7 @@ impl Default for ControllerConfig {
             debounce: Duration::from_millis(200),
             namespace: "gitops-reverser".into(),
             encryption_refresh: Duration::from_secs(30),
+            writer_tls: false,
         }
     }
 }
@@ -216,8 +220,12 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn resolve(&self, encryption: &BTreeMap<String, EncryptionLookup>) -> Resolution {
-        resolve_with_encryption(
+    fn resolve(
+        &self,
+        encryption: &BTreeMap<String, EncryptionLookup>,
+        credentials: &BTreeMap<String, CredentialsLookup>,
+    ) -> Resolution {
+        resolve_with_lookups(
             Inputs {
                 repos: &self.repos,
                 destinations: &self.destinations,
@@ -226,6 +234,7 @@ impl Snapshot {
                 namespaces: &self.namespaces,
             },
             encryption,
+            credentials,
         )
     }
 }
@@ -307,7 +316,9 @@ async fn run(
             &mut keys,
         )
         .await;
-        let resolution = snapshot.resolve(&lookups);
+        let credentials =
+            repo_credentials::lookup_all(&writer.client, &snapshot.repos, config.writer_tls).await;
+        let resolution = snapshot.resolve(&lookups, &credentials);
         stats
             .resolutions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -329,6 +340,69 @@ async fn run(
         synced.send_replace(true);
         let view = writer_view.borrow_and_update().clone();
         writer.write_all(&snapshot, &resolution, &view).await;
+    }
+}
+
+/// Reads the Secrets GitRepoConfigs name in `spec.secretRef` (by name, in the GitRepoConfig's namespace).
+mod repo_credentials {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::{Api, Client, ResourceExt};
+    use tracing::warn;
+
+    use crate::crd::GitRepoConfig;
+    use crate::credentials::from_secret_data;
+    use crate::ingest::resolve::{CredentialsLookup, Reason};
+
+    pub(super) async fn lookup_all(
+        client: &Client,
+        repos: &[GitRepoConfig],
+        writer_tls: bool,
+    ) -> BTreeMap<String, CredentialsLookup> {
+        let mut out = BTreeMap::new();
+        for repo in repos {
+            let Some(reference) = &repo.spec.secret_ref else {
+                continue;
+            };
+            let ns = repo.namespace().unwrap_or_default();
+            let repo_key = format!("{ns}/{}", repo.name_any());
+            let name = &reference.name;
+            let failed = |reason, message: String| CredentialsLookup::Failed { reason, message };
+            let lookup = if !writer_tls {
+                failed(
+                    Reason::CredentialsNeedTls,
+                    format!(
+                        "credentials from Secret {ns}/{name} are not sent: the agent reaches the writer without TLS \
+                         (set --writer-ca)"
+                    ),
+                )
+            } else {
+                let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+                match api.get_opt(name).await {
+                    Err(e) => failed(
+                        Reason::CredentialsSecretNotFound,
+                        format!("reading Secret {ns}/{name} failed: {e}"),
+                    ),
+                    Ok(None) => failed(
+                        Reason::CredentialsSecretNotFound,
+                        format!("Secret {ns}/{name} does not exist"),
+                    ),
+                    Ok(Some(secret)) => match from_secret_data(&secret.data.unwrap_or_default()) {
+                        Ok(credentials) => CredentialsLookup::Ready(credentials),
+                        Err(e) => failed(
+                            Reason::InvalidCredentialsSecret,
+                            format!("Secret {ns}/{name}: {e}"),
+                        ),
+                    },
+                }
+            };
+            if let CredentialsLookup::Failed { reason, message } = &lookup {
+                warn!(repo = %repo_key, reason = reason.as_str(), %message, "repository credentials are not usable; its destinations are not declared");
+            }
+            out.insert(repo_key, lookup);
+        }
+        out
     }
 }
 

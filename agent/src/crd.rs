@@ -89,20 +89,6 @@ pub struct DestinationRef {
     pub namespace: Option<String>,
 }
 
-/// Timing and batching hints for pushes.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PushStrategy {
-    /// Go-style duration between pushes, e.g. `1m`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
-    pub interval: Option<String>,
-    /// Push at the latest after this many commits.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
-    pub max_commits: Option<i32>,
-}
-
 /// Which namespaces may hold rules that reference this object.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum NamespacedRulesMode {
@@ -189,8 +175,6 @@ pub struct GitRepoConfigSpec {
     /// Secret with HTTPS or SSH credentials, in this namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<LocalObjectReference>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub push: Option<PushStrategy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_policy: Option<AccessPolicy>,
 }

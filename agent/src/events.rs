@@ -15,6 +15,8 @@ pub struct DestinationDecl {
     pub exclusive_mode: bool,
     /// Name of an entry of the writer's credentials file, when the repo config names one.
     pub credentials_reference: Option<String>,
+    /// Credentials read from the GitRepoConfig's `secretRef` Secret, sent inline (only over TLS). Debug redacts them.
+    pub credentials: Option<Box<crate::credentials::GitCredentials>>,
     /// SOPS + age encryption of sensitive objects (Secrets): without it they are never sent.
     pub encryption: Option<crate::sops::Encryption>,
 }

@@ -40,6 +40,7 @@ pub mod canonical;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod credentials;
 pub mod events;
 pub mod ingest;
 pub mod leader;

@@ -144,8 +144,8 @@ pub struct Args {
         default_value = "secrets"
     )]
     pub sensitive_resources: Vec<String>,
-    /// How often the recipients of encrypting GitDestinations (and their recipients Secrets) are re-read
-    /// (`30s`, `5m`).
+    /// How often the recipients of encrypting GitDestinations (and their recipients Secrets) and the
+    /// GitRepoConfigs' `secretRef` credentials Secrets are re-read (`30s`, `5m`).
     #[arg(long, env = "AGENT_ENCRYPTION_REFRESH", default_value = "30s", value_parser = parse_duration)]
     pub encryption_refresh: Duration,
     /// Also mirror objects a controller generated (a controller `ownerReference`: ReplicaSets of Deployments,
@@ -337,6 +337,7 @@ impl Args {
                 controller_name,
             },
         );
+        let writer_tls = tls.is_some();
         stream_config.tls = tls;
         stream_config.max_unacked = usize::try_from(max_unacked).unwrap_or(usize::MAX);
         stream_config.objects_too_large = Some(metrics.objects_too_large.clone());
@@ -370,6 +371,7 @@ impl Args {
             controller: ControllerConfig {
                 namespace: controller_namespace.clone(),
                 encryption_refresh,
+                writer_tls,
                 ..ControllerConfig::default()
             },
             ingest: ingest_config,

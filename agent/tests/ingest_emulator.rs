@@ -121,6 +121,7 @@ fn decl(key: &str) -> DestinationDecl {
         base_folder: format!("clusters/{}", key.replace('/', "-")),
         exclusive_mode: false,
         credentials_reference: None,
+        credentials: None,
         encryption: None,
     }
 }

@@ -116,6 +116,7 @@ fn events(repo_url: &str) -> [AgentEvent; 2] {
             base_folder: "c".into(),
             exclusive_mode: false,
             credentials_reference: None,
+            credentials: None,
             encryption: None,
         }),
         AgentEvent::Upsert {

@@ -251,7 +251,7 @@ def test_agent_rbac_follows_the_seed(render):
     for resource in ("watchrules", "clusterwatchrules", "gitrepoconfigs", "gitdestinations"):
         assert verbs_for(role, "configbutler.ai", resource) == read
         assert verbs_for(role, "configbutler.ai", f"{resource}/status") == {"get", "update", "patch"}
-    assert verbs_for(role, "", "secrets") == {"get"}, "Secrets are not listed or watched by default"
+    assert verbs_for(role, "", "secrets") == set(), "no Secret access by default"
     assert verbs_for(role, "", "namespaces") == read
     assert verbs_for(role, "", "events") == {"create", "patch"}
     assert verbs_for(role, "events.k8s.io", "events") == {"create", "patch"}
@@ -281,6 +281,70 @@ def test_reading_secrets_is_an_explicit_opt_in_for_sops_mirroring(render):
     assert verbs_for(role, "", "secrets") == {"get", "list", "watch"}
     ns_role = r.get("Role", f"{r.fullname}-agent")
     assert verbs_for(ns_role, "", "secrets") == {"create"}, "fingerprint keys in the release namespace only"
+
+
+def secret_rules(r) -> list[tuple[str, str, tuple, tuple]]:
+    """Every rule on Secrets in every Role and ClusterRole of the render: (kind/namespace/name, verbs, names)."""
+    out = []
+    for kind in ("ClusterRole", "Role"):
+        for role in r.all(kind):
+            for rule in role.get("rules", []):
+                if "" in rule.get("apiGroups", []) and "secrets" in rule.get("resources", []):
+                    where = f"{kind}/{role['metadata'].get('namespace', '')}/{role['metadata']['name']}"
+                    out.append(
+                        (where, tuple(sorted(rule["verbs"])), tuple(rule.get("resourceNames", [])))
+                    )
+    return sorted(out)
+
+
+def test_default_values_grant_no_secret_access(render):
+    r = render()
+    assert secret_rules(r) == []
+
+
+def test_secret_access_is_granted_per_feature_and_namespace(render):
+    r = render(
+        {
+            "agent": {
+                "rbac": {
+                    "credentialsSecrets": [
+                        {"namespace": "default", "names": ["repo-cred"]},
+                        {"namespace": "kube-system"},
+                    ],
+                    "recipientsSecrets": [{"namespace": "default", "names": ["age-recipients"]}],
+                }
+            }
+        }
+    )
+    f = r.fullname
+    assert secret_rules(r) == sorted(
+        [
+            (f"Role/default/{f}-agent-credentials", ("get",), ("repo-cred",)),
+            (f"Role/kube-system/{f}-agent-credentials", ("get",), ()),
+            (f"Role/default/{f}-agent-recipients", ("get",), ("age-recipients",)),
+        ]
+    )
+    for ns, purpose in [("default", "credentials"), ("kube-system", "credentials"), ("default", "recipients")]:
+        [binding] = [
+            b
+            for b in r.all("RoleBinding")
+            if b["metadata"]["namespace"] == ns and b["metadata"]["name"] == f"{f}-agent-{purpose}"
+        ]
+        assert binding["roleRef"]["name"] == f"{f}-agent-{purpose}"
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": f"{f}-agent", "namespace": r.namespace}
+        ]
+
+
+def test_read_secrets_grants_only_mirroring_and_fingerprint_keys(render):
+    r = render({"agent": {"rbac": {"readSecrets": True}}})
+    f = r.fullname
+    assert secret_rules(r) == sorted(
+        [
+            (f"ClusterRole//{f}-agent", ("get", "list", "watch"), ()),
+            (f"Role/{r.namespace}/{f}-agent", ("create",), ()),
+        ]
+    )
 
 
 def test_watch_all_widens_the_cluster_role(render):

@@ -270,7 +270,19 @@ impl Registry {
             .filter(|r| r.worker_id != worker_id)
             .and_then(|r| inner.workers.get(&r.worker_id).cloned());
         let handle = match inner.workers.get(&worker_id) {
-            Some(handle) => handle.clone(),
+            Some(handle) => {
+                // A re-declared destination with other agent credentials (a rotated Secret) hands the running
+                // worker the new ones; the writer's own credentials never change this way.
+                let stale = from_agent
+                    && inner.destinations.values().any(|r| {
+                        r.worker_id == worker_id && r.spec.credentials != spec.credentials
+                    });
+                if stale {
+                    let (handle, new) = (handle.clone(), spec.credentials.clone());
+                    tokio::spawn(async move { handle.set_credentials(new).await });
+                }
+                handle.clone()
+            }
             None => {
                 if inner.workers.len() >= self.caps.max_global {
                     return Err(DeclareError::GlobalWorkerLimit(self.caps.max_global));

@@ -30,6 +30,7 @@ use crate::crd::{
     AccessPolicy, ClusterWatchRule, GitDestination, GitRepoConfig, NamespacedRulesMode, WatchRule,
     validate_base_folder,
 };
+use crate::credentials::GitCredentials;
 use crate::events::DestinationDecl;
 use crate::rules::{
     ResourceKey, cluster_resource_rule_selects, label_selector_matches, resource_rule_selects,
@@ -49,6 +50,12 @@ pub enum Reason {
     RepoNotFound,
     /// The destination's `baseFolder` is not a clean relative path.
     InvalidBaseFolder,
+    /// The repository's `secretRef` Secret does not exist (or could not be read).
+    CredentialsSecretNotFound,
+    /// The repository's `secretRef` Secret lacks usable keys.
+    InvalidCredentialsSecret,
+    /// The repository has a `secretRef`, but the agent reaches the writer without TLS: credentials are not sent.
+    CredentialsNeedTls,
 }
 
 impl Reason {
@@ -60,6 +67,9 @@ impl Reason {
             Reason::DestinationNotFound => "DestinationNotFound",
             Reason::RepoNotFound => "RepoNotFound",
             Reason::InvalidBaseFolder => "InvalidBaseFolder",
+            Reason::CredentialsSecretNotFound => "CredentialsSecretNotFound",
+            Reason::InvalidCredentialsSecret => "InvalidCredentialsSecret",
+            Reason::CredentialsNeedTls => "CredentialsNeedTls",
         }
     }
 }
@@ -131,6 +141,18 @@ pub enum EncryptionLookup {
     },
 }
 
+/// The controller's reading of a GitRepoConfig's `spec.secretRef`, keyed `{ns}/{name}` of the GitRepoConfig.
+/// GitRepoConfigs without `secretRef` have no entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredentialsLookup {
+    Ready(GitCredentials),
+    /// Unusable: the reason and a message naming the Secret and keys, never a value.
+    Failed {
+        reason: Reason,
+        message: String,
+    },
+}
+
 /// Reason of `SecretsSkipped` when the destination has no `spec.encryption`.
 pub const ENCRYPTION_NOT_CONFIGURED: &str = "EncryptionNotConfigured";
 
@@ -185,6 +207,17 @@ pub fn resolve_with_encryption(
     inputs: Inputs<'_>,
     encryption: &BTreeMap<String, EncryptionLookup>,
 ) -> Resolution {
+    resolve_with_lookups(inputs, encryption, &BTreeMap::new())
+}
+
+/// Resolves with the controller's lookups: `encryption` per destination and `credentials` per GitRepoConfig
+/// with a `secretRef`. A destination whose repository's credentials are not usable is not ready and not
+/// declared, so nothing is sent for it.
+pub fn resolve_with_lookups(
+    inputs: Inputs<'_>,
+    encryption: &BTreeMap<String, EncryptionLookup>,
+    credentials: &BTreeMap<String, CredentialsLookup>,
+) -> Resolution {
     let mut out = Resolution {
         selection: Selection {
             namespace_labels: inputs.namespaces.clone(),
@@ -203,6 +236,7 @@ pub fn resolve_with_encryption(
             r.namespace().as_deref() == Some(repo_ref.namespace.as_str())
                 && r.name_any() == repo_ref.name
         });
+        let repo_key = key(&repo_ref.namespace, &repo_ref.name);
         let condition = match repo {
             None => ReadyCondition::not(
                 Reason::RepoNotFound,
@@ -237,9 +271,21 @@ pub fn resolve_with_encryption(
                     ),
                 )
             }
-            Some(_) => match validate_base_folder(&dest.spec.base_folder) {
+            Some(repo) => match validate_base_folder(&dest.spec.base_folder) {
                 Err(e) => ReadyCondition::not(Reason::InvalidBaseFolder, e.to_string()),
-                Ok(()) => ReadyCondition::ok("destination resolved"),
+                Ok(()) => match (&repo.spec.secret_ref, credentials.get(&repo_key)) {
+                    (Some(_), Some(CredentialsLookup::Failed { reason, message })) => {
+                        ReadyCondition::not(*reason, format!("GitRepoConfig {repo_key}: {message}"))
+                    }
+                    (Some(secret), None) => ReadyCondition::not(
+                        Reason::CredentialsSecretNotFound,
+                        format!(
+                            "GitRepoConfig {repo_key}: Secret {} is not read yet",
+                            secret.name
+                        ),
+                    ),
+                    _ => ReadyCondition::ok("destination resolved"),
+                },
             },
         };
         if let (true, Some(repo)) = (condition.ready, repo) {
@@ -252,9 +298,14 @@ pub fn resolve_with_encryption(
                         branch: dest.spec.branch.clone(),
                         base_folder: dest.spec.base_folder.clone(),
                         exclusive_mode: dest.spec.exclusive_mode,
-                        // `secretRef` names a Kubernetes Secret, not an entry of the writer's
-                        // credentials file; credentials stay with the writer for now.
+                        // `secretRef` names a Kubernetes Secret, read by the controller (`credentials`).
                         credentials_reference: None,
+                        credentials: match credentials.get(&repo_key) {
+                            Some(CredentialsLookup::Ready(c)) if repo.spec.secret_ref.is_some() => {
+                                Some(Box::new(c.clone()))
+                            }
+                            _ => None,
+                        },
                         encryption: match encryption.get(&dest_key) {
                             Some(EncryptionLookup::Ready(e)) if dest.spec.encryption.is_some() => {
                                 Some(e.clone())
@@ -720,6 +771,64 @@ mod tests {
             res.selection.rules[0].kind,
             RuleKind::Cluster { .. }
         ));
+    }
+
+    #[test]
+    fn secret_ref_credentials_are_declared_only_when_usable() {
+        let mut r = repo("cfg", "repo", &["main"], json!({}));
+        r.spec.secret_ref = Some(crate::crd::LocalObjectReference {
+            name: "repo-cred".into(),
+        });
+        let repos = [r];
+        let dests = [dest("cfg", "prod", ("cfg", "repo"), "main", json!({}))];
+        let rules = [wr("cfg", "a", json!({"name": "prod"}))];
+        let ns = namespaces();
+        let inputs = || Inputs {
+            repos: &repos,
+            destinations: &dests,
+            watch_rules: &rules,
+            cluster_watch_rules: &[],
+            namespaces: &ns,
+        };
+        let token = GitCredentials::Token("tok-hunter2".into());
+        let ready = BTreeMap::from([(
+            "cfg/repo".to_owned(),
+            CredentialsLookup::Ready(token.clone()),
+        )]);
+        let res = resolve_with_lookups(inputs(), &BTreeMap::new(), &ready);
+        assert_eq!(reason(&res, "WatchRule/cfg/a"), Reason::Ready);
+        assert_eq!(
+            res.selection.destinations[0].credentials,
+            Some(Box::new(token))
+        );
+        assert!(!format!("{res:?}").contains("hunter2"));
+
+        for (lookup, expected) in [
+            (
+                Some(CredentialsLookup::Failed {
+                    reason: Reason::CredentialsNeedTls,
+                    message: "no TLS".into(),
+                }),
+                Reason::CredentialsNeedTls,
+            ),
+            (
+                Some(CredentialsLookup::Failed {
+                    reason: Reason::InvalidCredentialsSecret,
+                    message: "no keys".into(),
+                }),
+                Reason::InvalidCredentialsSecret,
+            ),
+            (None, Reason::CredentialsSecretNotFound),
+        ] {
+            let lookups: BTreeMap<_, _> = lookup
+                .map(|l| ("cfg/repo".to_owned(), l))
+                .into_iter()
+                .collect();
+            let res = resolve_with_lookups(inputs(), &BTreeMap::new(), &lookups);
+            assert_eq!(res.destination_conditions["cfg/prod"].reason, expected);
+            assert_eq!(reason(&res, "WatchRule/cfg/a"), expected);
+            assert!(res.selection.destinations.is_empty(), "nothing is declared");
+        }
     }
 
     #[test]

@@ -213,6 +213,7 @@ pub(crate) mod test_support {
             base_folder: format!("clusters/{}", key.replace('/', "-")),
             exclusive_mode: false,
             credentials_reference: None,
+            credentials: None,
             encryption: None,
         }
     }

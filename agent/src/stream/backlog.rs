@@ -384,12 +384,14 @@ fn declare_message(decl: &DestinationDecl) -> pb::AgentMessage {
             branch: decl.branch.clone(),
             base_folder: decl.base_folder.clone(),
             exclusive_mode: decl.exclusive_mode,
-            credentials: decl
-                .credentials_reference
-                .clone()
-                .map(|name| pb::Credentials {
-                    kind: Some(pb::credentials::Kind::Reference(name)),
-                }),
+            // Inline credentials (from a secretRef Secret) go before a reference to the writer's own.
+            credentials: decl.credentials.as_ref().map(|c| c.to_proto()).or_else(|| {
+                decl.credentials_reference
+                    .clone()
+                    .map(|name| pb::Credentials {
+                        kind: Some(pb::credentials::Kind::Reference(name)),
+                    })
+            }),
             age_recipients: decl
                 .encryption
                 .as_ref()
@@ -501,6 +503,7 @@ mod tests {
             base_folder: folder.into(),
             exclusive_mode: false,
             credentials_reference: None,
+            credentials: None,
             encryption: None,
         })
     }
@@ -856,6 +859,7 @@ mod tests {
             base_folder: "f".into(),
             exclusive_mode: true,
             credentials_reference: Some("github".into()),
+            credentials: None,
             encryption: None,
         };
         let Some(Kind::Destination(d)) = declare_message(&decl).kind else {
@@ -865,6 +869,20 @@ mod tests {
         assert_eq!(
             d.credentials.unwrap().kind,
             Some(pb::credentials::Kind::Reference("github".into()))
+        );
+        // Credentials from a secretRef Secret are sent inline.
+        let inline = DestinationDecl {
+            credentials: Some(Box::new(crate::credentials::GitCredentials::Token(
+                "t".into(),
+            ))),
+            ..decl
+        };
+        let Some(Kind::Destination(d)) = declare_message(&inline).kind else {
+            panic!("a destination")
+        };
+        assert_eq!(
+            d.credentials.unwrap().kind,
+            Some(pb::credentials::Kind::Token("t".into()))
         );
     }
 }
