@@ -87,6 +87,7 @@ fn declare(repo_url: &str) -> AgentEvent {
         base_folder: "c".into(),
         exclusive_mode: false,
         credentials_reference: None,
+        credentials: None,
         encryption: None,
     })
 }
