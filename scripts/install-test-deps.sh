@@ -77,6 +77,10 @@ fi
 "$TOOLS/chart-venv/bin/python" -c 'import helm_sdkpy, kubernetes_validate, pytest, yaml' 2>/dev/null \
   || "$TOOLS/chart-venv/bin/python" -m pip install -q -r tests/chart/requirements.txt
 
+# The real Kubernetes control plane (kube-apiserver, kube-controller-manager, kubectl, etcd) and the helm CLI,
+# built from Go modules and cached outside git (scripts/build-real-kube.sh; a cold build takes minutes).
+./scripts/build-real-kube.sh
+
 for tool in sshd promtool kubectl git python3 docker-compose openssl curl age node npm; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool after install" >&2; exit 1; }
 done

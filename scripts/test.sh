@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export CARGO_INCREMENTAL=0
+# One build cache outside git, shared by every checkout on this machine (a fresh clone reuses the compiled
+# dependencies instead of building them again).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/gitops-reverser/target}"
+echo "== build cache: $CARGO_TARGET_DIR"
 ./scripts/install-test-deps.sh
 echo "== self-contained: nothing reads outside the repository"
 # A fresh clone may sit anywhere: tests and scripts must not reach for ../shared (fixtures live in tests/fixtures).

@@ -9,6 +9,7 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use reverser_agent::canonical::{parse_yaml, render, sanitize, to_canonical_yaml};
+use reverser_common::yaml::validate_object;
 use serde_json::{Map, Value, json};
 
 /// Strings a naive YAML writer gets wrong: YAML 1.1 booleans and nulls, numbers
@@ -187,6 +188,61 @@ proptest! {
         prop_assert!(yaml.ends_with('\n'));
         prop_assert!(!yaml.contains('\r'), "CR must be escaped, never raw");
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The writer refuses what YAML readers misread (tags, merge keys, keys that are not strings, a missing
+    /// header); nothing the agent renders may be refused.
+    #[test]
+    fn canonical_yaml_passes_the_writers_check(obj in object()) {
+        prop_assume!(obj["metadata"]["name"] != "");
+        let yaml = to_canonical_yaml(&obj).unwrap();
+        let checked = validate_object(yaml.as_bytes());
+        prop_assert!(checked.is_ok(), "{:?}\n{}", checked, yaml);
+    }
+}
+
+#[test]
+fn the_writer_accepts_tricky_keys_names_and_kinds_as_rendered() {
+    let mut data = Map::new();
+    for (i, s) in ADVERSARIAL.iter().enumerate() {
+        data.insert((*s).to_owned(), json!(i));
+    }
+    for s in ADVERSARIAL.iter().filter(|s| !s.is_empty()) {
+        let obj = json!({
+            "apiVersion": s, "kind": s, "metadata": {"name": s, "labels": {*s: s}},
+            "data": data, "spec": {"nested": [{*s: {*s: s}}]}
+        });
+        let yaml = to_canonical_yaml(&obj).unwrap();
+        if let Err(e) = validate_object(yaml.as_bytes()) {
+            panic!("{s:?}: {e}\n{yaml}");
+        }
+    }
+}
+
+/// The golden snapshots are real objects exactly as they land in Git: the writer accepts every one.
+#[test]
+fn the_writer_accepts_every_golden_snapshot() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("agent/tests/snapshots") {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        // insta's header is a front-matter document: `---`, metadata, `---`, then the snapshot.
+        let Some((_, yaml)) = text
+            .strip_prefix("---\n")
+            .and_then(|t| t.split_once("\n---\n"))
+        else {
+            continue;
+        };
+        if let Err(e) = validate_object(yaml.as_bytes()) {
+            panic!("{}: {e}", path.display());
+        }
+        checked += 1;
+    }
+    assert!(checked >= 20, "only {checked} snapshots found");
 }
 
 /// Parses each YAML document with PyYAML `safe_load` in one python3 process.

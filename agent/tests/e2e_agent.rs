@@ -1283,6 +1283,26 @@ spec:
     agent.settle().await;
 
     let path = "clusters/prod/core/v1/configmaps/shop/team.yaml";
+    // alice (group devs) and bob may edit ConfigMaps in `shop` (a real server checks RBAC for impersonated users).
+    world
+        .cluster
+        .apply_yaml(
+            "
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: configmap-editor, namespace: shop}
+rules: [{apiGroups: [''], resources: [configmaps], verbs: [get, list, watch, create, update, patch, delete]}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: devs-edit-configmaps, namespace: shop}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: configmap-editor}
+subjects:
+- {kind: Group, name: devs, apiGroup: rbac.authorization.k8s.io}
+- {kind: User, name: bob, apiGroup: rbac.authorization.k8s.io}
+",
+        )
+        .await;
     let alice = as_user(&world.cluster, "alice").await;
     alice
         .create(&PostParams::default(), &configmap("team", "alice-1"))

@@ -28,9 +28,18 @@ pub fn parse_object(bytes: &[u8]) -> Result<serde_json::Value, YamlError> {
     Ok(value)
 }
 
-/// Checks that `bytes` is one YAML document whose top level is a mapping (a Kubernetes object), with plain data
-/// only: every mapping key is a non-null scalar, no key repeats within its mapping, and there are no anchors or
-/// aliases (canonical YAML never has them, and refusing them keeps later parses free of alias expansion).
+/// Checks that `bytes` is one YAML document whose top level is a Kubernetes object in the plain form the agent
+/// renders, so that every YAML reader (YAML 1.1 ones such as PyYAML and go-yaml v2 included) reads it the same way:
+///
+/// - a mapping at the top, one document, no byte-order mark;
+/// - `apiVersion` and `kind` strings, and a `metadata` mapping with a `name` string (none of them empty);
+/// - every mapping key is a string: not null, not a plain scalar a reader resolves to a boolean, number or
+///   timestamp (`yes`, `1`, `0x1f`, `1:20`, `2001-12-14`), not `<<` (a merge key) or `=`, not a collection;
+/// - no key repeats within its mapping;
+/// - no tags (`!!python/object:…`, `!foo`, `!!str`), anchors or aliases (canonical YAML never has them, and
+///   refusing them keeps later parses free of alias expansion and of application-specific constructors).
+///
+/// Quoted scalars are always strings, so `"<<"`, `'yes'` or `"1"` are fine keys: that is how the agent renders them.
 ///
 /// The writer validates every upsert on the stream, so this is on the hot path: it walks the parser's events
 /// without building a value (about twice as fast as deserializing into an ignored value).
@@ -43,17 +52,26 @@ pub fn validate_object(bytes: &[u8]) -> Result<ObjectShape, YamlError> {
         Mapping {
             keys: HashSet<Cow<'a, str>>,
             expecting_key: bool,
+            /// The object's top-level `metadata` mapping.
+            metadata: bool,
         },
     }
 
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        return Err(YamlError(
+            "the document starts with a byte-order mark".into(),
+        ));
+    }
     let text = std::str::from_utf8(bytes).map_err(|e| YamlError(format!("not UTF-8: {e}")))?;
     let mut parser = Parser::new_from_str(text);
     let mut stack: Vec<Frame<'_>> = Vec::new();
     let mut documents = 0usize;
     let mut root_seen = false;
     let mut shape = ObjectShape::default();
-    // The top-level key whose value comes next, when it is one the shape records.
-    let mut top_key: Option<TopKey> = None;
+    let mut name_seen = false;
+    let mut metadata_seen = false;
+    // The recorded field whose value comes next (the key was just read).
+    let mut pending: Option<Field> = None;
     while let Some(next) = parser.next_event() {
         let (event, span) = next.map_err(|e| {
             let at = e.marker();
@@ -73,97 +91,153 @@ pub fn validate_object(bytes: &[u8]) -> Result<ObjectShape, YamlError> {
         };
         // A node (scalar, alias or collection start) takes the next position of its parent; in a mapping that
         // alternates between key and value.
-        let is_node = matches!(
-            event,
-            Event::Scalar(..)
-                | Event::SequenceStart(..)
-                | Event::MappingStart(..)
-                | Event::Alias(_)
-        );
-        if is_node {
-            let anchored = match &event {
-                Event::Scalar(_, _, anchor, _)
-                | Event::SequenceStart(_, anchor, _)
-                | Event::MappingStart(_, anchor, _) => *anchor != 0,
-                _ => true,
-            };
-            if anchored {
-                return Err(at("anchors and aliases are not allowed in an object"));
+        let (anchored, tagged) = match &event {
+            Event::Scalar(_, _, anchor, tag) => (*anchor != 0, tag.is_some()),
+            Event::SequenceStart(_, anchor, tag) | Event::MappingStart(_, anchor, tag) => {
+                (*anchor != 0, tag.is_some())
             }
-            let at_top = stack.len() == 1;
-            match stack.last_mut() {
-                None => {
-                    if root_seen {
-                        return Err(at("more than one document"));
+            Event::Alias(_) => (true, false),
+            _ => {
+                match event {
+                    Event::DocumentStart(..) => {
+                        documents += 1;
+                        if documents > 1 {
+                            return Err(at("more than one document"));
+                        }
                     }
-                    root_seen = true;
-                    if !matches!(event, Event::MappingStart(..)) {
-                        return Err(at("the document is not a mapping (a Kubernetes object)"));
+                    Event::SequenceEnd | Event::MappingEnd => {
+                        stack.pop();
                     }
+                    Event::StreamEnd => break,
+                    _ => {}
                 }
-                Some(Frame::Mapping {
-                    keys,
-                    expecting_key,
-                }) => {
-                    if *expecting_key {
-                        let Event::Scalar(key, style, _, _) = &event else {
-                            return Err(at("mapping keys must be strings"));
-                        };
-                        let null = style == &ScalarStyle::Plain
-                            && matches!(key.as_ref(), "" | "~" | "null" | "Null" | "NULL");
-                        if null {
-                            return Err(at("mapping keys must not be null"));
-                        }
-                        if !keys.insert(key.clone()) {
-                            let key: String = key.chars().take(100).collect();
-                            return Err(at(&format!("duplicate mapping key {key:?}")));
-                        }
-                        if at_top {
-                            top_key = match key.as_ref() {
-                                "apiVersion" => Some(TopKey::ApiVersion),
-                                "kind" => Some(TopKey::Kind),
-                                "sops" => Some(TopKey::Sops),
-                                _ => None,
-                            };
-                        }
-                    } else if at_top {
-                        match (top_key.take(), &event) {
-                            (Some(TopKey::ApiVersion), Event::Scalar(value, ..)) => {
-                                shape.api_version = Some(value.to_string());
-                            }
-                            (Some(TopKey::Kind), Event::Scalar(value, ..)) => {
-                                shape.kind = Some(value.to_string());
-                            }
-                            (Some(TopKey::Sops), Event::MappingStart(..)) => shape.sops = true,
-                            _ => {}
-                        }
-                    }
-                    *expecting_key = !*expecting_key;
-                }
-                Some(Frame::Sequence) => {}
+                continue;
             }
+        };
+        if anchored {
+            return Err(at("anchors and aliases are not allowed in an object"));
         }
-        match event {
-            Event::DocumentStart(..) => {
-                documents += 1;
-                if documents > 1 {
+        if tagged {
+            return Err(at(
+                "tags (such as !!python/object or !foo) are not allowed in an object",
+            ));
+        }
+        let depth = stack.len();
+        let mut opens_metadata = false;
+        match stack.last_mut() {
+            None => {
+                if root_seen {
                     return Err(at("more than one document"));
                 }
+                root_seen = true;
+                if !matches!(event, Event::MappingStart(..)) {
+                    return Err(at("the document is not a mapping (a Kubernetes object)"));
+                }
             }
+            Some(Frame::Mapping {
+                keys,
+                expecting_key,
+                metadata,
+            }) => {
+                if *expecting_key {
+                    let Event::Scalar(key, style, _, _) = &event else {
+                        return Err(at("mapping keys must be strings"));
+                    };
+                    if *style == ScalarStyle::Plain {
+                        match plain_scalar_type(key) {
+                            None => {}
+                            Some(PlainType::Null) => {
+                                return Err(at("mapping keys must not be null"));
+                            }
+                            Some(PlainType::Merge) => {
+                                return Err(at("merge keys (<<) are not allowed in an object"));
+                            }
+                            Some(other) => {
+                                return Err(at(&format!(
+                                    "mapping keys must be strings, not {} (quote the key)",
+                                    other.describe()
+                                )));
+                            }
+                        }
+                    }
+                    if !keys.insert(key.clone()) {
+                        let key: String = key.chars().take(100).collect();
+                        return Err(at(&format!("duplicate mapping key {key:?}")));
+                    }
+                    pending = if depth == 1 {
+                        match key.as_ref() {
+                            "apiVersion" => Some(Field::ApiVersion),
+                            "kind" => Some(Field::Kind),
+                            "metadata" => Some(Field::Metadata),
+                            "sops" => Some(Field::Sops),
+                            _ => None,
+                        }
+                    } else if *metadata && key == "name" {
+                        Some(Field::Name)
+                    } else {
+                        None
+                    };
+                } else if let Some(field) = pending.take() {
+                    let string = match &event {
+                        Event::Scalar(value, style, _, _) if !value.is_empty() => {
+                            (*style != ScalarStyle::Plain || plain_scalar_type(value).is_none())
+                                .then_some(value)
+                        }
+                        _ => None,
+                    };
+                    match field {
+                        Field::ApiVersion | Field::Kind | Field::Name => {
+                            let Some(value) = string else {
+                                return Err(at(&format!(
+                                    "{} must be a non-empty string",
+                                    field.describe()
+                                )));
+                            };
+                            match field {
+                                Field::ApiVersion => shape.api_version = Some(value.to_string()),
+                                Field::Kind => shape.kind = Some(value.to_string()),
+                                _ => name_seen = true,
+                            }
+                        }
+                        Field::Metadata => {
+                            if !matches!(event, Event::MappingStart(..)) {
+                                return Err(at("metadata must be a mapping"));
+                            }
+                            metadata_seen = true;
+                            opens_metadata = true;
+                        }
+                        Field::Sops => shape.sops = matches!(event, Event::MappingStart(..)),
+                    }
+                }
+                *expecting_key = !*expecting_key;
+            }
+            Some(Frame::Sequence) => {}
+        }
+        match event {
             Event::SequenceStart(..) => stack.push(Frame::Sequence),
             Event::MappingStart(..) => stack.push(Frame::Mapping {
                 keys: HashSet::new(),
                 expecting_key: true,
+                metadata: opens_metadata,
             }),
-            Event::SequenceEnd | Event::MappingEnd => {
-                stack.pop();
-            }
-            Event::StreamEnd => break,
             _ => {}
         }
     }
     if !root_seen {
         return Err(YamlError("empty document: expected a mapping".into()));
+    }
+    let missing = [
+        ("apiVersion", shape.api_version.is_some()),
+        ("kind", shape.kind.is_some()),
+        ("metadata", metadata_seen),
+        ("metadata.name", name_seen || !metadata_seen),
+    ]
+    .into_iter()
+    .find(|(_, present)| !present);
+    if let Some((field, _)) = missing {
+        return Err(YamlError(format!(
+            "not a Kubernetes object: {field} is missing"
+        )));
     }
     Ok(shape)
 }
@@ -186,10 +260,213 @@ impl ObjectShape {
     }
 }
 
-enum TopKey {
+/// A field [`validate_object`] checks or records.
+#[derive(Clone, Copy)]
+enum Field {
     ApiVersion,
     Kind,
+    Metadata,
+    Name,
     Sops,
+}
+
+impl Field {
+    fn describe(self) -> &'static str {
+        match self {
+            Field::ApiVersion => "apiVersion",
+            Field::Kind => "kind",
+            Field::Metadata => "metadata",
+            Field::Name => "metadata.name",
+            Field::Sops => "sops",
+        }
+    }
+}
+
+/// What a plain (unquoted, untagged) scalar means to a YAML reader when it is not a string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PlainType {
+    Null,
+    Boolean,
+    Number,
+    Timestamp,
+    /// `<<`: a merge key in YAML 1.1 readers.
+    Merge,
+    /// `=`: the YAML 1.1 value key, which readers refuse to construct.
+    Value,
+}
+
+impl PlainType {
+    fn describe(self) -> &'static str {
+        match self {
+            PlainType::Null => "null",
+            PlainType::Boolean => "a boolean",
+            PlainType::Number => "a number",
+            PlainType::Timestamp => "a timestamp",
+            PlainType::Merge => "a merge key (<<)",
+            PlainType::Value => "the value key (=)",
+        }
+    }
+}
+
+/// The type a YAML 1.1 or 1.2 (core schema) reader gives a plain scalar, or `None` when it is a string. Exact
+/// spellings of the specs; the agent's renderer quotes all of these (and a few more), so its output always passes.
+fn plain_scalar_type(s: &str) -> Option<PlainType> {
+    let Some(&first) = s.as_bytes().first() else {
+        return Some(PlainType::Null);
+    };
+    // Most keys start with a letter that no special spelling starts with: one comparison.
+    if !(first.is_ascii_digit()
+        || matches!(
+            first,
+            b'~' | b'<'
+                | b'='
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'n'
+                | b'N'
+                | b'y'
+                | b'Y'
+                | b't'
+                | b'T'
+                | b'f'
+                | b'F'
+                | b'o'
+                | b'O'
+        ))
+    {
+        return None;
+    }
+    match s {
+        "~" | "null" | "Null" | "NULL" => return Some(PlainType::Null),
+        "true" | "True" | "TRUE" | "false" | "False" | "FALSE" | "y" | "Y" | "yes" | "Yes"
+        | "YES" | "n" | "N" | "no" | "No" | "NO" | "on" | "On" | "ON" | "off" | "Off" | "OFF" => {
+            return Some(PlainType::Boolean);
+        }
+        "<<" => return Some(PlainType::Merge),
+        "=" => return Some(PlainType::Value),
+        _ => {}
+    }
+    if is_plain_number(s) {
+        Some(PlainType::Number)
+    } else if is_plain_timestamp(s) {
+        Some(PlainType::Timestamp)
+    } else {
+        None
+    }
+}
+
+/// Leading bytes of `s` accepted by `accept`, and the rest.
+fn take_while(s: &str, accept: impl Fn(u8) -> bool) -> (&str, &str) {
+    let n = s.bytes().take_while(|&b| accept(b)).count();
+    s.split_at(n)
+}
+
+/// YAML 1.1 and 1.2 ints and floats: decimal with `_` separators, `0x`/`0o`/`0b`, base 60 (`1:20`), `.5`, `1e3`,
+/// `.inf`, `.nan`, with an optional sign.
+fn is_plain_number(s: &str) -> bool {
+    let unsigned = s.strip_prefix(['+', '-']).unwrap_or(s);
+    if matches!(unsigned, ".inf" | ".Inf" | ".INF") || matches!(s, ".nan" | ".NaN" | ".NAN") {
+        return true;
+    }
+    for (prefix, radix) in [("0x", 16), ("0o", 8), ("0b", 2)] {
+        if let Some(digits) = unsigned.strip_prefix(prefix) {
+            let is_digit = |b: u8| char::from(b).is_digit(radix);
+            return digits.bytes().any(is_digit)
+                && digits.bytes().all(|b| is_digit(b) || b == b'_');
+        }
+    }
+    let digit_or_underscore = |b: u8| b.is_ascii_digit() || b == b'_';
+    let (whole, rest) = take_while(unsigned, digit_or_underscore);
+    if !whole.is_empty() && !whole.as_bytes()[0].is_ascii_digit() {
+        return false;
+    }
+    // Base 60 (YAML 1.1): 1:20, 190:20:30.15
+    if whole
+        .as_bytes()
+        .first()
+        .is_some_and(|b| (b'1'..=b'9').contains(b))
+        && rest.starts_with(':')
+    {
+        let (sexagesimal, fraction) = rest.split_once('.').unwrap_or((rest, ""));
+        let parts_ok = sexagesimal[1..]
+            .split(':')
+            .all(|part| match part.as_bytes() {
+                [units] => units.is_ascii_digit(),
+                [tens, units] => (b'0'..=b'5').contains(tens) && units.is_ascii_digit(),
+                _ => false,
+            });
+        return parts_ok && fraction.bytes().all(digit_or_underscore);
+    }
+    let (fraction, rest) = match rest.strip_prefix('.') {
+        Some(after_dot) => take_while(after_dot, digit_or_underscore),
+        None => ("", rest),
+    };
+    let mantissa_ok = if whole.is_empty() {
+        // `.5`, but not `.` or `._`
+        fraction.as_bytes().first().is_some_and(u8::is_ascii_digit)
+    } else {
+        true
+    };
+    let exponent_ok = match rest.strip_prefix(['e', 'E']) {
+        None => rest.is_empty(),
+        Some(exponent) => {
+            let exponent = exponent.strip_prefix(['+', '-']).unwrap_or(exponent);
+            !exponent.is_empty() && exponent.bytes().all(|b| b.is_ascii_digit())
+        }
+    };
+    mantissa_ok && exponent_ok
+}
+
+/// YAML 1.1 timestamps: `2001-12-14`, `2001-12-14t21:59:43.10-05:00`, `2001-12-14 21:59:43.10 -5`, `…Z`.
+fn is_plain_timestamp(s: &str) -> bool {
+    fn digits(s: &str, min: usize, max: usize) -> Option<&str> {
+        let (run, rest) = take_while(s, |b| b.is_ascii_digit());
+        (min..=max).contains(&run.len()).then_some(rest)
+    }
+    let date = digits(s, 4, 4)
+        .and_then(|r| r.strip_prefix('-'))
+        .and_then(|r| digits(r, 1, 2))
+        .and_then(|r| r.strip_prefix('-'))
+        .and_then(|r| digits(r, 1, 2));
+    let Some(rest) = date else {
+        return false;
+    };
+    if rest.is_empty() {
+        return true;
+    }
+    let rest = match rest.strip_prefix(['T', 't']) {
+        Some(r) => r,
+        None => {
+            let trimmed = rest.trim_start_matches([' ', '\t']);
+            if trimmed.len() == rest.len() {
+                return false;
+            }
+            trimmed
+        }
+    };
+    let time = digits(rest, 1, 2)
+        .and_then(|r| r.strip_prefix(':'))
+        .and_then(|r| digits(r, 2, 2))
+        .and_then(|r| r.strip_prefix(':'))
+        .and_then(|r| digits(r, 2, 2));
+    let Some(mut rest) = time else {
+        return false;
+    };
+    if let Some(fraction) = rest.strip_prefix('.') {
+        rest = take_while(fraction, |b| b.is_ascii_digit()).1;
+    }
+    let rest = rest.trim_start_matches([' ', '\t']);
+    if rest.is_empty() || rest == "Z" {
+        return true;
+    }
+    let Some(zone) = rest.strip_prefix(['+', '-']).and_then(|r| digits(r, 1, 2)) else {
+        return false;
+    };
+    match zone.strip_prefix(':') {
+        Some(minutes) => digits(minutes, 2, 2).is_some_and(str::is_empty),
+        None => zone.is_empty(),
+    }
 }
 
 /// Whether two YAML documents carry the same value. Unparseable documents are equal only byte for byte.
@@ -279,7 +556,10 @@ mod tests {
             );
         }
         assert!(
-            validate_object(b"apiVersion: v1\nkind: ConfigMap\ndata: {a: [1, {b: c}]}\n").is_ok()
+            validate_object(
+                b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {a: [1, {b: c}]}\n"
+            )
+            .is_ok()
         );
     }
 
@@ -321,31 +601,50 @@ mod tests {
         assert_eq!(plain.kind.as_deref(), Some("Secret"));
         assert!(plain.is_plaintext_secret());
         let encrypted = validate_object(
-            b"apiVersion: v1\nkind: Secret\ndata: {k: 'ENC[AES256_GCM,data:x,iv:y,tag:z,type:str]'}\nsops: {version: 3.9.4}\n",
+            b"apiVersion: v1\nkind: Secret\nmetadata: {name: a}\ndata: {k: 'ENC[AES256_GCM,data:x,iv:y,tag:z,type:str]'}\nsops: {version: 3.9.4}\n",
         )
         .unwrap();
         assert!(encrypted.sops && !encrypted.is_plaintext_secret());
         // A nested `sops` or `kind` is not the object's.
         let nested =
-            validate_object(b"apiVersion: v1\nkind: Secret\nmetadata: {sops: {a: b}}\n").unwrap();
+            validate_object(b"apiVersion: v1\nkind: Secret\nmetadata: {name: a, sops: {a: b}}\n")
+                .unwrap();
         assert!(nested.is_plaintext_secret());
-        let scalar_sops = validate_object(b"apiVersion: v1\nkind: Secret\nsops: yes\n").unwrap();
+        let scalar_sops =
+            validate_object(b"apiVersion: v1\nkind: Secret\nmetadata: {name: a}\nsops: yes\n")
+                .unwrap();
         assert!(scalar_sops.is_plaintext_secret());
-        let configmap =
-            validate_object(b"apiVersion: v1\nkind: ConfigMap\ndata: {kind: Secret}\n").unwrap();
+        let configmap = validate_object(
+            b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {kind: Secret}\n",
+        )
+        .unwrap();
         assert!(!configmap.is_plaintext_secret());
         assert!(
-            !validate_object(b"apiVersion: example.com/v1\nkind: Secret\n")
+            !validate_object(b"apiVersion: example.com/v1\nkind: Secret\nmetadata: {name: a}\n")
                 .unwrap()
                 .is_plaintext_secret()
         );
     }
 
+    /// The smallest Kubernetes object; the cases below add to it.
+    const HEADER: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n";
+
+    fn refused(input: &str) -> String {
+        match validate_object(input.as_bytes()) {
+            Ok(shape) => panic!("{input:?} was accepted: {shape:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn assert_accepted(input: &str) {
+        if let Err(e) = validate_object(input.as_bytes()) {
+            panic!("{input:?} was refused: {e}");
+        }
+    }
+
     #[test]
     fn validation_requires_one_plain_mapping() {
-        let refused = [
-            ("", "empty document"),
-            ("---\n", "not a mapping"),
+        let cases = [
             ("a: 1\n---\nb: 2\n", "more than one document"),
             ("a: 1\n---\n", "more than one document"),
             ("a: {b: 1, b: 2}\n", "duplicate mapping key \"b\""),
@@ -354,38 +653,249 @@ mod tests {
             ("? [x]\n: 1\n", "keys must be strings"),
             ("a:\n  ? {x: 1}\n  : 1\n", "keys must be strings"),
             ("a: &x {b: 1}\nc: *x\n", "anchors and aliases"),
-            ("*x\n", ""),
             ("null: a\n", "must not be null"),
             ("~: b\n", "must not be null"),
             (": 1\n", "must not be null"),
-            ("a: 'x\n", "line 1"),
-            ("a: 1\n b: 2\n", "line 2"),
-            ("x\n", "not a mapping"),
+            ("a: 'x\n", "line 4"),
+            ("a: 1\n b: 2\n", "line 5"),
         ];
-        for (input, expected) in refused {
-            let error = validate_object(input.as_bytes())
-                .expect_err(input)
-                .to_string();
+        for (input, expected) in cases {
+            let error = refused(&format!("{HEADER}{input}"));
             assert!(error.contains(expected), "{input:?}: {error}");
+        }
+        for (input, expected) in [
+            ("", "empty document"),
+            ("---\n", "not a mapping"),
+            ("*x\n", ""),
+            ("x\n", "not a mapping"),
+        ] {
+            assert!(refused(input).contains(expected), "{input:?}");
         }
         for accepted in [
             "a: 1\n...\n",
-            "1: a\n",
-            "true: a\n",
+            "'1': a\n",
+            "\"true\": a\n",
             "'null': a\n",
-            "--- !!map\na: 1\n",
-            "%YAML 1.2\n---\na: 1\n",
             "a: 1\n# comment\n",
-            "{}\n",
             "a:\n",
-            "a: !!binary aGVsbG8=\n",
             "a: [{b: 1}, {b: 1}]\nc: {b: 1}\n",
         ] {
-            assert!(
-                validate_object(accepted.as_bytes()).is_ok(),
-                "{accepted:?}: {:?}",
-                validate_object(accepted.as_bytes())
-            );
+            assert_accepted(&format!("{HEADER}{accepted}"));
         }
+        assert_accepted(&format!("%YAML 1.2\n---\n{HEADER}"));
+        assert_accepted("{apiVersion: v1, kind: ConfigMap, metadata: {name: a}}\n");
+    }
+
+    #[test]
+    fn refuses_tags_anywhere() {
+        for tagged in [
+            "a: !!python/object:os.system {}\n",
+            "a: !!python/object/apply:os.system [echo hi]\n",
+            "a: !foo bar\n",
+            "a: !foo\n  b: 1\n",
+            "a: ! bar\n",
+            "a: !!str 1\n",
+            "a: !!binary aGVsbG8=\n",
+            "a: !!seq [1]\n",
+            "a: [1, !!int 2]\n",
+            "!!str b: 1\n",
+            "a: !<tag:yaml.org,2002:str> x\n",
+            "%TAG !e! tag:example.com,2000:\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\na: !e!x 1\n",
+        ] {
+            let input = if tagged.starts_with('%') {
+                tagged.to_owned()
+            } else {
+                format!("{HEADER}{tagged}")
+            };
+            assert!(refused(&input).contains("tags"), "{input:?}");
+        }
+        assert!(refused(&format!("--- !!map\n{HEADER}")).contains("tags"));
+        // An exclamation mark inside a string is no tag.
+        assert_accepted(&format!(
+            "{HEADER}a: '!foo'\nb: \"!!python/object:x\"\nc: x!y\n"
+        ));
+    }
+
+    #[test]
+    fn refuses_merge_keys() {
+        let error = refused(&format!("{HEADER}base: {{x: 1}}\nspec:\n  <<: {{x: 1}}\n"));
+        assert!(error.contains("merge keys"), "{error}");
+        let error = refused(&format!("{HEADER}<<: {{x: 1}}\n"));
+        assert!(error.contains("merge keys"), "{error}");
+        assert!(refused(&format!("{HEADER}=: 1\n")).contains("value key"));
+        // Quoted, it is the string "<<"; as a value it is a string either way.
+        assert_accepted(&format!("{HEADER}spec: {{'<<': 1, \"=\": 2}}\nop: <<\n"));
+    }
+
+    #[test]
+    fn refuses_a_byte_order_mark() {
+        let error = refused(&format!("\u{FEFF}{HEADER}"));
+        assert!(error.contains("byte-order mark"), "{error}");
+    }
+
+    #[test]
+    fn refuses_keys_that_readers_take_for_other_types() {
+        let non_strings = [
+            ("1", "number"),
+            ("-1", "number"),
+            ("+12", "number"),
+            ("007", "number"),
+            ("0x1f", "number"),
+            ("0o17", "number"),
+            ("0b101", "number"),
+            ("1_000", "number"),
+            ("1.5", "number"),
+            ("1.", "number"),
+            (".5", "number"),
+            ("1e3", "number"),
+            ("-1.5E-3", "number"),
+            (".inf", "number"),
+            ("-.Inf", "number"),
+            (".NaN", "number"),
+            ("1:20", "number"),
+            ("190:20:30.15", "number"),
+            ("2001-12-14", "timestamp"),
+            ("2001-12-14t21:59:43.10-05:00", "timestamp"),
+            ("2001-12-14 21:59:43.10 -5", "timestamp"),
+            ("2001-12-14T21:59:43Z", "timestamp"),
+            ("true", "boolean"),
+            ("False", "boolean"),
+            ("yes", "boolean"),
+            ("NO", "boolean"),
+            ("On", "boolean"),
+            ("off", "boolean"),
+            ("y", "boolean"),
+            ("N", "boolean"),
+            ("Null", "must not be null"),
+        ];
+        for (key, expected) in non_strings {
+            let error = refused(&format!("{HEADER}data:\n  {key}: v\n"));
+            assert!(error.contains(expected), "{key:?}: {error}");
+            // Quoted, the same text is a string key.
+            assert_accepted(&format!("{HEADER}data:\n  \"{key}\": v\n"));
+            assert_accepted(&format!("{HEADER}data:\n  '{key}': v\n"));
+        }
+        // Complex keys.
+        assert!(refused(&format!("{HEADER}? {{a: 1}}\n: v\n")).contains("keys must be strings"));
+        assert!(refused(&format!("{HEADER}? [a]\n: v\n")).contains("keys must be strings"));
+        // Strings that only look close.
+        for key in [
+            "a1",
+            "1a",
+            "v1",
+            "1.2.3",
+            "0x",
+            "0xg",
+            "1:60",
+            "0:20",
+            "1:2:3:",
+            "2001-12-14x",
+            "2001-12-14 x",
+            "20011-12-14",
+            "_1",
+            "nil",
+            "yess",
+            "tru",
+            "one",
+            "offset",
+            "n1",
+            "1e",
+            "1e+",
+            ".",
+            "._",
+            "-a",
+            "+a",
+            "1-2",
+            "10.0.0.1",
+            "3d",
+            "ON_",
+            "~a",
+            "<<a",
+            "==",
+        ] {
+            assert_accepted(&format!("{HEADER}data:\n  {key}: v\n"));
+        }
+    }
+
+    #[test]
+    fn requires_api_version_kind_and_metadata_name_strings() {
+        let cases = [
+            (
+                "kind: ConfigMap\nmetadata: {name: a}\n",
+                "apiVersion is missing",
+            ),
+            ("apiVersion: v1\nmetadata: {name: a}\n", "kind is missing"),
+            ("apiVersion: v1\nkind: ConfigMap\n", "metadata is missing"),
+            (
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n",
+                "metadata.name is missing",
+            ),
+            (
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {labels: {name: a}}\nspec: {name: a}\n",
+                "metadata.name is missing",
+            ),
+            (
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: a\n",
+                "metadata must be a mapping",
+            ),
+            (
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: [name]\n",
+                "metadata must be a mapping",
+            ),
+            (
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n",
+                "metadata must be a mapping",
+            ),
+            (
+                "apiVersion: 1\nkind: ConfigMap\nmetadata: {name: a}\n",
+                "apiVersion must be",
+            ),
+            (
+                "apiVersion: v1\nkind: true\nmetadata: {name: a}\n",
+                "kind must be",
+            ),
+            (
+                "apiVersion: v1\nkind:\nmetadata: {name: a}\n",
+                "kind must be",
+            ),
+            (
+                "apiVersion: v1\nkind: ''\nmetadata: {name: a}\n",
+                "kind must be",
+            ),
+            (
+                "apiVersion: v1\nkind: [a]\nmetadata: {name: a}\n",
+                "kind must be",
+            ),
+            (
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: 12}\n",
+                "metadata.name must be",
+            ),
+            (
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: null}\n",
+                "metadata.name must be",
+            ),
+            (
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: {a: b}}\n",
+                "metadata.name must be",
+            ),
+            (
+                "apiVersion: {a: b}\nkind: ConfigMap\nmetadata: {name: a}\n",
+                "apiVersion must be",
+            ),
+        ];
+        for (input, expected) in cases {
+            let error = refused(input);
+            assert!(error.contains(expected), "{input:?}: {error}");
+        }
+        assert_accepted(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: '12', namespace: yes-no}\n",
+        );
+        assert_accepted(
+            "metadata:\n  name: \"1:20\"\nkind: \"True\"\napiVersion: example.com/v1\n",
+        );
+        // An encrypted document keeps the header in the clear and its values are strings.
+        assert_accepted(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\n  namespace: shop\ndata:\n  password: ENC[AES256_GCM,data:x,iv:y,tag:z,type:str]\nsops:\n  age:\n    - recipient: age1x\n      enc: |\n        -----BEGIN AGE ENCRYPTED FILE-----\n        abc\n        -----END AGE ENCRYPTED FILE-----\n  lastmodified: \"2024-01-01T00:00:00Z\"\n  mac: ENC[AES256_GCM,data:m,iv:i,tag:t,type:str]\n  encrypted_regex: '^(data|stringData)$'\n  version: 3.9.4\n",
+        );
     }
 }

@@ -183,6 +183,8 @@ async fn a_concurrent_human_commit_survives_the_replay() {
 
 #[tokio::test]
 async fn snapshot_end_deletes_orphans_of_its_scope_only_within_the_cap() {
+    const KEPT: &str =
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: kept, namespace: shop}\n";
     let repo = BareRepo::new();
     for (path, content) in [
         ("c/apps/v1/deployments/shop/kept.yaml", "a: 1\n"),
@@ -201,12 +203,7 @@ async fn snapshot_end_deletes_orphans_of_its_scope_only_within_the_cap() {
     let deployments = || scope("apps", "v1", "deployments", "");
     agent.send(snapshot_begin(DEST, 1, deployments(), 1)).await;
     agent
-        .send(upsert(
-            DEST,
-            2,
-            "apps/v1/deployments/shop/kept.yaml",
-            "a: 1\n",
-        ))
+        .send(upsert(DEST, 2, "apps/v1/deployments/shop/kept.yaml", KEPT))
         .await;
     agent.send(snapshot_end(DEST, 3, deployments(), 1)).await;
     agent.ack(DEST, 3).await;
@@ -237,12 +234,7 @@ async fn snapshot_end_deletes_orphans_of_its_scope_only_within_the_cap() {
     // The next snapshot takes the rest.
     agent.send(snapshot_begin(DEST, 4, deployments(), 2)).await;
     agent
-        .send(upsert(
-            DEST,
-            5,
-            "apps/v1/deployments/shop/kept.yaml",
-            "a: 1\n",
-        ))
+        .send(upsert(DEST, 5, "apps/v1/deployments/shop/kept.yaml", KEPT))
         .await;
     agent.send(snapshot_end(DEST, 6, deployments(), 2)).await;
     agent.ack(DEST, 6).await;
@@ -479,6 +471,135 @@ async fn bad_input_is_rejected_with_a_reason_and_changes_nothing() {
         assert_eq!(reject.reason, reason, "{key}: {}", reject.message);
     }
     assert!(repo.rev_parse("main").is_none(), "nothing was ever pushed");
+    writer.stop().await;
+}
+
+/// What YAML 1.1 readers (PyYAML, go-yaml v2) refuse or read differently is refused, and the stream goes on.
+#[tokio::test]
+async fn yaml_that_readers_refuse_or_misread_is_rejected_and_later_messages_flow() {
+    let repo = BareRepo::new();
+    let writer = Writer::start(&[]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &repo.file_url(), "main", "c").await;
+    let header = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, namespace: ns}\n";
+    let hostile = [
+        format!("{header}data: !!python/object/apply:os.system [echo pwned]\n"),
+        format!("{header}data: !custom {{a: b}}\n"),
+        format!("{header}base: {{a: b}}\ndata:\n  <<: {{a: b}}\n"),
+        format!("\u{FEFF}{header}"),
+        format!("{header}data: {{1: a}}\n"),
+        format!("{header}data: {{yes: a}}\n"),
+        format!("{header}data: {{2001-12-14: a}}\n"),
+        "kind: ConfigMap\nmetadata: {name: a}\n".to_owned(),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {namespace: ns}\n".to_owned(),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: [a]\n".to_owned(),
+        "apiVersion: v1\nkind: true\nmetadata: {name: a}\n".to_owned(),
+    ];
+    for (i, content) in hostile.iter().enumerate() {
+        let sequence = i as u64 + 1;
+        agent
+            .send(upsert(
+                DEST,
+                sequence,
+                "core/v1/configmaps/ns/a.yaml",
+                content,
+            ))
+            .await;
+        let reject = agent.reject(sequence).await;
+        assert_eq!(
+            reject.reason, "InvalidYaml",
+            "{content:?}: {}",
+            reject.message
+        );
+    }
+    let good = format!("{header}data: {{'yes': a, \"<<\": b, '1': c, x: '!!str'}}\n");
+    let next = hostile.len() as u64 + 1;
+    agent
+        .send(upsert(DEST, next, "core/v1/configmaps/ns/a.yaml", &good))
+        .await;
+    agent.ack(DEST, next).await;
+    assert_eq!(
+        repo.read("main", "c/core/v1/configmaps/ns/a.yaml")
+            .as_deref(),
+        Some(good.as_str())
+    );
+    writer.stop().await;
+}
+
+/// Paths that cannot be checked out everywhere (Windows device names, over-long components, case-only twins) are
+/// refused, and the stream goes on.
+#[tokio::test]
+async fn unportable_paths_are_rejected_and_later_messages_flow() {
+    let repo = BareRepo::new();
+    let writer = Writer::start(&[]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &repo.file_url(), "main", "c").await;
+    let cm = configmap("ns", "a", "1");
+    let long = format!("core/v1/configmaps/ns/{}.yaml", "a".repeat(253));
+    let hostile = [
+        long.as_str(),
+        "core/v1/configmaps/ns/con.yaml",
+        "core/v1/configmaps/NUL/a.yaml",
+        "core/v1/configmaps/ns/aux.d.yaml",
+        "core/v1/configmaps/ns/com1.yaml",
+        "core/v1/configmaps/ns/lpt9.yaml",
+        "core/v1/configmaps/ns./a.yaml",
+        "core/v1/configmaps/ns /a.yaml",
+        "rbac.authorization.k8s.io/v1/clusterroles/Case-Demo.yaml",
+        "rbac.authorization.k8s.io/v1/clusterroles/system:auth.yaml",
+        "core/v1/configmaps/ns/caf\u{e9}.yaml",
+        "core/v1/configmaps/ns/a%3a.yaml",
+        "core/v1/configmaps/ns/a%zz.yaml",
+    ];
+    for (i, path) in hostile.iter().enumerate() {
+        let sequence = i as u64 + 1;
+        agent.send(upsert(DEST, sequence, path, &cm)).await;
+        let reject = agent.reject(sequence).await;
+        assert_eq!(reject.reason, "InvalidPath", "{path:?}: {}", reject.message);
+    }
+    let next = hostile.len() as u64 + 1;
+    let fine = "rbac.authorization.k8s.io/v1/clusterroles/%43ase-%44emo%3Aview.yaml";
+    agent.send(upsert(DEST, next, fine, &cm)).await;
+    agent.ack(DEST, next).await;
+    assert!(repo.ls_tree("main").contains(&format!("c/{fine}")));
+    writer.stop().await;
+}
+
+/// A snapshot scope names raw Kubernetes names; its folder is theirs in the portable form, where the agent puts the
+/// files, so orphans there are swept (namespace `con` lives in `%63on`, a Windows-safe folder).
+#[tokio::test]
+async fn snapshot_scopes_find_files_in_portable_folders() {
+    let repo = BareRepo::new();
+    repo.commit_as_human(
+        "main",
+        "c/core/v1/configmaps/%63on/orphan.yaml",
+        &configmap("con", "orphan", "1"),
+        "seed",
+    );
+    let writer = Writer::start(&[]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &repo.file_url(), "main", "c").await;
+    let con = || scope("", "v1", "configmaps", "con");
+    agent.send(snapshot_begin(DEST, 1, con(), 1)).await;
+    agent
+        .send(upsert(
+            DEST,
+            2,
+            "core/v1/configmaps/%63on/kept.yaml",
+            &configmap("con", "kept", "1"),
+        ))
+        .await;
+    agent.send(snapshot_end(DEST, 3, con(), 1)).await;
+    agent.ack(DEST, 3).await;
+    let files = repo.ls_tree("main");
+    assert!(
+        files.contains(&"c/core/v1/configmaps/%63on/kept.yaml".to_owned()),
+        "{files:?}"
+    );
+    assert!(
+        !files.contains(&"c/core/v1/configmaps/%63on/orphan.yaml".to_owned()),
+        "the orphan in the scope's folder is swept: {files:?}"
+    );
     writer.stop().await;
 }
 

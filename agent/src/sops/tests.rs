@@ -321,3 +321,24 @@ fn lastmodified_has_whole_seconds_in_utc() {
     assert!(now.ends_with('Z') && !now.contains('.'), "{now}");
     assert_eq!(now.len(), "2026-01-02T03:04:05Z".len());
 }
+
+#[test]
+fn encrypted_documents_pass_the_writers_yaml_check() {
+    let a = identity();
+    let b = identity();
+    let enc = encryption_for(&[&a, &b]);
+    let mut tricky = secret();
+    tricky["data"] =
+        json!({"123": "MQ==", "true": "Mg==", "null": "Mw==", "<<": "NA==", "2001-12-14": ""});
+    let credential = json!({
+        "apiVersion": "example.com/v1", "kind": "Credential",
+        "metadata": {"name": "yes", "namespace": "on"},
+        "spec": {"token": "t0k", "port": 5432, "tls": false, "ratio": 1.5, "hosts": ["a", "b"], "none": null}
+    });
+    for obj in [secret(), tricky, credential] {
+        let yaml = encrypt_now(&obj, &enc, "2026-01-02T03:04:05Z");
+        let shape = reverser_common::yaml::validate_object(yaml.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        assert!(shape.sops && !shape.is_plaintext_secret(), "{yaml}");
+    }
+}

@@ -214,9 +214,11 @@ impl RealCluster {
             ]),
         );
         cluster.start_watchdog();
-        cluster.wait_until("etcd to accept connections", Duration::from_secs(30), |_| {
-            std::net::TcpStream::connect(("127.0.0.1", etcd_port)).is_ok()
-        });
+        cluster.wait_until(
+            "etcd to accept connections",
+            Duration::from_secs(30),
+            |_| std::net::TcpStream::connect(("127.0.0.1", etcd_port)).is_ok(),
+        );
 
         let p = |name: &str| root.join("pki").join(name).display().to_string();
         let mut apiserver_args = vec![
@@ -234,13 +236,13 @@ impl RealCluster {
             "--endpoint-reconciler-type=none".to_owned(),
             "--allow-privileged=true".to_owned(),
             format!("--service-account-issuer=https://127.0.0.1:{api_port}"),
-            format!("--service-account-key-file={}", p("sa.key")),
+            format!("--service-account-key-file={}", p("sa.pub")),
             format!("--service-account-signing-key-file={}", p("sa.key")),
             format!(
                 "--etcd-compaction-interval={}s",
                 options.compaction_interval.as_secs().max(1)
             ),
-            "--v=1".to_owned(),
+            "--v=0".to_owned(),
         ];
         if !options.controller_manager {
             // Without the ServiceAccount controller no `default` ServiceAccount appears; envtest does the same.
@@ -283,7 +285,7 @@ impl RealCluster {
                      statefulset-controller,daemonset-controller,job-controller,cronjob-controller,\
                      disruption-controller,ttl-after-finished-controller,resourcequota-controller"
                         .to_owned(),
-                    "--v=1".to_owned(),
+                    "--v=0".to_owned(),
                 ]),
             );
             cluster.wait_until(
@@ -434,25 +436,14 @@ impl RealCluster {
                     .iter()
                     .find(|u| u.name == name)
                     .unwrap_or_else(|| panic!("no token user {name:?} was declared"));
-                kubeconfig(
-                    &self.url(),
-                    &self.ca_pem,
-                    &format!("token: {}", user.token),
-                )
+                kubeconfig(&self.url(), &self.ca_pem, &format!("token: {}", user.token))
             }
         }
     }
 
     /// A kubeconfig for a ServiceAccount, with a bound token from the TokenRequest API (valid for a day).
     pub fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> String {
-        let out = self.kubectl(&[
-            "-n",
-            namespace,
-            "create",
-            "token",
-            name,
-            "--duration=24h",
-        ]);
+        let out = self.kubectl(&["-n", namespace, "create", "token", name, "--duration=24h"]);
         assert!(
             out.status.success(),
             "kubectl create token {namespace}/{name}: {}",
@@ -570,8 +561,8 @@ impl RealCluster {
         self.components
             .iter()
             .map(|c| {
-                let status =
-                    std::fs::read_to_string(format!("/proc/{}/status", c.child.id())).unwrap_or_default();
+                let status = std::fs::read_to_string(format!("/proc/{}/status", c.child.id()))
+                    .unwrap_or_default();
                 let kib = status
                     .lines()
                     .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -655,7 +646,8 @@ impl Pki {
         };
         let dir = root.join("pki");
         std::fs::create_dir_all(&dir).expect("pki dir");
-        let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).expect("pki file");
+        let write =
+            |name: &str, text: &str| std::fs::write(dir.join(name), text).expect("pki file");
 
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -704,6 +696,7 @@ impl Pki {
         // One key signs and verifies ServiceAccount tokens (ES256).
         let sa_key = KeyPair::generate().expect("service-account key");
         write("sa.key", &sa_key.serialize_pem());
+        write("sa.pub", &sa_key.public_key_pem());
 
         let mut tokens = String::new();
         for user in users {

@@ -101,13 +101,19 @@ subjects: [{kind: User, name: alice, apiGroup: rbac.authorization.k8s.io}]
         let secrets = run(&["-n", "shop", "get", "secrets"]);
         (before, after, secrets)
     };
-    assert!(!denied.0.status.success(), "alice cannot list before the binding");
+    assert!(
+        !denied.0.status.success(),
+        "alice cannot list before the binding"
+    );
     assert!(
         String::from_utf8_lossy(&denied.0.stderr).contains("forbidden"),
         "a real 403: {}",
         String::from_utf8_lossy(&denied.0.stderr)
     );
-    assert!(denied.1.status.success(), "alice can list configmaps once bound");
+    assert!(
+        denied.1.status.success(),
+        "alice can list configmaps once bound"
+    );
     assert!(
         !denied.2.status.success(),
         "alice still cannot list secrets"
@@ -117,11 +123,20 @@ subjects: [{kind: User, name: alice, apiGroup: rbac.authorization.k8s.io}]
     cluster.kubectl_ok(&["-n", "shop", "create", "serviceaccount", "agent"]);
     let dir = tempfile::tempdir().unwrap();
     let sa_path = dir.path().join("sa");
-    std::fs::write(&sa_path, cluster.service_account_kubeconfig("shop", "agent")).unwrap();
+    std::fs::write(
+        &sa_path,
+        cluster.service_account_kubeconfig("shop", "agent"),
+    )
+    .unwrap();
     let whoami = std::process::Command::new(testkit::real_kube_binary("kubectl"))
         .arg("--kubeconfig")
         .arg(&sa_path)
-        .args(["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"])
+        .args([
+            "auth",
+            "whoami",
+            "-o",
+            "jsonpath={.status.userInfo.username}",
+        ])
         .output()
         .unwrap();
     assert_eq!(
@@ -134,12 +149,19 @@ subjects: [{kind: User, name: alice, apiGroup: rbac.authorization.k8s.io}]
     // The namespace controller finalizes a deleted namespace (with a Deployment, ReplicaSet and Pod in it).
     cluster.kubectl_ok(&["delete", "namespace", "shop", "--wait=false"]);
     wait_for("namespace shop to disappear", || {
-        !cluster.kubectl(&["get", "namespace", "shop"]).status.success()
+        !cluster
+            .kubectl(&["get", "namespace", "shop"])
+            .status
+            .success()
     });
 
     let rss = cluster.rss_kib();
     eprintln!("component RSS (KiB): {rss:?}");
-    assert_eq!(rss.len(), 3, "etcd, kube-apiserver and kube-controller-manager run");
+    assert_eq!(
+        rss.len(),
+        3,
+        "etcd, kube-apiserver and kube-controller-manager run"
+    );
 }
 
 #[test]
