@@ -1042,6 +1042,10 @@ data: {revision: '0'}
     let mut intended: Vec<String> = Vec::new();
     let mut live: Vec<String> = vec!["d0".into(), "d1".into()];
     let mut next_deployment = 2;
+    let mut replicas: std::collections::HashMap<String, u32> =
+        [("d0".to_owned(), 2), ("d1".to_owned(), 1)]
+            .into_iter()
+            .collect();
     let mut step = 0u64;
     while started.elapsed() < Duration::from_secs(churn_secs) {
         step += 1;
@@ -1049,7 +1053,11 @@ data: {revision: '0'}
         let path = churn_path("deployments", &target);
         match step % 6 {
             0 => {
-                let replicas = (step % 3 + 1).to_string();
+                // Always a different count: scaling to the current one is no change at all.
+                let current = replicas.get(&target).copied().unwrap_or(1);
+                let next = current % 3 + 1;
+                replicas.insert(target.clone(), next);
+                let replicas = next.to_string();
                 world.kubectl_ok(
                     &[
                         "-n",
@@ -1117,9 +1125,14 @@ data: {revision: '0'}
                     None,
                 );
                 let path = churn_path("configmaps", "settings");
-                world
-                    .wait_for_file(&path, &format!("revision: '{step}'"))
-                    .await;
+                // A numeric string is quoted (either style) so that it stays a string.
+                wait(&format!("{path} at revision {step}"), || {
+                    world.repo.read(BRANCH, &path).filter(|t| {
+                        t.contains(&format!("revision: '{step}'"))
+                            || t.contains(&format!("revision: \"{step}\""))
+                    })
+                })
+                .await;
                 intended.push(path);
             }
             4 => {
