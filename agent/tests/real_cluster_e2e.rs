@@ -1844,6 +1844,9 @@ spec:
       schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
 ";
 
+const GIZMO: &str = "apiVersion: demo.example.com/v1\nkind: Gizmo\nmetadata: {name: g1, namespace: keep}\nspec: {size: 3}\n";
+
+/// The gizmos CRD with `versions` (name, storage), all served.
 fn gizmo_crd(versions: &[(&str, bool)]) -> String {
     let mut yaml = GIZMO_CRD_V1.split("  versions:").next().unwrap().to_owned();
     yaml.push_str("  versions:\n");
@@ -1855,7 +1858,8 @@ fn gizmo_crd(versions: &[(&str, bool)]) -> String {
     yaml
 }
 
-const LIFECYCLE: &str = "
+/// A namespace to delete, with content.
+const DOOMED: &str = "
 apiVersion: v1
 kind: Namespace
 metadata: {name: doomed}
@@ -1863,13 +1867,16 @@ metadata: {name: doomed}
 apiVersion: v1
 kind: ConfigMap
 metadata: {name: a, namespace: doomed}
-data: {x: '1'}
+data: {x: one}
 ---
 apiVersion: v1
 kind: Service
 metadata: {name: s, namespace: doomed}
 spec: {selector: {app: s}, ports: [{port: 80}]}
----
+";
+
+/// A namespace that stays, a ConfigMap that owns another one, a bystander, and a rule for the gizmos.
+const KEEP: &str = "
 apiVersion: v1
 kind: Namespace
 metadata: {name: keep}
@@ -1908,22 +1915,55 @@ spec:
     )
 }
 
+fn cm_path(ns: &str, name: &str) -> String {
+    format!("{BASE}/core/v1/configmaps/{ns}/{name}.yaml")
+}
+
+fn keep_deployment_path(name: &str) -> String {
+    format!("{BASE}/apps/v1/deployments/keep/{name}.yaml")
+}
+
+fn gizmo_path(version: &str) -> String {
+    format!("{BASE}/demo.example.com/{version}/gizmos/keep/g1.yaml")
+}
+
+const GIZMO_CRD_FILE: &str =
+    "clusters/prod/apiextensions.k8s.io/v1/customresourcedefinitions/gizmos.demo.example.com.yaml";
+
+/// Names of the Pods of a Deployment of `keep`.
+fn pods_of(world: &World, app: &str) -> Vec<String> {
+    world
+        .kubectl_ok(
+            &[
+                "-n",
+                "keep",
+                "get",
+                "pods",
+                "-l",
+                &format!("app={app}"),
+                "-o",
+                "name",
+            ],
+            None,
+        )
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn namespace_deletion_garbage_collection_and_crd_versions_move_the_files_and_sweep_nothing_else()
- {
+async fn namespace_deletion_garbage_collection_and_crd_deletion_remove_the_files_and_nothing_else()
+{
     let world = World::start(
         None,
         &format!(
-            "{EVERYTHING}---{LIFECYCLE}---{GIZMO_CRD_V1}---{}---{}",
+            "{EVERYTHING}---{DOOMED}---{KEEP}---{GIZMO_CRD_V1}---{}---{}",
             keep_deployment("fg"),
             keep_deployment("bg")
         ),
     )
     .await;
-    world.kubectl_ok(
-        &["apply", "-f", "-"],
-        Some("apiVersion: demo.example.com/v1\nkind: Gizmo\nmetadata: {name: g1, namespace: keep}\nspec: {size: 3}\n"),
-    );
+    world.kubectl_ok(&["apply", "-f", "-"], Some(GIZMO));
     let parent_uid = world.kubectl_ok(
         &[
             "-n",
@@ -1942,36 +1982,51 @@ async fn namespace_deletion_garbage_collection_and_crd_versions_move_the_files_a
             "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: child\n  namespace: keep\n  ownerReferences:\n  - {{apiVersion: v1, kind: ConfigMap, name: parent, uid: {parent_uid}}}\ndata: {{role: child}}\n"
         )),
     );
+    // The foreground deletion of `fg` waits for its Pods; one finalizer on them holds it in that state.
+    let fg_pods = wait("fg's two Pods", || {
+        Some(pods_of(&world, "fg")).filter(|p| p.len() == 2)
+    })
+    .await;
+    for pod in &fg_pods {
+        world.kubectl_ok(
+            &[
+                "-n",
+                "keep",
+                "patch",
+                pod,
+                "--type=merge",
+                "-p",
+                r#"{"metadata":{"finalizers":["example.com/hold"]}}"#,
+            ],
+            None,
+        );
+    }
     let agent = world.agent(&[]);
-    let cm = |ns: &str, name: &str| format!("{BASE}/core/v1/configmaps/{ns}/{name}.yaml");
-    let dep = |name: &str| format!("{BASE}/apps/v1/deployments/keep/{name}.yaml");
-    let gizmo = |version: &str| format!("{BASE}/demo.example.com/{version}/gizmos/keep/g1.yaml");
-    let crd_file = format!(
-        "{BASE}/apiextensions.k8s.io/v1/customresourcedefinitions/gizmos.demo.example.com.yaml"
-    );
     for path in [
-        cm("doomed", "a"),
-        cm("keep", "child"),
-        dep("fg"),
-        dep("bg"),
-        gizmo("v1"),
-        crd_file.clone(),
+        cm_path("doomed", "a"),
+        cm_path("keep", "child"),
+        keep_deployment_path("fg"),
+        keep_deployment_path("bg"),
+        gizmo_path("v1"),
+        GIZMO_CRD_FILE.to_owned(),
+        format!("{BASE}/core/v1/services/doomed/s.yaml"),
     ] {
         world.wait_for_file(&path, "metadata").await;
     }
-    world
-        .wait_for_file(&format!("{BASE}/core/v1/services/doomed/s.yaml"), "port")
-        .await;
     agent.settle().await;
+    // The APIServices the server registers itself (one per built-in group/version, one for the gizmos) are not
+    // desired state.
+    let files = world.files();
+    assert!(
+        !files.iter().any(|f| f.contains("/apiservices/")),
+        "{files:#?}"
+    );
     let start = world.tip();
-    let keep_files: BTreeSet<String> = [cm("keep", "bystander"), cm("keep", "parent")]
-        .into_iter()
-        .collect();
 
     // A namespace is deleted: Terminating while the namespace controller deletes its content, then gone; the files
     // go with the objects.
     world.kubectl_ok(&["delete", "namespace", "doomed", "--wait=false"], None);
-    let phase = world.kubectl(
+    let phase = world.kubectl_ok(
         &[
             "get",
             "namespace",
@@ -1981,7 +2036,7 @@ async fn namespace_deletion_garbage_collection_and_crd_versions_move_the_files_a
         ],
         None,
     );
-    eprintln!("doomed: {}", String::from_utf8_lossy(&phase.stdout));
+    eprintln!("namespace doomed: {phase}");
     wait("namespace doomed to be gone", || {
         (!world
             .kubectl(&["get", "namespace", "doomed"], None)
@@ -1990,18 +2045,19 @@ async fn namespace_deletion_garbage_collection_and_crd_versions_move_the_files_a
         .then_some(())
     })
     .await;
-    world.wait_until_gone(&cm("doomed", "a")).await;
+    world.wait_until_gone(&cm_path("doomed", "a")).await;
     world
         .wait_until_gone(&format!("{BASE}/core/v1/services/doomed/s.yaml"))
         .await;
-    assert!(
-        !world.files().iter().any(|f| f.contains("/doomed/")),
-        "{:#?}",
-        world.files()
-    );
+    // Everything else of the namespace too (its `default` ServiceAccount).
+    wait("no file of namespace doomed", || {
+        (!world.files().iter().any(|f| f.contains("/doomed/"))).then_some(())
+    })
+    .await;
 
-    // Cascading deletion by the garbage collector: foreground (the owner waits for its ReplicaSets and Pods) and
-    // background; an owner-referenced ConfigMap goes with its owner.
+    // Cascading deletion by the garbage collector. Foreground: the Deployment stays, with a deletionTimestamp and
+    // the `foregroundDeletion` finalizer, while its dependents go; that is no change of what the user wants, so no
+    // commit. Background and an owner-referenced ConfigMap: the dependents go after the owner.
     world.kubectl_ok(
         &[
             "-n",
@@ -2014,6 +2070,22 @@ async fn namespace_deletion_garbage_collection_and_crd_versions_move_the_files_a
         ],
         None,
     );
+    wait("fg to be held by its Pods", || {
+        let finalizers = world.kubectl_ok(
+            &[
+                "-n",
+                "keep",
+                "get",
+                "deployment",
+                "fg",
+                "-o",
+                "jsonpath={.metadata.finalizers}",
+            ],
+            None,
+        );
+        finalizers.contains("foregroundDeletion").then_some(())
+    })
+    .await;
     world.kubectl_ok(
         &[
             "-n",
@@ -2026,9 +2098,31 @@ async fn namespace_deletion_garbage_collection_and_crd_versions_move_the_files_a
         None,
     );
     world.kubectl_ok(&["-n", "keep", "delete", "configmap", "parent"], None);
-    world.wait_until_gone(&dep("bg")).await;
-    world.wait_until_gone(&cm("keep", "child")).await;
-    world.wait_until_gone(&dep("fg")).await;
+    world.wait_until_gone(&keep_deployment_path("bg")).await;
+    world.wait_until_gone(&cm_path("keep", "child")).await;
+    agent.settle().await;
+    let while_deleting = world.repo.read(BRANCH, &keep_deployment_path("fg"));
+    assert!(
+        while_deleting
+            .as_deref()
+            .is_some_and(|t| !t.contains("finalizers")),
+        "a deletion in progress is not a change of the desired state: {while_deleting:?}"
+    );
+    for pod in &fg_pods {
+        world.kubectl_ok(
+            &[
+                "-n",
+                "keep",
+                "patch",
+                pod,
+                "--type=merge",
+                "-p",
+                r#"{"metadata":{"finalizers":null}}"#,
+            ],
+            None,
+        );
+    }
+    world.wait_until_gone(&keep_deployment_path("fg")).await;
     wait("the ReplicaSets to be collected", || {
         world
             .kubectl_ok(&["-n", "keep", "get", "replicasets", "--no-headers"], None)
@@ -2038,33 +2132,69 @@ async fn namespace_deletion_garbage_collection_and_crd_versions_move_the_files_a
     })
     .await;
     agent.settle().await;
-    let fg_history = git(
-        &world.repo,
-        &[
-            "log",
-            "-p",
-            "--format=%x01",
-            &format!("{start}..{BRANCH}"),
-            "--",
-            &dep("fg"),
-        ],
-    );
-    eprintln!("history of the foreground-deleted Deployment:\n{fg_history}");
+    let changes: Vec<(String, String)> = world
+        .commits_since(&start)
+        .into_iter()
+        .flat_map(|(_, c)| c)
+        .collect();
+    eprintln!("namespace and cascading deletions: {changes:?}");
     assert!(
-        !fg_history.contains("+  finalizers") && !fg_history.contains("foregroundDeletion"),
-        "a deletion in progress is not a change of the desired state:\n{fg_history}"
+        changes.iter().all(|(status, _)| status == "D"),
+        "only deletions: {changes:?}"
     );
 
-    // A CRD gets a second version (served, storage): the object's file follows the preferred version.
+    // A CRD is deleted: its objects and its file go, nothing else.
+    let before_delete = world.tip();
+    let files_before: BTreeSet<String> = world.files().into_iter().collect();
+    world.kubectl_ok(&["delete", "crd", "gizmos.demo.example.com"], None);
+    world.wait_until_gone(GIZMO_CRD_FILE).await;
+    world.wait_until_gone(&gizmo_path("v1")).await;
     agent.settle().await;
-    let before_versions = world.tip();
+    let removed: BTreeSet<String> = world
+        .commits_since(&before_delete)
+        .into_iter()
+        .flat_map(|(_, c)| c)
+        .map(|(s, p)| format!("{s} {p}"))
+        .collect();
+    assert_eq!(
+        removed,
+        [
+            format!("D {GIZMO_CRD_FILE}"),
+            format!("D {}", gizmo_path("v1"))
+        ]
+        .into_iter()
+        .collect::<BTreeSet<_>>()
+    );
+    let files: BTreeSet<String> = world.files().into_iter().collect();
+    assert_eq!(files_before.len() - 2, files.len());
+    assert!(files.contains(&cm_path("keep", "bystander")));
+    agent.terminate().await;
+    world.stop().await;
+}
+
+/// A CRD gets a new version (served, storage) and its old one is removed. The agent mirrors each resource at one
+/// version (the preferred one), so the object's file moves from `v1/` to `v2/`; the `v1/` file must not stay behind
+/// as a stale duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crd_version_change_moves_the_files_to_the_new_version() {
+    let world = World::start(None, &format!("{EVERYTHING}---{KEEP}---{GIZMO_CRD_V1}")).await;
+    world.kubectl_ok(&["apply", "-f", "-"], Some(GIZMO));
+    let agent = world.agent(&[]);
+    world.wait_for_file(&gizmo_path("v1"), "size: 3").await;
+    world
+        .wait_for_file(&cm_path("keep", "bystander"), "bystander")
+        .await;
+    agent.settle().await;
+    let before = world.tip();
+
+    // v2 becomes the storage (and preferred) version; v1 is still served.
     world
         .cluster
         .apply_yaml(&gizmo_crd(&[("v1", false), ("v2", true)]))
         .await;
-    world.wait_for_file(&gizmo("v2"), "size: 3").await;
-    world.wait_until_gone(&gizmo("v1")).await;
-    // Its old version goes: objects are re-stored at v2, v1 leaves storedVersions and the spec.
+    world.wait_for_file(&gizmo_path("v2"), "size: 3").await;
+    agent.settle().await;
+    // Objects are re-stored at v2, v1 leaves storedVersions and then the CRD.
     let json = world.kubectl_ok(
         &[
             "-n",
@@ -2100,58 +2230,39 @@ async fn namespace_deletion_garbage_collection_and_crd_versions_move_the_files_a
         ],
         None,
     );
-    world.wait_for_file(&crd_file, "v2").await;
     wait("the CRD file to list only v2", || {
         world
             .repo
-            .read(BRANCH, &crd_file)
-            .filter(|t| !t.contains("name: v1"))
+            .read(BRANCH, GIZMO_CRD_FILE)
+            .filter(|t| t.contains("name: v2") && !t.contains("name: v1"))
             .map(|_| ())
     })
     .await;
     agent.settle().await;
-    assert!(
-        world.repo.read(BRANCH, &gizmo("v2")).is_some(),
-        "the object stays"
-    );
     let changes: Vec<(String, String)> = world
-        .commits_since(&before_versions)
+        .commits_since(&before)
         .into_iter()
         .flat_map(|(_, c)| c)
         .collect();
     eprintln!("changes for the CRD versions: {changes:?}");
     assert!(
-        changes.iter().all(|(s, p)| p == &crd_file
-            || (p == &gizmo("v1") && s == "D")
-            || (p == &gizmo("v2") && s == "A")),
+        world.repo.read(BRANCH, &gizmo_path("v2")).is_some(),
+        "the object is mirrored at v2"
+    );
+    assert!(
+        world
+            .repo
+            .read(BRANCH, &cm_path("keep", "bystander"))
+            .is_some(),
+        "nothing else is swept"
+    );
+    assert!(
+        changes.iter().all(
+            |(_, p)| p == GIZMO_CRD_FILE || p.starts_with(&format!("{BASE}/demo.example.com/"))
+        ),
         "{changes:?}"
     );
-
-    // The CRD is deleted: its objects and its file go, nothing else.
-    let before_delete = world.tip();
-    world.kubectl_ok(&["delete", "crd", "gizmos.demo.example.com"], None);
-    world.wait_until_gone(&crd_file).await;
-    world.wait_until_gone(&gizmo("v2")).await;
-    agent.settle().await;
-    let removed: BTreeSet<String> = world
-        .commits_since(&before_delete)
-        .into_iter()
-        .flat_map(|(_, c)| c)
-        .map(|(s, p)| format!("{s} {p}"))
-        .collect();
-    assert_eq!(
-        removed,
-        [format!("D {crd_file}"), format!("D {}", gizmo("v2"))]
-            .into_iter()
-            .collect::<BTreeSet<_>>()
-    );
-    let files: BTreeSet<String> = world.files().into_iter().collect();
-    assert!(
-        keep_files
-            .iter()
-            .all(|f| f == &cm("keep", "parent") || files.contains(f))
-    );
-    assert!(files.contains(&cm("keep", "bystander")));
+    world.wait_until_gone(&gizmo_path("v1")).await;
     agent.terminate().await;
     world.stop().await;
 }
