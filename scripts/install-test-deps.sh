@@ -15,6 +15,8 @@ command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)  # an HTTP/2 client for the webhook tests (Debian's has nghttp2)
 command -v age >/dev/null 2>&1 || need_apt+=(age)
+[ -x /usr/bin/time ] || need_apt+=(time)
+[ -x /bin/kill ] || [ -x /usr/bin/kill ] || need_apt+=(procps)  # tests signal process groups with kill(1)  # build-real-kube.sh reports each Go build's time and peak memory with it
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then

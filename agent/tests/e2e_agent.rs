@@ -15,27 +15,24 @@
 //! Every wait has a generous upper bound only to turn a hang into a failure; no test asserts on
 //! how long something took.
 
-use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
 
-use clap::Parser;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::ApiResource;
 use testkit::BareRepo;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 mod support;
 mod webhook_support;
 
 use support::cluster::TestCluster;
+use support::world::{self, Agent, KubeconfigFile, start_writer};
 
 use support::{
-    PATIENCE, condition, configbutler_object, free_port, http_get, metric, wait, wait_async,
-    wait_for_condition,
+    condition, configbutler_object, free_port, metric, wait, wait_async, wait_for_condition,
 };
 
 const BRANCH: &str = "main";
@@ -147,37 +144,27 @@ struct World {
     writer: Option<reverser_writer::RunningWriter>,
     /// Work dirs of the writers started so far.
     writer_dirs: Vec<tempfile::TempDir>,
-    kubeconfig: PathBuf,
-    _kubeconfig_dir: tempfile::TempDir,
+    kubeconfig: KubeconfigFile,
 }
 
 impl World {
     async fn start() -> World {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .with_test_writer()
-            .try_init();
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        world::init();
         let cluster = TestCluster::start().await;
-        let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-        cluster.apply_dir(&crds).await;
+        cluster.apply_dir(&world::crds_dir()).await;
         cluster.apply_yaml(CLUSTER).await;
         let repo = BareRepo::new();
         cluster.apply_yaml(&config(&repo.file_url())).await;
 
         let writer_dir = tempfile::tempdir().unwrap();
-        let writer = start_writer("127.0.0.1:0", &writer_dir).await;
-
-        let kubeconfig_dir = tempfile::tempdir().unwrap();
-        let kubeconfig = kubeconfig_dir.path().join("kubeconfig");
-        std::fs::write(&kubeconfig, cluster.kubeconfig_yaml(None)).unwrap();
+        let writer = start_writer("127.0.0.1:0", writer_dir.path(), &[]).await;
+        let kubeconfig = KubeconfigFile::write(&cluster, None);
         World {
             cluster,
             repo,
             writer: Some(writer),
             writer_dirs: vec![writer_dir],
             kubeconfig,
-            _kubeconfig_dir: kubeconfig_dir,
         }
     }
 
@@ -192,7 +179,7 @@ impl World {
     /// Starts a new writer (fresh work dir) on `addr`, where the agent reconnects.
     async fn restart_writer(&mut self, addr: std::net::SocketAddr) {
         let dir = tempfile::tempdir().unwrap();
-        self.writer = Some(start_writer(&addr.to_string(), &dir).await);
+        self.writer = Some(start_writer(&addr.to_string(), dir.path(), &[]).await);
         self.writer_dirs.push(dir);
     }
 
@@ -202,15 +189,9 @@ impl World {
 
     /// Starts the agent binary; `extra` are more flags, `env` more environment.
     fn agent(&self, extra: &[&str], env: &[(&str, &str)]) -> Agent {
-        let admin_port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_reverser-agent"));
-        cmd.arg("--writer-url")
-            .arg(self.writer_url())
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--admin-addr")
-            .arg(format!("127.0.0.1:{admin_port}"))
-            .args(["--cluster-name", "e2e"])
+        let admin = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Agent::command(&self.writer_url(), &self.kubeconfig.path, &admin);
+        cmd.args(["--cluster-name", "e2e"])
             // Short Lease timings keep failover tests quick; the logic is the same.
             .args([
                 "--leader-election-lease-sec",
@@ -218,23 +199,11 @@ impl World {
                 "--leader-election-renew-sec",
                 "1",
             ])
-            .args(extra)
-            .env(
-                "AGENT_LOG_LEVEL",
-                std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .env_remove("POD_NAME")
-            .env_remove("POD_NAMESPACE")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
+            .args(extra);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("the agent binary starts");
-        Agent {
-            child,
-            admin: format!("127.0.0.1:{admin_port}"),
-        }
+        Agent::spawn(&mut cmd, &admin)
     }
 
     async fn wait_for_file(&self, path: &str, contains: &str) -> String {
@@ -264,104 +233,6 @@ impl World {
         }
         self.cluster.shutdown().await;
         drop(self.writer_dirs);
-    }
-}
-
-async fn start_writer(
-    grpc_addr: &str,
-    work_dir: &tempfile::TempDir,
-) -> reverser_writer::RunningWriter {
-    let work = work_dir.path().display().to_string();
-    let args = reverser_writer::Args::try_parse_from([
-        "reverser-writer",
-        "--grpc-addr",
-        grpc_addr,
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--work-dir",
-        &work,
-        "--git-batch-max-wait-sec",
-        "0.2",
-        "--leases",
-        "off",
-    ])
-    .unwrap();
-    args.start().await.expect("writer starts")
-}
-
-struct Agent {
-    child: Child,
-    admin: String,
-}
-
-impl Agent {
-    async fn metrics(&self) -> Option<String> {
-        http_get(&self.admin, "/metrics").await
-    }
-
-    /// Waits until everything ingestion produced was acked by the writer (so pushed) and every
-    /// running watch completed a snapshot.
-    async fn settle(&self) {
-        // The same totals on two reads a pump tick (1 s) apart: nothing was still on its way.
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        let mut last = None;
-        loop {
-            let current = self.settled_totals().await;
-            if current.is_some() && current == last {
-                return;
-            }
-            last = current;
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for the agent to settle"
-            );
-            tokio::time::sleep(Duration::from_millis(1100)).await;
-        }
-    }
-
-    /// (produced, acked) when everything produced was acked and every watch listed once.
-    async fn settled_totals(&self) -> Option<(u64, u64)> {
-        let text = self.metrics().await?;
-        let m = |name: &str| metric(&text, name);
-        let produced = ["upsert", "delete", "snapshot_begin", "snapshot_end"]
-            .iter()
-            .map(|k| {
-                m(&format!(
-                    "gitops_reverser_agent_events_total{{kind=\"{k}\"}}"
-                ))
-            })
-            .sum::<f64>();
-        let acked = m("gitops_reverser_agent_stream_messages_acked_total");
-        let settled = m("gitops_reverser_agent_active_watches") > 0.0
-            && m("gitops_reverser_agent_watch_snapshots_completed")
-                >= m("gitops_reverser_agent_active_watches")
-            && m("gitops_reverser_agent_stream_connected") == 1.0
-            && m("gitops_reverser_agent_stream_unacked") == 0.0
-            && produced > 0.0
-            && acked >= produced;
-        settled.then_some((produced as u64, acked as u64))
-    }
-
-    async fn kill(&mut self) {
-        self.child.kill().await.expect("kill the agent");
-    }
-
-    /// SIGTERM, as Kubernetes stops a Pod, and wait for a clean exit.
-    async fn terminate(mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-        let status = tokio::time::timeout(PATIENCE, self.child.wait())
-            .await
-            .expect("the agent exits after SIGTERM")
-            .unwrap();
-        assert!(status.success(), "the agent exits cleanly: {status}");
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child.try_wait().expect("child status").is_none()
     }
 }
 
@@ -1375,7 +1246,7 @@ async fn kubectl(world: &World, args: &[&str], stdin: Option<&str>) -> String {
     use tokio::io::AsyncWriteExt;
     let mut child = Command::new(world.cluster.kubectl_binary())
         .args(args)
-        .env("KUBECONFIG", &world.kubeconfig)
+        .env("KUBECONFIG", &world.kubeconfig.path)
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {

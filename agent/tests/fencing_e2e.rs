@@ -1,5 +1,5 @@
-//! Leader fencing end to end: two `reverser-agent` processes (Lease 12 s, renew 4 s) against the
-//! kube-emulator, one writer (in-process, real gRPC) pushing to a bare repository, 50 ConfigMaps.
+//! Leader fencing end to end: two `reverser-agent` processes (Lease 12 s, renew 4 s) against an
+//! API server (real by default, the emulator with `REVERSER_E2E_BACKEND=emulator`), one writer (in-process, real gRPC) pushing to a bare repository, 50 ConfigMaps.
 //!
 //! The leader is frozen (`SIGSTOP`) or killed (`SIGKILL`) while the ConfigMaps keep changing (or
 //! not); the standby takes the Lease and mirrors the new state; then the frozen leader is thawed
@@ -11,28 +11,25 @@
 //! Every wait has a generous upper bound only to turn a hang into a failure; no test asserts on
 //! how long something took.
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
-use clap::Parser;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
-use kube_emulator::Emulator;
 use testkit::BareRepo;
-use tokio::process::{Child, Command};
 
 mod support;
 
-use support::{PATIENCE, free_port, http_get, metric, wait, wait_async};
+use support::cluster::TestCluster;
+use support::world::{self, Agent, KubeconfigFile, start_writer};
+use support::{PATIENCE, free_port, wait, wait_async};
 
 const BRANCH: &str = "main";
 const NS: &str = "shop";
 const COUNT: usize = 50;
 const LEASE: &str = "gitops-reverser-agent";
 
-fn cluster(repo_url: &str) -> String {
+fn cluster_yaml(repo_url: &str) -> String {
     let mut yaml = format!(
         "
 apiVersion: v1
@@ -81,59 +78,43 @@ fn file(i: usize) -> String {
 }
 
 struct World {
-    emu: Emulator,
+    cluster: TestCluster,
     client: kube::Client,
     repo: BareRepo,
     writer: Option<reverser_writer::RunningWriter>,
     writer_dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
-    _kubeconfig_dir: tempfile::TempDir,
+    kubeconfig: KubeconfigFile,
 }
 
 impl World {
     async fn start() -> World {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .with_test_writer()
-            .try_init();
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let emu = Emulator::start("127.0.0.1:0".parse().unwrap())
-            .await
-            .expect("emulator starts");
-        let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-        emu.apply_dir(&crds).await.expect("CRDs apply");
+        world::init();
+        let cluster = TestCluster::start().await;
+        cluster.apply_dir(&world::crds_dir()).await;
         let repo = BareRepo::new();
-        emu.apply_yaml(&cluster(&repo.file_url()))
-            .await
-            .expect("cluster applies");
+        cluster.apply_yaml(&cluster_yaml(&repo.file_url())).await;
         let writer_dir = tempfile::tempdir().unwrap();
-        let writer = start_writer("127.0.0.1:0", &writer_dir).await;
-        let kubeconfig_dir = tempfile::tempdir().unwrap();
-        let kubeconfig = kubeconfig_dir.path().join("kubeconfig");
-        std::fs::write(&kubeconfig, emu.kubeconfig_yaml(None)).unwrap();
-        let client = emu.client().await;
+        let writer = start_writer("127.0.0.1:0", writer_dir.path(), &[]).await;
+        let kubeconfig = KubeconfigFile::write(&cluster, None);
+        let client = cluster.client().await;
         World {
-            emu,
+            cluster,
             client,
             repo,
             writer: Some(writer),
             writer_dir,
             kubeconfig,
-            _kubeconfig_dir: kubeconfig_dir,
         }
     }
 
     fn agent(&self, name: &str) -> Agent {
         let admin = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_reverser-agent"))
-            .arg("--writer-url")
-            .arg(format!(
-                "http://{}",
-                self.writer.as_ref().expect("a writer").grpc_addr
-            ))
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(["--admin-addr", &admin, "--cluster-name", "e2e"])
+        let writer_url = format!(
+            "http://{}",
+            self.writer.as_ref().expect("a writer").grpc_addr
+        );
+        let mut cmd = Agent::command(&writer_url, &self.kubeconfig.path, &admin);
+        cmd.args(["--cluster-name", "e2e"])
             .args(["--controller-namespace", "gitops-reverser"])
             .args(["--instance-id", name])
             .args([
@@ -141,18 +122,8 @@ impl World {
                 "12",
                 "--leader-election-renew-sec",
                 "4",
-            ])
-            .env(
-                "AGENT_LOG_LEVEL",
-                std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .env_remove("POD_NAME")
-            .env_remove("POD_NAMESPACE")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the agent binary starts");
-        Agent { child, admin }
+            ]);
+        Agent::spawn(&mut cmd, &admin)
     }
 
     async fn holder(&self) -> Option<String> {
@@ -271,56 +242,14 @@ impl World {
         let writer = self.writer.take().expect("a running writer");
         let addr = writer.grpc_addr;
         writer.stop().await.expect("the writer stops cleanly");
-        self.writer = Some(start_writer(&addr.to_string(), &self.writer_dir).await);
+        self.writer = Some(start_writer(&addr.to_string(), self.writer_dir.path(), &[]).await);
     }
 
     async fn stop(mut self) {
         if let Some(w) = self.writer.take() {
             w.stop().await.unwrap();
         }
-        self.emu.shutdown().await;
-    }
-}
-
-async fn start_writer(
-    grpc_addr: &str,
-    work_dir: &tempfile::TempDir,
-) -> reverser_writer::RunningWriter {
-    let work = work_dir.path().display().to_string();
-    let args = reverser_writer::Args::try_parse_from([
-        "reverser-writer",
-        "--grpc-addr",
-        grpc_addr,
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--work-dir",
-        &work,
-        "--git-batch-max-wait-sec",
-        "0.2",
-        "--leases",
-        "off",
-    ])
-    .unwrap();
-    args.start().await.expect("writer starts")
-}
-
-struct Agent {
-    child: Child,
-    admin: String,
-}
-
-impl Agent {
-    async fn metric(&self, name: &str) -> Option<f64> {
-        Some(metric(&http_get(&self.admin, "/metrics").await?, name))
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("the agent runs");
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{signal}"), &pid.to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{signal} {pid}");
+        self.cluster.shutdown().await;
     }
 }
 

@@ -1,5 +1,10 @@
-//! Ingestion against the kube-emulator: discovery, List+Watch, snapshot epochs and the
-//! failure modes that must never delete anything (403, compaction, discovery blinks).
+//! Ingestion against an API server: discovery, List+Watch, snapshot epochs and the failure modes
+//! that must never delete anything (403, compaction, discovery blinks).
+//!
+//! The scenarios without faults run on the backend `REVERSER_E2E_BACKEND` names (the real
+//! kube-apiserver by default). The fault scenarios (forced compaction with closed watches, a
+//! resource forbidden and allowed again at will, an API group hidden from discovery) run on the
+//! emulator only: they need its fault injection, which a real API server does not offer.
 //!
 //! Every wait has a generous upper bound only to turn a hang into a failure; no test asserts
 //! on how long something took.
@@ -20,7 +25,10 @@ use reverser_agent::ingest::{
     WatchKey,
 };
 use serde_json::{Value, json};
+use support::cluster::{Backend, TestCluster};
 use tokio::sync::{mpsc, watch};
+
+mod support;
 
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -62,11 +70,6 @@ metadata: {name: app, namespace: shop, labels: {mirror: 'yes'}}
 data: {color: blue}
 ---
 apiVersion: v1
-kind: ConfigMap
-metadata: {name: kube-root-ca.crt, namespace: shop}
-data: {ca.crt: 'PEM'}
----
-apiVersion: v1
 kind: Secret
 metadata: {name: db, namespace: shop}
 stringData: {password: hunter2}
@@ -82,6 +85,33 @@ metadata: {name: web.1, namespace: shop}
 involvedObject: {kind: Pod, name: web-1, namespace: shop}
 reason: Started
 ";
+
+/// What a real cluster publishes in every namespace (its controller manager does); the emulator
+/// has no controllers, so the tests add it there.
+const KUBE_ROOT_CA: &str = "
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: kube-root-ca.crt, namespace: shop}
+data: {ca.crt: 'PEM'}
+";
+
+/// The backend `REVERSER_E2E_BACKEND` names, with [`SHOP`] applied.
+async fn shop() -> TestCluster {
+    let cluster = TestCluster::start().await;
+    cluster.apply_yaml(SHOP).await;
+    if cluster.backend() == Backend::Emulator {
+        cluster.apply_yaml(KUBE_ROOT_CA).await;
+    }
+    cluster
+}
+
+/// The emulator with [`SHOP`], for the scenarios that inject faults.
+async fn emulator_shop() -> Emulator {
+    let emu = emulator().await;
+    emu.apply_yaml(SHOP).await.unwrap();
+    emu.apply_yaml(KUBE_ROOT_CA).await.unwrap();
+    emu
+}
 
 fn decl(key: &str) -> DestinationDecl {
     DestinationDecl {
@@ -135,7 +165,7 @@ fn selection(rules: Vec<CompiledRule>) -> Selection {
 }
 
 struct Harness {
-    emu: Emulator,
+    cluster: TestCluster,
     events: mpsc::Receiver<AgentEvent>,
     handle: IngestHandle,
     _selection: watch::Sender<Arc<Selection>>,
@@ -149,12 +179,12 @@ async fn emulator() -> Emulator {
         .expect("emulator starts")
 }
 
-async fn start(emu: Emulator, sel: Selection, config: IngestConfig) -> Harness {
+async fn start(cluster: TestCluster, sel: Selection, config: IngestConfig) -> Harness {
     let (tx, rx) = mpsc::channel(64);
     let (sel_tx, sel_rx) = watch::channel(Arc::new(sel));
-    let handle = ingest::spawn(emu.client().await, config, sel_rx, tx);
+    let handle = ingest::spawn(cluster.client().await, config, sel_rx, tx);
     Harness {
-        emu,
+        cluster,
         events: rx,
         handle,
         _selection: sel_tx,
@@ -250,7 +280,7 @@ impl Harness {
 
     async fn json(&self, res: &DiscoveredResource, ns: &str, name: &str) -> Value {
         let api: Api<DynamicObject> =
-            Api::namespaced_with(self.emu.client().await, ns, &res.api_resource());
+            Api::namespaced_with(self.cluster.client().await, ns, &res.api_resource());
         let mut obj = api.get(name).await.expect("object exists");
         obj.types = Some(kube::api::TypeMeta {
             api_version: res.api_version(),
@@ -298,30 +328,39 @@ fn configmaps() -> DiscoveredResource {
 
 #[tokio::test]
 async fn first_snapshot_mirrors_desired_state_and_skips_runtime_secret_and_generated_objects() {
-    let emu = emulator().await;
-    emu.apply_yaml(SHOP).await.unwrap();
+    let cluster = shop().await;
     let sel = selection(vec![
         cluster_rule("cfg/prod", &[], &[]),
         // Explicitly asking for runtime types does not beat the always-on exclusions.
         cluster_rule("cfg/prod", &[], &["pods", "events", "secrets"]),
     ]);
-    let mut h = start(emu, sel, IngestConfig::default()).await;
+    let mut h = start(cluster, sel, IngestConfig::default()).await;
     let events = h
         .until_ended(&["deployments", "services", "configmaps"])
         .await;
 
     assert_eq!(events[0], AgentEvent::Destination(decl("cfg/prod")));
-    let mut paths = upsert_paths(&events);
+    // Only the test's namespace: a real cluster has desired state of its own elsewhere (the
+    // `kubernetes` Service in `default`, ConfigMaps in `kube-system`).
+    let mut paths: Vec<&str> = upsert_paths(&events)
+        .into_iter()
+        .filter(|p| p.contains("/shop/"))
+        .collect();
     paths.sort();
-    assert_eq!(
-        paths,
-        vec![
-            "apps/v1/deployments/shop/api.yaml",
-            "apps/v1/deployments/shop/web.yaml",
-            "core/v1/configmaps/shop/app.yaml",
-            "core/v1/services/shop/web.yaml",
-        ]
-    );
+    let mut want = vec![
+        "apps/v1/deployments/shop/api.yaml",
+        "apps/v1/deployments/shop/web.yaml",
+        "core/v1/configmaps/shop/app.yaml",
+        "core/v1/services/shop/web.yaml",
+    ];
+    if h.cluster.backend() == Backend::Real {
+        // A real cluster's ServiceAccount controller creates `default` in every namespace. It has
+        // no controller ownerReference and ServiceAccounts are desired state (users edit it, e.g.
+        // its imagePullSecrets), so it is mirrored. ReplicaSets, Pods, EndpointSlices, Events and
+        // `kube-root-ca.crt`, which the real controllers also made, are not.
+        want.insert(3, "core/v1/serviceaccounts/shop/default.yaml");
+    }
+    assert_eq!(paths, want);
     let watches = watched(&h.handle);
     for want in [
         "apps/v1/deployments",
@@ -400,18 +439,16 @@ async fn first_snapshot_mirrors_desired_state_and_skips_runtime_secret_and_gener
 
 #[tokio::test]
 async fn live_changes_become_upserts_and_deletes_but_status_only_updates_send_nothing() {
-    let emu = emulator().await;
-    emu.apply_yaml(SHOP).await.unwrap();
+    let cluster = shop().await;
     let sel = selection(vec![cluster_rule("cfg/prod", &[], &[])]);
-    let mut h = start(emu.clone(), sel, IngestConfig::default()).await;
+    let mut h = start(cluster, sel, IngestConfig::default()).await;
     h.until_ended(&["deployments", "configmaps"]).await;
 
     // An edit of the data is an update.
-    emu.apply_yaml(
+    h.cluster.apply_yaml(
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: app, namespace: shop, labels: {mirror: 'yes'}}\ndata: {color: green}\n",
     )
-    .await
-    .unwrap();
+    .await;
     let got = h
         .until("configmap update", |e| {
             is_upsert_of(e, "core/v1/configmaps/shop/app.yaml")
@@ -425,8 +462,11 @@ async fn live_changes_become_upserts_and_deletes_but_status_only_updates_send_no
     // A status-only write changes the resourceVersion, not the canonical YAML: nothing is sent.
     // The same watch then sees an edit of another Deployment, which must be the next thing
     // it reports.
-    let deploys: Api<DynamicObject> =
-        Api::namespaced_with(emu.client().await, "shop", &deployments().api_resource());
+    let deploys: Api<DynamicObject> = Api::namespaced_with(
+        h.cluster.client().await,
+        "shop",
+        &deployments().api_resource(),
+    );
     deploys
         .patch_status(
             "web",
@@ -454,8 +494,11 @@ async fn live_changes_become_upserts_and_deletes_but_status_only_updates_send_no
     );
 
     // Deleting removes the file.
-    let cms: Api<DynamicObject> =
-        Api::namespaced_with(emu.client().await, "shop", &configmaps().api_resource());
+    let cms: Api<DynamicObject> = Api::namespaced_with(
+        h.cluster.client().await,
+        "shop",
+        &configmaps().api_resource(),
+    );
     cms.delete("app", &Default::default()).await.unwrap();
     let got = h
         .until("configmap delete", |e| {
@@ -479,8 +522,7 @@ async fn live_changes_become_upserts_and_deletes_but_status_only_updates_send_no
 
 #[tokio::test]
 async fn removing_the_selected_label_deletes_and_adding_it_back_upserts() {
-    let emu = emulator().await;
-    emu.apply_yaml(SHOP).await.unwrap();
+    let cluster = shop().await;
     let rule = CompiledRule {
         id: "WatchRule/shop/mirror".into(),
         destination: "shop/mirror".into(),
@@ -504,7 +546,7 @@ async fn removing_the_selected_label_deletes_and_adding_it_back_upserts() {
             },
         },
     };
-    let mut h = start(emu.clone(), selection(vec![rule]), IngestConfig::default()).await;
+    let mut h = start(cluster, selection(vec![rule]), IngestConfig::default()).await;
     let first = h.until_ended(&["configmaps"]).await;
     assert_eq!(
         upsert_paths(&first),
@@ -523,9 +565,8 @@ async fn removing_the_selected_label_deletes_and_adding_it_back_upserts() {
         "the snapshot covers only the rule's namespace"
     );
 
-    emu.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: app, namespace: shop}\ndata: {color: blue}\n")
-        .await
-        .unwrap();
+    h.cluster.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: app, namespace: shop}\ndata: {color: blue}\n")
+        .await;
     let got = h
         .until("delete after unlabel", |e| {
             matches!(e, AgentEvent::Delete { .. })
@@ -542,11 +583,10 @@ async fn removing_the_selected_label_deletes_and_adding_it_back_upserts() {
         ("core/v1/configmaps/shop/app.yaml", "shop/mirror")
     );
 
-    emu.apply_yaml(
+    h.cluster.apply_yaml(
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: app, namespace: shop, labels: {mirror: 'yes'}}\ndata: {color: blue}\n",
     )
-    .await
-    .unwrap();
+    .await;
     let got = h
         .until("upsert after relabel", |e| {
             is_upsert_of(e, "core/v1/configmaps/shop/app.yaml")
@@ -562,14 +602,21 @@ async fn removing_the_selected_label_deletes_and_adding_it_back_upserts() {
 async fn forced_compaction_relists_in_a_new_epoch_without_deletes() {
     // No periodic bookmarks: a bookmark after the compaction would move the resume point
     // past it and hide the 410 this test is about.
+    // Emulator only: this scenario injects faults (see the file header).
     let emu = Emulator::builder()
         .bookmark_interval(Duration::from_secs(3600))
         .start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     emu.apply_yaml(SHOP).await.unwrap();
+    emu.apply_yaml(KUBE_ROOT_CA).await.unwrap();
     let sel = selection(vec![cluster_rule("cfg/prod", &[], &["configmaps"])]);
-    let mut h = start(emu.clone(), sel, IngestConfig::default()).await;
+    let mut h = start(
+        TestCluster::Emulator(emu.clone()),
+        sel,
+        IngestConfig::default(),
+    )
+    .await;
     let first = h.until_ended(&["configmaps"]).await;
     let Some(AgentEvent::SnapshotEnd {
         epoch: first_epoch, ..
@@ -614,15 +661,20 @@ async fn forced_compaction_relists_in_a_new_epoch_without_deletes() {
 
 #[tokio::test]
 async fn a_forbidden_resource_never_ends_its_snapshot_until_access_returns() {
-    let emu = emulator().await;
-    emu.apply_yaml(SHOP).await.unwrap();
+    // Emulator only: this scenario injects faults (see the file header).
+    let emu = emulator_shop().await;
     emu.faults().forbid("configmaps");
     let sel = selection(vec![cluster_rule(
         "cfg/prod",
         &[],
         &["configmaps", "services"],
     )]);
-    let mut h = start(emu.clone(), sel, IngestConfig::default()).await;
+    let mut h = start(
+        TestCluster::Emulator(emu.clone()),
+        sel,
+        IngestConfig::default(),
+    )
+    .await;
     let cm_key = WatchKey {
         group: "".into(),
         version: "v1".into(),
@@ -657,10 +709,9 @@ async fn a_forbidden_resource_never_ends_its_snapshot_until_access_returns() {
 
 #[tokio::test]
 async fn a_crd_created_at_runtime_is_watched_after_a_discovery_refresh() {
-    let emu = emulator().await;
-    emu.apply_yaml(SHOP).await.unwrap();
+    let cluster = shop().await;
     let sel = selection(vec![cluster_rule("cfg/prod", &["example.com"], &["*"])]);
-    let mut h = start(emu.clone(), sel, IngestConfig::default()).await;
+    let mut h = start(cluster, sel, IngestConfig::default()).await;
     h.wait_for("the first discovery", |h| {
         h.metrics()
             .discovery_runs
@@ -670,8 +721,9 @@ async fn a_crd_created_at_runtime_is_watched_after_a_discovery_refresh() {
     .await;
     assert!(watched(&h.handle).is_empty());
 
-    emu.apply_yaml(
-        "
+    h.cluster
+        .apply_yaml(
+            "
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata: {name: widgets.example.com}
@@ -690,9 +742,8 @@ kind: Widget
 metadata: {name: w1, namespace: shop}
 spec: {size: 3}
 ",
-    )
-    .await
-    .unwrap();
+        )
+        .await;
     h.handle.refresh_discovery();
     let got = h.until_ended(&["widgets"]).await;
     let upsert = got
@@ -711,10 +762,15 @@ spec: {size: 3}
 
 #[tokio::test]
 async fn a_group_blinking_out_of_discovery_keeps_its_watch_during_the_grace_period() {
-    let emu = emulator().await;
-    emu.apply_yaml(SHOP).await.unwrap();
+    // Emulator only: this scenario injects faults (see the file header).
+    let emu = emulator_shop().await;
     let sel = selection(vec![cluster_rule("cfg/prod", &["apps"], &["deployments"])]);
-    let mut h = start(emu.clone(), sel, IngestConfig::default()).await;
+    let mut h = start(
+        TestCluster::Emulator(emu.clone()),
+        sel,
+        IngestConfig::default(),
+    )
+    .await;
     h.until_ended(&["deployments"]).await;
 
     emu.faults().hide_group("apps", Duration::from_secs(3600));
@@ -732,14 +788,14 @@ async fn a_group_blinking_out_of_discovery_keeps_its_watch_during_the_grace_peri
 
 #[tokio::test]
 async fn a_group_gone_from_discovery_past_the_grace_period_stops_its_watch_without_deleting() {
-    let emu = emulator().await;
-    emu.apply_yaml(SHOP).await.unwrap();
+    // Emulator only: this scenario injects faults (see the file header).
+    let emu = emulator_shop().await;
     let sel = selection(vec![cluster_rule("cfg/prod", &["apps"], &["deployments"])]);
     let config = IngestConfig {
         vanish_grace: Duration::ZERO,
         ..Default::default()
     };
-    let mut h = start(emu.clone(), sel, config).await;
+    let mut h = start(TestCluster::Emulator(emu.clone()), sel, config).await;
     let first = h.until_ended(&["deployments"]).await;
 
     emu.faults().hide_group("apps", Duration::from_secs(3600));
@@ -771,8 +827,8 @@ async fn a_group_gone_from_discovery_past_the_grace_period_stops_its_watch_witho
 
 #[tokio::test]
 async fn with_one_list_permit_every_type_lists_in_turn_and_a_failing_list_blocks_nobody() {
-    let emu = emulator().await;
-    emu.apply_yaml(SHOP).await.unwrap();
+    // Emulator only: this scenario injects faults (see the file header).
+    let emu = emulator_shop().await;
     // configmaps keeps failing: its list must give the only permit back while it backs off.
     emu.faults().forbid("configmaps");
     let sel = selection(vec![cluster_rule(
@@ -789,7 +845,7 @@ async fn with_one_list_permit_every_type_lists_in_turn_and_a_failing_list_blocks
         },
         ..IngestConfig::default()
     };
-    let mut h = start(emu.clone(), sel, config).await;
+    let mut h = start(TestCluster::Emulator(emu.clone()), sel, config).await;
     let seen = h.until_ended(&["services", "deployments"]).await;
     assert!(!seen.iter().any(|e| mentions(e, "configmaps")), "{seen:#?}");
 

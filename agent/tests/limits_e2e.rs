@@ -1,4 +1,5 @@
-//! Objects larger than the writer's limits, end to end: the kube-emulator, the `reverser-agent` binary and a
+//! Objects larger than the writer's limits, end to end: an API server (real by default, the emulator
+//! with `REVERSER_E2E_BACKEND=emulator`), the `reverser-agent` binary and a
 //! writer (in-process, real gRPC, `--max-object-bytes 1024`, so its message limit is 65 KiB) pushing to a bare
 //! repository. One ConfigMap is far above the limit, the others are small: the small ones land, the huge one is
 //! named in the GitDestination's `ObjectsSkipped` condition and counted per destination, and the stream does not
@@ -7,25 +8,23 @@
 //! Every wait has a generous upper bound only to turn a hang into a failure; no test asserts on how long
 //! something took.
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use clap::Parser;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
-use kube_emulator::Emulator;
 use testkit::BareRepo;
-use tokio::process::Command;
 
 mod support;
 
+use support::cluster::TestCluster;
+use support::world::{self, Agent, KubeconfigFile, start_writer};
 use support::{free_port, http_get, metric, wait, wait_async, wait_for_condition};
 
 const BRANCH: &str = "main";
 const NS: &str = "shop";
 const SMALL: usize = 5;
 
-fn cluster(repo_url: &str) -> String {
+fn cluster_yaml(repo_url: &str) -> String {
     let mut yaml = format!(
         "
 apiVersion: v1
@@ -81,63 +80,31 @@ fn file(name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_above_the_writers_limit_is_skipped_and_named_and_everything_else_flows() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_test_writer()
-        .try_init();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let emu = Emulator::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("emulator starts");
-    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    emu.apply_dir(&crds).await.expect("CRDs apply");
+    world::init();
+    let cluster = TestCluster::start().await;
+    cluster.apply_dir(&world::crds_dir()).await;
     let repo = BareRepo::new();
-    emu.apply_yaml(&cluster(&repo.file_url()))
-        .await
-        .expect("cluster applies");
+    cluster.apply_yaml(&cluster_yaml(&repo.file_url())).await;
     let writer_dir = tempfile::tempdir().unwrap();
-    let work = writer_dir.path().display().to_string();
-    let writer = reverser_writer::Args::try_parse_from([
-        "reverser-writer",
-        "--grpc-addr",
+    let writer = start_writer(
         "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--work-dir",
-        &work,
-        "--git-batch-max-wait-sec",
-        "0.2",
-        "--leases",
-        "off",
-        "--max-object-bytes",
-        "1024",
-    ])
-    .unwrap()
-    .start()
-    .await
-    .expect("writer starts");
-    let kubeconfig_dir = tempfile::tempdir().unwrap();
-    let kubeconfig = kubeconfig_dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, emu.kubeconfig_yaml(None)).unwrap();
+        writer_dir.path(),
+        &["--max-object-bytes", "1024"],
+    )
+    .await;
+    let kubeconfig = KubeconfigFile::write(&cluster, None);
     let admin = format!("127.0.0.1:{}", free_port());
-    let _agent = Command::new(env!("CARGO_BIN_EXE_reverser-agent"))
-        .arg("--writer-url")
-        .arg(format!("http://{}", writer.grpc_addr))
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args(["--admin-addr", &admin, "--cluster-name", "e2e"])
-        .args(["--controller-namespace", "gitops-reverser"])
-        .arg("--leader-election=false")
-        .env(
-            "AGENT_LOG_LEVEL",
-            std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+    let _agent = Agent::spawn(
+        Agent::command(
+            &format!("http://{}", writer.grpc_addr),
+            &kubeconfig.path,
+            &admin,
         )
-        .env_remove("POD_NAME")
-        .env_remove("POD_NAMESPACE")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the agent binary starts");
+        .args(["--cluster-name", "e2e"])
+        .args(["--controller-namespace", "gitops-reverser"])
+        .arg("--leader-election=false"),
+        &admin,
+    );
 
     // The small ones land.
     for i in 0..SMALL {
@@ -145,7 +112,7 @@ async fn an_object_above_the_writers_limit_is_skipped_and_named_and_everything_e
         wait(&format!("{path} in Git"), || repo.read(BRANCH, &path)).await;
     }
     // The huge one is named in a condition and counted, per destination.
-    let client = emu.client().await;
+    let client = cluster.client().await;
     let (reason, message) = wait_for_condition(
         &client,
         "GitDestination",
@@ -221,5 +188,5 @@ async fn an_object_above_the_writers_limit_is_skipped_and_named_and_everything_e
     )
     .await;
     writer.stop().await.unwrap();
-    emu.shutdown().await;
+    cluster.shutdown().await;
 }

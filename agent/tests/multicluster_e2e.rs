@@ -1,25 +1,25 @@
-//! Two clusters, one standalone writer: two kube-emulators (in-process), each with its own `reverser-agent`
+//! Two clusters, one standalone writer: two API servers (real kube-apiservers by default, in-process emulators
+//! with `REVERSER_E2E_BACKEND=emulator`), each with its own `reverser-agent`
 //! binary (a child process with its own client certificate), streaming over mTLS to one writer started with a
 //! `--config` file that grants each client certificate only its own base folder of one shared bare repository.
 //!
 //! ```text
-//! emulator prod    ◀── agent (cert spiffe://…/prod) ──┐ mTLS
+//! cluster prod     ◀── agent (cert spiffe://…/prod) ──┐ mTLS
 //!                                                      ├──▶ writer --config ──push──▶ BareRepo: clusters/prod,
-//! emulator staging ◀── agent (cert agent.staging…) ───┘                                        clusters/staging
+//! cluster staging  ◀── agent (cert agent.staging…) ───┘                                        clusters/staging
 //! ```
 //!
 //! Waits have generous upper bounds only to turn a hang into a failure; no test asserts on durations.
 
-use std::{path::PathBuf, process::Stdio};
+use std::path::PathBuf;
 
-use clap::Parser;
-use kube_emulator::Emulator;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType};
 use testkit::BareRepo;
-use tokio::process::{Child, Command};
 
 mod support;
 
+use support::cluster::TestCluster;
+use support::world::{self, Agent, KubeconfigFile, start_writer};
 use support::{condition, free_port, wait_async};
 
 const PROD_ID: &str = "spiffe://e2e.example/cluster/prod";
@@ -164,9 +164,9 @@ impl Pki {
 }
 
 struct Cluster {
-    emu: Emulator,
-    _kubeconfig_dir: tempfile::TempDir,
-    agent: Child,
+    cluster: TestCluster,
+    _kubeconfig: KubeconfigFile,
+    agent: Agent,
 }
 
 async fn cluster(
@@ -177,54 +177,37 @@ async fn cluster(
     writer: &str,
     forge: Option<&str>,
 ) -> Cluster {
-    let emu = Emulator::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("emulator starts");
-    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    emu.apply_dir(&crds).await.expect("CRDs apply");
-    emu.apply_yaml(&cluster_objects(name)).await.unwrap();
-    emu.apply_yaml(&agent_config(repo_url, name, forge))
-        .await
-        .unwrap();
-    let kubeconfig_dir = tempfile::tempdir().unwrap();
-    let kubeconfig = kubeconfig_dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, emu.kubeconfig_yaml(None)).unwrap();
+    let cluster = TestCluster::start().await;
+    cluster.apply_dir(&world::crds_dir()).await;
+    cluster.apply_yaml(&cluster_objects(name)).await;
+    cluster
+        .apply_yaml(&agent_config(repo_url, name, forge))
+        .await;
+    let kubeconfig = KubeconfigFile::write(&cluster, None);
     let (cert, key) = pki.client(name, identity);
-    let agent = Command::new(env!("CARGO_BIN_EXE_reverser-agent"))
-        .arg("--writer-url")
-        .arg(writer)
-        .arg("--writer-ca")
-        .arg(pki.path("ca.crt"))
-        .arg("--writer-cert")
-        .arg(cert)
-        .arg("--writer-key")
-        .arg(key)
-        .args(["--writer-tls-domain", "localhost"])
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .arg("--admin-addr")
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .args(["--cluster-name", name])
-        .args(["--controller-namespace", "gitops-reverser"])
-        .args([
-            "--leader-election-lease-sec",
-            "3",
-            "--leader-election-renew-sec",
-            "1",
-        ])
-        .env(
-            "AGENT_LOG_LEVEL",
-            std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .env_remove("POD_NAME")
-        .env_remove("POD_NAMESPACE")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the agent binary starts");
+    let admin = format!("127.0.0.1:{}", free_port());
+    let agent = Agent::spawn(
+        Agent::command(writer, &kubeconfig.path, &admin)
+            .arg("--writer-ca")
+            .arg(pki.path("ca.crt"))
+            .arg("--writer-cert")
+            .arg(cert)
+            .arg("--writer-key")
+            .arg(key)
+            .args(["--writer-tls-domain", "localhost"])
+            .args(["--cluster-name", name])
+            .args(["--controller-namespace", "gitops-reverser"])
+            .args([
+                "--leader-election-lease-sec",
+                "3",
+                "--leader-election-renew-sec",
+                "1",
+            ]),
+        &admin,
+    );
     Cluster {
-        emu,
-        _kubeconfig_dir: kubeconfig_dir,
+        cluster,
+        _kubeconfig: kubeconfig,
         agent,
     }
 }
@@ -254,40 +237,15 @@ fn cluster_uids_of(repo: &BareRepo, folder: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clusters_write_their_own_folders_through_one_standalone_writer() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_test_writer()
-        .try_init();
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    world::init();
     let pki = Pki::new();
     let repo = BareRepo::new();
     let url = repo.file_url();
     let config = pki.path("writer.yaml");
     std::fs::write(&config, writer_config(&url)).unwrap();
     let work = tempfile::tempdir().unwrap();
-    let (config_arg, work_arg) = (
-        config.display().to_string(),
-        work.path().display().to_string(),
-    );
-    let writer = reverser_writer::Args::try_parse_from([
-        "reverser-writer",
-        "--config",
-        &config_arg,
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--work-dir",
-        &work_arg,
-        "--git-batch-max-wait-sec",
-        "0.2",
-        "--leases",
-        "off",
-    ])
-    .unwrap()
-    .start()
-    .await
-    .expect("the standalone writer starts");
+    let config_arg = config.display().to_string();
+    let writer = start_writer("127.0.0.1:0", work.path(), &["--config", &config_arg]).await;
     let writer_url = format!("https://127.0.0.1:{}", writer.grpc_addr.port());
 
     // Both agents start at once; prod also has a destination forged into staging's folder.
@@ -307,7 +265,7 @@ async fn two_clusters_write_their_own_folders_through_one_standalone_writer() {
     .await;
 
     // Prod's forged destination is refused by the writer, and the refusal reaches the cluster as a condition.
-    let client = prod.emu.client().await;
+    let client = prod.cluster.client().await;
     let (_, reason, message) = wait_async("the forged destination's Ready=False", async || {
         condition(
             &client,
@@ -359,9 +317,9 @@ async fn two_clusters_write_their_own_folders_through_one_standalone_writer() {
         "{staging_files:?}"
     );
 
-    prod.agent.kill().await.unwrap();
-    staging.agent.kill().await.unwrap();
+    prod.agent.kill().await;
+    staging.agent.kill().await;
     writer.stop().await.unwrap();
-    prod.emu.shutdown().await;
-    staging.emu.shutdown().await;
+    prod.cluster.shutdown().await;
+    staging.cluster.shutdown().await;
 }

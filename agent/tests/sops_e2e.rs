@@ -1,4 +1,5 @@
-//! Secrets end to end: kube-emulator + the `reverser-agent` binary + the in-process writer + a bare repository.
+//! Secrets end to end: an API server (real by default, the emulator with `REVERSER_E2E_BACKEND=emulator`) +
+//! the `reverser-agent` binary + the in-process writer + a bare repository.
 //! Secrets reach Git only as SOPS + age files (checked with the independent `tests/sops/verify.mjs`, which uses
 //! the npm package sops-age and recomputes the MAC), never in plaintext anywhere: not in any blob of any commit,
 //! not in the writer's work dir, not in the agent's or the writer's logs. Restarting over unchanged Secrets
@@ -7,24 +8,21 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use age::secrecy::ExposeSecret;
-use clap::Parser;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::ApiResource;
-use kube_emulator::Emulator;
 use serde_json::{Value, json};
 use testkit::BareRepo;
-use tokio::process::{Child, Command};
 
 mod support;
 
-use support::{PATIENCE, condition, free_port, http_get, metric, wait, wait_async};
+use support::cluster::TestCluster;
+use support::world::{Agent, KubeconfigFile, start_writer};
+use support::{condition, free_port, wait, wait_async};
 
 const BRANCH: &str = "main";
 const DB_FILE: &str = "clusters/prod/core/v1/secrets/shop/db.sops.yaml";
@@ -151,97 +149,24 @@ spec:
         .collect::<String>()
 }
 
-struct Agent {
-    child: Child,
-    admin: String,
-}
-
 fn start_agent(writer: &str, kubeconfig: &Path, log: &Path) -> Agent {
-    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_reverser-agent"))
-        .arg("--writer-url")
-        .arg(writer)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .arg("--admin-addr")
-        .arg(format!("127.0.0.1:{port}"))
-        .args(["--controller-namespace", "gitops-reverser"])
-        .args(["--leader-election", "false"])
-        .args(["--encryption-refresh", "1s"])
-        // Everything the agent logs, debug included, goes through the plaintext scan.
-        .env("AGENT_LOG_LEVEL", "debug")
-        .env_remove("POD_NAME")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the agent binary starts");
-    Agent {
-        child,
-        admin: format!("127.0.0.1:{port}"),
-    }
-}
-
-impl Agent {
-    async fn metrics(&self) -> Option<String> {
-        http_get(&self.admin, "/metrics").await
-    }
-
-    /// Waits until everything produced was acked and every watch completed a snapshot, twice in a row.
-    async fn settle(&self) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        let mut last = None;
-        loop {
-            let current = self.metrics().await.and_then(|text| {
-                let m = |name: &str| metric(&text, name);
-                let produced: f64 = ["upsert", "delete", "snapshot_begin", "snapshot_end"]
-                    .iter()
-                    .map(|k| {
-                        m(&format!(
-                            "gitops_reverser_agent_events_total{{kind=\"{k}\"}}"
-                        ))
-                    })
-                    .sum();
-                let acked = m("gitops_reverser_agent_stream_messages_acked_total");
-                let ok = m("gitops_reverser_agent_active_watches") > 0.0
-                    && m("gitops_reverser_agent_watch_snapshots_completed")
-                        >= m("gitops_reverser_agent_active_watches")
-                    && m("gitops_reverser_agent_stream_connected") == 1.0
-                    && m("gitops_reverser_agent_stream_unacked") == 0.0
-                    && produced > 0.0
-                    && acked >= produced;
-                ok.then_some((produced as u64, acked as u64))
-            });
-            if current.is_some() && current == last {
-                return;
-            }
-            last = current;
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "agent did not settle"
-            );
-            tokio::time::sleep(Duration::from_millis(1100)).await;
-        }
-    }
-
-    async fn terminate(mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-        let status = tokio::time::timeout(PATIENCE, self.child.wait())
-            .await
-            .expect("the agent exits after SIGTERM")
-            .unwrap();
-        assert!(status.success(), "the agent exits cleanly: {status}");
-    }
+    Agent::spawn(
+        Agent::command(writer, kubeconfig, &admin)
+            .args(["--controller-namespace", "gitops-reverser"])
+            .args(["--leader-election", "false"])
+            .args(["--encryption-refresh", "1s"])
+            // Everything the agent logs, debug included, goes through the plaintext scan.
+            .env("AGENT_LOG_LEVEL", "debug")
+            .stdout(std::process::Stdio::from(log.try_clone().unwrap()))
+            .stderr(std::process::Stdio::from(log)),
+        &admin,
+    )
 }
 
 async fn wait_for_skipped(client: &kube::Client, rule: &str, reason: &str) -> String {
@@ -342,42 +267,23 @@ async fn secrets_reach_git_only_encrypted_without_churn_and_never_in_plaintext()
     );
     let (ra, rb) = (a.to_public().to_string(), b.to_public().to_string());
 
-    let emu = Emulator::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    emu.apply_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds"))
-        .await
-        .unwrap();
+    let cluster = TestCluster::start().await;
+    cluster
+        .apply_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds"))
+        .await;
     let repo = BareRepo::new();
-    emu.apply_yaml(&config(&repo.file_url(), std::slice::from_ref(&ra)))
-        .await
-        .unwrap();
-    let client = emu.client().await;
+    cluster
+        .apply_yaml(&config(&repo.file_url(), std::slice::from_ref(&ra)))
+        .await;
+    let client = cluster.client().await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), "shop");
 
     let writer_dir = tempfile::tempdir().unwrap();
-    let work = writer_dir.path().display().to_string();
-    let writer = reverser_writer::Args::try_parse_from([
-        "reverser-writer",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--work-dir",
-        &work,
-        "--git-batch-max-wait-sec",
-        "0.2",
-        "--leases",
-        "off",
-    ])
-    .unwrap()
-    .start()
-    .await
-    .unwrap();
+    let writer = start_writer("127.0.0.1:0", writer_dir.path(), &[]).await;
     let writer_url = format!("http://{}", writer.grpc_addr);
     let kube_dir = tempfile::tempdir().unwrap();
-    let kubeconfig = kube_dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, emu.kubeconfig_yaml(None)).unwrap();
+    let kubeconfig_file = KubeconfigFile::write(&cluster, None);
+    let kubeconfig = kubeconfig_file.path.clone();
     let agent_log = kube_dir.path().join("agent.log");
 
     let agent = start_agent(&writer_url, &kubeconfig, &agent_log);
@@ -437,9 +343,8 @@ async fn secrets_reach_git_only_encrypted_without_churn_and_never_in_plaintext()
     .await;
 
     // 3. Created and deleted: the file comes and goes.
-    emu.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: api, namespace: shop}\ndata: {token: YXBpLXQwa2VuLTE2MTg=}\n")
-        .await
-        .unwrap();
+    cluster.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: api, namespace: shop}\ndata: {token: YXBpLXQwa2VuLTE2MTg=}\n")
+        .await;
     wait("the api Secret", || read(API_FILE)).await;
     secrets
         .delete("api", &DeleteParams::default())
@@ -451,13 +356,17 @@ async fn secrets_reach_git_only_encrypted_without_churn_and_never_in_plaintext()
     .await;
 
     // 4. A huge Secret is refused with a clear error; the agent keeps running and writing.
-    let huge = "A".repeat(2 * 1024 * 1024);
-    emu.apply_yaml(&format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: huge, namespace: shop}}\ndata: {{blob: {huge}}}\n"))
-        .await
-        .unwrap();
-    emu.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: after-huge, namespace: shop}\ndata: {k: v}\n")
-        .await
-        .unwrap();
+    // A real API server caps a Secret's data at 1 MiB, below the agent's plaintext limit, so the Secret is
+    // made too large to encrypt the way a real one can be: 40 000 tiny keys, each of which encryption
+    // inflates to an `ENC[…]` value, give an encrypted document above the agent's limit.
+    let huge: String = (0..40_000).map(|i| format!("k{i:05}: YQ==, ")).collect();
+    cluster
+        .apply_yaml(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: huge, namespace: shop}}\ndata: {{{huge}}}\n"
+        ))
+        .await;
+    cluster.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: after-huge, namespace: shop}\ndata: {k: v}\n")
+        .await;
     wait("a ConfigMap after the huge Secret", || {
         read("clusters/prod/core/v1/configmaps/shop/after-huge.yaml")
     })
@@ -573,5 +482,5 @@ async fn secrets_reach_git_only_encrypted_without_churn_and_never_in_plaintext()
         );
     }
     writer.stop().await.unwrap();
-    emu.shutdown().await;
+    cluster.shutdown().await;
 }

@@ -1,9 +1,10 @@
 //! Attribution end to end, where admission and persistence part ways: the `reverser-agent`
-//! binary (child processes) with its webhook registered in the kube-emulator, the real writer
-//! (in-process) and a bare Git repository; authors are read back with the git CLI.
+//! binary (child processes) with its webhook registered in an API server (the real kube-apiserver
+//! by default, the emulator with `REVERSER_E2E_BACKEND=emulator`), the real writer (in-process)
+//! and a bare Git repository; authors are read back with the git CLI.
 //!
 //! ```text
-//! users ──write──▶ kube-emulator ──AdmissionReview──▶ agent webhook (fact) ─┐
+//! users ──write──▶ API server ───AdmissionReview──▶ agent webhook (fact) ─┐
 //!                      │          ──AdmissionReview──▶ another webhook (may deny)
 //!                      └──watch──▶ agent (leader) ──join──▶ writer ──▶ git log --format=%an
 //! ```
@@ -21,23 +22,20 @@ mod webhook_support;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
-use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube_emulator::Emulator;
 use serde_json::{Value, json};
-use support::{PATIENCE, free_port, http_get, metric, wait_async};
+use support::cluster::TestCluster;
+use support::world::{self, KubeconfigFile, start_writer};
+use support::{free_port, http_get, wait_async};
 use testkit::BareRepo;
-use tokio::process::{Child, Command};
 use webhook_support::Pki;
 
 const BRANCH: &str = "main";
@@ -48,7 +46,7 @@ const APP: &str = "clusters/prod/core/v1/configmaps/shop/app.yaml";
 
 /// One namespace, one ConfigMap, and the agent's configuration mirroring exactly the ConfigMaps
 /// of `shop` (so the webhook's rules are known exactly).
-fn cluster(repo_url: &str) -> String {
+fn cluster_yaml(repo_url: &str) -> String {
     format!(
         "
 apiVersion: v1
@@ -97,70 +95,55 @@ metadata: {{name: shop, namespace: shop}}
 spec:
   destinationRef: {{name: prod, namespace: gitops-reverser}}
   rules: [{{apiGroups: [''], resources: [configmaps]}}]
+---
+# The users the tests impersonate (group `devs`) may change the shop's ConfigMaps: a real API
+# server authorizes them (RBAC), the emulator lets every request through.
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: configmap-editor, namespace: shop}}
+rules: [{{apiGroups: [''], resources: [configmaps], verbs: [get, list, watch, update, patch]}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: devs-edit-configmaps, namespace: shop}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: configmap-editor}}
+subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: Group, name: devs}}]
 "
     )
 }
 
 struct World {
-    emu: Emulator,
+    cluster: TestCluster,
     repo: BareRepo,
     writer: reverser_writer::RunningWriter,
     _writer_dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
+    kubeconfig: KubeconfigFile,
     /// The webhook certificate (for 127.0.0.1) and its CA, shared by every agent.
     pki: Pki,
     ca_file: PathBuf,
-    _kubeconfig_dir: tempfile::TempDir,
 }
 
 impl World {
     async fn start() -> World {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .with_test_writer()
-            .try_init();
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let emu = Emulator::start("127.0.0.1:0".parse().unwrap())
-            .await
-            .expect("emulator starts");
-        let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-        emu.apply_dir(&crds).await.expect("CRDs apply");
+        world::init();
+        let cluster = TestCluster::start().await;
+        cluster.apply_dir(&world::crds_dir()).await;
         let repo = BareRepo::new();
-        emu.apply_yaml(&cluster(&repo.file_url()))
-            .await
-            .expect("cluster and agent configuration apply");
+        cluster.apply_yaml(&cluster_yaml(&repo.file_url())).await;
         let writer_dir = tempfile::tempdir().unwrap();
-        let work = writer_dir.path().display().to_string();
-        let args = reverser_writer::Args::try_parse_from([
-            "reverser-writer",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--work-dir",
-            &work,
-            "--git-batch-max-wait-sec",
-            "0.2",
-            "--leases",
-            "off",
-        ])
-        .unwrap();
-        let writer = args.start().await.expect("writer starts");
-        let kubeconfig_dir = tempfile::tempdir().unwrap();
-        let kubeconfig = kubeconfig_dir.path().join("kubeconfig");
-        std::fs::write(&kubeconfig, emu.kubeconfig_yaml(None)).unwrap();
+        let writer = start_writer("127.0.0.1:0", writer_dir.path(), &[]).await;
+        let kubeconfig = KubeconfigFile::write(&cluster, None);
         let pki = Pki::new();
         let ca_file = pki.dir.path().join("ca.crt");
         std::fs::write(&ca_file, &pki.ca_pem).unwrap();
         World {
-            emu,
+            cluster,
             repo,
             writer,
             _writer_dir: writer_dir,
             kubeconfig,
             pki,
             ca_file,
-            _kubeconfig_dir: kubeconfig_dir,
         }
     }
 
@@ -169,12 +152,9 @@ impl World {
     fn agent(&self, pod: &str) -> Agent {
         let admin = format!("127.0.0.1:{}", free_port());
         let webhook = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_reverser-agent"))
-            .arg("--writer-url")
-            .arg(format!("http://{}", self.writer.grpc_addr))
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(["--admin-addr", &admin, "--cluster-name", "e2e"])
+        let writer_url = format!("http://{}", self.writer.grpc_addr);
+        let mut cmd = world::Agent::command(&writer_url, &self.kubeconfig.path, &admin);
+        cmd.args(["--cluster-name", "e2e"])
             .args(["--controller-namespace", "gitops-reverser"])
             // Short Lease timings keep the failover quick; the logic is the same.
             .args([
@@ -192,19 +172,10 @@ impl World {
             .arg("--webhook-ca-bundle")
             .arg(&self.ca_file)
             .args(["--webhook-url", &format!("https://{webhook}")])
-            .env(
-                "AGENT_LOG_LEVEL",
-                std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
-            )
             .env("POD_NAME", pod)
-            .env("POD_NAMESPACE", "gitops-reverser")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the agent binary starts");
+            .env("POD_NAMESPACE", "gitops-reverser");
         Agent {
-            child,
-            admin,
+            process: world::Agent::spawn(&mut cmd, &admin),
             url: format!("https://{webhook}/process-validating-webhook"),
             webhook,
         }
@@ -261,13 +232,13 @@ impl World {
 
     async fn stop(self) {
         self.writer.stop().await.unwrap();
-        self.emu.shutdown().await;
+        self.cluster.shutdown().await;
     }
 }
 
+/// An agent process and its webhook endpoint.
 struct Agent {
-    child: Child,
-    admin: String,
+    process: world::Agent,
     /// The URL it registers while leading.
     url: String,
     /// Where it serves the webhook while leading.
@@ -275,60 +246,27 @@ struct Agent {
 }
 
 impl Agent {
+    /// One metric, 0 when the admin port does not answer.
     async fn metric(&self, name: &str) -> f64 {
-        let text = http_get(&self.admin, "/metrics").await.unwrap_or_default();
-        metric(&text, name)
+        self.process.metric(name).await.unwrap_or_default()
     }
 
-    /// Waits until everything ingestion produced was acked by the writer (so pushed).
+    /// Waits until it leads and everything ingestion produced was acked by the writer (so pushed).
     async fn settle(&self) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        let mut last = None;
-        loop {
-            let current = self.settled_totals().await;
-            if current.is_some() && current == last {
-                return;
-            }
-            last = current;
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for the agent to settle"
-            );
-            tokio::time::sleep(Duration::from_millis(1100)).await;
-        }
-    }
-
-    async fn settled_totals(&self) -> Option<(u64, u64)> {
-        let text = http_get(&self.admin, "/metrics").await?;
-        let m = |name: &str| metric(&text, name);
-        let produced = ["upsert", "delete", "snapshot_begin", "snapshot_end"]
-            .iter()
-            .map(|k| {
-                m(&format!(
-                    "gitops_reverser_agent_events_total{{kind=\"{k}\"}}"
-                ))
-            })
-            .sum::<f64>();
-        let acked = m("gitops_reverser_agent_stream_messages_acked_total");
-        let settled = m("gitops_reverser_agent_leader") == 1.0
-            && m("gitops_reverser_agent_active_watches") > 0.0
-            && m("gitops_reverser_agent_watch_snapshots_completed")
-                >= m("gitops_reverser_agent_active_watches")
-            && m("gitops_reverser_agent_stream_connected") == 1.0
-            && m("gitops_reverser_agent_stream_unacked") == 0.0
-            && produced > 0.0
-            && acked >= produced;
-        settled.then_some((produced as u64, acked as u64))
+        self.process.settle_as_leader().await
     }
 
     async fn kill(&mut self) {
-        self.child.kill().await.expect("kill the agent");
+        self.process.kill().await
     }
 }
 
 /// ConfigMaps of `shop` as `user` (the `Impersonate-User` header).
-fn as_user(emu: &Emulator, user: &str) -> Api<ConfigMap> {
-    let mut config = kube::Config::new(emu.url().parse().unwrap());
+async fn as_user(cluster: &TestCluster, user: &str) -> Api<ConfigMap> {
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&cluster.kubeconfig_yaml(None)).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
     config.default_namespace = "shop".into();
     config.auth_info.impersonate = Some(user.to_owned());
     config.auth_info.impersonate_groups = Some(vec!["devs".to_owned()]);
@@ -460,7 +398,7 @@ impl Denier {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_rejected_by_another_webhook_leaves_no_author_behind() {
     let world = World::start().await;
-    let admin = world.emu.client().await;
+    let admin = world.cluster.client().await;
     let agent = world.agent("agent-a");
     world.wait_for_registration(&admin, &agent.url).await;
     world.wait_for_file(APP, "color: blue").await;
@@ -475,7 +413,8 @@ async fn a_request_rejected_by_another_webhook_leaves_no_author_behind() {
     // 1. Alice asks for red: our webhook records it, the other one denies it.
     let recorded = "gitops_reverser_agent_webhook_requests_total{outcome=\"recorded\"}";
     let recorded_before = agent.metric(recorded).await;
-    let denied = as_user(&world.emu, "alice")
+    let denied = as_user(&world.cluster, "alice")
+        .await
         .patch("app", &PatchParams::default(), &color("red"))
         .await
         .expect_err("the other webhook denies alice");
@@ -540,7 +479,8 @@ async fn a_request_rejected_by_another_webhook_leaves_no_author_behind() {
         .create(&PostParams::default(), &restored)
         .await
         .unwrap();
-    as_user(&world.emu, "bob")
+    as_user(&world.cluster, "bob")
+        .await
         .patch("app", &PatchParams::default(), &color("yellow"))
         .await
         .unwrap();
@@ -571,7 +511,7 @@ async fn a_request_rejected_by_another_webhook_leaves_no_author_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_failover_moves_the_webhook_endpoint_with_the_leadership() {
     let world = World::start().await;
-    let admin = world.emu.client().await;
+    let admin = world.cluster.client().await;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), "gitops-reverser");
     let is_leader = |name: &'static str| {
         let pods = pods.clone();
@@ -590,7 +530,7 @@ async fn leader_failover_moves_the_webhook_endpoint_with_the_leadership() {
     world.wait_for_file(APP, "color: blue").await;
     a.settle().await;
     wait_async("agent-b to run as a standby", || async {
-        (http_get(&b.admin, "/metrics").await.is_some()
+        (http_get(&b.process.admin, "/metrics").await.is_some()
             && b.metric("gitops_reverser_agent_leader").await == 0.0)
             .then_some(())
     })
@@ -603,7 +543,8 @@ async fn leader_failover_moves_the_webhook_endpoint_with_the_leadership() {
     );
     assert!(tokio::net::TcpStream::connect(&a.webhook).await.is_ok());
 
-    as_user(&world.emu, "alice")
+    as_user(&world.cluster, "alice")
+        .await
         .patch("app", &PatchParams::default(), &color("red"))
         .await
         .unwrap();
@@ -621,7 +562,8 @@ async fn leader_failover_moves_the_webhook_endpoint_with_the_leadership() {
     );
     b.settle().await;
 
-    as_user(&world.emu, "bob")
+    as_user(&world.cluster, "bob")
+        .await
         .patch("app", &PatchParams::default(), &color("green"))
         .await
         .unwrap();

@@ -1,10 +1,17 @@
-//! End to end with the kube-emulator: the emulator calls the webhook over HTTPS (trusting only
+//! End to end with an API server: it calls the webhook over HTTPS (trusting only
 //! the `caBundle` of the registered `ValidatingWebhookConfiguration`) for writes made by real
 //! kube-rs clients as different users; a watch on the same objects is fed to the store the way
 //! ingestion will feed it, and every change must come out with the right author.
 //!
+//! Runs on the backend `REVERSER_E2E_BACKEND` names (the real kube-apiserver by default). A real
+//! API server applies a new or removed webhook configuration through its own informer, so it may
+//! take effect a moment later; after registering or removing it the tests probe with dry-run
+//! writes until the webhook is (or is no longer) called. The emulator applies it to the very
+//! next request.
+//!
 //! Waits are bounded only to turn a hang into a failure; nothing asserts on durations.
 
+mod support;
 mod webhook_support;
 
 use futures::StreamExt;
@@ -14,7 +21,6 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
     TypeMeta, WatchEvent, WatchParams,
 };
-use kube_emulator::Emulator;
 use reverser_agent::canonical;
 use reverser_agent::rules::ResourceKey;
 use reverser_agent::webhook::registration::{
@@ -22,28 +28,90 @@ use reverser_agent::webhook::registration::{
 };
 use reverser_agent::webhook::{FactStore, ObjectKey, Operation};
 use serde_json::json;
+use support::cluster::TestCluster;
 use webhook_support::{PATIENCE, Server};
 
+/// The impersonated users (group `devs`) and the token users (`bob`, group `developers`) may write
+/// ConfigMaps in `default`: a real API server authorizes them (RBAC); the emulator allows all.
+const RBAC: &str = "
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: configmap-writer, namespace: default}
+rules: [{apiGroups: [''], resources: [configmaps], verbs: ['*']}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: users-write-configmaps, namespace: default}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: configmap-writer}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: Group, name: devs}
+- {apiGroup: rbac.authorization.k8s.io, kind: Group, name: developers}
+";
+
+async fn cluster() -> TestCluster {
+    let cluster = TestCluster::start().await;
+    cluster.apply_yaml(RBAC).await;
+    cluster
+}
+
 /// A client that impersonates `user` (the `Impersonate-User`/`-Group` headers).
-fn impersonating(emu: &Emulator, user: &str, groups: &[&str]) -> kube::Client {
-    let mut config = kube::Config::new(emu.url().parse().unwrap());
+async fn impersonating(cluster: &TestCluster, user: &str, groups: &[&str]) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&cluster.kubeconfig_yaml(None)).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
     config.default_namespace = "default".into();
     config.auth_info.impersonate = Some(user.to_owned());
     config.auth_info.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
     kube::Client::try_from(config).unwrap()
 }
 
-/// A client authenticating with a bearer token from the emulator's token table.
-async fn with_token(emu: &Emulator, token: &str) -> kube::Client {
-    let kubeconfig =
-        kube::config::Kubeconfig::from_yaml(&emu.kubeconfig_yaml(Some(token))).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .unwrap();
-    kube::Client::try_from(config).unwrap()
+/// A dry-run create by the admin; it leaves no fact.
+async fn probe(admin: &kube::Client) {
+    configmaps(admin)
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            },
+            &cm("probe", "v1"),
+        )
+        .await
+        .unwrap();
+}
+
+/// Probes until the webhook sees a write; returns how many dry runs it saw meanwhile.
+async fn until_called(admin: &kube::Client, server: &Server) -> u64 {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        probe(admin).await;
+        let seen = server.store.metrics().requests_with("dry_run");
+        if seen > 0 {
+            return seen;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the API server never called the registered webhook"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Probes until a write passes without the webhook seeing it.
+async fn until_not_called(admin: &kube::Client, server: &Server) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let before = server.store.metrics().requests_with("dry_run");
+        probe(admin).await;
+        if server.store.metrics().requests_with("dry_run") == before {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the API server kept calling the removed webhook"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 async fn register(admin: &kube::Client, server: &Server) {
@@ -143,16 +211,14 @@ fn cm(name: &str, value: &str) -> DynamicObject {
 #[tokio::test]
 async fn attributes_create_and_update_to_alice_and_delete_to_bob() {
     let server = Server::start(|_| {}).await;
-    let emu = Emulator::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    emu.add_token("bob-token", "bob", &["ops"]);
-    let admin = emu.client().await;
+    let cluster = cluster().await;
+    let admin = cluster.client().await;
     register(&admin, &server).await;
+    let probes = until_called(&admin, &server).await;
     let mut events = watch_from_now(&admin).await;
 
-    let alice = configmaps(&impersonating(&emu, "alice", &["devs"]));
-    let bob = configmaps(&with_token(&emu, "bob-token").await);
+    let alice = configmaps(&impersonating(&cluster, "alice", &["devs"]).await);
+    let bob = configmaps(&cluster.client_for(Some("bob")).await);
 
     let created = alice
         .create(&PostParams::default(), &cm("settings", "v1"))
@@ -192,7 +258,7 @@ async fn attributes_create_and_update_to_alice_and_delete_to_bob() {
     );
     assert_eq!(facts[0].operation, Operation::Create);
     assert_eq!(facts[0].uid, created.metadata.uid);
-    assert_eq!(server.store.metrics().requests_with("dry_run"), 1);
+    assert_eq!(server.store.metrics().requests_with("dry_run"), probes + 1);
 
     bob.delete("settings", &DeleteParams::default())
         .await
@@ -215,17 +281,14 @@ async fn attributes_create_and_update_to_alice_and_delete_to_bob() {
     assert_eq!(metrics.facts.get(), 3);
     assert_eq!(metrics.matches.get(), 3);
     assert_eq!(metrics.unmatched.get(), 0);
-    emu.shutdown().await;
+    cluster.shutdown().await;
 }
 
 #[tokio::test]
 async fn attributes_each_object_of_a_deletecollection_and_leaves_unknown_writers_to_the_bot() {
     let server = Server::start(|_| {}).await;
-    let emu = Emulator::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    emu.add_token("bob-token", "bob", &["ops"]);
-    let admin = emu.client().await;
+    let cluster = cluster().await;
+    let admin = cluster.client().await;
     // Written before the webhook exists: nobody is known for these.
     for name in ["a", "b"] {
         configmaps(&admin)
@@ -234,9 +297,10 @@ async fn attributes_each_object_of_a_deletecollection_and_leaves_unknown_writers
             .unwrap();
     }
     register(&admin, &server).await;
+    until_called(&admin, &server).await;
     let mut events = watch_from_now(&admin).await;
 
-    let bob = configmaps(&with_token(&emu, "bob-token").await);
+    let bob = configmaps(&cluster.client_for(Some("bob")).await);
     bob.delete_collection(
         &DeleteParams::default(),
         &ListParams::default().labels("team=shop"),
@@ -262,6 +326,7 @@ async fn attributes_each_object_of_a_deletecollection_and_leaves_unknown_writers
         .delete("gitops-reverser-attribution", &DeleteParams::default())
         .await
         .unwrap();
+    until_not_called(&admin, &server).await;
     configmaps(&admin)
         .create(&PostParams::default(), &cm("c", "v1"))
         .await
@@ -270,17 +335,16 @@ async fn attributes_each_object_of_a_deletecollection_and_leaves_unknown_writers
         attribute(&server.store, next_change(&mut events).await),
         ("ADDED".into(), "c".into(), None)
     );
-    emu.shutdown().await;
+    cluster.shutdown().await;
 }
 
 #[tokio::test]
 async fn writes_go_through_while_the_webhook_is_down_and_stay_with_the_bot() {
     let server = Server::start(|_| {}).await;
-    let emu = Emulator::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let admin = emu.client().await;
+    let cluster = cluster().await;
+    let admin = cluster.client().await;
     register(&admin, &server).await;
+    until_called(&admin, &server).await;
     let mut events = watch_from_now(&admin).await;
     let Server {
         handle,
@@ -290,7 +354,7 @@ async fn writes_go_through_while_the_webhook_is_down_and_stay_with_the_bot() {
     handle.shutdown().await;
 
     // failurePolicy: Ignore — attribution never blocks the cluster.
-    let alice = configmaps(&impersonating(&emu, "alice", &["devs"]));
+    let alice = configmaps(&impersonating(&cluster, "alice", &["devs"]).await);
     alice
         .create(&PostParams::default(), &cm("settings", "v1"))
         .await
@@ -308,5 +372,5 @@ async fn writes_go_through_while_the_webhook_is_down_and_stay_with_the_bot() {
         .map(|o| o.metadata.name.unwrap())
         .collect();
     assert!(listed.contains(&"settings".to_owned()));
-    emu.shutdown().await;
+    cluster.shutdown().await;
 }

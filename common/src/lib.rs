@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod paths;
 pub mod rate;
+pub mod reasons;
 pub mod sops;
 pub mod telemetry;
 pub mod yaml;

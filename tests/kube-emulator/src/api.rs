@@ -222,7 +222,141 @@ fn check_type(def: &ResourceDef, body: &mut Value) -> Result<(), ApiError> {
     if !obj.get("metadata").is_some_and(Value::is_object) {
         obj.insert("metadata".into(), Value::Object(Map::new()));
     }
+    check_string_maps(def, body)
+}
+
+/// The string maps of the core types hold strings only (ConfigMap `data`/`binaryData`, Secret
+/// `data`/`stringData`): the API server decodes them into Go `map[string]string` and refuses
+/// anything else with 400, so a YAML `1e3` never becomes the number 1000.
+fn check_string_maps(def: &ResourceDef, body: &Value) -> Result<(), ApiError> {
+    let fields: &[&str] = match (def.group.as_str(), def.kind.as_str()) {
+        ("", "ConfigMap") => &["data", "binaryData"],
+        ("", "Secret") => &["data", "stringData"],
+        _ => return Ok(()),
+    };
+    for field in fields {
+        let Some(map) = body.get(*field).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let bad = match map.as_object() {
+            None => Some(format!("{field} must be an object")),
+            Some(entries) => entries.iter().find(|(_, v)| !v.is_string()).map(|(k, v)| {
+                format!(
+                    "{field}.{k}: cannot unmarshal {} into a string",
+                    json_type(v)
+                )
+            }),
+        };
+        if let Some(why) = bad {
+            return Err(ApiError::bad_request(format!(
+                "{kind} in version \"v1\" cannot be handled as a {kind}: {why}",
+                kind = def.kind
+            )));
+        }
+    }
+    check_data_size(def, body, fields)
+}
+
+/// The most data a ConfigMap or Secret holds: keys plus (decoded) values.
+const MAX_DATA_BYTES: usize = 1024 * 1024;
+
+/// A ConfigMap's or Secret's data above [`MAX_DATA_BYTES`] is 422 Invalid, as on the real server
+/// (base64 values count decoded).
+fn check_data_size(def: &ResourceDef, body: &Value, fields: &[&str]) -> Result<(), ApiError> {
+    let mut total = 0;
+    for field in fields {
+        let base64 = *field == "binaryData" || (def.kind == "Secret" && *field == "data");
+        for (key, value) in body
+            .get(*field)
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            let text = value.as_str().unwrap_or_default();
+            let padding = text.bytes().rev().take_while(|b| *b == b'=').count();
+            total += key.len()
+                + if base64 {
+                    (text.len() / 4 * 3).saturating_sub(padding)
+                } else {
+                    text.len()
+                };
+        }
+    }
+    if total > MAX_DATA_BYTES {
+        let name = body
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        return Err(ApiError::invalid(
+            &def.kind,
+            "",
+            name,
+            "data",
+            "Too long",
+            &format!("must have at most {MAX_DATA_BYTES} bytes"),
+        ));
+    }
     Ok(())
+}
+
+/// A ConfigMap or Secret created with `immutable: true` keeps its data and stays immutable (422
+/// otherwise, as the real server).
+fn check_immutable(
+    def: &ResourceDef,
+    name: &str,
+    old: &Value,
+    new: &Value,
+) -> Result<(), ApiError> {
+    let fields: &[&str] = match (def.group.as_str(), def.kind.as_str()) {
+        ("", "ConfigMap") => &["data", "binaryData"],
+        ("", "Secret") => &["data"],
+        _ => return Ok(()),
+    };
+    if old.get("immutable") != Some(&Value::Bool(true)) {
+        return Ok(());
+    }
+    const DETAIL: &str = "field is immutable when `immutable` is set";
+    if new.get("immutable") != Some(&Value::Bool(true)) {
+        return Err(ApiError::invalid(
+            &def.kind,
+            "",
+            name,
+            "immutable",
+            "Forbidden",
+            DETAIL,
+        ));
+    }
+    let empty = Value::Object(Map::new());
+    let map = |obj: &Value, field: &str| {
+        obj.get(field)
+            .filter(|v| !v.is_null())
+            .cloned()
+            .unwrap_or(empty.clone())
+    };
+    for field in fields {
+        if map(old, field) != map(new, field) {
+            return Err(ApiError::invalid(
+                &def.kind,
+                "",
+                name,
+                field,
+                "Forbidden",
+                DETAIL,
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
 }
 
 /// Everything but metadata (and status, when it is a subresource) — what `generation` tracks.
@@ -436,8 +570,13 @@ impl Shared {
             ));
         }
         if kind == PatchKind::Apply && opts.field_manager.is_none() {
-            return Err(ApiError::bad_request(
-                "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+            return Err(ApiError::invalid(
+                "PatchOptions.meta.k8s.io",
+                "",
+                "",
+                "fieldManager",
+                "Required value",
+                "is required for apply patch",
             ));
         }
         let key = key_for(def, ns, name);
@@ -463,6 +602,7 @@ impl Shared {
                 .ok_or_else(|| ApiError::not_found(target(def, name)))?;
             let mut doc = (*old).clone();
             patch::apply(kind, &mut doc, &patch_body)?;
+            check_string_maps(def, &doc)?;
             plan_update(def, &key, old, doc, subresource)
         })
         .await
@@ -709,6 +849,9 @@ fn plan_update(
     fold_string_data(def, &mut new);
     if !new.get("metadata").is_some_and(Value::is_object) {
         new["metadata"] = json!({});
+    }
+    if subresource.is_none() {
+        check_immutable(def, name, &old, &new)?;
     }
     match meta_str(&new, "resourceVersion") {
         Some(rv) if !rv.is_empty() && rv != rv_of(&old) => {
@@ -1021,5 +1164,109 @@ mod tests {
             .get("rbac.authorization.k8s.io", "v1", "clusterroles")
             .unwrap();
         assert!(validate_name(&role, "system:controller:x").is_ok());
+    }
+
+    #[test]
+    fn configmap_and_secret_maps_hold_strings_only() {
+        let r = crate::resources::Registry::default();
+        let cm = r.get("", "v1", "configmaps").unwrap();
+        let secret = r.get("", "v1", "secrets").unwrap();
+        let deploy = r.get("apps", "v1", "deployments").unwrap();
+        assert!(
+            check_string_maps(
+                &cm,
+                &json!({"data": {"a": "1e3"}, "binaryData": {"b": "AA=="}})
+            )
+            .is_ok()
+        );
+        assert!(check_string_maps(&cm, &json!({"data": null})).is_ok());
+        for bad in [
+            json!({"data": {"a": 1000}}),
+            json!({"data": {"a": true}}),
+            json!({"data": {"a": null}}),
+            json!({"binaryData": {"b": ["x"]}}),
+            json!({"data": "not a map"}),
+        ] {
+            let err = check_string_maps(&cm, &bad).unwrap_err();
+            assert_eq!(
+                (err.code, err.reason.as_str()),
+                (400, "BadRequest"),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            check_string_maps(&secret, &json!({"stringData": {"n": 1}}))
+                .unwrap_err()
+                .code,
+            400
+        );
+        assert_eq!(
+            check_string_maps(&secret, &json!({"data": {"n": {}}}))
+                .unwrap_err()
+                .code,
+            400
+        );
+        // At most 1 MiB of data, base64 values counted decoded.
+        let fits = "A".repeat(1024 * 1024 / 3 * 4 - 8);
+        assert!(check_string_maps(&secret, &json!({"data": {"k": fits}})).is_ok());
+        let over = "A".repeat(1024 * 1024 / 3 * 4 + 8);
+        assert_eq!(
+            check_string_maps(&secret, &json!({"data": {"k": over}}))
+                .unwrap_err()
+                .code,
+            422
+        );
+        assert_eq!(
+            check_string_maps(&cm, &json!({"data": {"k": "x".repeat(1024 * 1024)}}))
+                .unwrap_err()
+                .code,
+            422
+        );
+        assert!(
+            check_string_maps(&cm, &json!({"data": {"k": "x".repeat(1024 * 1024 - 1)}})).is_ok()
+        );
+        // Other kinds have no such maps.
+        assert!(check_string_maps(&deploy, &json!({"data": {"n": 1}})).is_ok());
+    }
+
+    #[test]
+    fn immutable_configmaps_and_secrets_keep_their_data() {
+        let r = crate::resources::Registry::default();
+        let cm = r.get("", "v1", "configmaps").unwrap();
+        let secret = r.get("", "v1", "secrets").unwrap();
+        let frozen =
+            json!({"immutable": true, "data": {"k": "v"}, "metadata": {"labels": {"a": "b"}}});
+        // Metadata may change.
+        let relabeled =
+            json!({"immutable": true, "data": {"k": "v"}, "metadata": {"labels": {"a": "c"}}});
+        assert!(check_immutable(&cm, "x", &frozen, &relabeled).is_ok());
+        for changed in [
+            json!({"immutable": true, "data": {"k": "w"}}),
+            json!({"immutable": true, "data": {"k": "v"}, "binaryData": {"b": "AA=="}}),
+            json!({"immutable": false, "data": {"k": "v"}}),
+            json!({"data": {"k": "v"}}),
+        ] {
+            let err = check_immutable(&cm, "x", &frozen, &changed).unwrap_err();
+            assert_eq!(
+                (err.code, err.reason.as_str()),
+                (422, "Invalid"),
+                "{changed}"
+            );
+        }
+        assert_eq!(
+            check_immutable(
+                &secret,
+                "s",
+                &frozen,
+                &json!({"immutable": true, "data": {}})
+            )
+            .unwrap_err()
+            .code,
+            422
+        );
+        // Not immutable: anything goes.
+        assert!(
+            check_immutable(&cm, "x", &json!({"data": {"k": "v"}}), &json!({"data": {}})).is_ok()
+        );
     }
 }

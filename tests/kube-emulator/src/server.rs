@@ -272,8 +272,37 @@ fn parse_resource_path(group: &str, version: &str, rest: &[&str]) -> Option<ResP
     Some(p)
 }
 
+/// A URL path segment with its `%XX` escapes decoded, as the API server reads names from the
+/// path (`configmaps/a%2Db` is `a-b`). A malformed escape stays as it is.
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 async fn route(shared: &Shared, path: &str, req: Req) -> Result<Response<Body>, ApiError> {
-    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let decoded: Vec<String> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(percent_decode)
+        .collect();
+    let segs: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let get_only = |r: Result<Response<Body>, ApiError>| {
         if req.method == Method::GET || req.method == Method::HEAD {
             r
@@ -693,6 +722,17 @@ mod tests {
         assert_eq!(p.plural, "deployments");
         let p = parse_resource_path("", "v1", &["namespaces"]).unwrap();
         assert_eq!((p.namespace, p.plural.as_str()), (None, "namespaces"));
+    }
+
+    #[test]
+    fn path_segments_are_percent_decoded() {
+        assert_eq!(percent_decode("space%20name"), "space name");
+        assert_eq!(percent_decode("%61%62-c"), "ab-c");
+        assert_eq!(percent_decode("plain"), "plain");
+        // Malformed escapes stay as they are.
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("a%zz"), "a%zz");
+        assert_eq!(percent_decode("%"), "%");
     }
 
     #[test]

@@ -98,6 +98,8 @@ impl RealClusterBuilder {
     }
 
     /// How often the API server compacts etcd (`--etcd-compaction-interval`; default 10 s).
+    /// A revision is gone about two intervals after the next write; with `--watch-cache=false`
+    /// ([`RealClusterBuilder::apiserver_arg`]) a watch from it then ends in 410 Gone (the cache would serve it).
     pub fn compaction_interval(mut self, every: Duration) -> Self {
         self.compaction_interval = every;
         self
@@ -330,6 +332,7 @@ impl RealCluster {
 
     /// A shell that ends every component if this test process dies without dropping the cluster (a SIGKILLed
     /// test, a runner's timeout).
+    /// `kill -KILL -PGID`, not `kill -KILL -- -PGID`: dash's builtin refuses the latter ("Illegal number").
     fn start_watchdog(&mut self) {
         let pids: Vec<String> = self
             .components
@@ -337,7 +340,7 @@ impl RealCluster {
             .map(|c| c.child.id().to_string())
             .collect();
         let script = format!(
-            "while kill -0 {parent} 2>/dev/null; do sleep 1; done; for p in {pids}; do kill -KILL -- -$p 2>/dev/null; done",
+            "while kill -0 {parent} 2>/dev/null; do sleep 1; done; for p in {pids}; do kill -KILL -$p 2>/dev/null; done",
             parent = std::process::id(),
             pids = pids.join(" ")
         );
@@ -589,6 +592,8 @@ impl Drop for RealCluster {
                         let _ = Command::new("kill")
                             .args(["-KILL", "--", &format!("-{pid}")])
                             .status();
+                        // The component itself at least, should the group kill have failed.
+                        let _ = component.child.kill();
                         let _ = component.child.wait();
                         break;
                     }
