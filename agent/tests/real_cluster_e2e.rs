@@ -1204,6 +1204,10 @@ data: {revision: '0'}
         world.files().len()
     );
     eprintln!("{figures}");
+    // As multisets: a Deployment and its Service applied (or deleted) together may land in either order.
+    let (mut committed, mut intended) = (committed, intended);
+    committed.sort();
+    intended.sort();
     assert_eq!(
         committed, intended,
         "only the intended changes, each once ({figures})"
