@@ -52,6 +52,10 @@ const DROPPED_ANNOTATION_KEYS: &[&str] = &[
 
 const DROPPED_LABEL_PREFIXES: &[&str] = &["kustomize.toolkit.fluxcd.io/"];
 
+/// Finalizers the API server adds when an owner is deleted with `propagationPolicy: Foreground` or `Orphan`, for
+/// the garbage collector: a deletion in progress, not something the user asked the object to carry.
+const DROPPED_FINALIZERS: &[&str] = &["foregroundDeletion", "orphan"];
+
 /// Service fields the cluster allocates or defaults per cluster; keeping them
 /// would make a manifest unportable and churn on re-creation.
 const DROPPED_SERVICE_SPEC: &[&str] = &[
@@ -133,6 +137,12 @@ fn sanitize_metadata(meta: &mut Map<String, Value>) {
     retain_entries(meta, "labels", |key| {
         !DROPPED_LABEL_PREFIXES.iter().any(|p| key.starts_with(p))
     });
+    if let Some(Value::Array(finalizers)) = meta.get_mut("finalizers") {
+        finalizers.retain(|f| !f.as_str().is_some_and(|f| DROPPED_FINALIZERS.contains(&f)));
+        if finalizers.is_empty() {
+            meta.remove("finalizers");
+        }
+    }
 }
 
 /// Filters the string map `meta[field]` and removes it when nothing is left, so
@@ -311,6 +321,33 @@ mod tests {
                 "metadata": {"name": "a", "namespace": "ns", "finalizers": ["keep/me"]},
                 "data": {"k": "v"}
             })
+        );
+    }
+
+    #[test]
+    fn drops_the_garbage_collectors_deletion_finalizers_but_keeps_the_others() {
+        let deleting = |finalizers: Value| {
+            json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "a", "finalizers": finalizers},
+                "spec": {"replicas": 1}
+            })
+        };
+        // Foreground or orphan deletion of an owner: the file must not change while its dependents go.
+        for gc in ["foregroundDeletion", "orphan"] {
+            assert_eq!(
+                to_canonical_yaml(&deleting(json!([gc]))).unwrap(),
+                to_canonical_yaml(&json!({
+                    "apiVersion": "apps/v1", "kind": "Deployment",
+                    "metadata": {"name": "a"}, "spec": {"replicas": 1}
+                }))
+                .unwrap(),
+                "{gc}"
+            );
+        }
+        assert_eq!(
+            sanitize(&deleting(json!(["foregroundDeletion", "example.com/keep"])))["metadata"]["finalizers"],
+            json!(["example.com/keep"])
         );
     }
 
