@@ -38,6 +38,7 @@ pub struct HttpGitServer {
     ca_pem: String,
     dir: TempDir,
     stats: Arc<Stats>,
+    accepted: Arc<std::sync::RwLock<(String, String)>>,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -51,8 +52,8 @@ struct Stats {
 struct Config {
     git: PathBuf,
     root: PathBuf,
-    username: String,
-    password: String,
+    /// The accepted `(username, password)`; [`HttpGitServer::set_credentials`] replaces it.
+    accepted: Arc<std::sync::RwLock<(String, String)>>,
     stats: Arc<Stats>,
 }
 
@@ -74,11 +75,14 @@ impl HttpGitServer {
             .expect("non-blocking listener");
         let port = listener.local_addr().expect("local addr").port();
         let stats = Arc::new(Stats::default());
+        let accepted = Arc::new(std::sync::RwLock::new((
+            username.to_owned(),
+            password.to_owned(),
+        )));
         let config = Arc::new(Config {
             git,
             root: root.to_owned(),
-            username: username.to_owned(),
-            password: password.to_owned(),
+            accepted: Arc::clone(&accepted),
             stats: Arc::clone(&stats),
         });
         let (shutdown, stop) = oneshot::channel();
@@ -92,6 +96,7 @@ impl HttpGitServer {
             ca_pem,
             dir,
             stats,
+            accepted,
             shutdown: Some(shutdown),
             thread: Some(thread),
         }
@@ -124,6 +129,12 @@ impl HttpGitServer {
     /// HTTP requests served so far (including refused ones).
     pub fn request_count(&self) -> usize {
         self.stats.requests.load(Ordering::SeqCst)
+    }
+
+    /// From now on only `username`/`password` are accepted (a rotated token; the old one gets 401).
+    pub fn set_credentials(&self, username: &str, password: &str) {
+        *self.accepted.write().expect("credentials lock") =
+            (username.to_owned(), password.to_owned());
     }
 
     /// Requests answered 401 so far.
@@ -243,7 +254,10 @@ async fn handle(req: Request<Incoming>, config: &Config) -> Response<HttpBody> {
 }
 
 fn authorized(req: &Request<Incoming>, config: &Config) -> bool {
-    let expected = format!("{}:{}", config.username, config.password);
+    let expected = {
+        let (username, password) = &*config.accepted.read().expect("credentials lock");
+        format!("{username}:{password}")
+    };
     req.headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -267,6 +281,7 @@ async fn run_cgi(req: Request<Incoming>, config: &Config) -> std::io::Result<Res
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
+    let username = config.accepted.read().expect("credentials lock").0.clone();
     let mut cmd = tokio::process::Command::new(&config.git);
     cmd.arg("http-backend")
         .env_clear()
@@ -275,7 +290,7 @@ async fn run_cgi(req: Request<Incoming>, config: &Config) -> std::io::Result<Res
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .env("GIT_PROJECT_ROOT", &config.root)
         .env("GIT_HTTP_EXPORT_ALL", "1")
-        .env("REMOTE_USER", &config.username)
+        .env("REMOTE_USER", username)
         .env("REMOTE_ADDR", "127.0.0.1")
         .env("GATEWAY_INTERFACE", "CGI/1.1")
         .env("SERVER_PROTOCOL", "HTTP/1.1")
