@@ -21,7 +21,7 @@ use testkit::BareRepo;
 mod support;
 
 use support::cluster::TestCluster;
-use support::world::{self, Agent, KubeconfigFile, start_writer};
+use support::world::{self, Agent, KubeconfigFile, configmap_mirror_config, start_writer};
 use support::{PATIENCE, free_port, wait, wait_async};
 
 const BRANCH: &str = "main";
@@ -30,41 +30,7 @@ const COUNT: usize = 50;
 const LEASE: &str = "gitops-reverser-agent";
 
 fn cluster_yaml(repo_url: &str) -> String {
-    let mut yaml = format!(
-        "
-apiVersion: v1
-kind: Namespace
-metadata: {{name: gitops-reverser}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: {NS}}}
----
-apiVersion: configbutler.ai/v1alpha1
-kind: GitRepoConfig
-metadata: {{name: repo, namespace: gitops-reverser}}
-spec:
-  repoUrl: '{repo_url}'
-  allowedBranches: [{BRANCH}]
-  accessPolicy: {{namespacedRules: {{mode: AllNamespaces}}}}
----
-apiVersion: configbutler.ai/v1alpha1
-kind: GitDestination
-metadata: {{name: prod, namespace: gitops-reverser}}
-spec:
-  repoRef: {{namespace: gitops-reverser, name: repo}}
-  branch: {BRANCH}
-  baseFolder: clusters/prod
-  accessPolicy: {{namespacedRules: {{mode: AllNamespaces}}}}
----
-apiVersion: configbutler.ai/v1alpha1
-kind: WatchRule
-metadata: {{name: config, namespace: {NS}}}
-spec:
-  destinationRef: {{name: prod, namespace: gitops-reverser}}
-  rules: [{{resources: [configmaps]}}]
-"
-    );
+    let mut yaml = configmap_mirror_config(repo_url, BRANCH, NS);
     for i in 0..COUNT {
         yaml.push_str(&format!(
             "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm-{i}, namespace: {NS}}}\ndata: {{v: r0}}\n"

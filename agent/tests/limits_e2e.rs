@@ -17,7 +17,7 @@ use testkit::BareRepo;
 mod support;
 
 use support::cluster::TestCluster;
-use support::world::{self, Agent, KubeconfigFile, start_writer};
+use support::world::{self, Agent, KubeconfigFile, configmap_mirror_config, start_writer};
 use support::{free_port, http_get, metric, wait, wait_async, wait_for_condition};
 
 const BRANCH: &str = "main";
@@ -25,47 +25,16 @@ const NS: &str = "shop";
 const SMALL: usize = 5;
 
 fn cluster_yaml(repo_url: &str) -> String {
-    let mut yaml = format!(
-        "
-apiVersion: v1
-kind: Namespace
-metadata: {{name: gitops-reverser}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: {NS}}}
----
-apiVersion: configbutler.ai/v1alpha1
-kind: GitRepoConfig
-metadata: {{name: repo, namespace: gitops-reverser}}
-spec:
-  repoUrl: '{repo_url}'
-  allowedBranches: [{BRANCH}]
-  accessPolicy: {{namespacedRules: {{mode: AllNamespaces}}}}
----
-apiVersion: configbutler.ai/v1alpha1
-kind: GitDestination
-metadata: {{name: prod, namespace: gitops-reverser}}
-spec:
-  repoRef: {{namespace: gitops-reverser, name: repo}}
-  branch: {BRANCH}
-  baseFolder: clusters/prod
-  accessPolicy: {{namespacedRules: {{mode: AllNamespaces}}}}
----
-apiVersion: configbutler.ai/v1alpha1
-kind: WatchRule
-metadata: {{name: config, namespace: {NS}}}
-spec:
-  destinationRef: {{name: prod, namespace: gitops-reverser}}
-  rules: [{{resources: [configmaps]}}]
----
+    let mut yaml = configmap_mirror_config(repo_url, BRANCH, NS);
+    yaml.push_str(&format!(
+        "---
 apiVersion: v1
 kind: ConfigMap
 metadata: {{name: huge, namespace: {NS}}}
 data: {{blob: {}}}
 ",
         "x".repeat(100 * 1024)
-    );
+    ));
     for i in 0..SMALL {
         yaml.push_str(&format!(
             "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: small-{i}, namespace: {NS}}}\ndata: {{v: r0}}\n"

@@ -200,3 +200,44 @@ impl Agent {
         assert!(status.success(), "kill -{signal} {pid}");
     }
 }
+
+/// The agent configuration several e2e tests share: the `gitops-reverser` and `namespace` namespaces, repository
+/// `repo` at `repo_url`, destination `prod` (`clusters/prod` on `branch`) and a WatchRule mirroring the
+/// ConfigMaps of `namespace`.
+pub fn configmap_mirror_config(repo_url: &str, branch: &str, namespace: &str) -> String {
+    format!(
+        "
+apiVersion: v1
+kind: Namespace
+metadata: {{name: gitops-reverser}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: {namespace}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitRepoConfig
+metadata: {{name: repo, namespace: gitops-reverser}}
+spec:
+  repoUrl: '{repo_url}'
+  allowedBranches: [{branch}]
+  accessPolicy: {{namespacedRules: {{mode: AllNamespaces}}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitDestination
+metadata: {{name: prod, namespace: gitops-reverser}}
+spec:
+  repoRef: {{namespace: gitops-reverser, name: repo}}
+  branch: {branch}
+  baseFolder: clusters/prod
+  accessPolicy: {{namespacedRules: {{mode: AllNamespaces}}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: WatchRule
+metadata: {{name: config, namespace: {namespace}}}
+spec:
+  destinationRef: {{name: prod, namespace: gitops-reverser}}
+  rules: [{{resources: [configmaps]}}]
+"
+    )
+}
