@@ -569,6 +569,15 @@ async fn refresh_discovery_on_crd_changes(client: kube::Client, live: Arc<Live>)
             Ok(watcher::Event::Apply(crd) | watcher::Event::Delete(crd)) if synced => {
                 info!(crd = %crd.metadata.name.as_deref().unwrap_or_default(), "a CRD changed; refreshing discovery");
                 live.refresh_discovery();
+                // The API server publishes a new group in discovery a moment after the CRD is Established (seen on
+                // kube-apiserver v1.37): look again shortly, or the type waits for --discovery-refresh.
+                let later = Arc::clone(&live);
+                tokio::spawn(async move {
+                    for delay in [Duration::from_secs(2), Duration::from_secs(8)] {
+                        tokio::time::sleep(delay).await;
+                        later.refresh_discovery();
+                    }
+                });
             }
             Ok(_) => {}
             Err(error) => {
