@@ -746,7 +746,19 @@ spec: {size: 3}
         )
         .await;
     h.handle.refresh_discovery();
-    let got = h.until_ended(&["widgets"]).await;
+    // The agent may start the watch on its own as soon as the CRD is Established, before the
+    // Widget exists: then the snapshot ends empty and the Widget follows as a live upsert.
+    let mut got = h.until_ended(&["widgets"]).await;
+    if !got
+        .iter()
+        .any(|e| is_upsert_of(e, "example.com/v1/widgets/shop/w1.yaml"))
+    {
+        got = h
+            .until("the widget's live upsert", |e| {
+                is_upsert_of(e, "example.com/v1/widgets/shop/w1.yaml")
+            })
+            .await;
+    }
     let upsert = got
         .iter()
         .find(|e| is_upsert_of(e, "example.com/v1/widgets/shop/w1.yaml"))
