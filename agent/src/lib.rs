@@ -25,7 +25,7 @@
 //!
 //! Around that core, the running agent (binary `reverser-agent`, flags in [`run::Args`]):
 //!
-//! - [`leader`]: Lease-based leader election; only the leader runs what follows.
+//! - leader election: a Lease (`reverser_common::lease`); only the leader runs what follows.
 //! - [`controller`]: watches the custom resources and Namespaces, resolves them
 //!   ([`ingest::resolve`]) into the selection ingestion mirrors, and writes each
 //!   rule's and destination's status conditions ([`conditions`]: `Ready`, the writer's
@@ -43,7 +43,6 @@ pub mod crd;
 pub mod credentials;
 pub mod events;
 pub mod ingest;
-pub mod leader;
 pub mod paths;
 pub mod rules;
 pub mod run;

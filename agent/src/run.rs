@@ -4,7 +4,7 @@
 //! ```text
 //!                    ┌────────────────────── one leader term (Session) ───────────────────────┐
 //! Lease ──leading──▶ │ controller ──Selection (watch)──▶ ingestion ──AgentEvent──▶ counter ──▶ │──▶ stream ──▶ writer
-//! (leader.rs)        │  (CRs → resolve → /status)         ▲ restarted on a           (events_total)│      │
+//! (common::lease)    │  (CRs → resolve → /status)         ▲ restarted on a           (events_total)│      │
 //!                    │      ▲                             └─ stream reconnect ◀── Feedback ◀─────┼──────┘
 //!                    │      └──── WriterView (watch): statuses, rejects, connection ◀──┘          │
 //!                    └────────────────────────────────────────────────────────────────────────┘
@@ -46,6 +46,7 @@ use clap::Parser;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, Patch, PatchParams};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use reverser_common::lease::{self, LeaseConfig};
 use reverser_common::{admin, telemetry};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -58,7 +59,6 @@ use crate::ingest::{
     self, DiscoveryOptions, IngestConfig, IngestHandle, ListPermits, RequestRate, ResourceTotals,
     Selection,
 };
-use crate::leader::{self, LeaderConfig};
 use crate::stream::{
     AgentIdentity, Feedback, LeaderFence, StreamClient, StreamConfig, StreamStats, TlsSettings,
 };
@@ -129,6 +129,9 @@ pub struct Args {
     /// Renew the Lease every this many seconds (less than the lease duration).
     #[arg(long, env = "AGENT_LEADER_ELECTION_RENEW_SEC", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
     pub leader_election_renew_sec: u64,
+    /// Role (in the Lease's namespace) that owns the leader Lease: deleting it (helm uninstall) lets the garbage collector delete the Lease; no Lease is created while it is missing.
+    #[arg(long, env = "AGENT_LEADER_ELECTION_OWNER_ROLE")]
+    pub leader_election_owner_role: Option<String>,
     /// Rules without `resources` select every discovered type instead of the desired-state preset.
     #[arg(long, env = "AGENT_WATCH_ALL")]
     pub watch_all: bool,
@@ -237,6 +240,7 @@ impl Args {
             leader_election_name,
             leader_election_lease_sec,
             leader_election_renew_sec,
+            leader_election_owner_role,
             watch_all,
             discovery_exclude,
             sensitive_resources,
@@ -388,7 +392,7 @@ impl Args {
             shutdown.await;
             session.stop().await;
         } else {
-            let config = LeaderConfig {
+            let config = LeaseConfig {
                 namespace: leader_election_namespace.unwrap_or(controller_namespace),
                 name: leader_election_name,
                 // Two replicas may share a host name (or a POD_NAME after a bad template): the
@@ -396,26 +400,23 @@ impl Args {
                 identity: format!("{instance_id}-{:06x}", rand::random::<u32>() & 0xff_ffff),
                 lease_duration: Duration::from_secs(leader_election_lease_sec),
                 renew_every: Duration::from_secs(leader_election_renew_sec),
+                owner_role: leader_election_owner_role.filter(|name| !name.is_empty()),
             };
             info!(lease = %config.name, namespace = %config.namespace, identity = %config.identity, "leader election on");
-            let (mut leading, mut tenure, election) = leader::spawn(client.clone(), config.clone());
+            let (mut lease_state, election) = lease::spawn(client.clone(), config.clone());
             loop {
-                tokio::select! {
-                    _ = &mut shutdown => break,
-                    changed = leading.wait_for(|l| *l) => if changed.is_err() { bail!("leader election stopped") },
-                }
-                // The term this process leads in (set by the elector before it says we lead): every stream of
-                // the session names it, and sends only while the Lease is provably still ours.
+                // The term this process leads in: every stream of the session names it, and sends only while the
+                // Lease is provably still ours.
                 let term = tokio::select! {
                     _ = &mut shutdown => break,
-                    term = tenure.wait_for(Option::is_some) => match term {
-                        Ok(term) => term.clone(),
+                    state = lease_state.wait_for(|state| state.tenure.is_some()) => match state {
+                        Ok(state) => state.tenure.clone(),
                         Err(_) => bail!("leader election stopped"),
                     },
                 };
                 let fence = term.map(|term| LeaderFence {
                     term,
-                    tenure: tenure.clone(),
+                    lease: lease_state.clone(),
                 });
                 metrics.leader.set(1);
                 // Listening before the label: the Service routes to the labelled Pod at once.
@@ -424,14 +425,13 @@ impl Args {
                 let session = Session::start(&parts, fence);
                 let stop = tokio::select! {
                     _ = &mut shutdown => true,
-                    _ = leading.wait_for(|l| !*l) => false,
+                    _ = lease_state.wait_for(|state| state.tenure.is_none()) => false,
                 };
                 metrics.leader.set(0);
                 if stop {
                     session.stop().await;
                     election.abort();
-                    let api = Api::namespaced(client.clone(), &config.namespace);
-                    if let Err(error) = leader::release(&api, &config).await {
+                    if let Err(error) = lease::release(&client, &config).await {
                         warn!(%error, "could not release the leader lease; it expires on its own");
                     }
                     label_own_pod(&client, false).await;

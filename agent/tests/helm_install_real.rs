@@ -864,6 +864,46 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
         );
     }
 
+    // Each Lease is owned by the Role that grants the right to hold it.
+    let leases: Value = serde_json::from_str(
+        &cluster.kubectl_ok(&["get", "leases", "-n", NAMESPACE, "-o", "json"]),
+    )
+    .expect("lease list");
+    let owners: BTreeMap<String, String> = leases["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|lease| {
+            (
+                lease["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                lease["metadata"]["ownerReferences"][0]["name"]
+                    .as_str()
+                    .unwrap_or("<none>")
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        owners.len(),
+        2,
+        "the agent's and the writer's Lease: {owners:?}"
+    );
+    assert_eq!(
+        owners.get("gitops-reverser-agent").map(String::as_str),
+        Some("gitops-reverser-agent"),
+        "{owners:?}"
+    );
+    assert!(
+        owners
+            .iter()
+            .any(|(name, owner)| name != "gitops-reverser-agent"
+                && owner == "gitops-reverser-writer"),
+        "{owners:?}"
+    );
+
     shell.ok(&format!("helm uninstall {RELEASE} -n {NAMESPACE}"));
     // The Pods are gone: their containers get SIGTERM.
     agent.take().unwrap().stop();
@@ -871,6 +911,17 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
     wait_until(
         "the garbage collector to delete the agent's webhook configuration",
         || vwc(&cluster).is_none().then_some(()),
+        || cluster.log_tail("kube-controller-manager", 40),
+    );
+    wait_until(
+        "the garbage collector to delete the Leases",
+        || {
+            cluster
+                .kubectl_ok(&["get", "leases", "-n", NAMESPACE, "-o", "name"])
+                .trim()
+                .is_empty()
+                .then_some(())
+        },
         || cluster.log_tail("kube-controller-manager", 40),
     );
 
@@ -922,14 +973,14 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
         .collect();
     let in_namespace =
         cluster.kubectl_ok(&["get", &namespaced.join(","), "-n", NAMESPACE, "-o", "name"]);
-    // Known leftover (chart README "Uninstalling"): the agent's leader Lease and the writer's per-branch Leases.
-    // Helm deletes the Roles with the Deployments, so the Pods, stopped after that, cannot delete them.
-    let (leases, mut in_namespace): (Vec<&str>, Vec<&str>) = in_namespace
-        .lines()
-        .partition(|name| name.starts_with("lease.coordination.k8s.io/"));
+    // The agent's leader Lease and the writer's per-branch Lease were owned by the Roles Helm deleted: the garbage
+    // collector deletes them too (checked above to exist and carry those owners before the uninstall).
+    let mut in_namespace: Vec<&str> = in_namespace.lines().collect();
     assert!(
-        leases.contains(&"lease.coordination.k8s.io/gitops-reverser-agent") && leases.len() == 2,
-        "the Leases left: {leases:?}"
+        !in_namespace
+            .iter()
+            .any(|name| name.starts_with("lease.coordination.k8s.io/")),
+        "a Lease is left: {in_namespace:?}"
     );
     in_namespace.sort_unstable();
     let mut expected = vec![

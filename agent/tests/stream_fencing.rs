@@ -8,10 +8,8 @@ use std::time::Duration;
 
 use tokio::{sync::watch, time::Instant};
 
-use reverser_agent::{
-    leader::Tenure,
-    stream::{Feedback, LeaderFence, StreamConfig},
-};
+use reverser_agent::stream::{Feedback, LeaderFence, StreamConfig};
+use reverser_common::lease::{LeaseState, Tenure};
 use reverser_writer::RunningWriter;
 use testkit::BareRepo;
 
@@ -36,12 +34,12 @@ fn fenced(
     holder: &str,
     transitions: u64,
     expired: bool,
-) -> (StreamConfig, watch::Sender<Option<Tenure>>) {
+) -> (StreamConfig, watch::Sender<LeaseState>) {
     let term = tenure(holder, transitions, Duration::from_secs(600), expired);
-    let (tx, rx) = watch::channel(Some(term.clone()));
+    let (tx, rx) = watch::channel(held(term.clone()));
     let mut config = config(writer);
     config.identity.instance_id = holder.into();
-    config.fence = Some(LeaderFence { term, tenure: rx });
+    config.fence = Some(LeaderFence { term, lease: rx });
     (config, tx)
 }
 
@@ -63,11 +61,11 @@ async fn nothing_is_sent_while_the_lease_is_not_provably_current() {
     assert_eq!(client.stats.sent(), 0);
     assert!(repo.rev_parse("main").is_none(), "nothing reached Git");
     // The elector renews the same term: sending resumes.
-    tenure.send_replace(Some(tenure_renewed(&tenure)));
+    tenure.send_replace(held(tenure_renewed(&tenure)));
     client.acked(1).await;
     assert!(repo.read("main", &format!("c/{}", path("a"))).is_some());
     // Another term (or none) is not ours: nothing more goes out.
-    tenure.send_replace(None);
+    tenure.send_replace(LeaseState::default());
     client.send(upsert("b", "1")).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(client.stats.sent(), 1);
@@ -76,8 +74,15 @@ async fn nothing_is_sent_while_the_lease_is_not_provably_current() {
     writer.stop().await.unwrap();
 }
 
-fn tenure_renewed(tenure: &watch::Sender<Option<Tenure>>) -> Tenure {
-    let mut renewed = tenure.borrow().clone().expect("a tenure");
+fn held(tenure: Tenure) -> LeaseState {
+    LeaseState {
+        holder: tenure.holder.clone(),
+        tenure: Some(tenure),
+    }
+}
+
+fn tenure_renewed(lease: &watch::Sender<LeaseState>) -> Tenure {
+    let mut renewed = lease.borrow().tenure.clone().expect("a tenure");
     renewed.valid_until = Instant::now() + Duration::from_secs(600);
     renewed
 }

@@ -1,5 +1,5 @@
-//! Pure building blocks shared by `reverser-agent` and `reverser-writer`, plus the two small I/O pieces both
-//! binaries need identically (logging set-up and the admin HTTP endpoint).
+//! Pure building blocks shared by `reverser-agent` and `reverser-writer`, plus the small I/O pieces both
+//! binaries need identically (logging set-up, the admin HTTP endpoint, Leases).
 //!
 //! - [`paths`]: which repository paths and base folders are acceptable, the marker location, snapshot scopes.
 //! - [`yaml`]: parsing canonical YAML and comparing documents semantically (no-op detection).
@@ -7,8 +7,10 @@
 //! - [`sops`]: the fingerprint annotation of SOPS-encrypted files and the generated `.sops.yaml`.
 //! - [`telemetry`]: `tracing` subscriber set-up (plain or JSON).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` over HTTP.
+//! - [`lease`]: claiming and renewing a Kubernetes Lease (the agent's leader election, the writer's worker fence).
 
 pub mod admin;
+pub mod lease;
 pub mod paths;
 pub mod rate;
 pub mod reasons;

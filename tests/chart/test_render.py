@@ -269,8 +269,14 @@ def test_agent_rbac_follows_the_seed(render):
     assert verbs_for(ns_role, "", "pods") == {"get", "patch"}
     writer_role = r.get("Role", f"{r.fullname}-writer")
     assert rules_of(writer_role) == [
-        ("coordination.k8s.io", "leases", tuple(sorted(["get", "list", "watch", "create", "update", "patch", "delete"])))
+        ("coordination.k8s.io", "leases", tuple(sorted(["get", "list", "watch", "create", "update", "patch", "delete"]))),
+        ("rbac.authorization.k8s.io", "roles", ("get",)),
     ]
+    # Each Role owns its component's Leases and may read only itself (for the ownerReference's uid).
+    for role, component, flag in ((ns_role, "agent", "--leader-election-owner-role"), (writer_role, "writer", "--lease-owner-role")):
+        [rule] = [rule for rule in role["rules"] if "roles" in rule["resources"]]
+        assert rule["resourceNames"] == [role["metadata"]["name"]], rule
+        assert r.flag(component, flag) == [role["metadata"]["name"]]
     assert r.get("RoleBinding", f"{r.fullname}-writer")["subjects"][0]["name"] == f"{r.fullname}-writer"
     assert verbs_for(ns_role, "", "secrets") == set(), "no fingerprint keys without readSecrets"
 

@@ -166,9 +166,14 @@ pub struct Args {
     /// Renew a held Lease every this many seconds.
     #[arg(long, env = "WRITER_LEASES_RENEW_SEC", default_value_t = 8)]
     pub leases_renew_sec: u64,
-    /// Lease duration in seconds.
+    /// Lease duration in seconds (more than --leases-renew-sec; a worker stops pushing `lease − renew` after its
+    /// last proven renewal).
     #[arg(long, env = "WRITER_LEASES_LEASE_SEC", default_value_t = 24)]
     pub leases_lease_sec: u64,
+    /// Role (in the Lease namespace) that owns every worker Lease: deleting it (helm uninstall) lets the garbage
+    /// collector delete the Leases; no Lease is created while it is missing.
+    #[arg(long, env = "WRITER_LEASE_OWNER_ROLE")]
+    pub lease_owner_role: Option<String>,
     /// Log filter (RUST_LOG syntax).
     #[arg(long, env = "WRITER_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -251,6 +256,13 @@ impl Args {
     }
 
     async fn lease_settings(&self) -> anyhow::Result<Option<lease::LeaseSettings>> {
+        if self.leases != LeaseMode::Off && self.leases_renew_sec >= self.leases_lease_sec {
+            bail!(
+                "--leases-renew-sec ({}) must be less than --leases-lease-sec ({}): a Lease must be renewed before it expires",
+                self.leases_renew_sec,
+                self.leases_lease_sec
+            );
+        }
         if self.leases == LeaseMode::Off {
             info!(
                 "leases are off (--leases=off): the fast-forward-only push is the only fence between writers"
@@ -300,6 +312,10 @@ impl Args {
             identity,
             lease_duration: Duration::from_secs(self.leases_lease_sec.max(1)),
             renew_every: Duration::from_secs(self.leases_renew_sec.max(1)),
+            owner_role: self
+                .lease_owner_role
+                .clone()
+                .filter(|name| !name.is_empty()),
         }))
     }
 
@@ -613,7 +629,7 @@ impl Args {
             readiness.set(false);
             // Streams are gone; let every worker push what it still holds, all at once and for a bounded time: a
             // hung remote must not hold the exit (unpushed changes were not acked; the agents re-send them).
-            let workers = registry.shutdown();
+            let (workers, lease_loops) = registry.shutdown();
             drop(registry);
             let mut finals = tokio::task::JoinSet::new();
             for worker in workers {
@@ -634,6 +650,20 @@ impl Args {
                     "workers still busy with their remote at the end of the shutdown grace; exiting without them (the agents re-send what was not acked)"
                 );
                 finals.abort_all();
+            }
+            // Each worker that ended dropped its Lease state: its loop vacates the Lease, so a successor writer
+            // takes over at its next attempt instead of after the expiry (bounded: one request per Lease).
+            let released = async {
+                for claim_loop in lease_loops {
+                    let _ = claim_loop.await;
+                }
+            };
+            if finished
+                && tokio::time::timeout(Duration::from_secs(10), released)
+                    .await
+                    .is_err()
+            {
+                warn!("Leases not released in time; they expire on their own");
             }
             info!("writer stopped");
             Ok(())

@@ -128,6 +128,8 @@ struct Inner {
     destinations: BTreeMap<DestinationId, DestinationRecord>,
     /// Workers that push with credentials an agent sent, and the client identity that sent them.
     agent_credentials: HashMap<String, String>,
+    /// The workers' Lease loops: each releases its Lease once its worker has ended.
+    lease_loops: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Registry {
@@ -303,10 +305,11 @@ impl Registry {
                 if let Some(ca) = &self.settings.ca_cert_file {
                     repo = repo.with_ca_cert_file(ca.clone());
                 }
-                let lease = self
-                    .leases
-                    .clone()
-                    .map(|settings| lease::spawn(settings, worker_id.clone()));
+                let lease = self.leases.clone().map(|settings| {
+                    let (state, claim_loop) = lease::spawn(settings, worker_id.clone());
+                    inner.lease_loops.push(claim_loop);
+                    state
+                });
                 let handle =
                     worker::spawn(repo, self.settings.clone(), self.metrics.clone(), lease);
                 info!(worker = %handle.id, repo = %handle.repo_url, branch = %handle.branch, "started worker");
@@ -392,9 +395,11 @@ impl Registry {
         })
     }
 
-    /// Stops accepting work: dropping the handles lets each worker flush and exit.
-    pub fn shutdown(&self) -> Vec<WorkerHandle> {
+    /// Stops accepting work: dropping the handles lets each worker flush and exit. Returns the workers and their
+    /// Lease loops, which end (releasing each Lease) once their worker has.
+    pub fn shutdown(&self) -> (Vec<WorkerHandle>, Vec<tokio::task::JoinHandle<()>>) {
         let mut inner = self.inner.lock().expect("registry lock");
-        std::mem::take(&mut inner.workers).into_values().collect()
+        let workers = std::mem::take(&mut inner.workers).into_values().collect();
+        (workers, std::mem::take(&mut inner.lease_loops))
     }
 }

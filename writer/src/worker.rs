@@ -441,7 +441,7 @@ impl Worker {
     async fn flush(&mut self) -> Result<FlushOutcome, FlushError> {
         if let Some(lease) = &self.lease {
             let state = lease.borrow().clone();
-            if !state.held {
+            if !state.held() {
                 self.metrics
                     .lease_acquire_failures
                     .with_label_values(&[self.id.as_str()])

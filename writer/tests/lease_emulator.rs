@@ -1,6 +1,7 @@
 //! The writer's per-worker Kubernetes Lease against the kube-emulator over real HTTP: the claim step
-//! ([`lease::try_claim`]: create, renew, respect, take over, lose a race on a stale resourceVersion), the claim
-//! loop ([`lease::spawn`]), and two whole writers serving one branch with `--leases on`.
+//! (`reverser_common::lease::try_acquire`: create, renew, respect, take over, lose a race on a stale
+//! resourceVersion), the claim loop ([`lease::spawn`]: one holder, release when its user stops), and two whole
+//! writers serving one branch with `--leases on`.
 
 mod support;
 
@@ -12,7 +13,8 @@ use kube::{
     api::{ObjectMeta, PostParams},
 };
 use kube_emulator::Emulator;
-use reverser_writer::lease::{self, Claim, LeaseSettings, LeaseState};
+use reverser_common::lease::{Attempt, LeaseConfig};
+use reverser_writer::lease::{self, LeaseSettings, LeaseState};
 use support::*;
 use testkit::BareRepo;
 
@@ -42,10 +44,31 @@ fn resource_version(lease: &Lease) -> String {
         .expect("resourceVersion")
 }
 
+/// One claim step's outcome, without the term details.
+#[derive(Debug, PartialEq, Eq)]
+enum Claim {
+    Held,
+    HeldBy(String),
+    LostRace,
+}
+
 async fn claim(api: &Api<Lease>, identity: &str, seconds: u64) -> Claim {
-    lease::try_claim(api, NAME, identity, Duration::from_secs(seconds))
+    let config = LeaseConfig {
+        namespace: "default".into(),
+        name: NAME.into(),
+        identity: identity.into(),
+        lease_duration: Duration::from_secs(seconds),
+        renew_every: Duration::from_secs(5),
+        owner_role: None,
+    };
+    match reverser_common::lease::try_acquire(&api.clone().into_client(), &config)
         .await
         .expect("the claim reaches the API server")
+    {
+        Attempt::Held { .. } => Claim::Held,
+        Attempt::HeldBy(holder) => Claim::HeldBy(holder),
+        Attempt::LostRace => Claim::LostRace,
+    }
 }
 
 /// Waits until the wall clock is past the Lease's expiry (renewTime + leaseDurationSeconds).
@@ -191,6 +214,7 @@ fn settings(client: kube::Client, identity: &str) -> LeaseSettings {
         identity: identity.into(),
         lease_duration: Duration::from_secs(2),
         renew_every: Duration::from_millis(500),
+        owner_role: None,
     }
 }
 
@@ -208,24 +232,33 @@ async fn wait_state(
 #[tokio::test]
 async fn claim_loops_keep_one_holder_and_hand_over_once_the_holder_stops_renewing() {
     let (emulator, api) = emulator().await;
-    let mut a = lease::spawn(settings(emulator.client().await, "writer-a"), NAME.into());
-    wait_state(&mut a, "held by writer-a", |s| s.held).await;
+    let (mut a, a_loop) = lease::spawn(settings(emulator.client().await, "writer-a"), NAME.into());
+    wait_state(&mut a, "held by writer-a", LeaseState::held).await;
 
-    let mut b = lease::spawn(settings(emulator.client().await, "writer-b"), NAME.into());
+    let (mut b, _b_loop) = lease::spawn(settings(emulator.client().await, "writer-b"), NAME.into());
     wait_state(&mut b, "writer-b sees writer-a", |s| s.holder == "writer-a").await;
-    assert!(!b.borrow().held);
+    assert!(!b.borrow().held());
     // writer-a keeps renewing: its Lease outlives its duration several times over.
     let first = resource_version(&api.get(NAME).await.unwrap());
     tokio::time::sleep(Duration::from_secs(5)).await;
     let lease = api.get(NAME).await.unwrap();
     assert_eq!(holder(&lease), "writer-a");
     assert_ne!(resource_version(&lease), first, "renewed meanwhile");
-    assert!(a.borrow().held);
-    assert!(!b.borrow().held, "never two holders");
+    assert!(a.borrow().held());
+    assert!(!b.borrow().held(), "never two holders");
 
-    // Dropping the receiver ends writer-a's loop (without vacating): writer-b takes over after expiry.
+    // Dropping the receiver ends writer-a's loop, which vacates the Lease: writer-b takes it at its next attempt.
     drop(a);
-    wait_state(&mut b, "held by writer-b", |s| s.held).await;
+    tokio::time::timeout(WAIT, a_loop)
+        .await
+        .expect("writer-a's loop ends once nobody needs its Lease")
+        .unwrap();
+    assert_ne!(
+        holder(&api.get(NAME).await.unwrap()),
+        "writer-a",
+        "writer-a vacated the Lease on its way out"
+    );
+    wait_state(&mut b, "held by writer-b", LeaseState::held).await;
     let lease = api.get(NAME).await.unwrap();
     assert_eq!(holder(&lease), "writer-b");
     assert_eq!(spec(&lease).lease_transitions, Some(1));
@@ -345,7 +378,7 @@ async fn two_writers_on_one_branch_only_the_lease_holder_pushes_and_the_other_pu
     );
     wait_for_reported_holder(&writer_b, "writer-a-").await;
 
-    // Writer A stops (without vacating the Lease); once it expires writer B takes it and pushes what waited.
+    // Writer A stops and vacates the Lease; writer B takes it and pushes what waited.
     agent_a.finish();
     writer_a.stop().await;
     let ack = agent_b.ack("gitops/b", 1).await;

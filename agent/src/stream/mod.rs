@@ -61,23 +61,24 @@ use reverser_proto::{
 };
 
 use crate::events::{AgentEvent, ScopeRef};
-use crate::leader::Tenure;
 use backlog::Backlog;
+use reverser_common::lease::{LeaseState, Tenure};
 
 /// The leader term a stream speaks for, and the elector's view of the Lease to prove it is still current.
 #[derive(Clone, Debug)]
 pub struct LeaderFence {
     /// The term as acquired (named in every `Hello`).
     pub term: Tenure,
-    /// The elector's latest tenure (renewals move its deadline; `None` or another term: not ours any more).
-    pub tenure: tokio::sync::watch::Receiver<Option<Tenure>>,
+    /// The elector's view of the Lease (renewals move its tenure's deadline; no tenure or another term: not ours).
+    pub lease: tokio::sync::watch::Receiver<LeaseState>,
 }
 
 impl LeaderFence {
     /// Whether the Lease is provably ours now (same term, renewal deadline not passed on the monotonic clock).
     pub fn is_current(&self) -> bool {
-        self.tenure
+        self.lease
             .borrow()
+            .tenure
             .as_ref()
             .is_some_and(|t| t.same_term(&self.term) && t.is_current())
     }
@@ -769,7 +770,7 @@ impl Runner {
         let welcome_by = Instant::now() + self.config.connect_timeout;
         let mut grace_until: Option<Instant> = None;
         // The elector's view of the Lease: a renewal re-enables sending after the deadline passed.
-        let mut tenure = self.config.fence.as_ref().map(|f| f.tenure.clone());
+        let mut tenure = self.config.fence.as_ref().map(|f| f.lease.clone());
         loop {
             if self.finished() {
                 return Ended::Finished;
@@ -1059,7 +1060,7 @@ impl Runner {
 }
 
 /// Resolves when the elector's tenure changes; never without leader election (or once the elector is gone).
-async fn tenure_changed(tenure: &mut Option<tokio::sync::watch::Receiver<Option<Tenure>>>) {
+async fn tenure_changed(tenure: &mut Option<tokio::sync::watch::Receiver<LeaseState>>) {
     match tenure {
         Some(receiver) => {
             if receiver.changed().await.is_err() {
