@@ -1,0 +1,122 @@
+//! A batch whose commit git refuses to build, for a reason the planner does not foresee, must not fail forever and
+//! hold back every destination of the branch: the message that cannot be committed is found by splitting the
+//! batch, refused once with `CommitRefused`, and everything else is committed.
+
+mod support;
+
+use reverser_proto::v1::writer_message::Kind as Out;
+use support::*;
+use testkit::BareRepo;
+
+fn object(name: &str) -> String {
+    format!("core/v1/configmaps/ns/{name}.yaml")
+}
+
+/// Sends one batch of eight files (the flush cap): seven for `gitops/d` and, fourth, one for `gitops/c`.
+async fn send_batch(agent: &mut Agent, first_d: u64, c_sequence: u64) {
+    for (n, sequence) in (first_d..first_d + 7).enumerate() {
+        let name = format!("d{sequence}");
+        agent
+            .send(upsert(
+                "gitops/d",
+                sequence,
+                &object(&name),
+                &configmap("ns", &name, "1"),
+            ))
+            .await;
+        if n == 2 {
+            let name = format!("c{c_sequence}");
+            agent
+                .send(upsert(
+                    "gitops/c",
+                    c_sequence,
+                    &object(&name),
+                    &configmap("ns", &name, "1"),
+                ))
+                .await;
+        }
+    }
+}
+
+async fn expect_refused(agent: &mut Agent, sequence: u64) -> reverser_proto::v1::Reject {
+    match agent
+        .expect(
+            |m| matches!(m, Out::Reject(r) if r.destination == "gitops/c" && r.sequence == sequence),
+            "the refusal of gitops/c's change",
+        )
+        .await
+    {
+        Out::Reject(reject) => reject,
+        _ => unreachable!(),
+    }
+}
+
+#[tokio::test]
+async fn a_change_git_refuses_to_commit_is_refused_alone_and_the_worker_keeps_working() {
+    let repo = BareRepo::new();
+    // A person made a folder where the writer keeps destination c's ownership marker (a file): the planner
+    // accepts c's writes, but no commit that adds the marker can be built on this branch.
+    repo.commit_as_human(
+        "main",
+        "c/.configbutler/owner.yaml/notes.txt",
+        "mine\n",
+        "a folder where the marker goes",
+    );
+    let writer = Writer::start(&[
+        "--git-batch-max-wait-sec",
+        "600",
+        "--git-batch-max-files",
+        "8",
+    ])
+    .await;
+    let mut agent = writer.agent("uid-1").await;
+    agent
+        .declare("gitops/c", &repo.file_url(), "main", "c")
+        .await;
+    agent
+        .declare("gitops/d", &repo.file_url(), "main", "d")
+        .await;
+
+    send_batch(&mut agent, 1, 1).await;
+    agent.ack("gitops/d", 7).await;
+    let refused = expect_refused(&mut agent, 1).await;
+    assert_eq!(refused.reason, "CommitRefused", "{refused:?}");
+    assert!(
+        refused.message.contains("c/.configbutler/owner.yaml"),
+        "{refused:?}"
+    );
+    for n in 1..=7 {
+        assert!(
+            repo.read("main", &format!("d/{}", object(&format!("d{n}"))))
+                .is_some(),
+            "d{n}"
+        );
+    }
+    assert_eq!(repo.read("main", &format!("c/{}", object("c1"))), None);
+    assert_eq!(
+        repo.read("main", "c/.configbutler/owner.yaml/notes.txt")
+            .as_deref(),
+        Some("mine\n")
+    );
+
+    // The worker keeps working: the next batch lands too, and only c's new change is refused.
+    send_batch(&mut agent, 8, 2).await;
+    agent.ack("gitops/d", 14).await;
+    let refused = expect_refused(&mut agent, 2).await;
+    assert_eq!(refused.reason, "CommitRefused", "{refused:?}");
+    assert!(repo.read("main", &format!("d/{}", object("d14"))).is_some());
+
+    // Each refused message was reported once, and nothing else was refused.
+    let rest = agent.drain_for(std::time::Duration::from_millis(300)).await;
+    let rejects: Vec<_> = rest
+        .iter()
+        .filter(|m| matches!(m, Out::Reject(_)))
+        .collect();
+    assert!(rejects.is_empty(), "{rejects:?}");
+    let metrics = writer.metrics().await;
+    assert!(
+        metrics.contains("gitops_reverser_messages_rejected_total{reason=\"CommitRefused\"} 2"),
+        "{metrics}"
+    );
+    writer.stop().await;
+}
