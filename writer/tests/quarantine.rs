@@ -12,16 +12,21 @@ fn object(name: &str) -> String {
     format!("core/v1/configmaps/ns/{name}.yaml")
 }
 
-/// Sends one batch of eight files (the flush cap): seven for `gitops/d` and, fourth, one for `gitops/c`.
-async fn send_batch(agent: &mut Agent, first_d: u64, c_sequence: u64) {
+/// Sends one batch of eight messages on seven files (the flush cap): seven for `gitops/d`, the sixth of which
+/// rewrites the first one's file, and, fourth, one for `gitops/c`. Returns the batch's last sequence of d.
+async fn send_batch(agent: &mut Agent, first_d: u64, c_sequence: u64) -> u64 {
     for (n, sequence) in (first_d..first_d + 7).enumerate() {
-        let name = format!("d{sequence}");
+        let (name, value) = if n == 4 {
+            (format!("d{first_d}"), "2")
+        } else {
+            (format!("d{sequence}"), "1")
+        };
         agent
             .send(upsert(
                 "gitops/d",
                 sequence,
                 &object(&name),
-                &configmap("ns", &name, "1"),
+                &configmap("ns", &name, value),
             ))
             .await;
         if n == 2 {
@@ -36,6 +41,11 @@ async fn send_batch(agent: &mut Agent, first_d: u64, c_sequence: u64) {
                 .await;
         }
     }
+    first_d + 6
+}
+
+fn d_file(repo: &BareRepo, sequence: u64) -> Option<String> {
+    repo.read("main", &format!("d/{}", object(&format!("d{sequence}"))))
 }
 
 async fn expect_refused(agent: &mut Agent, sequence: u64) -> reverser_proto::v1::Reject {
@@ -66,7 +76,7 @@ async fn a_change_git_refuses_to_commit_is_refused_alone_and_the_worker_keeps_wo
         "--git-batch-max-wait-sec",
         "600",
         "--git-batch-max-files",
-        "8",
+        "7",
     ])
     .await;
     let mut agent = writer.agent("uid-1").await;
@@ -77,19 +87,20 @@ async fn a_change_git_refuses_to_commit_is_refused_alone_and_the_worker_keeps_wo
         .declare("gitops/d", &repo.file_url(), "main", "d")
         .await;
 
-    send_batch(&mut agent, 1, 1).await;
-    agent.ack("gitops/d", 7).await;
+    let last = send_batch(&mut agent, 1, 1).await;
+    agent.ack("gitops/d", last).await;
     let refused = expect_refused(&mut agent, 1).await;
     assert_eq!(refused.reason, "CommitRefused", "{refused:?}");
     assert!(
         refused.message.contains("c/.configbutler/owner.yaml"),
         "{refused:?}"
     );
-    for n in 1..=7 {
-        assert!(
-            repo.read("main", &format!("d/{}", object(&format!("d{n}"))))
-                .is_some(),
-            "d{n}"
+    // Everything else landed, in arrival order: the rewrite of d1 (in the other half of the split) won.
+    assert_eq!(d_file(&repo, 1), Some(configmap("ns", "d1", "2")));
+    for n in [2, 3, 4, 6, 7] {
+        assert_eq!(
+            d_file(&repo, n),
+            Some(configmap("ns", &format!("d{n}"), "1"))
         );
     }
     assert_eq!(repo.read("main", &format!("c/{}", object("c1"))), None);
@@ -100,11 +111,12 @@ async fn a_change_git_refuses_to_commit_is_refused_alone_and_the_worker_keeps_wo
     );
 
     // The worker keeps working: the next batch lands too, and only c's new change is refused.
-    send_batch(&mut agent, 8, 2).await;
-    agent.ack("gitops/d", 14).await;
+    let last = send_batch(&mut agent, 8, 2).await;
+    agent.ack("gitops/d", last).await;
     let refused = expect_refused(&mut agent, 2).await;
     assert_eq!(refused.reason, "CommitRefused", "{refused:?}");
-    assert!(repo.read("main", &format!("d/{}", object("d14"))).is_some());
+    assert_eq!(d_file(&repo, 8), Some(configmap("ns", "d8", "2")));
+    assert_eq!(d_file(&repo, 14), Some(configmap("ns", "d14", "1")));
 
     // Each refused message was reported once, and nothing else was refused.
     let rest = agent.drain_for(std::time::Duration::from_millis(300)).await;
