@@ -55,7 +55,8 @@ pub struct NetworkTimeouts {
     pub connect: Duration,
     /// One socket read or write without progress (libgit2's server timeout).
     pub io: Duration,
-    /// A whole fetch or push, checked whenever libgit2 reports progress.
+    /// A whole fetch or push, checked whenever libgit2 reports progress (the worker's watchdog enforces it
+    /// also when none is reported).
     pub operation: Duration,
 }
 
