@@ -1,6 +1,7 @@
 //! An SSH remote that accepts the connection and then stalls (before, during or after the SSH handshake) must
 //! not hang its worker, the other repositories or the shutdown: its destination reports `PushFailing`, its
-//! changes stay pending, and they land once the remote answers again.
+//! changes stay pending, and they land once the remote answers again. The same holds for a server that keeps a
+//! push alive without progress (git's keep-alive packets while a hook hangs), over SSH and HTTPS alike.
 
 mod support;
 
@@ -194,9 +195,18 @@ fn install_freezing_hook(repo: &BareRepo, freeze: &Path, keep_alive_sec: u32) {
     assert!(out.status.success(), "{out:?}");
 }
 
-/// The server authenticates, receives the pack and then stalls in its hook: the destination reports
-/// `PushFailing`, another repository keeps flowing, and the pending change lands once the server recovers.
-async fn push_stalled_after_the_handshake(keep_alive_sec: u32) {
+/// A remote whose pre-receive hook can be frozen, and the writer flags to reach it.
+struct Remote {
+    served: BareRepo,
+    url: String,
+    flags: Vec<String>,
+    freeze: std::path::PathBuf,
+    log: Box<dyn Fn() -> String>,
+    _dir: tempfile::TempDir,
+    _server: Box<dyn std::any::Any>,
+}
+
+fn ssh_remote(keep_alive_sec: u32) -> Remote {
     let served = BareRepo::new();
     let server = SshGitServer::start(&served);
     let dir = tempfile::tempdir().unwrap();
@@ -204,10 +214,68 @@ async fn push_stalled_after_the_handshake(keep_alive_sec: u32) {
     install_freezing_hook(&served, &freeze, keep_alive_sec);
     let url = ssh_url(&server, server.port(), &served);
     let credentials = credentials_file(dir.path(), &server, &url, server.port());
-    let writer = start_writer(&credentials, &[]).await;
+    let server = std::rc::Rc::new(server);
+    let logged = server.clone();
+    Remote {
+        served,
+        url,
+        flags: vec!["--git-credentials".into(), credentials],
+        freeze,
+        log: Box::new(move || logged.log()),
+        _dir: dir,
+        _server: Box::new(server),
+    }
+}
+
+fn https_remote(keep_alive_sec: u32) -> Remote {
+    let served = BareRepo::new();
+    let server = testkit::HttpGitServer::start(&served, "robot", "s3cret-pw");
+    let dir = tempfile::tempdir().unwrap();
+    let freeze = dir.path().join("freeze");
+    install_freezing_hook(&served, &freeze, keep_alive_sec);
+    let url = server.url();
+    let credentials = dir.path().join("credentials.yaml");
+    std::fs::write(
+        &credentials,
+        format!(
+            "credentials:\n  - urlPrefix: {url}\n    username: robot\n    password: s3cret-pw\n"
+        ),
+    )
+    .unwrap();
+    let ca = server.ca_file().display().to_string();
+    Remote {
+        served,
+        url,
+        flags: vec![
+            "--git-credentials".into(),
+            credentials.display().to_string(),
+            "--git-ca-file".into(),
+            ca,
+        ],
+        freeze,
+        log: Box::new(String::new),
+        _dir: dir,
+        _server: Box::new(server),
+    }
+}
+
+/// The server authenticates, receives the pack and then stalls in its hook: the destination reports
+/// `PushFailing`, another repository keeps flowing, and the pending change lands once the server recovers.
+async fn push_stalled_after_the_handshake(remote: Remote) {
+    let Remote {
+        served,
+        url,
+        flags,
+        freeze,
+        log,
+        ..
+    } = &remote;
+    let mut all = DEADLINES.to_vec();
+    all.extend(flags.iter().map(String::as_str));
+    let writer = Writer::start(&all).await;
     let mut agent = writer.agent("uid-1").await;
-    let dest = "gitops/ssh";
-    agent.declare(dest, &url, "main", "c").await;
+    let dest = "gitops/stalling";
+    agent.declare(dest, url, "main", "c").await;
     agent
         .send(upsert(dest, 1, PATH, &configmap("ns", "a", "1")))
         .await;
@@ -217,10 +285,10 @@ async fn push_stalled_after_the_handshake(keep_alive_sec: u32) {
         served.read("main", &file),
         Some(configmap("ns", "a", "1")),
         "{}",
-        server.log()
+        log()
     );
 
-    std::fs::write(&freeze, "").unwrap();
+    std::fs::write(freeze, "").unwrap();
     agent
         .send(upsert(dest, 2, PATH, &configmap("ns", "a", "2")))
         .await;
@@ -240,7 +308,7 @@ async fn push_stalled_after_the_handshake(keep_alive_sec: u32) {
     agent.ack("gitops/good", 1).await;
 
     // The server recovers: the pending change lands and is acked.
-    std::fs::remove_file(&freeze).unwrap();
+    std::fs::remove_file(freeze).unwrap();
     agent.ack(dest, 2).await;
     assert_eq!(served.read("main", &file), Some(configmap("ns", "a", "2")));
     tokio::time::timeout(Duration::from_secs(10), writer.stop())
@@ -251,13 +319,20 @@ async fn push_stalled_after_the_handshake(keep_alive_sec: u32) {
 #[tokio::test]
 async fn an_ssh_push_that_goes_silent_after_the_handshake_fails_in_time_and_lands_when_the_remote_recovers()
  {
-    push_stalled_after_the_handshake(0).await;
+    push_stalled_after_the_handshake(ssh_remote(0)).await;
 }
 
 #[tokio::test]
 async fn an_ssh_push_kept_alive_without_progress_fails_in_time_and_lands_when_the_remote_recovers()
 {
-    push_stalled_after_the_handshake(1).await;
+    push_stalled_after_the_handshake(ssh_remote(1)).await;
+}
+
+/// Not SSH-specific: git's keep-alive packets hold an HTTPS push open just the same.
+#[tokio::test]
+async fn an_https_push_kept_alive_without_progress_fails_in_time_and_lands_when_the_remote_recovers()
+ {
+    push_stalled_after_the_handshake(https_remote(1)).await;
 }
 
 #[tokio::test]
