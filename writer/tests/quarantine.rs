@@ -132,3 +132,69 @@ async fn a_change_git_refuses_to_commit_is_refused_alone_and_the_worker_keeps_wo
     );
     writer.stop().await;
 }
+
+#[tokio::test]
+async fn a_build_that_fails_for_the_machine_refuses_nothing_and_lands_once_the_fault_is_gone() {
+    let repo = BareRepo::new();
+    let writer = Writer::start(&[]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent
+        .declare("gitops/d", &repo.file_url(), "main", "d")
+        .await;
+    agent
+        .send(upsert(
+            "gitops/d",
+            1,
+            &object("a"),
+            &configmap("ns", "a", "1"),
+        ))
+        .await;
+    agent.ack("gitops/d", 1).await;
+
+    // The clone's pack folder becomes unwritable (a file stands in its place; the writer runs as any user, so
+    // permissions would not stop root): every commit build fails, for no fault of the messages.
+    let clone = writer
+        .work_dir
+        .path()
+        .join(reverser_writer::git::worker_id(&repo.file_url(), "main"));
+    let packs = clone.join("objects").join("pack");
+    let away = clone.join("objects").join("pack.away");
+    std::fs::rename(&packs, &away).unwrap();
+    std::fs::write(&packs, "not a folder").unwrap();
+    agent
+        .send(upsert(
+            "gitops/d",
+            2,
+            &object("b"),
+            &configmap("ns", "b", "1"),
+        ))
+        .await;
+    agent
+        .send(upsert(
+            "gitops/d",
+            3,
+            &object("c"),
+            &configmap("ns", "c", "1"),
+        ))
+        .await;
+    let failing = agent.status("gitops/d", "PushFailing").await;
+    assert_eq!(failing.status, "True", "{failing:?}");
+
+    std::fs::remove_file(&packs).unwrap();
+    std::fs::rename(&away, &packs).unwrap();
+    agent.ack("gitops/d", 3).await;
+    assert_eq!(
+        repo.read("main", &format!("d/{}", object("b"))),
+        Some(configmap("ns", "b", "1"))
+    );
+    assert_eq!(
+        repo.read("main", &format!("d/{}", object("c"))),
+        Some(configmap("ns", "c", "1"))
+    );
+    let replies = agent.drain_for(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !replies.iter().any(|m| matches!(m, Out::Reject(_))),
+        "{replies:?}"
+    );
+    writer.stop().await;
+}
