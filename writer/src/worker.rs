@@ -405,6 +405,10 @@ impl Worker {
 
     /// The error of a fetch or push the watchdog gave up on.
     fn abandoned_error(&self) -> GitError {
+        self.metrics
+            .git_operations_abandoned
+            .with_label_values(&self.labels())
+            .inc();
         warn!(worker = %self.id, deadline_sec = git::operation_timeout().as_secs(), "a fetch or push did not finish by its deadline; abandoned it and will reconnect");
         GitError::Unreachable(format!(
             "{}: no fetch or push result within {} s (--git-operation-timeout-sec); the connection was abandoned",

@@ -197,6 +197,8 @@ fn install_freezing_hook(repo: &BareRepo, freeze: &Path, keep_alive_sec: u32) {
 
 /// A remote whose pre-receive hook can be frozen, and the writer flags to reach it.
 struct Remote {
+    /// Whether the server sends keep-alive packets while its hook is frozen.
+    keep_alive: bool,
     served: BareRepo,
     url: String,
     flags: Vec<String>,
@@ -217,6 +219,7 @@ fn ssh_remote(keep_alive_sec: u32) -> Remote {
     let server = std::rc::Rc::new(server);
     let logged = server.clone();
     Remote {
+        keep_alive: keep_alive_sec > 0,
         served,
         url,
         flags: vec!["--git-credentials".into(), credentials],
@@ -244,6 +247,7 @@ fn https_remote(keep_alive_sec: u32) -> Remote {
     .unwrap();
     let ca = server.ca_file().display().to_string();
     Remote {
+        keep_alive: keep_alive_sec > 0,
         served,
         url,
         flags: vec![
@@ -263,6 +267,7 @@ fn https_remote(keep_alive_sec: u32) -> Remote {
 /// `PushFailing`, another repository keeps flowing, and the pending change lands once the server recovers.
 async fn push_stalled_after_the_handshake(remote: Remote) {
     let Remote {
+        keep_alive,
         served,
         url,
         flags,
@@ -311,6 +316,19 @@ async fn push_stalled_after_the_handshake(remote: Remote) {
     std::fs::remove_file(freeze).unwrap();
     agent.ack(dest, 2).await;
     assert_eq!(served.read("main", &file), Some(configmap("ns", "a", "2")));
+    let abandoned = writer
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("gitops_reverser_git_operations_abandoned_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum::<u64>();
+    // Only a server that keeps the push alive needs the watchdog; a silent one fails on the socket timeout.
+    assert_eq!(
+        abandoned > 0,
+        *keep_alive,
+        "abandoned operations: {abandoned}"
+    );
     tokio::time::timeout(Duration::from_secs(10), writer.stop())
         .await
         .expect("the writer stops within 10 s");
