@@ -7,6 +7,11 @@
 //! the new tip (the latest content per path is re-applied), push again, a bounded number of times. Only after a
 //! successful push are the changes acked to their agents; on failure they stay buffered and the worker retries
 //! with backoff, reporting `PushFailing`/`AuthFailed` to the destinations meanwhile.
+//!
+//! Two guards keep one fault from holding everything back: a batch whose commits git refuses to build is split
+//! until the refused messages are alone ([`batch::quarantine`]; they get `Reject CommitRefused`, the rest is
+//! pushed), and every fetch and push runs under a watchdog that abandons it at the operation deadline whatever the
+//! remote sends (`watchdog`).
 
 use std::{
     collections::{BTreeMap, HashMap},
