@@ -78,6 +78,9 @@ vocabulary! {
         Forbidden,
         /// An Upsert whose path would be a file and a folder at once; only this message is refused.
         PathConflict,
+        /// Git refuses to commit the message's changes even alone (found by splitting the batch that failed to
+        /// build); only this message is refused, the rest of its batch is committed.
+        CommitRefused,
         /// The destination's worker stopped: reconnect and re-send.
         Unavailable,
     }

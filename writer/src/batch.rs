@@ -7,6 +7,8 @@
 //! content is a no-op, ownership markers are checked and created, and the effective changes are grouped into one
 //! commit per author. Nothing here touches git or the network, so every rule is unit-tested on plain maps.
 
+pub mod quarantine;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
@@ -314,6 +316,43 @@ pub struct Plan {
     /// Sweeps that deleted every orphan they found (entry indexes).
     pub completed_sweeps: Vec<usize>,
     pub stats: PlanStats,
+}
+
+impl Plan {
+    /// The plan of a subset of a batch, with its entry indexes turned into the batch's (`batch_index[i]` is the
+    /// batch index of the subset's entry `i`).
+    pub fn remapped(mut self, batch_index: &[usize]) -> Plan {
+        let map = |i: &mut usize| *i = batch_index[*i];
+        self.refused_entries.iter_mut().for_each(map);
+        self.path_conflicts.iter_mut().for_each(|(i, _)| map(i));
+        self.truncated_sweeps.iter_mut().for_each(|(i, _)| map(i));
+        self.completed_sweeps.iter_mut().for_each(map);
+        self
+    }
+
+    /// Appends a plan built on top of this one (quarantine builds a batch in pieces).
+    pub fn absorb(&mut self, later: Plan) {
+        self.commits.extend(later.commits);
+        for conflict in later.marker_conflicts {
+            if !self
+                .marker_conflicts
+                .iter()
+                .any(|c| c.destination.id == conflict.destination.id)
+            {
+                self.marker_conflicts.push(conflict);
+            }
+        }
+        self.refused_entries.extend(later.refused_entries);
+        self.path_conflicts.extend(later.path_conflicts);
+        self.truncated_sweeps.extend(later.truncated_sweeps);
+        self.completed_sweeps.extend(later.completed_sweeps);
+        let (a, b) = (&mut self.stats, later.stats);
+        a.written += b.written;
+        a.deleted += b.deleted;
+        a.orphans_deleted += b.orphans_deleted;
+        a.noops += b.noops;
+        a.bytes += b.bytes;
+    }
 }
 
 /// The last word about one path within the buffer.

@@ -120,7 +120,8 @@ pub struct Args {
     /// timeout; without one a remote that accepts and never answers hangs its worker forever).
     #[arg(long, env = "WRITER_GIT_IO_TIMEOUT_SEC", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub git_io_timeout_sec: u64,
-    /// Seconds a whole fetch or push may take (checked whenever the transfer makes progress).
+    /// Seconds a whole fetch or push may take (checked whenever the transfer makes progress; a fetch or push still
+    /// running 2 s later is abandoned whatever the remote sends, see `worker::watchdog`).
     #[arg(long, env = "WRITER_GIT_OPERATION_TIMEOUT_SEC", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub git_operation_timeout_sec: u64,
     /// On shutdown, seconds the workers get to push what is pending; then the writer exits anyway (what was

@@ -14,6 +14,8 @@ pub struct Metrics {
     pub rebase_retries: IntCounterVec,
     pub push_retries: IntCounterVec,
     pub push_failures: IntCounterVec,
+    /// Fetches and pushes the watchdog stopped waiting for (past `--git-operation-timeout-sec`).
+    pub git_operations_abandoned: IntCounterVec,
     pub ownership_conflicts: IntCounterVec,
     pub lease_acquire_failures: IntCounterVec,
     pub marker_conflicts: IntCounterVec,
@@ -106,6 +108,12 @@ impl Metrics {
                 "push_failures_total",
                 "Failed pushes or fetches, by kind.",
                 &["repo", "branch", "kind"],
+            ),
+            git_operations_abandoned: counter(
+                &registry,
+                "git_operations_abandoned_total",
+                "Fetches and pushes abandoned at the operation deadline while the remote kept them open.",
+                RB,
             ),
             ownership_conflicts: counter(
                 &registry,

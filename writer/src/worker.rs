@@ -7,6 +7,11 @@
 //! the new tip (the latest content per path is re-applied), push again, a bounded number of times. Only after a
 //! successful push are the changes acked to their agents; on failure they stay buffered and the worker retries
 //! with backoff, reporting `PushFailing`/`AuthFailed` to the destinations meanwhile.
+//!
+//! Two guards keep one fault from holding everything back: a batch whose commits git refuses to build is split
+//! until the refused messages are alone ([`batch::quarantine`]; they get `Reject CommitRefused`, the rest is
+//! pushed), and every fetch and push runs under a watchdog that abandons it at the operation deadline whatever the
+//! remote sends (`watchdog`).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -14,6 +19,8 @@ use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
+
+mod watchdog;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -172,6 +179,7 @@ pub fn spawn(
         failures: 0,
         last_fetch: None,
         conditions: HashMap::new(),
+        abandoned: watchdog::Abandoned::default(),
     };
     tokio::spawn(worker.run(receiver));
     handle
@@ -194,6 +202,8 @@ struct Worker {
     last_fetch: Option<Instant>,
     /// Last condition reported per destination (to report transitions, not every flush).
     conditions: HashMap<DestinationId, (String, bool)>,
+    /// Fetches and pushes given up at their deadline that may still be running (see `watchdog`).
+    abandoned: watchdog::Abandoned,
 }
 
 /// Why a flush could not push.
@@ -226,6 +236,8 @@ struct FlushOutcome {
     tip: Option<git2::Oid>,
     pushed: bool,
     rejections: u32,
+    /// Entries whose changes git refuses to commit even alone (batch index, why): refused, the rest pushed.
+    quarantined: Vec<(usize, String)>,
 }
 
 impl Worker {
@@ -363,19 +375,24 @@ impl Worker {
     /// Opens (or initialises) the clone and fetches the branch. A failed fetch keeps the clone (the next flush
     /// fetches again); the error is returned so the caller can report it.
     async fn open(&mut self) -> Result<(), GitError> {
+        self.refuse_while_abandoned_run()?;
         let dir = self.dir.clone();
         let spec = self.spec.clone();
-        let (clone, fetched) = tokio::task::spawn_blocking(move || {
-            remove_stale_locks(&dir);
+        // An abandoned task may still write a ref of this clone (under its lock file) when its call returns.
+        let clean_locks = self.abandoned.running() == 0;
+        let ran = watchdog::run(network_deadline(), &self.abandoned, move |watch| {
+            if clean_locks {
+                remove_stale_locks(&dir);
+            }
             let mut clone = match Clone::open_or_init(&dir, spec) {
                 Ok(clone) => clone,
                 Err(error) => return (None, Err(error)),
             };
-            let fetched = clone.fetch();
+            let fetched = watch.network(|| clone.fetch());
             (Some(clone), fetched)
         })
-        .await
-        .expect("git thread panicked");
+        .await;
+        let (clone, fetched) = ran.unwrap_or_else(|| (None, Err(self.abandoned_error())));
         self.clone = clone;
         match fetched {
             Ok(tip) => {
@@ -389,6 +406,32 @@ impl Worker {
                 Err(error)
             }
         }
+    }
+
+    /// The error of a fetch or push the watchdog gave up on.
+    fn abandoned_error(&self) -> GitError {
+        self.metrics
+            .git_operations_abandoned
+            .with_label_values(&self.labels())
+            .inc();
+        warn!(worker = %self.id, deadline_sec = git::operation_timeout().as_secs(), "a fetch or push did not finish by its deadline; abandoned it and will reconnect");
+        GitError::Unreachable(format!(
+            "{}: no fetch or push result within {} s (--git-operation-timeout-sec); the connection was abandoned",
+            self.labels[0],
+            git::operation_timeout().as_secs()
+        ))
+    }
+
+    /// Starts no new connection while too many abandoned ones may still be running against this remote.
+    fn refuse_while_abandoned_run(&self) -> Result<(), GitError> {
+        let running = self.abandoned.running();
+        if running >= watchdog::MAX_ABANDONED {
+            return Err(GitError::Unreachable(format!(
+                "{}: {running} earlier fetches or pushes past their deadline have not ended; waiting for them before connecting again",
+                self.labels[0]
+            )));
+        }
+        Ok(())
     }
 
     async fn flush_now(&mut self, reply: Option<oneshot::Sender<Result<FlushReport, String>>>) {
@@ -449,6 +492,7 @@ impl Worker {
                 return Err(FlushError::LeaseNotHeld(state.holder));
             }
         }
+        self.refuse_while_abandoned_run().map_err(FlushError::Git)?;
         if self.clone.is_none() {
             self.open().await.map_err(FlushError::Git)?;
         }
@@ -468,13 +512,18 @@ impl Worker {
             now_rfc3339: Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
         };
         let max_retries = self.settings.push_max_retries;
-        let (clone, result) = tokio::task::spawn_blocking(move || {
-            let result = flush_blocking(&mut clone, &entries, &context, refetch, max_retries);
+        let ran = watchdog::run(network_deadline(), &self.abandoned, move |watch| {
+            let result =
+                flush_blocking(&mut clone, &entries, &context, refetch, max_retries, watch);
             (clone, result)
         })
-        .await
-        .expect("git thread panicked");
-        self.clone = Some(clone);
+        .await;
+        let (clone, result) = match ran {
+            Some((clone, result)) => (Some(clone), result),
+            // The clone stays with the abandoned task; the next flush opens it afresh.
+            None => (None, Err(FlushError::Git(self.abandoned_error()))),
+        };
+        self.clone = clone;
         if refetch {
             self.last_fetch = Some(Instant::now());
         }
@@ -592,6 +641,20 @@ impl Worker {
                 entry.sequence,
                 RejectReason::PathConflict,
                 message.clone(),
+            );
+        }
+        for (index, why) in &outcome.quarantined {
+            let entry = &entries[*index];
+            warn!(worker = %self.id, destination = %entry.destination.id, sequence = entry.sequence, error = %why, "the change cannot be committed; refused alone, the rest of the batch goes on");
+            self.metrics
+                .messages_rejected
+                .with_label_values(&[RejectReason::CommitRefused.as_str()])
+                .inc();
+            entry.destination.origin.reject(
+                &entry.destination.id.key,
+                entry.sequence,
+                RejectReason::CommitRefused,
+                format!("git refuses to commit this change: {why}"),
             );
         }
         for &(index, left) in &plan.truncated_sweeps {
@@ -820,6 +883,12 @@ fn remove_stale_locks(dir: &std::path::Path) {
     walk(dir, 0);
 }
 
+/// How long one fetch or push may run before the worker abandons it: the operation deadline, plus a moment so that
+/// libgit2's own deadline check (which ends the connection cleanly) wins whenever progress is reported.
+fn network_deadline() -> Duration {
+    git::operation_timeout() + Duration::from_secs(2)
+}
+
 /// Exponential backoff with jitter: `initial * 2^(attempt-1)`, capped, ±20 %.
 fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
     let exponent = attempt.saturating_sub(1).min(16);
@@ -850,69 +919,112 @@ fn flush_blocking(
     context: &PlanContext,
     refetch: bool,
     max_retries: u32,
+    watch: &watchdog::NetworkWatch,
 ) -> Result<FlushOutcome, FlushError> {
     if refetch {
-        clone.fetch().map_err(FlushError::Git)?;
+        watch.network(|| clone.fetch()).map_err(FlushError::Git)?;
     }
     let mut rejections = 0;
+    // Messages whose changes cannot be committed: found once per flush, left out of the replays.
+    let mut quarantined: Vec<(usize, String)> = Vec::new();
     loop {
         let base = clone.base();
-        let plan = batch::plan(
-            entries,
-            &CommitTree {
-                clone,
-                commit: base,
-            },
-            context,
-        )
-        .map_err(FlushError::Git)?;
+        let candidates: Vec<usize> = (0..entries.len())
+            .filter(|i| !quarantined.iter().any(|(q, _)| q == i))
+            .collect();
+        let isolated = batch::quarantine::isolate(&candidates, base, &mut |subset, parent| {
+            build_commits(clone, entries, subset, *parent, context)
+        })?;
+        quarantined.extend(isolated.refused);
+        quarantined.sort_by_key(|(i, _)| *i);
+        let mut pieces = isolated.built.into_iter();
+        let mut plan = pieces.next().unwrap_or_default();
+        pieces.for_each(|piece| plan.absorb(piece));
+        let tip = isolated.end;
         if plan.commits.is_empty() {
             return Ok(FlushOutcome {
                 plan,
                 tip: base,
                 pushed: false,
                 rejections,
+                quarantined,
             });
         }
-        let mut parent = base;
-        for commit in &plan.commits {
-            let meta = CommitMeta {
-                author_name: commit.author_name.clone(),
-                author_email: commit.author_email.clone(),
-                committer_name: context.bot_name.clone(),
-                committer_email: context.bot_email.clone(),
-                message: commit.message.clone(),
-            };
-            parent = Some(
-                clone
-                    .commit(parent, &commit.changes, &meta)
-                    .map_err(FlushError::Git)?,
-            );
-        }
-        let tip = parent.expect("at least one commit");
-        match clone.push(tip).map_err(FlushError::Git)? {
+        let tip = tip.expect("at least one commit");
+        match watch.network(|| clone.push(tip)).map_err(FlushError::Git)? {
             PushOutcome::Pushed => {
                 return Ok(FlushOutcome {
                     plan,
                     tip: Some(tip),
                     pushed: true,
                     rejections,
+                    quarantined,
                 });
             }
             PushOutcome::Rejected => {
                 rejections += 1;
                 if rejections > max_retries {
                     // Re-fetch so the next attempt starts from the newest tip.
-                    let _ = clone.fetch();
+                    let _ = watch.network(|| clone.fetch());
                     return Err(FlushError::TooManyRejections(rejections));
                 }
                 info!(
                     attempt = rejections,
                     "push rejected (non-fast-forward); fetching and replaying"
                 );
-                clone.fetch().map_err(FlushError::Git)?;
+                watch.network(|| clone.fetch()).map_err(FlushError::Git)?;
                 std::thread::sleep(Duration::from_millis(50u64 << rejections.min(6)));
             }
         }
     }
+}
+
+/// Plans the entries `subset` (batch indexes, in order) on top of `parent` and creates their commits. A commit
+/// that git's rules refuse is [`Attempt::Refused`](batch::quarantine::Attempt::Refused), for the quarantine to
+/// narrow down; any other failure (reading the clone, writing a pack) is an error of the whole flush.
+fn build_commits(
+    clone: &mut Clone,
+    entries: &[batch::Entry],
+    subset: &[usize],
+    parent: Option<git2::Oid>,
+    context: &PlanContext,
+) -> Result<batch::quarantine::Attempt<Option<git2::Oid>, Plan>, FlushError> {
+    use batch::quarantine::Attempt;
+    let whole = subset.len() == entries.len();
+    let picked: Vec<batch::Entry>;
+    let slice = if whole {
+        entries
+    } else {
+        picked = subset.iter().map(|&i| entries[i].clone()).collect();
+        &picked
+    };
+    let plan = batch::plan(
+        slice,
+        &CommitTree {
+            clone,
+            commit: parent,
+        },
+        context,
+    )
+    .map_err(FlushError::Git)?;
+    let mut tip = parent;
+    for commit in &plan.commits {
+        let meta = CommitMeta {
+            author_name: commit.author_name.clone(),
+            author_email: commit.author_email.clone(),
+            committer_name: context.bot_name.clone(),
+            committer_email: context.bot_email.clone(),
+            message: commit.message.clone(),
+        };
+        match clone.commit(tip, &commit.changes, &meta) {
+            Ok(id) => tip = Some(id),
+            Err(error) if error.is_caused_by_the_changes() => {
+                debug!(messages = subset.len(), %error, "the commits of these messages cannot be built; narrowing down");
+                return Ok(Attempt::Refused(error.to_string()));
+            }
+            Err(error) => return Err(FlushError::Git(error)),
+        }
+    }
+    let plan = if whole { plan } else { plan.remapped(subset) };
+    Ok(Attempt::Built(tip, plan))
 }

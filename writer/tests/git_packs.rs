@@ -279,7 +279,7 @@ fn a_file_and_a_folder_of_the_same_name_conflict() {
             .commit(Some(base), std::slice::from_ref(&bad), &meta("bad"))
             .unwrap_err();
         assert!(
-            matches!(&err, GitError::Other(m) if m.contains("conflict")),
+            matches!(&err, GitError::Unbuildable(m) if m.contains("conflict")),
             "{bad:?}: {err}"
         );
     }

@@ -55,7 +55,8 @@ pub struct NetworkTimeouts {
     pub connect: Duration,
     /// One socket read or write without progress (libgit2's server timeout).
     pub io: Duration,
-    /// A whole fetch or push, checked whenever libgit2 reports progress.
+    /// A whole fetch or push, checked whenever libgit2 reports progress (the worker's watchdog enforces it
+    /// also when none is reported).
     pub operation: Duration,
 }
 
@@ -273,8 +274,20 @@ pub enum GitError {
     InvalidBranch(String),
     #[error("invalid file path {0:?}")]
     InvalidPath(String),
+    /// The changes cannot form a commit: git's tree rules refuse them (a path that would be a file and a
+    /// folder at once). Deterministic: the same changes on the same parent fail the same way again.
+    #[error("cannot build the commit: {0}")]
+    Unbuildable(String),
     #[error("git: {0}")]
     Other(String),
+}
+
+impl GitError {
+    /// Whether building a commit failed because of the changes themselves (the same changes always fail), not
+    /// because of the machine or the remote: only such failures are pinned on messages.
+    pub fn is_caused_by_the_changes(&self) -> bool {
+        matches!(self, GitError::Unbuildable(_) | GitError::InvalidPath(_))
+    }
 }
 
 /// Stable worker id for a (repository, branch): hex SHA-256 of `"canonical repo_url|branch"` (see

@@ -242,7 +242,7 @@ impl TreeCache {
             }
         }
         let conflict = |name: &[u8]| {
-            GitError::Other(format!(
+            GitError::Unbuildable(format!(
                 "D/F conflict when updating tree at {folder}{}",
                 String::from_utf8_lossy(name)
             ))
