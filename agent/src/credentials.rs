@@ -6,7 +6,7 @@
 //! |------------------------------------------------|--------------------------------------------------|
 //! | `username` + `password`                        | HTTPS basic authentication                       |
 //! | `token` (optionally `username`)                | HTTPS token, sent as the basic-auth password     |
-//! | `identity` (or `ssh-privatekey`) + `known_hosts` | SSH key; optional `password`/`passphrase` for the key, `username` (default `git`) |
+//! | `identity` (or `ssh-privatekey`) + `known_hosts` | SSH key; optional `password`/`passphrase` for the key, `username` (default: the URL's user, else `git`) |
 //!
 //! Values never reach a log, a status or Debug output: [`GitCredentials`]' Debug prints only the kind, and every
 //! error names keys, never values.
@@ -129,7 +129,8 @@ pub fn from_secret_data(
                 (a, b) => a.or(b),
             };
             Ok(GitCredentials::Ssh {
-                username: username.unwrap_or_else(|| "git".into()),
+                // Empty: the writer logs in as the user the repository URL names, else `git`.
+                username: username.unwrap_or_default(),
                 private_key,
                 passphrase,
                 known_hosts,
@@ -205,7 +206,7 @@ mod tests {
                     ("password", "pp"),
                 ])),
                 Ok(GitCredentials::Ssh {
-                    username: "git".into(),
+                    username: String::new(),
                     private_key: key.into(),
                     passphrase: Some("pp".into()),
                     known_hosts: "git.example.com ssh-ed25519 AAAA\n".into(),

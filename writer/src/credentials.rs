@@ -171,7 +171,8 @@ impl CredentialStore {
                         )
                     })?;
                     GitCredentials::Ssh {
-                        username: raw.username.clone().unwrap_or_else(|| "git".into()),
+                        // Empty: the user the repository URL names, else `git` (git/auth.rs).
+                        username: raw.username.clone().unwrap_or_default(),
                         private_key: read(key_file)?,
                         passphrase: raw.ssh_passphrase_file.as_ref().map(read).transpose()?,
                         known_hosts: read(known_hosts_file)?,
@@ -306,7 +307,8 @@ mod tests {
             matches!(store.for_url("https://git.example.com/other.git"), Some(GitCredentials::Basic { username, .. }) if username == "bot")
         );
         assert!(
-            matches!(store.for_url("ssh://git@host/x.git"), Some(GitCredentials::Ssh { username, .. }) if username == "git")
+            matches!(store.for_url("ssh://git@host/x.git"), Some(GitCredentials::Ssh { username, .. }) if username.is_empty()),
+            "no username configured: the URL's user is used at connect time"
         );
         assert!(store.for_url("https://elsewhere/x.git").is_none());
         assert!(store.by_name("acme").is_some());

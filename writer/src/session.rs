@@ -222,11 +222,8 @@ pub fn validate_destination(
                 ));
             }
             DeclaredCredentials::Inline(GitCredentials::Ssh {
-                username: if ssh.username.is_empty() {
-                    "git".into()
-                } else {
-                    ssh.username.clone()
-                },
+                // Empty: the user the repository URL names, else `git` (git/auth.rs).
+                username: ssh.username.clone(),
                 private_key: ssh.private_key.clone(),
                 passphrase: (!ssh.passphrase.is_empty()).then(|| ssh.passphrase.clone()),
                 known_hosts: ssh.known_hosts.clone(),

@@ -162,6 +162,59 @@ fn pushes_over_ssh_with_a_key_and_known_hosts() {
 }
 
 #[test]
+fn an_ssh_key_configured_without_a_username_logs_in_as_the_user_the_url_names() {
+    let remote = BareRepo::new();
+    let server = SshGitServer::start(&remote);
+    assert_ne!(
+        server.user(),
+        "git",
+        "the URL must name a user other than the default"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("key"), server.client_private_key()).unwrap();
+    std::fs::write(dir.path().join("kh"), server.known_hosts()).unwrap();
+    std::fs::write(
+        dir.path().join("credentials.yaml"),
+        format!(
+            "credentials:\n  - urlPrefix: ssh://\n    sshPrivateKeyFile: {0}/key\n    knownHostsFile: {0}/kh\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let store =
+        reverser_writer::credentials::CredentialStore::load(&dir.path().join("credentials.yaml"))
+            .unwrap();
+    let credentials = store
+        .for_url(&server.url())
+        .expect("the entry matches")
+        .clone();
+    let spec = RepoSpec::new(server.url(), "main").with_credentials(credentials);
+    let result = commit_and_push(spec, "a.yaml");
+    assert!(result.is_ok(), "{result:?}\nsshd log:\n{}", server.log());
+    assert_pushed(&remote, result);
+}
+
+#[test]
+fn an_ssh_username_that_contradicts_the_url_is_an_auth_error_naming_both() {
+    let remote = BareRepo::new();
+    let server = SshGitServer::start(&remote);
+    let spec = RepoSpec::new(server.url(), "main").with_credentials(GitCredentials::Ssh {
+        username: "someone-else".into(),
+        private_key: server.client_private_key(),
+        passphrase: None,
+        known_hosts: server.known_hosts(),
+    });
+    let err = commit_and_push(spec, "a.yaml").unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, GitError::Auth(_)), "{err:?}");
+    assert!(
+        text.contains("someone-else") && text.contains(server.user()),
+        "{text}"
+    );
+    assert_eq!(remote.rev_parse("main"), None);
+}
+
+#[test]
 fn an_ssh_host_key_not_in_known_hosts_is_refused() {
     let remote = BareRepo::new();
     let server = SshGitServer::start(&remote);

@@ -141,10 +141,17 @@ fn credentials(
             passphrase,
             ..
         }) => {
-            let user = if username.is_empty() {
-                user_from_url.unwrap_or("git")
-            } else {
-                username
+            let user = match (username.as_str(), user_from_url) {
+                ("", from_url) => from_url.unwrap_or("git"),
+                // libgit2 logs in as the URL's user: a different key user would fail as the cryptic "username
+                // does not match previous request".
+                (configured, Some(from_url)) if configured != from_url => {
+                    return Err(state.fail_auth(&format!(
+                        "the SSH credentials name the user {configured:?} but the repository URL names {from_url:?}: \
+                         make them agree, or leave the credentials' username empty to use the URL's"
+                    )));
+                }
+                (configured, _) => configured,
             };
             if allowed.contains(CredentialType::USERNAME) {
                 once(&state.username_tries, "SSH user name")?;

@@ -104,6 +104,7 @@ pub enum GitCredentials {
     /// An SSH private key. `known_hosts` is the content of a known_hosts file; it is the only
     /// source of trusted host keys.
     Ssh {
+        /// Empty: the user the repository URL names (`ssh://alice@host/…`), else `git`.
         username: String,
         /// PEM or OpenSSH private key content.
         private_key: String,
