@@ -12,6 +12,8 @@
 //! - percent-encoding (`%XX`, upper-case hex) of `%`, `/`, `\`, `:`, `*`, `?`, `"`, `<`, `>`, `|`, `~`, control
 //!   characters, upper-case ASCII letters (so no two names differ only in case on a case-insensitive file system)
 //!   and every non-ASCII byte (so no Unicode case folding or normalisation can merge two names);
+//! - the dot of a trailing `.sops` is encoded (`x.sops` would otherwise be stored as `x.sops.yaml`, the name of an
+//!   encrypted file);
 //! - a trailing `.` or space is encoded (Windows drops them), and so is the first character of a Windows device
 //!   name (`con`, `nul`, `aux`, `prn`, `com0`..`com9`, `lpt0`..`lpt9`, `conin$`, `conout$`, `clock$`, also with an
 //!   extension: `con.d`);
@@ -36,6 +38,8 @@ pub const MAX_PATH_BYTES: usize = 1024;
 pub const MAX_COMPONENT_BYTES: usize = 255;
 /// Longest segment [`encode_segment`] produces: room for the longest file suffix (`.sops.yaml`, 10 bytes).
 pub const MAX_SEGMENT_BYTES: usize = MAX_COMPONENT_BYTES - 10;
+/// A segment ending in this would make a plain object's file look encrypted (`{name}.sops.yaml`).
+const SOPS_STEM_SUFFIX: &str = ".sops";
 /// Hex digits of the SHA-256 that ends a cut segment (128 bits: no collision can be searched for).
 const HASH_HEX_DIGITS: usize = 32;
 /// Bytes of the encoded segment kept before `~` and the hash when a segment is cut.
@@ -238,6 +242,11 @@ pub fn encode_segment(raw: &str) -> String {
         } else {
             out.push(char::from(byte));
         }
+    }
+    // `x.sops` would become `x.sops.yaml`, which the generated `.sops.yaml` rules (and readers) take for an
+    // encrypted file: encode that dot.
+    if let Some(stem) = out.strip_suffix(SOPS_STEM_SUFFIX) {
+        out = format!("{stem}%2Esops");
     }
     if is_windows_device_name(&out) {
         // The first byte of a device name is a letter, kept literally so far: encode it instead.
@@ -582,6 +591,11 @@ mod tests {
             ("com1", "%63om1"),
             ("lpt9", "%6Cpt9"),
             ("con.d", "%63on.d"),
+            ("x.sops", "x%2Esops"),
+            ("con.sops", "con%2Esops"),
+            (".sops", "%2Esops"),
+            ("x.sops.d", "x.sops.d"),
+            ("x.SOPS", "x.%53%4F%50%53"),
             ("con .d", "%63on .d"),
             ("console", "console"),
             ("a.", "a%2E"),
