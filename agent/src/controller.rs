@@ -48,6 +48,7 @@ use crate::ingest::resolve::{
     CredentialsLookup, EncryptionLookup, Inputs, ReadyCondition, Resolution, resolve_with_lookups,
 };
 use crate::ingest::selection::NamespaceLabels;
+use crate::kube_events::{self, EventSink};
 
 /// The condition type every object gets.
 pub const READY: &str = conditions::READY;
@@ -65,6 +66,14 @@ pub struct ControllerConfig {
     pub encryption_refresh: Duration,
     /// Whether the stream to the writer uses TLS. Without it, `secretRef` credentials are never sent.
     pub writer_tls: bool,
+    /// Where condition changes become Kubernetes Events (none: no Events).
+    pub events: Option<EventSink>,
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventSink")
+    }
 }
 
 impl Default for ControllerConfig {
@@ -74,6 +83,7 @@ impl Default for ControllerConfig {
             namespace: "gitops-reverser".into(),
             encryption_refresh: Duration::from_secs(30),
             writer_tls: false,
+            events: None,
         }
     }
 }
@@ -265,6 +275,7 @@ async fn run(
     let writer = StatusWriter {
         client,
         stats: Arc::clone(&stats),
+        events: config.events.clone(),
     };
 
     // Without a sender the last view stays in force.
@@ -601,6 +612,7 @@ mod encryption {
 struct StatusWriter {
     client: Client,
     stats: Arc<ControllerStats>,
+    events: Option<EventSink>,
 }
 
 impl StatusWriter {
@@ -688,6 +700,10 @@ impl StatusWriter {
             return;
         };
         let name = object.name_any();
+        let events = kube_events::condition_events(
+            current.map(|s| s.conditions.as_slice()).unwrap_or(&[]),
+            &status.conditions,
+        );
         let patch = serde_json::json!({ "status": status });
         match api
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -697,6 +713,9 @@ impl StatusWriter {
                 self.stats
                     .status_writes
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(sink) = &self.events {
+                    sink.emit(&object.object_ref(&()), events);
+                }
                 let ready = desired.set.iter().find(|c| c.type_ == READY);
                 let secrets_skipped = desired
                     .set

@@ -29,7 +29,8 @@
 //! - [`controller`]: watches the custom resources and Namespaces, resolves them
 //!   ([`ingest::resolve`]) into the selection ingestion mirrors, and writes each
 //!   rule's and destination's status conditions ([`conditions`]: `Ready`, the writer's
-//!   feedback, `WriterConnected`, `SecretsSkipped`).
+//!   feedback, `WriterConnected`, `SecretsSkipped`); each change of a condition becomes a
+//!   Kubernetes Event ([`kube_events`]).
 //! - [`ingest`]: discovery, one List+Watch per selected type and scope, snapshot
 //!   epochs, [`events::AgentEvent`]s.
 //! - [`sops`]: SOPS v3 + age encryption of sensitive objects (Secrets) and their keyed fingerprints.
@@ -43,6 +44,7 @@ pub mod crd;
 pub mod credentials;
 pub mod events;
 pub mod ingest;
+pub mod kube_events;
 pub mod paths;
 pub mod rules;
 pub mod run;

@@ -23,7 +23,8 @@
 //! `_rejected_total`, `stream_reconnects_total`, `stream_snapshots_abandoned_total`,
 //! `stream_objects_too_large_total{destination}`,
 //! `stream_feedback_dropped_total`; `resolutions_total`, `status_writes_total`,
-//! `status_write_errors_total`.
+//! `status_write_errors_total`; `kube_events_total{type}`, `kube_events_dropped_total{why}`
+//! ([`crate::kube_events`]).
 //!
 //! The stream's [`Feedback`] (writer statuses, rejects, connection state) is folded into a
 //! [`WriterView`] that the controller turns into status conditions
@@ -59,6 +60,7 @@ use crate::ingest::{
     self, DiscoveryOptions, IngestConfig, IngestHandle, ListPermits, RequestRate, ResourceTotals,
     Selection,
 };
+use crate::kube_events::{EventMetrics, EventSink};
 use crate::stream::{
     AgentIdentity, Feedback, LeaderFence, StreamClient, StreamConfig, StreamStats, TlsSettings,
 };
@@ -343,6 +345,10 @@ impl Args {
         );
         let writer_tls = tls.is_some();
         stream_config.tls = tls;
+        // Kubernetes Events on the custom resources (one publisher for the process, whatever the leader term).
+        let event_metrics = EventMetrics::new()?;
+        event_metrics.register(&metrics.registry)?;
+        let events = EventSink::spawn(client.clone(), instance_id.clone(), event_metrics);
         stream_config.max_unacked = usize::try_from(max_unacked).unwrap_or(usize::MAX);
         stream_config.objects_too_large = Some(metrics.objects_too_large.clone());
         // Invalid URLs or TLS settings are the only fatal stream errors: fail at start.
@@ -376,6 +382,7 @@ impl Args {
                 namespace: controller_namespace.clone(),
                 encryption_refresh,
                 writer_tls,
+                events: Some(events),
                 ..ControllerConfig::default()
             },
             ingest: ingest_config,

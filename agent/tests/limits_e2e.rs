@@ -16,7 +16,7 @@ use testkit::BareRepo;
 
 mod support;
 
-use support::cluster::TestCluster;
+use support::cluster::{Backend, TestCluster};
 use support::world::{self, Agent, KubeconfigFile, configmap_mirror_config, start_writer};
 use support::{free_port, http_get, metric, wait, wait_async, wait_for_condition};
 
@@ -147,7 +147,7 @@ async fn an_object_above_the_writers_limit_is_skipped_and_named_and_everything_e
         repo.read(BRANCH, &file("huge"))
     })
     .await;
-    wait_for_condition(
+    let (recovered, _) = wait_for_condition(
         &client,
         "GitDestination",
         Some("gitops-reverser"),
@@ -156,6 +156,71 @@ async fn an_object_above_the_writers_limit_is_skipped_and_named_and_everything_e
         "False",
     )
     .await;
+
+    // The condition changes were Kubernetes Events on the GitDestination: it becoming Ready, the skip (a Warning
+    // naming the object) and its recovery.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "gitops-reverser");
+    let expected = [
+        ("Normal", "Ready".to_owned()),
+        ("Warning", "ObjectTooLarge".to_owned()),
+        ("Normal", recovered.clone()),
+    ];
+    let listed = wait_async("the Events on the GitDestination", || async {
+        let listed = events.list(&Default::default()).await.ok()?.items;
+        let about_prod: Vec<(String, String, String)> = listed
+            .into_iter()
+            .filter(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("prod")
+                    && e.reporting_controller.as_deref() == Some("gitops-reverser-agent")
+            })
+            .map(|e| {
+                (
+                    e.type_.unwrap_or_default(),
+                    e.reason.unwrap_or_default(),
+                    e.note.unwrap_or_default(),
+                )
+            })
+            .collect();
+        expected
+            .iter()
+            .all(|(kind, reason)| about_prod.iter().any(|(k, r, _)| k == kind && r == reason))
+            .then_some(about_prod)
+    })
+    .await;
+    let (_, _, note) = listed
+        .iter()
+        .find(|(kind, reason, _)| kind == "Warning" && reason == "ObjectTooLarge")
+        .unwrap();
+    assert!(note.contains("shop/huge"), "{note}");
+    // And `kubectl describe` shows them (the emulator has no describe-side event lookup to speak of).
+    if cluster.backend() == Backend::Real {
+        let out = std::process::Command::new(cluster.kubectl_binary())
+            .arg("--kubeconfig")
+            .arg(&kubeconfig.path)
+            .args([
+                "describe",
+                "gitdestination",
+                "prod",
+                "-n",
+                "gitops-reverser",
+            ])
+            .output()
+            .expect("kubectl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        for (kind, reason) in &expected {
+            assert!(
+                text.lines()
+                    .any(|line| line.split_whitespace().take(2).eq([*kind, reason.as_str()])),
+                "kubectl describe lacks {kind} {reason}:\n{text}"
+            );
+        }
+    }
     writer.stop().await.unwrap();
     cluster.shutdown().await;
 }
