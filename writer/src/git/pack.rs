@@ -11,8 +11,9 @@
 //!
 //! So this module writes standard version-2 packs and indexes whose objects are zlib streams made of
 //! *stored* (uncompressed) deflate blocks: valid for every git implementation, nearly free to write
-//! and to read, at the price of disk space (the raw size of the content; the remote still receives
-//! compressed packs from the push). Object ids are computed by libgit2 (SHA-1 with collision
+//! and to read, at the price of disk space (the raw size of the content). These packs stay in the
+//! clone: a push, local or over the network, sends the new objects in a pack built by libgit2,
+//! zlib- and delta-compressed like any git client's. Object ids are computed by libgit2 (SHA-1 with collision
 //! detection); the pack and index checksums, CRC-32 and Adler-32 are computed here.
 //!
 //! Merging copies entries byte for byte (their CRC-32 comes along from the source index); entries
@@ -53,27 +54,6 @@ impl NewPack {
         }
         out.finish()
     }
-}
-
-/// Writes the objects `ids` (read from `repo`) as one pack into `pack_dir`.
-pub(crate) fn write_objects(
-    repo: &Repository,
-    ids: &[Oid],
-    pack_dir: &Path,
-) -> std::io::Result<()> {
-    let odb = repo.odb().map_err(std::io::Error::other)?;
-    let mut unique = HashSet::with_capacity(ids.len());
-    let ids: Vec<Oid> = ids
-        .iter()
-        .copied()
-        .filter(|&id| unique.insert(id))
-        .collect();
-    let mut out = PackOut::create(pack_dir, ids.len())?;
-    for id in ids {
-        let object = odb.read(id).map_err(std::io::Error::other)?;
-        out.stored_object(id, type_code_of(object.kind()), object.data())?;
-    }
-    out.finish().map(|_| ())
 }
 
 fn type_code(kind: ObjectType) -> u8 {
