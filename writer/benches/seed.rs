@@ -17,6 +17,8 @@
 //!   for tree rewriting, since every 200-file commit then touches every folder).
 //! - `BENCH_GIT_DAEMON=0` skips the `git://` row (the generic network push path).
 //! - `BENCH_TRANSPORTS=0` skips the HTTPS and SSH seeds (phase 5 then only runs `file://`).
+//! - `BENCH_BATCH_FILES=N` adds writer seeds over HTTPS and SSH with `--git-batch-max-files N`
+//!   (fewer, larger pushes: shows what the per-push price of a transport costs a seed).
 //! - `BENCH_BASELINES=0` skips the shell peer.
 //!
 //! Phases, in this order:
@@ -654,8 +656,11 @@ async fn seed_through_writer(
     work_dir: &Path,
     remote: &Remote,
     n: usize,
+    extra: &[String],
 ) -> anyhow::Result<Duration> {
-    let running = start_writer(work_dir, "0.2", &remote.writer_args).await?;
+    let mut args = remote.writer_args.clone();
+    args.extend(extra.iter().cloned());
+    let running = start_writer(work_dir, "0.2", &args).await?;
     let mut agent = Agent::connect(&running, &remote.writer_url).await?;
     let started = Instant::now();
     for (sequence, i) in (1..).zip(order(n)) {
@@ -680,7 +685,7 @@ async fn writer(n: usize, rounds: usize, with_daemon: bool) -> anyhow::Result<Wr
     // Seed with the default batching (a commit + push per 200 files).
     reset_peak_rss();
     let rss_before_mib = memory().1;
-    let seed = seed_through_writer(work_dir.path(), &remote, n).await?;
+    let seed = seed_through_writer(work_dir.path(), &remote, n, &[]).await?;
     let (peak_rss_mib, rss_after_mib) = memory();
     let clone_bytes = dir_size(work_dir.path());
     let remote_bytes = remote.object_bytes();
@@ -750,7 +755,7 @@ async fn over_transport(
 
     let remote = Remote::new(transport);
     let work_dir = tempfile::tempdir()?;
-    let writer_seed = seed_through_writer(work_dir.path(), &remote, n).await?;
+    let writer_seed = seed_through_writer(work_dir.path(), &remote, n, &[]).await?;
     let writer_remote_bytes = remote.object_bytes();
     let writer_clone_bytes = dir_size(work_dir.path());
     eprintln!("{}: writer {}", transport.name(), secs(writer_seed));
@@ -776,6 +781,25 @@ async fn over_transport(
         writer_clone_bytes,
         one_file,
     })
+}
+
+/// The writer's seed over `transport` with `--git-batch-max-files files`: how much of the seed
+/// time is the number of pushes (each costs the transport's and the server's fixed price).
+async fn seed_with_batch(
+    transport: Transport,
+    n: usize,
+    files: usize,
+) -> anyhow::Result<(Duration, u64)> {
+    let remote = Remote::new(transport);
+    let work_dir = tempfile::tempdir()?;
+    let extra = ["--git-batch-max-files".to_owned(), files.to_string()];
+    let seed = seed_through_writer(work_dir.path(), &remote, n, &extra).await?;
+    eprintln!(
+        "{}: writer, {files} files per push: {}",
+        transport.name(),
+        secs(seed)
+    );
+    Ok((seed, remote.object_bytes()))
 }
 
 fn secs(d: Duration) -> String {
@@ -843,6 +867,17 @@ fn main() -> anyhow::Result<()> {
             0
         };
         transports.push(runtime.block_on(over_transport(transport, imported_repo, n, one_file))?);
+    }
+    // BENCH_BATCH_FILES=N: also seed over HTTPS and SSH with N files per commit and push.
+    let batch_files = env_usize("BENCH_BATCH_FILES", 0);
+    let mut batched = Vec::new();
+    if with_transports && batch_files > 0 {
+        for transport in [Transport::Https, Transport::Ssh] {
+            batched.push((
+                transport,
+                runtime.block_on(seed_with_batch(transport, n, batch_files))?,
+            ));
+        }
     }
     let load_after = uptime();
 
@@ -929,6 +964,23 @@ fn main() -> anyhow::Result<()> {
             mib(t.writer_remote_bytes),
             t.writer_remote_bytes as f64 / t.cli_remote_bytes.max(1) as f64,
             mib(t.writer_clone_bytes),
+        );
+    }
+    for (transport, (seed, bytes)) in &batched {
+        let t = transports
+            .iter()
+            .find(|t| t.transport == *transport)
+            .expect("same transport");
+        let baseline = imported + t.cli_push;
+        println!(
+            "| {}, writer with `--git-batch-max-files {batch_files}` | {} | {} | {:.2}x | {:.1} MiB | {:.1} MiB | {:.2}x | — |",
+            transport.name(),
+            secs(baseline),
+            secs(*seed),
+            seed.as_secs_f64() / baseline.as_secs_f64(),
+            mib(t.cli_remote_bytes),
+            mib(*bytes),
+            *bytes as f64 / t.cli_remote_bytes.max(1) as f64,
         );
     }
     for t in &transports {
