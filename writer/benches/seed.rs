@@ -1,6 +1,7 @@
 //! End-to-end seeding benchmark: the real writer, in process, fed over real gRPC, pushing to a
-//! local bare repository over `file://`, compared in the same run with what other tools need for
-//! the same tree.
+//! bare repository over `file://`, smart HTTP (`git http-backend` behind the test HTTPS server)
+//! and SSH (OpenSSH `sshd`), compared in the same run with what the git CLI needs for the same
+//! tree over the same transport.
 //!
 //! ```text
 //! cargo bench -p reverser-writer --bench seed                      # 10,000 objects
@@ -15,7 +16,10 @@
 //!   Kubernetes list) or `interleaved` (consecutive objects in different folders: the worst case
 //!   for tree rewriting, since every 200-file commit then touches every folder).
 //! - `BENCH_GIT_DAEMON=0` skips the `git://` row (the generic network push path).
-//! - `BENCH_BASELINES=0` skips the baselines (for profiling the writer alone).
+//! - `BENCH_TRANSPORTS=0` skips the HTTPS and SSH seeds (phase 5 then only runs `file://`).
+//! - `BENCH_BATCH_FILES=N` adds writer seeds over HTTPS and SSH with `--git-batch-max-files N`
+//!   (fewer, larger pushes: shows what the per-push price of a transport costs a seed).
+//! - `BENCH_BASELINES=0` skips the shell peer.
 //!
 //! Phases, in this order:
 //! 1. `git fast-import` of the identical tree as one commit into an empty bare repository.
@@ -30,6 +34,12 @@
 //!    `Ack`; the median of `BENCH_ROUNDS` rounds. Then the same through `git daemon` (git://,
 //!    libgit2's generic push as for https and ssh), after a `git gc` of the remote as a server
 //!    would run it, and `git push` (CLI) of one-file commits to the same server for comparison.
+//! 5. Per transport (`file://`, HTTPS, SSH), each into its own empty remote: `git push` (CLI) of
+//!    fast-import's repository (the baseline is fast-import + this push), then the writer's seed
+//!    as in 4; the remotes' `objects/` sizes after both, and the writer's clone. Over HTTPS, then
+//!    one-file changes by a writer flushing every change, against `git push` (CLI) of a one-file
+//!    commit to the same server. The remotes run with `receive.autogc` off, so what they hold is
+//!    what the client sent (a hosting service repacks later, on its own machines).
 //!
 //! The git layer alone (no gRPC, no YAML) has its own micro-benchmark: `tests/git_bench.rs`.
 //!
@@ -54,7 +64,7 @@ use reverser_proto::v1::{
     self as pb, agent_message::Kind as In, writer_client::WriterClient, writer_message::Kind as Out,
 };
 use reverser_writer::{Args, RunningWriter};
-use testkit::{BareRepo, GitDaemon, git};
+use testkit::{BareRepo, GitDaemon, HttpGitServer, SshGitServer, git};
 
 const BASE: &str = "clusters/prod";
 const DEST: &str = "bench/seed";
@@ -119,9 +129,11 @@ fn git_ok(cwd: &Path, args: &[&str]) {
     );
 }
 
-/// The git CLI, isolated from the user's configuration, with an identity.
-fn git_cli(cwd: &Path) -> Command {
+/// The git CLI, isolated from the user's configuration, with an identity and `env` (how to reach
+/// and trust a server).
+fn git_cli_with(cwd: &Path, env: &[(String, String)]) -> Command {
     let mut cmd = Command::new("git");
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.current_dir(cwd)
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
@@ -146,8 +158,9 @@ fn run(mut cmd: Command) -> String {
 // ---------------------------------------------------------------------------------------------
 // Baselines
 
-/// `git fast-import` of the whole tree as one commit; returns its wall time.
-fn fast_import(n: usize) -> (Duration, u64) {
+/// `git fast-import` of the whole tree as one commit; returns its wall time, the size of its
+/// objects and the repository (the source of the `git push` baselines).
+fn fast_import(n: usize) -> (Duration, u64, BareRepo) {
     let remote = BareRepo::new();
     let started = Instant::now();
     let mut child = Command::new("git")
@@ -184,7 +197,8 @@ fn fast_import(n: usize) -> (Duration, u64) {
     assert!(child.wait().expect("git fast-import").success());
     let elapsed = started.elapsed();
     assert_eq!(remote.ls_tree("main").len(), n, "fast-import tree");
-    (elapsed, dir_size(&remote.path()))
+    let bytes = dir_size(&remote.path().join("objects"));
+    (elapsed, bytes, remote)
 }
 
 struct ShellPeer {
@@ -246,7 +260,9 @@ fn shell_peer(n: usize, rounds: usize) -> ShellPeer {
 /// `git push` (CLI) of one-file commits to `url`: what one changed file costs any git client
 /// against that server. The commits are made with plumbing in a bare clone (no worktree to scan),
 /// so only the push is timed.
-fn cli_one_file_pushes(url: &str, n: usize, rounds: usize) -> Duration {
+fn cli_one_file_pushes(access: &CliAccess, n: usize, rounds: usize) -> Duration {
+    let url = access.url.as_str();
+    let git_cli = |cwd: &Path| git_cli_with(cwd, &access.env);
     let dir = tempfile::tempdir().expect("temp dir");
     let mut clone = git_cli(dir.path());
     clone.args(["clone", "--quiet", "--bare", url, "c.git"]);
@@ -305,11 +321,173 @@ fn yaml_validation(n: usize) -> Duration {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Remotes behind real transports
+
+/// How the git CLI reaches one remote: its URL (with the password, for HTTPS) and environment.
+struct CliAccess {
+    url: String,
+    env: Vec<(String, String)>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Transport {
+    File,
+    Https,
+    Ssh,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::File => "file://",
+            Transport::Https => "HTTPS (git http-backend)",
+            Transport::Ssh => "SSH (OpenSSH)",
+        }
+    }
+}
+
+const HTTP_USER: &str = "bench";
+const HTTP_PASSWORD: &str = "bench-password";
+
+/// One empty bare repository behind one transport, and how the writer and the CLI reach it.
+struct Remote {
+    repo: BareRepo,
+    writer_url: String,
+    /// Writer flags for this remote (credentials file, CA).
+    writer_args: Vec<String>,
+    cli: CliAccess,
+    _http: Option<HttpGitServer>,
+    _ssh: Option<SshGitServer>,
+    _secrets: tempfile::TempDir,
+}
+
+impl Remote {
+    fn new(transport: Transport) -> Remote {
+        let repo = BareRepo::new();
+        // Measure what the client sends: no `git gc --auto` after a push (a hosting service
+        // repacks later, on its own machines, not on this one while the seed runs).
+        git_ok(&repo.path(), &["config", "receive.autogc", "false"]);
+        git_ok(&repo.path(), &["config", "gc.auto", "0"]);
+        let secrets = tempfile::tempdir().expect("temp dir");
+        let credentials = secrets.path().join("credentials.yaml");
+        match transport {
+            Transport::File => Remote {
+                writer_url: repo.file_url(),
+                writer_args: Vec::new(),
+                cli: CliAccess {
+                    url: repo.file_url(),
+                    env: Vec::new(),
+                },
+                repo,
+                _http: None,
+                _ssh: None,
+                _secrets: secrets,
+            },
+            Transport::Https => {
+                let server = HttpGitServer::start(&repo, HTTP_USER, HTTP_PASSWORD);
+                let url = server.url();
+                std::fs::write(
+                    &credentials,
+                    format!(
+                        "credentials:\n  - urlPrefix: {url}\n    username: {HTTP_USER}\n    password: {HTTP_PASSWORD}\n"
+                    ),
+                )
+                .expect("write credentials");
+                let ca = server.ca_file().display().to_string();
+                Remote {
+                    writer_args: vec![
+                        "--git-credentials".into(),
+                        credentials.display().to_string(),
+                        "--git-ca-file".into(),
+                        ca.clone(),
+                    ],
+                    cli: CliAccess {
+                        url: url.replacen(
+                            "https://",
+                            &format!("https://{HTTP_USER}:{HTTP_PASSWORD}@"),
+                            1,
+                        ),
+                        env: vec![("GIT_SSL_CAINFO".into(), ca)],
+                    },
+                    writer_url: url,
+                    repo,
+                    _http: Some(server),
+                    _ssh: None,
+                    _secrets: secrets,
+                }
+            }
+            Transport::Ssh => {
+                use std::os::unix::fs::PermissionsExt as _;
+                let server = SshGitServer::start(&repo);
+                let url = server.url();
+                let key = secrets.path().join("id_ed25519");
+                let known_hosts = secrets.path().join("known_hosts");
+                std::fs::write(&key, server.client_private_key()).expect("write key");
+                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod key");
+                std::fs::write(&known_hosts, server.known_hosts()).expect("write known_hosts");
+                std::fs::write(
+                    &credentials,
+                    format!(
+                        "credentials:\n  - urlPrefix: {url}\n    username: {}\n    sshPrivateKeyFile: {}\n    knownHostsFile: {}\n",
+                        server.user(),
+                        key.display(),
+                        known_hosts.display()
+                    ),
+                )
+                .expect("write credentials");
+                let ssh = format!(
+                    "ssh -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={}",
+                    key.display(),
+                    known_hosts.display()
+                );
+                Remote {
+                    writer_args: vec![
+                        "--git-credentials".into(),
+                        credentials.display().to_string(),
+                    ],
+                    cli: CliAccess {
+                        url: url.clone(),
+                        env: vec![("GIT_SSH_COMMAND".into(), ssh)],
+                    },
+                    writer_url: url,
+                    repo,
+                    _http: None,
+                    _ssh: Some(server),
+                    _secrets: secrets,
+                }
+            }
+        }
+    }
+
+    /// Bytes under the remote's `objects/`.
+    fn object_bytes(&self) -> u64 {
+        dir_size(&self.repo.path().join("objects"))
+    }
+}
+
+/// The baseline seed's second half: `git push` (CLI) of `source` (fast-import's repository) into
+/// the empty `remote`; returns its wall time and the remote's object bytes afterwards.
+fn cli_seed_push(source: &BareRepo, remote: &Remote, n: usize) -> (Duration, u64) {
+    let mut push = git_cli_with(&source.path(), &remote.cli.env);
+    push.args(["push", "--quiet", &remote.cli.url, "main:refs/heads/main"]);
+    let started = Instant::now();
+    run(push);
+    let elapsed = started.elapsed();
+    assert_eq!(remote.repo.ls_tree("main").len(), n, "pushed tree");
+    (elapsed, remote.object_bytes())
+}
+
+// ---------------------------------------------------------------------------------------------
 // The writer
 
-async fn start_writer(work_dir: &Path, max_wait: &str) -> anyhow::Result<RunningWriter> {
+async fn start_writer(
+    work_dir: &Path,
+    max_wait: &str,
+    extra: &[String],
+) -> anyhow::Result<RunningWriter> {
     let work = work_dir.display().to_string();
-    let args = Args::try_parse_from([
+    let mut argv: Vec<String> = [
         "reverser-writer",
         "--grpc-addr",
         "127.0.0.1:0",
@@ -323,7 +501,12 @@ async fn start_writer(work_dir: &Path, max_wait: &str) -> anyhow::Result<Running
         max_wait,
         "--log-level",
         "warn",
-    ])?;
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    argv.extend(extra.iter().cloned());
+    let args = Args::try_parse_from(argv)?;
     args.start().await
 }
 
@@ -381,6 +564,13 @@ impl Agent {
                         acks.send_modify(|a| *a = (*a).max(ack.sequence));
                     }
                     Some(Out::Reject(r)) => bail!("rejected: {r:?}"),
+                    // A bench that cannot push would otherwise wait for its Acks forever.
+                    Some(Out::DestinationStatus(s))
+                        if matches!(s.r#type.as_str(), "AuthFailed" | "PushFailing")
+                            && s.status == "True" =>
+                    {
+                        bail!("the writer cannot push: {s:?}")
+                    }
                     _ => {}
                 }
             }
@@ -412,7 +602,7 @@ impl Agent {
 
     async fn wait_ack(&mut self, sequence: u64) -> anyhow::Result<()> {
         let wait = self.acked.wait_for(|&a| a >= sequence);
-        match tokio::time::timeout(Duration::from_secs(3600), wait).await {
+        match tokio::time::timeout(Duration::from_secs(1200), wait).await {
             Ok(Ok(_)) => Ok(()),
             _ => {
                 if self.reader.is_finished() {
@@ -460,48 +650,67 @@ async fn one_file_rounds(
     Ok(median(samples))
 }
 
-async fn writer(n: usize, rounds: usize, with_daemon: bool) -> anyhow::Result<WriterRun> {
-    let remote = BareRepo::new();
-    let work_dir = tempfile::tempdir()?;
-
-    // Seed with the default batching (a commit + push per 200 files).
-    reset_peak_rss();
-    let rss_before_mib = memory().1;
-    let running = start_writer(work_dir.path(), "0.2").await?;
-    let mut agent = Agent::connect(&running, &remote.file_url()).await?;
+/// Streams the corpus through a writer (default batching: a commit + push per 200 files) into
+/// `remote`, until the Ack of the last object; the writer's work dir stays for later rounds.
+async fn seed_through_writer(
+    work_dir: &Path,
+    remote: &Remote,
+    n: usize,
+    extra: &[String],
+) -> anyhow::Result<Duration> {
+    let mut args = remote.writer_args.clone();
+    args.extend(extra.iter().cloned());
+    let running = start_writer(work_dir, "0.2", &args).await?;
+    let mut agent = Agent::connect(&running, &remote.writer_url).await?;
     let started = Instant::now();
     for (sequence, i) in (1..).zip(order(n)) {
         agent.upsert(sequence, i, 0).await?;
     }
     agent.wait_ack(n as u64).await?;
     let seed = started.elapsed();
-    let (peak_rss_mib, rss_after_mib) = memory();
     drop(agent);
     running.stop().await?;
-    let files = remote.ls_tree("main");
+    // The corpus plus the destination's owner marker.
+    let files = remote.repo.ls_tree("main");
     if files.len() != n + 1 {
         bail!("the remote has {} files, expected {}", files.len(), n + 1);
     }
+    Ok(seed)
+}
+
+async fn writer(n: usize, rounds: usize, with_daemon: bool) -> anyhow::Result<WriterRun> {
+    let remote = Remote::new(Transport::File);
+    let work_dir = tempfile::tempdir()?;
+
+    // Seed with the default batching (a commit + push per 200 files).
+    reset_peak_rss();
+    let rss_before_mib = memory().1;
+    let seed = seed_through_writer(work_dir.path(), &remote, n, &[]).await?;
+    let (peak_rss_mib, rss_after_mib) = memory();
     let clone_bytes = dir_size(work_dir.path());
-    let remote_bytes = dir_size(&remote.path());
+    let remote_bytes = remote.object_bytes();
 
     // One-file changes: a writer that flushes every change at once, on the same clone.
-    let running = start_writer(work_dir.path(), "0").await?;
-    let mut agent = Agent::connect(&running, &remote.file_url()).await?;
+    let running = start_writer(work_dir.path(), "0", &[]).await?;
+    let mut agent = Agent::connect(&running, &remote.writer_url).await?;
     let one_file = one_file_rounds(&mut agent, n, rounds, 1, 1).await?;
     drop(agent);
 
     let one_file_git_daemon = if with_daemon {
         // A server keeps its repositories packed; without this, `git receive-pack` starts
         // `git gc --auto` on the hundreds of packs the seed left and the rounds measure that.
-        git_ok(&remote.path(), &["gc", "--quiet"]);
-        let daemon = GitDaemon::start(&remote);
+        git_ok(&remote.repo.path(), &["gc", "--quiet"]);
+        let daemon = GitDaemon::start(&remote.repo);
         let mut agent = Agent::connect(&running, &daemon.url()).await?;
         // The first change pays for the new clone's initial fetch; it is not counted.
         one_file_rounds(&mut agent, n, 1, 1, 1000).await?;
         let writer = one_file_rounds(&mut agent, n, rounds, 2, 1001).await?;
-        let url = daemon.url();
-        let cli = tokio::task::spawn_blocking(move || cli_one_file_pushes(&url, n, rounds)).await?;
+        let access = CliAccess {
+            url: daemon.url(),
+            env: Vec::new(),
+        };
+        let cli =
+            tokio::task::spawn_blocking(move || cli_one_file_pushes(&access, n, rounds)).await?;
         Some((writer, cli))
     } else {
         None
@@ -519,6 +728,80 @@ async fn writer(n: usize, rounds: usize, with_daemon: bool) -> anyhow::Result<Wr
     })
 }
 
+/// A seed over one transport: the baseline (`git push` of fast-import's repository into an
+/// empty remote) and the writer (into another empty remote), with the remotes' sizes.
+struct TransportRun {
+    transport: Transport,
+    cli_push: Duration,
+    cli_remote_bytes: u64,
+    writer_seed: Duration,
+    writer_remote_bytes: u64,
+    writer_clone_bytes: u64,
+    /// One changed file, (writer commit + push until its Ack, `git push` CLI of such a commit).
+    one_file: Option<(Duration, Duration)>,
+}
+
+async fn over_transport(
+    transport: Transport,
+    source: &'static BareRepo,
+    n: usize,
+    one_file_rounds_n: usize,
+) -> anyhow::Result<TransportRun> {
+    let baseline = Remote::new(transport);
+    let (cli_push, cli_remote_bytes) =
+        tokio::task::block_in_place(|| cli_seed_push(source, &baseline, n));
+    drop(baseline);
+    eprintln!("{}: git push {}", transport.name(), secs(cli_push));
+
+    let remote = Remote::new(transport);
+    let work_dir = tempfile::tempdir()?;
+    let writer_seed = seed_through_writer(work_dir.path(), &remote, n, &[]).await?;
+    let writer_remote_bytes = remote.object_bytes();
+    let writer_clone_bytes = dir_size(work_dir.path());
+    eprintln!("{}: writer {}", transport.name(), secs(writer_seed));
+
+    let one_file = if one_file_rounds_n > 0 {
+        let running = start_writer(work_dir.path(), "0", &remote.writer_args).await?;
+        let mut agent = Agent::connect(&running, &remote.writer_url).await?;
+        let writer = one_file_rounds(&mut agent, n, one_file_rounds_n, 1, 1).await?;
+        drop(agent);
+        running.stop().await?;
+        let cli =
+            tokio::task::block_in_place(|| cli_one_file_pushes(&remote.cli, n, one_file_rounds_n));
+        Some((writer, cli))
+    } else {
+        None
+    };
+    Ok(TransportRun {
+        transport,
+        cli_push,
+        cli_remote_bytes,
+        writer_seed,
+        writer_remote_bytes,
+        writer_clone_bytes,
+        one_file,
+    })
+}
+
+/// The writer's seed over `transport` with `--git-batch-max-files files`: how much of the seed
+/// time is the number of pushes (each costs the transport's and the server's fixed price).
+async fn seed_with_batch(
+    transport: Transport,
+    n: usize,
+    files: usize,
+) -> anyhow::Result<(Duration, u64)> {
+    let remote = Remote::new(transport);
+    let work_dir = tempfile::tempdir()?;
+    let extra = ["--git-batch-max-files".to_owned(), files.to_string()];
+    let seed = seed_through_writer(work_dir.path(), &remote, n, &extra).await?;
+    eprintln!(
+        "{}: writer, {files} files per push: {}",
+        transport.name(),
+        secs(seed)
+    );
+    Ok((seed, remote.object_bytes()))
+}
+
 fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
@@ -527,24 +810,32 @@ fn millis(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
+fn uptime() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 fn main() -> anyhow::Result<()> {
     let n = env_usize("BENCH_OBJECTS", 10_000);
     let rounds = env_usize("BENCH_ROUNDS", 21).max(1);
     let with_daemon = std::env::var("BENCH_GIT_DAEMON").as_deref() != Ok("0");
+    let with_transports = std::env::var("BENCH_TRANSPORTS").as_deref() != Ok("0");
     let order_name = if corpus::interleaved() {
         "interleaved"
     } else {
         "grouped"
     };
-    eprintln!("seeding {n} objects ({order_name} order), {rounds} one-file rounds");
+    eprintln!(
+        "seeding {n} objects ({order_name} order), {rounds} one-file rounds; load average {}",
+        uptime()
+    );
 
     let baselines = std::env::var("BENCH_BASELINES").as_deref() != Ok("0");
-    let (imported, imported_bytes) = if baselines {
-        fast_import(n)
-    } else {
-        (Duration::from_secs(1), 0)
-    };
+    let (imported, imported_bytes, imported_repo) = fast_import(n);
     eprintln!("git fast-import: {}", secs(imported));
+    // Lives as long as the process: the transport runs push from it.
+    let imported_repo: &'static BareRepo = Box::leak(Box::new(imported_repo));
     let peer = if baselines {
         shell_peer(n, rounds)
     } else {
@@ -563,6 +854,32 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let run = runtime.block_on(writer(n, rounds, with_daemon))?;
     eprintln!("writer: {}", secs(run.seed));
+    let mut transports = Vec::new();
+    let kinds: &[Transport] = if with_transports {
+        &[Transport::File, Transport::Https, Transport::Ssh]
+    } else {
+        &[Transport::File]
+    };
+    for &transport in kinds {
+        let one_file = if transport == Transport::Https {
+            rounds
+        } else {
+            0
+        };
+        transports.push(runtime.block_on(over_transport(transport, imported_repo, n, one_file))?);
+    }
+    // BENCH_BATCH_FILES=N: also seed over HTTPS and SSH with N files per commit and push.
+    let batch_files = env_usize("BENCH_BATCH_FILES", 0);
+    let mut batched = Vec::new();
+    if with_transports && batch_files > 0 {
+        for transport in [Transport::Https, Transport::Ssh] {
+            batched.push((
+                transport,
+                runtime.block_on(seed_with_batch(transport, n, batch_files))?,
+            ));
+        }
+    }
+    let load_after = uptime();
 
     let ratio = |d: Duration| d.as_secs_f64() / imported.as_secs_f64();
     println!();
@@ -579,15 +896,17 @@ fn main() -> anyhow::Result<()> {
         "| `git fast-import`, one commit | {} | 1.00x | — |",
         secs(imported)
     );
-    println!(
-        "| shell peer: write files + `git add -A && git commit` + `git push` | {} (files {} + add/commit {} + push {}) | {:.2}x | {} |",
-        secs(peer.seed),
-        secs(peer.write_files),
-        secs(peer.add_commit),
-        secs(peer.push),
-        ratio(peer.seed),
-        millis(peer.one_file)
-    );
+    if baselines {
+        println!(
+            "| shell peer: write files + `git add -A && git commit` + `git push` | {} (files {} + add/commit {} + push {}) | {:.2}x | {} |",
+            secs(peer.seed),
+            secs(peer.write_files),
+            secs(peer.add_commit),
+            secs(peer.push),
+            ratio(peer.seed),
+            millis(peer.one_file)
+        );
+    }
     println!(
         "| writer: gRPC → commit + push per 200 files, until the last Ack | {} | {:.2}x | {} |",
         secs(run.seed),
@@ -616,10 +935,71 @@ fn main() -> anyhow::Result<()> {
         run.peak_rss_mib, run.rss_after_mib, run.rss_before_mib
     );
     println!(
-        "Disk after the seed: writer's clone {:.0} MiB (objects stored uncompressed), remote {:.0} MiB \
-         (shares the clone's packs through hard links), `git fast-import`'s repository {:.0} MiB.",
+        "Disk after the seed: writer's clone {:.1} MiB (its own packs store objects uncompressed), remote objects {:.1} MiB, \
+         `git fast-import`'s objects {:.1} MiB.",
         mib(run.clone_bytes),
         mib(run.remote_bytes),
+        mib(imported_bytes)
+    );
+    println!();
+    println!(
+        "### Seeding {n} objects into an empty remote per transport: the writer vs `git fast-import` + `git push` (CLI)"
+    );
+    println!();
+    println!(
+        "| transport | fast-import + `git push` | writer seed | time ratio (target ≤ 1.5x) | remote after `git push` | remote after the writer | size ratio (target ≤ 1.5x) | writer's clone |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for t in &transports {
+        let baseline = imported + t.cli_push;
+        println!(
+            "| {} | {} ({} + {}) | {} | {:.2}x | {:.1} MiB | {:.1} MiB | {:.2}x | {:.1} MiB |",
+            t.transport.name(),
+            secs(baseline),
+            secs(imported),
+            secs(t.cli_push),
+            secs(t.writer_seed),
+            t.writer_seed.as_secs_f64() / baseline.as_secs_f64(),
+            mib(t.cli_remote_bytes),
+            mib(t.writer_remote_bytes),
+            t.writer_remote_bytes as f64 / t.cli_remote_bytes.max(1) as f64,
+            mib(t.writer_clone_bytes),
+        );
+    }
+    for (transport, (seed, bytes)) in &batched {
+        let t = transports
+            .iter()
+            .find(|t| t.transport == *transport)
+            .expect("same transport");
+        let baseline = imported + t.cli_push;
+        println!(
+            "| {}, writer with `--git-batch-max-files {batch_files}` | {} | {} | {:.2}x | {:.1} MiB | {:.1} MiB | {:.2}x | — |",
+            transport.name(),
+            secs(baseline),
+            secs(*seed),
+            seed.as_secs_f64() / baseline.as_secs_f64(),
+            mib(t.cli_remote_bytes),
+            mib(*bytes),
+            *bytes as f64 / t.cli_remote_bytes.max(1) as f64,
+        );
+    }
+    for t in &transports {
+        if let Some((writer, cli)) = t.one_file {
+            println!();
+            println!(
+                "One changed file in the {n}-object repo over {} (median of {rounds}): writer commit + push until its Ack {}, \
+                 `git push` (CLI) of such a commit {} ({:.2}x; target ≤ 1.2x).",
+                t.transport.name(),
+                millis(writer),
+                millis(cli),
+                writer.as_secs_f64() / cli.as_secs_f64()
+            );
+        }
+    }
+    println!();
+    println!(
+        "`git fast-import`'s repository: {:.1} MiB of objects. Remotes have `receive.autogc` off (what the client sent \
+         is what stays). Load average (1/5/15 min) at the end: {load_after}.",
         mib(imported_bytes)
     );
     Ok(())

@@ -407,10 +407,9 @@ fn leftovers_of_an_interrupted_pack_write_are_removed_on_open() {
 }
 
 #[test]
-fn network_pushes_skip_the_delta_search() {
-    // Guards a libgit2 quirk the clone's configuration relies on (see CONFIG_OVERRIDES in
-    // clone.rs): if a libgit2 upgrade stops reading `pack.deltaCacheSize` as its big-file
-    // threshold, pushes of big commits get slow again and this test says why.
+fn network_pushes_send_delta_compressed_packs() {
+    // Similar files (manifests of one kind) must reach the remote as deltas, as `git push` would
+    // send them, not as whole objects.
     let remote = BareRepo::new();
     // Keep what arrives as a pack, to inspect it.
     git_ok(&remote.path(), &["config", "receive.unpackLimit", "1"]);
@@ -422,15 +421,52 @@ fn network_pushes_skip_the_delta_search() {
         .collect();
     let commit = clone.commit(None, &changes, &meta("similar")).unwrap();
     assert_eq!(clone.push(commit).unwrap(), PushOutcome::Pushed);
-    for pack in packs(&remote.path()) {
-        let listing = git_ok(
-            &remote.path(),
-            &[
-                "verify-pack",
-                "-v",
-                pack.with_extension("idx").to_str().unwrap(),
-            ],
-        );
-        assert!(!listing.contains("chain length"), "{listing}");
-    }
+    let received = packs(&remote.path());
+    assert_eq!(received.len(), 1, "{received:?}");
+    let listing = git_ok(
+        &remote.path(),
+        &[
+            "verify-pack",
+            "-v",
+            received[0].with_extension("idx").to_str().unwrap(),
+        ],
+    );
+    assert!(listing.contains("chain length"), "no deltas:\n{listing}");
+    // 100 files of ~1.2 KiB: whole (even zlib-compressed) they would take well over 10 KiB.
+    let bytes = std::fs::metadata(&received[0]).unwrap().len();
+    assert!(bytes < 10_000, "{bytes} B for 100 similar files");
+}
+
+#[test]
+fn file_url_pushes_write_delta_compressed_packs() {
+    let remote = BareRepo::new();
+    let (_dir, mut clone) = clone_of(remote.file_url());
+    let similar = "a line that every file shares\n".repeat(40);
+    let changes: Vec<_> = (0..100)
+        .map(|i| FileChange::write(format!("d/f{i}.yaml"), format!("{similar}value: {i}\n")))
+        .collect();
+    let commit = clone.commit(None, &changes, &meta("similar")).unwrap();
+    assert_eq!(clone.push(commit).unwrap(), PushOutcome::Pushed);
+    let received = packs(&remote.path());
+    assert_eq!(received.len(), 1, "{received:?}");
+    let listing = git_ok(
+        &remote.path(),
+        &[
+            "verify-pack",
+            "-v",
+            received[0].with_extension("idx").to_str().unwrap(),
+        ],
+    );
+    assert!(listing.contains("chain length"), "no deltas:\n{listing}");
+    let bytes = std::fs::metadata(&received[0]).unwrap().len();
+    assert!(bytes < 10_000, "{bytes} B for 100 similar files");
+    // The remote's pack is its own file, not one of the clone's (uncompressed) packs.
+    let clone_packs = packs(clone.dir());
+    assert!(
+        clone_packs
+            .iter()
+            .all(|p| p.file_name() != received[0].file_name()),
+        "{clone_packs:?}"
+    );
+    assert_sound(&remote.path());
 }

@@ -2,13 +2,13 @@
 //! fast-forward-only push.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
 use git2::{
-    AutotagOption, ConfigLevel, ErrorClass, ErrorCode, FetchOptions, ObjectType, Oid, PushOptions,
-    Repository, RepositoryInitOptions, Signature,
+    AutotagOption, ErrorClass, ErrorCode, FetchOptions, ObjectType, Oid, PushOptions, Repository,
+    RepositoryInitOptions, Signature,
 };
 use tracing::warn;
 
@@ -24,24 +24,6 @@ use super::{
 /// Id of the empty tree (the same in every SHA-1 repository).
 const EMPTY_TREE: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
 
-/// Settings libgit2 reads for this clone, layered over the repository's own configuration (never
-/// written into it: a stale `config.lock` left by a killed process must not stop the writer).
-///
-/// `pack.deltaCacheSize` = 1: libgit2 1.9 reads this key (a typo upstream; git itself uses
-/// `core.bigFileThreshold`) as its *big file threshold*, and objects above it are never delta
-/// compressed. So the pack a push builds skips the delta search: in a profile of the seed
-/// benchmark pushing 200-file commits through libgit2, that search (every new object compared
-/// with the 10 before it) took ~20 % of the time, for little gain here: the objects of one commit
-/// are different manifests, and the remote's `git gc` delta-compresses history anyway. The price
-/// is a larger push pack for big commits (about the zlib-compressed size of the new content).
-/// `network_pushes_skip_the_delta_search` (tests/git_packs.rs) fails if a libgit2 upgrade fixes
-/// the key; pushes would then be slower but still correct.
-const CONFIG_OVERRIDES: &str = "\
-# Written by gitops-reverser for its bare clone; see writer/src/git/clone.rs.
-[pack]
-\tdeltaCacheSize = 1
-";
-
 /// A bare clone tracking `refs/heads/<branch>` of one remote.
 pub struct Clone {
     repo: Repository,
@@ -50,9 +32,6 @@ pub struct Clone {
     base: Option<Oid>,
     /// Parsed trees (read through `&self` by [`read_file`](Self::read_file)).
     trees: RefCell<TreeCache>,
-    /// The pack (`.pack` path) each commit built since the last push was written to: exactly its
-    /// new objects, which a local push can hand over as they are.
-    unpushed: HashMap<Oid, PathBuf>,
 }
 
 impl std::fmt::Debug for Clone {
@@ -102,7 +81,6 @@ impl Clone {
             dir: dir.to_owned(),
             base: None,
             trees: RefCell::default(),
-            unpushed: HashMap::new(),
         };
         clone.base = clone.repo.refname_to_id(&clone.tracking_ref()).ok();
         Ok(clone)
@@ -287,16 +265,14 @@ impl Clone {
     ///
     /// libgit2's own push, on every transport, first walks *every* tree and blob of the remote tip
     /// to find what not to send (`mark_edges_uninteresting`): ~100,000 entries per push in a
-    /// 100,000-file repository. For a local remote libgit2 then re-compresses the new objects
-    /// and indexes them again with its slow indexer. Here, for a remote in the file system only:
-    /// the packs [`build`](Self::build) wrote for the new commits are hard-linked into the
-    /// remote's `objects/pack` (each holds exactly what its commit adds to its parent); when they
-    /// are gone (merged, or built before a restart) or the remote is on another file system, the
-    /// new objects are found by comparing the pushed trees with their parents' (unchanged subtrees
-    /// are skipped by id) and written as one pack. Then the branch is moved with a
-    /// compare-and-swap under git's ref lock, the protocol `git push` and libgit2 use, so
-    /// concurrent pushers still cannot lose work. Like libgit2's local transport, no hooks run.
-    /// The remote's new packs are uncompressed (see [`pack`]); `git gc` there compresses them.
+    /// 100,000-file repository. Here, for a remote in the file system only, the new objects are
+    /// found by comparing the pushed trees with their parents' (unchanged subtrees are skipped by
+    /// id) and handed to libgit2's pack builder, which writes them into the remote's
+    /// `objects/pack` as one ordinary pack: zlib-compressed and delta-compressed, as `git push`
+    /// would send it (the clone's own packs are stored uncompressed, see [`pack`]; they never
+    /// reach a remote). Then the branch is moved with a compare-and-swap under git's ref lock, the
+    /// protocol `git push` and libgit2 use, so concurrent pushers still cannot lose work. Like
+    /// libgit2's local transport, no hooks run.
     ///
     /// Returns None when the remote is something else than a bare repository on disk: the generic
     /// push then handles (and reports) it.
@@ -333,25 +309,13 @@ impl Clone {
             },
             None => self.commits_to_send(commit, None)?,
         };
-        let pack_dir = remote_dir.join("objects").join("pack");
-        if !self.link_packs(&commits, &pack_dir) {
-            let objects = self.objects_to_send(&commits)?;
-            pack::write_objects(&self.repo, &objects, &pack_dir).map_err(|e| {
-                GitError::Other(format!(
-                    "{}: cannot write a pack: {e}",
-                    redact_url(&self.spec.url)
-                ))
-            })?;
-        }
+        let objects = self.objects_to_send(&commits)?;
+        self.write_remote_pack(&objects, &remote_dir.join("objects").join("pack"))?;
         let message = "push: reverser";
         let moved = match tip {
             Some(tip) => remote.reference_matching(&head, commit, true, tip, message),
             None => remote.reference(&head, commit, false, message),
         };
-        // Built on a tip that is now pushed or lost to another pusher: either way not needed, and
-        // free to be merged.
-        self.unpushed.clear();
-        self.maintain_packs();
         match moved {
             Ok(_) => self.pushed(commit).map(Some),
             Err(e)
@@ -404,34 +368,30 @@ impl Clone {
         walk.map(|id| id.map_err(local)).collect()
     }
 
-    /// Hard-links the packs `build` wrote for `commits` into the remote's `pack_dir`, when they
-    /// all still exist (not merged since) and the remote is on the same file system: each holds
-    /// exactly the objects its commit adds to its parent, and pack files are never modified, so
-    /// sharing them costs neither a copy nor a new file. False: write a pack instead.
-    fn link_packs(&self, commits: &[Oid], pack_dir: &Path) -> bool {
-        let Some(packs) = commits
-            .iter()
-            .map(|c| self.unpushed.get(c).filter(|p| p.exists()))
-            .collect::<Option<Vec<_>>>()
-        else {
-            return false;
+    /// Writes `objects` into the remote's `pack_dir` as one pack built by libgit2 (compressed,
+    /// with deltas between similar objects), indexed there.
+    fn write_remote_pack(&self, objects: &[Oid], pack_dir: &Path) -> Result<(), GitError> {
+        let failed = |why: String| {
+            GitError::Other(format!(
+                "{}: cannot write a pack: {why}",
+                redact_url(&self.spec.url)
+            ))
         };
-        if std::fs::create_dir_all(pack_dir).is_err() {
-            return false;
+        std::fs::create_dir_all(pack_dir).map_err(|e| failed(e.to_string()))?;
+        let mut builder = self
+            .repo
+            .packbuilder()
+            .map_err(|e| failed(e.message().to_owned()))?;
+        for &id in objects {
+            // Duplicates are ignored by the builder.
+            builder
+                .insert_object(id, None)
+                .map_err(|e| failed(e.message().to_owned()))?;
         }
-        packs.iter().all(|pack| {
-            // The index last: a pack becomes visible when its index appears.
-            ["pack", "idx"].iter().all(|ext| {
-                let source = pack.with_extension(ext);
-                let Some(name) = source.file_name() else {
-                    return false;
-                };
-                match std::fs::hard_link(&source, pack_dir.join(name)) {
-                    Ok(()) => true,
-                    Err(e) => e.kind() == std::io::ErrorKind::AlreadyExists,
-                }
-            })
-        })
+        // Mode 0: libgit2's default for packs (read-only).
+        builder
+            .write(pack_dir, 0)
+            .map_err(|e| failed(e.message().to_owned()))
     }
 
     /// The commits with the trees and blobs each adds to its first parent. With `commits` from
@@ -511,37 +471,22 @@ impl Clone {
         let commit = new.add(ObjectType::Commit, body).map_err(local)?;
         trees.remember_commit(commit, tree);
         let pack_dir = self.dir.join("objects").join("pack");
-        let written = new.write(&pack_dir).map_err(|e| {
+        new.write(&pack_dir).map_err(|e| {
             GitError::Other(format!(
                 "cannot write a pack in {}: {e}",
                 pack_dir.display()
             ))
         })?;
-        if local_remote_dir(&self.spec.url).is_some() {
-            if self.unpushed.len() >= 1024 {
-                self.unpushed.clear();
-            }
-            self.unpushed.insert(commit, written);
-        }
         self.maintain_packs();
         Ok(Some(commit))
     }
 
-    /// Merges small packs (see [`pack::merge_candidates`]), except those a local push is about
-    /// to hand over as they are; failures only cost performance.
+    /// Merges small packs (see [`pack::merge_candidates`]); failures only cost performance.
     fn maintain_packs(&mut self) {
         let pack_dir = self.dir.join("objects").join("pack");
         let pack_dir = pack_dir.as_path();
         let candidates = match pack::list_packs(pack_dir) {
-            Ok(mut packs) => {
-                packs.retain(|p| {
-                    !self
-                        .unpushed
-                        .values()
-                        .any(|u| u.with_extension("") == p.stem)
-                });
-                pack::merge_candidates(&packs)
-            }
+            Ok(packs) => pack::merge_candidates(&packs),
             Err(error) => {
                 warn!(dir = %pack_dir.display(), %error, "cannot list packs");
                 return;
@@ -617,20 +562,13 @@ fn local_remote_dir(url: &str) -> Option<PathBuf> {
     (!url.contains("://") && endpoint(url).is_none()).then(|| PathBuf::from(url))
 }
 
-/// Opens the bare clone with [`CONFIG_OVERRIDES`] layered over its configuration.
+/// Opens the bare clone, after removing what an interrupted pack write left behind.
 fn open_repo(dir: &Path) -> Result<Repository, GitError> {
     let repo = Repository::open_bare(dir).map_err(local)?;
     pack::remove_temporary_files(&dir.join("objects").join("pack"));
-    let overrides = dir.join("reverser.gitconfig");
-    if std::fs::read_to_string(&overrides).ok().as_deref() != Some(CONFIG_OVERRIDES) {
-        let tmp = dir.join(format!("reverser.gitconfig.{}.tmp", std::process::id()));
-        std::fs::write(&tmp, CONFIG_OVERRIDES)
-            .and_then(|()| std::fs::rename(&tmp, &overrides))
-            .map_err(|e| GitError::Other(format!("cannot write {}: {e}", overrides.display())))?;
-    }
-    repo.config()
-        .and_then(|mut config| config.add_file(&overrides, ConfigLevel::App, false))
-        .map_err(local)?;
+    // Earlier versions layered this file over the configuration to turn off the delta search of
+    // pushes (remotes received packs without deltas, several times larger); it is no longer read.
+    let _ = std::fs::remove_file(dir.join("reverser.gitconfig"));
     Ok(repo)
 }
 

@@ -11,8 +11,9 @@
 //!
 //! So this module writes standard version-2 packs and indexes whose objects are zlib streams made of
 //! *stored* (uncompressed) deflate blocks: valid for every git implementation, nearly free to write
-//! and to read, at the price of disk space (the raw size of the content; the remote still receives
-//! compressed packs from the push). Object ids are computed by libgit2 (SHA-1 with collision
+//! and to read, at the price of disk space (the raw size of the content). These packs stay in the
+//! clone: a push, local or over the network, sends the new objects in a pack built by libgit2,
+//! zlib- and delta-compressed like any git client's. Object ids are computed by libgit2 (SHA-1 with collision
 //! detection); the pack and index checksums, CRC-32 and Adler-32 are computed here.
 //!
 //! Merging copies entries byte for byte (their CRC-32 comes along from the source index); entries
@@ -53,24 +54,6 @@ impl NewPack {
         }
         out.finish()
     }
-}
-
-/// Writes the objects `ids` (read from `repo`) as one pack into `pack_dir`.
-pub(crate) fn write_objects(
-    repo: &Repository,
-    ids: &[Oid],
-    pack_dir: &Path,
-) -> std::io::Result<()> {
-    let odb = repo.odb().map_err(std::io::Error::other)?;
-    let mut unique = HashSet::with_capacity(ids.len());
-    let mut out = PackOut::create(pack_dir, ids.len())?;
-    for &id in ids {
-        if unique.insert(id) {
-            let object = odb.read(id).map_err(std::io::Error::other)?;
-            out.stored_object(id, type_code_of(object.kind()), object.data())?;
-        }
-    }
-    out.finish().map(|_| ())
 }
 
 fn type_code(kind: ObjectType) -> u8 {
@@ -147,7 +130,14 @@ impl PackOut {
             std::process::id(),
             rand::random::<u64>()
         ));
-        let file = BufWriter::with_capacity(256 * 1024, File::create(&tmp)?);
+        // Readable too: a pack that ends up with fewer objects than announced is read back to
+        // recompute its checksum (see `finish_inner`).
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        let file = BufWriter::with_capacity(256 * 1024, file);
         let mut out = PackOut {
             dir: dir.to_owned(),
             tmp,
@@ -206,8 +196,8 @@ impl PackOut {
 
     fn finish_inner(&mut self) -> std::io::Result<PathBuf> {
         if self.count != self.declared {
-            // Only merges can end up with fewer objects than announced (duplicates dropped); their
-            // header is rewritten below, which needs the checksum recomputed from the file.
+            // Callers announce exactly the distinct objects they write; should one ever write
+            // fewer, the header is rewritten, which needs the checksum recomputed from the file.
             self.file.flush()?;
             let file = self.file.get_ref();
             file.write_all_at(&self.count.to_be_bytes(), 8)?;
@@ -393,16 +383,20 @@ pub(crate) fn merge(repo: &Repository, pack_dir: &Path, packs: &[PackInfo]) -> s
         return Ok(());
     }
     let mut sources = Vec::new();
-    let mut total = 0usize;
+    // Objects that recur (a value set back, a folder filled again) sit in several packs: count
+    // each once, so the header announces exactly what the merged pack holds.
+    let mut distinct: HashSet<Oid> = HashSet::new();
     for pack in packs {
         let index = match Idx::read(&pack.stem.with_extension("idx")) {
             Ok(index) => index,
             // Not a version-2 index we understand: leave that pack alone.
             Err(_) => continue,
         };
-        total += index.entries.len();
+        distinct.extend(index.entries.iter().map(|e| e.id));
         sources.push((pack, index));
     }
+    let total = distinct.len();
+    drop(distinct);
     if sources.len() < 2 {
         return Ok(());
     }
@@ -759,6 +753,23 @@ mod tests {
         entry_header(&mut out, 1, 300);
         // 300 = 0b1_0010_1100: low 4 bits 1100, then 10010.
         assert_eq!(out, [0x80 | 0x10 | 0x0c, 0x12]);
+    }
+
+    #[test]
+    fn a_pack_with_fewer_objects_than_announced_gets_a_consistent_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = PackOut::create(dir.path(), 3).unwrap();
+        let data = b"kind: ConfigMap\n";
+        let id = Oid::hash_object(ObjectType::Blob, data).unwrap();
+        out.stored_object(id, 3, data).unwrap();
+        let pack = out.finish().unwrap();
+        let bytes = fs::read(&pack).unwrap();
+        assert_eq!(be32(&bytes, 8), 1, "object count in the header");
+        let (body, trailer) = bytes.split_at(bytes.len() - 20);
+        assert_eq!(Sha1::digest(body), trailer);
+        let index = Idx::read(&pack.with_extension("idx")).unwrap();
+        assert_eq!(index.entries.len(), 1);
+        assert_eq!(index.entries[0].id, id);
     }
 
     #[test]
