@@ -1107,13 +1107,18 @@ mod tests {
             &epochs,
         );
         assert!(
-            boundaries(&partial).iter().all(|b| b.starts_with("Begin") && b.contains(" v2 ")),
+            boundaries(&partial)
+                .iter()
+                .all(|b| b.starts_with("Begin") && b.contains(" v2 ")),
             "{partial:?}"
         );
         // Without superseded versions a snapshot touches its own version only.
         let mut plain = WatchIndex::new(at_version(&base, "v2", &[]), SelectionOptions::default());
         let out = list(&mut plain, &epochs, &[]);
-        assert!(boundaries(&out).iter().all(|b| b.contains(" v2 ")), "{out:?}");
+        assert!(
+            boundaries(&out).iter().all(|b| b.contains(" v2 ")),
+            "{out:?}"
+        );
     }
 
     #[test]
