@@ -647,6 +647,9 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
     // type whose list keeps failing blocks nobody).
     let mut list_permit = None;
     let mut listing;
+    // When the current (re)list started and how many objects it has brought so far (for the log).
+    let mut list_started = std::time::Instant::now();
+    let mut listed: u64 = 0;
     info!(watch = %plan.key, destinations = plan.routes.len(), "starting watch");
     loop {
         // Bookmarks are on by default; they keep the resume point fresh.
@@ -677,13 +680,17 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
                             listed_before = true;
                             // A (re)list follows: the next poll waits for a permit.
                             listing = true;
+                            list_started = std::time::Instant::now();
+                            listed = 0;
                         }
                         Event::InitApply(_) | Event::Apply(_) | Event::Delete(_) => {
                             counters.objects_scanned.fetch_add(1, Ordering::Relaxed);
+                            listed += u64::from(matches!(event, Event::InitApply(_)));
                         }
                         Event::InitDone => {
                             listing = false;
                             list_permit = None;
+                            info!(watch = %plan.key, objects = listed, streaming, elapsed_ms = list_started.elapsed().as_millis() as u64, "list complete");
                         }
                     }
                     let Some(event) = map_event(event, &plan) else {
