@@ -460,13 +460,19 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     )?;
     let pid = agent.pid;
     let mut peak_rss_seed: f64 = 0.0;
-    let (seed, first_commit) =
-        wait_for_seed(repo_agent.path(), n, started, s.timeout, &mut agent, || {
+    let (seed, first_commit) = wait_for_seed(
+        TipCounter::new(repo_agent.path()),
+        n,
+        started,
+        s.timeout,
+        &mut agent,
+        || {
             if let Some((rss, _)) = rss_mib(pid) {
                 peak_rss_seed = peak_rss_seed.max(rss);
             }
-        })
-        .await?;
+        },
+    )
+    .await?;
     let l_seed = load1();
     let agent_cpu_seed = cpu_secs(&pid.to_string());
     let self_cpu_seed = cpu_secs("self") - self_cpu0;

@@ -183,6 +183,8 @@ pub struct TipCounter {
     tip: Option<String>,
     files: i64,
     pub commits_seen: usize,
+    /// Counts only the paths it accepts.
+    only: fn(&str) -> bool,
 }
 
 impl TipCounter {
@@ -192,7 +194,14 @@ impl TipCounter {
             tip: None,
             files: 0,
             commits_seen: 0,
+            only: |_| true,
         }
+    }
+
+    /// Counts only the files whose path `only` accepts (e.g. the corpus's, not a cluster's own objects).
+    pub fn only(mut self, only: fn(&str) -> bool) -> Self {
+        self.only = only;
+        self
     }
 
     pub async fn tip(&self) -> anyhow::Result<Option<String>> {
@@ -236,6 +245,10 @@ impl TipCounter {
             bail!("git diff-tree: {}", String::from_utf8_lossy(&out.stderr));
         }
         for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let path = line.split_once('\t').map_or("", |(_, p)| p);
+            if !(self.only)(path) {
+                continue;
+            }
             match line.as_bytes().first() {
                 Some(b'A') => self.files += 1,
                 Some(b'D') => self.files -= 1,
@@ -487,17 +500,16 @@ pub async fn load_emulator(emu: &kube_emulator::Emulator, n: usize) -> anyhow::R
     Ok(bytes)
 }
 
-/// Waits until every file of `n` is in `repo`'s pushed tip; samples `sample` every poll. Returns the time since
+/// Waits until `counter` counts `n` files in its repository's pushed tip; samples `sample` every poll. Returns the time since
 /// `started` and when the first file was pushed.
 pub async fn wait_for_seed(
-    repo: PathBuf,
+    mut counter: TipCounter,
     n: usize,
     started: Instant,
     timeout: Duration,
     agent: &mut Agent,
     mut sample: impl FnMut(),
 ) -> anyhow::Result<(Duration, Option<Duration>)> {
-    let mut counter = TipCounter::new(repo);
     let mut first_commit = None;
     loop {
         let files = counter.poll().await?;
