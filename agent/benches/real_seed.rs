@@ -200,7 +200,7 @@ impl Peaks {
 
 /// The agent's `list complete` log lines, condensed: `core/v1/configmaps 50000 objects in 4.1 s (streaming)`.
 fn list_times(log: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let text = strip_ansi(&std::fs::read_to_string(log).unwrap_or_default());
     text.lines()
         .filter(|l| l.contains("list complete"))
         .map(|l| {
@@ -315,6 +315,24 @@ async fn seed(
         writer_hwm_mib,
         list_times: list_times(&agent_log),
     })
+}
+
+/// The text without terminal colour sequences (`ESC [ … m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn tail(path: &Path, lines: usize) -> String {

@@ -24,11 +24,13 @@
 //! - [`selection`]: destinations and compiled rules, as matching needs them.
 //! - [`resolve`]: from the custom resources to a [`Selection`], enforcing access policy.
 //! - [`watch`]: one watch task and its pure event index.
+//! - [`raw`]: a watched object as the JSON the server sent (parsed once).
 //! - [`backoff`]: exponential backoff with jitter.
 
 pub mod backoff;
 pub mod discovery;
 pub mod limits;
+pub mod raw;
 pub mod resolve;
 pub mod selection;
 pub mod watch;

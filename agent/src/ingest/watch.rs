@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::StreamExt;
-use kube::api::{Api, DynamicObject, TypeMeta};
+use kube::api::Api;
 use kube::runtime::watcher::{self, Event};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -44,6 +44,7 @@ use tracing::{debug, info, warn};
 use super::Shared;
 use super::backoff::Backoff;
 use super::discovery::WatchPlan;
+use super::raw::RawObject;
 use crate::canonical;
 use crate::events::{AgentEvent, ObjectRef};
 use crate::paths;
@@ -589,15 +590,16 @@ fn is_secret(obj: &Value) -> bool {
 
 /// A dynamic object as JSON, with `apiVersion` and `kind` filled in: list items of built-ins
 /// come without them, and canonical YAML needs them.
-fn to_json(mut obj: DynamicObject, plan: &WatchPlan) -> Option<Value> {
-    obj.types = Some(TypeMeta {
-        api_version: plan.resource.api_version(),
-        kind: plan.resource.kind.clone(),
-    });
-    serde_json::to_value(obj).ok()
+/// The object as received, its `apiVersion` and `kind` those of the watched version (the server may omit them).
+fn to_json(obj: RawObject, plan: &WatchPlan) -> Option<Value> {
+    let mut value = obj.into_value();
+    let map = value.as_object_mut()?;
+    map.insert("apiVersion".into(), plan.resource.api_version().into());
+    map.insert("kind".into(), plan.resource.kind.clone().into());
+    Some(value)
 }
 
-fn map_event(event: Event<DynamicObject>, plan: &WatchPlan) -> Option<Event<Value>> {
+fn map_event(event: Event<RawObject>, plan: &WatchPlan) -> Option<Event<Value>> {
     Some(match event {
         Event::Init => Event::Init,
         Event::InitDone => Event::InitDone,
@@ -627,7 +629,7 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
     let ar = plan.resource.api_resource();
     // Every request of this type (list pages, watch restarts, relists) spends the type's budget.
     let client = shared.client_for(&client, &plan.resource.metric_label());
-    let api: Api<DynamicObject> = if plan.key.namespace.is_empty() {
+    let api: Api<RawObject> = if plan.key.namespace.is_empty() {
         Api::all_with(client, &ar)
     } else {
         Api::namespaced_with(client, &plan.key.namespace, &ar)
