@@ -28,13 +28,13 @@
 //!
 //! Writers use the defaults except `--leases off` and `--git-batch-max-wait-sec 1`.
 
-use std::net::TcpListener;
+mod harness;
+
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use harness::*;
 use kube::api::{Api, DynamicObject, ListParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::ApiResource;
@@ -44,33 +44,14 @@ use reverser_proto::v1::{
     self as pb, agent_message::Kind as In, writer_client::WriterClient, writer_message::Kind as Out,
 };
 use testkit::{BareRepo, corpus};
-use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-
-const BRANCH: &str = "main";
-const BASE: &str = "clusters/prod";
-/// The destination key the agent derives from the GitDestination (namespace/name).
-const DEST: &str = "gitops-reverser/prod";
-const POLL: Duration = Duration::from_millis(100);
-const EMPTY_TREE: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
-const MIRRORED: [&str; 2] = [
-    "clusters/prod/core/v1/configmaps",
-    "clusters/prod/apps/v1/deployments",
-];
 
 struct Settings {
     objects: usize,
     update_rate: usize,
     update_secs: usize,
     timeout: Duration,
-}
-
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.replace('_', "").parse().ok())
-        .unwrap_or(default)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,261 +71,6 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(run(settings))
-}
-
-// ---------------------------------------------------------------------------------------------
-// The corpus: `testkit::corpus`, the objects the writer's seed benchmark uses, as the API server stores them.
-
-fn object_path(i: usize) -> String {
-    format!("{BASE}/{}", corpus::path(i))
-}
-
-fn agent_config(repo_url: &str) -> String {
-    format!(
-        "
-apiVersion: v1
-kind: Namespace
-metadata: {{name: gitops-reverser}}
----
-apiVersion: configbutler.ai/v1alpha1
-kind: GitRepoConfig
-metadata: {{name: repo, namespace: gitops-reverser}}
-spec:
-  repoUrl: '{repo_url}'
-  allowedBranches: [{BRANCH}]
-  accessPolicy: {{allowClusterRules: true}}
----
-apiVersion: configbutler.ai/v1alpha1
-kind: GitDestination
-metadata: {{name: prod, namespace: gitops-reverser}}
-spec:
-  repoRef: {{namespace: gitops-reverser, name: repo}}
-  branch: {BRANCH}
-  baseFolder: {BASE}
----
-apiVersion: configbutler.ai/v1alpha1
-kind: ClusterWatchRule
-metadata: {{name: bench}}
-spec:
-  destinationRef: {{name: prod, namespace: gitops-reverser}}
-  rules: [{{scope: Namespaced, apiGroups: ['', apps], resources: [configmaps, deployments]}}]
-"
-    )
-}
-
-// ---------------------------------------------------------------------------------------------
-// Measurements.
-
-/// The 1-minute load average now.
-fn load1() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
-}
-
-fn uptime() -> String {
-    std::process::Command::new("uptime")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|_| format!("load {}", load1()))
-}
-
-/// `(VmRSS, VmHWM)` of a process in MiB.
-fn rss_mib(pid: u32) -> Option<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |key: &str| {
-        status.lines().find_map(|l| {
-            let rest = l.strip_prefix(key)?;
-            let kb: f64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
-            Some(kb / 1024.0)
-        })
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
-}
-
-/// user+system CPU seconds of a process (`self` for this one).
-fn cpu_secs(pid: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the command: state(0) ... utime(11) stime(12), in clock ticks (100/s on Linux).
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (n, v) = l.rsplit_once(' ')?;
-            (n == name).then(|| v.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
-}
-
-/// Sum of every sample of a metric family (any labels).
-fn metric_sum(text: &str, family: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (n, v) = l.rsplit_once(' ')?;
-            let base = n.split('{').next()?;
-            (base == family).then(|| v.parse::<f64>().ok()).flatten()
-        })
-        .sum()
-}
-
-async fn http_get(host: &str, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn git(repo: &Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
-    Command::new("git")
-        .arg("--git-dir")
-        .arg(repo)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .context("running git")
-}
-
-/// Counts the mirrored files at a bare repo's tip, incrementally: each new tip is diffed
-/// against the previous one, so a poll costs what changed, not the repository's size.
-struct TipCounter {
-    repo: PathBuf,
-    tip: Option<String>,
-    files: i64,
-    commits_seen: usize,
-}
-
-impl TipCounter {
-    fn new(repo: PathBuf) -> Self {
-        TipCounter {
-            repo,
-            tip: None,
-            files: 0,
-            commits_seen: 0,
-        }
-    }
-
-    async fn tip(&self) -> anyhow::Result<Option<String>> {
-        let out = git(
-            &self.repo,
-            &[
-                "rev-parse",
-                "--verify",
-                "--quiet",
-                &format!("refs/heads/{BRANCH}"),
-            ],
-        )
-        .await?;
-        Ok(out
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned()))
-    }
-
-    /// Re-reads the tip; returns the file count.
-    async fn poll(&mut self) -> anyhow::Result<i64> {
-        let Some(tip) = self.tip().await? else {
-            return Ok(0);
-        };
-        if self.tip.as_deref() == Some(tip.as_str()) {
-            return Ok(self.files);
-        }
-        let old = self.tip.clone().unwrap_or_else(|| EMPTY_TREE.to_owned());
-        let mut args = vec![
-            "diff-tree",
-            "-r",
-            "--no-commit-id",
-            "--name-status",
-            old.as_str(),
-            tip.as_str(),
-            "--",
-        ];
-        args.extend(MIRRORED);
-        let out = git(&self.repo, &args).await?;
-        if !out.status.success() {
-            bail!("git diff-tree: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            match line.as_bytes().first() {
-                Some(b'A') => self.files += 1,
-                Some(b'D') => self.files -= 1,
-                _ => {}
-            }
-        }
-        self.commits_seen += 1;
-        self.tip = Some(tip);
-        Ok(self.files)
-    }
-}
-
-async fn tree_id(repo: &Path, path: &str) -> String {
-    match git(repo, &["rev-parse", &format!("{BRANCH}:{path}")]).await {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-        _ => "-".into(),
-    }
-}
-
-async fn commit_count(repo: &Path) -> usize {
-    match git(repo, &["rev-list", "--count", BRANCH]).await {
-        Ok(o) => String::from_utf8_lossy(&o.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0),
-        Err(_) => 0,
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Writers.
-
-async fn start_writer(work: &Path) -> anyhow::Result<reverser_writer::RunningWriter> {
-    let work = work.display().to_string();
-    let args = reverser_writer::Args::try_parse_from([
-        "reverser-writer",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--work-dir",
-        &work,
-        "--git-batch-max-wait-sec",
-        "1",
-        "--leases",
-        "off",
-    ])?;
-    args.start().await
 }
 
 /// The agent's canonical YAML and paths for every mirrored object, read back from the emulator.
@@ -579,146 +305,6 @@ fn update_of(k: usize, configmaps: usize) -> anyhow::Result<(usize, String, Stri
     Ok((i, path, canonical))
 }
 
-// ---------------------------------------------------------------------------------------------
-// The agent child.
-
-struct Agent {
-    child: Child,
-    pid: u32,
-    admin: String,
-}
-
-impl Agent {
-    fn start(bin: &Path, writer_url: &str, kubeconfig: &Path) -> anyhow::Result<Agent> {
-        let port = free_port();
-        let admin = format!("127.0.0.1:{port}");
-        let child = Command::new(bin)
-            .arg("--writer-url")
-            .arg(writer_url)
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .arg("--admin-addr")
-            .arg(&admin)
-            .args(["--cluster-name", "bench"])
-            .args(["--controller-namespace", "gitops-reverser"])
-            .arg("--leader-election=false")
-            .env(
-                "AGENT_LOG_LEVEL",
-                std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .env_remove("POD_NAME")
-            .env_remove("POD_NAMESPACE")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let pid = child.id().context("agent pid")?;
-        Ok(Agent { child, pid, admin })
-    }
-
-    async fn metrics(&self) -> Option<String> {
-        http_get(&self.admin, "/metrics").await
-    }
-
-    /// (produced, acked) when everything produced was acked and every watch listed once.
-    async fn settled_totals(&self) -> Option<(u64, u64)> {
-        let text = self.metrics().await?;
-        let m = |name: &str| metric(&text, name);
-        let produced: f64 = ["upsert", "delete", "snapshot_begin", "snapshot_end"]
-            .iter()
-            .map(|k| {
-                m(&format!(
-                    "gitops_reverser_agent_events_total{{kind=\"{k}\"}}"
-                ))
-            })
-            .sum();
-        let acked = m("gitops_reverser_agent_stream_messages_acked_total");
-        let settled = m("gitops_reverser_agent_active_watches") > 0.0
-            && m("gitops_reverser_agent_watch_snapshots_completed")
-                >= m("gitops_reverser_agent_active_watches")
-            && m("gitops_reverser_agent_stream_connected") == 1.0
-            && m("gitops_reverser_agent_stream_unacked") == 0.0
-            && produced > 0.0
-            && acked >= produced;
-        settled.then_some((produced as u64, acked as u64))
-    }
-
-    /// Same settled totals on two reads a metrics pump tick (1 s) apart.
-    async fn settle(&self, timeout: Duration) -> anyhow::Result<Duration> {
-        let started = Instant::now();
-        let mut last = None;
-        loop {
-            let current = self.settled_totals().await;
-            if current.is_some() && current == last {
-                return Ok(started.elapsed());
-            }
-            last = current;
-            if started.elapsed() > timeout {
-                bail!("the agent did not settle within {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(1100)).await;
-        }
-    }
-
-    async fn unacked(&self) -> Option<f64> {
-        let text = self.metrics().await?;
-        Some(metric(&text, "gitops_reverser_agent_stream_unacked"))
-    }
-
-    async fn terminate(mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status();
-        if tokio::time::timeout(Duration::from_secs(20), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-
-/// One row of the result table.
-struct Row {
-    what: String,
-    value: String,
-    target: String,
-    met: String,
-    load: String,
-}
-
-fn row(what: impl Into<String>, value: impl Into<String>, load: &str) -> Row {
-    Row {
-        what: what.into(),
-        value: value.into(),
-        target: String::new(),
-        met: String::new(),
-        load: load.to_owned(),
-    }
-}
-
-fn judged(
-    what: impl Into<String>,
-    value: impl Into<String>,
-    target: &str,
-    ok: bool,
-    load: &str,
-) -> Row {
-    Row {
-        what: what.into(),
-        value: value.into(),
-        target: target.into(),
-        met: if ok { "yes" } else { "**no**" }.into(),
-        load: load.to_owned(),
-    }
-}
-
-fn secs(d: Duration) -> String {
-    format!("{:.2} s", d.as_secs_f64())
-}
-
 async fn run(s: Settings) -> anyhow::Result<()> {
     let n = s.objects;
     let configmaps = n.div_ceil(2);
@@ -733,25 +319,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let emu = Emulator::start("127.0.0.1:0".parse()?).await?;
     emu.apply_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds"))
         .await?;
-    let namespaces: String = (0..corpus::NAMESPACES)
-        .map(|i| format!("---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns-{i:02}\n"))
-        .collect();
-    emu.apply_yaml(&namespaces).await?;
-    let mut bytes = 0usize;
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        let mut docs = String::new();
-        for &i in chunk {
-            let doc = if i.is_multiple_of(2) {
-                corpus::configmap(i, "s0")
-            } else {
-                corpus::deployment(i, "s0")
-            };
-            bytes += doc.len();
-            docs.push_str("---\n");
-            docs.push_str(&doc);
-        }
-        emu.apply_yaml(&docs).await?;
-    }
+    let bytes = load_emulator(&emu, n).await?;
     let repo_agent = BareRepo::named("agent.git");
     let repo_writer = BareRepo::named("writer-only.git");
     emu.apply_yaml(&agent_config(&repo_agent.file_url()))
@@ -891,33 +459,20 @@ async fn run(s: Settings) -> anyhow::Result<()> {
         &kubeconfig,
     )?;
     let pid = agent.pid;
-    let mut counter = TipCounter::new(repo_agent.path());
-    let mut first_commit = None;
     let mut peak_rss_seed: f64 = 0.0;
-    loop {
-        let files = counter.poll().await?;
-        if files > 0 && first_commit.is_none() {
-            first_commit = Some(started.elapsed());
-        }
-        if let Some((rss, _)) = rss_mib(pid) {
-            peak_rss_seed = peak_rss_seed.max(rss);
-        }
-        if files >= n as i64 {
-            break;
-        }
-        if let Some(status) = agent.child.try_wait()? {
-            bail!("the agent exited during the seed: {status}");
-        }
-        if started.elapsed() > s.timeout {
-            bail!(
-                "agent seed timed out after {:?}: {files}/{n} files in {} tips",
-                s.timeout,
-                counter.commits_seen
-            );
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    let seed = started.elapsed();
+    let (seed, first_commit) = wait_for_seed(
+        TipCounter::new(repo_agent.path()),
+        n,
+        started,
+        s.timeout,
+        &mut agent,
+        || {
+            if let Some((rss, _)) = rss_mib(pid) {
+                peak_rss_seed = peak_rss_seed.max(rss);
+            }
+        },
+    )
+    .await?;
     let l_seed = load1();
     let agent_cpu_seed = cpu_secs(&pid.to_string());
     let self_cpu_seed = cpu_secs("self") - self_cpu0;
@@ -1122,17 +677,12 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     emu.shutdown().await;
     let uptime_end = uptime();
 
-    println!("\n## agent e2e bench, N = {n}\n");
-    println!("start: `{uptime_start}`  ");
-    println!("end:   `{uptime_end}`\n");
-    println!("| measurement | value | target | met | load (1 min) |");
-    println!("| --- | --- | --- | --- | --- |");
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {} | {} |",
-            r.what, r.value, r.target, r.met, r.load
-        );
-    }
+    print_table(
+        &format!("agent e2e bench, N = {n}"),
+        &uptime_start,
+        &uptime_end,
+        &rows,
+    );
     println!("\nbacklog samples (s since load start: unacked / writer queue / agent RSS MiB):");
     let line: Vec<String> = samples
         .iter()

@@ -773,6 +773,107 @@ spec: {size: 3}
     assert!(yaml.contains("size: 3"));
 }
 
+const WIDGETS_CRD_V1: &str = "
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: widgets.example.com}
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget, listKind: WidgetList}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+";
+
+fn is_end_of(e: &AgentEvent, resource: &str, version: &str) -> bool {
+    matches!(e, AgentEvent::SnapshotEnd { scope, .. } if scope.resource == resource && scope.version == version)
+}
+
+#[tokio::test]
+async fn a_crd_whose_preferred_version_changes_clears_the_old_versions_scope_once_the_new_one_is_listed()
+ {
+    let cluster = shop().await;
+    cluster
+        .apply_yaml(&format!(
+            "{WIDGETS_CRD_V1}---\napiVersion: example.com/v1\nkind: Widget\nmetadata: {{name: w1, namespace: shop}}\nspec: {{size: 3}}\n"
+        ))
+        .await;
+    let sel = selection(vec![cluster_rule("cfg/prod", &["example.com"], &["*"])]);
+    let mut h = start(cluster, sel, IngestConfig::default()).await;
+    let first = h
+        .until("the v1 widget", |e| {
+            is_upsert_of(e, "example.com/v1/widgets/shop/w1.yaml")
+        })
+        .await;
+    let first_v1_end = h
+        .until("the v1 snapshot end", |e| is_end_of(e, "widgets", "v1"))
+        .await;
+    assert!(
+        !first
+            .iter()
+            .chain(&first_v1_end)
+            .any(|e| matches!(e, AgentEvent::SnapshotBegin { scope, .. } if scope.version != "v1")),
+        "only v1 is served: nothing else is cleared"
+    );
+
+    // v2 becomes the storage (preferred) version; v1 stays served.
+    let both = WIDGETS_CRD_V1.replace("    storage: true\n", "    storage: false\n")
+        + "  - name: v2\n    served: true\n    storage: true\n    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}\n";
+    h.cluster.apply_yaml(&both).await;
+    // Discovery may need a moment to publish v2 as preferred.
+    let mut moved = Vec::new();
+    for _ in 0..50 {
+        h.refresh_discovery().await;
+        if watched(&h.handle).contains(&"example.com/v2/widgets".to_owned()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(watched(&h.handle), vec!["example.com/v2/widgets"]);
+    moved.extend(
+        h.until("the v2 snapshot end", |e| is_end_of(e, "widgets", "v2"))
+            .await,
+    );
+    let sweep = h
+        .until("the v1 scope's sweep", |e| is_end_of(e, "widgets", "v1"))
+        .await;
+    assert!(
+        moved
+            .iter()
+            .any(|e| is_upsert_of(e, "example.com/v2/widgets/shop/w1.yaml")),
+        "{moved:#?}"
+    );
+    // Right after the v2 end: an empty, complete snapshot of the same scope at v1.
+    let [
+        AgentEvent::SnapshotBegin {
+            scope: begin,
+            epoch: begun,
+            ..
+        },
+        AgentEvent::SnapshotEnd {
+            scope: end,
+            epoch: ended,
+            ..
+        },
+    ] = sweep.as_slice()
+    else {
+        panic!("expected an empty v1 snapshot, got {sweep:#?}");
+    };
+    assert_eq!((begin, begun), (end, ended));
+    assert_eq!(
+        (
+            begin.group.as_str(),
+            begin.version.as_str(),
+            begin.resource.as_str(),
+            begin.namespace.as_str()
+        ),
+        ("example.com", "v1", "widgets", "")
+    );
+}
+
 #[tokio::test]
 async fn a_group_blinking_out_of_discovery_keeps_its_watch_during_the_grace_period() {
     // Emulator only: this scenario injects faults (see the file header).

@@ -2178,14 +2178,9 @@ async fn namespace_deletion_garbage_collection_and_crd_deletion_remove_the_files
 
 /// A CRD gets a new version (served, storage) and its old one is removed. The agent mirrors each resource at one
 /// version (the preferred one), so the object's file moves from `v1/` to `v2/`; the `v1/` file must not stay behind
-/// as a stale duplicate.
-///
-/// Known defect (this test fails on it): the `v2/` file appears, but the `v1/` file is never removed. Snapshot
-/// scopes name the version (`{group}/{version}/{resource}`), the `v2` watch's snapshot sweeps only `v2/`, and the
-/// `v1` watch is dropped when the preferred version changes, so nothing ever sends a delete or an empty snapshot
-/// for `v1/`. The same happens to built-in types whose preferred version changes with a server upgrade.
+/// as a stale duplicate: once the `v2` snapshot is complete, the agent sends an empty, complete snapshot of the same
+/// scope at `v1`, and the writer removes the `v1/` file (and nothing outside the group's folder).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect: the old version's folder is never swept when a resource's preferred version changes"]
 async fn a_crd_version_change_moves_the_files_to_the_new_version() {
     let world = World::start(None, &format!("{EVERYTHING}---{KEEP}---{GIZMO_CRD_V1}")).await;
     world.kubectl_ok(&["apply", "-f", "-"], Some(GIZMO));
@@ -2203,6 +2198,8 @@ async fn a_crd_version_change_moves_the_files_to_the_new_version() {
         .apply_yaml(&gizmo_crd(&[("v1", false), ("v2", true)]))
         .await;
     world.wait_for_file(&gizmo_path("v2"), "size: 3").await;
+    // v1 is still served, but the agent mirrors the preferred v2 only: the v1 copy goes.
+    world.wait_until_gone(&gizmo_path("v1")).await;
     agent.settle().await;
     // Objects are re-stored at v2, v1 leaves storedVersions and then the CRD.
     let json = world.kubectl_ok(
@@ -2272,7 +2269,11 @@ async fn a_crd_version_change_moves_the_files_to_the_new_version() {
         ),
         "{changes:?}"
     );
-    world.wait_until_gone(&gizmo_path("v1")).await;
+    assert!(
+        changes.contains(&("D".to_owned(), gizmo_path("v1"))),
+        "{changes:?}"
+    );
+    assert!(world.repo.read(BRANCH, &gizmo_path("v1")).is_none());
     agent.terminate().await;
     world.stop().await;
 }

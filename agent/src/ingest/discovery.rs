@@ -32,6 +32,12 @@ pub struct DiscoveredResource {
     /// Group, chosen version, plural and scope.
     pub key: ResourceKey,
     pub kind: String,
+    /// Other versions of the same group/resource that discovery showed (served now, or mirrored earlier by this
+    /// process and replaced by `key.version`). The type is mirrored at one version only, so each complete snapshot
+    /// also clears these versions' folders of the same scope: a CRD whose preferred version moved from v1 to v2
+    /// leaves no stale `v1/` copies behind. Never filled from a failed or partial discovery: only a discovery that
+    /// lists the resource under `key.version` puts versions here.
+    pub superseded: BTreeSet<String>,
 }
 
 impl DiscoveredResource {
@@ -39,7 +45,22 @@ impl DiscoveredResource {
         Self {
             key: ResourceKey::new(group, version, resource, namespaced),
             kind: kind.to_owned(),
+            superseded: BTreeSet::new(),
         }
+    }
+
+    /// The same type, whose snapshots also clear the folders of `versions` (its own version excepted).
+    pub fn with_superseded<I, S>(mut self, versions: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.superseded = versions
+            .into_iter()
+            .map(Into::into)
+            .filter(|v| *v != self.key.version)
+            .collect();
+        self
     }
 
     /// `v1` for core, `group/version` otherwise.
@@ -110,10 +131,20 @@ pub async fn discover(client: &Client) -> Result<Vec<DiscoveredResource>, Discov
 
 /// Flattens a kube-rs discovery: one entry per (group, resource) that supports list and watch,
 /// at the group's preferred version, or, for a resource the preferred version lacks, the first
-/// version (in the server's priority order) that serves it.
+/// version (in the server's priority order) that serves it. The other versions that serve the
+/// resource are its [`DiscoveredResource::superseded`] ones.
 pub fn from_discovery(discovery: &Discovery) -> Vec<DiscoveredResource> {
     let mut out = Vec::new();
     for group in discovery.groups() {
+        let mut served: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for version in group.versions() {
+            for (ar, _) in group.versioned_resources(version) {
+                served
+                    .entry(ar.plural.clone())
+                    .or_default()
+                    .insert(version.to_owned());
+            }
+        }
         let preferred = group.preferred_version_or_latest().to_owned();
         let mut versions = vec![preferred.clone()];
         versions.extend(
@@ -132,13 +163,17 @@ pub fn from_discovery(discovery: &Discovery) -> Vec<DiscoveredResource> {
                 {
                     continue;
                 }
-                out.push(DiscoveredResource::new(
-                    &ar.group,
-                    &ar.version,
-                    &ar.plural,
-                    &ar.kind,
-                    caps.scope == Scope::Namespaced,
-                ));
+                let others = served.get(&ar.plural).cloned().unwrap_or_default();
+                out.push(
+                    DiscoveredResource::new(
+                        &ar.group,
+                        &ar.version,
+                        &ar.plural,
+                        &ar.kind,
+                        caps.scope == Scope::Namespaced,
+                    )
+                    .with_superseded(others),
+                );
             }
         }
     }
@@ -215,9 +250,14 @@ pub struct WatchKey {
 impl WatchKey {
     /// The snapshot scope of this type in `namespace`.
     pub fn scope(&self, namespace: &str) -> ScopeRef {
+        self.scope_at(&self.version, namespace)
+    }
+
+    /// The snapshot scope of this type at another `version` (a superseded one) in `namespace`.
+    pub fn scope_at(&self, version: &str, namespace: &str) -> ScopeRef {
         ScopeRef {
             group: self.group.clone(),
-            version: self.version.clone(),
+            version: version.to_owned(),
             resource: self.resource.clone(),
             namespace: namespace.to_owned(),
         }

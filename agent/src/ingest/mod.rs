@@ -24,11 +24,13 @@
 //! - [`selection`]: destinations and compiled rules, as matching needs them.
 //! - [`resolve`]: from the custom resources to a [`Selection`], enforcing access policy.
 //! - [`watch`]: one watch task and its pure event index.
+//! - [`raw`]: a watched object as the JSON the server sent (parsed once).
 //! - [`backoff`]: exponential backoff with jitter.
 
 pub mod backoff;
 pub mod discovery;
 pub mod limits;
+pub mod raw;
 pub mod resolve;
 pub mod selection;
 pub mod watch;
@@ -312,9 +314,23 @@ struct Running {
 struct Supervisor {
     /// (group, resource) → the type and when discovery last listed it.
     known: HashMap<(String, String), (DiscoveredResource, Instant)>,
+    /// (group, resource) → every version discovery listed it under while it was known: a version this
+    /// process mirrored before stays superseded (and swept) after the server stops serving it.
+    versions: HashMap<(String, String), BTreeSet<String>>,
     running: BTreeMap<WatchKey, Running>,
     declared: BTreeMap<String, DestinationDecl>,
     last_skipped: Vec<(crate::rules::ResourceKey, SkipReason)>,
+}
+
+impl Supervisor {
+    /// Records the versions discovery lists `res` under, and marks every other one seen so far superseded.
+    fn with_versions_seen(&mut self, res: DiscoveredResource) -> DiscoveredResource {
+        let seen = self.versions.entry(res.group_resource()).or_default();
+        seen.insert(res.key.version.clone());
+        seen.extend(res.superseded.iter().cloned());
+        let seen = seen.clone();
+        res.with_superseded(seen)
+    }
 }
 
 async fn supervise(
@@ -334,6 +350,7 @@ async fn supervise(
                 Ok(found) => {
                     let now = Instant::now();
                     for res in found {
+                        let res = state.with_versions_seen(res);
                         state.known.insert(res.group_resource(), (res, now));
                     }
                     // Keep a vanished type for the grace period: a blink must not stop (and
@@ -345,6 +362,8 @@ async fn supervise(
                         }
                         keep
                     });
+                    let known = &state.known;
+                    state.versions.retain(|gr, _| known.contains_key(gr));
                     shared
                         .metrics
                         .discovery_runs
@@ -472,4 +491,38 @@ async fn reconcile(
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = Some(types);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gizmos(version: &str) -> DiscoveredResource {
+        DiscoveredResource::new("demo.example.com", version, "gizmos", "Gizmo", true)
+    }
+
+    #[test]
+    fn a_version_mirrored_before_stays_superseded_after_the_server_stops_serving_it() {
+        let mut state = Supervisor::default();
+        let v1 = state.with_versions_seen(gizmos("v1"));
+        assert!(v1.superseded.is_empty(), "{v1:?}");
+        // v2 becomes preferred while v1 is still served.
+        let v2 = state.with_versions_seen(gizmos("v2").with_superseded(["v1"]));
+        assert_eq!(v2.superseded, BTreeSet::from(["v1".to_owned()]));
+        // v1 is removed from the CRD: the files this process mirrored at v1 still get cleared.
+        let v2 = state.with_versions_seen(gizmos("v2"));
+        assert_eq!(v2.superseded, BTreeSet::from(["v1".to_owned()]));
+        // Another resource of the group is not affected.
+        let widgets = state.with_versions_seen(DiscoveredResource::new(
+            "demo.example.com",
+            "v2",
+            "widgets",
+            "Widget",
+            true,
+        ));
+        assert!(widgets.superseded.is_empty());
+        // Rolled back to v1: now v2's folder is the stale one.
+        let back = state.with_versions_seen(gizmos("v1"));
+        assert_eq!(back.superseded, BTreeSet::from(["v2".to_owned()]));
+    }
 }

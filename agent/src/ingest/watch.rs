@@ -10,7 +10,9 @@
 //!                 must name every live object, or the writer would sweep it)
 //!   InitDone    → SnapshotEnd for every scope, except scopes holding an object that could not be
 //!                 sent (encryption refused or failed, not renderable): those stay open, so the
-//!                 writer sweeps nothing there; hashes of objects not relisted are forgotten
+//!                 writer sweeps nothing there; hashes of objects not relisted are forgotten;
+//!                 after each SnapshotEnd, an empty Begin+End of the same scope at every superseded
+//!                 version of the type (the writer clears the old version's folder)
 //!   Apply       → Upsert if the canonical YAML changed; Delete if it stopped matching
 //!   Delete      → Delete where it was mirrored
 //!   Err         → nothing: the open epoch is never ended, so the writer deletes nothing
@@ -33,7 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::StreamExt;
-use kube::api::{Api, DynamicObject, TypeMeta};
+use kube::api::Api;
 use kube::runtime::watcher::{self, Event};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -42,6 +44,7 @@ use tracing::{debug, info, warn};
 use super::Shared;
 use super::backoff::Backoff;
 use super::discovery::WatchPlan;
+use super::raw::RawObject;
 use crate::canonical;
 use crate::events::{AgentEvent, ObjectRef};
 use crate::paths;
@@ -211,6 +214,21 @@ impl WatchIndex {
                                 scope: self.plan.key.scope(ns),
                                 epoch: id,
                             });
+                            // The type now lives at this version: an empty, complete snapshot of each
+                            // superseded version's scope makes the writer remove the stale copies there.
+                            for version in &self.plan.resource.superseded {
+                                let scope = self.plan.key.scope_at(version, ns);
+                                out.push(AgentEvent::SnapshotBegin {
+                                    destination: route.destination.key.clone(),
+                                    scope: scope.clone(),
+                                    epoch: id,
+                                });
+                                out.push(AgentEvent::SnapshotEnd {
+                                    destination: route.destination.key.clone(),
+                                    scope,
+                                    epoch: id,
+                                });
+                            }
                         }
                     }
                     // Objects not relisted are gone; the writer sweeps their files.
@@ -572,15 +590,16 @@ fn is_secret(obj: &Value) -> bool {
 
 /// A dynamic object as JSON, with `apiVersion` and `kind` filled in: list items of built-ins
 /// come without them, and canonical YAML needs them.
-fn to_json(mut obj: DynamicObject, plan: &WatchPlan) -> Option<Value> {
-    obj.types = Some(TypeMeta {
-        api_version: plan.resource.api_version(),
-        kind: plan.resource.kind.clone(),
-    });
-    serde_json::to_value(obj).ok()
+/// The object as received, its `apiVersion` and `kind` those of the watched version (the server may omit them).
+fn to_json(obj: RawObject, plan: &WatchPlan) -> Option<Value> {
+    let mut value = obj.into_value();
+    let map = value.as_object_mut()?;
+    map.insert("apiVersion".into(), plan.resource.api_version().into());
+    map.insert("kind".into(), plan.resource.kind.clone().into());
+    Some(value)
 }
 
-fn map_event(event: Event<DynamicObject>, plan: &WatchPlan) -> Option<Event<Value>> {
+fn map_event(event: Event<RawObject>, plan: &WatchPlan) -> Option<Event<Value>> {
     Some(match event {
         Event::Init => Event::Init,
         Event::InitDone => Event::InitDone,
@@ -610,7 +629,7 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
     let ar = plan.resource.api_resource();
     // Every request of this type (list pages, watch restarts, relists) spends the type's budget.
     let client = shared.client_for(&client, &plan.resource.metric_label());
-    let api: Api<DynamicObject> = if plan.key.namespace.is_empty() {
+    let api: Api<RawObject> = if plan.key.namespace.is_empty() {
         Api::all_with(client, &ar)
     } else {
         Api::namespaced_with(client, &plan.key.namespace, &ar)
@@ -630,6 +649,9 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
     // type whose list keeps failing blocks nobody).
     let mut list_permit = None;
     let mut listing;
+    // When the current (re)list started and how many objects it has brought so far (for the log).
+    let mut list_started = std::time::Instant::now();
+    let mut listed: u64 = 0;
     info!(watch = %plan.key, destinations = plan.routes.len(), "starting watch");
     loop {
         // Bookmarks are on by default; they keep the resume point fresh.
@@ -660,13 +682,17 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
                             listed_before = true;
                             // A (re)list follows: the next poll waits for a permit.
                             listing = true;
+                            list_started = std::time::Instant::now();
+                            listed = 0;
                         }
                         Event::InitApply(_) | Event::Apply(_) | Event::Delete(_) => {
                             counters.objects_scanned.fetch_add(1, Ordering::Relaxed);
+                            listed += u64::from(matches!(event, Event::InitApply(_)));
                         }
                         Event::InitDone => {
                             listing = false;
                             list_permit = None;
+                            info!(watch = %plan.key, objects = listed, streaming, elapsed_ms = list_started.elapsed().as_millis() as u64, "list complete");
                         }
                     }
                     let Some(event) = map_event(event, &plan) else {
@@ -1007,6 +1033,135 @@ mod tests {
         let out = list(&mut idx, &epochs, &[db, api]);
         assert_eq!(ends(&out).len(), 4, "{}", kinds(&out).join("\n"));
         assert_eq!(idx.encryption_failures(), 2);
+    }
+
+    /// Snapshot boundaries with their scope's version: `Begin dest v1 "ns" epoch`.
+    fn boundaries(events: &[AgentEvent]) -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                AgentEvent::SnapshotBegin {
+                    destination,
+                    scope,
+                    epoch,
+                } => Some(format!(
+                    "Begin {destination} {} {:?} {epoch}",
+                    scope.version, scope.namespace
+                )),
+                AgentEvent::SnapshotEnd {
+                    destination,
+                    scope,
+                    epoch,
+                } => Some(format!(
+                    "End {destination} {} {:?} {epoch}",
+                    scope.version, scope.namespace
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `plan` with its type mirrored at `version` and `superseded` versions to clear.
+    fn at_version(plan: &WatchPlan, version: &str, superseded: &[&str]) -> Arc<WatchPlan> {
+        let mut plan = plan.clone();
+        plan.key.version = version.to_owned();
+        plan.resource.key.version = version.to_owned();
+        plan.resource = plan.resource.with_superseded(superseded.iter().copied());
+        Arc::new(plan)
+    }
+
+    #[test]
+    fn a_complete_snapshot_clears_the_same_scope_at_every_superseded_version() {
+        let epochs = AtomicU64::new(0);
+        let rule = |d: &str, ns: &str| watch_rule(ns, d, &["configmaps"], None);
+        let base = plan(vec![
+            ("shop/p", vec![rule("shop/p", "shop")], &["shop"]),
+            ("x/all", all_configmaps("x/all").remove(0).1, &[""]),
+        ]);
+        let mut idx = WatchIndex::new(
+            at_version(&base, "v2", &["v1", "v1beta1", "v2"]),
+            SelectionOptions::default(),
+        );
+        let out = list(&mut idx, &epochs, &[cm("shop", "a", json!({}), "1", "5")]);
+        assert_eq!(
+            boundaries(&out),
+            [
+                "Begin shop/p v2 \"shop\" 1",
+                "Begin x/all v2 \"\" 1",
+                "End shop/p v2 \"shop\" 1",
+                "Begin shop/p v1 \"shop\" 1",
+                "End shop/p v1 \"shop\" 1",
+                "Begin shop/p v1beta1 \"shop\" 1",
+                "End shop/p v1beta1 \"shop\" 1",
+                "End x/all v2 \"\" 1",
+                "Begin x/all v1 \"\" 1",
+                "End x/all v1 \"\" 1",
+                "Begin x/all v1beta1 \"\" 1",
+                "End x/all v1beta1 \"\" 1",
+            ]
+        );
+        // The objects themselves go to the mirrored version only.
+        assert!(
+            kinds(&out)
+                .iter()
+                .filter(|k| k.starts_with("Upsert"))
+                .all(|k| k.contains("/v2/configmaps/shop/a.yaml")),
+            "{out:?}"
+        );
+        // A list that fails (a 403, an error) never completes: nothing is cleared anywhere.
+        let failed = idx.apply(Event::Init, &epochs);
+        assert!(failed.is_empty(), "{failed:?}");
+        let partial = idx.apply(
+            Event::InitApply(cm("shop", "a", json!({}), "1", "6")),
+            &epochs,
+        );
+        assert!(
+            boundaries(&partial)
+                .iter()
+                .all(|b| b.starts_with("Begin") && b.contains(" v2 ")),
+            "{partial:?}"
+        );
+        // Without superseded versions a snapshot touches its own version only.
+        let mut plain = WatchIndex::new(at_version(&base, "v2", &[]), SelectionOptions::default());
+        let out = list(&mut plain, &epochs, &[]);
+        assert!(
+            boundaries(&out).iter().all(|b| b.contains(" v2 ")),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_withheld_snapshot_end_clears_no_superseded_version_either() {
+        let identity = age::x25519::Identity::generate();
+        let epochs = AtomicU64::new(0);
+        let mut idx = WatchIndex::new(
+            at_version(&secrets_plan_with_scopes(&identity), "v2", &["v1"]),
+            SelectionOptions::default(),
+        );
+        let huge = "A".repeat(sops::MAX_PLAINTEXT_BYTES + 1);
+        let out = list(
+            &mut idx,
+            &epochs,
+            &[
+                named_secret("shop", "db", &huge, "1"),
+                named_secret("web", "api", "c2VjcmV0LTI=", "2"),
+            ],
+        );
+        let ends: Vec<String> = boundaries(&out)
+            .into_iter()
+            .filter(|b| b.starts_with("End"))
+            .collect();
+        // `shop/enc` and `x/enc-all` hold the unsendable `db` (maybe only at v1): neither its scope nor the v1
+        // copy of it is cleared.
+        assert_eq!(
+            ends,
+            [
+                "End web/enc v2 \"web\" 1",
+                "End web/enc v1 \"web\" 1",
+                "End x/plain v2 \"\" 1",
+                "End x/plain v1 \"\" 1",
+            ]
+        );
     }
 
     #[test]

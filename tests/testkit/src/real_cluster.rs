@@ -65,6 +65,7 @@ pub struct RealClusterBuilder {
     compaction_interval: Duration,
     controller_manager: bool,
     apiserver_args: Vec<String>,
+    etcd_args: Vec<String>,
 }
 
 impl Default for RealClusterBuilder {
@@ -82,6 +83,7 @@ impl Default for RealClusterBuilder {
             compaction_interval: Duration::from_secs(10),
             controller_manager: true,
             apiserver_args: Vec::new(),
+            etcd_args: Vec::new(),
         }
     }
 }
@@ -114,6 +116,12 @@ impl RealClusterBuilder {
     /// More kube-apiserver flags (`--name=value`).
     pub fn apiserver_arg(mut self, arg: &str) -> Self {
         self.apiserver_args.push(arg.to_owned());
+        self
+    }
+
+    /// More etcd flags (`--name=value`), e.g. `--quota-backend-bytes` for a bulk load past etcd's 2 GiB default.
+    pub fn etcd_arg(mut self, arg: &str) -> Self {
+        self.etcd_args.push(arg.to_owned());
         self
     }
 
@@ -229,17 +237,19 @@ impl RealCluster {
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         cluster.spawn(
             "etcd",
-            Command::new(&etcd_bin).args([
-                "--name=test".to_owned(),
-                format!("--data-dir={}", root.join("etcd").display()),
-                format!("--listen-client-urls={etcd_url}"),
-                format!("--advertise-client-urls={etcd_url}"),
-                format!("--listen-peer-urls={peer_url}"),
-                format!("--initial-advertise-peer-urls={peer_url}"),
-                format!("--initial-cluster=test={peer_url}"),
-                "--unsafe-no-fsync=true".to_owned(),
-                "--log-level=warn".to_owned(),
-            ]),
+            Command::new(&etcd_bin)
+                .args([
+                    "--name=test".to_owned(),
+                    format!("--data-dir={}", root.join("etcd").display()),
+                    format!("--listen-client-urls={etcd_url}"),
+                    format!("--advertise-client-urls={etcd_url}"),
+                    format!("--listen-peer-urls={peer_url}"),
+                    format!("--initial-advertise-peer-urls={peer_url}"),
+                    format!("--initial-cluster=test={peer_url}"),
+                    "--unsafe-no-fsync=true".to_owned(),
+                    "--log-level=warn".to_owned(),
+                ])
+                .args(&options.etcd_args),
         );
         cluster.start_watchdog();
         cluster.wait_until(
