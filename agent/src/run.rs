@@ -300,10 +300,10 @@ impl Args {
         // one fails the start rather than a later term.
         let attribution = match &webhook_server {
             Some(server_config) => {
-                webhook::tls::ReloadingCert::load(
-                    server_config.cert_file.clone(),
-                    server_config.key_file.clone(),
-                    Arc::new(rustls::crypto::ring::default_provider()),
+                reverser_common::tls::certified_key(
+                    &server_config.cert_file,
+                    &server_config.key_file,
+                    &rustls::crypto::ring::default_provider(),
                 )
                 .context("loading the attribution webhook's certificate")?;
                 let attribution_metrics = AttributionMetrics::new()?;

@@ -1,5 +1,5 @@
 //! Pure building blocks shared by `reverser-agent` and `reverser-writer`, plus the small I/O pieces both
-//! binaries need identically (logging set-up, the admin HTTP endpoint, Leases).
+//! binaries need identically (logging set-up, the admin HTTP endpoint, Leases, TLS certificate reload).
 //!
 //! - [`paths`]: which repository paths and base folders are acceptable, the marker location, snapshot scopes.
 //! - [`yaml`]: parsing canonical YAML and comparing documents semantically (no-op detection).
@@ -8,6 +8,8 @@
 //! - [`telemetry`]: `tracing` subscriber set-up (plain or JSON).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` over HTTP.
 //! - [`lease`]: claiming and renewing a Kubernetes Lease (the agent's leader election, the writer's worker fence).
+//! - [`tls`]: the server certificate and client CA, re-read from their files or replaced while serving (the
+//!   agent's webhook, the writer's gRPC server).
 
 pub mod admin;
 pub mod lease;
@@ -16,4 +18,5 @@ pub mod rate;
 pub mod reasons;
 pub mod sops;
 pub mod telemetry;
+pub mod tls;
 pub mod yaml;
