@@ -1,5 +1,5 @@
 //! Pure building blocks shared by `reverser-agent` and `reverser-writer`, plus the small I/O pieces both
-//! binaries need identically (logging set-up, the admin HTTP endpoint, Leases, TLS certificate reload).
+//! binaries need identically (logging set-up, the admin HTTP endpoint, Leases, TLS certificate reload, backoff).
 //!
 //! - [`paths`]: which repository paths and base folders are acceptable, the marker location, snapshot scopes.
 //! - [`yaml`]: parsing canonical YAML and comparing documents semantically (no-op detection).
@@ -7,11 +7,13 @@
 //! - [`sops`]: the fingerprint annotation of SOPS-encrypted files and the generated `.sops.yaml`.
 //! - [`telemetry`]: `tracing` subscriber set-up (plain or JSON).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` over HTTP.
+//! - [`backoff`]: exponential backoff with jitter and a cap (every retry loop of both binaries).
 //! - [`lease`]: claiming and renewing a Kubernetes Lease (the agent's leader election, the writer's worker fence).
 //! - [`tls`]: the server certificate and client CA, re-read from their files or replaced while serving (the
 //!   agent's webhook, the writer's gRPC server).
 
 pub mod admin;
+pub mod backoff;
 pub mod lease;
 pub mod paths;
 pub mod rate;

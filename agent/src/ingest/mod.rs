@@ -24,9 +24,9 @@
 //! - [`selection`]: destinations and compiled rules, as matching needs them.
 //! - [`resolve`]: from the custom resources to a [`Selection`], enforcing access policy.
 //! - [`watch`]: one watch task and its pure event index.
-//! - [`backoff`]: exponential backoff with jitter.
+//! - [`backoff`]: exponential backoff with jitter (`reverser_common`'s, shared with the writer).
 
-pub mod backoff;
+pub use reverser_common::backoff;
 pub mod discovery;
 pub mod limits;
 pub mod resolve;
