@@ -218,7 +218,12 @@ impl Args {
     pub async fn parse_and_run() -> anyhow::Result<()> {
         let args = Args::parse();
         telemetry::init(&args.log_level, args.log_format)?;
-        args.run(shutdown_signal()).await
+        let stop = reverser_common::shutdown::signal();
+        args.run(async {
+            stop.await;
+            info!("shutdown signal received");
+        })
+        .await
     }
 
     /// Runs until `shutdown` completes.
@@ -302,10 +307,10 @@ impl Args {
         // one fails the start rather than a later term.
         let attribution = match &webhook_server {
             Some(server_config) => {
-                webhook::tls::ReloadingCert::load(
-                    server_config.cert_file.clone(),
-                    server_config.key_file.clone(),
-                    Arc::new(rustls::crypto::ring::default_provider()),
+                reverser_common::tls::certified_key(
+                    &server_config.cert_file,
+                    &server_config.key_file,
+                    &rustls::crypto::ring::default_provider(),
                 )
                 .context("loading the attribution webhook's certificate")?;
                 let attribution_metrics = AttributionMetrics::new()?;
@@ -1258,29 +1263,6 @@ fn hostname() -> String {
                 .filter(|s| !s.is_empty())
         })
         .unwrap_or_else(|| "reverser-agent".to_owned())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-    info!("shutdown signal received");
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Pure building blocks shared by `reverser-agent` and `reverser-writer`, plus the small I/O pieces both
-//! binaries need identically (logging set-up, the admin HTTP endpoint, Leases).
+//! binaries need identically (logging set-up, the admin HTTP endpoint, Leases, TLS certificate reload, backoff, the
+//! stop signal).
 //!
 //! - [`paths`]: which repository paths and base folders are acceptable, the marker location, snapshot scopes.
 //! - [`yaml`]: parsing canonical YAML and comparing documents semantically (no-op detection).
@@ -7,13 +8,20 @@
 //! - [`sops`]: the fingerprint annotation of SOPS-encrypted files and the generated `.sops.yaml`.
 //! - [`telemetry`]: `tracing` subscriber set-up (plain or JSON).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` over HTTP.
+//! - [`backoff`]: exponential backoff with jitter and a cap (every retry loop of both binaries).
+//! - [`shutdown`]: the stop request (SIGTERM or ctrl-c).
 //! - [`lease`]: claiming and renewing a Kubernetes Lease (the agent's leader election, the writer's worker fence).
+//! - [`tls`]: the server certificate and client CA, re-read from their files or replaced while serving (the
+//!   agent's webhook, the writer's gRPC server).
 
 pub mod admin;
+pub mod backoff;
 pub mod lease;
 pub mod paths;
 pub mod rate;
 pub mod reasons;
+pub mod shutdown;
 pub mod sops;
 pub mod telemetry;
+pub mod tls;
 pub mod yaml;

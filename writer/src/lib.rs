@@ -222,8 +222,9 @@ impl Args {
         telemetry::init(&args.log_level, args.log_format)?;
         let running = args.start().await?;
         let shutdown = running.shutdown_handle();
+        let stop = reverser_common::shutdown::signal();
         tokio::spawn(async move {
-            shutdown_signal().await;
+            stop.await;
             info!("shutdown requested; pushing what is pending");
             shutdown.send_replace(true);
         });
@@ -708,19 +709,4 @@ fn apply_reload(
 
 async fn wait_for(mut receiver: tokio::sync::watch::Receiver<bool>) {
     let _ = receiver.wait_for(|stop| *stop).await;
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -1,5 +1,6 @@
 //! TLS for the gRPC server with reload: tonic's `ServerTlsConfig` is fixed at start, so the writer builds its own
-//! rustls `ServerConfig` whose certificate resolver and client-certificate verifier are swappable slots, accepts
+//! rustls `ServerConfig` whose certificate resolver and client-certificate verifier are swappable
+//! (`reverser_common::tls`, replaced when the writer reloads its files, never following them alone), accepts
 //! connections itself (tokio-rustls) and hands tonic a stream of established connections
 //! (`Server::serve_with_incoming`). Each connection carries the identity of its verified client certificate
 //! ([`ConnInfo`], a request extension) for [`crate::authz`].
@@ -8,25 +9,18 @@
 //! established connections keep going. Only the `ring` crypto provider is used.
 
 use std::{
-    fmt,
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     pin::Pin,
-    sync::{Arc, RwLock},
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
+pub use reverser_common::tls::TlsError;
+use reverser_common::tls::{ReloadingCert, ReloadingClientCa, certified_key, client_verifier};
 use rustls::{
-    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
-    client::danger::HandshakeSignatureValid,
-    crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject},
-    server::{
-        ClientHello, ResolvesServerCert, WebPkiClientVerifier,
-        danger::{ClientCertVerified, ClientCertVerifier},
-    },
-    sign::CertifiedKey,
+    ServerConfig, crypto::CryptoProvider, server::danger::ClientCertVerifier, sign::CertifiedKey,
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -45,45 +39,8 @@ pub struct TlsPaths {
     pub client_ca: Option<PathBuf>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Pem { path: PathBuf, message: String },
-    #[error("{0}")]
-    Invalid(String),
-}
-
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.into(),
-        source,
-    })
-}
-
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Pem {
-            path: path.into(),
-            message: "no CERTIFICATE in the file".into(),
-        });
-    }
-    Ok(certs)
 }
 
 /// The certificate, key and client verifier read from [`TlsPaths`].
@@ -96,39 +53,12 @@ impl TlsMaterial {
     /// Reads and checks the files (the key must match the certificate; the CA bundle must hold a CA).
     pub fn load(paths: &TlsPaths) -> Result<Self, TlsError> {
         let provider = provider();
-        let chain = certificates(&paths.cert)?;
-        let key_pem = read(&paths.key)?;
-        // The key's text never goes into an error message.
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
-            path: paths.key.clone(),
-            message: format!("no usable private key ({e})"),
-        })?;
-        let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
-            TlsError::Invalid(format!(
-                "{} and {} do not make a usable certificate and key: {e}",
-                paths.cert.display(),
-                paths.key.display()
-            ))
-        })?;
-        let verifier = match &paths.client_ca {
-            None => None,
-            Some(ca) => {
-                let mut roots = RootCertStore::empty();
-                for cert in certificates(ca)? {
-                    roots.add(cert).map_err(|e| TlsError::Pem {
-                        path: ca.clone(),
-                        message: format!("not a usable CA certificate: {e}"),
-                    })?;
-                }
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                        .build()
-                        .map_err(|e| {
-                            TlsError::Invalid(format!("client CA {}: {e}", ca.display()))
-                        })?;
-                Some(verifier)
-            }
-        };
+        let certified = certified_key(&paths.cert, &paths.key, &provider)?;
+        let verifier = paths
+            .client_ca
+            .as_ref()
+            .map(|ca| client_verifier(ca, &provider))
+            .transpose()?;
         Ok(Self {
             certified: Arc::new(certified),
             verifier,
@@ -136,99 +66,22 @@ impl TlsMaterial {
     }
 }
 
-/// The server certificate, swappable.
-struct CertSlot(RwLock<Arc<CertifiedKey>>);
-
-impl fmt::Debug for CertSlot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("CertSlot")
-    }
-}
-
-impl ResolvesServerCert for CertSlot {
-    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.read().expect("certificate slot").clone())
-    }
-}
-
-/// The client-certificate verifier (built from the current client CA), swappable.
-struct VerifierSlot(RwLock<Arc<dyn ClientCertVerifier>>);
-
-impl fmt::Debug for VerifierSlot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("VerifierSlot")
-    }
-}
-
-impl VerifierSlot {
-    fn current(&self) -> Arc<dyn ClientCertVerifier> {
-        self.0.read().expect("verifier slot").clone()
-    }
-}
-
-impl ClientCertVerifier for VerifierSlot {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        // The hints cannot borrow from a swappable slot. They are optional: clients with one certificate send it.
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.current()
-            .verify_client_cert(end_entity, intermediates, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current().verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current().verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.current().supported_verify_schemes()
-    }
-}
-
 /// A rustls server configuration whose certificate and client CA can be replaced while it serves.
 pub struct ReloadableTls {
-    cert: Arc<CertSlot>,
-    verifier: Option<Arc<VerifierSlot>>,
+    cert: Arc<ReloadingCert>,
+    verifier: Option<Arc<ReloadingClientCa>>,
     config: Arc<ServerConfig>,
 }
 
 impl ReloadableTls {
     pub fn new(material: TlsMaterial) -> Result<Self, TlsError> {
-        let cert = Arc::new(CertSlot(RwLock::new(material.certified)));
+        let cert = Arc::new(ReloadingCert::new(material.certified));
         let builder = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Invalid(e.to_string()))?;
         let (builder, verifier) = match material.verifier {
             Some(verifier) => {
-                let slot = Arc::new(VerifierSlot(RwLock::new(verifier)));
+                let slot = Arc::new(ReloadingClientCa::new(verifier));
                 (builder.with_client_cert_verifier(slot.clone()), Some(slot))
             }
             None => (builder.with_no_client_auth(), None),
@@ -249,9 +102,7 @@ impl ReloadableTls {
     /// Swaps in new material; new handshakes use it. Turning mTLS on or off needs a restart.
     pub fn update(&self, material: TlsMaterial) -> Result<(), TlsError> {
         match (&self.verifier, material.verifier) {
-            (Some(slot), Some(verifier)) => {
-                *slot.0.write().expect("verifier slot") = verifier;
-            }
+            (Some(slot), Some(verifier)) => slot.replace(verifier),
             (None, None) => {}
             _ => {
                 return Err(TlsError::Invalid(
@@ -259,7 +110,7 @@ impl ReloadableTls {
                 ));
             }
         }
-        *self.cert.0.write().expect("certificate slot") = material.certified;
+        self.cert.replace(material.certified);
         Ok(())
     }
 

@@ -26,6 +26,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use reverser_common::backoff::Backoff;
 use reverser_common::reasons::{ConditionReason, ConditionType, RejectReason};
 
 use reverser_proto::v1 as pb;
@@ -164,6 +165,9 @@ pub fn spawn(
         status: status.clone(),
     };
     let labels = [handle.repo_url.clone(), handle.branch.clone()];
+    // `retry_initial * 2^(failures-1)`, capped at `retry_max`, ±20 %.
+    let retry_backoff =
+        Backoff::new(settings.retry_initial, settings.retry_max).with_jitter(0.8, 1.2);
     let worker = Worker {
         id,
         dir: settings.work_dir.join(&handle.id),
@@ -176,7 +180,7 @@ pub fn spawn(
         clone: None,
         buffer: Buffer::default(),
         retry_at: None,
-        failures: 0,
+        retry_backoff,
         last_fetch: None,
         conditions: HashMap::new(),
         abandoned: watchdog::Abandoned::default(),
@@ -198,7 +202,8 @@ struct Worker {
     clone: Option<Clone>,
     buffer: Buffer,
     retry_at: Option<Instant>,
-    failures: u32,
+    /// Delays between failed flushes, reset by a success.
+    retry_backoff: Backoff,
     last_fetch: Option<Instant>,
     /// Last condition reported per destination (to report transitions, not every flush).
     conditions: HashMap<DestinationId, (String, bool)>,
@@ -343,7 +348,7 @@ impl Worker {
                 }
                 // A push that failed for want of valid credentials is retried at once, not after the backoff.
                 self.retry_at = None;
-                self.failures = 0;
+                self.retry_backoff.reset();
             }
             // Handled by the run loop, which stops after it.
             Command::Shutdown(reply) => self.flush_now(Some(reply)).await,
@@ -454,17 +459,12 @@ impl Worker {
         let result = self.flush().await;
         let report = match result {
             Ok(outcome) => {
-                self.failures = 0;
+                self.retry_backoff.reset();
                 self.retry_at = None;
                 Ok(self.finish(outcome))
             }
             Err(error) => {
-                self.failures += 1;
-                let delay = backoff(
-                    self.settings.retry_initial,
-                    self.settings.retry_max,
-                    self.failures,
-                );
+                let delay = self.retry_backoff.next_delay();
                 self.retry_at = Some(Instant::now() + delay);
                 self.report_failure(&error);
                 self.metrics
@@ -887,14 +887,6 @@ fn remove_stale_locks(dir: &std::path::Path) {
 /// libgit2's own deadline check (which ends the connection cleanly) wins whenever progress is reported.
 fn network_deadline() -> Duration {
     git::operation_timeout() + Duration::from_secs(2)
-}
-
-/// Exponential backoff with jitter: `initial * 2^(attempt-1)`, capped, ±20 %.
-fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
-    let exponent = attempt.saturating_sub(1).min(16);
-    let base = initial.saturating_mul(1u32 << exponent).min(max);
-    let jitter = rand::random_range(0.8..1.2);
-    base.mul_f64(jitter).min(max)
 }
 
 /// A commit's tree, read through the clone.

@@ -25,9 +25,9 @@
 //! - [`resolve`]: from the custom resources to a [`Selection`], enforcing access policy.
 //! - [`watch`]: one watch task and its pure event index.
 //! - [`raw`]: a watched object as the JSON the server sent (parsed once).
-//! - [`backoff`]: exponential backoff with jitter.
+//! - [`backoff`]: exponential backoff with jitter (`reverser_common`'s, shared with the writer).
 
-pub mod backoff;
+pub use reverser_common::backoff;
 pub mod discovery;
 pub mod limits;
 pub mod raw;

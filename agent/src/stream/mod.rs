@@ -62,6 +62,7 @@ use reverser_proto::{
 
 use crate::events::{AgentEvent, ScopeRef};
 use backlog::Backlog;
+use reverser_common::backoff::Backoff;
 use reverser_common::lease::{LeaseState, Tenure};
 
 /// The leader term a stream speaks for, and the elector's view of the Lease to prove it is still current.
@@ -482,13 +483,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Exponential backoff with jitter: `initial * 2^(attempt-1)`, capped at `max`, ±20 %.
-fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
-    let exponent = attempt.saturating_sub(1).min(20);
-    let base = initial.saturating_mul(1u32 << exponent).min(max);
-    base.mul_f64(rand::random_range(0.8..1.2)).min(max)
-}
-
 /// Feedback that never blocks the stream: sent right away when the receiver has room, else queued and
 /// delivered from the client loop. Connection-state changes are always kept (ingestion must not miss a
 /// reconnect); rejects and statuses beyond [`FEEDBACK_BACKLOG`] are dropped and counted.
@@ -578,7 +572,9 @@ type Replies = tonic::Streaming<pb::WriterMessage>;
 
 impl Runner {
     async fn run(&mut self) {
-        let mut attempt = 0u32;
+        // `backoff_initial * 2^(attempt-1)`, capped at `backoff_max`, ±20 %.
+        let mut reconnect = Backoff::new(self.config.backoff_initial, self.config.backoff_max)
+            .with_jitter(0.8, 1.2);
         // Whether the current outage was reported (once per outage, not per attempt).
         let mut outage_reported = false;
         loop {
@@ -618,15 +614,10 @@ impl Runner {
                     self.backlog.end_connection();
                     self.stats.connected.store(false, Ordering::Relaxed);
                     if welcomed {
-                        attempt = 0;
+                        reconnect.reset();
                         outage_reported = false;
                     }
-                    attempt = attempt.saturating_add(1);
-                    let delay = backoff(
-                        self.config.backoff_initial,
-                        self.config.backoff_max,
-                        attempt,
-                    );
+                    let delay = reconnect.next_delay();
                     warn!(%error, retry_in = ?delay, unacked = self.backlog.unacked(), "writer stream lost; reconnecting");
                     if !outage_reported {
                         outage_reported = true;
@@ -1166,19 +1157,6 @@ mod tests {
             StreamClient::new(inverted),
             Err(StreamError::Settings(_))
         ));
-    }
-
-    #[test]
-    fn backoff_doubles_per_attempt_with_jitter_and_stays_under_the_cap() {
-        let (initial, max) = (Duration::from_millis(500), Duration::from_secs(30));
-        for _ in 0..100 {
-            let first = backoff(initial, max, 1);
-            assert!(first >= Duration::from_millis(400) && first <= Duration::from_millis(600));
-            let third = backoff(initial, max, 3);
-            assert!(third >= Duration::from_millis(1600) && third <= Duration::from_millis(2400));
-            assert!(backoff(initial, max, 40) <= max);
-            assert!(backoff(initial, max, 40) >= max.mul_f64(0.8));
-        }
     }
 
     #[test]

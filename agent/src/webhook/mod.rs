@@ -24,8 +24,8 @@
 //! - [`facts`]: the pure store and join.
 //! - [`handler`]: AdmissionReview parsing → fact, and the response.
 //! - [`server`]: the HTTPS server; [`spawn`] starts it.
-//! - [`tls`]: the certificate resolver and the client-CA verifier (`--webhook-client-ca`), both
-//!   re-reading changed files.
+//!
+//! The certificate and the client CA (`--webhook-client-ca`) are `reverser_common::tls`'s, following their files.
 //! - [`registration`]: the `ValidatingWebhookConfiguration` for the watched types.
 //! - [`metrics`]: the Prometheus collectors.
 
@@ -34,7 +34,6 @@ pub mod handler;
 pub mod metrics;
 pub mod registration;
 pub mod server;
-pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -66,6 +65,8 @@ pub enum WebhookError {
     Pem { path: PathBuf, message: String },
     #[error("TLS: {0}")]
     Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Certificate(#[from] reverser_common::tls::TlsError),
     #[error("binding the webhook to {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -217,10 +218,9 @@ impl WebhookArgs {
         let mut config = WebhookConfig::new(addr, cert.clone(), key.clone());
         if let Some(ca) = &self.webhook_client_ca {
             // Checked now, so a bad bundle fails the start rather than a later leader term.
-            tls::ReloadingClientCa::load(
-                ca.clone(),
-                Vec::new(),
-                std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+            reverser_common::tls::client_verifier(
+                ca,
+                &std::sync::Arc::new(rustls::crypto::ring::default_provider()),
             )?;
             config.client_ca_file = Some(ca.clone());
             config.client_names = self

@@ -33,8 +33,8 @@ use tracing::{debug, info, warn};
 
 use super::facts::FactStore;
 use super::handler;
-use super::tls::{ReloadingCert, ReloadingClientCa};
 use super::{PATH, WebhookConfig, WebhookError};
+use reverser_common::tls::{ReloadingCert, ReloadingClientCa};
 
 /// Reviews larger than this are handled on the blocking pool.
 const BLOCKING_ABOVE_BYTES: usize = 64 * 1024;
@@ -78,7 +78,8 @@ pub async fn spawn(config: WebhookConfig, store: FactStore) -> Result<WebhookHan
     // One provider for the whole workspace (ring); naming it here keeps the server independent
     // of whether main() installed the process default.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let resolver = ReloadingCert::load(
+    let resolver = ReloadingCert::follow(
+        "webhook",
         config.cert_file.clone(),
         config.key_file.clone(),
         Arc::clone(&provider),
@@ -91,8 +92,12 @@ pub async fn spawn(config: WebhookConfig, store: FactStore) -> Result<WebhookHan
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(resolver)),
         Some(ca) => {
-            let verifier =
-                ReloadingClientCa::load(ca.clone(), config.client_names.clone(), provider)?;
+            let verifier = ReloadingClientCa::follow(
+                "webhook",
+                ca.clone(),
+                config.client_names.clone(),
+                provider,
+            )?;
             let mut tls = builder
                 .with_client_cert_verifier(Arc::new(verifier))
                 .with_cert_resolver(Arc::new(resolver));
