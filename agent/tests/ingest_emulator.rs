@@ -101,6 +101,18 @@ async fn shop() -> TestCluster {
     cluster.apply_yaml(SHOP).await;
     if cluster.backend() == Backend::Emulator {
         cluster.apply_yaml(KUBE_ROOT_CA).await;
+    } else {
+        // The ServiceAccount controller creates `shop`'s `default` a moment after the namespace: wait for it, so a
+        // snapshot taken now lists it instead of meeting it later as a live change.
+        let accounts: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            kube::Api::namespaced(cluster.client().await, "shop");
+        tokio::time::timeout(PATIENCE, async {
+            while accounts.get_opt("default").await.ok().flatten().is_none() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the ServiceAccount controller creates shop/default");
     }
     cluster
 }
@@ -335,10 +347,13 @@ async fn first_snapshot_mirrors_desired_state_and_skips_runtime_secret_and_gener
         // Explicitly asking for runtime types does not beat the always-on exclusions.
         cluster_rule("cfg/prod", &[], &["pods", "events", "secrets"]),
     ]);
+    let real = cluster.backend() == Backend::Real;
     let mut h = start(cluster, sel, IngestConfig::default()).await;
-    let events = h
-        .until_ended(&["deployments", "services", "configmaps"])
-        .await;
+    let mut ended = vec!["deployments", "services", "configmaps"];
+    if real {
+        ended.push("serviceaccounts");
+    }
+    let events = h.until_ended(&ended).await;
 
     assert_eq!(events[0], AgentEvent::Destination(decl("cfg/prod")));
     // Only the test's namespace: a real cluster has desired state of its own elsewhere (the
