@@ -328,8 +328,8 @@ pub fn encrypt(
         }
     }
     out.push_str(&format!(
-        "  lastmodified: \"{lastmodified}\"\n  mac: {mac}\n  encrypted_regex: '{}'\n  version: {SOPS_VERSION}\n",
-        regex.replace('\'', "''")
+        "  lastmodified: \"{lastmodified}\"\n  mac: {mac}\n  encrypted_regex: {}\n  version: {SOPS_VERSION}\n",
+        yaml_scalar(&regex)
     ));
     if out.len() > MAX_DOCUMENT_BYTES {
         return Err(SopsError::DocumentTooLarge {
@@ -338,6 +338,34 @@ pub fn encrypt(
         });
     }
     Ok(out)
+}
+
+/// `value` as a YAML scalar: single-quoted, as sops writes it, unless it holds a character a single-quoted scalar
+/// cannot carry (control characters, and line breaks, which a reader would fold into a space); then
+/// double-quoted with escapes. Top-level keys of a sensitive custom type, which make up the regex, may be anything.
+fn yaml_scalar(value: &str) -> String {
+    let plain_enough = |c: char| {
+        !c.is_control()
+            && !matches!(
+                c,
+                '\u{2028}' | '\u{2029}' | '\u{feff}' | '\u{fffe}' | '\u{ffff}'
+            )
+    };
+    if value.chars().all(plain_enough) {
+        return format!("'{}'", value.replace('\'', "''"));
+    }
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if plain_enough(c) => out.push(c),
+            c => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// `lastmodified` for now: RFC 3339 in UTC, whole seconds (sops re-formats it with Go's `time.RFC3339`
