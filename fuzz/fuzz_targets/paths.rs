@@ -171,9 +171,11 @@ fn validators(u: &mut Unstructured<'_>) -> Result<()> {
         for component in path.split('/') {
             assert_ne!(component, paths::CONTROL_DIR, "{path:?}");
             let bytes = component.as_bytes();
-            for (i, &b) in bytes.iter().enumerate() {
-                assert!(b.is_ascii() && !b.is_ascii_uppercase(), "{path:?}");
+            let mut i = 0;
+            while i < bytes.len() {
+                let b = bytes[i];
                 if b == b'%' {
+                    // An escape: two upper-case hex digits.
                     let hex = |c: Option<&u8>| {
                         c.is_some_and(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c))
                     };
@@ -181,7 +183,11 @@ fn validators(u: &mut Unstructured<'_>) -> Result<()> {
                         hex(bytes.get(i + 1)) && hex(bytes.get(i + 2)),
                         "bad escape in {path:?}"
                     );
+                    i += 3;
+                    continue;
                 }
+                assert!(b.is_ascii() && !b.is_ascii_uppercase(), "{path:?}");
+                i += 1;
             }
         }
     }
