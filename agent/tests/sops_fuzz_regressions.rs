@@ -70,3 +70,28 @@ fn plain_regexes_stay_single_quoted_as_sops_writes_them() {
     );
     assert_eq!(regex_of(&document), "^(it's)$");
 }
+
+/// A sensitive custom type with a top-level field named `sops`: the document got two `sops` keys, which is not
+/// YAML the writer (or sops) reads. sops itself refuses such a file; so does the agent now, with a clear error.
+#[test]
+fn a_top_level_sops_field_is_refused_instead_of_written_twice() {
+    let identity = age::x25519::Identity::generate();
+    let recipient = identity.to_public().to_string();
+    let encryption = Encryption {
+        recipients: sops::parse_recipients([recipient.as_str()]).unwrap(),
+        fingerprint_key: FingerprintKey::new([7; 32]),
+    };
+    let object = json!({
+        "apiVersion": "example.com/v1",
+        "kind": "Vault",
+        "metadata": {"name": "v"},
+        "sops": "a field of the type",
+    });
+    let prepared = sops::prepare(&object, &encryption).unwrap();
+    let result = sops::encrypt(&prepared, &encryption.recipients, "2026-01-02T03:04:05Z");
+    assert_eq!(
+        result.as_ref().err(),
+        Some(&sops::SopsError::ReservedSopsKey),
+        "{result:?}"
+    );
+}

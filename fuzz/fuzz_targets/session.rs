@@ -318,7 +318,9 @@ async fn run(steps: Vec<Step>) {
                         == (reason.as_str(), destination.as_str(), *sequence)
                 });
                 let Some(found) = found else {
-                    panic!("step {n}: expected a {reason:?} reject for {destination:?} {sequence}, got {rejects:?}");
+                    panic!(
+                        "step {n}: expected a {reason:?} reject for {destination:?} {sequence}, got {rejects:?}"
+                    );
                 };
                 rejects.remove(found);
                 assert_eq!(welcomes, 0);

@@ -74,6 +74,10 @@ pub enum SopsError {
     Age(String),
     #[error("AES-GCM encryption failed")]
     Aes,
+    #[error(
+        "the object has a top-level field named `sops`, which a SOPS document reserves for its metadata"
+    )]
+    ReservedSopsKey,
 }
 
 /// Validates age recipients: trimmed, empty entries and `#` comments dropped, each an `age1…` X25519 public
@@ -273,6 +277,10 @@ pub fn encrypt(
     let Value::Object(map) = &mut doc else {
         return Err(SopsError::NotAnObject);
     };
+    // The document's own `sops` key holds the metadata (sops refuses such files too).
+    if map.contains_key("sops") {
+        return Err(SopsError::ReservedSopsKey);
+    }
     let meta = map
         .entry("metadata")
         .or_insert_with(|| Value::Object(Map::new()));
