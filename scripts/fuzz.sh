@@ -26,8 +26,10 @@ for target in "${targets[@]}"; do
   log="$CACHE/fuzz-logs/$target.log"
   mkdir -p "$corpus" "$artifacts" "$(dirname "$log")"
   echo "== fuzz $target: ${SECONDS_PER_TARGET}s (corpus $corpus + fuzz/seeds/$target)"
+  dict=()
+  case "$target" in yaml_validate|canonical_render|sops_round_trip) dict=(-dict=fuzz/dicts/yaml.dict) ;; esac
   # libFuzzer writes new inputs to the first corpus directory only; the seeds stay untouched.
-  if cargo fuzz run "${BUILD[@]}" "$target" "$corpus" "fuzz/seeds/$target" -- \
+  if cargo fuzz run "${BUILD[@]}" "$target" "$corpus" "fuzz/seeds/$target" -- "${dict[@]}" \
       -max_total_time="$SECONDS_PER_TARGET" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
       -artifact_prefix="$artifacts/" >"$log" 2>&1; then
     grep -E '^#[0-9]+\s+(INITED|DONE|pulse)|^stat::number_of_executed_units|^stat::peak_rss_mb' "$log" | tail -n 4
