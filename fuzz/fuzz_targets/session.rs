@@ -595,6 +595,10 @@ fn hello_message(
     }
 }
 
+/// What a message's content alone makes of it: refused with a reason, or accepted (for a snapshot message:
+/// begin or end, scope folder, epoch).
+type ContentVerdict = Result<Option<(bool, String, u64)>, RejectReason>;
+
 /// An upsert, delete or snapshot message and its verdict on a stream past its hello.
 fn forwardable(
     msg: Msg,
@@ -619,11 +623,7 @@ fn forwardable(
     let last = model.declared.get(key).map_or(0, |d| d.last);
     let begin = matches!(msg, Msg::Begin { .. });
     // The message, its sequence and what its content alone makes of it.
-    let (message, sequence, content): (
-        pb::AgentMessage,
-        u64,
-        Result<Option<(bool, String, u64)>, RejectReason>,
-    ) = match msg {
+    let (message, sequence, content): (pb::AgentMessage, u64, ContentVerdict) = match msg {
         Msg::Upsert {
             seq,
             path: p,

@@ -75,18 +75,16 @@ fn check_keys(text: &str) {
             event,
             Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..)
         );
-        if is_node {
-            if let Some(Some(expecting_key)) = stack.last_mut() {
-                if *expecting_key && let Event::Scalar(key, ScalarStyle::Plain, _, _) = &event {
-                    assert!(
-                        yaml11::plain_is_string(key),
-                        "accepted plain key {key:?} is not a string to a YAML 1.1 reader (PyYAML {:?}, go-yaml v2 {:?})",
-                        yaml11::pyyaml(key),
-                        yaml11::go_yaml_v2(key)
-                    );
-                }
-                *expecting_key = !*expecting_key;
+        if is_node && let Some(Some(expecting_key)) = stack.last_mut() {
+            if *expecting_key && let Event::Scalar(key, ScalarStyle::Plain, _, _) = &event {
+                assert!(
+                    yaml11::plain_is_string(key),
+                    "accepted plain key {key:?} is not a string to a YAML 1.1 reader (PyYAML {:?}, go-yaml v2 {:?})",
+                    yaml11::pyyaml(key),
+                    yaml11::go_yaml_v2(key)
+                );
             }
+            *expecting_key = !*expecting_key;
         }
         match event {
             Event::MappingStart(..) => stack.push(Some(true)),
