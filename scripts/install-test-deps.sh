@@ -34,6 +34,15 @@ if ! cargo nextest --version 2>/dev/null | grep -q "cargo-nextest $NEXTEST_VERSI
   cargo install -q cargo-nextest --version "$NEXTEST_VERSION" --locked
 fi
 
+# cargo-fuzz: builds and runs the libFuzzer targets of fuzz/ (scripts/fuzz.sh), on the stable toolchain.
+CARGO_FUZZ_VERSION=0.13.1
+if ! cargo fuzz --version 2>/dev/null | grep -q "cargo-fuzz $CARGO_FUZZ_VERSION"; then
+  echo "install-test-deps: cargo install cargo-fuzz $CARGO_FUZZ_VERSION (one-time build, about two minutes)"
+  cargo install -q cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
+fi
+# libFuzzer itself is C++, compiled by the libfuzzer-sys crate.
+command -v c++ >/dev/null 2>&1 || { echo "install-test-deps: a C++ compiler (c++) is needed for libFuzzer" >&2; exit 1; }
+
 # PyYAML: the YAML 1.1 reader the canonical-YAML round-trip tests compare against.
 python3 -c 'import yaml' 2>/dev/null || python3 -m pip install -q pyyaml
 

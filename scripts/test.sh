@@ -18,10 +18,13 @@ if git grep -nE '\.\./(\.\./)*shared(/|\b)' -- '*.rs' '*.py' '*.sh' ':!scripts/t
 fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== tests"
 cargo nextest run --workspace --locked --no-fail-fast
+echo "== fuzz targets (fuzz/, ${FUZZ_SECONDS:-20}s each, own instrumented build cached next to the main one)"
+./scripts/fuzz.sh
 echo "== chart tests (tests/chart: helm lint/install against the kube-emulator, docker-compose config)"
 cargo build --workspace --bins --locked -q
 .tools/chart-venv/bin/python -m pytest -q tests/chart

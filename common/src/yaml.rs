@@ -369,10 +369,15 @@ fn is_plain_number(s: &str) -> bool {
     if matches!(unsigned, ".inf" | ".Inf" | ".INF") || matches!(s, ".nan" | ".NaN" | ".NAN") {
         return true;
     }
+    if is_go_yaml_v2_number(s) {
+        return true;
+    }
     for (prefix, radix) in [("0x", 16), ("0o", 8), ("0b", 2)] {
         if let Some(digits) = unsigned.strip_prefix(prefix) {
             let is_digit = |b: u8| char::from(b).is_digit(radix);
-            return digits.bytes().any(is_digit)
+            // PyYAML takes `0x_` and `0b_` for ints too (and then fails to load them); `0o` is YAML 1.2 only.
+            return !digits.is_empty()
+                && (radix != 8 || digits.bytes().any(is_digit))
                 && digits.bytes().all(|b| is_digit(b) || b == b'_');
         }
     }
@@ -381,13 +386,13 @@ fn is_plain_number(s: &str) -> bool {
     if !whole.is_empty() && !whole.as_bytes()[0].is_ascii_digit() {
         return false;
     }
-    // Base 60 (YAML 1.1): 1:20, 190:20:30.15
-    if whole
-        .as_bytes()
-        .first()
-        .is_some_and(|b| (b'1'..=b'9').contains(b))
-        && rest.starts_with(':')
-    {
+    // Base 60 (YAML 1.1): 1:20, 190:20:30.15; a float may start with 0 (PyYAML: 0:30.5)
+    let base_60_start = match whole.as_bytes().first() {
+        Some(b'1'..=b'9') => true,
+        Some(b'0') => rest.contains('.'),
+        _ => false,
+    };
+    if base_60_start && rest.starts_with(':') {
         let (sexagesimal, fraction) = rest.split_once('.').unwrap_or((rest, ""));
         let parts_ok = sexagesimal[1..]
             .split(':')
@@ -416,6 +421,43 @@ fn is_plain_number(s: &str) -> bool {
         }
     };
     mantissa_ok && exponent_ok
+}
+
+/// go-yaml v2 (kubectl, Flux, Argo CD): a scalar starting with a sign or a digit is a number when, with every `_`
+/// removed, it is a Go integer literal as `strconv.ParseInt(s, 0, 64)` reads it (`0x`/`0X`, `0o`/`0O`, `0b`/`0B`
+/// prefixes, decimal) or matches its float pattern `[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?`.
+fn is_go_yaml_v2_number(s: &str) -> bool {
+    if !s.starts_with(|c: char| c.is_ascii_digit() || c == '+' || c == '-') {
+        return false;
+    }
+    let plain: String = s.chars().filter(|&c| c != '_').collect();
+    let unsigned = plain.strip_prefix(['+', '-']).unwrap_or(&plain);
+    let all_digits = |d: &str, radix: u32| !d.is_empty() && d.chars().all(|c| c.is_digit(radix));
+    let bytes = unsigned.as_bytes();
+    if bytes.len() > 2 && bytes[0] == b'0' {
+        let radix = match bytes[1] {
+            b'x' | b'X' => Some(16),
+            b'o' | b'O' => Some(8),
+            b'b' | b'B' => Some(2),
+            _ => None,
+        };
+        if let Some(radix) = radix {
+            return all_digits(&unsigned[2..], radix);
+        }
+    }
+    let (whole, rest) = take_while(unsigned, |b| b.is_ascii_digit());
+    let (fraction, rest) = match rest.strip_prefix('.') {
+        Some(after) => take_while(after, |b| b.is_ascii_digit()),
+        None if whole.is_empty() => return false,
+        None => ("", rest),
+    };
+    if whole.is_empty() && fraction.is_empty() {
+        return false;
+    }
+    match rest.strip_prefix(['e', 'E']) {
+        None => rest.is_empty(),
+        Some(exponent) => all_digits(exponent.strip_prefix(['+', '-']).unwrap_or(exponent), 10),
+    }
 }
 
 /// YAML 1.1 timestamps: `2001-12-14`, `2001-12-14t21:59:43.10-05:00`, `2001-12-14 21:59:43.10 -5`, `…Z`.
@@ -812,6 +854,32 @@ mod tests {
             "~a",
             "<<a",
             "==",
+        ] {
+            assert_accepted(&format!("{HEADER}data:\n  {key}: v\n"));
+        }
+    }
+
+    /// Found by the `yaml_validate` fuzz target (fuzz/): go-yaml v2 (kubectl, Flux, Argo CD) removes every `_` from
+    /// a scalar that starts with a sign or digit and parses it as a Go integer literal, upper-case base prefixes
+    /// included; PyYAML's patterns take `0x_` and `0b_` for ints (and then fail to load them) and `0:30.5` for a
+    /// base-60 float. These plain keys were accepted although those readers do not read them as strings.
+    #[test]
+    fn refuses_keys_that_go_yaml_v2_or_pyyaml_read_as_numbers() {
+        for key in [
+            "0X1F", "0B1", "0O7", "-0X1f", "-_1", "+_0x1", "1__", "0_x1", "_0", "0x_", "0b_",
+            "+0x_", "0:30.5", "00:30.5", "0:3:0.", "1_e3", "-_.5",
+        ] {
+            if key.starts_with('_') {
+                // `_` first: no reader takes it for a number.
+                assert_accepted(&format!("{HEADER}data:\n  {key}: v\n"));
+                continue;
+            }
+            let error = refused(&format!("{HEADER}data:\n  {key}: v\n"));
+            assert!(error.contains("number"), "{key:?}: {error}");
+            assert_accepted(&format!("{HEADER}data:\n  \"{key}\": v\n"));
+        }
+        for key in [
+            "0X", "0B", "0xg", "0:30", "-_", "+_", "0_x", "0:30._x", "1_e", "-_a",
         ] {
             assert_accepted(&format!("{HEADER}data:\n  {key}: v\n"));
         }

@@ -74,6 +74,10 @@ pub enum SopsError {
     Age(String),
     #[error("AES-GCM encryption failed")]
     Aes,
+    #[error(
+        "the object has a top-level field named `sops`, which a SOPS document reserves for its metadata"
+    )]
+    ReservedSopsKey,
 }
 
 /// Validates age recipients: trimmed, empty entries and `#` comments dropped, each an `age1…` X25519 public
@@ -273,6 +277,10 @@ pub fn encrypt(
     let Value::Object(map) = &mut doc else {
         return Err(SopsError::NotAnObject);
     };
+    // The document's own `sops` key holds the metadata (sops refuses such files too).
+    if map.contains_key("sops") {
+        return Err(SopsError::ReservedSopsKey);
+    }
     let meta = map
         .entry("metadata")
         .or_insert_with(|| Value::Object(Map::new()));
@@ -328,8 +336,8 @@ pub fn encrypt(
         }
     }
     out.push_str(&format!(
-        "  lastmodified: \"{lastmodified}\"\n  mac: {mac}\n  encrypted_regex: '{}'\n  version: {SOPS_VERSION}\n",
-        regex.replace('\'', "''")
+        "  lastmodified: \"{lastmodified}\"\n  mac: {mac}\n  encrypted_regex: {}\n  version: {SOPS_VERSION}\n",
+        yaml_scalar(&regex)
     ));
     if out.len() > MAX_DOCUMENT_BYTES {
         return Err(SopsError::DocumentTooLarge {
@@ -338,6 +346,34 @@ pub fn encrypt(
         });
     }
     Ok(out)
+}
+
+/// `value` as a YAML scalar: single-quoted, as sops writes it, unless it holds a character a single-quoted scalar
+/// cannot carry (control characters, and line breaks, which a reader would fold into a space); then
+/// double-quoted with escapes. Top-level keys of a sensitive custom type, which make up the regex, may be anything.
+fn yaml_scalar(value: &str) -> String {
+    let plain_enough = |c: char| {
+        !c.is_control()
+            && !matches!(
+                c,
+                '\u{2028}' | '\u{2029}' | '\u{feff}' | '\u{fffe}' | '\u{ffff}'
+            )
+    };
+    if value.chars().all(plain_enough) {
+        return format!("'{}'", value.replace('\'', "''"));
+    }
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if plain_enough(c) => out.push(c),
+            c => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// `lastmodified` for now: RFC 3339 in UTC, whole seconds (sops re-formats it with Go's `time.RFC3339`
