@@ -348,7 +348,8 @@ async fn run(steps: Vec<Step>) {
         }
     }
     drop(streams);
-    for worker in registry.shutdown() {
+    let (workers, _lease_loops) = registry.shutdown();
+    for worker in workers {
         let _ = worker.shutdown().await;
     }
 }
