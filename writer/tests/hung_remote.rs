@@ -11,7 +11,6 @@ use std::{
 };
 
 use support::*;
-use testkit::BareRepo;
 
 /// A TCP server on 127.0.0.1 that accepts every connection and never sends a byte; returns its port.
 fn silent_remote() -> u16 {
@@ -37,30 +36,10 @@ async fn a_silent_remote_reports_push_failing_while_other_repositories_keep_work
         ("gitops/http", format!("http://127.0.0.1:{port}/repo.git")),
         ("gitops/git", format!("git://127.0.0.1:{port}/repo.git")),
     ];
-    for (dest, url) in &hung {
-        agent.declare(dest, url, "main", "c").await;
-        agent
-            .send(upsert(dest, 1, PATH, &configmap("ns", "a", "1")))
-            .await;
-    }
-    let good = BareRepo::new();
     agent
-        .declare("gitops/good", &good.file_url(), "main", "c")
+        .declare_stalled_beside_a_healthy_one(&hung, PATH)
         .await;
-    agent
-        .send(upsert("gitops/good", 1, PATH, &configmap("ns", "a", "1")))
-        .await;
-    agent.ack("gitops/good", 1).await;
-    assert!(good.read("main", &format!("c/{PATH}")).is_some());
-
-    for (dest, _) in &hung {
-        let failing =
-            tokio::time::timeout(Duration::from_secs(60), agent.status(dest, "PushFailing"))
-                .await
-                .unwrap_or_else(|_| panic!("{dest}: no PushFailing within a minute"));
-        assert_eq!(failing.status, "True");
-        assert_eq!(failing.reason, "RemoteUnreachable", "{failing:?}");
-    }
+    agent.expect_remote_unreachable(&hung).await;
     tokio::time::timeout(Duration::from_secs(10), writer.stop())
         .await
         .expect("the writer stops within 10 s");

@@ -134,30 +134,10 @@ async fn ssh_remotes_that_stall_before_or_during_the_handshake_report_push_faili
     let writer = start_writer(&merged, &[]).await;
     let mut agent = writer.agent("uid-1").await;
     let hung = [("gitops/silent", silent_url), ("gitops/frozen", frozen_url)];
-    for (dest, url) in &hung {
-        agent.declare(dest, url, "main", "c").await;
-        agent
-            .send(upsert(dest, 1, PATH, &configmap("ns", "a", "1")))
-            .await;
-    }
-    let good = BareRepo::new();
     agent
-        .declare("gitops/good", &good.file_url(), "main", "c")
+        .declare_stalled_beside_a_healthy_one(&hung, PATH)
         .await;
-    agent
-        .send(upsert("gitops/good", 1, PATH, &configmap("ns", "a", "1")))
-        .await;
-    agent.ack("gitops/good", 1).await;
-    assert!(good.read("main", &format!("c/{PATH}")).is_some());
-
-    for (dest, _) in &hung {
-        let failing =
-            tokio::time::timeout(Duration::from_secs(60), agent.status(dest, "PushFailing"))
-                .await
-                .unwrap_or_else(|_| panic!("{dest}: no PushFailing within a minute"));
-        assert_eq!(failing.status, "True");
-        assert_eq!(failing.reason, "RemoteUnreachable", "{failing:?}");
-    }
+    agent.expect_remote_unreachable(&hung).await;
     // Nothing reached the served repository, and nothing was acked for the stalled destinations.
     assert_eq!(served.rev_parse("main"), None);
     let replies = agent.drain_for(Duration::from_millis(200)).await;

@@ -353,6 +353,40 @@ impl Agent {
         }
     }
 
+    /// Declares each stalled destination `(key, url)` with one change at `path`, then a healthy file:// destination
+    /// whose change must be acked meanwhile (a stalled remote holds back nothing else); returns that repository.
+    pub async fn declare_stalled_beside_a_healthy_one(
+        &mut self,
+        stalled: &[(&str, String)],
+        path: &str,
+    ) -> testkit::BareRepo {
+        for (dest, url) in stalled {
+            self.declare(dest, url, "main", "c").await;
+            self.send(upsert(dest, 1, path, &configmap("ns", "a", "1")))
+                .await;
+        }
+        let good = testkit::BareRepo::new();
+        self.declare("gitops/good", &good.file_url(), "main", "c")
+            .await;
+        self.send(upsert("gitops/good", 1, path, &configmap("ns", "a", "1")))
+            .await;
+        self.ack("gitops/good", 1).await;
+        assert!(good.read("main", &format!("c/{path}")).is_some());
+        good
+    }
+
+    /// Waits (at most a minute) until each destination reports `PushFailing=True` with `RemoteUnreachable`.
+    pub async fn expect_remote_unreachable(&mut self, stalled: &[(&str, String)]) {
+        for (dest, _) in stalled {
+            let failing =
+                tokio::time::timeout(Duration::from_secs(60), self.status(dest, "PushFailing"))
+                    .await
+                    .unwrap_or_else(|_| panic!("{dest}: no PushFailing within a minute"));
+            assert_eq!(failing.status, "True");
+            assert_eq!(failing.reason, "RemoteUnreachable", "{failing:?}");
+        }
+    }
+
     pub async fn status(&mut self, dest: &str, kind: &str) -> pb::DestinationStatus {
         match self
             .expect(|m| matches!(m, Out::DestinationStatus(s) if s.destination == dest && s.r#type == kind), kind)
