@@ -21,6 +21,9 @@ cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The fuzz targets are a workspace of their own (see fuzz/Cargo.toml); their lint build gets its own cache too.
+CARGO_TARGET_DIR="$(dirname "$CARGO_TARGET_DIR")/fuzz-clippy-target" \
+  cargo clippy --manifest-path fuzz/Cargo.toml --all-targets --locked -- -D warnings
 echo "== tests"
 cargo nextest run --workspace --locked --no-fail-fast
 echo "== fuzz targets (fuzz/, ${FUZZ_SECONDS:-20}s each, own instrumented build cached next to the main one)"
