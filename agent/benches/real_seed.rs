@@ -417,7 +417,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let n = s.objects;
     let uptime_start = uptime();
     eprintln!("bench real_seed: N={n}; {uptime_start}");
-    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    let crds = testkit::manifest_dir().join("../crds");
     let mut rows = Vec::new();
 
     // 1.–2. The real control plane, loaded.

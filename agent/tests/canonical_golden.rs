@@ -8,7 +8,7 @@ use reverser_agent::canonical::{parse_yaml, to_canonical_yaml};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+    testkit::manifest_dir().join("../tests/fixtures")
 }
 
 fn read_json(path: &Path) -> Value {

@@ -225,7 +225,7 @@ fn the_writer_accepts_tricky_keys_names_and_kinds_as_rendered() {
 /// The golden snapshots are real objects exactly as they land in Git: the writer accepts every one.
 #[test]
 fn the_writer_accepts_every_golden_snapshot() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots");
+    let dir = testkit::manifest_dir().join("tests/snapshots");
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).expect("agent/tests/snapshots") {
         let path = entry.unwrap().path();

@@ -1,7 +1,6 @@
 //! The checked-in `crds/` must be exactly what `crdgen` generates.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 use reverser_agent::crd::generated_crds;
 
@@ -9,7 +8,7 @@ const HINT: &str = "run `cargo run -p reverser-agent --bin crdgen` and commit cr
 
 #[test]
 fn checked_in_crds_match_generated_output() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    let dir = testkit::manifest_dir().join("../crds");
     let generated = generated_crds().expect("CRDs render");
     for crd in &generated {
         let path = dir.join(&crd.file_name);

@@ -41,7 +41,7 @@ const PATIENCE: Duration = Duration::from_secs(120);
 const CREDENTIALS_YAML: &str = "credentials:\n  - urlPrefix: {URL_PREFIX}\n    username: x-access-token\n    passwordFile: /etc/reverser/git/token\n";
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    testkit::manifest_dir()
         .join("..")
         .canonicalize()
         .expect("repository root")

@@ -99,7 +99,7 @@ impl World {
             Some(real) => TestCluster::Real(Box::new(real)),
             None => TestCluster::start_backend(Backend::Real).await,
         };
-        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        let crds = testkit::manifest_dir().join("../crds");
         cluster.apply_dir(&crds).await;
         let repo = BareRepo::new();
         cluster.apply_yaml(&destination(&repo.file_url())).await;

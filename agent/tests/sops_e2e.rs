@@ -180,7 +180,7 @@ async fn wait_for_skipped(client: &kube::Client, rule: &str, reason: &str) -> St
 }
 
 fn node_modules() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/node/node_modules");
+    let dir = testkit::manifest_dir().join("../.tools/node/node_modules");
     assert!(
         dir.join("sops-age").is_dir(),
         "run scripts/install-test-deps.sh"
@@ -195,7 +195,7 @@ fn decrypt(yaml: &str, identity: &age::x25519::Identity) -> Value {
     std::fs::write(&file, yaml).unwrap();
     std::fs::write(&key, identity.to_string().expose_secret()).unwrap();
     let out = std::process::Command::new("node")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sops/verify.mjs"))
+        .arg(testkit::manifest_dir().join("tests/sops/verify.mjs"))
         .args([&file, &key])
         .env("SOPS_NODE_MODULES", node_modules())
         .output()
@@ -269,7 +269,7 @@ async fn secrets_reach_git_only_encrypted_without_churn_and_never_in_plaintext()
 
     let cluster = TestCluster::start().await;
     cluster
-        .apply_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds"))
+        .apply_dir(&testkit::manifest_dir().join("../crds"))
         .await;
     let repo = BareRepo::new();
     cluster

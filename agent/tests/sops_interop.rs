@@ -4,14 +4,14 @@
 //! checking the MAC itself — and encrypts new files with the writer's generated `.sops.yaml`. Needs
 //! `scripts/install-test-deps.sh` (node modules in `.tools/node`, the `age` package, `.tools/bin/sops`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use reverser_agent::sops::{self, Encryption, FingerprintKey};
 use serde_json::{Value, json};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    testkit::manifest_dir().join("..")
 }
 
 fn node_modules() -> PathBuf {
@@ -33,7 +33,7 @@ fn verify(yaml: &str, identity: &age::x25519::Identity) -> Value {
     std::fs::write(&file, yaml).unwrap();
     std::fs::write(&key, format!("{}\n", identity.to_string().expose_secret())).unwrap();
     let out = Command::new("node")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sops/verify.mjs"))
+        .arg(testkit::manifest_dir().join("tests/sops/verify.mjs"))
         .arg(&file)
         .arg(&key)
         .env("SOPS_NODE_MODULES", node_modules())

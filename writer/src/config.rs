@@ -388,7 +388,7 @@ clients:
 
     #[test]
     fn the_committed_example_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.yaml");
+        let path = testkit::manifest_dir().join("config.example.yaml");
         let text = std::fs::read_to_string(&path).unwrap();
         // The example's secret files live under /etc/reverser; point them at a temp dir that has them.
         let dir = tempfile::tempdir().unwrap();

@@ -9,9 +9,11 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(about = "Generate the configbutler.ai CustomResourceDefinitions")]
 struct Args {
-    /// Directory to write `<group>_<plural>.yaml` files into.
-    #[arg(long, env = "CRDGEN_OUT_DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds"))]
-    out_dir: PathBuf,
+    /// Directory to write `<group>_<plural>.yaml` files into; default: `crds/` of the checkout `cargo run`
+    /// runs in (taken from `CARGO_MANIFEST_DIR` at run time: a shared build cache may hold a binary built in
+    /// another checkout).
+    #[arg(long, env = "CRDGEN_OUT_DIR")]
+    out_dir: Option<PathBuf>,
     /// Print all CRDs to stdout (separated by `---`) instead of writing files.
     #[arg(long)]
     stdout: bool,
@@ -25,6 +27,12 @@ fn main() -> anyhow::Result<()> {
         print!("{}", docs.join("---\n"));
         return Ok(());
     }
+    let out_dir = match out_dir {
+        Some(dir) => dir,
+        None => std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(|agent| PathBuf::from(agent).join("../crds"))
+            .context("--out-dir is needed outside `cargo run -p reverser-agent --bin crdgen`")?,
+    };
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     for crd in &crds {
         let path = out_dir.join(&crd.file_name);

@@ -24,7 +24,7 @@ pub fn init() {
 
 /// The project's CRDs (`crds/`).
 pub fn crds_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds")
+    testkit::manifest_dir().join("../crds")
 }
 
 /// An in-process writer on `grpc_addr` with its work dir in `work_dir`, batching for 0.2 s,

@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use tokio_rustls::client::TlsStream;
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
 pub fn corpus_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/apiserver-corpus")
+    testkit::manifest_dir().join("../tests/fixtures/apiserver-corpus")
 }
 
 /// A corpus file as JSON, every placeholder replaced by a deterministic value: the same

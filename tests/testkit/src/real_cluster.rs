@@ -34,7 +34,7 @@ pub fn real_kube_bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("REVERSER_REAL_KUBE_BIN") {
         return PathBuf::from(dir);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/real-kube/bin")
+    crate::workspace_root().join(".tools/real-kube/bin")
 }
 
 /// The path of one real-Kubernetes binary (`kube-apiserver`, `kube-controller-manager`, `kubectl`, `etcd`,

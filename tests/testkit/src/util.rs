@@ -106,3 +106,26 @@ impl Drop for ChildGuard {
         let _ = self.child.wait();
     }
 }
+
+/// The package directory of the running test or bench: `CARGO_MANIFEST_DIR` as cargo and nextest set it when they
+/// run the binary, else the working directory (where they start it).
+///
+/// Not `env!("CARGO_MANIFEST_DIR")`: that is fixed when the binary is compiled, and a build cache shared by several
+/// checkouts (scripts/test.sh keeps one outside git) reuses binaries compiled in another checkout, whose fixtures
+/// may differ or be gone.
+pub fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_dir().ok())
+        .expect("CARGO_MANIFEST_DIR or a working directory")
+}
+
+/// The repository root: the nearest directory at or above [`manifest_dir`] that holds `Cargo.lock`.
+pub fn workspace_root() -> PathBuf {
+    let start = manifest_dir();
+    start
+        .ancestors()
+        .find(|dir| dir.join("Cargo.lock").is_file())
+        .unwrap_or_else(|| panic!("no Cargo.lock at or above {}", start.display()))
+        .to_owned()
+}

@@ -101,7 +101,7 @@ pub async fn patch(addr: SocketAddr, path: &str, content_type: &str, body: &str)
 
 /// Reads a corpus fixture (`tests/fixtures/apiserver-corpus/...`) as JSON.
 pub fn corpus(rel: &str) -> Value {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+    let path = testkit::manifest_dir()
         .join("../fixtures/apiserver-corpus")
         .join(rel);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
