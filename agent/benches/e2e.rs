@@ -30,7 +30,7 @@
 
 mod harness;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -163,6 +163,7 @@ impl DirectStream {
             exclusive_mode: false,
             credentials: None,
             age_recipients: Vec::new(),
+            ..Default::default()
         })))
         .await?;
         Ok(DirectStream {
@@ -317,7 +318,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     // 1. The cluster.
     let t = Instant::now();
     let emu = Emulator::start("127.0.0.1:0".parse()?).await?;
-    emu.apply_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds"))
+    emu.apply_dir(&testkit::manifest_dir().join("../crds"))
         .await?;
     let bytes = load_emulator(&emu, n).await?;
     let repo_agent = BareRepo::named("agent.git");

@@ -197,6 +197,12 @@ pub struct GitRepoConfigSpec {
     printcolumn(name = "Branch", type_ = "string", json_path = ".spec.branch"),
     printcolumn(name = "BaseFolder", type_ = "string", json_path = ".spec.baseFolder"),
     printcolumn(
+        name = "Prune",
+        type_ = "string",
+        json_path = ".spec.prune",
+        priority = "1"
+    ),
+    printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = r#".status.conditions[?(@.type=="Ready")].status"#
@@ -228,6 +234,23 @@ pub struct GitDestinationSpec {
     /// plaintext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<EncryptionSpec>,
+    /// Which files the writer deletes: `OnSnapshot` (default) deletes the file of a deleted object and, after
+    /// every complete List, the files of objects that no longer exist (orphans, e.g. deleted while no agent
+    /// watched); `OnDelete` only deletes the files of deletions the agent sees; `Never` deletes nothing.
+    #[serde(default)]
+    pub prune: PruneMode,
+}
+
+/// Which files the writer deletes for a destination.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PruneMode {
+    /// Watched deletions and complete snapshots (orphans) delete files.
+    #[default]
+    OnSnapshot,
+    /// Only watched deletions (an object deleted, or no longer selected) delete files.
+    OnDelete,
+    /// The writer never deletes a file of this destination.
+    Never,
 }
 
 /// How a destination encrypts sensitive objects.

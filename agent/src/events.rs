@@ -19,6 +19,8 @@ pub struct DestinationDecl {
     pub credentials: Option<Box<crate::credentials::GitCredentials>>,
     /// SOPS + age encryption of sensitive objects (Secrets): without it they are never sent.
     pub encryption: Option<crate::sops::Encryption>,
+    /// Which deletions the writer performs.
+    pub prune: crate::crd::PruneMode,
 }
 
 /// Which Kubernetes object an event is about.

@@ -1357,3 +1357,153 @@ async fn changes_made_with_kubectl_land_as_commits_and_a_second_apply_changes_no
     agent.terminate().await;
     world.stop().await;
 }
+
+/// The prune mode the writer holds for the destination, as its admin API shows it.
+async fn declared_prune(world: &World) -> Option<i32> {
+    use reverser_proto::v1::{ListDestinationsRequest, writer_admin_client::WriterAdminClient};
+    let mut admin = WriterAdminClient::connect(world.writer_url()).await.ok()?;
+    let destinations = admin
+        .list_destinations(ListDestinationsRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .destinations;
+    destinations
+        .iter()
+        .find(|d| d.key == "gitops-reverser/prod")
+        .map(|d| d.prune)
+}
+
+async fn set_prune(world: &World, mode: &str, wire: reverser_proto::v1::PruneMode) {
+    kubectl(
+        world,
+        &[
+            "patch",
+            "gitdestination",
+            "prod",
+            "-n",
+            "gitops-reverser",
+            "--type=merge",
+            "-p",
+            &format!("{{\"spec\":{{\"prune\":\"{mode}\"}}}}"),
+        ],
+        None,
+    )
+    .await;
+    let wanted = wire as i32;
+    let mut declared = None;
+    for _ in 0..150 {
+        declared = declared_prune(world).await;
+        if declared == Some(wanted) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    panic!("the writer never saw prune {mode}: {declared:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_modes_keep_what_the_cluster_deleted_until_on_snapshot_sweeps_it() {
+    use reverser_proto::v1::PruneMode;
+    let world = World::start().await;
+    let flags = ["--controller-namespace", "gitops-reverser"];
+    let agent = world.agent(&flags, &[]);
+    world.wait_for_file(CONFIGMAP_FLAGS, "beta").await;
+    world.wait_for_file(CONFIGMAP_APP, "blue").await;
+    set_prune(&world, "OnDelete", PruneMode::OnDelete).await;
+    let wide = kubectl(
+        &world,
+        &[
+            "get",
+            "gitdestinations",
+            "-n",
+            "gitops-reverser",
+            "-o",
+            "wide",
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        wide.lines().next().unwrap_or_default().contains("PRUNE") && wide.contains("OnDelete"),
+        "{wide}"
+    );
+    agent.settle().await;
+    agent.terminate().await;
+
+    // OnDelete: deleted while no agent ran, so only the next snapshot could notice; it deletes nothing.
+    let client = world.cluster.client().await;
+    let configmaps: Api<ConfigMap> = Api::namespaced(client, "shop");
+    configmaps
+        .delete("flags", &DeleteParams::default())
+        .await
+        .unwrap();
+    let second = world.agent(&flags, &[]);
+    second.settle().await;
+    assert!(
+        world.repo.read(BRANCH, CONFIGMAP_FLAGS).is_some(),
+        "OnDelete keeps the orphan: {:?}",
+        world.files()
+    );
+    // …but a deletion the agent sees still removes the file.
+    configmaps
+        .delete("app", &DeleteParams::default())
+        .await
+        .unwrap();
+    world.wait_until_gone(CONFIGMAP_APP).await;
+
+    // Never: a watched deletion keeps the file too. A later change to the same type is the barrier that
+    // shows the delete went through the writer.
+    set_prune(&world, "Never", PruneMode::Never).await;
+    let temp = "clusters/prod/core/v1/configmaps/shop/temp.yaml";
+    kubectl(
+        &world,
+        &[
+            "create",
+            "configmap",
+            "temp",
+            "-n",
+            "shop",
+            "--from-literal=k=v",
+        ],
+        None,
+    )
+    .await;
+    world.wait_for_file(temp, "temp").await;
+    kubectl(&world, &["delete", "configmap", "temp", "-n", "shop"], None).await;
+    kubectl(
+        &world,
+        &[
+            "create",
+            "configmap",
+            "barrier",
+            "-n",
+            "shop",
+            "--from-literal=k=v",
+        ],
+        None,
+    )
+    .await;
+    world
+        .wait_for_file(
+            "clusters/prod/core/v1/configmaps/shop/barrier.yaml",
+            "barrier",
+        )
+        .await;
+    second.settle().await;
+    assert!(
+        world.repo.read(BRANCH, temp).is_some(),
+        "Never keeps a deleted object's file: {:?}",
+        world.files()
+    );
+
+    // Back to OnSnapshot: the next complete List removes both files the cluster no longer has.
+    set_prune(&world, "OnSnapshot", PruneMode::OnSnapshot).await;
+    second.terminate().await;
+    let third = world.agent(&flags, &[]);
+    world.wait_until_gone(CONFIGMAP_FLAGS).await;
+    world.wait_until_gone(temp).await;
+    assert!(world.repo.read(BRANCH, DEPLOYMENT).is_some());
+    third.terminate().await;
+    world.stop().await;
+}

@@ -135,6 +135,7 @@ fn decl(key: &str) -> DestinationDecl {
         credentials_reference: None,
         credentials: None,
         encryption: None,
+        prune: Default::default(),
     }
 }
 
@@ -176,6 +177,9 @@ fn selection(rules: Vec<CompiledRule>) -> Selection {
         namespace_labels: Default::default(),
     }
 }
+
+/// A named predicate over events.
+type Wanted<'a> = (&'a str, &'a dyn Fn(&AgentEvent) -> bool);
 
 struct Harness {
     cluster: TestCluster,
@@ -226,10 +230,7 @@ impl Harness {
 
     /// Receives events until each of `wanted` has matched some event, in whatever order they come;
     /// returns every event received meanwhile.
-    async fn until_each(
-        &mut self,
-        wanted: &[(&str, &dyn Fn(&AgentEvent) -> bool)],
-    ) -> Vec<AgentEvent> {
+    async fn until_each(&mut self, wanted: &[Wanted<'_>]) -> Vec<AgentEvent> {
         let mut got = Vec::new();
         let mut pending: Vec<usize> = (0..wanted.len()).collect();
         while !pending.is_empty() {

@@ -118,6 +118,7 @@ fn events(repo_url: &str) -> [AgentEvent; 2] {
             credentials_reference: None,
             credentials: None,
             encryption: None,
+            prune: Default::default(),
         }),
         AgentEvent::Upsert {
             destination: "gitops/prod".into(),

@@ -103,6 +103,7 @@ enum Msg {
         branch: u8,
         base: u8,
         recipients: u8,
+        prune: u8,
     },
     Upsert {
         key: u8,
@@ -482,8 +483,9 @@ fn build(
             branch,
             base,
             recipients,
+            prune,
         } => {
-            let message = destination_message(key, repo, branch, base, recipients);
+            let message = destination_message(key, repo, branch, base, recipients, prune);
             let expect = match session::validate_destination(&cluster, &message) {
                 Err(rejection) => reject(rejection.reason, &message.key, 0, false),
                 Ok(_) => {
@@ -527,7 +529,14 @@ fn build(
     }
 }
 
-fn destination_message(key: u8, repo: u8, branch: u8, base: u8, recipients: u8) -> pb::Destination {
+fn destination_message(
+    key: u8,
+    repo: u8,
+    branch: u8,
+    base: u8,
+    recipients: u8,
+    prune: u8,
+) -> pb::Destination {
     pb::Destination {
         key: pick(KEYS, key).into(),
         repo_url: pick(REPOS, repo).into(),
@@ -538,6 +547,8 @@ fn destination_message(key: u8, repo: u8, branch: u8, base: u8, recipients: u8) 
             1 => vec!["age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p".into()],
             _ => vec!["age1-not-a-key".into()],
         },
+        // 0..=3 are the known modes; 4 is a value from a newer agent, which the writer refuses.
+        prune: i32::from(prune % 5),
         ..Default::default()
     }
 }
@@ -564,8 +575,9 @@ fn any_message(msg: Msg, limits: &SessionLimits, large: &str) -> pb::AgentMessag
             branch,
             base,
             recipients,
+            prune,
         } => wrap(Kind::Destination(destination_message(
-            key, repo, branch, base, recipients,
+            key, repo, branch, base, recipients, prune,
         ))),
         other => forwardable(other, &mut StreamModel::default(), limits, large).0,
     }

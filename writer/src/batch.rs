@@ -131,6 +131,8 @@ impl Buffer {
                     fingerprint,
                 }
             }
+            // A destination that never prunes keeps the file; the delete is only acknowledged.
+            Operation::Delete { .. } if !change.destination.prune.deletes() => EntryOp::Nothing,
             Operation::Delete {
                 path,
                 object,
@@ -163,6 +165,10 @@ impl Buffer {
             Operation::SnapshotEnd { scope, epoch } => {
                 let key = (change.destination.id.clone(), scope.folder.clone());
                 match self.snapshots.remove(&key) {
+                    // The epoch matched, but the destination does not delete orphans.
+                    Some(open) if open.epoch == epoch && !change.destination.prune.sweeps() => {
+                        EntryOp::Nothing
+                    }
                     Some(open) if open.epoch == epoch => EntryOp::Sweep {
                         folder: paths::join(&base, &open.folder),
                         namespace_given: open.namespace_given,
@@ -885,7 +891,7 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::*;
-    use crate::model::Origin;
+    use crate::model::{Origin, Prune};
 
     struct MapTree(BTreeMap<String, Vec<u8>>);
 
@@ -938,6 +944,7 @@ mod tests {
             base_folder: base.into(),
             exclusive_mode: exclusive,
             age_recipients: Vec::new().into(),
+            prune: Prune::OnSnapshot,
             origin: Arc::new(Origin {
                 session_id: 1,
                 identity: identity(uid),
@@ -1300,6 +1307,67 @@ mod tests {
                 .iter()
                 .any(|c| c.message.contains("(orphan: no longer in the cluster)"))
         );
+    }
+
+    /// The same tree and messages under each prune mode: a delete of `gone.yaml`, and a complete snapshot of the
+    /// scope that re-sent only `kept.yaml` (so `orphan.yaml` is an orphan).
+    fn paths_deleted_under(prune: Prune) -> Vec<String> {
+        let mut d = destination("c", false);
+        d.prune = prune;
+        let t = tree(&[
+            ("c/.configbutler/owner.yaml", &marker_for("uid-a")),
+            ("c/core/v1/configmaps/shop/kept.yaml", CM),
+            ("c/core/v1/configmaps/shop/orphan.yaml", CM),
+            ("c/core/v1/configmaps/shop/gone.yaml", CM),
+        ]);
+        let mut b = Buffer::default();
+        let now = Instant::now();
+        for change in [
+            delete(&d, 1, "core/v1/configmaps/shop/gone.yaml"),
+            snapshot(&d, 2, "core/v1/configmaps", false, 3, true),
+            upsert(&d, 3, "core/v1/configmaps/shop/kept.yaml", CM, None),
+            snapshot(&d, 4, "core/v1/configmaps", false, 3, false),
+        ] {
+            assert_eq!(b.push(change, now), Accepted::Buffered, "{prune:?}");
+        }
+        // A mismatched end is still refused whatever the mode.
+        assert!(matches!(
+            b.push(snapshot(&d, 5, "core/v1/configmaps", false, 9, false), now),
+            Accepted::SnapshotMismatch(_)
+        ));
+        let plan = plan(b.entries(), &t, &context(500)).unwrap();
+        let mut deleted: Vec<String> = changed_paths(&plan)
+            .into_iter()
+            .filter(|(_, written)| !written)
+            .map(|(path, _)| path)
+            .collect();
+        deleted.sort();
+        deleted
+    }
+
+    #[test]
+    fn prune_modes_choose_which_deletions_happen() {
+        assert_eq!(
+            paths_deleted_under(Prune::OnSnapshot),
+            vec![
+                "c/core/v1/configmaps/shop/gone.yaml",
+                "c/core/v1/configmaps/shop/orphan.yaml"
+            ]
+        );
+        assert_eq!(
+            paths_deleted_under(Prune::OnDelete),
+            vec!["c/core/v1/configmaps/shop/gone.yaml"]
+        );
+        assert!(paths_deleted_under(Prune::Never).is_empty());
+    }
+
+    #[test]
+    fn prune_modes_round_trip_the_wire_and_unknown_values_are_refused() {
+        for mode in [Prune::OnSnapshot, Prune::OnDelete, Prune::Never] {
+            assert_eq!(Prune::from_proto(mode.to_proto() as i32), Some(mode));
+        }
+        assert_eq!(Prune::from_proto(0), Some(Prune::OnSnapshot));
+        assert_eq!(Prune::from_proto(42), None);
     }
 
     #[test]

@@ -491,6 +491,7 @@ impl WriterAdmin for AdminService {
                 branch: record.spec.branch.clone(),
                 base_folder: record.spec.base_folder.clone(),
                 exclusive_mode: record.spec.exclusive_mode,
+                prune: record.spec.prune.to_proto().into(),
                 worker_id: record.worker_id.clone(),
                 acked_sequence: record.acked_sequence(),
                 conditions: record

@@ -126,6 +126,48 @@ pub struct DestinationSpec {
     /// age public keys of the destination's SOPS-encrypted files (empty: it has none); the writer keeps a
     /// matching `.sops.yaml` in the base folder.
     pub age_recipients: Vec<String>,
+    pub prune: Prune,
+}
+
+/// Which files the writer deletes for a destination (GitDestination `spec.prune`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Prune {
+    /// Deletes and complete snapshots (orphans) delete files.
+    #[default]
+    OnSnapshot,
+    /// Only deletes delete files; snapshots never do.
+    OnDelete,
+    /// No file is ever deleted.
+    Never,
+}
+
+impl Prune {
+    /// The wire value; `None` for a value this writer does not know.
+    pub fn from_proto(value: i32) -> Option<Self> {
+        match pb::PruneMode::try_from(value).ok()? {
+            pb::PruneMode::Unspecified | pb::PruneMode::OnSnapshot => Some(Prune::OnSnapshot),
+            pb::PruneMode::OnDelete => Some(Prune::OnDelete),
+            pb::PruneMode::Never => Some(Prune::Never),
+        }
+    }
+
+    pub fn to_proto(self) -> pb::PruneMode {
+        match self {
+            Prune::OnSnapshot => pb::PruneMode::OnSnapshot,
+            Prune::OnDelete => pb::PruneMode::OnDelete,
+            Prune::Never => pb::PruneMode::Never,
+        }
+    }
+
+    /// Whether a complete snapshot deletes the scope's orphans.
+    pub fn sweeps(self) -> bool {
+        self == Prune::OnSnapshot
+    }
+
+    /// Whether an observed delete removes the file.
+    pub fn deletes(self) -> bool {
+        self != Prune::Never
+    }
 }
 
 /// What a destination's messages need to carry into the worker.
@@ -136,6 +178,7 @@ pub struct DestinationRef {
     pub exclusive_mode: bool,
     /// age public keys for the base folder's `.sops.yaml` (empty: none is written).
     pub age_recipients: Arc<[String]>,
+    pub prune: Prune,
     pub origin: Arc<Origin>,
     /// Highest sequence acked so far (for `WriterAdmin.ListDestinations`).
     pub acked: Arc<std::sync::atomic::AtomicU64>,

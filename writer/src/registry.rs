@@ -334,6 +334,7 @@ impl Registry {
             base_folder: spec.base_folder.clone(),
             exclusive_mode: spec.exclusive_mode,
             age_recipients: spec.age_recipients.clone().into(),
+            prune: spec.prune,
             origin,
             acked: acked.clone(),
             conditions: conditions.clone(),

@@ -31,7 +31,7 @@ use crate::{
     metrics::Metrics,
     model::{
         Change, ClusterIdentity, DestinationId, DestinationRef, DestinationSpec, ObjectId,
-        Operation, Origin, Scope,
+        Operation, Origin, Prune, Scope,
     },
     registry::{DeclaredCredentials, Registry},
     worker::WorkerHandle,
@@ -250,6 +250,15 @@ pub fn validate_destination(
             format!("age_recipients[{position}] is not an age X25519 public key (age1…)"),
         ));
     }
+    let Some(prune) = Prune::from_proto(message.prune) else {
+        return Err(reject(
+            RejectReason::InvalidDestination,
+            format!(
+                "prune mode {} is unknown to this writer (ON_SNAPSHOT, ON_DELETE or NEVER)",
+                message.prune
+            ),
+        ));
+    };
     let spec = DestinationSpec {
         id: DestinationId {
             cluster_uid: cluster_uid.to_owned(),
@@ -261,6 +270,7 @@ pub fn validate_destination(
         exclusive_mode: message.exclusive_mode,
         credentials: None,
         age_recipients: message.age_recipients.clone(),
+        prune,
     };
     Ok((spec, credentials))
 }

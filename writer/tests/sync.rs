@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use reverser_proto::v1::writer_message::Kind as Out;
+use reverser_proto::v1::{self as pb, writer_message::Kind as Out};
 use support::*;
 use testkit::{BareRepo, HttpGitServer};
 
@@ -1062,5 +1062,96 @@ async fn a_path_conflict_is_rejected_alone_and_the_rest_of_the_batch_lands() {
     // The worker is not poisoned: the next change lands too.
     a.send(upsert(DEST, 5, "a/w.yaml", &cm)).await;
     a.ack(DEST, 5).await;
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn prune_modes_decide_which_deletions_land_and_a_redeclaration_switches_them() {
+    const KEPT: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: kept, namespace: shop}\n";
+    let repo = BareRepo::new();
+    for name in ["kept", "orphan", "gone", "later"] {
+        repo.commit_as_human(
+            "main",
+            &format!("c/core/v1/configmaps/shop/{name}.yaml"),
+            "a: 1\n",
+            "seed",
+        );
+    }
+    let writer = Writer::start(&[]).await;
+    let mut agent = writer.agent("uid-1").await;
+    let declare = |prune: pb::PruneMode| {
+        let mut message = destination(DEST, &repo.file_url(), "main", "c", false);
+        if let Some(pb::agent_message::Kind::Destination(d)) = &mut message.kind {
+            d.prune = prune.into();
+        }
+        message
+    };
+    let configmaps = || scope("", "v1", "configmaps", "");
+    let file = |name: &str| format!("c/core/v1/configmaps/shop/{name}.yaml");
+    let has = |name: &str| repo.ls_tree("main").contains(&file(name));
+
+    // Never: neither the delete nor the snapshot removes anything.
+    agent.send(declare(pb::PruneMode::Never)).await;
+    agent
+        .send(delete(DEST, 1, "core/v1/configmaps/shop/gone.yaml"))
+        .await;
+    agent.send(snapshot_begin(DEST, 2, configmaps(), 1)).await;
+    agent
+        .send(upsert(DEST, 3, "core/v1/configmaps/shop/kept.yaml", KEPT))
+        .await;
+    agent.send(snapshot_end(DEST, 4, configmaps(), 1)).await;
+    agent.ack(DEST, 4).await;
+    assert!(has("gone") && has("orphan") && has("later"));
+    assert_eq!(
+        repo.read("main", &file("kept")).as_deref(),
+        Some(KEPT),
+        "writes still land"
+    );
+
+    // OnDelete: the delete lands, the snapshot still deletes nothing.
+    agent.send(declare(pb::PruneMode::OnDelete)).await;
+    agent
+        .send(delete(DEST, 5, "core/v1/configmaps/shop/gone.yaml"))
+        .await;
+    agent.send(snapshot_begin(DEST, 6, configmaps(), 2)).await;
+    agent
+        .send(upsert(DEST, 7, "core/v1/configmaps/shop/kept.yaml", KEPT))
+        .await;
+    agent.send(snapshot_end(DEST, 8, configmaps(), 2)).await;
+    agent.ack(DEST, 8).await;
+    assert!(!has("gone"), "the observed delete lands");
+    assert!(has("orphan") && has("later"), "no sweep under OnDelete");
+
+    // OnSnapshot (also what an agent that sends no mode gets): the next complete snapshot sweeps.
+    agent.send(declare(pb::PruneMode::Unspecified)).await;
+    agent.send(snapshot_begin(DEST, 9, configmaps(), 3)).await;
+    agent
+        .send(upsert(DEST, 10, "core/v1/configmaps/shop/kept.yaml", KEPT))
+        .await;
+    agent.send(snapshot_end(DEST, 11, configmaps(), 3)).await;
+    agent.ack(DEST, 11).await;
+    assert!(
+        !has("orphan") && !has("later"),
+        "{:?}",
+        repo.ls_tree("main")
+    );
+    assert!(has("kept"));
+
+    // A mode this writer does not know is refused, never treated as a looser one.
+    let mut unknown = declare(pb::PruneMode::Never);
+    if let Some(pb::agent_message::Kind::Destination(d)) = &mut unknown.kind {
+        d.key = "gitops/newer".into();
+        d.base_folder = "newer".into();
+        d.prune = 42;
+    }
+    agent.send(unknown).await;
+    let refused = agent.reject(0).await;
+    assert_eq!(refused.reason, "InvalidDestination");
+    assert!(refused.message.contains("prune mode 42"), "{refused:?}");
+    let ready = agent.status("gitops/newer", "Ready").await;
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "InvalidDestination")
+    );
     writer.stop().await;
 }

@@ -298,6 +298,7 @@ pub fn resolve_with_lookups(
                         branch: dest.spec.branch.clone(),
                         base_folder: dest.spec.base_folder.clone(),
                         exclusive_mode: dest.spec.exclusive_mode,
+                        prune: dest.spec.prune,
                         // `secretRef` names a Kubernetes Secret, read by the controller (`credentials`).
                         credentials_reference: None,
                         credentials: match credentials.get(&repo_key) {

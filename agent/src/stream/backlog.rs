@@ -28,6 +28,7 @@ use std::{
 
 use reverser_proto::v1::{self as pb, agent_message::Kind};
 
+use crate::crd::PruneMode;
 use crate::events::{AgentEvent, DestinationDecl, ObjectRef, ScopeRef};
 
 /// A `SnapshotEnd` dropped because its epoch did not go out whole on the current connection.
@@ -397,6 +398,12 @@ fn declare_message(decl: &DestinationDecl) -> pb::AgentMessage {
                 .as_ref()
                 .map(|e| e.recipients.clone())
                 .unwrap_or_default(),
+            prune: match decl.prune {
+                PruneMode::OnSnapshot => pb::PruneMode::OnSnapshot,
+                PruneMode::OnDelete => pb::PruneMode::OnDelete,
+                PruneMode::Never => pb::PruneMode::Never,
+            }
+            .into(),
         })),
     }
 }
@@ -505,6 +512,7 @@ mod tests {
             credentials_reference: None,
             credentials: None,
             encryption: None,
+            prune: Default::default(),
         })
     }
 
@@ -861,6 +869,7 @@ mod tests {
             credentials_reference: Some("github".into()),
             credentials: None,
             encryption: None,
+            prune: Default::default(),
         };
         let Some(Kind::Destination(d)) = declare_message(&decl).kind else {
             panic!("a destination")

@@ -141,6 +141,7 @@ pub fn destination(
             exclusive_mode: exclusive,
             credentials: None,
             age_recipients: Vec::new(),
+            ..Default::default()
         })),
     }
 }
@@ -410,9 +411,7 @@ impl Agent {
 
 /// Path of a tool installed by `scripts/install-test-deps.sh` or found on PATH; panics with the install hint.
 pub fn tool(name: &str) -> PathBuf {
-    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../.tools/bin")
-        .join(name);
+    let local = testkit::manifest_dir().join("../.tools/bin").join(name);
     if local.exists() {
         return local;
     }
