@@ -37,6 +37,7 @@
 //! - [`stream`]: the gRPC client delivering those events to the writer at least once.
 //! - [`run`]: flags, wiring, metrics and the admin endpoint.
 
+pub mod args;
 pub mod canonical;
 pub mod conditions;
 pub mod controller;
@@ -45,9 +46,10 @@ pub mod credentials;
 pub mod events;
 pub mod ingest;
 pub mod kube_events;
+pub mod leader;
+pub mod metrics;
 pub mod paths;
 pub mod rules;
-pub mod run;
 pub mod sops;
 pub mod stream;
 pub mod webhook;

@@ -21,6 +21,7 @@
 //! 403 or a type that vanished from discovery never ends a snapshot; Secrets are never sent.
 //!
 //! - [`discovery`]: which types exist, and the pure planner of watches.
+//! - [`crd_changes`]: a discovery run whenever a CRD is added, changed or deleted.
 //! - [`selection`]: destinations and compiled rules, as matching needs them.
 //! - [`resolve`]: from the custom resources to a [`Selection`], enforcing access policy.
 //! - [`watch`]: one watch task and its pure event index.
@@ -28,8 +29,10 @@
 //! - [`backoff`]: exponential backoff with jitter (`reverser_common`'s, shared with the writer).
 
 pub use reverser_common::backoff;
+pub mod crd_changes;
 pub mod discovery;
 pub mod limits;
+mod metrics;
 pub mod raw;
 pub mod resolve;
 pub mod selection;
@@ -82,6 +85,8 @@ pub struct IngestConfig {
     pub request_rate: RequestRate,
     /// Lists in flight at once, over every watch.
     pub list_permits: ListPermits,
+    /// Counters to add to (the process's, registered once); `None`: counters of this ingestion alone.
+    pub metrics: Option<Arc<IngestMetrics>>,
 }
 
 impl Default for IngestConfig {
@@ -97,6 +102,7 @@ impl Default for IngestConfig {
             attribution: None,
             request_rate: RequestRate::default(),
             list_permits: ListPermits::default(),
+            metrics: None,
         }
     }
 }
@@ -273,11 +279,12 @@ pub fn spawn(
     selection: tokio_watch::Receiver<Arc<Selection>>,
     tx: mpsc::Sender<AgentEvent>,
 ) -> IngestHandle {
+    let metrics = config.metrics.clone().unwrap_or_default();
     let shared = Arc::new(Shared {
         config,
         tx,
         epochs: AtomicU64::new(0),
-        metrics: Arc::new(IngestMetrics::default()),
+        metrics,
         status: Mutex::new(BTreeMap::new()),
         watched_types: Mutex::new(None),
         clients_per_type: Mutex::new(BTreeMap::new()),
