@@ -18,7 +18,8 @@
 //!
 //! Safety rules carried through every module (upstream lessons): deletions happen only at a
 //! completed snapshot boundary, scoped to that snapshot's type and namespace; a failed list, a
-//! 403 or a type that vanished from discovery never ends a snapshot; Secrets are never sent.
+//! 403 or a type that vanished from discovery never ends a snapshot; sensitive objects (core Secrets and the
+//! `--sensitive-resources` types) are sent only SOPS-encrypted, and only to destinations with `spec.encryption`.
 //!
 //! - [`discovery`]: which types exist, and the pure planner of watches.
 //! - [`crd_changes`]: a discovery run whenever a CRD is added, changed or deleted.

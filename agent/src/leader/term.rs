@@ -12,16 +12,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus::{IntCounter, IntGauge, Registry};
 use reverser_common::admin;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::TermMetrics;
 use crate::conditions::WriterView;
 use crate::controller::{self, ControllerConfig, ControllerHandle};
 use crate::events::AgentEvent;
 use crate::ingest::{self, IngestConfig, IngestHandle, Selection, WatchKey, WatchStatus};
+use crate::metrics::ScrapedFamilies;
 use crate::rules::ResourceKey;
 use crate::stream::{Feedback, LeaderFence, StreamClient, StreamConfig, StreamStats};
 use crate::webhook::registration::Registration;
@@ -75,6 +76,70 @@ impl CurrentIngest {
 pub(crate) struct TermView {
     pub(crate) ingest: Arc<CurrentIngest>,
     pub(crate) stream: Arc<StreamStats>,
+}
+
+/// The leader's metrics: `leader`, `ingestion_restarts_total`, and the running term's gauges
+/// (`active_watches`, `watch_snapshots_completed`, `stream_unacked`, `stream_connected`; 0 on a standby).
+#[derive(Clone)]
+pub struct TermMetrics {
+    pub(super) leader: IntGauge,
+    ingestion_restarts: IntCounter,
+    term: Arc<Mutex<Option<Arc<TermView>>>>,
+}
+
+impl TermMetrics {
+    /// Creates and registers the families.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let leader = IntGauge::new("leader", "1 while this process holds the leader lease")?;
+        let ingestion_restarts = IntCounter::new(
+            "ingestion_restarts_total",
+            "Ingestion restarts (full relists) after a writer reconnect",
+        )?;
+        registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(ingestion_restarts.clone()))?;
+        let term: Arc<Mutex<Option<Arc<TermView>>>> = Arc::default();
+        let read = |value: fn(&TermView) -> i64| {
+            let term = Arc::clone(&term);
+            move || {
+                let view = term.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                view.map_or(0, |view| value(&view))
+            }
+        };
+        ScrapedFamilies::new()
+            .gauge(
+                "active_watches",
+                "List+Watch loops running",
+                read(|t| t.ingest.watch_status().len() as i64),
+            )?
+            .gauge(
+                "watch_snapshots_completed",
+                "Completed lists and relists of the running watches",
+                read(|t| {
+                    let status = t.ingest.watch_status();
+                    status.values().map(|s| s.snapshots_completed as i64).sum()
+                }),
+            )?
+            .gauge(
+                "stream_unacked",
+                "Messages sent to the writer and not yet acked",
+                read(|t| t.stream.unacked() as i64),
+            )?
+            .gauge(
+                "stream_connected",
+                "1 while the stream to the writer is up",
+                read(|t| i64::from(t.stream.connected())),
+            )?
+            .register(registry)?;
+        Ok(Self {
+            leader,
+            ingestion_restarts,
+            term,
+        })
+    }
+
+    fn set_term(&self, view: Option<Arc<TermView>>) {
+        *self.term.lock().unwrap_or_else(|p| p.into_inner()) = view;
+    }
 }
 
 /// A running term. Dropping it without [`Term::stop`] or [`Term::abort`] leaves its tasks running.
