@@ -48,9 +48,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tracing::{error, info, warn};
 
-use reverser_common::admin;
 use reverser_common::args::{AdminArgs, KubeArgs, LogArgs};
 use reverser_common::kube_client::{self, KubeClientError, WithoutKubeconfig};
+use reverser_common::{admin, telemetry};
 use reverser_proto::v1::{writer_admin_server::WriterAdminServer, writer_server::WriterServer};
 
 /// Command-line flags. Every flag can also be set through the environment variable named in `--help`.
@@ -737,4 +737,44 @@ fn apply_reload(
 
 async fn wait_for(mut receiver: tokio::sync::watch::Receiver<bool>) {
     let _ = receiver.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_has_a_writer_env_var() {
+        // The shared flag groups get their variables from `mut_arg`: a group flag without one would be missed here.
+        for arg in Args::command().get_arguments() {
+            if matches!(arg.get_id().as_str(), "help" | "version") {
+                continue;
+            }
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert!(
+                env.as_deref().is_some_and(|e| e.starts_with("WRITER_")),
+                "--{} has no WRITER_* env var",
+                arg.get_id()
+            );
+        }
+    }
+
+    #[test]
+    fn the_shared_groups_keep_the_writer_defaults_and_alias() {
+        let args = Args::try_parse_from(["reverser-writer"]).unwrap();
+        assert_eq!(args.admin.admin_addr, "0.0.0.0:8081".parse().unwrap());
+        assert_eq!(args.log.log_level, "info");
+        assert_eq!(args.kube.kubeconfig, None);
+        let args = Args::try_parse_from([
+            "reverser-writer",
+            "--lease-kubeconfig",
+            "/k",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(args.kube.kubeconfig, Some(PathBuf::from("/k")));
+        assert_eq!(args.log.log_format, telemetry::LogFormat::Json);
+    }
 }

@@ -35,3 +35,22 @@ fn leader_election_defaults_on_and_can_be_turned_off() {
     assert!(!off.leader_election);
     assert_eq!(off.discovery_exclude, vec!["widgets.example.com", "leases"]);
 }
+
+#[test]
+fn the_shared_groups_keep_the_agent_defaults() {
+    let args = Args::try_parse_from(["reverser-agent", "--writer-url", "http://w:1"]).unwrap();
+    assert_eq!(args.admin.admin_addr, "0.0.0.0:8082".parse().unwrap());
+    assert_eq!(args.log.log_level, "info");
+    let args = Args::try_parse_from([
+        "reverser-agent",
+        "--writer-url",
+        "http://w:1",
+        "--kubeconfig",
+        "/k",
+        "--admin-addr",
+        "127.0.0.1:9",
+    ])
+    .unwrap();
+    assert_eq!(args.kube.kubeconfig, Some(PathBuf::from("/k")));
+    assert_eq!(args.admin.admin_addr, "127.0.0.1:9".parse().unwrap());
+}
