@@ -48,9 +48,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tracing::{error, info, warn};
 
+use reverser_common::admin;
 use reverser_common::args::{AdminArgs, KubeArgs, LogArgs};
 use reverser_common::kube_client::{self, KubeClientError, WithoutKubeconfig};
-use reverser_common::{admin, telemetry};
 use reverser_proto::v1::{writer_admin_server::WriterAdminServer, writer_server::WriterServer};
 
 /// Command-line flags. Every flag can also be set through the environment variable named in `--help`.
@@ -743,6 +743,7 @@ async fn wait_for(mut receiver: tokio::sync::watch::Receiver<bool>) {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+    use reverser_common::telemetry;
 
     #[test]
     fn every_flag_has_a_writer_env_var() {

@@ -8,6 +8,7 @@
 //!            │    a vanished type is kept for `vanish_grace`)      │
 //!            │ desired_watches(discovered, selection, options)    │
 //!            │ diff with running watches: start / stop / restart  │
+//!            │ restart_snapshots(): every watch relists, anew     │
 //!            └───────┬───────────────────────────────┬───────────┘
 //!                    │ Destination decls              │ one task per WatchPlan
 //!                    ▼                                ▼
@@ -220,6 +221,7 @@ impl Shared {
 /// Handle to the running ingestion; dropping it stops every watch.
 pub struct IngestHandle {
     refresh: Arc<Notify>,
+    restart: Arc<Notify>,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
 }
@@ -234,6 +236,12 @@ impl IngestHandle {
     /// Runs discovery now instead of at the next interval (e.g. after a CRD was created).
     pub fn refresh_discovery(&self) {
         self.refresh.notify_one();
+    }
+
+    /// Restarts every watch (each relists in a new snapshot epoch) and declares every destination again, without
+    /// a new discovery: what a new connection to the writer needs, since the writer may have lost open snapshots.
+    pub fn restart_snapshots(&self) {
+        self.restart.notify_one();
     }
 
     pub fn metrics(&self) -> &IngestMetrics {
@@ -291,14 +299,17 @@ pub fn spawn(
         clients_per_type: Mutex::new(BTreeMap::new()),
     });
     let refresh = Arc::new(Notify::new());
+    let restart = Arc::new(Notify::new());
     let task = tokio::spawn(supervise(
         client,
         Arc::clone(&shared),
         selection,
         Arc::clone(&refresh),
+        Arc::clone(&restart),
     ));
     IngestHandle {
         refresh,
+        restart,
         shared,
         task,
     }
@@ -346,6 +357,7 @@ async fn supervise(
     shared: Arc<Shared>,
     mut selection_rx: tokio_watch::Receiver<Arc<Selection>>,
     refresh: Arc<Notify>,
+    restart: Arc<Notify>,
 ) {
     let config = shared.config.clone();
     let mut state = Supervisor::default();
@@ -401,6 +413,13 @@ async fn supervise(
         tokio::select! {
             _ = tokio::time::sleep_until(next_discovery) => {}
             _ = refresh.notified() => next_discovery = Instant::now(),
+            _ = restart.notified() => {
+                // Dropping the running watches aborts them; the next reconcile starts them all again (new lists,
+                // new epochs) and declares every destination again.
+                info!(watches = state.running.len(), "restarting every watch for fresh snapshots");
+                state.running.clear();
+                state.declared.clear();
+            }
             changed = selection_rx.changed(), if selection_open => {
                 // Without a sender the last selection stays in force.
                 selection_open = changed.is_ok();

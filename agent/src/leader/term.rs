@@ -40,7 +40,7 @@ pub struct TermParts {
     pub readiness: admin::Readiness,
 }
 
-/// The ingestion running now; a writer reconnect replaces it.
+/// The ingestion of the term (none once the term ends).
 #[derive(Default)]
 pub(crate) struct CurrentIngest(Mutex<Option<IngestHandle>>);
 
@@ -53,9 +53,12 @@ impl CurrentIngest {
             .map(read)
     }
 
-    /// Replaces ingestion; dropping the old handle aborts its supervisor and every watch.
-    fn replace(&self, next: Option<IngestHandle>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = next;
+    fn set(&self, handle: Option<IngestHandle>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = handle;
+    }
+
+    fn restart_snapshots(&self) {
+        self.with(IngestHandle::restart_snapshots);
     }
 
     fn refresh_discovery(&self) {
@@ -177,18 +180,12 @@ impl Term {
         stream_config.fence = fence;
         let client = StreamClient::new(stream_config).expect("validated at start");
         let ingest = Arc::new(CurrentIngest::default());
-        let spawn_ingest = {
-            let (parts, selection, events) = (Arc::clone(parts), selection_rx, events_tx);
-            move || {
-                ingest::spawn(
-                    parts.client.clone(),
-                    parts.ingest.clone(),
-                    selection.clone(),
-                    events.clone(),
-                )
-            }
-        };
-        ingest.replace(Some(spawn_ingest()));
+        ingest.set(Some(ingest::spawn(
+            parts.client.clone(),
+            parts.ingest.clone(),
+            selection_rx,
+            events_tx,
+        )));
         let view = Arc::new(TermView {
             ingest: Arc::clone(&ingest),
             stream: client.stats(),
@@ -238,9 +235,9 @@ impl Term {
                     log_feedback(&feedback);
                     if let Feedback::Reconnected = feedback {
                         // The writer may have lost the open snapshots: relist everything so that orphans are
-                        // still found.
+                        // still found (the types discovered stay).
                         restarts.inc();
-                        ingest.replace(Some(spawn_ingest()));
+                        ingest.restart_snapshots();
                     }
                 }
             })
@@ -280,7 +277,7 @@ impl Term {
         }
         readiness.abort();
         feedback.abort();
-        view.ingest.replace(None);
+        view.ingest.set(None);
         let _ = stop_stream.send(());
         if tokio::time::timeout(grace + Duration::from_secs(2), &mut stream)
             .await
@@ -301,7 +298,7 @@ impl Term {
         }
         self.readiness.abort();
         self.feedback.abort();
-        self.view.ingest.replace(None);
+        self.view.ingest.set(None);
         self.parts.metrics.set_term(None);
         // A standby is ready.
         self.parts.readiness.set(true);
