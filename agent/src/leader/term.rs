@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! controller ──Selection (watch)──▶ ingestion ──AgentEvent (bounded)──▶ stream ──▶ writer
-//!  (CRs → resolve → /status)          ▲ restarted on a                     │
+//!  (CRs → resolve → /status)          ▲ watches relist on a                │
 //!      ▲                              └─ stream reconnect ◀── Feedback ◀───┘
 //!      └──── WriterView (watch): statuses, rejects, connection ◀──┘
 //! ```
