@@ -68,6 +68,8 @@ pub struct ControllerConfig {
     pub writer_tls: bool,
     /// Where condition changes become Kubernetes Events (none: no Events).
     pub events: Option<EventSink>,
+    /// Counters to add to (the process's, registered once); `None`: counters of this controller alone.
+    pub stats: Option<Arc<ControllerStats>>,
 }
 
 impl std::fmt::Debug for EventSink {
@@ -84,6 +86,7 @@ impl Default for ControllerConfig {
             encryption_refresh: Duration::from_secs(30),
             writer_tls: false,
             events: None,
+            stats: None,
         }
     }
 }
@@ -97,6 +100,36 @@ pub struct ControllerStats {
     pub status_writes: std::sync::atomic::AtomicU64,
     /// Status patches that failed (retried on the next change).
     pub status_write_errors: std::sync::atomic::AtomicU64,
+}
+
+impl ControllerStats {
+    /// Registers `resolutions_total`, `status_writes_total` and `status_write_errors_total` in `registry`.
+    pub fn register(
+        self: &Arc<Self>,
+        registry: &prometheus::Registry,
+    ) -> Result<(), prometheus::Error> {
+        let read = |field: fn(&ControllerStats) -> &std::sync::atomic::AtomicU64| {
+            let stats = Arc::clone(self);
+            move || field(&stats).load(std::sync::atomic::Ordering::Relaxed)
+        };
+        crate::metrics::ScrapedFamilies::new()
+            .counter(
+                "resolutions_total",
+                "Resolutions of the custom resources into a selection and conditions",
+                read(|s| &s.resolutions),
+            )?
+            .counter(
+                "status_writes_total",
+                "Status conditions written to custom resources",
+                read(|s| &s.status_writes),
+            )?
+            .counter(
+                "status_write_errors_total",
+                "Failed status writes",
+                read(|s| &s.status_write_errors),
+            )?
+            .register(registry)
+    }
 }
 
 /// A running controller; dropping it stops the watches.
@@ -144,7 +177,7 @@ pub fn spawn_with_writer(
     writer: watch::Receiver<WriterView>,
 ) -> ControllerHandle {
     let (synced_tx, synced) = watch::channel(false);
-    let stats = Arc::new(ControllerStats::default());
+    let stats = config.stats.clone().unwrap_or_default();
     let task = tokio::spawn(run(
         client,
         config,

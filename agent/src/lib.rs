@@ -9,7 +9,7 @@
 //!                            then deltas)                               and pushes)
 //! ```
 //!
-//! What exists today is the pure core, with no network or cluster access:
+//! The pure core (no network or cluster access):
 //!
 //! - [`canonical`]: sanitizes an object as the API server returns it and renders
 //!   the one canonical YAML form used for both creates and updates.
@@ -17,26 +17,33 @@
 //!   escaping names that are not portable across filesystems.
 //! - [`rules`]: decides which resource types and objects a `WatchRule` or
 //!   `ClusterWatchRule` selects (admission-webhook style matching, label
-//!   selectors, the desired-state preset and the always-on exclusions), and which
+//!   selectors, the desired-state preset, the always-on exclusions and the sensitive types), and which
 //!   cluster-generated objects are skipped.
 //! - [`crd`]: the `configbutler.ai/v1alpha1` custom resources the agent reads
 //!   (`GitRepoConfig`, `GitDestination`, `WatchRule`, `ClusterWatchRule`); the
 //!   `crdgen` binary writes their manifests to `crds/`.
+//! - [`events`]: what ingestion hands the stream ([`events::AgentEvent`]).
 //!
-//! Around that core, the running agent (binary `reverser-agent`, flags in [`run::Args`]):
+//! Around that core, the parts that talk to the API server and the writer (binary `reverser-agent`, flags in
+//! [`args::Args`]; `ARCHITECTURE.md` at the repository root draws the arrows):
 //!
-//! - leader election: a Lease (`reverser_common::lease`); only the leader runs what follows.
+//! - [`leader`]: leader election on a Lease (`reverser_common::lease`), the leader label on the Pod, the cluster
+//!   UID; each term runs what follows, and only the leader does.
 //! - [`controller`]: watches the custom resources and Namespaces, resolves them
 //!   ([`ingest::resolve`]) into the selection ingestion mirrors, and writes each
 //!   rule's and destination's status conditions ([`conditions`]: `Ready`, the writer's
 //!   feedback, `WriterConnected`, `SecretsSkipped`); each change of a condition becomes a
 //!   Kubernetes Event ([`kube_events`]).
-//! - [`ingest`]: discovery, one List+Watch per selected type and scope, snapshot
+//! - [`ingest`]: discovery (refreshed on CRD changes), one List+Watch per selected type and scope, snapshot
 //!   epochs, [`events::AgentEvent`]s.
 //! - [`sops`]: SOPS v3 + age encryption of sensitive objects (Secrets) and their keyed fingerprints.
+//! - [`credentials`]: the repositories' `secretRef` credentials, read for the writer.
 //! - [`stream`]: the gRPC client delivering those events to the writer at least once.
-//! - [`run`]: flags, wiring, metrics and the admin endpoint.
+//! - [`webhook`]: the attribution webhook (who made a change) and, while leading, its configuration.
+//! - [`metrics`]: families read from the components' counters when `/metrics` is scraped.
+//! - [`args`]: flags, and the wiring of all of the above with the admin endpoint.
 
+pub mod args;
 pub mod canonical;
 pub mod conditions;
 pub mod controller;
@@ -45,9 +52,10 @@ pub mod credentials;
 pub mod events;
 pub mod ingest;
 pub mod kube_events;
+pub mod leader;
+pub mod metrics;
 pub mod paths;
 pub mod rules;
-pub mod run;
 pub mod sops;
 pub mod stream;
 pub mod webhook;

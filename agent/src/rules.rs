@@ -417,6 +417,21 @@ impl SelectionOptions {
     }
 }
 
+/// Whether `group`/`resource` is sensitive under the `--sensitive-resources` `entries` (`plural` or
+/// `plural.group`): core `secrets` always are, listed or not. The one rule ingestion (what is encrypted) and the
+/// attribution webhook (what is never hashed nor registered) share.
+pub fn is_sensitive_resource(entries: &[String], group: &str, resource: &str) -> bool {
+    (group.is_empty() && resource == "secrets") || matches_entry(entries, group, resource)
+}
+
+/// `plural` entries match the resource in any group, `plural.group` entries that group only.
+pub fn matches_entry(entries: &[String], group: &str, resource: &str) -> bool {
+    entries.iter().any(|entry| match entry.split_once('.') {
+        Some((r, g)) => r == resource && g == group,
+        None => entry == resource,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

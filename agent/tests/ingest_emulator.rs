@@ -178,7 +178,7 @@ fn selection(rules: Vec<CompiledRule>) -> Selection {
     }
 }
 
-/// A named predicate over events.
+/// A named condition [`Harness::until_each`] waits for.
 type Wanted<'a> = (&'a str, &'a dyn Fn(&AgentEvent) -> bool);
 
 struct Harness {
@@ -1009,4 +1009,63 @@ async fn with_one_list_permit_every_type_lists_in_turn_and_a_failing_list_blocks
         vec!["core/v1/configmaps/shop/app.yaml"]
     );
     assert_eq!(permits.in_flight(), 0, "every list gave its permit back");
+}
+
+#[tokio::test]
+async fn restarting_the_snapshots_relists_every_scope_in_a_new_epoch_without_a_new_discovery() {
+    let cluster = shop().await;
+    let sel = selection(vec![cluster_rule("cfg/prod", &[], &["configmaps"])]);
+    let mut h = start(cluster, sel, IngestConfig::default()).await;
+    let first = h.until_ended(&["configmaps"]).await;
+    assert!(
+        first
+            .iter()
+            .any(|e| matches!(e, AgentEvent::Destination(d) if d.key == "cfg/prod"))
+    );
+    let first_epoch = first
+        .iter()
+        .find_map(|e| match e {
+            AgentEvent::SnapshotEnd { epoch, .. } => Some(*epoch),
+            _ => None,
+        })
+        .expect("the first list ends its snapshot");
+    let runs = h
+        .handle
+        .metrics()
+        .discovery_runs
+        .load(std::sync::atomic::Ordering::Relaxed);
+
+    h.handle.restart_snapshots();
+    let second = h.until_ended(&["configmaps"]).await;
+    assert!(
+        second
+            .iter()
+            .any(|e| matches!(e, AgentEvent::Destination(d) if d.key == "cfg/prod")),
+        "every destination is declared again: {second:#?}"
+    );
+    let begin = second
+        .iter()
+        .find_map(|e| match e {
+            AgentEvent::SnapshotBegin { epoch, .. } => Some(*epoch),
+            _ => None,
+        })
+        .expect("the relist opens a new snapshot");
+    assert!(begin > first_epoch, "{begin} after {first_epoch}");
+    assert!(
+        upsert_paths(&second).contains(&"core/v1/configmaps/shop/app.yaml"),
+        "the relist re-sends every object: {second:#?}"
+    );
+    assert!(
+        !second
+            .iter()
+            .any(|e| matches!(e, AgentEvent::Delete { .. }))
+    );
+    assert_eq!(
+        h.handle
+            .metrics()
+            .discovery_runs
+            .load(std::sync::atomic::Ordering::Relaxed),
+        runs,
+        "the discovered types are kept: no new discovery"
+    );
 }

@@ -1,5 +1,5 @@
 //! Pure building blocks shared by `reverser-agent` and `reverser-writer`, plus the small I/O pieces both
-//! binaries need identically (logging set-up, the admin HTTP endpoint, Leases, TLS certificate reload, backoff, the
+//! binaries need identically (logging set-up, the admin HTTP endpoint, flag groups, the Kubernetes client, Leases, TLS certificate reload, backoff, the
 //! stop signal).
 //!
 //! - [`paths`]: which repository paths and base folders are acceptable, the marker location, snapshot scopes.
@@ -11,11 +11,15 @@
 //! - [`backoff`]: exponential backoff with jitter and a cap (every retry loop of both binaries).
 //! - [`shutdown`]: the stop request (SIGTERM or ctrl-c).
 //! - [`lease`]: claiming and renewing a Kubernetes Lease (the agent's leader election, the writer's worker fence).
+//! - [`kube_client`]: the Kubernetes client of both binaries (`--kubeconfig`, else in-cluster).
+//! - [`args`]: the flag groups both binaries flatten (`LogArgs`, `AdminArgs`, `KubeArgs`) and the duration parser.
 //! - [`tls`]: the server certificate and client CA, re-read from their files or replaced while serving (the
 //!   agent's webhook, the writer's gRPC server).
 
 pub mod admin;
+pub mod args;
 pub mod backoff;
+pub mod kube_client;
 pub mod lease;
 pub mod paths;
 pub mod rate;

@@ -48,7 +48,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tracing::{error, info, warn};
 
-use reverser_common::{admin, telemetry};
+use reverser_common::admin;
+use reverser_common::args::{AdminArgs, KubeArgs, LogArgs};
+use reverser_common::kube_client::{self, KubeClientError, WithoutKubeconfig};
 use reverser_proto::v1::{writer_admin_server::WriterAdminServer, writer_server::WriterServer};
 
 /// Command-line flags. Every flag can also be set through the environment variable named in `--help`.
@@ -57,7 +59,14 @@ use reverser_proto::v1::{writer_admin_server::WriterAdminServer, writer_server::
     name = "reverser-writer",
     version,
     args_override_self = true,
-    about = "gitops-reverser writer: commits and pushes what agents stream"
+    about = "gitops-reverser writer: commits and pushes what agents stream",
+    // The shared flag groups, with the writer's environment variables, defaults and help.
+    mut_arg("log_level", |a| a.env("WRITER_LOG_LEVEL")),
+    mut_arg("log_format", |a| a.env("WRITER_LOG_FORMAT")),
+    mut_arg("admin_addr", |a| a.env("WRITER_ADMIN_ADDR").default_value("0.0.0.0:8081")),
+    mut_arg("kubeconfig", |a| a.env("WRITER_KUBECONFIG").visible_alias("lease-kubeconfig").help(
+        "Kubeconfig for Leases when not running in a cluster (standalone: coordinate several writers through this \
+         cluster's Leases; without it leases are off and the fast-forward-only push is the fence)")),
 )]
 pub struct Args {
     /// Address of the gRPC server (Writer, WriterAdmin, reflection, health) [default: the config file's
@@ -85,9 +94,8 @@ pub struct Args {
     /// Serve plaintext gRPC on a non-loopback address (without TLS flags the writer otherwise refuses to).
     #[arg(long, env = "WRITER_ALLOW_PLAINTEXT")]
     pub allow_plaintext: bool,
-    /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz).
-    #[arg(long, env = "WRITER_ADMIN_ADDR", default_value = "0.0.0.0:8081")]
-    pub admin_addr: SocketAddr,
+    #[command(flatten)]
+    pub admin: AdminArgs,
     /// Directory holding one bare clone per (repository, branch) worker.
     #[arg(
         long,
@@ -154,10 +162,8 @@ pub struct Args {
     /// them, `off` disables them (the fast-forward-only push stays the fence).
     #[arg(long, env = "WRITER_LEASES", value_enum, default_value_t = LeaseMode::Auto)]
     pub leases: LeaseMode,
-    /// Kubeconfig for Leases when not running in a cluster (standalone: coordinate several writers through this
-    /// cluster's Leases; without it leases are off and the fast-forward-only push is the fence).
-    #[arg(long, env = "WRITER_KUBECONFIG", visible_alias = "lease-kubeconfig")]
-    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
     /// Namespace of the Leases (default: the writer's own namespace in-cluster, else `default`).
     #[arg(long, env = "WRITER_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
@@ -175,12 +181,8 @@ pub struct Args {
     /// collector delete the Leases; no Lease is created while it is missing.
     #[arg(long, env = "WRITER_LEASE_OWNER_ROLE")]
     pub lease_owner_role: Option<String>,
-    /// Log filter (RUST_LOG syntax).
-    #[arg(long, env = "WRITER_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
-    /// Log format.
-    #[arg(long, env = "WRITER_LOG_FORMAT", value_enum, default_value_t = telemetry::LogFormat::Plain)]
-    pub log_format: telemetry::LogFormat,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -219,7 +221,7 @@ impl Args {
     /// Parses flags, sets up logging and runs until SIGTERM/SIGINT.
     pub async fn parse_and_run() -> anyhow::Result<()> {
         let args = Args::parse();
-        telemetry::init(&args.log_level, args.log_format)?;
+        args.log.init()?;
         let running = args.start().await?;
         let shutdown = running.shutdown_handle();
         let stop = reverser_common::shutdown::signal();
@@ -271,35 +273,24 @@ impl Args {
             );
             return Ok(None);
         }
-        let config = match &self.kubeconfig {
-            Some(path) => {
-                let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(
-                    kubeconfig,
-                    &kube::config::KubeConfigOptions::default(),
-                )
-                .await
-                .context("loading kubeconfig")?
-            }
-            None => match kube::Config::incluster() {
-                Ok(config) => config,
-                Err(error) => {
-                    if self.leases == LeaseMode::On {
-                        bail!(
-                            "--leases=on but no Kubernetes API is reachable (not in a cluster, no --kubeconfig): {error}"
-                        );
-                    }
-                    info!("leases are off: not running in a cluster and no --kubeconfig given");
-                    return Ok(None);
+        let config = match self.kube.config(WithoutKubeconfig::InClusterOnly).await {
+            Ok(config) => config,
+            Err(KubeClientError::NoCluster(error)) => {
+                if self.leases == LeaseMode::On {
+                    bail!(
+                        "--leases=on but no Kubernetes API is reachable (not in a cluster, no --kubeconfig): {error}"
+                    );
                 }
-            },
+                info!("leases are off: not running in a cluster and no --kubeconfig given");
+                return Ok(None);
+            }
+            Err(error) => return Err(error.into()),
         };
         let namespace = self
             .lease_namespace
             .clone()
             .unwrap_or_else(|| config.default_namespace.clone());
-        let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
+        let client = kube_client::client(config)?;
         let base = self
             .lease_identity
             .clone()
@@ -393,47 +384,84 @@ impl Args {
 
     /// Starts every component and returns once the listeners are bound.
     pub async fn start(self) -> anyhow::Result<RunningWriter> {
+        // Every flag is handled: a new one does not compile until it is used here or in the helper named.
+        let Args {
+            grpc_addr,
+            config: _, // load_files, files_digest
+            reload_interval_sec,
+            tls_cert: _,      // load_files
+            tls_key: _,       // load_files
+            tls_client_ca: _, // load_files
+            allow_plaintext,
+            admin: AdminArgs {
+                admin_addr: admin_addr_wanted,
+            },
+            work_dir,
+            git_credentials: _,     // load_files, files_digest
+            git_ca_file: _,         // worker_settings
+            git_batch_max_files: _, // worker_settings
+            git_batch_max_bytes_mib: _,
+            git_batch_max_wait_sec: _,
+            deletes_cap_per_cycle: _,
+            git_connect_timeout_sec,
+            git_io_timeout_sec,
+            git_operation_timeout_sec,
+            shutdown_grace_sec,
+            commit_name: _, // worker_settings
+            commit_email: _,
+            max_object_bytes,
+            workers_max_global,
+            workers_max_per_repo,
+            push_max_retries: _, // worker_settings
+            leases: _,           // lease_settings
+            kube: _,
+            lease_namespace: _,
+            lease_identity: _,
+            leases_renew_sec: _,
+            leases_lease_sec: _,
+            lease_owner_role: _,
+            log: _, // parse_and_run
+        } = self.clone();
         let _ = rustls::crypto::ring::default_provider().install_default();
         // Before any worker exists (the settings are process-wide; the first start in a process wins).
         git::set_network_timeouts(git::NetworkTimeouts {
-            connect: Duration::from_secs(self.git_connect_timeout_sec),
-            io: Duration::from_secs(self.git_io_timeout_sec),
-            operation: Duration::from_secs(self.git_operation_timeout_sec),
+            connect: Duration::from_secs(git_connect_timeout_sec),
+            io: Duration::from_secs(git_io_timeout_sec),
+            operation: Duration::from_secs(git_operation_timeout_sec),
         })
         .context("setting the Git network timeouts")?;
-        let shutdown_grace = Duration::from_secs(self.shutdown_grace_sec);
+        let shutdown_grace = Duration::from_secs(shutdown_grace_sec);
         let loaded = self.load_files()?;
-        let grpc_addr_wanted = self
-            .grpc_addr
+        let grpc_addr_wanted = grpc_addr
             .or_else(|| loaded.config.as_ref().and_then(|c| c.grpc_addr))
             .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 9443)));
-        if loaded.tls.is_none() && !grpc_addr_wanted.ip().is_loopback() && !self.allow_plaintext {
+        if loaded.tls.is_none() && !grpc_addr_wanted.ip().is_loopback() && !allow_plaintext {
             bail!(
                 "refusing to serve plaintext gRPC on {grpc_addr_wanted} (not a loopback address): give --tls-cert/--tls-key, or --allow-plaintext"
             );
         }
         let reload_interval = match &loaded.config {
             Some(config) => config.reload_interval,
-            None if self.reload_interval_sec.is_finite() && self.reload_interval_sec > 0.0 => {
-                Duration::from_secs_f64(self.reload_interval_sec)
+            None if reload_interval_sec.is_finite() && reload_interval_sec > 0.0 => {
+                Duration::from_secs_f64(reload_interval_sec)
             }
             None => bail!("--reload-interval-sec must be a positive number"),
         };
-        std::fs::create_dir_all(&self.work_dir)
-            .with_context(|| format!("creating --work-dir {}", self.work_dir.display()))?;
+        std::fs::create_dir_all(&work_dir)
+            .with_context(|| format!("creating --work-dir {}", work_dir.display()))?;
         // Two writers on one work dir would corrupt each other's clones: hold an exclusive lock for the process
         // lifetime (released by the OS even after kill -9).
-        let work_dir_lock = std::fs::File::create(self.work_dir.join(".writer.lock"))
-            .with_context(|| {
+        let work_dir_lock =
+            std::fs::File::create(work_dir.join(".writer.lock")).with_context(|| {
                 format!(
                     "creating the lock file in --work-dir {}",
-                    self.work_dir.display()
+                    work_dir.display()
                 )
             })?;
         if work_dir_lock.try_lock().is_err() {
             bail!(
                 "another reverser-writer is using --work-dir {}",
-                self.work_dir.display()
+                work_dir.display()
             );
         }
         let Loaded {
@@ -447,8 +475,8 @@ impl Args {
         let registry = registry::Registry::new(
             self.worker_settings()?,
             registry::Caps {
-                max_global: self.workers_max_global,
-                max_per_repo: self.workers_max_per_repo,
+                max_global: workers_max_global,
+                max_per_repo: workers_max_per_repo,
             },
             credentials,
             self.lease_settings().await?,
@@ -472,13 +500,13 @@ impl Args {
         let readiness = admin::Readiness::default();
         let admin_shutdown = wait_for(shutdown_rx.clone());
         let (admin_addr, _admin) = admin::serve(
-            self.admin_addr,
+            admin_addr_wanted,
             metrics.registry.clone(),
             readiness.clone(),
             admin_shutdown,
         )
         .await
-        .with_context(|| format!("binding --admin-addr {}", self.admin_addr))?;
+        .with_context(|| format!("binding --admin-addr {}", admin_addr_wanted))?;
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(reverser_proto::FILE_DESCRIPTOR_SET)
@@ -499,12 +527,12 @@ impl Args {
         let max_message = config
             .as_ref()
             .and_then(|c| c.policy.limits.max_message_bytes)
-            .unwrap_or_else(|| self.max_object_bytes.saturating_add(64 * 1024));
+            .unwrap_or_else(|| max_object_bytes.saturating_add(64 * 1024));
         let writer = WriterServer::new(grpc::WriterService {
             registry: registry.clone(),
             metrics: metrics.clone(),
             limits: session::SessionLimits {
-                max_object_bytes: self.max_object_bytes,
+                max_object_bytes,
                 max_message_bytes: max_message,
             },
             shutdown: shutdown_rx.clone(),
@@ -539,7 +567,7 @@ impl Args {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        info!(%grpc_addr, %admin_addr, work_dir = %self.work_dir.display(), tls = tls.is_some(), "writer listening");
+        info!(%grpc_addr, %admin_addr, work_dir = %work_dir.display(), tls = tls.is_some(), "writer listening");
         readiness.set(true);
 
         // Reload: compare the files' content every interval; a bad new version is logged and the old one stays.
@@ -709,4 +737,45 @@ fn apply_reload(
 
 async fn wait_for(mut receiver: tokio::sync::watch::Receiver<bool>) {
     let _ = receiver.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use reverser_common::telemetry;
+
+    #[test]
+    fn every_flag_has_a_writer_env_var() {
+        // The shared flag groups get their variables from `mut_arg`: a group flag without one would be missed here.
+        for arg in Args::command().get_arguments() {
+            if matches!(arg.get_id().as_str(), "help" | "version") {
+                continue;
+            }
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert!(
+                env.as_deref().is_some_and(|e| e.starts_with("WRITER_")),
+                "--{} has no WRITER_* env var",
+                arg.get_id()
+            );
+        }
+    }
+
+    #[test]
+    fn the_shared_groups_keep_the_writer_defaults_and_alias() {
+        let args = Args::try_parse_from(["reverser-writer"]).unwrap();
+        assert_eq!(args.admin.admin_addr, "0.0.0.0:8081".parse().unwrap());
+        assert_eq!(args.log.log_level, "info");
+        assert_eq!(args.kube.kubeconfig, None);
+        let args = Args::try_parse_from([
+            "reverser-writer",
+            "--lease-kubeconfig",
+            "/k",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(args.kube.kubeconfig, Some(PathBuf::from("/k")));
+        assert_eq!(args.log.log_format, telemetry::LogFormat::Json);
+    }
 }

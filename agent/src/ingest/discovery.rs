@@ -21,7 +21,8 @@ use tracing::{debug, info, warn};
 
 use super::selection::{CompiledRule, NamespaceLabels, Selection};
 use crate::events::{DestinationDecl, ScopeRef};
-use crate::rules::{ResourceKey, in_desired_state_preset, is_default_excluded};
+pub use crate::rules::is_sensitive_resource;
+use crate::rules::{ResourceKey, in_desired_state_preset, is_default_excluded, matches_entry};
 
 /// Default upper bound on concurrently watched types.
 pub const DEFAULT_MAX_GVKS: usize = 300;
@@ -217,21 +218,6 @@ impl DiscoveryOptions {
     pub fn is_sensitive(&self, key: &ResourceKey) -> bool {
         is_sensitive_resource(&self.sensitive, &key.group, &key.resource)
     }
-}
-
-/// Whether `group`/`resource` is sensitive under the `--sensitive-resources` `entries` (`plural` or
-/// `plural.group`): core `secrets` always are, listed or not. The one rule ingestion (what is encrypted) and the
-/// attribution webhook (what is never hashed nor registered) share.
-pub fn is_sensitive_resource(entries: &[String], group: &str, resource: &str) -> bool {
-    (group.is_empty() && resource == "secrets") || matches_entry(entries, group, resource)
-}
-
-/// `plural` entries match the resource in any group, `plural.group` entries that group only.
-fn matches_entry(entries: &[String], group: &str, resource: &str) -> bool {
-    entries.iter().any(|entry| match entry.split_once('.') {
-        Some((r, g)) => r == resource && g == group,
-        None => entry == resource,
-    })
 }
 
 impl DiscoveryOptions {}

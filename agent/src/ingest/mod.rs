@@ -8,6 +8,7 @@
 //!            │    a vanished type is kept for `vanish_grace`)      │
 //!            │ desired_watches(discovered, selection, options)    │
 //!            │ diff with running watches: start / stop / restart  │
+//!            │ restart_snapshots(): every watch relists, anew     │
 //!            └───────┬───────────────────────────────┬───────────┘
 //!                    │ Destination decls              │ one task per WatchPlan
 //!                    ▼                                ▼
@@ -18,9 +19,11 @@
 //!
 //! Safety rules carried through every module (upstream lessons): deletions happen only at a
 //! completed snapshot boundary, scoped to that snapshot's type and namespace; a failed list, a
-//! 403 or a type that vanished from discovery never ends a snapshot; Secrets are never sent.
+//! 403 or a type that vanished from discovery never ends a snapshot; sensitive objects (core Secrets and the
+//! `--sensitive-resources` types) are sent only SOPS-encrypted, and only to destinations with `spec.encryption`.
 //!
 //! - [`discovery`]: which types exist, and the pure planner of watches.
+//! - [`crd_changes`]: a discovery run whenever a CRD is added, changed or deleted.
 //! - [`selection`]: destinations and compiled rules, as matching needs them.
 //! - [`resolve`]: from the custom resources to a [`Selection`], enforcing access policy.
 //! - [`watch`]: one watch task and its pure event index.
@@ -28,8 +31,10 @@
 //! - [`backoff`]: exponential backoff with jitter (`reverser_common`'s, shared with the writer).
 
 pub use reverser_common::backoff;
+pub mod crd_changes;
 pub mod discovery;
 pub mod limits;
+mod metrics;
 pub mod raw;
 pub mod resolve;
 pub mod selection;
@@ -82,6 +87,8 @@ pub struct IngestConfig {
     pub request_rate: RequestRate,
     /// Lists in flight at once, over every watch.
     pub list_permits: ListPermits,
+    /// Counters to add to (the process's, registered once); `None`: counters of this ingestion alone.
+    pub metrics: Option<Arc<IngestMetrics>>,
 }
 
 impl Default for IngestConfig {
@@ -97,6 +104,7 @@ impl Default for IngestConfig {
             attribution: None,
             request_rate: RequestRate::default(),
             list_permits: ListPermits::default(),
+            metrics: None,
         }
     }
 }
@@ -213,6 +221,7 @@ impl Shared {
 /// Handle to the running ingestion; dropping it stops every watch.
 pub struct IngestHandle {
     refresh: Arc<Notify>,
+    restart: Arc<Notify>,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
 }
@@ -227,6 +236,12 @@ impl IngestHandle {
     /// Runs discovery now instead of at the next interval (e.g. after a CRD was created).
     pub fn refresh_discovery(&self) {
         self.refresh.notify_one();
+    }
+
+    /// Restarts every watch (each relists in a new snapshot epoch) and declares every destination again, without
+    /// a new discovery: what a new connection to the writer needs, since the writer may have lost open snapshots.
+    pub fn restart_snapshots(&self) {
+        self.restart.notify_one();
     }
 
     pub fn metrics(&self) -> &IngestMetrics {
@@ -273,24 +288,28 @@ pub fn spawn(
     selection: tokio_watch::Receiver<Arc<Selection>>,
     tx: mpsc::Sender<AgentEvent>,
 ) -> IngestHandle {
+    let metrics = config.metrics.clone().unwrap_or_default();
     let shared = Arc::new(Shared {
         config,
         tx,
         epochs: AtomicU64::new(0),
-        metrics: Arc::new(IngestMetrics::default()),
+        metrics,
         status: Mutex::new(BTreeMap::new()),
         watched_types: Mutex::new(None),
         clients_per_type: Mutex::new(BTreeMap::new()),
     });
     let refresh = Arc::new(Notify::new());
+    let restart = Arc::new(Notify::new());
     let task = tokio::spawn(supervise(
         client,
         Arc::clone(&shared),
         selection,
         Arc::clone(&refresh),
+        Arc::clone(&restart),
     ));
     IngestHandle {
         refresh,
+        restart,
         shared,
         task,
     }
@@ -338,6 +357,7 @@ async fn supervise(
     shared: Arc<Shared>,
     mut selection_rx: tokio_watch::Receiver<Arc<Selection>>,
     refresh: Arc<Notify>,
+    restart: Arc<Notify>,
 ) {
     let config = shared.config.clone();
     let mut state = Supervisor::default();
@@ -393,6 +413,13 @@ async fn supervise(
         tokio::select! {
             _ = tokio::time::sleep_until(next_discovery) => {}
             _ = refresh.notified() => next_discovery = Instant::now(),
+            _ = restart.notified() => {
+                // Dropping the running watches aborts them; the next reconcile starts them all again (new lists,
+                // new epochs) and declares every destination again.
+                info!(watches = state.running.len(), "restarting every watch for fresh snapshots");
+                state.running.clear();
+                state.declared.clear();
+            }
             changed = selection_rx.changed(), if selection_open => {
                 // Without a sender the last selection stays in force.
                 selection_open = changed.is_ok();

@@ -156,6 +156,9 @@ pub struct StreamConfig {
     pub fence: Option<LeaderFence>,
     /// Counter of objects skipped as too large, labelled `destination` (the agent's `/metrics`).
     pub objects_too_large: Option<prometheus::IntCounterVec>,
+    /// Counters to add to (the process's, registered once and shared by every leader term's client); `None`:
+    /// counters of this client alone.
+    pub stats: Option<Arc<StreamStats>>,
 }
 
 impl StreamConfig {
@@ -174,6 +177,7 @@ impl StreamConfig {
             shutdown_grace: Duration::from_secs(5),
             fence: None,
             objects_too_large: None,
+            stats: None,
         }
     }
 }
@@ -267,6 +271,27 @@ pub struct StreamStats {
     feedback_dropped: AtomicU64,
     objects_too_large: AtomicU64,
     connected: AtomicBool,
+    /// Events taken from ingestion, by [`EVENT_KINDS`].
+    events: [AtomicU64; EVENT_KINDS.len()],
+}
+
+/// `kind` label values of `events_total`.
+const EVENT_KINDS: [&str; 5] = [
+    "destination",
+    "upsert",
+    "delete",
+    "snapshot_begin",
+    "snapshot_end",
+];
+
+fn event_kind(event: &AgentEvent) -> usize {
+    match event {
+        AgentEvent::Destination(_) => 0,
+        AgentEvent::Upsert { .. } => 1,
+        AgentEvent::Delete { .. } => 2,
+        AgentEvent::SnapshotBegin { .. } => 3,
+        AgentEvent::SnapshotEnd { .. } => 4,
+    }
 }
 
 impl StreamStats {
@@ -310,6 +335,60 @@ impl StreamStats {
     fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
+
+    /// Registers the stream's counters (`stream_*_total`, `events_total{kind}`) in `registry`. The gauges
+    /// (`stream_connected`, `stream_unacked`) belong to the running term and are registered by it.
+    pub fn register(
+        self: &Arc<Self>,
+        registry: &prometheus::Registry,
+    ) -> Result<(), prometheus::Error> {
+        let read = |value: fn(&StreamStats) -> u64| {
+            let stats = Arc::clone(self);
+            move || value(&stats)
+        };
+        let events = Arc::clone(self);
+        crate::metrics::ScrapedFamilies::new()
+            .counter(
+                "stream_messages_sent_total",
+                "Sequenced messages written to the writer stream, re-sends included",
+                read(StreamStats::sent),
+            )?
+            .counter("stream_messages_acked_total", "Messages the writer acked", read(StreamStats::acked))?
+            .counter(
+                "stream_messages_rejected_total",
+                "Messages the writer rejected",
+                read(StreamStats::rejected),
+            )?
+            .counter(
+                "stream_reconnects_total",
+                "Writer stream connections after the first",
+                read(StreamStats::reconnects),
+            )?
+            .counter(
+                "stream_snapshots_abandoned_total",
+                "Snapshot ends dropped because their epoch did not go out whole",
+                read(StreamStats::snapshots_abandoned),
+            )?
+            .counter(
+                "stream_feedback_dropped_total",
+                "Writer rejects and statuses dropped because their receiver fell far behind",
+                read(StreamStats::feedback_dropped),
+            )?
+            .counter_by(
+                "events_total",
+                "Events ingestion produced, by kind (upsert, delete, snapshot_begin, snapshot_end, destination)",
+                "kind",
+                move || {
+                    EVENT_KINDS
+                        .iter()
+                        .zip(&events.events)
+                        .filter(|(_, count)| count.load(Ordering::Relaxed) > 0)
+                        .map(|(kind, count)| ((*kind).to_owned(), count.load(Ordering::Relaxed)))
+                        .collect()
+                },
+            )?
+            .register(registry)
+    }
 }
 
 /// Rejects and statuses kept for a slow feedback receiver before the oldest are dropped.
@@ -344,10 +423,11 @@ impl StreamClient {
     /// Validates `config` and prepares the endpoint (no connection yet).
     pub fn new(config: StreamConfig) -> Result<Self, StreamError> {
         let endpoint = endpoint(&config)?;
+        let stats = config.stats.clone().unwrap_or_default();
         Ok(Self {
             config,
             endpoint,
-            stats: Arc::default(),
+            stats,
         })
     }
 
@@ -570,6 +650,15 @@ struct Runner {
 
 type Replies = tonic::Streaming<pb::WriterMessage>;
 
+impl Drop for Runner {
+    // The stats may outlive this client (one set for every leader term): a stopped client is not connected and
+    // waits for no acks.
+    fn drop(&mut self) {
+        self.stats.connected.store(false, Ordering::Relaxed);
+        self.stats.unacked.store(0, Ordering::Relaxed);
+    }
+}
+
 impl Runner {
     async fn run(&mut self) {
         // `backoff_initial * 2^(attempt-1)`, capped at `backoff_max`, ±20 %.
@@ -651,6 +740,7 @@ impl Runner {
     fn on_event(&mut self, event: Option<AgentEvent>) {
         match event {
             Some(event) => {
+                StreamStats::add(&self.stats.events[event_kind(&event)], 1);
                 if let Some(abandoned) = self.backlog.accept(event, SystemTime::now()) {
                     self.abandon(abandoned);
                 }

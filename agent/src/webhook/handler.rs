@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 
 use super::facts::{ContentHash, Fact, ObjectKey, Operation};
 use crate::canonical;
-use crate::ingest::is_sensitive_resource;
+use crate::rules::is_sensitive_resource;
 
 /// The AdmissionReview version spoken (and the only one accepted).
 pub const API_VERSION: &str = "admission.k8s.io/v1";

@@ -27,6 +27,7 @@
 //!
 //! The certificate and the client CA (`--webhook-client-ca`) are `reverser_common::tls`'s, following their files.
 //! - [`registration`]: the `ValidatingWebhookConfiguration` for the watched types.
+//! - [`sync`]: while leading, keeps that configuration listing exactly the watched types.
 //! - [`metrics`]: the Prometheus collectors.
 
 pub mod facts;
@@ -34,6 +35,7 @@ pub mod handler;
 pub mod metrics;
 pub mod registration;
 pub mod server;
+pub mod sync;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -153,7 +155,7 @@ pub struct WebhookArgs {
     #[arg(long, env = "AGENT_WEBHOOK_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub webhook_max_body_bytes: usize,
     /// How long an admission fact waits for its watch event (`600`, `90s`, `10m`).
-    #[arg(long, env = "AGENT_ATTRIBUTION_TTL", default_value = "10m", value_parser = crate::run::parse_duration)]
+    #[arg(long, env = "AGENT_ATTRIBUTION_TTL", default_value = "10m", value_parser = reverser_common::args::parse_duration)]
     pub attribution_ttl: Duration,
     /// Most admission facts held; the oldest is evicted beyond it.
     #[arg(long, env = "AGENT_ATTRIBUTION_MAX_FACTS", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]

@@ -44,8 +44,8 @@ use kube::Api;
 use kube::api::{ObjectMeta, Patch, PatchParams};
 
 use super::PATH;
-use crate::ingest::is_sensitive_resource;
 use crate::rules::ResourceKey;
+use crate::rules::is_sensitive_resource;
 
 /// Where the API server reaches the webhook.
 #[derive(Clone, Debug, PartialEq, Eq)]
