@@ -717,6 +717,7 @@ mod tests {
             },
             object_selector: selector,
             rules,
+            ignore: None,
         }
     }
 
@@ -844,6 +845,7 @@ mod tests {
                 scope,
                 namespace_selector: selector,
             }],
+            ignore: None,
         }
     }
 

@@ -161,6 +161,7 @@ fn cluster_rule(destination: &str, groups: &[&str], resources: &[&str]) -> Compi
                     scope: ResourceScope::Namespaced,
                     namespace_selector: None,
                 }],
+                ignore: None,
             },
         },
     }
@@ -581,6 +582,7 @@ async fn removing_the_selected_label_deletes_and_adding_it_back_upserts() {
                     resources: strings(&["configmaps"]),
                     ..Default::default()
                 }],
+                ignore: None,
             },
         },
     };

@@ -26,12 +26,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use kube::ResourceExt;
 
 use super::selection::{CompiledRule, NamespaceLabels, RuleKind, Selection};
+use crate::crd::IgnoreSpec;
 use crate::crd::{
     AccessPolicy, ClusterWatchRule, GitDestination, GitRepoConfig, NamespacedRulesMode, WatchRule,
     validate_base_folder,
 };
 use crate::credentials::GitCredentials;
 use crate::events::DestinationDecl;
+use crate::ignore::Ignore;
 use crate::rules::{
     ResourceKey, cluster_resource_rule_selects, label_selector_matches, resource_rule_selects,
 };
@@ -56,6 +58,8 @@ pub enum Reason {
     InvalidCredentialsSecret,
     /// The repository has a `secretRef`, but the agent reaches the writer without TLS: credentials are not sent.
     CredentialsNeedTls,
+    /// The rule's `ignore` names an unknown preset or holds an empty name.
+    InvalidIgnore,
 }
 
 impl Reason {
@@ -70,6 +74,7 @@ impl Reason {
             Reason::CredentialsSecretNotFound => "CredentialsSecretNotFound",
             Reason::InvalidCredentialsSecret => "InvalidCredentialsSecret",
             Reason::CredentialsNeedTls => "CredentialsNeedTls",
+            Reason::InvalidIgnore => "InvalidIgnore",
         }
     }
 }
@@ -157,6 +162,15 @@ pub enum CredentialsLookup {
 pub const ENCRYPTION_NOT_CONFIGURED: &str = "EncryptionNotConfigured";
 
 /// The core `secrets` type, as rules match it.
+/// A rule whose `ignore` is invalid is not admitted (it would mirror what its author meant to skip).
+fn ignore_problem(ignore: Option<&IgnoreSpec>) -> Option<ReadyCondition> {
+    let error = Ignore::compile(ignore?).err()?;
+    Some(ReadyCondition::not(
+        Reason::InvalidIgnore,
+        error.to_string(),
+    ))
+}
+
 fn secrets_type() -> ResourceKey {
     ResourceKey::new("", "v1", "secrets", true)
 }
@@ -355,7 +369,9 @@ pub fn resolve_with_lookups(
         {
             out.rules_selecting_secrets.insert(id.clone());
         }
-        let condition = destination_problem(&dest_key).unwrap_or_else(|| {
+        let condition = ignore_problem(rule.spec.ignore.as_ref())
+            .or_else(|| destination_problem(&dest_key))
+            .unwrap_or_else(|| {
             let d = &usable[&dest_key];
             let repo_ns = &d.dest.spec.repo_ref.namespace;
             if !admits_namespace(
@@ -408,7 +424,9 @@ pub fn resolve_with_lookups(
         {
             out.rules_selecting_secrets.insert(id.clone());
         }
-        let condition = destination_problem(&dest_key).unwrap_or_else(|| {
+        let condition = ignore_problem(rule.spec.ignore.as_ref())
+            .or_else(|| destination_problem(&dest_key))
+            .unwrap_or_else(|| {
             let d = &usable[&dest_key];
             let allowed = d
                 .repo
@@ -732,6 +750,70 @@ mod tests {
             Reason::AccessDenied
         );
         assert_eq!(reason(&res, "WatchRule/shop/a"), Reason::AccessDenied);
+    }
+
+    #[test]
+    fn an_invalid_ignore_is_a_condition_on_the_rule_and_admits_nothing() {
+        let repos = [repo(
+            "cfg",
+            "repo",
+            &["main"],
+            json!({"allowClusterRules": true}),
+        )];
+        let dests = [dest("cfg", "prod", ("cfg", "repo"), "main", json!({}))];
+        let with_ignore = |mut rule: WatchRule, ignore: Value| {
+            rule.spec.ignore = Some(serde_json::from_value(ignore).unwrap());
+            rule
+        };
+        let rules = [
+            with_ignore(
+                wr("cfg", "good", json!({"name": "prod"})),
+                json!({"presets": ["Flux"], "users": ["bob"]}),
+            ),
+            with_ignore(
+                wr("cfg", "typo", json!({"name": "prod"})),
+                json!({"presets": ["flux"]}),
+            ),
+            with_ignore(
+                wr("cfg", "blank", json!({"name": "prod"})),
+                json!({"fieldManagers": [""]}),
+            ),
+            // The ignore problem is reported even when the destination is missing too.
+            with_ignore(
+                wr("cfg", "lost", json!({"name": "zz"})),
+                json!({"groups": [""]}),
+            ),
+        ];
+        let mut cluster = cwr("c", "cfg", "prod");
+        cluster.spec.ignore = Some(
+            serde_json::from_value(json!({"serviceAccounts": [{"namespace": "x", "name": ""}]}))
+                .unwrap(),
+        );
+        let ns = namespaces();
+        let res = resolve(Inputs {
+            repos: &repos,
+            destinations: &dests,
+            watch_rules: &rules,
+            cluster_watch_rules: &[cluster],
+            namespaces: &ns,
+        });
+        assert_eq!(reason(&res, "WatchRule/cfg/good"), Reason::Ready);
+        for id in [
+            "WatchRule/cfg/typo",
+            "WatchRule/cfg/blank",
+            "WatchRule/cfg/lost",
+            "ClusterWatchRule/c",
+        ] {
+            assert_eq!(reason(&res, id), Reason::InvalidIgnore, "{id}");
+        }
+        let typo = &res.rule_conditions["WatchRule/cfg/typo"].message;
+        assert!(typo.contains("unknown preset \"flux\""), "{typo}");
+        assert_eq!(
+            res.rule_conditions["WatchRule/cfg/blank"].message,
+            "ignore.fieldManagers holds an empty name"
+        );
+        let ids: Vec<&str> = res.selection.rules.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["WatchRule/cfg/good"]);
     }
 
     #[test]

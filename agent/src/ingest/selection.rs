@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::crd::{ClusterWatchRuleSpec, ResourceScope, WatchRuleSpec};
+use crate::crd::{ClusterWatchRuleSpec, IgnoreSpec, ResourceScope, WatchRuleSpec};
 use crate::events::DestinationDecl;
 use crate::rules::{
     self, ObjectFacts, Operation, ResourceKey, cluster_resource_rule_selects,
@@ -68,6 +68,14 @@ impl CompiledRule {
                 .rules
                 .iter()
                 .any(|r| cluster_resource_rule_selects(r, key)),
+        }
+    }
+
+    /// The rule's `ignore` setting, if any.
+    pub fn ignore_spec(&self) -> Option<&IgnoreSpec> {
+        match &self.kind {
+            RuleKind::Namespaced { spec, .. } => spec.ignore.as_ref(),
+            RuleKind::Cluster { spec } => spec.ignore.as_ref(),
         }
     }
 
@@ -243,6 +251,7 @@ pub(crate) mod test_support {
                         resources: strings(resources),
                         ..Default::default()
                     }],
+                    ignore: None,
                 },
             },
         }
@@ -271,6 +280,7 @@ pub(crate) mod test_support {
                         scope,
                         namespace_selector,
                     }],
+                    ignore: None,
                 },
             },
         }
