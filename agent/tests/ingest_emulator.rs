@@ -227,6 +227,7 @@ impl Harness {
 
     /// Receives events until each of `wanted` has matched some event, in whatever order they come;
     /// returns every event received meanwhile.
+    #[allow(clippy::type_complexity)]
     async fn until_each(
         &mut self,
         wanted: &[(&str, &dyn Fn(&AgentEvent) -> bool)],

@@ -503,10 +503,10 @@ impl WatchIndex {
                             }
                         },
                     };
-                    if change == Change::Listed {
-                        if let Some(epoch) = &mut self.epoch {
-                            epoch.seen.insert(slot.clone());
-                        }
+                    if change == Change::Listed
+                        && let Some(epoch) = &mut self.epoch
+                    {
+                        epoch.seen.insert(slot.clone());
                     }
                     if held != Some(hash)
                         && self.ignored(
