@@ -333,6 +333,11 @@ pub struct WatchRuleSpec {
     pub object_selector: Option<LabelSelector>,
     #[schemars(length(min = 1))]
     pub rules: Vec<ResourceRule>,
+    /// Objects whose `metadata.name` matches one of these patterns are not mirrored: `*` matches any
+    /// run of characters, `?` one character, anything else itself (e.g. `*-lock`, `sh.helm.release.v1.*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1, max = 253)))]
+    pub exclude_names: Vec<String>,
     /// Changes this rule does not mirror, by who made them (Flux's, Argo CD's or Helm's own writes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignore: Option<IgnoreSpec>,
@@ -435,6 +440,11 @@ pub struct ClusterWatchRuleSpec {
     pub destination_ref: NamespacedName,
     #[schemars(length(min = 1))]
     pub rules: Vec<ClusterResourceRule>,
+    /// Objects whose `metadata.name` matches one of these patterns are not mirrored: `*` matches any
+    /// run of characters, `?` one character, anything else itself (e.g. `*-lock`, `sh.helm.release.v1.*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1, max = 253)))]
+    pub exclude_names: Vec<String>,
     /// Changes this rule does not mirror, by who made them (Flux's, Argo CD's or Helm's own writes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignore: Option<IgnoreSpec>,

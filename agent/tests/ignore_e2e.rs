@@ -6,6 +6,8 @@
 //! webhook) then makes exactly one commit, authored by alice, whose file equals the live object,
 //! Flux's pending change included. An ignored user's edit (bob) makes no commit either.
 //!
+//! A name the rule's `excludeNames` matches is never mirrored.
+//!
 //! Ignored changes send nothing, so "no commit" is checked behind a barrier: a marker ConfigMap
 //! created after them in the same watch must reach Git first (a watch delivers changes in order).
 
@@ -62,6 +64,7 @@ spec:
   ignore:
     presets: [Flux]
     users: [bob]
+  excludeNames: ['*-lock']
 ---
 apiVersion: configbutler.ai/v1alpha1
 kind: WatchRule
@@ -75,6 +78,11 @@ apiVersion: v1
 kind: ConfigMap
 metadata: {{name: app, namespace: shop}}
 data: {{color: blue}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: leader-lock, namespace: shop}}
+data: {{holder: a}}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: Role
@@ -94,6 +102,7 @@ subjects:
 
 const APP: &str = "clusters/prod/core/v1/configmaps/shop/app.yaml";
 const FLUX_MADE: &str = "clusters/prod/core/v1/configmaps/shop/flux-made.yaml";
+const LOCK: &str = "clusters/prod/core/v1/configmaps/shop/leader-lock.yaml";
 
 struct World {
     cluster: TestCluster,
@@ -357,6 +366,14 @@ async fn flux_writes_make_no_commit_and_a_persons_edit_then_commits_the_live_obj
     assert!(text.contains("bob-red"), "{text}");
     assert_eq!(authors_of(&world.repo, APP)[0], "alice");
     assert_eq!(text, world.live("app").await);
+
+    // `excludeNames: ['*-lock']`: neither listed nor changed, whoever writes it.
+    assert!(world.repo.read(BRANCH, LOCK).is_none());
+    world
+        .edit(&world.alice, "leader-lock", "holder: a", "holder: b")
+        .await;
+    world.barrier().await;
+    assert!(world.repo.read(BRANCH, LOCK).is_none());
 
     agent.terminate().await;
     let World {

@@ -162,6 +162,7 @@ fn cluster_rule(destination: &str, groups: &[&str], resources: &[&str]) -> Compi
                     namespace_selector: None,
                 }],
                 ignore: None,
+                exclude_names: vec![],
             },
         },
     }
@@ -584,6 +585,7 @@ async fn removing_the_selected_label_deletes_and_adding_it_back_upserts() {
                     ..Default::default()
                 }],
                 ignore: None,
+                exclude_names: vec![],
             },
         },
     };

@@ -36,6 +36,7 @@ use crate::events::DestinationDecl;
 use crate::ignore::Ignore;
 use crate::rules::{
     ResourceKey, cluster_resource_rule_selects, label_selector_matches, resource_rule_selects,
+    validate_name_patterns,
 };
 use crate::sops::Encryption;
 
@@ -60,6 +61,8 @@ pub enum Reason {
     CredentialsNeedTls,
     /// The rule's `ignore` names an unknown preset or holds an empty name.
     InvalidIgnore,
+    /// The rule's `excludeNames` holds an empty or overlong pattern.
+    InvalidExcludeNames,
 }
 
 impl Reason {
@@ -75,6 +78,7 @@ impl Reason {
             Reason::InvalidCredentialsSecret => "InvalidCredentialsSecret",
             Reason::CredentialsNeedTls => "CredentialsNeedTls",
             Reason::InvalidIgnore => "InvalidIgnore",
+            Reason::InvalidExcludeNames => "InvalidExcludeNames",
         }
     }
 }
@@ -167,6 +171,15 @@ fn ignore_problem(ignore: Option<&IgnoreSpec>) -> Option<ReadyCondition> {
     let error = Ignore::compile(ignore?).err()?;
     Some(ReadyCondition::not(
         Reason::InvalidIgnore,
+        error.to_string(),
+    ))
+}
+
+/// A rule whose `excludeNames` is invalid is not admitted either.
+fn exclude_names_problem(patterns: &[String]) -> Option<ReadyCondition> {
+    let error = validate_name_patterns(patterns).err()?;
+    Some(ReadyCondition::not(
+        Reason::InvalidExcludeNames,
         error.to_string(),
     ))
 }
@@ -370,6 +383,7 @@ pub fn resolve_with_lookups(
             out.rules_selecting_secrets.insert(id.clone());
         }
         let condition = ignore_problem(rule.spec.ignore.as_ref())
+            .or_else(|| exclude_names_problem(&rule.spec.exclude_names))
             .or_else(|| destination_problem(&dest_key))
             .unwrap_or_else(|| {
             let d = &usable[&dest_key];
@@ -425,6 +439,7 @@ pub fn resolve_with_lookups(
             out.rules_selecting_secrets.insert(id.clone());
         }
         let condition = ignore_problem(rule.spec.ignore.as_ref())
+            .or_else(|| exclude_names_problem(&rule.spec.exclude_names))
             .or_else(|| destination_problem(&dest_key))
             .unwrap_or_else(|| {
             let d = &usable[&dest_key];
@@ -814,6 +829,45 @@ mod tests {
         );
         let ids: Vec<&str> = res.selection.rules.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["WatchRule/cfg/good"]);
+    }
+
+    #[test]
+    fn an_empty_exclude_names_pattern_is_a_condition_on_the_rule() {
+        let repos = [repo(
+            "cfg",
+            "repo",
+            &["main"],
+            json!({"allowClusterRules": true}),
+        )];
+        let dests = [dest("cfg", "prod", ("cfg", "repo"), "main", json!({}))];
+        let mut good = wr("cfg", "good", json!({"name": "prod"}));
+        good.spec.exclude_names = vec!["*-lock".into()];
+        let mut bad = wr("cfg", "bad", json!({"name": "prod"}));
+        bad.spec.exclude_names = vec!["*-lock".into(), String::new()];
+        let mut cluster = cwr("c", "cfg", "prod");
+        cluster.spec.exclude_names = vec!["x".repeat(300)];
+        let ns = namespaces();
+        let res = resolve(Inputs {
+            repos: &repos,
+            destinations: &dests,
+            watch_rules: &[good, bad],
+            cluster_watch_rules: &[cluster],
+            namespaces: &ns,
+        });
+        assert_eq!(reason(&res, "WatchRule/cfg/good"), Reason::Ready);
+        assert_eq!(
+            reason(&res, "WatchRule/cfg/bad"),
+            Reason::InvalidExcludeNames
+        );
+        assert_eq!(
+            res.rule_conditions["WatchRule/cfg/bad"].message,
+            "excludeNames holds an empty pattern"
+        );
+        assert_eq!(
+            reason(&res, "ClusterWatchRule/c"),
+            Reason::InvalidExcludeNames
+        );
+        assert_eq!(res.selection.rules.len(), 1);
     }
 
     #[test]

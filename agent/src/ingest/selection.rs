@@ -79,6 +79,17 @@ impl CompiledRule {
         }
     }
 
+    /// Whether the rule's `excludeNames` leaves out an object of this name.
+    pub fn excludes_name(&self, name: &str) -> bool {
+        let patterns = match &self.kind {
+            RuleKind::Namespaced { spec, .. } => &spec.exclude_names,
+            RuleKind::Cluster { spec } => &spec.exclude_names,
+        };
+        patterns
+            .iter()
+            .any(|pattern| rules::name_pattern_matches(pattern, name))
+    }
+
     /// Whether objects of this type must be watched in every namespace for this rule.
     pub fn needs_all_namespaces(&self) -> bool {
         matches!(self.kind, RuleKind::Cluster { .. })
@@ -252,6 +263,7 @@ pub(crate) mod test_support {
                         ..Default::default()
                     }],
                     ignore: None,
+                    exclude_names: vec![],
                 },
             },
         }
@@ -281,6 +293,7 @@ pub(crate) mod test_support {
                         namespace_selector,
                     }],
                     ignore: None,
+                    exclude_names: vec![],
                 },
             },
         }

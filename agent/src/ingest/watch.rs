@@ -13,7 +13,8 @@
 //!                 writer sweeps nothing there; hashes of objects not relisted are forgotten;
 //!                 after each SnapshotEnd, an empty Begin+End of the same scope at every superseded
 //!                 version of the type (the writer clears the old version's folder)
-//!   Apply       → Upsert if the canonical YAML changed; Delete if it stopped matching
+//!   Apply       → Upsert if the canonical YAML changed; Delete if it stopped matching (labels,
+//!                 derived, or a name the rule's `excludeNames` leaves out)
 //!                 (nothing while every rule selecting it ignores the change's writers: the file
 //!                 is held back until someone else changes the object, see [`crate::ignore`])
 //!   Delete      → Delete where it was mirrored
@@ -437,16 +438,18 @@ impl WatchIndex {
             let slot = (route_index, view.path.clone());
             let held = self.hashes.get(&slot).copied();
             let ns = view.namespace.as_deref();
+            // A rule's `excludeNames` makes it not select the object at all.
+            let name = view.object.name.as_str();
             let selected = skip.is_none()
-                && route
-                    .rules
-                    .iter()
-                    .any(|r| r.selects_object(key, ns, &view.labels, &plan.namespace_labels));
+                && route.rules.iter().any(|r| {
+                    r.selects_object(key, ns, &view.labels, &plan.namespace_labels)
+                        && !r.excludes_name(name)
+                });
             let op_allowed = |op: Operation| {
-                route
-                    .rules
-                    .iter()
-                    .any(|r| r.matches(key, op, ns, &view.labels, &plan.namespace_labels))
+                route.rules.iter().any(|r| {
+                    r.matches(key, op, ns, &view.labels, &plan.namespace_labels)
+                        && !r.excludes_name(name)
+                })
             };
             match change {
                 Change::Deleted => {
@@ -658,6 +661,7 @@ impl WatchIndex {
             .zip(&state.rules[route_index])
             .filter(|(rule, _)| {
                 rule.selects_object(key, ns, &view.labels, &self.plan.namespace_labels)
+                    && !rule.excludes_name(&view.object.name)
             })
             .peekable();
         selecting.peek().is_some()
@@ -2106,5 +2110,68 @@ mod tests {
         idx.apply(Event::Apply(cm("shop", "a", json!({}), "1", "1")), &epochs);
         let out = idx.apply(Event::Apply(cm("shop", "a", json!({}), "2", "2")), &epochs);
         assert_eq!(upserts(&out).len(), 1);
+    }
+
+    #[test]
+    fn names_a_rule_excludes_are_left_out_of_snapshots_and_live_changes() {
+        let mut rule = cluster_rule("d", ResourceScope::Namespaced, &["configmaps"], None);
+        if let super::super::selection::RuleKind::Cluster { spec } = &mut rule.kind {
+            spec.exclude_names = vec!["*-lock".into(), "cache-?".into()];
+        }
+        let mut idx = WatchIndex::new(
+            plan(vec![("d", vec![rule], &[""])]),
+            SelectionOptions::default(),
+        );
+        let epochs = AtomicU64::new(0);
+        idx.apply(Event::Init, &epochs);
+        let mut out = Vec::new();
+        for name in ["app", "leader-lock", "cache-1", "cache-12"] {
+            out.extend(idx.apply(
+                Event::InitApply(cm("shop", name, json!({}), "1", "1")),
+                &epochs,
+            ));
+        }
+        out.extend(idx.apply(Event::InitDone, &epochs));
+        let sent: Vec<String> = upserts(&out).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(
+            sent,
+            [
+                "core/v1/configmaps/shop/app.yaml",
+                "core/v1/configmaps/shop/cache-12.yaml"
+            ]
+        );
+        // Live changes of excluded names send nothing, deletes neither.
+        assert!(
+            idx.apply(
+                Event::Apply(cm("shop", "leader-lock", json!({}), "2", "2")),
+                &epochs
+            )
+            .is_empty()
+        );
+        assert!(
+            idx.apply(
+                Event::Delete(cm("shop", "leader-lock", json!({}), "2", "3")),
+                &epochs
+            )
+            .is_empty()
+        );
+        // Another rule of the destination without the exclusion still selects the object.
+        let mut excluding = cluster_rule("d", ResourceScope::Namespaced, &["configmaps"], None);
+        if let super::super::selection::RuleKind::Cluster { spec } = &mut excluding.kind {
+            spec.exclude_names = vec!["*".into()];
+        }
+        let plain = cluster_rule("d", ResourceScope::Namespaced, &["configmaps"], None);
+        let mut idx = WatchIndex::new(
+            plan(vec![("d", vec![excluding, plain], &[""])]),
+            SelectionOptions::default(),
+        );
+        assert_eq!(
+            upserts(&idx.apply(
+                Event::Apply(cm("shop", "x-lock", json!({}), "1", "1")),
+                &epochs
+            ))
+            .len(),
+            1
+        );
     }
 }
