@@ -14,9 +14,10 @@
 //!                 after each SnapshotEnd, an empty Begin+End of the same scope at every superseded
 //!                 version of the type (the writer clears the old version's folder)
 //!   Apply       → Upsert if the canonical YAML changed; Delete if it stopped matching (labels,
-//!                 derived, or a name the rule's `excludeNames` leaves out)
-//!                 (nothing while every rule selecting it ignores the change's writers: the file
-//!                 is held back until someone else changes the object, see [`crate::ignore`])
+//!                 derived, or a name the rule's `excludeNames` leaves out). Nothing when every
+//!                 rule selecting it ignores the change's writers ([`crate::ignore`]): the file is
+//!                 held back until someone else changes the object, and a relist re-sends the
+//!                 content last sent for it
 //!   Delete      → Delete where it was mirrored
 //!   Err         → nothing: the open epoch is never ended, so the writer deletes nothing
 //!   (an object that cannot be sent is never sent at all: its destination keeps the file it has)
