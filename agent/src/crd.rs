@@ -356,6 +356,43 @@ pub struct WatchRuleSpec {
     pub object_selector: Option<LabelSelector>,
     #[schemars(length(min = 1))]
     pub rules: Vec<ResourceRule>,
+    /// Objects whose `metadata.name` matches one of these patterns are not mirrored: `*` matches any
+    /// run of characters, `?` one character, anything else itself (e.g. `*-lock`, `sh.helm.release.v1.*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1, max = 253)))]
+    pub exclude_names: Vec<String>,
+    /// Changes this rule does not mirror, by who made them (Flux's, Argo CD's or Helm's own writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore: Option<IgnoreSpec>,
+}
+
+/// Writers whose changes a rule does not mirror. A change is skipped when the field managers that
+/// wrote it (from `metadata.managedFields`) are all listed here, or when the admission webhook saw it
+/// made by a listed user, group or ServiceAccount. The file still follows the live object: the next
+/// change made by anyone else writes the whole object as it is then. Deletes are always mirrored.
+/// See the README's "Ignoring writers" for the exact rules.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IgnoreSpec {
+    /// Named sets of field managers: `Flux` (`kustomize-controller`, `helm-controller`), `ArgoCD`
+    /// (`argocd-controller`), `Helm` (`helm`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub presets: Vec<String>,
+    /// Field manager names as in `metadata.managedFields[].manager`, e.g. `kustomize-controller`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1)))]
+    pub field_managers: Vec<String>,
+    /// Usernames as the API server authenticated them (needs the attribution webhook).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1)))]
+    pub users: Vec<String>,
+    /// Groups of the user who made a change (needs the attribution webhook).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1)))]
+    pub groups: Vec<String>,
+    /// ServiceAccounts (user `system:serviceaccount:{namespace}:{name}`; needs the attribution webhook).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<NamespacedName>,
 }
 
 /// Whether a cluster rule selects cluster-scoped or namespaced resources.
@@ -426,6 +463,14 @@ pub struct ClusterWatchRuleSpec {
     pub destination_ref: NamespacedName,
     #[schemars(length(min = 1))]
     pub rules: Vec<ClusterResourceRule>,
+    /// Objects whose `metadata.name` matches one of these patterns are not mirrored: `*` matches any
+    /// run of characters, `?` one character, anything else itself (e.g. `*-lock`, `sh.helm.release.v1.*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1, max = 253)))]
+    pub exclude_names: Vec<String>,
+    /// Changes this rule does not mirror, by who made them (Flux's, Argo CD's or Helm's own writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore: Option<IgnoreSpec>,
 }
 
 /// One generated CRD manifest.

@@ -36,6 +36,7 @@
 //!   Kubernetes Event ([`kube_events`]).
 //! - [`ingest`]: discovery (refreshed on CRD changes), one List+Watch per selected type and scope, snapshot
 //!   epochs, [`events::AgentEvent`]s.
+//! - [`ignore`]: which changes a rule does not mirror, by who made them (field managers, users).
 //! - [`sops`]: SOPS v3 + age encryption of sensitive objects (Secrets) and their keyed fingerprints.
 //! - [`credentials`]: the repositories' `secretRef` credentials, read for the writer.
 //! - [`stream`]: the gRPC client delivering those events to the writer at least once.
@@ -50,6 +51,7 @@ pub mod controller;
 pub mod crd;
 pub mod credentials;
 pub mod events;
+pub mod ignore;
 pub mod ingest;
 pub mod kube_events;
 pub mod leader;

@@ -285,6 +285,58 @@ pub fn cluster_watch_rule_matches(
     })
 }
 
+/// Whether an object name matches an `excludeNames` pattern: `*` any run of characters (also none),
+/// `?` exactly one, anything else itself. Linear backtracking over the last `*` only, so no pattern
+/// can make matching blow up.
+pub fn name_pattern_matches(pattern: &str, name: &str) -> bool {
+    let pattern: Vec<char> = pattern.chars().collect();
+    let name: Vec<char> = name.chars().collect();
+    let (mut p, mut n) = (0, 0);
+    // (pattern index of the last `*`, name index it currently stands for up to).
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        if p < pattern.len() && (pattern[p] == '?' || pattern[p] == name[n]) {
+            p += 1;
+            n += 1;
+        } else if p < pattern.len() && pattern[p] == '*' {
+            star = Some((p, n));
+            p += 1;
+        } else if let Some((star_p, star_n)) = star {
+            // Let the last `*` swallow one more character and retry after it.
+            p = star_p + 1;
+            n = star_n + 1;
+            star = Some((star_p, star_n + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == '*')
+}
+
+/// Why an `excludeNames` pattern is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NamePatternError {
+    #[error("excludeNames holds an empty pattern")]
+    Empty,
+    #[error("excludeNames pattern {0:?} is longer than 253 characters")]
+    TooLong(String),
+}
+
+/// Checks the `excludeNames` patterns of a rule.
+pub fn validate_name_patterns(patterns: &[String]) -> Result<(), NamePatternError> {
+    for pattern in patterns {
+        if pattern.trim().is_empty() {
+            return Err(NamePatternError::Empty);
+        }
+        if pattern.chars().count() > 253 {
+            return Err(NamePatternError::TooLong(
+                pattern.chars().take(40).collect::<String>() + "…",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Why a label selector is invalid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SelectorError {
@@ -469,6 +521,61 @@ mod tests {
             operator: operator.to_owned(),
             values: values.map(strings),
         }
+    }
+
+    #[test]
+    fn name_patterns_match_whole_names_with_star_and_question_mark() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("*-lock", "leader-lock", true),
+            ("*-lock", "leader-lock-2", false),
+            ("*-lock", "-lock", true),
+            ("sh.helm.release.v1.*", "sh.helm.release.v1.web.v3", true),
+            ("sh.helm.release.v1.*", "sh.helm.release.v2.web", false),
+            ("cache-?", "cache-1", true),
+            ("cache-?", "cache-12", false),
+            ("cache-?", "cache-", false),
+            ("*", "", true),
+            ("*", "anything", true),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+            ("a*b*c", "acb", false),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+            ("exact", "inexact", false),
+            ("**x", "x", true),
+            ("é?", "éü", true),
+            ("web", "WEB", false),
+        ];
+        for (pattern, name, want) in cases {
+            assert_eq!(
+                name_pattern_matches(pattern, name),
+                *want,
+                "{pattern:?} vs {name:?}"
+            );
+        }
+        // Adversarial: many stars against a long near-miss finishes (quadratic at worst).
+        let pattern = "*a".repeat(50) + "b";
+        let name = "a".repeat(253);
+        assert!(!name_pattern_matches(&pattern, &name));
+    }
+
+    #[test]
+    fn invalid_name_patterns_are_reported() {
+        assert_eq!(validate_name_patterns(&strings(&["*-lock", "x"])), Ok(()));
+        assert_eq!(
+            validate_name_patterns(&strings(&["ok", ""])),
+            Err(NamePatternError::Empty)
+        );
+        assert_eq!(
+            validate_name_patterns(&strings(&["  "])),
+            Err(NamePatternError::Empty)
+        );
+        let long = "x".repeat(254);
+        assert!(matches!(
+            validate_name_patterns(&[long]),
+            Err(NamePatternError::TooLong(_))
+        ));
     }
 
     #[test]
@@ -732,6 +839,8 @@ mod tests {
             },
             object_selector: selector,
             rules,
+            ignore: None,
+            exclude_names: vec![],
         }
     }
 
@@ -859,6 +968,8 @@ mod tests {
                 scope,
                 namespace_selector: selector,
             }],
+            ignore: None,
+            exclude_names: vec![],
         }
     }
 

@@ -162,6 +162,8 @@ fn cluster_rule(destination: &str, groups: &[&str], resources: &[&str]) -> Compi
                     scope: ResourceScope::Namespaced,
                     namespace_selector: None,
                 }],
+                ignore: None,
+                exclude_names: vec![],
             },
         },
     }
@@ -582,6 +584,8 @@ async fn removing_the_selected_label_deletes_and_adding_it_back_upserts() {
                     resources: strings(&["configmaps"]),
                     ..Default::default()
                 }],
+                ignore: None,
+                exclude_names: vec![],
             },
         },
     };

@@ -4,8 +4,9 @@
 //! `metadata` (managedFields included), and ingestion then turned it back into a `serde_json::Value`: three full
 //! copies of each object. A `RawObject` parses the JSON once into the `Value` that sanitizing and rendering read,
 //! plus the few metadata fields the watcher itself uses (name, namespace, uid, resourceVersion, labels,
-//! annotations). `metadata.managedFields` (often half of an object's JSON on a real server) is skipped while
-//! parsing: sanitizing drops it anyway and nothing else reads it.
+//! annotations). Of `metadata.managedFields` (often half of an object's JSON on a real server) only each entry's
+//! `manager`, `operation`, `subresource` and `time` are kept (who wrote the object, for [`crate::ignore`]); the
+//! field sets are skipped while parsing, and sanitizing drops the rest.
 
 use std::borrow::Cow;
 
@@ -42,11 +43,114 @@ fn string_map(value: &Value, key: &str) -> Option<std::collections::BTreeMap<Str
     )
 }
 
-/// A JSON object into a [`Value`]; `skip` names a key whose value is not kept; `metadata` goes through
-/// [`Fields`] again, skipping `managedFields`.
+/// A JSON object into a [`Value`]; `skip` names a key whose value is not kept but summarised by
+/// [`ManagedFields`]; `metadata` goes through [`Fields`] again, summarising `managedFields`.
 struct Fields {
     skip: Option<&'static str>,
     nested_metadata: bool,
+}
+
+/// `managedFields` as an array of its entries' identities ([`ManagerEntry`]); anything else is dropped.
+struct ManagedFields;
+
+/// One `managedFields` entry reduced to its string `manager`, `operation`, `subresource` and `time`.
+struct ManagerEntry;
+
+const MANAGER_KEYS: [&str; 4] = ["manager", "operation", "subresource", "time"];
+
+impl<'de> DeserializeSeed<'de> for ManagedFields {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for ManagerEntry {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+/// The visitor methods of a value that is dropped unless it has the expected shape.
+macro_rules! drop_other_shapes {
+    () => {
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+    };
+}
+
+impl<'de> Visitor<'de> for ManagedFields {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("managedFields")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(entry) = seq.next_element_seed(ManagerEntry)? {
+            if !entry.is_null() {
+                out.push(entry);
+            }
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Value::Null)
+    }
+
+    drop_other_shapes!();
+}
+
+impl<'de> Visitor<'de> for ManagerEntry {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a managedFields entry")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if MANAGER_KEYS.contains(&key.as_str()) {
+                let value = map.next_value::<Value>()?;
+                if value.is_string() {
+                    out.insert(key, value);
+                }
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(Value::Object(out))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Value::Null)
+    }
+
+    drop_other_shapes!();
 }
 
 impl<'de> DeserializeSeed<'de> for Fields {
@@ -68,7 +172,7 @@ impl<'de> Visitor<'de> for Fields {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
             if Some(key.as_str()) == self.skip {
-                map.next_value::<IgnoredAny>()?;
+                out.insert(key, map.next_value_seed(ManagedFields)?);
             } else if self.nested_metadata && key == "metadata" {
                 let metadata = map.next_value_seed(Fields {
                     skip: Some("managedFields"),
@@ -195,23 +299,51 @@ mod tests {
         assert_eq!(raw.meta().labels.as_ref().unwrap()["app"], "web");
         assert_eq!(raw.meta().annotations.as_ref().unwrap()["a"], "b");
         let mut want = sent;
-        want["metadata"]
-            .as_object_mut()
-            .unwrap()
-            .remove("managedFields");
-        assert_eq!(raw.into_value(), want, "as sent, without managedFields");
+        want["metadata"]["managedFields"] = json!([{"manager": "kubectl"}]);
+        assert_eq!(
+            raw.into_value(),
+            want,
+            "as sent, managedFields without field sets"
+        );
     }
 
     #[test]
-    fn only_the_top_level_metadata_loses_its_managed_fields() {
+    fn only_the_top_level_metadata_loses_its_managed_field_sets() {
         let sent = json!({
-            "kind": "X", "metadata": {"name": "a", "managedFields": []},
+            "kind": "X", "metadata": {"name": "a", "managedFields": [
+                {"manager": "kustomize-controller", "operation": "Apply", "time": "2026-01-01T00:00:00Z",
+                 "apiVersion": "v1", "fieldsType": "FieldsV1", "fieldsV1": {"f:data": {"f:k": {}}}},
+                {"manager": "x", "subresource": "status", "time": 7},
+                1, null, "text", [1], {"manager": ["not", "a", "string"]}
+            ]},
             "spec": {"metadata": {"managedFields": [1]}, "managedFields": 2, "list": [1, "two", null, 3.5, true]}
         });
         let raw: RawObject = serde_json::from_str(&sent.to_string()).unwrap();
         let value = raw.into_value();
-        assert_eq!(value["metadata"], json!({"name": "a"}));
+        assert_eq!(
+            value["metadata"],
+            json!({"name": "a", "managedFields": [
+                {"manager": "kustomize-controller", "operation": "Apply", "time": "2026-01-01T00:00:00Z"},
+                {"manager": "x", "subresource": "status"},
+                {}
+            ]})
+        );
         assert_eq!(value["spec"], sent["spec"]);
+        for odd in [
+            json!(null),
+            json!(3),
+            json!("x"),
+            json!({"a": [1]}),
+            json!(true),
+        ] {
+            let sent = json!({"kind": "X", "metadata": {"name": "a", "managedFields": odd}});
+            let raw: RawObject = serde_json::from_str(&sent.to_string()).unwrap();
+            assert_eq!(
+                raw.into_value()["metadata"],
+                json!({"name": "a", "managedFields": null}),
+                "{odd}"
+            );
+        }
     }
 
     #[test]

@@ -26,14 +26,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use kube::ResourceExt;
 
 use super::selection::{CompiledRule, NamespaceLabels, RuleKind, Selection};
+use crate::crd::IgnoreSpec;
 use crate::crd::{
     AccessPolicy, ClusterWatchRule, GitDestination, GitRepoConfig, NamespacedRulesMode, WatchRule,
     validate_base_folder,
 };
 use crate::credentials::GitCredentials;
 use crate::events::DestinationDecl;
+use crate::ignore::Ignore;
 use crate::rules::{
     ResourceKey, cluster_resource_rule_selects, label_selector_matches, resource_rule_selects,
+    validate_name_patterns,
 };
 use crate::sops::Encryption;
 
@@ -56,6 +59,10 @@ pub enum Reason {
     InvalidCredentialsSecret,
     /// The repository has a `secretRef`, but the agent reaches the writer without TLS: credentials are not sent.
     CredentialsNeedTls,
+    /// The rule's `ignore` names an unknown preset or holds an empty name.
+    InvalidIgnore,
+    /// The rule's `excludeNames` holds an empty or overlong pattern.
+    InvalidExcludeNames,
 }
 
 impl Reason {
@@ -70,6 +77,8 @@ impl Reason {
             Reason::CredentialsSecretNotFound => "CredentialsSecretNotFound",
             Reason::InvalidCredentialsSecret => "InvalidCredentialsSecret",
             Reason::CredentialsNeedTls => "CredentialsNeedTls",
+            Reason::InvalidIgnore => "InvalidIgnore",
+            Reason::InvalidExcludeNames => "InvalidExcludeNames",
         }
     }
 }
@@ -157,6 +166,24 @@ pub enum CredentialsLookup {
 pub const ENCRYPTION_NOT_CONFIGURED: &str = "EncryptionNotConfigured";
 
 /// The core `secrets` type, as rules match it.
+/// A rule whose `ignore` is invalid is not admitted (it would mirror what its author meant to skip).
+fn ignore_problem(ignore: Option<&IgnoreSpec>) -> Option<ReadyCondition> {
+    let error = Ignore::compile(ignore?).err()?;
+    Some(ReadyCondition::not(
+        Reason::InvalidIgnore,
+        error.to_string(),
+    ))
+}
+
+/// A rule whose `excludeNames` is invalid is not admitted either.
+fn exclude_names_problem(patterns: &[String]) -> Option<ReadyCondition> {
+    let error = validate_name_patterns(patterns).err()?;
+    Some(ReadyCondition::not(
+        Reason::InvalidExcludeNames,
+        error.to_string(),
+    ))
+}
+
 fn secrets_type() -> ResourceKey {
     ResourceKey::new("", "v1", "secrets", true)
 }
@@ -356,7 +383,10 @@ pub fn resolve_with_lookups(
         {
             out.rules_selecting_secrets.insert(id.clone());
         }
-        let condition = destination_problem(&dest_key).unwrap_or_else(|| {
+        let condition = ignore_problem(rule.spec.ignore.as_ref())
+            .or_else(|| exclude_names_problem(&rule.spec.exclude_names))
+            .or_else(|| destination_problem(&dest_key))
+            .unwrap_or_else(|| {
             let d = &usable[&dest_key];
             let repo_ns = &d.dest.spec.repo_ref.namespace;
             if !admits_namespace(
@@ -409,7 +439,10 @@ pub fn resolve_with_lookups(
         {
             out.rules_selecting_secrets.insert(id.clone());
         }
-        let condition = destination_problem(&dest_key).unwrap_or_else(|| {
+        let condition = ignore_problem(rule.spec.ignore.as_ref())
+            .or_else(|| exclude_names_problem(&rule.spec.exclude_names))
+            .or_else(|| destination_problem(&dest_key))
+            .unwrap_or_else(|| {
             let d = &usable[&dest_key];
             let allowed = d
                 .repo
@@ -733,6 +766,109 @@ mod tests {
             Reason::AccessDenied
         );
         assert_eq!(reason(&res, "WatchRule/shop/a"), Reason::AccessDenied);
+    }
+
+    #[test]
+    fn an_invalid_ignore_is_a_condition_on_the_rule_and_admits_nothing() {
+        let repos = [repo(
+            "cfg",
+            "repo",
+            &["main"],
+            json!({"allowClusterRules": true}),
+        )];
+        let dests = [dest("cfg", "prod", ("cfg", "repo"), "main", json!({}))];
+        let with_ignore = |mut rule: WatchRule, ignore: Value| {
+            rule.spec.ignore = Some(serde_json::from_value(ignore).unwrap());
+            rule
+        };
+        let rules = [
+            with_ignore(
+                wr("cfg", "good", json!({"name": "prod"})),
+                json!({"presets": ["Flux"], "users": ["bob"]}),
+            ),
+            with_ignore(
+                wr("cfg", "typo", json!({"name": "prod"})),
+                json!({"presets": ["flux"]}),
+            ),
+            with_ignore(
+                wr("cfg", "blank", json!({"name": "prod"})),
+                json!({"fieldManagers": [""]}),
+            ),
+            // The ignore problem is reported even when the destination is missing too.
+            with_ignore(
+                wr("cfg", "lost", json!({"name": "zz"})),
+                json!({"groups": [""]}),
+            ),
+        ];
+        let mut cluster = cwr("c", "cfg", "prod");
+        cluster.spec.ignore = Some(
+            serde_json::from_value(json!({"serviceAccounts": [{"namespace": "x", "name": ""}]}))
+                .unwrap(),
+        );
+        let ns = namespaces();
+        let res = resolve(Inputs {
+            repos: &repos,
+            destinations: &dests,
+            watch_rules: &rules,
+            cluster_watch_rules: &[cluster],
+            namespaces: &ns,
+        });
+        assert_eq!(reason(&res, "WatchRule/cfg/good"), Reason::Ready);
+        for id in [
+            "WatchRule/cfg/typo",
+            "WatchRule/cfg/blank",
+            "WatchRule/cfg/lost",
+            "ClusterWatchRule/c",
+        ] {
+            assert_eq!(reason(&res, id), Reason::InvalidIgnore, "{id}");
+        }
+        let typo = &res.rule_conditions["WatchRule/cfg/typo"].message;
+        assert!(typo.contains("unknown preset \"flux\""), "{typo}");
+        assert_eq!(
+            res.rule_conditions["WatchRule/cfg/blank"].message,
+            "ignore.fieldManagers holds an empty name"
+        );
+        let ids: Vec<&str> = res.selection.rules.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["WatchRule/cfg/good"]);
+    }
+
+    #[test]
+    fn an_empty_exclude_names_pattern_is_a_condition_on_the_rule() {
+        let repos = [repo(
+            "cfg",
+            "repo",
+            &["main"],
+            json!({"allowClusterRules": true}),
+        )];
+        let dests = [dest("cfg", "prod", ("cfg", "repo"), "main", json!({}))];
+        let mut good = wr("cfg", "good", json!({"name": "prod"}));
+        good.spec.exclude_names = vec!["*-lock".into()];
+        let mut bad = wr("cfg", "bad", json!({"name": "prod"}));
+        bad.spec.exclude_names = vec!["*-lock".into(), String::new()];
+        let mut cluster = cwr("c", "cfg", "prod");
+        cluster.spec.exclude_names = vec!["x".repeat(300)];
+        let ns = namespaces();
+        let res = resolve(Inputs {
+            repos: &repos,
+            destinations: &dests,
+            watch_rules: &[good, bad],
+            cluster_watch_rules: &[cluster],
+            namespaces: &ns,
+        });
+        assert_eq!(reason(&res, "WatchRule/cfg/good"), Reason::Ready);
+        assert_eq!(
+            reason(&res, "WatchRule/cfg/bad"),
+            Reason::InvalidExcludeNames
+        );
+        assert_eq!(
+            res.rule_conditions["WatchRule/cfg/bad"].message,
+            "excludeNames holds an empty pattern"
+        );
+        assert_eq!(
+            reason(&res, "ClusterWatchRule/c"),
+            Reason::InvalidExcludeNames
+        );
+        assert_eq!(res.selection.rules.len(), 1);
     }
 
     #[test]

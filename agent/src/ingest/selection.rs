@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::crd::{ClusterWatchRuleSpec, ResourceScope, WatchRuleSpec};
+use crate::crd::{ClusterWatchRuleSpec, IgnoreSpec, ResourceScope, WatchRuleSpec};
 use crate::events::DestinationDecl;
 use crate::rules::{
     self, ObjectFacts, Operation, ResourceKey, cluster_resource_rule_selects,
@@ -69,6 +69,25 @@ impl CompiledRule {
                 .iter()
                 .any(|r| cluster_resource_rule_selects(r, key)),
         }
+    }
+
+    /// The rule's `ignore` setting, if any.
+    pub fn ignore_spec(&self) -> Option<&IgnoreSpec> {
+        match &self.kind {
+            RuleKind::Namespaced { spec, .. } => spec.ignore.as_ref(),
+            RuleKind::Cluster { spec } => spec.ignore.as_ref(),
+        }
+    }
+
+    /// Whether the rule's `excludeNames` leaves out an object of this name.
+    pub fn excludes_name(&self, name: &str) -> bool {
+        let patterns = match &self.kind {
+            RuleKind::Namespaced { spec, .. } => &spec.exclude_names,
+            RuleKind::Cluster { spec } => &spec.exclude_names,
+        };
+        patterns
+            .iter()
+            .any(|pattern| rules::name_pattern_matches(pattern, name))
     }
 
     /// Whether objects of this type must be watched in every namespace for this rule.
@@ -244,6 +263,8 @@ pub(crate) mod test_support {
                         resources: strings(resources),
                         ..Default::default()
                     }],
+                    ignore: None,
+                    exclude_names: vec![],
                 },
             },
         }
@@ -272,6 +293,8 @@ pub(crate) mod test_support {
                         scope,
                         namespace_selector,
                     }],
+                    ignore: None,
+                    exclude_names: vec![],
                 },
             },
         }

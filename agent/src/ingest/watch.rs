@@ -13,7 +13,11 @@
 //!                 writer sweeps nothing there; hashes of objects not relisted are forgotten;
 //!                 after each SnapshotEnd, an empty Begin+End of the same scope at every superseded
 //!                 version of the type (the writer clears the old version's folder)
-//!   Apply       → Upsert if the canonical YAML changed; Delete if it stopped matching
+//!   Apply       → Upsert if the canonical YAML changed; Delete if it stopped matching (labels,
+//!                 derived, or a name the rule's `excludeNames` leaves out). Nothing when every
+//!                 rule selecting it ignores the change's writers ([`crate::ignore`]): the file is
+//!                 held back until someone else changes the object, and a relist re-sends the
+//!                 content last sent for it
 //!   Delete      → Delete where it was mirrored
 //!   Err         → nothing: the open epoch is never ended, so the writer deletes nothing
 //!   (an object that cannot be sent is never sent at all: its destination keeps the file it has)
@@ -30,7 +34,7 @@
 //! with paged lists the watcher reports `Init` before it lists, so a list that keeps failing
 //! (a 403) would otherwise open a new epoch on every retry.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -47,10 +51,11 @@ use super::discovery::WatchPlan;
 use super::raw::RawObject;
 use crate::canonical;
 use crate::events::{AgentEvent, ObjectRef};
+use crate::ignore::{self, Ignore, ManagerEntry};
 use crate::paths;
 use crate::rules::{Operation, SelectionOptions, labels_of};
 use crate::sops;
-use crate::webhook::{FactStore, ObjectKey};
+use crate::webhook::{AttributedUser, FactStore, ObjectKey};
 
 /// How the initial list is fetched.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,6 +100,8 @@ struct Epoch {
     seen: HashSet<(usize, String)>,
     /// (route index, snapshot namespace) holding an object that could not be sent: not ended.
     withheld: HashSet<(usize, String)>,
+    /// (namespace, name) of every object listed, for the writers' memory.
+    objects: HashSet<(String, String)>,
 }
 
 impl Epoch {
@@ -103,7 +110,57 @@ impl Epoch {
             id: None,
             seen: HashSet::new(),
             withheld: HashSet::new(),
+            objects: HashSet::new(),
         }
+    }
+}
+
+/// What ignoring writers needs to remember (only kept when a rule of the watch has an `ignore`).
+#[derive(Debug, Default)]
+struct IgnoreState {
+    /// Per route, per rule: the compiled `ignore` (`None`: the rule ignores nothing).
+    rules: Vec<Vec<Option<Ignore>>>,
+    /// (namespace, name) → (uid, managed-field entries) at the last version seen: the writers of
+    /// the next change are the managers whose entry moved since.
+    managers: HashMap<(String, String), (String, Vec<ManagerEntry>)>,
+    /// (route index, path) whose file is held back: the live object has changed since what was
+    /// sent, only by ignored writers (or was created by one and never sent).
+    held_back: HashSet<(usize, String)>,
+    /// (route index, path) → (YAML, fingerprint) last sent, on routes with an `ignore`: a relist
+    /// re-sends it for a held-back file, so the snapshot names the file without changing it.
+    sent: HashMap<(usize, String), (String, Option<String>)>,
+}
+
+impl IgnoreState {
+    fn new(plan: &WatchPlan) -> Option<Self> {
+        let rules: Vec<Vec<Option<Ignore>>> = plan
+            .routes
+            .iter()
+            .map(|route| {
+                route
+                    .rules
+                    .iter()
+                    .map(|rule| {
+                        // Invalid settings never get here (the rule is not admitted); be safe anyway.
+                        let ignore = Ignore::compile(rule.ignore_spec()?).ok()?;
+                        (!ignore.is_empty()).then_some(ignore)
+                    })
+                    .collect()
+            })
+            .collect();
+        rules.iter().flatten().any(Option::is_some).then(|| Self {
+            rules,
+            ..Self::default()
+        })
+    }
+
+    fn route_ignores(&self, route_index: usize) -> bool {
+        self.rules[route_index].iter().any(Option::is_some)
+    }
+
+    fn forget(&mut self, slot: &(usize, String)) {
+        self.held_back.remove(slot);
+        self.sent.remove(slot);
     }
 }
 
@@ -117,6 +174,8 @@ pub struct WatchIndex {
     epoch: Option<Epoch>,
     /// Admission facts naming the authors of changes.
     attribution: Option<FactStore>,
+    /// Writers whose changes rules ignore, when any rule of this watch has an `ignore`.
+    ignore: Option<IgnoreState>,
     /// Sensitive objects not encrypted (per destination), since this index was made.
     encryption_failures: u64,
     /// Snapshot ends withheld, since this index was made.
@@ -136,6 +195,7 @@ struct View {
 impl WatchIndex {
     pub fn new(plan: Arc<WatchPlan>, options: SelectionOptions) -> Self {
         Self {
+            ignore: IgnoreState::new(&plan),
             plan,
             options,
             hashes: HashMap::new(),
@@ -198,6 +258,7 @@ impl WatchIndex {
                     id: Some(id),
                     seen,
                     withheld,
+                    objects,
                 }) = self.epoch.take()
                 {
                     for (route_index, route) in self.plan.routes.iter().enumerate() {
@@ -233,6 +294,11 @@ impl WatchIndex {
                     }
                     // Objects not relisted are gone; the writer sweeps their files.
                     self.hashes.retain(|k, _| seen.contains(k));
+                    if let Some(state) = &mut self.ignore {
+                        state.held_back.retain(|k| seen.contains(k));
+                        state.sent.retain(|k, _| seen.contains(k));
+                        state.managers.retain(|k, _| objects.contains(k));
+                    }
                 }
             }
             Event::Apply(obj) => self.on_object(&obj, Change::Applied, &mut out),
@@ -335,24 +401,33 @@ impl WatchIndex {
         } else {
             self.attribution.as_ref()
         };
-        let author = match attribution {
-            None => None,
-            Some(store) => {
-                let object_key = ObjectKey::new(
-                    &key.group,
-                    &key.resource,
-                    &view.object.namespace,
-                    &view.object.name,
-                );
-                match change {
-                    Change::Deleted => store.attribute_delete(&object_key, &view.object.uid),
-                    Change::Listed | Change::Applied => {
-                        render(&mut rendered, obj, &view.path, &plan.key)
-                            .and_then(|(_, hash)| store.attribute_watched(&object_key, obj, &hash))
+        let user: Option<AttributedUser> =
+            match attribution {
+                None => None,
+                Some(store) => {
+                    let object_key = ObjectKey::new(
+                        &key.group,
+                        &key.resource,
+                        &view.object.namespace,
+                        &view.object.name,
+                    );
+                    match change {
+                        Change::Deleted => store
+                            .attribute_delete(&object_key, &view.object.uid)
+                            .map(|name| AttributedUser {
+                                name,
+                                groups: Vec::new(),
+                            }),
+                        Change::Listed | Change::Applied => {
+                            render(&mut rendered, obj, &view.path, &plan.key).and_then(
+                                |(_, hash)| store.attribute_watched_user(&object_key, obj, &hash),
+                            )
+                        }
                     }
                 }
-            }
-        };
+            };
+        let author = user.as_ref().map(|u| u.name.clone());
+        let writers = self.writers(obj, &view, change);
         for (route_index, route) in plan.routes.iter().enumerate() {
             let dest = &route.destination.key;
             // Only sensitive objects are encrypted; everything else stays plain canonical YAML.
@@ -364,19 +439,26 @@ impl WatchIndex {
             let slot = (route_index, view.path.clone());
             let held = self.hashes.get(&slot).copied();
             let ns = view.namespace.as_deref();
+            // A rule's `excludeNames` makes it not select the object at all.
+            let name = view.object.name.as_str();
             let selected = skip.is_none()
-                && route
-                    .rules
-                    .iter()
-                    .any(|r| r.selects_object(key, ns, &view.labels, &plan.namespace_labels));
+                && route.rules.iter().any(|r| {
+                    r.selects_object(key, ns, &view.labels, &plan.namespace_labels)
+                        && !r.excludes_name(name)
+                });
             let op_allowed = |op: Operation| {
-                route
-                    .rules
-                    .iter()
-                    .any(|r| r.matches(key, op, ns, &view.labels, &plan.namespace_labels))
+                route.rules.iter().any(|r| {
+                    r.matches(key, op, ns, &view.labels, &plan.namespace_labels)
+                        && !r.excludes_name(name)
+                })
             };
             match change {
                 Change::Deleted => {
+                    // Deletes are never ignored: the object is gone, and the next snapshot would
+                    // sweep its file anyway.
+                    if let Some(state) = &mut self.ignore {
+                        state.forget(&slot);
+                    }
                     if held.is_some() {
                         self.hashes.remove(&slot);
                         if op_allowed(Operation::Delete) || skip.is_some() {
@@ -386,6 +468,9 @@ impl WatchIndex {
                 }
                 Change::Listed | Change::Applied if !selected => {
                     // Stopped matching (label removed, became derived): remove the file.
+                    if let Some(state) = &mut self.ignore {
+                        state.forget(&slot);
+                    }
                     if held.is_some() {
                         self.hashes.remove(&slot);
                         out.push(delete(dest, &view, author.clone()));
@@ -422,13 +507,30 @@ impl WatchIndex {
                             }
                         },
                     };
-                    if change == Change::Listed {
-                        if let Some(epoch) = &mut self.epoch {
-                            epoch.seen.insert(slot.clone());
-                        }
-                    } else {
+                    if change == Change::Listed
+                        && let Some(epoch) = &mut self.epoch
+                    {
+                        epoch.seen.insert(slot.clone());
+                    }
+                    if held != Some(hash)
+                        && self.ignored(
+                            route_index,
+                            &view,
+                            change,
+                            held.is_some(),
+                            &writers,
+                            user.as_ref(),
+                        )
+                    {
+                        self.hold_back(route_index, &view, change, held.is_some(), out);
+                        continue;
+                    }
+                    if change != Change::Listed {
                         if held == Some(hash) {
                             // Status-only or server-side-only change: same file, nothing to send.
+                            if let Some(state) = &mut self.ignore {
+                                state.held_back.remove(&slot);
+                            }
                             continue;
                         }
                         let op = if held.is_some() {
@@ -470,6 +572,14 @@ impl WatchIndex {
                             }
                         },
                     };
+                    if let Some(state) = &mut self.ignore {
+                        state.held_back.remove(&slot);
+                        if state.route_ignores(route_index) {
+                            state
+                                .sent
+                                .insert(slot.clone(), (yaml.clone(), fingerprint.clone()));
+                        }
+                    }
                     self.hashes.insert(slot, hash);
                     out.push(AgentEvent::Upsert {
                         destination: dest.clone(),
@@ -487,6 +597,115 @@ impl WatchIndex {
 }
 
 impl WatchIndex {
+    /// The field managers that wrote this version since the last one seen (empty when no rule
+    /// ignores anything); remembers this version's entries for the next change.
+    fn writers(&mut self, obj: &Value, view: &View, change: Change) -> BTreeSet<String> {
+        let Some(state) = &mut self.ignore else {
+            return BTreeSet::new();
+        };
+        let object_key = (view.object.namespace.clone(), view.object.name.clone());
+        if change == Change::Deleted {
+            state.managers.remove(&object_key);
+            return BTreeSet::new();
+        }
+        let now = ignore::manager_entries(obj);
+        let before = state
+            .managers
+            .get(&object_key)
+            .filter(|(uid, _)| *uid == view.object.uid)
+            .map(|(_, entries)| entries.as_slice());
+        let writers = ignore::writers(before, &now);
+        if change == Change::Listed
+            && let Some(epoch) = &mut self.epoch
+        {
+            epoch.objects.insert(object_key.clone());
+        }
+        state
+            .managers
+            .insert(object_key, (view.object.uid.clone(), now));
+        writers
+    }
+
+    /// Whether every rule of the route that selects this object ignores this change. A relisted
+    /// object whose file this watch never sent nor held back is never ignored: the agent cannot
+    /// know what Git holds for it (after a restart), so the snapshot writes it as it is.
+    fn ignored(
+        &self,
+        route_index: usize,
+        view: &View,
+        change: Change,
+        held: bool,
+        writers: &BTreeSet<String>,
+        user: Option<&AttributedUser>,
+    ) -> bool {
+        let Some(state) = &self.ignore else {
+            return false;
+        };
+        let slot = (route_index, view.path.clone());
+        let held_back = state.held_back.contains(&slot);
+        if change == Change::Listed && !held && !held_back {
+            return false;
+        }
+        // A held file must be re-sendable as it is, or the snapshot would lose it.
+        if held && !state.sent.contains_key(&slot) {
+            return false;
+        }
+        let user = user.map(|u| ignore::User {
+            name: &u.name,
+            groups: &u.groups,
+        });
+        let key = &self.plan.resource.key;
+        let ns = view.namespace.as_deref();
+        let mut selecting = self.plan.routes[route_index]
+            .rules
+            .iter()
+            .zip(&state.rules[route_index])
+            .filter(|(rule, _)| {
+                rule.selects_object(key, ns, &view.labels, &self.plan.namespace_labels)
+                    && !rule.excludes_name(&view.object.name)
+            })
+            .peekable();
+        selecting.peek().is_some()
+            && selecting.all(|(_, ignore)| {
+                ignore
+                    .as_ref()
+                    .is_some_and(|i| i.ignores(writers, user.as_ref(), held_back))
+            })
+    }
+
+    /// Holds the file back for an ignored change: nothing is written; in a relist the content
+    /// last sent is sent again, so the snapshot names the file and the writer changes nothing.
+    fn hold_back(
+        &mut self,
+        route_index: usize,
+        view: &View,
+        change: Change,
+        held: bool,
+        out: &mut Vec<AgentEvent>,
+    ) {
+        let Some(state) = &mut self.ignore else {
+            return;
+        };
+        let slot = (route_index, view.path.clone());
+        state.held_back.insert(slot.clone());
+        let destination = &self.plan.routes[route_index].destination.key;
+        debug!(watch = %self.plan.key, path = %view.path, %destination, "change made by ignored writers; file held back");
+        if change != Change::Listed || !held {
+            return;
+        }
+        if let Some((yaml, fingerprint)) = state.sent.get(&slot) {
+            out.push(AgentEvent::Upsert {
+                destination: destination.clone(),
+                path: view.path.clone(),
+                yaml: yaml.clone(),
+                object: view.object.clone(),
+                created: false,
+                author: None,
+                fingerprint: fingerprint.clone(),
+            });
+        }
+    }
+
     /// An object that could not be sent to one destination (encryption refused or failed, or not renderable).
     /// Nothing is sent, so the destination keeps the file it has. In a (re)list the object's snapshot scope is
     /// not ended for this epoch, or the writer would sweep that file; its hash is kept, so a later delete
@@ -1605,6 +1824,355 @@ mod tests {
         assert!(
             idx.apply(Event::Delete(cm("shop", "a", json!({}), "2", "7")), &epochs)
                 .is_empty()
+        );
+    }
+
+    /// A rule selecting every ConfigMap that ignores `ignore`.
+    fn ignoring(mut rule: CompiledRule, ignore: Value) -> CompiledRule {
+        let ignore = Some(serde_json::from_value(ignore).unwrap());
+        match &mut rule.kind {
+            super::super::selection::RuleKind::Namespaced { spec, .. } => spec.ignore = ignore,
+            super::super::selection::RuleKind::Cluster { spec } => spec.ignore = ignore,
+        }
+        rule
+    }
+
+    fn flux_ignoring_plan(extra: Option<CompiledRule>) -> Arc<WatchPlan> {
+        let mut rules = vec![ignoring(
+            cluster_rule("d", ResourceScope::Namespaced, &["configmaps"], None),
+            json!({"presets": ["Flux"], "users": ["bob"]}),
+        )];
+        rules.extend(extra);
+        plan(vec![("d", rules, &[""])])
+    }
+
+    /// ConfigMap `name` holding `data`, written by `managers` as (manager, operation, time).
+    fn managed(name: &str, data: &str, rv: &str, managers: &[(&str, &str, &str)]) -> Value {
+        let mut obj = cm("shop", name, json!({}), data, rv);
+        obj["metadata"]["managedFields"] = managers
+            .iter()
+            .map(|(m, op, time)| {
+                json!({"manager": m, "operation": op, "apiVersion": "v1", "time": time,
+                       "fieldsType": "FieldsV1", "fieldsV1": {"f:data": {"f:k": {}}}})
+            })
+            .collect();
+        obj
+    }
+
+    /// (path, YAML) of the upserts.
+    fn upserts(events: &[AgentEvent]) -> Vec<(String, String)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                AgentEvent::Upsert { path, yaml, .. } => Some((path.clone(), yaml.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const CREATE: (&str, &str, &str) = ("kubectl-create", "Update", "2026-01-01T00:00:00Z");
+    const FLUX_1: (&str, &str, &str) = ("kustomize-controller", "Apply", "2026-01-01T00:00:10Z");
+    const FLUX_2: (&str, &str, &str) = ("kustomize-controller", "Apply", "2026-01-01T00:00:20Z");
+    const EDIT: (&str, &str, &str) = ("kubectl-edit", "Update", "2026-01-01T00:00:30Z");
+    const PATH_A: &str = "core/v1/configmaps/shop/a.yaml";
+
+    #[test]
+    fn ignored_writers_hold_the_file_back_until_someone_else_writes_it_whole() {
+        let mut idx = WatchIndex::new(flux_ignoring_plan(None), SelectionOptions::default());
+        let epochs = AtomicU64::new(0);
+        idx.apply(Event::Init, &epochs);
+        let listed = idx.apply(
+            Event::InitApply(managed("a", "person-0", "1", &[CREATE])),
+            &epochs,
+        );
+        assert_eq!(upserts(&listed).len(), 1);
+        idx.apply(Event::InitDone, &epochs);
+        // Flux applies: no file change, twice (the second within the same second: its entry does
+        // not move, and the file stays held back).
+        for (data, rv) in [("flux-1", "2"), ("flux-1b", "3")] {
+            let out = idx.apply(
+                Event::Apply(managed("a", data, rv, &[CREATE, FLUX_1])),
+                &epochs,
+            );
+            assert!(out.is_empty(), "{data}: {}", kinds(&out).join(", "));
+        }
+        // A person's edit writes the whole live object, Flux's value included.
+        let mut edited = managed("a", "person-2", "4", &[CREATE, FLUX_1, EDIT]);
+        edited["data"]["flux"] = json!("flux-1b");
+        let out = idx.apply(Event::Apply(edited), &epochs);
+        let sent = upserts(&out);
+        assert_eq!(sent.len(), 1, "{}", kinds(&out).join(", "));
+        assert!(
+            sent[0].1.contains("person-2") && sent[0].1.contains("flux-1b"),
+            "{}",
+            sent[0].1
+        );
+        // Flux again: held back again.
+        assert!(
+            idx.apply(
+                Event::Apply(managed("a", "flux-3", "5", &[CREATE, FLUX_2, EDIT])),
+                &epochs
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn objects_created_by_ignored_writers_get_no_file_until_a_person_changes_them() {
+        let mut idx = WatchIndex::new(flux_ignoring_plan(None), SelectionOptions::default());
+        let epochs = AtomicU64::new(0);
+        assert!(
+            idx.apply(
+                Event::Apply(managed("b", "flux-0", "1", &[FLUX_1])),
+                &epochs
+            )
+            .is_empty()
+        );
+        let out = idx.apply(
+            Event::Apply(managed("b", "person-1", "2", &[FLUX_1, EDIT])),
+            &epochs,
+        );
+        assert_eq!(
+            kinds(&out),
+            ["Upsert d core/v1/configmaps/shop/b.yaml created=true"]
+        );
+        // A delete is mirrored, whoever makes it; one of an object never sent sends nothing.
+        assert!(
+            idx.apply(
+                Event::Apply(managed("c", "flux-0", "3", &[FLUX_1])),
+                &epochs
+            )
+            .is_empty()
+        );
+        assert!(
+            idx.apply(
+                Event::Delete(managed("c", "flux-0", "4", &[FLUX_1])),
+                &epochs
+            )
+            .is_empty()
+        );
+        let out = idx.apply(
+            Event::Apply(managed("b", "flux-2", "5", &[FLUX_2, EDIT])),
+            &epochs,
+        );
+        assert!(out.is_empty());
+        let out = idx.apply(
+            Event::Delete(managed("b", "flux-2", "6", &[FLUX_2, EDIT])),
+            &epochs,
+        );
+        assert_eq!(kinds(&out), ["Delete d core/v1/configmaps/shop/b.yaml"]);
+    }
+
+    #[test]
+    fn a_relist_keeps_held_back_files_as_they_are_and_mirrors_a_persons_change() {
+        let mut idx = WatchIndex::new(flux_ignoring_plan(None), SelectionOptions::default());
+        let epochs = AtomicU64::new(0);
+        let relist = |idx: &mut WatchIndex, objects: Vec<Value>| {
+            let mut out = idx.apply(Event::Init, &epochs);
+            for obj in objects {
+                out.extend(idx.apply(Event::InitApply(obj), &epochs));
+            }
+            out.extend(idx.apply(Event::InitDone, &epochs));
+            out
+        };
+        // The first list mirrors every object, also one only Flux ever wrote: the agent cannot
+        // know what Git holds for it.
+        let out = relist(
+            &mut idx,
+            vec![
+                managed("a", "person-0", "1", &[CREATE]),
+                managed("f", "flux-0", "1", &[FLUX_1]),
+            ],
+        );
+        assert_eq!(upserts(&out).len(), 2, "{}", kinds(&out).join(", "));
+        let first_a = upserts(&out)
+            .into_iter()
+            .find(|(p, _)| p == PATH_A)
+            .unwrap()
+            .1;
+        // Flux changes `a` and creates `b`: held back.
+        assert!(
+            idx.apply(
+                Event::Apply(managed("a", "flux-1", "2", &[CREATE, FLUX_1])),
+                &epochs
+            )
+            .is_empty()
+        );
+        assert!(
+            idx.apply(
+                Event::Apply(managed("b", "flux-1", "3", &[FLUX_1])),
+                &epochs
+            )
+            .is_empty()
+        );
+        // A relist names `a` with the content last sent (the writer changes nothing) and leaves
+        // `b` out (it never had a file); both snapshot markers are sent, so nothing is withheld.
+        let out = relist(
+            &mut idx,
+            vec![
+                managed("a", "flux-1", "2", &[CREATE, FLUX_1]),
+                managed("b", "flux-1", "3", &[FLUX_1]),
+                managed("f", "flux-0", "1", &[FLUX_1]),
+            ],
+        );
+        let sent = upserts(&out);
+        assert_eq!(sent.len(), 2, "{}", kinds(&out).join(", "));
+        assert_eq!(sent[0], (PATH_A.to_owned(), first_a.clone()));
+        assert!(kinds(&out).iter().any(|k| k.starts_with("End d")));
+        // The same again after more Flux writes during a watch gap.
+        let out = relist(
+            &mut idx,
+            vec![
+                managed("a", "flux-2", "4", &[CREATE, FLUX_2]),
+                managed("b", "flux-2", "5", &[FLUX_2]),
+            ],
+        );
+        assert_eq!(upserts(&out), [(PATH_A.to_owned(), first_a)]);
+        // A person's edit during a gap reaches Git through the relist, whole, and so does `b`.
+        let out = relist(
+            &mut idx,
+            vec![
+                managed("a", "person-3", "6", &[CREATE, FLUX_2, EDIT]),
+                managed("b", "person-3", "7", &[FLUX_2, EDIT]),
+            ],
+        );
+        let sent = upserts(&out);
+        assert_eq!(sent.len(), 2, "{}", kinds(&out).join(", "));
+        assert!(
+            sent.iter().all(|(_, yaml)| yaml.contains("person-3")),
+            "{sent:?}"
+        );
+        // Once mirrored, a relist of the unchanged object sends it as it is.
+        let out = relist(
+            &mut idx,
+            vec![managed("a", "person-3", "6", &[CREATE, FLUX_2, EDIT])],
+        );
+        assert!(upserts(&out)[0].1.contains("person-3"));
+    }
+
+    #[test]
+    fn an_ignored_user_seen_by_the_webhook_makes_no_commit_and_a_person_then_does() {
+        use crate::webhook::Operation as Op;
+        let store = store();
+        let mut idx = WatchIndex::new(flux_ignoring_plan(None), SelectionOptions::default())
+            .with_attribution(store.clone());
+        let epochs = AtomicU64::new(0);
+        idx.apply(Event::Init, &epochs);
+        idx.apply(
+            Event::InitApply(managed("a", "person-0", "1", &[CREATE])),
+            &epochs,
+        );
+        idx.apply(Event::InitDone, &epochs);
+        let patch = ("kubectl-patch", "Update", "2026-01-01T00:00:40Z");
+        let by_bob = managed("a", "bob-1", "2", &[CREATE, patch]);
+        store.record(fact(Op::Update, "bob", &by_bob));
+        assert!(idx.apply(Event::Apply(by_bob), &epochs).is_empty());
+        // alice uses the very same manager name; the webhook names her, so it is mirrored.
+        let patch_again = ("kubectl-patch", "Update", "2026-01-01T00:00:50Z");
+        let by_alice = managed("a", "alice-2", "3", &[CREATE, patch_again]);
+        store.record(fact(Op::Update, "alice", &by_alice));
+        let out = idx.apply(Event::Apply(by_alice), &epochs);
+        assert_eq!(
+            authors(&out),
+            [(format!("upsert {PATH_A}"), Some("alice".into()))]
+        );
+        // A group listed in `ignore.groups` is matched on the fact's groups.
+        let mut grouped = flux_ignoring_plan(None).as_ref().clone();
+        grouped.routes[0].rules[0] = ignoring(
+            grouped.routes[0].rules[0].clone(),
+            json!({"groups": ["robots"]}),
+        );
+        let mut idx = WatchIndex::new(Arc::new(grouped), SelectionOptions::default())
+            .with_attribution(store.clone());
+        idx.apply(Event::Apply(managed("g", "x-0", "1", &[CREATE])), &epochs);
+        let by_robot = managed("g", "robot-1", "2", &[CREATE, patch]);
+        let mut robot_fact = fact(Op::Update, "carol", &by_robot);
+        robot_fact.groups = vec!["robots".into()];
+        store.record(robot_fact);
+        assert!(idx.apply(Event::Apply(by_robot), &epochs).is_empty());
+    }
+
+    #[test]
+    fn a_change_is_ignored_only_when_every_rule_selecting_the_object_ignores_it() {
+        let plain = cluster_rule("d", ResourceScope::Namespaced, &["configmaps"], None);
+        let mut idx = WatchIndex::new(flux_ignoring_plan(Some(plain)), SelectionOptions::default());
+        let epochs = AtomicU64::new(0);
+        idx.apply(
+            Event::Apply(managed("a", "person-0", "1", &[CREATE])),
+            &epochs,
+        );
+        let out = idx.apply(
+            Event::Apply(managed("a", "flux-1", "2", &[CREATE, FLUX_1])),
+            &epochs,
+        );
+        assert_eq!(upserts(&out).len(), 1);
+        // Without managed fields (an API server that does not track them) nothing is ignored.
+        let mut idx = WatchIndex::new(flux_ignoring_plan(None), SelectionOptions::default());
+        idx.apply(Event::Apply(cm("shop", "a", json!({}), "1", "1")), &epochs);
+        let out = idx.apply(Event::Apply(cm("shop", "a", json!({}), "2", "2")), &epochs);
+        assert_eq!(upserts(&out).len(), 1);
+    }
+
+    #[test]
+    fn names_a_rule_excludes_are_left_out_of_snapshots_and_live_changes() {
+        let mut rule = cluster_rule("d", ResourceScope::Namespaced, &["configmaps"], None);
+        if let super::super::selection::RuleKind::Cluster { spec } = &mut rule.kind {
+            spec.exclude_names = vec!["*-lock".into(), "cache-?".into()];
+        }
+        let mut idx = WatchIndex::new(
+            plan(vec![("d", vec![rule], &[""])]),
+            SelectionOptions::default(),
+        );
+        let epochs = AtomicU64::new(0);
+        idx.apply(Event::Init, &epochs);
+        let mut out = Vec::new();
+        for name in ["app", "leader-lock", "cache-1", "cache-12"] {
+            out.extend(idx.apply(
+                Event::InitApply(cm("shop", name, json!({}), "1", "1")),
+                &epochs,
+            ));
+        }
+        out.extend(idx.apply(Event::InitDone, &epochs));
+        let sent: Vec<String> = upserts(&out).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(
+            sent,
+            [
+                "core/v1/configmaps/shop/app.yaml",
+                "core/v1/configmaps/shop/cache-12.yaml"
+            ]
+        );
+        // Live changes of excluded names send nothing, deletes neither.
+        assert!(
+            idx.apply(
+                Event::Apply(cm("shop", "leader-lock", json!({}), "2", "2")),
+                &epochs
+            )
+            .is_empty()
+        );
+        assert!(
+            idx.apply(
+                Event::Delete(cm("shop", "leader-lock", json!({}), "2", "3")),
+                &epochs
+            )
+            .is_empty()
+        );
+        // Another rule of the destination without the exclusion still selects the object.
+        let mut excluding = cluster_rule("d", ResourceScope::Namespaced, &["configmaps"], None);
+        if let super::super::selection::RuleKind::Cluster { spec } = &mut excluding.kind {
+            spec.exclude_names = vec!["*".into()];
+        }
+        let plain = cluster_rule("d", ResourceScope::Namespaced, &["configmaps"], None);
+        let mut idx = WatchIndex::new(
+            plan(vec![("d", vec![excluding, plain], &[""])]),
+            SelectionOptions::default(),
+        );
+        assert_eq!(
+            upserts(&idx.apply(
+                Event::Apply(cm("shop", "x-lock", json!({}), "1", "1")),
+                &epochs
+            ))
+            .len(),
+            1
         );
     }
 }

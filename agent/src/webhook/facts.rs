@@ -156,6 +156,13 @@ pub struct Fact {
     pub scale_replicas: Option<i64>,
 }
 
+/// The user a watch event is attributed to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttributedUser {
+    pub name: String,
+    pub groups: Vec<String>,
+}
+
 /// What a watch event (or a relisted object) shows of an object, for the join.
 #[derive(Clone, Copy, Debug)]
 pub struct Observed<'a> {
@@ -401,6 +408,21 @@ impl FactStore {
     /// Call it once per watch event, whether or not the event changes the mirrored file: a
     /// matched no-op is consumed instead of lingering.
     pub fn attribute(&self, key: &ObjectKey, seen: &Observed<'_>) -> Option<String> {
+        self.attribute_user(key, seen).map(|user| user.name)
+    }
+
+    /// [`attribute_watched`](Self::attribute_watched), with the user's groups (for `ignore`).
+    pub fn attribute_watched_user(
+        &self,
+        key: &ObjectKey,
+        object: &serde_json::Value,
+        hash: &ContentHash,
+    ) -> Option<AttributedUser> {
+        self.attribute_user(key, &Observed::of(object, hash))
+    }
+
+    /// [`attribute`](Self::attribute), with the user's groups (those of its newest matching fact).
+    pub fn attribute_user(&self, key: &ObjectKey, seen: &Observed<'_>) -> Option<AttributedUser> {
         let now = self.clock.now();
         let mut inner = self.lock();
         self.expire(&mut inner, now);
@@ -434,7 +456,14 @@ impl FactStore {
         let author = if candidates.is_empty() {
             None
         } else {
-            self.decide(&inner, &candidates)
+            self.decide(&inner, &candidates).map(|name| AttributedUser {
+                groups: candidates
+                    .last()
+                    .and_then(|seq| inner.facts.get(seq))
+                    .map(|h| h.fact.groups.clone())
+                    .unwrap_or_default(),
+                name,
+            })
         };
         for seq in &candidates {
             inner.remove(*seq);

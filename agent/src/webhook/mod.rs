@@ -42,7 +42,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use facts::{
-    Clock, Fact, FactStore, FactsConfig, ManualClock, ObjectKey, Operation, SystemClock,
+    AttributedUser, Clock, Fact, FactStore, FactsConfig, ManualClock, ObjectKey, Operation,
+    SystemClock,
 };
 pub use metrics::AttributionMetrics;
 pub use server::{WebhookHandle, spawn};
