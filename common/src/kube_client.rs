@@ -2,6 +2,7 @@
 //! service account, else (the agent only) the usual kubeconfig lookup.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Where to look when no `--kubeconfig` was given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,8 +32,24 @@ pub enum KubeClientError {
     Build(#[source] kube::Error),
 }
 
-/// The client configuration: `kubeconfig` if given, else per `without`.
+/// Longest silence on an API server connection before its request fails. kube sets none, so a LIST whose server
+/// vanished without closing the connection (a partition drops packets, nothing is refused) would wait for ever and
+/// hold its list permit. Watches are unaffected: the server ends each after 290 s (kube's watcher asks for that and
+/// gives up 5 s later itself).
+pub const API_READ_TIMEOUT: Duration = Duration::from_secs(295);
+
+/// The client configuration: `kubeconfig` if given, else per `without`; reads time out after
+/// [`API_READ_TIMEOUT`] unless the configuration sets its own.
 pub async fn config(
+    kubeconfig: Option<&Path>,
+    without: WithoutKubeconfig,
+) -> Result<kube::Config, KubeClientError> {
+    let mut config = located_config(kubeconfig, without).await?;
+    config.read_timeout.get_or_insert(API_READ_TIMEOUT);
+    Ok(config)
+}
+
+async fn located_config(
     kubeconfig: Option<&Path>,
     without: WithoutKubeconfig,
 ) -> Result<kube::Config, KubeClientError> {
@@ -104,9 +121,47 @@ mod tests {
             .await
             .expect("an explicit kubeconfig loads");
         assert_eq!(loaded.cluster_url.to_string(), "https://127.0.0.1:1/");
+        assert_eq!(loaded.read_timeout, Some(API_READ_TIMEOUT));
         let error = config(None, WithoutKubeconfig::InClusterOnly)
             .await
             .unwrap_err();
         assert!(matches!(error, KubeClientError::NoCluster(_)), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_fails_the_request_after_the_read_timeout() {
+        // A listener that accepts and stays silent: what a partitioned API server looks like to the client.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _held = std::thread::spawn(move || {
+            let connections: Vec<_> = listener.incoming().take(4).collect();
+            std::thread::sleep(Duration::from_secs(60));
+            drop(connections);
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: 'http://{addr}'}}}}]\n\
+                 users: [{{name: u, user: {{token: t}}}}]\n\
+                 contexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
+            ),
+        )
+        .unwrap();
+        let mut loaded = config(Some(&file), WithoutKubeconfig::InClusterOnly)
+            .await
+            .unwrap();
+        assert_eq!(loaded.read_timeout, Some(API_READ_TIMEOUT));
+        // The same mechanism with a test-sized timeout; without one the request would wait for the listener.
+        loaded.read_timeout = Some(Duration::from_secs(1));
+        let client = client(loaded).unwrap();
+        let request = http::Request::get("/api/v1/namespaces")
+            .body(Vec::new())
+            .unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(30), client.request_text(request))
+            .await
+            .expect("the read timeout ends the request, not the test's own limit");
+        assert!(outcome.is_err(), "{outcome:?}");
     }
 }
