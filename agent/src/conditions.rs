@@ -256,7 +256,10 @@ impl WriterView {
                     );
                 }
             }
-            Feedback::SnapshotAbandoned { .. } | Feedback::Fenced { .. } => {}
+            // Sweeps become Events (leader::term), not conditions.
+            Feedback::SnapshotAbandoned { .. }
+            | Feedback::Fenced { .. }
+            | Feedback::Swept { .. } => {}
         }
         *self != before
     }

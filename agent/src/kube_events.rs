@@ -98,6 +98,42 @@ pub fn condition_events(previous: &[Condition], next: &[Condition]) -> Vec<Plann
     out
 }
 
+/// The Event for snapshot sweeps that deleted orphan files in one push. Pure.
+pub fn sweep_event(deleted: u64, left: u64, commit: &str) -> PlannedEvent {
+    let short = commit.get(..12).unwrap_or(commit);
+    let mut note = format!(
+        "deleted {deleted} orphan file{} (objects no longer in the cluster) in commit {short}",
+        if deleted == 1 { "" } else { "s" }
+    );
+    if left > 0 {
+        note.push_str(&format!(
+            "; {left} more wait for the next snapshot (--deletes-cap-per-cycle)"
+        ));
+    }
+    truncate_at_char_boundary(&mut note, MAX_NOTE_BYTES);
+    PlannedEvent {
+        warning: false,
+        reason: "OrphansDeleted".into(),
+        action: "Sweep".into(),
+        note,
+    }
+}
+
+/// A reference to the GitDestination `namespace/name` (the writer's destination key), for Events about it.
+pub fn git_destination_reference(key: &str) -> Option<ObjectReference> {
+    let (namespace, name) = key.split_once('/')?;
+    if namespace.is_empty() || name.is_empty() || name.contains('/') {
+        return None;
+    }
+    Some(ObjectReference {
+        api_version: Some(format!("{}/{}", crate::crd::GROUP, crate::crd::VERSION)),
+        kind: Some("GitDestination".into()),
+        namespace: Some(namespace.into()),
+        name: Some(name.into()),
+        ..Default::default()
+    })
+}
+
 fn truncate_at_char_boundary(text: &mut String, max: usize) {
     if text.len() > max {
         let mut cut = max;
@@ -166,9 +202,10 @@ impl EventSink {
             let mut budgets: HashMap<String, TokenBucket> = HashMap::new();
             while let Some((reference, event)) = planned.recv().await {
                 let key = format!(
-                    "{}/{}/{}",
+                    "{}/{}/{}/{}",
                     reference.kind.as_deref().unwrap_or_default(),
                     reference.namespace.as_deref().unwrap_or_default(),
+                    reference.name.as_deref().unwrap_or_default(),
                     reference.uid.as_deref().unwrap_or_default()
                 );
                 let budget = budgets.entry(key).or_default();
@@ -306,6 +343,46 @@ mod tests {
         assert!(
             condition_events(&before, &[c("Ready", "Unknown", "WriterUnreachable", "")]).is_empty()
         );
+    }
+
+    #[test]
+    fn a_sweep_is_a_normal_event_with_its_counts_and_commit() {
+        let event = sweep_event(3, 0, "0123456789abcdef0123456789abcdef01234567");
+        assert!(!event.warning);
+        assert_eq!(
+            (event.reason.as_str(), event.action.as_str()),
+            ("OrphansDeleted", "Sweep")
+        );
+        assert_eq!(
+            event.note,
+            "deleted 3 orphan files (objects no longer in the cluster) in commit 0123456789ab"
+        );
+        let capped = sweep_event(1, 7, "abc");
+        assert!(
+            capped.note.starts_with("deleted 1 orphan file (objects"),
+            "{}",
+            capped.note
+        );
+        assert!(capped.note.ends_with(
+            "in commit abc; 7 more wait for the next snapshot (--deletes-cap-per-cycle)"
+        ));
+    }
+
+    #[test]
+    fn only_a_namespaced_destination_key_names_a_git_destination() {
+        let reference = git_destination_reference("gitops/prod").unwrap();
+        assert_eq!(
+            reference.api_version.as_deref(),
+            Some("configbutler.ai/v1alpha1")
+        );
+        assert_eq!(reference.kind.as_deref(), Some("GitDestination"));
+        assert_eq!(
+            (reference.namespace.as_deref(), reference.name.as_deref()),
+            (Some("gitops"), Some("prod"))
+        );
+        for bad in ["", "prod", "/prod", "gitops/", "a/b/c"] {
+            assert!(git_destination_reference(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

@@ -321,6 +321,8 @@ pub struct Plan {
     pub truncated_sweeps: Vec<(usize, usize)>,
     /// Sweeps that deleted every orphan they found (entry indexes).
     pub completed_sweeps: Vec<usize>,
+    /// Orphans deleted per sweep: entry index of the sweep and how many of its orphans the commits delete.
+    pub sweep_deletions: Vec<(usize, usize)>,
     pub stats: PlanStats,
 }
 
@@ -333,6 +335,7 @@ impl Plan {
         self.path_conflicts.iter_mut().for_each(|(i, _)| map(i));
         self.truncated_sweeps.iter_mut().for_each(|(i, _)| map(i));
         self.completed_sweeps.iter_mut().for_each(map);
+        self.sweep_deletions.iter_mut().for_each(|(i, _)| map(i));
         self
     }
 
@@ -352,6 +355,7 @@ impl Plan {
         self.path_conflicts.extend(later.path_conflicts);
         self.truncated_sweeps.extend(later.truncated_sweeps);
         self.completed_sweeps.extend(later.completed_sweeps);
+        self.sweep_deletions.extend(later.sweep_deletions);
         let (a, b) = (&mut self.stats, later.stats);
         a.written += b.written;
         a.deleted += b.deleted;
@@ -490,6 +494,7 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
     }
     let mut effective: Vec<Effective<'_>> = Vec::new();
     let mut stats = PlanStats::default();
+    let mut sweep_deletions: BTreeMap<usize, usize> = BTreeMap::new();
     for (path, slot) in &slots {
         let current = tree.read(path)?;
         let verb = match (slot.content, current) {
@@ -646,6 +651,7 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 stats.deleted += 1;
                 if change.slot.orphan {
                     stats.orphans_deleted += 1;
+                    *sweep_deletions.entry(change.slot.entry).or_insert(0) += 1;
                 }
             } else {
                 stats.written += 1;
@@ -719,6 +725,7 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
         path_conflicts,
         truncated_sweeps,
         completed_sweeps,
+        sweep_deletions: sweep_deletions.into_iter().collect(),
         stats,
     })
 }
@@ -1302,6 +1309,7 @@ mod tests {
             ]
         );
         assert_eq!(plan.stats.orphans_deleted, 2);
+        assert_eq!(plan.sweep_deletions, vec![(3, 2)], "the sweep is entry 3");
         assert!(
             plan.commits
                 .iter()

@@ -22,6 +22,7 @@ use crate::conditions::WriterView;
 use crate::controller::{self, ControllerConfig, ControllerHandle};
 use crate::events::AgentEvent;
 use crate::ingest::{self, IngestConfig, IngestHandle, Selection, WatchKey, WatchStatus};
+use crate::kube_events;
 use crate::metrics::ScrapedFamilies;
 use crate::rules::ResourceKey;
 use crate::stream::{Feedback, LeaderFence, StreamClient, StreamConfig, StreamStats};
@@ -225,14 +226,31 @@ impl Term {
             let _ = stop_rx.await;
         });
         let feedback = {
-            let (ingest, restarts) = (
+            let (ingest, restarts, events) = (
                 Arc::clone(&ingest),
                 parts.metrics.ingestion_restarts.clone(),
+                parts.controller.events.clone(),
             );
             tokio::spawn(async move {
                 while let Some(feedback) = feedback_rx.recv().await {
                     writer_view_tx.send_if_modified(|view| view.apply(&feedback));
                     log_feedback(&feedback);
+                    if let (
+                        Feedback::Swept {
+                            destination,
+                            deleted,
+                            left,
+                            commit,
+                        },
+                        Some(sink),
+                    ) = (&feedback, &events)
+                        && let Some(reference) = kube_events::git_destination_reference(destination)
+                    {
+                        sink.emit(
+                            &reference,
+                            vec![kube_events::sweep_event(*deleted, *left, commit)],
+                        );
+                    }
                     if let Feedback::Reconnected = feedback {
                         // The writer may have lost the open snapshots: relist everything so that orphans are
                         // still found (the types discovered stay).
@@ -329,6 +347,12 @@ fn log_feedback(feedback: &Feedback) {
             %message,
             "the writer refused this leader term; waiting for the elector to step down"
         ),
+        Feedback::Swept {
+            destination,
+            deleted,
+            left,
+            commit,
+        } => info!(%destination, deleted, left, %commit, "the writer deleted orphan files"),
         Feedback::SnapshotAbandoned {
             destination,
             scope,

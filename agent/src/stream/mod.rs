@@ -248,6 +248,14 @@ pub enum Feedback {
         scope: ScopeRef,
         epoch: u64,
     },
+    /// Snapshot sweeps deleted `deleted` orphan files of `destination` in the pushed `commit`; `left` more wait
+    /// for the next snapshot (the delete cap).
+    Swept {
+        destination: String,
+        deleted: u64,
+        left: u64,
+        commit: String,
+    },
 }
 
 impl Feedback {
@@ -999,6 +1007,17 @@ impl Runner {
                         reason: reject.reason,
                         message: reject.message,
                     }),
+                    &self.stats,
+                );
+            }
+            Reply::SweepReport(report) => {
+                self.feedback.push(
+                    Feedback::Swept {
+                        destination: report.destination,
+                        deleted: report.deleted,
+                        left: report.left,
+                        commit: report.commit_sha,
+                    },
                     &self.stats,
                 );
             }
