@@ -137,6 +137,9 @@ impl DesiredCondition {
 pub struct DesiredConditions {
     pub set: Vec<DesiredCondition>,
     pub remove: Vec<&'static str>,
+    /// GitDestination only: the reconcile request handed to ingestion (`status.lastHandledReconcileAt`); `None`
+    /// keeps what the status has.
+    pub handled_reconcile: Option<String>,
 }
 
 /// One writer condition as kept by [`WriterView`].
@@ -426,7 +429,7 @@ pub fn rule_conditions(
     };
     let mut out = DesiredConditions {
         set: vec![ready],
-        remove: Vec::new(),
+        ..Default::default()
     };
     if let Some(skipped) = secrets_skipped {
         out.set.push(skipped);
@@ -461,7 +464,13 @@ pub fn next_status(
 ) -> Option<ResourceStatus> {
     let existing: &[Condition] = current.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
     let find = |t: &str| existing.iter().find(|c| c.type_ == t);
-    let mut changed = current.and_then(|s| s.observed_generation) != generation;
+    let last_handled_reconcile_at = desired
+        .handled_reconcile
+        .clone()
+        .or_else(|| current.and_then(|s| s.last_handled_reconcile_at.clone()));
+    let mut changed = current.and_then(|s| s.observed_generation) != generation
+        || current.and_then(|s| s.last_handled_reconcile_at.as_ref())
+            != last_handled_reconcile_at.as_ref();
     let mut written: Vec<Condition> = Vec::with_capacity(desired.set.len());
     for want in &desired.set {
         let status = want.status_text();
@@ -513,6 +522,7 @@ pub fn next_status(
     Some(ResourceStatus {
         conditions,
         observed_generation: generation,
+        last_handled_reconcile_at,
     })
 }
 
@@ -775,6 +785,7 @@ mod tests {
         let ready = |ok: bool, reason: &str| DesiredConditions {
             set: vec![DesiredCondition::new(READY, ok, reason, "m")],
             remove: vec![],
+            ..Default::default()
         };
         let first = next_status(None, &ready(true, "Ready"), Some(1), at(1)).unwrap();
         assert_eq!(first.conditions[0].last_transition_time, Time(at(1)));
@@ -798,6 +809,7 @@ mod tests {
                     secrets_skipped(),
                 ],
                 remove: vec![],
+                ..Default::default()
             },
             Some(1),
             at(1),
@@ -819,6 +831,7 @@ mod tests {
             &DesiredConditions {
                 set: vec![DesiredCondition::new(READY, true, "Ready", "ok")],
                 remove: vec![SECRETS_SKIPPED],
+                ..Default::default()
             },
             Some(1),
             at(5),
@@ -832,6 +845,7 @@ mod tests {
                 &DesiredConditions {
                     set: vec![DesiredCondition::new(READY, true, "Ready", "ok")],
                     remove: vec![SECRETS_SKIPPED],
+                    ..Default::default()
                 },
                 Some(1),
                 at(6),

@@ -659,7 +659,7 @@ impl StatusWriter {
                 continue;
             };
             let declared = resolution.selection.destination(&key).is_some();
-            let (desired, ready) = conditions::destination_conditions(
+            let (mut desired, ready) = conditions::destination_conditions(
                 config,
                 declared,
                 dest.spec.exclusive_mode,
@@ -667,6 +667,8 @@ impl StatusWriter {
                 view,
                 &key,
             );
+            // The selection carrying the request was published before the statuses are written.
+            desired.handled_reconcile = resolution.selection.reconcile_requests.get(&key).cloned();
             readiness.insert(key, ready);
             let api = Api::<GitDestination>::namespaced(self.client.clone(), &ns);
             self.write(&api, dest, dest.status.as_ref(), &desired).await;
@@ -799,7 +801,7 @@ pub fn next_status(
             condition.reason.as_str(),
             condition.message.clone(),
         )],
-        remove: Vec::new(),
+        ..Default::default()
     };
     conditions::next_status(current, &desired, generation, now)
 }

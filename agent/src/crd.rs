@@ -26,6 +26,10 @@ use crate::canonical::{self, CanonicalError};
 pub const GROUP: &str = "configbutler.ai";
 /// API version of all agent resources.
 pub const VERSION: &str = "v1alpha1";
+/// On a GitDestination: a new value (any string, e.g. `date -Is`) makes the agent relist every type feeding the
+/// destination now, so its files are compared with the cluster (and orphans swept) without waiting; the value
+/// handled last is in `status.lastHandledReconcileAt` (Flux's `reconcile.fluxcd.io/requestedAt` convention).
+pub const RECONCILE_REQUESTED_AT_ANNOTATION: &str = "configbutler.ai/reconcile-requested-at";
 
 /// `baseFolder` syntax: one or more `/`-separated non-empty segments, none of
 /// them `.` or `..`, no leading or trailing `/`. RE2-compatible (no
@@ -136,6 +140,10 @@ pub struct ResourceStatus {
     /// The `metadata.generation` the conditions describe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// GitDestination only: the last `configbutler.ai/reconcile-requested-at` value handed to ingestion (its
+    /// watches relisted for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_reconcile_at: Option<String>,
 }
 
 /// Repository connectivity, branch allowlist and access boundary.

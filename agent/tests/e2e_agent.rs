@@ -1507,3 +1507,66 @@ async fn prune_modes_keep_what_the_cluster_deleted_until_on_snapshot_sweeps_it()
     third.terminate().await;
     world.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_request_relists_now_and_sweeps_a_file_nobody_has_in_the_cluster() {
+    let world = World::start().await;
+    let flags = ["--controller-namespace", "gitops-reverser"];
+    let agent = world.agent(&flags, &[]);
+    world.wait_for_file(CONFIGMAP_FLAGS, "beta").await;
+    agent.settle().await;
+    let begins = || async {
+        agent
+            .metric("gitops_reverser_agent_events_total{kind=\"snapshot_begin\"}")
+            .await
+            .expect("the agent's metrics answer")
+    };
+    let before = begins().await;
+
+    // A person adds a file for an object the cluster does not have. Nothing notices it until the next full list:
+    // the watches only report changes.
+    let stray = "clusters/prod/core/v1/configmaps/shop/stray.yaml";
+    world.repo.commit_as_human(
+        BRANCH,
+        stray,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: stray, namespace: shop}\n",
+        "a hand-made file",
+    );
+    // The writer refetches before a flush once its last fetch is 30 s old (README "How it writes"), so the sweep
+    // will see the file.
+    tokio::time::sleep(std::time::Duration::from_secs(31)).await;
+    agent.settle().await;
+    assert_eq!(begins().await, before, "no relist without a request");
+    assert!(world.repo.read(BRANCH, stray).is_some());
+
+    kubectl(
+        &world,
+        &[
+            "annotate",
+            "--overwrite",
+            "gitdestination",
+            "prod",
+            "-n",
+            "gitops-reverser",
+            "configbutler.ai/reconcile-requested-at=2026-12-06T22:00:00Z",
+        ],
+        None,
+    )
+    .await;
+    world.wait_until_gone(stray).await;
+    assert!(begins().await > before, "the request relisted");
+    assert!(world.repo.read(BRANCH, CONFIGMAP_FLAGS).is_some());
+    let client = world.cluster.client().await;
+    wait_async("status.lastHandledReconcileAt", || async {
+        let obj =
+            configbutler_object(&client, "GitDestination", Some("gitops-reverser"), "prod").await?;
+        (obj.data
+            .pointer("/status/lastHandledReconcileAt")?
+            .as_str()?
+            == "2026-12-06T22:00:00Z")
+            .then_some(())
+    })
+    .await;
+    agent.terminate().await;
+    world.stop().await;
+}

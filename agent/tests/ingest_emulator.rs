@@ -177,6 +177,7 @@ fn selection(rules: Vec<CompiledRule>) -> Selection {
         destinations,
         rules,
         namespace_labels: Default::default(),
+        reconcile_requests: Default::default(),
     }
 }
 

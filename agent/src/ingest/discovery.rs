@@ -480,6 +480,7 @@ mod tests {
             destinations: dests,
             rules,
             namespace_labels: NamespaceLabels::new(),
+            reconcile_requests: Default::default(),
         }
     }
 

@@ -339,6 +339,8 @@ struct Supervisor {
     running: BTreeMap<WatchKey, Running>,
     declared: BTreeMap<String, DestinationDecl>,
     last_skipped: Vec<(crate::rules::ResourceKey, SkipReason)>,
+    /// The last reconcile request handled per destination.
+    reconcile_handled: BTreeMap<String, String>,
 }
 
 impl Supervisor {
@@ -457,10 +459,27 @@ async fn reconcile(
         .declared
         .retain(|key, _| selection.destination(key).is_some());
 
+    // A new reconcile request restarts every watch feeding its destination (a fresh snapshot now).
+    let requested: BTreeSet<&str> = selection
+        .reconcile_requests
+        .iter()
+        .filter(|(dest, token)| state.reconcile_handled.get(*dest) != Some(*token))
+        .map(|(dest, _)| dest.as_str())
+        .collect();
+    for dest in &requested {
+        info!(destination = %dest, "reconcile requested; relisting the watches that feed it");
+    }
+    state.reconcile_handled = selection.reconcile_requests.clone();
+
     // A watch whose plan changed restarts: its relist opens new epochs for the new routes.
     let before = state.running.len();
     state.running.retain(|key, running| {
-        let keep = desired.plans.get(key) == Some(&*running.plan);
+        let keep = desired.plans.get(key) == Some(&*running.plan)
+            && !running
+                .plan
+                .routes
+                .iter()
+                .any(|route| requested.contains(route.destination.key.as_str()));
         if !keep {
             info!(watch = %key, "stopping watch");
         }

@@ -479,6 +479,17 @@ pub fn resolve_with_lookups(
         .filter(|d| used.contains(d.decl.key.as_str()))
         .map(|d| d.decl.clone())
         .collect();
+    out.selection.reconcile_requests = usable
+        .values()
+        .filter(|d| used.contains(d.decl.key.as_str()))
+        .filter_map(|d| {
+            let requested = d
+                .dest
+                .annotations()
+                .get(crate::crd::RECONCILE_REQUESTED_AT_ANNOTATION)?;
+            Some((d.decl.key.clone(), requested.clone()))
+        })
+        .collect();
     out.selection.rules = rules;
     out.rule_conditions = rule_conditions;
 

@@ -26,6 +26,9 @@ pub struct Selection {
     pub rules: Vec<CompiledRule>,
     /// Labels of every namespace, for `ClusterWatchRule` namespace selectors.
     pub namespace_labels: NamespaceLabels,
+    /// Destination key → its `configbutler.ai/reconcile-requested-at` annotation: a new value restarts the
+    /// watches feeding that destination (a fresh snapshot now).
+    pub reconcile_requests: BTreeMap<String, String>,
 }
 
 impl Selection {
