@@ -146,9 +146,25 @@ impl Server {
     }
 }
 
-/// Seeds [`OBJECTS`] objects at [`BATCH`] files per batch; returns (batches, pushes) as the remote counts them,
-/// after checking the writer's own counters agree.
-async fn seed(make_server: fn(&BareRepo) -> Server, extra: &[&str]) -> (usize, usize) {
+/// What a seed cost: batches and pushes as the remote counts them, and as the writer's metrics count them.
+struct Counts {
+    batches: usize,
+    pushes: usize,
+    metric_batches: f64,
+    metric_pushes: f64,
+    metric_unpushed: f64,
+}
+
+impl Counts {
+    fn assert_metrics_agree(&self) {
+        assert_eq!(self.metric_batches, self.batches as f64, "batches pushed");
+        assert_eq!(self.metric_pushes, self.pushes as f64, "pushes");
+        assert_eq!(self.metric_unpushed, 0.0, "held batches after the last ack");
+    }
+}
+
+/// Seeds [`OBJECTS`] objects at [`BATCH`] files per batch.
+async fn seed(make_server: fn(&BareRepo) -> Server, extra: &[&str]) -> Counts {
     let remote = logged_remote();
     let server = make_server(&remote);
     let mut flags: Vec<&str> = server.flags.iter().map(String::as_str).collect();
@@ -171,36 +187,30 @@ async fn seed(make_server: fn(&BareRepo) -> Server, extra: &[&str]) -> (usize, u
     // The corpus plus the destination's owner marker.
     assert_eq!(remote.ls_tree("main").len(), OBJECTS + 1);
     git_ok(&remote.path(), &["fsck", "--strict", "--no-dangling"]);
-    let batches = remote.commit_count("main");
-    let pushes = ref_updates(&remote);
-    assert!(
-        batches >= OBJECTS / 10,
-        "{batches} commits for {OBJECTS} objects in batches of {BATCH}"
-    );
-    assert_eq!(
-        metric(&writer, "gitops_reverser_commit_batches_total").await as usize,
-        batches,
-        "batches pushed, as the writer counts them"
-    );
-    assert_eq!(
-        metric(&writer, "gitops_reverser_pushes_total").await as usize,
-        pushes,
-        "pushes, as the writer counts them"
-    );
-    assert_eq!(
-        metric(&writer, "gitops_reverser_unpushed_batches").await,
-        0.0
-    );
+    let counts = Counts {
+        batches: remote.commit_count("main"),
+        pushes: ref_updates(&remote),
+        metric_batches: metric(&writer, "gitops_reverser_commit_batches_total").await,
+        metric_pushes: metric(&writer, "gitops_reverser_pushes_total").await,
+        metric_unpushed: metric(&writer, "gitops_reverser_unpushed_batches").await,
+    };
     writer.stop().await;
-    (batches, pushes)
+    eprintln!("{} batches in {} pushes", counts.batches, counts.pushes);
+    assert!(
+        counts.batches >= OBJECTS / 10,
+        "{} commits for {OBJECTS} objects in batches of {BATCH}",
+        counts.batches
+    );
+    counts
 }
 
-fn assert_coalesced(transport: &str, (batches, pushes): (usize, usize)) {
-    eprintln!("{transport}: {batches} batches in {pushes} pushes");
+fn assert_coalesced(transport: &str, counts: Counts) {
+    let (batches, pushes) = (counts.batches, counts.pushes);
     assert!(
         pushes * 4 <= batches,
         "{transport}: {pushes} pushes for {batches} batches; a seed's batches should share pushes"
     );
+    counts.assert_metrics_agree();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,9 +226,10 @@ async fn a_seed_over_ssh_makes_far_fewer_pushes_than_batches() {
 /// Both bounds work, each alone: at one held batch, or with no delay allowed, every batch is its own push.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn either_push_bound_at_its_minimum_pushes_every_batch() {
-    let (batches, pushes) = seed(Server::https, &["--git-push-max-batches", "1"]).await;
-    assert_eq!(pushes, batches, "--git-push-max-batches 1");
-    let (batches, pushes) = seed(
+    let counts = seed(Server::https, &["--git-push-max-batches", "1"]).await;
+    assert_eq!(counts.pushes, counts.batches, "--git-push-max-batches 1");
+    counts.assert_metrics_agree();
+    let counts = seed(
         Server::https,
         &[
             "--git-push-max-delay-sec",
@@ -228,7 +239,8 @@ async fn either_push_bound_at_its_minimum_pushes_every_batch() {
         ],
     )
     .await;
-    assert_eq!(pushes, batches, "--git-push-max-delay-sec 0");
+    assert_eq!(counts.pushes, counts.batches, "--git-push-max-delay-sec 0");
+    counts.assert_metrics_agree();
 }
 
 #[tokio::test]
