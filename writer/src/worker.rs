@@ -188,6 +188,7 @@ pub fn spawn(
         status,
         clone: None,
         buffer: Buffer::default(),
+        linger_until: None,
         unpushed: Vec::new(),
         unpushed_stale: false,
         retry_at: None,
@@ -212,6 +213,8 @@ struct Worker {
     /// `None` while the clone is being used on the blocking pool or could not be opened yet.
     clone: Option<Clone>,
     buffer: Buffer,
+    /// After a batch that filled up to a cap was held: wait until then for more changes before pushing.
+    linger_until: Option<Instant>,
     /// Batches committed in the clone but not pushed yet, oldest first; acked once a push carries them.
     unpushed: Vec<Committed>,
     /// The held batches' commits may not be in the clone (a clone abandoned by the watchdog): rebuild them.
@@ -329,11 +332,13 @@ impl Worker {
         // A failure is reported by the first flush, which retries the fetch.
         let _ = self.open().await;
         loop {
+            let linger = self.linger_until.filter(|_| !self.unpushed.is_empty());
             let pending = [
                 self.buffer.deadline(&self.settings.limits),
                 self.unpushed
                     .first()
                     .map(|c| c.committed_at + self.settings.push_max_delay),
+                linger,
             ]
             .into_iter()
             .flatten()
@@ -353,8 +358,13 @@ impl Worker {
                 self.flush_now(None, waiting(&receiver)).await;
                 continue;
             }
-            // Held batches go out as soon as nothing more waits to be committed on top of them.
-            if !self.unpushed.is_empty() && !backing_off && receiver.is_empty() {
+            // Held batches go out as soon as nothing more waits to be committed on top of them (after the linger
+            // of a batch that filled up: a stream of changes has short gaps).
+            if !self.unpushed.is_empty()
+                && !backing_off
+                && receiver.is_empty()
+                && linger.is_none_or(|t| t <= Instant::now())
+            {
                 self.flush_now(None, waiting(&receiver)).await;
                 self.publish_status();
                 continue;
@@ -545,11 +555,17 @@ impl Worker {
             }
             return;
         }
+        let full = self.buffer.full(&self.settings.limits);
         let result = self.flush(when).await;
+        self.linger_until = None;
         let report = match result {
             Ok(Step::Held) => {
                 // Nothing failed: the next flush (or an empty queue) pushes them.
                 self.retry_at = None;
+                if full {
+                    self.linger_until =
+                        Some(Instant::now() + LINGER.min(self.settings.push_max_delay));
+                }
                 Ok(FlushReport::default())
             }
             Ok(Step::Out { pushed, rejections }) => {
@@ -1225,6 +1241,10 @@ fn commit_batch(
         committed_at: Instant::now(),
     })
 }
+
+/// How long a worker that just held a full batch waits for the next change before it pushes: a seed streams
+/// changes with short gaps (flow control, the agents' checks), and a push in each gap would undo the coalescing.
+const LINGER: Duration = Duration::from_millis(50);
 
 /// Whether more changes wait in a worker's queue (then a committed batch may wait for the next ones).
 fn waiting(receiver: &mpsc::Receiver<Command>) -> PushWhen {
