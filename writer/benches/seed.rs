@@ -27,7 +27,8 @@
 //!    `file://`; then one-file changes the same way.
 //! 3. Not a seed: the YAML parse the writer's session runs on every Upsert, alone, on one thread
 //!    (one stream is validated in order, so this is a floor for the writer's seed time).
-//! 4. The writer (default batching: a commit and a push per 200 files; `--git-batch-max-wait-sec
+//! 4. The writer (default batching: a commit per 200 files, one push per run of batches committed while
+//!    more changes waited (see `--git-push-max-batches`); `--git-batch-max-wait-sec
 //!    0.2` so the tail does not wait 20 s): stream every object as an `Upsert`, wait for the `Ack`
 //!    of the last sequence. Then a writer restarted on the same work dir with
 //!    `--git-batch-max-wait-sec 0` (flush per change): upsert one changed object, wait for its
@@ -651,7 +652,7 @@ async fn one_file_rounds(
     Ok(median(samples))
 }
 
-/// Streams the corpus through a writer (default batching: a commit + push per 200 files) into
+/// Streams the corpus through a writer (default batching: a commit per 200 files, pushes coalesced) into
 /// `remote`, until the Ack of the last object; the writer's work dir stays for later rounds.
 async fn seed_through_writer(
     work_dir: &Path,
@@ -683,7 +684,7 @@ async fn writer(n: usize, rounds: usize, with_daemon: bool) -> anyhow::Result<Wr
     let remote = Remote::new(Transport::File);
     let work_dir = tempfile::tempdir()?;
 
-    // Seed with the default batching (a commit + push per 200 files).
+    // Seed with the default batching (a commit per 200 files, pushes coalesced).
     reset_peak_rss();
     let rss_before_mib = memory().1;
     let seed = seed_through_writer(work_dir.path(), &remote, n, &[]).await?;
@@ -909,7 +910,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "| writer: gRPC → commit + push per 200 files, until the last Ack | {} | {:.2}x | {} |",
+        "| writer: gRPC → a commit per 200 files, pushes coalesced, until the last Ack | {} | {:.2}x | {} |",
         secs(run.seed),
         ratio(run.seed),
         millis(run.one_file)

@@ -211,6 +211,11 @@ impl Buffer {
                     .is_some_and(|t| now.duration_since(t) >= limits.max_wait))
     }
 
+    /// A file or byte cap is reached (the batch filled up rather than waited out its time).
+    pub fn full(&self, limits: &Limits) -> bool {
+        self.distinct_paths.len() >= limits.max_files || self.bytes >= limits.max_bytes
+    }
+
     /// Far past the flush caps (a failing remote): time to stop accepting more until a push succeeds.
     pub fn over_hard_cap(&self, limits: &Limits) -> bool {
         self.distinct_paths.len() >= limits.max_files.saturating_mul(4).max(1000)

@@ -118,6 +118,14 @@ pub struct Args {
     /// Flush this many seconds after the first buffered change at the latest (fractions allowed).
     #[arg(long, env = "WRITER_GIT_BATCH_MAX_WAIT_SEC", default_value_t = 20.0)]
     pub git_batch_max_wait_sec: f64,
+    /// Batches a worker may hold committed but unpushed while more changes wait in its queue; it pushes them all in
+    /// one push at this many (or when its queue is empty, or at `--git-push-max-delay-sec`). 1 = push every batch.
+    #[arg(long, env = "WRITER_GIT_PUSH_MAX_BATCHES", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    pub git_push_max_batches: u64,
+    /// Seconds the oldest committed batch may wait for its push while more changes keep arriving (fractions
+    /// allowed); 0 = push every batch.
+    #[arg(long, env = "WRITER_GIT_PUSH_MAX_DELAY_SEC", default_value_t = 10.0)]
+    pub git_push_max_delay_sec: f64,
     /// Orphan files one snapshot may delete; 0 disables orphan deletion.
     #[arg(long, env = "WRITER_DELETES_CAP_PER_CYCLE", default_value_t = 500)]
     pub deletes_cap_per_cycle: usize,
@@ -237,6 +245,9 @@ impl Args {
         if !(self.git_batch_max_wait_sec.is_finite() && self.git_batch_max_wait_sec >= 0.0) {
             bail!("--git-batch-max-wait-sec must be a non-negative number");
         }
+        if !(self.git_push_max_delay_sec.is_finite() && self.git_push_max_delay_sec >= 0.0) {
+            bail!("--git-push-max-delay-sec must be a non-negative number");
+        }
         Ok(worker::WorkerSettings {
             work_dir: self.work_dir.clone(),
             limits: batch::Limits {
@@ -251,6 +262,8 @@ impl Args {
             bot_name: self.commit_name.clone(),
             bot_email: self.commit_email.clone(),
             push_max_retries: self.push_max_retries,
+            push_max_batches: usize::try_from(self.git_push_max_batches).unwrap_or(usize::MAX),
+            push_max_delay: Duration::from_secs_f64(self.git_push_max_delay_sec),
             queue_capacity: 1024,
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(60),

@@ -11,6 +11,10 @@ pub struct Metrics {
     pub commits: IntCounterVec,
     pub commit_bytes: IntCounterVec,
     pub commit_batches: IntCounterVec,
+    /// Successful pushes; one carries every batch committed since the previous one.
+    pub pushes: IntCounterVec,
+    /// Batches committed in a worker's clone and not pushed yet (their changes are not acked).
+    pub unpushed_batches: IntGaugeVec,
     pub rebase_retries: IntCounterVec,
     pub push_retries: IntCounterVec,
     pub push_failures: IntCounterVec,
@@ -88,7 +92,19 @@ impl Metrics {
             commit_batches: counter(
                 &registry,
                 "commit_batches_total",
-                "Flushes that pushed at least one commit.",
+                "Batches (flushes) with at least one commit that were pushed.",
+                RB,
+            ),
+            pushes: counter(
+                &registry,
+                "pushes_total",
+                "Successful pushes; one carries every batch committed since the previous push.",
+                RB,
+            ),
+            unpushed_batches: gauge(
+                &registry,
+                "unpushed_batches",
+                "Batches committed in the worker's clone and not pushed yet (their changes are not acked).",
                 RB,
             ),
             rebase_retries: counter(

@@ -2,11 +2,16 @@
 //!
 //! Changes arrive on a bounded channel (the gRPC streams wait when it is full, which pushes back on the agents).
 //! They are buffered ([`crate::batch::Buffer`]) until a cap or the wait timer fires; then the worker plans the
-//! commits against the branch tip, creates them and pushes fast-forward only — all git work runs on the blocking
-//! thread pool with the clone moved in and out. A rejected push means someone else pushed: fetch, plan again on
-//! the new tip (the latest content per path is re-applied), push again, a bounded number of times. Only after a
-//! successful push are the changes acked to their agents; on failure they stay buffered and the worker retries
-//! with backoff, reporting `PushFailing`/`AuthFailed` to the destinations meanwhile.
+//! commits against its tip and creates them in the clone (a *batch*) — all git work runs on the blocking thread
+//! pool with the clone moved in and out. While more changes already wait in the queue, committed batches are held
+//! unpushed and the next batch is built on top of them; one fast-forward push then carries them all, once the
+//! queue is empty, `push_max_batches` are held or the oldest has waited `push_max_delay` (a seed over a network
+//! transport pays a push's fixed price once per many batches instead of once per batch). A rejected push means
+//! someone else pushed: fetch, plan every held batch again in order on the new tip (the latest content per path is
+//! re-applied), push again, a bounded number of times. Only after a successful push are a batch's changes acked
+//! to their agents; on failure the batches stay held (and the buffer keeps its changes) and the worker retries with
+//! backoff, reporting `PushFailing`/`AuthFailed` to the destinations meanwhile. Nothing held is written anywhere
+//! but the clone: after a crash the agents re-send what was not acked.
 //!
 //! Two guards keep one fault from holding everything back: a batch whose commits git refuses to build is split
 //! until the refused messages are alone ([`batch::quarantine`]; they get `Reject CommitRefused`, the rest is
@@ -49,6 +54,10 @@ pub struct WorkerSettings {
     pub bot_email: String,
     /// Non-fast-forward rejections answered by fetch + replay within one flush before giving up for now.
     pub push_max_retries: u32,
+    /// Committed batches held unpushed (while more changes wait) before a push is forced.
+    pub push_max_batches: usize,
+    /// Longest the oldest held batch waits for its push while more changes keep arriving.
+    pub push_max_delay: Duration,
     /// Capacity of a worker's inbound channel.
     pub queue_capacity: usize,
     /// Backoff after a failed flush: first delay and cap.
@@ -179,6 +188,9 @@ pub fn spawn(
         status,
         clone: None,
         buffer: Buffer::default(),
+        linger_until: None,
+        unpushed: Vec::new(),
+        unpushed_stale: false,
         retry_at: None,
         retry_backoff,
         last_fetch: None,
@@ -201,6 +213,12 @@ struct Worker {
     /// `None` while the clone is being used on the blocking pool or could not be opened yet.
     clone: Option<Clone>,
     buffer: Buffer,
+    /// After a batch that filled up to a cap was held: wait until then for more changes before pushing.
+    linger_until: Option<Instant>,
+    /// Batches committed in the clone but not pushed yet, oldest first; acked once a push carries them.
+    unpushed: Vec<Committed>,
+    /// The held batches' commits may not be in the clone (a clone abandoned by the watchdog): rebuild them.
+    unpushed_stale: bool,
     retry_at: Option<Instant>,
     /// Delays between failed flushes, reset by a success.
     retry_backoff: Backoff,
@@ -236,13 +254,68 @@ impl std::fmt::Display for FlushError {
     }
 }
 
-struct FlushOutcome {
-    plan: Plan,
+/// One batch committed in the clone: its entries stay until a push carries it (to ack them, or to plan them
+/// again on a new tip when a push is rejected).
+#[derive(Clone)]
+struct Committed {
+    entries: Arc<Vec<batch::Entry>>,
+    plan: Arc<Plan>,
+    /// The commit the batch was built on, and its last commit (`parent` when it changed nothing).
+    parent: Option<git2::Oid>,
     tip: Option<git2::Oid>,
-    pushed: bool,
-    rejections: u32,
     /// Entries whose changes git refuses to commit even alone (batch index, why): refused, the rest pushed.
     quarantined: Vec<(usize, String)>,
+    committed_at: Instant,
+}
+
+/// When a flush pushes what it holds.
+#[derive(Clone, Copy, Debug)]
+enum PushWhen {
+    /// An explicit flush, a shutdown: push now.
+    Now,
+    /// Push unless more changes wait in the queue and no bound of the held batches is reached.
+    Due { more_waiting: bool },
+}
+
+/// The held batches and the bounds that force their push.
+struct PushRule {
+    when: PushWhen,
+    max_batches: usize,
+    max_delay: Duration,
+    max_bytes: usize,
+}
+
+impl PushRule {
+    fn due(&self, held: &[Committed], now: Instant) -> bool {
+        let more_waiting = match self.when {
+            PushWhen::Now => return true,
+            PushWhen::Due { more_waiting } => more_waiting,
+        };
+        let bytes: usize = held.iter().map(|c| c.plan.stats.bytes).sum();
+        !more_waiting
+            || held.len() >= self.max_batches
+            || bytes >= self.max_bytes
+            || held
+                .first()
+                .is_some_and(|c| now.duration_since(c.committed_at) >= self.max_delay)
+    }
+}
+
+/// What the blocking part of a flush did; the held batches come back whatever happened.
+struct FlushOutcome {
+    held: Vec<Committed>,
+    /// The held batches may still not be in the clone (a rebuild they needed failed).
+    stale: bool,
+    /// Whether the buffer's entries were committed (they are now the last held batch).
+    committed_buffer: bool,
+    result: Result<Step, FlushError>,
+}
+
+enum Step {
+    /// The batches stay held: more changes wait and no bound is reached.
+    Held,
+    /// The held batches are in the remote: pushed (`pushed`), or they changed nothing there.
+    Out { pushed: bool, rejections: u32 },
 }
 
 impl Worker {
@@ -259,7 +332,18 @@ impl Worker {
         // A failure is reported by the first flush, which retries the fetch.
         let _ = self.open().await;
         loop {
-            let deadline = match (self.buffer.deadline(&self.settings.limits), self.retry_at) {
+            let linger = self.linger_until.filter(|_| !self.unpushed.is_empty());
+            let pending = [
+                self.buffer.deadline(&self.settings.limits),
+                self.unpushed
+                    .first()
+                    .map(|c| c.committed_at + self.settings.push_max_delay),
+                linger,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let deadline = match (pending, self.retry_at) {
                 (Some(d), Some(r)) => Some(d.max(r)),
                 (d, None) => d,
                 (None, Some(r)) => Some(r),
@@ -271,14 +355,25 @@ impl Worker {
                 if let Some(deadline) = deadline {
                     tokio::time::sleep_until(deadline.into()).await;
                 }
-                self.flush_now(None).await;
+                self.flush_now(None, waiting(&receiver)).await;
+                continue;
+            }
+            // Held batches go out as soon as nothing more waits to be committed on top of them (after the linger
+            // of a batch that filled up: a stream of changes has short gaps).
+            if !self.unpushed.is_empty()
+                && !backing_off
+                && receiver.is_empty()
+                && linger.is_none_or(|t| t <= Instant::now())
+            {
+                self.flush_now(None, waiting(&receiver)).await;
+                self.publish_status();
                 continue;
             }
             let command = match deadline {
                 Some(deadline) => tokio::select! {
                     command = receiver.recv() => command,
                     _ = tokio::time::sleep_until(deadline.into()) => {
-                        self.flush_now(None).await;
+                        self.flush_now(None, waiting(&receiver)).await;
                         continue;
                     }
                 },
@@ -286,7 +381,7 @@ impl Worker {
             };
             let Some(command) = command else { break };
             if let Command::Shutdown(reply) = command {
-                self.flush_now(Some(reply)).await;
+                self.flush_now(Some(reply), PushWhen::Now).await;
                 receiver.close();
                 break;
             }
@@ -298,7 +393,7 @@ impl Worker {
                         match receiver.try_recv() {
                             Ok(Command::Change(change)) => self.accept(*change),
                             Ok(Command::Shutdown(reply)) => {
-                                self.flush_now(Some(reply)).await;
+                                self.flush_now(Some(reply), PushWhen::Now).await;
                                 receiver.close();
                                 self.metrics
                                     .active_workers
@@ -317,7 +412,7 @@ impl Worker {
                     let backing_off = self.retry_at.is_some_and(|r| r > Instant::now());
                     if self.buffer.flush_due(&self.settings.limits, Instant::now()) && !backing_off
                     {
-                        self.flush_now(None).await;
+                        self.flush_now(None, waiting(&receiver)).await;
                     }
                 }
                 other => self.handle_other(other).await,
@@ -325,8 +420,8 @@ impl Worker {
             self.publish_status();
         }
         // All senders are gone (shutdown): push what is pending, once.
-        if !self.buffer.is_empty() {
-            self.flush_now(None).await;
+        if !self.buffer.is_empty() || !self.unpushed.is_empty() {
+            self.flush_now(None, PushWhen::Now).await;
         }
         self.metrics
             .active_workers
@@ -338,7 +433,7 @@ impl Worker {
     async fn handle_other(&mut self, command: Command) {
         match command {
             Command::Change(change) => self.accept(*change),
-            Command::Flush(reply) => self.flush_now(Some(reply)).await,
+            Command::Flush(reply) => self.flush_now(Some(reply), PushWhen::Now).await,
             Command::Forget(id) => self.buffer.forget_destination(&id),
             Command::SetCredentials(credentials) => {
                 info!(worker = %self.id, "credentials changed; retrying with the new ones");
@@ -351,7 +446,7 @@ impl Worker {
                 self.retry_backoff.reset();
             }
             // Handled by the run loop, which stops after it.
-            Command::Shutdown(reply) => self.flush_now(Some(reply)).await,
+            Command::Shutdown(reply) => self.flush_now(Some(reply), PushWhen::Now).await,
         }
     }
 
@@ -439,8 +534,12 @@ impl Worker {
         Ok(())
     }
 
-    async fn flush_now(&mut self, reply: Option<oneshot::Sender<Result<FlushReport, String>>>) {
-        if self.buffer.is_empty() {
+    async fn flush_now(
+        &mut self,
+        reply: Option<oneshot::Sender<Result<FlushReport, String>>>,
+        when: PushWhen,
+    ) {
+        if self.buffer.is_empty() && self.unpushed.is_empty() {
             self.retry_at = None;
             if let Some(reply) = reply {
                 let sha = self
@@ -456,12 +555,23 @@ impl Worker {
             }
             return;
         }
-        let result = self.flush().await;
+        let full = self.buffer.full(&self.settings.limits);
+        let result = self.flush(when).await;
+        self.linger_until = None;
         let report = match result {
-            Ok(outcome) => {
+            Ok(Step::Held) => {
+                // Nothing failed: the next flush (or an empty queue) pushes them.
+                self.retry_at = None;
+                if full {
+                    self.linger_until =
+                        Some(Instant::now() + LINGER.min(self.settings.push_max_delay));
+                }
+                Ok(FlushReport::default())
+            }
+            Ok(Step::Out { pushed, rejections }) => {
                 self.retry_backoff.reset();
                 self.retry_at = None;
-                Ok(self.finish(outcome))
+                Ok(self.finish(pushed, rejections))
             }
             Err(error) => {
                 let delay = self.retry_backoff.next_delay();
@@ -471,17 +581,21 @@ impl Worker {
                     .push_retries
                     .with_label_values(&self.labels())
                     .inc();
-                warn!(worker = %self.id, %error, retry_in = ?delay, pending = self.buffer.len(), "flush failed; changes stay pending");
+                warn!(worker = %self.id, %error, retry_in = ?delay, pending = self.buffer.len(), unpushed_batches = self.unpushed.len(), "flush failed; changes stay pending");
                 Err(error.to_string())
             }
         };
+        self.metrics
+            .unpushed_batches
+            .with_label_values(&self.labels())
+            .set(self.unpushed.len() as i64);
         self.publish_status();
         if let Some(reply) = reply {
             let _ = reply.send(report);
         }
     }
 
-    async fn flush(&mut self) -> Result<FlushOutcome, FlushError> {
+    async fn flush(&mut self, when: PushWhen) -> Result<Step, FlushError> {
         if let Some(lease) = &self.lease {
             let state = lease.borrow().clone();
             if !state.held() {
@@ -501,52 +615,124 @@ impl Worker {
                 "the clone is not available".into(),
             )));
         };
-        let entries = self.buffer.entries().to_vec();
-        let refetch = self
-            .last_fetch
-            .is_none_or(|t| t.elapsed() >= self.settings.refetch_after);
+        // The buffer becomes a new held batch unless enough are held already (a failing remote): then it keeps
+        // filling up to its hard cap, and the queue pushes back on the agents.
+        let entries = (!self.buffer.is_empty()
+            && self.unpushed.len() < self.settings.push_max_batches)
+            .then(|| Arc::new(self.buffer.entries().to_vec()));
+        // A fetch moves the base: only when nothing is held on top of the old one (a push finds the new tip).
+        let refetch = self.unpushed.is_empty()
+            && self
+                .last_fetch
+                .is_none_or(|t| t.elapsed() >= self.settings.refetch_after);
         let context = PlanContext {
             bot_name: self.settings.bot_name.clone(),
             bot_email: self.settings.bot_email.clone(),
             deletes_cap: self.settings.deletes_cap,
             now_rfc3339: Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
         };
+        let rule = PushRule {
+            when,
+            max_batches: self.settings.push_max_batches,
+            max_delay: self.settings.push_max_delay,
+            max_bytes: self.settings.limits.max_bytes.saturating_mul(4),
+        };
         let max_retries = self.settings.push_max_retries;
+        let held = self.unpushed.clone();
+        let stale = self.unpushed_stale;
         let ran = watchdog::run(network_deadline(), &self.abandoned, move |watch| {
-            let result =
-                flush_blocking(&mut clone, &entries, &context, refetch, max_retries, watch);
-            (clone, result)
+            let outcome = flush_blocking(
+                &mut clone,
+                held,
+                stale,
+                entries,
+                &context,
+                refetch,
+                &rule,
+                max_retries,
+                watch,
+            );
+            (clone, outcome)
         })
         .await;
-        let (clone, result) = match ran {
-            Some((clone, result)) => (Some(clone), result),
-            // The clone stays with the abandoned task; the next flush opens it afresh.
-            None => (None, Err(FlushError::Git(self.abandoned_error()))),
-        };
-        self.clone = clone;
         if refetch {
             self.last_fetch = Some(Instant::now());
         }
-        let outcome = result?;
-        if outcome.rejections > 0 {
+        let outcome = match ran {
+            Some((clone, outcome)) => {
+                self.clone = Some(clone);
+                outcome
+            }
+            None => {
+                // The clone stays with the abandoned task; the next flush opens it afresh and rebuilds the held
+                // batches (kept here) on whatever tip it finds. The buffer still holds its entries.
+                self.clone = None;
+                self.unpushed_stale = !self.unpushed.is_empty();
+                return Err(FlushError::Git(self.abandoned_error()));
+            }
+        };
+        self.unpushed = outcome.held;
+        self.unpushed_stale = outcome.stale;
+        if outcome.committed_buffer {
+            // Its entries are the last held batch now.
+            self.buffer.take();
+            self.metrics
+                .queue_depth
+                .with_label_values(&self.labels())
+                .set(0);
+        }
+        let step = outcome.result?;
+        if let Step::Out { rejections, .. } = step
+            && rejections > 0
+        {
             self.metrics
                 .rebase_retries
                 .with_label_values(&self.labels())
-                .inc_by(u64::from(outcome.rejections));
+                .inc_by(u64::from(rejections));
         }
-        Ok(outcome)
+        Ok(step)
     }
 
-    /// Book-keeping after a successful flush: metrics, statuses, acks.
-    fn finish(&mut self, outcome: FlushOutcome) -> FlushReport {
-        let entries = self.buffer.take();
-        self.metrics
-            .queue_depth
-            .with_label_values(&self.labels())
-            .set(0);
-        let plan = &outcome.plan;
-        let sha = outcome.tip.map(|t| t.to_string()).unwrap_or_default();
-        if outcome.pushed {
+    /// Book-keeping after the held batches went out: metrics, statuses, acks, batch by batch in order.
+    fn finish(&mut self, pushed: bool, rejections: u32) -> FlushReport {
+        let batches = std::mem::take(&mut self.unpushed);
+        if pushed {
+            self.metrics.pushes.with_label_values(&self.labels()).inc();
+            let tip = batches
+                .last()
+                .and_then(|b| b.tip)
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            let commits: usize = batches.iter().map(|b| b.plan.commits.len()).sum();
+            let mut status = self.status.lock().expect("status lock");
+            status.last_commit_sha = tip.clone();
+            status.last_commit_time = Some(Utc::now());
+            drop(status);
+            info!(
+                worker = %self.id,
+                commit = %tip,
+                batches = batches.len(),
+                commits,
+                rejections,
+                "pushed"
+            );
+        }
+        self.status.lock().expect("status lock").last_error.clear();
+        let mut report = FlushReport::default();
+        for batch in batches {
+            let batch_report = self.finish_batch(batch);
+            report.files_changed += batch_report.files_changed;
+            report.commit_sha = batch_report.commit_sha;
+        }
+        report
+    }
+
+    /// One batch of a push (or one that changed nothing): metrics, refusals, statuses and acks.
+    fn finish_batch(&mut self, batch: Committed) -> FlushReport {
+        let entries = &batch.entries;
+        let plan = &batch.plan;
+        let sha = batch.tip.map(|t| t.to_string()).unwrap_or_default();
+        if !plan.commits.is_empty() {
             self.metrics
                 .commit_batches
                 .with_label_values(&self.labels())
@@ -578,10 +764,7 @@ impl Worker {
                     }
                 }
             }
-            let mut status = self.status.lock().expect("status lock");
-            status.last_commit_sha = sha.clone();
-            status.last_commit_time = Some(Utc::now());
-            info!(
+            debug!(
                 worker = %self.id,
                 commit = %sha,
                 commits = plan.commits.len(),
@@ -589,13 +772,11 @@ impl Worker {
                 deleted = plan.stats.deleted,
                 orphans = plan.stats.orphans_deleted,
                 noops = plan.stats.noops,
-                rejections = outcome.rejections,
-                "pushed"
+                "batch pushed"
             );
         } else {
-            debug!(worker = %self.id, noops = plan.stats.noops, "flush had no effective change; no commit");
+            debug!(worker = %self.id, noops = plan.stats.noops, "batch had no effective change; no commit");
         }
-        self.status.lock().expect("status lock").last_error.clear();
 
         for conflict in &plan.marker_conflicts {
             let key = conflict.destination.id.key.as_str();
@@ -643,7 +824,7 @@ impl Worker {
                 message.clone(),
             );
         }
-        for (index, why) in &outcome.quarantined {
+        for (index, why) in &batch.quarantined {
             let entry = &entries[*index];
             warn!(worker = %self.id, destination = %entry.destination.id, sequence = entry.sequence, error = %why, "the change cannot be committed; refused alone, the rest of the batch goes on");
             self.metrics
@@ -721,7 +902,7 @@ impl Worker {
         // Ack the highest sequence per (stream, destination): every earlier one is in this push too.
         let mut highest: BTreeMap<(u64, DestinationId), (u64, Arc<Origin>, DestinationRef)> =
             BTreeMap::new();
-        for entry in &entries {
+        for entry in entries.iter() {
             let key = (
                 entry.destination.origin.session_id,
                 entry.destination.id.clone(),
@@ -825,7 +1006,8 @@ impl Worker {
         self.status.lock().expect("status lock").last_error = message.clone();
         let destinations: Vec<DestinationRef> = {
             let mut seen = HashMap::new();
-            for entry in self.buffer.entries() {
+            let held = self.unpushed.iter().flat_map(|c| c.entries.iter());
+            for entry in held.chain(self.buffer.entries()) {
                 seen.entry(entry.destination.id.clone())
                     .or_insert_with(|| entry.destination.clone());
             }
@@ -845,7 +1027,9 @@ impl Worker {
 
     fn publish_status(&self) {
         let mut status = self.status.lock().expect("status lock");
-        status.pending_entries = self.buffer.len();
+        // Held batches are not acked yet: still pending for the agents.
+        status.pending_entries =
+            self.buffer.len() + self.unpushed.iter().map(|c| c.entries.len()).sum::<usize>();
         status.pending_files = self.buffer.pending_files();
         if let Some(lease) = &self.lease {
             status.lease_holder = lease.borrow().holder.clone();
@@ -904,70 +1088,168 @@ impl TreeView for CommitTree<'_> {
     }
 }
 
-/// Plan, commit and push on the blocking pool; replays on the new tip when the push is rejected.
+/// The git work of a flush, on the blocking pool: commit the buffer's entries (if given) on top of the held
+/// batches, then push them all if the rule says so. A rejected push fetches and plans every held batch again, in
+/// order, on the new tip, then pushes again. The held batches come back in every case.
+#[allow(clippy::too_many_arguments)]
 fn flush_blocking(
     clone: &mut Clone,
-    entries: &[batch::Entry],
+    mut held: Vec<Committed>,
+    stale: bool,
+    entries: Option<Arc<Vec<batch::Entry>>>,
     context: &PlanContext,
     refetch: bool,
+    rule: &PushRule,
     max_retries: u32,
     watch: &watchdog::NetworkWatch,
-) -> Result<FlushOutcome, FlushError> {
-    if refetch {
-        watch.network(|| clone.fetch()).map_err(FlushError::Git)?;
+) -> FlushOutcome {
+    let mut committed_buffer = false;
+    let mut stale = stale;
+    let result = (|| {
+        if refetch {
+            watch.network(|| clone.fetch()).map_err(FlushError::Git)?;
+        }
+        // Held batches built on another commit than the base (or maybe lost with an abandoned clone): rebuild.
+        if stale || held.first().is_some_and(|c| c.parent != clone.base()) {
+            rebuild(clone, &mut held, context)?;
+            stale = false;
+        }
+        if let Some(entries) = entries {
+            let parent = held.last().map_or(clone.base(), |c| c.tip);
+            held.push(commit_batch(clone, entries, parent, Vec::new(), context)?);
+            committed_buffer = true;
+        }
+        if !rule.due(&held, Instant::now()) {
+            return Ok(Step::Held);
+        }
+        push_held(clone, &mut held, context, max_retries, watch)
+    })();
+    FlushOutcome {
+        held,
+        stale,
+        committed_buffer,
+        result,
     }
+}
+
+/// Pushes the last held batch's tip (which carries every held batch); on a rejection fetches, rebuilds them all on
+/// the new tip and pushes again, up to `max_retries` times.
+fn push_held(
+    clone: &mut Clone,
+    held: &mut Vec<Committed>,
+    context: &PlanContext,
+    max_retries: u32,
+    watch: &watchdog::NetworkWatch,
+) -> Result<Step, FlushError> {
     let mut rejections = 0;
-    // Messages whose changes cannot be committed: found once per flush, left out of the replays.
-    let mut quarantined: Vec<(usize, String)> = Vec::new();
     loop {
-        let base = clone.base();
-        let candidates: Vec<usize> = (0..entries.len())
-            .filter(|i| !quarantined.iter().any(|(q, _)| q == i))
-            .collect();
-        let isolated = batch::quarantine::isolate(&candidates, base, &mut |subset, parent| {
-            build_commits(clone, entries, subset, *parent, context)
-        })?;
-        quarantined.extend(isolated.refused);
-        quarantined.sort_by_key(|(i, _)| *i);
-        let mut pieces = isolated.built.into_iter();
-        let mut plan = pieces.next().unwrap_or_default();
-        pieces.for_each(|piece| plan.absorb(piece));
-        let tip = isolated.end;
-        if plan.commits.is_empty() {
-            return Ok(FlushOutcome {
-                plan,
-                tip: base,
+        if held.iter().all(|c| c.plan.commits.is_empty()) {
+            return Ok(Step::Out {
                 pushed: false,
                 rejections,
-                quarantined,
             });
         }
-        let tip = tip.expect("at least one commit");
+        let tip = held
+            .last()
+            .and_then(|c| c.tip)
+            .expect("a held batch with commits has a tip");
         match watch.network(|| clone.push(tip)).map_err(FlushError::Git)? {
             PushOutcome::Pushed => {
-                return Ok(FlushOutcome {
-                    plan,
-                    tip: Some(tip),
+                return Ok(Step::Out {
                     pushed: true,
                     rejections,
-                    quarantined,
                 });
             }
             PushOutcome::Rejected => {
                 rejections += 1;
                 if rejections > max_retries {
-                    // Re-fetch so the next attempt starts from the newest tip.
+                    // Re-fetch so the next attempt starts from the newest tip (it rebuilds the held batches).
                     let _ = watch.network(|| clone.fetch());
                     return Err(FlushError::TooManyRejections(rejections));
                 }
                 info!(
                     attempt = rejections,
+                    batches = held.len(),
                     "push rejected (non-fast-forward); fetching and replaying"
                 );
                 watch.network(|| clone.fetch()).map_err(FlushError::Git)?;
                 std::thread::sleep(Duration::from_millis(50u64 << rejections.min(6)));
+                rebuild(clone, held, context)?;
             }
         }
+    }
+}
+
+/// Plans and commits every held batch again, in order, on the clone's base (the remote tip).
+/// All or nothing: on an error `held` keeps its former chain (built on an older base, so rebuilt next time).
+fn rebuild(
+    clone: &mut Clone,
+    held: &mut Vec<Committed>,
+    context: &PlanContext,
+) -> Result<(), FlushError> {
+    let mut parent = clone.base();
+    let mut rebuilt = Vec::with_capacity(held.len());
+    for batch in held.iter() {
+        let again = commit_batch(
+            clone,
+            batch.entries.clone(),
+            parent,
+            batch.quarantined.clone(),
+            context,
+        )?;
+        parent = again.tip;
+        rebuilt.push(Committed {
+            committed_at: batch.committed_at,
+            ..again
+        });
+    }
+    *held = rebuilt;
+    Ok(())
+}
+
+/// Plans `entries` on top of `parent` and creates their commits, leaving out the messages in `quarantined` and any
+/// others git refuses even alone (see [`batch::quarantine`]).
+fn commit_batch(
+    clone: &mut Clone,
+    entries: Arc<Vec<batch::Entry>>,
+    parent: Option<git2::Oid>,
+    mut quarantined: Vec<(usize, String)>,
+    context: &PlanContext,
+) -> Result<Committed, FlushError> {
+    let candidates: Vec<usize> = (0..entries.len())
+        .filter(|i| !quarantined.iter().any(|(q, _)| q == i))
+        .collect();
+    let isolated = batch::quarantine::isolate(&candidates, parent, &mut |subset, parent| {
+        build_commits(clone, &entries, subset, *parent, context)
+    })?;
+    quarantined.extend(isolated.refused);
+    quarantined.sort_by_key(|(i, _)| *i);
+    let mut pieces = isolated.built.into_iter();
+    let mut plan = pieces.next().unwrap_or_default();
+    pieces.for_each(|piece| plan.absorb(piece));
+    let tip = if plan.commits.is_empty() {
+        parent
+    } else {
+        isolated.end
+    };
+    Ok(Committed {
+        entries,
+        plan: Arc::new(plan),
+        parent,
+        tip,
+        quarantined,
+        committed_at: Instant::now(),
+    })
+}
+
+/// How long a worker that just held a full batch waits for the next change before it pushes: a seed streams
+/// changes with short gaps (flow control, the agents' checks), and a push in each gap would undo the coalescing.
+const LINGER: Duration = Duration::from_millis(50);
+
+/// Whether more changes wait in a worker's queue (then a committed batch may wait for the next ones).
+fn waiting(receiver: &mpsc::Receiver<Command>) -> PushWhen {
+    PushWhen::Due {
+        more_waiting: !receiver.is_empty(),
     }
 }
 
@@ -1019,4 +1301,57 @@ fn build_commits(
     }
     let plan = if whole { plan } else { plan.remapped(subset) };
     Ok(Attempt::Built(tip, plan))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(ages: &[Duration], bytes: usize, now: Instant) -> Vec<Committed> {
+        ages.iter()
+            .map(|age| {
+                let mut plan = Plan::default();
+                plan.stats.bytes = bytes;
+                Committed {
+                    entries: Arc::new(Vec::new()),
+                    plan: Arc::new(plan),
+                    parent: None,
+                    tip: None,
+                    quarantined: Vec::new(),
+                    committed_at: now - *age,
+                }
+            })
+            .collect()
+    }
+
+    fn rule(more_waiting: bool) -> PushRule {
+        PushRule {
+            when: PushWhen::Due { more_waiting },
+            max_batches: 3,
+            max_delay: Duration::from_secs(10),
+            max_bytes: 1000,
+        }
+    }
+
+    #[test]
+    fn held_batches_wait_only_while_more_changes_wait_and_no_bound_is_reached() {
+        let now = Instant::now();
+        let young = [Duration::from_secs(1), Duration::ZERO];
+        assert!(!rule(true).due(&held(&young, 10, now), now));
+        // The queue is empty: push.
+        assert!(rule(false).due(&held(&young, 10, now), now));
+        // An explicit flush or a shutdown: push.
+        let now_rule = PushRule {
+            when: PushWhen::Now,
+            ..rule(true)
+        };
+        assert!(now_rule.due(&held(&young, 10, now), now));
+        // Each bound alone.
+        let three = [Duration::ZERO; 3];
+        assert!(rule(true).due(&held(&three, 10, now), now), "max batches");
+        let old = [Duration::from_secs(10)];
+        assert!(rule(true).due(&held(&old, 10, now), now), "max delay");
+        assert!(rule(true).due(&held(&young, 500, now), now), "max bytes");
+        assert!(!rule(true).due(&held(&young, 499, now), now));
+    }
 }

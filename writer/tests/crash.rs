@@ -27,7 +27,7 @@ use std::{
 
 use reverser_proto::v1::{self as pb, writer_message::Kind as Out};
 use support::{Agent, configmap, delete, upsert};
-use testkit::{BareRepo, GitDaemon, git};
+use testkit::{BareRepo, GitDaemon, HttpGitServer, git};
 
 const DEST: &str = "gitops/crash";
 const BASE: &str = "clusters/crash";
@@ -44,6 +44,10 @@ struct WriterProcess {
 
 impl WriterProcess {
     async fn start(work_dir: &Path, log: PathBuf) -> WriterProcess {
+        Self::start_with(work_dir, log, &[]).await
+    }
+
+    async fn start_with(work_dir: &Path, log: PathBuf, extra: &[&str]) -> WriterProcess {
         let out = std::fs::File::create(&log).expect("create writer log");
         let err = out.try_clone().expect("clone log handle");
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_reverser-writer"))
@@ -63,6 +67,7 @@ impl WriterProcess {
                 "--log-format",
                 "json",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -637,4 +642,112 @@ async fn stale_git_lock_files_left_by_a_killed_writer_do_not_wedge_it_after_rest
         "index.lock",
     ])
     .await;
+}
+
+/// SIGKILL while the writer holds committed batches it could not push yet (the HTTPS server refuses its password):
+/// nothing of them was acked and nothing reached the remote; the restarted writer lands every re-sent change, each
+/// file in exactly one commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_batches_are_held_unpushed_loses_nothing() {
+    let repo = BareRepo::new();
+    let server = HttpGitServer::start(&repo, "robot", "s3cret-pw");
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "s3cret-pw\n").unwrap();
+    let credentials = dir.path().join("credentials.yaml");
+    std::fs::write(
+        &credentials,
+        format!(
+            "credentials:\n  - urlPrefix: {}\n    username: robot\n    passwordFile: {}\n",
+            server.url(),
+            password.display()
+        ),
+    )
+    .unwrap();
+    let ca = server.ca_file().display().to_string();
+    let flags = [
+        "--git-ca-file",
+        ca.as_str(),
+        "--git-credentials",
+        credentials.to_str().unwrap(),
+    ];
+    let work_dir = tempfile::tempdir().unwrap();
+    let path = |k: u64| format!("core/v1/configmaps/ns/held-{k}.yaml");
+    let message = |k: u64| {
+        upsert(
+            DEST,
+            k,
+            &path(k),
+            &configmap("ns", &format!("held-{k}"), "1"),
+        )
+    };
+
+    let log = dir.path().join("writer-1.log");
+    let _show = ShowLogOnPanic(log.clone());
+    let writer = WriterProcess::start_with(work_dir.path(), log, &flags).await;
+    let mut agent = connect(writer.grpc, &server.url()).await;
+    agent.send(message(1)).await;
+    agent.ack(DEST, 1).await;
+    let first = repo.rev_parse("main").expect("the first change was pushed");
+
+    server.set_credentials("robot", "rotated-elsewhere");
+    let mut sequence = 1;
+    for held in 1..=3u64 {
+        for _ in 0..4 {
+            sequence += 1;
+            agent.send(message(sequence)).await;
+        }
+        // The worker logs how many batches it holds each time a push fails.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !writer
+            .log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .any(|line| line["unpushed_batches"].as_u64() >= Some(held))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{held} held batches not logged:\n{}",
+                writer.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let acked_early: Vec<_> = agent
+        .drain_for(Duration::from_millis(300))
+        .await
+        .into_iter()
+        .filter(|m| matches!(m, Out::Ack(a) if a.sequence > 1))
+        .collect();
+    assert!(
+        acked_early.is_empty(),
+        "acked before pushed: {acked_early:?}"
+    );
+    writer.kill().await;
+    drop(agent);
+    assert_eq!(repo.rev_parse("main").as_deref(), Some(first.as_str()));
+
+    // The server takes the password again; the agent re-sends everything not acked to the restarted writer.
+    server.set_credentials("robot", "s3cret-pw");
+    let log = dir.path().join("writer-2.log");
+    let _show = ShowLogOnPanic(log.clone());
+    let writer = WriterProcess::start_with(work_dir.path(), log, &flags).await;
+    let mut agent = connect(writer.grpc, &server.url()).await;
+    for k in 2..=sequence {
+        agent.send(message(k)).await;
+    }
+    agent.ack(DEST, sequence).await;
+    let tip = repo.rev_parse("main").unwrap();
+    git_ok(&repo, &["merge-base", "--is-ancestor", &first, &tip]);
+    git_ok(&repo, &["fsck", "--strict", "--no-dangling"]);
+    for k in 1..=sequence {
+        let file = format!("{BASE}/{}", path(k));
+        assert_eq!(
+            repo.read("main", &file).unwrap(),
+            configmap("ns", &format!("held-{k}"), "1")
+        );
+        let commits = git_ok(&repo, &["log", "--format=%H", "main", "--", &file]);
+        assert_eq!(commits.lines().count(), 1, "{file}: {commits}");
+    }
+    writer.kill().await;
 }
