@@ -1555,6 +1555,28 @@ async fn a_reconcile_request_relists_now_and_sweeps_a_file_nobody_has_in_the_clu
     .await;
     world.wait_until_gone(stray).await;
     assert!(begins().await > before, "the request relisted");
+    // The sweep is an Event on the GitDestination, with its count.
+    wait_async("an OrphansDeleted Event on the GitDestination", || async {
+        let events = kubectl(
+            &world,
+            &[
+                "get",
+                "events",
+                "-n",
+                "gitops-reverser",
+                "--field-selector",
+                "involvedObject.kind=GitDestination,involvedObject.name=prod,reason=OrphansDeleted",
+                "-o",
+                "jsonpath={.items[*].message}",
+            ],
+            None,
+        )
+        .await;
+        events
+            .contains("deleted 1 orphan file (objects no longer in the cluster) in commit")
+            .then_some(())
+    })
+    .await;
     assert!(world.repo.read(BRANCH, CONFIGMAP_FLAGS).is_some());
     let client = world.cluster.client().await;
     wait_async("status.lastHandledReconcileAt", || async {

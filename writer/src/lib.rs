@@ -415,6 +415,8 @@ impl Args {
             git_batch_max_files: _, // worker_settings
             git_batch_max_bytes_mib: _,
             git_batch_max_wait_sec: _,
+            git_push_max_batches: _, // worker_settings
+            git_push_max_delay_sec: _,
             deletes_cap_per_cycle: _,
             git_connect_timeout_sec,
             git_io_timeout_sec,

@@ -213,6 +213,18 @@ impl DestinationRef {
         self.origin
             .send(pb::writer_message::Kind::DestinationStatus(condition));
     }
+
+    /// Tells the destination's agent that the pushed `commit` deleted `deleted` orphan files (`left` more wait
+    /// for the next snapshot).
+    pub fn sweep_report(&self, deleted: usize, left: usize, commit: &str) {
+        self.origin
+            .send(pb::writer_message::Kind::SweepReport(pb::SweepReport {
+                destination: self.id.key.clone(),
+                deleted: deleted as u64,
+                left: left as u64,
+                commit_sha: commit.to_owned(),
+            }));
+    }
 }
 
 /// Object identity, for commit messages and logs.

@@ -889,6 +889,23 @@ impl Worker {
                 );
             }
         }
+        // Sweeps that deleted something, per destination, once the commit holding the deletions is pushed.
+        let mut swept: BTreeMap<&DestinationId, (&DestinationRef, usize, usize)> = BTreeMap::new();
+        for &(index, deleted) in &plan.sweep_deletions {
+            let destination = &entries[index].destination;
+            swept
+                .entry(&destination.id)
+                .or_insert((destination, 0, 0))
+                .1 += deleted;
+        }
+        for &(index, left) in &plan.truncated_sweeps {
+            if let Some(found) = swept.get_mut(&entries[index].destination.id) {
+                found.2 += left;
+            }
+        }
+        for (destination, deleted, left) in swept.into_values() {
+            destination.sweep_report(deleted, left, &sha);
+        }
         for &index in &plan.refused_entries {
             let entry = &entries[index];
             entry.destination.origin.reject(

@@ -206,7 +206,22 @@ async fn snapshot_end_deletes_orphans_of_its_scope_only_within_the_cap() {
         .send(upsert(DEST, 2, "apps/v1/deployments/shop/kept.yaml", KEPT))
         .await;
     agent.send(snapshot_end(DEST, 3, deployments(), 1)).await;
-    agent.ack(DEST, 3).await;
+    let pushed = agent.ack(DEST, 3).await;
+    // The agent hears what the sweep deleted (it becomes an Event on the GitDestination).
+    let report = match agent
+        .expect(
+            |m| matches!(m, Out::SweepReport(r) if r.destination == DEST),
+            "a sweep report",
+        )
+        .await
+    {
+        Out::SweepReport(report) => report,
+        _ => unreachable!(),
+    };
+    assert_eq!(
+        (report.deleted, report.left, report.commit_sha.as_str()),
+        (2, 1, pushed.as_str())
+    );
     let files = repo.ls_tree("main");
     assert!(
         !files.contains(&"c/apps/v1/deployments/shop/orphan-1.yaml".to_owned()),
