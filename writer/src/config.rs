@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::{
     authz::{ClientGrant, Grant, Limits, Pattern, Policy},
-    credentials::{CredentialStore, RawEntry},
+    credentials::{CredentialStore, RawEntry, RawSigningEntry},
     tls::TlsPaths,
 };
 
@@ -45,6 +45,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     credentials: Vec<RawEntry>,
+    #[serde(default)]
+    commit_signing: Vec<RawSigningEntry>,
     #[serde(default)]
     clients: Vec<RawClient>,
 }
@@ -202,7 +204,9 @@ impl WriterConfig {
                 .map_err(invalid)?,
         };
         let credentials = CredentialStore::from_entries(raw.credentials, Some(&base_dir))
-            .map_err(|e| invalid(format!("credentials: {e}")))?;
+            .map_err(|e| invalid(format!("credentials: {e}")))?
+            .with_signing(raw.commit_signing, Some(&base_dir))
+            .map_err(|e| invalid(e.to_string()))?;
 
         let mut clients = HashMap::new();
         for (index, client) in raw.clients.into_iter().enumerate() {
