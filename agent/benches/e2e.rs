@@ -163,6 +163,7 @@ impl DirectStream {
             exclusive_mode: false,
             credentials: None,
             age_recipients: Vec::new(),
+            commit_message: None,
         })))
         .await?;
         Ok(DirectStream {

@@ -541,6 +541,7 @@ impl Agent {
                 exclusive_mode: false,
                 credentials: None,
                 age_recipients: Vec::new(),
+                commit_message: None,
             })))
             .await?;
         let mut replies = client

@@ -224,6 +224,7 @@ async fn main() -> anyhow::Result<()> {
             exclusive_mode: true,
             credentials: None,
             age_recipients: Vec::new(),
+            commit_message: None,
         }))
         .await?;
 

@@ -126,6 +126,8 @@ pub struct DestinationSpec {
     /// age public keys of the destination's SOPS-encrypted files (empty: it has none); the writer keeps a
     /// matching `.sops.yaml` in the base folder.
     pub age_recipients: Vec<String>,
+    /// How the destination's commit messages read (none: the built-in messages).
+    pub commit_template: Option<Arc<crate::batch::template::CommitTemplate>>,
 }
 
 /// What a destination's messages need to carry into the worker.
@@ -136,6 +138,8 @@ pub struct DestinationRef {
     pub exclusive_mode: bool,
     /// age public keys for the base folder's `.sops.yaml` (empty: none is written).
     pub age_recipients: Arc<[String]>,
+    /// How the destination's commit messages read (none: the built-in messages).
+    pub commit_template: Option<Arc<crate::batch::template::CommitTemplate>>,
     pub origin: Arc<Origin>,
     /// Highest sequence acked so far (for `WriterAdmin.ListDestinations`).
     pub acked: Arc<std::sync::atomic::AtomicU64>,

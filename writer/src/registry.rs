@@ -343,6 +343,7 @@ impl Registry {
             base_folder: spec.base_folder.clone(),
             exclusive_mode: spec.exclusive_mode,
             age_recipients: spec.age_recipients.clone().into(),
+            commit_template: spec.commit_template.clone(),
             origin,
             acked: acked.clone(),
             conditions: conditions.clone(),

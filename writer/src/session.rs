@@ -250,6 +250,13 @@ pub fn validate_destination(
             format!("age_recipients[{position}] is not an age X25519 public key (age1…)"),
         ));
     }
+    let commit_template = message
+        .commit_message
+        .as_ref()
+        .map(|t| crate::batch::template::CommitTemplate::parse(&t.subject, &t.body))
+        .transpose()
+        .map_err(|e| reject(RejectReason::InvalidDestination, e.to_string()))?
+        .map(Arc::new);
     let spec = DestinationSpec {
         id: DestinationId {
             cluster_uid: cluster_uid.to_owned(),
@@ -261,6 +268,7 @@ pub fn validate_destination(
         exclusive_mode: message.exclusive_mode,
         credentials: None,
         age_recipients: message.age_recipients.clone(),
+        commit_template,
     };
     Ok((spec, credentials))
 }

@@ -141,6 +141,7 @@ pub fn destination(
             exclusive_mode: exclusive,
             credentials: None,
             age_recipients: Vec::new(),
+            commit_message: None,
         })),
     }
 }
