@@ -19,6 +19,8 @@ pub struct DestinationDecl {
     pub credentials: Option<Box<crate::credentials::GitCredentials>>,
     /// SOPS + age encryption of sensitive objects (Secrets): without it they are never sent.
     pub encryption: Option<crate::sops::Encryption>,
+    /// The GitDestination's commit message template, checked by the writer.
+    pub commit_message: Option<crate::crd::CommitMessageSpec>,
 }
 
 /// Which Kubernetes object an event is about.

@@ -135,6 +135,7 @@ fn decl(key: &str) -> DestinationDecl {
         credentials_reference: None,
         credentials: None,
         encryption: None,
+        commit_message: None,
     }
 }
 

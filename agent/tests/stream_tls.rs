@@ -118,6 +118,7 @@ fn events(repo_url: &str) -> [AgentEvent; 2] {
             credentials_reference: None,
             credentials: None,
             encryption: None,
+            commit_message: None,
         }),
         AgentEvent::Upsert {
             destination: "gitops/prod".into(),

@@ -215,6 +215,7 @@ pub(crate) mod test_support {
             credentials_reference: None,
             credentials: None,
             encryption: None,
+            commit_message: None,
         }
     }
 

@@ -397,6 +397,13 @@ fn declare_message(decl: &DestinationDecl) -> pb::AgentMessage {
                 .as_ref()
                 .map(|e| e.recipients.clone())
                 .unwrap_or_default(),
+            commit_message: decl
+                .commit_message
+                .as_ref()
+                .map(|t| pb::CommitMessageTemplate {
+                    subject: t.subject.clone(),
+                    body: t.body.clone(),
+                }),
         })),
     }
 }
@@ -505,6 +512,7 @@ mod tests {
             credentials_reference: None,
             credentials: None,
             encryption: None,
+            commit_message: None,
         })
     }
 
@@ -861,6 +869,7 @@ mod tests {
             credentials_reference: Some("github".into()),
             credentials: None,
             encryption: None,
+            commit_message: None,
         };
         let Some(Kind::Destination(d)) = declare_message(&decl).kind else {
             panic!("a destination")
@@ -883,6 +892,25 @@ mod tests {
         assert_eq!(
             d.credentials.unwrap().kind,
             Some(pb::credentials::Kind::Token("t".into()))
+        );
+        assert_eq!(d.commit_message, None);
+        // The GitDestination's commit message template goes to the writer as it is (the writer checks it).
+        let templated = DestinationDecl {
+            commit_message: Some(crate::crd::CommitMessageSpec {
+                subject: "{operation} {name}".into(),
+                body: "{objects}".into(),
+            }),
+            ..inline
+        };
+        let Some(Kind::Destination(d)) = declare_message(&templated).kind else {
+            panic!("a destination")
+        };
+        assert_eq!(
+            d.commit_message,
+            Some(pb::CommitMessageTemplate {
+                subject: "{operation} {name}".into(),
+                body: "{objects}".into(),
+            })
         );
     }
 }

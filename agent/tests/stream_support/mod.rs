@@ -84,6 +84,7 @@ pub fn declare(repo_url: &str) -> AgentEvent {
         credentials_reference: None,
         credentials: None,
         encryption: None,
+        commit_message: None,
     })
 }
 
