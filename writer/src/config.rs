@@ -426,12 +426,12 @@ clients:
 
     #[test]
     fn commit_signing_entries_are_checked_with_the_configuration() {
-        let openpgp = error_of(
-            "commitSigning: [{urlPrefix: 'https://h/', format: openpgp, keyFile: /nonexistent}]",
+        let x509 = error_of(
+            "commitSigning: [{urlPrefix: 'https://h/', format: x509, keyFile: /nonexistent}]",
         );
         assert!(
-            openpgp.contains("commitSigning entry 0") && openpgp.contains("not supported yet"),
-            "{openpgp}"
+            x509.contains("commitSigning entry 0") && x509.contains("not supported"),
+            "{x509}"
         );
         let unknown =
             error_of("commitSigning: [{urlPrefix: 'https://h/', format: pgp2, keyFile: k}]");

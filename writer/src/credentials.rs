@@ -21,9 +21,12 @@
 //! ```yaml
 //! commitSigning:
 //!   - urlPrefix: https://github.com/acme/  # or one repository's whole URL
-//!     format: ssh                          # the only format so far; an ed25519 OpenSSH key
+//!     format: ssh                          # an ed25519 OpenSSH key (the default format)
 //!     keyFile: /etc/reverser/signing/id_ed25519
 //!     passphraseFile: /etc/reverser/signing/passphrase   # only for an encrypted key
+//!   - urlPrefix: https://github.com/acme/prod.git
+//!     format: openpgp                      # an armored secret key (gpg --export-secret-keys --armor)
+//!     keyFile: /etc/reverser/signing/prod.asc
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -263,16 +266,21 @@ impl CredentialStore {
             if self.signing.iter().any(|e| e.url_prefix == raw.url_prefix) {
                 return Err(invalid("another entry has the same urlPrefix".into()));
             }
-            match raw.format.as_str() {
-                "ssh" => {}
-                "openpgp" | "gpg" | "x509" => {
+            let openpgp = match raw.format.as_str() {
+                "ssh" => false,
+                "openpgp" => true,
+                "x509" => {
+                    return Err(invalid(
+                        "format \"x509\" is not supported: use ssh (an ed25519 key) or openpgp"
+                            .into(),
+                    ));
+                }
+                other => {
                     return Err(invalid(format!(
-                        "format {:?} is not supported yet: only ssh (an ed25519 key) signs commits",
-                        raw.format
+                        "unknown format {other:?}; use ssh or openpgp"
                     )));
                 }
-                other => return Err(invalid(format!("unknown format {other:?}; use ssh"))),
-            }
+            };
             let resolve = |p: &PathBuf| match base_dir {
                 Some(base) if p.is_relative() => base.join(p),
                 _ => p.clone(),
@@ -287,8 +295,12 @@ impl CredentialStore {
                     read_secret(p).map_err(|e| invalid(format!("reading {}: {e}", p.display())))
                 })
                 .transpose()?;
-            let signer = CommitSigner::from_ssh_private_key(&key, passphrase.as_deref())
-                .map_err(|e| invalid(format!("{}: {e}", key_file.display())))?;
+            let signer = if openpgp {
+                CommitSigner::from_openpgp_secret_key(&key, passphrase.as_deref())
+            } else {
+                CommitSigner::from_ssh_private_key(&key, passphrase.as_deref())
+            }
+            .map_err(|e| invalid(format!("{}: {e}", key_file.display())))?;
             self.source_files.push(key_file);
             self.source_files.extend(passphrase_file);
             self.signing.push(SigningEntry {

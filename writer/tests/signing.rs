@@ -328,3 +328,190 @@ async fn a_broken_key_on_reload_keeps_the_previous_key_and_never_pushes_unsigned
     }
     writer.stop().await;
 }
+
+/// `gpg` with its home in `home`, no agent prompts.
+fn gpg(home: &Path, args: &[&str]) -> std::process::Output {
+    let output = Command::new("gpg")
+        .env("GNUPGHOME", home)
+        .args(["--batch", "--pinentry-mode", "loopback"])
+        .args(args)
+        .output()
+        .expect("gpg (GnuPG) is needed to make and check OpenPGP keys");
+    assert!(
+        output.status.success(),
+        "gpg {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// A new OpenPGP key in a keyring at `home`, exported (armored, protected by `passphrase`) to `dir/name.asc`.
+fn new_openpgp_key(
+    home: &Path,
+    dir: &Path,
+    name: &str,
+    algorithm: &str,
+    passphrase: &str,
+) -> PathBuf {
+    let uid = format!("{name} <{name}@example.com>");
+    gpg(
+        home,
+        &[
+            "--passphrase",
+            passphrase,
+            "--quick-gen-key",
+            &uid,
+            algorithm,
+            "sign",
+            "never",
+        ],
+    );
+    let secret = gpg(
+        home,
+        &[
+            "--passphrase",
+            passphrase,
+            "--armor",
+            "--export-secret-keys",
+            &uid,
+        ],
+    );
+    let path = dir.join(format!("{name}.asc"));
+    std::fs::write(&path, secret.stdout).unwrap();
+    path
+}
+
+fn verify_openpgp(repo: &BareRepo, home: &Path, commit: &str) -> std::process::Output {
+    Command::new("git")
+        .env("GNUPGHOME", home)
+        .arg("--git-dir")
+        .arg(repo.path())
+        .args(["-c", "gpg.format=openpgp", "verify-commit", "--raw", commit])
+        .output()
+        .expect("git CLI")
+}
+
+fn openpgp_config(dir: &Path, url_prefix: &str, key: &Path, passphrase: Option<&Path>) -> PathBuf {
+    let path = signing_config(dir, url_prefix, key, passphrase);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("format: ssh", "format: openpgp");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn openpgp_signed_commits_verify_with_gpg_including_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("gnupg");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let key = new_openpgp_key(&home, dir.path(), "writer", "ed25519", "open sesame");
+    let passphrase = dir.path().join("passphrase");
+    std::fs::write(&passphrase, "open sesame\n").unwrap();
+    let repo = BareRepo::new();
+    let credentials = openpgp_config(dir.path(), &repo.file_url(), &key, Some(&passphrase));
+    let writer = Writer::start(&["--git-credentials", credentials.to_str().unwrap()]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &repo.file_url(), "main", "c").await;
+    upsert_and_ack(&mut agent, 1, "a", "1").await;
+    repo.commit_as_human("main", "docs/README.md", "hello\n", "docs: add readme");
+    upsert_and_ack(&mut agent, 2, "b", "1").await;
+
+    let all = commits(&repo);
+    let ours: Vec<_> = all
+        .iter()
+        .filter(|(_, e)| e != "human@example.com")
+        .collect();
+    assert_eq!(ours.len(), 2, "{all:?}");
+    for (sha, _) in &ours {
+        let output = verify_openpgp(&repo, &home, sha);
+        assert!(
+            output.status.success(),
+            "{sha}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let raw = lines(git(&repo, &["cat-file", "commit", sha]));
+        assert!(
+            raw.iter()
+                .any(|l| l == "gpgsig -----BEGIN PGP SIGNATURE-----"),
+            "{raw:?}"
+        );
+    }
+    // An empty keyring does not know the key: the check can fail.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::set_permissions(&empty, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    assert!(!verify_openpgp(&repo, &empty, &ours[0].0).status.success());
+
+    let mut admin = WriterAdminClient::connect(writer.grpc_url()).await.unwrap();
+    let workers = admin
+        .list_workers(ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    let listed = String::from_utf8(
+        gpg(
+            &home,
+            &["--with-colons", "--fingerprint", "writer@example.com"],
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert!(
+        listed.contains(&format!(":{}:", workers[0].signing_key_fingerprint)),
+        "{listed} vs {workers:?}"
+    );
+    assert!(
+        workers[0]
+            .signing_public_key
+            .starts_with("-----BEGIN PGP PUBLIC KEY BLOCK-----")
+    );
+    assert!(!format!("{workers:?}").contains("PRIVATE"));
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn an_openpgp_key_that_cannot_sign_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("gnupg");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let key = new_openpgp_key(&home, dir.path(), "locked", "ed25519", "right one");
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "wrong one\n").unwrap();
+    let ssh_key = new_key(dir.path(), "ssh", "ed25519", "");
+    let repo = BareRepo::new();
+    for (key, passphrase, expected) in [
+        (&key, None, "encrypted: set its passphrase"),
+        (&key, Some(wrong.as_path()), "wrong passphrase"),
+        (&ssh_key, None, "not an armored OpenPGP secret key"),
+    ] {
+        let credentials = openpgp_config(dir.path(), &repo.file_url(), key, passphrase);
+        let work = tempfile::tempdir().unwrap();
+        let args = <reverser_writer::Args as clap::Parser>::try_parse_from([
+            "reverser-writer",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--leases",
+            "off",
+            "--work-dir",
+            work.path().to_str().unwrap(),
+            "--git-credentials",
+            credentials.to_str().unwrap(),
+        ])
+        .unwrap();
+        let error = match args.start().await {
+            Ok(_) => panic!("{} was accepted", key.display()),
+            Err(error) => format!("{error:#}"),
+        };
+        assert!(error.contains(expected), "{}: {error}", key.display());
+        assert!(
+            !error.contains("right one") && !error.contains("wrong one"),
+            "{error}"
+        );
+    }
+}

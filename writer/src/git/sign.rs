@@ -1,7 +1,11 @@
-//! Commit signing: the `gpgsig` header `git commit -S` writes with `gpg.format=ssh` (an armored SSHSIG over the
-//! commit object without that header, namespace `git`, SHA-512), so `git verify-commit` with an
-//! `gpg.ssh.allowedSignersFile` accepts the writer's commits. Only ed25519 keys: they are what hosting services
-//! and `ssh-keygen -t ed25519` recommend, and signing with them cannot fail once the key has loaded.
+//! Commit signing: the `gpgsig` header `git commit -S` writes, over the commit object without that header.
+//!
+//! - SSH (`gpg.format=ssh`): an armored SSHSIG, namespace `git`, SHA-512; `git verify-commit` with an
+//!   `gpg.ssh.allowedSignersFile` accepts it. Only ed25519 keys: what hosting services and `ssh-keygen -t ed25519`
+//!   recommend, and signing with them cannot fail once the key has loaded.
+//! - OpenPGP (`gpg.format=openpgp`, git's default): an armored detached binary signature (SHA-256) made with the
+//!   primary key of an armored secret key (`gpg --export-secret-keys --armor`); `git verify-commit` accepts it
+//!   with the public key in gpg's keyring.
 //!
 //! The key is checked when the configuration is loaded (format, type, passphrase), so a bad key stops the
 //! configuration, never a commit. The private key stays inside [`CommitSigner`]: its `Debug` shows the public
@@ -10,6 +14,11 @@
 use std::fmt;
 use std::sync::Arc;
 
+use pgp::composed::{
+    ArmorOptions, Deserializable, DetachedSignature, SignedPublicKey, SignedSecretKey,
+};
+use pgp::crypto::hash::HashAlgorithm;
+use pgp::types::{KeyDetails, Password};
 use ssh_key::{Algorithm, HashAlg, LineEnding, PrivateKey, PublicKey};
 
 /// Git's namespace for SSH signatures of commits and tags (`ssh-keygen -Y sign -n git`).
@@ -23,6 +32,13 @@ pub enum SigningError {
          (ssh-keygen -t ed25519 writes one)"
     )]
     Malformed(String),
+    #[error(
+        "not an armored OpenPGP secret key ({0}); expected a file starting with -----BEGIN PGP PRIVATE KEY BLOCK----- \
+         (gpg --export-secret-keys --armor KEYID writes one)"
+    )]
+    MalformedOpenPgp(String),
+    #[error("the OpenPGP key cannot sign: {0}")]
+    OpenPgpCannotSign(String),
     #[error("the key is {0}; only ed25519 keys can sign commits (ssh-keygen -t ed25519)")]
     WrongType(String),
     #[error("the key is encrypted: set its passphrase (passphraseFile)")]
@@ -33,11 +49,19 @@ pub enum SigningError {
     Sign(String),
 }
 
-/// An ed25519 key that signs commits.
+/// A key that signs commits.
 pub struct CommitSigner {
-    key: PrivateKey,
+    key: Key,
     public_key: String,
     fingerprint: String,
+}
+
+enum Key {
+    Ssh(Box<PrivateKey>),
+    OpenPgp {
+        key: Box<SignedSecretKey>,
+        passphrase: Password,
+    },
 }
 
 impl CommitSigner {
@@ -72,35 +96,82 @@ impl CommitSigner {
             .map_err(|e| SigningError::Malformed(e.to_string()))?;
         let fingerprint = public.fingerprint(HashAlg::Sha256).to_string();
         Ok(Self {
-            key,
+            key: Key::Ssh(Box::new(key)),
             public_key,
             fingerprint,
         })
     }
 
-    /// The public key in `authorized_keys` form (`ssh-ed25519 AAAA…`), for an allowed-signers file or a
-    /// hosting service's "signing keys" page.
+    /// Loads an armored OpenPGP secret key (`-----BEGIN PGP PRIVATE KEY BLOCK-----`); its primary key signs,
+    /// unlocked with `passphrase` when it is protected. A test signature is made now, so a key that cannot sign
+    /// (wrong passphrase, a certification-only algorithm) is refused here and never at commit time.
+    pub fn from_openpgp_secret_key(
+        text: &str,
+        passphrase: Option<&str>,
+    ) -> Result<Self, SigningError> {
+        let (key, _) = SignedSecretKey::from_string(text.trim())
+            .map_err(|e| SigningError::MalformedOpenPgp(e.to_string()))?;
+        let protected = key.primary_key.secret_params().is_encrypted();
+        let passphrase = match passphrase.filter(|p| !p.is_empty()) {
+            Some(p) => Password::from(p),
+            None if protected => return Err(SigningError::PassphraseMissing),
+            None => Password::empty(),
+        };
+        let public = SignedPublicKey::from(key.clone());
+        let public_key = public
+            .to_armored_string(ArmorOptions::default())
+            .map_err(|e| SigningError::MalformedOpenPgp(e.to_string()))?;
+        let fingerprint = format!("{:X}", key.primary_key.fingerprint());
+        let signer = Self {
+            key: Key::OpenPgp {
+                key: Box::new(key),
+                passphrase,
+            },
+            public_key,
+            fingerprint,
+        };
+        signer.sign(b"").map_err(|e| match e {
+            SigningError::Sign(_) if protected => SigningError::Decrypt,
+            SigningError::Sign(why) => SigningError::OpenPgpCannotSign(why),
+            e => e,
+        })?;
+        Ok(signer)
+    }
+
+    /// The public key: SSH in `authorized_keys` form (`ssh-ed25519 AAAA…`), for an allowed-signers file or a
+    /// hosting service's "signing keys" page; OpenPGP as an armored public key block (`gpg --import` reads it).
     pub fn public_key(&self) -> &str {
         &self.public_key
     }
 
-    /// `SHA256:…`, as `ssh-keygen -lf` prints it.
+    /// SSH: `SHA256:…`, as `ssh-keygen -lf` prints it; OpenPGP: the primary key's fingerprint in upper-case hex, as
+    /// `gpg --fingerprint` prints it (without spaces).
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
 
     /// The armored signature of `payload` (the commit object without `gpgsig`), ending in a newline.
     pub fn sign(&self, payload: &[u8]) -> Result<String, SigningError> {
-        self.key
-            .sign(NAMESPACE, HashAlg::Sha512, payload)
-            .and_then(|sig| sig.to_pem(LineEnding::LF))
-            .map(|mut pem| {
-                if !pem.ends_with('\n') {
-                    pem.push('\n');
-                }
-                pem
-            })
-            .map_err(|e| SigningError::Sign(e.to_string()))
+        let armored = match &self.key {
+            Key::Ssh(key) => key
+                .sign(NAMESPACE, HashAlg::Sha512, payload)
+                .and_then(|sig| sig.to_pem(LineEnding::LF))
+                .map_err(|e| SigningError::Sign(e.to_string()))?,
+            Key::OpenPgp { key, passphrase } => DetachedSignature::sign_binary_data(
+                rand_core_06::OsRng,
+                &key.primary_key,
+                passphrase,
+                HashAlgorithm::Sha256,
+                payload,
+            )
+            .and_then(|sig| sig.to_armored_string(ArmorOptions::default()))
+            .map_err(|e| SigningError::Sign(e.to_string()))?,
+        };
+        let mut armored = armored.replace("\r\n", "\n");
+        if !armored.ends_with('\n') {
+            armored.push('\n');
+        }
+        Ok(armored)
     }
 }
 
