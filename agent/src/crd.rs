@@ -229,8 +229,8 @@ pub struct GitDestinationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<EncryptionSpec>,
     /// How the writer words this destination's commits (default: its built-in messages). The writer appends its
-    /// `X-ConfigButler-*` trailers in every case and refuses a template with an unknown field (the destination then
-    /// is not Ready, saying why).
+    /// `X-ConfigButler-*` trailers in every case and refuses a template with an unknown field or a stray brace:
+    /// nothing is written for the destination and its status shows the reason (condition `Rejected`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_message: Option<CommitMessageSpec>,
 }
