@@ -192,9 +192,29 @@ async fn every_commit_verifies_including_replays_after_a_human_push() {
         public.starts_with(&workers[0].signing_public_key),
         "{public} vs {workers:?}"
     );
+    // The same through grpcurl and server reflection, as an operator sees it.
+    let target = writer.grpc_url().trim_start_matches("http://").to_owned();
+    let grpcurl = tokio::task::spawn_blocking(move || {
+        Command::new(tool("grpcurl"))
+            .args(["-plaintext", &target, "reverser.v1.WriterAdmin/ListWorkers"])
+            .output()
+            .expect("grpcurl")
+    })
+    .await
+    .unwrap();
+    let shown = String::from_utf8_lossy(&grpcurl.stdout);
+    assert!(grpcurl.status.success(), "{grpcurl:?}");
+    assert!(
+        shown.contains(&format!(
+            "\"signingKeyFingerprint\": \"{}\"",
+            workers[0].signing_key_fingerprint
+        )),
+        "{shown}"
+    );
     let private = std::fs::read_to_string(&key).unwrap();
     let body = private.lines().nth(1).unwrap();
     assert!(!format!("{workers:?}").contains(body));
+    assert!(!shown.contains(body));
     assert!(!writer.metrics().await.contains(body));
     writer.stop().await;
 }
