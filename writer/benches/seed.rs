@@ -511,16 +511,23 @@ async fn start_writer(
     if std::env::var("BENCH_SIGNING").as_deref() == Ok("1")
         && !extra.iter().any(|a| a == "--git-credentials")
     {
-        argv.extend(["--git-credentials".to_owned(), signing_credentials()?]);
+        argv.extend([
+            "--git-credentials".to_owned(),
+            signing_credentials(work_dir)?,
+        ]);
     }
     let args = Args::try_parse_from(argv)?;
     args.start().await
 }
 
-/// A `--git-credentials` file that signs commits to every `file://` and `git://` remote with a new ed25519 key.
-fn signing_credentials() -> anyhow::Result<String> {
-    let dir = Box::leak(Box::new(tempfile::tempdir()?)).path();
+/// A `--git-credentials` file that signs commits to every `file://` and `git://` remote with a new ed25519 key,
+/// kept in the writer's work dir (removed with it).
+fn signing_credentials(work_dir: &Path) -> anyhow::Result<String> {
+    let dir = work_dir.join("bench-signing");
+    std::fs::create_dir_all(&dir)?;
     let key = dir.join("signing");
+    let _ = std::fs::remove_file(&key);
+    let _ = std::fs::remove_file(dir.join("signing.pub"));
     let status = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-f"])
         .arg(&key)
