@@ -247,6 +247,11 @@ pub struct GitDestinationSpec {
     /// watched); `OnDelete` only deletes the files of deletions the agent sees; `Never` deletes nothing.
     #[serde(default)]
     pub prune: PruneMode,
+    /// How the writer words this destination's commits (default: its built-in messages). The writer appends its
+    /// `X-ConfigButler-*` trailers in every case and refuses a template with an unknown field or a stray brace:
+    /// nothing is written for the destination and its status shows the reason (condition `Rejected`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_message: Option<CommitMessageSpec>,
 }
 
 /// Which files the writer deletes for a destination.
@@ -259,6 +264,21 @@ pub enum PruneMode {
     OnDelete,
     /// The writer never deletes a file of this destination.
     Never,
+}
+
+/// A commit message template: `{field}` placeholders (`{{`, `}}` for literal braces) among operation, kind,
+/// resource, group, version, namespace, name, author, count, folder, summary and objects (body only). In a commit
+/// of several objects a field whose values differ reads `various` (`operation`: `sync`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CommitMessageSpec {
+    /// One line, e.g. `{operation}({kind}): {namespace}/{name}`.
+    #[schemars(length(min = 1, max = 256))]
+    pub subject: String,
+    /// Lines after a blank line, e.g. `{objects}`; none when empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 4096))]
+    pub body: String,
 }
 
 /// How a destination encrypts sensitive objects.

@@ -21,6 +21,8 @@ pub struct DestinationDecl {
     pub encryption: Option<crate::sops::Encryption>,
     /// Which deletions the writer performs.
     pub prune: crate::crd::PruneMode,
+    /// The GitDestination's commit message template, checked by the writer.
+    pub commit_message: Option<crate::crd::CommitMessageSpec>,
 }
 
 /// Which Kubernetes object an event is about.

@@ -136,6 +136,7 @@ fn decl(key: &str) -> DestinationDecl {
         credentials: None,
         encryption: None,
         prune: Default::default(),
+        commit_message: None,
     }
 }
 

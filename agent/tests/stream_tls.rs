@@ -119,6 +119,7 @@ fn events(repo_url: &str) -> [AgentEvent; 2] {
             credentials: None,
             encryption: None,
             prune: Default::default(),
+            commit_message: None,
         }),
         AgentEvent::Upsert {
             destination: "gitops/prod".into(),

@@ -20,6 +20,8 @@
 //! - `BENCH_BATCH_FILES=N` adds writer seeds over HTTPS and SSH with `--git-batch-max-files N`
 //!   (fewer, larger pushes: shows what the per-push price of a transport costs a seed).
 //! - `BENCH_BASELINES=0` skips the shell peer.
+//! - `BENCH_SIGNING=1`: writers without credentials of their own (phase 4 and the file:// seed of 5) sign every
+//!   commit with an ed25519 key (`commitSigning`), to measure what signing costs.
 //!
 //! Phases, in this order:
 //! 1. `git fast-import` of the identical tree as one commit into an empty bare repository.
@@ -507,8 +509,41 @@ async fn start_writer(
     .map(|a| (*a).to_owned())
     .collect();
     argv.extend(extra.iter().cloned());
+    if std::env::var("BENCH_SIGNING").as_deref() == Ok("1")
+        && !extra.iter().any(|a| a == "--git-credentials")
+    {
+        argv.extend([
+            "--git-credentials".to_owned(),
+            signing_credentials(work_dir)?,
+        ]);
+    }
     let args = Args::try_parse_from(argv)?;
     args.start().await
+}
+
+/// A `--git-credentials` file that signs commits to every `file://` and `git://` remote with a new ed25519 key,
+/// kept in the writer's work dir (removed with it).
+fn signing_credentials(work_dir: &Path) -> anyhow::Result<String> {
+    let dir = work_dir.join("bench-signing");
+    std::fs::create_dir_all(&dir)?;
+    let key = dir.join("signing");
+    let _ = std::fs::remove_file(&key);
+    let _ = std::fs::remove_file(dir.join("signing.pub"));
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()?;
+    anyhow::ensure!(status.success(), "ssh-keygen failed");
+    let file = dir.join("credentials.yaml");
+    let mut text = String::from("commitSigning:\n");
+    for prefix in ["file://", "git://"] {
+        text.push_str(&format!(
+            "  - {{urlPrefix: \"{prefix}\", keyFile: {}}}\n",
+            key.display()
+        ));
+    }
+    std::fs::write(&file, text)?;
+    Ok(file.display().to_string())
 }
 
 /// One `Writer.Sync` stream; replies are read by a task that publishes the highest acked sequence.

@@ -8,6 +8,7 @@
 //! commit per author. Nothing here touches git or the network, so every rule is unit-tested on plain maps.
 
 pub mod quarantine;
+pub mod template;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -65,6 +66,16 @@ pub enum EntryOp {
     },
     /// Nothing to write (a snapshot begin); only acknowledged.
     Nothing,
+}
+
+impl EntryOp {
+    /// The object a write or removal is about.
+    fn object(&self) -> Option<&ObjectId> {
+        match self {
+            EntryOp::Write { object, .. } | EntryOp::Remove { object, .. } => Some(object),
+            EntryOp::Sweep { .. } | EntryOp::Nothing => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -496,12 +507,23 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
         path: &'a str,
         slot: &'a Slot<'a>,
         verb: Verb,
+        /// The object's `kind`, read only for destinations whose message template uses it.
+        kind: Option<String>,
     }
     let mut effective: Vec<Effective<'_>> = Vec::new();
     let mut stats = PlanStats::default();
     let mut sweep_deletions: BTreeMap<usize, usize> = BTreeMap::new();
     for (path, slot) in &slots {
         let current = tree.read(path)?;
+        let kind = entries[slot.entry]
+            .destination
+            .commit_template
+            .as_ref()
+            .filter(|t| t.uses_kind())
+            .and_then(|_| {
+                let manifest = slot.content.map(|c| &c[..]).or(current.as_deref())?;
+                template::kind_of(manifest)
+            });
         let verb = match (slot.content, current) {
             // Ciphertext differs on every encryption: the plaintext fingerprint decides.
             (Some(_), Some(old))
@@ -528,6 +550,7 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
             path: path.as_str(),
             slot,
             verb,
+            kind,
         });
     }
 
@@ -618,6 +641,7 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
         let key = GroupKey {
             author: change.slot.author,
             identity: &destination.origin.identity,
+            template: destination.commit_template.as_deref(),
         };
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, members)) => members.push(change),
@@ -679,7 +703,27 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
             });
         }
         let trailers = key.identity.trailers();
-        let message = if lines.len() == 1 {
+        let message = if let Some(template) = key.template {
+            let fields = commit_fields(
+                &members
+                    .iter()
+                    .map(|c| {
+                        let destination = destination_of_entry[c.slot.entry];
+                        TemplateInput {
+                            verb: &c.verb,
+                            path: c.path,
+                            base_folder: &destination.base_folder,
+                            object: entries[c.slot.entry].op.object(),
+                            kind: c.kind.as_deref(),
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+                key.author.unwrap_or(&ctx.bot_name),
+                &lines,
+                (created, updated, deleted),
+            );
+            format!("{}\n\n{trailers}\n", template.render(&fields))
+        } else if lines.len() == 1 {
             format!("{}\n\n{trailers}\n", lines[0])
         } else {
             let folders: Vec<String> = members
@@ -688,31 +732,12 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            let mut summary = Vec::new();
-            for (count, word) in [
-                (created, "created"),
-                (updated, "updated"),
-                (deleted, "deleted"),
-            ] {
-                if count > 0 {
-                    summary.push(format!("{count} {word}"));
-                }
-            }
-            const MAX_LINES: usize = 1000;
-            let mut body = lines
-                .iter()
-                .take(MAX_LINES)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n");
-            if lines.len() > MAX_LINES {
-                body.push_str(&format!("\n... and {} more", lines.len() - MAX_LINES));
-            }
             format!(
-                "Sync {} objects in {}: {}\n\n{body}\n\n{trailers}\n",
+                "Sync {} objects in {}: {}\n\n{}\n\n{trailers}\n",
                 lines.len(),
                 folders.join(", "),
-                summary.join(", ")
+                summary(created, updated, deleted),
+                object_lines(&lines)
             )
         };
         commits.push(PlannedCommit {
@@ -803,6 +828,142 @@ fn refuse_path_conflicts(
 struct GroupKey<'a> {
     author: Option<&'a str>,
     identity: &'a ClusterIdentity,
+    /// Destinations with different message templates never share a commit.
+    template: Option<&'a template::CommitTemplate>,
+}
+
+/// What a message template needs to know about one object of a commit.
+struct TemplateInput<'a> {
+    verb: &'a Verb,
+    path: &'a str,
+    base_folder: &'a str,
+    object: Option<&'a ObjectId>,
+    kind: Option<&'a str>,
+}
+
+/// Most object lines a commit message lists.
+const MAX_MESSAGE_LINES: usize = 1000;
+
+/// The `{objects}` list: one line per object, at most [`MAX_MESSAGE_LINES`].
+fn object_lines(lines: &[String]) -> String {
+    let mut body = lines
+        .iter()
+        .take(MAX_MESSAGE_LINES)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n");
+    if lines.len() > MAX_MESSAGE_LINES {
+        body.push_str(&format!(
+            "\n... and {} more",
+            lines.len() - MAX_MESSAGE_LINES
+        ));
+    }
+    body
+}
+
+fn summary(created: usize, updated: usize, deleted: usize) -> String {
+    let mut summary = Vec::new();
+    for (count, word) in [
+        (created, "created"),
+        (updated, "updated"),
+        (deleted, "deleted"),
+    ] {
+        if count > 0 {
+            summary.push(format!("{count} {word}"));
+        }
+    }
+    summary.join(", ")
+}
+
+/// The template values of one commit. The identity comes from the agent's `ObjectIdentity`, or from the file's
+/// path (`{group}/{version}/{resource}/[{namespace}/]{name}.yaml`) for orphans a sweep deletes.
+fn commit_fields(
+    members: &[TemplateInput<'_>],
+    author: &str,
+    lines: &[String],
+    (created, updated, deleted): (usize, usize, usize),
+) -> template::CommitFields {
+    struct Identity {
+        group: String,
+        version: String,
+        resource: String,
+        namespace: String,
+        name: String,
+    }
+    let identities: Vec<Identity> = members
+        .iter()
+        .map(|m| match m.object.filter(|o| !o.resource.is_empty()) {
+            Some(o) => Identity {
+                group: if o.group.is_empty() {
+                    "core".into()
+                } else {
+                    one_line(&o.group)
+                },
+                version: one_line(&o.version),
+                resource: one_line(&o.resource),
+                namespace: one_line(&o.namespace),
+                name: one_line(&o.name),
+            },
+            None => {
+                let relative = m
+                    .path
+                    .strip_prefix(m.base_folder)
+                    .and_then(|p| p.strip_prefix('/'))
+                    .unwrap_or(m.path);
+                let file = relative.strip_suffix(".yaml").unwrap_or(relative);
+                let file = file.strip_suffix(".sops").unwrap_or(file);
+                let decode =
+                    |s: &str| one_line(&paths::decode_segment(s).unwrap_or_else(|_| s.to_owned()));
+                let segments: Vec<&str> = file.split('/').collect();
+                let (namespace, name) = match segments.len() {
+                    5 => (decode(segments[3]), decode(segments[4])),
+                    4 => (String::new(), decode(segments[3])),
+                    _ => (
+                        String::new(),
+                        decode(segments.last().copied().unwrap_or("")),
+                    ),
+                };
+                let at = |i: usize| {
+                    segments
+                        .get(i)
+                        .filter(|_| segments.len() >= 4)
+                        .map(|s| decode(s))
+                        .unwrap_or_default()
+                };
+                Identity {
+                    group: at(0),
+                    version: at(1),
+                    resource: at(2),
+                    namespace,
+                    name,
+                }
+            }
+        })
+        .collect();
+    let operation = template::common(members.iter().map(|m| match m.verb {
+        Verb::Create => "create",
+        Verb::Update => "update",
+        Verb::Delete => "delete",
+    }));
+    let folders: std::collections::BTreeSet<&str> = members.iter().map(|m| m.base_folder).collect();
+    template::CommitFields {
+        operation: if operation == "various" {
+            "sync".into()
+        } else {
+            operation
+        },
+        kind: template::common(members.iter().map(|m| m.kind.unwrap_or(""))),
+        resource: template::common(identities.iter().map(|i| i.resource.as_str())),
+        group: template::common(identities.iter().map(|i| i.group.as_str())),
+        version: template::common(identities.iter().map(|i| i.version.as_str())),
+        namespace: template::common(identities.iter().map(|i| i.namespace.as_str())),
+        name: template::common(identities.iter().map(|i| i.name.as_str())),
+        author: one_line(author),
+        count: members.len(),
+        folder: folders.into_iter().collect::<Vec<_>>().join(", "),
+        summary: summary(created, updated, deleted),
+        objects: object_lines(lines),
+    }
 }
 
 /// Git author for a Kubernetes username: an e-mail username is used as is; anything else gets a deterministic
@@ -957,6 +1118,7 @@ mod tests {
             exclusive_mode: exclusive,
             age_recipients: Vec::new().into(),
             prune: Prune::OnSnapshot,
+            commit_template: None,
             origin: Arc::new(Origin {
                 session_id: 1,
                 identity: identity(uid),
@@ -1663,5 +1825,158 @@ mod tests {
             )
         );
         assert_eq!(author_identity(":::").1, "unknown@noreply.cluster.local");
+    }
+
+    fn templated(base: &str, subject: &str, body: &str) -> DestinationRef {
+        let mut d = destination(base, false);
+        d.commit_template = Some(Arc::new(
+            template::CommitTemplate::parse(subject, body).unwrap(),
+        ));
+        d
+    }
+
+    fn upsert_of(
+        d: &DestinationRef,
+        seq: u64,
+        ns: &str,
+        name: &str,
+        author: Option<&str>,
+    ) -> Change {
+        let mut change = upsert(
+            d,
+            seq,
+            &format!("core/v1/configmaps/{ns}/{name}.yaml"),
+            &CM.replace("name: a", &format!("name: {name}")),
+            author,
+        );
+        if let Operation::Upsert { object, .. } = &mut change.operation {
+            *object = ObjectId {
+                group: String::new(),
+                version: "v1".into(),
+                resource: "configmaps".into(),
+                namespace: ns.into(),
+                name: name.into(),
+            };
+        }
+        change
+    }
+
+    const TRAILERS: &str = "X-ConfigButler-ClusterUID: uid-a\nX-ConfigButler-ControllerNS: gitops\nX-ConfigButler-ControllerName: reverser\nX-ConfigButler-InstanceID: agent-0";
+
+    #[test]
+    fn a_template_writes_subject_and_body_and_keeps_the_trailers() {
+        let d = templated(
+            "clusters/prod",
+            "{operation}({kind}): {namespace}/{name}",
+            "Changed by {author} ({count} object(s): {summary})\n\n{objects}",
+        );
+        let t = tree(&[(
+            "clusters/prod/.configbutler/owner.yaml",
+            &marker_for("uid-a"),
+        )]);
+        let b = buffer(vec![upsert_of(
+            &d,
+            1,
+            "shop",
+            "settings",
+            Some("alice@example.com"),
+        )]);
+        let plan = plan(b.entries(), &t, &context(500)).unwrap();
+        assert_eq!(
+            plan.commits[0].message,
+            format!(
+                "create(ConfigMap): shop/settings\n\nChanged by alice@example.com (1 object(s): 1 created)\n\n\
+                 [CREATE] core/v1/configmaps/shop/settings\n\n{TRAILERS}\n"
+            )
+        );
+    }
+
+    #[test]
+    fn a_template_over_several_objects_names_what_they_share() {
+        let d = templated(
+            "c",
+            "{operation} {count} {kind} in {namespace} ({name}) by {author}",
+            "",
+        );
+        let t = tree(&[
+            ("c/.configbutler/owner.yaml", &marker_for("uid-a")),
+            ("c/core/v1/configmaps/shop/old.yaml", CM),
+        ]);
+        let b = buffer(vec![
+            upsert_of(&d, 1, "shop", "a", None),
+            upsert_of(&d, 2, "shop", "b", None),
+        ]);
+        let planned = plan(b.entries(), &t, &context(500)).unwrap();
+        assert_eq!(
+            planned.commits[0].message,
+            format!("create 2 ConfigMap in shop (various) by Bot\n\n{TRAILERS}\n")
+        );
+        // A deletion's kind comes from the file it removes; mixed operations read "sync".
+        let b = buffer(vec![
+            upsert_of(&d, 1, "shop", "a", None),
+            delete(&d, 2, "core/v1/configmaps/shop/old.yaml"),
+        ]);
+        let plan = plan(b.entries(), &t, &context(500)).unwrap();
+        assert_eq!(
+            plan.commits[0].message,
+            format!("sync 2 ConfigMap in shop (various) by Bot\n\n{TRAILERS}\n")
+        );
+    }
+
+    #[test]
+    fn a_template_names_orphans_by_their_path() {
+        let d = templated(
+            "c",
+            "{operation} {group}/{version} {resource} {namespace}/{name}",
+            "{objects}",
+        );
+        let t = tree(&[
+            ("c/.configbutler/owner.yaml", &marker_for("uid-a")),
+            ("c/apps/v1/deployments/shop/orphan.yaml", CM),
+        ]);
+        let b = buffer(vec![
+            snapshot(&d, 1, "apps/v1/deployments", false, 7, true),
+            snapshot(&d, 2, "apps/v1/deployments", false, 7, false),
+        ]);
+        let plan = plan(b.entries(), &t, &context(500)).unwrap();
+        assert_eq!(
+            plan.commits[0].message,
+            format!(
+                "delete apps/v1 deployments shop/orphan\n\n\
+                 [DELETE] apps/v1/deployments/shop/orphan (orphan: no longer in the cluster)\n\n{TRAILERS}\n"
+            )
+        );
+    }
+
+    #[test]
+    fn destinations_with_different_templates_commit_separately() {
+        let a = templated("a", "first {name}", "");
+        let b_dest = templated("b", "second {name}", "");
+        let plain = destination("p", false);
+        let t = tree(&[
+            ("a/.configbutler/owner.yaml", &marker_for("uid-a")),
+            ("b/.configbutler/owner.yaml", &marker_for("uid-a")),
+            ("p/.configbutler/owner.yaml", &marker_for("uid-a")),
+        ]);
+        let b = buffer(vec![
+            upsert_of(&a, 1, "ns", "x", None),
+            upsert_of(&b_dest, 2, "ns", "y", None),
+            upsert_of(&plain, 3, "ns", "z", None),
+        ]);
+        let plan = plan(b.entries(), &t, &context(500)).unwrap();
+        let subjects: Vec<&str> = plan
+            .commits
+            .iter()
+            .map(|c| c.message.lines().next().unwrap())
+            .collect();
+        assert_eq!(
+            subjects,
+            ["first x", "second y", "[CREATE] core/v1/configmaps/ns/z"]
+        );
+        assert!(
+            plan.commits
+                .iter()
+                .all(|c| c.message.ends_with(&format!("{TRAILERS}\n")))
+        );
     }
 }

@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::{
     authz::{ClientGrant, Grant, Limits, Pattern, Policy},
-    credentials::{CredentialStore, RawEntry},
+    credentials::{CredentialStore, RawEntry, RawSigningEntry},
     tls::TlsPaths,
 };
 
@@ -45,6 +45,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     credentials: Vec<RawEntry>,
+    #[serde(default)]
+    commit_signing: Vec<RawSigningEntry>,
     #[serde(default)]
     clients: Vec<RawClient>,
 }
@@ -202,7 +204,9 @@ impl WriterConfig {
                 .map_err(invalid)?,
         };
         let credentials = CredentialStore::from_entries(raw.credentials, Some(&base_dir))
-            .map_err(|e| invalid(format!("credentials: {e}")))?;
+            .map_err(|e| invalid(format!("credentials: {e}")))?
+            .with_signing(raw.commit_signing, Some(&base_dir))
+            .map_err(|e| invalid(e.to_string()))?;
 
         let mut clients = HashMap::new();
         for (index, client) in raw.clients.into_iter().enumerate() {
@@ -396,6 +400,13 @@ clients:
         for name in ["git/token", "git/id_ed25519", "git/known_hosts"] {
             std::fs::write(dir.path().join(name), "x").unwrap();
         }
+        // The signing key is loaded (and checked) with the configuration: it must be a real one.
+        let status = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(dir.path().join("git/signing_ed25519"))
+            .status()
+            .expect("ssh-keygen (OpenSSH) makes the example's signing key");
+        assert!(status.success());
         let text = text.replace("/etc/reverser/", &format!("{}/", dir.path().display()));
         let config = WriterConfig::parse(&path, &text).unwrap();
         assert_eq!(config.policy.clients.len(), 3);
@@ -405,5 +416,28 @@ clients:
             16.0 * 1024.0 * 1024.0
         );
         assert_eq!(config.policy.limits.byte_burst, 64.0 * 1024.0 * 1024.0);
+        assert!(
+            config
+                .credentials
+                .signing_for("https://github.com/acme/cluster-state.git")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn commit_signing_entries_are_checked_with_the_configuration() {
+        let x509 = error_of(
+            "commitSigning: [{urlPrefix: 'https://h/', format: x509, keyFile: /nonexistent}]",
+        );
+        assert!(
+            x509.contains("commitSigning entry 0") && x509.contains("not supported"),
+            "{x509}"
+        );
+        let unknown =
+            error_of("commitSigning: [{urlPrefix: 'https://h/', format: pgp2, keyFile: k}]");
+        assert!(unknown.contains("unknown format"), "{unknown}");
+        let missing = error_of("commitSigning: [{urlPrefix: 'https://h/', keyFile: /nonexistent}]");
+        assert!(missing.contains("reading /nonexistent"), "{missing}");
+        assert!(error_of("commitSigning: [{urlPrefix: 'https://h/'}]").contains("keyFile"));
     }
 }

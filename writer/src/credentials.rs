@@ -15,12 +15,26 @@
 //!
 //! The writer configuration file (`--config`, see [`crate::config`]) takes the same entries under its own
 //! `credentials:` key; there, relative file paths are resolved against the configuration file's folder.
+//!
+//! Both files may also list commit signing keys, chosen per repository by the longest matching URL prefix:
+//!
+//! ```yaml
+//! commitSigning:
+//!   - urlPrefix: https://github.com/acme/  # or one repository's whole URL
+//!     format: ssh                          # an ed25519 OpenSSH key (the default format)
+//!     keyFile: /etc/reverser/signing/id_ed25519
+//!     passphraseFile: /etc/reverser/signing/passphrase   # only for an encrypted key
+//!   - urlPrefix: https://github.com/acme/prod.git
+//!     format: openpgp                      # an armored secret key (gpg --export-secret-keys --armor)
+//!     keyFile: /etc/reverser/signing/prod.asc
+//! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::git::GitCredentials;
+use crate::git::{CommitSigner, GitCredentials};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
@@ -37,12 +51,43 @@ pub enum CredentialsError {
         prefix: String,
         message: String,
     },
+    #[error("commitSigning entry {index} ({prefix}): {message}")]
+    InvalidSigning {
+        index: usize,
+        prefix: String,
+        message: String,
+    },
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct FileFormat {
+    #[serde(default)]
     credentials: Vec<RawEntry>,
+    #[serde(default)]
+    commit_signing: Vec<RawSigningEntry>,
+}
+
+/// One commit signing entry as written in YAML (shared by `--git-credentials` and the `--config` file).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawSigningEntry {
+    url_prefix: String,
+    #[serde(default = "ssh_format")]
+    format: String,
+    key_file: PathBuf,
+    passphrase_file: Option<PathBuf>,
+}
+
+fn ssh_format() -> String {
+    "ssh".into()
+}
+
+/// The key that signs the commits of the repositories under `url_prefix`.
+#[derive(Clone, Debug)]
+struct SigningEntry {
+    url_prefix: String,
+    signer: Arc<CommitSigner>,
 }
 
 /// One credentials entry as written in YAML (shared by `--git-credentials` and the `--config` file).
@@ -73,6 +118,7 @@ struct Entry {
 #[derive(Clone, Debug, Default)]
 pub struct CredentialStore {
     entries: Vec<Entry>,
+    signing: Vec<SigningEntry>,
     /// The files the secrets were read from (token, password, key, known_hosts): the writer reloads when one
     /// changes, so a rotated token applies without a restart.
     source_files: Vec<PathBuf>,
@@ -104,7 +150,7 @@ impl CredentialStore {
                 path: path.into(),
                 message: reverser_common::yaml::error_without_values(&e),
             })?;
-        Self::from_entries(parsed.credentials, None)
+        Self::from_entries(parsed.credentials, None)?.with_signing(parsed.commit_signing, None)
     }
 
     /// Builds a store from parsed entries; relative file paths are resolved against `base_dir` when given.
@@ -196,8 +242,82 @@ impl CredentialStore {
         }
         Ok(Self {
             entries,
+            signing: Vec::new(),
             source_files,
         })
+    }
+
+    /// Adds commit signing keys; every key is loaded and checked now (format, type, passphrase), so a bad one
+    /// stops the configuration instead of a commit. Relative paths are resolved against `base_dir` when given.
+    pub fn with_signing(
+        mut self,
+        raw_entries: Vec<RawSigningEntry>,
+        base_dir: Option<&Path>,
+    ) -> Result<Self, CredentialsError> {
+        for (index, raw) in raw_entries.into_iter().enumerate() {
+            let invalid = |message: String| CredentialsError::InvalidSigning {
+                index,
+                prefix: crate::git::redact_url(&raw.url_prefix),
+                message,
+            };
+            if raw.url_prefix.trim().is_empty() {
+                return Err(invalid("urlPrefix is required".into()));
+            }
+            if self.signing.iter().any(|e| e.url_prefix == raw.url_prefix) {
+                return Err(invalid("another entry has the same urlPrefix".into()));
+            }
+            let openpgp = match raw.format.as_str() {
+                "ssh" => false,
+                "openpgp" => true,
+                "x509" => {
+                    return Err(invalid(
+                        "format \"x509\" is not supported: use ssh (an ed25519 key) or openpgp"
+                            .into(),
+                    ));
+                }
+                other => {
+                    return Err(invalid(format!(
+                        "unknown format {other:?}; use ssh or openpgp"
+                    )));
+                }
+            };
+            let resolve = |p: &PathBuf| match base_dir {
+                Some(base) if p.is_relative() => base.join(p),
+                _ => p.clone(),
+            };
+            let key_file = resolve(&raw.key_file);
+            let key = read_secret(&key_file)
+                .map_err(|e| invalid(format!("reading {}: {e}", key_file.display())))?;
+            let passphrase_file = raw.passphrase_file.as_ref().map(resolve);
+            let passphrase = passphrase_file
+                .as_ref()
+                .map(|p| {
+                    read_secret(p).map_err(|e| invalid(format!("reading {}: {e}", p.display())))
+                })
+                .transpose()?;
+            let signer = if openpgp {
+                CommitSigner::from_openpgp_secret_key(&key, passphrase.as_deref())
+            } else {
+                CommitSigner::from_ssh_private_key(&key, passphrase.as_deref())
+            }
+            .map_err(|e| invalid(format!("{}: {e}", key_file.display())))?;
+            self.source_files.push(key_file);
+            self.source_files.extend(passphrase_file);
+            self.signing.push(SigningEntry {
+                url_prefix: raw.url_prefix,
+                signer: Arc::new(signer),
+            });
+        }
+        Ok(self)
+    }
+
+    /// The key that signs commits to `url`: the signing entry with the longest matching prefix.
+    pub fn signing_for(&self, url: &str) -> Option<Arc<CommitSigner>> {
+        self.signing
+            .iter()
+            .filter(|e| prefix_fits(&e.url_prefix, url))
+            .max_by_key(|e| e.url_prefix.len())
+            .map(|e| e.signer.clone())
     }
 
     /// The files the secrets were read from.
@@ -217,6 +337,7 @@ impl CredentialStore {
     /// This store's entries followed by `other`'s (for `for_url`, the longest prefix still wins).
     pub fn merged(mut self, other: CredentialStore) -> CredentialStore {
         self.entries.extend(other.entries);
+        self.signing.extend(other.signing);
         self.source_files.extend(other.source_files);
         self
     }

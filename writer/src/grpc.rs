@@ -458,6 +458,7 @@ impl WriterAdmin for AdminService {
             .into_iter()
             .map(|(worker, destinations)| {
                 let status = worker.status();
+                let signer = worker.signing.current();
                 pb::WorkerInfo {
                     id: worker.id.clone(),
                     repo_url: worker.repo_url.clone(),
@@ -469,6 +470,13 @@ impl WriterAdmin for AdminService {
                     last_commit_time: status.last_commit_time.map(timestamp),
                     last_error: status.last_error,
                     lease_holder: status.lease_holder,
+                    signing_key_fingerprint: signer
+                        .as_ref()
+                        .map(|s| s.fingerprint().to_owned())
+                        .unwrap_or_default(),
+                    signing_public_key: signer
+                        .map(|s| s.public_key().to_owned())
+                        .unwrap_or_default(),
                 }
             })
             .collect();

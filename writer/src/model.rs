@@ -127,6 +127,8 @@ pub struct DestinationSpec {
     /// matching `.sops.yaml` in the base folder.
     pub age_recipients: Vec<String>,
     pub prune: Prune,
+    /// How the destination's commit messages read (none: the built-in messages).
+    pub commit_template: Option<Arc<crate::batch::template::CommitTemplate>>,
 }
 
 /// Which files the writer deletes for a destination (GitDestination `spec.prune`).
@@ -179,6 +181,8 @@ pub struct DestinationRef {
     /// age public keys for the base folder's `.sops.yaml` (empty: none is written).
     pub age_recipients: Arc<[String]>,
     pub prune: Prune,
+    /// How the destination's commit messages read (none: the built-in messages).
+    pub commit_template: Option<Arc<crate::batch::template::CommitTemplate>>,
     pub origin: Arc<Origin>,
     /// Highest sequence acked so far (for `WriterAdmin.ListDestinations`).
     pub acked: Arc<std::sync::atomic::AtomicU64>,

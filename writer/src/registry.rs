@@ -114,7 +114,8 @@ pub struct Caps {
 pub struct Registry {
     settings: WorkerSettings,
     caps: Caps,
-    credentials: RwLock<CredentialStore>,
+    /// Shared with the workers' signing lookups, so a reloaded signing key applies at the next commit.
+    credentials: Arc<RwLock<CredentialStore>>,
     leases: Option<LeaseSettings>,
     metrics: Metrics,
     /// The newest agent leader term per cluster (persisted under the work dir).
@@ -145,7 +146,7 @@ impl Registry {
             terms,
             settings,
             caps,
-            credentials: RwLock::new(credentials),
+            credentials: Arc::new(RwLock::new(credentials)),
             leases,
             metrics,
             inner: Mutex::new(Inner::default()),
@@ -305,6 +306,14 @@ impl Registry {
                 if let Some(ca) = &self.settings.ca_cert_file {
                     repo = repo.with_ca_cert_file(ca.clone());
                 }
+                let (store, url) = (self.credentials.clone(), spec.repo_url.clone());
+                repo = repo.with_signing(git::SigningSource::new(move || {
+                    // Poisoned or not, the configured key is what signs: never fall back to unsigned.
+                    store
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .signing_for(&url)
+                }));
                 let lease = self.leases.clone().map(|settings| {
                     let (state, claim_loop) = lease::spawn(settings, worker_id.clone());
                     inner.lease_loops.push(claim_loop);
@@ -335,6 +344,7 @@ impl Registry {
             exclusive_mode: spec.exclusive_mode,
             age_recipients: spec.age_recipients.clone().into(),
             prune: spec.prune,
+            commit_template: spec.commit_template.clone(),
             origin,
             acked: acked.clone(),
             conditions: conditions.clone(),

@@ -259,6 +259,13 @@ pub fn validate_destination(
             ),
         ));
     };
+    let commit_template = message
+        .commit_message
+        .as_ref()
+        .map(|t| crate::batch::template::CommitTemplate::parse(&t.subject, &t.body))
+        .transpose()
+        .map_err(|e| reject(RejectReason::InvalidDestination, e.to_string()))?
+        .map(Arc::new);
     let spec = DestinationSpec {
         id: DestinationId {
             cluster_uid: cluster_uid.to_owned(),
@@ -271,6 +278,7 @@ pub fn validate_destination(
         credentials: None,
         age_recipients: message.age_recipients.clone(),
         prune,
+        commit_template,
     };
     Ok((spec, credentials))
 }

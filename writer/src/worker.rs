@@ -104,6 +104,8 @@ pub struct WorkerHandle {
     pub id: String,
     pub repo_url: String,
     pub branch: String,
+    /// The key that signs the worker's commits (for `WriterAdmin.ListWorkers`).
+    pub signing: git::SigningSource,
     sender: mpsc::Sender<Command>,
     status: Arc<Mutex<WorkerStatus>>,
 }
@@ -170,6 +172,7 @@ pub fn spawn(
         id: id.clone(),
         repo_url: git::redact_url(&spec.url),
         branch: spec.branch.clone(),
+        signing: spec.signing.clone(),
         sender,
         status: status.clone(),
     };

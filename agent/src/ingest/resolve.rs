@@ -340,6 +340,7 @@ pub fn resolve_with_lookups(
                             }
                             _ => None,
                         },
+                        commit_message: dest.spec.commit_message.clone(),
                     },
                     ns: ns.clone(),
                     dest,
@@ -650,6 +651,33 @@ mod tests {
                 "main",
                 "clusters/prod"
             )
+        );
+    }
+
+    #[test]
+    fn the_commit_message_template_goes_with_the_destination() {
+        let repos = [repo("cfg", "repo", &["main"], json!({}))];
+        let mut templated = dest("cfg", "prod", ("cfg", "repo"), "main", json!({}));
+        templated.spec.commit_message = serde_json::from_value(
+            json!({"subject": "{operation} {kind} {name}", "body": "{objects}"}),
+        )
+        .unwrap();
+        let rules = [wr("cfg", "r", json!({"name": "prod"}))];
+        let ns = namespaces();
+        let res = resolve(Inputs {
+            repos: &repos,
+            destinations: std::slice::from_ref(&templated),
+            watch_rules: &rules,
+            cluster_watch_rules: &[],
+            namespaces: &ns,
+        });
+        let template = res.selection.destinations[0]
+            .commit_message
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (template.subject.as_str(), template.body.as_str()),
+            ("{operation} {kind} {name}", "{objects}")
         );
     }
 

@@ -238,6 +238,7 @@ pub(crate) mod test_support {
             credentials: None,
             encryption: None,
             prune: Default::default(),
+            commit_message: None,
         }
     }
 

@@ -404,6 +404,13 @@ fn declare_message(decl: &DestinationDecl) -> pb::AgentMessage {
                 PruneMode::Never => pb::PruneMode::Never,
             }
             .into(),
+            commit_message: decl
+                .commit_message
+                .as_ref()
+                .map(|t| pb::CommitMessageTemplate {
+                    subject: t.subject.clone(),
+                    body: t.body.clone(),
+                }),
         })),
     }
 }
@@ -513,6 +520,7 @@ mod tests {
             credentials: None,
             encryption: None,
             prune: Default::default(),
+            commit_message: None,
         })
     }
 
@@ -870,6 +878,7 @@ mod tests {
             credentials: None,
             encryption: None,
             prune: Default::default(),
+            commit_message: None,
         };
         let Some(Kind::Destination(d)) = declare_message(&decl).kind else {
             panic!("a destination")
@@ -892,6 +901,25 @@ mod tests {
         assert_eq!(
             d.credentials.unwrap().kind,
             Some(pb::credentials::Kind::Token("t".into()))
+        );
+        assert_eq!(d.commit_message, None);
+        // The GitDestination's commit message template goes to the writer as it is (the writer checks it).
+        let templated = DestinationDecl {
+            commit_message: Some(crate::crd::CommitMessageSpec {
+                subject: "{operation} {name}".into(),
+                body: "{objects}".into(),
+            }),
+            ..inline
+        };
+        let Some(Kind::Destination(d)) = declare_message(&templated).kind else {
+            panic!("a destination")
+        };
+        assert_eq!(
+            d.commit_message,
+            Some(pb::CommitMessageTemplate {
+                subject: "{operation} {name}".into(),
+                body: "{objects}".into(),
+            })
         );
     }
 }

@@ -85,6 +85,7 @@ pub fn declare(repo_url: &str) -> AgentEvent {
         credentials: None,
         encryption: None,
         prune: Default::default(),
+        commit_message: None,
     })
 }
 

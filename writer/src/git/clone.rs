@@ -467,7 +467,10 @@ impl Clone {
         let author = Signature::now(&meta.author_name, &meta.author_email).map_err(local)?;
         let committer =
             Signature::now(&meta.committer_name, &meta.committer_email).map_err(local)?;
-        let body = commit_object(tree, parent, &author, &committer, &meta.message);
+        let mut body = commit_object(tree, parent, &author, &committer, &meta.message);
+        if let Some(signer) = self.spec.signing.current() {
+            body = super::sign::with_signature_header(&body, &signer.sign(&body)?);
+        }
         let commit = new.add(ObjectType::Commit, body).map_err(local)?;
         trees.remember_commit(commit, tree);
         let pack_dir = self.dir.join("objects").join("pack");

@@ -32,6 +32,7 @@
 mod auth;
 mod clone;
 mod pack;
+mod sign;
 mod tree;
 mod url;
 
@@ -43,6 +44,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 pub use self::clone::Clone;
+pub use self::sign::{CommitSigner, SigningError, SigningSource};
 
 /// Deadlines of every network operation, in milliseconds (see [`set_network_timeouts`]).
 static CONNECT_TIMEOUT_MS: AtomicU64 = AtomicU64::new(10_000);
@@ -172,6 +174,8 @@ pub struct RepoSpec {
     /// seen). Process-wide alternatives: the `SSL_CERT_FILE` / `SSL_CERT_DIR` environment
     /// variables read by OpenSSL at start-up.
     pub ca_cert_file: Option<PathBuf>,
+    /// The key that signs every commit of the clone (none: unsigned commits).
+    pub signing: SigningSource,
 }
 
 impl RepoSpec {
@@ -182,7 +186,14 @@ impl RepoSpec {
             branch: branch.into(),
             credentials: None,
             ca_cert_file: None,
+            signing: SigningSource::default(),
         }
+    }
+
+    /// The same spec, signing its commits with what `signing` names at commit time.
+    pub fn with_signing(mut self, signing: SigningSource) -> Self {
+        self.signing = signing;
+        self
     }
 
     /// The same spec with credentials.
@@ -205,6 +216,7 @@ impl fmt::Debug for RepoSpec {
             .field("branch", &self.branch)
             .field("credentials", &self.credentials)
             .field("ca_cert_file", &self.ca_cert_file)
+            .field("signing", &self.signing)
             .finish()
     }
 }
@@ -234,7 +246,8 @@ impl FileChange {
     }
 }
 
-/// Who made a commit and why. Both signatures are timestamped "now".
+/// Who made a commit and why. Both signatures are timestamped "now". The clone's [`RepoSpec::signing`] key, if
+/// any, signs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommitMeta {
     pub author_name: String,
@@ -279,6 +292,9 @@ pub enum GitError {
     /// folder at once). Deterministic: the same changes on the same parent fail the same way again.
     #[error("cannot build the commit: {0}")]
     Unbuildable(String),
+    /// The commit could not be signed: nothing is committed (never an unsigned commit in its place).
+    #[error("cannot sign the commit: {0}")]
+    Signing(#[from] SigningError),
     #[error("git: {0}")]
     Other(String),
 }
