@@ -225,6 +225,8 @@ fn settings() -> WorkerSettings {
         bot_name: "fuzz".into(),
         bot_email: "fuzz@example.invalid".into(),
         push_max_retries: 0,
+        push_max_batches: 50,
+        push_max_delay: hour,
         queue_capacity: 4096,
         retry_initial: hour,
         retry_max: hour,
