@@ -489,6 +489,10 @@ pub struct ClusterResourceRule {
 pub struct ClusterWatchRuleSpec {
     /// Cluster rules have no namespace of their own, so it is explicit here.
     pub destination_ref: NamespacedName,
+    /// Only objects whose labels match (cluster-scoped and namespaced alike; `namespaceSelector` of a rule
+    /// filters by the namespace's labels on top).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_selector: Option<LabelSelector>,
     #[schemars(length(min = 1))]
     pub rules: Vec<ClusterResourceRule>,
     /// Objects whose `metadata.name` matches one of these patterns are not mirrored: `*` matches any

@@ -251,14 +251,21 @@ pub fn watch_rule_matches(
     if !key.namespaced || obj.namespace != Some(rule_namespace) {
         return false;
     }
-    if let Some(selector) = &spec.object_selector
-        && !label_selector_matches(selector, obj.labels).unwrap_or(false)
-    {
+    if !object_selector_admits(spec.object_selector.as_ref(), obj.labels) {
         return false;
     }
     spec.rules
         .iter()
         .any(|rule| resource_rule_selects(rule, key) && operation_matches(&rule.operations, op))
+}
+
+/// Whether a rule's `objectSelector` (none: every object) admits an object with these labels; an invalid
+/// selector admits nothing.
+pub fn object_selector_admits(
+    selector: Option<&LabelSelector>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.is_none_or(|selector| label_selector_matches(selector, labels).unwrap_or(false))
 }
 
 /// Whether a `ClusterWatchRule` selects a change to an object of type `key`.
@@ -960,6 +967,7 @@ mod tests {
                 name: "prod".into(),
                 namespace: "configbutler-system".into(),
             },
+            object_selector: None,
             rules: vec![ClusterResourceRule {
                 operations: vec![],
                 api_groups: vec![],

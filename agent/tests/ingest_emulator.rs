@@ -155,6 +155,7 @@ fn cluster_rule(destination: &str, groups: &[&str], resources: &[&str]) -> Compi
                     name: "prod".into(),
                     namespace: "cfg".into(),
                 },
+                object_selector: None,
                 rules: vec![ClusterResourceRule {
                     operations: vec![],
                     api_groups: strings(groups),
@@ -641,6 +642,51 @@ async fn removing_the_selected_label_deletes_and_adding_it_back_upserts() {
         unreachable!()
     };
     assert!(*created);
+}
+
+#[tokio::test]
+async fn a_cluster_rules_object_selector_mirrors_only_labelled_objects_in_every_namespace() {
+    let cluster = shop().await;
+    cluster
+        .apply_yaml(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n---\n\
+             apiVersion: v1\nkind: ConfigMap\nmetadata: {name: picked, namespace: other, labels: {mirror: 'yes'}}\n---\n\
+             apiVersion: v1\nkind: ConfigMap\nmetadata: {name: left-out, namespace: other, labels: {mirror: 'no'}}\n",
+        )
+        .await;
+    let mut rule = cluster_rule("cfg/prod", &[""], &["configmaps"]);
+    let RuleKind::Cluster { spec } = &mut rule.kind else {
+        unreachable!()
+    };
+    spec.object_selector = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+            match_labels: Some([("mirror".to_owned(), "yes".to_owned())].into()),
+            ..Default::default()
+        },
+    );
+    let mut h = start(cluster, selection(vec![rule]), IngestConfig::default()).await;
+    let first = h.until_ended(&["configmaps"]).await;
+    let mut mirrored = upsert_paths(&first);
+    mirrored.sort();
+    assert_eq!(
+        mirrored,
+        vec![
+            "core/v1/configmaps/other/picked.yaml",
+            "core/v1/configmaps/shop/app.yaml"
+        ],
+        "only the labelled ConfigMaps, of every namespace"
+    );
+    h.cluster.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: app, namespace: shop}\ndata: {color: blue}\n")
+        .await;
+    let got = h
+        .until("delete after unlabel", |e| {
+            matches!(e, AgentEvent::Delete { .. })
+        })
+        .await;
+    let Some(AgentEvent::Delete { path, .. }) = got.last() else {
+        unreachable!()
+    };
+    assert_eq!(path, "core/v1/configmaps/shop/app.yaml");
 }
 
 #[tokio::test]

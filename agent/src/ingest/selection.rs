@@ -115,6 +115,9 @@ impl CompiledRule {
                 rules::watch_rule_matches(rule_ns, spec, key, op, ObjectFacts { namespace, labels })
             }
             RuleKind::Cluster { spec } => {
+                if !rules::object_selector_admits(spec.object_selector.as_ref(), labels) {
+                    return false;
+                }
                 let ns_labels = namespace
                     .filter(|ns| !ns.is_empty())
                     .and_then(|ns| namespace_labels.get(ns));
@@ -289,6 +292,7 @@ pub(crate) mod test_support {
                         name: "d".into(),
                         namespace: "x".into(),
                     },
+                    object_selector: None,
                     rules: vec![ClusterResourceRule {
                         operations: vec![],
                         api_groups: vec![],
@@ -332,6 +336,52 @@ mod tests {
             r.snapshot_namespaces(&cm, &NamespaceLabels::new()),
             BTreeSet::from(["shop".to_owned()])
         );
+    }
+
+    #[test]
+    fn a_cluster_rules_object_selector_admits_only_matching_labels_of_any_scope() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+        let with_selector = |scope, resources: &[&str], selector: LabelSelector| {
+            let mut rule = cluster_rule("x/prod", scope, resources, None);
+            let RuleKind::Cluster { spec } = &mut rule.kind else {
+                unreachable!()
+            };
+            spec.object_selector = Some(selector);
+            rule
+        };
+        let mirror_yes = match_labels(&[("mirror", "yes")]);
+        let cms = with_selector(
+            ResourceScope::Namespaced,
+            &["configmaps"],
+            mirror_yes.clone(),
+        );
+        let roles = with_selector(ResourceScope::Cluster, &["clusterroles"], mirror_yes);
+        let cm = ResourceKey::new("", "v1", "configmaps", true);
+        let role = ResourceKey::new("rbac.authorization.k8s.io", "v1", "clusterroles", false);
+        let none = NamespaceLabels::new();
+        let picked = labels(&[("mirror", "yes")]);
+        let other = labels(&[("mirror", "no")]);
+        assert!(cms.selects_object(&cm, Some("shop"), &picked, &none));
+        assert!(!cms.selects_object(&cm, Some("shop"), &other, &none));
+        assert!(!cms.selects_object(&cm, Some("shop"), &BTreeMap::new(), &none));
+        assert!(roles.selects_object(&role, None, &picked, &none));
+        assert!(!roles.selects_object(&role, None, &other, &none));
+        // An invalid selector admits nothing.
+        let invalid = with_selector(
+            ResourceScope::Namespaced,
+            &["configmaps"],
+            LabelSelector {
+                match_expressions: Some(vec![
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                        key: "mirror".into(),
+                        operator: "Sometimes".into(),
+                        values: None,
+                    },
+                ]),
+                ..Default::default()
+            },
+        );
+        assert!(!invalid.selects_object(&cm, Some("shop"), &picked, &none));
     }
 
     #[test]
