@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every libFuzzer target of fuzz/ for a bounded time: one shared instrumented build (its own target dir,
-# cached under ~/.cache/gitops-reverser/fuzz-target), the repository's seeds (fuzz/seeds/<target>, read only) plus
+# cached under ~/.cache/gitops-reverser/fuzz-target/<checkout>), the repository's seeds (fuzz/seeds/<target>, read only) plus
 # a cached working corpus, and a failure on the first crash (the input is kept; the command to replay it is
 # printed). Stable toolchain: coverage instrumentation without a sanitizer (`--sanitizer none`).
 #
@@ -10,14 +10,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_INCREMENTAL=0
 SECONDS_PER_TARGET="${FUZZ_SECONDS:-20}"
-CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/gitops-reverser"
-# The main build's CARGO_TARGET_DIR must not be shared: instrumented artifacts would evict it.
+source scripts/cache-dirs.sh
+CACHE="$REVERSER_CACHE"
+# The main build's CARGO_TARGET_DIR must not be shared: instrumented artifacts would evict it. One instrumented
+# build per checkout, for the reason scripts/test.sh gives.
 unset CARGO_TARGET_DIR
-BUILD=(--sanitizer none --release --debug-assertions --target-dir "$CACHE/fuzz-target")
+FUZZ_TARGET_DIR="$CACHE/fuzz-target/$REVERSER_CHECKOUT"
+BUILD=(--sanitizer none --release --debug-assertions --target-dir "$FUZZ_TARGET_DIR")
 command -v cargo-fuzz >/dev/null 2>&1 || { echo "cargo-fuzz is missing: run scripts/install-test-deps.sh" >&2; exit 1; }
 
 if [ $# -gt 0 ]; then targets=("$@"); else mapfile -t targets < <(cargo fuzz list); fi
-echo "== fuzz: building ${#targets[@]} targets once (instrumented, cached in $CACHE/fuzz-target)"
+echo "== fuzz: building ${#targets[@]} targets once (instrumented, cached in $FUZZ_TARGET_DIR)"
 cargo fuzz build "${BUILD[@]}"
 failed=()
 for target in "${targets[@]}"; do

@@ -5,9 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export CARGO_INCREMENTAL=0
-# One build cache outside git, shared by every checkout on this machine (a fresh clone reuses the compiled
-# dependencies instead of building them again).
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/gitops-reverser/target}"
+# One build cache per checkout, outside git (a re-run only rebuilds what changed). Not shared between checkouts:
+# cargo judges a workspace crate up to date by file times, not contents, so a cache shared by two checkouts would
+# test whichever checkout's code was compiled last.
+source scripts/cache-dirs.sh
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$REVERSER_CACHE/target/$REVERSER_CHECKOUT}"
 echo "== build cache: $CARGO_TARGET_DIR"
 ./scripts/install-test-deps.sh
 echo "== self-contained: nothing reads outside the repository"
@@ -22,7 +24,7 @@ cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The fuzz targets are a workspace of their own (see fuzz/Cargo.toml); their lint build gets its own cache too.
-CARGO_TARGET_DIR="$(dirname "$CARGO_TARGET_DIR")/fuzz-clippy-target" \
+CARGO_TARGET_DIR="$REVERSER_CACHE/fuzz-clippy-target/$REVERSER_CHECKOUT" \
   cargo clippy --manifest-path fuzz/Cargo.toml --all-targets --locked -- -D warnings
 echo "== tests"
 cargo nextest run --workspace --locked --no-fail-fast
