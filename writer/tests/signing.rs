@@ -280,25 +280,7 @@ async fn a_key_that_cannot_sign_stops_the_writer_with_a_clear_error() {
     ];
     for (key, passphrase, expected) in cases {
         let credentials = signing_config(dir.path(), &repo.file_url(), key, passphrase);
-        let work = tempfile::tempdir().unwrap();
-        let args = <reverser_writer::Args as clap::Parser>::try_parse_from([
-            "reverser-writer",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--leases",
-            "off",
-            "--work-dir",
-            work.path().to_str().unwrap(),
-            "--git-credentials",
-            credentials.to_str().unwrap(),
-        ])
-        .unwrap();
-        let error = match args.start().await {
-            Ok(_) => panic!("{} was accepted", key.display()),
-            Err(error) => format!("{error:#}"),
-        };
+        let error = start_error(&credentials, key).await;
         assert!(
             error.contains(expected) && error.contains("commitSigning entry 0"),
             "{}: {error}",
@@ -509,29 +491,35 @@ async fn an_openpgp_key_that_cannot_sign_is_refused_at_start() {
         (&ssh_key, None, "not an armored OpenPGP secret key"),
     ] {
         let credentials = openpgp_config(dir.path(), &repo.file_url(), key, passphrase);
-        let work = tempfile::tempdir().unwrap();
-        let args = <reverser_writer::Args as clap::Parser>::try_parse_from([
-            "reverser-writer",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--leases",
-            "off",
-            "--work-dir",
-            work.path().to_str().unwrap(),
-            "--git-credentials",
-            credentials.to_str().unwrap(),
-        ])
-        .unwrap();
-        let error = match args.start().await {
-            Ok(_) => panic!("{} was accepted", key.display()),
-            Err(error) => format!("{error:#}"),
-        };
+        let error = start_error(&credentials, key).await;
         assert!(error.contains(expected), "{}: {error}", key.display());
         assert!(
             !error.contains("right one") && !error.contains("wrong one"),
             "{error}"
         );
+    }
+}
+
+/// Starts a writer with `credentials` and returns why it refused to start (panics if it started): `key` names
+/// the key under test in that panic.
+async fn start_error(credentials: &std::path::Path, key: &std::path::Path) -> String {
+    let work = tempfile::tempdir().unwrap();
+    let args = <reverser_writer::Args as clap::Parser>::try_parse_from([
+        "reverser-writer",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--leases",
+        "off",
+        "--work-dir",
+        work.path().to_str().unwrap(),
+        "--git-credentials",
+        credentials.to_str().unwrap(),
+    ])
+    .unwrap();
+    match args.start().await {
+        Ok(_) => panic!("{} was accepted", key.display()),
+        Err(error) => format!("{error:#}"),
     }
 }
