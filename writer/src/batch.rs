@@ -266,6 +266,100 @@ impl Buffer {
     pub fn forget_destination(&mut self, id: &DestinationId) {
         self.snapshots.retain(|(d, _), _| d != id);
     }
+
+    /// Moves the entries and open snapshots of one destination into a buffer of their own (a destination being
+    /// suspended); the others stay, in order.
+    pub fn split_destination(&mut self, id: &DestinationId) -> Buffer {
+        let (theirs, ours): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|e| e.destination.id == *id);
+        self.entries = ours;
+        let mut split = Buffer {
+            entries: theirs,
+            ..Buffer::default()
+        };
+        let keys: Vec<(DestinationId, String)> = self
+            .snapshots
+            .keys()
+            .filter(|(d, _)| d == id)
+            .cloned()
+            .collect();
+        for key in keys {
+            if let Some(open) = self.snapshots.remove(&key) {
+                split.snapshots.insert(key, open);
+            }
+        }
+        split.first_at = self.first_at.filter(|_| !split.entries.is_empty());
+        self.recount();
+        split.recount();
+        split
+    }
+
+    /// Appends another buffer's entries (after this one's) and takes over its open snapshots.
+    pub fn absorb(&mut self, other: Buffer, now: Instant) {
+        if !other.entries.is_empty() {
+            let since = other.first_at.unwrap_or(now);
+            self.first_at = Some(self.first_at.map_or(since, |t| t.min(since)));
+        }
+        self.entries.extend(other.entries);
+        self.snapshots.extend(other.snapshots);
+        self.recount();
+    }
+
+    /// Keeps only what decides the result of replaying the buffer: the last write or removal per path, the last
+    /// sweep per scope, no snapshot begins. Replaying the kept entries in their order gives the same tree: a sweep
+    /// keeps every path upserted in its epoch (those come after any earlier write of the path), a later sweep of
+    /// the same scope deletes whatever an earlier one would have, and a later write or removal of a path overrides
+    /// what any earlier entry did to it. Bounds a buffer that is never flushed (a suspended destination) by the
+    /// number of paths and scopes instead of the number of messages.
+    pub fn compact(&mut self) {
+        let mut paths: HashSet<String> = HashSet::new();
+        let mut sweeps: HashSet<(DestinationId, String, bool)> = HashSet::new();
+        let mut keep = vec![false; self.entries.len()];
+        for (index, entry) in self.entries.iter().enumerate().rev() {
+            keep[index] = match &entry.op {
+                EntryOp::Write { path, .. } | EntryOp::Remove { path, .. } => {
+                    paths.insert(path.clone())
+                }
+                EntryOp::Sweep {
+                    folder,
+                    namespace_given,
+                    ..
+                } => sweeps.insert((
+                    entry.destination.id.clone(),
+                    folder.clone(),
+                    *namespace_given,
+                )),
+                EntryOp::Nothing => false,
+            };
+        }
+        let mut flags = keep.into_iter();
+        self.entries.retain(|_| flags.next().unwrap_or(true));
+        if self.entries.is_empty() {
+            self.first_at = None;
+        }
+        self.recount();
+    }
+
+    fn recount(&mut self) {
+        self.distinct_paths.clear();
+        self.bytes = 0;
+        for entry in &self.entries {
+            match &entry.op {
+                EntryOp::Write { path, content, .. } => {
+                    self.bytes += content.len();
+                    self.distinct_paths.insert(path.clone());
+                }
+                EntryOp::Remove { path, .. } => {
+                    self.distinct_paths.insert(path.clone());
+                }
+                EntryOp::Sweep { .. } | EntryOp::Nothing => {}
+            }
+        }
+        if self.entries.is_empty() {
+            self.first_at = None;
+        }
+    }
 }
 
 /// Settings a plan needs besides the entries and the tree.

@@ -500,6 +500,7 @@ impl WriterAdmin for AdminService {
                 base_folder: record.spec.base_folder.clone(),
                 exclusive_mode: record.spec.exclusive_mode,
                 prune: record.spec.prune.to_proto().into(),
+                suspend: record.spec.suspend,
                 worker_id: record.worker_id.clone(),
                 acked_sequence: record.acked_sequence(),
                 conditions: record

@@ -129,6 +129,8 @@ pub struct DestinationSpec {
     pub prune: Prune,
     /// How the destination's commit messages read (none: the built-in messages).
     pub commit_template: Option<Arc<crate::batch::template::CommitTemplate>>,
+    /// Hold and preview the destination's changes instead of pushing them (`Destination.suspend`).
+    pub suspend: bool,
 }
 
 /// Which files the writer deletes for a destination (GitDestination `spec.prune`).
@@ -216,6 +218,12 @@ impl DestinationRef {
             .insert(kind.as_str().to_owned(), condition.clone());
         self.origin
             .send(pb::writer_message::Kind::DestinationStatus(condition));
+    }
+
+    /// Tells the suspended destination's agent what a flush would write now.
+    pub fn suspend_preview(&self, preview: pb::SuspendPreview) {
+        self.origin
+            .send(pb::writer_message::Kind::SuspendPreview(preview));
     }
 
     /// Tells the destination's agent that the pushed `commit` deleted `deleted` orphan files (`left` more wait

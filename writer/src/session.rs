@@ -279,6 +279,7 @@ pub fn validate_destination(
         age_recipients: message.age_recipients.clone(),
         prune,
         commit_template,
+        suspend: message.suspend,
     };
     Ok((spec, credentials))
 }
@@ -735,6 +736,7 @@ impl Session {
             spec.base_folder.clone(),
         );
         let owner = self.access.identity().map(str::to_owned);
+        let suspend = spec.suspend;
         match self
             .registry
             .declare(spec, credentials, origin.clone(), owner.as_deref())
@@ -743,6 +745,8 @@ impl Session {
                 if let Some(previous) = previous {
                     previous.forget(id.clone()).await;
                 }
+                // Before any change under this declaration (the worker's queue keeps the order).
+                worker.set_suspended(reference.clone(), suspend).await;
                 if let Some(old) = self
                     .destinations
                     .get(&key)

@@ -25,6 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod suspend;
 mod watchdog;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -96,6 +97,8 @@ pub enum Command {
     Shutdown(oneshot::Sender<Result<FlushReport, String>>),
     /// The writer's credentials for this repository changed (a reload): use these from the next fetch or push.
     SetCredentials(Option<GitCredentials>),
+    /// A declaration of the destination says whether it is suspended (see `worker::suspend`).
+    SetSuspended(DestinationRef, bool),
 }
 
 /// Handle to a running worker.
@@ -126,6 +129,14 @@ impl WorkerHandle {
     /// Hands the worker new credentials (see [`Command::SetCredentials`]).
     pub async fn set_credentials(&self, credentials: Option<GitCredentials>) {
         let _ = self.sender.send(Command::SetCredentials(credentials)).await;
+    }
+
+    /// Suspends or resumes a destination (from its declaration, before any change under it).
+    pub async fn set_suspended(&self, destination: DestinationRef, suspend: bool) {
+        let _ = self
+            .sender
+            .send(Command::SetSuspended(destination, suspend))
+            .await;
     }
 
     pub async fn flush(&self) -> Result<FlushReport, String> {
@@ -199,6 +210,7 @@ pub fn spawn(
         last_fetch: None,
         conditions: HashMap::new(),
         abandoned: watchdog::Abandoned::default(),
+        held: BTreeMap::new(),
     };
     tokio::spawn(worker.run(receiver));
     handle
@@ -230,6 +242,8 @@ struct Worker {
     conditions: HashMap<DestinationId, (String, bool)>,
     /// Fetches and pushes given up at their deadline that may still be running (see `watchdog`).
     abandoned: watchdog::Abandoned,
+    /// The held changes of suspended destinations (see `suspend`).
+    held: BTreeMap<DestinationId, suspend::Held>,
 }
 
 /// Why a flush could not push.
@@ -335,8 +349,12 @@ impl Worker {
         // A failure is reported by the first flush, which retries the fetch.
         let _ = self.open().await;
         loop {
+            if self.preview_deadline().is_some_and(|d| d <= Instant::now()) {
+                self.preview_held(false).await;
+            }
             let linger = self.linger_until.filter(|_| !self.unpushed.is_empty());
             let pending = [
+                self.preview_deadline(),
                 self.buffer.deadline(&self.settings.limits),
                 self.unpushed
                     .first()
@@ -420,6 +438,7 @@ impl Worker {
                 }
                 other => self.handle_other(other).await,
             }
+            self.ack_held();
             self.publish_status();
         }
         // All senders are gone (shutdown): push what is pending, once.
@@ -436,8 +455,17 @@ impl Worker {
     async fn handle_other(&mut self, command: Command) {
         match command {
             Command::Change(change) => self.accept(*change),
-            Command::Flush(reply) => self.flush_now(Some(reply), PushWhen::Now).await,
-            Command::Forget(id) => self.buffer.forget_destination(&id),
+            Command::Flush(reply) => {
+                self.preview_held(true).await;
+                self.flush_now(Some(reply), PushWhen::Now).await
+            }
+            Command::Forget(id) => {
+                self.buffer.forget_destination(&id);
+                self.forget_held(&id);
+            }
+            Command::SetSuspended(destination, suspend) => {
+                self.set_suspended(destination, suspend).await
+            }
             Command::SetCredentials(credentials) => {
                 info!(worker = %self.id, "credentials changed; retrying with the new ones");
                 self.spec.credentials = credentials.clone();
@@ -454,6 +482,9 @@ impl Worker {
     }
 
     fn accept(&mut self, change: Change) {
+        let Some(change) = self.hold(change) else {
+            return;
+        };
         let destination = change.destination.clone();
         let sequence = change.sequence;
         if let Accepted::SnapshotMismatch(message) = self.buffer.push(change, Instant::now()) {
@@ -592,6 +623,7 @@ impl Worker {
             .unpushed_batches
             .with_label_values(&self.labels())
             .set(self.unpushed.len() as i64);
+        self.ack_held();
         self.publish_status();
         if let Some(reply) = reply {
             let _ = reply.send(report);
