@@ -74,6 +74,9 @@ pub const OBJECTS_SKIPPED: &str = "ObjectsSkipped";
 pub const ACCEPTED: &str = "Accepted";
 /// On rules that select Secrets while no encryption is configured.
 pub const SECRETS_SKIPPED: &str = "SecretsSkipped";
+/// On a GitDestination with `spec.suspend` (`True`, reason `Suspended`); `False` (reason `Resumed`) once it is
+/// set back, and absent on a destination that was never suspended.
+pub const SUSPENDED: &str = "Suspended";
 /// Reason of [`SECRETS_SKIPPED`].
 pub const ENCRYPTION_NOT_CONFIGURED: &str = "EncryptionNotConfigured";
 
@@ -92,7 +95,7 @@ const CLEARED_BY_PUSH: &[&str] = &["PushFailing", "AuthFailed", "LeaseConflict",
 /// Failure types a writer `Accepted=True` (a successful declaration) resolves.
 const CLEARED_BY_ACCEPT: &[&str] = &["OwnershipConflict"];
 /// Types the controller owns on every object; everything else on a destination is the writer's.
-const OWN_TYPES: &[&str] = &[READY, WRITER_CONNECTED, SECRETS_SKIPPED];
+const OWN_TYPES: &[&str] = &[READY, WRITER_CONNECTED, SECRETS_SKIPPED, SUSPENDED];
 
 /// One condition to write. `observedGeneration` and `lastTransitionTime` are added on writing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,6 +143,34 @@ pub struct DesiredConditions {
     /// GitDestination only: the reconcile request handed to ingestion (`status.lastHandledReconcileAt`); `None`
     /// keeps what the status has.
     pub handled_reconcile: Option<String>,
+    /// GitDestination only: remove `status.suspendPreview` (the destination is not suspended).
+    pub clear_suspend_preview: bool,
+}
+
+/// The `Suspended` condition of a GitDestination: `True` while `spec.suspend` is set, `False` (reason `Resumed`)
+/// once it was and is no more; `None` for a destination that never was suspended.
+pub fn suspended_condition(
+    suspend: bool,
+    persisted: Option<&ResourceStatus>,
+) -> Option<DesiredCondition> {
+    if suspend {
+        return Some(DesiredCondition::new(
+            SUSPENDED,
+            true,
+            "Suspended",
+            "spec.suspend is true: changes are held by the writer and nothing is pushed; status.suspendPreview \
+             shows what resuming would write",
+        ));
+    }
+    let was = persisted.is_some_and(|s| s.conditions.iter().any(|c| c.type_ == SUSPENDED));
+    was.then(|| {
+        DesiredCondition::new(
+            SUSPENDED,
+            false,
+            "Resumed",
+            "spec.suspend is false: the held changes were handed to the writer's next flush",
+        )
+    })
 }
 
 /// One writer condition as kept by [`WriterView`].
@@ -262,7 +293,8 @@ impl WriterView {
             // Sweeps become Events (leader::term), not conditions.
             Feedback::SnapshotAbandoned { .. }
             | Feedback::Fenced { .. }
-            | Feedback::Swept { .. } => {}
+            | Feedback::Swept { .. }
+            | Feedback::SuspendPreview(_) => {}
         }
         *self != before
     }
@@ -470,7 +502,8 @@ pub fn next_status(
         .or_else(|| current.and_then(|s| s.last_handled_reconcile_at.clone()));
     let mut changed = current.and_then(|s| s.observed_generation) != generation
         || current.and_then(|s| s.last_handled_reconcile_at.as_ref())
-            != last_handled_reconcile_at.as_ref();
+            != last_handled_reconcile_at.as_ref()
+        || (desired.clear_suspend_preview && current.is_some_and(|s| s.suspend_preview.is_some()));
     let mut written: Vec<Condition> = Vec::with_capacity(desired.set.len());
     for want in &desired.set {
         let status = want.status_text();
@@ -523,6 +556,8 @@ pub fn next_status(
         conditions,
         observed_generation: generation,
         last_handled_reconcile_at,
+        // A merge patch leaves the preview alone (the controller adds an explicit null to clear it).
+        suspend_preview: None,
     })
 }
 

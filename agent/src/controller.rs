@@ -669,6 +669,11 @@ impl StatusWriter {
             );
             // The selection carrying the request was published before the statuses are written.
             desired.handled_reconcile = resolution.selection.reconcile_requests.get(&key).cloned();
+            desired.set.extend(conditions::suspended_condition(
+                dest.spec.suspend,
+                dest.status.as_ref(),
+            ));
+            desired.clear_suspend_preview = !dest.spec.suspend;
             readiness.insert(key, ready);
             let api = Api::<GitDestination>::namespaced(self.client.clone(), &ns);
             self.write(&api, dest, dest.status.as_ref(), &desired).await;
@@ -739,7 +744,10 @@ impl StatusWriter {
             current.map(|s| s.conditions.as_slice()).unwrap_or(&[]),
             &status.conditions,
         );
-        let patch = serde_json::json!({ "status": status });
+        let mut patch = serde_json::json!({ "status": status });
+        if desired.clear_suspend_preview && current.is_some_and(|s| s.suspend_preview.is_some()) {
+            patch["status"]["suspendPreview"] = serde_json::Value::Null;
+        }
         match api
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await

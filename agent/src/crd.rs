@@ -144,6 +144,38 @@ pub struct ResourceStatus {
     /// watches relisted for it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_reconcile_at: Option<String>,
+    /// GitDestination only, while `spec.suspend` is true: what the writer would write if it were resumed now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend_preview: Option<SuspendPreview>,
+}
+
+/// What a suspended GitDestination's next flush would write (planned by the writer against the branch tip).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SuspendPreview {
+    /// Files the flush would create.
+    pub added: u64,
+    /// Files the flush would change.
+    pub changed: u64,
+    /// Files the flush would delete (deleted objects, and orphans of snapshot sweeps within the delete cap).
+    pub deleted: u64,
+    /// Repository paths of the files to create, sorted; at most `pathsCap` (`added` is the total).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added_paths: Vec<String>,
+    /// Repository paths of the files to change, sorted; at most `pathsCap`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed_paths: Vec<String>,
+    /// Repository paths of the files to delete, sorted; at most `pathsCap`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted_paths: Vec<String>,
+    /// How many paths of each kind the lists hold at most.
+    pub paths_cap: u64,
+    /// The branch tip the preview was planned against (empty when the branch does not exist yet).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub base_commit: String,
+    /// When the agent received it (RFC 3339).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub computed_at: String,
 }
 
 /// Repository connectivity, branch allowlist and access boundary.
@@ -210,6 +242,7 @@ pub struct GitRepoConfigSpec {
         json_path = ".spec.prune",
         priority = "1"
     ),
+    printcolumn(name = "Suspended", type_ = "boolean", json_path = ".spec.suspend"),
     printcolumn(
         name = "Ready",
         type_ = "string",
@@ -252,6 +285,11 @@ pub struct GitDestinationSpec {
     /// nothing is written for the destination and its status shows the reason (condition `Rejected`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_message: Option<CommitMessageSpec>,
+    /// Observe and plan everything but push nothing: the writer holds this destination's changes and the
+    /// agent publishes what a flush would write in `status.suspendPreview` (condition `Suspended`). Setting it
+    /// back to false writes exactly that (plus whatever changed since) in one flush.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
 }
 
 /// Which files the writer deletes for a destination.

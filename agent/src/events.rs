@@ -23,6 +23,8 @@ pub struct DestinationDecl {
     pub prune: crate::crd::PruneMode,
     /// The GitDestination's commit message template, checked by the writer.
     pub commit_message: Option<crate::crd::CommitMessageSpec>,
+    /// GitDestination `spec.suspend`: the writer holds and previews the changes instead of pushing them.
+    pub suspend: bool,
 }
 
 /// Which Kubernetes object an event is about.

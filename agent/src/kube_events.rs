@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::conditions::{ACCEPTED, READY, WRITER_CONNECTED};
+use crate::conditions::{ACCEPTED, READY, SUSPENDED, WRITER_CONNECTED};
 
 /// Events an object may emit at once.
 pub const BURST: f64 = 25.0;
@@ -89,7 +89,8 @@ pub fn condition_events(previous: &[Condition], next: &[Condition]) -> Vec<Plann
         );
         truncate_at_char_boundary(&mut note, MAX_NOTE_BYTES);
         out.push(PlannedEvent {
-            warning: !healthy,
+            // A suspension is what someone asked for: Normal `Suspended` and `Resumed` Events.
+            warning: !healthy && condition.type_ != SUSPENDED,
             reason: condition.reason.clone(),
             action: condition.type_.clone(),
             note,
@@ -366,6 +367,20 @@ mod tests {
         assert!(capped.note.ends_with(
             "in commit abc; 7 more wait for the next snapshot (--deletes-cap-per-cycle)"
         ));
+    }
+
+    #[test]
+    fn suspending_and_resuming_are_normal_events() {
+        let suspended = [c("Suspended", "True", "Suspended", "")];
+        let events = condition_events(&[], &suspended);
+        assert_eq!(events.len(), 1);
+        assert!(!events[0].warning);
+        assert_eq!(events[0].reason, "Suspended");
+        let resumed = [c("Suspended", "False", "Resumed", "")];
+        let events = condition_events(&suspended, &resumed);
+        assert_eq!(events.len(), 1);
+        assert!(!events[0].warning);
+        assert_eq!(events[0].reason, "Resumed");
     }
 
     #[test]

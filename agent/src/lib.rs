@@ -40,6 +40,7 @@
 //! - [`sops`]: SOPS v3 + age encryption of sensitive objects (Secrets) and their keyed fingerprints.
 //! - [`credentials`]: the repositories' `secretRef` credentials, read for the writer.
 //! - [`stream`]: the gRPC client delivering those events to the writer at least once.
+//! - [`suspend`]: the writer's previews of suspended destinations, written to their status.
 //! - [`webhook`]: the attribution webhook (who made a change) and, while leading, its configuration.
 //! - [`metrics`]: families read from the components' counters when `/metrics` is scraped.
 //! - [`args`]: flags, and the wiring of all of the above with the admin endpoint.
@@ -60,4 +61,5 @@ pub mod paths;
 pub mod rules;
 pub mod sops;
 pub mod stream;
+pub mod suspend;
 pub mod webhook;

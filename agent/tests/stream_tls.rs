@@ -120,6 +120,7 @@ fn events(repo_url: &str) -> [AgentEvent; 2] {
             encryption: None,
             prune: Default::default(),
             commit_message: None,
+            suspend: false,
         }),
         AgentEvent::Upsert {
             destination: "gitops/prod".into(),

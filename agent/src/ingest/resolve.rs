@@ -341,6 +341,7 @@ pub fn resolve_with_lookups(
                             _ => None,
                         },
                         commit_message: dest.spec.commit_message.clone(),
+                        suspend: dest.spec.suspend,
                     },
                     ns: ns.clone(),
                     dest,

@@ -231,10 +231,15 @@ impl Term {
                 parts.metrics.ingestion_restarts.clone(),
                 parts.controller.events.clone(),
             );
+            // Ends with this task (it holds the only handle).
+            let previews = crate::suspend::Previews::spawn(parts.client.clone());
             tokio::spawn(async move {
                 while let Some(feedback) = feedback_rx.recv().await {
                     writer_view_tx.send_if_modified(|view| view.apply(&feedback));
                     log_feedback(&feedback);
+                    if let Feedback::SuspendPreview(preview) = &feedback {
+                        previews.offer(preview.clone());
+                    }
                     if let (
                         Feedback::Swept {
                             destination,
@@ -353,6 +358,10 @@ fn log_feedback(feedback: &Feedback) {
             left,
             commit,
         } => info!(%destination, deleted, left, %commit, "the writer deleted orphan files"),
+        Feedback::SuspendPreview(p) => info!(
+            destination = %p.destination, added = p.added, changed = p.changed, deleted = p.deleted,
+            base = %p.base_commit, "suspend preview"
+        ),
         Feedback::SnapshotAbandoned {
             destination,
             scope,

@@ -411,6 +411,7 @@ fn declare_message(decl: &DestinationDecl) -> pb::AgentMessage {
                     subject: t.subject.clone(),
                     body: t.body.clone(),
                 }),
+            suspend: decl.suspend,
         })),
     }
 }
@@ -521,6 +522,7 @@ mod tests {
             encryption: None,
             prune: Default::default(),
             commit_message: None,
+            suspend: false,
         })
     }
 
@@ -879,6 +881,7 @@ mod tests {
             encryption: None,
             prune: Default::default(),
             commit_message: None,
+            suspend: false,
         };
         let Some(Kind::Destination(d)) = declare_message(&decl).kind else {
             panic!("a destination")
@@ -921,5 +924,14 @@ mod tests {
                 body: "{objects}".into(),
             })
         );
+        assert!(!d.suspend);
+        let suspended = DestinationDecl {
+            suspend: true,
+            ..templated
+        };
+        let Some(Kind::Destination(d)) = declare_message(&suspended).kind else {
+            panic!("a destination")
+        };
+        assert!(d.suspend, "spec.suspend reaches the writer");
     }
 }

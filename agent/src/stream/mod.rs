@@ -256,6 +256,8 @@ pub enum Feedback {
         left: u64,
         commit: String,
     },
+    /// What a flush of the suspended destination would write now (for its `status.suspendPreview`).
+    SuspendPreview(pb::SuspendPreview),
 }
 
 impl Feedback {
@@ -1009,6 +1011,10 @@ impl Runner {
                     }),
                     &self.stats,
                 );
+            }
+            Reply::SuspendPreview(preview) => {
+                self.feedback
+                    .push(Feedback::SuspendPreview(preview), &self.stats);
             }
             Reply::SweepReport(report) => {
                 self.feedback.push(

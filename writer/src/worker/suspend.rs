@@ -63,7 +63,11 @@ impl Worker {
                     highest: BTreeMap::new(),
                     acked: BTreeMap::new(),
                     // The first preview goes out at once.
-                    owed_since: Some(Instant::now() - self.settings.limits.max_wait),
+                    owed_since: Some(
+                        Instant::now()
+                            .checked_sub(self.settings.limits.max_wait)
+                            .unwrap_or_else(Instant::now),
+                    ),
                 };
                 for entry in buffer.entries() {
                     held.note(entry.destination.origin.clone(), entry.sequence);
