@@ -315,3 +315,61 @@ async fn held_changes_survive_an_agent_reconnect_and_a_writer_restart_with_the_r
     );
     writer.stop().await;
 }
+
+/// A measurement, not a check (run with `--ignored --nocapture`): `SUSPEND_BACKLOG` objects (default 100 000)
+/// upserted to a suspended destination, then the same again (a relist); prints how long the held changes took to
+/// be acked and previewed, and the writer process's peak RSS.
+#[tokio::test]
+#[ignore]
+async fn measure_a_large_suspended_backlog() {
+    let objects: u64 = std::env::var("SUSPEND_BACKLOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let repo = BareRepo::new();
+    let writer = Writer::start(&[]).await;
+    let mut agent = writer.agent("uid-1").await;
+    declare(&mut agent, DEST, &repo, "c", true).await;
+    let started = std::time::Instant::now();
+    let mut sequence = 0;
+    for round in 0..2 {
+        for i in 0..objects {
+            sequence += 1;
+            let name = format!("cm-{i}");
+            agent
+                .send(upsert(
+                    DEST,
+                    sequence,
+                    &path(&name),
+                    &configmap("shop", &name, &round.to_string()),
+                ))
+                .await;
+            // As the agent does with its default --max-unacked: at most 1000 unacked messages.
+            if sequence % 1000 == 0 {
+                agent.ack(DEST, sequence).await;
+                agent.seen.retain(|m| !matches!(m, Out::Ack(_)));
+            }
+        }
+    }
+    if sequence % 1000 != 0 {
+        agent.ack(DEST, sequence).await;
+    }
+    let acked = started.elapsed();
+    let held = preview(&mut agent, |p| {
+        p.held_messages == objects && p.added == objects + 1
+    })
+    .await;
+    let previewed = started.elapsed();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let peak = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .unwrap_or("VmHWM: ?");
+    println!(
+        "{objects} objects sent twice: all acked after {acked:?}, preview ({} added, {} paths listed) after {previewed:?}; {peak}",
+        held.added,
+        held.added_paths.len()
+    );
+    assert_eq!(repo.rev_parse("main"), None, "nothing pushed");
+    writer.stop().await;
+}
