@@ -349,12 +349,13 @@ impl Worker {
         // A failure is reported by the first flush, which retries the fetch.
         let _ = self.open().await;
         loop {
-            if self.preview_deadline().is_some_and(|d| d <= Instant::now()) {
+            if self.preview_due(Instant::now(), receiver.is_empty()) {
                 self.preview_held(false).await;
             }
             let linger = self.linger_until.filter(|_| !self.unpushed.is_empty());
             let pending = [
-                self.preview_deadline(),
+                // While changes wait, reading them comes first (a preview waits for a pause).
+                self.preview_deadline().filter(|_| receiver.is_empty()),
                 self.buffer.deadline(&self.settings.limits),
                 self.unpushed
                     .first()

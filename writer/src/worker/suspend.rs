@@ -13,7 +13,11 @@
 //! re-lists everything (it does after every reconnect), which rebuilds the held buffer; a deletion held before the
 //! restart is then found again by the snapshot sweep (prune `OnSnapshot`), but not with prune `OnDelete`.
 
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use chrono::{SecondsFormat, Utc};
 use tracing::{info, warn};
@@ -30,6 +34,11 @@ use crate::{
 
 /// Paths of each kind (added, changed, deleted) a preview lists; the counts cover all of them.
 pub const PREVIEW_PATHS_CAP: usize = 50;
+/// A preview waits while more changes are queued (a relist streaming in), but not longer than this.
+const PREVIEW_MAX_DEFER: Duration = Duration::from_secs(30);
+/// After a preview that took `t`, the next one of the destination waits at least `t` times this: planning a large
+/// held buffer over and over would otherwise cost more than receiving it.
+const PREVIEW_COST_SPACING: u32 = 4;
 
 /// The held changes of one suspended destination.
 pub(super) struct Held {
@@ -41,6 +50,8 @@ pub(super) struct Held {
     acked: BTreeMap<u64, u64>,
     /// A preview is owed since then (changes arrived, or the suspension began).
     owed_since: Option<Instant>,
+    /// No preview before then (see [`PREVIEW_COST_SPACING`]).
+    not_before: Option<Instant>,
 }
 
 impl Worker {
@@ -62,6 +73,7 @@ impl Worker {
                     buffer: Buffer::default(),
                     highest: BTreeMap::new(),
                     acked: BTreeMap::new(),
+                    not_before: None,
                     // The first preview goes out at once.
                     owed_since: Some(
                         Instant::now()
@@ -144,24 +156,35 @@ impl Worker {
         }
     }
 
-    /// When the next preview is owed (the batch interval after the first change since the last one).
+    /// When the next preview is owed: the batch interval after the first change since the last one, and not
+    /// before the cost spacing allows.
     pub(super) fn preview_deadline(&self) -> Option<Instant> {
-        self.held
-            .values()
-            .filter_map(|h| h.owed_since)
-            .min()
-            .map(|t| t + self.settings.limits.max_wait)
+        self.held.values().filter_map(|h| self.owed_at(h)).min()
+    }
+
+    fn owed_at(&self, held: &Held) -> Option<Instant> {
+        let owed = held.owed_since? + self.settings.limits.max_wait;
+        Some(held.not_before.map_or(owed, |t| t.max(owed)))
+    }
+
+    /// Whether a preview should be made now: one is owed, and the queue is empty (or it waited long enough).
+    pub(super) fn preview_due(&self, now: Instant, queue_empty: bool) -> bool {
+        self.held.values().any(|h| {
+            self.owed_at(h).is_some_and(|t| t <= now)
+                && (queue_empty || h.owed_since.is_some_and(|t| t + PREVIEW_MAX_DEFER <= now))
+        })
     }
 
     /// Plans the held buffers whose preview is owed (every one with `force`) against the branch tip and sends
     /// the previews. Nothing is committed.
     pub(super) async fn preview_held(&mut self, force: bool) {
         let now = Instant::now();
-        let max_wait = self.settings.limits.max_wait;
         let due: Vec<DestinationId> = self
             .held
             .iter()
-            .filter(|(_, h)| h.owed_since.is_some_and(|t| force || t + max_wait <= now))
+            .filter(|(_, h)| {
+                h.owed_since.is_some() && (force || self.owed_at(h).is_some_and(|t| t <= now))
+            })
             .map(|(id, _)| id.clone())
             .collect();
         if due.is_empty() {
@@ -196,6 +219,7 @@ impl Worker {
             deletes_cap: self.settings.deletes_cap,
             now_rfc3339: Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
         };
+        let planning = Instant::now();
         let ran = watchdog::run(network_deadline(), &self.abandoned, move |watch| {
             let fetched = if refetch {
                 watch.network(|| clone.fetch()).map(|_| true)
@@ -226,6 +250,12 @@ impl Worker {
             return;
         };
         self.clone = Some(clone);
+        let not_before = Instant::now() + planning.elapsed() * PREVIEW_COST_SPACING;
+        for id in &due {
+            if let Some(held) = self.held.get_mut(id) {
+                held.not_before = Some(not_before);
+            }
+        }
         match fetched {
             Ok(true) => self.last_fetch = Some(Instant::now()),
             Ok(false) => {}
