@@ -118,6 +118,22 @@ async fn a_suspended_destination_previews_pushes_nothing_and_resuming_writes_exa
     let mut agent = writer.agent("uid-1").await;
     declare(&mut agent, DEST, &repo, "c", true).await;
     declare(&mut agent, OTHER, &repo, "other", false).await;
+    // Admins see which destinations are suspended.
+    let listed =
+        reverser_proto::v1::writer_admin_client::WriterAdminClient::connect(writer.grpc_url())
+            .await
+            .unwrap()
+            .list_destinations(pb::ListDestinationsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .destinations;
+    let suspended: BTreeSet<(String, bool)> =
+        listed.iter().map(|d| (d.key.clone(), d.suspend)).collect();
+    assert_eq!(
+        suspended,
+        BTreeSet::from([(DEST.to_owned(), true), (OTHER.to_owned(), false)])
+    );
 
     let configmaps = || scope("", "v1", "configmaps", "");
     agent.send(snapshot_begin(DEST, 1, configmaps(), 7)).await;
