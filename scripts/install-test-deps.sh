@@ -34,7 +34,8 @@ fi
 NEXTEST_VERSION=0.9.151
 if ! cargo nextest --version 2>/dev/null | grep -q "cargo-nextest $NEXTEST_VERSION"; then
   echo "install-test-deps: cargo install cargo-nextest $NEXTEST_VERSION (one-time build, a few minutes)"
-  cargo install -q cargo-nextest --version "$NEXTEST_VERSION" --locked
+  # Without self-update (the packagers' feature set): it would also build an HTTP client and aws-lc's C code.
+  cargo install -q cargo-nextest --version "$NEXTEST_VERSION" --locked --no-default-features --features default-no-update
 fi
 
 # cargo-fuzz: builds and runs the libFuzzer targets of fuzz/ (scripts/fuzz.sh), on the stable toolchain.

@@ -25,7 +25,7 @@ use support::http_get;
 use support::world::{self, Agent};
 use testkit::fault_proxy::{FaultProxy, LinkShape};
 use testkit::netns::{Link, Netns};
-use testkit::{BareRepo, RealCluster};
+use testkit::{BareRepo, HttpGitServer, RealCluster};
 use tokio::process::Child;
 use tokio::time::Instant;
 
@@ -70,11 +70,37 @@ struct Net {
     _git_daemon: Child,
     writer: Option<Child>,
     writer_extra: Vec<String>,
+    /// The HTTPS Git server, when the options asked for one.
+    _https: Option<HttpGitServer>,
     work: tempfile::TempDir,
+}
+
+/// How a [`Net`] is set up.
+struct NetOptions {
+    writer_extra: Vec<String>,
+    /// Git over HTTPS (git http-backend behind TLS with basic auth, on the root namespace's end of the writer's
+    /// link) instead of `git daemon` in its own namespace.
+    https: bool,
+    /// The configbutler objects for a repository URL.
+    config: fn(&str) -> String,
+}
+
+impl NetOptions {
+    fn new(writer_extra: &[&str]) -> NetOptions {
+        NetOptions {
+            writer_extra: writer_extra.iter().map(|s| (*s).to_owned()).collect(),
+            https: false,
+            config: |url| world::configmap_mirror_config(url, BRANCH, NAMESPACE),
+        }
+    }
 }
 
 impl Net {
     async fn start(writer_extra: &[&str]) -> Net {
+        Net::start_with(NetOptions::new(writer_extra)).await
+    }
+
+    async fn start_with(options: NetOptions) -> Net {
         world::init();
         let agent_ns = Netns::create("agent");
         let writer_ns = Netns::create("writer");
@@ -127,13 +153,43 @@ impl Net {
             .expect("git daemon starts");
         wait_for_port(&git_root.b, GIT_PORT).await;
 
+        let mut writer_extra = options.writer_extra;
+        let (repo_url, https) = if options.https {
+            let server = HttpGitServer::start_root_at(
+                repo.root(),
+                repo.name(),
+                "soak",
+                "soak-token",
+                writer_root.a.parse().unwrap(),
+            );
+            let credentials = work.path().join("git-credentials.yaml");
+            let password = work.path().join("git-password");
+            std::fs::write(&password, "soak-token").unwrap();
+            std::fs::write(
+                &credentials,
+                format!(
+                    "credentials:\n  - urlPrefix: https://{}:{}/\n    username: soak\n    passwordFile: {}\n",
+                    writer_root.a,
+                    server.port(),
+                    password.display()
+                ),
+            )
+            .unwrap();
+            writer_extra.extend([
+                "--git-ca-file".to_owned(),
+                server.ca_file().display().to_string(),
+                "--git-credentials".to_owned(),
+                credentials.display().to_string(),
+            ]);
+            (server.url(), Some(server))
+        } else {
+            (
+                format!("git://{}:{GIT_PORT}/{}", writer_git.b, repo.name()),
+                None,
+            )
+        };
         cluster.apply_dir(&world::crds_dir()).await;
-        let repo_url = format!("git://{}:{GIT_PORT}/{}", writer_git.b, repo.name());
-        cluster
-            .apply_yaml(&world::configmap_mirror_config(
-                &repo_url, BRANCH, NAMESPACE,
-            ))
-            .await;
+        cluster.apply_yaml(&(options.config)(&repo_url)).await;
 
         let mut net = Net {
             cluster,
@@ -149,7 +205,8 @@ impl Net {
             kubeconfig,
             _git_daemon: git_daemon,
             writer: None,
-            writer_extra: writer_extra.iter().map(|s| (*s).to_owned()).collect(),
+            writer_extra,
+            _https: https,
             work,
         };
         net.start_writer().await;
@@ -696,4 +753,523 @@ async fn slow_links_make_no_leader_failover_and_no_reconnect_loop() {
     println!("{changes} changes over 60 s of 500 ms / 1 Mbit/s links");
     first.terminate().await;
     second.terminate().await;
+}
+
+/// The soak's objects: ConfigMaps, Deployments (scaled by the workload, rolled by kube-controller-manager) and
+/// Widgets of a CRD whose schema the workload changes, all in `shop`.
+fn soak_config(repo_url: &str) -> String {
+    world::configmap_mirror_config(repo_url, BRANCH, NAMESPACE).replace(
+        "rules: [{resources: [configmaps]}]",
+        "rules: [{resources: [configmaps]}, {apiGroups: [apps], resources: [deployments]}, \
+         {apiGroups: [soak.example.com], resources: [widgets]}]",
+    ) + "---\n"
+        + &widget_crd("")
+}
+
+/// The Widget CRD; `extra_field` adds a property to its schema (a CRD change the agent must follow).
+fn widget_crd(extra_field: &str) -> String {
+    let extra = if extra_field.is_empty() {
+        String::new()
+    } else {
+        format!("\n                {extra_field}: {{type: string}}")
+    };
+    format!(
+        "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {{name: widgets.soak.example.com}}
+spec:
+  group: soak.example.com
+  scope: Namespaced
+  names: {{plural: widgets, singular: widget, kind: Widget}}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          properties:
+            spec:
+              type: object
+              properties:
+                size: {{type: integer}}{extra}
+"
+    )
+}
+
+/// What the soak compares: kind/name → the fields the workload changes, from the cluster.
+async fn soak_live(net: &Net) -> BTreeMap<String, String> {
+    let mut state = BTreeMap::new();
+    for (name, data) in net.live().await {
+        state.insert(format!("configmap/{name}"), format!("{data:?}"));
+    }
+    let client = net.cluster.client().await;
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), NAMESPACE);
+    for d in deployments.list(&Default::default()).await.unwrap().items {
+        let replicas = d.spec.and_then(|s| s.replicas).unwrap_or(1);
+        state.insert(
+            format!("deployment/{}", d.metadata.name.unwrap()),
+            replicas.to_string(),
+        );
+    }
+    let ar = kube::discovery::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+        "soak.example.com",
+        "v1",
+        "Widget",
+    ));
+    let widgets: Api<kube::api::DynamicObject> = Api::namespaced_with(client, NAMESPACE, &ar);
+    if let Ok(list) = widgets.list(&Default::default()).await {
+        for w in list.items {
+            state.insert(
+                format!("widget/{}", w.metadata.name.unwrap()),
+                w.data["spec"]["size"].to_string(),
+            );
+        }
+    }
+    state
+}
+
+/// [`soak_live`] read from the Git tree.
+fn soak_mirrored(net: &Net) -> BTreeMap<String, String> {
+    let mut state = BTreeMap::new();
+    for (name, data) in net.mirrored() {
+        state.insert(format!("configmap/{name}"), format!("{data:?}"));
+    }
+    if net.repo.rev_parse(BRANCH).is_none() {
+        return state;
+    }
+    for path in net.repo.ls_tree(BRANCH) {
+        let (kind, rest) =
+            if let Some(rest) = path.strip_prefix("clusters/prod/apps/v1/deployments/shop/") {
+                ("deployment", rest)
+            } else if let Some(rest) =
+                path.strip_prefix("clusters/prod/soak.example.com/v1/widgets/shop/")
+            {
+                ("widget", rest)
+            } else {
+                continue;
+            };
+        let Some(name) = rest.strip_suffix(".yaml") else {
+            continue;
+        };
+        let Some(object) = net
+            .repo
+            .read(BRANCH, &path)
+            .and_then(|t| reverser_common::yaml::parse_object(t.as_bytes()).ok())
+        else {
+            state.insert(format!("{kind}/{name}"), "<unreadable>".into());
+            continue;
+        };
+        let value = match kind {
+            "deployment" => object["spec"]["replicas"].as_i64().unwrap_or(1).to_string(),
+            _ => object["spec"]["size"].to_string(),
+        };
+        state.insert(format!("{kind}/{name}"), value);
+    }
+    state
+}
+
+fn deployment(name: &str, replicas: i32) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]}
+            }
+        }
+    })
+}
+
+/// Peak resident memory (VmHWM) of a process, KiB.
+fn peak_rss_kib(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The chaos soak (issue: reliability under hostile conditions). Not part of the test command: it runs for
+/// `SOAK_MINUTES` (30 by default); `scripts/chaos-soak.sh` runs it and its last result is in the README.
+///
+/// A real API server (with kube-controller-manager), two agents, the writer and Git over HTTPS, each agent and the
+/// writer in a network namespace. A workload makes creates, updates, deletes, scales and CRD changes about every
+/// 300 ms; every 5–15 s a random fault: kill -9 of an agent or the writer, a partition of one link (agent ⇄
+/// writer, agent ⇄ API server, writer ⇄ Git), a remote that hangs, a burst of 403s (the agents' ServiceAccount
+/// loses its binding), a discovery blink (a CRD created and deleted), a human push to the branch. etcd is
+/// compacted every 10 s throughout. At the end the faults stop, everything is healed and restarted, and the Git
+/// tree must equal the cluster exactly.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a 30-minute chaos soak, run by scripts/chaos-soak.sh (not part of the test command)"]
+async fn chaos_soak() {
+    let minutes: u64 = std::env::var("SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(30);
+    let mut options = NetOptions::new(&[
+        "--git-connect-timeout-sec",
+        "5",
+        "--git-io-timeout-sec",
+        "10",
+        "--git-operation-timeout-sec",
+        "60",
+        "--git-batch-max-wait-sec",
+        "1",
+    ]);
+    options.https = true;
+    options.config = soak_config;
+    let mut net = Net::start_with(options).await;
+    // The agents authenticate as a ServiceAccount bound to cluster-admin: removing the binding makes 403s.
+    net.cluster
+        .apply_yaml(
+            "apiVersion: v1
+kind: ServiceAccount
+metadata: {name: soak-agent, namespace: gitops-reverser}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: soak-agent}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: cluster-admin}
+subjects: [{kind: ServiceAccount, name: soak-agent, namespace: gitops-reverser}]
+",
+        )
+        .await;
+    let sa_kubeconfig = {
+        let TestCluster::Real(real) = &net.cluster else {
+            unreachable!()
+        };
+        real.service_account_kubeconfig("gitops-reverser", "soak-agent")
+            .replace(&real.url(), &format!("https://{}", net.api_proxy.addr))
+    };
+    std::fs::write(&net.kubeconfig, sa_kubeconfig).unwrap();
+    let binding = "apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: soak-agent}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: cluster-admin}
+subjects: [{kind: ServiceAccount, name: soak-agent, namespace: gitops-reverser}]
+";
+    let url = net.writer_url();
+    let mut agents = [Some(net.agent(0, &url, &[])), Some(net.agent(1, &url, &[]))];
+
+    // The workload, in the background.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workload = {
+        let client = net.cluster.client().await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let cms: Api<ConfigMap> = Api::namespaced(client.clone(), NAMESPACE);
+            let deploys: Api<k8s_openapi::api::apps::v1::Deployment> =
+                Api::namespaced(client.clone(), NAMESPACE);
+            let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+                Api::all(client.clone());
+            let ar = kube::discovery::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+                "soak.example.com",
+                "v1",
+                "Widget",
+            ));
+            let widgets: Api<kube::api::DynamicObject> =
+                Api::namespaced_with(client.clone(), NAMESPACE, &ar);
+            let mut ops = 0u64;
+            let mut errors = 0u64;
+            let mut crd_generation = 0u64;
+            let pp = PostParams::default();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = rand::random::<u32>() % 40;
+                let name = format!("o-{n}");
+                let result: Result<(), kube::Error> = match rand::random::<u32>() % 10 {
+                    0..=2 => cms
+                        .patch(
+                            &name,
+                            &PatchParams::apply("soak").force(),
+                            &Patch::Apply(serde_json::json!({
+                                "apiVersion": "v1", "kind": "ConfigMap",
+                                "metadata": {"name": name, "namespace": NAMESPACE},
+                                "data": {"value": ops.to_string()},
+                            })),
+                        )
+                        .await
+                        .map(|_| ()),
+                    3 => cms
+                        .delete(&name, &DeleteParams::default())
+                        .await
+                        .map(|_| ()),
+                    4 => deploys
+                        .patch(
+                            &name,
+                            &PatchParams::apply("soak").force(),
+                            &Patch::Apply(deployment(&name, (ops % 4) as i32)),
+                        )
+                        .await
+                        .map(|_| ()),
+                    5 => deploys
+                        .delete(&name, &DeleteParams::default())
+                        .await
+                        .map(|_| ()),
+                    6 | 7 => widgets
+                        .patch(
+                            &name,
+                            &PatchParams::apply("soak").force(),
+                            &Patch::Apply(serde_json::json!({
+                                "apiVersion": "soak.example.com/v1", "kind": "Widget",
+                                "metadata": {"name": name, "namespace": NAMESPACE},
+                                "spec": {"size": ops},
+                            })),
+                        )
+                        .await
+                        .map(|_| ()),
+                    8 => widgets
+                        .delete(&name, &DeleteParams::default())
+                        .await
+                        .map(|_| ()),
+                    _ => {
+                        // A CRD change: the Widget schema gains a property.
+                        crd_generation += 1;
+                        let crd: serde_json::Value =
+                            serde_yaml_value(&widget_crd(&format!("field{crd_generation}")));
+                        crds.patch(
+                            "widgets.soak.example.com",
+                            &PatchParams::apply("soak").force(),
+                            &Patch::Apply(crd),
+                        )
+                        .await
+                        .map(|_| ())
+                    }
+                };
+                if result.is_err() {
+                    errors += 1; // deleting what is gone, a conflict: the workload goes on
+                }
+                ops += 1;
+                let _ = &pp;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            (ops, errors)
+        })
+    };
+
+    let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut max_unacked = 0.0f64;
+    let mut peak = BTreeMap::<&str, u64>::new();
+    let mut human = 0u32;
+    let end = Instant::now() + Duration::from_secs(minutes * 60);
+    let admin = net.cluster.client().await;
+    let crbs: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(admin.clone());
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(admin.clone());
+    while Instant::now() < end {
+        let pause = Duration::from_secs(5 + u64::from(rand::random::<u32>() % 11));
+        let sample_until = Instant::now() + pause;
+        while Instant::now() < sample_until {
+            for agent in agents.iter().flatten() {
+                if let Some(unacked) = agent.metric("gitops_reverser_agent_stream_unacked").await {
+                    max_unacked = max_unacked.max(unacked);
+                }
+            }
+            for (i, agent) in agents.iter().enumerate() {
+                let key = if i == 0 { "agent-0" } else { "agent-1" };
+                let rss = peak_rss_kib(agent.as_ref().and_then(|a| a.child.id()));
+                let slot = peak.entry(key).or_default();
+                *slot = (*slot).max(rss);
+            }
+            let rss = peak_rss_kib(net.writer.as_ref().and_then(|w| w.id()));
+            let slot = peak.entry("writer").or_default();
+            *slot = (*slot).max(rss);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let hold = Duration::from_secs(3 + u64::from(rand::random::<u32>() % 28));
+        match rand::random::<u32>() % 9 {
+            0 => {
+                let i = (rand::random::<u32>() % 2) as usize;
+                if let Some(mut agent) = agents[i].take() {
+                    agent.kill().await;
+                }
+                tokio::time::sleep(Duration::from_secs(
+                    1 + u64::from(rand::random::<u32>() % 5),
+                ))
+                .await;
+                agents[i] = Some(net.agent(i as u16, &url, &[]));
+                *faults.entry("kill -9 agent").or_default() += 1;
+            }
+            1 => {
+                if let Some(mut writer) = net.writer.take() {
+                    let _ = writer.kill().await;
+                }
+                tokio::time::sleep(Duration::from_secs(
+                    1 + u64::from(rand::random::<u32>() % 5),
+                ))
+                .await;
+                net.start_writer().await;
+                *faults.entry("kill -9 writer").or_default() += 1;
+            }
+            2 => {
+                net.agent_ns.drop_host(&net.agent_writer.b);
+                tokio::time::sleep(hold).await;
+                net.agent_ns.heal();
+                *faults.entry("partition agent-writer").or_default() += 1;
+            }
+            3 => {
+                net.agent_ns
+                    .drop_service(&net.agent_root.a, net.api_proxy.addr.port());
+                tokio::time::sleep(hold).await;
+                net.agent_ns.heal();
+                *faults.entry("partition agent-API server").or_default() += 1;
+            }
+            4 => {
+                // The remote hangs: its packets vanish (the writer's link to the HTTPS server).
+                net.writer_ns.drop_host(&net.writer_root.a);
+                tokio::time::sleep(hold).await;
+                net.writer_ns.heal();
+                *faults.entry("remote hangs").or_default() += 1;
+            }
+            5 => {
+                let _ = crbs.delete("soak-agent", &DeleteParams::default()).await;
+                tokio::time::sleep(Duration::from_secs(
+                    3 + u64::from(rand::random::<u32>() % 10),
+                ))
+                .await;
+                net.cluster.apply_yaml(binding).await;
+                *faults.entry("403 burst").or_default() += 1;
+            }
+            6 => {
+                let blink = serde_yaml_value(
+                    &widget_crd("")
+                        .replace("widgets.soak.example.com", "blinks.soak.example.com")
+                        .replace(
+                            "plural: widgets, singular: widget, kind: Widget",
+                            "plural: blinks, singular: blink, kind: Blink",
+                        ),
+                );
+                let _ = crds
+                    .patch(
+                        "blinks.soak.example.com",
+                        &PatchParams::apply("soak").force(),
+                        &Patch::Apply(blink),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let _ = crds
+                    .delete("blinks.soak.example.com", &DeleteParams::default())
+                    .await;
+                *faults.entry("discovery blink").or_default() += 1;
+            }
+            _ => {
+                human += 1;
+                if net.repo.rev_parse(BRANCH).is_some() && human_push(&net.repo, human) {
+                    *faults.entry("human push").or_default() += 1;
+                }
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ops, workload_errors) = workload.await.unwrap();
+    net.agent_ns.heal();
+    net.writer_ns.heal();
+    net.cluster.apply_yaml(binding).await;
+    for (i, slot) in agents.iter_mut().enumerate() {
+        if slot.as_mut().is_none_or(|a| !a.is_running()) {
+            *slot = Some(net.agent(i as u16, &url, &[]));
+        }
+    }
+    if net
+        .writer
+        .as_mut()
+        .is_none_or(|w| w.try_wait().ok().flatten().is_some())
+    {
+        net.start_writer().await;
+    }
+    let settle = Instant::now();
+    let deadline = settle + Duration::from_secs(600);
+    let (live, mirrored) = loop {
+        let live = soak_live(&net).await;
+        let mirrored = soak_mirrored(&net);
+        if live == mirrored || Instant::now() > deadline {
+            break (live, mirrored);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    let commits = net.repo.commit_count(BRANCH);
+    let TestCluster::Real(real) = &net.cluster else {
+        unreachable!()
+    };
+    println!(
+        "chaos soak: {minutes} min, {ops} workload operations ({workload_errors} refused), {} faults:",
+        faults.values().sum::<u64>()
+    );
+    for (kind, count) in &faults {
+        println!("  {kind}: {count}");
+    }
+    println!(
+        "commits {commits}; most unacked messages (backlog) {max_unacked}; peak RSS KiB: {peak:?}, kube-apiserver+etcd {:?}; settled after the faults in {:?}",
+        real.rss_kib(),
+        settle.elapsed()
+    );
+    let divergent: Vec<_> = live
+        .iter()
+        .filter(|(k, v)| mirrored.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{k}: cluster {v}, git {:?}", mirrored.get(k)))
+        .chain(
+            mirrored
+                .keys()
+                .filter(|k| !live.contains_key(*k))
+                .map(|k| format!("{k}: only in git")),
+        )
+        .collect();
+    assert!(
+        divergent.is_empty(),
+        "Git diverges from the cluster after the soak: {divergent:#?}"
+    );
+    println!("Git equals the cluster: {} objects", live.len());
+}
+
+/// A person's commit of a note outside the mirrored folders, pushed like a person would: clone, commit, push,
+/// and again from a fresh clone when the writer pushed first (at most 5 tries).
+fn human_push(repo: &BareRepo, n: u32) -> bool {
+    let git = |dir: &std::path::Path, args: &[&str]| {
+        std::process::Command::new("git")
+            .args([
+                "-c",
+                "user.name=Human",
+                "-c",
+                "user.email=human@example.com",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    for _ in 0..5 {
+        let work = tempfile::tempdir().unwrap();
+        let url = repo.file_url();
+        if !git(work.path(), &["clone", "-q", "--branch", BRANCH, &url, "w"]) {
+            continue;
+        }
+        let dir = work.path().join("w");
+        std::fs::create_dir_all(dir.join("notes")).unwrap();
+        std::fs::write(dir.join(format!("notes/human-{n}.md")), "a person's note\n").unwrap();
+        if git(&dir, &["add", "-A"])
+            && git(
+                &dir,
+                &["commit", "-q", "-m", "a person's push during the soak"],
+            )
+            && git(
+                &dir,
+                &["push", "-q", "origin", &format!("HEAD:refs/heads/{BRANCH}")],
+            )
+        {
+            return true;
+        }
+    }
+    false
+}
+
+fn serde_yaml_value(yaml: &str) -> serde_json::Value {
+    reverser_common::yaml::parse_document(yaml.as_bytes()).expect("test YAML")
 }
