@@ -134,10 +134,17 @@ impl Net {
         .unwrap();
 
         let repo = BareRepo::new();
+        // git-daemon itself, not `git daemon`: killing the `git` wrapper would leave the daemon running in the
+        // namespace (and the namespace with its links alive).
+        let exec_path = std::process::Command::new("git")
+            .arg("--exec-path")
+            .output()
+            .expect("git runs (apt-get install -y git)");
+        let daemon =
+            PathBuf::from(String::from_utf8_lossy(&exec_path.stdout).trim()).join("git-daemon");
         let git_daemon = git_ns
-            .command("git")
+            .command(daemon)
             .args([
-                "daemon",
                 "--export-all",
                 "--enable=receive-pack",
                 "--reuseaddr",
