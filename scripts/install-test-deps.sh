@@ -17,6 +17,9 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)  # an HTTP/2 client for the 
 command -v age >/dev/null 2>&1 || need_apt+=(age)
 [ -x /usr/bin/time ] || need_apt+=(time)
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || need_apt+=(procps)  # tests signal process groups with kill(1)  # build-real-kube.sh reports each Go build's time and peak memory with it
+# Network namespaces, veth links and nftables drop rules for the partition tests (agent/tests/partition_e2e.rs).
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need_apt+=(iproute2)
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need_apt+=(nftables)
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -31,7 +34,8 @@ fi
 NEXTEST_VERSION=0.9.151
 if ! cargo nextest --version 2>/dev/null | grep -q "cargo-nextest $NEXTEST_VERSION"; then
   echo "install-test-deps: cargo install cargo-nextest $NEXTEST_VERSION (one-time build, a few minutes)"
-  cargo install -q cargo-nextest --version "$NEXTEST_VERSION" --locked
+  # Without self-update (the packagers' feature set): it would also build an HTTP client and aws-lc's C code.
+  cargo install -q cargo-nextest --version "$NEXTEST_VERSION" --locked --no-default-features --features default-no-update
 fi
 
 # cargo-fuzz: builds and runs the libFuzzer targets of fuzz/ (scripts/fuzz.sh), on the stable toolchain.
@@ -90,9 +94,12 @@ fi
 
 # The real Kubernetes control plane (kube-apiserver, kube-controller-manager, kubectl, etcd) and the helm CLI,
 # built from Go modules and cached outside git (scripts/build-real-kube.sh; a cold build takes minutes).
-./scripts/build-real-kube.sh
+# scripts/test.sh sets REVERSER_REAL_KUBE=background and runs that build itself, beside the Rust builds.
+if [ "${REVERSER_REAL_KUBE:-now}" = now ]; then
+  ./scripts/build-real-kube.sh
+fi
 
-for tool in sshd promtool kubectl git python3 docker-compose openssl curl age node npm; do
+for tool in sshd promtool kubectl git python3 docker-compose openssl curl age node npm ip nft; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool after install" >&2; exit 1; }
 done
 "$TOOLS/bin/grpcurl" -version >/dev/null 2>&1

@@ -82,7 +82,21 @@ impl Agent {
     /// address, `AGENT_LOG` as its log level, and no Pod identity from the test's environment.
     /// Add flags and call [`Agent::spawn`].
     pub fn command(writer_url: &str, kubeconfig: &Path, admin: &str) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_reverser-agent"));
+        Self::command_in(None, writer_url, kubeconfig, admin)
+    }
+
+    /// [`Agent::command`] inside a network namespace (`None`: this process's).
+    pub fn command_in(
+        netns: Option<&testkit::netns::Netns>,
+        writer_url: &str,
+        kubeconfig: &Path,
+        admin: &str,
+    ) -> Command {
+        let binary = env!("CARGO_BIN_EXE_reverser-agent");
+        let mut cmd = match netns {
+            Some(ns) => ns.command(binary),
+            None => Command::new(binary),
+        };
         cmd.arg("--writer-url")
             .arg(writer_url)
             .arg("--kubeconfig")

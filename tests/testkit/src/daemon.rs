@@ -1,12 +1,12 @@
 //! `git daemon` serving a root directory over git:// with push enabled.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use tempfile::TempDir;
 
 use crate::BareRepo;
-use crate::util::{ChildGuard, free_port, git_command};
+use crate::util::{ChildGuard, free_port, git_command, git_command_at};
 
 /// A running `git daemon --export-all --enable=receive-pack` on 127.0.0.1.
 pub struct GitDaemon {
@@ -27,8 +27,14 @@ impl GitDaemon {
         let logs = tempfile::tempdir().expect("cannot create a temp dir");
         let log = logs.path().join("daemon.log");
         let port = free_port();
-        let child = git_command()
-            .arg("daemon")
+        // The git-daemon program itself: `git daemon` runs it as a child, which a kill of `git` would leave behind.
+        let exec_path = git_command()
+            .arg("--exec-path")
+            .output()
+            .expect("cannot run git (apt-get install -y git)");
+        let daemon =
+            PathBuf::from(String::from_utf8_lossy(&exec_path.stdout).trim()).join("git-daemon");
+        let child = git_command_at(&daemon)
             .args([
                 "--export-all",
                 "--enable=receive-pack",

@@ -33,6 +33,7 @@ type HttpBody = BoxBody<Bytes, std::io::Error>;
 
 /// A running HTTPS smart-git server on 127.0.0.1 requiring `username`/`password`.
 pub struct HttpGitServer {
+    host: Ipv4Addr,
     port: u16,
     repo_name: String,
     ca_pem: String,
@@ -65,11 +66,24 @@ impl HttpGitServer {
 
     /// Serves every repo under `root`; [`url`](Self::url) points at `root/repo_name`.
     pub fn start_root(root: &Path, repo_name: &str, username: &str, password: &str) -> Self {
+        Self::start_root_at(root, repo_name, username, password, Ipv4Addr::LOCALHOST)
+    }
+
+    /// [`start_root`](Self::start_root) listening on `host` (its certificate names `host` too), for clients that
+    /// reach it over a network namespace's link.
+    pub fn start_root_at(
+        root: &Path,
+        repo_name: &str,
+        username: &str,
+        password: &str,
+        host: Ipv4Addr,
+    ) -> Self {
         let git = require_tool("git", "apt-get install -y git");
-        let (ca_pem, server_config) = tls_config();
+        let (ca_pem, server_config) = tls_config(host);
         let dir = tempfile::tempdir().expect("cannot create a temp dir");
         std::fs::write(dir.path().join("ca.pem"), &ca_pem).expect("write ca.pem");
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+        let listener =
+            TcpListener::bind((host, 0)).unwrap_or_else(|e| panic!("bind {host}:0: {e}"));
         listener
             .set_nonblocking(true)
             .expect("non-blocking listener");
@@ -91,6 +105,7 @@ impl HttpGitServer {
             .spawn(move || serve(listener, server_config, config, stop))
             .expect("spawn server thread");
         Self {
+            host,
             port,
             repo_name: repo_name.to_owned(),
             ca_pem,
@@ -106,14 +121,14 @@ impl HttpGitServer {
         self.port
     }
 
-    /// `https://127.0.0.1:P/repo.git`.
+    /// `https://127.0.0.1:P/repo.git` (or its `host`).
     pub fn url(&self) -> String {
         self.url_for(&self.repo_name)
     }
 
     /// The URL of another repo under the served root.
     pub fn url_for(&self, repo_name: &str) -> String {
-        format!("https://127.0.0.1:{}/{repo_name}", self.port)
+        format!("https://{}:{}/{repo_name}", self.host, self.port)
     }
 
     /// The issuing CA certificate, PEM.
@@ -154,8 +169,8 @@ impl Drop for HttpGitServer {
     }
 }
 
-/// A CA and a server certificate for 127.0.0.1/localhost signed by it.
-fn tls_config() -> (String, Arc<rustls::ServerConfig>) {
+/// A CA and a server certificate for 127.0.0.1/localhost (and `host`) signed by it.
+fn tls_config(host: Ipv4Addr) -> (String, Arc<rustls::ServerConfig>) {
     use rcgen::{
         BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
         IsCa, KeyPair, KeyUsagePurpose,
@@ -173,9 +188,11 @@ fn tls_config() -> (String, Arc<rustls::ServerConfig>) {
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key"))
         .expect("self-signed CA");
     let leaf_key = KeyPair::generate().expect("server key");
-    let mut leaf_params =
-        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-            .expect("params");
+    let mut names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
+    if host != Ipv4Addr::LOCALHOST {
+        names.push(host.to_string());
+    }
+    let mut leaf_params = CertificateParams::new(names).expect("params");
     leaf_params
         .distinguished_name
         .push(DnType::CommonName, "127.0.0.1");

@@ -15,6 +15,10 @@
 //! [`RealCluster`] is a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager v1.37.2, built
 //! from Go modules by `scripts/build-real-kube.sh`) on loopback ports.
 //!
+//! [`netns`] puts processes in network namespaces joined by veth links and makes packets vanish or get lost
+//! there (nftables); [`fault_proxy`] makes a TCP link slow (delay, bandwidth) and carries a namespace's traffic to
+//! a server on loopback.
+//!
 //! [`corpus`] is the benchmark corpus (ConfigMaps and Deployments at the agent's paths) shared by the writer's
 //! and the agent's benchmarks.
 //!
@@ -24,7 +28,9 @@
 mod bare;
 pub mod corpus;
 mod daemon;
+pub mod fault_proxy;
 mod http;
+pub mod netns;
 pub mod real_cluster;
 mod ssh;
 mod util;

@@ -66,6 +66,7 @@ pub struct RealClusterBuilder {
     controller_manager: bool,
     apiserver_args: Vec<String>,
     etcd_args: Vec<String>,
+    serving_names: Vec<String>,
 }
 
 impl Default for RealClusterBuilder {
@@ -84,6 +85,7 @@ impl Default for RealClusterBuilder {
             controller_manager: true,
             apiserver_args: Vec::new(),
             etcd_args: Vec::new(),
+            serving_names: Vec::new(),
         }
     }
 }
@@ -122,6 +124,13 @@ impl RealClusterBuilder {
     /// More etcd flags (`--name=value`), e.g. `--quota-backend-bytes` for a bulk load past etcd's 2 GiB default.
     pub fn etcd_arg(mut self, arg: &str) -> Self {
         self.etcd_args.push(arg.to_owned());
+        self
+    }
+
+    /// One more name or IP address in the API server's serving certificate, for clients that reach it through
+    /// another address (a forwarder on a network namespace's link).
+    pub fn serving_name(mut self, name: &str) -> Self {
+        self.serving_names.push(name.to_owned());
         self
     }
 
@@ -214,7 +223,7 @@ impl RealCluster {
             .prefix("real-kube-")
             .tempdir()
             .expect("temp dir");
-        let pki = Pki::write(dir.path(), &options.users);
+        let pki = Pki::write(dir.path(), &options.users, &options.serving_names);
         let etcd_port = free_port();
         let peer_port = free_port();
         let api_port = free_port();
@@ -680,7 +689,7 @@ struct Pki {
 }
 
 impl Pki {
-    fn write(root: &Path, users: &[TokenUser]) -> Pki {
+    fn write(root: &Path, users: &[TokenUser], extra_serving_names: &[String]) -> Pki {
         use rcgen::{
             BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
             IsCa, KeyPair, KeyUsagePurpose,
@@ -706,15 +715,16 @@ impl Pki {
         write("ca.crt", &ca.pem());
 
         let serving_key = KeyPair::generate().expect("serving key");
-        let mut serving = CertificateParams::new(vec![
+        let mut names = vec![
             "127.0.0.1".to_owned(),
             "localhost".to_owned(),
             "10.0.0.1".to_owned(),
             "kubernetes".to_owned(),
             "kubernetes.default".to_owned(),
             "kubernetes.default.svc".to_owned(),
-        ])
-        .expect("serving params");
+        ];
+        names.extend_from_slice(extra_serving_names);
+        let mut serving = CertificateParams::new(names).expect("serving params");
         serving
             .distinguished_name
             .push(DnType::CommonName, "kube-apiserver");

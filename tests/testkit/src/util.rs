@@ -25,7 +25,12 @@ pub fn require_tool(name: &str, install_hint: &str) -> PathBuf {
 
 /// A `git` command isolated from the user's and the system's configuration.
 pub(crate) fn git_command() -> Command {
-    let mut cmd = Command::new(require_tool("git", "apt-get install -y git"));
+    git_command_at(&require_tool("git", "apt-get install -y git"))
+}
+
+/// A git program (`git` or one of its helpers such as `git-daemon`) with the environment of [`git_command`].
+pub(crate) fn git_command_at(program: &Path) -> Command {
+    let mut cmd = Command::new(program);
     cmd.env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .env("GIT_TERMINAL_PROMPT", "0")
