@@ -120,13 +120,16 @@ fn line_prefix(line: &[u8]) -> Option<&[u8]> {
 /// returns `existing` unchanged.
 pub fn edit_in_place(existing: &str, desired: &str) -> Result<String, Fallback> {
     let crlf = line_endings(existing)?;
-    let lf;
-    let old_text = if crlf {
-        lf = existing.replace("\r\n", "\n");
-        lf.as_str()
+    // One line ending everywhere, and a final one: inserted lines then always start on a line of their own.
+    let mut owned = if crlf {
+        existing.replace("\r\n", "\n")
     } else {
-        existing
+        existing.to_owned()
     };
+    if !owned.is_empty() && !owned.ends_with('\n') {
+        owned.push('\n');
+    }
+    let old_text = owned.as_str();
     let old = Document::parse(old_text)?;
     let new = Document::parse(desired)?;
     if old.sops {
@@ -139,6 +142,9 @@ pub fn edit_in_place(existing: &str, desired: &str) -> Result<String, Fallback> 
     };
     if cx.edit_mapping(&old.root, &new.root, &mut edits).is_err() {
         return Err(Fallback::Unsupported);
+    }
+    if edits.list.is_empty() {
+        return Ok(existing.to_owned());
     }
     let edited = edits.apply(old_text)?;
     if edited != desired {
@@ -626,12 +632,9 @@ impl Context<'_> {
         Ok(())
     }
 
-    /// Inserts a fragment (its first line not indented) at `at`, a line start or the end of the text.
+    /// Inserts a fragment (its first line not indented) at `at`, a line start (the text ends with a line break).
     fn insert(&self, edits: &mut Edits, at: usize, column: usize, text: String) {
-        let mut fragment = String::with_capacity(text.len() + column + 1);
-        if at == self.old.len() && !self.old.is_empty() && !self.old.ends_with('\n') {
-            fragment.push('\n');
-        }
+        let mut fragment = String::with_capacity(text.len() + column);
         fragment.extend(std::iter::repeat_n(' ', column));
         fragment.push_str(&text);
         edits.replace(at, at, fragment);
@@ -807,6 +810,166 @@ mod tests {
         assert_eq!(
             edit(old, new),
             "# header\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a # the name\ndata:\n  # first\n  x: \"2\" # keep\n  y: two\n"
+        );
+    }
+
+    const CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  k: v\n";
+    const CM2: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  k: w\n";
+
+    #[test]
+    fn what_cannot_be_edited_safely_falls_back_with_its_reason() {
+        let cases: &[(&str, Fallback)] = &[
+            ("apiVersion: v1\nkind: [\n", Fallback::Unparseable),
+            (
+                "apiVersion: v1\n---\napiVersion: v1\n",
+                Fallback::MultiDocument,
+            ),
+            ("a: &x 1\nb: *x\n", Fallback::AnchorOrTag),
+            ("a: !!str 1\n", Fallback::AnchorOrTag),
+            (
+                "{apiVersion: v1, kind: ConfigMap}\n",
+                Fallback::NotBlockMapping,
+            ),
+            ("- a\n", Fallback::NotBlockMapping),
+            ("a: 1\na: 2\n", Fallback::UnusualKey),
+            ("? [a]\n: 1\n", Fallback::UnusualKey),
+            ("a: 1\r\nb: 2\n", Fallback::LineEndings),
+            ("\u{feff}a: 1\n", Fallback::LineEndings),
+            (
+                "apiVersion: v1\nkind: Secret\ndata:\n  k: ENC[x]\nsops:\n  mac: ENC[y]\n",
+                Fallback::Sops,
+            ),
+        ];
+        for (existing, reason) in cases {
+            assert_eq!(edit_in_place(existing, CM2), Err(*reason), "{existing:?}");
+        }
+        assert_eq!(edit_in_place(CM, "a: [\n"), Err(Fallback::Unparseable));
+    }
+
+    #[test]
+    fn an_unchanged_value_returns_the_file_as_it_is() {
+        let commented =
+            "# c\nkind: ConfigMap\napiVersion: v1\nmetadata: {name: a}\ndata:\n  k: 'v' # x\n";
+        assert_eq!(edit(commented, CM), commented);
+    }
+
+    #[test]
+    fn the_fast_path_takes_only_files_in_the_desired_layout() {
+        assert!(same_layout(CM.as_bytes(), CM2.as_bytes()));
+        assert!(same_layout(CM.as_bytes(), CM.as_bytes()));
+        // A comment, other line endings, a key more, a moved key, another indentation: the editor's case.
+        for existing in [
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  k: v # c\n",
+            "apiVersion: v1\r\nkind: ConfigMap\r\nmetadata:\r\n  name: a\r\ndata:\r\n  k: v\r\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  j: u\n  k: v\n",
+            "kind: ConfigMap\napiVersion: v1\nmetadata:\n  name: a\ndata:\n  k: v\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n    name: a\ndata:\n    k: v\n",
+        ] {
+            assert!(
+                !same_layout(existing.as_bytes(), CM2.as_bytes()),
+                "{existing:?}"
+            );
+        }
+        // Scalar list items are whole lines: a changed one is not a value on a kept key.
+        assert!(!same_layout(b"a:\n- x\n", b"a:\n- y\n"));
+        assert!(same_layout(b"a:\n- k: x\n", b"a:\n- k: y\n"));
+    }
+
+    #[test]
+    fn a_text_without_a_final_line_break_gets_new_keys_on_their_own_line() {
+        let old = "# c\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  k: v";
+        let new = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  k: v\n  l: w\nzzz: 1\n";
+        assert_eq!(edit(old, new), format!("{old}\n  l: w\nzzz: 1\n"));
+        assert_eq!(
+            edit(old, &new.replace("k: v", "k: w")).lines().nth(6),
+            Some("  k: w")
+        );
+    }
+
+    #[test]
+    fn a_type_change_replaces_the_entry_and_keeps_the_comments_above() {
+        let old = "a: 1\n# about b\nb: x # inline\nc:\n  d: 1\n";
+        let new = "a: 1\nb:\n  nested: true\nc: 2\n";
+        assert_eq!(
+            edit(old, new),
+            "a: 1\n# about b\nb:\n  nested: true\nc: 2\n"
+        );
+    }
+
+    #[test]
+    fn a_null_value_becomes_a_scalar() {
+        assert_eq!(edit("a: # empty\nb: 1\n", "a: 2\nb: 1\n"), "a: 2\nb: 1\n");
+    }
+
+    #[test]
+    fn lists_of_scalars_are_replaced_whole_and_named_lists_reordered_too() {
+        let old = "args: # flags\n  - --a\n  - --b\nitems:\n- name: x\n  v: 1\n- name: y\n  v: 2\n";
+        let new = "args:\n- --a\n- --c\nitems:\n- name: y\n  v: 2\n- name: x\n  v: 1\n";
+        assert_eq!(edit(old, new), new);
+    }
+
+    #[test]
+    fn a_removed_first_key_of_a_list_item_rewrites_that_item() {
+        let old = "items:\n  # first\n  - a: 1\n    name: one\n  - name: two # why\n";
+        let new = "items:\n- name: one\n- name: two\n";
+        assert_eq!(
+            edit(old, new),
+            "items:\n  # first\n  - name: one\n  - name: two # why\n"
+        );
+        // `y` reads as a boolean to YAML 1.1 readers: not a name to match by, the list is replaced.
+        let old = "items:\n  # first\n  - a: 1\n    name: x\n  - name: y # why\n";
+        let new = "items:\n- name: x\n- name: y\n";
+        assert_eq!(edit(old, new), new);
+    }
+
+    #[test]
+    fn new_keys_without_a_preceding_sibling_go_first() {
+        let old = "z: 1 # last\n";
+        let new = "a: 0\nb: 0\nz: 1\n";
+        assert_eq!(edit(old, new), "a: 0\nb: 0\nz: 1 # last\n");
+    }
+
+    #[test]
+    fn four_space_indentation_is_kept_for_new_keys() {
+        let old = "spec:\n    # replicas\n    replicas: 1\n    template:\n        x: 1\n";
+        let new =
+            "spec:\n  paused: true\n  replicas: 1\n  template:\n    x: 1\n    y:\n      z: 2\n";
+        assert_eq!(
+            edit(old, new),
+            "spec:\n    paused: true\n    # replicas\n    replicas: 1\n    template:\n        x: 1\n        y:\n          z: 2\n"
+        );
+    }
+
+    #[test]
+    fn a_large_file_changes_only_the_changed_lines() {
+        let mut old =
+            String::from("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: big\ndata:\n");
+        let mut new = old.clone();
+        for k in 0..5000 {
+            old.push_str(&format!("  # note {k}\n  key-{k:05}: value-{k}\n"));
+            if k != 10 {
+                let value = if k == 2500 {
+                    "changed".to_owned()
+                } else {
+                    format!("value-{k}")
+                };
+                new.push_str(&format!("  key-{k:05}: {value}\n"));
+            }
+        }
+        new.push_str("  zz-added: yes-really\n");
+        let out = edit(&old, &new);
+        let (old_lines, out_lines): (Vec<&str>, Vec<&str>) =
+            (old.lines().collect(), out.lines().collect());
+        assert_eq!(out_lines.len(), old_lines.len() - 2 + 1);
+        assert!(!out.contains("note 10\n") && !out.contains("key-00010"));
+        assert!(out.contains("  # note 2500\n  key-02500: changed\n"));
+        assert!(out.ends_with("  key-04999: value-4999\n  zz-added: yes-really\n"));
+        let out_set: HashSet<&str> = out_lines.iter().copied().collect();
+        let kept = old_lines.iter().filter(|l| out_set.contains(*l)).count();
+        assert_eq!(
+            kept,
+            old_lines.len() - 3,
+            "all but the removed pair and the changed line"
         );
     }
 }
