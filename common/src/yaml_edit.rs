@@ -136,9 +136,16 @@ pub fn edit_in_place(existing: &str, desired: &str) -> Result<String, Fallback> 
         return Err(Fallback::Sops);
     }
     let mut edits = Edits::default();
+    let header_end = match &old.root {
+        Node::Mapping { entries, .. } => entries
+            .first()
+            .map_or(0, |e| line_start(old_text, e.key_start)),
+        _ => 0,
+    };
     let cx = Context {
         old: old_text,
         new: desired,
+        header_end,
     };
     if cx.edit_mapping(&old.root, &new.root, &mut edits).is_err() {
         return Err(Fallback::Unsupported);
@@ -490,6 +497,8 @@ struct Escalate;
 struct Context<'a> {
     old: &'a str,
     new: &'a str,
+    /// The comments before the first key of the document are the file's header, not that key's.
+    header_end: usize,
 }
 
 /// The start of the line holding `at`.
@@ -517,11 +526,12 @@ fn entry_end(text: &str, floor: usize, end: usize) -> usize {
     }
 }
 
-/// Where the entry whose first token is at `at` starts, with the comment lines right above it at its column.
-fn start_with_comments(text: &str, at: usize) -> usize {
+/// Where the entry whose first token is at `at` starts, with the comment lines right above it at its column (not
+/// above `floor`).
+fn start_with_comments(text: &str, at: usize, floor: usize) -> usize {
     let col = column(text, at);
     let mut start = line_start(text, at);
-    while start > 0 {
+    while start > floor {
         let previous = line_start(text, start - 1);
         let line = &text[previous..start - 1];
         let indent = line.bytes().take_while(|&b| b == b' ').count();
@@ -604,7 +614,7 @@ impl Context<'_> {
                     if !first_on_line(self.old, entry.key_start) {
                         return Err(Escalate);
                     }
-                    let start = start_with_comments(self.old, entry.key_start);
+                    let start = start_with_comments(self.old, entry.key_start, self.header_end);
                     let end = entry_end(self.old, entry.key_end, entry.value.end());
                     edits.replace(start, end, String::new());
                 }
@@ -623,7 +633,7 @@ impl Context<'_> {
             let at = match previous {
                 Some(p) => entry_end(self.old, p.key_end, p.value.end()),
                 None if first_on_line(self.old, first.key_start) => {
-                    start_with_comments(self.old, first.key_start)
+                    start_with_comments(self.old, first.key_start, self.header_end)
                 }
                 None => entry_end(self.old, first.key_end, first.value.end()),
             };
@@ -748,7 +758,11 @@ impl Context<'_> {
             let at = dash(self.old, item)?;
             let end = entry_end(self.old, at, item.end());
             match new_names.iter().position(|n| n == name) {
-                None => edits.replace(start_with_comments(self.old, at), end, String::new()),
+                None => edits.replace(
+                    start_with_comments(self.old, at, self.header_end),
+                    end,
+                    String::new(),
+                ),
                 Some(i) if item.same_value(&new_items[i]) => {}
                 Some(i) => {
                     let mut inner = Edits::default();
@@ -774,7 +788,7 @@ impl Context<'_> {
                     let item = &old_items[i];
                     entry_end(self.old, dash(self.old, item)?, item.end())
                 }
-                None => start_with_comments(self.old, first_dash),
+                None => start_with_comments(self.old, first_dash, self.header_end),
             };
             self.insert(edits, at, dash_column, text);
         }
