@@ -154,16 +154,11 @@ pub fn edit_in_place(existing: &str, desired: &str) -> Result<String, Fallback> 
         return Ok(existing.to_owned());
     }
     let edited = edits.apply(old_text)?;
-    if edited != desired {
-        let (Ok(got), Ok(want)) = (
-            yaml::parse_document(edited.as_bytes()),
-            yaml::parse_document(desired.as_bytes()),
-        ) else {
-            return Err(Fallback::Unverified);
-        };
-        if got != want {
-            return Err(Fallback::Unverified);
-        }
+    let Ok(want) = yaml::parse_document(desired.as_bytes()) else {
+        return Err(Fallback::Unparseable);
+    };
+    if edited != desired && yaml::parse_document(edited.as_bytes()).ok() != Some(want) {
+        return Err(Fallback::Unverified);
     }
     Ok(if crlf {
         edited.replace('\n', "\r\n")
