@@ -286,12 +286,20 @@ impl Node {
                         || (*pb && yaml::plain_scalar_is_string(b)))
             }
             (Node::Mapping { entries: a, .. }, Node::Mapping { entries: b, .. }) => {
-                a.len() == b.len()
-                    && a.iter().all(|ea| {
-                        b.iter()
-                            .find(|eb| eb.key == ea.key)
-                            .is_some_and(|eb| ea.value.same_value(&eb.value))
-                    })
+                if a.len() != b.len() {
+                    return false;
+                }
+                // Most mappings are small and in the same order; a large one gets an index.
+                if a.iter().zip(b).all(|(x, y)| x.key == y.key) {
+                    return a.iter().zip(b).all(|(x, y)| x.value.same_value(&y.value));
+                }
+                let index: HashMap<&str, &Node> =
+                    b.iter().map(|e| (e.key.as_str(), &e.value)).collect();
+                a.iter().all(|ea| {
+                    index
+                        .get(ea.key.as_str())
+                        .is_some_and(|vb| ea.value.same_value(vb))
+                })
             }
             (Node::Sequence { items: a, .. }, Node::Sequence { items: b, .. }) => {
                 a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same_value(y))
@@ -735,24 +743,33 @@ impl Context<'_> {
         if old_items.is_empty() {
             return Err(Escalate);
         }
-        // The names both lists have must be in the same order, or the list is rewritten.
-        let kept_old: Vec<&String> = old_names.iter().filter(|n| new_names.contains(n)).collect();
-        let kept_new: Vec<&String> = new_names.iter().filter(|n| old_names.contains(n)).collect();
-        if kept_old != kept_new {
-            return Err(Escalate);
-        }
-        let dash = |text: &str, item: &Node| dash_of(text, item.start()).ok_or(Escalate);
-        let first_dash = dash(self.old, &old_items[0])?;
-        let dash_column = column(self.old, first_dash);
         let old_index: HashMap<&str, usize> = old_names
             .iter()
             .enumerate()
             .map(|(i, n)| (n.as_str(), i))
             .collect();
+        let new_index: HashMap<&str, usize> = new_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
+        // The names both lists have must be in the same order, or the list is rewritten.
+        let kept_old = old_names
+            .iter()
+            .filter(|n| new_index.contains_key(n.as_str()));
+        let kept_new = new_names
+            .iter()
+            .filter(|n| old_index.contains_key(n.as_str()));
+        if !kept_old.eq(kept_new) {
+            return Err(Escalate);
+        }
+        let dash = |text: &str, item: &Node| dash_of(text, item.start()).ok_or(Escalate);
+        let first_dash = dash(self.old, &old_items[0])?;
+        let dash_column = column(self.old, first_dash);
         for (item, name) in old_items.iter().zip(&old_names) {
             let at = dash(self.old, item)?;
             let end = entry_end(self.old, at, item.end());
-            match new_names.iter().position(|n| n == name) {
+            match new_index.get(name.as_str()).copied() {
                 None => edits.replace(
                     start_with_comments(self.old, at, self.header_end),
                     end,
