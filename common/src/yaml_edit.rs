@@ -227,6 +227,8 @@ struct MapEntry {
     key: String,
     key_start: usize,
     key_end: usize,
+    /// A plain key that YAML 1.1 readers take for something else than a string (`on`, `yes`, `1`).
+    key_misread: bool,
     value: Node,
 }
 
@@ -321,7 +323,7 @@ enum Open {
         flow: bool,
         start: usize,
         entries: Vec<MapEntry>,
-        key: Option<(String, usize, usize)>,
+        key: Option<(String, usize, usize, bool)>,
         keys: HashSet<String>,
     },
     Sequence {
@@ -431,7 +433,11 @@ impl Document {
                 }) => match key.take() {
                     None => {
                         let Node::Scalar {
-                            value, start, end, ..
+                            value,
+                            start,
+                            end,
+                            plain,
+                            ..
                         } = node
                         else {
                             return Err(Fallback::UnusualKey);
@@ -439,12 +445,14 @@ impl Document {
                         if !keys.insert(value.clone()) {
                             return Err(Fallback::UnusualKey);
                         }
-                        *key = Some((value, start, end));
+                        let misread = plain && !yaml::plain_scalar_is_string(&value);
+                        *key = Some((value, start, end, misread));
                     }
-                    Some((key, key_start, key_end)) => entries.push(MapEntry {
+                    Some((key, key_start, key_end, key_misread)) => entries.push(MapEntry {
                         key,
                         key_start,
                         key_end,
+                        key_misread,
                         value: node,
                     }),
                 },
@@ -612,7 +620,9 @@ impl Context<'_> {
         let old_by_key: HashMap<&str, &MapEntry> =
             old_entries.iter().map(|e| (e.key.as_str(), e)).collect();
         for entry in old_entries {
-            match new_by_key.get(entry.key.as_str()) {
+            // A key every reader takes for a string stays as written; `on:` becomes the rendering's `"on":`, which
+            // YAML 1.1 readers (kubectl, Flux, Argo CD) do not take for a boolean.
+            let key_kept = match new_by_key.get(entry.key.as_str()) {
                 None => {
                     if !first_on_line(self.old, entry.key_start) {
                         return Err(Escalate);
@@ -620,9 +630,20 @@ impl Context<'_> {
                     let start = start_with_comments(self.old, entry.key_start, self.header_end);
                     let end = entry_end(self.old, entry.key_end, entry.value.end());
                     edits.replace(start, end, String::new());
+                    None
                 }
-                Some(wanted) if entry.value.same_value(&wanted.value) => {}
-                Some(wanted) => self.change_value(entry, wanted, edits)?,
+                Some(wanted) if entry.value.same_value(&wanted.value) => Some(wanted),
+                Some(wanted) => (!self.change_value(entry, wanted, edits)?).then_some(wanted),
+            };
+            if let Some(wanted) = key_kept
+                && entry.key_misread
+                && !wanted.key_misread
+            {
+                edits.replace(
+                    entry.key_start,
+                    entry.key_end,
+                    self.new[wanted.key_start..wanted.key_end].to_owned(),
+                );
             }
         }
         // New keys: after the nearest preceding key (desired order) that the file has, else first.
@@ -660,13 +681,14 @@ impl Context<'_> {
         reindent(self.new, entry.key_start, end, from, column)
     }
 
-    /// Changes the value of an existing entry to the desired one, keeping as much of it as it can.
+    /// Changes the value of an existing entry to the desired one, keeping as much of it as it can; true when the
+    /// whole entry (its key too) was replaced.
     fn change_value(
         &self,
         old: &MapEntry,
         new: &MapEntry,
         edits: &mut Edits,
-    ) -> Result<(), Escalate> {
+    ) -> Result<bool, Escalate> {
         let attempt = match (&old.value, &new.value) {
             (
                 Node::Scalar {
@@ -705,14 +727,14 @@ impl Context<'_> {
             _ => Err(Escalate),
         };
         if attempt.is_ok() {
-            return Ok(());
+            return Ok(false);
         }
         // Replace the entry from its key to its end; the comments above it stay.
         let column = column(self.old, old.key_start);
         let text = self.cut_entry(new, column)?;
         let end = entry_end(self.old, old.key_end, old.value.end());
         edits.replace(old.key_start, end, text);
-        Ok(())
+        Ok(true)
     }
 
     /// Edits a block list of mappings matched by their unique `name`; anything else escalates (the caller
@@ -919,6 +941,16 @@ mod tests {
         assert_eq!(
             edit(old, new),
             "a: 1\n# about b\nb:\n  nested: true\nc: 2\n"
+        );
+    }
+
+    #[test]
+    fn a_plain_key_yaml_1_1_misreads_takes_the_renderings_quotes() {
+        let old = "on: push # trigger\nyes: [a]\nb: 1\n";
+        let new = "\"on\": push\nb: 2\n\"yes\":\n- b\n";
+        assert_eq!(
+            edit(old, new),
+            "\"on\": push # trigger\n\"yes\":\n- b\nb: 2\n"
         );
     }
 
