@@ -13,9 +13,9 @@
 //! - a changed scalar on its key's line: only the scalar is replaced (the line's comment stays);
 //! - a changed block mapping: recursion, key by key; a removed key goes with the comment lines right above it;
 //!   a new key goes after its nearest preceding key in the desired order (else first);
-//! - a block list whose items are all mappings with a unique `name` (containers, env, ports, volumes…):
-//!   items are matched by name and edited like mappings; other changed lists, flow collections and type changes
-//!   replace the whole entry.
+//! - a block list whose items are all mappings with a unique `name` (containers, env, ports, volumes…) or unique
+//!   strings (args, a kustomization's `resources`): items are matched by name or value, and mappings edited like
+//!   mappings; other changed lists, flow collections and type changes replace the whole entry.
 //!
 //! The result is checked: it must parse to the desired value, else [`Fallback::Unverified`]. Whatever cannot be
 //! edited safely (not parseable, several documents, anchors, aliases, tags, a flow-style root, SOPS files, mixed
@@ -265,6 +265,22 @@ impl Node {
                 }
                 _ => None,
             })
+    }
+
+    /// What identifies this node as a list item: a mapping by its `name`, a string by itself.
+    fn list_key(&self) -> Option<String> {
+        match self {
+            Node::Mapping { .. } => self.name().map(|n| format!("name {n}")),
+            Node::Scalar {
+                value,
+                plain,
+                block: false,
+                ..
+            } if !plain || (!value.is_empty() && yaml::plain_scalar_is_string(value)) => {
+                Some(format!("string {value}"))
+            }
+            _ => None,
+        }
     }
 
     /// Whether two nodes carry the same value (a plain scalar equals a quoted one when it reads as a string).
@@ -737,7 +753,8 @@ impl Context<'_> {
         Ok(true)
     }
 
-    /// Edits a block list of mappings matched by their unique `name`; anything else escalates (the caller
+    /// Edits a block list whose items are mappings with a unique `name` or unique strings, matched item by item
+    /// (kept, removed with their comments, added after their predecessor); anything else escalates (the caller
     /// replaces the list).
     fn edit_named_list(&self, old: &Node, new: &Node, edits: &mut Edits) -> Result<(), Escalate> {
         let (
@@ -752,10 +769,7 @@ impl Context<'_> {
             return Err(Escalate);
         };
         let names = |items: &[Node]| -> Option<Vec<String>> {
-            let names: Vec<String> = items
-                .iter()
-                .map(|i| i.name().map(str::to_owned))
-                .collect::<Option<_>>()?;
+            let names: Vec<String> = items.iter().map(Node::list_key).collect::<Option<_>>()?;
             let unique: HashSet<&String> = names.iter().collect();
             (unique.len() == names.len()).then_some(names)
         };
@@ -955,15 +969,49 @@ mod tests {
     }
 
     #[test]
+    fn document_markers_multi_line_scalars_and_comment_only_files() {
+        let old = "--- # the object\napiVersion: v1\nkind: ConfigMap\ndata:\n  long: a folded\n    plain scalar\n  k: v\n...\n";
+        let new = "apiVersion: v1\nkind: ConfigMap\ndata:\n  k: w\n  long: changed\n";
+        assert_eq!(
+            edit(old, new),
+            "--- # the object\napiVersion: v1\nkind: ConfigMap\ndata:\n  long: changed\n  k: w\n...\n"
+        );
+        assert_eq!(
+            edit_in_place("# nothing\n", new),
+            Err(Fallback::Unparseable)
+        );
+        assert_eq!(edit_in_place("", new), Err(Fallback::Unparseable));
+    }
+
+    #[test]
+    fn a_value_is_rendered_then_edited_in() {
+        let old = "# kustomize\nresources:\n  - a.yaml # first\nnamespace: shop\n";
+        let desired = serde_json::json!({"resources": ["a.yaml", "b.yaml"], "namespace": "shop"});
+        let out = edit_in_place_value(old, &desired).unwrap();
+        assert_eq!(
+            out,
+            "# kustomize\nresources:\n  - a.yaml # first\n  - b.yaml\nnamespace: shop\n"
+        );
+        assert_eq!(yaml::parse_document(out.as_bytes()).unwrap(), desired);
+    }
+
+    #[test]
     fn a_null_value_becomes_a_scalar() {
         assert_eq!(edit("a: # empty\nb: 1\n", "a: 2\nb: 1\n"), "a: 2\nb: 1\n");
     }
 
     #[test]
-    fn lists_of_scalars_are_replaced_whole_and_named_lists_reordered_too() {
-        let old = "args: # flags\n  - --a\n  - --b\nitems:\n- name: x\n  v: 1\n- name: y\n  v: 2\n";
-        let new = "args:\n- --a\n- --c\nitems:\n- name: y\n  v: 2\n- name: x\n  v: 1\n";
+    fn lists_of_strings_are_matched_by_value_others_and_reordered_ones_replaced() {
+        let old = "args: # flags\n  - 1\n  - --b\nitems:\n- name: x\n  v: 1\n- name: y\n  v: 2\n";
+        let new = "args:\n- 1\n- --c\nitems:\n- name: y\n  v: 2\n- name: x\n  v: 1\n";
         assert_eq!(edit(old, new), new);
+        // Unique strings are matched one by one.
+        let old = "args: # flags\n  - --a # first\n  # gone\n  - --b\n  - '--d'\n";
+        let new = "args:\n- --a\n- --c\n- --d\n- --e\n";
+        assert_eq!(
+            edit(old, new),
+            "args: # flags\n  - --a # first\n  - --c\n  - '--d'\n  - --e\n"
+        );
     }
 
     #[test]
