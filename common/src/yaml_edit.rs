@@ -538,7 +538,7 @@ fn column(text: &str, at: usize) -> usize {
     at - line_start(text, at)
 }
 
-/// Whether only spaces (and `- ` markers when `dashes`) precede `at` on its line.
+/// Whether only spaces precede `at` on its line.
 fn first_on_line(text: &str, at: usize) -> bool {
     text[line_start(text, at)..at].bytes().all(|b| b == b' ')
 }

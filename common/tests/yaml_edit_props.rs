@@ -307,3 +307,26 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Arbitrary YAML-ish text on both sides (indentation, comments, flow and block markers, quotes, CRLF, tabs):
+    /// never a panic, and an edit, when there is one, reads as the desired document.
+    #[test]
+    fn any_text_edits_or_falls_back(
+        existing in "((# c\n)?( {0,4}|  - |- )(a|b|c|on|\"d\"|'e')(:|: )(1|x|y|'x'|\"z\"|\\{\\}|\\[x\\]|\\|\n   t|&a x|\\*a|!t x|[a-c]: 2)?( #c)?\n){0,10}",
+        desired in "(( {0,4}|  - |- )(a|b|c|on|\"d\")(: )(1|x|'x'|\\{\\}|\\[x\\]|[a-c]: 2)?\n){0,10}",
+        crlf in any::<bool>(),
+    ) {
+        let existing = if crlf { existing.replace('\n', "\r\n") } else { existing };
+        if let Ok(edited) = yaml_edit::edit_in_place(&existing, &desired) {
+            prop_assert_eq!(
+                yaml::parse_document(edited.as_bytes()).ok(),
+                yaml::parse_document(desired.as_bytes()).ok(),
+                "existing:\n{}\ndesired:\n{}\nedited:\n{}", existing, desired, edited
+            );
+        }
+        let _ = yaml_edit::same_layout(existing.as_bytes(), desired.as_bytes());
+    }
+}
