@@ -31,7 +31,7 @@ for target in "${targets[@]}"; do
   mkdir -p "$corpus" "$artifacts" "$(dirname "$log")"
   echo "== fuzz $target: ${SECONDS_PER_TARGET}s (corpus $corpus + fuzz/seeds/$target)"
   dict=()
-  case "$target" in yaml_validate|canonical_render|sops_round_trip) dict=(-dict=fuzz/dicts/yaml.dict) ;; esac
+  case "$target" in yaml_validate|canonical_render|sops_round_trip|yaml_edit) dict=(-dict=fuzz/dicts/yaml.dict) ;; esac
   # libFuzzer writes new inputs to the first corpus directory only; the seeds stay untouched.
   if cargo fuzz run "${BUILD[@]}" "$target" "$corpus" "fuzz/seeds/$target" -- "${dict[@]}" \
       -max_total_time="$SECONDS_PER_TARGET" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \

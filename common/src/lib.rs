@@ -4,6 +4,7 @@
 //!
 //! - [`paths`]: which repository paths and base folders are acceptable, the marker location, snapshot scopes.
 //! - [`yaml`]: parsing canonical YAML and comparing documents semantically (no-op detection).
+//! - [`yaml_edit`]: comment- and order-preserving edits of a YAML document towards a desired rendering.
 //! - [`rate`]: a token bucket (the writer's per-client message rate, the agent's per-type request rate).
 //! - [`sops`]: the fingerprint annotation of SOPS-encrypted files and the generated `.sops.yaml`.
 //! - [`telemetry`]: `tracing` subscriber set-up (plain or JSON).
@@ -29,3 +30,4 @@ pub mod sops;
 pub mod telemetry;
 pub mod tls;
 pub mod yaml;
+pub mod yaml_edit;

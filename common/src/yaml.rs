@@ -308,6 +308,11 @@ impl PlainType {
     }
 }
 
+/// Whether a plain (unquoted) scalar reads as a string for every YAML 1.1 and 1.2 reader.
+pub(crate) fn plain_scalar_is_string(s: &str) -> bool {
+    plain_scalar_type(s).is_none()
+}
+
 /// The type a YAML 1.1 or 1.2 (core schema) reader gives a plain scalar, or `None` when it is a string. Exact
 /// spellings of the specs; the agent's renderer quotes all of these (and a few more), so its output always passes.
 fn plain_scalar_type(s: &str) -> Option<PlainType> {

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use reverser_common::{paths, sops, yaml};
+use reverser_common::{paths, sops, yaml, yaml_edit};
 
 use crate::{
     git::{FileChange, GitError},
@@ -433,7 +433,17 @@ pub struct Plan {
     pub completed_sweeps: Vec<usize>,
     /// Orphans deleted per sweep: entry index of the sweep and how many of its orphans the commits delete.
     pub sweep_deletions: Vec<(usize, usize)>,
+    /// Updates written as the new rendering although the file in the tree has a layout of its own (comments, key
+    /// order) that could not be kept: see [`content_over`].
+    pub edit_fallbacks: Vec<EditFallback>,
     pub stats: PlanStats,
+}
+
+/// A file whose comments and layout were replaced by the canonical rendering, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EditFallback {
+    pub path: String,
+    pub reason: &'static str,
 }
 
 impl Plan {
@@ -466,6 +476,7 @@ impl Plan {
         self.truncated_sweeps.extend(later.truncated_sweeps);
         self.completed_sweeps.extend(later.completed_sweeps);
         self.sweep_deletions.extend(later.sweep_deletions);
+        self.edit_fallbacks.extend(later.edit_fallbacks);
         let (a, b) = (&mut self.stats, later.stats);
         a.written += b.written;
         a.deleted += b.deleted;
@@ -603,10 +614,14 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
         verb: Verb,
         /// The object's `kind`, read only for destinations whose message template uses it.
         kind: Option<String>,
+        /// An update edited into the file in the tree (its comments and layout kept), written instead of the
+        /// slot's content.
+        edited: Option<Vec<u8>>,
     }
     let mut effective: Vec<Effective<'_>> = Vec::new();
     let mut stats = PlanStats::default();
     let mut sweep_deletions: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut edit_fallbacks = Vec::new();
     for (path, slot) in &slots {
         let current = tree.read(path)?;
         let kind = entries[slot.entry]
@@ -618,6 +633,7 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 let manifest = slot.content.map(|c| &c[..]).or(current.as_deref())?;
                 template::kind_of(manifest)
             });
+        let mut edited = None;
         let verb = match (slot.content, current) {
             // Ciphertext differs on every encryption: the plaintext fingerprint decides.
             (Some(_), Some(old))
@@ -632,7 +648,16 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 stats.noops += 1;
                 continue;
             }
-            (Some(_), Some(_)) => Verb::Update,
+            (Some(new), Some(old)) => {
+                match content_over(&old, new, slot.fingerprint.is_some()) {
+                    Ok(content) => edited = content,
+                    Err(fallback) => edit_fallbacks.push(EditFallback {
+                        path: path.clone(),
+                        reason: fallback.reason(),
+                    }),
+                }
+                Verb::Update
+            }
             (Some(_), None) => Verb::Create,
             (None, Some(_)) => Verb::Delete,
             (None, None) => {
@@ -645,6 +670,7 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
             slot,
             verb,
             kind,
+            edited,
         });
     }
 
@@ -763,7 +789,10 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                     changes.push(config);
                 }
             }
-            let content = change.slot.content.map(|c| c.to_vec());
+            let content = match &change.edited {
+                Some(edited) => Some(edited.clone()),
+                None => change.slot.content.map(|c| c.to_vec()),
+            };
             stats.bytes += content.as_ref().map_or(0, Vec::len);
             match change.verb {
                 Verb::Create => created += 1,
@@ -850,8 +879,34 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
         truncated_sweeps,
         completed_sweeps,
         sweep_deletions: sweep_deletions.into_iter().collect(),
+        edit_fallbacks,
         stats,
     })
+}
+
+/// What to write over `old` for the update to `new`: `Ok(None)` writes `new` as it is, `Ok(Some(text))` is `old`
+/// edited in place (a person's comments, key order and formatting kept, see [`yaml_edit`]), `Err` writes `new`
+/// although `old` had a layout of its own.
+///
+/// Always on: it only acts on files a person reformatted or commented. A file in the writer's own layout (the
+/// common case) takes the fast path, one pass over the bytes, and never reaches the parser.
+fn content_over(
+    old: &[u8],
+    new: &[u8],
+    encrypted: bool,
+) -> Result<Option<Vec<u8>>, yaml_edit::Fallback> {
+    if yaml_edit::same_layout(old, new) {
+        return Ok(None);
+    }
+    // A SOPS file's MAC covers its values: it is replaced whole.
+    if encrypted {
+        return Err(yaml_edit::Fallback::Sops);
+    }
+    let (Ok(old), Ok(new)) = (std::str::from_utf8(old), std::str::from_utf8(new)) else {
+        return Err(yaml_edit::Fallback::Unparseable);
+    };
+    let edited = yaml_edit::edit_in_place(old, new)?;
+    Ok((edited != new).then(|| edited.into_bytes()))
 }
 
 /// Removes from `slots` every write whose path clashes with a file or folder of the tree or of an earlier accepted
@@ -1489,6 +1544,82 @@ mod tests {
         let plan = plan(b.entries(), &t, &context(500)).unwrap();
         assert!(plan.commits.is_empty());
         assert_eq!(plan.stats.noops, 2);
+    }
+
+    #[test]
+    fn an_update_keeps_the_comments_and_key_order_a_person_gave_the_file() {
+        let d = destination("clusters/prod", false);
+        let path = "clusters/prod/core/v1/configmaps/shop/a.yaml";
+        let commented = "# owned by team-a\nkind: ConfigMap\napiVersion: v1\nmetadata:\n  name: a\ndata:\n  k: v # the key\n";
+        let marker = marker_for("uid-a");
+        let t = tree(&[
+            (path, commented),
+            ("clusters/prod/.configbutler/owner.yaml", &marker),
+        ]);
+        let b = buffer(vec![upsert(
+            &d,
+            1,
+            "core/v1/configmaps/shop/a.yaml",
+            CM2,
+            None,
+        )]);
+        let plan = plan(b.entries(), &t, &context(500)).unwrap();
+        assert_eq!(plan.commits.len(), 1);
+        let written = plan.commits[0].changes[0].content.as_deref().unwrap();
+        assert_eq!(
+            std::str::from_utf8(written).unwrap(),
+            "# owned by team-a\nkind: ConfigMap\napiVersion: v1\nmetadata:\n  name: a\ndata:\n  k: w # the key\n"
+        );
+        assert_eq!(plan.stats.bytes, written.len());
+        assert!(plan.edit_fallbacks.is_empty());
+
+        // A file in the writer's own layout gets the new rendering as it is.
+        let t = tree(&[
+            (path, CM),
+            ("clusters/prod/.configbutler/owner.yaml", &marker),
+        ]);
+        let plan = plan_of(&b, &t);
+        assert_eq!(
+            plan.commits[0].changes[0].content.as_deref(),
+            Some(CM2.as_bytes())
+        );
+        assert!(plan.edit_fallbacks.is_empty());
+    }
+
+    fn plan_of(b: &Buffer, t: &MapTree) -> Plan {
+        plan(b.entries(), t, &context(500)).unwrap()
+    }
+
+    #[test]
+    fn a_commented_file_that_cannot_be_edited_is_rewritten_and_the_fallback_reported() {
+        let d = destination("clusters/prod", false);
+        let path = "clusters/prod/core/v1/configmaps/shop/a.yaml";
+        let marker = marker_for("uid-a");
+        // An anchor: editing could change what the alias shares.
+        let anchored = "# shared\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: &n a\ndata:\n  k: v\n  n: *n\n";
+        let t = tree(&[
+            (path, anchored),
+            ("clusters/prod/.configbutler/owner.yaml", &marker),
+        ]);
+        let b = buffer(vec![upsert(
+            &d,
+            1,
+            "core/v1/configmaps/shop/a.yaml",
+            CM2,
+            None,
+        )]);
+        let plan = plan_of(&b, &t);
+        assert_eq!(
+            plan.commits[0].changes[0].content.as_deref(),
+            Some(CM2.as_bytes())
+        );
+        assert_eq!(
+            plan.edit_fallbacks,
+            vec![EditFallback {
+                path: path.into(),
+                reason: "anchor_or_tag"
+            }]
+        );
     }
 
     #[test]

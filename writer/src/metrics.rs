@@ -7,6 +7,8 @@ use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 pub struct Metrics {
     pub registry: Registry,
     pub objects_written: IntCounterVec,
+    /// Updates of files with comments or a layout of their own that were rewritten whole (by reason).
+    pub yaml_edit_fallbacks: IntCounterVec,
     pub files_deleted: IntCounterVec,
     pub commits: IntCounterVec,
     pub commit_bytes: IntCounterVec,
@@ -75,6 +77,14 @@ impl Metrics {
                 "objects_written_total",
                 "Object files created or updated in commits.",
                 RB,
+            ),
+            yaml_edit_fallbacks: counter(
+                &registry,
+                "yaml_edit_fallbacks_total",
+                "Updates of files with comments or a layout of their own that could not be edited in place and were \
+                 rewritten whole, by reason (unparseable, multi_document, anchor_or_tag, not_block_mapping, \
+                 unusual_key, sops, line_endings, unsupported, unverified).",
+                &["repo", "branch", "reason"],
             ),
             files_deleted: counter(
                 &registry,

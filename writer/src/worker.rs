@@ -814,6 +814,21 @@ impl Worker {
             debug!(worker = %self.id, noops = plan.stats.noops, "batch had no effective change; no commit");
         }
 
+        for fallback in &plan.edit_fallbacks {
+            let [repo, branch] = self.labels();
+            self.metrics
+                .yaml_edit_fallbacks
+                .with_label_values(&[repo, branch, fallback.reason])
+                .inc();
+            debug!(
+                worker = %self.id,
+                commit = %sha,
+                path = %fallback.path,
+                reason = fallback.reason,
+                "the file's comments and layout could not be kept; rewritten whole"
+            );
+        }
+
         for conflict in &plan.marker_conflicts {
             let key = conflict.destination.id.key.as_str();
             self.metrics
