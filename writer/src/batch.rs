@@ -21,8 +21,8 @@ use reverser_common::{paths, sops, yaml};
 use crate::{
     git::{FileChange, GitError},
     model::{
-        Bytes, Change, ClusterIdentity, DestinationId, DestinationRef, ObjectId, Operation, Scope,
-        one_line,
+        Bytes, Change, ClusterIdentity, DestinationId, DestinationRef, FlushOrder, ObjectId,
+        Operation, Scope, one_line,
     },
 };
 
@@ -66,6 +66,9 @@ pub enum EntryOp {
     },
     /// Nothing to write (a snapshot begin); only acknowledged.
     Nothing,
+    /// A CommitRequest: the destination's earlier entries of this batch form one commit by the requester, and
+    /// the worker pushes now.
+    Flush(Arc<FlushOrder>),
 }
 
 impl EntryOp {
@@ -73,7 +76,7 @@ impl EntryOp {
     fn object(&self) -> Option<&ObjectId> {
         match self {
             EntryOp::Write { object, .. } | EntryOp::Remove { object, .. } => Some(object),
-            EntryOp::Sweep { .. } | EntryOp::Nothing => None,
+            EntryOp::Sweep { .. } | EntryOp::Nothing | EntryOp::Flush(_) => None,
         }
     }
 }
@@ -109,6 +112,8 @@ pub struct Buffer {
     bytes: usize,
     first_at: Option<Instant>,
     snapshots: HashMap<(DestinationId, String), OpenSnapshot>,
+    /// A flush (CommitRequest) is buffered: commit and push now, whatever the caps say.
+    flush_requested: bool,
 }
 
 impl Buffer {
@@ -173,6 +178,10 @@ impl Buffer {
                 );
                 EntryOp::Nothing
             }
+            Operation::Flush(order) => {
+                self.flush_requested = true;
+                EntryOp::Flush(order)
+            }
             Operation::SnapshotEnd { scope, epoch } => {
                 let key = (change.destination.id.clone(), scope.folder.clone());
                 match self.snapshots.remove(&key) {
@@ -215,7 +224,8 @@ impl Buffer {
     /// Whether a flush is due now (any cap reached, or the oldest change waited long enough).
     pub fn flush_due(&self, limits: &Limits, now: Instant) -> bool {
         !self.entries.is_empty()
-            && (self.distinct_paths.len() >= limits.max_files
+            && (self.flush_requested
+                || self.distinct_paths.len() >= limits.max_files
                 || self.bytes >= limits.max_bytes
                 || self
                     .first_at
@@ -235,11 +245,18 @@ impl Buffer {
 
     /// When the time cap fires, if anything is buffered.
     pub fn deadline(&self, limits: &Limits) -> Option<Instant> {
-        self.first_at.map(|t| t + limits.max_wait)
+        // A flush is due at once: its time is already past.
+        self.first_at
+            .map(|t| if self.flush_requested { t } else { t + limits.max_wait })
     }
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// A flush (CommitRequest) waits in the buffer: it is pushed at once, not held for more changes.
+    pub fn flush_requested(&self) -> bool {
+        self.flush_requested
     }
 
     pub fn len(&self) -> usize {
@@ -259,6 +276,7 @@ impl Buffer {
         self.distinct_paths.clear();
         self.bytes = 0;
         self.first_at = None;
+        self.flush_requested = false;
         std::mem::take(&mut self.entries)
     }
 
@@ -305,6 +323,10 @@ pub struct PlannedCommit {
     pub changes: Vec<FileChange>,
     /// Destinations touched, for logs and statuses.
     pub destinations: Vec<DestinationId>,
+    /// The entry index of the flush (CommitRequest) this commit answers.
+    pub flush: Option<usize>,
+    /// The commit's id once created (filled in by the worker).
+    pub id: Option<String>,
 }
 
 /// A destination whose ownership marker names another owner.
@@ -352,6 +374,10 @@ impl Plan {
         self.truncated_sweeps.iter_mut().for_each(|(i, _)| map(i));
         self.completed_sweeps.iter_mut().for_each(map);
         self.sweep_deletions.iter_mut().for_each(|(i, _)| map(i));
+        self.commits
+            .iter_mut()
+            .filter_map(|c| c.flush.as_mut())
+            .for_each(map);
         self
     }
 
@@ -494,7 +520,7 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                     );
                 }
             }
-            EntryOp::Nothing => {}
+            EntryOp::Nothing | EntryOp::Flush(_) => {}
         }
     }
 
@@ -632,16 +658,36 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
         }
     }
 
-    // 4. One commit per (author, installation), ordered by first arrival.
+    // 4. One commit per (author, installation), ordered by first arrival. A destination's changes that arrived
+    // before one of its flushes (CommitRequests) form that flush's commit, authored by the requester.
+    let flushes: Vec<(usize, &DestinationId, &FlushOrder)> = entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match &e.op {
+            EntryOp::Flush(order) => Some((i, &e.destination.id, &**order)),
+            _ => None,
+        })
+        .collect();
+    let flush_of = |destination: &DestinationId, entry: usize| -> Option<(usize, &FlushOrder)> {
+        flushes
+            .iter()
+            .find(|(i, d, _)| *i > entry && *d == destination)
+            .map(|&(i, _, order)| (i, order))
+    };
     let mut groups: Vec<(GroupKey<'_>, Vec<&Effective<'_>>)> = Vec::new();
     let mut order: Vec<&Effective<'_>> = effective.iter().collect();
     order.sort_by_key(|c| (c.slot.entry, c.path));
     for change in order {
         let destination = destination_of_entry[change.slot.entry];
+        let flush = flush_of(&destination.id, change.slot.entry);
         let key = GroupKey {
-            author: change.slot.author,
+            author: match flush {
+                Some((_, order)) => order.author.as_deref(),
+                None => change.slot.author,
+            },
             identity: &destination.origin.identity,
             template: destination.commit_template.as_deref(),
+            flush,
         };
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, members)) => members.push(change),
@@ -702,8 +748,16 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 content,
             });
         }
-        let trailers = key.identity.trailers();
-        let message = if let Some(template) = key.template {
+        let mut trailers = key.identity.trailers();
+        if let Some((_, order)) = key.flush {
+            trailers.push_str(&format!(
+                "\nX-ConfigButler-CommitRequest: {}",
+                one_line(&order.request_name)
+            ));
+        }
+        let message = if let Some(text) = key.flush.and_then(|(_, order)| order.message.as_ref()) {
+            format!("{text}\n\n{trailers}\n")
+        } else if let Some(template) = key.template {
             let fields = commit_fields(
                 &members
                     .iter()
@@ -746,6 +800,8 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
             message,
             changes,
             destinations,
+            flush: key.flush.map(|(index, _)| index),
+            id: None,
         });
     }
     Ok(Plan {
@@ -830,6 +886,8 @@ struct GroupKey<'a> {
     identity: &'a ClusterIdentity,
     /// Destinations with different message templates never share a commit.
     template: Option<&'a template::CommitTemplate>,
+    /// The flush whose commit this is (its entry index and order): never shared with other changes.
+    flush: Option<(usize, &'a FlushOrder)>,
 }
 
 /// What a message template needs to know about one object of a commit.
