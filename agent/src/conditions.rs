@@ -262,7 +262,9 @@ impl WriterView {
             // Sweeps become Events (leader::term), not conditions.
             Feedback::SnapshotAbandoned { .. }
             | Feedback::Fenced { .. }
-            | Feedback::Swept { .. } => {}
+            | Feedback::Swept { .. }
+            | Feedback::Flushed(_)
+            | Feedback::FlushRefused { .. } => {}
         }
         *self != before
     }

@@ -46,6 +46,7 @@
 
 pub mod args;
 pub mod canonical;
+pub mod commit_request;
 pub mod conditions;
 pub mod controller;
 pub mod crd;

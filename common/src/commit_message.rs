@@ -19,9 +19,13 @@ pub enum MessageError {
     EmptySubject,
     #[error("the subject (first line) is {0} characters; at most {MAX_SUBJECT_CHARS} are allowed")]
     SubjectTooLong(usize),
-    #[error("the subject must be a single line: leave the second line empty and put the body after it")]
+    #[error(
+        "the subject must be a single line: leave the second line empty and put the body after it"
+    )]
     SubjectNotSingleLine,
-    #[error("line {0:?} looks like one of the writer's X-ConfigButler trailers, which only the writer writes")]
+    #[error(
+        "line {0:?} looks like one of the writer's X-ConfigButler trailers, which only the writer writes"
+    )]
     ForgedTrailer(String),
 }
 
@@ -42,7 +46,10 @@ pub fn validate(message: &str) -> Result<Option<String>, MessageError> {
         return Err(MessageError::Control);
     }
     let lines: Vec<&str> = unified.lines().map(str::trim_end).collect();
-    let end = lines.iter().rposition(|l| !l.is_empty()).map_or(0, |i| i + 1);
+    let end = lines
+        .iter()
+        .rposition(|l| !l.is_empty())
+        .map_or(0, |i| i + 1);
     let lines = &lines[..end];
     let Some(subject) = lines.first() else {
         return Ok(None);
@@ -57,10 +64,11 @@ pub fn validate(message: &str) -> Result<Option<String>, MessageError> {
     if lines.get(1).is_some_and(|l| !l.is_empty()) {
         return Err(MessageError::SubjectNotSingleLine);
     }
-    if let Some(forged) = lines
-        .iter()
-        .find(|l| l.trim_start().to_ascii_lowercase().starts_with("x-configbutler-"))
-    {
+    if let Some(forged) = lines.iter().find(|l| {
+        l.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("x-configbutler-")
+    }) {
         return Err(MessageError::ForgedTrailer((*forged).to_owned()));
     }
     Ok(Some(lines.join("\n")))

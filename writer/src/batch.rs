@@ -246,8 +246,13 @@ impl Buffer {
     /// When the time cap fires, if anything is buffered.
     pub fn deadline(&self, limits: &Limits) -> Option<Instant> {
         // A flush is due at once: its time is already past.
-        self.first_at
-            .map(|t| if self.flush_requested { t } else { t + limits.max_wait })
+        self.first_at.map(|t| {
+            if self.flush_requested {
+                t
+            } else {
+                t + limits.max_wait
+            }
+        })
     }
 
     pub fn is_empty(&self) -> bool {

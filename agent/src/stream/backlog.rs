@@ -143,7 +143,8 @@ impl Backlog {
             AgentEvent::Upsert { destination, .. }
             | AgentEvent::Delete { destination, .. }
             | AgentEvent::SnapshotBegin { destination, .. }
-            | AgentEvent::SnapshotEnd { destination, .. } => destination.clone(),
+            | AgentEvent::SnapshotEnd { destination, .. }
+            | AgentEvent::Flush { destination, .. } => destination.clone(),
         };
         let destination = self.destinations.entry(key.clone()).or_default();
         destination.last_sequence += 1;
@@ -205,7 +206,7 @@ impl Backlog {
                     AgentEvent::SnapshotBegin { .. } | AgentEvent::SnapshotEnd { .. } => {
                         newer_paths.clear()
                     }
-                    AgentEvent::Destination(_) => {}
+                    AgentEvent::Destination(_) | AgentEvent::Flush { .. } => {}
                 }
             }
             let mut flags = keep.into_iter();
@@ -291,6 +292,15 @@ impl Backlog {
             }
         }
         None
+    }
+
+    /// The CommitRequest uid of the unacked flush `sequence` of `destination`, if it is one.
+    pub fn flush_request(&self, destination: &str, sequence: u64) -> Option<String> {
+        let d = self.destinations.get(destination)?;
+        match &d.pending[position(&d.pending, sequence)?].event {
+            AgentEvent::Flush { request_uid, .. } => Some(request_uid.clone()),
+            _ => None,
+        }
     }
 
     /// An `Ack`: every message of `destination` up to `sequence` is done. Returns how many were dropped.
@@ -501,6 +511,20 @@ fn change_message(
             scope: Some(scope(s)),
             epoch: wire_epoch.unwrap_or(*epoch),
         }),
+        AgentEvent::Flush {
+            destination,
+            message,
+            author,
+            request_name,
+            request_uid,
+        } => Kind::Flush(pb::FlushDestination {
+            sequence,
+            destination: destination.clone(),
+            message: message.clone().unwrap_or_default(),
+            author: author.clone().unwrap_or_default(),
+            request_name: request_name.clone(),
+            request_uid: request_uid.clone(),
+        }),
     };
     pb::AgentMessage { kind: Some(kind) }
 }
@@ -572,6 +596,7 @@ mod tests {
                 Kind::SnapshotBegin(b) => ("begin", b.destination, b.sequence, b.epoch),
                 Kind::SnapshotEnd(e) => ("end", e.destination, e.sequence, e.epoch),
                 Kind::Hello(_) => ("hello", String::new(), 0, 0),
+                Kind::Flush(f) => ("flush", f.destination, f.sequence, 0),
             });
         }
         out
