@@ -2,7 +2,7 @@
 //! `reverser-agent` binary with its admission webhook registered, the real writer (in-process) with a batch window
 //! far longer than the test, and a bare Git repository read back with the git CLI.
 //!
-//! alice changes two ConfigMaps, then creates a CommitRequest with her own credentials (kubectl with her token):
+//! alice changes two ConfigMaps, then creates a CommitRequest (`kubectl --as alice`, so RBAC authorizes her):
 //! the commit lands at once (the window would hold it for an hour), authored by alice as the webhook saw her, with
 //! her message and the writer's trailers, and the request's status names that commit (`git rev-parse`). A second
 //! request with nothing pending makes no commit and names the same tip.
@@ -114,10 +114,11 @@ fn commit_request(name: &str, message: &str) -> String {
     .unwrap()
 }
 
-/// The real `kubectl` with `kubeconfig`; panics with its stderr on failure.
+/// The real `kubectl` with `kubeconfig`, as alice (`--as`); panics with its stderr on failure.
 async fn kubectl(cluster: &TestCluster, kubeconfig: &PathBuf, args: &[&str], stdin: Option<&str>) {
     use tokio::io::AsyncWriteExt;
     let mut child = Command::new(cluster.kubectl_binary())
+        .args(["--as", "alice"])
         .args(args)
         .env("KUBECONFIG", kubeconfig)
         .stdin(if stdin.is_some() {
@@ -174,7 +175,6 @@ async fn alices_commit_request_lands_before_the_window_with_her_message_and_auth
     )
     .await;
     let admin_kubeconfig = KubeconfigFile::write(&cluster, None);
-    let alice = KubeconfigFile::write(&cluster, Some("alice"));
     let pki = Pki::new();
     let ca_file = pki.dir.path().join("ca.crt");
     std::fs::write(&ca_file, &pki.ca_pem).unwrap();
@@ -229,7 +229,7 @@ async fn alices_commit_request_lands_before_the_window_with_her_message_and_auth
     for name in ["front", "back"] {
         kubectl(
             &cluster,
-            &alice.path,
+            &admin_kubeconfig.path,
             &[
                 "-n",
                 "shop",
@@ -247,7 +247,7 @@ async fn alices_commit_request_lands_before_the_window_with_her_message_and_auth
     }
     kubectl(
         &cluster,
-        &alice.path,
+        &admin_kubeconfig.path,
         &["create", "-f", "-"],
         Some(&commit_request(
             "release-42",
@@ -314,7 +314,7 @@ async fn alices_commit_request_lands_before_the_window_with_her_message_and_auth
     // Nothing pending now: no empty commit, and the status names the tip that holds everything.
     kubectl(
         &cluster,
-        &alice.path,
+        &admin_kubeconfig.path,
         &["create", "-f", "-"],
         Some(&commit_request("nothing-new", "Nothing to see")),
     )
