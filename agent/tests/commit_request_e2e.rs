@@ -185,6 +185,13 @@ async fn alices_commit_request_lands_before_the_window_with_her_message_and_auth
     let mut cmd = world::Agent::command(&writer_url, &admin_kubeconfig.path, &admin);
     cmd.args(["--cluster-name", "e2e"])
         .args(["--controller-namespace", "gitops-reverser"])
+        // Short Lease timings keep the restart below quick; the logic is the same.
+        .args([
+            "--leader-election-lease-sec",
+            "3",
+            "--leader-election-renew-sec",
+            "1",
+        ])
         .args(["--webhook-addr", &webhook])
         .arg("--webhook-cert")
         .arg(pki.cert_file())
@@ -339,6 +346,39 @@ async fn alices_commit_request_lands_before_the_window_with_her_message_and_auth
     .unwrap();
     assert_eq!(again.data["status"]["commitSHA"], sha.as_str());
     assert_eq!(repo.commit_count(BRANCH), commits, "no empty commit");
+
+    // A restarted agent handles neither again: their statuses stay as they were. A third request, created after
+    // the restart, shows that the new leader went through every request (its list comes first).
+    let transition = |object: &kube::api::DynamicObject| {
+        object.data["status"]["conditions"][0]["lastTransitionTime"].clone()
+    };
+    let before = [transition(&request), transition(&again)];
+    agent.kill().await;
+    let mut agent = world::Agent::spawn(&mut cmd, &admin);
+    kubectl(
+        &cluster,
+        &admin_kubeconfig.path,
+        &["create", "-f", "-"],
+        Some(&commit_request("after-restart", "After the restart")),
+    )
+    .await;
+    let (reason, _) = wait_for_condition(
+        &client,
+        "CommitRequest",
+        Some("gitops-reverser"),
+        "after-restart",
+        "Completed",
+        "True",
+    )
+    .await;
+    assert_eq!(reason, "NothingPending");
+    for (name, before) in ["release-42", "nothing-new"].into_iter().zip(before) {
+        let now = configbutler_object(&client, "CommitRequest", Some("gitops-reverser"), name)
+            .await
+            .unwrap();
+        assert_eq!(transition(&now), before, "{name} was not handled again");
+    }
+    assert_eq!(repo.commit_count(BRANCH), commits);
 
     agent.kill().await;
     writer.stop().await.unwrap();

@@ -2042,4 +2042,76 @@ mod tests {
                 .all(|c| c.message.ends_with(&format!("{TRAILERS}\n")))
         );
     }
+
+    fn flush(d: &DestinationRef, seq: u64, author: Option<&str>, message: Option<&str>) -> Change {
+        Change {
+            destination: d.clone(),
+            sequence: seq,
+            operation: Operation::Flush(Arc::new(FlushOrder {
+                message: message.map(str::to_owned),
+                author: author.map(str::to_owned),
+                request_name: "ns/req".into(),
+                request_uid: "uid-req".into(),
+            })),
+        }
+    }
+
+    #[test]
+    fn a_flush_makes_its_destinations_earlier_changes_one_commit_by_the_requester() {
+        let d = destination("c", false);
+        let b = buffer(vec![
+            upsert(&d, 1, "core/v1/configmaps/ns/a.yaml", CM, Some("bob")),
+            upsert(&d, 2, "core/v1/configmaps/ns/b.yaml", CM2, Some("carol")),
+            flush(&d, 3, Some("alice"), Some("Release\n\nBody")),
+            upsert(&d, 4, "core/v1/configmaps/ns/c.yaml", CM, Some("bob")),
+        ]);
+        assert!(b.flush_requested());
+        assert!(b.flush_due(
+            &Limits {
+                max_files: 100,
+                max_bytes: 1 << 20,
+                max_wait: Duration::from_secs(3600)
+            },
+            Instant::now()
+        ));
+        let plan = plan(b.entries(), &tree(&[]), &context(500)).unwrap();
+        assert_eq!(plan.commits.len(), 2, "{:?}", plan.commits);
+        let requested = &plan.commits[0];
+        assert_eq!(requested.flush, Some(2));
+        assert_eq!(requested.author_name, "alice");
+        assert!(
+            requested
+                .message
+                .starts_with("Release\n\nBody\n\nX-ConfigButler-ClusterUID: "),
+            "{}",
+            requested.message
+        );
+        assert!(
+            requested
+                .message
+                .ends_with("X-ConfigButler-CommitRequest: ns/req\n"),
+            "{}",
+            requested.message
+        );
+        let paths: Vec<&str> = requested.changes.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "c/.configbutler/owner.yaml",
+                "c/core/v1/configmaps/ns/a.yaml",
+                "c/core/v1/configmaps/ns/b.yaml"
+            ]
+        );
+        // A change after the request is not part of it.
+        assert_eq!(plan.commits[1].flush, None);
+        assert_eq!(plan.commits[1].author_name, "bob");
+        assert_eq!(plan.commits[1].changes.len(), 1);
+        // Nothing pending before a request: no commit answers it.
+        let only = buffer(vec![flush(&d, 5, Some("alice"), None)]);
+        assert!(plan_of(&only).commits.is_empty());
+    }
+
+    fn plan_of(b: &Buffer) -> Plan {
+        plan(b.entries(), &tree(&[]), &context(500)).unwrap()
+    }
 }

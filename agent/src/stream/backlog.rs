@@ -947,4 +947,61 @@ mod tests {
             })
         );
     }
+
+    #[test]
+    fn a_flush_is_sequenced_after_earlier_changes_and_survives_a_re_send() {
+        let flush = AgentEvent::Flush {
+            destination: "a/d".into(),
+            message: Some("Release".into()),
+            author: Some("alice".into()),
+            request_name: "a/req".into(),
+            request_uid: "uid-1".into(),
+        };
+        let mut backlog = Backlog::with_first_wire_epoch(1);
+        backlog.accept(decl("a/d", "x"), now());
+        backlog.accept(upsert("a/d", "one"), now());
+        backlog.accept(flush, now());
+        backlog.accept(upsert("a/d", "one"), now());
+        assert_eq!(backlog.flush_request("a/d", 2).as_deref(), Some("uid-1"));
+        assert_eq!(backlog.flush_request("a/d", 1), None, "an upsert");
+        // Re-sent after a reconnect: the flush keeps its place; only the older upsert of the same path goes.
+        backlog.begin_connection();
+        assert_eq!(
+            drain(&mut backlog),
+            [
+                ("destination", "a/d".to_owned(), 0, 0),
+                ("flush", "a/d".to_owned(), 2, 0),
+                ("upsert", "a/d".to_owned(), 3, 0),
+            ]
+        );
+        backlog.ack("a/d", 2);
+        assert_eq!(backlog.flush_request("a/d", 2), None, "acked");
+    }
+
+    #[test]
+    fn a_flush_goes_out_with_the_requests_message_author_and_names() {
+        let message = change_message(
+            &AgentEvent::Flush {
+                destination: "a/d".into(),
+                message: None,
+                author: None,
+                request_name: "a/req".into(),
+                request_uid: "uid-1".into(),
+            },
+            7,
+            now(),
+            None,
+        );
+        assert_eq!(
+            message.kind,
+            Some(Kind::Flush(pb::FlushDestination {
+                sequence: 7,
+                destination: "a/d".into(),
+                message: String::new(),
+                author: String::new(),
+                request_name: "a/req".into(),
+                request_uid: "uid-1".into(),
+            }))
+        );
+    }
 }
