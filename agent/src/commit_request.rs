@@ -157,7 +157,12 @@ pub async fn run(mut parts: Parts) {
             request = requests.try_next() => match request {
                 Ok(Some(request)) => {
                     let Some(uid) = request.uid() else { continue };
-                    if in_flight.contains_key(&uid) || finished.contains(&uid) || is_handled(request.status.as_ref()) {
+                    if is_handled(request.status.as_ref()) {
+                        // Its final status is visible now: no older event of it can come any more.
+                        finished.remove(&uid);
+                        continue;
+                    }
+                    if in_flight.contains_key(&uid) || finished.contains(&uid) {
                         continue;
                     }
                     let flight = handler.first_sight(&request, parts.attribution.as_ref()).await;
