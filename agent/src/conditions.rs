@@ -294,7 +294,9 @@ impl WriterView {
             Feedback::SnapshotAbandoned { .. }
             | Feedback::Fenced { .. }
             | Feedback::Swept { .. }
-            | Feedback::SuspendPreview(_) => {}
+            | Feedback::SuspendPreview(_)
+            | Feedback::Flushed(_)
+            | Feedback::FlushRefused { .. } => {}
         }
         *self != before
     }

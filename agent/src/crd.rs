@@ -8,6 +8,8 @@
 //!   destination.
 //! - [`ClusterWatchRule`] (cluster): selects cluster-scoped objects and/or
 //!   namespaced objects across namespaces for a destination.
+//! - [`CommitRequest`] (namespaced): asks the writer to commit a GitDestination's
+//!   pending changes now, with a message, authored by whoever created it.
 //!
 //! Rules reference a destination, the destination references a repository; a
 //! rule must be allowed by both access policies, and cluster rules additionally
@@ -543,6 +545,87 @@ pub struct ClusterWatchRuleSpec {
     pub ignore: Option<IgnoreSpec>,
 }
 
+/// Asks the writer to commit what is pending for a GitDestination of this namespace now (instead of after the
+/// batch window), with an optional message. Handled once; the spec cannot change after creation.
+// kube's `printcolumn(type_ = ...)` repeats keys that clippy mistakes for
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "configbutler.ai",
+    version = "v1alpha1",
+    kind = "CommitRequest",
+    namespaced,
+    status = "CommitRequestStatus",
+    shortname = "creq",
+    category = "configbutler",
+    doc = "Commit a GitDestination's pending changes now, with this message, authored by the requester.",
+    printcolumn(
+        name = "Destination",
+        type_ = "string",
+        json_path = ".spec.destinationRef.name"
+    ),
+    printcolumn(
+        name = "Completed",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Completed")].status"#
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Completed")].reason"#
+    ),
+    printcolumn(name = "Commit", type_ = "string", json_path = ".status.commitSHA"),
+    printcolumn(
+        name = "Author",
+        type_ = "string",
+        json_path = ".status.author",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("spec is immutable: create another CommitRequest"))]
+#[serde(rename_all = "camelCase")]
+pub struct CommitRequestSpec {
+    /// The GitDestination (in this namespace) whose pending changes to commit.
+    pub destination_ref: LocalObjectReference,
+    /// Commit message: the first line is the subject (one line, at most 200 characters), then an empty line and
+    /// the body. At most 8 KiB, no NUL or other control characters but line breaks and tabs, and no
+    /// `X-ConfigButler-` trailer lines (the writer appends its own). Empty: the destination's usual message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8192))]
+    pub message: Option<String>,
+}
+
+/// What became of a CommitRequest.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CommitRequestStatus {
+    /// `Completed`: `Unknown` (reason `Pending`) while the writer works on it, `True` (`Committed`,
+    /// `NothingPending`) once a pushed commit holds the changes, `False` when it failed (the reason says why).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The pushed commit that holds every change the agent had sent for the destination up to the request: the
+    /// request's own commit (`Committed`), or the branch tip that already held them (`NothingPending`).
+    #[serde(default, rename = "commitSHA", skip_serializing_if = "Option::is_none")]
+    pub commit_sha: Option<String>,
+    /// The branch that commit is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// Who the commit is authored by: the Kubernetes user the admission webhook saw create this request. Unset:
+    /// no attribution was available and the writer's bot identity authored it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+    /// The `metadata.generation` the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
 /// One generated CRD manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GeneratedCrd {
@@ -559,6 +642,7 @@ pub fn generated_crds() -> Result<Vec<GeneratedCrd>, CanonicalError> {
         GitDestination::crd(),
         WatchRule::crd(),
         ClusterWatchRule::crd(),
+        CommitRequest::crd(),
     ];
     let mut out = crds
         .iter()

@@ -83,4 +83,15 @@ pub enum AgentEvent {
         scope: ScopeRef,
         epoch: u64,
     },
+    /// A CommitRequest: commit everything sent for `destination` so far, now, as `author` with `message`.
+    Flush {
+        destination: String,
+        /// Validated commit message; `None`: the destination's usual message.
+        message: Option<String>,
+        /// The requester, from admission; `None`: the writer's bot identity.
+        author: Option<String>,
+        /// `namespace/name` of the CommitRequest.
+        request_name: String,
+        request_uid: String,
+    },
 }

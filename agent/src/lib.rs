@@ -20,7 +20,7 @@
 //!   selectors, the desired-state preset, the always-on exclusions and the sensitive types), and which
 //!   cluster-generated objects are skipped.
 //! - [`crd`]: the `configbutler.ai/v1alpha1` custom resources the agent reads
-//!   (`GitRepoConfig`, `GitDestination`, `WatchRule`, `ClusterWatchRule`); the
+//!   (`GitRepoConfig`, `GitDestination`, `WatchRule`, `ClusterWatchRule`, `CommitRequest`); the
 //!   `crdgen` binary writes their manifests to `crds/`.
 //! - [`events`]: what ingestion hands the stream ([`events::AgentEvent`]).
 //!
@@ -34,6 +34,8 @@
 //!   rule's and destination's status conditions ([`conditions`]: `Ready`, the writer's
 //!   feedback, `WriterConnected`, `SecretsSkipped`); each change of a condition becomes a
 //!   Kubernetes Event ([`kube_events`]).
+//! - [`commit_request`]: CommitRequests: attributed through the webhook, checked, sent as a flush after the
+//!   changes already queued, and their outcome (the commit) written to their status.
 //! - [`ingest`]: discovery (refreshed on CRD changes), one List+Watch per selected type and scope, snapshot
 //!   epochs, [`events::AgentEvent`]s.
 //! - [`ignore`]: which changes a rule does not mirror, by who made them (field managers, users).
@@ -47,6 +49,7 @@
 
 pub mod args;
 pub mod canonical;
+pub mod commit_request;
 pub mod conditions;
 pub mod controller;
 pub mod crd;

@@ -110,6 +110,8 @@ pub const DEFAULT_EXCLUSIONS: &[(&str, &str)] = &[
     ),
     ("batch", "jobs"),
     ("batch", "cronjobs"),
+    // Requests to the agent itself, handled once: not desired state.
+    ("configbutler.ai", "commitrequests"),
 ];
 
 /// True for types in [`DEFAULT_EXCLUSIONS`].

@@ -356,7 +356,7 @@ fn mentions(e: &AgentEvent, needle: &str) -> bool {
         AgentEvent::SnapshotBegin { scope, .. } | AgentEvent::SnapshotEnd { scope, .. } => {
             scope.resource == needle
         }
-        AgentEvent::Destination(_) => false,
+        AgentEvent::Destination(_) | AgentEvent::Flush { .. } => false,
     }
 }
 

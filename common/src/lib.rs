@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod args;
 pub mod backoff;
+pub mod commit_message;
 pub mod kube_client;
 pub mod lease;
 pub mod paths;

@@ -81,6 +81,8 @@ vocabulary! {
         /// Git refuses to commit the message's changes even alone (found by splitting the batch that failed to
         /// build); only this message is refused, the rest of its batch is committed.
         CommitRefused,
+        /// A FlushDestination whose commit message is too long, holds a NUL, or has an empty or multi-line subject.
+        InvalidFlush,
         /// The destination's worker stopped: reconnect and re-send.
         Unavailable,
     }

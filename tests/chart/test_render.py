@@ -167,7 +167,16 @@ def test_webhook_ignores_failures_and_routes_to_the_leader_only(render, emulator
     r = render({"agent": {"webhook": {"enabled": True}}})
     try:
         [config] = r.all("ValidatingWebhookConfiguration")
-        [hook] = config["webhooks"]
+        hook, requests = config["webhooks"]
+        # CommitRequest CREATEs from every namespace, the release's too (their creator authors the commit).
+        assert requests["name"] == "commitrequests.gitops-reverser.configbutler.ai"
+        assert requests["rules"] == [{
+            "apiGroups": ["configbutler.ai"], "apiVersions": ["v1alpha1"], "operations": ["CREATE"],
+            "resources": ["commitrequests"], "scope": "Namespaced",
+        }]
+        assert "namespaceSelector" not in requests
+        for key in ("failurePolicy", "sideEffects", "matchPolicy", "timeoutSeconds", "clientConfig"):
+            assert requests[key] == hook[key], key
         assert hook["failurePolicy"] == "Ignore"
         assert hook["sideEffects"] == "None"
         assert hook["matchPolicy"] == "Equivalent"
@@ -251,6 +260,9 @@ def test_agent_rbac_follows_the_seed(render):
     for resource in ("watchrules", "clusterwatchrules", "gitrepoconfigs", "gitdestinations"):
         assert verbs_for(role, "configbutler.ai", resource) == read
         assert verbs_for(role, "configbutler.ai", f"{resource}/status") == {"get", "update", "patch"}
+    # CommitRequests: read, and only their status written (patch: the agent's one way to write it).
+    assert verbs_for(role, "configbutler.ai", "commitrequests") == read
+    assert verbs_for(role, "configbutler.ai", "commitrequests/status") == {"patch"}
     assert verbs_for(role, "", "secrets") == set(), "no Secret access by default"
     assert verbs_for(role, "", "namespaces") == read
     assert verbs_for(role, "", "events") == {"create", "patch"}

@@ -21,8 +21,8 @@ use reverser_common::{paths, sops, yaml, yaml_edit};
 use crate::{
     git::{FileChange, GitError},
     model::{
-        Bytes, Change, ClusterIdentity, DestinationId, DestinationRef, ObjectId, Operation, Scope,
-        one_line,
+        Bytes, Change, ClusterIdentity, DestinationId, DestinationRef, FlushOrder, ObjectId,
+        Operation, Scope, one_line,
     },
 };
 
@@ -66,6 +66,9 @@ pub enum EntryOp {
     },
     /// Nothing to write (a snapshot begin); only acknowledged.
     Nothing,
+    /// A CommitRequest: the destination's earlier entries of this batch form one commit by the requester, and
+    /// the worker pushes now.
+    Flush(Arc<FlushOrder>),
 }
 
 impl EntryOp {
@@ -73,7 +76,7 @@ impl EntryOp {
     fn object(&self) -> Option<&ObjectId> {
         match self {
             EntryOp::Write { object, .. } | EntryOp::Remove { object, .. } => Some(object),
-            EntryOp::Sweep { .. } | EntryOp::Nothing => None,
+            EntryOp::Sweep { .. } | EntryOp::Nothing | EntryOp::Flush(_) => None,
         }
     }
 }
@@ -109,6 +112,8 @@ pub struct Buffer {
     bytes: usize,
     first_at: Option<Instant>,
     snapshots: HashMap<(DestinationId, String), OpenSnapshot>,
+    /// A flush (CommitRequest) is buffered: commit and push now, whatever the caps say.
+    flush_requested: bool,
 }
 
 impl Buffer {
@@ -173,6 +178,10 @@ impl Buffer {
                 );
                 EntryOp::Nothing
             }
+            Operation::Flush(order) => {
+                self.flush_requested = true;
+                EntryOp::Flush(order)
+            }
             Operation::SnapshotEnd { scope, epoch } => {
                 let key = (change.destination.id.clone(), scope.folder.clone());
                 match self.snapshots.remove(&key) {
@@ -215,7 +224,8 @@ impl Buffer {
     /// Whether a flush is due now (any cap reached, or the oldest change waited long enough).
     pub fn flush_due(&self, limits: &Limits, now: Instant) -> bool {
         !self.entries.is_empty()
-            && (self.distinct_paths.len() >= limits.max_files
+            && (self.flush_requested
+                || self.distinct_paths.len() >= limits.max_files
                 || self.bytes >= limits.max_bytes
                 || self
                     .first_at
@@ -235,11 +245,23 @@ impl Buffer {
 
     /// When the time cap fires, if anything is buffered.
     pub fn deadline(&self, limits: &Limits) -> Option<Instant> {
-        self.first_at.map(|t| t + limits.max_wait)
+        // A flush is due at once: its time is already past.
+        self.first_at.map(|t| {
+            if self.flush_requested {
+                t
+            } else {
+                t + limits.max_wait
+            }
+        })
     }
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// A flush (CommitRequest) waits in the buffer: it is pushed at once, not held for more changes.
+    pub fn flush_requested(&self) -> bool {
+        self.flush_requested
     }
 
     pub fn len(&self) -> usize {
@@ -259,6 +281,7 @@ impl Buffer {
         self.distinct_paths.clear();
         self.bytes = 0;
         self.first_at = None;
+        self.flush_requested = false;
         std::mem::take(&mut self.entries)
     }
 
@@ -399,6 +422,10 @@ pub struct PlannedCommit {
     pub changes: Vec<FileChange>,
     /// Destinations touched, for logs and statuses.
     pub destinations: Vec<DestinationId>,
+    /// The entry index of the flush (CommitRequest) this commit answers.
+    pub flush: Option<usize>,
+    /// The commit's id once created (filled in by the worker).
+    pub id: Option<String>,
 }
 
 /// A destination whose ownership marker names another owner.
@@ -456,6 +483,10 @@ impl Plan {
         self.truncated_sweeps.iter_mut().for_each(|(i, _)| map(i));
         self.completed_sweeps.iter_mut().for_each(map);
         self.sweep_deletions.iter_mut().for_each(|(i, _)| map(i));
+        self.commits
+            .iter_mut()
+            .filter_map(|c| c.flush.as_mut())
+            .for_each(map);
         self
     }
 
@@ -599,7 +630,7 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                     );
                 }
             }
-            EntryOp::Nothing => {}
+            EntryOp::Nothing | EntryOp::Flush(_) => {}
         }
     }
 
@@ -752,16 +783,36 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
         }
     }
 
-    // 4. One commit per (author, installation), ordered by first arrival.
+    // 4. One commit per (author, installation), ordered by first arrival. A destination's changes that arrived
+    // before one of its flushes (CommitRequests) form that flush's commit, authored by the requester.
+    let flushes: Vec<(usize, &DestinationId, &FlushOrder)> = entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match &e.op {
+            EntryOp::Flush(order) => Some((i, &e.destination.id, &**order)),
+            _ => None,
+        })
+        .collect();
+    let flush_of = |destination: &DestinationId, entry: usize| -> Option<(usize, &FlushOrder)> {
+        flushes
+            .iter()
+            .find(|(i, d, _)| *i > entry && *d == destination)
+            .map(|&(i, _, order)| (i, order))
+    };
     let mut groups: Vec<(GroupKey<'_>, Vec<&Effective<'_>>)> = Vec::new();
     let mut order: Vec<&Effective<'_>> = effective.iter().collect();
     order.sort_by_key(|c| (c.slot.entry, c.path));
     for change in order {
         let destination = destination_of_entry[change.slot.entry];
+        let flush = flush_of(&destination.id, change.slot.entry);
         let key = GroupKey {
-            author: change.slot.author,
+            author: match flush {
+                Some((_, order)) => order.author.as_deref(),
+                None => change.slot.author,
+            },
             identity: &destination.origin.identity,
             template: destination.commit_template.as_deref(),
+            flush,
         };
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, members)) => members.push(change),
@@ -825,8 +876,16 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 content,
             });
         }
-        let trailers = key.identity.trailers();
-        let message = if let Some(template) = key.template {
+        let mut trailers = key.identity.trailers();
+        if let Some((_, order)) = key.flush {
+            trailers.push_str(&format!(
+                "\nX-ConfigButler-CommitRequest: {}",
+                one_line(&order.request_name)
+            ));
+        }
+        let message = if let Some(text) = key.flush.and_then(|(_, order)| order.message.as_ref()) {
+            format!("{text}\n\n{trailers}\n")
+        } else if let Some(template) = key.template {
             let fields = commit_fields(
                 &members
                     .iter()
@@ -869,6 +928,8 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
             message,
             changes,
             destinations,
+            flush: key.flush.map(|(index, _)| index),
+            id: None,
         });
     }
     Ok(Plan {
@@ -979,6 +1040,8 @@ struct GroupKey<'a> {
     identity: &'a ClusterIdentity,
     /// Destinations with different message templates never share a commit.
     template: Option<&'a template::CommitTemplate>,
+    /// The flush whose commit this is (its entry index and order): never shared with other changes.
+    flush: Option<(usize, &'a FlushOrder)>,
 }
 
 /// What a message template needs to know about one object of a commit.
@@ -2203,5 +2266,77 @@ mod tests {
                 .iter()
                 .all(|c| c.message.ends_with(&format!("{TRAILERS}\n")))
         );
+    }
+
+    fn flush(d: &DestinationRef, seq: u64, author: Option<&str>, message: Option<&str>) -> Change {
+        Change {
+            destination: d.clone(),
+            sequence: seq,
+            operation: Operation::Flush(Arc::new(FlushOrder {
+                message: message.map(str::to_owned),
+                author: author.map(str::to_owned),
+                request_name: "ns/req".into(),
+                request_uid: "uid-req".into(),
+            })),
+        }
+    }
+
+    #[test]
+    fn a_flush_makes_its_destinations_earlier_changes_one_commit_by_the_requester() {
+        let d = destination("c", false);
+        let b = buffer(vec![
+            upsert(&d, 1, "core/v1/configmaps/ns/a.yaml", CM, Some("bob")),
+            upsert(&d, 2, "core/v1/configmaps/ns/b.yaml", CM2, Some("carol")),
+            flush(&d, 3, Some("alice"), Some("Release\n\nBody")),
+            upsert(&d, 4, "core/v1/configmaps/ns/c.yaml", CM, Some("bob")),
+        ]);
+        assert!(b.flush_requested());
+        assert!(b.flush_due(
+            &Limits {
+                max_files: 100,
+                max_bytes: 1 << 20,
+                max_wait: Duration::from_secs(3600)
+            },
+            Instant::now()
+        ));
+        let plan = plan(b.entries(), &tree(&[]), &context(500)).unwrap();
+        assert_eq!(plan.commits.len(), 2, "{:?}", plan.commits);
+        let requested = &plan.commits[0];
+        assert_eq!(requested.flush, Some(2));
+        assert_eq!(requested.author_name, "alice");
+        assert!(
+            requested
+                .message
+                .starts_with("Release\n\nBody\n\nX-ConfigButler-ClusterUID: "),
+            "{}",
+            requested.message
+        );
+        assert!(
+            requested
+                .message
+                .ends_with("X-ConfigButler-CommitRequest: ns/req\n"),
+            "{}",
+            requested.message
+        );
+        let paths: Vec<&str> = requested.changes.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "c/.configbutler/owner.yaml",
+                "c/core/v1/configmaps/ns/a.yaml",
+                "c/core/v1/configmaps/ns/b.yaml"
+            ]
+        );
+        // A change after the request is not part of it.
+        assert_eq!(plan.commits[1].flush, None);
+        assert_eq!(plan.commits[1].author_name, "bob");
+        assert_eq!(plan.commits[1].changes.len(), 1);
+        // Nothing pending before a request: no commit answers it.
+        let only = buffer(vec![flush(&d, 5, Some("alice"), None)]);
+        assert!(plan_of(&only).commits.is_empty());
+    }
+
+    fn plan_of(b: &Buffer) -> Plan {
+        plan(b.entries(), &tree(&[]), &context(500)).unwrap()
     }
 }

@@ -296,6 +296,20 @@ pub enum Operation {
         scope: Scope,
         epoch: u64,
     },
+    /// Commit the destination's pending changes now (a CommitRequest).
+    Flush(Arc<FlushOrder>),
+}
+
+/// A validated `FlushDestination`: who asked for the commit and what it says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlushOrder {
+    /// Commit message without trailers; `None`: the destination's usual message.
+    pub message: Option<String>,
+    /// Kubernetes username of the requester; `None`: the bot authors the commit.
+    pub author: Option<String>,
+    /// `namespace/name` of the CommitRequest.
+    pub request_name: String,
+    pub request_uid: String,
 }
 
 /// A validated, sequenced change on its way to a worker.

@@ -30,8 +30,8 @@ use crate::{
     git::{self, GitCredentials},
     metrics::Metrics,
     model::{
-        Change, ClusterIdentity, DestinationId, DestinationRef, DestinationSpec, ObjectId,
-        Operation, Origin, Prune, Scope,
+        Change, ClusterIdentity, DestinationId, DestinationRef, DestinationSpec, FlushOrder,
+        ObjectId, Operation, Origin, Prune, Scope,
     },
     registry::{DeclaredCredentials, Registry},
     worker::WorkerHandle,
@@ -321,6 +321,28 @@ pub fn validate_scope(scope: Option<&pb::SnapshotScope>) -> Result<Scope, Reject
     })
 }
 
+/// Validates a `FlushDestination`'s message and the request's names (they go into the commit).
+pub fn validate_flush(flush: &pb::FlushDestination) -> Result<FlushOrder, Rejection> {
+    let message = reverser_common::commit_message::validate(&flush.message)
+        .map_err(|e| reject(RejectReason::InvalidFlush, e.to_string()))?;
+    let clean = |text: &str, what: &str| -> Result<String, Rejection> {
+        if text.len() > 512 || text.chars().any(char::is_control) {
+            return Err(reject(
+                RejectReason::InvalidFlush,
+                format!("{what} is longer than 512 bytes or holds control characters"),
+            ));
+        }
+        Ok(text.to_owned())
+    };
+    let author = clean(&flush.author, "author")?;
+    Ok(FlushOrder {
+        message,
+        author: (!author.is_empty()).then_some(author),
+        request_name: clean(&flush.request_name, "request_name")?,
+        request_uid: clean(&flush.request_uid, "request_uid")?,
+    })
+}
+
 /// Validates an object path and YAML content.
 pub fn validate_upsert(
     path: &str,
@@ -518,6 +540,7 @@ impl Session {
             Kind::Delete(_) => "delete",
             Kind::SnapshotBegin(_) => "snapshot_begin",
             Kind::SnapshotEnd(_) => "snapshot_end",
+            Kind::Flush(_) => "flush",
         };
         self.metrics
             .messages_received
@@ -645,6 +668,11 @@ impl Session {
                         epoch: end.epoch,
                     });
                 self.forward(&end.destination, end.sequence, result).await;
+            }
+            Kind::Flush(flush) => {
+                let result = validate_flush(&flush).map(|order| Operation::Flush(Arc::new(order)));
+                self.forward(&flush.destination, flush.sequence, result)
+                    .await;
             }
         }
         Next::Continue

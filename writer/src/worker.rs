@@ -591,6 +591,12 @@ impl Worker {
             return;
         }
         let full = self.buffer.full(&self.settings.limits);
+        // A CommitRequest is waiting for its commit: push now, not after more changes.
+        let when = if self.buffer.flush_requested() {
+            PushWhen::Now
+        } else {
+            when
+        };
         let result = self.flush(when).await;
         self.linger_until = None;
         let report = match result {
@@ -957,6 +963,7 @@ impl Worker {
         for (destination, deleted, left) in swept.into_values() {
             destination.sweep_report(deleted, left, &sha);
         }
+        self.answer_flushes(entries, plan, &sha);
         for &index in &plan.refused_entries {
             let entry = &entries[index];
             entry.destination.origin.reject(
@@ -1009,6 +1016,53 @@ impl Worker {
         FlushReport {
             commit_sha: sha,
             files_changed,
+        }
+    }
+
+    /// Tells each CommitRequest of a pushed batch which commit holds it: its own commit, or (nothing of its
+    /// destination was pending) the pushed tip that already holds every earlier change.
+    fn answer_flushes(&self, entries: &[batch::Entry], plan: &Plan, tip: &str) {
+        for (index, entry) in entries.iter().enumerate() {
+            let batch::EntryOp::Flush(order) = &entry.op else {
+                continue;
+            };
+            if plan.refused_entries.contains(&index) {
+                continue;
+            }
+            let commit = plan
+                .commits
+                .iter()
+                .find(|c| c.flush == Some(index))
+                .and_then(|c| c.id.clone());
+            let (outcome, sha, message) = match commit {
+                Some(sha) => (
+                    pb::FlushOutcome::Committed,
+                    sha,
+                    "committed the destination's pending changes".to_owned(),
+                ),
+                None if tip.is_empty() => (
+                    pb::FlushOutcome::NothingPending,
+                    String::new(),
+                    "nothing was pending and the branch has no commit yet; no commit was made".to_owned(),
+                ),
+                None => (
+                    pb::FlushOutcome::NothingPending,
+                    tip.to_owned(),
+                    "nothing of the destination was pending; the branch tip already holds every earlier change, no commit was made".to_owned(),
+                ),
+            };
+            info!(worker = %self.id, destination = %entry.destination.id, request = %order.request_name, commit = %sha, outcome = outcome.as_str_name(), "commit request answered");
+            entry
+                .destination
+                .origin
+                .send(pb::writer_message::Kind::FlushResult(pb::FlushResult {
+                    destination: entry.destination.id.key.clone(),
+                    request_uid: order.request_uid.clone(),
+                    commit_sha: sha,
+                    outcome: outcome as i32,
+                    branch: self.spec.branch.clone(),
+                    message,
+                }));
         }
     }
 
@@ -1349,8 +1403,9 @@ fn build_commits(
         context,
     )
     .map_err(FlushError::Git)?;
+    let mut plan = plan;
     let mut tip = parent;
-    for commit in &plan.commits {
+    for commit in plan.commits.iter_mut() {
         let meta = CommitMeta {
             author_name: commit.author_name.clone(),
             author_email: commit.author_email.clone(),
@@ -1359,7 +1414,10 @@ fn build_commits(
             message: commit.message.clone(),
         };
         match clone.commit(tip, &commit.changes, &meta) {
-            Ok(id) => tip = Some(id),
+            Ok(id) => {
+                tip = Some(id);
+                commit.id = Some(id.to_string());
+            }
             Err(error) if error.is_caused_by_the_changes() => {
                 debug!(messages = subset.len(), %error, "the commits of these messages cannot be built; narrowing down");
                 return Ok(Attempt::Refused(error.to_string()));

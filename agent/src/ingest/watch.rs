@@ -1470,6 +1470,7 @@ mod tests {
                 } => {
                     format!("End {destination} {:?} {epoch}", scope.namespace)
                 }
+                AgentEvent::Flush { destination, .. } => format!("Flush {destination}"),
             })
             .collect()
     }

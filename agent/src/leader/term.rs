@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::commit_request;
 use crate::conditions::WriterView;
 use crate::controller::{self, ControllerConfig, ControllerHandle};
 use crate::events::AgentEvent;
@@ -157,6 +158,8 @@ pub struct Term {
     /// Follows the controller's first selection into `/readyz`.
     readiness: JoinHandle<()>,
     feedback: JoinHandle<()>,
+    /// Sends CommitRequests to the writer and records their outcome.
+    commit_requests: JoinHandle<()>,
     stream: JoinHandle<()>,
     stop_stream: oneshot::Sender<()>,
     grace: Duration,
@@ -181,6 +184,18 @@ impl Term {
         stream_config.fence = fence;
         let client = StreamClient::new(stream_config).expect("validated at start");
         let ingest = Arc::new(CurrentIngest::default());
+        // CommitRequests share ingestion's channel: a flush follows every change already queued.
+        let (answers_tx, answers_rx) = mpsc::channel::<commit_request::Answer>(256);
+        let commit_requests = tokio::spawn(commit_request::run(commit_request::Parts {
+            client: parts.client.clone(),
+            events: events_tx.clone(),
+            answers: answers_rx,
+            selection: selection_rx.clone(),
+            synced: controller.synced(),
+            attribution: parts.ingest.attribution.clone(),
+            sink: parts.controller.events.clone(),
+            settle: commit_request::DEFAULT_SETTLE,
+        }));
         ingest.set(Some(ingest::spawn(
             parts.client.clone(),
             parts.ingest.clone(),
@@ -236,6 +251,24 @@ impl Term {
             tokio::spawn(async move {
                 while let Some(feedback) = feedback_rx.recv().await {
                     writer_view_tx.send_if_modified(|view| view.apply(&feedback));
+                    let answer = match &feedback {
+                        Feedback::Flushed(answer) => {
+                            Some(commit_request::Answer::Flushed(answer.clone()))
+                        }
+                        Feedback::FlushRefused {
+                            request_uid,
+                            reason,
+                            message,
+                        } => Some(commit_request::Answer::Refused {
+                            request_uid: request_uid.clone(),
+                            reason: reason.clone(),
+                            message: message.clone(),
+                        }),
+                        _ => None,
+                    };
+                    if let Some(answer) = answer {
+                        let _ = answers_tx.send(answer).await;
+                    }
                     log_feedback(&feedback);
                     if let Feedback::SuspendPreview(preview) = &feedback {
                         previews.offer(preview.clone());
@@ -272,6 +305,7 @@ impl Term {
             webhook_sync,
             readiness,
             feedback,
+            commit_requests,
             stream,
             stop_stream,
             grace: parts.stream.shutdown_grace,
@@ -288,6 +322,7 @@ impl Term {
             webhook_sync,
             readiness,
             feedback,
+            commit_requests,
             mut stream,
             stop_stream,
             grace,
@@ -300,6 +335,7 @@ impl Term {
         }
         readiness.abort();
         feedback.abort();
+        commit_requests.abort();
         view.ingest.set(None);
         let _ = stop_stream.send(());
         if tokio::time::timeout(grace + Duration::from_secs(2), &mut stream)
@@ -321,6 +357,7 @@ impl Term {
         }
         self.readiness.abort();
         self.feedback.abort();
+        self.commit_requests.abort();
         self.view.ingest.set(None);
         self.parts.metrics.set_term(None);
         // A standby is ready.
@@ -362,6 +399,15 @@ fn log_feedback(feedback: &Feedback) {
             destination = %p.destination, added = p.added, changed = p.changed, deleted = p.deleted,
             base = %p.base_commit, "suspend preview"
         ),
+        Feedback::Flushed(answer) => info!(
+            destination = %answer.destination, request = %answer.request_uid, commit = %answer.commit,
+            committed = answer.committed, "the writer answered a CommitRequest"
+        ),
+        Feedback::FlushRefused {
+            request_uid,
+            reason,
+            message,
+        } => warn!(request = %request_uid, %reason, %message, "the writer refused a CommitRequest"),
         Feedback::SnapshotAbandoned {
             destination,
             scope,

@@ -143,7 +143,8 @@ impl Backlog {
             AgentEvent::Upsert { destination, .. }
             | AgentEvent::Delete { destination, .. }
             | AgentEvent::SnapshotBegin { destination, .. }
-            | AgentEvent::SnapshotEnd { destination, .. } => destination.clone(),
+            | AgentEvent::SnapshotEnd { destination, .. }
+            | AgentEvent::Flush { destination, .. } => destination.clone(),
         };
         let destination = self.destinations.entry(key.clone()).or_default();
         destination.last_sequence += 1;
@@ -205,7 +206,7 @@ impl Backlog {
                     AgentEvent::SnapshotBegin { .. } | AgentEvent::SnapshotEnd { .. } => {
                         newer_paths.clear()
                     }
-                    AgentEvent::Destination(_) => {}
+                    AgentEvent::Destination(_) | AgentEvent::Flush { .. } => {}
                 }
             }
             let mut flags = keep.into_iter();
@@ -291,6 +292,15 @@ impl Backlog {
             }
         }
         None
+    }
+
+    /// The CommitRequest uid of the unacked flush `sequence` of `destination`, if it is one.
+    pub fn flush_request(&self, destination: &str, sequence: u64) -> Option<String> {
+        let d = self.destinations.get(destination)?;
+        match &d.pending[position(&d.pending, sequence)?].event {
+            AgentEvent::Flush { request_uid, .. } => Some(request_uid.clone()),
+            _ => None,
+        }
     }
 
     /// An `Ack`: every message of `destination` up to `sequence` is done. Returns how many were dropped.
@@ -502,6 +512,20 @@ fn change_message(
             scope: Some(scope(s)),
             epoch: wire_epoch.unwrap_or(*epoch),
         }),
+        AgentEvent::Flush {
+            destination,
+            message,
+            author,
+            request_name,
+            request_uid,
+        } => Kind::Flush(pb::FlushDestination {
+            sequence,
+            destination: destination.clone(),
+            message: message.clone().unwrap_or_default(),
+            author: author.clone().unwrap_or_default(),
+            request_name: request_name.clone(),
+            request_uid: request_uid.clone(),
+        }),
     };
     pb::AgentMessage { kind: Some(kind) }
 }
@@ -574,6 +598,7 @@ mod tests {
                 Kind::SnapshotBegin(b) => ("begin", b.destination, b.sequence, b.epoch),
                 Kind::SnapshotEnd(e) => ("end", e.destination, e.sequence, e.epoch),
                 Kind::Hello(_) => ("hello", String::new(), 0, 0),
+                Kind::Flush(f) => ("flush", f.destination, f.sequence, 0),
             });
         }
         out
@@ -933,5 +958,62 @@ mod tests {
             panic!("a destination")
         };
         assert!(d.suspend, "spec.suspend reaches the writer");
+    }
+
+    #[test]
+    fn a_flush_is_sequenced_after_earlier_changes_and_survives_a_re_send() {
+        let flush = AgentEvent::Flush {
+            destination: "a/d".into(),
+            message: Some("Release".into()),
+            author: Some("alice".into()),
+            request_name: "a/req".into(),
+            request_uid: "uid-1".into(),
+        };
+        let mut backlog = Backlog::with_first_wire_epoch(1);
+        backlog.accept(decl("a/d", "x"), now());
+        backlog.accept(upsert("a/d", "one"), now());
+        backlog.accept(flush, now());
+        backlog.accept(upsert("a/d", "one"), now());
+        assert_eq!(backlog.flush_request("a/d", 2).as_deref(), Some("uid-1"));
+        assert_eq!(backlog.flush_request("a/d", 1), None, "an upsert");
+        // Re-sent after a reconnect: the flush keeps its place; only the older upsert of the same path goes.
+        backlog.begin_connection();
+        assert_eq!(
+            drain(&mut backlog),
+            [
+                ("destination", "a/d".to_owned(), 0, 0),
+                ("flush", "a/d".to_owned(), 2, 0),
+                ("upsert", "a/d".to_owned(), 3, 0),
+            ]
+        );
+        backlog.ack("a/d", 2);
+        assert_eq!(backlog.flush_request("a/d", 2), None, "acked");
+    }
+
+    #[test]
+    fn a_flush_goes_out_with_the_requests_message_author_and_names() {
+        let message = change_message(
+            &AgentEvent::Flush {
+                destination: "a/d".into(),
+                message: None,
+                author: None,
+                request_name: "a/req".into(),
+                request_uid: "uid-1".into(),
+            },
+            7,
+            now(),
+            None,
+        );
+        assert_eq!(
+            message.kind,
+            Some(Kind::Flush(pb::FlushDestination {
+                sequence: 7,
+                destination: "a/d".into(),
+                message: String::new(),
+                author: String::new(),
+                request_name: "a/req".into(),
+                request_uid: "uid-1".into(),
+            }))
+        );
     }
 }

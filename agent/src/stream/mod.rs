@@ -248,6 +248,14 @@ pub enum Feedback {
         scope: ScopeRef,
         epoch: u64,
     },
+    /// The writer answered a CommitRequest (`FlushResult`): `commit` on `branch` holds it.
+    Flushed(FlushAnswer),
+    /// The writer refused a CommitRequest's flush (its `Reject`): nothing was committed for it.
+    FlushRefused {
+        request_uid: String,
+        reason: String,
+        message: String,
+    },
     /// Snapshot sweeps deleted `deleted` orphan files of `destination` in the pushed `commit`; `left` more wait
     /// for the next snapshot (the delete cap).
     Swept {
@@ -265,8 +273,23 @@ impl Feedback {
         matches!(
             self,
             Feedback::Connected | Feedback::Reconnected | Feedback::Disconnected { .. }
+                // A CommitRequest waits for its one answer: never dropped either.
+                | Feedback::Flushed(_)
+                | Feedback::FlushRefused { .. }
         )
     }
+}
+
+/// A writer `FlushResult`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlushAnswer {
+    pub destination: String,
+    pub request_uid: String,
+    pub commit: String,
+    pub branch: String,
+    /// A new commit holds the changes (`false`: nothing was pending; `commit` is the tip that held them).
+    pub committed: bool,
+    pub message: String,
 }
 
 /// Counters for the agent's `/metrics`, updated as the stream works.
@@ -286,12 +309,13 @@ pub struct StreamStats {
 }
 
 /// `kind` label values of `events_total`.
-const EVENT_KINDS: [&str; 5] = [
+const EVENT_KINDS: [&str; 6] = [
     "destination",
     "upsert",
     "delete",
     "snapshot_begin",
     "snapshot_end",
+    "flush",
 ];
 
 fn event_kind(event: &AgentEvent) -> usize {
@@ -301,6 +325,7 @@ fn event_kind(event: &AgentEvent) -> usize {
         AgentEvent::Delete { .. } => 2,
         AgentEvent::SnapshotBegin { .. } => 3,
         AgentEvent::SnapshotEnd { .. } => 4,
+        AgentEvent::Flush { .. } => 5,
     }
 }
 
@@ -997,6 +1022,19 @@ impl Runner {
                 }
                 warn!(destination = %reject.destination, sequence = reject.sequence, reason = %reject.reason,
                     message = %reject.message, "the writer rejected a message");
+                if let Some(request_uid) = self
+                    .backlog
+                    .flush_request(&reject.destination, reject.sequence)
+                {
+                    self.feedback.push(
+                        Feedback::FlushRefused {
+                            request_uid,
+                            reason: reject.reason.clone(),
+                            message: reject.message.clone(),
+                        },
+                        &self.stats,
+                    );
+                }
                 if reject.sequence > 0 && self.backlog.reject(&reject.destination, reject.sequence)
                 {
                     StreamStats::add(&self.stats.rejected, 1);
@@ -1015,6 +1053,19 @@ impl Runner {
             Reply::SuspendPreview(preview) => {
                 self.feedback
                     .push(Feedback::SuspendPreview(preview), &self.stats);
+            }
+            Reply::FlushResult(result) => {
+                self.feedback.push(
+                    Feedback::Flushed(FlushAnswer {
+                        committed: result.outcome() == pb::FlushOutcome::Committed,
+                        destination: result.destination,
+                        request_uid: result.request_uid,
+                        commit: result.commit_sha,
+                        branch: result.branch,
+                        message: result.message,
+                    }),
+                    &self.stats,
+                );
             }
             Reply::SweepReport(report) => {
                 self.feedback.push(

@@ -15,6 +15,9 @@
 //!   agent's own writes (Lease, Pod label, events) never wait for its webhook.
 //! - Sensitive types (core Secrets and `--sensitive-resources`) are never listed: they are mirrored only
 //!   encrypted, never attributed, and their plaintext is never hashed.
+//! - A second webhook ([`COMMIT_REQUESTS_WEBHOOK`]) sends only CommitRequest CREATEs, from every namespace (the
+//!   agent's own too: GitDestinations often live there, and the agent never creates CommitRequests): their creator
+//!   authors the requested commit.
 //!
 //! The chart's template (`charts/gitops-reverser/templates/validating-webhook.yaml`) uses the
 //! same values, with broad rules instead of the watched types.
@@ -46,6 +49,9 @@ use kube::api::{ObjectMeta, Patch, PatchParams};
 use super::PATH;
 use crate::rules::ResourceKey;
 use crate::rules::is_sensitive_resource;
+
+/// The name of the webhook that attributes CommitRequests.
+pub const COMMIT_REQUESTS_WEBHOOK: &str = "commitrequests.gitops-reverser.configbutler.ai";
 
 /// Where the API server reaches the webhook.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -242,18 +248,37 @@ pub fn validating_webhook_configuration<'a>(
                 .then(|| registration.annotations.clone()),
             ..ObjectMeta::default()
         },
-        webhooks: Some(vec![ValidatingWebhook {
-            name: registration.webhook_name.clone(),
-            admission_review_versions: vec!["v1".to_owned()],
-            client_config,
-            failure_policy: Some("Ignore".to_owned()),
-            match_policy: Some("Equivalent".to_owned()),
-            side_effects: "None".to_owned(),
-            timeout_seconds: Some(registration.timeout_seconds.clamp(1, 30)),
-            namespace_selector,
-            rules: Some(rules),
-            ..ValidatingWebhook::default()
-        }]),
+        webhooks: Some(vec![
+            ValidatingWebhook {
+                name: registration.webhook_name.clone(),
+                admission_review_versions: vec!["v1".to_owned()],
+                client_config: client_config.clone(),
+                failure_policy: Some("Ignore".to_owned()),
+                match_policy: Some("Equivalent".to_owned()),
+                side_effects: "None".to_owned(),
+                timeout_seconds: Some(registration.timeout_seconds.clamp(1, 30)),
+                namespace_selector,
+                rules: Some(rules),
+                ..ValidatingWebhook::default()
+            },
+            ValidatingWebhook {
+                name: COMMIT_REQUESTS_WEBHOOK.to_owned(),
+                admission_review_versions: vec!["v1".to_owned()],
+                client_config,
+                failure_policy: Some("Ignore".to_owned()),
+                match_policy: Some("Equivalent".to_owned()),
+                side_effects: "None".to_owned(),
+                timeout_seconds: Some(registration.timeout_seconds.clamp(1, 30)),
+                rules: Some(vec![RuleWithOperations {
+                    api_groups: Some(vec![crate::crd::GROUP.to_owned()]),
+                    api_versions: Some(vec![crate::crd::VERSION.to_owned()]),
+                    operations: Some(vec!["CREATE".to_owned()]),
+                    resources: Some(vec!["commitrequests".to_owned()]),
+                    scope: Some("Namespaced".to_owned()),
+                }]),
+                ..ValidatingWebhook::default()
+            },
+        ]),
     }
 }
 
