@@ -30,8 +30,8 @@ use crate::{
     git::{self, GitCredentials},
     metrics::Metrics,
     model::{
-        Change, ClusterIdentity, DestinationId, DestinationRef, DestinationSpec, ObjectId,
-        Operation, Origin, Prune, Scope,
+        Change, ClusterIdentity, DestinationId, DestinationRef, DestinationSpec, KustomizationMode,
+        ObjectId, Operation, Origin, Placement, Prune, Scope,
     },
     registry::{DeclaredCredentials, Registry},
     worker::WorkerHandle,
@@ -266,6 +266,15 @@ pub fn validate_destination(
         .transpose()
         .map_err(|e| reject(RejectReason::InvalidDestination, e.to_string()))?
         .map(Arc::new);
+    let Some(kustomization) = KustomizationMode::from_proto(message.kustomization) else {
+        return Err(reject(
+            RejectReason::InvalidDestination,
+            format!(
+                "kustomization mode {} is unknown to this writer (OFF, MAINTAIN or CREATE)",
+                message.kustomization
+            ),
+        ));
+    };
     let spec = DestinationSpec {
         id: DestinationId {
             cluster_uid: cluster_uid.to_owned(),
@@ -279,6 +288,10 @@ pub fn validate_destination(
         age_recipients: message.age_recipients.clone(),
         prune,
         commit_template,
+        placement: Placement {
+            kustomization,
+            omit_namespace: message.omit_namespace,
+        },
     };
     Ok((spec, credentials))
 }
