@@ -23,6 +23,16 @@ pub struct DestinationDecl {
     pub prune: crate::crd::PruneMode,
     /// The GitDestination's commit message template, checked by the writer.
     pub commit_message: Option<crate::crd::CommitMessageSpec>,
+    /// Kustomizations kept by the writer, objects rendered without their namespace.
+    pub placement: Placement,
+}
+
+/// How a destination's files fit kustomize (GitDestination `spec.kustomization`, `spec.omitNamespace`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub kustomization: crate::crd::KustomizationMode,
+    /// Objects are rendered without `metadata.namespace` (before encryption: the SOPS MAC covers it).
+    pub omit_namespace: bool,
 }
 
 /// Which Kubernetes object an event is about.

@@ -137,6 +137,7 @@ fn decl(key: &str) -> DestinationDecl {
         encryption: None,
         prune: Default::default(),
         commit_message: None,
+        placement: Default::default(),
     }
 }
 

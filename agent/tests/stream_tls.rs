@@ -120,6 +120,7 @@ fn events(repo_url: &str) -> [AgentEvent; 2] {
             encryption: None,
             prune: Default::default(),
             commit_message: None,
+            placement: Default::default(),
         }),
         AgentEvent::Upsert {
             destination: "gitops/prod".into(),

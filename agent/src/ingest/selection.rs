@@ -242,6 +242,7 @@ pub(crate) mod test_support {
             encryption: None,
             prune: Default::default(),
             commit_message: None,
+            placement: Default::default(),
         }
     }
 

@@ -28,7 +28,7 @@ use std::{
 
 use reverser_proto::v1::{self as pb, agent_message::Kind};
 
-use crate::crd::PruneMode;
+use crate::crd::{KustomizationMode, PruneMode};
 use crate::events::{AgentEvent, DestinationDecl, ObjectRef, ScopeRef};
 
 /// A `SnapshotEnd` dropped because its epoch did not go out whole on the current connection.
@@ -411,6 +411,13 @@ fn declare_message(decl: &DestinationDecl) -> pb::AgentMessage {
                     subject: t.subject.clone(),
                     body: t.body.clone(),
                 }),
+            kustomization: match decl.placement.kustomization {
+                KustomizationMode::Off => pb::KustomizationMode::Off,
+                KustomizationMode::Maintain => pb::KustomizationMode::Maintain,
+                KustomizationMode::Create => pb::KustomizationMode::Create,
+            }
+            .into(),
+            omit_namespace: decl.placement.omit_namespace,
         })),
     }
 }
@@ -521,6 +528,7 @@ mod tests {
             encryption: None,
             prune: Default::default(),
             commit_message: None,
+            placement: Default::default(),
         })
     }
 
@@ -879,6 +887,7 @@ mod tests {
             encryption: None,
             prune: Default::default(),
             commit_message: None,
+            placement: Default::default(),
         };
         let Some(Kind::Destination(d)) = declare_message(&decl).kind else {
             panic!("a destination")

@@ -86,6 +86,7 @@ pub fn declare(repo_url: &str) -> AgentEvent {
         encryption: None,
         prune: Default::default(),
         commit_message: None,
+        placement: Default::default(),
     })
 }
 
