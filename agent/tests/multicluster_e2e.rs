@@ -313,7 +313,9 @@ async fn two_clusters_write_their_own_folders_through_one_standalone_writer() {
     assert!(
         staging_files
             .iter()
-            .all(|f| f.ends_with("owner.yaml") || repo.read("main", f).unwrap().contains("staging")),
+            .all(|f| f.ends_with("owner.yaml")
+                || f.ends_with("/.sourceignore")
+                || repo.read("main", f).unwrap().contains("staging")),
         "{staging_files:?}"
     );
 
