@@ -711,10 +711,11 @@ async fn seed_through_writer(
     let seed = started.elapsed();
     drop(agent);
     running.stop().await?;
-    // The corpus plus the destination's owner marker.
+    // The corpus plus the destination's owner marker and .sourceignore (and its kustomization when created).
+    let expected = n + 2 + usize::from(kustomization_mode() == pb::KustomizationMode::Create);
     let files = remote.repo.ls_tree("main");
-    if files.len() != n + 1 {
-        bail!("the remote has {} files, expected {}", files.len(), n + 1);
+    if files.len() != expected {
+        bail!("the remote has {} files, expected {expected}", files.len());
     }
     Ok(seed)
 }

@@ -104,6 +104,50 @@ impl Kustomization {
     }
 }
 
+/// The `resources` entries of the usual layout (a block list of one-line scalars under a top-level `resources:`)
+/// read line by line, without parsing the whole file: a flush that only re-sends listed files then costs no YAML
+/// parse of a kustomization listing thousands of files. `None` for any other layout (the caller parses). Only used
+/// to tell which entries are there; every edit still parses the file before and after.
+pub fn quick_resources(bytes: &[u8]) -> Option<Vec<String>> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    if text.contains('\t') || text.contains("\n---") || text.contains("\n...") {
+        return None;
+    }
+    let lines = split_lines(text);
+    let (key_line, value_start) = find_key(&lines)?;
+    if !without_comment(&lines[key_line].body[value_start..])
+        .trim()
+        .is_empty()
+    {
+        return None;
+    }
+    let mut entries = Vec::new();
+    let mut item_indent = None;
+    for line in &lines[key_line + 1..] {
+        let body = line.body;
+        if is_blank_or_comment(body) {
+            continue;
+        }
+        let indent = indent_of(body);
+        let is_item = body[indent..].starts_with("- ");
+        match item_indent {
+            None if is_item => item_indent = Some(indent),
+            Some(item) if is_item && indent == item => {}
+            // A continuation line or another structure: not the simple layout.
+            Some(item) if indent > item => return None,
+            _ if indent > 0 => return None,
+            _ => break,
+        }
+        let value = item_value(body)?;
+        // Values YAML might read otherwise than as their text (quotes, escapes) go to the parser.
+        if value.contains(['"', '\'', '\\', '#', ':']) || body.contains(['"', '\'']) {
+            return None;
+        }
+        entries.push(value);
+    }
+    Some(entries)
+}
+
 /// A kustomization the writer creates: the entries sorted, nothing else but its type.
 pub fn create(entries: &[String]) -> Vec<u8> {
     let mut entries: Vec<&str> = entries.iter().map(|e| normalize(e)).collect();
@@ -634,15 +678,14 @@ impl<'t> Planner<'t> {
         for name in FILE_NAMES {
             let path = format!("{folder}/{name}");
             if let Some(bytes) = self.tree.read(&path)? {
-                let (listed, resources) = match Kustomization::parse(&bytes) {
-                    Ok(k) => (
-                        Some(
-                            k.resources
-                                .iter()
-                                .map(|r| normalize(r).to_owned())
-                                .collect(),
-                        ),
-                        k.resources,
+                let parsed = match quick_resources(&bytes) {
+                    Some(resources) => Ok(resources),
+                    None => Kustomization::parse(&bytes).map(|k| k.resources),
+                };
+                let (listed, resources) = match parsed {
+                    Ok(resources) => (
+                        Some(resources.iter().map(|r| normalize(r).to_owned()).collect()),
+                        resources,
                     ),
                     Err(e) => {
                         self.problems.push(format!("{path}: {e}"));

@@ -155,3 +155,39 @@ fn folders_count_as_covered_by_themselves_their_parents_and_their_files() {
     assert!(!k.covers_folder("core/v1/secrets"));
     assert!(!k.covers_folder("app"));
 }
+
+#[test]
+fn the_quick_read_agrees_with_the_parser_or_declines() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/batch/kustomize/golden");
+    let mut quick_read = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        let Ok(parsed) = Kustomization::parse(&bytes) else {
+            continue;
+        };
+        if let Some(quick) = quick_resources(&bytes) {
+            quick_read += 1;
+            assert_eq!(
+                quick,
+                parsed.resources(),
+                "{}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+    }
+    assert!(quick_read >= 4, "the usual layout is read quickly");
+    for declined in [
+        &b"resources: [a.yaml]\n"[..],
+        b"resources:\n- \"a.yaml\"\n",
+        b"resources:\n- a.yaml\n  continued\n",
+        b"resources:\n  - a.yaml\n - b.yaml\n",
+        b"---\nresources:\n- a.yaml\n---\nresources: []\n",
+    ] {
+        assert_eq!(
+            quick_resources(declined),
+            None,
+            "{}",
+            String::from_utf8_lossy(declined)
+        );
+    }
+}
