@@ -670,7 +670,8 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
         let path = paths::join(&destination.base_folder, kustomize::SOURCEIGNORE_FILE);
         let wanted = kustomize::render_sourceignore();
         let write = match tree.read(&path)? {
-            None => true,
+            // A folder of that name (someone's) is left alone: the rules are a courtesy, not worth a refused batch.
+            None => tree.list(&path)?.is_empty(),
             Some(existing) => {
                 kustomize::is_generated_sourceignore(&existing) && existing != wanted.as_bytes()
             }

@@ -298,6 +298,15 @@ fn the_ignore_rules_are_written_once_kept_current_and_a_persons_are_left_alone()
         file(&p, "c/.sourceignore").unwrap(),
         kustomize::render_sourceignore()
     );
+    // A folder of that name is left alone (writing the file would make git refuse the whole batch).
+    let p = plan(
+        b.entries(),
+        &tree(&[("c/.sourceignore/notes.txt", "x")]),
+        &context(500),
+    )
+    .unwrap();
+    assert!(file(&p, "c/.sourceignore").is_none());
+    assert!(file(&p, "c/core/v1/configmaps/shop/a.yaml").is_some());
     let own = "# mine\n*.txt\n";
     let p = plan(
         b.entries(),
