@@ -292,6 +292,39 @@ pub struct GitDestinationSpec {
     /// back to false writes exactly that (plus whatever changed since) in one flush.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
+    /// Keep kustomize's kustomization files in line with the mirrored files (default: off). See the README's
+    /// "Kustomize".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kustomization: Option<KustomizationSpec>,
+    /// Write objects without `metadata.namespace`, so that the folder installs into a namespace chosen at deploy
+    /// time (kustomize `namespace:`, Flux `targetNamespace`, `kubectl apply -n`). Paths keep their namespace
+    /// folder. An object whose kind and name another namespace of this destination already has is not written
+    /// (the writer refuses it with `NamespaceClash`): in one namespace they would be one object.
+    #[serde(default)]
+    pub omit_namespace: bool,
+}
+
+/// How the writer keeps kustomizations (`kustomization.yaml`, `kustomization.yml` or `Kustomization`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KustomizationSpec {
+    #[serde(default)]
+    pub mode: KustomizationMode,
+}
+
+/// Whether the writer lists the files it adds in kustomizations.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum KustomizationMode {
+    /// Kustomizations are neither read nor written.
+    #[default]
+    Off,
+    /// Every mirrored file is listed in the `resources:` of the nearest kustomization at or above its folder
+    /// inside the base folder, and unlisted when the writer removes it; a nested kustomization's folder is
+    /// listed in the one above it. Existing kustomizations are edited in place (comments, order and other
+    /// entries stay); files with no kustomization above them stay unlisted.
+    Maintain,
+    /// `Maintain`, and `{baseFolder}/kustomization.yaml` is created when a file has no kustomization above it.
+    Create,
 }
 
 /// Which files the writer deletes for a destination.

@@ -25,6 +25,16 @@ pub struct DestinationDecl {
     pub commit_message: Option<crate::crd::CommitMessageSpec>,
     /// GitDestination `spec.suspend`: the writer holds and previews the changes instead of pushing them.
     pub suspend: bool,
+    /// Kustomizations kept by the writer, objects rendered without their namespace.
+    pub placement: Placement,
+}
+
+/// How a destination's files fit kustomize (GitDestination `spec.kustomization`, `spec.omitNamespace`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub kustomization: crate::crd::KustomizationMode,
+    /// Objects are rendered without `metadata.namespace` (before encryption: the SOPS MAC covers it).
+    pub omit_namespace: bool,
 }
 
 /// Which Kubernetes object an event is about.

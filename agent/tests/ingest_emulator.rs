@@ -138,6 +138,7 @@ fn decl(key: &str) -> DestinationDecl {
         prune: Default::default(),
         commit_message: None,
         suspend: false,
+        placement: Default::default(),
     }
 }
 

@@ -311,9 +311,9 @@ async fn two_clusters_write_their_own_folders_through_one_standalone_writer() {
         .filter(|f| f.starts_with("clusters/staging/"))
         .collect();
     assert!(
-        staging_files
-            .iter()
-            .all(|f| f.ends_with("owner.yaml") || repo.read("main", f).unwrap().contains("staging")),
+        staging_files.iter().all(|f| f.ends_with("owner.yaml")
+            || f.ends_with("/.sourceignore")
+            || repo.read("main", f).unwrap().contains("staging")),
         "{staging_files:?}"
     );
 

@@ -121,6 +121,7 @@ fn events(repo_url: &str) -> [AgentEvent; 2] {
             prune: Default::default(),
             commit_message: None,
             suspend: false,
+            placement: Default::default(),
         }),
         AgentEvent::Upsert {
             destination: "gitops/prod".into(),

@@ -85,6 +85,8 @@ vocabulary! {
         InvalidFlush,
         /// The destination's worker stopped: reconnect and re-send.
         Unavailable,
+        /// With omit_namespace: another namespace of the destination already has an object of this kind and name.
+        NamespaceClash,
     }
 }
 
@@ -107,6 +109,9 @@ vocabulary! {
         PushFailing,
         /// The delete cap stops snapshot sweeps (True) or a sweep found nothing over it (False).
         SweepIncomplete,
+        /// A kustomization the writer should edit cannot be read or edited in place (True), or every one it
+        /// touched since was edited (False).
+        KustomizationUnreadable,
     }
 }
 
@@ -145,6 +150,10 @@ vocabulary! {
         DeleteCapReached,
         /// SweepIncomplete=False.
         SweepComplete,
+        /// KustomizationUnreadable=True.
+        KustomizationInvalid,
+        /// KustomizationUnreadable=False.
+        KustomizationUpdated,
     }
 }
 

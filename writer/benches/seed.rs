@@ -20,6 +20,8 @@
 //! - `BENCH_BATCH_FILES=N` adds writer seeds over HTTPS and SSH with `--git-batch-max-files N`
 //!   (fewer, larger pushes: shows what the per-push price of a transport costs a seed).
 //! - `BENCH_BASELINES=0` skips the shell peer.
+//! - `BENCH_KUSTOMIZATION=create` (or `maintain`) and `BENCH_OMIT_NAMESPACE=1`: the destination's
+//!   `spec.kustomization.mode` and `spec.omitNamespace`, to measure what they cost.
 //! - `BENCH_SIGNING=1`: writers without credentials of their own (phase 4 and the file:// seed of 5) sign every
 //!   commit with an ed25519 key (`commitSigning`), to measure what signing costs.
 //!
@@ -577,6 +579,8 @@ impl Agent {
                 exclusive_mode: false,
                 credentials: None,
                 age_recipients: Vec::new(),
+                kustomization: kustomization_mode().into(),
+                omit_namespace: std::env::var("BENCH_OMIT_NAMESPACE").as_deref() == Ok("1"),
                 ..Default::default()
             })))
             .await?;
@@ -707,10 +711,11 @@ async fn seed_through_writer(
     let seed = started.elapsed();
     drop(agent);
     running.stop().await?;
-    // The corpus plus the destination's owner marker.
+    // The corpus plus the destination's owner marker and .sourceignore (and its kustomization when created).
+    let expected = n + 2 + usize::from(kustomization_mode() == pb::KustomizationMode::Create);
     let files = remote.repo.ls_tree("main");
-    if files.len() != n + 1 {
-        bail!("the remote has {} files, expected {}", files.len(), n + 1);
+    if files.len() != expected {
+        bail!("the remote has {} files, expected {expected}", files.len());
     }
     Ok(seed)
 }
@@ -851,6 +856,15 @@ fn uptime() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
+}
+
+/// `BENCH_KUSTOMIZATION` = `maintain` or `create`: the destination keeps kustomizations (default off).
+fn kustomization_mode() -> pb::KustomizationMode {
+    match std::env::var("BENCH_KUSTOMIZATION").as_deref() {
+        Ok("maintain") => pb::KustomizationMode::Maintain,
+        Ok("create") => pb::KustomizationMode::Create,
+        _ => pb::KustomizationMode::Off,
+    }
 }
 
 fn main() -> anyhow::Result<()> {

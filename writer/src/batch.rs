@@ -7,6 +7,7 @@
 //! content is a no-op, ownership markers are checked and created, and the effective changes are grouped into one
 //! commit per author. Nothing here touches git or the network, so every rule is unit-tested on plain maps.
 
+pub mod kustomize;
 pub mod quarantine;
 pub mod template;
 
@@ -354,6 +355,8 @@ impl Buffer {
                     *namespace_given,
                 )),
                 EntryOp::Nothing => false,
+                // A CommitRequest waits for its answer: it stays, in its place.
+                EntryOp::Flush(_) => true,
             };
         }
         let mut flags = keep.into_iter();
@@ -376,7 +379,7 @@ impl Buffer {
                 EntryOp::Remove { path, .. } => {
                     self.distinct_paths.insert(path.clone());
                 }
-                EntryOp::Sweep { .. } | EntryOp::Nothing => {}
+                EntryOp::Sweep { .. } | EntryOp::Nothing | EntryOp::Flush(_) => {}
             }
         }
         if self.entries.is_empty() {
@@ -454,6 +457,14 @@ pub struct Plan {
     /// Writes refused because their path would be a file and a folder at once (against the tree or an
     /// earlier write of the batch): entry index and why. Nothing else in the batch is held back by them.
     pub path_conflicts: Vec<(usize, String)>,
+    /// Writes refused because the destination omits namespaces and another namespace has the same kind and name:
+    /// entry index and why.
+    pub namespace_clashes: Vec<(usize, String)>,
+    /// Kustomizations left alone because they cannot be read or edited: an entry index of the destination and
+    /// why (file and reason).
+    pub kustomization_problems: Vec<(usize, String)>,
+    /// Destinations whose kustomizations were looked at (an entry index of each).
+    pub kustomization_checked: Vec<usize>,
     /// Sweeps the delete cap stopped early: entry index of the sweep and how many orphans are left.
     pub truncated_sweeps: Vec<(usize, usize)>,
     /// Sweeps that deleted every orphan they found (entry indexes).
@@ -480,6 +491,11 @@ impl Plan {
         let map = |i: &mut usize| *i = batch_index[*i];
         self.refused_entries.iter_mut().for_each(map);
         self.path_conflicts.iter_mut().for_each(|(i, _)| map(i));
+        self.namespace_clashes.iter_mut().for_each(|(i, _)| map(i));
+        self.kustomization_problems
+            .iter_mut()
+            .for_each(|(i, _)| map(i));
+        self.kustomization_checked.iter_mut().for_each(map);
         self.truncated_sweeps.iter_mut().for_each(|(i, _)| map(i));
         self.completed_sweeps.iter_mut().for_each(map);
         self.sweep_deletions.iter_mut().for_each(|(i, _)| map(i));
@@ -504,6 +520,11 @@ impl Plan {
         }
         self.refused_entries.extend(later.refused_entries);
         self.path_conflicts.extend(later.path_conflicts);
+        self.namespace_clashes.extend(later.namespace_clashes);
+        self.kustomization_problems
+            .extend(later.kustomization_problems);
+        self.kustomization_checked
+            .extend(later.kustomization_checked);
         self.truncated_sweeps.extend(later.truncated_sweeps);
         self.completed_sweeps.extend(later.completed_sweeps);
         self.sweep_deletions.extend(later.sweep_deletions);
@@ -602,6 +623,8 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                     };
                     if !paths::in_scope(scope_relative, *namespace_given, relative)
                         || keep.contains(path)
+                        || (entry.destination.placement.kustomization.is_on()
+                            && kustomize::is_kustomization_file(path))
                     {
                         continue;
                     }
@@ -636,7 +659,9 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
 
     // 1b. A write that would turn a file into a folder or the other way round (git's D/F conflict) is refused
     // alone, in arrival order: the earlier write (or the tree) wins.
-    let path_conflicts = refuse_path_conflicts(&mut slots, entries, tree)?;
+    let mut path_conflicts = refuse_path_conflicts(&mut slots, entries, tree)?;
+    path_conflicts.extend(refuse_kustomization_names(&mut slots, entries));
+    let namespace_clashes = refuse_namespace_clashes(&mut slots, entries, tree)?;
 
     // 2. Effective changes against the tree.
     struct Effective<'a> {
@@ -757,6 +782,7 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
     // The sops CLI configuration of destinations that write encrypted files: created when missing, kept in line
     // with the recipients while it is the generated one, never touched once a person replaced it.
     let mut new_sops_configs: HashMap<&DestinationId, FileChange> = HashMap::new();
+    let mut touched_sourceignore: HashSet<&DestinationId> = HashSet::new();
     for change in &effective {
         let destination = destination_of_entry[change.slot.entry];
         if change.slot.fingerprint.is_none()
@@ -780,6 +806,79 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                     content: Some(wanted.into_bytes()),
                 },
             );
+        }
+    }
+
+    // Flux's ignore rules for the writer's own files, in every base folder that changes: created when missing,
+    // kept while generated, never touched once a person replaced it.
+    let mut new_sourceignores: HashMap<&DestinationId, FileChange> = HashMap::new();
+    for change in &effective {
+        let destination = destination_of_entry[change.slot.entry];
+        if new_sourceignores.contains_key(&destination.id)
+            || touched_sourceignore.contains(&destination.id)
+        {
+            continue;
+        }
+        touched_sourceignore.insert(&destination.id);
+        let path = paths::join(&destination.base_folder, kustomize::SOURCEIGNORE_FILE);
+        let wanted = kustomize::render_sourceignore();
+        let write = match tree.read(&path)? {
+            // A folder of that name (someone's) is left alone: the rules are a courtesy, not worth a refused batch.
+            None => tree.list(&path)?.is_empty(),
+            Some(existing) => {
+                kustomize::is_generated_sourceignore(&existing) && existing != wanted.as_bytes()
+            }
+        };
+        if write {
+            new_sourceignores.insert(
+                &destination.id,
+                FileChange {
+                    path,
+                    content: Some(wanted.as_bytes().to_vec()),
+                },
+            );
+        }
+    }
+
+    // Kustomizations: every file written (re-sent ones too) is listed, every file removed unlisted.
+    let mut kustomizations: BTreeMap<&DestinationId, (&DestinationRef, Vec<FileChange>)> =
+        BTreeMap::new();
+    let mut kustomization_problems: Vec<(usize, String)> = Vec::new();
+    let mut kustomization_checked: Vec<usize> = Vec::new();
+    {
+        let mut planners: BTreeMap<&DestinationId, (usize, kustomize::Planner<'_>)> =
+            BTreeMap::new();
+        for (path, slot) in &slots {
+            let destination = destination_of_entry[slot.entry];
+            let mode = destination.placement.kustomization;
+            if !mode.is_on() || refused_destinations.contains(&destination.id) {
+                continue;
+            }
+            let (_, planner) = planners.entry(&destination.id).or_insert_with(|| {
+                (
+                    slot.entry,
+                    kustomize::Planner::new(
+                        tree,
+                        &destination.base_folder,
+                        mode == crate::model::KustomizationMode::Create,
+                    ),
+                )
+            });
+            if slot.content.is_some() {
+                planner.list(path, false)?;
+            } else {
+                planner.unlist(path)?;
+            }
+        }
+        for (id, (entry, planner)) in planners {
+            let edits = planner.finish();
+            kustomization_checked.push(entry);
+            for problem in edits.problems {
+                kustomization_problems.push((entry, problem));
+            }
+            if !edits.changes.is_empty() {
+                kustomizations.insert(id, (destination_of_entry[entry], edits.changes));
+            }
         }
     }
 
@@ -819,8 +918,16 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
             None => groups.push((key, vec![change])),
         }
     }
-    let mut commits = Vec::with_capacity(groups.len());
-    for (key, members) in groups {
+    // A kustomization edit goes into the destination's last commit of the batch: by then every file it lists
+    // exists and every file it unlists is gone.
+    let mut last_group: HashMap<&DestinationId, usize> = HashMap::new();
+    for (index, (_, members)) in groups.iter().enumerate() {
+        for change in members {
+            last_group.insert(&destination_of_entry[change.slot.entry].id, index);
+        }
+    }
+    let mut commits = Vec::with_capacity(groups.len() + kustomizations.len());
+    for (group_index, (key, members)) in groups.into_iter().enumerate() {
         let (author_name, author_email) = match key.author {
             Some(user) => author_identity(user),
             None => (ctx.bot_name.clone(), ctx.bot_email.clone()),
@@ -838,6 +945,9 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 }
                 if let Some(config) = new_sops_configs.remove(&destination.id) {
                     changes.push(config);
+                }
+                if let Some(ignore) = new_sourceignores.remove(&destination.id) {
+                    changes.push(ignore);
                 }
             }
             let content = match &change.edited {
@@ -875,6 +985,13 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
                 path: change.path.to_owned(),
                 content,
             });
+        }
+        for id in &destinations {
+            if last_group.get(id) == Some(&group_index)
+                && let Some((_, edits)) = kustomizations.remove(id)
+            {
+                changes.extend(edits);
+            }
         }
         let mut trailers = key.identity.trailers();
         if let Some((_, order)) = key.flush {
@@ -932,10 +1049,30 @@ pub fn plan(entries: &[Entry], tree: &dyn TreeView, ctx: &PlanContext) -> Result
             id: None,
         });
     }
+    // Kustomization edits of destinations whose objects did not change (re-sent files not listed yet).
+    for (id, (destination, edits)) in kustomizations {
+        commits.push(PlannedCommit {
+            author_name: ctx.bot_name.clone(),
+            author_email: ctx.bot_email.clone(),
+            message: format!(
+                "List {} mirrored files in the kustomizations of {}\n\n{}\n",
+                edits.len(),
+                one_line(&destination.base_folder),
+                destination.origin.identity.trailers()
+            ),
+            changes: edits,
+            destinations: vec![id.clone()],
+            flush: None,
+            id: None,
+        });
+    }
     Ok(Plan {
         commits,
         marker_conflicts,
         refused_entries,
+        namespace_clashes,
+        kustomization_problems,
+        kustomization_checked,
         path_conflicts,
         truncated_sweeps,
         completed_sweeps,
@@ -1028,6 +1165,124 @@ fn refuse_path_conflicts(
             }
             None => {
                 accepted.insert(path);
+            }
+        }
+    }
+    Ok(refused)
+}
+
+/// Refuses writes whose file name kustomize would read as a kustomization, in destinations that keep
+/// kustomizations (the writer would edit the object as a kustomization, and kustomize would build its folder).
+fn refuse_kustomization_names(
+    slots: &mut BTreeMap<String, Slot<'_>>,
+    entries: &[Entry],
+) -> Vec<(usize, String)> {
+    let refused: Vec<(String, usize)> = slots
+        .iter()
+        .filter(|(path, slot)| {
+            slot.content.is_some()
+                && entries[slot.entry]
+                    .destination
+                    .placement
+                    .kustomization
+                    .is_on()
+                && kustomize::is_kustomization_file(path)
+        })
+        .map(|(path, slot)| (path.clone(), slot.entry))
+        .collect();
+    refused
+        .into_iter()
+        .map(|(path, index)| {
+            slots.remove(&path);
+            let shown = path
+                .strip_prefix(entries[index].destination.base_folder.as_str())
+                .and_then(|p| p.strip_prefix('/'))
+                .unwrap_or(&path);
+            (
+                index,
+                format!(
+                    "cannot write {}: kustomize reads a file of that name as a kustomization (spec.kustomization is on)",
+                    one_line(shown)
+                ),
+            )
+        })
+        .collect()
+}
+
+/// In destinations that omit namespaces, refuses a new file `{g}/{v}/{r}/{ns}/{name}` when another namespace
+/// folder of the same resource has `{name}` (in the tree as the batch leaves it, or an earlier write of the
+/// batch): deployed into one namespace they would be one object. Files that exist already are updated.
+fn refuse_namespace_clashes(
+    slots: &mut BTreeMap<String, Slot<'_>>,
+    entries: &[Entry],
+    tree: &dyn TreeView,
+) -> Result<Vec<(usize, String)>, GitError> {
+    // (resource folder, file name) → namespaces that have it.
+    let mut owners: HashMap<(String, String), std::collections::BTreeSet<String>> = HashMap::new();
+    let mut listed: HashSet<String> = HashSet::new();
+    let split = |base: &str, path: &str| -> Option<(String, String, String)> {
+        let relative = path.strip_prefix(base)?.strip_prefix('/')?;
+        let parts: Vec<&str> = relative.split('/').collect();
+        (parts.len() == 5).then(|| {
+            (
+                format!("{base}/{}/{}/{}", parts[0], parts[1], parts[2]),
+                parts[3].to_owned(),
+                parts[4].to_owned(),
+            )
+        })
+    };
+    let mut writes: Vec<(usize, String)> = slots
+        .iter()
+        .filter(|(_, slot)| {
+            slot.content.is_some() && entries[slot.entry].destination.placement.omit_namespace
+        })
+        .map(|(path, slot)| (slot.entry, path.clone()))
+        .collect();
+    if writes.is_empty() {
+        return Ok(Vec::new());
+    }
+    writes.sort();
+    let mut refused = Vec::new();
+    for (index, path) in writes {
+        let base = entries[index].destination.base_folder.as_str();
+        let Some((resource_folder, namespace, name)) = split(base, &path) else {
+            continue;
+        };
+        if listed.insert(resource_folder.clone()) {
+            let mut present: HashSet<String> = tree.list(&resource_folder)?.into_iter().collect();
+            for (other, slot) in slots.iter() {
+                if slot.content.is_none() {
+                    present.remove(other);
+                }
+            }
+            for file in present {
+                if let Some((folder, ns, file_name)) = split(base, &file) {
+                    owners.entry((folder, file_name)).or_default().insert(ns);
+                }
+            }
+        }
+        let holders = owners.entry((resource_folder, name.clone())).or_default();
+        let other = holders.iter().find(|ns| **ns != namespace).cloned();
+        match other {
+            Some(other) if tree.read(&path)?.is_none() => {
+                let shown = path
+                    .strip_prefix(base)
+                    .and_then(|p| p.strip_prefix('/'))
+                    .unwrap_or(&path);
+                refused.push((
+                    index,
+                    format!(
+                        "cannot write {}: namespace {} of this destination already has {}, and with omitNamespace \
+                         both would be one object in the namespace chosen at deploy time",
+                        one_line(shown),
+                        one_line(&other),
+                        one_line(name.strip_suffix(".yaml").unwrap_or(&name))
+                    ),
+                ));
+                slots.remove(&path);
+            }
+            _ => {
+                holders.insert(namespace);
             }
         }
     }
@@ -1271,6 +1526,8 @@ pub fn marker_mismatch(marker: &[u8], identity: &ClusterIdentity) -> Option<Stri
 
 #[cfg(test)]
 mod tests {
+    mod placement;
+
     use std::sync::atomic::AtomicU64;
 
     use tokio::sync::mpsc;
@@ -1331,6 +1588,7 @@ mod tests {
             age_recipients: Vec::new().into(),
             prune: Prune::OnSnapshot,
             commit_template: None,
+            placement: Default::default(),
             origin: Arc::new(Origin {
                 session_id: 1,
                 identity: identity(uid),
@@ -1545,12 +1803,14 @@ mod tests {
         String::from_utf8(render_marker(&identity(uid), "2026-01-01T00:00:00Z")).unwrap()
     }
 
+    /// Changed paths, without the base folders' `.sourceignore` (its own test checks it).
     fn changed_paths(plan: &Plan) -> Vec<(String, bool)> {
         plan.commits
             .iter()
             .flat_map(|c| {
                 c.changes
                     .iter()
+                    .filter(|f| !f.path.ends_with("/.sourceignore"))
                     .map(|f| (f.path.clone(), f.content.is_some()))
             })
             .collect()
@@ -1569,12 +1829,12 @@ mod tests {
         let plan = plan(b.entries(), &tree(&[]), &context(500)).unwrap();
         assert_eq!(plan.commits.len(), 1);
         let commit = &plan.commits[0];
-        assert_eq!(commit.changes.len(), 2, "marker + object");
+        assert_eq!(commit.changes.len(), 3, "marker + ignore rules + object");
         assert_eq!(
             commit.changes[0].path,
             "clusters/prod/.configbutler/owner.yaml"
         );
-        assert_eq!(commit.changes[1].content.as_deref(), Some(CM2.as_bytes()));
+        assert_eq!(commit.changes[2].content.as_deref(), Some(CM2.as_bytes()));
         assert!(
             commit
                 .message
@@ -1722,7 +1982,7 @@ mod tests {
         assert_eq!(
             authors,
             vec![
-                ("alice@example.com", 2),
+                ("alice@example.com", 3),
                 (
                     "system-serviceaccount-kube-system-deployer@noreply.cluster.local",
                     1
@@ -2333,10 +2593,6 @@ mod tests {
         assert_eq!(plan.commits[1].changes.len(), 1);
         // Nothing pending before a request: no commit answers it.
         let only = buffer(vec![flush(&d, 5, Some("alice"), None)]);
-        assert!(plan_of(&only).commits.is_empty());
-    }
-
-    fn plan_of(b: &Buffer) -> Plan {
-        plan(b.entries(), &tree(&[]), &context(500)).unwrap()
+        assert!(plan_of(&only, &tree(&[])).commits.is_empty());
     }
 }

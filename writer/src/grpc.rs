@@ -501,6 +501,8 @@ impl WriterAdmin for AdminService {
                 exclusive_mode: record.spec.exclusive_mode,
                 prune: record.spec.prune.to_proto().into(),
                 suspend: record.spec.suspend,
+                kustomization: record.spec.placement.kustomization.to_proto().into(),
+                omit_namespace: record.spec.placement.omit_namespace,
                 worker_id: record.worker_id.clone(),
                 acked_sequence: record.acked_sequence(),
                 conditions: record

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub ownership_conflicts: IntCounterVec,
     pub lease_acquire_failures: IntCounterVec,
     pub marker_conflicts: IntCounterVec,
+    /// Kustomizations left as they were because they cannot be read or edited in place.
+    pub kustomization_problems: IntCounterVec,
     /// Orphans the last sweep of a destination left for later because of `--deletes-cap-per-cycle`.
     pub orphans_pending: IntGaugeVec,
     pub sweeps_truncated: IntCounterVec,
@@ -157,6 +159,12 @@ impl Metrics {
                 &registry,
                 "marker_conflicts_total",
                 "Ownership marker mismatches seen.",
+                DEST,
+            ),
+            kustomization_problems: counter(
+                &registry,
+                "kustomization_problems_total",
+                "Kustomizations left as they are because the writer cannot read or edit them in place.",
                 DEST,
             ),
             orphans_pending: gauge(

@@ -131,6 +131,50 @@ pub struct DestinationSpec {
     pub commit_template: Option<Arc<crate::batch::template::CommitTemplate>>,
     /// Hold and preview the destination's changes instead of pushing them (`Destination.suspend`).
     pub suspend: bool,
+    /// Kustomizations kept in line, objects without their namespace.
+    pub placement: Placement,
+}
+
+/// How a destination's files fit kustomize (GitDestination `spec.kustomization`, `spec.omitNamespace`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub kustomization: KustomizationMode,
+    /// Objects come without `metadata.namespace`; the same kind and name from two namespaces is refused.
+    pub omit_namespace: bool,
+}
+
+/// Whether the writer lists its files in kustomizations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KustomizationMode {
+    #[default]
+    Off,
+    /// Edit the nearest existing kustomization.
+    Maintain,
+    /// Maintain, and create `{base}/kustomization.yaml` where a file has none above it.
+    Create,
+}
+
+impl KustomizationMode {
+    /// The wire value; `None` for a value this writer does not know.
+    pub fn from_proto(value: i32) -> Option<Self> {
+        match pb::KustomizationMode::try_from(value).ok()? {
+            pb::KustomizationMode::Unspecified | pb::KustomizationMode::Off => Some(Self::Off),
+            pb::KustomizationMode::Maintain => Some(Self::Maintain),
+            pb::KustomizationMode::Create => Some(Self::Create),
+        }
+    }
+
+    pub fn to_proto(self) -> pb::KustomizationMode {
+        match self {
+            Self::Off => pb::KustomizationMode::Off,
+            Self::Maintain => pb::KustomizationMode::Maintain,
+            Self::Create => pb::KustomizationMode::Create,
+        }
+    }
+
+    pub fn is_on(self) -> bool {
+        self != Self::Off
+    }
 }
 
 /// Which files the writer deletes for a destination (GitDestination `spec.prune`).
@@ -185,6 +229,8 @@ pub struct DestinationRef {
     pub prune: Prune,
     /// How the destination's commit messages read (none: the built-in messages).
     pub commit_template: Option<Arc<crate::batch::template::CommitTemplate>>,
+    /// Kustomizations kept in line, objects without their namespace.
+    pub placement: Placement,
     pub origin: Arc<Origin>,
     /// Highest sequence acked so far (for `WriterAdmin.ListDestinations`).
     pub acked: Arc<std::sync::atomic::AtomicU64>,

@@ -345,6 +345,7 @@ impl Registry {
             age_recipients: spec.age_recipients.clone().into(),
             prune: spec.prune,
             commit_template: spec.commit_template.clone(),
+            placement: spec.placement,
             origin,
             acked: acked.clone(),
             conditions: conditions.clone(),

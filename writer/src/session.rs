@@ -31,7 +31,7 @@ use crate::{
     metrics::Metrics,
     model::{
         Change, ClusterIdentity, DestinationId, DestinationRef, DestinationSpec, FlushOrder,
-        ObjectId, Operation, Origin, Prune, Scope,
+        KustomizationMode, ObjectId, Operation, Origin, Placement, Prune, Scope,
     },
     registry::{DeclaredCredentials, Registry},
     worker::WorkerHandle,
@@ -266,6 +266,15 @@ pub fn validate_destination(
         .transpose()
         .map_err(|e| reject(RejectReason::InvalidDestination, e.to_string()))?
         .map(Arc::new);
+    let Some(kustomization) = KustomizationMode::from_proto(message.kustomization) else {
+        return Err(reject(
+            RejectReason::InvalidDestination,
+            format!(
+                "kustomization mode {} is unknown to this writer (OFF, MAINTAIN or CREATE)",
+                message.kustomization
+            ),
+        ));
+    };
     let spec = DestinationSpec {
         id: DestinationId {
             cluster_uid: cluster_uid.to_owned(),
@@ -280,6 +289,10 @@ pub fn validate_destination(
         prune,
         commit_template,
         suspend: message.suspend,
+        placement: Placement {
+            kustomization,
+            omit_namespace: message.omit_namespace,
+        },
     };
     Ok((spec, credentials))
 }

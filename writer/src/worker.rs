@@ -881,6 +881,21 @@ impl Worker {
                 message.clone(),
             );
         }
+        for (index, message) in &plan.namespace_clashes {
+            let entry = &entries[*index];
+            warn!(worker = %self.id, destination = %entry.destination.id, sequence = entry.sequence, %message, "namespace clash; write refused");
+            self.metrics
+                .messages_rejected
+                .with_label_values(&[RejectReason::NamespaceClash.as_str()])
+                .inc();
+            entry.destination.origin.reject(
+                &entry.destination.id.key,
+                entry.sequence,
+                RejectReason::NamespaceClash,
+                message.clone(),
+            );
+        }
+        self.report_kustomizations(entries, plan);
         for (index, why) in &batch.quarantined {
             let entry = &entries[*index];
             warn!(worker = %self.id, destination = %entry.destination.id, sequence = entry.sequence, error = %why, "the change cannot be committed; refused alone, the rest of the batch goes on");
@@ -1081,6 +1096,55 @@ impl Worker {
         }
         destination.report(kind, status, reason, message);
         self.conditions.insert(destination.id.clone(), current);
+    }
+
+    /// Kustomizations left alone: condition, metric and log per destination; cleared once they edit again.
+    fn report_kustomizations(&self, entries: &[batch::Entry], plan: &Plan) {
+        let mut problems: BTreeMap<&DestinationId, (&DestinationRef, Vec<&str>)> = BTreeMap::new();
+        for (index, problem) in &plan.kustomization_problems {
+            let destination = &entries[*index].destination;
+            problems
+                .entry(&destination.id)
+                .or_insert((destination, Vec::new()))
+                .1
+                .push(problem);
+        }
+        for (destination, found) in problems.values() {
+            warn!(worker = %self.id, destination = %destination.id, problems = ?found, "kustomization left as it is");
+            self.metrics
+                .kustomization_problems
+                .with_label_values(&[destination.id.key.as_str()])
+                .inc_by(found.len() as u64);
+            destination.report(
+                ConditionType::KustomizationUnreadable,
+                true,
+                ConditionReason::KustomizationInvalid,
+                format!(
+                    "left as it is (its files are written but not listed): {}",
+                    found.join("; ")
+                ),
+            );
+        }
+        for &index in &plan.kustomization_checked {
+            let destination = &entries[index].destination;
+            if problems.contains_key(&destination.id) {
+                continue;
+            }
+            let unreadable = destination
+                .conditions
+                .lock()
+                .expect("conditions lock")
+                .get(ConditionType::KustomizationUnreadable.as_str())
+                .is_some_and(|c| c.status == "True");
+            if unreadable {
+                destination.report(
+                    ConditionType::KustomizationUnreadable,
+                    false,
+                    ConditionReason::KustomizationUpdated,
+                    "every kustomization the last batch touched was edited",
+                );
+            }
+        }
     }
 
     fn report_failure(&mut self, error: &FlushError) {

@@ -184,8 +184,8 @@ async fn seed(make_server: fn(&BareRepo) -> Server, extra: &[&str]) -> Counts {
             .await;
     }
     agent.ack(DEST, OBJECTS as u64).await;
-    // The corpus plus the destination's owner marker.
-    assert_eq!(remote.ls_tree("main").len(), OBJECTS + 1);
+    // The corpus plus the destination's owner marker and its ignore rules for Flux (.sourceignore).
+    assert_eq!(remote.ls_tree("main").len(), OBJECTS + 2);
     git_ok(&remote.path(), &["fsck", "--strict", "--no-dangling"]);
     let counts = Counts {
         batches: remote.commit_count("main"),

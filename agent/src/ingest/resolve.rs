@@ -342,6 +342,15 @@ pub fn resolve_with_lookups(
                         },
                         commit_message: dest.spec.commit_message.clone(),
                         suspend: dest.spec.suspend,
+                        placement: crate::events::Placement {
+                            kustomization: dest
+                                .spec
+                                .kustomization
+                                .as_ref()
+                                .map(|k| k.mode)
+                                .unwrap_or_default(),
+                            omit_namespace: dest.spec.omit_namespace,
+                        },
                     },
                     ns: ns.clone(),
                     dest,

@@ -243,6 +243,7 @@ pub(crate) mod test_support {
             prune: Default::default(),
             commit_message: None,
             suspend: false,
+            placement: Default::default(),
         }
     }
 

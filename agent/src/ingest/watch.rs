@@ -428,8 +428,22 @@ impl WatchIndex {
             };
         let author = user.as_ref().map(|u| u.name.clone());
         let writers = self.writers(obj, &view, change);
+        // Destinations with `omitNamespace` get the object without `metadata.namespace`, rendered (and
+        // encrypted) from that copy, once for all of them.
+        let namespace_free: Option<Value> = plan
+            .routes
+            .iter()
+            .any(|r| r.destination.placement.omit_namespace)
+            .then(|| without_namespace(obj));
+        let mut rendered_free: Option<(String, Hash)> = None;
         for (route_index, route) in plan.routes.iter().enumerate() {
             let dest = &route.destination.key;
+            let (subject, rendering) = match &namespace_free {
+                Some(free) if route.destination.placement.omit_namespace => {
+                    (free, &mut rendered_free)
+                }
+                _ => (obj, &mut rendered),
+            };
             // Only sensitive objects are encrypted; everything else stays plain canonical YAML.
             let encryption = route.destination.encryption.as_ref().filter(|_| sensitive);
             if sensitive && encryption.is_none() {
@@ -479,7 +493,7 @@ impl WatchIndex {
                 Change::Listed | Change::Applied => {
                     let mut sealed: Option<sops::Prepared> = None;
                     let hash = match encryption {
-                        Some(encryption) => match sops::prepare(obj, encryption) {
+                        Some(encryption) => match sops::prepare(subject, encryption) {
                             Ok(prepared) => {
                                 let hash: Hash =
                                     Sha256::digest(prepared.fingerprint.as_bytes()).into();
@@ -491,7 +505,7 @@ impl WatchIndex {
                                 continue;
                             }
                         },
-                        None => match render(&mut rendered, obj, &view.path, &plan.key) {
+                        None => match render(rendering, subject, &view.path, &plan.key) {
                             Some((_, hash)) => hash,
                             None => {
                                 self.not_sent(
@@ -556,7 +570,7 @@ impl WatchIndex {
                                 }
                             }
                         }
-                        _ => match render(&mut rendered, obj, &view.path, &plan.key) {
+                        _ => match render(rendering, subject, &view.path, &plan.key) {
                             Some((yaml, _)) => (yaml, None),
                             None => {
                                 self.not_sent(
@@ -800,6 +814,15 @@ fn render(
         }
     }
     rendered.clone()
+}
+
+/// The object without `metadata.namespace` (GitDestination `spec.omitNamespace`).
+fn without_namespace(obj: &Value) -> Value {
+    let mut copy = obj.clone();
+    if let Some(metadata) = copy.get_mut("metadata").and_then(Value::as_object_mut) {
+        metadata.remove("namespace");
+    }
+    copy
 }
 
 fn is_secret(obj: &Value) -> bool {
@@ -1066,6 +1089,88 @@ mod tests {
         json!({"apiVersion": "v1", "kind": "Secret",
             "metadata": {"name": "db", "namespace": "shop", "resourceVersion": rv, "uid": "uid-db"},
             "data": {"password": value}})
+    }
+
+    /// `metadata.namespace` of every upsert's YAML, per destination (`None`: no namespace written).
+    fn written_namespaces(events: &[AgentEvent]) -> Vec<(String, String, Option<String>)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                AgentEvent::Upsert {
+                    destination,
+                    path,
+                    yaml,
+                    ..
+                } => {
+                    let value = reverser_common::yaml::parse_document(yaml.as_bytes()).unwrap();
+                    let namespace = value
+                        .pointer("/metadata/namespace")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
+                    Some((destination.clone(), path.clone(), namespace))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn destinations_that_omit_namespaces_get_objects_without_one_encrypted_ones_too() {
+        let mut routes = plan(vec![
+            ("x/free", all_configmaps("x/free")[0].1.clone(), &[""]),
+            ("x/plain", all_configmaps("x/plain")[0].1.clone(), &[""]),
+        ]);
+        Arc::get_mut(&mut routes).unwrap().routes[0]
+            .destination
+            .placement
+            .omit_namespace = true;
+        let epochs = AtomicU64::new(0);
+        let mut idx = WatchIndex::new(routes, SelectionOptions::default());
+        idx.apply(Event::Init, &epochs);
+        let out = idx.apply(
+            Event::InitApply(cm("shop", "a", json!({}), "1", "5")),
+            &epochs,
+        );
+        assert_eq!(
+            written_namespaces(&out),
+            [
+                (
+                    "x/free".to_owned(),
+                    "core/v1/configmaps/shop/a.yaml".to_owned(),
+                    None
+                ),
+                (
+                    "x/plain".to_owned(),
+                    "core/v1/configmaps/shop/a.yaml".to_owned(),
+                    Some("shop".to_owned())
+                ),
+            ]
+        );
+        // A later change is compared with what that destination got: unchanged content sends nothing.
+        idx.apply(Event::InitDone, &epochs);
+        assert!(
+            idx.apply(Event::Apply(cm("shop", "a", json!({}), "1", "6")), &epochs)
+                .is_empty()
+        );
+
+        // Encrypted objects lose it before encryption (the SOPS MAC covers metadata).
+        let identity = age::x25519::Identity::generate();
+        let mut secrets = secrets_plan(&identity);
+        Arc::get_mut(&mut secrets).unwrap().routes[1]
+            .destination
+            .placement
+            .omit_namespace = true;
+        let mut idx = WatchIndex::new(secrets, SelectionOptions::default());
+        idx.apply(Event::Init, &epochs);
+        let out = idx.apply(Event::InitApply(secret("c2VjcmV0LTE=", "1")), &epochs);
+        assert_eq!(
+            written_namespaces(&out),
+            [(
+                "x/encrypted".to_owned(),
+                "core/v1/secrets/shop/db.sops.yaml".to_owned(),
+                None
+            )]
+        );
     }
 
     #[test]

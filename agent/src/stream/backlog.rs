@@ -28,7 +28,7 @@ use std::{
 
 use reverser_proto::v1::{self as pb, agent_message::Kind};
 
-use crate::crd::PruneMode;
+use crate::crd::{KustomizationMode, PruneMode};
 use crate::events::{AgentEvent, DestinationDecl, ObjectRef, ScopeRef};
 
 /// A `SnapshotEnd` dropped because its epoch did not go out whole on the current connection.
@@ -422,6 +422,13 @@ fn declare_message(decl: &DestinationDecl) -> pb::AgentMessage {
                     body: t.body.clone(),
                 }),
             suspend: decl.suspend,
+            kustomization: match decl.placement.kustomization {
+                KustomizationMode::Off => pb::KustomizationMode::Off,
+                KustomizationMode::Maintain => pb::KustomizationMode::Maintain,
+                KustomizationMode::Create => pb::KustomizationMode::Create,
+            }
+            .into(),
+            omit_namespace: decl.placement.omit_namespace,
         })),
     }
 }
@@ -547,6 +554,7 @@ mod tests {
             prune: Default::default(),
             commit_message: None,
             suspend: false,
+            placement: Default::default(),
         })
     }
 
@@ -907,6 +915,7 @@ mod tests {
             prune: Default::default(),
             commit_message: None,
             suspend: false,
+            placement: Default::default(),
         };
         let Some(Kind::Destination(d)) = declare_message(&decl).kind else {
             panic!("a destination")

@@ -87,6 +87,7 @@ pub fn declare(repo_url: &str) -> AgentEvent {
         prune: Default::default(),
         commit_message: None,
         suspend: false,
+        placement: Default::default(),
     })
 }
 
