@@ -77,3 +77,27 @@ impl GitDaemon {
         format!("git://127.0.0.1:{}/{repo_name}", self.port)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dropping the handle ends the server: nothing listens on its port any more (killing a `git daemon` wrapper
+    /// used to leave the real `git-daemon` serving, one leaked process per test).
+    #[test]
+    fn dropping_the_daemon_stops_serving() {
+        let repo = BareRepo::new();
+        let daemon = GitDaemon::start(&repo);
+        let port = daemon.port();
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        drop(daemon);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a git-daemon still listens on port {port} after the GitDaemon was dropped"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
