@@ -994,6 +994,11 @@ fn readme_install_then_upgrade_and_uninstall_on_a_real_cluster() {
     ];
     expected.sort_unstable();
     assert_eq!(in_namespace, expected, "left in the release namespace");
+    // Helm keeps the CRDs of its crds/ folder on uninstall: every one the chart ships.
     let crds = cluster.kubectl_ok(&["get", "crd", "-o", "name"]);
-    assert_eq!(crds.matches(".configbutler.ai").count(), 4, "{crds}");
+    let shipped = std::fs::read_dir(testkit::workspace_root().join("charts/gitops-reverser/crds"))
+        .expect("the chart's crds folder")
+        .count();
+    assert_eq!(shipped, 5, "the chart ships the five configbutler CRDs");
+    assert_eq!(crds.matches(".configbutler.ai").count(), shipped, "{crds}");
 }
