@@ -117,8 +117,14 @@ async fn start_webhook(parts: Option<&(WebhookConfig, FactStore)>) -> Option<Web
     }
 }
 
-/// The cluster's identity: the uid of `kube-system` (stable for the cluster's life), else of
-/// `default`. Retried until the API answers: without it the writer cannot tell clusters apart.
+/// The cluster's identity: the uid of `kube-system` (stable for the cluster's life), else of `default` when
+/// `kube-system` does not exist or may not be read. Retried until the API answers: without it the writer cannot
+/// tell clusters apart.
+///
+/// Only a definite answer about `kube-system` (absent, or 403) moves on to `default`. A transport error or a
+/// server error is retried on `kube-system` itself: falling back on a passing failure would give the same cluster
+/// another identity, and the writer would then refuse this agent's destinations as another cluster's
+/// (`OverlappingBaseFolder`).
 pub async fn cluster_uid(client: &kube::Client) -> String {
     let api: Api<Namespace> = Api::all(client.clone());
     let mut delay = Duration::from_secs(1);
@@ -132,7 +138,13 @@ pub async fn cluster_uid(client: &kube::Client) -> String {
                     }
                 }
                 Ok(None) => {}
-                Err(error) => warn!(%error, namespace = name, "reading the cluster UID failed"),
+                Err(kube::Error::Api(status)) if status.code == 403 => {
+                    warn!(namespace = name, "reading the cluster UID is forbidden");
+                }
+                Err(error) => {
+                    warn!(%error, namespace = name, "reading the cluster UID failed; retrying");
+                    break;
+                }
             }
         }
         tokio::time::sleep(delay).await;
@@ -163,5 +175,86 @@ async fn label_own_pod(client: &kube::Client, leader: bool) {
     {
         Ok(_) => info!(pod = %name, leader, "pod leader label updated"),
         Err(error) => warn!(pod = %name, %error, "could not update the pod's leader label"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn namespace_response(name: &str, uid: &str) -> http::Response<kube::client::Body> {
+        let body = serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "uid": uid},
+        });
+        http::Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(kube::client::Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap()
+    }
+
+    /// A passing failure reading `kube-system` (an API server behind a partition) must not make the cluster's
+    /// identity the uid of `default`: the agent would present itself as another cluster.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_read_of_kube_system_is_retried_not_replaced_by_default() {
+        let (mock, mut handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = kube::Client::new(mock, "default");
+        let server = tokio::spawn(async move {
+            let mut kube_system_reads = 0;
+            while let Some((request, send)) = handle.next_request().await {
+                let path = request.uri().path().to_owned();
+                if path.ends_with("/namespaces/kube-system") {
+                    kube_system_reads += 1;
+                    if kube_system_reads == 1 {
+                        send.send_error(std::io::Error::other("connection timed out"));
+                    } else {
+                        send.send_response(namespace_response("kube-system", "uid-of-kube-system"));
+                    }
+                } else if path.ends_with("/namespaces/default") {
+                    send.send_response(namespace_response("default", "uid-of-default"));
+                } else {
+                    panic!("unexpected request {path}");
+                }
+            }
+        });
+        assert_eq!(cluster_uid(&client).await, "uid-of-kube-system");
+        server.abort();
+    }
+
+    /// Without `kube-system` (or without the right to read it) the uid of `default` is the identity.
+    #[tokio::test(start_paused = true)]
+    async fn a_forbidden_kube_system_falls_back_to_default() {
+        let (mock, mut handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = kube::Client::new(mock, "default");
+        let server = tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                if request.uri().path().ends_with("/namespaces/kube-system") {
+                    let status = serde_json::json!({
+                        "apiVersion": "v1", "kind": "Status", "status": "Failure",
+                        "message": "forbidden", "reason": "Forbidden", "code": 403,
+                    });
+                    send.send_response(
+                        http::Response::builder()
+                            .status(403)
+                            .header("content-type", "application/json")
+                            .body(kube::client::Body::from(
+                                serde_json::to_vec(&status).unwrap(),
+                            ))
+                            .unwrap(),
+                    );
+                } else {
+                    send.send_response(namespace_response("default", "uid-of-default"));
+                }
+            }
+        });
+        assert_eq!(cluster_uid(&client).await, "uid-of-default");
+        server.abort();
     }
 }
