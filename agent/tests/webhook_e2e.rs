@@ -447,6 +447,36 @@ async fn a_request_rejected_by_another_webhook_leaves_no_author_behind() {
         .delete(OURS, &DeleteParams::default())
         .await
         .unwrap();
+    // The real API server keeps calling a deleted configuration's webhooks for a moment (its informer lags): write
+    // another object until our webhook no longer sees the writes.
+    let calls = "gitops_reverser_agent_webhook_requests_total{outcome=\"recorded\"}";
+    let probe = Api::<ConfigMap>::namespaced(admin.clone(), "shop");
+    let unseen_by = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    for round in 0.. {
+        let before = agent.metric(calls).await;
+        let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "probe", "namespace": "shop"},
+            "data": {"round": round.to_string()},
+        }))
+        .unwrap();
+        probe
+            .patch(
+                "probe",
+                &PatchParams::apply("probe").force(),
+                &Patch::Apply(&cm),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        if agent.metric(calls).await == before {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < unseen_by,
+            "our webhook still sees writes 30 s after its configuration was deleted"
+        );
+    }
     app.patch("app", &PatchParams::default(), &color("green"))
         .await
         .unwrap();

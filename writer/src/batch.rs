@@ -1878,6 +1878,11 @@ mod tests {
         let t = tree(&[
             (path, commented),
             ("clusters/prod/.configbutler/owner.yaml", &marker),
+            // Flux's ignore rules are there already (a folder the writer wrote to before).
+            (
+                "clusters/prod/.sourceignore",
+                kustomize::render_sourceignore(),
+            ),
         ]);
         let b = buffer(vec![upsert(
             &d,
@@ -1900,6 +1905,11 @@ mod tests {
         let t = tree(&[
             (path, CM),
             ("clusters/prod/.configbutler/owner.yaml", &marker),
+            // Flux's ignore rules are there already (a folder the writer wrote to before).
+            (
+                "clusters/prod/.sourceignore",
+                kustomize::render_sourceignore(),
+            ),
         ]);
         let plan = plan_of(&b, &t);
         assert_eq!(
@@ -1923,6 +1933,11 @@ mod tests {
         let t = tree(&[
             (path, anchored),
             ("clusters/prod/.configbutler/owner.yaml", &marker),
+            // Flux's ignore rules are there already (a folder the writer wrote to before).
+            (
+                "clusters/prod/.sourceignore",
+                kustomize::render_sourceignore(),
+            ),
         ]);
         let b = buffer(vec![upsert(
             &d,
@@ -2583,6 +2598,7 @@ mod tests {
             paths,
             [
                 "c/.configbutler/owner.yaml",
+                "c/.sourceignore",
                 "c/core/v1/configmaps/ns/a.yaml",
                 "c/core/v1/configmaps/ns/b.yaml"
             ]

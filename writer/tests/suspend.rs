@@ -169,7 +169,11 @@ async fn a_suspended_destination_previews_pushes_nothing_and_resuming_writes_exa
     let held = preview(&mut agent, |p| p.held_messages > 0 && p.deleted == 2).await;
     assert_eq!(
         held.added_paths,
-        vec!["c/.configbutler/owner.yaml".to_owned(), full("new")],
+        vec![
+            "c/.configbutler/owner.yaml".to_owned(),
+            "c/.sourceignore".to_owned(),
+            full("new")
+        ],
         "{held:?}"
     );
     assert_eq!(held.changed_paths, vec![full("changed")], "{held:?}");
@@ -178,7 +182,7 @@ async fn a_suspended_destination_previews_pushes_nothing_and_resuming_writes_exa
         vec![full("gone"), full("orphan")],
         "{held:?}"
     );
-    assert_eq!((held.added, held.changed, held.deleted), (2, 1, 2));
+    assert_eq!((held.added, held.changed, held.deleted), (3, 1, 2));
     assert_eq!(held.paths_cap, 50);
     assert_eq!(held.base_commit, seeded);
 
@@ -192,6 +196,7 @@ async fn a_suspended_destination_previews_pushes_nothing_and_resuming_writes_exa
         changed_between(&repo, &seeded, &other_sha),
         BTreeSet::from([
             "other/.configbutler/owner.yaml".to_owned(),
+            "other/.sourceignore".to_owned(),
             format!("other/{CM}/x.yaml")
         ]),
         "nothing of the suspended destination was pushed"
@@ -246,7 +251,7 @@ async fn held_changes_survive_an_agent_reconnect_and_a_writer_restart_with_the_r
         .await;
     first.send(delete(DEST, 2, &path("gone"))).await;
     first.ack(DEST, 2).await;
-    preview(&mut first, |p| p.added == 2 && p.deleted == 1).await;
+    preview(&mut first, |p| p.added == 3 && p.deleted == 1).await;
     drop(first);
 
     // The agent reconnects (new stream, sequences start again): the writer still holds the first stream's changes.
@@ -277,11 +282,12 @@ async fn held_changes_survive_an_agent_reconnect_and_a_writer_restart_with_the_r
             .await;
     }
     second.ack(DEST, sequence).await;
-    let before = preview(&mut second, |p| p.added == 3).await;
+    let before = preview(&mut second, |p| p.added == 4).await;
     assert_eq!(
         before.added_paths,
         vec![
             "c/.configbutler/owner.yaml".to_owned(),
+            "c/.sourceignore".to_owned(),
             full("a"),
             full("b")
         ]
@@ -311,7 +317,7 @@ async fn held_changes_survive_an_agent_reconnect_and_a_writer_restart_with_the_r
             .await;
     }
     third.send(snapshot_end(DEST, 4, configmaps(), 9)).await;
-    let after = preview(&mut third, |p| p.added == 3 && p.deleted == 1).await;
+    let after = preview(&mut third, |p| p.added == 4 && p.deleted == 1).await;
     assert_eq!(preview_paths(&after), preview_paths(&before));
 
     declare(&mut third, DEST, &repo, "c", false).await;
