@@ -16,8 +16,7 @@ CACHE="$REVERSER_CACHE"
 # build per checkout, for the reason scripts/test.sh gives.
 unset CARGO_TARGET_DIR
 FUZZ_TARGET_DIR="$CACHE/fuzz-target/$REVERSER_CHECKOUT"
-# 16 codegen units (cargo-fuzz's default is 1): a much shorter cold build on 2 cores, slightly slower executions.
-BUILD=(--sanitizer none --release --debug-assertions --codegen-units 16 --target-dir "$FUZZ_TARGET_DIR")
+BUILD=(--sanitizer none --release --debug-assertions --target-dir "$FUZZ_TARGET_DIR")
 command -v cargo-fuzz >/dev/null 2>&1 || { echo "cargo-fuzz is missing: run scripts/install-test-deps.sh" >&2; exit 1; }
 
 if [ $# -gt 0 ]; then targets=("$@"); else mapfile -t targets < <(cargo fuzz list); fi
