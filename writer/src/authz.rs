@@ -113,7 +113,7 @@ impl ClientGrant {
             Err(Denied(format!(
                 "client {:?} has no grant for {} branch {branch:?} base folder {base_folder:?}",
                 self.identity,
-                crate::git::redact_url(repo_url)
+                crate::names::redact_url(repo_url)
             )))
         }
     }

@@ -1530,8 +1530,6 @@ mod tests {
 
     use std::sync::atomic::AtomicU64;
 
-    use tokio::sync::mpsc;
-
     use super::*;
     use crate::model::{Origin, Prune};
 
@@ -1577,7 +1575,7 @@ mod tests {
     }
 
     fn destination_for(uid: &str, base: &str, exclusive: bool) -> DestinationRef {
-        let (replies, _) = mpsc::unbounded_channel();
+        let (replies, _) = crate::reply::Replies::channel(1);
         DestinationRef {
             id: DestinationId {
                 cluster_uid: uid.into(),
@@ -2097,15 +2095,6 @@ mod tests {
             vec!["c/core/v1/configmaps/shop/gone.yaml"]
         );
         assert!(paths_deleted_under(Prune::Never).is_empty());
-    }
-
-    #[test]
-    fn prune_modes_round_trip_the_wire_and_unknown_values_are_refused() {
-        for mode in [Prune::OnSnapshot, Prune::OnDelete, Prune::Never] {
-            assert_eq!(Prune::from_proto(mode.to_proto() as i32), Some(mode));
-        }
-        assert_eq!(Prune::from_proto(0), Some(Prune::OnSnapshot));
-        assert_eq!(Prune::from_proto(42), None);
     }
 
     #[test]

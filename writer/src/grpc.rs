@@ -6,6 +6,12 @@
 //! concurrent streams, a message rate and a byte rate (token buckets shared by its streams: a flooding client is
 //! slowed down, its reads wait, the others' are untouched), a stream must say `Hello` in time, and a client removed from the
 //! configuration has its streams ended with `PermissionDenied` as soon as the new configuration is loaded.
+//!
+//! Protocol types stop here: [`convert`] turns each agent message into the session's domain [`Inbound`] and each
+//! domain [`crate::reply::Reply`] into a `WriterMessage`. Replies reach the response stream on the stream's
+//! bounded reply channel ([`crate::reply`]); the response stream takes them only as fast as the agent reads, and
+//! a stream whose channel overflowed (an agent that stopped reading) is ended with `RESOURCE_EXHAUSTED`, so no
+//! worker ever waits for one agent.
 
 use std::{
     collections::HashMap,
@@ -16,7 +22,6 @@ use std::{
 
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
@@ -25,10 +30,16 @@ use reverser_proto::v1::{self as pb, writer_admin_server::WriterAdmin, writer_se
 use crate::{
     authz::{Access, Limits, Policy, TokenBucket},
     metrics::Metrics,
+    names::redact_url,
     registry::Registry,
-    session::{ContentCheck, Next, Session, SessionLimits, check_content},
+    reply::{REPLY_CAPACITY, Replies, Reply},
+    session::{Inbound, Next, Session, SessionLimits},
     tls::ConnInfo,
 };
+
+pub mod convert;
+
+use convert::WireEnum as _;
 
 #[derive(Clone)]
 pub struct WriterService {
@@ -57,9 +68,8 @@ struct Budget {
 }
 
 impl Budget {
-    /// Waits until `message` fits both rates.
-    async fn spend(&self, limits: &Limits, message: &pb::AgentMessage) {
-        use prost::Message as _;
+    /// Waits until a message of `encoded_len` bytes fits both rates.
+    async fn spend(&self, limits: &Limits, encoded_len: usize) {
         self.messages
             .take(limits.messages_per_second, limits.message_burst)
             .await;
@@ -67,7 +77,7 @@ impl Budget {
             .take_cost(
                 limits.bytes_per_second,
                 limits.byte_burst,
-                message.encoded_len() as f64,
+                encoded_len as f64,
             )
             .await;
     }
@@ -180,9 +190,9 @@ impl Writer for WriterService {
         let client = access.identity().unwrap_or("-").to_owned();
         let mut policy = self.policy.clone();
         let mut inbound = check_ahead(request.into_inner(), self.limits.clone());
-        let (replies, mut replies_rx) = mpsc::unbounded_channel::<pb::WriterMessage>();
-        let (output, output_rx) = mpsc::unbounded_channel::<Result<pb::WriterMessage, Status>>();
-        let (done, mut done_rx) = oneshot::channel::<Option<Status>>();
+        let (replies, reply_receiver) = Replies::channel(REPLY_CAPACITY);
+        let mut overflowed = reply_receiver.overflowed.clone();
+        let (done, done_rx) = oneshot::channel::<Option<Status>>();
         let mut session = Session::new(
             self.registry.clone(),
             self.metrics.clone(),
@@ -224,6 +234,14 @@ impl Writer for WriterService {
                         final_status = Some(Status::failed_precondition(why));
                         break;
                     }
+                    Ok(()) = async { overflowed.wait_for(|full| *full).await.map(|_| ()) } => {
+                        warn!(?peer, %client, capacity = REPLY_CAPACITY, "the agent does not read its replies; ending its stream");
+                        metrics.slow_streams_ended.inc();
+                        final_status = Some(Status::resource_exhausted(format!(
+                            "the agent did not read its replies ({REPLY_CAPACITY} waiting); reconnect and re-send unacked changes"
+                        )));
+                        break;
+                    }
                     _ = policy_changed(&mut policy) => {
                         if let Err(denied) = access.grant() {
                             warn!(?peer, %client, "client removed from the configuration; ending its stream");
@@ -242,11 +260,11 @@ impl Writer for WriterService {
                     break;
                 };
                 match next {
-                    Ok(Some((message, checked))) => {
+                    Ok(Some((message, encoded_len))) => {
                         if let (Some(slot), Some(limits)) = (&slot, &limits) {
-                            slot.budget.spend(limits, &message).await;
+                            slot.budget.spend(limits, encoded_len).await;
                         }
-                        let next = session.handle_checked(message, checked).await;
+                        let next = session.handle(message).await;
                         if fence.is_none() {
                             fence = session.fence();
                         }
@@ -292,37 +310,60 @@ impl Writer for WriterService {
             let _ = done.send(final_status);
         });
 
-        // Copies replies to the response stream until the session is over, then drains what is left. Workers may
-        // still hold the reply sender for buffered changes; those acks are not waited for once the stream ends.
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    reply = replies_rx.recv() => match reply {
-                        Some(reply) => { let _ = output.send(Ok(reply)); }
-                        None => {
-                            // Every reply sender is gone: the session ended; pass on how it ended.
-                            if let Ok(Some(status)) = (&mut done_rx).await {
-                                let _ = output.send(Err(status));
-                            }
-                            break;
-                        }
-                    },
-                    finished = &mut done_rx => {
-                        while let Ok(reply) = replies_rx.try_recv() {
-                            let _ = output.send(Ok(reply));
-                        }
-                        if let Ok(Some(status)) = finished {
-                            let _ = output.send(Err(status));
-                        }
-                        break;
+        Ok(Response::new(reply_stream(reply_receiver.replies, done_rx)))
+    }
+}
+
+/// The response stream: the stream's replies as the agent reads them, then how the stream ended. Once the session
+/// is over, what is queued is still sent, then the final status; replies that workers send later (for changes
+/// they still buffer) are not waited for.
+fn reply_stream(
+    replies: mpsc::Receiver<Reply>,
+    done: oneshot::Receiver<Option<Status>>,
+) -> ReplyStream {
+    struct State {
+        replies: mpsc::Receiver<Reply>,
+        /// Until the session is over.
+        done: Option<oneshot::Receiver<Option<Status>>>,
+        /// How the stream ended, sent after the queued replies.
+        ending: Option<Status>,
+        finished: bool,
+    }
+    let state = State {
+        replies,
+        done: Some(done),
+        ending: None,
+        finished: false,
+    };
+    Box::pin(futures::stream::unfold(state, |mut state| async move {
+        if state.finished {
+            return None;
+        }
+        if let Some(done) = state.done.as_mut() {
+            tokio::select! {
+                reply = state.replies.recv() => match reply {
+                    Some(reply) => return Some((Ok(pb::WriterMessage::from(reply)), state)),
+                    None => {
+                        // Every reply sender is gone: the session ended; pass on how it ended.
+                        let ending = state.done.take().expect("still open").await.ok().flatten();
+                        state.finished = true;
+                        return ending.map(|status| (Err(status), state));
                     }
+                },
+                finished = done => {
+                    state.done = None;
+                    state.ending = finished.ok().flatten();
                 }
             }
-        });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
-            output_rx,
-        ))))
-    }
+        }
+        match state.replies.try_recv() {
+            Ok(reply) => Some((Ok(pb::WriterMessage::from(reply)), state)),
+            Err(_) => {
+                state.finished = true;
+                state.ending.take().map(|status| (Err(status), state))
+            }
+        }
+    }))
 }
 
 /// Resolves with why once the stream's leader term was superseded (never without a term).
@@ -333,17 +374,17 @@ async fn superseded(fence: &mut Option<crate::fencing::Fence>) -> String {
     }
 }
 
-/// The next message, or None when `timeout` passed first.
-/// A message read ahead of the session, with its content check (or how the stream ended).
-type Checked = Result<Option<(pb::AgentMessage, ContentCheck)>, Status>;
+/// A message read, decoded and checked ahead of the session, with its encoded size (for the byte rate), or how the
+/// stream ended.
+type Checked = Result<Option<(Inbound, usize)>, Status>;
 
 /// How many messages are read and checked ahead of the session (bounded: a slow session slows the reading, and
 /// HTTP/2 flow control slows the agent).
 const CHECK_AHEAD: usize = 32;
 
-/// Reads the stream on its own task and checks each upsert's content on the blocking pool, several at a time, and
-/// hands them to the session in stream order: the YAML check is the costliest step of a stream, so one agent's seed
-/// then uses every core instead of one. The returned receiver is cancel-safe (the session `select!`s on it).
+/// Reads the stream on its own task, decodes and checks each message on the blocking pool ([`convert::inbound`]),
+/// several at a time, and hands them to the session in stream order: the YAML check is the costliest step of a
+/// stream, so one agent's seed then uses every core instead of one. The returned receiver is cancel-safe (the session `select!`s on it).
 fn check_ahead(
     mut inbound: Streaming<pb::AgentMessage>,
     limits: SessionLimits,
@@ -371,9 +412,11 @@ fn check_ahead(
                         break;
                     };
                     tokio::task::spawn_blocking(move || {
-                        let content = check_content(&message, &limits);
+                        use prost::Message as _;
+                        let encoded_len = message.encoded_len();
+                        let inbound = convert::inbound(message, &limits);
                         drop(permit);
-                        Ok(Some((message, content)))
+                        Ok(Some((inbound, encoded_len)))
                     })
                 }
                 other => tokio::spawn(async move { other.map(|_| None) }),
@@ -495,7 +538,7 @@ impl WriterAdmin for AdminService {
             .map(|record| pb::DestinationInfo {
                 cluster_uid: record.spec.id.cluster_uid.clone(),
                 key: record.spec.id.key.clone(),
-                repo_url: crate::git::redact_url(&record.spec.repo_url),
+                repo_url: redact_url(&record.spec.repo_url),
                 branch: record.spec.branch.clone(),
                 base_folder: record.spec.base_folder.clone(),
                 exclusive_mode: record.spec.exclusive_mode,
@@ -511,6 +554,7 @@ impl WriterAdmin for AdminService {
                     .expect("conditions lock")
                     .values()
                     .cloned()
+                    .map(convert::destination_status)
                     .collect(),
             })
             .collect();
@@ -529,7 +573,7 @@ impl WriterAdmin for AdminService {
             .ok_or_else(|| {
                 Status::not_found(format!(
                     "no worker for {} {}; see WriterAdmin/ListWorkers",
-                    crate::git::redact_url(&request.repo_url),
+                    redact_url(&request.repo_url),
                     request.branch
                 ))
             })?;

@@ -1,7 +1,7 @@
 //! Prometheus metrics of the writer, registered in one explicit registry (names from the seed, prefixed
 //! `gitops_reverser_`). Labels stay low-cardinality: repository (credentials removed), branch, destination.
 
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -35,6 +35,8 @@ pub struct Metrics {
     pub messages_received: IntCounterVec,
     pub messages_rejected: IntCounterVec,
     pub connected_agents: IntGauge,
+    /// Agent streams ended because the agent stopped reading its replies (see `crate::reply`).
+    pub slow_streams_ended: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -72,6 +74,14 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(connected_agents.clone()))
+            .expect("metric registered once");
+        let slow_streams_ended = IntCounter::new(
+            "gitops_reverser_slow_streams_ended_total",
+            "Agent streams ended because the agent did not read its replies and its reply queue filled.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(slow_streams_ended.clone()))
             .expect("metric registered once");
         Self {
             objects_written: counter(
@@ -204,6 +214,7 @@ impl Metrics {
                 &["reason"],
             ),
             connected_agents,
+            slow_streams_ended,
             registry,
         }
     }

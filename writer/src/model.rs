@@ -1,14 +1,15 @@
 //! Domain types the writer's pure logic and actors share: who sent a change, which destination it is for,
-//! and the change itself. Built from protocol messages once they have been validated.
+//! and the change itself. The gRPC edge builds them from protocol messages once they have been validated
+//! ([`crate::grpc::convert`]); nothing here knows the protocol.
 
 use std::{fmt, sync::Arc};
 
-use tokio::sync::mpsc;
-
 use reverser_common::reasons::{ConditionReason, ConditionType, RejectReason};
-use reverser_proto::v1::{self as pb, WriterMessage};
 
-use crate::git::GitCredentials;
+use crate::{
+    git::GitCredentials,
+    reply::{Condition, Replies, Reply, SuspendPreview},
+};
 
 /// A cheap, immutable byte buffer (YAML content travels from the gRPC stream to the git thread untouched).
 pub type Bytes = Arc<[u8]>;
@@ -53,17 +54,13 @@ pub struct Origin {
     /// Process-unique id of the stream (for logs and for keying acks).
     pub session_id: u64,
     pub identity: ClusterIdentity,
-    /// Replies (acks, rejects, statuses) for this stream. Unbounded: they are few and small, and a worker must
-    /// never block on a slow agent.
-    pub replies: mpsc::UnboundedSender<WriterMessage>,
+    /// Replies (acks, rejects, statuses) for this stream: bounded, and a sender never waits (see [`crate::reply`]).
+    pub replies: Replies,
 }
 
 impl Origin {
-    pub fn send(&self, message: pb::writer_message::Kind) {
-        // A closed stream just means the agent went away; it re-sends unacked work when it comes back.
-        let _ = self.replies.send(WriterMessage {
-            kind: Some(message),
-        });
+    pub fn send(&self, reply: Reply) {
+        self.replies.send(reply);
     }
 
     pub fn reject(
@@ -73,12 +70,12 @@ impl Origin {
         reason: RejectReason,
         message: impl Into<String>,
     ) {
-        self.send(pb::writer_message::Kind::Reject(pb::Reject {
+        self.send(Reply::Reject {
             destination: destination.to_owned(),
             sequence,
-            reason: reason.as_str().to_owned(),
+            reason,
             message: message.into(),
-        }));
+        });
     }
 
     pub fn status(
@@ -89,15 +86,13 @@ impl Origin {
         reason: ConditionReason,
         message: impl Into<String>,
     ) {
-        self.send(pb::writer_message::Kind::DestinationStatus(
-            pb::DestinationStatus {
-                destination: destination.to_owned(),
-                r#type: kind.as_str().to_owned(),
-                status: if status { "True" } else { "False" }.to_owned(),
-                reason: reason.as_str().to_owned(),
-                message: message.into(),
-            },
-        ));
+        self.send(Reply::Status(Condition {
+            destination: destination.to_owned(),
+            kind,
+            status,
+            reason,
+            message: message.into(),
+        }));
     }
 }
 
@@ -155,23 +150,6 @@ pub enum KustomizationMode {
 }
 
 impl KustomizationMode {
-    /// The wire value; `None` for a value this writer does not know.
-    pub fn from_proto(value: i32) -> Option<Self> {
-        match pb::KustomizationMode::try_from(value).ok()? {
-            pb::KustomizationMode::Unspecified | pb::KustomizationMode::Off => Some(Self::Off),
-            pb::KustomizationMode::Maintain => Some(Self::Maintain),
-            pb::KustomizationMode::Create => Some(Self::Create),
-        }
-    }
-
-    pub fn to_proto(self) -> pb::KustomizationMode {
-        match self {
-            Self::Off => pb::KustomizationMode::Off,
-            Self::Maintain => pb::KustomizationMode::Maintain,
-            Self::Create => pb::KustomizationMode::Create,
-        }
-    }
-
     pub fn is_on(self) -> bool {
         self != Self::Off
     }
@@ -190,23 +168,6 @@ pub enum Prune {
 }
 
 impl Prune {
-    /// The wire value; `None` for a value this writer does not know.
-    pub fn from_proto(value: i32) -> Option<Self> {
-        match pb::PruneMode::try_from(value).ok()? {
-            pb::PruneMode::Unspecified | pb::PruneMode::OnSnapshot => Some(Prune::OnSnapshot),
-            pb::PruneMode::OnDelete => Some(Prune::OnDelete),
-            pb::PruneMode::Never => Some(Prune::Never),
-        }
-    }
-
-    pub fn to_proto(self) -> pb::PruneMode {
-        match self {
-            Prune::OnSnapshot => pb::PruneMode::OnSnapshot,
-            Prune::OnDelete => pb::PruneMode::OnDelete,
-            Prune::Never => pb::PruneMode::Never,
-        }
-    }
-
     /// Whether a complete snapshot deletes the scope's orphans.
     pub fn sweeps(self) -> bool {
         self == Prune::OnSnapshot
@@ -239,8 +200,7 @@ pub struct DestinationRef {
 }
 
 /// Latest reported condition per type, shared by the registry record and the destination's changes.
-pub type Conditions =
-    Arc<std::sync::Mutex<std::collections::BTreeMap<String, pb::DestinationStatus>>>;
+pub type Conditions = Arc<std::sync::Mutex<std::collections::BTreeMap<String, Condition>>>;
 
 impl DestinationRef {
     /// Records a condition and reports it to the destination's agent.
@@ -251,37 +211,34 @@ impl DestinationRef {
         reason: ConditionReason,
         message: impl Into<String>,
     ) {
-        let condition = pb::DestinationStatus {
+        let condition = Condition {
             destination: self.id.key.clone(),
-            r#type: kind.as_str().to_owned(),
-            status: if status { "True" } else { "False" }.to_owned(),
-            reason: reason.as_str().to_owned(),
+            kind,
+            status,
+            reason,
             message: message.into(),
         };
         self.conditions
             .lock()
             .expect("conditions lock")
             .insert(kind.as_str().to_owned(), condition.clone());
-        self.origin
-            .send(pb::writer_message::Kind::DestinationStatus(condition));
+        self.origin.send(Reply::Status(condition));
     }
 
     /// Tells the suspended destination's agent what a flush would write now.
-    pub fn suspend_preview(&self, preview: pb::SuspendPreview) {
-        self.origin
-            .send(pb::writer_message::Kind::SuspendPreview(preview));
+    pub fn suspend_preview(&self, preview: SuspendPreview) {
+        self.origin.send(Reply::SuspendPreview(preview));
     }
 
     /// Tells the destination's agent that the pushed `commit` deleted `deleted` orphan files (`left` more wait
     /// for the next snapshot).
     pub fn sweep_report(&self, deleted: usize, left: usize, commit: &str) {
-        self.origin
-            .send(pb::writer_message::Kind::SweepReport(pb::SweepReport {
-                destination: self.id.key.clone(),
-                deleted: deleted as u64,
-                left: left as u64,
-                commit_sha: commit.to_owned(),
-            }));
+        self.origin.send(Reply::SweepReport {
+            destination: self.id.key.clone(),
+            deleted: deleted as u64,
+            left: left as u64,
+            commit_sha: commit.to_owned(),
+        });
     }
 }
 
@@ -293,19 +250,6 @@ pub struct ObjectId {
     pub resource: String,
     pub namespace: String,
     pub name: String,
-}
-
-impl From<Option<pb::ObjectIdentity>> for ObjectId {
-    fn from(value: Option<pb::ObjectIdentity>) -> Self {
-        let value = value.unwrap_or_default();
-        Self {
-            group: value.group,
-            version: value.version,
-            resource: value.resource,
-            namespace: value.namespace,
-            name: value.name,
-        }
-    }
 }
 
 /// One snapshot scope (one resource in one namespace or in all).

@@ -1,10 +1,14 @@
-//! One agent stream (`Writer.Sync`): validates every message, keeps the stream's protocol state (hello first,
-//! declared destinations, per-destination sequence order, open snapshots) and forwards valid changes to the
-//! workers. Bad input is answered with a `Reject` naming the reason and changes nothing.
+//! One agent stream (`Writer.Sync`): keeps the stream's protocol state (hello first, declared destinations,
+//! per-destination sequence order, open snapshots) and forwards valid changes to the workers. Its input is the
+//! gRPC edge's decoded and checked [`Inbound`] message (see [`crate::grpc::convert`]); its output is [`Reply`]
+//! values on the stream's bounded reply channel. Bad input is answered with a `Reject` naming the reason and
+//! changes nothing.
 //!
-//! With a writer configuration file the stream belongs to a client identity ([`Access`]): the cluster its
-//! `Hello` claims, every destination it declares and every later message are checked against the client's
-//! current grant; anything outside it is rejected with reason `Forbidden`, and a revoked client's stream ends.
+//! With a writer configuration file the stream belongs to a client identity ([`Access`]): each message is
+//! authorized once ([`authorize`]) against the client's grant as it is when the message arrives: the cluster a
+//! `Hello` claims, the place a declaration names, and the declared place of every later change (a reloaded,
+//! narrower grant applies at once). Anything outside the grant is rejected with reason `Forbidden`, and a revoked
+//! client's stream ends.
 
 use std::{
     collections::HashMap,
@@ -14,26 +18,19 @@ use std::{
     },
 };
 
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use reverser_common::reasons::{ConditionReason, ConditionType, RejectReason};
-use reverser_common::{paths, sops, yaml};
-use reverser_proto::{
-    PROTOCOL_VERSION,
-    v1::{self as pb, agent_message::Kind},
-};
 
 use crate::{
-    authz::Access,
+    authz::{Access, ClientGrant},
     fencing::{Fence, Term},
-    git::{self, GitCredentials},
     metrics::Metrics,
-    model::{
-        Change, ClusterIdentity, DestinationId, DestinationRef, DestinationSpec, FlushOrder,
-        KustomizationMode, ObjectId, Operation, Origin, Placement, Prune, Scope,
-    },
+    model::Change,
+    model::{ClusterIdentity, DestinationRef, DestinationSpec, Operation, Origin},
+    names::redact_url,
     registry::{DeclaredCredentials, Registry},
+    reply::{Replies, Reply},
     worker::WorkerHandle,
 };
 
@@ -54,370 +51,154 @@ pub struct Rejection {
     pub message: String,
 }
 
-fn reject(reason: RejectReason, message: impl Into<String>) -> Rejection {
+pub fn reject(reason: RejectReason, message: impl Into<String>) -> Rejection {
     Rejection {
         reason,
         message: message.into(),
     }
 }
 
-/// Validates a `Hello` into the stream's identity.
-pub fn validate_hello(hello: &pb::Hello) -> Result<ClusterIdentity, Rejection> {
-    if hello.protocol_version != PROTOCOL_VERSION {
-        return Err(reject(
-            RejectReason::UnsupportedProtocolVersion,
-            format!(
-                "protocol_version {} is not supported; this writer speaks {PROTOCOL_VERSION}",
-                hello.protocol_version
-            ),
-        ));
-    }
-    for (field, value) in [
-        ("cluster_uid", &hello.cluster_uid),
-        ("instance_id", &hello.instance_id),
-        ("controller_namespace", &hello.controller_namespace),
-        ("controller_name", &hello.controller_name),
-    ] {
-        if value.trim().is_empty() {
-            return Err(reject(
-                RejectReason::InvalidHello,
-                format!("hello.{field} is required"),
-            ));
-        }
-        if value.len() > 253 || value.chars().any(char::is_control) {
-            return Err(reject(
-                RejectReason::InvalidHello,
-                format!("hello.{field} is longer than 253 characters or has control characters"),
-            ));
-        }
-    }
-    // Optional, but it lands in logs and the ownership marker.
-    if hello.cluster_name.len() > 253 || hello.cluster_name.chars().any(char::is_control) {
-        return Err(reject(
-            RejectReason::InvalidHello,
-            "hello.cluster_name is longer than 253 characters or has control characters",
-        ));
-    }
-    let leader_term = validate_leader_term(hello)?;
-    Ok(ClusterIdentity {
-        cluster_uid: hello.cluster_uid.clone(),
-        cluster_name: hello.cluster_name.clone(),
-        instance_id: hello.instance_id.clone(),
-        controller_namespace: hello.controller_namespace.clone(),
-        controller_name: hello.controller_name.clone(),
-        leader_term: leader_term.map(|term| term.to_string()),
-    })
+/// One agent message, decoded and checked by the gRPC edge ([`crate::grpc::convert::inbound`]). A part that
+/// failed its checks carries the [`Rejection`] it earned; the session decides when (and whether) to send it, since
+/// the stream's state comes first (hello first, a known destination, the sequence order).
+#[derive(Debug)]
+pub enum Inbound {
+    /// A message with none of its fields set.
+    Empty,
+    Hello(Result<Hello, Rejection>),
+    Destination {
+        key: String,
+        declaration: Result<Declaration, Rejection>,
+    },
+    /// An upsert, delete, snapshot begin or end, or flush for a declared destination.
+    Change {
+        /// The message kind (`upsert`, `delete`, `snapshot_begin`, `snapshot_end`, `flush`), for metrics and errors.
+        kind: &'static str,
+        destination: String,
+        sequence: u64,
+        operation: Result<Operation, Rejection>,
+    },
 }
 
-/// The leader term a `Hello` speaks for, if any.
-pub fn validate_leader_term(hello: &pb::Hello) -> Result<Option<Term>, Rejection> {
-    let Some(term) = &hello.leader_term else {
-        return Ok(None);
-    };
-    // The holder is the agent's instance id plus a suffix, so it may be a little longer than the id.
-    for (field, value) in [("lease_uid", &term.lease_uid), ("holder", &term.holder)] {
-        if value.trim().is_empty() || value.len() > 512 || value.chars().any(char::is_control) {
-            return Err(reject(
-                RejectReason::InvalidHello,
-                format!(
-                    "hello.leader_term.{field} is required, at most 512 bytes, without control characters"
-                ),
-            ));
+impl Inbound {
+    /// The message kind, for the `messages_received` metric and errors.
+    pub fn kind(&self) -> Option<&'static str> {
+        match self {
+            Inbound::Empty => None,
+            Inbound::Hello(_) => Some("hello"),
+            Inbound::Destination { .. } => Some("destination"),
+            Inbound::Change { kind, .. } => Some(kind),
         }
     }
-    Ok(Some(Term {
-        lease_uid: term.lease_uid.clone(),
-        transitions: term.transitions,
-        holder: term.holder.clone(),
-    }))
 }
 
-fn valid_repo_url(url: &str) -> bool {
-    if url.is_empty()
-        || url.len() > 2048
-        || url.chars().any(|c| c.is_control() || c.is_whitespace())
-    {
-        return false;
-    }
-    // Dot segments (plain or percent-encoded) and backslashes would let a URL that matches a grant's prefix
-    // resolve somewhere else (`file:///srv/acme/../victim.git`): refused, never normalised.
-    let lowered = url.to_ascii_lowercase();
-    if url.contains('\\')
-        || lowered.contains("%2e")
-        || lowered.contains("%2f")
-        || lowered.contains("%5c")
-        || url
-            .split(['/', ':'])
-            .any(|segment| segment == "." || segment == "..")
-    {
-        return false;
-    }
-    if let Some((scheme, rest)) = url.split_once("://") {
-        return matches!(scheme, "file" | "git" | "http" | "https" | "ssh") && !rest.is_empty();
-    }
-    // scp-like `user@host:path`
-    url.split_once(':')
-        .is_some_and(|(host, path)| !host.is_empty() && !host.contains('/') && !path.is_empty())
+/// A valid `Hello`: who the stream is, and the leader term it speaks for (if any).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub identity: ClusterIdentity,
+    pub term: Option<Term>,
 }
 
-/// Validates a `Destination` declaration.
-pub fn validate_destination(
-    cluster_uid: &str,
-    message: &pb::Destination,
-) -> Result<(DestinationSpec, DeclaredCredentials), Rejection> {
-    let key = &message.key;
-    let key_ok = key.len() <= 253
-        && key
-            .split_once('/')
-            .is_some_and(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
-        && !key.chars().any(|c| c.is_control() || c.is_whitespace());
-    if !key_ok {
-        return Err(reject(
-            RejectReason::InvalidDestination,
-            format!("destination key {key:?} must be \"namespace/name\""),
-        ));
-    }
-    if !valid_repo_url(&message.repo_url) {
-        return Err(reject(
-            RejectReason::InvalidDestination,
-            format!(
-                "repo_url {:?} is not a file://, git://, http(s)://, ssh:// or user@host:path URL",
-                git::redact_url(&message.repo_url)
-            ),
-        ));
-    }
-    git::validate_branch_name(&message.branch)
-        .map_err(|e| reject(RejectReason::InvalidDestination, e.to_string()))?;
-    paths::validate_base_folder(&message.base_folder).map_err(|e| {
-        reject(
-            RejectReason::InvalidDestination,
-            format!("base_folder: {e}"),
-        )
-    })?;
-    let credentials = match message.credentials.as_ref().and_then(|c| c.kind.as_ref()) {
-        None => DeclaredCredentials::None,
-        Some(pb::credentials::Kind::Reference(name)) => {
-            DeclaredCredentials::Reference(name.clone())
-        }
-        Some(pb::credentials::Kind::Basic(basic)) => {
-            DeclaredCredentials::Inline(GitCredentials::Basic {
-                username: basic.username.clone(),
-                password: basic.password.clone(),
-            })
-        }
-        Some(pb::credentials::Kind::Token(token)) => {
-            DeclaredCredentials::Inline(GitCredentials::Token(token.clone()))
-        }
-        Some(pb::credentials::Kind::Ssh(ssh)) => {
-            if ssh.known_hosts.trim().is_empty() {
-                return Err(reject(
-                    RejectReason::InvalidDestination,
-                    "ssh credentials need known_hosts: the writer never accepts an unknown host key",
-                ));
+/// A valid destination declaration. `spec.id.cluster_uid` is left empty by the edge: the session fills in its
+/// stream's cluster.
+#[derive(Clone, Debug)]
+pub struct Declaration {
+    pub spec: DestinationSpec,
+    pub credentials: DeclaredCredentials,
+}
+
+/// A declared destination's place, checked against the client's grant at every message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Place {
+    pub repo_url: String,
+    pub branch: String,
+    pub base_folder: String,
+}
+
+/// What a message asks of the client's grant.
+#[derive(Debug)]
+pub enum Asks<'a> {
+    /// A `Hello` claims a cluster.
+    Connect(&'a ClusterIdentity),
+    /// A declaration names a place and may bring the agent's own Git credentials.
+    Declare {
+        place: Place,
+        credentials: DeclaredCredentials,
+        /// Whether the writer has its own credentials for the repository (they win over the agent's).
+        writer_has_credentials: bool,
+    },
+    /// A change for a destination declared earlier (the grant may have narrowed since).
+    Write(&'a Place),
+}
+
+/// What the grant allows of a message.
+#[derive(Debug)]
+pub enum Authorized {
+    Connect,
+    /// The declaration, with the credentials it may use (the agent's own are dropped when the grant does not
+    /// allow them but the writer has its own).
+    Declare(DeclaredCredentials),
+    Write,
+}
+
+/// The one authorization step of a message: `grant` is the client's grant as it is now (`None`: no configuration
+/// file, anything goes). A refusal has reason `Forbidden`.
+pub fn authorize(grant: Option<&ClientGrant>, asks: Asks<'_>) -> Result<Authorized, Rejection> {
+    let forbidden =
+        |denied: crate::authz::Denied| reject(RejectReason::Forbidden, denied.to_string());
+    match asks {
+        Asks::Connect(identity) => {
+            if let Some(grant) = grant {
+                grant
+                    .check_hello(&identity.cluster_uid, &identity.cluster_name)
+                    .map_err(forbidden)?;
             }
-            if ssh.private_key.trim().is_empty() {
-                return Err(reject(
-                    RejectReason::InvalidDestination,
-                    "ssh credentials need a private_key",
-                ));
+            Ok(Authorized::Connect)
+        }
+        Asks::Declare {
+            place,
+            credentials,
+            writer_has_credentials,
+        } => {
+            let Some(grant) = grant else {
+                return Ok(Authorized::Declare(credentials));
+            };
+            grant
+                .check_destination(&place.repo_url, &place.branch, &place.base_folder)
+                .map_err(forbidden)?;
+            match credentials {
+                DeclaredCredentials::Inline(_) if !grant.allow_agent_credentials => {
+                    if writer_has_credentials {
+                        // The writer's own credentials win anyway; the agent's are dropped unused.
+                        Ok(Authorized::Declare(DeclaredCredentials::None))
+                    } else {
+                        Err(reject(
+                            RejectReason::Forbidden,
+                            format!(
+                                "client {:?} may not send its own Git credentials (allowAgentCredentials)",
+                                grant.identity
+                            ),
+                        ))
+                    }
+                }
+                other => Ok(Authorized::Declare(other)),
             }
-            DeclaredCredentials::Inline(GitCredentials::Ssh {
-                // Empty: the user the repository URL names, else `git` (git/auth.rs).
-                username: ssh.username.clone(),
-                private_key: ssh.private_key.clone(),
-                passphrase: (!ssh.passphrase.is_empty()).then(|| ssh.passphrase.clone()),
-                known_hosts: ssh.known_hosts.clone(),
-            })
         }
-    };
-    if message.age_recipients.len() > MAX_AGE_RECIPIENTS {
-        return Err(reject(
-            RejectReason::InvalidDestination,
-            format!(
-                "{} age recipients; at most {MAX_AGE_RECIPIENTS} are accepted",
-                message.age_recipients.len()
-            ),
-        ));
-    }
-    if let Some(position) = message
-        .age_recipients
-        .iter()
-        .position(|r| !sops::is_age_recipient(r))
-    {
-        // The value is not echoed: it is not a key, so it may be anything.
-        return Err(reject(
-            RejectReason::InvalidDestination,
-            format!("age_recipients[{position}] is not an age X25519 public key (age1…)"),
-        ));
-    }
-    let Some(prune) = Prune::from_proto(message.prune) else {
-        return Err(reject(
-            RejectReason::InvalidDestination,
-            format!(
-                "prune mode {} is unknown to this writer (ON_SNAPSHOT, ON_DELETE or NEVER)",
-                message.prune
-            ),
-        ));
-    };
-    let commit_template = message
-        .commit_message
-        .as_ref()
-        .map(|t| crate::batch::template::CommitTemplate::parse(&t.subject, &t.body))
-        .transpose()
-        .map_err(|e| reject(RejectReason::InvalidDestination, e.to_string()))?
-        .map(Arc::new);
-    let Some(kustomization) = KustomizationMode::from_proto(message.kustomization) else {
-        return Err(reject(
-            RejectReason::InvalidDestination,
-            format!(
-                "kustomization mode {} is unknown to this writer (OFF, MAINTAIN or CREATE)",
-                message.kustomization
-            ),
-        ));
-    };
-    let spec = DestinationSpec {
-        id: DestinationId {
-            cluster_uid: cluster_uid.to_owned(),
-            key: key.clone(),
-        },
-        repo_url: message.repo_url.clone(),
-        branch: message.branch.clone(),
-        base_folder: message.base_folder.clone(),
-        exclusive_mode: message.exclusive_mode,
-        credentials: None,
-        age_recipients: message.age_recipients.clone(),
-        prune,
-        commit_template,
-        suspend: message.suspend,
-        placement: Placement {
-            kustomization,
-            omit_namespace: message.omit_namespace,
-        },
-    };
-    Ok((spec, credentials))
-}
-
-/// Recipients one destination may list (they go into `.sops.yaml` and every encrypted file).
-const MAX_AGE_RECIPIENTS: usize = 64;
-
-fn valid_segment(value: &str) -> bool {
-    !value.is_empty()
-        && value != "."
-        && value != ".."
-        && value.len() <= 253
-        && !value.contains(['/', '\\'])
-        && !value.chars().any(char::is_control)
-}
-
-/// Validates a snapshot scope into its folder.
-pub fn validate_scope(scope: Option<&pb::SnapshotScope>) -> Result<Scope, Rejection> {
-    let scope =
-        scope.ok_or_else(|| reject(RejectReason::InvalidScope, "snapshot scope is required"))?;
-    if !(scope.group.is_empty() || valid_segment(&scope.group))
-        || !valid_segment(&scope.version)
-        || !valid_segment(&scope.resource)
-        || !(scope.namespace.is_empty() || valid_segment(&scope.namespace))
-    {
-        return Err(reject(
-            RejectReason::InvalidScope,
-            "snapshot scope needs a version and resource (and optional group/namespace) that are single path segments",
-        ));
-    }
-    Ok(Scope {
-        folder: paths::scope_folder(
-            &scope.group,
-            &scope.version,
-            &scope.resource,
-            &scope.namespace,
-        ),
-        namespace_given: !scope.namespace.is_empty(),
-    })
-}
-
-/// Validates a `FlushDestination`'s message and the request's names (they go into the commit).
-pub fn validate_flush(flush: &pb::FlushDestination) -> Result<FlushOrder, Rejection> {
-    let message = reverser_common::commit_message::validate(&flush.message)
-        .map_err(|e| reject(RejectReason::InvalidFlush, e.to_string()))?;
-    let clean = |text: &str, what: &str| -> Result<String, Rejection> {
-        if text.len() > 512 || text.chars().any(char::is_control) {
-            return Err(reject(
-                RejectReason::InvalidFlush,
-                format!("{what} is longer than 512 bytes or holds control characters"),
-            ));
+        Asks::Write(place) => {
+            if let Some(grant) = grant {
+                grant
+                    .check_destination(&place.repo_url, &place.branch, &place.base_folder)
+                    .map_err(forbidden)?;
+            }
+            Ok(Authorized::Write)
         }
-        Ok(text.to_owned())
-    };
-    let author = clean(&flush.author, "author")?;
-    Ok(FlushOrder {
-        message,
-        author: (!author.is_empty()).then_some(author),
-        request_name: clean(&flush.request_name, "request_name")?,
-        request_uid: clean(&flush.request_uid, "request_uid")?,
-    })
-}
-
-/// Validates an object path and YAML content.
-pub fn validate_upsert(
-    path: &str,
-    content: &[u8],
-    limits: &SessionLimits,
-) -> Result<(), Rejection> {
-    validate_upsert_with(path, content, limits, None)
-}
-
-/// Checks an upsert's content ahead of the session, off the stream's task (see [`crate::grpc`]): the YAML check is
-/// the costliest step of a stream, and doing it on the blocking pool lets one stream use every core.
-pub fn check_content(message: &pb::AgentMessage, limits: &SessionLimits) -> ContentCheck {
-    match &message.kind {
-        Some(Kind::Upsert(upsert)) if upsert.content.len() <= limits.max_object_bytes => {
-            Some(check_object(&upsert.content))
-        }
-        _ => None,
     }
-}
-
-/// The outcome of [`check_content`] for one message; `None` when it was not checked ahead (the session checks).
-pub type ContentCheck = Option<Result<(), Rejection>>;
-
-/// One YAML object, and never a plaintext Secret: whatever an agent sends, a core Secret reaches Git only as a SOPS
-/// document (the agent encrypts; this is the writer's own guard).
-fn check_object(content: &[u8]) -> Result<(), Rejection> {
-    let shape = yaml::validate_object(content)
-        .map_err(|e| reject(RejectReason::InvalidYaml, e.to_string()))?;
-    if shape.is_plaintext_secret() {
-        return Err(reject(
-            RejectReason::PlaintextSecret,
-            "a Secret without SOPS encryption is never written (configure spec.encryption on the GitDestination)",
-        ));
-    }
-    Ok(())
-}
-
-fn validate_upsert_with(
-    path: &str,
-    content: &[u8],
-    limits: &SessionLimits,
-    checked: ContentCheck,
-) -> Result<(), Rejection> {
-    paths::validate_object_path(path)
-        .map_err(|e| reject(RejectReason::InvalidPath, e.to_string()))?;
-    if content.len() > limits.max_object_bytes {
-        return Err(reject(
-            RejectReason::ObjectTooLarge,
-            format!(
-                "{} bytes is more than --max-object-bytes ({})",
-                content.len(),
-                limits.max_object_bytes
-            ),
-        ));
-    }
-    checked.unwrap_or_else(|| check_object(content))
 }
 
 struct DeclaredDestination {
     worker: WorkerHandle,
     /// Repository URL, branch and base folder, re-checked against the client's grant at every message.
-    place: (String, String, String),
+    place: Place,
     reference: DestinationRef,
     last_sequence: u64,
     /// Open snapshots: scope folder → epoch.
@@ -429,7 +210,7 @@ pub struct Session {
     registry: Arc<Registry>,
     metrics: Metrics,
     limits: SessionLimits,
-    replies: mpsc::UnboundedSender<pb::WriterMessage>,
+    replies: Replies,
     origin: Option<Arc<Origin>>,
     destinations: HashMap<String, DeclaredDestination>,
     id: u64,
@@ -453,7 +234,7 @@ impl Session {
         registry: Arc<Registry>,
         metrics: Metrics,
         limits: SessionLimits,
-        replies: mpsc::UnboundedSender<pb::WriterMessage>,
+        replies: Replies,
     ) -> Self {
         Self {
             registry,
@@ -494,22 +275,18 @@ impl Session {
         self.access.identity().unwrap_or("-")
     }
 
-    fn send(&self, kind: pb::writer_message::Kind) {
-        let _ = self.replies.send(pb::WriterMessage { kind: Some(kind) });
-    }
-
     fn send_reject(&self, destination: &str, sequence: u64, rejection: Rejection) {
         self.metrics
             .messages_rejected
             .with_label_values(&[rejection.reason.as_str()])
             .inc();
         warn!(session = self.id, client = self.client(), destination, sequence, reason = %rejection.reason, message = %rejection.message, "rejected message");
-        self.send(pb::writer_message::Kind::Reject(pb::Reject {
+        self.replies.send(Reply::Reject {
             destination: destination.to_owned(),
             sequence,
-            reason: rejection.reason.as_str().to_owned(),
+            reason: rejection.reason,
             message: rejection.message,
-        }));
+        });
     }
 
     /// Flushes every worker this stream wrote to (the agent half-closed and waits for its acks).
@@ -525,17 +302,8 @@ impl Session {
     }
 
     /// Handles one message.
-    pub async fn handle(&mut self, message: pb::AgentMessage) -> Next {
-        self.handle_checked(message, None).await
-    }
-
-    /// [`Session::handle`] for a message whose content was already checked by [`check_content`].
-    pub async fn handle_checked(
-        &mut self,
-        message: pb::AgentMessage,
-        checked: ContentCheck,
-    ) -> Next {
-        let Some(kind) = message.kind else {
+    pub async fn handle(&mut self, message: Inbound) -> Next {
+        let Some(label) = message.kind() else {
             self.send_reject(
                 "",
                 0,
@@ -546,20 +314,12 @@ impl Session {
             );
             return Next::Continue;
         };
-        let label = match &kind {
-            Kind::Hello(_) => "hello",
-            Kind::Destination(_) => "destination",
-            Kind::Upsert(_) => "upsert",
-            Kind::Delete(_) => "delete",
-            Kind::SnapshotBegin(_) => "snapshot_begin",
-            Kind::SnapshotEnd(_) => "snapshot_end",
-            Kind::Flush(_) => "flush",
-        };
         self.metrics
             .messages_received
             .with_label_values(&[label])
             .inc();
-        // A client removed from the configuration is cut off at its next message (and by the stream driver).
+        // The client's grant as it is now, looked up once per message. A client removed from the configuration is
+        // cut off at its next message (and by the stream driver).
         let grant = match self.access.grant() {
             Ok(grant) => grant,
             Err(denied) => {
@@ -568,48 +328,10 @@ impl Session {
                 return Next::Deny(message);
             }
         };
+        let grant = grant.as_deref();
         let Some(origin) = self.origin.clone() else {
-            return match kind {
-                Kind::Hello(hello) => match validate_hello(&hello).and_then(|identity| match &grant
-                {
-                    Some(grant) => grant
-                        .check_hello(&identity.cluster_uid, &identity.cluster_name)
-                        .map(|()| identity)
-                        .map_err(|denied| reject(RejectReason::Forbidden, denied.to_string())),
-                    None => Ok(identity),
-                }) {
-                    Ok(identity) => {
-                        if let Err(rejection) = self.enter_term(&identity.cluster_uid, &hello) {
-                            let message = rejection.message.clone();
-                            self.send_reject("", 0, rejection);
-                            return Next::Close(message);
-                        }
-                        info!(session = self.id, client = self.client(), cluster = %identity.cluster_uid, name = %identity.cluster_name,
-                            instance = %identity.instance_id, term = identity.leader_term.as_deref().unwrap_or("-"), "agent connected");
-                        self.origin = Some(Arc::new(Origin {
-                            session_id: self.id,
-                            identity,
-                            replies: self.replies.clone(),
-                        }));
-                        self.send(pb::writer_message::Kind::Welcome(pb::Welcome {
-                            protocol_version: PROTOCOL_VERSION,
-                            writer_version: env!("CARGO_PKG_VERSION").to_owned(),
-                            max_message_bytes: self.limits.max_message_bytes as u64,
-                            max_object_bytes: self.limits.max_object_bytes as u64,
-                        }));
-                        Next::Continue
-                    }
-                    Err(rejection) => {
-                        let message = rejection.message.clone();
-                        let forbidden = rejection.reason == RejectReason::Forbidden;
-                        self.send_reject("", 0, rejection);
-                        if forbidden {
-                            Next::Deny(message)
-                        } else {
-                            Next::Close(message)
-                        }
-                    }
-                },
+            return match message {
+                Inbound::Hello(hello) => self.connect(hello, grant),
                 _ => {
                     let message = format!("the first message must be hello, got {label}");
                     self.send_reject(
@@ -627,8 +349,9 @@ impl Session {
             self.send_reject("", 0, reject(RejectReason::StaleLeaderTerm, why.clone()));
             return Next::Close(why);
         }
-        match kind {
-            Kind::Hello(_) => {
+        match message {
+            Inbound::Empty => unreachable!("answered above"),
+            Inbound::Hello(_) => {
                 self.send_reject(
                     "",
                     0,
@@ -638,62 +361,60 @@ impl Session {
                     ),
                 );
             }
-            Kind::Destination(message) => self.declare(&origin, message).await,
-            Kind::Upsert(upsert) => {
-                let result =
-                    validate_upsert_with(&upsert.path, &upsert.content, &self.limits, checked).map(
-                        |()| Operation::Upsert {
-                            path: upsert.path.clone(),
-                            content: upsert.content.into(),
-                            object: ObjectId::from(upsert.object),
-                            author: (!upsert.author.is_empty()).then_some(upsert.author),
-                            fingerprint: (!upsert.fingerprint.is_empty())
-                                .then_some(upsert.fingerprint),
-                        },
-                    );
-                self.forward(&upsert.destination, upsert.sequence, result)
-                    .await;
+            Inbound::Destination { key, declaration } => {
+                self.declare(&origin, key, declaration, grant).await
             }
-            Kind::Delete(delete) => {
-                let result = paths::validate_object_path(&delete.path)
-                    .map_err(|e| reject(RejectReason::InvalidPath, e.to_string()))
-                    .map(|()| Operation::Delete {
-                        path: delete.path.clone(),
-                        object: ObjectId::from(delete.object),
-                        author: (!delete.author.is_empty()).then_some(delete.author),
-                    });
-                self.forward(&delete.destination, delete.sequence, result)
-                    .await;
-            }
-            Kind::SnapshotBegin(begin) => {
-                let result =
-                    validate_scope(begin.scope.as_ref()).map(|scope| Operation::SnapshotBegin {
-                        scope,
-                        epoch: begin.epoch,
-                    });
-                self.forward(&begin.destination, begin.sequence, result)
-                    .await;
-            }
-            Kind::SnapshotEnd(end) => {
-                let result =
-                    validate_scope(end.scope.as_ref()).map(|scope| Operation::SnapshotEnd {
-                        scope,
-                        epoch: end.epoch,
-                    });
-                self.forward(&end.destination, end.sequence, result).await;
-            }
-            Kind::Flush(flush) => {
-                let result = validate_flush(&flush).map(|order| Operation::Flush(Arc::new(order)));
-                self.forward(&flush.destination, flush.sequence, result)
-                    .await;
-            }
+            Inbound::Change {
+                destination,
+                sequence,
+                operation,
+                ..
+            } => self.forward(&destination, sequence, operation, grant).await,
         }
         Next::Continue
     }
 
+    /// The stream's first message: a valid `Hello` within the grant, under a current leader term, makes the stream
+    /// an agent's.
+    fn connect(&mut self, hello: Result<Hello, Rejection>, grant: Option<&ClientGrant>) -> Next {
+        let admitted =
+            hello.and_then(|hello| authorize(grant, Asks::Connect(&hello.identity)).map(|_| hello));
+        let hello = match admitted {
+            Ok(hello) => hello,
+            Err(rejection) => {
+                let message = rejection.message.clone();
+                let forbidden = rejection.reason == RejectReason::Forbidden;
+                self.send_reject("", 0, rejection);
+                return if forbidden {
+                    Next::Deny(message)
+                } else {
+                    Next::Close(message)
+                };
+            }
+        };
+        let Hello { identity, term } = hello;
+        if let Err(rejection) = self.enter_term(&identity.cluster_uid, term) {
+            let message = rejection.message.clone();
+            self.send_reject("", 0, rejection);
+            return Next::Close(message);
+        }
+        info!(session = self.id, client = self.client(), cluster = %identity.cluster_uid, name = %identity.cluster_name,
+            instance = %identity.instance_id, term = identity.leader_term.as_deref().unwrap_or("-"), "agent connected");
+        self.origin = Some(Arc::new(Origin {
+            session_id: self.id,
+            identity,
+            replies: self.replies.clone(),
+        }));
+        self.replies.send(Reply::Welcome {
+            max_message_bytes: self.limits.max_message_bytes as u64,
+            max_object_bytes: self.limits.max_object_bytes as u64,
+        });
+        Next::Continue
+    }
+
     /// Admits the stream under its Hello's leader term (refused when older than the cluster's newest).
-    fn enter_term(&mut self, cluster_uid: &str, hello: &pb::Hello) -> Result<(), Rejection> {
-        let Some(term) = validate_leader_term(hello)? else {
+    fn enter_term(&mut self, cluster_uid: &str, term: Option<Term>) -> Result<(), Rejection> {
+        let Some(term) = term else {
             return Ok(());
         };
         match self.registry.terms().enter(cluster_uid, term) {
@@ -705,47 +426,33 @@ impl Session {
         }
     }
 
-    /// Checks a validated declaration against the client's grant.
-    fn authorize_destination(
-        &self,
-        spec: &DestinationSpec,
-        credentials: DeclaredCredentials,
-    ) -> Result<DeclaredCredentials, Rejection> {
-        let Some(grant) = self
-            .access
-            .grant()
-            .map_err(|denied| reject(RejectReason::Forbidden, denied.to_string()))?
-        else {
-            return Ok(credentials);
-        };
-        grant
-            .check_destination(&spec.repo_url, &spec.branch, &spec.base_folder)
-            .map_err(|denied| reject(RejectReason::Forbidden, denied.to_string()))?;
-        match credentials {
-            DeclaredCredentials::Inline(_) if !grant.allow_agent_credentials => {
-                if self.registry.has_own_credentials(&spec.repo_url) {
-                    // The writer's own credentials win anyway; the agent's are dropped unused.
-                    Ok(DeclaredCredentials::None)
-                } else {
-                    Err(reject(
-                        RejectReason::Forbidden,
-                        format!(
-                            "client {:?} may not send its own Git credentials (allowAgentCredentials)",
-                            grant.identity
-                        ),
-                    ))
+    async fn declare(
+        &mut self,
+        origin: &Arc<Origin>,
+        key: String,
+        declaration: Result<Declaration, Rejection>,
+        grant: Option<&ClientGrant>,
+    ) {
+        let validated = declaration.and_then(
+            |Declaration {
+                 mut spec,
+                 credentials,
+             }| {
+                spec.id.cluster_uid = origin.identity.cluster_uid.clone();
+                let asks = Asks::Declare {
+                    place: Place {
+                        repo_url: spec.repo_url.clone(),
+                        branch: spec.branch.clone(),
+                        base_folder: spec.base_folder.clone(),
+                    },
+                    writer_has_credentials: matches!(credentials, DeclaredCredentials::Inline(_))
+                        && self.registry.has_own_credentials(&spec.repo_url),
+                    credentials,
+                };
+                match authorize(grant, asks)? {
+                    Authorized::Declare(credentials) => Ok((spec, credentials)),
+                    other => unreachable!("a declaration is authorized as one, not as {other:?}"),
                 }
-            }
-            other => Ok(other),
-        }
-    }
-
-    async fn declare(&mut self, origin: &Arc<Origin>, message: pb::Destination) {
-        let key = message.key.clone();
-        let validated = validate_destination(&origin.identity.cluster_uid, &message).and_then(
-            |(spec, credentials)| {
-                self.authorize_destination(&spec, credentials)
-                    .map(|credentials| (spec, credentials))
             },
         );
         let (spec, credentials) = match validated {
@@ -768,14 +475,14 @@ impl Session {
         let id = spec.id.clone();
         let (base_folder, repo, branch) = (
             spec.base_folder.clone(),
-            git::redact_url(&spec.repo_url),
+            redact_url(&spec.repo_url),
             spec.branch.clone(),
         );
-        let place = (
-            spec.repo_url.clone(),
-            spec.branch.clone(),
-            spec.base_folder.clone(),
-        );
+        let place = Place {
+            repo_url: spec.repo_url.clone(),
+            branch: spec.branch.clone(),
+            base_folder: spec.base_folder.clone(),
+        };
         let owner = self.access.identity().map(str::to_owned);
         let suspend = spec.suspend;
         match self
@@ -850,7 +557,13 @@ impl Session {
         }
     }
 
-    async fn forward(&mut self, key: &str, sequence: u64, operation: Result<Operation, Rejection>) {
+    async fn forward(
+        &mut self,
+        key: &str,
+        sequence: u64,
+        operation: Result<Operation, Rejection>,
+        grant: Option<&ClientGrant>,
+    ) {
         let Some(destination) = self.destinations.get_mut(key) else {
             let rejection = reject(
                 RejectReason::UnknownDestination,
@@ -860,19 +573,9 @@ impl Session {
             return;
         };
         // The grant may have narrowed since the declaration (a reloaded configuration).
-        if let Ok(Some(grant)) = self.access.grant()
-            && let Err(denied) = grant.check_destination(
-                &destination.place.0,
-                &destination.place.1,
-                &destination.place.2,
-            )
-        {
+        if let Err(rejection) = authorize(grant, Asks::Write(&destination.place)) {
             destination.last_sequence = destination.last_sequence.max(sequence);
-            self.send_reject(
-                key,
-                sequence,
-                reject(RejectReason::Forbidden, denied.to_string()),
-            );
+            self.send_reject(key, sequence, rejection);
             return;
         }
         if sequence == 0 || sequence <= destination.last_sequence {
@@ -937,67 +640,6 @@ impl Session {
                     "the destination's worker stopped; reconnect and re-send",
                 ),
             );
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_leader_term_needs_a_lease_uid_and_a_clean_holder() {
-        let hello = |lease_uid: &str, holder: &str| pb::Hello {
-            leader_term: Some(pb::LeaderTerm {
-                lease_uid: lease_uid.into(),
-                transitions: 7,
-                holder: holder.into(),
-            }),
-            ..pb::Hello::default()
-        };
-        assert_eq!(validate_leader_term(&pb::Hello::default()), Ok(None));
-        let term = validate_leader_term(&hello("uid", "agent-0-abc123"))
-            .unwrap()
-            .unwrap();
-        assert_eq!(term.to_string(), "7/agent-0-abc123");
-        for (uid, holder) in [
-            ("", "a"),
-            ("uid", " "),
-            ("uid", "a\nX-Forged: 1"),
-            ("uid", &"a".repeat(513)),
-        ] {
-            assert_eq!(
-                validate_leader_term(&hello(uid, holder))
-                    .unwrap_err()
-                    .reason,
-                RejectReason::InvalidHello
-            );
-        }
-    }
-
-    #[test]
-    fn repository_urls_with_dot_segments_or_escapes_are_refused() {
-        for good in [
-            "file:///srv/repos/acme/state.git",
-            "https://git.example.com/acme/state.git",
-            "ssh://git@git.example.com:2222/acme/state.git",
-            "git@github.com:acme/state.git",
-            "https://git.example.com/acme/state.v1.git",
-        ] {
-            assert!(valid_repo_url(good), "{good}");
-        }
-        for bad in [
-            "file:///srv/repos/acme/../victim.git",
-            "file:///srv/repos/acme/./x/../../victim.git",
-            "https://git.example.com/acme/%2e%2e/victim.git",
-            "https://git.example.com/acme/%2E%2E/victim.git",
-            "https://git.example.com/acme%2fvictim.git",
-            "https://git.example.com/acme\\..\\victim.git",
-            "git@github.com:../victim.git",
-            "ftp://example.com/x.git",
-            "https://git.example.com/a b.git",
-        ] {
-            assert!(!valid_repo_url(bad), "{bad}");
         }
     }
 }

@@ -35,14 +35,13 @@ use tracing::{debug, info, warn};
 use reverser_common::backoff::Backoff;
 use reverser_common::reasons::{ConditionReason, ConditionType, RejectReason};
 
-use reverser_proto::v1 as pb;
-
 use crate::{
     batch::{self, Accepted, Buffer, Limits, Plan, PlanContext, TreeView},
     git::{self, Clone, CommitMeta, GitCredentials, GitError, PushOutcome, RepoSpec},
     lease::LeaseState,
     metrics::Metrics,
     model::{Change, DestinationId, DestinationRef, Origin},
+    reply::{self, FlushResult, Reply},
 };
 
 /// Settings shared by every worker.
@@ -950,7 +949,7 @@ impl Worker {
                 .lock()
                 .expect("conditions lock")
                 .get(ConditionType::SweepIncomplete.as_str())
-                .is_some_and(|c| c.status == "True");
+                .is_some_and(|c| c.status);
             if incomplete {
                 info!(worker = %self.id, destination = %destination.id, "sweep complete");
                 destination.report(
@@ -1008,11 +1007,11 @@ impl Worker {
             destination
                 .acked
                 .fetch_max(sequence, std::sync::atomic::Ordering::Relaxed);
-            origin.send(pb::writer_message::Kind::Ack(pb::Ack {
+            origin.send(Reply::Ack {
                 destination: id.key.clone(),
                 sequence,
                 commit_sha: sha.clone(),
-            }));
+            });
             let conflicted = plan
                 .marker_conflicts
                 .iter()
@@ -1051,30 +1050,30 @@ impl Worker {
                 .and_then(|c| c.id.clone());
             let (outcome, sha, message) = match commit {
                 Some(sha) => (
-                    pb::FlushOutcome::Committed,
+                    reply::FlushOutcome::Committed,
                     sha,
                     "committed the destination's pending changes".to_owned(),
                 ),
                 None if tip.is_empty() => (
-                    pb::FlushOutcome::NothingPending,
+                    reply::FlushOutcome::NothingPending,
                     String::new(),
                     "nothing was pending and the branch has no commit yet; no commit was made".to_owned(),
                 ),
                 None => (
-                    pb::FlushOutcome::NothingPending,
+                    reply::FlushOutcome::NothingPending,
                     tip.to_owned(),
                     "nothing of the destination was pending; the branch tip already holds every earlier change, no commit was made".to_owned(),
                 ),
             };
-            info!(worker = %self.id, destination = %entry.destination.id, request = %order.request_name, commit = %sha, outcome = outcome.as_str_name(), "commit request answered");
+            info!(worker = %self.id, destination = %entry.destination.id, request = %order.request_name, commit = %sha, outcome = outcome.as_str(), "commit request answered");
             entry
                 .destination
                 .origin
-                .send(pb::writer_message::Kind::FlushResult(pb::FlushResult {
+                .send(Reply::FlushResult(FlushResult {
                     destination: entry.destination.id.key.clone(),
                     request_uid: order.request_uid.clone(),
                     commit_sha: sha,
-                    outcome: outcome as i32,
+                    outcome,
                     branch: self.spec.branch.clone(),
                     message,
                 }));
@@ -1135,7 +1134,7 @@ impl Worker {
                 .lock()
                 .expect("conditions lock")
                 .get(ConditionType::KustomizationUnreadable.as_str())
-                .is_some_and(|c| c.status == "True");
+                .is_some_and(|c| c.status);
             if unreadable {
                 destination.report(
                     ConditionType::KustomizationUnreadable,

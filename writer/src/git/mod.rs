@@ -316,15 +316,9 @@ pub fn worker_id(repo_url: &str, branch: &str) -> String {
     hex::encode(&digest[..8])
 }
 
-/// Checks a branch name with git's `check-ref-format` rules (as `refs/heads/<branch>`).
+/// Checks a branch name with git's `check-ref-format` rules (see [`crate::names::validate_branch_name`]).
 pub fn validate_branch_name(branch: &str) -> Result<(), GitError> {
-    // is_valid_name accepts "HEAD"-like one-level names only outside refs/; "refs/heads/" + name
-    // covers every rule (no "..", no "@{", no control chars, no trailing ".lock", ...).
-    let full = format!("refs/heads/{branch}");
-    if branch.is_empty() || branch.starts_with('-') || !git2::Reference::is_valid_name(&full) {
-        return Err(GitError::InvalidBranch(branch.to_owned()));
-    }
-    Ok(())
+    crate::names::validate_branch_name(branch).map_err(|invalid| GitError::InvalidBranch(invalid.0))
 }
 
 /// Checks a repository-relative file path: `/`-separated, no empty, `.`, `..` or `.git`

@@ -107,18 +107,7 @@ pub fn canonical_remote(url: &str) -> String {
     }
 }
 
-/// The URL without userinfo (`https://user:pw@host/r.git` → `https://host/r.git`). scp-like URLs
-/// (`git@host:path`) keep their user name, which is not a secret and is needed to read them.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
-        None => url.to_owned(),
-    }
-}
+pub use crate::names::redact_url;
 
 /// Makes free text (a libgit2 message) safe to show: any `scheme://userinfo@` is scrubbed and the
 /// given secrets are masked.
@@ -230,14 +219,6 @@ mod tests {
         assert_eq!(endpoint("/tmp/r.git"), None);
         assert_eq!(endpoint("./a:b/r.git"), None);
         assert_eq!(endpoint("C:/r.git"), None);
-    }
-
-    #[test]
-    fn redact_url_drops_userinfo() {
-        assert_eq!(redact_url("https://u:pw@h/r.git"), "https://h/r.git");
-        assert_eq!(redact_url("https://tok@h:1/r@x.git"), "https://h:1/r@x.git");
-        assert_eq!(redact_url("https://h/r.git"), "https://h/r.git");
-        assert_eq!(redact_url("git@h:r.git"), "git@h:r.git");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! A suspended destination's changes go into a buffer of its own ([`Held`]) instead of the worker's: validated,
 //! snapshot epochs tracked and sweeps formed as usual, but never committed. Now and then (the batch interval, or
 //! at once on an explicit flush) the worker plans that buffer against the branch tip exactly as a flush would and
-//! sends the destination's agent a [`pb::SuspendPreview`]. Un-suspending appends the held entries to the worker's
+//! sends the destination's agent a [`SuspendPreview`]. Un-suspending appends the held entries to the worker's
 //! buffer and flushes at once, so the commit writes what the last preview showed (plus what changed since).
 //!
 //! Bounds: the held buffer is compacted before every preview ([`Buffer::compact`]: the last change per path, the
@@ -23,13 +23,13 @@ use chrono::{SecondsFormat, Utc};
 use tracing::{info, warn};
 
 use reverser_common::reasons::RejectReason;
-use reverser_proto::v1 as pb;
 
 use super::{CommitTree, PushWhen, Worker, network_deadline, watchdog};
 use crate::{
     batch::{self, Accepted, Buffer, PlanContext, TreeView},
     git::GitError,
     model::{Change, DestinationId, DestinationRef, Origin},
+    reply::{Reply, SuspendPreview},
 };
 
 /// Paths of each kind (added, changed, deleted) a preview lists; the counts cover all of them.
@@ -147,11 +147,11 @@ impl Worker {
                 held.destination
                     .acked
                     .fetch_max(*sequence, std::sync::atomic::Ordering::Relaxed);
-                origin.send(pb::writer_message::Kind::Ack(pb::Ack {
+                origin.send(Reply::Ack {
                     destination: id.key.clone(),
                     sequence: *sequence,
                     commit_sha: String::new(),
-                }));
+                });
             }
         }
     }
@@ -231,7 +231,7 @@ impl Worker {
                 clone: &clone,
                 commit: base,
             };
-            let previews: Vec<(DestinationRef, Result<pb::SuspendPreview, GitError>)> = jobs
+            let previews: Vec<(DestinationRef, Result<SuspendPreview, GitError>)> = jobs
                 .into_iter()
                 .map(|(destination, entries)| {
                     let preview = batch::plan(&entries, &tree, &context).and_then(|plan| {
@@ -322,14 +322,14 @@ fn preview_of(
     tree: &dyn TreeView,
     base: Option<git2::Oid>,
     held: usize,
-) -> Result<pb::SuspendPreview, GitError> {
+) -> Result<SuspendPreview, GitError> {
     let mut last: BTreeMap<&str, bool> = BTreeMap::new();
     for commit in &plan.commits {
         for change in &commit.changes {
             last.insert(change.path.as_str(), change.content.is_some());
         }
     }
-    let mut preview = pb::SuspendPreview {
+    let mut preview = SuspendPreview {
         destination: key.to_owned(),
         paths_cap: PREVIEW_PATHS_CAP as u64,
         base_commit: base.map(|b| b.to_string()).unwrap_or_default(),
