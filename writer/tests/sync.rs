@@ -1170,3 +1170,113 @@ async fn prune_modes_decide_which_deletions_land_and_a_redeclaration_switches_th
     );
     writer.stop().await;
 }
+
+#[tokio::test]
+async fn an_agent_that_stops_reading_its_replies_is_ended_and_the_worker_keeps_serving_the_others()
+{
+    let repo = BareRepo::new();
+    let writer = Writer::start(&[]).await;
+
+    // The slow agent shares the worker (same repository and branch) and has a change of its own in it, so the
+    // worker answers it too. Then it floods the stream with messages that each earn a Reject and reads nothing.
+    let mut slow = writer.agent("uid-slow").await;
+    slow.declare("gitops/slow", &repo.file_url(), "main", "slow")
+        .await;
+    slow.send(upsert(
+        "gitops/slow",
+        1,
+        "core/v1/configmaps/ns/a.yaml",
+        &configmap("ns", "a", "1"),
+    ))
+    .await;
+    let sender = slow.sender();
+    let flood = tokio::spawn(async move {
+        // Far more replies than the writer queues per stream plus what HTTP/2 buffers. The writer stops reading
+        // once it ends the stream, so this send may wait for good: the task is aborted at the end.
+        for sequence in 1..=60_000u64 {
+            let message = upsert(
+                "gitops/undeclared",
+                sequence,
+                "core/v1/configmaps/ns/x.yaml",
+                "x",
+            );
+            if sender.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    // The writer notices the full reply queue and ends the slow stream.
+    let mut polls = 0;
+    while !writer
+        .metrics()
+        .await
+        .contains("gitops_reverser_slow_streams_ended_total 1")
+    {
+        polls += 1;
+        assert!(polls < 600, "the slow stream was never ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A reading agent on the same worker (which still holds the slow stream's full reply queue) gets every ack.
+    let mut reader = writer.agent("uid-reader").await;
+    reader
+        .declare("gitops/reader", &repo.file_url(), "main", "reader")
+        .await;
+    let mut written = Vec::new();
+    for round in 1..=3u64 {
+        let path = format!("core/v1/configmaps/ns/r{round}.yaml");
+        reader
+            .send(upsert(
+                "gitops/reader",
+                round,
+                &path,
+                &configmap("ns", "r", &round.to_string()),
+            ))
+            .await;
+        let sha = reader.ack("gitops/reader", round).await;
+        assert_eq!(repo.rev_parse("main").as_deref(), Some(sha.as_str()));
+        written.push(path);
+    }
+
+    // The slow stream ends with RESOURCE_EXHAUSTED, which its agent sees after the replies queued before it.
+    let mut replies_before_the_end = 0usize;
+    let status = loop {
+        match slow.next().await {
+            Some(Ok(_)) => replies_before_the_end += 1,
+            Some(Err(status)) => break status,
+            None => panic!(
+                "the slow stream ended without a status after {replies_before_the_end} replies"
+            ),
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+    assert!(
+        status.message().contains("did not read its replies"),
+        "{status}"
+    );
+    let metrics = writer.metrics().await;
+    assert!(
+        metrics.contains("gitops_reverser_slow_streams_ended_total 1"),
+        "{metrics}"
+    );
+    flood.abort();
+
+    // Nothing of the reading agent was lost, and the worker still serves new streams.
+    for (round, path) in written.iter().enumerate() {
+        assert_eq!(
+            repo.read("main", &format!("reader/{path}")).unwrap(),
+            configmap("ns", "r", &(round + 1).to_string())
+        );
+    }
+    reader
+        .send(upsert(
+            "gitops/reader",
+            4,
+            "core/v1/configmaps/ns/r4.yaml",
+            &configmap("ns", "r", "4"),
+        ))
+        .await;
+    reader.ack("gitops/reader", 4).await;
+    writer.stop().await;
+}

@@ -279,6 +279,11 @@ impl Agent {
             .expect("stream open");
     }
 
+    /// A second handle on the stream's sending side (for a task that sends while the test reads elsewhere).
+    pub fn sender(&self) -> mpsc::Sender<pb::AgentMessage> {
+        self.sender.clone().expect("still sending")
+    }
+
     /// Half-closes the stream (the writer then flushes and finishes the stream).
     pub fn finish(&mut self) {
         self.sender.take();
