@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use reverser_agent::paths as agent_paths;
 use reverser_common::paths;
 use reverser_proto::v1 as pb;
-use reverser_writer::session;
+use reverser_writer::grpc::convert;
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
@@ -88,7 +88,7 @@ fn agent_names(u: &mut Unstructured<'_>) -> Result<()> {
         // In the scope the writer derives from the agent's SnapshotBegin for this type (and namespace), so a
         // complete snapshot can sweep it, and in the all-namespaces scope of its type.
         let ns = namespace.clone().unwrap_or_default();
-        let scope = session::validate_scope(Some(&pb::SnapshotScope {
+        let scope = convert::validate_scope(Some(&pb::SnapshotScope {
             group: group.clone(),
             version: version.clone(),
             resource: resource.clone(),

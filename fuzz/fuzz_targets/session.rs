@@ -1,9 +1,9 @@
-//! The writer's stream state machine (`session::Session`, with a real `Registry`) driven by arbitrary sequences
-//! of protocol messages on two streams, against a model of the protocol: hello first, one hello, declared
-//! destinations (overlaps refused across streams), sequence order per destination, a sequence consumed by a
-//! refused message, snapshot begin/end pairing, leader-term fencing between the streams. Every message must be
-//! answered exactly as the model says: forwarded (no Reject), or one Reject with the model's reason, destination
-//! and sequence; and the stream must continue or end as the model says.
+//! The writer's stream state machine (`session::Session`, with a real `Registry`, fed by the gRPC edge's
+//! `convert::inbound`) driven by arbitrary sequences of protocol messages on two streams, against a model of the
+//! protocol: hello first, one hello, declared destinations (overlaps refused across streams), sequence order per
+//! destination, a sequence consumed by a refused message, snapshot begin/end pairing, leader-term fencing between
+//! the streams. Every message must be answered exactly as the model says: forwarded (no Reject), or one Reject
+//! with the model's reason, destination and sequence; and the stream must continue or end as the model says.
 //!
 //! The messages' contents come from small pools (valid, invalid, and fuzz bytes), and the expected verdict of a
 //! single message's content reuses the writer's pure validators (fuzzed on their own in other targets); what is
@@ -28,10 +28,11 @@ use reverser_writer::{
     git,
     metrics::Metrics,
     registry::{Caps, Registry},
-    session::{self, Next, Session, SessionLimits},
+    grpc::convert,
+    reply::Replies,
+    session::{Next, Session, SessionLimits},
     worker::WorkerSettings,
 };
-use tokio::sync::mpsc;
 
 const KEYS: &[&str] = &["ns/a", "ns/b", "ns/c", "bad key"];
 const REPOS: &[&str] = &[
@@ -259,7 +260,7 @@ async fn run(steps: Vec<Step>) {
     );
     let mut streams = Vec::new();
     for _ in 0..2 {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = Replies::channel(reverser_writer::reply::REPLY_CAPACITY);
         let session = Session::new(registry.clone(), Metrics::default(), limits.clone(), tx);
         streams.push((session, rx, StreamModel::default()));
     }
@@ -290,13 +291,13 @@ async fn run(steps: Vec<Step>) {
             _ => None,
         };
         let (session, replies, model) = &mut streams[index];
-        let next = session.handle(message).await;
+        let next = session.handle(convert::inbound(message, &limits)).await;
         // Let workers run (they may answer on their own).
         tokio::task::yield_now().await;
         let mut rejects = Vec::new();
         let mut welcomes = 0;
-        while let Ok(reply) = replies.try_recv() {
-            match reply.kind {
+        while let Ok(reply) = replies.replies.try_recv() {
+            match pb::WriterMessage::from(reply).kind {
                 Some(writer_message::Kind::Reject(r)) => rejects.push(r),
                 Some(writer_message::Kind::Welcome(w)) => {
                     assert_eq!(w.protocol_version, PROTOCOL_VERSION);
@@ -388,11 +389,11 @@ fn hello_verdict(
     model: &mut StreamModel,
     terms: &mut HashMap<String, Record>,
 ) -> Expect {
-    let identity = match session::validate_hello(hello) {
+    let identity = match convert::validate_hello(hello) {
         Ok(identity) => identity,
         Err(rejection) => return reject(rejection.reason, "", 0, true),
     };
-    if let Some(term) = session::validate_leader_term(hello).expect("validated with the hello") {
+    if let Some(term) = convert::validate_leader_term(hello).expect("validated with the hello") {
         let uid = identity.cluster_uid.clone();
         match fencing::compare(terms.get(&uid), &term) {
             Verdict::Stale(_) => return reject(RejectReason::StaleLeaderTerm, "", 0, true),
@@ -488,7 +489,7 @@ fn build(
             prune,
         } => {
             let message = destination_message(key, repo, branch, base, recipients, prune);
-            let expect = match session::validate_destination(&cluster, &message) {
+            let expect = match convert::validate_destination(&cluster, &message) {
                 Err(rejection) => reject(rejection.reason, &message.key, 0, false),
                 Ok(_) => {
                     let worker = git::worker_id(&message.repo_url, &message.branch);
@@ -652,7 +653,7 @@ fn forwardable(
                 Content::Bytes(bytes) => bytes,
             };
             let p = path(p);
-            let verdict = session::validate_upsert(&p, &content, limits)
+            let verdict = convert::validate_upsert(&p, &content, limits)
                 .map(|()| None)
                 .map_err(|r| r.reason);
             let upsert = pb::Upsert {
@@ -693,7 +694,7 @@ fn forwardable(
             let sequence = sequence(seq, last);
             let scope = scope(s);
             let epoch = u64::from(epoch % 3);
-            let verdict = session::validate_scope(scope.as_ref())
+            let verdict = convert::validate_scope(scope.as_ref())
                 .map(|scope| Some((begin, scope.folder, epoch)))
                 .map_err(|r| r.reason);
             let kind = if begin {

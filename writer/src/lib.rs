@@ -11,10 +11,14 @@
 //!                                                                   │
 //! agent ◀── Ack / Reject / DestinationStatus ◀──────────────────────┘ (acks only after the push)
 //! ```
-//! Pure logic lives in [`batch`], [`session`]'s validators, [`credentials`], [`config`] and [`authz`]; I/O actors
-//! in [`worker`] (git on the blocking pool), [`lease`] (Kubernetes Leases), [`grpc`] (tonic), [`tls`] (rustls
-//! with certificate reload) and the admin HTTP endpoint. [`Args::start`] wires them together; `main.rs` only
-//! parses arguments.
+//! Protocol types stop at [`grpc`]: [`grpc::convert`] checks each agent message into a domain
+//! [`session::Inbound`] and turns the domain [`reply::Reply`] values of the session and the workers into protocol
+//! replies, which travel on a bounded channel per stream ([`reply`]).
+//!
+//! Pure logic lives in [`batch`], [`grpc::convert`]'s validators, [`session::authorize`], [`names`],
+//! [`credentials`], [`config`] and [`authz`]; I/O actors in [`worker`] (git on the blocking pool), [`lease`]
+//! (Kubernetes Leases), [`grpc`] (tonic), [`tls`] (rustls with certificate reload) and the admin HTTP endpoint.
+//! [`Args::start`] wires them together; `main.rs` only parses arguments.
 //!
 //! Standalone, several clusters: `--config FILE` names the clients (verified client-certificate identities) and
 //! what each may write; [`Args::start`] re-reads that file and the TLS files every few seconds and swaps them in.

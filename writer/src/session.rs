@@ -643,3 +643,133 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authz::{Grant, Pattern};
+    use crate::git::GitCredentials;
+
+    fn grant(allow_agent_credentials: bool) -> ClientGrant {
+        ClientGrant {
+            identity: "team-a".into(),
+            cluster_uids: vec!["uid-a".into()],
+            cluster_names: Vec::new(),
+            grants: vec![Grant {
+                repos: vec![Pattern::parse("https://git.example.com/acme/*")],
+                branches: vec![Pattern::parse("main")],
+                base_folders: vec!["clusters/a".into()],
+            }],
+            allow_agent_credentials,
+            admin: false,
+        }
+    }
+
+    fn identity(uid: &str) -> ClusterIdentity {
+        ClusterIdentity {
+            cluster_uid: uid.into(),
+            cluster_name: "a".into(),
+            instance_id: "agent-0".into(),
+            controller_namespace: "ns".into(),
+            controller_name: "agent".into(),
+            leader_term: None,
+        }
+    }
+
+    fn place(base_folder: &str) -> Place {
+        Place {
+            repo_url: "https://git.example.com/acme/state.git".into(),
+            branch: "main".into(),
+            base_folder: base_folder.into(),
+        }
+    }
+
+    fn inline() -> DeclaredCredentials {
+        DeclaredCredentials::Inline(GitCredentials::Token("t0ken".into()))
+    }
+
+    fn declare(
+        grant: Option<&ClientGrant>,
+        base_folder: &str,
+        credentials: DeclaredCredentials,
+        writer_has_credentials: bool,
+    ) -> Result<Authorized, Rejection> {
+        authorize(
+            grant,
+            Asks::Declare {
+                place: place(base_folder),
+                credentials,
+                writer_has_credentials,
+            },
+        )
+    }
+
+    #[test]
+    fn without_a_configuration_everything_is_authorized_as_asked() {
+        assert!(matches!(
+            authorize(None, Asks::Connect(&identity("any"))),
+            Ok(Authorized::Connect)
+        ));
+        assert!(matches!(
+            declare(None, "anywhere", inline(), false),
+            Ok(Authorized::Declare(DeclaredCredentials::Inline(_)))
+        ));
+        assert!(matches!(
+            authorize(None, Asks::Write(&place("anywhere"))),
+            Ok(Authorized::Write)
+        ));
+    }
+
+    #[test]
+    fn a_grant_limits_the_cluster_the_place_and_the_agents_own_credentials() {
+        let strict = grant(false);
+        assert!(authorize(Some(&strict), Asks::Connect(&identity("uid-a"))).is_ok());
+        let refused = authorize(Some(&strict), Asks::Connect(&identity("uid-b"))).unwrap_err();
+        assert_eq!(refused.reason, RejectReason::Forbidden);
+
+        assert!(matches!(
+            declare(
+                Some(&strict),
+                "clusters/a/x",
+                DeclaredCredentials::None,
+                false
+            ),
+            Ok(Authorized::Declare(DeclaredCredentials::None))
+        ));
+        let outside = declare(
+            Some(&strict),
+            "clusters/b",
+            DeclaredCredentials::None,
+            false,
+        );
+        assert_eq!(outside.unwrap_err().reason, RejectReason::Forbidden);
+
+        // The agent's own credentials: refused, unless the writer has its own (then they are dropped unused).
+        let own = declare(Some(&strict), "clusters/a", inline(), false).unwrap_err();
+        assert_eq!(own.reason, RejectReason::Forbidden);
+        assert!(
+            own.message.contains("allowAgentCredentials"),
+            "{}",
+            own.message
+        );
+        assert!(!own.message.contains("t0ken"), "{}", own.message);
+        assert!(matches!(
+            declare(Some(&strict), "clusters/a", inline(), true),
+            Ok(Authorized::Declare(DeclaredCredentials::None))
+        ));
+        assert!(matches!(
+            declare(Some(&grant(true)), "clusters/a", inline(), false),
+            Ok(Authorized::Declare(DeclaredCredentials::Inline(_)))
+        ));
+    }
+
+    #[test]
+    fn a_narrowed_grant_refuses_changes_for_a_place_declared_under_the_old_one() {
+        let declared = place("clusters/a");
+        assert!(authorize(Some(&grant(false)), Asks::Write(&declared)).is_ok());
+        let mut narrowed = grant(false);
+        narrowed.grants[0].base_folders = vec!["clusters/other".into()];
+        let refused = authorize(Some(&narrowed), Asks::Write(&declared)).unwrap_err();
+        assert_eq!(refused.reason, RejectReason::Forbidden);
+    }
+}

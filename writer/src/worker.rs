@@ -9,7 +9,8 @@
 //! transport pays a push's fixed price once per many batches instead of once per batch). A rejected push means
 //! someone else pushed: fetch, plan every held batch again in order on the new tip (the latest content per path is
 //! re-applied), push again, a bounded number of times. Only after a successful push are a batch's changes acked
-//! to their agents; on failure the batches stay held (and the buffer keeps its changes) and the worker retries with
+//! to their agents (a [`Reply`] on each stream's bounded reply channel, which never makes the worker wait: see
+//! [`crate::reply`]); on failure the batches stay held (and the buffer keeps its changes) and the worker retries with
 //! backoff, reporting `PushFailing`/`AuthFailed` to the destinations meanwhile. Nothing held is written anywhere
 //! but the clone: after a crash the agents re-send what was not acked.
 //!
