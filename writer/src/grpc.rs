@@ -235,11 +235,7 @@ impl Writer for WriterService {
                         break;
                     }
                     Ok(()) = async { overflowed.wait_for(|full| *full).await.map(|_| ()) } => {
-                        warn!(?peer, %client, capacity = REPLY_CAPACITY, "the agent does not read its replies; ending its stream");
-                        metrics.slow_streams_ended.inc();
-                        final_status = Some(Status::resource_exhausted(format!(
-                            "the agent did not read its replies ({REPLY_CAPACITY} waiting); reconnect and re-send unacked changes"
-                        )));
+                        final_status = Some(end_slow_stream(peer, &client, &metrics));
                         break;
                     }
                     _ = policy_changed(&mut policy) => {
@@ -263,6 +259,12 @@ impl Writer for WriterService {
                     Ok(Some((message, encoded_len))) => {
                         if let (Some(slot), Some(limits)) = (&slot, &limits) {
                             slot.budget.spend(limits, encoded_len).await;
+                        }
+                        // Replies that overflowed end the stream before anything more of it is handled (its answers
+                        // could not be sent).
+                        if *overflowed.borrow() {
+                            final_status = Some(end_slow_stream(peer, &client, &metrics));
+                            break;
                         }
                         let next = session.handle(message).await;
                         if fence.is_none() {
@@ -312,6 +314,15 @@ impl Writer for WriterService {
 
         Ok(Response::new(reply_stream(reply_receiver.replies, done_rx)))
     }
+}
+
+/// Logs and counts a stream ended because its agent did not read its replies; the status the agent gets.
+fn end_slow_stream(peer: Option<std::net::SocketAddr>, client: &str, metrics: &Metrics) -> Status {
+    warn!(?peer, %client, capacity = REPLY_CAPACITY, "the agent does not read its replies; ending its stream");
+    metrics.slow_streams_ended.inc();
+    Status::resource_exhausted(format!(
+        "the agent did not read its replies ({REPLY_CAPACITY} waiting); reconnect and re-send unacked changes"
+    ))
 }
 
 /// The response stream: the stream's replies as the agent reads them, then how the stream ended. Once the session
