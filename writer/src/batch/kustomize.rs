@@ -11,7 +11,7 @@
 //! that is not a plain string), is refused with a reason and left alone.
 //!
 //! Pure: bytes in, bytes out. Only appending to a kustomization skips the parse, for bytes whose line-level
-//! reading was checked against the parser before (a memo keyed by blob id, see `CHECKED`): a seed appends to one
+//! reading was checked against the parser before (a memo keyed by the SHA-256 of the bytes, see `CHECKED`): a seed appends to one
 //! growing file in every batch, and parsing it twice per batch made seeds quadratic.
 
 use std::collections::HashSet;
@@ -122,6 +122,9 @@ struct QuickList {
     item_indent: Option<usize>,
     /// The byte offset just past the line of its last item (after the key line when it has none).
     end: usize,
+    /// One way of ending lines, one `resources` key, no explicit (`? key`) keys: nothing the line reading might
+    /// see otherwise than the parser, even in a file someone edited after it was checked.
+    appendable: bool,
 }
 
 fn quick_list(text: &str) -> Option<QuickList> {
@@ -164,10 +167,21 @@ fn quick_list(text: &str) -> Option<QuickList> {
         entries.push(value);
         end = line_end(line);
     }
+    let other_key = |line: &Line<'_>| {
+        line.body.starts_with('?') || find_key(std::slice::from_ref(line)).is_some()
+    };
+    let appendable = !text.contains('\r')
+        && !lines[..key_line].iter().any(other_key)
+        && !lines
+            .iter()
+            .skip(key_line + 1)
+            .skip_while(|line| offset_in(text, line.body) < end)
+            .any(other_key);
     Some(QuickList {
         entries,
         item_indent,
         end,
+        appendable,
     })
 }
 
@@ -301,18 +315,9 @@ fn edit_parsed(
 /// what [`edit_parsed`] would write (byte for byte) and accept.
 fn append_to_checked(bytes: &[u8], add: &[String]) -> Option<Option<Vec<u8>>> {
     let text = std::str::from_utf8(bytes).ok()?;
-    // One way of ending lines, one `resources` key, no explicit (`? key`) keys: nothing the line reading might
-    // see otherwise than the parser, even in a file someone edited after the check.
-    if text.contains('\r') || text.starts_with('?') || text.contains("\n?") {
-        return None;
-    }
     let list = quick_list(text)?;
     let item_indent = list.item_indent?;
-    let keys = split_lines(text)
-        .iter()
-        .filter(|line| find_key(std::slice::from_ref(*line)).is_some())
-        .count();
-    if keys != 1 || !is_checked(bytes) {
+    if !list.appendable || !is_checked(bytes) {
         return None;
     }
     let listed: HashSet<&str> = list.entries.iter().map(|e| normalize(e)).collect();
@@ -360,52 +365,54 @@ fn append_to_checked(bytes: &[u8], add: &[String]) -> Option<Option<Vec<u8>>> {
     Some(Some(out.into_bytes()))
 }
 
-/// Blob ids of kustomizations whose line-level reading ([`quick_resources`]) gave exactly the entries the parser
+/// SHA-256 digests of kustomizations whose line-level reading ([`quick_resources`]) gave exactly the entries the parser
 /// read, with a readable mapping around them. A memo of a pure check, keyed by content: shared by every worker of
-/// the process, bounded, and never wrong for bytes it was not computed from.
+/// the process, bounded, and keyed by a collision-resistant digest so that no other bytes can pass for them.
 static CHECKED: std::sync::Mutex<CheckedBlobs> = std::sync::Mutex::new(CheckedBlobs {
     order: std::collections::VecDeque::new(),
-    ids: None,
+    digests: None,
 });
 
-/// The most blob ids [`CHECKED`] keeps (the oldest go first): a few per kustomization a writer keeps.
+/// The most digests [`CHECKED`] keeps (the oldest go first): a few per kustomization a writer keeps.
 const CHECKED_CAPACITY: usize = 1024;
 
 struct CheckedBlobs {
-    order: std::collections::VecDeque<git2::Oid>,
-    ids: Option<HashSet<git2::Oid>>,
+    order: std::collections::VecDeque<Digest>,
+    digests: Option<HashSet<Digest>>,
 }
 
-fn blob_id(bytes: &[u8]) -> Option<git2::Oid> {
-    git2::Oid::hash_object(git2::ObjectType::Blob, bytes).ok()
+type Digest = [u8; 32];
+
+fn digest(bytes: &[u8]) -> Digest {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
 }
 
 fn is_checked(bytes: &[u8]) -> bool {
-    let Some(id) = blob_id(bytes) else {
-        return false;
-    };
+    let digest = digest(bytes);
     let checked = CHECKED
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    checked.ids.as_ref().is_some_and(|ids| ids.contains(&id))
+    checked
+        .digests
+        .as_ref()
+        .is_some_and(|digests| digests.contains(&digest))
 }
 
 fn remember_checked(bytes: &[u8]) {
-    let Some(id) = blob_id(bytes) else {
-        return;
-    };
+    let digest = digest(bytes);
     let mut checked = CHECKED
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let CheckedBlobs { order, ids } = &mut *checked;
-    if !ids.get_or_insert_with(HashSet::new).insert(id) {
+    let CheckedBlobs { order, digests } = &mut *checked;
+    if !digests.get_or_insert_with(HashSet::new).insert(digest) {
         return;
     }
-    order.push_back(id);
+    order.push_back(digest);
     if order.len() > CHECKED_CAPACITY
-        && let (Some(oldest), Some(ids)) = (order.pop_front(), ids.as_mut())
+        && let (Some(oldest), Some(digests)) = (order.pop_front(), digests.as_mut())
     {
-        ids.remove(&oldest);
+        digests.remove(&oldest);
     }
 }
 
