@@ -122,8 +122,9 @@ struct QuickList {
     item_indent: Option<usize>,
     /// The byte offset just past the line of its last item (after the key line when it has none).
     end: usize,
-    /// One way of ending lines, one `resources` key, no explicit (`? key`) keys: nothing the line reading might
-    /// see otherwise than the parser, even in a file someone edited after it was checked.
+    /// One way of ending lines, one `resources` key, no explicit (`? key`) keys, no quoted, flow or block
+    /// scalars, anchors or tags outside the list: nothing that lets the parser read the list's lines otherwise
+    /// than the line reading does. Only such a list is appended to without parsing.
     appendable: bool,
 }
 
@@ -167,16 +168,23 @@ fn quick_list(text: &str) -> Option<QuickList> {
         entries.push(value);
         end = line_end(line);
     }
-    let other_key = |line: &Line<'_>| {
-        line.body.starts_with('?') || find_key(std::slice::from_ref(line)).is_some()
+    // Outside the list: no second `resources` key, no explicit key, and nothing that could carry the list's
+    // lines into another value (a quoted or flow scalar spanning lines, a block scalar, an anchor or a tag).
+    let unsafe_outside = |line: &&Line<'_>| {
+        !is_blank_or_comment(line.body)
+            && (line.body.starts_with('?')
+                || find_key(std::slice::from_ref(*line)).is_some()
+                || line
+                    .body
+                    .contains(['"', '\'', '{', '[', '|', '>', '&', '*', '!', '%', '@', '`']))
     };
     let appendable = !text.contains('\r')
-        && !lines[..key_line].iter().any(other_key)
+        && !lines[..key_line].iter().any(|line| unsafe_outside(&line))
         && !lines
             .iter()
             .skip(key_line + 1)
             .skip_while(|line| offset_in(text, line.body) < end)
-            .any(other_key);
+            .any(|line| unsafe_outside(&line));
     Some(QuickList {
         entries,
         item_indent,

@@ -251,6 +251,14 @@ fn appending_never_trusts_bytes_that_were_not_checked() {
     remember_checked(twice);
     let edited = edit(twice, &strings(&["b.yaml"]), &[]);
     assert_eq!(edited, edit_parsed(twice, &strings(&["b.yaml"]), &[]));
+    // The list's lines inside a quoted scalar of a flow mapping that has the real list: whatever the parser makes
+    // of it, never appended to without the parser.
+    let quoted = b"{description: \"x\nresources:\n- a.yaml\n\", resources: [a.yaml]}\n";
+    remember_checked(quoted);
+    assert_eq!(
+        edit(quoted, &strings(&["b.yaml"]), &[]),
+        edit_parsed(quoted, &strings(&["b.yaml"]), &[])
+    );
     // An explicit key the line reading does not see.
     let explicit = b"resources:\n- a.yaml\n? resources\n: [a.yaml]\n";
     remember_checked(explicit);
