@@ -276,6 +276,7 @@ fn a_chain_of_appends_stays_checked() {
     file = edit(&file, &strings(&["b.yaml"]), &[]).unwrap().unwrap();
     for batch in 0..5 {
         let add: Vec<String> = (0..3).map(|i| format!("ns/{batch}-{i}.yaml")).collect();
+        assert!(append_to_checked(&file, &add).is_some(), "no parse needed");
         file = edit(&file, &add, &[]).unwrap().unwrap();
         assert!(is_checked(&file));
     }
