@@ -11,8 +11,8 @@
 //! that is not a plain string), is refused with a reason and left alone.
 //!
 //! Pure: bytes in, bytes out. Only appending to a kustomization skips the parse, for bytes whose line-level
-//! reading was checked against the parser before (a memo keyed by the SHA-256 of the bytes, see `CHECKED`): a seed appends to one
-//! growing file in every batch, and parsing it twice per batch made seeds quadratic.
+//! reading was checked against the parser before (a memo keyed by the SHA-256 of the bytes, see `CHECKED`): a
+//! seed appends to one growing file in every batch, and parsing it twice per batch made seeds quadratic.
 
 use std::collections::HashSet;
 
