@@ -10,7 +10,9 @@
 //! this line-level edit cannot change safely (a multi-document file, comments inside a flow list, a list entry
 //! that is not a plain string), is refused with a reason and left alone.
 //!
-//! Pure: bytes in, bytes out.
+//! Pure: bytes in, bytes out. Only appending to a kustomization skips the parse, for bytes whose line-level
+//! reading was checked against the parser before (a memo keyed by the SHA-256 of the bytes, see `CHECKED`): a
+//! seed appends to one growing file in every batch, and parsing it twice per batch made seeds quadratic.
 
 use std::collections::HashSet;
 
@@ -107,9 +109,26 @@ impl Kustomization {
 /// The `resources` entries of the usual layout (a block list of one-line scalars under a top-level `resources:`)
 /// read line by line, without parsing the whole file: a flush that only re-sends listed files then costs no YAML
 /// parse of a kustomization listing thousands of files. `None` for any other layout (the caller parses). Only used
-/// to tell which entries are there; every edit still parses the file before and after.
+/// to tell which entries are there, and to append to a file whose line-level reading was checked (see [`edit`]).
 pub fn quick_resources(bytes: &[u8]) -> Option<Vec<String>> {
     let text = std::str::from_utf8(bytes).ok()?;
+    quick_list(text).map(|list| list.entries)
+}
+
+/// A `resources` block list read line by line ([`quick_resources`]).
+struct QuickList {
+    entries: Vec<String>,
+    /// The indentation of its items (when it has any).
+    item_indent: Option<usize>,
+    /// The byte offset just past the line of its last item (after the key line when it has none).
+    end: usize,
+    /// One way of ending lines, one `resources` key, no explicit (`? key`) keys, no quoted, flow or block
+    /// scalars, anchors or tags outside the list: nothing that lets the parser read the list's lines otherwise
+    /// than the line reading does. Only such a list is appended to without parsing.
+    appendable: bool,
+}
+
+fn quick_list(text: &str) -> Option<QuickList> {
     if text.contains('\t') || text.contains("\n---") || text.contains("\n...") {
         return None;
     }
@@ -121,8 +140,11 @@ pub fn quick_resources(bytes: &[u8]) -> Option<Vec<String>> {
     {
         return None;
     }
+    let line_end =
+        |line: &Line<'_>| offset_in(text, line.body) + line.body.len() + line.ending.len();
     let mut entries = Vec::new();
     let mut item_indent = None;
+    let mut end = line_end(&lines[key_line]);
     for line in &lines[key_line + 1..] {
         let body = line.body;
         if is_blank_or_comment(body) {
@@ -144,8 +166,36 @@ pub fn quick_resources(bytes: &[u8]) -> Option<Vec<String>> {
             return None;
         }
         entries.push(value);
+        end = line_end(line);
     }
-    Some(entries)
+    // Outside the list: no second `resources` key, no explicit key, and nothing that could carry the list's
+    // lines into another value (a quoted or flow scalar spanning lines, a block scalar, an anchor or a tag).
+    let unsafe_outside = |line: &&Line<'_>| {
+        !is_blank_or_comment(line.body)
+            && (line.body.starts_with('?')
+                || find_key(std::slice::from_ref(*line)).is_some()
+                || line
+                    .body
+                    .contains(['"', '\'', '{', '[', '|', '>', '&', '*', '!', '%', '@', '`']))
+    };
+    let appendable = !text.contains('\r')
+        && !lines[..key_line].iter().any(|line| unsafe_outside(&line))
+        && !lines
+            .iter()
+            .skip(key_line + 1)
+            .skip_while(|line| offset_in(text, line.body) < end)
+            .any(|line| unsafe_outside(&line));
+    Some(QuickList {
+        entries,
+        item_indent,
+        end,
+        appendable,
+    })
+}
+
+/// Where `part` (a slice of `text`) starts in `text`.
+fn offset_in(text: &str, part: &str) -> usize {
+    part.as_ptr() as usize - text.as_ptr() as usize
 }
 
 /// A kustomization the writer creates: the entries sorted, nothing else but its type.
@@ -190,18 +240,38 @@ fn scalar(entry: &str) -> String {
 
 /// Adds the entries of `add` that are not listed yet (in the given order) and removes every entry naming a path
 /// of `remove`. `Ok(None)`: nothing to change.
+///
+/// Only additions to a file whose line-level reading was checked before (the usual case: every batch of a seed
+/// appends to the kustomization the writer created) are appended without parsing the file: that costs the size
+/// of the batch, not of the file. Everything else is parsed before and after the edit.
 pub fn edit(
     bytes: &[u8],
     add: &[String],
     remove: &[String],
 ) -> Result<Option<Vec<u8>>, KustomizeError> {
+    if remove.is_empty()
+        && let Some(appended) = append_to_checked(bytes, add)
+    {
+        return Ok(appended);
+    }
+    edit_parsed(bytes, add, remove)
+}
+
+/// [`edit`] with the file parsed before and after.
+fn edit_parsed(
+    bytes: &[u8],
+    add: &[String],
+    remove: &[String],
+) -> Result<Option<Vec<u8>>, KustomizeError> {
     let before = Kustomization::parse(bytes)?;
+    remember_if_checked(bytes, &before);
+    let listed: HashSet<&str> = before.resources.iter().map(|r| normalize(r)).collect();
     let remove: HashSet<&str> = remove.iter().map(|r| normalize(r)).collect();
     let mut seen: HashSet<&str> = HashSet::new();
     let additions: Vec<&str> = add
         .iter()
         .map(|a| normalize(a))
-        .filter(|a| !remove.contains(a) && !before.lists(a) && seen.insert(a))
+        .filter(|a| !remove.contains(a) && !listed.contains(a) && seen.insert(a))
         .collect();
     let mut additions = additions;
     if before.resources.is_empty() {
@@ -239,7 +309,129 @@ pub fn edit(
             "its layout is not one the writer edits line by line".into(),
         ));
     }
+    remember_if_checked(edited.as_bytes(), &after);
     Ok(Some(edited.into_bytes()))
+}
+
+/// Appends `add` to a block list read line by line, when that reading was checked against the parser for these
+/// very bytes (see [`CHECKED`]); `None` when that does not apply and the file must be parsed.
+///
+/// Why appending keeps the check true without parsing the result: the list is a real block sequence of one-line
+/// plain scalars (the parser read the same entries), the new lines go right after its last item at the items'
+/// indentation, and each new line is a plain scalar that reads as exactly its text (checked by parsing the new
+/// lines alone). So the result reads as the old mapping with the new entries at the end of `resources`, which is
+/// what [`edit_parsed`] would write (byte for byte) and accept.
+fn append_to_checked(bytes: &[u8], add: &[String]) -> Option<Option<Vec<u8>>> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let list = quick_list(text)?;
+    let item_indent = list.item_indent?;
+    if !list.appendable || !is_checked(bytes) {
+        return None;
+    }
+    let listed: HashSet<&str> = list.entries.iter().map(|e| normalize(e)).collect();
+    let mut seen: HashSet<&str> = HashSet::new();
+    let additions: Vec<&str> = add
+        .iter()
+        .map(|a| normalize(a))
+        .filter(|a| !listed.contains(a) && seen.insert(a))
+        .collect();
+    if additions.is_empty() {
+        return Some(None);
+    }
+    if additions.iter().any(|a| scalar(a) != *a) {
+        return None;
+    }
+    let items: String = additions.iter().map(|a| format!("- {a}\n")).collect();
+    let reads_as_written = match yaml::parse_document(items.as_bytes()) {
+        Ok(serde_json::Value::Array(values)) => {
+            values.len() == additions.len()
+                && values
+                    .iter()
+                    .zip(&additions)
+                    .all(|(value, addition)| value.as_str() == Some(addition))
+        }
+        _ => false,
+    };
+    if !reads_as_written {
+        return None;
+    }
+    let indent = " ".repeat(item_indent);
+    let mut out =
+        String::with_capacity(text.len() + items.len() + additions.len() * indent.len() + 1);
+    out.push_str(&text[..list.end]);
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    for addition in &additions {
+        out.push_str(&indent);
+        out.push_str("- ");
+        out.push_str(addition);
+        out.push('\n');
+    }
+    out.push_str(&text[list.end..]);
+    remember_checked(out.as_bytes());
+    Some(Some(out.into_bytes()))
+}
+
+/// SHA-256 digests of kustomizations whose line-level reading ([`quick_resources`]) gave exactly the entries the parser
+/// read, with a readable mapping around them. A memo of a pure check, keyed by content: shared by every worker of
+/// the process, bounded, and keyed by a collision-resistant digest so that no other bytes can pass for them.
+static CHECKED: std::sync::Mutex<CheckedBlobs> = std::sync::Mutex::new(CheckedBlobs {
+    order: std::collections::VecDeque::new(),
+    digests: None,
+});
+
+/// The most digests [`CHECKED`] keeps (the oldest go first): a few per kustomization a writer keeps.
+const CHECKED_CAPACITY: usize = 1024;
+
+struct CheckedBlobs {
+    order: std::collections::VecDeque<Digest>,
+    digests: Option<HashSet<Digest>>,
+}
+
+type Digest = [u8; 32];
+
+fn digest(bytes: &[u8]) -> Digest {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
+}
+
+fn is_checked(bytes: &[u8]) -> bool {
+    let digest = digest(bytes);
+    let checked = CHECKED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    checked
+        .digests
+        .as_ref()
+        .is_some_and(|digests| digests.contains(&digest))
+}
+
+fn remember_checked(bytes: &[u8]) {
+    let digest = digest(bytes);
+    let mut checked = CHECKED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let CheckedBlobs { order, digests } = &mut *checked;
+    if !digests.get_or_insert_with(HashSet::new).insert(digest) {
+        return;
+    }
+    order.push_back(digest);
+    if order.len() > CHECKED_CAPACITY
+        && let (Some(oldest), Some(digests)) = (order.pop_front(), digests.as_mut())
+    {
+        digests.remove(&oldest);
+    }
+}
+
+/// Remembers `bytes` as checked when the line reading of its `resources` gives what the parser gave.
+fn remember_if_checked(bytes: &[u8], parsed: &Kustomization) {
+    if let Ok(text) = std::str::from_utf8(bytes)
+        && let Some(list) = quick_list(text)
+        && list.entries == parsed.resources
+    {
+        remember_checked(bytes);
+    }
 }
 
 /// One line of the file with its ending (`\n`, `\r\n`, or none at the end).

@@ -191,3 +191,96 @@ fn the_quick_read_agrees_with_the_parser_or_declines() {
         );
     }
 }
+
+/// Layouts an append meets: each is edited once (parsed, which records the check), then appended to again; the
+/// appends must give byte for byte what the parsing edit gives.
+#[test]
+fn appending_to_a_checked_file_writes_what_the_parsing_edit_writes() {
+    let layouts: [&[u8]; 6] = [
+        b"# Created by gitops-reverser\napiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n- a.yaml\n",
+        b"kind: Kustomization\nresources:\n  - a.yaml  # first\n\n  # trailing comment\nnamePrefix: x-\n",
+        b"resources:\n- a.yaml\n- ./sub\n",
+        b"resources:\n- a.yaml",
+        b"namePrefix: x-\nresources:\n    - a.yaml\npatches:\n- path: p.yaml\n",
+        b"resources:\n- a.yaml\nconfigMapGenerator:\n- name: c\n  literals:\n  - k=v\n",
+    ];
+    for layout in layouts {
+        let shown = String::from_utf8_lossy(layout).into_owned();
+        let first = edit(layout, &strings(&["b.yaml"]), &[]).unwrap().unwrap();
+        assert!(is_checked(&first), "{shown}");
+        assert!(
+            append_to_checked(&first, &strings(&["c.yaml", "d/e.yaml"])).is_some(),
+            "the append applies: {shown}"
+        );
+        for add in [
+            &["c.yaml", "d/e.yaml", "a.yaml", "c.yaml"][..],
+            &["b.yaml"],
+            &["./f.yaml", "sub/"],
+            &["needs quotes.yaml"],
+            &["123"],
+            &["true"],
+        ] {
+            let add = strings(add);
+            let appended = edit(&first, &add, &[]);
+            let parsed = edit_parsed(&first, &add, &[]);
+            assert_eq!(appended, parsed, "{shown} + {add:?}");
+            if let Ok(Some(out)) = appended {
+                assert!(
+                    Kustomization::parse(&out).is_ok(),
+                    "{}",
+                    String::from_utf8_lossy(&out)
+                );
+            }
+        }
+    }
+}
+
+/// The append skips the parse only for bytes checked before: a file someone broke after the writer's last edit
+/// (its `resources` list still reads fine line by line) is refused, not appended to.
+#[test]
+fn appending_never_trusts_bytes_that_were_not_checked() {
+    let broken = b"resources:\n- a.yaml\nnamePrefix: [unclosed\n";
+    assert!(quick_resources(broken).is_some());
+    assert!(matches!(
+        edit(broken, &strings(&["b.yaml"]), &[]),
+        Err(KustomizeError::Unreadable(_))
+    ));
+    assert!(!is_checked(broken));
+    // Two `resources` keys: never appended to without the parser, whatever the parser makes of them.
+    let twice = b"resources:\n- a.yaml\nresources:\n- a.yaml\n";
+    remember_checked(twice);
+    let edited = edit(twice, &strings(&["b.yaml"]), &[]);
+    assert_eq!(edited, edit_parsed(twice, &strings(&["b.yaml"]), &[]));
+    // The list's lines inside a quoted scalar of a flow mapping that has the real list: whatever the parser makes
+    // of it, never appended to without the parser.
+    let quoted = b"{description: \"x\nresources:\n- a.yaml\n\", resources: [a.yaml]}\n";
+    remember_checked(quoted);
+    assert_eq!(
+        edit(quoted, &strings(&["b.yaml"]), &[]),
+        edit_parsed(quoted, &strings(&["b.yaml"]), &[])
+    );
+    // An explicit key the line reading does not see.
+    let explicit = b"resources:\n- a.yaml\n? resources\n: [a.yaml]\n";
+    remember_checked(explicit);
+    assert_eq!(
+        edit(explicit, &strings(&["b.yaml"]), &[]),
+        edit_parsed(explicit, &strings(&["b.yaml"]), &[])
+    );
+}
+
+/// A seed appends to the kustomization it created in every batch: each append is checked without a parse, so the
+/// result of one is the checked input of the next.
+#[test]
+fn a_chain_of_appends_stays_checked() {
+    let mut file = create(&strings(&["a.yaml"]));
+    file = edit(&file, &strings(&["b.yaml"]), &[]).unwrap().unwrap();
+    for batch in 0..5 {
+        let add: Vec<String> = (0..3).map(|i| format!("ns/{batch}-{i}.yaml")).collect();
+        assert!(append_to_checked(&file, &add).is_some(), "no parse needed");
+        file = edit(&file, &add, &[]).unwrap().unwrap();
+        assert!(is_checked(&file));
+    }
+    let parsed = Kustomization::parse(&file).unwrap();
+    assert_eq!(parsed.resources().len(), 2 + 5 * 3);
+    assert_eq!(quick_resources(&file).unwrap(), parsed.resources());
+}
