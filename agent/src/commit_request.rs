@@ -32,11 +32,10 @@ use kube::{Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::config::Selection;
 use crate::crd::{CommitRequest, CommitRequestStatus};
-use crate::events::AgentEvent;
-use crate::ingest::Selection;
+use crate::events::{AgentEvent, FlushAnswer};
 use crate::kube_events::{EventSink, PlannedEvent};
-use crate::stream::FlushAnswer;
 use crate::webhook::{FactStore, ObjectKey, facts::Observed};
 
 /// The condition a CommitRequest's status carries.

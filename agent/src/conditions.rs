@@ -58,9 +58,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+use crate::config::resolve::ReadyCondition;
 use crate::crd::ResourceStatus;
-use crate::ingest::resolve::ReadyCondition;
-use crate::stream::Feedback;
+use crate::events::Feedback;
 
 /// The combined readiness condition type.
 pub const READY: &str = "Ready";
@@ -566,8 +566,8 @@ pub fn next_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::resolve::Reason;
-    use crate::stream::{DestinationCondition, Rejection};
+    use crate::config::resolve::Reason;
+    use crate::events::{DestinationCondition, Rejection};
 
     const KEY: &str = "gitops/prod";
 

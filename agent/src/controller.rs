@@ -41,14 +41,14 @@ use crate::conditions::{
     self, DesiredCondition, DesiredConditions, DestinationReadiness, WriterView,
 };
 use crate::crd::{ClusterWatchRule, GitDestination, GitRepoConfig, ResourceStatus, WatchRule};
-use crate::ingest::Selection;
 use std::collections::BTreeMap;
 
-use crate::ingest::resolve::{
+use crate::config::Selection;
+use crate::config::resolve::{
     CredentialsLookup, EncryptionLookup, Inputs, ReadyCondition, Resolution, resolve_with_lookups,
 };
-use crate::ingest::selection::NamespaceLabels;
 use crate::kube_events::{self, EventSink};
+use crate::rules::compiled::NamespaceLabels;
 
 /// The condition type every object gets.
 pub const READY: &str = conditions::READY;
@@ -395,9 +395,9 @@ mod repo_credentials {
     use kube::{Api, Client, ResourceExt};
     use tracing::warn;
 
+    use crate::config::resolve::{CredentialsLookup, Reason};
     use crate::crd::GitRepoConfig;
     use crate::credentials::from_secret_data;
-    use crate::ingest::resolve::{CredentialsLookup, Reason};
 
     pub(super) async fn lookup_all(
         client: &Client,
@@ -461,8 +461,8 @@ mod encryption {
     use sha2::{Digest, Sha256};
     use tracing::warn;
 
+    use crate::config::resolve::EncryptionLookup;
     use crate::crd::GitDestination;
-    use crate::ingest::resolve::EncryptionLookup;
     use crate::sops::{self, Encryption, FingerprintKey};
 
     /// Key of the fingerprint key inside its Secret.
@@ -817,7 +817,7 @@ pub fn next_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::resolve::Reason;
+    use crate::config::resolve::Reason;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
     fn cond(ready: bool, reason: Reason, message: &str) -> ReadyCondition {

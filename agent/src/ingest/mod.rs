@@ -24,8 +24,6 @@
 //!
 //! - [`discovery`]: which types exist, and the pure planner of watches.
 //! - [`crd_changes`]: a discovery run whenever a CRD is added, changed or deleted.
-//! - [`selection`]: destinations and compiled rules, as matching needs them.
-//! - [`resolve`]: from the custom resources to a [`Selection`], enforcing access policy.
 //! - [`watch`]: one watch task and its pure event index.
 //! - [`raw`]: a watched object as the JSON the server sent (parsed once).
 //! - [`backoff`]: exponential backoff with jitter (`reverser_common`'s, shared with the writer).
@@ -36,8 +34,6 @@ pub mod discovery;
 pub mod limits;
 mod metrics;
 pub mod raw;
-pub mod resolve;
-pub mod selection;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -52,14 +48,14 @@ use tracing::{info, warn};
 
 pub use discovery::{
     DesiredWatches, DiscoveredResource, DiscoveryOptions, SkipReason, WatchKey, WatchPlan,
-    desired_watches, discover, is_sensitive_resource,
+    desired_watches, discover,
 };
 pub use limits::{ListPermits, RequestRate};
-pub use selection::{CompiledRule, RuleKind, Selection};
 pub use watch::{InitialList, WatchIndex, WatchStatus};
 
 // `ResourceCounters` and `ResourceTotals` are defined below.
 
+use crate::config::Selection;
 use crate::events::{AgentEvent, DestinationDecl};
 use crate::rules::{ResourceKey, SelectionOptions};
 use crate::webhook::FactStore;

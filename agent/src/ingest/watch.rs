@@ -1012,11 +1012,11 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
 #[cfg(test)]
 mod tests {
     use super::super::discovery::{DestinationRoute, DiscoveredResource, WatchKey};
-    use super::super::selection::test_support::*;
-    use super::super::selection::{CompiledRule, NamespaceLabels};
     use super::*;
     use crate::crd::ResourceScope;
     use crate::events::DestinationDecl;
+    use crate::rules::compiled::test_support::*;
+    use crate::rules::compiled::{CompiledRule, NamespaceLabels, RuleKind};
     use serde_json::json;
     use std::collections::BTreeSet;
 
@@ -1912,7 +1912,7 @@ mod tests {
     fn operations_filter_live_changes_but_not_snapshots() {
         let epochs = AtomicU64::new(0);
         let mut rule = watch_rule("shop", "shop/p", &["configmaps"], None);
-        if let super::super::selection::RuleKind::Namespaced { spec, .. } = &mut rule.kind {
+        if let RuleKind::Namespaced { spec, .. } = &mut rule.kind {
             spec.rules[0].operations = vec![crate::crd::OperationType::Create];
         }
         let mut idx = WatchIndex::new(
@@ -1937,8 +1937,8 @@ mod tests {
     fn ignoring(mut rule: CompiledRule, ignore: Value) -> CompiledRule {
         let ignore = Some(serde_json::from_value(ignore).unwrap());
         match &mut rule.kind {
-            super::super::selection::RuleKind::Namespaced { spec, .. } => spec.ignore = ignore,
-            super::super::selection::RuleKind::Cluster { spec } => spec.ignore = ignore,
+            RuleKind::Namespaced { spec, .. } => spec.ignore = ignore,
+            RuleKind::Cluster { spec } => spec.ignore = ignore,
         }
         rule
     }
@@ -2222,7 +2222,7 @@ mod tests {
     #[test]
     fn names_a_rule_excludes_are_left_out_of_snapshots_and_live_changes() {
         let mut rule = cluster_rule("d", ResourceScope::Namespaced, &["configmaps"], None);
-        if let super::super::selection::RuleKind::Cluster { spec } = &mut rule.kind {
+        if let RuleKind::Cluster { spec } = &mut rule.kind {
             spec.exclude_names = vec!["*-lock".into(), "cache-?".into()];
         }
         let mut idx = WatchIndex::new(
@@ -2264,7 +2264,7 @@ mod tests {
         );
         // Another rule of the destination without the exclusion still selects the object.
         let mut excluding = cluster_rule("d", ResourceScope::Namespaced, &["configmaps"], None);
-        if let super::super::selection::RuleKind::Cluster { spec } = &mut excluding.kind {
+        if let RuleKind::Cluster { spec } = &mut excluding.kind {
             spec.exclude_names = vec!["*".into()];
         }
         let plain = cluster_rule("d", ResourceScope::Namespaced, &["configmaps"], None);

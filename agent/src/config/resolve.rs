@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use kube::ResourceExt;
 
-use super::selection::{CompiledRule, NamespaceLabels, RuleKind, Selection};
+use super::Selection;
 use crate::crd::IgnoreSpec;
 use crate::crd::{
     AccessPolicy, ClusterWatchRule, GitDestination, GitRepoConfig, NamespacedRulesMode, WatchRule,
@@ -34,6 +34,7 @@ use crate::crd::{
 use crate::credentials::GitCredentials;
 use crate::events::DestinationDecl;
 use crate::ignore::Ignore;
+use crate::rules::compiled::{CompiledRule, NamespaceLabels, RuleKind};
 use crate::rules::{
     ResourceKey, cluster_resource_rule_selects, label_selector_matches, resource_rule_selects,
     validate_name_patterns,
@@ -570,8 +571,8 @@ pub fn resolve_with_lookups(
 
 #[cfg(test)]
 mod tests {
-    use super::super::selection::test_support::labels;
     use super::*;
+    use crate::rules::compiled::test_support::labels;
     use serde_json::json;
 
     fn repo(ns: &str, name: &str, branches: &[&str], policy: Value) -> GitRepoConfig {
