@@ -24,6 +24,7 @@
 //! - [`crd`]: the `configbutler.ai/v1alpha1` custom resources the agent reads
 //!   (`GitRepoConfig`, `GitDestination`, `WatchRule`, `ClusterWatchRule`, `CommitRequest`); the
 //!   `crdgen` binary writes their manifests to `crds/`.
+//! - [`attribution`]: who made a change, as a trait the watch index asks and the webhook's fact store answers.
 //! - [`events`]: what ingestion hands the stream ([`events::AgentEvent`]), and what the stream hands back
 //!   ([`events::Feedback`]: the writer's rejects, destination conditions, flush answers, previews).
 //!
@@ -51,6 +52,7 @@
 //! - [`args`]: flags, and the wiring of all of the above with the admin endpoint.
 
 pub mod args;
+pub mod attribution;
 pub mod canonical;
 pub mod commit_request;
 pub mod conditions;

@@ -55,10 +55,10 @@ pub use watch::{InitialList, WatchIndex, WatchStatus};
 
 // `ResourceCounters` and `ResourceTotals` are defined below.
 
+use crate::attribution::Attribution;
 use crate::config::Selection;
 use crate::events::{AgentEvent, DestinationDecl};
 use crate::rules::{ResourceKey, SelectionOptions};
-use crate::webhook::FactStore;
 use backoff::Backoff;
 
 /// Ingestion settings (flags).
@@ -78,7 +78,7 @@ pub struct IngestConfig {
     /// Discovery failure backoff bounds.
     pub discovery_backoff: (Duration, Duration),
     /// Admission facts to name the author of each change (`None`: every change is the bot's).
-    pub attribution: Option<FactStore>,
+    pub attribution: Option<Arc<dyn Attribution>>,
     /// Requests per second (and burst) of each watched type towards the API server.
     pub request_rate: RequestRate,
     /// Lists in flight at once, over every watch.

@@ -49,13 +49,13 @@ use super::Shared;
 use super::backoff::Backoff;
 use super::discovery::WatchPlan;
 use super::raw::RawObject;
+use crate::attribution::{AttributedUser, Attribution, ObjectKey};
 use crate::canonical;
 use crate::events::{AgentEvent, ObjectRef};
 use crate::ignore::{self, Ignore, ManagerEntry};
 use crate::paths;
 use crate::rules::{Operation, SelectionOptions, labels_of};
 use crate::sops;
-use crate::webhook::{AttributedUser, FactStore, ObjectKey};
 
 /// How the initial list is fetched.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -173,7 +173,7 @@ pub struct WatchIndex {
     hashes: HashMap<(usize, String), Hash>,
     epoch: Option<Epoch>,
     /// Admission facts naming the authors of changes.
-    attribution: Option<FactStore>,
+    attribution: Option<Arc<dyn Attribution>>,
     /// Writers whose changes rules ignore, when any rule of this watch has an `ignore`.
     ignore: Option<IgnoreState>,
     /// Sensitive objects not encrypted (per destination), since this index was made.
@@ -223,9 +223,9 @@ impl WatchIndex {
         self.last_unsent.as_deref()
     }
 
-    /// Names the author of each change from `store` (else every change is the bot's).
-    pub fn with_attribution(mut self, store: FactStore) -> Self {
-        self.attribution = Some(store);
+    /// Names the author of each change from `attribution` (else every change is the bot's).
+    pub fn with_attribution(mut self, attribution: Arc<dyn Attribution>) -> Self {
+        self.attribution = Some(attribution);
         self
     }
 
@@ -401,31 +401,31 @@ impl WatchIndex {
         } else {
             self.attribution.as_ref()
         };
-        let user: Option<AttributedUser> =
-            match attribution {
-                None => None,
-                Some(store) => {
-                    let object_key = ObjectKey::new(
-                        &key.group,
-                        &key.resource,
-                        &view.object.namespace,
-                        &view.object.name,
-                    );
-                    match change {
-                        Change::Deleted => store
-                            .attribute_delete(&object_key, &view.object.uid)
+        let user: Option<AttributedUser> = match attribution {
+            None => None,
+            Some(store) => {
+                let object_key = ObjectKey::new(
+                    &key.group,
+                    &key.resource,
+                    &view.object.namespace,
+                    &view.object.name,
+                );
+                match change {
+                    Change::Deleted => {
+                        store
+                            .author_of_delete(&object_key, &view.object.uid)
                             .map(|name| AttributedUser {
                                 name,
                                 groups: Vec::new(),
-                            }),
-                        Change::Listed | Change::Applied => {
-                            render(&mut rendered, obj, &view.path, &plan.key).and_then(
-                                |(_, hash)| store.attribute_watched_user(&object_key, obj, &hash),
-                            )
-                        }
+                            })
+                    }
+                    Change::Listed | Change::Applied => {
+                        render(&mut rendered, obj, &view.path, &plan.key)
+                            .and_then(|(_, hash)| store.author_of_upsert(&object_key, obj, &hash))
                     }
                 }
-            };
+            }
+        };
         let author = user.as_ref().map(|u| u.name.clone());
         let writers = self.writers(obj, &view, change);
         // Destinations with `omitNamespace` get the object without `metadata.namespace`, rendered (and
@@ -878,8 +878,8 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
     };
     let mut streaming = shared.config.initial_list == InitialList::StreamingWithFallback;
     let mut index = WatchIndex::new(Arc::clone(&plan), shared.config.selection_options);
-    if let Some(store) = &shared.config.attribution {
-        index = index.with_attribution(store.clone());
+    if let Some(attribution) = &shared.config.attribution {
+        index = index.with_attribution(Arc::clone(attribution));
     }
     let mut backoff = Backoff::new(shared.config.watch_backoff.0, shared.config.watch_backoff.1);
     let counters = shared.metrics.resource(&plan.resource.metric_label());
@@ -1017,6 +1017,7 @@ mod tests {
     use crate::events::DestinationDecl;
     use crate::rules::compiled::test_support::*;
     use crate::rules::compiled::{CompiledRule, NamespaceLabels, RuleKind};
+    use crate::webhook::FactStore;
     use serde_json::json;
     use std::collections::BTreeSet;
 
@@ -1628,7 +1629,7 @@ mod tests {
         use crate::webhook::Operation as Op;
         let store = store();
         let mut index = WatchIndex::new(plan(all_configmaps("d")), SelectionOptions::default())
-            .with_attribution(store.clone());
+            .with_attribution(Arc::new(store.clone()));
         let epochs = AtomicU64::new(0);
         let path = "core/v1/configmaps/shop/a.yaml";
         let v1 = cm("shop", "a", json!({}), "1", "1");
@@ -2161,7 +2162,7 @@ mod tests {
         use crate::webhook::Operation as Op;
         let store = store();
         let mut idx = WatchIndex::new(flux_ignoring_plan(None), SelectionOptions::default())
-            .with_attribution(store.clone());
+            .with_attribution(Arc::new(store.clone()));
         let epochs = AtomicU64::new(0);
         idx.apply(Event::Init, &epochs);
         idx.apply(
@@ -2189,7 +2190,7 @@ mod tests {
             json!({"groups": ["robots"]}),
         );
         let mut idx = WatchIndex::new(Arc::new(grouped), SelectionOptions::default())
-            .with_attribution(store.clone());
+            .with_attribution(Arc::new(store.clone()));
         idx.apply(Event::Apply(managed("g", "x-0", "1", &[CREATE])), &epochs);
         let by_robot = managed("g", "robot-1", "2", &[CREATE, patch]);
         let mut robot_fact = fact(Op::Update, "carol", &by_robot);

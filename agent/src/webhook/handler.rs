@@ -20,7 +20,8 @@ use kube::api::DynamicObject;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::facts::{ContentHash, Fact, ObjectKey, Operation};
+use super::facts::{Fact, Operation};
+use crate::attribution::{ContentHash, ObjectKey};
 use crate::canonical;
 use crate::rules::is_sensitive_resource;
 

@@ -41,10 +41,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use facts::{
-    AttributedUser, Clock, Fact, FactStore, FactsConfig, ManualClock, ObjectKey, Operation,
-    SystemClock,
-};
+pub use facts::{Clock, Fact, FactStore, FactsConfig, ManualClock, Operation, SystemClock};
 pub use metrics::AttributionMetrics;
 pub use server::{WebhookHandle, spawn};
 
