@@ -47,7 +47,7 @@ use tracing::{debug, info, warn};
 
 use super::Shared;
 use super::backoff::Backoff;
-use super::discovery::WatchPlan;
+use super::discovery::{DestinationRoute, WatchPlan};
 use super::raw::RawObject;
 use crate::attribution::{AttributedUser, Attribution, ObjectKey};
 use crate::canonical;
@@ -182,6 +182,8 @@ pub struct WatchIndex {
     snapshots_withheld: u64,
     /// See [`WatchStatus::last_unsent`].
     last_unsent: Option<String>,
+    /// Encrypts sensitive objects (the randomness and the wall clock live there, not here).
+    sealer: Arc<dyn sops::Sealer>,
 }
 
 /// An object as the index sees it.
@@ -204,6 +206,7 @@ impl WatchIndex {
             encryption_failures: 0,
             snapshots_withheld: 0,
             last_unsent: None,
+            sealer: Arc::new(sops::AgeSealer),
         }
     }
 
@@ -226,6 +229,12 @@ impl WatchIndex {
     /// Names the author of each change from `attribution` (else every change is the bot's).
     pub fn with_attribution(mut self, attribution: Arc<dyn Attribution>) -> Self {
         self.attribution = Some(attribution);
+        self
+    }
+
+    /// Seals sensitive objects with `sealer` instead of SOPS + age stamped by the system clock.
+    pub fn with_sealer(mut self, sealer: Arc<dyn sops::Sealer>) -> Self {
+        self.sealer = sealer;
         self
     }
 
@@ -375,6 +384,8 @@ impl WatchIndex {
         })
     }
 
+    /// One object event: who it is and who made the change (once for all destinations), then what each
+    /// destination's route does with it.
     fn on_object(&mut self, obj: &Value, change: Change, out: &mut Vec<AgentEvent>) {
         // Belt and braces: a Secret arriving through a type not planned as sensitive is still only ever sent
         // encrypted, and only to destinations that encrypt. Nothing about its content is logged.
@@ -382,231 +393,396 @@ impl WatchIndex {
         let Some(view) = self.view(obj, sensitive) else {
             return;
         };
-        // Derived or generated objects (controller-owned, kube-root-ca.crt) count as not
-        // selected: if one was mirrored and then became derived, its file is removed.
+        let skip = self.derived_skip_reason(obj, &view);
+        let plan = Arc::clone(&self.plan);
+        let mut renderings = Renderings::new(obj, &plan);
+        let user = self.author_of(&view, change, sensitive, &mut renderings);
+        let writers = self.writers(obj, &view, change);
+        let event = ObjectEvent {
+            object: obj,
+            view: &view,
+            change,
+            sensitive,
+            skip,
+            author: user.as_ref().map(|u| u.name.clone()),
+            user: user.as_ref(),
+            writers: &writers,
+        };
+        for (route_index, route) in plan.routes.iter().enumerate() {
+            self.route_object(route_index, route, &event, &mut renderings, out);
+        }
+    }
+
+    /// Derived or generated objects (controller-owned, kube-root-ca.crt) count as not selected: if one was
+    /// mirrored and then became derived, its file is removed.
+    fn derived_skip_reason(&self, obj: &Value, view: &View) -> Option<&'static str> {
         let skip = self.options.skip_reason(obj);
         if let Some(reason) = skip {
             debug!(watch = %self.plan.key, path = %view.path, reason, "skipping derived object");
         }
-        let plan = Arc::clone(&self.plan);
-        let key = &plan.resource.key;
-        // Rendered lazily, once for all destinations.
-        let mut rendered: Option<(String, Hash)> = None;
-        // Joined once per event, before any skip: a matched fact is consumed even when the
-        // file does not change. Never waits: no fact now means the bot.
-        // Admission facts never cover Secrets (the webhook skips them), and hashing plaintext for a
-        // lookup is pointless: encrypted objects are the bot's.
-        let attribution = if sensitive {
-            None
-        } else {
-            self.attribution.as_ref()
-        };
-        let user: Option<AttributedUser> = match attribution {
-            None => None,
-            Some(store) => {
-                let object_key = ObjectKey::new(
-                    &key.group,
-                    &key.resource,
-                    &view.object.namespace,
-                    &view.object.name,
-                );
-                match change {
-                    Change::Deleted => {
-                        store
-                            .author_of_delete(&object_key, &view.object.uid)
-                            .map(|name| AttributedUser {
-                                name,
-                                groups: Vec::new(),
-                            })
-                    }
-                    Change::Listed | Change::Applied => {
-                        render(&mut rendered, obj, &view.path, &plan.key)
-                            .and_then(|(_, hash)| store.author_of_upsert(&object_key, obj, &hash))
+        skip
+    }
+
+    /// The author of this change, joined once per event, before any skip: a matched fact is consumed even
+    /// when the file does not change. Never waits: no fact now means the bot. Admission facts never cover
+    /// Secrets (the webhook skips them), and hashing plaintext for a lookup is pointless: encrypted objects
+    /// are the bot's.
+    fn author_of(
+        &self,
+        view: &View,
+        change: Change,
+        sensitive: bool,
+        renderings: &mut Renderings<'_>,
+    ) -> Option<AttributedUser> {
+        if sensitive {
+            return None;
+        }
+        let attribution = self.attribution.as_ref()?;
+        let key = &self.plan.resource.key;
+        let object_key = ObjectKey::new(
+            &key.group,
+            &key.resource,
+            &view.object.namespace,
+            &view.object.name,
+        );
+        match change {
+            Change::Deleted => attribution
+                .author_of_delete(&object_key, &view.object.uid)
+                .map(|name| AttributedUser {
+                    name,
+                    groups: Vec::new(),
+                }),
+            Change::Listed | Change::Applied => {
+                let object = renderings.object;
+                let (_, hash) = renderings.canonical(false, &view.path, &self.plan.key)?;
+                attribution.author_of_upsert(&object_key, object, &hash)
+            }
+        }
+    }
+
+    /// What one destination's route does with the object: nothing (a sensitive object for a destination that
+    /// does not encrypt), a delete, or an upsert.
+    fn route_object(
+        &mut self,
+        route_index: usize,
+        route: &DestinationRoute,
+        event: &ObjectEvent<'_>,
+        renderings: &mut Renderings<'_>,
+        out: &mut Vec<AgentEvent>,
+    ) {
+        // Only sensitive objects are encrypted; everything else stays plain canonical YAML.
+        let encryption = route
+            .destination
+            .encryption
+            .as_ref()
+            .filter(|_| event.sensitive);
+        if event.sensitive && encryption.is_none() {
+            // Never in plaintext: a destination without encryption gets nothing of this object.
+            return;
+        }
+        let slot = (route_index, event.view.path.clone());
+        let held = self.hashes.get(&slot).copied();
+        match event.change {
+            Change::Deleted => {
+                // Deletes are never ignored: the object is gone, and the next snapshot would
+                // sweep its file anyway.
+                self.forget_slot(&slot);
+                if held.is_some() {
+                    self.hashes.remove(&slot);
+                    if self.route_allows(route, event, Operation::Delete) || event.skip.is_some() {
+                        out.push(delete(
+                            &route.destination.key,
+                            event.view,
+                            event.author.clone(),
+                        ));
                     }
                 }
             }
+            Change::Listed | Change::Applied if !self.route_selects(route, event) => {
+                // Stopped matching (label removed, became derived): remove the file.
+                self.forget_slot(&slot);
+                if held.is_some() {
+                    self.hashes.remove(&slot);
+                    out.push(delete(
+                        &route.destination.key,
+                        event.view,
+                        event.author.clone(),
+                    ));
+                }
+            }
+            Change::Listed | Change::Applied => {
+                let target = Target {
+                    route_index,
+                    route,
+                    slot,
+                    held,
+                    encryption,
+                };
+                self.upsert(&target, event, renderings, out);
+            }
+        }
+    }
+
+    /// Whether a rule of the route selects the object in its current state; a rule's `excludeNames` makes it
+    /// not select the object at all.
+    fn route_selects(&self, route: &DestinationRoute, event: &ObjectEvent<'_>) -> bool {
+        let key = &self.plan.resource.key;
+        let view = event.view;
+        event.skip.is_none()
+            && route.rules.iter().any(|r| {
+                r.selects_object(
+                    key,
+                    view.namespace.as_deref(),
+                    &view.labels,
+                    &self.plan.namespace_labels,
+                ) && !r.excludes_name(&view.object.name)
+            })
+    }
+
+    /// Whether a rule of the route selects this operation on the object (rules filter live changes by
+    /// operation).
+    fn route_allows(
+        &self,
+        route: &DestinationRoute,
+        event: &ObjectEvent<'_>,
+        op: Operation,
+    ) -> bool {
+        let key = &self.plan.resource.key;
+        let view = event.view;
+        route.rules.iter().any(|r| {
+            r.matches(
+                key,
+                op,
+                view.namespace.as_deref(),
+                &view.labels,
+                &self.plan.namespace_labels,
+            ) && !r.excludes_name(&view.object.name)
+        })
+    }
+
+    fn forget_slot(&mut self, slot: &(usize, String)) {
+        if let Some(state) = &mut self.ignore {
+            state.forget(slot);
+        }
+    }
+
+    /// A listed or changed object a route selects: hash what the destination would hold, note it in the
+    /// snapshot, then send it unless an ignored writer made the change, nothing changed in the file, or the
+    /// rules do not select this operation.
+    fn upsert(
+        &mut self,
+        target: &Target<'_>,
+        event: &ObjectEvent<'_>,
+        renderings: &mut Renderings<'_>,
+        out: &mut Vec<AgentEvent>,
+    ) {
+        let omit_namespace = target.route.destination.placement.omit_namespace;
+        let Some((hash, prepared)) = self.destination_hash(target, event, renderings) else {
+            return;
         };
-        let author = user.as_ref().map(|u| u.name.clone());
-        let writers = self.writers(obj, &view, change);
-        // Destinations with `omitNamespace` get the object without `metadata.namespace`, rendered (and
-        // encrypted) from that copy, once for all of them.
-        let namespace_free: Option<Value> = plan
+        if event.change == Change::Listed
+            && let Some(epoch) = &mut self.epoch
+        {
+            epoch.seen.insert(target.slot.clone());
+        }
+        let held = target.held;
+        if held != Some(hash)
+            && self.ignored(
+                target.route_index,
+                event.view,
+                event.change,
+                held.is_some(),
+                event.writers,
+                event.user,
+            )
+        {
+            self.hold_back(
+                target.route_index,
+                event.view,
+                event.change,
+                held.is_some(),
+                out,
+            );
+            return;
+        }
+        if event.change != Change::Listed && !self.is_news(target, event, hash) {
+            return;
+        }
+        let Some((yaml, fingerprint)) =
+            self.file_content(target, event, prepared.as_ref(), renderings, omit_namespace)
+        else {
+            return;
+        };
+        if let Some(state) = &mut self.ignore {
+            state.held_back.remove(&target.slot);
+            if state.route_ignores(target.route_index) {
+                state
+                    .sent
+                    .insert(target.slot.clone(), (yaml.clone(), fingerprint.clone()));
+            }
+        }
+        self.hashes.insert(target.slot.clone(), hash);
+        out.push(AgentEvent::Upsert {
+            destination: target.route.destination.key.clone(),
+            path: event.view.path.clone(),
+            yaml,
+            object: event.view.object.clone(),
+            created: held.is_none(),
+            author: event.author.clone(),
+            fingerprint,
+        });
+    }
+
+    /// The hash of what the destination would hold: of the keyed fingerprint for an encrypted object (the
+    /// ciphertext differs every time), else of the canonical YAML. `None`: the object cannot be sent there
+    /// (too large to encrypt, not renderable), already reported.
+    fn destination_hash(
+        &mut self,
+        target: &Target<'_>,
+        event: &ObjectEvent<'_>,
+        renderings: &mut Renderings<'_>,
+    ) -> Option<(Hash, Option<sops::Prepared>)> {
+        let omit_namespace = target.route.destination.placement.omit_namespace;
+        match target.encryption {
+            Some(encryption) => match sops::prepare(renderings.subject(omit_namespace), encryption)
+            {
+                Ok(prepared) => {
+                    let hash: Hash = Sha256::digest(prepared.fingerprint.as_bytes()).into();
+                    Some((hash, Some(prepared)))
+                }
+                Err(e) => {
+                    self.not_sent(target, event, &e, true);
+                    None
+                }
+            },
+            None => match renderings.canonical(omit_namespace, &event.view.path, &self.plan.key) {
+                Some((_, hash)) => Some((hash, None)),
+                None => {
+                    self.not_sent(target, event, &"not renderable", false);
+                    None
+                }
+            },
+        }
+    }
+
+    /// Whether a live change (not a relist) changes the destination's file and the route's rules select its
+    /// operation (create or update).
+    fn is_news(&mut self, target: &Target<'_>, event: &ObjectEvent<'_>, hash: Hash) -> bool {
+        if target.held == Some(hash) {
+            // Status-only or server-side-only change: same file, nothing to send.
+            if let Some(state) = &mut self.ignore {
+                state.held_back.remove(&target.slot);
+            }
+            return false;
+        }
+        let op = if target.held.is_some() {
+            Operation::Update
+        } else {
+            Operation::Create
+        };
+        self.route_allows(target.route, event, op)
+    }
+
+    /// The file as sent: sealed by the index's sealer (SOPS + age) for an encrypted destination, else the
+    /// canonical YAML; with the keyed fingerprint of an encrypted one. `None`: it could not be made, already
+    /// reported.
+    fn file_content(
+        &mut self,
+        target: &Target<'_>,
+        event: &ObjectEvent<'_>,
+        prepared: Option<&sops::Prepared>,
+        renderings: &mut Renderings<'_>,
+        omit_namespace: bool,
+    ) -> Option<(String, Option<String>)> {
+        match (prepared, target.encryption) {
+            (Some(prepared), Some(encryption)) => match self.sealer.seal(prepared, encryption) {
+                Ok(yaml) => Some((yaml, Some(prepared.fingerprint.clone()))),
+                Err(e) => {
+                    self.not_sent(target, event, &e, true);
+                    None
+                }
+            },
+            _ => match renderings.canonical(omit_namespace, &event.view.path, &self.plan.key) {
+                Some((yaml, _)) => Some((yaml, None)),
+                None => {
+                    self.not_sent(target, event, &"not renderable", false);
+                    None
+                }
+            },
+        }
+    }
+}
+
+/// One object event, as every route sees it.
+struct ObjectEvent<'a> {
+    object: &'a Value,
+    view: &'a View,
+    change: Change,
+    /// Sent only encrypted, and only to destinations that encrypt.
+    sensitive: bool,
+    /// Why the object counts as derived (not selected), if it does.
+    skip: Option<&'static str>,
+    /// The attributed user (for `ignore`), and their name as the change's author.
+    user: Option<&'a AttributedUser>,
+    author: Option<String>,
+    /// The field managers that wrote this version (empty when no rule ignores anything).
+    writers: &'a BTreeSet<String>,
+}
+
+/// One destination's route for an object, and what that destination holds for its path.
+struct Target<'a> {
+    route_index: usize,
+    route: &'a DestinationRoute,
+    slot: (usize, String),
+    held: Option<Hash>,
+    /// The destination's encryption, when the object is sensitive.
+    encryption: Option<&'a sops::Encryption>,
+}
+
+/// An object's canonical renderings, made lazily and at most once for all destinations: as it is, and without
+/// `metadata.namespace` for destinations with `omitNamespace` (rendered and encrypted from that copy).
+struct Renderings<'a> {
+    object: &'a Value,
+    namespace_free: Option<Value>,
+    rendered: Option<(String, Hash)>,
+    rendered_free: Option<(String, Hash)>,
+}
+
+impl<'a> Renderings<'a> {
+    fn new(object: &'a Value, plan: &WatchPlan) -> Self {
+        let namespace_free = plan
             .routes
             .iter()
             .any(|r| r.destination.placement.omit_namespace)
-            .then(|| without_namespace(obj));
-        let mut rendered_free: Option<(String, Hash)> = None;
-        for (route_index, route) in plan.routes.iter().enumerate() {
-            let dest = &route.destination.key;
-            let (subject, rendering) = match &namespace_free {
-                Some(free) if route.destination.placement.omit_namespace => {
-                    (free, &mut rendered_free)
-                }
-                _ => (obj, &mut rendered),
-            };
-            // Only sensitive objects are encrypted; everything else stays plain canonical YAML.
-            let encryption = route.destination.encryption.as_ref().filter(|_| sensitive);
-            if sensitive && encryption.is_none() {
-                // Never in plaintext: a destination without encryption gets nothing of this object.
-                continue;
-            }
-            let slot = (route_index, view.path.clone());
-            let held = self.hashes.get(&slot).copied();
-            let ns = view.namespace.as_deref();
-            // A rule's `excludeNames` makes it not select the object at all.
-            let name = view.object.name.as_str();
-            let selected = skip.is_none()
-                && route.rules.iter().any(|r| {
-                    r.selects_object(key, ns, &view.labels, &plan.namespace_labels)
-                        && !r.excludes_name(name)
-                });
-            let op_allowed = |op: Operation| {
-                route.rules.iter().any(|r| {
-                    r.matches(key, op, ns, &view.labels, &plan.namespace_labels)
-                        && !r.excludes_name(name)
-                })
-            };
-            match change {
-                Change::Deleted => {
-                    // Deletes are never ignored: the object is gone, and the next snapshot would
-                    // sweep its file anyway.
-                    if let Some(state) = &mut self.ignore {
-                        state.forget(&slot);
-                    }
-                    if held.is_some() {
-                        self.hashes.remove(&slot);
-                        if op_allowed(Operation::Delete) || skip.is_some() {
-                            out.push(delete(dest, &view, author.clone()));
-                        }
-                    }
-                }
-                Change::Listed | Change::Applied if !selected => {
-                    // Stopped matching (label removed, became derived): remove the file.
-                    if let Some(state) = &mut self.ignore {
-                        state.forget(&slot);
-                    }
-                    if held.is_some() {
-                        self.hashes.remove(&slot);
-                        out.push(delete(dest, &view, author.clone()));
-                    }
-                }
-                Change::Listed | Change::Applied => {
-                    let mut sealed: Option<sops::Prepared> = None;
-                    let hash = match encryption {
-                        Some(encryption) => match sops::prepare(subject, encryption) {
-                            Ok(prepared) => {
-                                let hash: Hash =
-                                    Sha256::digest(prepared.fingerprint.as_bytes()).into();
-                                sealed = Some(prepared);
-                                hash
-                            }
-                            Err(e) => {
-                                self.not_sent(route_index, route, &view, change, obj, &e, true);
-                                continue;
-                            }
-                        },
-                        None => match render(rendering, subject, &view.path, &plan.key) {
-                            Some((_, hash)) => hash,
-                            None => {
-                                self.not_sent(
-                                    route_index,
-                                    route,
-                                    &view,
-                                    change,
-                                    obj,
-                                    &"not renderable",
-                                    false,
-                                );
-                                continue;
-                            }
-                        },
-                    };
-                    if change == Change::Listed
-                        && let Some(epoch) = &mut self.epoch
-                    {
-                        epoch.seen.insert(slot.clone());
-                    }
-                    if held != Some(hash)
-                        && self.ignored(
-                            route_index,
-                            &view,
-                            change,
-                            held.is_some(),
-                            &writers,
-                            user.as_ref(),
-                        )
-                    {
-                        self.hold_back(route_index, &view, change, held.is_some(), out);
-                        continue;
-                    }
-                    if change != Change::Listed {
-                        if held == Some(hash) {
-                            // Status-only or server-side-only change: same file, nothing to send.
-                            if let Some(state) = &mut self.ignore {
-                                state.held_back.remove(&slot);
-                            }
-                            continue;
-                        }
-                        let op = if held.is_some() {
-                            Operation::Update
-                        } else {
-                            Operation::Create
-                        };
-                        if !op_allowed(op) {
-                            continue;
-                        }
-                    }
-                    let (yaml, fingerprint) = match (&sealed, encryption) {
-                        (Some(prepared), Some(encryption)) => {
-                            match sops::encrypt(
-                                prepared,
-                                &encryption.recipients,
-                                &sops::now_rfc3339(),
-                            ) {
-                                Ok(yaml) => (yaml, Some(prepared.fingerprint.clone())),
-                                Err(e) => {
-                                    self.not_sent(route_index, route, &view, change, obj, &e, true);
-                                    continue;
-                                }
-                            }
-                        }
-                        _ => match render(rendering, subject, &view.path, &plan.key) {
-                            Some((yaml, _)) => (yaml, None),
-                            None => {
-                                self.not_sent(
-                                    route_index,
-                                    route,
-                                    &view,
-                                    change,
-                                    obj,
-                                    &"not renderable",
-                                    false,
-                                );
-                                continue;
-                            }
-                        },
-                    };
-                    if let Some(state) = &mut self.ignore {
-                        state.held_back.remove(&slot);
-                        if state.route_ignores(route_index) {
-                            state
-                                .sent
-                                .insert(slot.clone(), (yaml.clone(), fingerprint.clone()));
-                        }
-                    }
-                    self.hashes.insert(slot, hash);
-                    out.push(AgentEvent::Upsert {
-                        destination: dest.clone(),
-                        path: view.path.clone(),
-                        yaml,
-                        object: view.object.clone(),
-                        created: held.is_none(),
-                        author: author.clone(),
-                        fingerprint,
-                    });
-                }
-            }
+            .then(|| without_namespace(object));
+        Self {
+            object,
+            namespace_free,
+            rendered: None,
+            rendered_free: None,
         }
+    }
+
+    /// The object a destination gets (without its namespace for `omitNamespace`).
+    fn subject(&self, omit_namespace: bool) -> &Value {
+        match &self.namespace_free {
+            Some(free) if omit_namespace => free,
+            _ => self.object,
+        }
+    }
+
+    /// The canonical YAML and its hash of [`subject`](Self::subject); `None` (logged) when not renderable.
+    fn canonical(
+        &mut self,
+        omit_namespace: bool,
+        path: &str,
+        watch: &super::discovery::WatchKey,
+    ) -> Option<(String, Hash)> {
+        let (subject, rendering) = match &self.namespace_free {
+            Some(free) if omit_namespace => (free, &mut self.rendered_free),
+            _ => (self.object, &mut self.rendered),
+        };
+        render(rendering, subject, path, watch)
     }
 }
 
@@ -724,17 +900,20 @@ impl WatchIndex {
     /// Nothing is sent, so the destination keeps the file it has. In a (re)list the object's snapshot scope is
     /// not ended for this epoch, or the writer would sweep that file; its hash is kept, so a later delete
     /// still reaches the destination. Logged with the path and size, never the content.
-    #[allow(clippy::too_many_arguments)]
     fn not_sent(
         &mut self,
-        route_index: usize,
-        route: &super::discovery::DestinationRoute,
-        view: &View,
-        change: Change,
-        obj: &Value,
+        target: &Target<'_>,
+        event: &ObjectEvent<'_>,
         reason: &dyn std::fmt::Display,
         encryption: bool,
     ) {
+        let (route_index, route, view, change, obj) = (
+            target.route_index,
+            target.route,
+            event.view,
+            event.change,
+            event.object,
+        );
         if encryption {
             self.encryption_failures += 1;
         }
@@ -1358,6 +1537,72 @@ mod tests {
         let out = list(&mut idx, &epochs, &[db, api]);
         assert_eq!(ends(&out).len(), 4, "{}", kinds(&out).join("\n"));
         assert_eq!(idx.encryption_failures(), 2);
+    }
+
+    /// A sealer that writes a fixed document naming the fingerprint, or refuses every object.
+    #[derive(Debug)]
+    struct FixedSealer {
+        refuse: bool,
+    }
+
+    impl sops::Sealer for FixedSealer {
+        fn seal(
+            &self,
+            prepared: &sops::Prepared,
+            _: &sops::Encryption,
+        ) -> Result<String, sops::SopsError> {
+            if self.refuse {
+                return Err(sops::SopsError::NoRecipients);
+            }
+            Ok(format!("sealed: {}\n", prepared.fingerprint))
+        }
+    }
+
+    #[test]
+    fn sensitive_objects_are_sealed_by_the_injected_sealer_and_a_refusal_withholds_their_scope() {
+        let identity = age::x25519::Identity::generate();
+        let epochs = AtomicU64::new(0);
+        let mut idx = WatchIndex::new(
+            secrets_plan_with_scopes(&identity),
+            SelectionOptions::default(),
+        )
+        .with_sealer(Arc::new(FixedSealer { refuse: false }));
+        let db = named_secret("shop", "db", "c2VjcmV0LTE=", "1");
+        let out = list(&mut idx, &epochs, std::slice::from_ref(&db));
+        let sealed: Vec<(&str, &str, Option<&String>)> = out
+            .iter()
+            .filter_map(|e| match e {
+                AgentEvent::Upsert {
+                    destination,
+                    yaml,
+                    fingerprint,
+                    ..
+                } => Some((destination.as_str(), yaml.as_str(), fingerprint.as_ref())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sealed.len(), 2, "{}", kinds(&out).join("\n"));
+        for (destination, yaml, fingerprint) in sealed {
+            let fingerprint = fingerprint.expect("an encrypted upsert carries its fingerprint");
+            assert_eq!(yaml, format!("sealed: {fingerprint}\n"), "{destination}");
+        }
+        assert_eq!(ends(&out).len(), 4, "{}", kinds(&out).join("\n"));
+
+        // The sealer refuses: nothing of the object is sent, and the scopes holding its file stay open.
+        let mut idx = WatchIndex::new(
+            secrets_plan_with_scopes(&identity),
+            SelectionOptions::default(),
+        )
+        .with_sealer(Arc::new(FixedSealer { refuse: true }));
+        let out = list(&mut idx, &epochs, &[db]);
+        assert!(
+            !kinds(&out).iter().any(|k| k.starts_with("Upsert")),
+            "{}",
+            kinds(&out).join("\n")
+        );
+        assert_eq!(ends(&out), ["End web/enc \"web\" 2", "End x/plain \"\" 2"]);
+        assert_eq!(idx.encryption_failures(), 2);
+        assert_eq!(idx.snapshots_withheld(), 2);
     }
 
     /// Snapshot boundaries with their scope's version: `Begin dest v1 "ns" epoch`.
