@@ -33,6 +33,12 @@
 //! The `SnapshotBegin` is deferred to the first listed object (or the end of an empty list):
 //! with paged lists the watcher reports `Init` before it lists, so a list that keeps failing
 //! (a 403) would otherwise open a new epoch on every retry.
+//!
+//! The index reads no clock and draws no randomness: it asks an injected [`Attribution`] who made a change
+//! and an injected [`sops::Sealer`] to encrypt sensitive objects (by default SOPS + age, stamped with the
+//! system clock). One object event runs in named phases: its view (path, labels, identity), its author, its
+//! writers (for `ignore`), then per destination route: delete, drop (stopped matching) or upsert, the upsert
+//! being the destination's hash, the snapshot's note, the ignore check, the no-op check and the file content.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
