@@ -395,7 +395,9 @@ mod repo_credentials {
     use kube::{Api, Client, ResourceExt};
     use tracing::warn;
 
-    use crate::config::resolve::{CredentialsLookup, Reason};
+    use reverser_common::reasons::AgentConditionReason as Reason;
+
+    use crate::config::resolve::CredentialsLookup;
     use crate::crd::GitRepoConfig;
     use crate::credentials::from_secret_data;
 
@@ -461,6 +463,8 @@ mod encryption {
     use sha2::{Digest, Sha256};
     use tracing::warn;
 
+    use reverser_common::reasons::AgentConditionReason as Reason;
+
     use crate::config::resolve::EncryptionLookup;
     use crate::crd::GitDestination;
     use crate::sops::{self, Encryption, FingerprintKey};
@@ -508,7 +512,7 @@ mod encryption {
                         fingerprint_key,
                     }),
                     Err(message) => EncryptionLookup::Failed {
-                        reason: "FingerprintKeyUnavailable".into(),
+                        reason: Reason::FingerprintKeyUnavailable,
                         message,
                     },
                 },
@@ -525,11 +529,11 @@ mod encryption {
         client: &Client,
         ns: &str,
         age: &crate::crd::AgeEncryption,
-    ) -> Result<Vec<String>, (String, String)> {
+    ) -> Result<Vec<String>, (Reason, String)> {
         let mut entries: Vec<String> = age.recipients.clone();
         if let Some(reference) = &age.recipients_secret_ref {
             let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-            let unreadable = |message: String| ("RecipientsSecretUnreadable".to_owned(), message);
+            let unreadable = |message: String| (Reason::RecipientsSecretUnreadable, message);
             let secret = api
                 .get_opt(&reference.name)
                 .await
@@ -541,7 +545,7 @@ mod encryption {
                 })?
                 .ok_or_else(|| {
                     (
-                        "RecipientsSecretNotFound".to_owned(),
+                        Reason::RecipientsSecretNotFound,
                         format!(
                             "the recipients Secret {ns}/{} does not exist",
                             reference.name
@@ -568,7 +572,7 @@ mod encryption {
             }
         }
         sops::parse_recipients(entries.iter().map(String::as_str))
-            .map_err(|e| ("InvalidRecipients".to_owned(), e.to_string()))
+            .map_err(|e| (Reason::InvalidRecipients, e.to_string()))
     }
 
     /// The destination's fingerprint key: cached, else read from its Secret, else created (a race with
@@ -696,7 +700,7 @@ impl StatusWriter {
                         .secrets_skipped
                         .get(&id)
                         .map(|(reason, message)| {
-                            conditions::secrets_skipped_because(reason, message)
+                            conditions::secrets_skipped_because(*reason, message)
                         }),
                 );
                 let api = Api::<WatchRule>::namespaced(self.client.clone(), &ns);
@@ -716,7 +720,7 @@ impl StatusWriter {
                         .secrets_skipped
                         .get(&id)
                         .map(|(reason, message)| {
-                            conditions::secrets_skipped_because(reason, message)
+                            conditions::secrets_skipped_because(*reason, message)
                         }),
                 );
                 let api = Api::<ClusterWatchRule>::all(self.client.clone());
@@ -817,8 +821,8 @@ pub fn next_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::resolve::Reason;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use reverser_common::reasons::AgentConditionReason as Reason;
 
     fn cond(ready: bool, reason: Reason, message: &str) -> ReadyCondition {
         ReadyCondition {

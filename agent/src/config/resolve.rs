@@ -40,49 +40,7 @@ use crate::rules::{
     validate_name_patterns,
 };
 use crate::sops::Encryption;
-
-/// Why a rule or destination is not Ready (the condition's `reason`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Reason {
-    /// Ready=True.
-    Ready,
-    /// An access policy does not admit the referencing namespace or cluster rule.
-    AccessDenied,
-    /// The destination's branch is not in the repository's `allowedBranches`.
-    BranchNotAllowed,
-    DestinationNotFound,
-    RepoNotFound,
-    /// The destination's `baseFolder` is not a clean relative path.
-    InvalidBaseFolder,
-    /// The repository's `secretRef` Secret does not exist (or could not be read).
-    CredentialsSecretNotFound,
-    /// The repository's `secretRef` Secret lacks usable keys.
-    InvalidCredentialsSecret,
-    /// The repository has a `secretRef`, but the agent reaches the writer without TLS: credentials are not sent.
-    CredentialsNeedTls,
-    /// The rule's `ignore` names an unknown preset or holds an empty name.
-    InvalidIgnore,
-    /// The rule's `excludeNames` holds an empty or overlong pattern.
-    InvalidExcludeNames,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Ready => "Ready",
-            Reason::AccessDenied => "AccessDenied",
-            Reason::BranchNotAllowed => "BranchNotAllowed",
-            Reason::DestinationNotFound => "DestinationNotFound",
-            Reason::RepoNotFound => "RepoNotFound",
-            Reason::InvalidBaseFolder => "InvalidBaseFolder",
-            Reason::CredentialsSecretNotFound => "CredentialsSecretNotFound",
-            Reason::InvalidCredentialsSecret => "InvalidCredentialsSecret",
-            Reason::CredentialsNeedTls => "CredentialsNeedTls",
-            Reason::InvalidIgnore => "InvalidIgnore",
-            Reason::InvalidExcludeNames => "InvalidExcludeNames",
-        }
-    }
-}
+use reverser_common::reasons::AgentConditionReason as Reason;
 
 /// The `Ready` condition to write to an object's status.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,7 +92,7 @@ pub struct Resolution {
     pub rules_selecting_secrets: BTreeSet<String>,
     /// Rules selecting Secrets whose destination does not encrypt: (reason, message) of their
     /// `SecretsSkipped` condition. Such a destination is never sent a Secret.
-    pub secrets_skipped: BTreeMap<String, (String, String)>,
+    pub secrets_skipped: BTreeMap<String, (Reason, String)>,
 }
 
 /// The controller's lookup of a destination's `spec.encryption` (recipients from the spec and the
@@ -146,7 +104,7 @@ pub enum EncryptionLookup {
     /// Configured but unusable: the condition reason (`InvalidRecipients`, `RecipientsSecretNotFound`, …)
     /// and a message that names the problem without echoing any value.
     Failed {
-        reason: String,
+        reason: Reason,
         message: String,
     },
 }
@@ -162,9 +120,6 @@ pub enum CredentialsLookup {
         message: String,
     },
 }
-
-/// Reason of `SecretsSkipped` when the destination has no `spec.encryption`.
-pub const ENCRYPTION_NOT_CONFIGURED: &str = "EncryptionNotConfigured";
 
 /// The core `secrets` type, as rules match it.
 /// A rule whose `ignore` is invalid is not admitted (it would mirror what its author meant to skip).
@@ -597,7 +552,7 @@ fn secrets_skipped(
     inputs: Inputs<'_>,
     encryption: &BTreeMap<String, EncryptionLookup>,
     selecting_secrets: &BTreeSet<String>,
-) -> BTreeMap<String, (String, String)> {
+) -> BTreeMap<String, (Reason, String)> {
     let rule_destinations = inputs
         .watch_rules
         .iter()
@@ -638,25 +593,25 @@ fn why_secrets_are_skipped(
     dest_key: &str,
     configured: bool,
     encryption: Option<&EncryptionLookup>,
-) -> Option<(String, String)> {
+) -> Option<(Reason, String)> {
     match (configured, encryption) {
         (true, Some(EncryptionLookup::Ready(_))) => None,
         (true, Some(EncryptionLookup::Failed { reason, message })) => Some((
-            reason.clone(),
+            *reason,
             format!(
                 "this rule selects Secrets, but the encryption of GitDestination {dest_key} is not usable: \
                  {message}; Secrets are not sent and no plaintext Secret ever reaches Git"
             ),
         )),
         (true, None) => Some((
-            ENCRYPTION_NOT_CONFIGURED.to_owned(),
+            Reason::EncryptionNotConfigured,
             format!(
                 "this rule selects Secrets; the encryption of GitDestination {dest_key} is not resolved \
                  yet, so Secrets are not sent and no plaintext Secret ever reaches Git"
             ),
         )),
         (false, _) => Some((
-            ENCRYPTION_NOT_CONFIGURED.to_owned(),
+            Reason::EncryptionNotConfigured,
             format!(
                 "this rule selects Secrets, but GitDestination {dest_key} has no spec.encryption \
                  (age recipients): Secrets are not sent and no plaintext Secret ever reaches Git"
