@@ -25,6 +25,9 @@ use crate::attribution::{ContentHash, ObjectKey};
 use crate::canonical;
 use crate::rules::is_sensitive_resource;
 
+/// The one path the webhook serves.
+pub const PATH: &str = "/process-validating-webhook";
+
 /// The AdmissionReview version spoken (and the only one accepted).
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
