@@ -24,13 +24,15 @@
 //!
 //! - [`discovery`]: which types exist, and the pure planner of watches.
 //! - [`crd_changes`]: a discovery run whenever a CRD is added, changed or deleted.
-//! - [`watch`]: one watch task and its pure event index.
+//! - [`watch`]: one watch task (the kube watcher, restarts, status).
+//! - [`index`]: the pure event index of a watch ([`WatchIndex`]).
 //! - [`raw`]: a watched object as the JSON the server sent (parsed once).
 //! - [`backoff`]: exponential backoff with jitter (`reverser_common`'s, shared with the writer).
 
 pub use reverser_common::backoff;
 pub mod crd_changes;
 pub mod discovery;
+pub mod index;
 pub mod limits;
 mod metrics;
 pub mod raw;
@@ -50,8 +52,9 @@ pub use discovery::{
     DesiredWatches, DiscoveredResource, DiscoveryOptions, SkipReason, WatchKey, WatchPlan,
     desired_watches, discover,
 };
+pub use index::WatchIndex;
 pub use limits::{ListPermits, RequestRate};
-pub use watch::{InitialList, WatchIndex, WatchStatus};
+pub use watch::{InitialList, WatchStatus};
 
 // `ResourceCounters` and `ResourceTotals` are defined below.
 
