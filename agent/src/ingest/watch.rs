@@ -24,43 +24,11 @@ use kube::runtime::watcher::{self, Event};
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
-use super::Shared;
 use super::discovery::WatchPlan;
 use super::index::WatchIndex;
 use super::raw::RawObject;
+use super::shared::{InitialList, Shared};
 use reverser_common::backoff::Backoff;
-
-/// How the initial list is fetched.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum InitialList {
-    /// A streaming list (`sendInitialEvents=true`), falling back to a paged list when the server
-    /// refuses it (400/422: the WatchList feature is off or unknown).
-    #[default]
-    StreamingWithFallback,
-    /// Always a paged list followed by a watch.
-    Paged,
-}
-
-/// What a watch reports about itself (readiness, debugging, tests).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct WatchStatus {
-    /// Completed snapshots (list or relist reached its end).
-    pub snapshots_completed: u64,
-    /// The last error since the last success, if any.
-    pub last_error: Option<String>,
-    /// The last error was a 403 (RBAC denies list or watch).
-    pub forbidden: bool,
-    /// Errors seen in total.
-    pub errors: u64,
-    /// Whether the initial list is streamed.
-    pub streaming: bool,
-    /// Sensitive objects that could not be encrypted (too large, or encryption failed), per destination.
-    pub encryption_failures: u64,
-    /// Snapshot ends withheld because an object of their scope could not be sent.
-    pub snapshots_withheld: u64,
-    /// The last object that could not be sent: its path, destination, plaintext size and why (never content).
-    pub last_unsent: Option<String>,
-}
 
 /// A dynamic object as JSON, with `apiVersion` and `kind` filled in: list items of built-ins
 /// come without them, and canonical YAML needs them.
