@@ -11,7 +11,7 @@
 //!                                             ▼ (not for dry runs)
 //!                                        facts::FactStore (bounded, TTL, injectable clock)
 //!                                             ▲
-//!  ingestion (watch events) ──attribute_upsert(key, uid, hash) / attribute_delete(key, uid)──┘
+//!  ingestion (watch events) ──Attribution: author_of_upsert(key, object, hash) / author_of_delete(key, uid)──┘
 //!        └──▶ AgentEvent::Upsert/Delete { author: Some(user) or None (the bot) }
 //! ```
 //!
@@ -21,7 +21,7 @@
 //! different users — leaves the bot as the author; the join never guesses, and capturing state
 //! never waits for a fact.
 //!
-//! - [`facts`]: the pure store and join.
+//! - [`facts`]: the pure store and join; it implements [`crate::attribution::Attribution`], all ingestion knows of it.
 //! - [`handler`]: AdmissionReview parsing → fact, and the response; the one path served ([`PATH`]).
 //! - [`server`]: the HTTPS server and its settings ([`WebhookConfig`]); [`spawn`] starts it.
 //!
