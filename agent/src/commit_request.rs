@@ -32,12 +32,11 @@ use kube::{Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::attribution::{Attribution, ObjectKey};
+use crate::config::Selection;
 use crate::crd::{CommitRequest, CommitRequestStatus};
-use crate::events::AgentEvent;
-use crate::ingest::Selection;
+use crate::events::{AgentEvent, FlushAnswer};
 use crate::kube_events::{EventSink, PlannedEvent};
-use crate::stream::FlushAnswer;
-use crate::webhook::{FactStore, ObjectKey, facts::Observed};
 
 /// The condition a CommitRequest's status carries.
 pub const COMPLETED: &str = "Completed";
@@ -65,7 +64,7 @@ pub struct Parts {
     pub selection: watch::Receiver<Arc<Selection>>,
     /// `true` once the controller published a selection from complete lists.
     pub synced: watch::Receiver<bool>,
-    pub attribution: Option<FactStore>,
+    pub attribution: Option<Arc<dyn Attribution>>,
     pub sink: Option<EventSink>,
     pub settle: Duration,
 }
@@ -165,7 +164,7 @@ pub async fn run(mut parts: Parts) {
                     if in_flight.contains_key(&uid) || finished.contains(&uid) {
                         continue;
                     }
-                    let flight = handler.first_sight(&request, parts.attribution.as_ref()).await;
+                    let flight = handler.first_sight(&request, parts.attribution.as_deref()).await;
                     in_flight.insert(uid.clone(), flight.clone());
                     let (events, selection, done) = (parts.events.clone(), parts.selection.clone(), done_tx.clone());
                     let (handler, settle) = (Arc::clone(&handler), parts.settle);
@@ -231,7 +230,7 @@ impl Handler {
     async fn first_sight(
         &self,
         request: &CommitRequest,
-        attribution: Option<&FactStore>,
+        attribution: Option<&dyn Attribution>,
     ) -> InFlight {
         let namespace = request.namespace().unwrap_or_default();
         let name = request.name_any();
@@ -489,7 +488,7 @@ fn condition(flight: &InFlight, status: &str, reason: &str, message: &str) -> Co
 }
 
 /// The user the webhook saw create `request`: its CREATE fact with the same content (never a name from the spec).
-fn attributed_author(store: &FactStore, request: &CommitRequest) -> Option<String> {
+fn attributed_author(attribution: &dyn Attribution, request: &CommitRequest) -> Option<String> {
     let value = serde_json::to_value(request).ok()?;
     let hash = crate::webhook::handler::admitted_hash(value.clone())?;
     let key = ObjectKey::new(
@@ -498,8 +497,8 @@ fn attributed_author(store: &FactStore, request: &CommitRequest) -> Option<Strin
         &request.namespace().unwrap_or_default(),
         &request.name_any(),
     );
-    store
-        .attribute_user(&key, &Observed::of(&value, &hash))
+    attribution
+        .author_of_upsert(&key, &value, &hash)
         .map(|user| user.name)
 }
 

@@ -58,42 +58,51 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+use reverser_common::reasons::{
+    AgentConditionReason as Reason, AgentConditionType, ConditionType, RejectReason,
+};
+
+use crate::config::resolve::ReadyCondition;
 use crate::crd::ResourceStatus;
-use crate::ingest::resolve::ReadyCondition;
-use crate::stream::Feedback;
+use crate::events::Feedback;
 
 /// The combined readiness condition type.
-pub const READY: &str = "Ready";
+pub const READY: &str = ConditionType::Ready.as_str();
 /// Whether the stream to the writer is up (on destinations).
-pub const WRITER_CONNECTED: &str = "WriterConnected";
+pub const WRITER_CONNECTED: &str = AgentConditionType::WriterConnected.as_str();
 /// The latest writer `Reject` for a destination.
-pub const REJECTED: &str = "Rejected";
+pub const REJECTED: &str = AgentConditionType::Rejected.as_str();
 /// Objects not sent because they exceed the writer's limits (`True`, reason `ObjectTooLarge`, naming them).
-pub const OBJECTS_SKIPPED: &str = "ObjectsSkipped";
+pub const OBJECTS_SKIPPED: &str = AgentConditionType::ObjectsSkipped.as_str();
 /// The writer's acceptance of a destination declaration.
-pub const ACCEPTED: &str = "Accepted";
+pub const ACCEPTED: &str = ConditionType::Accepted.as_str();
 /// On rules that select Secrets while no encryption is configured.
-pub const SECRETS_SKIPPED: &str = "SecretsSkipped";
+pub const SECRETS_SKIPPED: &str = AgentConditionType::SecretsSkipped.as_str();
 /// On a GitDestination with `spec.suspend` (`True`, reason `Suspended`); `False` (reason `Resumed`) once it is
 /// set back, and absent on a destination that was never suspended.
-pub const SUSPENDED: &str = "Suspended";
+pub const SUSPENDED: &str = AgentConditionType::Suspended.as_str();
 /// Reason of [`SECRETS_SKIPPED`].
-pub const ENCRYPTION_NOT_CONFIGURED: &str = "EncryptionNotConfigured";
+pub const ENCRYPTION_NOT_CONFIGURED: &str = Reason::EncryptionNotConfigured.as_str();
 
 /// Writer condition types that keep a destination from being Ready while `True`, in the order
 /// their reason is preferred.
 const BLOCKING: &[&str] = &[
-    "OwnershipConflict",
-    "AuthFailed",
-    "PushFailing",
-    "LeaseConflict",
+    ConditionType::OwnershipConflict.as_str(),
+    ConditionType::AuthFailed.as_str(),
+    ConditionType::PushFailing.as_str(),
+    ConditionType::LeaseConflict.as_str(),
 ];
 /// Blocking only with `exclusiveMode` (the writer then refuses the destination's writes).
-const MARKER_CONFLICT: &str = "MarkerConflict";
+const MARKER_CONFLICT: &str = ConditionType::MarkerConflict.as_str();
 /// Failure types a writer `Ready=True` (a successful push) resolves.
-const CLEARED_BY_PUSH: &[&str] = &["PushFailing", "AuthFailed", "LeaseConflict", REJECTED];
+const CLEARED_BY_PUSH: &[&str] = &[
+    ConditionType::PushFailing.as_str(),
+    ConditionType::AuthFailed.as_str(),
+    ConditionType::LeaseConflict.as_str(),
+    REJECTED,
+];
 /// Failure types a writer `Accepted=True` (a successful declaration) resolves.
-const CLEARED_BY_ACCEPT: &[&str] = &["OwnershipConflict"];
+const CLEARED_BY_ACCEPT: &[&str] = &[ConditionType::OwnershipConflict.as_str()];
 /// Types the controller owns on every object; everything else on a destination is the writer's.
 const OWN_TYPES: &[&str] = &[READY, WRITER_CONNECTED, SECRETS_SKIPPED, SUSPENDED];
 
@@ -157,7 +166,7 @@ pub fn suspended_condition(
         return Some(DesiredCondition::new(
             SUSPENDED,
             true,
-            "Suspended",
+            Reason::Suspended.as_str(),
             "spec.suspend is true: changes are held by the writer and nothing is pushed; status.suspendPreview \
              shows what resuming would write",
         ));
@@ -167,7 +176,7 @@ pub fn suspended_condition(
         DesiredCondition::new(
             SUSPENDED,
             false,
-            "Resumed",
+            Reason::Resumed.as_str(),
             "spec.suspend is false: the held changes were handed to the writer's next flush",
         )
     })
@@ -271,7 +280,8 @@ impl WriterView {
                         destination,
                         OBJECTS_SKIPPED,
                         true,
-                        "ObjectTooLarge",
+                        // The writer's word for it.
+                        RejectReason::ObjectTooLarge.as_str(),
                         message,
                         false,
                     );
@@ -284,7 +294,7 @@ impl WriterView {
                         destination,
                         OBJECTS_SKIPPED,
                         false,
-                        "AllObjectsFit",
+                        Reason::AllObjectsFit.as_str(),
                         "every object fits the writer's limits again".into(),
                         false,
                     );
@@ -392,9 +402,9 @@ pub fn destination_conditions(
             WRITER_CONNECTED,
             connection.up,
             if connection.up {
-                "Connected"
+                Reason::Connected.as_str()
             } else {
-                "Disconnected"
+                Reason::Disconnected.as_str()
             },
             connection.message.clone(),
         ));
@@ -476,7 +486,7 @@ pub fn rule_conditions(
 /// `SecretsSkipped=True`: the rule selects Secrets, which are not mirrored without encryption.
 pub fn secrets_skipped() -> DesiredCondition {
     secrets_skipped_because(
-        ENCRYPTION_NOT_CONFIGURED,
+        Reason::EncryptionNotConfigured,
         "this rule selects Secrets, but its GitDestination has no spec.encryption: Secrets are not \
          sent and no plaintext Secret ever reaches Git",
     )
@@ -484,8 +494,8 @@ pub fn secrets_skipped() -> DesiredCondition {
 
 /// `SecretsSkipped=True` with a specific reason (`EncryptionNotConfigured`, `InvalidRecipients`,
 /// `RecipientsSecretNotFound`, …) and message.
-pub fn secrets_skipped_because(reason: &str, message: &str) -> DesiredCondition {
-    DesiredCondition::new(SECRETS_SKIPPED, true, reason, message)
+pub fn secrets_skipped_because(reason: Reason, message: &str) -> DesiredCondition {
+    DesiredCondition::new(SECRETS_SKIPPED, true, reason.as_str(), message)
 }
 
 /// The status to write so that it holds `desired` for `generation`, or `None` when it already
@@ -566,8 +576,7 @@ pub fn next_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::resolve::Reason;
-    use crate::stream::{DestinationCondition, Rejection};
+    use crate::events::{DestinationCondition, Rejection};
 
     const KEY: &str = "gitops/prod";
 

@@ -41,14 +41,14 @@ use crate::conditions::{
     self, DesiredCondition, DesiredConditions, DestinationReadiness, WriterView,
 };
 use crate::crd::{ClusterWatchRule, GitDestination, GitRepoConfig, ResourceStatus, WatchRule};
-use crate::ingest::Selection;
 use std::collections::BTreeMap;
 
-use crate::ingest::resolve::{
+use crate::config::Selection;
+use crate::config::resolve::{
     CredentialsLookup, EncryptionLookup, Inputs, ReadyCondition, Resolution, resolve_with_lookups,
 };
-use crate::ingest::selection::NamespaceLabels;
 use crate::kube_events::{self, EventSink};
+use crate::rules::compiled::NamespaceLabels;
 
 /// The condition type every object gets.
 pub const READY: &str = conditions::READY;
@@ -395,9 +395,11 @@ mod repo_credentials {
     use kube::{Api, Client, ResourceExt};
     use tracing::warn;
 
+    use reverser_common::reasons::AgentConditionReason as Reason;
+
+    use crate::config::resolve::CredentialsLookup;
     use crate::crd::GitRepoConfig;
     use crate::credentials::from_secret_data;
-    use crate::ingest::resolve::{CredentialsLookup, Reason};
 
     pub(super) async fn lookup_all(
         client: &Client,
@@ -461,8 +463,10 @@ mod encryption {
     use sha2::{Digest, Sha256};
     use tracing::warn;
 
+    use reverser_common::reasons::AgentConditionReason as Reason;
+
+    use crate::config::resolve::EncryptionLookup;
     use crate::crd::GitDestination;
-    use crate::ingest::resolve::EncryptionLookup;
     use crate::sops::{self, Encryption, FingerprintKey};
 
     /// Key of the fingerprint key inside its Secret.
@@ -508,7 +512,7 @@ mod encryption {
                         fingerprint_key,
                     }),
                     Err(message) => EncryptionLookup::Failed {
-                        reason: "FingerprintKeyUnavailable".into(),
+                        reason: Reason::FingerprintKeyUnavailable,
                         message,
                     },
                 },
@@ -525,11 +529,11 @@ mod encryption {
         client: &Client,
         ns: &str,
         age: &crate::crd::AgeEncryption,
-    ) -> Result<Vec<String>, (String, String)> {
+    ) -> Result<Vec<String>, (Reason, String)> {
         let mut entries: Vec<String> = age.recipients.clone();
         if let Some(reference) = &age.recipients_secret_ref {
             let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-            let unreadable = |message: String| ("RecipientsSecretUnreadable".to_owned(), message);
+            let unreadable = |message: String| (Reason::RecipientsSecretUnreadable, message);
             let secret = api
                 .get_opt(&reference.name)
                 .await
@@ -541,7 +545,7 @@ mod encryption {
                 })?
                 .ok_or_else(|| {
                     (
-                        "RecipientsSecretNotFound".to_owned(),
+                        Reason::RecipientsSecretNotFound,
                         format!(
                             "the recipients Secret {ns}/{} does not exist",
                             reference.name
@@ -568,7 +572,7 @@ mod encryption {
             }
         }
         sops::parse_recipients(entries.iter().map(String::as_str))
-            .map_err(|e| ("InvalidRecipients".to_owned(), e.to_string()))
+            .map_err(|e| (Reason::InvalidRecipients, e.to_string()))
     }
 
     /// The destination's fingerprint key: cached, else read from its Secret, else created (a race with
@@ -696,7 +700,7 @@ impl StatusWriter {
                         .secrets_skipped
                         .get(&id)
                         .map(|(reason, message)| {
-                            conditions::secrets_skipped_because(reason, message)
+                            conditions::secrets_skipped_because(*reason, message)
                         }),
                 );
                 let api = Api::<WatchRule>::namespaced(self.client.clone(), &ns);
@@ -716,7 +720,7 @@ impl StatusWriter {
                         .secrets_skipped
                         .get(&id)
                         .map(|(reason, message)| {
-                            conditions::secrets_skipped_because(reason, message)
+                            conditions::secrets_skipped_because(*reason, message)
                         }),
                 );
                 let api = Api::<ClusterWatchRule>::all(self.client.clone());
@@ -817,8 +821,8 @@ pub fn next_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::resolve::Reason;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use reverser_common::reasons::AgentConditionReason as Reason;
 
     fn cond(ready: bool, reason: Reason, message: &str) -> ReadyCondition {
         ReadyCondition {

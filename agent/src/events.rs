@@ -1,8 +1,11 @@
-//! The boundary between ingestion (discovery, rules, List+Watch, canonical YAML) and the stream to the writer.
+//! The boundary between ingestion (discovery, rules, List+Watch, canonical YAML) and the stream to the writer, both
+//! ways, in the agent's own types (the protobuf forms exist only in [`crate::stream`]).
 //!
 //! Ingestion sends [`AgentEvent`]s on a bounded channel; the stream client ([`crate::stream`]) numbers them per
 //! destination, keeps every unacked one, sends them to the writer and re-sends them after a reconnect. A full
-//! channel slows the watches down (backpressure) instead of dropping anything.
+//! channel slows the watches down (backpressure) instead of dropping anything. What the writer answers comes back
+//! as [`Feedback`] (rejects, destination conditions, flush answers, previews), read by the conditions, the
+//! CommitRequests and the suspend previews.
 
 /// Where a destination's files go, as resolved from a `GitDestination` and its `GitRepoConfig`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,4 +107,110 @@ pub enum AgentEvent {
         request_name: String,
         request_uid: String,
     },
+}
+
+/// A writer `Reject`: the named message was not applied and will not be re-sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub destination: String,
+    /// 0 for unsequenced messages (`Hello`, `Destination`).
+    pub sequence: u64,
+    /// Machine-readable, e.g. `InvalidPath`, `InvalidDestination`, `SnapshotMismatch`.
+    pub reason: String,
+    pub message: String,
+}
+
+/// A writer `DestinationStatus`: a condition for the rules using the destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DestinationCondition {
+    pub destination: String,
+    /// `Accepted`, `Ready`, `PushFailing`, `AuthFailed`, `LeaseConflict`, `MarkerConflict`, `OwnershipConflict`.
+    pub condition_type: String,
+    /// `True` or `False`, as Kubernetes conditions spell it.
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+}
+
+/// What the stream tells the rest of the agent (status conditions, ingestion).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Feedback {
+    /// The first connection is up (the writer sent `Welcome`).
+    Connected,
+    /// A later connection is up and everything unacked was queued for re-sending. Ingestion must start a fresh
+    /// snapshot epoch for every scope: the writer may have lost the open ones.
+    Reconnected,
+    /// The connection was lost or could not be made; reported once per outage.
+    Disconnected {
+        error: String,
+    },
+    Rejected(Rejection),
+    Status(DestinationCondition),
+    /// The objects of `destination` currently not mirrored because they exceed the writer's limits
+    /// (`path → description`); empty when the last of them was sent again (or deleted) within limits.
+    ObjectsSkipped {
+        destination: String,
+        objects: Vec<String>,
+        total: usize,
+    },
+    /// The writer refused this client's leader term (a newer leader said Hello): nothing more is sent.
+    Fenced {
+        message: String,
+    },
+    /// A `SnapshotEnd` was dropped without being sent because its epoch did not go out whole on the current
+    /// connection; nothing of that epoch is deleted. Re-list the scope to get orphan deletion.
+    SnapshotAbandoned {
+        destination: String,
+        scope: ScopeRef,
+        epoch: u64,
+    },
+    /// The writer answered a CommitRequest (`FlushResult`): `commit` on `branch` holds it.
+    Flushed(FlushAnswer),
+    /// The writer refused a CommitRequest's flush (its `Reject`): nothing was committed for it.
+    FlushRefused {
+        request_uid: String,
+        reason: String,
+        message: String,
+    },
+    /// Snapshot sweeps deleted `deleted` orphan files of `destination` in the pushed `commit`; `left` more wait
+    /// for the next snapshot (the delete cap).
+    Swept {
+        destination: String,
+        deleted: u64,
+        left: u64,
+        commit: String,
+    },
+    /// What a flush of the suspended destination would write now (for its `status.suspendPreview`).
+    SuspendPreview(SuspendPreview),
+}
+
+/// A writer `FlushResult`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlushAnswer {
+    pub destination: String,
+    pub request_uid: String,
+    pub commit: String,
+    pub branch: String,
+    /// A new commit holds the changes (`false`: nothing was pending; `commit` is the tip that held them).
+    pub committed: bool,
+    pub message: String,
+}
+
+/// The writer's preview of a suspended destination: what a flush would write now (for its `status.suspendPreview`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SuspendPreview {
+    pub destination: String,
+    /// Files a flush would create, change and delete (totals).
+    pub added: u64,
+    pub changed: u64,
+    pub deleted: u64,
+    /// Repository paths of those files, sorted, at most `paths_cap` of each.
+    pub added_paths: Vec<String>,
+    pub changed_paths: Vec<String>,
+    pub deleted_paths: Vec<String>,
+    pub paths_cap: u64,
+    /// The branch tip the preview was planned against (`""` for a branch that does not exist yet).
+    pub base_commit: String,
+    /// Messages held (latest per path, one sweep per snapshot scope).
+    pub held_messages: u64,
 }

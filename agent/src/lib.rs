@@ -19,10 +19,14 @@
 //!   `ClusterWatchRule` selects (admission-webhook style matching, label
 //!   selectors, the desired-state preset, the always-on exclusions and the sensitive types), and which
 //!   cluster-generated objects are skipped.
+//! - [`config`]: resolves the custom resources into the [`config::Selection`] ingestion mirrors (access policy,
+//!   credentials, encryption), with a Ready condition or the reason it is not for every rule and destination.
 //! - [`crd`]: the `configbutler.ai/v1alpha1` custom resources the agent reads
 //!   (`GitRepoConfig`, `GitDestination`, `WatchRule`, `ClusterWatchRule`, `CommitRequest`); the
 //!   `crdgen` binary writes their manifests to `crds/`.
-//! - [`events`]: what ingestion hands the stream ([`events::AgentEvent`]).
+//! - [`attribution`]: who made a change, as a trait the watch index asks and the webhook's fact store answers.
+//! - [`events`]: what ingestion hands the stream ([`events::AgentEvent`]), and what the stream hands back
+//!   ([`events::Feedback`]: the writer's rejects, destination conditions, flush answers, previews).
 //!
 //! Around that core, the parts that talk to the API server and the writer (binary `reverser-agent`, flags in
 //! [`args::Args`]; `ARCHITECTURE.md` at the repository root draws the arrows):
@@ -30,7 +34,7 @@
 //! - [`leader`]: leader election on a Lease (`reverser_common::lease`), the leader label on the Pod, the cluster
 //!   UID; each term runs what follows, and only the leader does.
 //! - [`controller`]: watches the custom resources and Namespaces, resolves them
-//!   ([`ingest::resolve`]) into the selection ingestion mirrors, and writes each
+//!   ([`config::resolve`]) into the selection ingestion mirrors, and writes each
 //!   rule's and destination's status conditions ([`conditions`]: `Ready`, the writer's
 //!   feedback, `WriterConnected`, `SecretsSkipped`); each change of a condition becomes a
 //!   Kubernetes Event ([`kube_events`]).
@@ -48,9 +52,11 @@
 //! - [`args`]: flags, and the wiring of all of the above with the admin endpoint.
 
 pub mod args;
+pub mod attribution;
 pub mod canonical;
 pub mod commit_request;
 pub mod conditions;
+pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod credentials;

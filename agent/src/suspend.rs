@@ -16,18 +16,18 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams},
 };
-use reverser_proto::v1 as pb;
 use tokio::{sync::Notify, time::Instant};
 use tracing::{debug, info, warn};
 
-use crate::crd::{GitDestination, SuspendPreview};
+use crate::crd::{GitDestination, SuspendPreview as PreviewStatus};
+use crate::events::SuspendPreview;
 
 /// Shortest time between two status patches of one destination's preview.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The status form of a writer preview.
-pub fn status_of(preview: &pb::SuspendPreview, now: Timestamp) -> SuspendPreview {
-    SuspendPreview {
+pub fn status_of(preview: &SuspendPreview, now: Timestamp) -> PreviewStatus {
+    PreviewStatus {
         added: preview.added,
         changed: preview.changed,
         deleted: preview.deleted,
@@ -42,7 +42,7 @@ pub fn status_of(preview: &pb::SuspendPreview, now: Timestamp) -> SuspendPreview
 
 #[derive(Default)]
 struct Pending {
-    latest: HashMap<String, pb::SuspendPreview>,
+    latest: HashMap<String, SuspendPreview>,
 }
 
 /// Hands previews to the publishing task; the task ends once every clone of this is dropped.
@@ -65,7 +65,7 @@ impl Previews {
     }
 
     /// Queues `preview` (replacing an unwritten older one of the same destination). Never waits.
-    pub fn offer(&self, preview: pb::SuspendPreview) {
+    pub fn offer(&self, preview: SuspendPreview) {
         self.pending
             .lock()
             .expect("previews lock")
@@ -87,7 +87,7 @@ async fn publish(client: Client, pending: Weak<Mutex<Pending>>, wake: Arc<Notify
             return;
         };
         let now = Instant::now();
-        let due: Vec<pb::SuspendPreview> = {
+        let due: Vec<SuspendPreview> = {
             let mut pending = pending.lock().expect("previews lock");
             let keys: Vec<String> = pending
                 .latest
@@ -111,7 +111,7 @@ async fn publish(client: Client, pending: Weak<Mutex<Pending>>, wake: Arc<Notify
     }
 }
 
-async fn write(client: &Client, preview: &pb::SuspendPreview) {
+async fn write(client: &Client, preview: &SuspendPreview) {
     let Some((namespace, name)) = preview.destination.split_once('/') else {
         return;
     };

@@ -15,15 +15,14 @@ use std::time::Duration;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube_emulator::Emulator;
 use reverser_agent::canonical;
+use reverser_agent::config::Selection;
 use reverser_agent::crd::{
     ClusterResourceRule, ClusterWatchRuleSpec, DestinationRef, NamespacedName, ResourceRule,
     ResourceScope, WatchRuleSpec,
 };
 use reverser_agent::events::{AgentEvent, DestinationDecl};
-use reverser_agent::ingest::{
-    self, CompiledRule, DiscoveredResource, IngestConfig, IngestHandle, RuleKind, Selection,
-    WatchKey,
-};
+use reverser_agent::ingest::{self, DiscoveredResource, IngestConfig, IngestHandle, WatchKey};
+use reverser_agent::rules::compiled::{CompiledRule, RuleKind};
 use serde_json::{Value, json};
 use support::cluster::{Backend, TestCluster};
 use tokio::sync::{mpsc, watch};

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use reverser_agent::{
-    events::AgentEvent,
-    stream::{Feedback, Rejection, StreamConfig},
+    events::{AgentEvent, Feedback, Rejection},
+    stream::StreamConfig,
 };
 use reverser_proto::v1::{ListDestinationsRequest, writer_admin_client::WriterAdminClient};
 use reverser_writer::RunningWriter;

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use tokio::{sync::watch, time::Instant};
 
-use reverser_agent::stream::{Feedback, LeaderFence, StreamConfig};
+use reverser_agent::events::Feedback;
+use reverser_agent::stream::{LeaderFence, StreamConfig};
 use reverser_common::lease::{LeaseState, Tenure};
 use reverser_writer::RunningWriter;
 use testkit::BareRepo;

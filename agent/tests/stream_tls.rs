@@ -8,8 +8,8 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, 
 use tokio::sync::{mpsc, oneshot};
 
 use reverser_agent::{
-    events::{AgentEvent, DestinationDecl, ObjectRef},
-    stream::{AgentIdentity, Feedback, StreamClient, StreamConfig, StreamStats, TlsSettings},
+    events::{AgentEvent, DestinationDecl, Feedback, ObjectRef},
+    stream::{AgentIdentity, StreamClient, StreamConfig, StreamStats, TlsSettings},
 };
 use reverser_writer::{Args, RunningWriter};
 use testkit::BareRepo;

@@ -7,8 +7,9 @@ mod webhook_support;
 
 use std::time::Duration;
 
+use reverser_agent::attribution::ObjectKey;
 use reverser_agent::webhook::handler::{self, Outcome};
-use reverser_agent::webhook::{FactStore, FactsConfig, ObjectKey};
+use reverser_agent::webhook::{FactStore, FactsConfig};
 use serde_json::{Value, json};
 use webhook_support::{corpus, feed, manual_store, review_body, review_of, watched};
 

@@ -21,12 +21,13 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
     TypeMeta, WatchEvent, WatchParams,
 };
+use reverser_agent::attribution::ObjectKey;
 use reverser_agent::canonical;
 use reverser_agent::rules::ResourceKey;
 use reverser_agent::webhook::registration::{
     Registration, Target, validating_webhook_configuration,
 };
-use reverser_agent::webhook::{FactStore, ObjectKey, Operation};
+use reverser_agent::webhook::{FactStore, Operation};
 use serde_json::json;
 use support::cluster::TestCluster;
 use webhook_support::{PATIENCE, Server};

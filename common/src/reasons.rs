@@ -1,6 +1,11 @@
 //! The protocol's vocabulary: every `Reject.reason`, `DestinationStatus.type` and `DestinationStatus.reason` the
 //! writer can send, as types. The writer can only send what is listed here, and a test checks that the proto file
 //! documents every value, so the agent (and a person with grpcurl) can rely on the list in `writer.proto`.
+//!
+//! Beside them, the agent's own condition vocabulary ([`AgentConditionType`], [`AgentConditionReason`]): what it
+//! writes on rules and destinations that the writer never sends. The two sets share no word (a test checks it),
+//! so each word has one constant in both processes; where the agent says what the writer says (`Ready`,
+//! `PushFailing`, `ObjectTooLarge`) it uses the writer's value.
 
 use std::fmt;
 
@@ -157,6 +162,72 @@ vocabulary! {
     }
 }
 
+vocabulary! {
+    /// The condition types the agent writes itself (the writer's [`ConditionType`]s are copied onto GitDestinations
+    /// as they come; `Ready` is [`ConditionType::Ready`]).
+    AgentConditionType {
+        /// On GitDestinations: whether the stream to the writer is up.
+        WriterConnected,
+        /// On GitDestinations: the latest writer `Reject` for the destination.
+        Rejected,
+        /// On GitDestinations: objects not sent because they exceed the writer's limits (True, reason
+        /// [`RejectReason::ObjectTooLarge`], naming them).
+        ObjectsSkipped,
+        /// On rules that select Secrets while their destination does not encrypt.
+        SecretsSkipped,
+        /// On GitDestinations with `spec.suspend`.
+        Suspended,
+    }
+}
+
+vocabulary! {
+    /// The reasons of the agent's own conditions.
+    AgentConditionReason {
+        /// Ready=True on a rule or destination: the configuration resolved.
+        Ready,
+        /// Ready=False: an access policy does not admit the referencing namespace or cluster rule.
+        AccessDenied,
+        /// Ready=False: the destination's branch is not in the repository's `allowedBranches`.
+        BranchNotAllowed,
+        /// Ready=False: the rule's GitDestination does not exist.
+        DestinationNotFound,
+        /// Ready=False: the destination's GitRepoConfig does not exist.
+        RepoNotFound,
+        /// Ready=False: the destination's `baseFolder` is not a clean relative path.
+        InvalidBaseFolder,
+        /// Ready=False: the repository's `secretRef` Secret does not exist (or could not be read).
+        CredentialsSecretNotFound,
+        /// Ready=False: the repository's `secretRef` Secret lacks usable keys.
+        InvalidCredentialsSecret,
+        /// Ready=False: the repository has a `secretRef`, but the agent reaches the writer without TLS.
+        CredentialsNeedTls,
+        /// Ready=False: the rule's `ignore` names an unknown preset or holds an empty name.
+        InvalidIgnore,
+        /// Ready=False: the rule's `excludeNames` holds an empty or overlong pattern.
+        InvalidExcludeNames,
+        /// WriterConnected=True.
+        Connected,
+        /// WriterConnected=False.
+        Disconnected,
+        /// ObjectsSkipped=False: every object fits the writer's limits again.
+        AllObjectsFit,
+        /// SecretsSkipped=True: the destination has no `spec.encryption` (or it is not resolved yet).
+        EncryptionNotConfigured,
+        /// SecretsSkipped=True: the destination's fingerprint key cannot be read or made.
+        FingerprintKeyUnavailable,
+        /// SecretsSkipped=True: the Secret holding the age recipients cannot be read.
+        RecipientsSecretUnreadable,
+        /// SecretsSkipped=True: the Secret holding the age recipients does not exist.
+        RecipientsSecretNotFound,
+        /// SecretsSkipped=True: the age recipients are malformed.
+        InvalidRecipients,
+        /// Suspended=True: `spec.suspend` is set.
+        Suspended,
+        /// Suspended=False: `spec.suspend` was set and is no more.
+        Resumed,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +244,32 @@ mod tests {
             assert_eq!(ConditionReason::parse(v.as_str()), Some(*v));
         }
         assert_eq!(RejectReason::parse("NoSuchReason"), None);
+        for v in AgentConditionType::ALL {
+            assert_eq!(AgentConditionType::parse(v.as_str()), Some(*v));
+        }
+        for v in AgentConditionReason::ALL {
+            assert_eq!(AgentConditionReason::parse(v.as_str()), Some(*v));
+        }
+    }
+
+    /// A word the agent and the writer both use is the writer's constant: the agent's vocabulary repeats no
+    /// writer type as a type, and no writer reason (of a condition or a reject) as a reason.
+    #[test]
+    fn the_agents_words_are_not_the_writers() {
+        let types: Vec<&str> = AgentConditionType::ALL
+            .iter()
+            .map(|v| v.as_str())
+            .filter(|v| ConditionType::parse(v).is_some())
+            .collect();
+        let reasons: Vec<&str> = AgentConditionReason::ALL
+            .iter()
+            .map(|v| v.as_str())
+            .filter(|v| ConditionReason::parse(v).is_some() || RejectReason::parse(v).is_some())
+            .collect();
+        assert!(
+            types.is_empty() && reasons.is_empty(),
+            "say these with the writer's constants: {types:?} {reasons:?}"
+        );
     }
 
     /// Every value the writer can send is documented in the proto comments of the field that carries it.

@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use tracing::info;
 
 use super::Args;
+use crate::attribution::Attribution;
 use crate::controller::{ControllerConfig, ControllerStats};
 use crate::ingest::{DiscoveryOptions, IngestConfig, IngestMetrics, ListPermits, RequestRate};
 use crate::kube_events::{EventMetrics, EventSink};
@@ -153,7 +154,9 @@ impl Args {
                 keep_controller_owned,
                 keep_kube_root_ca,
             },
-            attribution,
+            attribution: attribution
+                .clone()
+                .map(|store| Arc::new(store) as Arc<dyn Attribution>),
             request_rate: RequestRate {
                 qps: watch_qps,
                 burst: watch_burst,

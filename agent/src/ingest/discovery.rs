@@ -19,10 +19,12 @@ use kube::core::discovery::ApiResource;
 use kube::discovery::{Discovery, Scope, verbs};
 use tracing::{debug, info, warn};
 
-use super::selection::{CompiledRule, NamespaceLabels, Selection};
+use crate::config::Selection;
 use crate::events::{DestinationDecl, ScopeRef};
-pub use crate::rules::is_sensitive_resource;
-use crate::rules::{ResourceKey, in_desired_state_preset, is_default_excluded, matches_entry};
+use crate::rules::compiled::{CompiledRule, NamespaceLabels};
+use crate::rules::{
+    ResourceKey, in_desired_state_preset, is_default_excluded, is_sensitive_resource, matches_entry,
+};
 
 /// Default upper bound on concurrently watched types.
 pub const DEFAULT_MAX_GVKS: usize = 300;
@@ -373,7 +375,7 @@ pub fn desired_watches(
         let mut by_watch: BTreeMap<String, Vec<&CompiledRule>> = BTreeMap::new();
         for rule in selecting {
             let watch_ns = match (&rule.kind, cluster_wide) {
-                (super::selection::RuleKind::Namespaced { namespace, .. }, false) => {
+                (crate::rules::compiled::RuleKind::Namespaced { namespace, .. }, false) => {
                     namespace.clone()
                 }
                 _ => String::new(),
@@ -448,9 +450,9 @@ pub(crate) fn log_skipped(skipped: &[(ResourceKey, SkipReason)]) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::selection::test_support::*;
     use super::*;
     use crate::crd::ResourceScope;
+    use crate::rules::compiled::test_support::*;
 
     fn cluster() -> Vec<DiscoveredResource> {
         vec![

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use prometheus::Registry;
 
-use super::{IngestMetrics, ResourceTotals};
+use super::shared::{IngestMetrics, ResourceTotals};
 use crate::metrics::ScrapedFamilies;
 
 impl IngestMetrics {

@@ -24,26 +24,25 @@
 //!
 //! - [`discovery`]: which types exist, and the pure planner of watches.
 //! - [`crd_changes`]: a discovery run whenever a CRD is added, changed or deleted.
-//! - [`selection`]: destinations and compiled rules, as matching needs them.
-//! - [`resolve`]: from the custom resources to a [`Selection`], enforcing access policy.
-//! - [`watch`]: one watch task and its pure event index.
+//! - [`watch`]: one watch task (the kube watcher, restarts, status).
+//! - `shared`: the settings, counters and watch statuses the supervisor shares with its watch tasks.
+//! - [`index`]: the pure event index of a watch ([`WatchIndex`]).
 //! - [`raw`]: a watched object as the JSON the server sent (parsed once).
 //! - [`backoff`]: exponential backoff with jitter (`reverser_common`'s, shared with the writer).
 
 pub use reverser_common::backoff;
 pub mod crd_changes;
 pub mod discovery;
+pub mod index;
 pub mod limits;
 mod metrics;
 pub mod raw;
-pub mod resolve;
-pub mod selection;
+mod shared;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, watch as tokio_watch};
 use tokio::task::JoinHandle;
@@ -52,171 +51,19 @@ use tracing::{info, warn};
 
 pub use discovery::{
     DesiredWatches, DiscoveredResource, DiscoveryOptions, SkipReason, WatchKey, WatchPlan,
-    desired_watches, discover, is_sensitive_resource,
+    desired_watches, discover,
 };
+pub use index::WatchIndex;
 pub use limits::{ListPermits, RequestRate};
-pub use selection::{CompiledRule, RuleKind, Selection};
-pub use watch::{InitialList, WatchIndex, WatchStatus};
+use shared::Shared;
+pub use shared::{
+    IngestConfig, IngestMetrics, InitialList, ResourceCounters, ResourceTotals, WatchStatus,
+};
 
-// `ResourceCounters` and `ResourceTotals` are defined below.
-
+use crate::config::Selection;
 use crate::events::{AgentEvent, DestinationDecl};
-use crate::rules::{ResourceKey, SelectionOptions};
-use crate::webhook::FactStore;
+use crate::rules::ResourceKey;
 use backoff::Backoff;
-
-/// Ingestion settings (flags).
-#[derive(Clone, Debug)]
-pub struct IngestConfig {
-    pub discovery: DiscoveryOptions,
-    /// Opt-ins for derived objects (controller-owned, `kube-root-ca.crt`).
-    pub selection_options: SelectionOptions,
-    /// How often discovery runs to find new types (CRDs) and drop removed ones.
-    pub discovery_refresh: Duration,
-    /// How long a type missing from discovery keeps its watch: discovery of aggregated APIs
-    /// blinks, and a restart would relist for nothing.
-    pub vanish_grace: Duration,
-    pub initial_list: InitialList,
-    /// Watch restart backoff bounds.
-    pub watch_backoff: (Duration, Duration),
-    /// Discovery failure backoff bounds.
-    pub discovery_backoff: (Duration, Duration),
-    /// Admission facts to name the author of each change (`None`: every change is the bot's).
-    pub attribution: Option<FactStore>,
-    /// Requests per second (and burst) of each watched type towards the API server.
-    pub request_rate: RequestRate,
-    /// Lists in flight at once, over every watch.
-    pub list_permits: ListPermits,
-    /// Counters to add to (the process's, registered once); `None`: counters of this ingestion alone.
-    pub metrics: Option<Arc<IngestMetrics>>,
-}
-
-impl Default for IngestConfig {
-    fn default() -> Self {
-        Self {
-            discovery: DiscoveryOptions::default(),
-            selection_options: SelectionOptions::default(),
-            discovery_refresh: Duration::from_secs(300),
-            vanish_grace: Duration::from_secs(60),
-            initial_list: InitialList::default(),
-            watch_backoff: (Duration::from_millis(500), Duration::from_secs(30)),
-            discovery_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
-            attribution: None,
-            request_rate: RequestRate::default(),
-            list_permits: ListPermits::default(),
-            metrics: None,
-        }
-    }
-}
-
-/// Counters for the metrics endpoint.
-#[derive(Debug, Default)]
-pub struct IngestMetrics {
-    /// Completed discovery runs.
-    pub discovery_runs: AtomicU64,
-    /// Failed discovery runs (`discovery_errors_total`).
-    pub discovery_errors: AtomicU64,
-    /// Errors reported by any watch (each is retried with backoff).
-    pub watch_errors: AtomicU64,
-    /// Watches currently running.
-    pub active_watches: AtomicU64,
-    /// Sensitive objects not sent because encrypting them was refused (too large) or failed, per
-    /// destination (`encryption_failures_total`).
-    pub encryption_failures: AtomicU64,
-    /// Snapshot ends not sent because an object of their scope could not be sent
-    /// (`snapshots_withheld_total`): the writer deletes nothing in those scopes.
-    pub snapshots_withheld: AtomicU64,
-    /// Per resource (`plural` for the core group, else `plural.group`), over all its watches.
-    per_resource: Mutex<BTreeMap<String, Arc<ResourceCounters>>>,
-}
-
-/// Counters of one resource type, summed over its watches (one per namespace or cluster-wide).
-#[derive(Debug, Default)]
-pub struct ResourceCounters {
-    /// Objects seen by lists and watches (listed, added, modified, deleted), Secrets and
-    /// derived objects included: what ingestion looked at, not what it sent.
-    pub objects_scanned: AtomicU64,
-    /// Watches re-established after an error or an ended stream (each is retried with backoff).
-    pub watch_restarts: AtomicU64,
-    /// Lists after a watch's first one: a 410 Gone, a desync, a streaming-list fallback.
-    pub relists: AtomicU64,
-}
-
-/// Plain values of [`ResourceCounters`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ResourceTotals {
-    pub objects_scanned: u64,
-    pub watch_restarts: u64,
-    pub relists: u64,
-}
-
-impl ResourceTotals {
-    pub fn add(&mut self, other: &ResourceTotals) {
-        self.objects_scanned += other.objects_scanned;
-        self.watch_restarts += other.watch_restarts;
-        self.relists += other.relists;
-    }
-}
-
-impl IngestMetrics {
-    /// The counters of one resource label (created on first use).
-    pub fn resource(&self, label: &str) -> Arc<ResourceCounters> {
-        let mut map = self.per_resource.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(map.entry(label.to_owned()).or_default())
-    }
-
-    /// Current values per resource label.
-    pub fn per_resource(&self) -> BTreeMap<String, ResourceTotals> {
-        let map = self.per_resource.lock().unwrap_or_else(|p| p.into_inner());
-        map.iter()
-            .map(|(label, c)| {
-                (
-                    label.clone(),
-                    ResourceTotals {
-                        objects_scanned: c.objects_scanned.load(Ordering::Relaxed),
-                        watch_restarts: c.watch_restarts.load(Ordering::Relaxed),
-                        relists: c.relists.load(Ordering::Relaxed),
-                    },
-                )
-            })
-            .collect()
-    }
-}
-
-/// State shared by the supervisor and the watch tasks.
-pub(crate) struct Shared {
-    pub(crate) config: IngestConfig,
-    pub(crate) tx: mpsc::Sender<AgentEvent>,
-    /// Epoch numbers, shared by all watches so they only grow on a stream.
-    pub(crate) epochs: AtomicU64,
-    pub(crate) metrics: Arc<IngestMetrics>,
-    status: Mutex<BTreeMap<WatchKey, WatchStatus>>,
-    /// The types with a running watch; `None` until the first reconcile.
-    watched_types: Mutex<Option<BTreeSet<ResourceKey>>>,
-    /// One rate-limited client per watched type (its watches in several namespaces share the budget).
-    clients_per_type: Mutex<BTreeMap<String, kube::Client>>,
-}
-
-impl Shared {
-    /// The client of a watched type: `base` behind the type's own request budget.
-    pub(crate) fn client_for(&self, base: &kube::Client, type_label: &str) -> kube::Client {
-        let mut clients = self
-            .clients_per_type
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        clients
-            .entry(type_label.to_owned())
-            .or_insert_with(|| limits::rate_limited_client(base, self.config.request_rate))
-            .clone()
-    }
-
-    pub(crate) fn update_status(&self, key: &WatchKey, f: impl FnOnce(&mut WatchStatus)) {
-        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = status.get_mut(key) {
-            f(s);
-        }
-    }
-}
 
 /// Handle to the running ingestion; dropping it stops every watch.
 pub struct IngestHandle {

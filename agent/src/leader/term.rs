@@ -20,13 +20,14 @@ use tracing::{info, warn};
 
 use crate::commit_request;
 use crate::conditions::WriterView;
+use crate::config::Selection;
 use crate::controller::{self, ControllerConfig, ControllerHandle};
-use crate::events::AgentEvent;
-use crate::ingest::{self, IngestConfig, IngestHandle, Selection, WatchKey, WatchStatus};
+use crate::events::{AgentEvent, Feedback};
+use crate::ingest::{self, IngestConfig, IngestHandle, WatchKey, WatchStatus};
 use crate::kube_events;
 use crate::metrics::ScrapedFamilies;
 use crate::rules::ResourceKey;
-use crate::stream::{Feedback, LeaderFence, StreamClient, StreamConfig, StreamStats};
+use crate::stream::{LeaderFence, StreamClient, StreamConfig, StreamStats};
 use crate::webhook::registration::Registration;
 
 /// What every leader term is built from (the components' counters inside are the process's, shared by every

@@ -376,6 +376,22 @@ fn yaml_scalar(value: &str) -> String {
     out
 }
 
+/// Seals a prepared object into its SOPS document. The watch index decides what is sealed and when; a sealer
+/// holds what is not pure in it: the encryption's randomness and the wall clock (`lastmodified`).
+pub trait Sealer: Send + Sync + fmt::Debug {
+    fn seal(&self, prepared: &Prepared, encryption: &Encryption) -> Result<String, SopsError>;
+}
+
+/// SOPS v3 + age for the destination's recipients, stamped with the system clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AgeSealer;
+
+impl Sealer for AgeSealer {
+    fn seal(&self, prepared: &Prepared, encryption: &Encryption) -> Result<String, SopsError> {
+        encrypt(prepared, &encryption.recipients, &now_rfc3339())
+    }
+}
+
 /// `lastmodified` for now: RFC 3339 in UTC, whole seconds (sops re-formats it with Go's `time.RFC3339`
 /// to build the MAC's AAD, so fractions would break the MAC check).
 pub fn now_rfc3339() -> String {

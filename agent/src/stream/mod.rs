@@ -60,7 +60,9 @@ use reverser_proto::{
     v1::{self as pb, writer_client::WriterClient, writer_message::Kind as Reply},
 };
 
-use crate::events::{AgentEvent, ScopeRef};
+use crate::events::{
+    AgentEvent, DestinationCondition, Feedback, FlushAnswer, Rejection, SuspendPreview,
+};
 use backlog::Backlog;
 use reverser_common::backoff::Backoff;
 use reverser_common::lease::{LeaseState, Tenure};
@@ -193,103 +195,31 @@ pub enum StreamError {
     Settings(String),
 }
 
-/// A writer `Reject`: the named message was not applied and will not be re-sent.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rejection {
-    pub destination: String,
-    /// 0 for unsequenced messages (`Hello`, `Destination`).
-    pub sequence: u64,
-    /// Machine-readable, e.g. `InvalidPath`, `InvalidDestination`, `SnapshotMismatch`.
-    pub reason: String,
-    pub message: String,
-}
-
-/// A writer `DestinationStatus`: a condition for the rules using the destination.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DestinationCondition {
-    pub destination: String,
-    /// `Accepted`, `Ready`, `PushFailing`, `AuthFailed`, `LeaseConflict`, `MarkerConflict`, `OwnershipConflict`.
-    pub condition_type: String,
-    /// `True` or `False`, as Kubernetes conditions spell it.
-    pub status: String,
-    pub reason: String,
-    pub message: String,
-}
-
-/// What the stream tells the rest of the agent (status conditions, ingestion).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Feedback {
-    /// The first connection is up (the writer sent `Welcome`).
-    Connected,
-    /// A later connection is up and everything unacked was queued for re-sending. Ingestion must start a fresh
-    /// snapshot epoch for every scope: the writer may have lost the open ones.
-    Reconnected,
-    /// The connection was lost or could not be made; reported once per outage.
-    Disconnected {
-        error: String,
-    },
-    Rejected(Rejection),
-    Status(DestinationCondition),
-    /// The objects of `destination` currently not mirrored because they exceed the writer's limits
-    /// (`path → description`); empty when the last of them was sent again (or deleted) within limits.
-    ObjectsSkipped {
-        destination: String,
-        objects: Vec<String>,
-        total: usize,
-    },
-    /// The writer refused this client's leader term (a newer leader said Hello): nothing more is sent.
-    Fenced {
-        message: String,
-    },
-    /// A `SnapshotEnd` was dropped without being sent because its epoch did not go out whole on the current
-    /// connection; nothing of that epoch is deleted. Re-list the scope to get orphan deletion.
-    SnapshotAbandoned {
-        destination: String,
-        scope: ScopeRef,
-        epoch: u64,
-    },
-    /// The writer answered a CommitRequest (`FlushResult`): `commit` on `branch` holds it.
-    Flushed(FlushAnswer),
-    /// The writer refused a CommitRequest's flush (its `Reject`): nothing was committed for it.
-    FlushRefused {
-        request_uid: String,
-        reason: String,
-        message: String,
-    },
-    /// Snapshot sweeps deleted `deleted` orphan files of `destination` in the pushed `commit`; `left` more wait
-    /// for the next snapshot (the delete cap).
-    Swept {
-        destination: String,
-        deleted: u64,
-        left: u64,
-        commit: String,
-    },
-    /// What a flush of the suspended destination would write now (for its `status.suspendPreview`).
-    SuspendPreview(pb::SuspendPreview),
-}
-
-impl Feedback {
-    fn is_connection_state(&self) -> bool {
-        matches!(
-            self,
-            Feedback::Connected | Feedback::Reconnected | Feedback::Disconnected { .. }
-                // A CommitRequest waits for its one answer: never dropped either.
-                | Feedback::Flushed(_)
-                | Feedback::FlushRefused { .. }
-        )
+/// The domain form of a writer `SuspendPreview`.
+fn suspend_preview(preview: pb::SuspendPreview) -> SuspendPreview {
+    SuspendPreview {
+        destination: preview.destination,
+        added: preview.added,
+        changed: preview.changed,
+        deleted: preview.deleted,
+        added_paths: preview.added_paths,
+        changed_paths: preview.changed_paths,
+        deleted_paths: preview.deleted_paths,
+        paths_cap: preview.paths_cap,
+        base_commit: preview.base_commit,
+        held_messages: preview.held_messages,
     }
 }
 
-/// A writer `FlushResult`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FlushAnswer {
-    pub destination: String,
-    pub request_uid: String,
-    pub commit: String,
-    pub branch: String,
-    /// A new commit holds the changes (`false`: nothing was pending; `commit` is the tip that held them).
-    pub committed: bool,
-    pub message: String,
+/// Connection state and a CommitRequest's answer are never dropped from the feedback queue.
+fn is_connection_state(feedback: &Feedback) -> bool {
+    matches!(
+        feedback,
+        Feedback::Connected | Feedback::Reconnected | Feedback::Disconnected { .. }
+            // A CommitRequest waits for its one answer: never dropped either.
+            | Feedback::Flushed(_)
+            | Feedback::FlushRefused { .. }
+    )
 }
 
 /// Counters for the agent's `/metrics`, updated as the stream works.
@@ -619,7 +549,7 @@ impl Outbox {
         } else {
             feedback
         };
-        if !feedback.is_connection_state() && self.queue.len() >= FEEDBACK_BACKLOG {
+        if !is_connection_state(&feedback) && self.queue.len() >= FEEDBACK_BACKLOG {
             StreamStats::add(&stats.feedback_dropped, 1);
             warn!(
                 ?feedback,
@@ -1051,8 +981,10 @@ impl Runner {
                 );
             }
             Reply::SuspendPreview(preview) => {
-                self.feedback
-                    .push(Feedback::SuspendPreview(preview), &self.stats);
+                self.feedback.push(
+                    Feedback::SuspendPreview(suspend_preview(preview)),
+                    &self.stats,
+                );
             }
             Reply::FlushResult(result) => {
                 self.feedback.push(

@@ -43,9 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::metrics::AttributionMetrics;
-
-/// SHA-256 of an object's canonical YAML (see [`crate::canonical::content_hash`]).
-pub type ContentHash = [u8; 32];
+use crate::attribution::{AttributedUser, Attribution, ContentHash, ObjectKey};
 
 /// Where "now" comes from; tests inject a [`ManualClock`].
 pub trait Clock: Send + Sync + std::fmt::Debug {
@@ -84,42 +82,6 @@ impl Clock for ManualClock {
     }
 }
 
-/// Which object a fact or watch event is about. `resource` is the plural as in the webhook's
-/// `request.resource` and the watch's resource; `namespace` is empty for cluster-scoped objects.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ObjectKey {
-    pub group: String,
-    pub resource: String,
-    pub namespace: String,
-    pub name: String,
-}
-
-impl ObjectKey {
-    pub fn new(group: &str, resource: &str, namespace: &str, name: &str) -> Self {
-        Self {
-            group: group.to_owned(),
-            resource: resource.to_owned(),
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        }
-    }
-}
-
-impl std::fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let group = if self.group.is_empty() {
-            "core"
-        } else {
-            &self.group
-        };
-        write!(f, "{group}/{}/", self.resource)?;
-        if !self.namespace.is_empty() {
-            write!(f, "{}/", self.namespace)?;
-        }
-        f.write_str(&self.name)
-    }
-}
-
 /// The admission operation a fact records (CONNECT never makes a fact).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operation {
@@ -154,13 +116,6 @@ pub struct Fact {
     /// For a `/scale` UPDATE of a built-in workload: the `spec.replicas` asked for. The fact
     /// is keyed on the parent object; `content_hash` is `None`.
     pub scale_replicas: Option<i64>,
-}
-
-/// The user a watch event is attributed to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AttributedUser {
-    pub name: String,
-    pub groups: Vec<String>,
 }
 
 /// What a watch event (or a relisted object) shows of an object, for the join.
@@ -532,6 +487,21 @@ impl FactStore {
             self.metrics.ambiguous.inc();
             None
         }
+    }
+}
+
+impl Attribution for FactStore {
+    fn author_of_upsert(
+        &self,
+        key: &ObjectKey,
+        object: &serde_json::Value,
+        hash: &ContentHash,
+    ) -> Option<AttributedUser> {
+        self.attribute_watched_user(key, object, hash)
+    }
+
+    fn author_of_delete(&self, key: &ObjectKey, uid: &str) -> Option<String> {
+        self.attribute_delete(key, uid)
     }
 }
 

@@ -20,9 +20,13 @@ use kube::api::DynamicObject;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::facts::{ContentHash, Fact, ObjectKey, Operation};
+use super::facts::{Fact, Operation};
+use crate::attribution::{ContentHash, ObjectKey};
 use crate::canonical;
 use crate::rules::is_sensitive_resource;
+
+/// The one path the webhook serves.
+pub const PATH: &str = "/process-validating-webhook";
 
 /// The AdmissionReview version spoken (and the only one accepted).
 pub const API_VERSION: &str = "admission.k8s.io/v1";

@@ -11,7 +11,7 @@
 //!                                             ▼ (not for dry runs)
 //!                                        facts::FactStore (bounded, TTL, injectable clock)
 //!                                             ▲
-//!  ingestion (watch events) ──attribute_upsert(key, uid, hash) / attribute_delete(key, uid)──┘
+//!  ingestion (watch events) ──Attribution: author_of_upsert(key, object, hash) / author_of_delete(key, uid)──┘
 //!        └──▶ AgentEvent::Upsert/Delete { author: Some(user) or None (the bot) }
 //! ```
 //!
@@ -21,14 +21,17 @@
 //! different users — leaves the bot as the author; the join never guesses, and capturing state
 //! never waits for a fact.
 //!
-//! - [`facts`]: the pure store and join.
-//! - [`handler`]: AdmissionReview parsing → fact, and the response.
-//! - [`server`]: the HTTPS server; [`spawn`] starts it.
+//! - [`facts`]: the pure store and join; it implements [`crate::attribution::Attribution`], all ingestion knows of it.
+//! - [`handler`]: AdmissionReview parsing → fact, and the response; the one path served ([`PATH`]).
+//! - [`server`]: the HTTPS server and its settings ([`WebhookConfig`]); [`spawn`] starts it.
 //!
 //! The certificate and the client CA (`--webhook-client-ca`) are `reverser_common::tls`'s, following their files.
 //! - [`registration`]: the `ValidatingWebhookConfiguration` for the watched types.
 //! - [`sync`]: while leading, keeps that configuration listing exactly the watched types.
 //! - [`metrics`]: the Prometheus collectors.
+//!
+//! This module holds the flags ([`WebhookArgs`]) and re-exports what the rest of the agent uses; the children
+//! never import it back.
 
 pub mod facts;
 pub mod handler;
@@ -41,93 +44,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use facts::{
-    AttributedUser, Clock, Fact, FactStore, FactsConfig, ManualClock, ObjectKey, Operation,
-    SystemClock,
-};
+pub use facts::{Clock, Fact, FactStore, FactsConfig, ManualClock, Operation, SystemClock};
+pub use handler::PATH;
 pub use metrics::AttributionMetrics;
-pub use server::{WebhookHandle, spawn};
-
-/// The one path the webhook serves.
-pub const PATH: &str = "/process-validating-webhook";
-
-/// Default `--webhook-max-body-bytes`: an AdmissionReview carries the object and the old
-/// object, each up to etcd's 1.5 MiB, and JSON can be a third larger than what etcd stores.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
-
-/// Errors starting the webhook. Request-level problems never surface here: they are answered
-/// with a 4xx and counted.
-#[derive(Debug, thiserror::Error)]
-pub enum WebhookError {
-    #[error("reading {path}: {source}")]
-    ReadFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("parsing PEM in {path}: {message}")]
-    Pem { path: PathBuf, message: String },
-    #[error("TLS: {0}")]
-    Tls(#[from] rustls::Error),
-    #[error(transparent)]
-    Certificate(#[from] reverser_common::tls::TlsError),
-    #[error("binding the webhook to {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Config(String),
-}
-
-/// How the server runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WebhookConfig {
-    /// `--webhook-addr`.
-    pub addr: SocketAddr,
-    /// PEM certificate chain (`--webhook-cert`), re-read when it changes.
-    pub cert_file: PathBuf,
-    /// PEM private key (`--webhook-key`), re-read when it changes.
-    pub key_file: PathBuf,
-    /// `--webhook-client-ca`: when set, callers must present a certificate signed by this CA
-    /// bundle (re-read when it changes); others are refused during the TLS handshake.
-    pub client_ca_file: Option<PathBuf>,
-    /// `--webhook-client-names`: with a client CA, the certificate must carry one of these as
-    /// subject CN or DNS/URI SAN (any name when empty).
-    pub client_names: Vec<String>,
-    /// Larger bodies get 413 (`--webhook-max-body-bytes`).
-    pub max_body_bytes: usize,
-    /// A TLS handshake not done within this closes the connection.
-    pub handshake_timeout: Duration,
-    /// HTTP/1 request headers not received within this close the connection.
-    pub header_read_timeout: Duration,
-    /// A body not received within this gets 408.
-    pub body_read_timeout: Duration,
-    /// Connections served at once; more wait in the kernel's backlog.
-    pub max_connections: usize,
-    /// `--sensitive-resources` (`plural` or `plural.group`; core `secrets` always count): reviews of these
-    /// types leave no fact and nothing of their content is hashed.
-    pub sensitive_resources: Vec<String>,
-}
-
-impl WebhookConfig {
-    pub fn new(addr: SocketAddr, cert_file: PathBuf, key_file: PathBuf) -> Self {
-        Self {
-            addr,
-            cert_file,
-            key_file,
-            client_ca_file: None,
-            client_names: Vec::new(),
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            // The API server gives a webhook at most 30 s in total (default 10 s); a client
-            // slower than this is not the API server.
-            handshake_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(10),
-            body_read_timeout: Duration::from_secs(10),
-            max_connections: 512,
-            sensitive_resources: Vec::new(),
-        }
-    }
-}
+pub use server::{DEFAULT_MAX_BODY_BYTES, WebhookConfig, WebhookError, WebhookHandle, spawn};
 
 /// The webhook's flags, for `#[command(flatten)]` into the agent's `Args`.
 #[derive(Clone, Debug, clap::Args)]

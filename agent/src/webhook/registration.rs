@@ -46,7 +46,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 use kube::Api;
 use kube::api::{ObjectMeta, Patch, PatchParams};
 
-use super::PATH;
+use super::handler::PATH;
 use crate::rules::ResourceKey;
 use crate::rules::is_sensitive_resource;
 

@@ -16,6 +16,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,8 +34,86 @@ use tracing::{debug, info, warn};
 
 use super::facts::FactStore;
 use super::handler;
-use super::{PATH, WebhookConfig, WebhookError};
+use super::handler::PATH;
 use reverser_common::tls::{ReloadingCert, ReloadingClientCa};
+
+/// Default `--webhook-max-body-bytes`: an AdmissionReview carries the object and the old
+/// object, each up to etcd's 1.5 MiB, and JSON can be a third larger than what etcd stores.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+/// Errors starting the webhook. Request-level problems never surface here: they are answered
+/// with a 4xx and counted.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("reading {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing PEM in {path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Certificate(#[from] reverser_common::tls::TlsError),
+    #[error("binding the webhook to {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// How the server runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// `--webhook-addr`.
+    pub addr: SocketAddr,
+    /// PEM certificate chain (`--webhook-cert`), re-read when it changes.
+    pub cert_file: PathBuf,
+    /// PEM private key (`--webhook-key`), re-read when it changes.
+    pub key_file: PathBuf,
+    /// `--webhook-client-ca`: when set, callers must present a certificate signed by this CA
+    /// bundle (re-read when it changes); others are refused during the TLS handshake.
+    pub client_ca_file: Option<PathBuf>,
+    /// `--webhook-client-names`: with a client CA, the certificate must carry one of these as
+    /// subject CN or DNS/URI SAN (any name when empty).
+    pub client_names: Vec<String>,
+    /// Larger bodies get 413 (`--webhook-max-body-bytes`).
+    pub max_body_bytes: usize,
+    /// A TLS handshake not done within this closes the connection.
+    pub handshake_timeout: Duration,
+    /// HTTP/1 request headers not received within this close the connection.
+    pub header_read_timeout: Duration,
+    /// A body not received within this gets 408.
+    pub body_read_timeout: Duration,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// `--sensitive-resources` (`plural` or `plural.group`; core `secrets` always count): reviews of these
+    /// types leave no fact and nothing of their content is hashed.
+    pub sensitive_resources: Vec<String>,
+}
+
+impl WebhookConfig {
+    pub fn new(addr: SocketAddr, cert_file: PathBuf, key_file: PathBuf) -> Self {
+        Self {
+            addr,
+            cert_file,
+            key_file,
+            client_ca_file: None,
+            client_names: Vec::new(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            // The API server gives a webhook at most 30 s in total (default 10 s); a client
+            // slower than this is not the API server.
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            max_connections: 512,
+            sensitive_resources: Vec::new(),
+        }
+    }
+}
 
 /// Reviews larger than this are handled on the blocking pool.
 const BLOCKING_ABOVE_BYTES: usize = 64 * 1024;

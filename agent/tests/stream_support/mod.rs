@@ -11,8 +11,8 @@ use tokio::{
 };
 
 use reverser_agent::{
-    events::{AgentEvent, DestinationDecl, ObjectRef, ScopeRef},
-    stream::{AgentIdentity, Feedback, StreamClient, StreamConfig, StreamStats},
+    events::{AgentEvent, DestinationDecl, Feedback, ObjectRef, ScopeRef},
+    stream::{AgentIdentity, StreamClient, StreamConfig, StreamStats},
 };
 use reverser_writer::{Args, RunningWriter};
 

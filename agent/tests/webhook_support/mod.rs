@@ -91,7 +91,7 @@ pub fn review_of(request: Value) -> Vec<u8> {
 /// What ingestion derives from a watch event's object: kube's watcher decodes it as a
 /// `DynamicObject`, ingestion sets apiVersion/kind, renders canonical YAML and hashes it.
 pub struct Watched {
-    pub key: webhook::ObjectKey,
+    pub key: reverser_agent::attribution::ObjectKey,
     pub uid: String,
     pub hash: [u8; 32],
 }
@@ -99,7 +99,7 @@ pub struct Watched {
 pub fn watched(group: &str, resource: &str, object: &Value) -> Watched {
     let dynamic: DynamicObject = serde_json::from_value(object.clone()).expect("a k8s object");
     let uid = dynamic.metadata.uid.clone().unwrap_or_default();
-    let key = webhook::ObjectKey::new(
+    let key = reverser_agent::attribution::ObjectKey::new(
         group,
         resource,
         dynamic.metadata.namespace.as_deref().unwrap_or(""),

@@ -24,6 +24,11 @@
 //! Independently of rules, [`SelectionOptions::skip_reason`] skips objects the
 //! cluster derives from others (controller-owned objects, `kube-root-ca.crt`).
 //! Evaluate it on the raw object: sanitizing drops `ownerReferences`.
+//!
+//! [`compiled`] binds a rule to its destination and answers, per rule, which types, objects and snapshot scopes it
+//! selects, from the primitives here.
+
+pub mod compiled;
 
 use std::collections::BTreeMap;
 

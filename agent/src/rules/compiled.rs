@@ -1,49 +1,24 @@
-//! What ingestion mirrors and where: destinations plus compiled rules.
-//!
-//! A [`Selection`] is the resolved, access-checked view of the `GitDestination`, `WatchRule` and
-//! `ClusterWatchRule` objects ([`super::resolve`] builds it from the custom resources). Discovery
-//! planning ([`super::discovery::desired_watches`]) asks it which types to watch, and each watch
-//! asks it which destination an object belongs to.
+//! Rules bound to their destination ([`CompiledRule`]): which types a rule watches, which objects and changes it
+//! selects, and which snapshot scopes it covers. The matching primitives are in the parent module ([`crate::rules`]);
+//! [`crate::config::resolve`] compiles the rules that pass the access checks.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::crd::{ClusterWatchRuleSpec, IgnoreSpec, ResourceScope, WatchRuleSpec};
-use crate::events::DestinationDecl;
-use crate::rules::{
-    self, ObjectFacts, Operation, ResourceKey, cluster_resource_rule_selects,
+use super::{
+    self as rules, ObjectFacts, Operation, ResourceKey, cluster_resource_rule_selects,
     label_selector_matches, resource_rule_selects,
 };
+use crate::crd::{ClusterWatchRuleSpec, IgnoreSpec, ResourceScope, WatchRuleSpec};
 
 /// Labels per namespace name.
 pub type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
-
-/// Everything ingestion needs to know about the custom resources.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Selection {
-    /// Destinations that at least one rule may write to (access already checked).
-    pub destinations: Vec<DestinationDecl>,
-    /// Rules that passed the access checks, each naming its destination.
-    pub rules: Vec<CompiledRule>,
-    /// Labels of every namespace, for `ClusterWatchRule` namespace selectors.
-    pub namespace_labels: NamespaceLabels,
-    /// Destination key → its `configbutler.ai/reconcile-requested-at` annotation: a new value restarts the
-    /// watches feeding that destination (a fresh snapshot now).
-    pub reconcile_requests: BTreeMap<String, String>,
-}
-
-impl Selection {
-    /// The destination declaration for `key`, if declared.
-    pub fn destination(&self, key: &str) -> Option<&DestinationDecl> {
-        self.destinations.iter().find(|d| d.key == key)
-    }
-}
 
 /// A `WatchRule` or `ClusterWatchRule` bound to its destination.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CompiledRule {
     /// `WatchRule/{namespace}/{name}` or `ClusterWatchRule/{name}`, for logs and conditions.
     pub id: String,
-    /// `namespace/name` of the destination ([`DestinationDecl::key`]).
+    /// `namespace/name` of the destination ([`crate::events::DestinationDecl::key`]).
     pub destination: String,
     pub kind: RuleKind,
 }
@@ -222,12 +197,13 @@ impl CompiledRule {
 
 #[cfg(test)]
 pub(crate) mod test_support {
-    //! Small builders shared by the ingestion unit tests.
+    //! Small builders shared by the rule, configuration and ingestion unit tests.
 
     use super::*;
     use crate::crd::{
         ClusterResourceRule, DestinationRef, NamespacedName, ResourceRule, ResourceScope,
     };
+    use crate::events::DestinationDecl;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
     pub fn decl(key: &str) -> DestinationDecl {

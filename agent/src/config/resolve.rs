@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use kube::ResourceExt;
 
-use super::selection::{CompiledRule, NamespaceLabels, RuleKind, Selection};
+use super::Selection;
 use crate::crd::IgnoreSpec;
 use crate::crd::{
     AccessPolicy, ClusterWatchRule, GitDestination, GitRepoConfig, NamespacedRulesMode, WatchRule,
@@ -34,54 +34,13 @@ use crate::crd::{
 use crate::credentials::GitCredentials;
 use crate::events::DestinationDecl;
 use crate::ignore::Ignore;
+use crate::rules::compiled::{CompiledRule, NamespaceLabels, RuleKind};
 use crate::rules::{
     ResourceKey, cluster_resource_rule_selects, label_selector_matches, resource_rule_selects,
     validate_name_patterns,
 };
 use crate::sops::Encryption;
-
-/// Why a rule or destination is not Ready (the condition's `reason`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Reason {
-    /// Ready=True.
-    Ready,
-    /// An access policy does not admit the referencing namespace or cluster rule.
-    AccessDenied,
-    /// The destination's branch is not in the repository's `allowedBranches`.
-    BranchNotAllowed,
-    DestinationNotFound,
-    RepoNotFound,
-    /// The destination's `baseFolder` is not a clean relative path.
-    InvalidBaseFolder,
-    /// The repository's `secretRef` Secret does not exist (or could not be read).
-    CredentialsSecretNotFound,
-    /// The repository's `secretRef` Secret lacks usable keys.
-    InvalidCredentialsSecret,
-    /// The repository has a `secretRef`, but the agent reaches the writer without TLS: credentials are not sent.
-    CredentialsNeedTls,
-    /// The rule's `ignore` names an unknown preset or holds an empty name.
-    InvalidIgnore,
-    /// The rule's `excludeNames` holds an empty or overlong pattern.
-    InvalidExcludeNames,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Ready => "Ready",
-            Reason::AccessDenied => "AccessDenied",
-            Reason::BranchNotAllowed => "BranchNotAllowed",
-            Reason::DestinationNotFound => "DestinationNotFound",
-            Reason::RepoNotFound => "RepoNotFound",
-            Reason::InvalidBaseFolder => "InvalidBaseFolder",
-            Reason::CredentialsSecretNotFound => "CredentialsSecretNotFound",
-            Reason::InvalidCredentialsSecret => "InvalidCredentialsSecret",
-            Reason::CredentialsNeedTls => "CredentialsNeedTls",
-            Reason::InvalidIgnore => "InvalidIgnore",
-            Reason::InvalidExcludeNames => "InvalidExcludeNames",
-        }
-    }
-}
+use reverser_common::reasons::AgentConditionReason as Reason;
 
 /// The `Ready` condition to write to an object's status.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,7 +92,7 @@ pub struct Resolution {
     pub rules_selecting_secrets: BTreeSet<String>,
     /// Rules selecting Secrets whose destination does not encrypt: (reason, message) of their
     /// `SecretsSkipped` condition. Such a destination is never sent a Secret.
-    pub secrets_skipped: BTreeMap<String, (String, String)>,
+    pub secrets_skipped: BTreeMap<String, (Reason, String)>,
 }
 
 /// The controller's lookup of a destination's `spec.encryption` (recipients from the spec and the
@@ -145,7 +104,7 @@ pub enum EncryptionLookup {
     /// Configured but unusable: the condition reason (`InvalidRecipients`, `RecipientsSecretNotFound`, …)
     /// and a message that names the problem without echoing any value.
     Failed {
-        reason: String,
+        reason: Reason,
         message: String,
     },
 }
@@ -161,9 +120,6 @@ pub enum CredentialsLookup {
         message: String,
     },
 }
-
-/// Reason of `SecretsSkipped` when the destination has no `spec.encryption`.
-pub const ENCRYPTION_NOT_CONFIGURED: &str = "EncryptionNotConfigured";
 
 /// The core `secrets` type, as rules match it.
 /// A rule whose `ignore` is invalid is not admitted (it would mirror what its author meant to skip).
@@ -240,21 +196,44 @@ pub fn resolve_with_encryption(
 /// Resolves with the controller's lookups: `encryption` per destination and `credentials` per GitRepoConfig
 /// with a `secretRef`. A destination whose repository's credentials are not usable is not ready and not
 /// declared, so nothing is sent for it.
+///
+/// Phases: the destinations (each usable or the reason it is not), the rules (each admitted or the reason it
+/// is not), the destinations declared (those an admitted rule writes to), and why rules selecting Secrets skip
+/// them.
 pub fn resolve_with_lookups(
     inputs: Inputs<'_>,
     encryption: &BTreeMap<String, EncryptionLookup>,
     credentials: &BTreeMap<String, CredentialsLookup>,
 ) -> Resolution {
-    let mut out = Resolution {
+    let (usable, destination_conditions) = resolve_destinations(inputs, encryption, credentials);
+    let admitted = admit_rules(inputs, &usable, &destination_conditions);
+    let (destinations, reconcile_requests) = declared_destinations(&usable, &admitted.rules);
+    let secrets_skipped = secrets_skipped(inputs, encryption, &admitted.selecting_secrets);
+    Resolution {
         selection: Selection {
+            destinations,
+            rules: admitted.rules,
             namespace_labels: inputs.namespaces.clone(),
-            ..Default::default()
+            reconcile_requests,
         },
-        ..Default::default()
-    };
+        rule_conditions: admitted.conditions,
+        destination_conditions,
+        rules_selecting_secrets: admitted.selecting_secrets,
+        secrets_skipped,
+    }
+}
 
-    // Destinations.
-    let mut usable: BTreeMap<String, UsableDestination<'_>> = BTreeMap::new();
+/// Every destination's condition, and the usable ones (keyed `{ns}/{name}`) with their declaration.
+fn resolve_destinations<'a>(
+    inputs: Inputs<'a>,
+    encryption: &BTreeMap<String, EncryptionLookup>,
+    credentials: &BTreeMap<String, CredentialsLookup>,
+) -> (
+    BTreeMap<String, UsableDestination<'a>>,
+    BTreeMap<String, ReadyCondition>,
+) {
+    let mut usable = BTreeMap::new();
+    let mut conditions = BTreeMap::new();
     for dest in inputs.destinations {
         let ns = dest.namespace().unwrap_or_default();
         let dest_key = key(&ns, &dest.name_any());
@@ -263,171 +242,164 @@ pub fn resolve_with_lookups(
             r.namespace().as_deref() == Some(repo_ref.namespace.as_str())
                 && r.name_any() == repo_ref.name
         });
-        let repo_key = key(&repo_ref.namespace, &repo_ref.name);
-        let condition = match repo {
-            None => ReadyCondition::not(
-                Reason::RepoNotFound,
-                format!(
-                    "GitRepoConfig {} not found",
-                    key(&repo_ref.namespace, &repo_ref.name)
-                ),
-            ),
-            Some(repo) if !repo.spec.allowed_branches.contains(&dest.spec.branch) => {
-                ReadyCondition::not(
-                    Reason::BranchNotAllowed,
-                    format!(
-                        "branch {:?} is not in allowedBranches of GitRepoConfig {}",
-                        dest.spec.branch,
-                        key(&repo_ref.namespace, &repo_ref.name)
-                    ),
-                )
-            }
-            Some(repo)
-                if !admits_namespace(
-                    repo.spec.access_policy.as_ref(),
-                    &repo_ref.namespace,
-                    &ns,
-                    inputs.namespaces,
-                ) =>
-            {
-                ReadyCondition::not(
-                    Reason::AccessDenied,
-                    format!(
-                        "GitRepoConfig {} does not admit destinations from namespace {ns}",
-                        key(&repo_ref.namespace, &repo_ref.name)
-                    ),
-                )
-            }
-            Some(repo) => match validate_base_folder(&dest.spec.base_folder) {
-                Err(e) => ReadyCondition::not(Reason::InvalidBaseFolder, e.to_string()),
-                Ok(()) => match (&repo.spec.secret_ref, credentials.get(&repo_key)) {
-                    (Some(_), Some(CredentialsLookup::Failed { reason, message })) => {
-                        ReadyCondition::not(*reason, format!("GitRepoConfig {repo_key}: {message}"))
-                    }
-                    (Some(secret), None) => ReadyCondition::not(
-                        Reason::CredentialsSecretNotFound,
-                        format!(
-                            "GitRepoConfig {repo_key}: Secret {} is not read yet",
-                            secret.name
-                        ),
-                    ),
-                    _ => ReadyCondition::ok("destination resolved"),
-                },
-            },
-        };
+        let condition = destination_condition(dest, &ns, repo, inputs.namespaces, credentials);
         if let (true, Some(repo)) = (condition.ready, repo) {
             usable.insert(
                 dest_key.clone(),
                 UsableDestination {
-                    decl: DestinationDecl {
-                        key: dest_key.clone(),
-                        repo_url: repo.spec.repo_url.clone(),
-                        branch: dest.spec.branch.clone(),
-                        base_folder: dest.spec.base_folder.clone(),
-                        exclusive_mode: dest.spec.exclusive_mode,
-                        prune: dest.spec.prune,
-                        // `secretRef` names a Kubernetes Secret, read by the controller (`credentials`).
-                        credentials_reference: None,
-                        credentials: match credentials.get(&repo_key) {
-                            Some(CredentialsLookup::Ready(c)) if repo.spec.secret_ref.is_some() => {
-                                Some(Box::new(c.clone()))
-                            }
-                            _ => None,
-                        },
-                        encryption: match encryption.get(&dest_key) {
-                            Some(EncryptionLookup::Ready(e)) if dest.spec.encryption.is_some() => {
-                                Some(e.clone())
-                            }
-                            _ => None,
-                        },
-                        commit_message: dest.spec.commit_message.clone(),
-                        suspend: dest.spec.suspend,
-                        placement: crate::events::Placement {
-                            kustomization: dest
-                                .spec
-                                .kustomization
-                                .as_ref()
-                                .map(|k| k.mode)
-                                .unwrap_or_default(),
-                            omit_namespace: dest.spec.omit_namespace,
-                        },
-                    },
+                    decl: destination_decl(dest, &dest_key, repo, encryption, credentials),
                     ns: ns.clone(),
                     dest,
                     repo,
                 },
             );
         }
-        out.destination_conditions.insert(dest_key, condition);
+        conditions.insert(dest_key, condition);
     }
+    (usable, conditions)
+}
 
-    // The condition of a rule whose destination is missing or unusable.
-    let destination_problem = |dest_key: &str| -> Option<ReadyCondition> {
-        if usable.contains_key(dest_key) {
-            return None;
+/// Whether a destination (in namespace `ns`) is usable: its repository exists, allows its branch and admits
+/// its namespace, its base folder is valid and the repository's credentials are read and usable.
+fn destination_condition(
+    dest: &GitDestination,
+    ns: &str,
+    repo: Option<&GitRepoConfig>,
+    namespaces: &NamespaceLabels,
+    credentials: &BTreeMap<String, CredentialsLookup>,
+) -> ReadyCondition {
+    let repo_ref = &dest.spec.repo_ref;
+    let repo_key = key(&repo_ref.namespace, &repo_ref.name);
+    match repo {
+        None => ReadyCondition::not(
+            Reason::RepoNotFound,
+            format!("GitRepoConfig {repo_key} not found"),
+        ),
+        Some(repo) if !repo.spec.allowed_branches.contains(&dest.spec.branch) => {
+            ReadyCondition::not(
+                Reason::BranchNotAllowed,
+                format!(
+                    "branch {:?} is not in allowedBranches of GitRepoConfig {repo_key}",
+                    dest.spec.branch,
+                ),
+            )
         }
-        Some(match out.destination_conditions.get(dest_key) {
-            None => ReadyCondition::not(
-                Reason::DestinationNotFound,
-                format!("GitDestination {dest_key} not found"),
-            ),
-            Some(c) => ReadyCondition::not(
-                c.reason,
-                format!("GitDestination {dest_key} is not ready: {}", c.message),
-            ),
-        })
-    };
+        Some(repo)
+            if !admits_namespace(
+                repo.spec.access_policy.as_ref(),
+                &repo_ref.namespace,
+                ns,
+                namespaces,
+            ) =>
+        {
+            ReadyCondition::not(
+                Reason::AccessDenied,
+                format!("GitRepoConfig {repo_key} does not admit destinations from namespace {ns}"),
+            )
+        }
+        Some(repo) => match validate_base_folder(&dest.spec.base_folder) {
+            Err(e) => ReadyCondition::not(Reason::InvalidBaseFolder, e.to_string()),
+            Ok(()) => match (&repo.spec.secret_ref, credentials.get(&repo_key)) {
+                (Some(_), Some(CredentialsLookup::Failed { reason, message })) => {
+                    ReadyCondition::not(*reason, format!("GitRepoConfig {repo_key}: {message}"))
+                }
+                (Some(secret), None) => ReadyCondition::not(
+                    Reason::CredentialsSecretNotFound,
+                    format!(
+                        "GitRepoConfig {repo_key}: Secret {} is not read yet",
+                        secret.name
+                    ),
+                ),
+                _ => ReadyCondition::ok("destination resolved"),
+            },
+        },
+    }
+}
 
-    let mut rules = Vec::new();
-    let mut rule_conditions = BTreeMap::new();
+/// What the writer is told about a usable destination: repository, branch, folder, the credentials read
+/// from the repository's `secretRef` and the encryption of its `spec.encryption`, when they are ready.
+fn destination_decl(
+    dest: &GitDestination,
+    dest_key: &str,
+    repo: &GitRepoConfig,
+    encryption: &BTreeMap<String, EncryptionLookup>,
+    credentials: &BTreeMap<String, CredentialsLookup>,
+) -> DestinationDecl {
+    let repo_ref = &dest.spec.repo_ref;
+    let repo_key = key(&repo_ref.namespace, &repo_ref.name);
+    DestinationDecl {
+        key: dest_key.to_owned(),
+        repo_url: repo.spec.repo_url.clone(),
+        branch: dest.spec.branch.clone(),
+        base_folder: dest.spec.base_folder.clone(),
+        exclusive_mode: dest.spec.exclusive_mode,
+        prune: dest.spec.prune,
+        // `secretRef` names a Kubernetes Secret, read by the controller (`credentials`).
+        credentials_reference: None,
+        credentials: match credentials.get(&repo_key) {
+            Some(CredentialsLookup::Ready(c)) if repo.spec.secret_ref.is_some() => {
+                Some(Box::new(c.clone()))
+            }
+            _ => None,
+        },
+        encryption: match encryption.get(dest_key) {
+            Some(EncryptionLookup::Ready(e)) if dest.spec.encryption.is_some() => Some(e.clone()),
+            _ => None,
+        },
+        commit_message: dest.spec.commit_message.clone(),
+        suspend: dest.spec.suspend,
+        placement: crate::events::Placement {
+            kustomization: dest
+                .spec
+                .kustomization
+                .as_ref()
+                .map(|k| k.mode)
+                .unwrap_or_default(),
+            omit_namespace: dest.spec.omit_namespace,
+        },
+    }
+}
+
+/// The rules that passed the checks, and a condition for every rule.
+struct AdmittedRules {
+    /// `WatchRule`s first, then `ClusterWatchRule`s, each in input order.
+    rules: Vec<CompiledRule>,
+    conditions: BTreeMap<String, ReadyCondition>,
+    /// Rules selecting Secrets, admitted or not.
+    selecting_secrets: BTreeSet<String>,
+}
+
+/// Checks every rule: its own settings (`ignore`, `excludeNames`), its destination, and the access policies.
+fn admit_rules(
+    inputs: Inputs<'_>,
+    usable: &BTreeMap<String, UsableDestination<'_>>,
+    destination_conditions: &BTreeMap<String, ReadyCondition>,
+) -> AdmittedRules {
+    let mut admitted = AdmittedRules {
+        rules: Vec::new(),
+        conditions: BTreeMap::new(),
+        selecting_secrets: BTreeSet::new(),
+    };
     for rule in inputs.watch_rules {
         let ns = rule.namespace().unwrap_or_default();
         let id = format!("WatchRule/{ns}/{}", rule.name_any());
-        let dest_ref = &rule.spec.destination_ref;
-        let dest_ns = dest_ref.namespace.clone().unwrap_or_else(|| ns.clone());
-        let dest_key = key(&dest_ns, &dest_ref.name);
+        let dest_key = watch_rule_destination(rule, &ns);
         if rule
             .spec
             .rules
             .iter()
             .any(|r| resource_rule_selects(r, &secrets_type()))
         {
-            out.rules_selecting_secrets.insert(id.clone());
+            admitted.selecting_secrets.insert(id.clone());
         }
         let condition = ignore_problem(rule.spec.ignore.as_ref())
             .or_else(|| exclude_names_problem(&rule.spec.exclude_names))
-            .or_else(|| destination_problem(&dest_key))
+            .or_else(|| unusable_destination(&dest_key, usable, destination_conditions))
             .unwrap_or_else(|| {
-            let d = &usable[&dest_key];
-            let repo_ns = &d.dest.spec.repo_ref.namespace;
-            if !admits_namespace(
-                d.dest.spec.access_policy.as_ref(),
-                &d.ns,
-                &ns,
-                inputs.namespaces,
-            ) {
-                ReadyCondition::not(
-                    Reason::AccessDenied,
-                    format!("GitDestination {dest_key} does not admit rules from namespace {ns}"),
-                )
-            } else if !admits_namespace(
-                d.repo.spec.access_policy.as_ref(),
-                repo_ns,
-                &ns,
-                inputs.namespaces,
-            ) {
-                ReadyCondition::not(
-                    Reason::AccessDenied,
-                    format!(
-                        "the GitRepoConfig of {dest_key} does not admit rules from namespace {ns}"
-                    ),
-                )
-            } else {
-                ReadyCondition::ok(format!("mirroring into {dest_key}"))
-            }
-        });
+                namespaced_rule_access(&usable[&dest_key], &dest_key, &ns, inputs.namespaces)
+            });
         if condition.ready {
-            rules.push(CompiledRule {
+            admitted.rules.push(CompiledRule {
                 id: id.clone(),
                 destination: dest_key,
                 kind: RuleKind::Namespaced {
@@ -436,7 +408,7 @@ pub fn resolve_with_lookups(
                 },
             });
         }
-        rule_conditions.insert(id, condition);
+        admitted.conditions.insert(id, condition);
     }
     for rule in inputs.cluster_watch_rules {
         let id = format!("ClusterWatchRule/{}", rule.name_any());
@@ -448,30 +420,14 @@ pub fn resolve_with_lookups(
             .iter()
             .any(|r| cluster_resource_rule_selects(r, &secrets_type()))
         {
-            out.rules_selecting_secrets.insert(id.clone());
+            admitted.selecting_secrets.insert(id.clone());
         }
         let condition = ignore_problem(rule.spec.ignore.as_ref())
             .or_else(|| exclude_names_problem(&rule.spec.exclude_names))
-            .or_else(|| destination_problem(&dest_key))
-            .unwrap_or_else(|| {
-            let d = &usable[&dest_key];
-            let allowed = d
-                .repo
-                .spec
-                .access_policy
-                .as_ref()
-                .is_some_and(|p| p.allow_cluster_rules);
-            if allowed {
-                ReadyCondition::ok(format!("mirroring into {dest_key}"))
-            } else {
-                ReadyCondition::not(
-                    Reason::AccessDenied,
-                    format!("the GitRepoConfig of {dest_key} does not set accessPolicy.allowClusterRules"),
-                )
-            }
-        });
+            .or_else(|| unusable_destination(&dest_key, usable, destination_conditions))
+            .unwrap_or_else(|| cluster_rule_access(&usable[&dest_key], &dest_key));
         if condition.ready {
-            rules.push(CompiledRule {
+            admitted.rules.push(CompiledRule {
                 id: id.clone(),
                 destination: dest_key,
                 kind: RuleKind::Cluster {
@@ -479,20 +435,106 @@ pub fn resolve_with_lookups(
                 },
             });
         }
-        rule_conditions.insert(id, condition);
+        admitted.conditions.insert(id, condition);
     }
+    admitted
+}
 
-    // Only destinations some admitted rule writes to are declared to the writer.
-    let used: std::collections::BTreeSet<&str> =
-        rules.iter().map(|r| r.destination.as_str()).collect();
-    out.selection.destinations = usable
-        .values()
-        .filter(|d| used.contains(d.decl.key.as_str()))
-        .map(|d| d.decl.clone())
-        .collect();
-    out.selection.reconcile_requests = usable
-        .values()
-        .filter(|d| used.contains(d.decl.key.as_str()))
+/// `{ns}/{name}` of a `WatchRule`'s destination (its own namespace unless the reference names one).
+fn watch_rule_destination(rule: &WatchRule, rule_ns: &str) -> String {
+    let dest_ref = &rule.spec.destination_ref;
+    let dest_ns = dest_ref.namespace.as_deref().unwrap_or(rule_ns);
+    key(dest_ns, &dest_ref.name)
+}
+
+/// The condition of a rule whose destination is missing or unusable.
+fn unusable_destination(
+    dest_key: &str,
+    usable: &BTreeMap<String, UsableDestination<'_>>,
+    destination_conditions: &BTreeMap<String, ReadyCondition>,
+) -> Option<ReadyCondition> {
+    if usable.contains_key(dest_key) {
+        return None;
+    }
+    Some(match destination_conditions.get(dest_key) {
+        None => ReadyCondition::not(
+            Reason::DestinationNotFound,
+            format!("GitDestination {dest_key} not found"),
+        ),
+        Some(c) => ReadyCondition::not(
+            c.reason,
+            format!("GitDestination {dest_key} is not ready: {}", c.message),
+        ),
+    })
+}
+
+/// A `WatchRule` in `rule_ns` needs both the destination's and its repository's access policy to admit it.
+fn namespaced_rule_access(
+    d: &UsableDestination<'_>,
+    dest_key: &str,
+    rule_ns: &str,
+    namespaces: &NamespaceLabels,
+) -> ReadyCondition {
+    let repo_ns = &d.dest.spec.repo_ref.namespace;
+    if !admits_namespace(
+        d.dest.spec.access_policy.as_ref(),
+        &d.ns,
+        rule_ns,
+        namespaces,
+    ) {
+        ReadyCondition::not(
+            Reason::AccessDenied,
+            format!("GitDestination {dest_key} does not admit rules from namespace {rule_ns}"),
+        )
+    } else if !admits_namespace(
+        d.repo.spec.access_policy.as_ref(),
+        repo_ns,
+        rule_ns,
+        namespaces,
+    ) {
+        ReadyCondition::not(
+            Reason::AccessDenied,
+            format!(
+                "the GitRepoConfig of {dest_key} does not admit rules from namespace {rule_ns}"
+            ),
+        )
+    } else {
+        ReadyCondition::ok(format!("mirroring into {dest_key}"))
+    }
+}
+
+/// A `ClusterWatchRule` needs `accessPolicy.allowClusterRules` on its destination's repository.
+fn cluster_rule_access(d: &UsableDestination<'_>, dest_key: &str) -> ReadyCondition {
+    let allowed = d
+        .repo
+        .spec
+        .access_policy
+        .as_ref()
+        .is_some_and(|p| p.allow_cluster_rules);
+    if allowed {
+        ReadyCondition::ok(format!("mirroring into {dest_key}"))
+    } else {
+        ReadyCondition::not(
+            Reason::AccessDenied,
+            format!("the GitRepoConfig of {dest_key} does not set accessPolicy.allowClusterRules"),
+        )
+    }
+}
+
+/// Only destinations some admitted rule writes to are declared to the writer; with their reconcile
+/// requests (the annotation's value, per destination key).
+fn declared_destinations(
+    usable: &BTreeMap<String, UsableDestination<'_>>,
+    rules: &[CompiledRule],
+) -> (Vec<DestinationDecl>, BTreeMap<String, String>) {
+    let used: BTreeSet<&str> = rules.iter().map(|r| r.destination.as_str()).collect();
+    let declared = || {
+        usable
+            .values()
+            .filter(|d| used.contains(d.decl.key.as_str()))
+    };
+    let destinations = declared().map(|d| d.decl.clone()).collect();
+    let reconcile_requests = declared()
         .filter_map(|d| {
             let requested = d
                 .dest
@@ -501,24 +543,24 @@ pub fn resolve_with_lookups(
             Some((d.decl.key.clone(), requested.clone()))
         })
         .collect();
-    out.selection.rules = rules;
-    out.rule_conditions = rule_conditions;
+    (destinations, reconcile_requests)
+}
 
-    // Rules selecting Secrets for a destination that does not encrypt say why Secrets are skipped.
+/// Rules selecting Secrets for a destination that does not encrypt say why Secrets are skipped:
+/// (reason, message) per rule id.
+fn secrets_skipped(
+    inputs: Inputs<'_>,
+    encryption: &BTreeMap<String, EncryptionLookup>,
+    selecting_secrets: &BTreeSet<String>,
+) -> BTreeMap<String, (Reason, String)> {
     let rule_destinations = inputs
         .watch_rules
         .iter()
         .map(|r| {
             let ns = r.namespace().unwrap_or_default();
-            let dest_ns = r
-                .spec
-                .destination_ref
-                .namespace
-                .clone()
-                .unwrap_or_else(|| ns.clone());
             (
                 format!("WatchRule/{ns}/{}", r.name_any()),
-                key(&dest_ns, &r.spec.destination_ref.name),
+                watch_rule_destination(r, &ns),
             )
         })
         .chain(inputs.cluster_watch_rules.iter().map(|r| {
@@ -528,8 +570,9 @@ pub fn resolve_with_lookups(
                 key(&d.namespace, &d.name),
             )
         }));
+    let mut skipped = BTreeMap::new();
     for (id, dest_key) in rule_destinations {
-        if !out.rules_selecting_secrets.contains(&id) {
+        if !selecting_secrets.contains(&id) {
             continue;
         }
         let configured = inputs
@@ -537,41 +580,50 @@ pub fn resolve_with_lookups(
             .iter()
             .find(|d| key(&d.namespace().unwrap_or_default(), &d.name_any()) == dest_key)
             .is_some_and(|d| d.spec.encryption.is_some());
-        let skipped = match (configured, encryption.get(&dest_key)) {
-            (true, Some(EncryptionLookup::Ready(_))) => None,
-            (true, Some(EncryptionLookup::Failed { reason, message })) => Some((
-                reason.clone(),
-                format!(
-                    "this rule selects Secrets, but the encryption of GitDestination {dest_key} is not usable: \
-                     {message}; Secrets are not sent and no plaintext Secret ever reaches Git"
-                ),
-            )),
-            (true, None) => Some((
-                ENCRYPTION_NOT_CONFIGURED.to_owned(),
-                format!(
-                    "this rule selects Secrets; the encryption of GitDestination {dest_key} is not resolved \
-                     yet, so Secrets are not sent and no plaintext Secret ever reaches Git"
-                ),
-            )),
-            (false, _) => Some((
-                ENCRYPTION_NOT_CONFIGURED.to_owned(),
-                format!(
-                    "this rule selects Secrets, but GitDestination {dest_key} has no spec.encryption \
-                     (age recipients): Secrets are not sent and no plaintext Secret ever reaches Git"
-                ),
-            )),
-        };
-        if let Some(skipped) = skipped {
-            out.secrets_skipped.insert(id, skipped);
+        if let Some(why) = why_secrets_are_skipped(&dest_key, configured, encryption.get(&dest_key))
+        {
+            skipped.insert(id, why);
         }
     }
-    out
+    skipped
+}
+
+/// Why a destination gets no Secrets (reason, message), or `None` when its encryption is ready.
+fn why_secrets_are_skipped(
+    dest_key: &str,
+    configured: bool,
+    encryption: Option<&EncryptionLookup>,
+) -> Option<(Reason, String)> {
+    match (configured, encryption) {
+        (true, Some(EncryptionLookup::Ready(_))) => None,
+        (true, Some(EncryptionLookup::Failed { reason, message })) => Some((
+            *reason,
+            format!(
+                "this rule selects Secrets, but the encryption of GitDestination {dest_key} is not usable: \
+                 {message}; Secrets are not sent and no plaintext Secret ever reaches Git"
+            ),
+        )),
+        (true, None) => Some((
+            Reason::EncryptionNotConfigured,
+            format!(
+                "this rule selects Secrets; the encryption of GitDestination {dest_key} is not resolved \
+                 yet, so Secrets are not sent and no plaintext Secret ever reaches Git"
+            ),
+        )),
+        (false, _) => Some((
+            Reason::EncryptionNotConfigured,
+            format!(
+                "this rule selects Secrets, but GitDestination {dest_key} has no spec.encryption \
+                 (age recipients): Secrets are not sent and no plaintext Secret ever reaches Git"
+            ),
+        )),
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::selection::test_support::labels;
     use super::*;
+    use crate::rules::compiled::test_support::labels;
     use serde_json::json;
 
     fn repo(ns: &str, name: &str, branches: &[&str], policy: Value) -> GitRepoConfig {
