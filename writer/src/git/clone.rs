@@ -232,6 +232,9 @@ impl Clone {
         });
         let mut opts = PushOptions::new();
         opts.remote_callbacks(cbs);
+        // The pack's delta search on every core, as `git push` does (`pack.threads`); libgit2
+        // defaults to one thread.
+        opts.packbuilder_parallelism(0);
         // No leading '+': the remote must fast-forward or refuse. The source is the commit id
         // itself (libgit2 resolves it like any revision), so no local ref is written per push.
         match remote.push(&[format!("{commit}:{head}")], Some(&mut opts)) {
@@ -382,6 +385,9 @@ impl Clone {
             .repo
             .packbuilder()
             .map_err(|e| failed(e.message().to_owned()))?;
+        // The delta search on every core, as `git push` does (`pack.threads`); libgit2 defaults
+        // to one thread.
+        builder.set_threads(0);
         for &id in objects {
             // Duplicates are ignored by the builder.
             builder
