@@ -52,7 +52,7 @@ use tracing::{info, warn};
 
 pub use discovery::{
     DesiredWatches, DiscoveredResource, DiscoveryOptions, SkipReason, WatchKey, WatchPlan,
-    desired_watches, discover, is_sensitive_resource,
+    desired_watches, desired_watches_with, discover, is_sensitive_resource,
 };
 pub use limits::{ListPermits, RequestRate};
 pub use selection::{CompiledRule, RuleKind, Selection};
@@ -195,6 +195,10 @@ pub(crate) struct Shared {
     watched_types: Mutex<Option<BTreeSet<ResourceKey>>>,
     /// One rate-limited client per watched type (its watches in several namespaces share the budget).
     clients_per_type: Mutex<BTreeMap<String, kube::Client>>,
+    /// `(group, resource)` whose cluster-wide list was forbidden: planned per namespace from then on.
+    cluster_list_forbidden: Mutex<BTreeSet<(String, String)>>,
+    /// Wakes the supervisor to plan again (a type's cluster-wide list was forbidden).
+    replan: Notify,
 }
 
 impl Shared {
@@ -208,6 +212,20 @@ impl Shared {
             .entry(type_label.to_owned())
             .or_insert_with(|| limits::rate_limited_client(base, self.config.request_rate))
             .clone()
+    }
+
+    /// Records that a type's cluster-wide list is forbidden and has the supervisor plan it per namespace; `false`
+    /// when it was already known.
+    pub(crate) fn cluster_list_forbidden(&self, group_resource: (String, String)) -> bool {
+        let added = self
+            .cluster_list_forbidden
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group_resource);
+        if added {
+            self.replan.notify_one();
+        }
+        added
     }
 
     pub(crate) fn update_status(&self, key: &WatchKey, f: impl FnOnce(&mut WatchStatus)) {
@@ -297,6 +315,8 @@ pub fn spawn(
         status: Mutex::new(BTreeMap::new()),
         watched_types: Mutex::new(None),
         clients_per_type: Mutex::new(BTreeMap::new()),
+        cluster_list_forbidden: Mutex::new(BTreeSet::new()),
+        replan: Notify::new(),
     });
     let refresh = Arc::new(Notify::new());
     let restart = Arc::new(Notify::new());
@@ -415,6 +435,7 @@ async fn supervise(
         tokio::select! {
             _ = tokio::time::sleep_until(next_discovery) => {}
             _ = refresh.notified() => next_discovery = Instant::now(),
+            _ = shared.replan.notified() => {}
             _ = restart.notified() => {
                 // Dropping the running watches aborts them; the next reconcile starts them all again (new lists,
                 // new epochs) and declares every destination again.
@@ -439,7 +460,13 @@ async fn reconcile(
 ) -> Result<(), mpsc::error::SendError<AgentEvent>> {
     let discovered: Vec<DiscoveredResource> =
         state.known.values().map(|(r, _)| r.clone()).collect();
-    let desired = desired_watches(&discovered, selection, &shared.config.discovery);
+    let forbidden = shared
+        .cluster_list_forbidden
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let desired =
+        desired_watches_with(&discovered, selection, &shared.config.discovery, &forbidden);
     if desired.skipped != state.last_skipped {
         discovery::log_skipped(&desired.skipped);
         state.last_skipped = desired.skipped.clone();

@@ -182,6 +182,9 @@ pub struct WatchIndex {
     snapshots_withheld: u64,
     /// See [`WatchStatus::last_unsent`].
     last_unsent: Option<String>,
+    /// The namespaces any route may select (`None`: all): a cluster-wide watch standing in for many namespaced
+    /// ones drops the objects of every other namespace before any work, and keeps nothing of them.
+    covered: Option<HashSet<String>>,
 }
 
 /// An object as the index sees it.
@@ -196,6 +199,9 @@ impl WatchIndex {
     pub fn new(plan: Arc<WatchPlan>, options: SelectionOptions) -> Self {
         Self {
             ignore: IgnoreState::new(&plan),
+            covered: plan
+                .covered_namespaces()
+                .map(|set| set.into_iter().map(str::to_owned).collect()),
             plan,
             options,
             hashes: HashMap::new(),
@@ -376,6 +382,13 @@ impl WatchIndex {
     }
 
     fn on_object(&mut self, obj: &Value, change: Change, out: &mut Vec<AgentEvent>) {
+        if let Some(covered) = &self.covered
+            && let Some(ns) = obj.pointer("/metadata/namespace").and_then(Value::as_str)
+            && !covered.contains(ns)
+        {
+            // No rule of this watch covers the namespace: nothing was ever sent for it, nothing is now.
+            return;
+        }
         // Belt and braces: a Secret arriving through a type not planned as sensitive is still only ever sent
         // encrypted, and only to destinations that encrypt. Nothing about its content is logged.
         let sensitive = self.plan.sensitive || is_secret(obj);
@@ -992,7 +1005,13 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
                         restart = true;
                         break;
                     }
-                    if forbidden {
+                    if forbidden && plan.merges_namespaces() {
+                        // Namespaced RBAC only: one watch per rule namespace replaces this one (the supervisor
+                        // stops it and starts those); until then it keeps retrying like any other.
+                        if shared.cluster_list_forbidden(plan.resource.group_resource()) {
+                            warn!(watch = %plan.key, error = %err, "listing the type in all namespaces is forbidden; watching it in each rule's namespace instead");
+                        }
+                    } else if forbidden {
                         warn!(watch = %plan.key, error = %err, "access denied; keeping the files, retrying");
                     } else {
                         debug!(watch = %plan.key, error = %err, "watch error; retrying");
@@ -1524,6 +1543,56 @@ mod tests {
         idx.apply(Event::Init, &epochs);
         let out = idx.apply(Event::InitApply(secret("c2VjcmV0", "1")), &epochs);
         assert!(!out.iter().any(|e| matches!(e, AgentEvent::Upsert { .. })));
+    }
+
+    #[test]
+    fn a_cluster_wide_watch_for_namespaced_rules_drops_other_namespaces_entirely() {
+        let epochs = AtomicU64::new(0);
+        let rules = vec![
+            watch_rule("a", "x/prod", &["configmaps"], None),
+            watch_rule("b", "x/prod", &["configmaps"], None),
+        ];
+        let plan = plan(vec![("x/prod", rules, &["a", "b"])]);
+        assert!(plan.merges_namespaces());
+        let mut idx = WatchIndex::new(plan, SelectionOptions::default());
+        let mut out = idx.apply(Event::Init, &epochs);
+        for (ns, rv) in [("a", "1"), ("other", "2"), ("b", "3")] {
+            out.extend(idx.apply(Event::InitApply(cm(ns, "app", json!({}), "v", rv)), &epochs));
+        }
+        out.extend(idx.apply(Event::InitDone, &epochs));
+        // Snapshots of exactly the rules' namespaces; nothing of `other`.
+        assert_eq!(
+            kinds(&out),
+            vec![
+                "Begin x/prod \"a\" 1",
+                "Begin x/prod \"b\" 1",
+                "Upsert x/prod core/v1/configmaps/a/app.yaml created=true",
+                "Upsert x/prod core/v1/configmaps/b/app.yaml created=true",
+                "End x/prod \"a\" 1",
+                "End x/prod \"b\" 1",
+            ]
+        );
+        assert_eq!(idx.len(), 2);
+        // Changes and deletes in `other` send nothing and count as nothing.
+        let changed = idx.apply(
+            Event::Apply(cm("other", "app", json!({}), "w", "4")),
+            &epochs,
+        );
+        let deleted = idx.apply(
+            Event::Delete(cm("other", "app", json!({}), "w", "5")),
+            &epochs,
+        );
+        assert!(
+            changed.is_empty() && deleted.is_empty(),
+            "{changed:?} {deleted:?}"
+        );
+        assert_eq!(idx.len(), 2);
+        // In a covered namespace they still do.
+        let deleted = idx.apply(Event::Delete(cm("a", "app", json!({}), "v", "6")), &epochs);
+        assert_eq!(
+            kinds(&deleted),
+            vec!["Delete x/prod core/v1/configmaps/a/app.yaml"]
+        );
     }
 
     fn cm(ns: &str, name: &str, labels: Value, data: &str, rv: &str) -> Value {
