@@ -823,7 +823,9 @@ fn describe_requests(r: &kube_emulator::RequestCounts) -> String {
                 }
             }
         }
-        parts.push(format!("{verb}: {all} all-namespace + {one} namespaced"));
+        parts.push(format!(
+            "{verb}: {all} across all namespaces + {one} in one namespace or cluster-scoped"
+        ));
     }
     for verb in ["get", "create", "update", "patch", "delete"] {
         let n = r.verb(verb);
