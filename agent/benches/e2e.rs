@@ -27,6 +27,22 @@
 //!    (updates / (load + drain)) against the offered rate.
 //!
 //! Writers use the defaults except `--leases off` and `--git-batch-max-wait-sec 1`.
+//!
+//! **Scale scenario** (`BENCH_SCALE=1`): many namespaces, namespaced WatchRules in a share of them and a
+//! ClusterWatchRule, the writer in its own process (its RSS is its own), no writer-only baseline:
+//!
+//! ```text
+//! BENCH_SCALE=1 BENCH_OBJECTS=1000000 BENCH_NAMESPACES=10000 BENCH_RULE_SHARE=10 BENCH_UPDATE_SECS=60 \
+//!   BENCH_TIMEOUT_SEC=3600 cargo bench -p reverser-agent --bench e2e
+//! ```
+//!
+//! The corpus spread over `BENCH_NAMESPACES` namespaces (`ns-00`…); a WatchRule selecting ConfigMaps in every
+//! namespace whose index is a multiple of `100 / BENCH_RULE_SHARE` (percent, default 10), all writing to one
+//! GitDestination (whose access policy admits rules from all namespaces), and a ClusterWatchRule selecting every
+//! Deployment. Reported: time from the agent's start to the pushed tree holding every selected object, agent and
+//! writer peak RSS (VmHWM), the agent's watches (its `active_watches` gauge) and the API requests the emulator
+//! counted from the agent's start to that pushed tree (by verb, resource and scope); then `BENCH_UPDATE_RATE`
+//! updates/s of selected ConfigMaps for `BENCH_UPDATE_SECS`: max backlog, end-to-end rate, last push after the load.
 
 mod harness;
 
@@ -55,6 +71,9 @@ struct Settings {
 }
 
 fn main() -> anyhow::Result<()> {
+    if let Some(result) = run_as_writer_child() {
+        return result;
+    }
     // `cargo bench` passes `--bench`; this harness takes no arguments.
     let settings = Settings {
         objects: env_num("BENCH_OBJECTS", 10_000).max(2),
@@ -70,7 +89,13 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(settings))
+        .block_on(async {
+            if std::env::var_os("BENCH_SCALE").is_some() {
+                run_scale(settings).await
+            } else {
+                run(settings).await
+            }
+        })
 }
 
 /// The agent's canonical YAML and paths for every mirrored object, read back from the emulator.
@@ -330,7 +355,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
         format!(
             "emulator load: {n} objects ({:.1} MiB manifests, {} namespaces)",
             bytes as f64 / 1048576.0,
-            corpus::NAMESPACES
+            corpus::namespaces()
         ),
         secs(t.elapsed()),
         &l,
@@ -688,6 +713,385 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let line: Vec<String> = samples
         .iter()
         .map(|(t, u, q, r)| format!("{t:.0}: {u:.0}/{q:.0}/{r:.0}"))
+        .collect();
+    println!("{}", line.join(", "));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scale scenario (`BENCH_SCALE=1`).
+
+/// Every `step`-th namespace has a WatchRule for ConfigMaps.
+fn rule_step() -> usize {
+    let share = env_num("BENCH_RULE_SHARE", 10).clamp(1, 100);
+    (100 / share).max(1)
+}
+
+/// Whether corpus object `i` is mirrored in the scale scenario: every Deployment (the ClusterWatchRule), and the
+/// ConfigMaps of namespaces with a WatchRule.
+fn scale_selected(i: usize) -> bool {
+    !i.is_multiple_of(2) || corpus::namespace_index(i).is_multiple_of(rule_step())
+}
+
+/// The agent's configuration for the scale scenario: one destination, a ClusterWatchRule for Deployments, and a
+/// WatchRule for ConfigMaps in every `rule_step()`-th namespace.
+fn scale_config(repo_url: &str) -> String {
+    let mut out = format!(
+        "
+apiVersion: v1
+kind: Namespace
+metadata: {{name: gitops-reverser}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitRepoConfig
+metadata: {{name: repo, namespace: gitops-reverser}}
+spec:
+  repoUrl: '{repo_url}'
+  allowedBranches: [{BRANCH}]
+  accessPolicy: {{allowClusterRules: true, namespacedRules: {{mode: AllNamespaces}}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitDestination
+metadata: {{name: prod, namespace: gitops-reverser}}
+spec:
+  repoRef: {{namespace: gitops-reverser, name: repo}}
+  branch: {BRANCH}
+  baseFolder: {BASE}
+  accessPolicy: {{allowClusterRules: true, namespacedRules: {{mode: AllNamespaces}}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: ClusterWatchRule
+metadata: {{name: bench}}
+spec:
+  destinationRef: {{name: prod, namespace: gitops-reverser}}
+  rules: [{{scope: Namespaced, apiGroups: [apps], resources: [deployments]}}]
+"
+    );
+    for ns in (0..corpus::namespaces()).step_by(rule_step()) {
+        out.push_str(&format!(
+            "---
+apiVersion: configbutler.ai/v1alpha1
+kind: WatchRule
+metadata: {{name: configs, namespace: ns-{ns:02}}}
+spec:
+  destinationRef: {{name: prod, namespace: gitops-reverser}}
+  rules: [{{apiGroups: [''], resources: [configmaps]}}]
+"
+        ));
+    }
+    out
+}
+
+/// Corpus index of the `k`-th update: a ConfigMap in a namespace with a WatchRule. ConfigMap `2j` lives in namespace
+/// `j % namespaces`; with the namespace count a multiple of the step (checked at start), `j % step == 0` selects.
+fn scale_update_index(k: usize, configmaps: usize) -> usize {
+    let step = rule_step();
+    let selectable = configmaps.div_ceil(step).max(1);
+    2 * (step * (k % selectable))
+}
+
+/// `/proc` peaks of the agent and the writer.
+#[derive(Default)]
+struct Peaks {
+    agent_rss: f64,
+    writer_rss: f64,
+}
+
+impl Peaks {
+    fn sample(&mut self, agent: u32, writer: u32) {
+        if let Some((rss, _)) = rss_mib(agent) {
+            self.agent_rss = self.agent_rss.max(rss);
+        }
+        if let Some((rss, _)) = rss_mib(writer) {
+            self.writer_rss = self.writer_rss.max(rss);
+        }
+    }
+}
+
+/// The emulator's request counts, summed per verb, with lists and watches split by scope.
+fn describe_requests(r: &kube_emulator::RequestCounts) -> String {
+    let mut parts = vec![format!("{} in total", r.total)];
+    for verb in ["list", "watch"] {
+        let mut all = 0;
+        let mut one = 0;
+        for (k, n) in &r.by_kind {
+            if k.verb == verb {
+                if k.all_namespaces {
+                    all += n;
+                } else {
+                    one += n;
+                }
+            }
+        }
+        parts.push(format!(
+            "{verb}: {all} across all namespaces + {one} in one namespace or cluster-scoped"
+        ));
+    }
+    for verb in ["get", "create", "update", "patch", "delete"] {
+        let n = r.verb(verb);
+        if n > 0 {
+            parts.push(format!("{verb}: {n}"));
+        }
+    }
+    parts.join(", ")
+}
+
+async fn run_scale(s: Settings) -> anyhow::Result<()> {
+    let n = s.objects;
+    let configmaps = n.div_ceil(2);
+    let namespaces = corpus::namespaces();
+    let step = rule_step();
+    let rules = namespaces.div_ceil(step);
+    if !namespaces.is_multiple_of(step) {
+        bail!(
+            "BENCH_NAMESPACES ({namespaces}) must be a multiple of 100 / BENCH_RULE_SHARE ({step})"
+        );
+    }
+    let expected = (0..n).filter(|&i| scale_selected(i)).count();
+    let uptime_start = uptime();
+    let agent_bin = PathBuf::from(env!("CARGO_BIN_EXE_reverser-agent"));
+    eprintln!(
+        "bench e2e scale: N={n} in {namespaces} namespaces, WatchRules in every {step}th ({rules}), {expected} objects selected"
+    );
+    eprintln!("start: {uptime_start}");
+    let mut rows = Vec::new();
+
+    // 1. The cluster.
+    let t = Instant::now();
+    let emu = Emulator::start("127.0.0.1:0".parse()?).await?;
+    emu.apply_dir(&testkit::manifest_dir().join("../crds"))
+        .await?;
+    let bytes = load_emulator(&emu, n).await?;
+    let repo = BareRepo::named("agent.git");
+    emu.apply_yaml(&scale_config(&repo.file_url())).await?;
+    let l = load1();
+    let bench_rss = rss_mib(std::process::id()).map_or(0.0, |r| r.0);
+    rows.push(row(
+        format!(
+            "emulator load: {n} objects ({:.1} MiB manifests) in {namespaces} namespaces, {rules} WatchRules + 1 ClusterWatchRule; bench process (emulator) RSS {bench_rss:.0} MiB",
+            bytes as f64 / 1048576.0
+        ),
+        secs(t.elapsed()),
+        &l,
+    ));
+    eprintln!("loaded {} objects in {:?}", emu.object_count(), t.elapsed());
+
+    // 2. The seed: agent and writer, each its own process.
+    let work = tempfile::tempdir()?;
+    let writer =
+        WriterProcess::start(&work.path().join("writer"), &work.path().join("writer.log")).await?;
+    let kubeconfig = work.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, emu.kubeconfig_yaml(None))?;
+    emu.reset_requests();
+    let started = Instant::now();
+    let mut agent = Agent::start(&agent_bin, &writer.grpc_url, &kubeconfig)?;
+    let (pid, wpid) = (agent.pid, writer.pid);
+    let mut peaks = Peaks::default();
+    let (seed, first_commit) = wait_for_seed(
+        TipCounter::new(repo.path()),
+        expected,
+        started,
+        s.timeout,
+        &mut agent,
+        || peaks.sample(pid, wpid),
+    )
+    .await?;
+    let requests = emu.requests();
+    let l_seed = load1();
+    let agent_cpu = cpu_secs(&pid.to_string());
+    let writer_cpu = cpu_secs(&wpid.to_string());
+    let commits = commit_count(&repo.path()).await;
+    eprintln!("agent seed: {seed:?} ({commits} commits)");
+    rows.push(row(
+        format!(
+            "agent start → pushed tree with all {expected} selected files ({commits} commits; first at {})",
+            first_commit.map(secs).unwrap_or_default()
+        ),
+        format!("{} ({:.0} objects/s)", secs(seed), expected as f64 / seed.as_secs_f64()),
+        &l_seed,
+    ));
+    rows.push(row(
+        "CPU during the seed: agent / writer",
+        format!("{agent_cpu:.1} s / {writer_cpu:.1} s"),
+        &l_seed,
+    ));
+    let metrics = agent.metrics().await.unwrap_or_default();
+    let watches = metric(&metrics, "gitops_reverser_agent_active_watches");
+    rows.push(row(
+        "watches the agent runs (active_watches)",
+        format!("{watches:.0}"),
+        &l_seed,
+    ));
+    rows.push(row(
+        "API requests from the agent's start to the pushed tree (emulator's count)",
+        describe_requests(&requests),
+        &l_seed,
+    ));
+    for (kind, count) in &requests.by_kind {
+        if kind.verb == "list" || kind.verb == "watch" {
+            eprintln!(
+                "  {} {} ({}): {count}",
+                kind.verb,
+                kind.resource,
+                if kind.all_namespaces {
+                    "all namespaces"
+                } else {
+                    "namespaced"
+                }
+            );
+        }
+    }
+
+    let settle = agent.settle(s.timeout).await?;
+    let (agent_rss, agent_hwm) = rss_mib(pid).context("agent /proc status")?;
+    let (writer_rss, writer_hwm) = rss_mib(wpid).context("writer /proc status")?;
+    let l_rss = load1();
+    rows.push(judged(
+        format!(
+            "agent VmHWM after the seed (VmRSS {agent_rss:.0} MiB, settled {} after the last file; sampled peak {:.0} MiB)",
+            secs(settle),
+            peaks.agent_rss
+        ),
+        format!("{agent_hwm:.0} MiB"),
+        "≤ 300 MB",
+        agent_hwm * 1.048576 <= 300.0,
+        &l_rss,
+    ));
+    rows.push(judged(
+        format!(
+            "writer VmHWM after the seed (VmRSS {writer_rss:.0} MiB; sampled peak {:.0} MiB)",
+            peaks.writer_rss
+        ),
+        format!("{writer_hwm:.0} MiB"),
+        "≤ 500 MB",
+        writer_hwm * 1.048576 <= 500.0,
+        &l_rss,
+    ));
+
+    // 3. Sustained updates of selected ConfigMaps.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sampler = {
+        let admin = agent.admin.clone();
+        let writer_admin = writer.admin.clone();
+        let mut stop_rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut samples: Vec<(f64, f64, f64, f64, f64)> = Vec::new();
+            let t0 = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop_rx.changed() => break,
+                }
+                let unacked = http_get(&admin, "/metrics")
+                    .await
+                    .map(|t| metric(&t, "gitops_reverser_agent_stream_unacked"))
+                    .unwrap_or(f64::NAN);
+                let queue = http_get(&writer_admin, "/metrics")
+                    .await
+                    .map(|t| metric_sum(&t, "gitops_reverser_repo_branch_queue_depth"))
+                    .unwrap_or(f64::NAN);
+                let rss = rss_mib(pid).map(|r| r.0).unwrap_or(f64::NAN);
+                let wrss = rss_mib(wpid).map(|r| r.0).unwrap_or(f64::NAN);
+                samples.push((t0.elapsed().as_secs_f64(), unacked, queue, rss, wrss));
+            }
+            samples
+        })
+    };
+    let commits0 = commit_count(&repo.path()).await;
+    let load = paced(s.update_rate, s.update_secs, |k| {
+        let emu = emu.clone();
+        let doc = corpus::configmap(scale_update_index(k, configmaps), &format!("u{k}"));
+        async move { emu.apply_yaml(&doc).await.map_err(anyhow::Error::from) }
+    })
+    .await?;
+    let (k, load_time, late_ticks) = (load.issued, load.took, load.late_ticks);
+    let l_upd = load1();
+    let last = k - 1;
+    let last_path = object_path(scale_update_index(last, configmaps));
+    let expect = format!("revision: u{last}\n");
+    let stopped = Instant::now();
+    let mut pushed_after = None;
+    while stopped.elapsed() < s.timeout {
+        let out = git(&repo.path(), &["show", &format!("{BRANCH}:{last_path}")]).await?;
+        if String::from_utf8_lossy(&out.stdout).contains(&expect) {
+            pushed_after = Some(stopped.elapsed());
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let _ = stop_tx.send(true);
+    let samples = sampler.await?;
+    let l_drain = load1();
+    let max = |f: fn(&(f64, f64, f64, f64, f64)) -> f64| {
+        samples
+            .iter()
+            .map(f)
+            .filter(|v| v.is_finite())
+            .fold(0.0, f64::max)
+    };
+    let upd_commits = commit_count(&repo.path()).await - commits0;
+    let offered = k as f64 / load_time.as_secs_f64();
+    let end_to_end = pushed_after.map(|d| k as f64 / (load_time + d).as_secs_f64());
+    rows.push(row(
+        format!(
+            "updates: {k} ConfigMaps of ruled namespaces applied in {} ({late_ticks} ticks late by > 10 ms), {upd_commits} commits",
+            secs(load_time)
+        ),
+        format!(
+            "{offered:.0}/s offered, {} end to end",
+            end_to_end.map(|r| format!("{r:.0}/s")).unwrap_or_else(|| "?".into())
+        ),
+        &l_upd,
+    ));
+    rows.push(judged(
+        "max agent unacked backlog (1 s samples, load + drain)",
+        format!(
+            "{:.0} (writer queue depth max {:.0})",
+            max(|s| s.1),
+            max(|s| s.2)
+        ),
+        "≤ --max-unacked (1000)",
+        max(|s| s.1) <= 1000.0,
+        &l_upd,
+    ));
+    rows.push(judged(
+        "load stop → last update in the pushed tip",
+        pushed_after
+            .map(secs)
+            .unwrap_or_else(|| "not within the timeout".into()),
+        "end-to-end ≥ 90% of offered",
+        end_to_end.is_some_and(|r| r >= 0.9 * offered),
+        &l_drain,
+    ));
+    let agent_hwm = rss_mib(pid).map_or(f64::NAN, |r| r.1);
+    let writer_hwm = rss_mib(wpid).map_or(f64::NAN, |r| r.1);
+    rows.push(row(
+        "VmRSS max during updates / VmHWM at the end: agent, writer",
+        format!(
+            "agent {:.0} / {agent_hwm:.0} MiB, writer {:.0} / {writer_hwm:.0} MiB",
+            max(|s| s.3),
+            max(|s| s.4)
+        ),
+        &l_drain,
+    ));
+
+    agent.terminate().await;
+    writer.stop().await;
+    emu.shutdown().await;
+    let uptime_end = uptime();
+    print_table(
+        &format!("agent e2e scale bench, N = {n}, {namespaces} namespaces, {rules} WatchRules"),
+        &uptime_start,
+        &uptime_end,
+        &rows,
+    );
+    println!(
+        "\nbacklog samples (s since load start: unacked / writer queue / agent RSS / writer RSS MiB):"
+    );
+    let line: Vec<String> = samples
+        .iter()
+        .map(|(t, u, q, r, w)| format!("{t:.0}: {u:.0}/{q:.0}/{r:.0}/{w:.0}"))
         .collect();
     println!("{}", line.join(", "));
     Ok(())

@@ -440,7 +440,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
             "real: bulk load, {n} creates, {} in flight ({:.1} MiB manifests, {} namespaces)",
             s.concurrency,
             bytes as f64 / 1048576.0,
-            corpus::NAMESPACES
+            corpus::namespaces()
         ),
         rate(n, t.elapsed()),
         &l,

@@ -133,6 +133,11 @@ pub struct Args {
     /// Initial lists (and relists) in flight at once, over all watched types.
     #[arg(long, env = "AGENT_MAX_CONCURRENT_LISTS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_concurrent_lists: u64,
+    /// A type selected only by WatchRules in more namespaces than this gets one cluster-wide watch instead of one
+    /// per namespace (objects of other namespaces are dropped); 0 = always cluster-wide. A type whose cluster-wide
+    /// list is forbidden (namespaced RBAC) falls back to one watch per namespace.
+    #[arg(long, env = "AGENT_MAX_NAMESPACED_WATCHES_PER_TYPE", default_value_t = crate::ingest::discovery::DEFAULT_MAX_NAMESPACED_WATCHES_PER_TYPE)]
+    pub max_namespaced_watches_per_type: usize,
     /// Messages sent but not acked before the agent stops reading (backpressure).
     #[arg(long, env = "AGENT_MAX_UNACKED", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_unacked: u64,

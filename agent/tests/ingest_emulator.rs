@@ -1122,3 +1122,204 @@ async fn restarting_the_snapshots_relists_every_scope_in_a_new_epoch_without_a_n
         "the discovered types are kept: no new discovery"
     );
 }
+
+/// A `WatchRule` in `namespace` selecting configmaps for `destination`.
+fn namespaced_configmaps_rule(namespace: &str, destination: &str) -> CompiledRule {
+    CompiledRule {
+        id: format!("WatchRule/{namespace}/configs"),
+        destination: destination.to_owned(),
+        kind: RuleKind::Namespaced {
+            namespace: namespace.to_owned(),
+            spec: WatchRuleSpec {
+                destination_ref: DestinationRef {
+                    name: "prod".into(),
+                    namespace: None,
+                },
+                object_selector: None,
+                rules: vec![ResourceRule {
+                    resources: strings(&["configmaps"]),
+                    ..Default::default()
+                }],
+                ignore: None,
+                exclude_names: vec![],
+            },
+        },
+    }
+}
+
+/// Namespaces `team-0`..`team-{n-1}`, each with a ConfigMap `app`.
+fn teams_yaml(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: team-{i}}}\n---\napiVersion: v1\n\
+                 kind: ConfigMap\nmetadata: {{name: app, namespace: team-{i}}}\ndata: {{v: '0'}}\n"
+            )
+        })
+        .collect()
+}
+
+/// WatchRules for configmaps in `team-0`..`team-{n-1}`, all to one destination, with `threshold` as
+/// --max-namespaced-watches-per-type.
+fn team_rules(n: usize, threshold: usize) -> (Selection, IngestConfig) {
+    let rules = (0..n)
+        .map(|i| namespaced_configmaps_rule(&format!("team-{i}"), "cfg/prod"))
+        .collect();
+    let mut config = IngestConfig::default();
+    config.discovery.max_namespaced_watches_per_type = threshold;
+    (selection(rules), config)
+}
+
+/// Receives events until a SnapshotEnd of configmaps came for each of `namespaces`.
+async fn until_namespaces_ended(h: &mut Harness, namespaces: &[String]) -> Vec<AgentEvent> {
+    let mut got = Vec::new();
+    let mut pending: Vec<String> = namespaces.to_vec();
+    while !pending.is_empty() {
+        let batch = h
+            .until(&format!("SnapshotEnd of configmaps in {pending:?}"), |e| {
+                matches!(e, AgentEvent::SnapshotEnd { scope, .. }
+                    if scope.resource == "configmaps" && pending.contains(&scope.namespace))
+            })
+            .await;
+        if let Some(AgentEvent::SnapshotEnd { scope, .. }) = batch.last() {
+            pending.retain(|ns| *ns != scope.namespace);
+        }
+        got.extend(batch);
+    }
+    got
+}
+
+#[tokio::test]
+async fn watch_rules_in_more_namespaces_than_the_threshold_share_one_cluster_wide_watch() {
+    // Emulator only: it counts the requests the agent makes.
+    let emu = emulator().await;
+    emu.apply_yaml(&teams_yaml(6)).await.unwrap();
+    // Rules in 4 of the 6 namespaces, threshold 2: one cluster-wide watch instead of four.
+    let (sel, config) = team_rules(4, 2);
+    let selected: Vec<String> = (0..4).map(|i| format!("team-{i}")).collect();
+    emu.reset_requests();
+    let mut h = start(TestCluster::Emulator(emu.clone()), sel, config).await;
+    let seed = until_namespaces_ended(&mut h, &selected).await;
+
+    assert_eq!(watched(&h.handle), vec!["core/v1/configmaps"]);
+    let requests = emu.requests();
+    let (all, one) = requests.scoped("watch", "configmaps");
+    let (list_all, list_one) = requests.scoped("list", "configmaps");
+    assert_eq!(
+        (all + list_all, one + list_one),
+        (1, 0),
+        "one list+watch across all namespaces, none per namespace: {requests:#?}"
+    );
+    let mut paths = upsert_paths(&seed);
+    paths.sort();
+    assert_eq!(
+        paths,
+        vec![
+            "core/v1/configmaps/team-0/app.yaml",
+            "core/v1/configmaps/team-1/app.yaml",
+            "core/v1/configmaps/team-2/app.yaml",
+            "core/v1/configmaps/team-3/app.yaml",
+        ]
+    );
+    // Snapshots open and close exactly the rules' namespaces (sweeps stay scoped).
+    let mut scopes: Vec<(&str, &str)> = seed
+        .iter()
+        .filter_map(|e| match e {
+            AgentEvent::SnapshotBegin { scope, .. } => Some(("begin", scope.namespace.as_str())),
+            AgentEvent::SnapshotEnd { scope, .. } => Some(("end", scope.namespace.as_str())),
+            _ => None,
+        })
+        .collect();
+    scopes.sort();
+    assert_eq!(
+        scopes,
+        vec![
+            ("begin", "team-0"),
+            ("begin", "team-1"),
+            ("begin", "team-2"),
+            ("begin", "team-3"),
+            ("end", "team-0"),
+            ("end", "team-1"),
+            ("end", "team-2"),
+            ("end", "team-3"),
+        ]
+    );
+
+    // A change and a delete in a namespace without a rule send nothing; the change in team-0 after them (the
+    // same watch stream, in resourceVersion order) shows they were seen and dropped.
+    let client = emu.client().await;
+    let other: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), "team-5");
+    other
+        .patch(
+            "app",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"v": "1"}})),
+        )
+        .await
+        .unwrap();
+    other.delete("app", &Default::default()).await.unwrap();
+    let team0: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client, "team-0");
+    team0
+        .patch(
+            "app",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"v": "1"}})),
+        )
+        .await
+        .unwrap();
+    let after = h
+        .until("the change in team-0", |e| {
+            is_upsert_of(e, "core/v1/configmaps/team-0/app.yaml")
+        })
+        .await;
+    assert_eq!(
+        upsert_paths(&after),
+        vec!["core/v1/configmaps/team-0/app.yaml"],
+        "{after:#?}"
+    );
+    assert!(
+        !after.iter().any(|e| mentions(e, "team-5")),
+        "nothing about a namespace without a rule: {after:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_forbidden_cluster_wide_list_falls_back_to_one_watch_per_rule_namespace() {
+    // Emulator only: namespaced RBAC is its fault injection.
+    let emu = emulator().await;
+    emu.apply_yaml(&teams_yaml(4)).await.unwrap();
+    emu.faults().forbid_in_all_namespaces("configmaps");
+    let (sel, config) = team_rules(3, 2);
+    let selected: Vec<String> = (0..3).map(|i| format!("team-{i}")).collect();
+    emu.reset_requests();
+    let mut h = start(TestCluster::Emulator(emu.clone()), sel, config).await;
+    let seed = until_namespaces_ended(&mut h, &selected).await;
+
+    assert_eq!(
+        watched(&h.handle),
+        vec![
+            "core/v1/configmaps in team-0",
+            "core/v1/configmaps in team-1",
+            "core/v1/configmaps in team-2",
+        ]
+    );
+    let requests = emu.requests();
+    let (all, one) = requests.scoped("watch", "configmaps");
+    let (list_all, list_one) = requests.scoped("list", "configmaps");
+    assert!(
+        all + list_all >= 1 && one + list_one >= 3,
+        "a refused cluster-wide attempt, then one per namespace: {requests:#?}"
+    );
+    let mut paths = upsert_paths(&seed);
+    paths.sort();
+    assert_eq!(
+        paths,
+        vec![
+            "core/v1/configmaps/team-0/app.yaml",
+            "core/v1/configmaps/team-1/app.yaml",
+            "core/v1/configmaps/team-2/app.yaml",
+        ]
+    );
+    assert!(!seed.iter().any(|e| mentions(e, "team-3")), "{seed:#?}");
+}

@@ -22,6 +22,9 @@
 //! - `BENCH_BASELINES=0` skips the shell peer.
 //! - `BENCH_KUSTOMIZATION=create` (or `maintain`) and `BENCH_OMIT_NAMESPACE=1`: the destination's
 //!   `spec.kustomization.mode` and `spec.omitNamespace`, to measure what they cost.
+//! - `BENCH_ONE_FOLDER=N`: instead of the mix, N ConfigMaps in one namespace, so one folder holds N files (the
+//!   one-file rounds then change a file in that folder; `BENCH_OBJECTS` is ignored). The shell peer's one-file
+//!   rounds (`git add -A && git commit && git push` in a worktree) are the git CLI's cost of the same change.
 //! - `BENCH_SIGNING=1`: writers without credentials of their own (phase 4 and the file:// seed of 5) sign every
 //!   commit with an ed25519 key (`commitSigning`), to measure what signing costs.
 //!
@@ -74,14 +77,50 @@ use testkit::{BareRepo, GitDaemon, HttpGitServer, SshGitServer, git};
 const BASE: &str = "clusters/prod";
 const DEST: &str = "bench/seed";
 
+/// `BENCH_ONE_FOLDER=N`: the corpus is N ConfigMaps in one namespace (one folder of N files) instead of the mix.
+fn one_folder() -> Option<usize> {
+    std::env::var("BENCH_ONE_FOLDER")
+        .ok()
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .filter(|&n| n > 0)
+}
+
+/// The corpus's streaming order, or `0..n` for one folder.
+fn order(n: usize) -> Vec<usize> {
+    match one_folder() {
+        Some(_) => (0..n).collect(),
+        None => corpus::order(n),
+    }
+}
+
+/// Path of object `i` relative to the base folder: the corpus's, or ConfigMap `2i` of the corpus moved to `ns-00`.
+fn object_path(i: usize) -> String {
+    match one_folder() {
+        Some(_) => format!("core/v1/configmaps/ns-00/{}.yaml", corpus::name(2 * i)),
+        None => corpus::path(i),
+    }
+}
+
+/// YAML of object `i` (see [`object_path`]).
+fn object_yaml(i: usize, revision: &str) -> String {
+    match one_folder() {
+        Some(_) => {
+            let i = 2 * i;
+            corpus::configmap(i, revision).replace(
+                &format!("namespace: {}\n", corpus::namespace(i)),
+                "namespace: ns-00\n",
+            )
+        }
+        None => corpus::yaml(i, revision),
+    }
+}
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.replace('_', "").parse().ok())
         .unwrap_or(default)
 }
-
-use corpus::order;
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -185,11 +224,11 @@ fn fast_import(n: usize) -> (Duration, u64, BareRepo) {
     )
     .and_then(|()| {
         for i in order(n) {
-            let data = corpus::yaml(i, "0");
+            let data = object_yaml(i, "0");
             write!(
                 stdin,
                 "M 100644 inline {BASE}/{}\ndata {}\n",
-                corpus::path(i),
+                object_path(i),
                 data.len()
             )?;
             stdin.write_all(data.as_bytes())?;
@@ -227,9 +266,9 @@ fn shell_peer(n: usize, rounds: usize) -> ShellPeer {
     git_ok(&work, &["config", "user.name", "peer"]);
     git_ok(&work, &["config", "user.email", "peer@example.com"]);
     for i in order(n) {
-        let path = work.join(BASE).join(corpus::path(i));
+        let path = work.join(BASE).join(object_path(i));
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-        std::fs::write(&path, corpus::yaml(i, "0")).expect("write file");
+        std::fs::write(&path, object_yaml(i, "0")).expect("write file");
     }
     let written = Instant::now();
     git_ok(&work, &["add", "-A"]);
@@ -244,8 +283,8 @@ fn shell_peer(n: usize, rounds: usize) -> ShellPeer {
         let i = round * 4999 % n;
         let started = Instant::now();
         std::fs::write(
-            work.join(BASE).join(corpus::path(i)),
-            corpus::yaml(i, &(round + 1).to_string()),
+            work.join(BASE).join(object_path(i)),
+            object_yaml(i, &(round + 1).to_string()),
         )
         .expect("write file");
         git_ok(&work, &["add", "-A"]);
@@ -292,14 +331,14 @@ fn cli_one_file_pushes(access: &CliAccess, n: usize, rounds: usize) -> Duration 
             .stdin
             .take()
             .expect("stdin")
-            .write_all(corpus::yaml(i, &(5000 + round).to_string()).as_bytes())
+            .write_all(object_yaml(i, &(5000 + round).to_string()).as_bytes())
             .expect("write blob");
         let out = child.wait_with_output().expect("git hash-object");
         let blob = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         plumbing(&[
             "update-index",
             "--cacheinfo",
-            &format!("100644,{blob},{BASE}/{}", corpus::path(i)),
+            &format!("100644,{blob},{BASE}/{}", object_path(i)),
         ]);
         let tree = plumbing(&["write-tree"]);
         let commit = plumbing(&["commit-tree", &tree, "-p", "main", "-m", "cli"]);
@@ -319,7 +358,7 @@ fn cli_one_file_pushes(access: &CliAccess, n: usize, rounds: usize) -> Duration 
 fn yaml_validation(n: usize) -> Duration {
     let started = Instant::now();
     for i in order(n) {
-        let yaml = corpus::yaml(i, "0");
+        let yaml = object_yaml(i, "0");
         reverser_common::yaml::validate_object(yaml.as_bytes()).expect("valid YAML");
     }
     started.elapsed()
@@ -629,8 +668,8 @@ impl Agent {
             .send(msg(In::Upsert(pb::Upsert {
                 sequence,
                 destination: DEST.into(),
-                path: corpus::path(i),
-                content: corpus::yaml(i, &generation.to_string()).into_bytes(),
+                path: object_path(i),
+                content: object_yaml(i, &generation.to_string()).into_bytes(),
                 object: None,
                 operation: pb::Operation::Update as i32,
                 author: String::new(),
@@ -868,7 +907,7 @@ fn kustomization_mode() -> pb::KustomizationMode {
 }
 
 fn main() -> anyhow::Result<()> {
-    let n = env_usize("BENCH_OBJECTS", 10_000);
+    let n = one_folder().unwrap_or_else(|| env_usize("BENCH_OBJECTS", 10_000));
     let rounds = env_usize("BENCH_ROUNDS", 21).max(1);
     let with_daemon = std::env::var("BENCH_GIT_DAEMON").as_deref() != Ok("0");
     let with_transports = std::env::var("BENCH_TRANSPORTS").as_deref() != Ok("0");
@@ -934,12 +973,17 @@ fn main() -> anyhow::Result<()> {
 
     let ratio = |d: Duration| d.as_secs_f64() / imported.as_secs_f64();
     println!();
-    println!(
-        "### Seeding {n} objects ({order_name} order; {} ConfigMaps ~300 B, {} Deployments ~2 KiB, {} namespaces) into a bare repo over file://",
-        n.div_ceil(2),
-        n / 2,
-        corpus::NAMESPACES
-    );
+    match one_folder() {
+        Some(_) => println!(
+            "### Seeding {n} ConfigMaps (~300 B) in one namespace, one folder of {n} files, into a bare repo over file://"
+        ),
+        None => println!(
+            "### Seeding {n} objects ({order_name} order; {} ConfigMaps ~300 B, {} Deployments ~2 KiB, {} namespaces) into a bare repo over file://",
+            n.div_ceil(2),
+            n / 2,
+            corpus::namespaces()
+        ),
+    }
     println!();
     println!("| what | seed | vs fast-import | one changed file (median of {rounds}) |");
     println!("| --- | ---: | ---: | ---: |");

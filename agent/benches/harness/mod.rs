@@ -469,7 +469,7 @@ pub fn print_table(title: &str, uptime_start: &str, uptime_end: &str, rows: &[Ro
 
 /// `---`-separated Namespaces `ns-00`… of the corpus.
 pub fn namespaces_yaml() -> String {
-    (0..corpus::NAMESPACES)
+    (0..corpus::namespaces())
         .map(|i| format!("---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns-{i:02}\n"))
         .collect()
 }

@@ -57,6 +57,7 @@ impl Args {
             watch_qps,
             watch_burst,
             max_concurrent_lists,
+            max_namespaced_watches_per_type,
             max_unacked,
             admin: AdminArgs { admin_addr },
             log: _,
@@ -147,6 +148,7 @@ impl Args {
                 watch_all,
                 exclude: discovery_exclude,
                 sensitive: sensitive_resources,
+                max_namespaced_watches_per_type,
                 ..DiscoveryOptions::default()
             },
             discovery_refresh,

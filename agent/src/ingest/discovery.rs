@@ -10,7 +10,11 @@
 //!
 //! One watch runs per (type, scope), shared by every rule and destination that selects the
 //! type: a `ClusterWatchRule` makes the watch cluster-wide, otherwise there is one namespaced
-//! watch per `WatchRule` namespace. Never N×M watches for N rules and M destinations.
+//! watch per `WatchRule` namespace, up to `--max-namespaced-watches-per-type` namespaces. Above
+//! that the type gets one cluster-wide watch (one LIST and one stream instead of thousands); its
+//! index drops objects of the namespaces no rule covers, and snapshots stay scoped to the rules'
+//! namespaces. A type whose cluster-wide list is forbidden (namespaced RBAC only) falls back to
+//! one watch per namespace. Never N×M watches for N rules and M destinations.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -28,6 +32,11 @@ use crate::rules::{
 
 /// Default upper bound on concurrently watched types.
 pub const DEFAULT_MAX_GVKS: usize = 300;
+
+/// Default for `--max-namespaced-watches-per-type`: above this many `WatchRule` namespaces, a type is
+/// watched cluster-wide. Well under the API server's concurrent HTTP/2 streams per connection (Go's
+/// default is 250), and one LIST instead of hundreds at start.
+pub const DEFAULT_MAX_NAMESPACED_WATCHES_PER_TYPE: usize = 100;
 
 /// A type the server serves with `list` and `watch`, at the version ingestion uses.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -198,6 +207,9 @@ pub struct DiscoveryOptions {
     /// `--sensitive-resources`: `plural` (any group) or `plural.group` types that are only ever sent
     /// SOPS-encrypted, to destinations with encryption configured. Core `secrets` always are, listed or not.
     pub sensitive: Vec<String>,
+    /// `--max-namespaced-watches-per-type`: a type selected only by `WatchRule`s in more namespaces than
+    /// this is watched cluster-wide (its objects of other namespaces are dropped). 0: always cluster-wide.
+    pub max_namespaced_watches_per_type: usize,
 }
 
 impl Default for DiscoveryOptions {
@@ -207,6 +219,7 @@ impl Default for DiscoveryOptions {
             exclude: Vec::new(),
             max_gvks: DEFAULT_MAX_GVKS,
             sensitive: vec!["secrets".to_owned()],
+            max_namespaced_watches_per_type: DEFAULT_MAX_NAMESPACED_WATCHES_PER_TYPE,
         }
     }
 }
@@ -292,6 +305,33 @@ pub struct WatchPlan {
     pub sensitive: bool,
 }
 
+impl WatchPlan {
+    /// Whether this is a cluster-wide watch only because its `WatchRule`s cover more namespaces than
+    /// `--max-namespaced-watches-per-type` (no `ClusterWatchRule` needs every namespace): if the cluster-wide
+    /// list is forbidden, the type can fall back to one watch per namespace.
+    pub fn merges_namespaces(&self) -> bool {
+        self.key.namespace.is_empty()
+            && self.resource.key.namespaced
+            && !self
+                .routes
+                .iter()
+                .flat_map(|r| &r.rules)
+                .any(CompiledRule::needs_all_namespaces)
+    }
+
+    /// The namespaces whose objects any route may select; `None`: every namespace (or a cluster-scoped type).
+    pub fn covered_namespaces(&self) -> Option<BTreeSet<&str>> {
+        let mut out = BTreeSet::new();
+        for ns in self.routes.iter().flat_map(|r| &r.snapshot_namespaces) {
+            if ns.is_empty() {
+                return None;
+            }
+            out.insert(ns.as_str());
+        }
+        Some(out)
+    }
+}
+
 /// Why a selected type is not watched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SkipReason {
@@ -314,6 +354,17 @@ pub fn desired_watches(
     discovered: &[DiscoveredResource],
     selection: &Selection,
     options: &DiscoveryOptions,
+) -> DesiredWatches {
+    desired_watches_with(discovered, selection, options, &BTreeSet::new())
+}
+
+/// [`desired_watches`], where the types in `cluster_list_forbidden` (`(group, resource)`: their cluster-wide
+/// list was refused with a 403) keep one watch per `WatchRule` namespace whatever their number. Pure.
+pub fn desired_watches_with(
+    discovered: &[DiscoveredResource],
+    selection: &Selection,
+    options: &DiscoveryOptions,
+    cluster_list_forbidden: &BTreeSet<(String, String)>,
 ) -> DesiredWatches {
     let rules: Vec<CompiledRule> = selection
         .rules
@@ -369,8 +420,20 @@ pub fn desired_watches(
     }
 
     for (res, selecting) in selected {
+        let namespaces: BTreeSet<&str> = selecting
+            .iter()
+            .filter_map(|r| match &r.kind {
+                crate::rules::compiled::RuleKind::Namespaced { namespace, .. } => {
+                    Some(namespace.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        // Above the threshold one cluster-wide watch replaces the namespaced ones, unless its list was forbidden.
+        let too_many = namespaces.len() > options.max_namespaced_watches_per_type
+            && !cluster_list_forbidden.contains(&res.group_resource());
         let cluster_wide =
-            !res.key.namespaced || selecting.iter().any(|r| r.needs_all_namespaces());
+            !res.key.namespaced || too_many || selecting.iter().any(|r| r.needs_all_namespaces());
         // Group the rules by watch namespace.
         let mut by_watch: BTreeMap<String, Vec<&CompiledRule>> = BTreeMap::new();
         for rule in selecting {
@@ -599,6 +662,102 @@ mod tests {
             scopes,
             vec![("shop/prod", vec!["shop"]), ("x/all", vec![""])]
         );
+    }
+
+    /// `WatchRule`s for configmaps in `ns-0`..`ns-{n-1}`, alternating between two destinations.
+    fn namespaced_rules(n: usize) -> Selection {
+        let mut sel = selection(
+            (0..n)
+                .map(|i| {
+                    let dest = if i % 2 == 0 { "a/prod" } else { "b/prod" };
+                    watch_rule(&format!("ns-{i}"), dest, &["configmaps"], None)
+                })
+                .collect(),
+        );
+        sel.destinations.sort_by(|a, b| a.key.cmp(&b.key));
+        sel.destinations.dedup_by(|a, b| a.key == b.key);
+        sel
+    }
+
+    fn threshold(max: usize) -> DiscoveryOptions {
+        DiscoveryOptions {
+            max_namespaced_watches_per_type: max,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn watch_rules_up_to_the_threshold_keep_one_watch_per_namespace() {
+        let d = desired_watches(&cluster(), &namespaced_rules(4), &threshold(4));
+        assert_eq!(d.plans.len(), 4, "{:?}", types(&d));
+        assert!(d.plans.keys().all(|k| !k.namespace.is_empty()));
+        assert!(d.plans.values().all(|p| !p.merges_namespaces()));
+    }
+
+    #[test]
+    fn watch_rules_above_the_threshold_share_one_cluster_wide_watch_with_their_own_scopes() {
+        let d = desired_watches(&cluster(), &namespaced_rules(5), &threshold(4));
+        assert_eq!(types(&d), vec!["core/v1/configmaps"]);
+        let plan = d.plans.values().next().unwrap();
+        assert!(plan.merges_namespaces());
+        let scopes: Vec<(&str, Vec<&str>)> = plan
+            .routes
+            .iter()
+            .map(|r| {
+                (
+                    r.destination.key.as_str(),
+                    r.snapshot_namespaces.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        // Snapshots open and close exactly the rules' namespaces, never "" (all): sweeps stay scoped.
+        assert_eq!(
+            scopes,
+            vec![
+                ("a/prod", vec!["ns-0", "ns-2", "ns-4"]),
+                ("b/prod", vec!["ns-1", "ns-3"])
+            ]
+        );
+        assert_eq!(
+            plan.covered_namespaces(),
+            Some(BTreeSet::from(["ns-0", "ns-1", "ns-2", "ns-3", "ns-4"]))
+        );
+        // Zero: always one cluster-wide watch.
+        let d = desired_watches(&cluster(), &namespaced_rules(1), &threshold(0));
+        assert_eq!(types(&d), vec!["core/v1/configmaps"]);
+    }
+
+    #[test]
+    fn a_forbidden_cluster_wide_list_falls_back_to_one_watch_per_namespace() {
+        let forbidden = BTreeSet::from([(String::new(), "configmaps".to_owned())]);
+        let d = desired_watches_with(&cluster(), &namespaced_rules(5), &threshold(4), &forbidden);
+        assert_eq!(d.plans.len(), 5, "{:?}", types(&d));
+        for (key, plan) in &d.plans {
+            assert!(!plan.merges_namespaces());
+            let scopes: Vec<&BTreeSet<String>> =
+                plan.routes.iter().map(|r| &r.snapshot_namespaces).collect();
+            assert_eq!(scopes, vec![&BTreeSet::from([key.namespace.clone()])]);
+        }
+        // Another type is not affected.
+        let other = BTreeSet::from([(String::new(), "services".to_owned())]);
+        let d = desired_watches_with(&cluster(), &namespaced_rules(5), &threshold(4), &other);
+        assert_eq!(types(&d), vec!["core/v1/configmaps"]);
+    }
+
+    #[test]
+    fn a_cluster_rule_watch_never_counts_as_merged_namespaces() {
+        let mut sel = namespaced_rules(5);
+        sel.rules.push(cluster_rule(
+            "a/prod",
+            ResourceScope::Namespaced,
+            &["configmaps"],
+            None,
+        ));
+        let d = desired_watches(&cluster(), &sel, &threshold(4));
+        let plan = d.plans.values().next().unwrap();
+        assert_eq!(types(&d), vec!["core/v1/configmaps"]);
+        assert!(!plan.merges_namespaces());
+        assert_eq!(plan.covered_namespaces(), None);
     }
 
     #[test]

@@ -149,6 +149,9 @@ pub struct WatchIndex {
     last_unsent: Option<String>,
     /// Encrypts sensitive objects (the randomness and the wall clock live there, not here).
     sealer: Arc<dyn sops::Sealer>,
+    /// The namespaces any route may select (`None`: all): a cluster-wide watch standing in for many namespaced
+    /// ones drops the objects of every other namespace before any work, and keeps nothing of them.
+    covered: Option<HashSet<String>>,
 }
 
 /// An object as the index sees it.
@@ -163,6 +166,9 @@ impl WatchIndex {
     pub fn new(plan: Arc<WatchPlan>, options: SelectionOptions) -> Self {
         Self {
             ignore: IgnoreState::new(&plan),
+            covered: plan
+                .covered_namespaces()
+                .map(|set| set.into_iter().map(str::to_owned).collect()),
             plan,
             options,
             hashes: HashMap::new(),
@@ -352,6 +358,13 @@ impl WatchIndex {
     /// One object event: who it is and who made the change (once for all destinations), then what each
     /// destination's route does with it.
     fn on_object(&mut self, obj: &Value, change: Change, out: &mut Vec<AgentEvent>) {
+        if let Some(covered) = &self.covered
+            && let Some(ns) = obj.pointer("/metadata/namespace").and_then(Value::as_str)
+            && !covered.contains(ns)
+        {
+            // No rule of this watch covers the namespace: nothing was ever sent for it, nothing is now.
+            return;
+        }
         // Belt and braces: a Secret arriving through a type not planned as sensitive is still only ever sent
         // encrypted, and only to destinations that encrypt. Nothing about its content is logged.
         let sensitive = self.plan.sensitive || is_secret(obj);
@@ -1556,6 +1569,56 @@ mod tests {
         idx.apply(Event::Init, &epochs);
         let out = idx.apply(Event::InitApply(secret("c2VjcmV0", "1")), &epochs);
         assert!(!out.iter().any(|e| matches!(e, AgentEvent::Upsert { .. })));
+    }
+
+    #[test]
+    fn a_cluster_wide_watch_for_namespaced_rules_drops_other_namespaces_entirely() {
+        let epochs = AtomicU64::new(0);
+        let rules = vec![
+            watch_rule("a", "x/prod", &["configmaps"], None),
+            watch_rule("b", "x/prod", &["configmaps"], None),
+        ];
+        let plan = plan(vec![("x/prod", rules, &["a", "b"])]);
+        assert!(plan.merges_namespaces());
+        let mut idx = WatchIndex::new(plan, SelectionOptions::default());
+        let mut out = idx.apply(Event::Init, &epochs);
+        for (ns, rv) in [("a", "1"), ("other", "2"), ("b", "3")] {
+            out.extend(idx.apply(Event::InitApply(cm(ns, "app", json!({}), "v", rv)), &epochs));
+        }
+        out.extend(idx.apply(Event::InitDone, &epochs));
+        // Snapshots of exactly the rules' namespaces; nothing of `other`.
+        assert_eq!(
+            kinds(&out),
+            vec![
+                "Begin x/prod \"a\" 1",
+                "Begin x/prod \"b\" 1",
+                "Upsert x/prod core/v1/configmaps/a/app.yaml created=true",
+                "Upsert x/prod core/v1/configmaps/b/app.yaml created=true",
+                "End x/prod \"a\" 1",
+                "End x/prod \"b\" 1",
+            ]
+        );
+        assert_eq!(idx.len(), 2);
+        // Changes and deletes in `other` send nothing and count as nothing.
+        let changed = idx.apply(
+            Event::Apply(cm("other", "app", json!({}), "w", "4")),
+            &epochs,
+        );
+        let deleted = idx.apply(
+            Event::Delete(cm("other", "app", json!({}), "w", "5")),
+            &epochs,
+        );
+        assert!(
+            changed.is_empty() && deleted.is_empty(),
+            "{changed:?} {deleted:?}"
+        );
+        assert_eq!(idx.len(), 2);
+        // In a covered namespace they still do.
+        let deleted = idx.apply(Event::Delete(cm("a", "app", json!({}), "v", "6")), &epochs);
+        assert_eq!(
+            kinds(&deleted),
+            vec!["Delete x/prod core/v1/configmaps/a/app.yaml"]
+        );
     }
 
     fn cm(ns: &str, name: &str, labels: Value, data: &str, rv: &str) -> Value {

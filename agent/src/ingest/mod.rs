@@ -51,7 +51,7 @@ use tracing::{info, warn};
 
 pub use discovery::{
     DesiredWatches, DiscoveredResource, DiscoveryOptions, SkipReason, WatchKey, WatchPlan,
-    desired_watches, discover,
+    desired_watches, desired_watches_with, discover,
 };
 pub use index::WatchIndex;
 pub use limits::{ListPermits, RequestRate};
@@ -144,6 +144,8 @@ pub fn spawn(
         status: Mutex::new(BTreeMap::new()),
         watched_types: Mutex::new(None),
         clients_per_type: Mutex::new(BTreeMap::new()),
+        cluster_list_forbidden: Mutex::new(BTreeSet::new()),
+        replan: Notify::new(),
     });
     let refresh = Arc::new(Notify::new());
     let restart = Arc::new(Notify::new());
@@ -262,6 +264,7 @@ async fn supervise(
         tokio::select! {
             _ = tokio::time::sleep_until(next_discovery) => {}
             _ = refresh.notified() => next_discovery = Instant::now(),
+            _ = shared.replan.notified() => {}
             _ = restart.notified() => {
                 // Dropping the running watches aborts them; the next reconcile starts them all again (new lists,
                 // new epochs) and declares every destination again.
@@ -286,7 +289,13 @@ async fn reconcile(
 ) -> Result<(), mpsc::error::SendError<AgentEvent>> {
     let discovered: Vec<DiscoveredResource> =
         state.known.values().map(|(r, _)| r.clone()).collect();
-    let desired = desired_watches(&discovered, selection, &shared.config.discovery);
+    let forbidden = shared
+        .cluster_list_forbidden
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let desired =
+        desired_watches_with(&discovered, selection, &shared.config.discovery, &forbidden);
     if desired.skipped != state.last_skipped {
         discovery::log_skipped(&desired.skipped);
         state.last_skipped = desired.skipped.clone();

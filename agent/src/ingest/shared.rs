@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::discovery::{DiscoveryOptions, WatchKey};
 use super::limits::{self, ListPermits, RequestRate};
@@ -146,6 +146,10 @@ pub(crate) struct Shared {
     pub(crate) watched_types: Mutex<Option<BTreeSet<ResourceKey>>>,
     /// One rate-limited client per watched type (its watches in several namespaces share the budget).
     pub(crate) clients_per_type: Mutex<BTreeMap<String, kube::Client>>,
+    /// `(group, resource)` whose cluster-wide list was forbidden: planned per namespace from then on.
+    pub(crate) cluster_list_forbidden: Mutex<BTreeSet<(String, String)>>,
+    /// Wakes the supervisor to plan again (a type's cluster-wide list was forbidden).
+    pub(crate) replan: Notify,
 }
 
 impl Shared {
@@ -159,6 +163,20 @@ impl Shared {
             .entry(type_label.to_owned())
             .or_insert_with(|| limits::rate_limited_client(base, self.config.request_rate))
             .clone()
+    }
+
+    /// Records that a type's cluster-wide list is forbidden and has the supervisor plan it per namespace; `false`
+    /// when it was already known.
+    pub(crate) fn cluster_list_forbidden(&self, group_resource: (String, String)) -> bool {
+        let added = self
+            .cluster_list_forbidden
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group_resource);
+        if added {
+            self.replan.notify_one();
+        }
+        added
     }
 
     pub(crate) fn update_status(&self, key: &WatchKey, f: impl FnOnce(&mut WatchStatus)) {

@@ -192,7 +192,13 @@ pub(crate) async fn run(client: kube::Client, plan: Arc<WatchPlan>, shared: Arc<
                         restart = true;
                         break;
                     }
-                    if forbidden {
+                    if forbidden && plan.merges_namespaces() {
+                        // Namespaced RBAC only: one watch per rule namespace replaces this one (the supervisor
+                        // stops it and starts those); until then it keeps retrying like any other.
+                        if shared.cluster_list_forbidden(plan.resource.group_resource()) {
+                            warn!(watch = %plan.key, error = %err, "listing the type in all namespaces is forbidden; watching it in each rule's namespace instead");
+                        }
+                    } else if forbidden {
                         warn!(watch = %plan.key, error = %err, "access denied; keeping the files, retrying");
                     } else {
                         debug!(watch = %plan.key, error = %err, "watch error; retrying");

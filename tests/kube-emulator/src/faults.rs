@@ -20,6 +20,8 @@ struct FaultState {
     /// (group, plural) → (remaining failures, HTTP code).
     fail_next: HashMap<(String, String), (u32, u16)>,
     forbidden: Vec<(String, String)>,
+    /// Forbidden across all namespaces only (namespaced RBAC): requests in one namespace pass.
+    forbidden_in_all_namespaces: Vec<(String, String)>,
     delay: Option<Duration>,
     hidden_groups: HashMap<String, Instant>,
 }
@@ -87,9 +89,29 @@ impl Faults {
         }
     }
 
+    /// Answers 403 Forbidden for requests on `resource` across all namespaces (`/api/v1/configmaps`), as RBAC
+    /// would for an identity bound to Roles in some namespaces only; requests in one namespace pass.
+    pub fn forbid_in_all_namespaces(&self, resource: &str) {
+        let r = parse_resource(resource);
+        let mut s = self.lock();
+        if !s.forbidden_in_all_namespaces.contains(&r) {
+            s.forbidden_in_all_namespaces.push(r);
+        }
+    }
+
+    /// Lifts [`Faults::forbid`] and [`Faults::forbid_in_all_namespaces`] for `resource`.
     pub fn allow(&self, resource: &str) {
         let r = parse_resource(resource);
-        self.lock().forbidden.retain(|f| *f != r);
+        let mut s = self.lock();
+        s.forbidden.retain(|f| *f != r);
+        s.forbidden_in_all_namespaces.retain(|f| *f != r);
+    }
+
+    pub(crate) fn is_forbidden_in_all_namespaces(&self, group: &str, plural: &str) -> bool {
+        self.lock()
+            .forbidden_in_all_namespaces
+            .iter()
+            .any(|(g, p)| g == group && p == plural)
     }
 
     /// Leaves `group` out of discovery (legacy and aggregated) for `duration`; its resources

@@ -32,6 +32,7 @@ mod faults;
 mod openapi;
 mod patch;
 mod render;
+mod requests;
 mod resources;
 mod selector;
 mod server;
@@ -50,6 +51,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::auth::{Tokens, UserInfo};
 pub use crate::faults::Faults;
+pub use crate::requests::{RequestCounts, RequestKind};
 pub use crate::status::ApiError;
 
 use crate::api::WriteOpts;
@@ -109,6 +111,7 @@ pub(crate) struct Inner {
     pub(crate) shutdown: CancellationToken,
     pub(crate) open_watches: AtomicUsize,
     pub(crate) addr: SocketAddr,
+    pub(crate) requests: requests::RequestCounter,
 }
 
 /// The state every request handler shares.
@@ -168,6 +171,7 @@ impl EmulatorBuilder {
             shutdown: CancellationToken::new(),
             open_watches: AtomicUsize::new(0),
             addr: local,
+            requests: requests::RequestCounter::default(),
         }));
         let emulator = Emulator {
             shared: shared.clone(),
@@ -277,6 +281,16 @@ preferences: {{}}
 
     pub fn faults(&self) -> &Faults {
         &self.shared.faults
+    }
+
+    /// The API requests answered since the start (or the last [`Emulator::reset_requests`]).
+    pub fn requests(&self) -> RequestCounts {
+        self.shared.requests.counts()
+    }
+
+    /// Starts counting requests from zero.
+    pub fn reset_requests(&self) {
+        self.shared.requests.reset();
     }
 
     /// The current global resourceVersion.

@@ -106,6 +106,7 @@ async fn handle(shared: Shared, req: http::Request<Incoming>) -> Response<Body> 
     if let Some(op) = path.strip_prefix("/_emulator/") {
         return emulator_endpoint(&shared, &parts.method, op, &query);
     }
+    shared.requests.any();
     if let Some(delay) = shared.faults.delay() {
         tokio::time::sleep(delay).await;
     }
@@ -432,7 +433,16 @@ async fn resource(shared: &Shared, p: ResPath, req: Req) -> Result<Response<Body
     if verb == "unknown" {
         return Err(ApiError::method_not_allowed());
     }
-    if shared.faults.is_forbidden(&def.group, &def.plural) {
+    let all_namespaces = def.namespaced && p.namespace.is_none();
+    shared
+        .requests
+        .resource(verb, &def.group, &def.plural, all_namespaces);
+    if shared.faults.is_forbidden(&def.group, &def.plural)
+        || (all_namespaces
+            && shared
+                .faults
+                .is_forbidden_in_all_namespaces(&def.group, &def.plural))
+    {
         return Err(ApiError::forbidden(
             &req.user.username,
             verb,
@@ -674,6 +684,7 @@ fn emulator_endpoint(shared: &Shared, method: &Method, op: &str, q: &Query) -> R
                 "history": s.history_len(),
                 "historyStart": s.history_start(),
                 "openWatches": shared.open_watches.load(Ordering::Relaxed),
+                "requests": shared.requests.counts().total,
             }),
         );
     }
@@ -692,6 +703,7 @@ fn emulator_endpoint(shared: &Shared, method: &Method, op: &str, q: &Query) -> R
         "delay" => faults.set_delay(Duration::from_millis(num("ms", 0))),
         "forbid" => faults.forbid(arg("resource")),
         "allow" => faults.allow(arg("resource")),
+        "forbid-all-namespaces" => faults.forbid_in_all_namespaces(arg("resource")),
         "hide-group" => faults.hide_group(arg("group"), Duration::from_secs(num("seconds", 30))),
         "unhide-group" => faults.unhide_group(arg("group")),
         "reset" => faults.reset(),

@@ -1,13 +1,25 @@
 //! The benchmark corpus: Kubernetes-like objects as the agent would stream them.
 //!
-//! Half ConfigMaps (~300 B), half Deployments (~2 KiB), spread over [`NAMESPACES`] namespaces, at
+//! Half ConfigMaps (~300 B), half Deployments (~2 KiB), spread over [`namespaces()`] namespaces (`BENCH_NAMESPACES`), at
 //! the paths the agent uses (relative to the destination's base folder):
 //! `core/v1/configmaps/ns-XX/<name>.yaml` and `apps/v1/deployments/ns-XX/<name>.yaml`.
 //! Shared by the writer's seed benchmark (`writer/benches/seed.rs`, `writer/tests/git_bench.rs`)
 //! and the agent's end-to-end benchmark (`agent/benches/e2e.rs`), so both measure the same objects.
 
-/// Namespaces the objects are spread over.
+/// Namespaces the objects are spread over, unless `BENCH_NAMESPACES` says otherwise.
 pub const NAMESPACES: usize = 100;
+
+/// Namespaces the objects are spread over: `BENCH_NAMESPACES` (at least 1), else [`NAMESPACES`].
+pub fn namespaces() -> usize {
+    static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *COUNT.get_or_init(|| {
+        std::env::var("BENCH_NAMESPACES")
+            .ok()
+            .and_then(|v| v.replace('_', "").parse().ok())
+            .unwrap_or(NAMESPACES)
+            .max(1)
+    })
+}
 
 /// Object indexes in streaming order. `grouped` (the default, `BENCH_ORDER` unset): per type, then
 /// namespace, then name, the order of a Kubernetes list. `BENCH_ORDER=interleaved`: by index,
@@ -16,7 +28,8 @@ pub const NAMESPACES: usize = 100;
 pub fn order(n: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     if !interleaved() {
-        order.sort_by_key(|&i| (i % 2, (i / 2) % NAMESPACES, i));
+        let namespaces = namespaces();
+        order.sort_by_key(|&i| (i % 2, (i / 2) % namespaces, i));
     }
     order
 }
@@ -37,7 +50,12 @@ pub fn path(i: usize) -> String {
 
 /// Namespace of object `i`.
 pub fn namespace(i: usize) -> String {
-    format!("ns-{:02}", (i / 2) % NAMESPACES)
+    format!("ns-{:02}", namespace_index(i))
+}
+
+/// Index of object `i`'s namespace (`ns-{index}`).
+pub fn namespace_index(i: usize) -> usize {
+    (i / 2) % namespaces()
 }
 
 /// Name of object `i`.
