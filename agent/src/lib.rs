@@ -51,24 +51,19 @@
 //! - [`metrics`]: families read from the components' counters when `/metrics` is scraped.
 //! - [`args`]: flags, and the wiring of all of the above with the admin endpoint.
 
+// The pure core, under the names the rest of the agent (and its tests, benches and fuzz targets) use.
+pub use reverser_agent_core::{
+    attribution, canonical, conditions, config, crd, credentials, events, ignore, paths, rules,
+    sops,
+};
+
 pub mod args;
-pub mod attribution;
-pub mod canonical;
 pub mod commit_request;
-pub mod conditions;
-pub mod config;
 pub mod controller;
-pub mod crd;
-pub mod credentials;
-pub mod events;
-pub mod ignore;
 pub mod ingest;
 pub mod kube_events;
 pub mod leader;
 pub mod metrics;
-pub mod paths;
-pub mod rules;
-pub mod sops;
 pub mod stream;
 pub mod suspend;
 pub mod webhook;
