@@ -1,4 +1,4 @@
-//! Which types exist (`reverser_agent::ingest::discover` asks the API server) and which watches to run ([`desired_watches`]).
+//! Which types exist (`reverser_agent::ingest::discovery::discover` asks the API server) and which watches to run ([`desired_watches`]).
 //!
 //! ```text
 //! API server ──discover──▶ [DiscoveredResource]   (list+watch verbs, one version per group/resource)

@@ -1,5 +1,5 @@
 //! The pure core of one watch: [`WatchIndex`] maps watcher events onto snapshot epochs and changes, per
-//! destination route. No I/O: the task around it ([`super::watch`]) runs the kube watcher and sends what it
+//! destination route. No I/O: the task around it (`reverser_agent::ingest::watch`) runs the kube watcher and sends what it
 //! returns.
 //!
 //! ```text
