@@ -23,6 +23,8 @@ if git grep -nE '\.\./(\.\./)*shared(/|\b)' -- '*.rs' '*.py' '*.sh' ':!scripts/t
   echo "these files read ../shared at run time; copy what they need into tests/fixtures" >&2
   exit 1
 fi
+echo "== import circles between the modules of each agent crate (ARCHITECTURE.md)"
+python3 scripts/module-circles.py
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check

@@ -16,19 +16,30 @@
 //! - [`args`]: the flag groups both binaries flatten (`LogArgs`, `AdminArgs`, `KubeArgs`) and the duration parser.
 //! - [`tls`]: the server certificate and client CA, re-read from their files or replaced while serving (the
 //!   agent's webhook, the writer's gRPC server).
+//!
+//! The I/O pieces (`admin`, `args`, `kube_client`, `lease`, `rate`, `shutdown`, `telemetry`, `tls`) need the
+//! default `runtime` feature; the pure modules build without it (`reverser-agent-core` uses them so).
 
+#[cfg(feature = "runtime")]
 pub mod admin;
+#[cfg(feature = "runtime")]
 pub mod args;
 pub mod backoff;
 pub mod commit_message;
+#[cfg(feature = "runtime")]
 pub mod kube_client;
+#[cfg(feature = "runtime")]
 pub mod lease;
 pub mod paths;
+#[cfg(feature = "runtime")]
 pub mod rate;
 pub mod reasons;
+#[cfg(feature = "runtime")]
 pub mod shutdown;
 pub mod sops;
+#[cfg(feature = "runtime")]
 pub mod telemetry;
+#[cfg(feature = "runtime")]
 pub mod tls;
 pub mod yaml;
 pub mod yaml_edit;

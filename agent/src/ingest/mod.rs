@@ -31,9 +31,17 @@
 //! - [`backoff`]: exponential backoff with jitter (`reverser_common`'s, shared with the writer).
 
 pub use reverser_common::backoff;
+#[cfg(test)]
+mod attribution_tests;
 pub mod crd_changes;
-pub mod discovery;
-pub mod index;
+mod discover;
+/// Which types exist ([`discover`], over the network) and which watches to run (the pure planner of
+/// `reverser_agent_core`).
+pub mod discovery {
+    pub use super::discover::{DiscoveryError, discover, from_discovery};
+    pub use reverser_agent_core::ingest::discovery::*;
+}
+pub use reverser_agent_core::ingest::{WatchEvent, index};
 pub mod limits;
 mod metrics;
 pub mod raw;

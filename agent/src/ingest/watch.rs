@@ -21,6 +21,7 @@ use std::sync::atomic::Ordering;
 use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::watcher::{self, Event};
+use reverser_agent_core::ingest::WatchEvent;
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
@@ -41,13 +42,14 @@ fn to_json(obj: RawObject, plan: &WatchPlan) -> Option<Value> {
     Some(value)
 }
 
-fn map_event(event: Event<RawObject>, plan: &WatchPlan) -> Option<Event<Value>> {
+/// The kube watcher's event as the index's own [`WatchEvent`] (the core crate knows no kube-runtime).
+fn map_event(event: Event<RawObject>, plan: &WatchPlan) -> Option<WatchEvent<Value>> {
     Some(match event {
-        Event::Init => Event::Init,
-        Event::InitDone => Event::InitDone,
-        Event::InitApply(o) => Event::InitApply(to_json(o, plan)?),
-        Event::Apply(o) => Event::Apply(to_json(o, plan)?),
-        Event::Delete(o) => Event::Delete(to_json(o, plan)?),
+        Event::Init => WatchEvent::Init,
+        Event::InitDone => WatchEvent::InitDone,
+        Event::InitApply(o) => WatchEvent::InitApply(to_json(o, plan)?),
+        Event::Apply(o) => WatchEvent::Apply(to_json(o, plan)?),
+        Event::Delete(o) => WatchEvent::Delete(to_json(o, plan)?),
     })
 }
 

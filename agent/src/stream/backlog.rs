@@ -29,6 +29,7 @@ use std::{
 use reverser_proto::v1::{self as pb, agent_message::Kind};
 
 use crate::crd::{KustomizationMode, PruneMode};
+use crate::credentials::GitCredentials;
 use crate::events::{AgentEvent, DestinationDecl, ObjectRef, ScopeRef};
 
 /// A `SnapshotEnd` dropped because its epoch did not go out whole on the current connection.
@@ -387,6 +388,31 @@ fn position(pending: &VecDeque<Pending>, sequence: u64) -> Option<usize> {
     pending.binary_search_by_key(&sequence, |p| p.sequence).ok()
 }
 
+/// The protobuf form of a repository's credentials, for the `Destination` message only (never log it: prost's
+/// Debug prints values).
+fn credentials_to_proto(credentials: &GitCredentials) -> pb::Credentials {
+    use pb::credentials::Kind;
+    let kind = match credentials {
+        GitCredentials::Basic { username, password } => Kind::Basic(pb::BasicAuth {
+            username: username.clone(),
+            password: password.clone(),
+        }),
+        GitCredentials::Token(token) => Kind::Token(token.clone()),
+        GitCredentials::Ssh {
+            username,
+            private_key,
+            passphrase,
+            known_hosts,
+        } => Kind::Ssh(pb::SshKey {
+            username: username.clone(),
+            private_key: private_key.clone(),
+            passphrase: passphrase.clone().unwrap_or_default(),
+            known_hosts: known_hosts.clone(),
+        }),
+    };
+    pb::Credentials { kind: Some(kind) }
+}
+
 fn declare_message(decl: &DestinationDecl) -> pb::AgentMessage {
     pb::AgentMessage {
         kind: Some(Kind::Destination(pb::Destination {
@@ -396,13 +422,17 @@ fn declare_message(decl: &DestinationDecl) -> pb::AgentMessage {
             base_folder: decl.base_folder.clone(),
             exclusive_mode: decl.exclusive_mode,
             // Inline credentials (from a secretRef Secret) go before a reference to the writer's own.
-            credentials: decl.credentials.as_ref().map(|c| c.to_proto()).or_else(|| {
-                decl.credentials_reference
-                    .clone()
-                    .map(|name| pb::Credentials {
-                        kind: Some(pb::credentials::Kind::Reference(name)),
-                    })
-            }),
+            credentials: decl
+                .credentials
+                .as_deref()
+                .map(credentials_to_proto)
+                .or_else(|| {
+                    decl.credentials_reference
+                        .clone()
+                        .map(|name| pb::Credentials {
+                            kind: Some(pb::credentials::Kind::Reference(name)),
+                        })
+                }),
             age_recipients: decl
                 .encryption
                 .as_ref()
@@ -614,6 +644,26 @@ mod tests {
 
     fn now() -> SystemTime {
         SystemTime::now()
+    }
+
+    #[test]
+    fn proto_form_carries_the_values() {
+        use reverser_proto::v1::{BasicAuth, credentials::Kind};
+        let basic = GitCredentials::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        assert_eq!(
+            credentials_to_proto(&basic).kind,
+            Some(Kind::Basic(BasicAuth {
+                username: "u".into(),
+                password: "p".into()
+            }))
+        );
+        assert_eq!(
+            credentials_to_proto(&GitCredentials::Token("t".into())).kind,
+            Some(Kind::Token("t".into()))
+        );
     }
 
     #[test]

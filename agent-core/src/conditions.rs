@@ -1,5 +1,5 @@
 //! The status conditions the controller writes: from the resolution of the custom resources and
-//! from the writer's feedback. Pure; the controller ([`crate::controller`]) patches the result.
+//! from the writer's feedback. Pure; the controller (`reverser_agent::controller`) patches the result.
 //!
 //! ```text
 //! resolve() ── config-level Ready per destination/rule, rules selecting Secrets ─┐

@@ -1,5 +1,5 @@
 //! Which changes a rule does not mirror, by who made them (`spec.ignore` of a `WatchRule` or
-//! `ClusterWatchRule`). Pure: the watch index ([`crate::ingest::watch`]) keeps the state and asks here.
+//! `ClusterWatchRule`). Pure: the watch index ([`crate::ingest::index`]) keeps the state and asks here.
 //!
 //! Who made a change comes from two witnesses:
 //!
@@ -10,7 +10,7 @@
 //!   count: status is never mirrored. A manager that only *lost* fields (another writer took them)
 //!   keeps its `time`, so it is not a writer.
 //! - **The admission webhook** (when enabled): the user and groups of the request whose content
-//!   became this version ([`crate::webhook::FactStore`]).
+//!   became this version (`reverser_agent::webhook::FactStore`).
 //!
 //! The rule ([`Ignore::ignores`]): a change is ignored when the webhook saw an ignored user, group
 //! or ServiceAccount make it, or when it has writers and every one of them is an ignored field

@@ -195,8 +195,8 @@ impl CompiledRule {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod test_support {
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support {
     //! Small builders shared by the rule, configuration and ingestion unit tests.
 
     use super::*;

@@ -41,32 +41,6 @@ impl std::fmt::Debug for GitCredentials {
     }
 }
 
-impl GitCredentials {
-    /// The protobuf form, for the `Destination` message only (never log it: prost's Debug prints values).
-    pub fn to_proto(&self) -> reverser_proto::v1::Credentials {
-        use reverser_proto::v1::{self as pb, credentials::Kind};
-        let kind = match self {
-            GitCredentials::Basic { username, password } => Kind::Basic(pb::BasicAuth {
-                username: username.clone(),
-                password: password.clone(),
-            }),
-            GitCredentials::Token(token) => Kind::Token(token.clone()),
-            GitCredentials::Ssh {
-                username,
-                private_key,
-                passphrase,
-                known_hosts,
-            } => Kind::Ssh(pb::SshKey {
-                username: username.clone(),
-                private_key: private_key.clone(),
-                passphrase: passphrase.clone().unwrap_or_default(),
-                known_hosts: known_hosts.clone(),
-            }),
-        };
-        pb::Credentials { kind: Some(kind) }
-    }
-}
-
 /// Why a Secret's data are not usable credentials (names keys only, never values).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SecretCredentialsError {
@@ -251,26 +225,6 @@ mod tests {
         assert_eq!(
             from_secret_data(&binary),
             Err(SecretCredentialsError::NotText("token"))
-        );
-    }
-
-    #[test]
-    fn proto_form_carries_the_values() {
-        use reverser_proto::v1::{BasicAuth, credentials::Kind};
-        let basic = GitCredentials::Basic {
-            username: "u".into(),
-            password: "p".into(),
-        };
-        assert_eq!(
-            basic.to_proto().kind,
-            Some(Kind::Basic(BasicAuth {
-                username: "u".into(),
-                password: "p".into()
-            }))
-        );
-        assert_eq!(
-            GitCredentials::Token("t".into()).to_proto().kind,
-            Some(Kind::Token("t".into()))
         );
     }
 

@@ -1,5 +1,5 @@
 //! Who made a change: the question the watch index and the CommitRequest handler ask, and the attribution
-//! webhook's fact store ([`crate::webhook::FactStore`], admitted requests joined to watch events by content)
+//! webhook's fact store (`reverser_agent::webhook::FactStore`, admitted requests joined to watch events by content)
 //! answers. Ingestion knows only this trait, never the webhook: without a webhook nobody answers and every change
 //! is the bot's.
 

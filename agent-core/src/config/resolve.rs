@@ -18,7 +18,7 @@
 //! Everything fails closed: an unknown namespace, an invalid label selector or an empty
 //! `allowedBranches` admits nothing.
 
-// [`crate::controller`] runs `resolve` on every change of the custom resources and writes the
+// `reverser_agent::controller` runs `resolve` on every change of the custom resources and writes the
 // conditions ([`crate::conditions`]) to each object's `/status`.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,7 +1,7 @@
 //! The boundary between ingestion (discovery, rules, List+Watch, canonical YAML) and the stream to the writer, both
-//! ways, in the agent's own types (the protobuf forms exist only in [`crate::stream`]).
+//! ways, in the agent's own types (the protobuf forms exist only in `reverser_agent::stream`).
 //!
-//! Ingestion sends [`AgentEvent`]s on a bounded channel; the stream client ([`crate::stream`]) numbers them per
+//! Ingestion sends [`AgentEvent`]s on a bounded channel; the stream client (`reverser_agent::stream`) numbers them per
 //! destination, keeps every unacked one, sends them to the writer and re-sends them after a reconnect. A full
 //! channel slows the watches down (backpressure) instead of dropping anything. What the writer answers comes back
 //! as [`Feedback`] (rejects, destination conditions, flush answers, previews), read by the conditions, the

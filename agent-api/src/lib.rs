@@ -1,4 +1,7 @@
-//! The `configbutler.ai/v1alpha1` custom resources.
+//! The `configbutler.ai/v1alpha1` custom resources of the gitops-reverser agent: plain data types (serde +
+//! JSON schema), the API the cluster's users write. Nothing here talks to a cluster or a network: this crate
+//! must never import a kube client, tonic or hyper (the agent's I/O crate does that; `reverser-agent-core`
+//! holds the logic that reads these types).
 //!
 //! - [`GitRepoConfig`] (namespaced): how to reach a repository, which branches
 //!   destinations may write, and who may reference it.
@@ -13,8 +16,8 @@
 //!
 //! Rules reference a destination, the destination references a repository; a
 //! rule must be allowed by both access policies, and cluster rules additionally
-//! need `allowClusterRules` on the repository. [`generated_crds`] renders the
-//! manifests checked in under `crds/` (regenerate with
+//! need `allowClusterRules` on the repository. [`crds`] lists the definitions; `reverser_agent_core::crd::generated_crds`
+//! renders the manifests checked in under `crds/` (regenerate with
 //! `cargo run -p reverser-agent --bin crdgen`).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
@@ -22,7 +25,7 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::canonical::{self, CanonicalError};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 /// API group of all agent resources.
 pub const GROUP: &str = "configbutler.ai";
@@ -659,36 +662,16 @@ pub struct CommitRequestStatus {
     pub observed_generation: Option<i64>,
 }
 
-/// One generated CRD manifest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GeneratedCrd {
-    /// File name below `crds/`, e.g. `configbutler.ai_gitrepoconfigs.yaml`.
-    pub file_name: String,
-    /// Canonical YAML of the CustomResourceDefinition.
-    pub yaml: String,
-}
-
-/// Renders every CRD with the canonical YAML encoder, ordered by file name.
-pub fn generated_crds() -> Result<Vec<GeneratedCrd>, CanonicalError> {
-    let crds = [
+/// Every CustomResourceDefinition of the group, in declaration order (rendered to `crds/` by
+/// `reverser_agent_core::crd::generated_crds`).
+pub fn crds() -> [CustomResourceDefinition; 5] {
+    [
         GitRepoConfig::crd(),
         GitDestination::crd(),
         WatchRule::crd(),
         ClusterWatchRule::crd(),
         CommitRequest::crd(),
-    ];
-    let mut out = crds
-        .iter()
-        .map(|crd| {
-            let value = serde_json::to_value(crd).expect("CRDs serialize to JSON");
-            Ok(GeneratedCrd {
-                file_name: format!("{}_{}.yaml", crd.spec.group, crd.spec.names.plural),
-                yaml: canonical::render(&value)?,
-            })
-        })
-        .collect::<Result<Vec<_>, CanonicalError>>()?;
-    out.sort_by(|a, b| a.file_name.cmp(&b.file_name));
-    Ok(out)
+    ]
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! The pure core of one watch: [`WatchIndex`] maps watcher events onto snapshot epochs and changes, per
-//! destination route. No I/O: the task around it ([`super::watch`]) runs the kube watcher and sends what it
+//! destination route. No I/O: the task around it (`reverser_agent::ingest::watch`) runs the kube watcher and sends what it
 //! returns.
 //!
 //! ```text
@@ -40,7 +40,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kube::runtime::watcher::Event;
+use super::WatchEvent as Event;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
@@ -995,7 +995,6 @@ mod tests {
     use crate::events::DestinationDecl;
     use crate::rules::compiled::test_support::*;
     use crate::rules::compiled::{CompiledRule, NamespaceLabels, RuleKind};
-    use crate::webhook::FactStore;
     use serde_json::json;
     use std::collections::BTreeSet;
 
@@ -1690,65 +1689,6 @@ mod tests {
             .collect()
     }
 
-    fn fact(op: crate::webhook::Operation, user: &str, obj: &Value) -> crate::webhook::Fact {
-        let name = obj["metadata"]["name"].as_str().unwrap();
-        crate::webhook::Fact {
-            key: ObjectKey::new("", "configmaps", "shop", name),
-            operation: op,
-            username: user.to_owned(),
-            groups: vec![],
-            uid: Some(format!("uid-{name}")),
-            content_hash: (op != crate::webhook::Operation::Delete)
-                .then(|| canonical::content_hash(&canonical::to_canonical_yaml(obj).unwrap())),
-            base_version: None,
-            scale_replicas: None,
-        }
-    }
-
-    fn store() -> FactStore {
-        FactStore::new(
-            crate::webhook::FactsConfig::default(),
-            crate::webhook::AttributionMetrics::new().unwrap(),
-        )
-    }
-
-    #[test]
-    fn changes_carry_the_author_whose_admitted_content_became_state() {
-        use crate::webhook::Operation as Op;
-        let store = store();
-        let mut index = WatchIndex::new(plan(all_configmaps("d")), SelectionOptions::default())
-            .with_attribution(Arc::new(store.clone()));
-        let epochs = AtomicU64::new(0);
-        let path = "core/v1/configmaps/shop/a.yaml";
-        let v1 = cm("shop", "a", json!({}), "1", "1");
-        let v2 = cm("shop", "a", json!({}), "2", "2");
-        let v3 = cm("shop", "a", json!({}), "3", "3");
-        store.record(fact(Op::Create, "alice", &v1));
-        let out = index.apply(Event::Apply(v1.clone()), &epochs);
-        assert_eq!(
-            authors(&out),
-            [(format!("upsert {path}"), Some("alice".into()))]
-        );
-        // A fact for other content (a conflict that never persisted) names nobody.
-        store.record(fact(Op::Update, "mallory", &v3));
-        let out = index.apply(Event::Apply(v2.clone()), &epochs);
-        assert_eq!(authors(&out), [(format!("upsert {path}"), None)]);
-        // A matched no-op (same file) is consumed even though nothing is sent.
-        store.record(fact(Op::Update, "carol", &v2));
-        assert!(index.apply(Event::Apply(v2.clone()), &epochs).is_empty());
-        assert!(
-            store.snapshot().iter().all(|f| f.username != "carol"),
-            "the no-op's fact was consumed: {:?}",
-            store.snapshot()
-        );
-        store.record(fact(Op::Delete, "bob", &v2));
-        let out = index.apply(Event::Delete(v2), &epochs);
-        assert_eq!(
-            authors(&out),
-            [(format!("delete {path}"), Some("bob".into()))]
-        );
-    }
-
     #[test]
     fn without_a_store_every_change_is_the_bots() {
         let mut index = WatchIndex::new(plan(all_configmaps("d")), SelectionOptions::default());
@@ -2214,48 +2154,6 @@ mod tests {
             vec![managed("a", "person-3", "6", &[CREATE, FLUX_2, EDIT])],
         );
         assert!(upserts(&out)[0].1.contains("person-3"));
-    }
-
-    #[test]
-    fn an_ignored_user_seen_by_the_webhook_makes_no_commit_and_a_person_then_does() {
-        use crate::webhook::Operation as Op;
-        let store = store();
-        let mut idx = WatchIndex::new(flux_ignoring_plan(None), SelectionOptions::default())
-            .with_attribution(Arc::new(store.clone()));
-        let epochs = AtomicU64::new(0);
-        idx.apply(Event::Init, &epochs);
-        idx.apply(
-            Event::InitApply(managed("a", "person-0", "1", &[CREATE])),
-            &epochs,
-        );
-        idx.apply(Event::InitDone, &epochs);
-        let patch = ("kubectl-patch", "Update", "2026-01-01T00:00:40Z");
-        let by_bob = managed("a", "bob-1", "2", &[CREATE, patch]);
-        store.record(fact(Op::Update, "bob", &by_bob));
-        assert!(idx.apply(Event::Apply(by_bob), &epochs).is_empty());
-        // alice uses the very same manager name; the webhook names her, so it is mirrored.
-        let patch_again = ("kubectl-patch", "Update", "2026-01-01T00:00:50Z");
-        let by_alice = managed("a", "alice-2", "3", &[CREATE, patch_again]);
-        store.record(fact(Op::Update, "alice", &by_alice));
-        let out = idx.apply(Event::Apply(by_alice), &epochs);
-        assert_eq!(
-            authors(&out),
-            [(format!("upsert {PATH_A}"), Some("alice".into()))]
-        );
-        // A group listed in `ignore.groups` is matched on the fact's groups.
-        let mut grouped = flux_ignoring_plan(None).as_ref().clone();
-        grouped.routes[0].rules[0] = ignoring(
-            grouped.routes[0].rules[0].clone(),
-            json!({"groups": ["robots"]}),
-        );
-        let mut idx = WatchIndex::new(Arc::new(grouped), SelectionOptions::default())
-            .with_attribution(Arc::new(store.clone()));
-        idx.apply(Event::Apply(managed("g", "x-0", "1", &[CREATE])), &epochs);
-        let by_robot = managed("g", "robot-1", "2", &[CREATE, patch]);
-        let mut robot_fact = fact(Op::Update, "carol", &by_robot);
-        robot_fact.groups = vec!["robots".into()];
-        store.record(robot_fact);
-        assert!(idx.apply(Event::Apply(by_robot), &epochs).is_empty());
     }
 
     #[test]
