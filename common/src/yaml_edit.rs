@@ -154,17 +154,20 @@ pub fn edit_in_place(existing: &str, desired: &str) -> Result<String, Fallback> 
         return Ok(existing.to_owned());
     }
     let edited = edits.apply(old_text)?;
+    // The check reads the text as it will be written: back to CRLF a desired line that carried its own `\r`
+    // would end in `\r\r\n` and read as another value.
+    let edited = if crlf {
+        edited.replace('\n', "\r\n")
+    } else {
+        edited
+    };
     let Ok(want) = yaml::parse_document(desired.as_bytes()) else {
         return Err(Fallback::Unparseable);
     };
     if edited != desired && yaml::parse_document(edited.as_bytes()).ok() != Some(want) {
         return Err(Fallback::Unverified);
     }
-    Ok(if crlf {
-        edited.replace('\n', "\r\n")
-    } else {
-        edited
-    })
+    Ok(edited)
 }
 
 /// [`edit_in_place`] towards a value: `desired` is rendered with serde-saphyr (which quotes the strings YAML 1.1

@@ -49,3 +49,17 @@ fn crlf_line_endings_are_kept() {
 fn flow_collections_that_change_become_block_entries() {
     golden("flow_and_types");
 }
+
+/// Found by the `yaml_edit` fuzz target: a CRLF file edited towards a document whose own lines end in `\r\n` and
+/// `\n` by turns. The edit was checked before it went back to CRLF, where the desired line's `\r` became `\r\r\n`
+/// and the value changed. Whatever is returned must read as the desired value.
+#[test]
+fn an_edit_of_a_crlf_file_reads_as_the_desired_value_after_its_line_endings_are_restored() {
+    let existing = "# edited on : win\r\ndata:\r\n  b: two # second\r\n  a: yone\r\n";
+    let desired = "apiVersion: v1\nkind: ConfigMap\n\n  b8 threta6\r\n  bfour\n";
+    let want = yaml::parse_document(desired.as_bytes()).expect("the desired document reads");
+    if let Ok(edited) = yaml_edit::edit_in_place(existing, desired) {
+        let got = yaml::parse_document(edited.as_bytes()).expect("the edit reads");
+        assert_eq!(got, want, "the edit reads as another value:\n{edited:?}");
+    }
+}
