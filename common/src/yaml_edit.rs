@@ -150,7 +150,15 @@ pub fn edit_in_place(existing: &str, desired: &str) -> Result<String, Fallback> 
     if cx.edit_mapping(&old.root, &new.root, &mut edits).is_err() {
         return Err(Fallback::Unsupported);
     }
+    // What the result must read as, by the parser every other check uses (the span parser above can accept a
+    // document that one refuses).
+    let Ok(want) = yaml::parse_document(desired.as_bytes()) else {
+        return Err(Fallback::Unparseable);
+    };
     if edits.list.is_empty() {
+        if existing != desired && yaml::parse_document(existing.as_bytes()).ok() != Some(want) {
+            return Err(Fallback::Unverified);
+        }
         return Ok(existing.to_owned());
     }
     let edited = edits.apply(old_text)?;
@@ -160,9 +168,6 @@ pub fn edit_in_place(existing: &str, desired: &str) -> Result<String, Fallback> 
         edited.replace('\n', "\r\n")
     } else {
         edited
-    };
-    let Ok(want) = yaml::parse_document(desired.as_bytes()) else {
-        return Err(Fallback::Unparseable);
     };
     if edited != desired && yaml::parse_document(edited.as_bytes()).ok() != Some(want) {
         return Err(Fallback::Unverified);

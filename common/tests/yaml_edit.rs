@@ -63,3 +63,13 @@ fn an_edit_of_a_crlf_file_reads_as_the_desired_value_after_its_line_endings_are_
         assert_eq!(got, want, "the edit reads as another value:\n{edited:?}");
     }
 }
+
+/// Found by the `yaml_edit` fuzz target: with nothing to change, the editor handed back the existing text for a
+/// desired document the project's parser refuses. An edit is only returned towards a readable document.
+#[test]
+fn nothing_is_returned_towards_a_desired_document_the_parser_refuses() {
+    let existing = " ? #.i";
+    let desired = " ? #..Na edNoit(\n";
+    assert!(yaml::parse_document(desired.as_bytes()).is_err());
+    assert!(yaml_edit::edit_in_place(existing, desired).is_err());
+}
