@@ -41,6 +41,37 @@ pub mod convert;
 
 use convert::WireEnum as _;
 
+/// Adds the writer's gRPC services to `server`: the agent stream, WriterAdmin, health (both reported serving) and
+/// reflection (v1 and v1alpha, for grpcurl). Messages above `max_message_bytes` are refused while decoding; admin
+/// requests are small.
+pub async fn routes(
+    server: &mut tonic::transport::Server,
+    writer: WriterService,
+    admin: AdminService,
+    max_message_bytes: usize,
+) -> Result<tonic::transport::server::Router, tonic_reflection::server::Error> {
+    use reverser_proto::v1::{writer_admin_server::WriterAdminServer, writer_server::WriterServer};
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(reverser_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<WriterServer<WriterService>>().await;
+    health
+        .set_serving::<WriterAdminServer<AdminService>>()
+        .await;
+    Ok(server
+        .add_service(WriterServer::new(writer).max_decoding_message_size(max_message_bytes))
+        .add_service(WriterAdminServer::new(admin).max_decoding_message_size(64 * 1024))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha))
+}
+
 #[derive(Clone)]
 pub struct WriterService {
     pub registry: Arc<Registry>,

@@ -57,7 +57,6 @@ use tracing::{error, info, warn};
 use reverser_common::admin;
 use reverser_common::args::{AdminArgs, KubeArgs, LogArgs};
 use reverser_common::kube_client::{self, KubeClientError, WithoutKubeconfig};
-use reverser_proto::v1::{writer_admin_server::WriterAdminServer, writer_server::WriterServer};
 
 /// Command-line flags. Every flag can also be set through the environment variable named in `--help`.
 #[derive(Clone, Debug, Parser)]
@@ -529,27 +528,11 @@ impl Args {
         .await
         .with_context(|| format!("binding --admin-addr {}", admin_addr_wanted))?;
 
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(reverser_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(reverser_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<WriterServer<grpc::WriterService>>()
-            .await;
-        health
-            .set_serving::<WriterAdminServer<grpc::AdminService>>()
-            .await;
-
         let max_message = config
             .as_ref()
             .and_then(|c| c.policy.limits.max_message_bytes)
             .unwrap_or_else(|| max_object_bytes.saturating_add(64 * 1024));
-        let writer = WriterServer::new(grpc::WriterService {
+        let writer = grpc::WriterService {
             registry: registry.clone(),
             metrics: metrics.clone(),
             limits: session::SessionLimits {
@@ -559,13 +542,11 @@ impl Args {
             shutdown: shutdown_rx.clone(),
             policy: policy_rx.clone(),
             clients: Arc::default(),
-        })
-        .max_decoding_message_size(max_message);
-        let admin_service = WriterAdminServer::new(grpc::AdminService {
+        };
+        let admin_service = grpc::AdminService {
             registry: registry.clone(),
             policy: policy_rx,
-        })
-        .max_decoding_message_size(64 * 1024);
+        };
 
         let listener = tokio::net::TcpListener::bind(grpc_addr_wanted)
             .await
@@ -582,12 +563,7 @@ impl Args {
         if tls.is_none() && !grpc_addr.ip().is_loopback() {
             warn!(%grpc_addr, "serving plaintext gRPC (--allow-plaintext)");
         }
-        let router = builder
-            .add_service(writer)
-            .add_service(admin_service)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
+        let router = grpc::routes(&mut builder, writer, admin_service, max_message).await?;
         info!(%grpc_addr, %admin_addr, work_dir = %work_dir.display(), tls = tls.is_some(), "writer listening");
         readiness.set(true);
 
