@@ -863,7 +863,7 @@ async fn run_scale(s: Settings) -> anyhow::Result<()> {
         .await?;
     let bytes = load_emulator(&emu, n).await?;
     let repo = BareRepo::named("agent.git");
-    emu.apply_yaml(&scale_config(&repo.file_url())).await?;
+    apply_yaml_chunked(&emu, &scale_config(&repo.file_url())).await?;
     let l = load1();
     let bench_rss = rss_mib(std::process::id()).map_or(0.0, |r| r.0);
     rows.push(row(
@@ -1073,6 +1073,18 @@ async fn run_scale(s: Settings) -> anyhow::Result<()> {
             max(|s| s.3),
             max(|s| s.4)
         ),
+        &l_drain,
+    ));
+
+    let parts = |pid: u32| {
+        rss_parts_mib(pid).map_or_else(
+            || "?".to_owned(),
+            |(anon, file)| format!("{anon:.0} / {file:.0} MiB"),
+        )
+    };
+    rows.push(row(
+        "resident at the end, anonymous (heap) / file-backed (mapped packs): agent, writer",
+        format!("agent {}, writer {}", parts(pid), parts(wpid)),
         &l_drain,
     ));
 
