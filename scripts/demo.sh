@@ -10,7 +10,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-for tool in cargo git kubectl; do
+for tool in cargo cmake git kubectl; do  # cmake: builds zlib-ng for libgit2 (Cargo.toml)
   command -v "$tool" >/dev/null || { echo "demo: $tool is required" >&2; exit 1; }
 done
 
