@@ -89,8 +89,8 @@ pub fn uptime() -> String {
         .unwrap_or_else(|_| format!("load {}", load1()))
 }
 
-/// `(VmRSS, VmHWM)` of a process in MiB.
-pub fn rss_mib(pid: u32) -> Option<(f64, f64)> {
+/// Two memory fields of a process's `/proc/PID/status` (`"VmRSS:"`, …), in MiB.
+fn status_mib(pid: u32, keys: [&str; 2]) -> Option<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |key: &str| {
         status.lines().find_map(|l| {
@@ -99,21 +99,18 @@ pub fn rss_mib(pid: u32) -> Option<(f64, f64)> {
             Some(kb / 1024.0)
         })
     };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
+    Some((field(keys[0])?, field(keys[1])?))
+}
+
+/// `(VmRSS, VmHWM)` of a process in MiB.
+pub fn rss_mib(pid: u32) -> Option<(f64, f64)> {
+    status_mib(pid, ["VmRSS:", "VmHWM:"])
 }
 
 /// `(RssAnon, RssFile)` of a process in MiB: its heap and stacks versus the files it maps (a writer's mapped pack
 /// windows count here), to tell memory it holds from pages the kernel can drop.
 pub fn rss_parts_mib(pid: u32) -> Option<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |key: &str| {
-        status.lines().find_map(|l| {
-            let rest = l.strip_prefix(key)?;
-            let kb: f64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
-            Some(kb / 1024.0)
-        })
-    };
-    Some((field("RssAnon:")?, field("RssFile:")?))
+    status_mib(pid, ["RssAnon:", "RssFile:"])
 }
 
 /// user+system CPU seconds of a process (`self` for this one).
