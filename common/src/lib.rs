@@ -5,6 +5,7 @@
 //! - [`paths`]: which repository paths and base folders are acceptable, the marker location, snapshot scopes.
 //! - [`yaml`]: parsing canonical YAML and comparing documents semantically (no-op detection).
 //! - [`yaml_edit`]: comment- and order-preserving edits of a YAML document towards a desired rendering.
+//! - [`preview`]: the suspend preview the writer plans and the agent publishes (each converts it at its gRPC edge).
 //! - [`rate`]: a token bucket (the writer's per-client message rate, the agent's per-type request rate).
 //! - [`sops`]: the fingerprint annotation of SOPS-encrypted files and the generated `.sops.yaml`.
 //! - [`telemetry`]: `tracing` subscriber set-up (plain or JSON).
@@ -31,6 +32,7 @@ pub mod kube_client;
 #[cfg(feature = "runtime")]
 pub mod lease;
 pub mod paths;
+pub mod preview;
 #[cfg(feature = "runtime")]
 pub mod rate;
 pub mod reasons;

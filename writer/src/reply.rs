@@ -70,21 +70,7 @@ pub struct Condition {
 }
 
 /// What flushing a suspended destination would write now.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SuspendPreview {
-    pub destination: String,
-    pub added: u64,
-    pub changed: u64,
-    pub deleted: u64,
-    /// At most `paths_cap` paths each.
-    pub added_paths: Vec<String>,
-    pub changed_paths: Vec<String>,
-    pub deleted_paths: Vec<String>,
-    pub paths_cap: u64,
-    /// The tip the preview was made against (empty: the branch has no commit yet).
-    pub base_commit: String,
-    pub held_messages: u64,
-}
+pub use reverser_common::preview::SuspendPreview;
 
 /// How a CommitRequest was answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
