@@ -145,6 +145,11 @@ pub struct Args {
     /// running 2 s later is abandoned whatever the remote sends, see `worker::watchdog`).
     #[arg(long, env = "WRITER_GIT_OPERATION_TIMEOUT_SEC", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub git_operation_timeout_sec: u64,
+    /// MiB of the clones' pack files libgit2 may keep memory-mapped at once, across all workers. Mapped pages count
+    /// in the writer's resident memory; above this total the least recently used windows are unmapped (windows are a
+    /// quarter of it, 32 MiB at most) and re-read from the page cache when needed again.
+    #[arg(long, env = "WRITER_GIT_MAPPED_PACK_LIMIT_MIB", default_value_t = 128, value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
+    pub git_mapped_pack_limit_mib: u64,
     /// On shutdown, seconds the workers get to push what is pending; then the writer exits anyway (what was
     /// not pushed was not acked, so the agents re-send it to the next writer).
     #[arg(long, env = "WRITER_SHUTDOWN_GRACE_SEC", default_value_t = 7)]
@@ -426,6 +431,7 @@ impl Args {
             git_connect_timeout_sec,
             git_io_timeout_sec,
             git_operation_timeout_sec,
+            git_mapped_pack_limit_mib,
             shutdown_grace_sec,
             commit_name: _, // worker_settings
             commit_email: _,
@@ -444,12 +450,17 @@ impl Args {
         } = self.clone();
         let _ = rustls::crypto::ring::default_provider().install_default();
         // Before any worker exists (the settings are process-wide; the first start in a process wins).
-        git::set_network_timeouts(git::NetworkTimeouts {
-            connect: Duration::from_secs(git_connect_timeout_sec),
-            io: Duration::from_secs(git_io_timeout_sec),
-            operation: Duration::from_secs(git_operation_timeout_sec),
-        })
-        .context("setting the Git network timeouts")?;
+        git::set_process_options(
+            git::NetworkTimeouts {
+                connect: Duration::from_secs(git_connect_timeout_sec),
+                io: Duration::from_secs(git_io_timeout_sec),
+                operation: Duration::from_secs(git_operation_timeout_sec),
+            },
+            git::MappedPackLimit {
+                total: usize::try_from(git_mapped_pack_limit_mib << 20).unwrap_or(usize::MAX),
+            },
+        )
+        .context("setting libgit2's process options")?;
         let shutdown_grace = Duration::from_secs(shutdown_grace_sec);
         let loaded = self.load_files()?;
         let grpc_addr_wanted = grpc_addr
@@ -774,5 +785,28 @@ mod tests {
         .unwrap();
         assert_eq!(args.kube.kubeconfig, Some(PathBuf::from("/k")));
         assert_eq!(args.log.log_format, telemetry::LogFormat::Json);
+    }
+
+    #[test]
+    fn the_mapped_pack_limit_is_refused_below_16_mib_and_sets_windows_of_a_quarter() {
+        let parse = |value: &str| {
+            Args::try_parse_from(["reverser-writer", "--git-mapped-pack-limit-mib", value])
+                .map(|a| a.git_mapped_pack_limit_mib)
+        };
+        assert_eq!(
+            Args::try_parse_from(["reverser-writer"])
+                .unwrap()
+                .git_mapped_pack_limit_mib,
+            128
+        );
+        for refused in ["0", "15", "-1", "1048577", "lots"] {
+            assert!(parse(refused).is_err(), "{refused} was accepted");
+        }
+        assert_eq!(parse("16").unwrap(), 16);
+        assert_eq!(parse("1048576").unwrap(), 1 << 20);
+        let window = |mib: usize| git::MappedPackLimit { total: mib << 20 }.window() >> 20;
+        assert_eq!(window(16), 4);
+        assert_eq!(window(128), 32);
+        assert_eq!(window(1 << 20), 32);
     }
 }

@@ -316,6 +316,8 @@ pub struct Agent {
     pub child: Child,
     pub pid: u32,
     pub admin: String,
+    /// Kills the agent should the bench itself be killed (SIGKILL, a timeout), when `kill_on_drop` cannot.
+    _orphan_watchdog: testkit::OrphanWatchdog,
 }
 
 impl Agent {
@@ -354,10 +356,17 @@ impl Agent {
             .stdin(Stdio::null())
             .stderr(stderr)
             .kill_on_drop(true)
+            // Its own group, for the orphan watchdog.
+            .process_group(0)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let pid = child.id().context("agent pid")?;
-        Ok(Agent { child, pid, admin })
+        Ok(Agent {
+            child,
+            pid,
+            admin,
+            _orphan_watchdog: testkit::OrphanWatchdog::spawn(&[pid]),
+        })
     }
 
     pub async fn metrics(&self) -> Option<String> {
@@ -594,6 +603,8 @@ pub struct WriterProcess {
     pub pid: u32,
     pub grpc_url: String,
     pub admin: String,
+    /// Kills the writer should the bench itself be killed.
+    _orphan_watchdog: testkit::OrphanWatchdog,
 }
 
 impl WriterProcess {
@@ -617,6 +628,8 @@ impl WriterProcess {
                 log.with_extension("err"),
             )?))
             .kill_on_drop(true)
+            // Its own group, for the orphan watchdog.
+            .process_group(0)
             .spawn()
             .context("starting the writer process")?;
         let pid = child.id().context("writer pid")?;
@@ -625,6 +638,7 @@ impl WriterProcess {
             pid,
             grpc_url: format!("http://{grpc}"),
             admin,
+            _orphan_watchdog: testkit::OrphanWatchdog::spawn(&[pid]),
         };
         let started = Instant::now();
         while tokio::net::TcpStream::connect(&grpc).await.is_err() {

@@ -40,4 +40,4 @@ pub use daemon::GitDaemon;
 pub use http::HttpGitServer;
 pub use real_cluster::{RealCluster, real_kube_binary};
 pub use ssh::SshGitServer;
-pub use util::{free_port, git, manifest_dir, require_tool, workspace_root};
+pub use util::{OrphanWatchdog, free_port, git, manifest_dir, require_tool, workspace_root};

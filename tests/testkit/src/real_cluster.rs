@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::free_port;
+use crate::util::{OrphanWatchdog, free_port};
 
 /// Version the binaries are built at (`scripts/build-real-kube.sh`).
 pub const KUBERNETES_VERSION: &str = "v1.37.2";
@@ -158,7 +158,7 @@ pub struct RealCluster {
     dir: tempfile::TempDir,
     /// In start order; stopped in reverse.
     components: Vec<Component>,
-    watchdog: Option<Child>,
+    watchdog: Option<OrphanWatchdog>,
     api_port: u16,
     etcd_port: u16,
     users: Vec<TokenUser>,
@@ -375,28 +375,11 @@ impl RealCluster {
         self.components.push(Component { name, child, log });
     }
 
-    /// A shell that ends every component if this test process dies without dropping the cluster (a SIGKILLed
-    /// test, a runner's timeout).
-    /// `kill -KILL -PGID`, not `kill -KILL -- -PGID`: dash's builtin refuses the latter ("Illegal number").
+    /// Ends every component if this test process dies without dropping the cluster (a SIGKILLed test, a runner's
+    /// timeout).
     fn start_watchdog(&mut self) {
-        let pids: Vec<String> = self
-            .components
-            .iter()
-            .map(|c| c.child.id().to_string())
-            .collect();
-        let script = format!(
-            "while kill -0 {parent} 2>/dev/null; do sleep 1; done; for p in {pids}; do kill -KILL -$p 2>/dev/null; done",
-            parent = std::process::id(),
-            pids = pids.join(" ")
-        );
-        self.watchdog = Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .ok();
+        let groups: Vec<u32> = self.components.iter().map(|c| c.child.id()).collect();
+        self.watchdog = Some(OrphanWatchdog::spawn(&groups));
     }
 
     fn wait_until(
@@ -406,10 +389,7 @@ impl RealCluster {
         mut ready: impl FnMut(&RealCluster) -> bool,
     ) {
         // Every component started so far is watched: the watchdog learns the later ones when it is restarted.
-        if let Some(mut old) = self.watchdog.take() {
-            let _ = old.kill();
-            let _ = old.wait();
-        }
+        self.watchdog = None;
         self.start_watchdog();
         let deadline = Instant::now() + limit;
         loop {
@@ -646,10 +626,7 @@ impl Drop for RealCluster {
                 }
             }
         }
-        if let Some(mut watchdog) = self.watchdog.take() {
-            let _ = watchdog.kill();
-            let _ = watchdog.wait();
-        }
+        self.watchdog = None;
     }
 }
 

@@ -1,6 +1,7 @@
 //! Process plumbing shared by the servers: tool lookup, the `git` CLI, ports, child cleanup.
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -133,4 +134,43 @@ pub fn workspace_root() -> PathBuf {
         .find(|dir| dir.join("Cargo.lock").is_file())
         .unwrap_or_else(|| panic!("no Cargo.lock at or above {}", start.display()))
         .to_owned()
+}
+
+/// A `sh` loop that SIGKILLs process groups once this process is gone, however it ended: a SIGKILLed test or bench,
+/// a runner's timeout, Ctrl-C. `Drop` handlers and `kill_on_drop` run only when this process unwinds or exits on its
+/// own, so children started with `process_group(0)` would otherwise outlive it (and keep ports, CPU and memory).
+/// Dropping the watchdog stops the loop without killing anything.
+#[derive(Debug)]
+pub struct OrphanWatchdog(Option<Child>);
+
+impl OrphanWatchdog {
+    /// Watches the process groups whose leaders are `groups` (children spawned with `process_group(0)`).
+    /// `kill -KILL -PGID`, not `kill -KILL -- -PGID`: dash's builtin refuses the latter ("Illegal number").
+    pub fn spawn(groups: &[u32]) -> Self {
+        let groups: Vec<String> = groups.iter().map(u32::to_string).collect();
+        let script = format!(
+            "while kill -0 {parent} 2>/dev/null; do sleep 1; done; for p in {groups}; do kill -KILL -$p 2>/dev/null; done",
+            parent = std::process::id(),
+            groups = groups.join(" ")
+        );
+        let child = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Not in this process's group: a Ctrl-C to the group must not end the watchdog first.
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the orphan watchdog (sh): {e}"));
+        Self(Some(child))
+    }
+}
+
+impl Drop for OrphanWatchdog {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

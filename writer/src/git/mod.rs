@@ -46,7 +46,7 @@ use sha2::{Digest, Sha256};
 pub use self::clone::Clone;
 pub use self::sign::{CommitSigner, SigningError, SigningSource};
 
-/// Deadlines of every network operation, in milliseconds (see [`set_network_timeouts`]).
+/// Deadlines of every network operation, in milliseconds (see [`set_process_options`]).
 static CONNECT_TIMEOUT_MS: AtomicU64 = AtomicU64::new(10_000);
 static OPERATION_TIMEOUT_MS: AtomicU64 = AtomicU64::new(300_000);
 
@@ -62,11 +62,35 @@ pub struct NetworkTimeouts {
     pub operation: Duration,
 }
 
-/// Sets the deadlines of every later fetch and push in this process. libgit2's socket timeouts default to
-/// "none": a remote that accepts TCP and never answers would block a worker (and the shutdown) forever.
-/// The first call wins (the settings are process-wide); call it at start-up, before any network operation.
+/// How much of the clones' pack files libgit2 may keep memory-mapped at once, in the whole process.
+///
+/// libgit2 reads packs through memory-mapped windows and unmaps them only above this total (8 GiB by default on
+/// 64-bit). Those mapped pages count in the process's resident size (as file-backed memory the kernel can reclaim,
+/// but a container's memory accounting and `VmHWM` see them): a push that reads every new object, or a large
+/// clone, would otherwise grow the writer's RSS with the clone's size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MappedPackLimit {
+    /// The mapped total above which libgit2 unmaps the least recently used windows.
+    pub total: usize,
+}
+
+impl MappedPackLimit {
+    /// The size of one mapped window: a quarter of the total, 32 MiB at most (libgit2's default is 1 GiB, which
+    /// would let one window of a large pack exceed any total).
+    pub fn window(&self) -> usize {
+        (self.total / 4).clamp(1 << 20, 32 << 20)
+    }
+}
+
+/// Sets libgit2's process-wide options: the deadlines of every later fetch and push, and the mapped-pack limit.
+/// libgit2's socket timeouts default to "none": a remote that accepts TCP and never answers would block a worker
+/// (and the shutdown) forever. The first call wins (the settings are process-wide); call it at start-up, before any
+/// libgit2 use.
 #[allow(unsafe_code)]
-pub fn set_network_timeouts(timeouts: NetworkTimeouts) -> Result<(), GitError> {
+pub fn set_process_options(
+    timeouts: NetworkTimeouts,
+    mapped_packs: MappedPackLimit,
+) -> Result<(), GitError> {
     static ONCE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     let millis = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX).max(1);
     let result = ONCE.get_or_init(|| {
@@ -78,18 +102,20 @@ pub fn set_network_timeouts(timeouts: NetworkTimeouts) -> Result<(), GitError> {
         unsafe {
             git2::opts::set_server_connect_timeout_in_milliseconds(millis(timeouts.connect))
                 .and_then(|()| git2::opts::set_server_timeout_in_milliseconds(millis(timeouts.io)))
+                .and_then(|()| git2::opts::set_mwindow_size(mapped_packs.window()))
+                .and_then(|()| git2::opts::set_mwindow_mapped_limit(mapped_packs.total))
         }
         .map_err(|e| e.message().to_owned())
     });
     result.clone().map_err(GitError::Other)
 }
 
-/// The connect deadline set by [`set_network_timeouts`] (10 s before).
+/// The connect deadline set by [`set_process_options`] (10 s before).
 pub(crate) fn connect_timeout() -> Duration {
     Duration::from_millis(CONNECT_TIMEOUT_MS.load(Ordering::Relaxed))
 }
 
-/// The whole-operation deadline set by [`set_network_timeouts`] (300 s before).
+/// The whole-operation deadline set by [`set_process_options`] (300 s before).
 pub(crate) fn operation_timeout() -> Duration {
     Duration::from_millis(OPERATION_TIMEOUT_MS.load(Ordering::Relaxed))
 }

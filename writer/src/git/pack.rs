@@ -15,7 +15,8 @@
 //! halved the clone but doubled the time of a one-file commit, see the README's Benchmarks). These packs stay in the
 //! clone: a push, local or over the network, sends the new objects in a pack built by libgit2,
 //! zlib- and delta-compressed like any git client's. Object ids are computed by libgit2 (SHA-1 with collision
-//! detection); the pack and index checksums, CRC-32 and Adler-32 are computed here.
+//! detection); the pack and index checksums (RustCrypto's `sha1`, SHA-NI where the CPU has it), CRC-32 and Adler-32
+//! are computed here.
 //!
 //! Merging copies entries byte for byte (their CRC-32 comes along from the source index); entries
 //! stored as deltas (packs fetched from the remote) are expanded through the object database, so a
@@ -28,6 +29,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use git2::{ObjectType, Oid, Repository};
+use sha1::{Digest as _, Sha1};
 
 /// A pack under construction: the objects of one commit.
 #[derive(Default)]
@@ -212,7 +214,9 @@ impl PackOut {
                 at += n as u64;
             }
         }
-        let checksum = std::mem::replace(&mut self.sha, Sha1::new()).finish();
+        let checksum: [u8; 20] = std::mem::replace(&mut self.sha, Sha1::new())
+            .finalize()
+            .into();
         self.file.write_all(&checksum)?;
         self.file.flush()?;
         let name = hex::encode(checksum);
@@ -572,150 +576,9 @@ fn crc32(data: &[u8]) -> u32 {
     !c
 }
 
-/// SHA-1 (FIPS 180-4) for file checksums.
-struct Sha1 {
-    state: [u32; 5],
-    block: [u8; 64],
-    filled: usize,
-    length: u64,
-}
-
-impl Sha1 {
-    fn new() -> Sha1 {
-        Sha1 {
-            state: [
-                0x6745_2301,
-                0xefcd_ab89,
-                0x98ba_dcfe,
-                0x1032_5476,
-                0xc3d2_e1f0,
-            ],
-            block: [0; 64],
-            filled: 0,
-            length: 0,
-        }
-    }
-
-    fn digest(data: &[u8]) -> [u8; 20] {
-        let mut sha = Sha1::new();
-        sha.update(data);
-        sha.finish()
-    }
-
-    fn update(&mut self, mut data: &[u8]) {
-        self.length += data.len() as u64;
-        if self.filled > 0 {
-            let take = (64 - self.filled).min(data.len());
-            self.block[self.filled..self.filled + take].copy_from_slice(&data[..take]);
-            self.filled += take;
-            data = &data[take..];
-            if self.filled < 64 {
-                return;
-            }
-            let block = self.block;
-            self.compress(&block);
-            self.filled = 0;
-        }
-        let mut blocks = data.chunks_exact(64);
-        for block in &mut blocks {
-            self.compress(block.try_into().expect("64 bytes"));
-        }
-        let rest = blocks.remainder();
-        self.block[..rest.len()].copy_from_slice(rest);
-        self.filled = rest.len();
-    }
-
-    fn finish(mut self) -> [u8; 20] {
-        let bits = self.length.wrapping_mul(8);
-        let mut tail = vec![0x80u8];
-        let pad = (64 + 56 - (self.filled + 1) % 64) % 64;
-        tail.resize(1 + pad, 0);
-        tail.extend_from_slice(&bits.to_be_bytes());
-        let length = self.length;
-        self.update(&tail);
-        self.length = length;
-        let mut out = [0u8; 20];
-        for (chunk, word) in out.chunks_exact_mut(4).zip(self.state) {
-            chunk.copy_from_slice(&word.to_be_bytes());
-        }
-        out
-    }
-
-    fn compress(&mut self, block: &[u8; 64]) {
-        let mut w = [0u32; 16];
-        for (i, word) in block.chunks_exact(4).enumerate() {
-            w[i] = u32::from_be_bytes(word.try_into().expect("4 bytes"));
-        }
-        let [mut a, mut b, mut c, mut d, mut e] = self.state;
-        // Four groups of twenty rounds; the message schedule lives in a 16-word ring.
-        macro_rules! rounds {
-            ($range:expr, $k:expr, $f:expr) => {
-                for i in $range {
-                    let wi = if i < 16 {
-                        w[i]
-                    } else {
-                        let x = (w[(i + 13) & 15] ^ w[(i + 8) & 15] ^ w[(i + 2) & 15] ^ w[i & 15])
-                            .rotate_left(1);
-                        w[i & 15] = x;
-                        x
-                    };
-                    let f: u32 = $f(b, c, d);
-                    let t = a
-                        .rotate_left(5)
-                        .wrapping_add(f)
-                        .wrapping_add(e)
-                        .wrapping_add($k)
-                        .wrapping_add(wi);
-                    e = d;
-                    d = c;
-                    c = b.rotate_left(30);
-                    b = a;
-                    a = t;
-                }
-            };
-        }
-        rounds!(0..20, 0x5a82_7999, |b: u32, c: u32, d: u32| d
-            ^ (b & (c ^ d)));
-        rounds!(20..40, 0x6ed9_eba1, |b: u32, c: u32, d: u32| b ^ c ^ d);
-        rounds!(40..60, 0x8f1b_bcdc, |b: u32, c: u32, d: u32| (b & c)
-            | (d & (b | c)));
-        rounds!(60..80, 0xca62_c1d6, |b: u32, c: u32, d: u32| b ^ c ^ d);
-        for (s, v) in self.state.iter_mut().zip([a, b, c, d, e]) {
-            *s = s.wrapping_add(v);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sha1_matches_the_standard_vectors() {
-        assert_eq!(
-            hex::encode(Sha1::digest(b"")),
-            "da39a3ee5e6b4b0d3255bfef95601890afd80709"
-        );
-        assert_eq!(
-            hex::encode(Sha1::digest(b"abc")),
-            "a9993e364706816aba3e25717850c26c9cd0d89d"
-        );
-        let long = b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
-        assert_eq!(
-            hex::encode(Sha1::digest(long)),
-            "84983e441c3bd26ebaae4aa1f95129e5e54670f1"
-        );
-        // Fed in uneven pieces.
-        let data = vec![b'a'; 1_000_000];
-        let mut sha = Sha1::new();
-        for piece in data.chunks(777) {
-            sha.update(piece);
-        }
-        assert_eq!(
-            hex::encode(sha.finish()),
-            "34aa973cd4c4daa4f61eeb2bdbad27316534016f"
-        );
-    }
 
     #[test]
     fn crc32_and_adler32_match_known_values() {
@@ -767,7 +630,7 @@ mod tests {
         let bytes = fs::read(&pack).unwrap();
         assert_eq!(be32(&bytes, 8), 1, "object count in the header");
         let (body, trailer) = bytes.split_at(bytes.len() - 20);
-        assert_eq!(Sha1::digest(body), trailer);
+        assert_eq!(Sha1::digest(body).as_slice(), trailer);
         let index = Idx::read(&pack.with_extension("idx")).unwrap();
         assert_eq!(index.entries.len(), 1);
         assert_eq!(index.entries[0].id, id);
