@@ -11,6 +11,15 @@ export CARGO_INCREMENTAL=0
 source scripts/cache-dirs.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$REVERSER_CACHE/target/$REVERSER_CHECKOUT}"
 echo "== build cache: $CARGO_TARGET_DIR"
+# A cold run writes ~9 GiB of Rust build caches here (tests, fuzz, fuzz clippy; measured in a fresh clone), and on a
+# fresh machine the Go build of the control plane a few GiB more into Go's own caches. A full disk shows up much later
+# as a linker crash (SIGBUS), so warn up front.
+mkdir -p "$REVERSER_CACHE"
+free_gib=$(df -Pk "$REVERSER_CACHE" | awk 'NR == 2 { print int($4 / 1048576) }')
+if [ "${free_gib:-0}" -lt 15 ]; then
+  echo "warning: ${free_gib:-?} GiB free under $REVERSER_CACHE; a run on a cold cache needs about 15 GiB" \
+    "(the caches of checkouts that are gone can be deleted: $REVERSER_CACHE/{target,fuzz-target,fuzz-clippy-target}/<checkout>)" >&2
+fi
 REVERSER_REAL_KUBE=background ./scripts/install-test-deps.sh
 # The real control plane (a Go build of several minutes on a cold cache) builds beside the Rust builds below, which
 # leave a core idle much of the time; its lines are prefixed with [real-kube]. The tests wait for it.
