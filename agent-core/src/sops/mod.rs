@@ -78,6 +78,10 @@ pub enum SopsError {
         "the object has a top-level field named `sops`, which a SOPS document reserves for its metadata"
     )]
     ReservedSopsKey,
+    #[error(
+        "the object's `{field}` is not a mapping, so the fingerprint annotation (which the writer compares) has no place"
+    )]
+    NoPlaceForFingerprint { field: &'static str },
 }
 
 /// Validates age recipients: trimmed, empty entries and `#` comments dropped, each an `age1…` X25519 public
@@ -281,20 +285,25 @@ pub fn encrypt(
     if map.contains_key("sops") {
         return Err(SopsError::ReservedSopsKey);
     }
-    let meta = map
+    // Without the fingerprint the writer could not tell an unchanged object from a changed one.
+    let Value::Object(meta) = map
         .entry("metadata")
-        .or_insert_with(|| Value::Object(Map::new()));
-    if let Value::Object(meta) = meta {
-        let annotations = meta
-            .entry("annotations")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if let Value::Object(annotations) = annotations {
-            annotations.insert(
-                FINGERPRINT_ANNOTATION.to_owned(),
-                Value::String(prepared.fingerprint.clone()),
-            );
-        }
-    }
+        .or_insert_with(|| Value::Object(Map::new()))
+    else {
+        return Err(SopsError::NoPlaceForFingerprint { field: "metadata" });
+    };
+    let Value::Object(annotations) = meta
+        .entry("annotations")
+        .or_insert_with(|| Value::Object(Map::new()))
+    else {
+        return Err(SopsError::NoPlaceForFingerprint {
+            field: "metadata.annotations",
+        });
+    };
+    annotations.insert(
+        FINGERPRINT_ANNOTATION.to_owned(),
+        Value::String(prepared.fingerprint.clone()),
+    );
     let keys = encrypted_keys(map);
     let regex = encrypted_regex(&keys);
 

@@ -342,3 +342,30 @@ fn encrypted_documents_pass_the_writers_yaml_check() {
         assert!(shape.sops && !shape.is_plaintext_secret(), "{yaml}");
     }
 }
+
+#[test]
+fn an_object_whose_metadata_or_annotations_is_no_mapping_is_refused_not_written_without_its_fingerprint()
+ {
+    // Found by the sops_round_trip fuzz target: such a document had no fingerprint annotation, so the writer could
+    // not read one back.
+    let a = identity();
+    let enc = encryption_for(&[&a]);
+    for (object, field) in [
+        (
+            json!({"apiVersion": "example.com/v1", "kind": "Vault", "metadata": 7, "spec": {"a": 1}}),
+            "metadata",
+        ),
+        (
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "annotations": "x"}, "data": {"k": "eA=="}}),
+            "metadata.annotations",
+        ),
+    ] {
+        let prepared = prepare(&object, &enc).unwrap();
+        let err = encrypt(&prepared, &enc.recipients, "2026-01-02T03:04:05Z").unwrap_err();
+        assert!(
+            matches!(err, SopsError::NoPlaceForFingerprint { field: f } if f == field),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(field), "{err}");
+    }
+}
