@@ -46,7 +46,9 @@
 //!    fast-import's repository (the baseline is fast-import + this push), then the writer's seed
 //!    as in 4; the remotes' `objects/` sizes after both, and the writer's clone. Over HTTPS, then
 //!    one-file changes by a writer flushing every change, against `git push` (CLI) of a one-file
-//!    commit to the same server. The remotes run with `receive.autogc` off, so what they hold is
+//!    commit to the same server. Each writer seed also reports its pushes and the time spent in
+//!    them (the writer's `pushes_total` and `push_duration_seconds`), and the CPU time of the bench
+//!    process meanwhile (writer and client; the git servers run in other processes). The remotes run with `receive.autogc` off, so what they hold is
 //!    what the client sent (a hosting service repacks later, on its own machines).
 //!
 //! The git layer alone (no gRPC, no YAML) has its own micro-benchmark: `tests/git_bench.rs`.
@@ -138,6 +140,22 @@ fn memory() -> (f64, f64) {
             .map_or(f64::NAN, |kib| kib / 1024.0)
     };
     (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// CPU time (user + system) this process used so far, all threads (`/proc/self/stat`, clock ticks of 10 ms).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name, which ends with the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
 }
 
 /// Bytes of the files under `dir`.
@@ -699,7 +717,7 @@ fn msg(kind: In) -> pb::AgentMessage {
 }
 
 struct WriterRun {
-    seed: Duration,
+    seed: Seeded,
     rss_before_mib: f64,
     peak_rss_mib: f64,
     rss_after_mib: f64,
@@ -730,6 +748,28 @@ async fn one_file_rounds(
     Ok(median(samples))
 }
 
+/// What a seed through the writer took: until the last Ack, and the pushes it made.
+#[derive(Clone, Copy)]
+struct Seeded {
+    time: Duration,
+    pushes: u64,
+    /// Time spent in push attempts (the writer's `push_duration_seconds`).
+    pushing: Duration,
+    /// CPU time of this process (writer and bench client; not the git servers) during the seed.
+    cpu: Duration,
+}
+
+impl Seeded {
+    fn pushes(&self) -> String {
+        format!(
+            "{} pushes, {} pushing, {} CPU",
+            self.pushes,
+            secs(self.pushing),
+            secs(self.cpu)
+        )
+    }
+}
+
 /// Streams the corpus through a writer (default batching: a commit per 200 files, pushes coalesced) into
 /// `remote`, until the Ack of the last object; the writer's work dir stays for later rounds.
 async fn seed_through_writer(
@@ -737,17 +777,20 @@ async fn seed_through_writer(
     remote: &Remote,
     n: usize,
     extra: &[String],
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<Seeded> {
     let mut args = remote.writer_args.clone();
     args.extend(extra.iter().cloned());
     let running = start_writer(work_dir, "0.2", &args).await?;
     let mut agent = Agent::connect(&running, &remote.writer_url).await?;
     let started = Instant::now();
+    let cpu_before = cpu_time();
     for (sequence, i) in (1..).zip(order(n)) {
         agent.upsert(sequence, i, 0).await?;
     }
     agent.wait_ack(n as u64).await?;
-    let seed = started.elapsed();
+    let time = started.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu_before);
+    let metrics = admin_metrics(&running).await?;
     drop(agent);
     running.stop().await?;
     // The corpus plus the destination's owner marker and .sourceignore (and its kustomization when created).
@@ -756,7 +799,45 @@ async fn seed_through_writer(
     if files.len() != expected {
         bail!("the remote has {} files, expected {expected}", files.len());
     }
-    Ok(seed)
+    Ok(Seeded {
+        time,
+        pushes: metric_sum(&metrics, "gitops_reverser_pushes_total") as u64,
+        pushing: Duration::from_secs_f64(metric_sum(
+            &metrics,
+            "gitops_reverser_push_duration_seconds_sum",
+        )),
+        cpu,
+    })
+}
+
+/// The writer's Prometheus metrics, from its admin endpoint (a plain HTTP/1.0 GET).
+async fn admin_metrics(running: &RunningWriter) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(running.admin_addr).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: writer\r\n\r\n")
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    match response.split_once("\r\n\r\n") {
+        Some((head, body))
+            if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") =>
+        {
+            Ok(body.to_owned())
+        }
+        _ => bail!(
+            "the writer's /metrics answered: {}",
+            response.lines().next().unwrap_or("")
+        ),
+    }
+}
+
+/// The sum of a metric's samples over all its labels.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }
 
 async fn writer(n: usize, rounds: usize, with_daemon: bool) -> anyhow::Result<WriterRun> {
@@ -767,6 +848,7 @@ async fn writer(n: usize, rounds: usize, with_daemon: bool) -> anyhow::Result<Wr
     reset_peak_rss();
     let rss_before_mib = memory().1;
     let seed = seed_through_writer(work_dir.path(), &remote, n, &[]).await?;
+    eprintln!("writer: {} ({})", secs(seed.time), seed.pushes());
     let (peak_rss_mib, rss_after_mib) = memory();
     let clone_bytes = dir_size(work_dir.path());
     let remote_bytes = remote.object_bytes();
@@ -815,7 +897,7 @@ struct TransportRun {
     transport: Transport,
     cli_push: Duration,
     cli_remote_bytes: u64,
-    writer_seed: Duration,
+    writer_seed: Seeded,
     writer_remote_bytes: u64,
     writer_clone_bytes: u64,
     /// One changed file, (writer commit + push until its Ack, `git push` CLI of such a commit).
@@ -839,7 +921,12 @@ async fn over_transport(
     let writer_seed = seed_through_writer(work_dir.path(), &remote, n, &[]).await?;
     let writer_remote_bytes = remote.object_bytes();
     let writer_clone_bytes = dir_size(work_dir.path());
-    eprintln!("{}: writer {}", transport.name(), secs(writer_seed));
+    eprintln!(
+        "{}: writer {} ({})",
+        transport.name(),
+        secs(writer_seed.time),
+        writer_seed.pushes()
+    );
 
     let one_file = if one_file_rounds_n > 0 {
         let running = start_writer(work_dir.path(), "0", &remote.writer_args).await?;
@@ -870,15 +957,16 @@ async fn seed_with_batch(
     transport: Transport,
     n: usize,
     files: usize,
-) -> anyhow::Result<(Duration, u64)> {
+) -> anyhow::Result<(Seeded, u64)> {
     let remote = Remote::new(transport);
     let work_dir = tempfile::tempdir()?;
     let extra = ["--git-batch-max-files".to_owned(), files.to_string()];
     let seed = seed_through_writer(work_dir.path(), &remote, n, &extra).await?;
     eprintln!(
-        "{}: writer, {files} files per push: {}",
+        "{}: writer, {files} files per commit: {} ({})",
         transport.name(),
-        secs(seed)
+        secs(seed.time),
+        seed.pushes()
     );
     Ok((seed, remote.object_bytes()))
 }
@@ -943,7 +1031,6 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let run = runtime.block_on(writer(n, rounds, with_daemon))?;
-    eprintln!("writer: {}", secs(run.seed));
     let mut transports = Vec::new();
     let kinds: &[Transport] = if with_transports {
         &[Transport::File, Transport::Https, Transport::Ssh]
@@ -1004,8 +1091,8 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "| writer: gRPC → a commit per 200 files, pushes coalesced, until the last Ack | {} | {:.2}x | {} |",
-        secs(run.seed),
-        ratio(run.seed),
+        secs(run.seed.time),
+        ratio(run.seed.time),
         millis(run.one_file)
     );
     println!(
@@ -1042,19 +1129,20 @@ fn main() -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "| transport | fast-import + `git push` | writer seed | time ratio (target ≤ 1.5x) | remote after `git push` | remote after the writer | size ratio (target ≤ 1.5x) | writer's clone |"
+        "| transport | fast-import + `git push` | writer seed | time ratio (target ≤ 1.5x) | writer's pushes, time pushing, CPU of the bench process | remote after `git push` | remote after the writer | size ratio (target ≤ 1.5x) | writer's clone |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for t in &transports {
         let baseline = imported + t.cli_push;
         println!(
-            "| {} | {} ({} + {}) | {} | {:.2}x | {:.1} MiB | {:.1} MiB | {:.2}x | {:.1} MiB |",
+            "| {} | {} ({} + {}) | {} | {:.2}x | {} | {:.1} MiB | {:.1} MiB | {:.2}x | {:.1} MiB |",
             t.transport.name(),
             secs(baseline),
             secs(imported),
             secs(t.cli_push),
-            secs(t.writer_seed),
-            t.writer_seed.as_secs_f64() / baseline.as_secs_f64(),
+            secs(t.writer_seed.time),
+            t.writer_seed.time.as_secs_f64() / baseline.as_secs_f64(),
+            t.writer_seed.pushes(),
             mib(t.cli_remote_bytes),
             mib(t.writer_remote_bytes),
             t.writer_remote_bytes as f64 / t.cli_remote_bytes.max(1) as f64,
@@ -1068,11 +1156,12 @@ fn main() -> anyhow::Result<()> {
             .expect("same transport");
         let baseline = imported + t.cli_push;
         println!(
-            "| {}, writer with `--git-batch-max-files {batch_files}` | {} | {} | {:.2}x | {:.1} MiB | {:.1} MiB | {:.2}x | — |",
+            "| {}, writer with `--git-batch-max-files {batch_files}` | {} | {} | {:.2}x | {} | {:.1} MiB | {:.1} MiB | {:.2}x | — |",
             transport.name(),
             secs(baseline),
-            secs(*seed),
-            seed.as_secs_f64() / baseline.as_secs_f64(),
+            secs(seed.time),
+            seed.time.as_secs_f64() / baseline.as_secs_f64(),
+            seed.pushes(),
             mib(t.cli_remote_bytes),
             mib(*bytes),
             *bytes as f64 / t.cli_remote_bytes.max(1) as f64,

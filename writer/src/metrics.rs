@@ -1,7 +1,9 @@
 //! Prometheus metrics of the writer, registered in one explicit registry (names from the seed, prefixed
 //! `gitops_reverser_`). Labels stay low-cardinality: repository (credentials removed), branch, destination.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -15,6 +17,8 @@ pub struct Metrics {
     pub commit_batches: IntCounterVec,
     /// Successful pushes; one carries every batch committed since the previous one.
     pub pushes: IntCounterVec,
+    /// Seconds each push attempt took (connect, pack, send, the remote's answer), whatever its outcome.
+    pub push_duration: HistogramVec,
     /// Batches committed in a worker's clone and not pushed yet (their changes are not acked).
     pub unpushed_batches: IntGaugeVec,
     pub rebase_retries: IntCounterVec,
@@ -42,6 +46,24 @@ pub struct Metrics {
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(format!("gitops_reverser_{name}"), help), labels)
         .expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
+    metric
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+    labels: &[&str],
+) -> HistogramVec {
+    let metric = HistogramVec::new(
+        HistogramOpts::new(format!("gitops_reverser_{name}"), help).buckets(buckets),
+        labels,
+    )
+    .expect("valid metric");
     registry
         .register(Box::new(metric.clone()))
         .expect("metric registered once");
@@ -121,6 +143,15 @@ impl Metrics {
                 &registry,
                 "pushes_total",
                 "Successful pushes; one carries every batch committed since the previous push.",
+                RB,
+            ),
+            push_duration: histogram(
+                &registry,
+                "push_duration_seconds",
+                "Seconds each push attempt took (connect, pack, send, the remote's answer), whatever its outcome.",
+                vec![
+                    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                ],
                 RB,
             ),
             unpushed_batches: gauge(

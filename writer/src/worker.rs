@@ -5,7 +5,7 @@
 //! commits against its tip and creates them in the clone (a *batch*) — all git work runs on the blocking thread
 //! pool with the clone moved in and out. While more changes already wait in the queue, committed batches are held
 //! unpushed and the next batch is built on top of them; one fast-forward push then carries them all, once the
-//! queue is empty, `push_max_batches` are held or the oldest has waited `push_max_delay` (a seed over a network
+//! queue is empty after a commit, `push_max_batches` are held or the oldest has waited `push_max_delay` (a seed over a network
 //! transport pays a push's fixed price once per many batches instead of once per batch). A rejected push means
 //! someone else pushed: fetch, plan every held batch again in order on the new tip (the latest content per path is
 //! re-applied), push again, a bounded number of times. Only after a successful push are a batch's changes acked
@@ -178,6 +178,7 @@ pub fn spawn(
 ) -> WorkerHandle {
     let id = git::worker_id(&spec.url, &spec.branch);
     let (sender, receiver) = mpsc::channel(settings.queue_capacity);
+    let queue = QueueProbe(sender.downgrade());
     let status = Arc::new(Mutex::new(WorkerStatus::default()));
     let handle = WorkerHandle {
         id: id.clone(),
@@ -192,6 +193,7 @@ pub fn spawn(
     let retry_backoff =
         Backoff::new(settings.retry_initial, settings.retry_max).with_jitter(0.8, 1.2);
     let worker = Worker {
+        queue,
         id,
         dir: settings.work_dir.join(&handle.id),
         spec,
@@ -244,6 +246,8 @@ struct Worker {
     abandoned: watchdog::Abandoned,
     /// The held changes of suspended destinations (see `suspend`).
     held: BTreeMap<DestinationId, suspend::Held>,
+    /// This worker's own queue, for the push decision (see [`PushRule`]).
+    queue: QueueProbe,
 }
 
 /// Why a flush could not push.
@@ -297,6 +301,10 @@ enum PushWhen {
 /// The held batches and the bounds that force their push.
 struct PushRule {
     when: PushWhen,
+    /// The worker's queue, looked at again when the decision is made, after the batch was committed: changes
+    /// that arrived meanwhile show a stream still going (the queue is often empty when a flush starts, because the
+    /// worker drained it), while a stream that waits for its acks (the agents' `--max-unacked`) sends none.
+    queue: Option<QueueProbe>,
     max_batches: usize,
     max_delay: Duration,
     max_bytes: usize,
@@ -306,7 +314,9 @@ impl PushRule {
     fn due(&self, held: &[Committed], now: Instant) -> bool {
         let more_waiting = match self.when {
             PushWhen::Now => return true,
-            PushWhen::Due { more_waiting } => more_waiting,
+            PushWhen::Due { more_waiting } => {
+                more_waiting || self.queue.as_ref().is_some_and(QueueProbe::more_waiting)
+            }
         };
         let bytes: usize = held.iter().map(|c| c.plan.stats.bytes).sum();
         !more_waiting
@@ -315,6 +325,18 @@ impl PushRule {
             || held
                 .first()
                 .is_some_and(|c| now.duration_since(c.committed_at) >= self.max_delay)
+    }
+}
+
+/// Looks at a worker's queue from the blocking pool without keeping the channel open.
+#[derive(Clone)]
+struct QueueProbe(mpsc::WeakSender<Command>);
+
+impl QueueProbe {
+    fn more_waiting(&self) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|queue| queue.capacity() < queue.max_capacity())
     }
 }
 
@@ -675,11 +697,13 @@ impl Worker {
         };
         let rule = PushRule {
             when,
+            queue: Some(self.queue.clone()),
             max_batches: self.settings.push_max_batches,
             max_delay: self.settings.push_max_delay,
             max_bytes: self.settings.limits.max_bytes.saturating_mul(4),
         };
         let max_retries = self.settings.push_max_retries;
+        let push_duration = self.metrics.push_duration.with_label_values(&self.labels());
         let held = self.unpushed.clone();
         let stale = self.unpushed_stale;
         let ran = watchdog::run(network_deadline(), &self.abandoned, move |watch| {
@@ -692,6 +716,7 @@ impl Worker {
                 refetch,
                 &rule,
                 max_retries,
+                &push_duration,
                 watch,
             );
             (clone, outcome)
@@ -1287,6 +1312,7 @@ fn flush_blocking(
     refetch: bool,
     rule: &PushRule,
     max_retries: u32,
+    push_duration: &prometheus::Histogram,
     watch: &watchdog::NetworkWatch,
 ) -> FlushOutcome {
     let mut committed_buffer = false;
@@ -1308,7 +1334,7 @@ fn flush_blocking(
         if !rule.due(&held, Instant::now()) {
             return Ok(Step::Held);
         }
-        push_held(clone, &mut held, context, max_retries, watch)
+        push_held(clone, &mut held, context, max_retries, push_duration, watch)
     })();
     FlushOutcome {
         held,
@@ -1325,6 +1351,7 @@ fn push_held(
     held: &mut Vec<Committed>,
     context: &PlanContext,
     max_retries: u32,
+    push_duration: &prometheus::Histogram,
     watch: &watchdog::NetworkWatch,
 ) -> Result<Step, FlushError> {
     let mut rejections = 0;
@@ -1339,7 +1366,10 @@ fn push_held(
             .last()
             .and_then(|c| c.tip)
             .expect("a held batch with commits has a tip");
-        match watch.network(|| clone.push(tip)).map_err(FlushError::Git)? {
+        let timer = push_duration.start_timer();
+        let pushed = watch.network(|| clone.push(tip));
+        timer.observe_duration();
+        match pushed.map_err(FlushError::Git)? {
             PushOutcome::Pushed => {
                 return Ok(Step::Out {
                     pushed: true,
@@ -1517,6 +1547,7 @@ mod tests {
     fn rule(more_waiting: bool) -> PushRule {
         PushRule {
             when: PushWhen::Due { more_waiting },
+            queue: None,
             max_batches: 3,
             max_delay: Duration::from_secs(10),
             max_bytes: 1000,
@@ -1543,5 +1574,38 @@ mod tests {
         assert!(rule(true).due(&held(&old, 10, now), now), "max delay");
         assert!(rule(true).due(&held(&young, 500, now), now), "max bytes");
         assert!(!rule(true).due(&held(&young, 499, now), now));
+    }
+
+    #[test]
+    fn the_queue_is_looked_at_again_when_the_push_is_decided() {
+        let now = Instant::now();
+        let young = held(&[Duration::ZERO], 10, now);
+        let (sender, mut receiver) = mpsc::channel(4);
+        let probed = PushRule {
+            queue: Some(QueueProbe(sender.downgrade())),
+            ..rule(false)
+        };
+        // Empty when the flush started and still empty: push.
+        assert!(probed.due(&young, now));
+        // A change arrived while the batch was being committed: the stream goes on, hold.
+        sender
+            .try_send(Command::SetCredentials(None))
+            .expect("room in the queue");
+        assert!(!probed.due(&young, now));
+        // The bounds still force the push.
+        let bounded = PushRule {
+            queue: Some(QueueProbe(sender.downgrade())),
+            ..rule(false)
+        };
+        assert!(bounded.due(&held(&[Duration::ZERO; 3], 10, now), now));
+        // Drained again: push.
+        assert!(receiver.try_recv().is_ok());
+        assert!(probed.due(&young, now));
+        // No sender left (the worker is stopping): nothing more can arrive, push.
+        sender
+            .try_send(Command::SetCredentials(None))
+            .expect("room in the queue");
+        drop(sender);
+        assert!(probed.due(&young, now), "a closed queue is not looked into");
     }
 }
