@@ -24,6 +24,7 @@ use support::cluster::TestCluster;
 use support::http_get;
 use support::world::{self, Agent};
 use testkit::fault_proxy::{FaultProxy, LinkShape};
+use testkit::metric_sum;
 use testkit::netns::{Link, Netns};
 use testkit::{BareRepo, HttpGitServer, RealCluster};
 use tokio::process::Child;
@@ -531,14 +532,6 @@ async fn an_agent_writer_partition_that_drops_packets_loses_and_duplicates_nothi
     net.converged("after a 5-minute partition").await;
     assert_no_duplicate_commits(&net, &changes);
     agent.terminate().await;
-}
-
-/// The sum of every series of a metric (all label sets).
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread")]

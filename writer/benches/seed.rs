@@ -142,22 +142,6 @@ fn memory() -> (f64, f64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
-/// CPU time (user + system) this process used so far, all threads (`/proc/self/stat`, clock ticks of 10 ms).
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // The fields after the command name, which ends with the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let ticks: u64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
-        .unwrap_or(0);
-    Duration::from_millis(ticks * 10)
-}
-
 /// Bytes of the files under `dir`.
 fn dir_size(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
@@ -783,13 +767,13 @@ async fn seed_through_writer(
     let running = start_writer(work_dir, "0.2", &args).await?;
     let mut agent = Agent::connect(&running, &remote.writer_url).await?;
     let started = Instant::now();
-    let cpu_before = cpu_time();
+    let cpu_before = testkit::cpu_secs("self");
     for (sequence, i) in (1..).zip(order(n)) {
         agent.upsert(sequence, i, 0).await?;
     }
     agent.wait_ack(n as u64).await?;
     let time = started.elapsed();
-    let cpu = cpu_time().saturating_sub(cpu_before);
+    let cpu = Duration::from_secs_f64((testkit::cpu_secs("self") - cpu_before).max(0.0));
     let metrics = admin_metrics(&running).await?;
     drop(agent);
     running.stop().await?;
@@ -801,8 +785,8 @@ async fn seed_through_writer(
     }
     Ok(Seeded {
         time,
-        pushes: metric_sum(&metrics, "gitops_reverser_pushes_total") as u64,
-        pushing: Duration::from_secs_f64(metric_sum(
+        pushes: testkit::metric_sum(&metrics, "gitops_reverser_pushes_total") as u64,
+        pushing: Duration::from_secs_f64(testkit::metric_sum(
             &metrics,
             "gitops_reverser_push_duration_seconds_sum",
         )),
@@ -810,34 +794,15 @@ async fn seed_through_writer(
     })
 }
 
-/// The writer's Prometheus metrics, from its admin endpoint (a plain HTTP/1.0 GET).
+/// The writer's Prometheus metrics, from its admin endpoint.
 async fn admin_metrics(running: &RunningWriter) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(running.admin_addr).await?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: writer\r\n\r\n")
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    match response.split_once("\r\n\r\n") {
-        Some((head, body))
-            if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") =>
-        {
-            Ok(body.to_owned())
-        }
-        _ => bail!(
-            "the writer's /metrics answered: {}",
-            response.lines().next().unwrap_or("")
-        ),
+    let text = testkit::http_get(&running.admin_addr.to_string(), "/metrics")
+        .await
+        .context("the writer's /metrics did not answer")?;
+    if !text.contains("gitops_reverser_push_duration_seconds") {
+        bail!("the writer's /metrics holds no push_duration_seconds: {text:.200}");
     }
-}
-
-/// The sum of a metric's samples over all its labels.
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+    Ok(text)
 }
 
 async fn writer(n: usize, rounds: usize, with_daemon: bool) -> anyhow::Result<WriterRun> {

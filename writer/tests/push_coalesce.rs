@@ -52,11 +52,7 @@ fn ref_updates(remote: &BareRepo) -> usize {
 
 /// The value of a metric line of the writer (`name{...} value`), 0 when absent.
 async fn metric(writer: &Writer, name: &str) -> f64 {
-    let text = writer.metrics().await;
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+    testkit::metric_sum(&writer.metrics().await, name)
 }
 
 /// Waits (bounded, not timed) until a metric reaches `at_least`.

@@ -3,9 +3,8 @@
 //! watched incrementally, `/proc` readings (RSS, CPU, load) and the result table.
 //!
 //! Each bench uses a part of it.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -113,68 +112,7 @@ pub fn rss_parts_mib(pid: u32) -> Option<(f64, f64)> {
     status_mib(pid, ["RssAnon:", "RssFile:"])
 }
 
-/// user+system CPU seconds of a process (`self` for this one).
-pub fn cpu_secs(pid: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the command: state(0) ... utime(11) stime(12), in clock ticks (100/s on Linux).
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-pub fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (n, v) = l.rsplit_once(' ')?;
-            (n == name).then(|| v.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
-}
-
-/// Sum of every sample of a metric family (any labels).
-pub fn metric_sum(text: &str, family: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (n, v) = l.rsplit_once(' ')?;
-            let base = n.split('{').next()?;
-            (base == family).then(|| v.parse::<f64>().ok()).flatten()
-        })
-        .sum()
-}
-
-pub async fn http_get(host: &str, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use testkit::{cpu_secs, free_port, http_get, metric, metric_sum};
 
 pub async fn git(repo: &Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
     Command::new("git")

@@ -1,14 +1,14 @@
 //! Shared harness of the agent's end-to-end tests (`e2e_agent`, `webhook_e2e`, `sops_e2e`,
-//! `multicluster_e2e`): free ports, a tiny HTTP client for the admin port, Prometheus text
-//! values, polling with a deadline, and configbutler conditions.
-
-#![allow(dead_code)]
+//! `multicluster_e2e`): free ports, the admin port's HTTP client and Prometheus text values (from
+//! `testkit`), polling with a deadline, and configbutler conditions.
+//!
+//! Each test crate uses a part of it.
+#![allow(dead_code, unused_imports)]
 
 pub mod cluster;
 pub mod world;
 
 use std::future::Future;
-use std::net::TcpListener;
 use std::time::Duration;
 
 use kube::api::{Api, DynamicObject};
@@ -18,40 +18,7 @@ use kube::discovery::ApiResource;
 /// Upper bound on any wait, only to turn a hang into a failure.
 pub const PATIENCE: Duration = Duration::from_secs(90);
 
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A metric's value from the Prometheus text, 0 when absent.
-pub fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (n, v) = l.rsplit_once(' ')?;
-            (n == name).then(|| v.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
-}
-
-/// The body of a plain HTTP/1.1 `GET`, `None` if the connection fails.
-pub async fn http_get(host: &str, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
-}
+pub use testkit::{free_port, http_get, metric};
 
 /// Polls a synchronous `check` every 100 ms until it gives `Some`; panics after [`PATIENCE`].
 pub async fn wait<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {

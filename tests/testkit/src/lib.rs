@@ -19,6 +19,8 @@
 //! there (nftables); [`fault_proxy`] makes a TCP link slow (delay, bandwidth) and carries a namespace's traffic to
 //! a server on loopback.
 //!
+//! [`http_get`], [`metric`], [`metric_sum`] and [`cpu_secs`] read a process's metrics endpoint and CPU time.
+//!
 //! [`corpus`] is the benchmark corpus (ConfigMaps and Deployments at the agent's paths) shared by the writer's
 //! and the agent's benchmarks.
 //!
@@ -32,6 +34,7 @@ pub mod fault_proxy;
 mod http;
 pub mod netns;
 pub mod real_cluster;
+mod scrape;
 mod ssh;
 mod util;
 
@@ -39,5 +42,6 @@ pub use bare::BareRepo;
 pub use daemon::GitDaemon;
 pub use http::HttpGitServer;
 pub use real_cluster::{RealCluster, real_kube_binary};
+pub use scrape::{cpu_secs, http_get, metric, metric_sum};
 pub use ssh::SshGitServer;
 pub use util::{OrphanWatchdog, free_port, git, manifest_dir, require_tool, workspace_root};

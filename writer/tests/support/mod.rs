@@ -79,27 +79,16 @@ impl Writer {
     }
 }
 
-/// Minimal HTTP GET over a plain TCP socket (the admin endpoint), to avoid pulling an HTTP client in.
+/// The body of a plain HTTP GET of `url` (the admin endpoint); panics when the connection fails.
 pub async fn http_get(url: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest
         .split_once('/')
         .map(|(h, p)| (h, format!("/{p}")))
         .unwrap_or((rest, "/".into()));
-    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
+    testkit::http_get(host, &path)
         .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default()
+        .unwrap_or_else(|| panic!("GET {url} failed"))
 }
 
 /// A scripted agent: one `Writer.Sync` stream.
