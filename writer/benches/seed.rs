@@ -46,10 +46,12 @@
 //!    fast-import's repository (the baseline is fast-import + this push), then the writer's seed
 //!    as in 4; the remotes' `objects/` sizes after both, and the writer's clone. Over HTTPS, then
 //!    one-file changes by a writer flushing every change, against `git push` (CLI) of a one-file
-//!    commit to the same server. Each writer seed also reports its pushes and the time spent in
-//!    them (the writer's `pushes_total` and `push_duration_seconds`), and the CPU time of the bench
-//!    process meanwhile (writer and client; the git servers run in other processes). The remotes run with `receive.autogc` off, so what they hold is
+//!    commit to the same server. The remotes run with `receive.autogc` off, so what they hold is
 //!    what the client sent (a hosting service repacks later, on its own machines).
+//!
+//! Each writer seed also reports its pushes and the time spent in them (the writer's
+//! `pushes_total` and `push_duration_seconds`), and the CPU time of the bench process meanwhile
+//! (the writer and the client; the git servers run in other processes).
 //!
 //! The git layer alone (no gRPC, no YAML) has its own micro-benchmark: `tests/git_bench.rs`.
 //!
@@ -744,7 +746,8 @@ struct Seeded {
 }
 
 impl Seeded {
-    fn pushes(&self) -> String {
+    /// Pushes, time pushing and CPU, for the log and the table.
+    fn summary(&self) -> String {
         format!(
             "{} pushes, {} pushing, {} CPU",
             self.pushes,
@@ -813,7 +816,7 @@ async fn writer(n: usize, rounds: usize, with_daemon: bool) -> anyhow::Result<Wr
     reset_peak_rss();
     let rss_before_mib = memory().1;
     let seed = seed_through_writer(work_dir.path(), &remote, n, &[]).await?;
-    eprintln!("writer: {} ({})", secs(seed.time), seed.pushes());
+    eprintln!("writer: {} ({})", secs(seed.time), seed.summary());
     let (peak_rss_mib, rss_after_mib) = memory();
     let clone_bytes = dir_size(work_dir.path());
     let remote_bytes = remote.object_bytes();
@@ -890,7 +893,7 @@ async fn over_transport(
         "{}: writer {} ({})",
         transport.name(),
         secs(writer_seed.time),
-        writer_seed.pushes()
+        writer_seed.summary()
     );
 
     let one_file = if one_file_rounds_n > 0 {
@@ -931,7 +934,7 @@ async fn seed_with_batch(
         "{}: writer, {files} files per commit: {} ({})",
         transport.name(),
         secs(seed.time),
-        seed.pushes()
+        seed.summary()
     );
     Ok((seed, remote.object_bytes()))
 }
@@ -1107,7 +1110,7 @@ fn main() -> anyhow::Result<()> {
             secs(t.cli_push),
             secs(t.writer_seed.time),
             t.writer_seed.time.as_secs_f64() / baseline.as_secs_f64(),
-            t.writer_seed.pushes(),
+            t.writer_seed.summary(),
             mib(t.cli_remote_bytes),
             mib(t.writer_remote_bytes),
             t.writer_remote_bytes as f64 / t.cli_remote_bytes.max(1) as f64,
@@ -1126,7 +1129,7 @@ fn main() -> anyhow::Result<()> {
             secs(baseline),
             secs(seed.time),
             seed.time.as_secs_f64() / baseline.as_secs_f64(),
-            seed.pushes(),
+            seed.summary(),
             mib(t.cli_remote_bytes),
             mib(*bytes),
             *bytes as f64 / t.cli_remote_bytes.max(1) as f64,
