@@ -50,7 +50,7 @@ fn ref_updates(remote: &BareRepo) -> usize {
     .count()
 }
 
-/// The value of a metric line of the writer (`name{...} value`), 0 when absent.
+/// A metric of the writer summed over its label sets, 0 when absent.
 async fn metric(writer: &Writer, name: &str) -> f64 {
     testkit::metric_sum(&writer.metrics().await, name)
 }
