@@ -1,18 +1,18 @@
 //! The (repository, branch) worker: an async actor that owns one bare clone.
 //!
-//! Changes arrive on a bounded channel (the gRPC streams wait when it is full, which pushes back on the agents).
-//! They are buffered ([`crate::batch::Buffer`]) until a cap or the wait timer fires; then the worker plans the
-//! commits against its tip and creates them in the clone (a *batch*) — all git work runs on the blocking thread
-//! pool with the clone moved in and out. While more changes already wait in the queue, committed batches are held
-//! unpushed and the next batch is built on top of them; one fast-forward push then carries them all, once the
-//! queue is empty after a commit, `push_max_batches` are held or the oldest has waited `push_max_delay` (a seed
-//! over a network transport pays a push's fixed price once per many batches instead of once per batch). A
-//! rejected push means someone else pushed: fetch, plan every held batch again in order on the new tip (the latest
-//! content per path is re-applied), push again, a bounded number of times. Only after a successful push are a batch's changes acked
-//! to their agents (a [`Reply`] on each stream's bounded reply channel, which never makes the worker wait: see
-//! [`crate::reply`]); on failure the batches stay held (and the buffer keeps its changes) and the worker retries with
-//! backoff, reporting `PushFailing`/`AuthFailed` to the destinations meanwhile. Nothing held is written anywhere
-//! but the clone: after a crash the agents re-send what was not acked.
+//! Changes arrive on a bounded channel (the gRPC streams wait when it is full, which pushes back on the agents). They
+//! are buffered ([`crate::batch::Buffer`]) until a cap or the wait timer fires; then the worker plans the commits
+//! against its tip and creates them in the clone (a *batch*) — all git work runs on the blocking thread pool with the
+//! clone moved in and out. While more changes already wait in the queue, committed batches are held unpushed and the
+//! next batch is built on top of them; one fast-forward push then carries them all, once the queue is empty after a
+//! commit, `push_max_batches` are held or the oldest has waited `push_max_delay` (a seed over a network transport pays
+//! a push's fixed price once per many batches instead of once per batch). A rejected push means someone else pushed:
+//! fetch, plan every held batch again in order on the new tip (the latest content per path is re-applied), push again,
+//! a bounded number of times. Only after a successful push are a batch's changes acked to their agents (a [`Reply`] on
+//! each stream's bounded reply channel, which never makes the worker wait: see [`crate::reply`]); on failure the
+//! batches stay held (and the buffer keeps its changes) and the worker retries with backoff, reporting
+//! `PushFailing`/`AuthFailed` to the destinations meanwhile. Nothing held is written anywhere but the clone: after a
+//! crash the agents re-send what was not acked.
 //!
 //! Two guards keep one fault from holding everything back: a batch whose commits git refuses to build is split
 //! until the refused messages are alone ([`batch::quarantine`]; they get `Reject CommitRefused`, the rest is
