@@ -50,8 +50,12 @@
 //!    what the client sent (a hosting service repacks later, on its own machines).
 //!
 //! Each writer seed also reports its pushes and the time spent in them (the writer's
-//! `pushes_total` and `push_duration_seconds`), and the CPU time of the bench process meanwhile
-//! (the writer and the client; the git servers run in other processes).
+//! `pushes_total` and `push_duration_seconds`), the CPU time of the bench process meanwhile
+//! (the writer and the client; the git servers run in other processes), and that of the whole
+//! machine (`/proc/stat`: the writer, the client and the git servers). The machine's CPU time
+//! spread over its cores is the least time the seed can take on this machine, however well its
+//! work overlaps: the table gives it as the writer's *floor*, in the same ratio as the seed, next
+//! to the machine CPU time of the baseline (fast-import, then `git push` with its server).
 //!
 //! The git layer alone (no gRPC, no YAML) has its own micro-benchmark: `tests/git_bench.rs`.
 //!
@@ -743,16 +747,22 @@ struct Seeded {
     pushing: Duration,
     /// CPU time of this process (writer and bench client; not the git servers) during the seed.
     cpu: Duration,
+    /// CPU time of the whole machine during the seed (this process, the git servers, anything else running).
+    machine_cpu: Duration,
 }
 
 impl Seeded {
     /// Pushes, time pushing and CPU, for the log and the table.
     fn summary(&self) -> String {
+        let cores = cores();
         format!(
-            "{} pushes, {} pushing, {} CPU",
+            "{} pushes, {} pushing, {} CPU; machine {} CPU of {} ({:.0} % busy)",
             self.pushes,
             secs(self.pushing),
-            secs(self.cpu)
+            secs(self.cpu),
+            secs(self.machine_cpu),
+            secs(self.time * cores as u32),
+            100.0 * self.machine_cpu.as_secs_f64() / (self.time.as_secs_f64() * cores as f64)
         )
     }
 }
@@ -771,12 +781,14 @@ async fn seed_through_writer(
     let mut agent = Agent::connect(&running, &remote.writer_url).await?;
     let started = Instant::now();
     let cpu_before = testkit::cpu_secs("self");
+    let machine_before = testkit::machine_busy_secs();
     for (sequence, i) in (1..).zip(order(n)) {
         agent.upsert(sequence, i, 0).await?;
     }
     agent.wait_ack(n as u64).await?;
     let time = started.elapsed();
     let cpu = Duration::from_secs_f64((testkit::cpu_secs("self") - cpu_before).max(0.0));
+    let machine_cpu = machine_cpu_since(machine_before);
     let metrics = admin_metrics(&running).await?;
     drop(agent);
     running.stop().await?;
@@ -794,6 +806,7 @@ async fn seed_through_writer(
             "gitops_reverser_push_duration_seconds_sum",
         )),
         cpu,
+        machine_cpu,
     })
 }
 
@@ -864,6 +877,8 @@ async fn writer(n: usize, rounds: usize, with_daemon: bool) -> anyhow::Result<Wr
 struct TransportRun {
     transport: Transport,
     cli_push: Duration,
+    /// The machine's CPU time during that push (the client and the server).
+    cli_push_cpu: Duration,
     cli_remote_bytes: u64,
     writer_seed: Seeded,
     writer_remote_bytes: u64,
@@ -879,8 +894,10 @@ async fn over_transport(
     one_file_rounds_n: usize,
 ) -> anyhow::Result<TransportRun> {
     let baseline = Remote::new(transport);
+    let machine_before = testkit::machine_busy_secs();
     let (cli_push, cli_remote_bytes) =
         tokio::task::block_in_place(|| cli_seed_push(source, &baseline, n));
+    let cli_push_cpu = machine_cpu_since(machine_before);
     drop(baseline);
     eprintln!("{}: git push {}", transport.name(), secs(cli_push));
 
@@ -911,6 +928,7 @@ async fn over_transport(
     Ok(TransportRun {
         transport,
         cli_push,
+        cli_push_cpu,
         cli_remote_bytes,
         writer_seed,
         writer_remote_bytes,
@@ -937,6 +955,16 @@ async fn seed_with_batch(
         seed.summary()
     );
     Ok((seed, remote.object_bytes()))
+}
+
+/// This machine's cores.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// The whole machine's CPU time since `before` (a [`testkit::machine_busy_secs`] reading).
+fn machine_cpu_since(before: f64) -> Duration {
+    Duration::from_secs_f64((testkit::machine_busy_secs() - before).max(0.0))
 }
 
 fn secs(d: Duration) -> String {
@@ -978,8 +1006,14 @@ fn main() -> anyhow::Result<()> {
     );
 
     let baselines = std::env::var("BENCH_BASELINES").as_deref() != Ok("0");
+    let machine_before = testkit::machine_busy_secs();
     let (imported, imported_bytes, imported_repo) = fast_import(n);
-    eprintln!("git fast-import: {}", secs(imported));
+    let imported_cpu = machine_cpu_since(machine_before);
+    eprintln!(
+        "git fast-import: {} (machine {} CPU)",
+        secs(imported),
+        secs(imported_cpu)
+    );
     // Lives as long as the process: the transport runs push from it.
     let imported_repo: &'static BareRepo = Box::leak(Box::new(imported_repo));
     let peer = if baselines {
@@ -1092,18 +1126,21 @@ fn main() -> anyhow::Result<()> {
         mib(imported_bytes)
     );
     println!();
+    let cores = cores();
     println!(
         "### Seeding {n} objects into an empty remote per transport: the writer vs `git fast-import` + `git push` (CLI)"
     );
     println!();
     println!(
-        "| transport | fast-import + `git push` | writer seed | time ratio (target ≤ 1.5x) | writer's pushes, time pushing, CPU of the bench process | remote after `git push` | remote after the writer | size ratio (target ≤ 1.5x) | writer's clone |"
+        "| transport | fast-import + `git push` | writer seed | time ratio (target ≤ 1.5x) | writer's pushes, time pushing, CPU of the bench process; of the machine | machine CPU: baseline, writer; the writer's floor on {cores} cores | remote after `git push` | remote after the writer | size ratio (target ≤ 1.5x) | writer's clone |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for t in &transports {
         let baseline = imported + t.cli_push;
+        // The writer's seed can take no less than its machine CPU spread over every core.
+        let floor = t.writer_seed.machine_cpu.as_secs_f64() / cores as f64;
         println!(
-            "| {} | {} ({} + {}) | {} | {:.2}x | {} | {:.1} MiB | {:.1} MiB | {:.2}x | {:.1} MiB |",
+            "| {} | {} ({} + {}) | {} | {:.2}x | {} | {}, {}; {:.2}x | {:.1} MiB | {:.1} MiB | {:.2}x | {:.1} MiB |",
             t.transport.name(),
             secs(baseline),
             secs(imported),
@@ -1111,6 +1148,9 @@ fn main() -> anyhow::Result<()> {
             secs(t.writer_seed.time),
             t.writer_seed.time.as_secs_f64() / baseline.as_secs_f64(),
             t.writer_seed.summary(),
+            secs(imported_cpu + t.cli_push_cpu),
+            secs(t.writer_seed.machine_cpu),
+            floor / baseline.as_secs_f64(),
             mib(t.cli_remote_bytes),
             mib(t.writer_remote_bytes),
             t.writer_remote_bytes as f64 / t.cli_remote_bytes.max(1) as f64,
@@ -1124,12 +1164,14 @@ fn main() -> anyhow::Result<()> {
             .expect("same transport");
         let baseline = imported + t.cli_push;
         println!(
-            "| {}, writer with `--git-batch-max-files {batch_files}` | {} | {} | {:.2}x | {} | {:.1} MiB | {:.1} MiB | {:.2}x | — |",
+            "| {}, writer with `--git-batch-max-files {batch_files}` | {} | {} | {:.2}x | {} | —, {}; {:.2}x | {:.1} MiB | {:.1} MiB | {:.2}x | — |",
             transport.name(),
             secs(baseline),
             secs(seed.time),
             seed.time.as_secs_f64() / baseline.as_secs_f64(),
             seed.summary(),
+            secs(seed.machine_cpu),
+            seed.machine_cpu.as_secs_f64() / cores as f64 / baseline.as_secs_f64(),
             mib(t.cli_remote_bytes),
             mib(*bytes),
             *bytes as f64 / t.cli_remote_bytes.max(1) as f64,

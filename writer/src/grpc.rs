@@ -420,19 +420,29 @@ async fn superseded(fence: &mut Option<crate::fencing::Fence>) -> String {
 /// stream ended.
 type Checked = Result<Option<(Inbound, usize)>, Status>;
 
-/// How many messages are read and checked ahead of the session (bounded: a slow session slows the reading, and
-/// HTTP/2 flow control slows the agent).
-const CHECK_AHEAD: usize = 32;
+/// Runs of messages read and checked ahead of the session (bounded: a slow session slows the reading, and HTTP/2
+/// flow control slows the agent).
+const CHECK_AHEAD: usize = 8;
 
-/// Reads the stream on its own task, decodes and checks each message on the blocking pool ([`convert::inbound`]),
-/// several at a time, and hands them to the session in stream order: the YAML check is the costliest step of a
-/// stream, so one agent's seed then uses every core instead of one. The returned receiver is cancel-safe (the session `select!`s on it).
+/// A run of messages checked by one blocking task: what was already received when the first arrived, up to these
+/// bounds (a run always holds at least one message, whatever its size).
+const RUN_MESSAGES: usize = 32;
+const RUN_BYTES: usize = 256 * 1024;
+
+/// Reads the stream on its own task, decodes and checks its messages on the blocking pool ([`convert::inbound`]),
+/// several runs at a time, and hands them to the session in stream order: the YAML check is the costliest step of a
+/// stream, so one agent's seed then uses every core instead of one. Messages that already wait when one is read are
+/// checked with it in one blocking task: a task per message cost a thread wake-up each, measurable in a seed's CPU.
+/// The returned receiver is cancel-safe (the session `select!`s on it).
 fn check_ahead(
     mut inbound: Streaming<pb::AgentMessage>,
     limits: SessionLimits,
 ) -> mpsc::Receiver<Checked> {
+    use futures::FutureExt as _;
+    use prost::Message as _;
+
     let (checking, mut checking_rx) =
-        mpsc::channel::<tokio::task::JoinHandle<Checked>>(CHECK_AHEAD);
+        mpsc::channel::<tokio::task::JoinHandle<Vec<Checked>>>(CHECK_AHEAD);
     let (checked, checked_rx) = mpsc::channel::<Checked>(1);
     // As many checks at once as there are cores: more would only add blocking-pool threads (and their allocator
     // arenas) without adding speed.
@@ -446,31 +456,57 @@ fn check_ahead(
                 next = inbound.message() => next,
                 _ = checking.closed() => break,
             };
-            let last = !matches!(next, Ok(Some(_)));
-            let handle = match next {
+            let mut run = Vec::new();
+            let mut run_bytes = 0;
+            // The stream's end or error, which ends the run and the reading.
+            let mut ending = None;
+            match next {
                 Ok(Some(message)) => {
-                    let limits = limits.clone();
-                    let Ok(permit) = Arc::clone(&checkers).acquire_owned().await else {
-                        break;
-                    };
-                    tokio::task::spawn_blocking(move || {
-                        use prost::Message as _;
-                        let encoded_len = message.encoded_len();
-                        let inbound = convert::inbound(message, &limits);
-                        drop(permit);
-                        Ok(Some((inbound, encoded_len)))
-                    })
+                    run_bytes += message.encoded_len();
+                    run.push(message);
                 }
-                other => tokio::spawn(async move { other.map(|_| None) }),
+                other => ending = Some(other.map(|_| None)),
+            }
+            // `message()` keeps its state in the stream, so polling it once and dropping it loses nothing.
+            while ending.is_none() && run.len() < RUN_MESSAGES && run_bytes < RUN_BYTES {
+                match inbound.message().now_or_never() {
+                    None => break,
+                    Some(Ok(Some(message))) => {
+                        run_bytes += message.encoded_len();
+                        run.push(message);
+                    }
+                    Some(other) => ending = Some(other.map(|_| None)),
+                }
+            }
+            let ends = ending.is_some();
+            let handle = if run.is_empty() {
+                tokio::spawn(async move { ending.into_iter().collect() })
+            } else {
+                let limits = limits.clone();
+                let Ok(permit) = Arc::clone(&checkers).acquire_owned().await else {
+                    break;
+                };
+                tokio::task::spawn_blocking(move || {
+                    let mut results: Vec<Checked> = run
+                        .into_iter()
+                        .map(|message| {
+                            let encoded_len = message.encoded_len();
+                            Ok(Some((convert::inbound(message, &limits), encoded_len)))
+                        })
+                        .collect();
+                    drop(permit);
+                    results.extend(ending);
+                    results
+                })
             };
             // The session is gone (stream over): stop reading.
-            if checking.send(handle).await.is_err() || last {
+            if checking.send(handle).await.is_err() || ends {
                 break;
             }
         }
     });
     tokio::spawn(async move {
-        loop {
+        'runs: loop {
             let handle = tokio::select! {
                 handle = checking_rx.recv() => match handle {
                     Some(handle) => handle,
@@ -479,12 +515,14 @@ fn check_ahead(
                 // The session ended: closing `checking_rx` (by returning) stops the reader.
                 _ = checked.closed() => break,
             };
-            let result = handle
-                .await
-                .unwrap_or_else(|e| Err(Status::internal(format!("message check failed: {e}"))));
-            let last = !matches!(result, Ok(Some(_)));
-            if checked.send(result).await.is_err() || last {
-                break;
+            let results = handle.await.unwrap_or_else(|e| {
+                vec![Err(Status::internal(format!("message check failed: {e}")))]
+            });
+            for result in results {
+                let last = !matches!(result, Ok(Some(_)));
+                if checked.send(result).await.is_err() || last {
+                    break 'runs;
+                }
             }
         }
     });

@@ -887,6 +887,67 @@ async fn half_closing_the_stream_flushes_and_ends_it() {
     writer.stop().await;
 }
 
+/// A burst of messages is read and checked in runs, several at once: what comes back still follows the stream's
+/// order, every bad message is refused alone, and a half-close right behind the burst ends the stream after all of
+/// it.
+#[tokio::test]
+async fn a_burst_is_answered_in_stream_order_and_a_half_close_behind_it_ends_cleanly() {
+    let repo = BareRepo::new();
+    let writer = Writer::start(&["--git-batch-max-wait-sec", "600"]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &repo.file_url(), "main", "c").await;
+    let count = 300u64;
+    let bad = |sequence: u64| sequence % 10 == 3;
+    let sender = agent.sender();
+    let burst = tokio::spawn(async move {
+        for sequence in 1..=count {
+            let name = format!("cm-{sequence}");
+            let content = if bad(sequence) {
+                "apiVersion: v1\nkind: [\n".to_owned()
+            } else {
+                configmap("ns", &name, "1")
+            };
+            let path = format!("core/v1/configmaps/ns/{name}.yaml");
+            sender
+                .send(upsert(DEST, sequence, &path, &content))
+                .await
+                .expect("stream open");
+        }
+    });
+    burst.await.unwrap();
+    agent.finish();
+    let mut refused = Vec::new();
+    let mut acked = 0;
+    loop {
+        match agent.next().await {
+            None => break,
+            Some(Ok(Out::Reject(reject))) => {
+                assert_eq!(reject.reason, "InvalidYaml", "{}", reject.message);
+                refused.push(reject.sequence);
+            }
+            Some(Ok(Out::Ack(ack))) => acked = acked.max(ack.sequence),
+            Some(Ok(_)) => {}
+            Some(Err(status)) => panic!("the stream must end cleanly, got {status}"),
+        }
+    }
+    let expected: Vec<u64> = (1..=count).filter(|&s| bad(s)).collect();
+    assert_eq!(refused, expected, "refused in stream order, each once");
+    assert!(
+        acked >= count - 1,
+        "the last good change is acked ({acked})"
+    );
+    let files = repo.ls_tree("main");
+    for sequence in 1..=count {
+        let path = format!("c/core/v1/configmaps/ns/cm-{sequence}.yaml");
+        assert_eq!(
+            files.contains(&path),
+            !bad(sequence),
+            "{path} is in the remote exactly when its message was good"
+        );
+    }
+    writer.stop().await;
+}
+
 #[tokio::test]
 async fn plaintext_on_a_public_address_is_refused_without_the_flag() {
     use clap::Parser;

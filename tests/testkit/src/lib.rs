@@ -19,7 +19,8 @@
 //! there (nftables); [`fault_proxy`] makes a TCP link slow (delay, bandwidth) and carries a namespace's traffic to
 //! a server on loopback.
 //!
-//! [`http_get`], [`metric`], [`metric_sum`] and [`cpu_secs`] read a process's metrics endpoint and CPU time.
+//! [`http_get`], [`metric`], [`metric_sum`] and [`cpu_secs`] read a process's metrics endpoint and CPU time;
+//! [`machine_busy_secs`] the CPU time of the whole machine.
 //!
 //! [`corpus`] is the benchmark corpus (ConfigMaps and Deployments at the agent's paths) shared by the writer's
 //! and the agent's benchmarks.
@@ -42,6 +43,6 @@ pub use bare::BareRepo;
 pub use daemon::GitDaemon;
 pub use http::HttpGitServer;
 pub use real_cluster::{RealCluster, real_kube_binary};
-pub use scrape::{cpu_secs, http_get, metric, metric_sum};
+pub use scrape::{cpu_secs, http_get, machine_busy_secs, metric, metric_sum};
 pub use ssh::SshGitServer;
 pub use util::{OrphanWatchdog, free_port, git, manifest_dir, require_tool, workspace_root};

@@ -1,4 +1,5 @@
-//! Reading what a process exposes: its Prometheus text over plain HTTP, its CPU time from `/proc`.
+//! Reading what a process exposes: its Prometheus text over plain HTTP, its CPU time from `/proc`; and how busy
+//! the whole machine's CPUs were.
 
 /// The body of a plain HTTP/1.1 `GET` (an admin or metrics endpoint), `None` if the connection fails.
 pub async fn http_get(host: &str, path: &str) -> Option<String> {
@@ -58,6 +59,29 @@ pub fn cpu_secs(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// CPU seconds the whole machine has spent busy since boot, every process and the kernel (`/proc/stat`); 0 when
+/// unreadable. The difference over a run, against its wall time × the cores, shows whether the run was CPU-bound.
+pub fn machine_busy_secs() -> f64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| busy_ticks(&stat))
+        .map_or(0.0, |ticks| ticks as f64 / 100.0)
+}
+
+/// user + nice + system + irq + softirq + steal of the first (`cpu`, all cores) line, in clock ticks (100/s on
+/// Linux); idle and iowait are not busy, and guest time is already counted in user.
+fn busy_ticks(stat: &str) -> Option<u64> {
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    let field = |i: usize| fields.get(i).copied();
+    Some(field(0)? + field(1)? + field(2)? + field(5)? + field(6)? + field(7).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,5 +106,14 @@ mod tests {
         }
         assert!(cpu_secs("self") > 0.0);
         assert_eq!(cpu_secs("not-a-pid"), 0.0);
+    }
+
+    #[test]
+    fn the_machine_busy_time_leaves_out_idle_and_iowait() {
+        let stat = "cpu  100 20 30 5000 400 6 7 8 0 0\ncpu0 50 10 15 2500 200 3 3 4 0 0\n";
+        assert_eq!(busy_ticks(stat), Some(100 + 20 + 30 + 6 + 7 + 8));
+        assert_eq!(busy_ticks("cpu0 1 2 3 4 5 6 7 8\n"), None);
+        assert_eq!(busy_ticks("cpu  1 2 x 4 5 6 7 8\n"), None);
+        assert!(machine_busy_secs() > 0.0);
     }
 }
