@@ -456,27 +456,28 @@ fn check_ahead(
                 next = inbound.message() => next,
                 _ = checking.closed() => break,
             };
-            let mut run = Vec::new();
+            // The messages of the run with their encoded sizes, and the stream's end or error, which ends the run
+            // and the reading.
+            let mut run: Vec<(pb::AgentMessage, usize)> = Vec::new();
             let mut run_bytes = 0;
-            // The stream's end or error, which ends the run and the reading.
             let mut ending = None;
-            match next {
-                Ok(Some(message)) => {
-                    run_bytes += message.encoded_len();
-                    run.push(message);
-                }
-                other => ending = Some(other.map(|_| None)),
-            }
-            // `message()` keeps its state in the stream, so polling it once and dropping it loses nothing.
-            while ending.is_none() && run.len() < RUN_MESSAGES && run_bytes < RUN_BYTES {
-                match inbound.message().now_or_never() {
-                    None => break,
-                    Some(Ok(Some(message))) => {
-                        run_bytes += message.encoded_len();
-                        run.push(message);
+            let mut read = Some(next);
+            while let Some(next) = read {
+                match next {
+                    Ok(Some(message)) => {
+                        let encoded_len = message.encoded_len();
+                        run_bytes += encoded_len;
+                        run.push((message, encoded_len));
                     }
-                    Some(other) => ending = Some(other.map(|_| None)),
+                    other => {
+                        ending = Some(other.map(|_| None));
+                        break;
+                    }
                 }
+                // `message()` keeps its state in the stream, so polling it once and dropping it loses nothing.
+                read = (run.len() < RUN_MESSAGES && run_bytes < RUN_BYTES)
+                    .then(|| inbound.message().now_or_never())
+                    .flatten();
             }
             let ends = ending.is_some();
             let handle = if run.is_empty() {
@@ -489,8 +490,7 @@ fn check_ahead(
                 tokio::task::spawn_blocking(move || {
                     let mut results: Vec<Checked> = run
                         .into_iter()
-                        .map(|message| {
-                            let encoded_len = message.encoded_len();
+                        .map(|(message, encoded_len)| {
                             Ok(Some((convert::inbound(message, &limits), encoded_len)))
                         })
                         .collect();
