@@ -333,18 +333,23 @@ async fn a_broken_key_on_reload_keeps_the_previous_key_and_never_pushes_unsigned
 
 /// `gpg` with its home in `home`, no agent prompts.
 fn gpg(home: &Path, args: &[&str]) -> std::process::Output {
-    let output = Command::new("gpg")
-        .env("GNUPGHOME", home)
-        .args(["--batch", "--pinentry-mode", "loopback"])
-        .args(args)
-        .output()
-        .expect("gpg (GnuPG) is needed to make and check OpenPGP keys");
+    let output = gpg_output(home, args);
     assert!(
         output.status.success(),
         "gpg {args:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     output
+}
+
+/// `gpg` with its home in `home`, no agent prompts, whatever its exit status.
+fn gpg_output(home: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("gpg")
+        .env("GNUPGHOME", home)
+        .args(["--batch", "--pinentry-mode", "loopback"])
+        .args(args)
+        .output()
+        .expect("gpg (GnuPG) is needed to make and check OpenPGP keys")
 }
 
 /// A new OpenPGP key in a keyring at `home`, exported (armored, protected by `passphrase`) to `dir/name.asc`.
@@ -356,18 +361,31 @@ fn new_openpgp_key(
     passphrase: &str,
 ) -> PathBuf {
     let uid = format!("{name} <{name}@example.com>");
-    gpg(
-        home,
-        &[
-            "--passphrase",
-            passphrase,
-            "--quick-gen-key",
-            &uid,
-            algorithm,
-            "sign",
-            "never",
-        ],
-    );
+    // GnuPG 2.2 now and then fails to self-sign a key it has just made and protected with a passphrase
+    // ("signing failed: Corrupted protection"; GnuPG's own test suite shows the same intermittently). Nothing is
+    // written to the keyring then, and the next attempt makes another random key.
+    for attempt in 1.. {
+        let generated = gpg_output(
+            home,
+            &[
+                "--passphrase",
+                passphrase,
+                "--quick-gen-key",
+                &uid,
+                algorithm,
+                "sign",
+                "never",
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&generated.stderr);
+        if generated.status.success() {
+            break;
+        }
+        assert!(
+            attempt < 5 && stderr.contains("Corrupted protection"),
+            "gpg --quick-gen-key (attempt {attempt}): {stderr}"
+        );
+    }
     let secret = gpg(
         home,
         &[
