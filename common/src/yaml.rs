@@ -6,6 +6,8 @@ use std::{borrow::Cow, collections::HashSet};
 use serde_saphyr::granit_parser::ScalarStyle;
 use thiserror::Error;
 
+mod simple;
+
 #[derive(Debug, Error)]
 #[error("invalid YAML: {0}")]
 pub struct YamlError(String);
@@ -41,9 +43,41 @@ pub fn parse_object(bytes: &[u8]) -> Result<serde_json::Value, YamlError> {
 ///
 /// Quoted scalars are always strings, so `"<<"`, `'yes'` or `"1"` are fine keys: that is how the agent renders them.
 ///
-/// The writer validates every upsert on the stream, so this is on the hot path: it walks the parser's events
-/// without building a value (about twice as fast as deserializing into an ignored value).
+/// The writer validates every upsert on the stream, so this is on the hot path: documents in the agent's plain block
+/// style are read by a line scanner (`simple`), which only ever accepts; the rest walks the parser's events without
+/// building a value (about twice as fast as deserializing into an ignored value).
 pub fn validate_object(bytes: &[u8]) -> Result<ObjectShape, YamlError> {
+    let text = object_text(bytes)?;
+    // The agent's plain block style is read line by line; anything else, and every refusal, takes the parser.
+    match simple::validate(text) {
+        Some(shape) => Ok(shape),
+        None => validate_events(text),
+    }
+}
+
+/// [`validate_object`] by the YAML parser alone, for the tests and the fuzz target that hold the fast path to it.
+#[doc(hidden)]
+pub fn validate_object_by_parser(bytes: &[u8]) -> Result<ObjectShape, YamlError> {
+    validate_events(object_text(bytes)?)
+}
+
+/// The fast path of [`validate_object`] alone: `Some` only when it answers (for the same tests).
+#[doc(hidden)]
+pub fn validate_object_by_lines(bytes: &[u8]) -> Option<ObjectShape> {
+    simple::validate(object_text(bytes).ok()?)
+}
+
+fn object_text(bytes: &[u8]) -> Result<&str, YamlError> {
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        return Err(YamlError(
+            "the document starts with a byte-order mark".into(),
+        ));
+    }
+    std::str::from_utf8(bytes).map_err(|e| YamlError(format!("not UTF-8: {e}")))
+}
+
+/// The full check: walks the parser's events.
+fn validate_events(text: &str) -> Result<ObjectShape, YamlError> {
     use serde_saphyr::granit_parser::{Event, Parser};
 
     /// What the walk is inside of.
@@ -57,12 +91,6 @@ pub fn validate_object(bytes: &[u8]) -> Result<ObjectShape, YamlError> {
         },
     }
 
-    if bytes.starts_with(b"\xEF\xBB\xBF") {
-        return Err(YamlError(
-            "the document starts with a byte-order mark".into(),
-        ));
-    }
-    let text = std::str::from_utf8(bytes).map_err(|e| YamlError(format!("not UTF-8: {e}")))?;
     let mut parser = Parser::new_from_str(text);
     let mut stack: Vec<Frame<'_>> = Vec::new();
     let mut documents = 0usize;

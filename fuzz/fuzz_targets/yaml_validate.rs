@@ -1,7 +1,8 @@
-//! The writer's YAML check (`validate_object`, an event walk) against the value parser (`parse_object`), an
-//! independent YAML 1.1 resolver and the semantic comparison: whatever the writer accepts parses to a
-//! Kubernetes object with the shape it reported, has only string keys for YAML 1.1 readers, and survives a
-//! canonical re-render unchanged.
+//! The writer's YAML check (`validate_object`: a line scanner for the agent's plain style, else an event walk)
+//! against the value parser (`parse_object`), an independent YAML 1.1 resolver and the semantic comparison: whatever
+//! the writer accepts parses to a Kubernetes object with the shape it reported, has only string keys for YAML 1.1
+//! readers, and survives a canonical re-render unchanged. Whenever the line scanner answers, the event walk gives the
+//! same answer.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -25,6 +26,13 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn check_one(data: &[u8]) {
+    if let Some(shape) = yaml::validate_object_by_lines(data) {
+        assert_eq!(
+            yaml::validate_object_by_parser(data).map_err(|e| e.to_string()),
+            Ok(shape),
+            "the line scanner accepts what the event walk answers otherwise"
+        );
+    }
     let parsed = yaml::parse_object(data);
     let Ok(shape) = yaml::validate_object(data) else {
         return;
