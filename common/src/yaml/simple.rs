@@ -428,6 +428,25 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_key_repeated_in_a_large_mapping_is_left_to_the_parser() {
+        let data: String = (0..40).map(|i| format!("  key-{i}: v\n")).collect();
+        let text = format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n{data}");
+        assert!(validate_object_by_lines(text.as_bytes()).is_some());
+        for repeated in ["key-0", "key-39", "\"key-17\""] {
+            let text = format!("{text}  {repeated}: again\n");
+            assert_eq!(
+                validate_object_by_lines(text.as_bytes()),
+                None,
+                "{repeated}"
+            );
+            assert!(
+                validate_object_by_parser(text.as_bytes()).is_err(),
+                "{repeated}"
+            );
+        }
+    }
+
     /// A small deterministic generator (xorshift), so that a failure reproduces.
     struct Rng(u64);
 
