@@ -510,6 +510,15 @@ mod tests {
         "\u{85}",
         "\u{2028}",
         "\u{feff}",
+        " :",
+        ":x",
+        "-x",
+        "- -",
+        "''",
+        "\"\"",
+        "\\\"",
+        "'a'",
+        "\"a\"",
     ];
 
     fn mutate(text: &str, rng: &mut Rng) -> String {
@@ -568,6 +577,7 @@ mod tests {
     /// parser gives the same shape. The counts show both outcomes were exercised.
     #[test]
     fn mutated_documents_answered_by_lines_get_the_parsers_answer() {
+        const ROUNDS: usize = 3000;
         let fixtures =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/real-objects");
         let mut bases: Vec<String> = CANONICAL
@@ -583,7 +593,7 @@ mod tests {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         let (mut answered, mut declined, mut refused) = (0, 0, 0);
         for base in &bases {
-            for _ in 0..3000 {
+            for _ in 0..ROUNDS {
                 let text = mutate(base, &mut rng);
                 let (lines, parser) = both(&text);
                 match lines {
