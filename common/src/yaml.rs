@@ -192,24 +192,13 @@ fn validate_events(text: &str) -> Result<ObjectShape, YamlError> {
                         let key: String = key.chars().take(100).collect();
                         return Err(at(&format!("duplicate mapping key {key:?}")));
                     }
-                    pending = if depth == 1 {
-                        match key.as_ref() {
-                            "apiVersion" => Some(Field::ApiVersion),
-                            "kind" => Some(Field::Kind),
-                            "metadata" => Some(Field::Metadata),
-                            "sops" => Some(Field::Sops),
-                            _ => None,
-                        }
-                    } else if *metadata && key == "name" {
-                        Some(Field::Name)
-                    } else {
-                        None
-                    };
+                    pending = Field::of_key(key, depth == 1, *metadata);
                 } else if let Some(field) = pending.take() {
                     let string = match &event {
-                        Event::Scalar(value, style, _, _) if !value.is_empty() => {
-                            (*style != ScalarStyle::Plain || plain_scalar_type(value).is_none())
-                                .then_some(value)
+                        Event::Scalar(value, style, _, _)
+                            if is_string_value(value, *style == ScalarStyle::Plain) =>
+                        {
+                            Some(value)
                         }
                         _ => None,
                     };
@@ -299,6 +288,18 @@ enum Field {
 }
 
 impl Field {
+    /// The field a mapping key names: in the object's top-level mapping, or in its `metadata` mapping.
+    fn of_key(key: &str, top_level: bool, in_metadata: bool) -> Option<Field> {
+        match key {
+            "apiVersion" if top_level => Some(Field::ApiVersion),
+            "kind" if top_level => Some(Field::Kind),
+            "metadata" if top_level => Some(Field::Metadata),
+            "sops" if top_level => Some(Field::Sops),
+            "name" if in_metadata => Some(Field::Name),
+            _ => None,
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Field::ApiVersion => "apiVersion",
@@ -308,6 +309,11 @@ impl Field {
             Field::Sops => "sops",
         }
     }
+}
+
+/// Whether a scalar value is a non-empty string (what `apiVersion`, `kind` and `metadata.name` must be).
+fn is_string_value(value: &str, plain: bool) -> bool {
+    !value.is_empty() && (!plain || plain_scalar_type(value).is_none())
 }
 
 /// What a plain (unquoted, untagged) scalar means to a YAML reader when it is not a string.

@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 
-use super::{Field, ObjectShape, plain_scalar_type};
+use super::{Field, ObjectShape, is_string_value, plain_scalar_type};
 
 /// Longest key taken here: YAML limits an implicit key to 1024 characters.
 const MAX_KEY_BYTES: usize = 1000;
@@ -207,19 +207,7 @@ impl<'a> Scan<'a> {
         if !keys.insert(key) {
             return None;
         }
-        let field = if depth == 1 {
-            match key {
-                "apiVersion" => Some(Field::ApiVersion),
-                "kind" => Some(Field::Kind),
-                "metadata" => Some(Field::Metadata),
-                "sops" => Some(Field::Sops),
-                _ => None,
-            }
-        } else if *metadata && key == "name" {
-            Some(Field::Name)
-        } else {
-            None
-        };
+        let field = Field::of_key(key, depth == 1, *metadata);
         let Some(value) = value else {
             self.open = Some(Open {
                 field,
@@ -236,7 +224,7 @@ impl<'a> Scan<'a> {
                 let Value::Scalar { text, plain } = value else {
                     return None;
                 };
-                if text.is_empty() || (plain && plain_scalar_type(text).is_some()) {
+                if !is_string_value(text, plain) {
                     return None;
                 }
                 match field {
