@@ -257,16 +257,14 @@ fn null_value(field: Option<Field>) -> Option<()> {
 
 /// Splits a line (after its indentation and any `- `) into a key and its value, or takes it for a scalar.
 fn split(text: &str) -> Option<Line<'_>> {
-    if let Some(quote @ (b'"' | b'\'')) = text.bytes().next() {
-        let close = 1 + text[1..].find(char::from(quote))?;
-        let inner = &text[1..close];
-        if inner.contains('\\') {
-            return None;
-        }
-        return match &text[close + 1..] {
+    if text.starts_with(['"', '\'']) {
+        let (key, after) = quoted(text)?;
+        return match after {
             "" => Some(Line::Scalar),
-            ":" => quoted_key(text, inner, None),
-            after => quoted_key(text, inner, Some(after.strip_prefix(": ")?)),
+            // A quoted key counts its quotes in YAML's limit.
+            _ if key.len() + 2 > MAX_KEY_BYTES => None,
+            ":" => Some(Line::Entry(key, None)),
+            after => Some(Line::Entry(key, Some(after.strip_prefix(": ")?))),
         };
     }
     match text.find(':') {
@@ -290,8 +288,12 @@ fn split(text: &str) -> Option<Line<'_>> {
     }
 }
 
-fn quoted_key<'a>(whole: &str, key: &'a str, value: Option<&'a str>) -> Option<Line<'a>> {
-    (whole.len() <= MAX_KEY_BYTES).then_some(Line::Entry(key, value))
+/// A quoted scalar without escapes at the start of `text`: its string, and what follows its closing quote.
+fn quoted(text: &str) -> Option<(&str, &str)> {
+    let quote = char::from(*text.as_bytes().first()?);
+    let close = 1 + text[1..].find(quote)?;
+    let inner = &text[1..close];
+    (!inner.contains('\\')).then_some((inner, &text[close + 1..]))
 }
 
 /// A value written after `key: `.
@@ -301,12 +303,10 @@ fn parse_value(text: &str) -> Option<Value<'_>> {
         "{}" => return Some(Value::EmptyMapping),
         _ => {}
     }
-    if let Some(quote @ (b'"' | b'\'')) = text.bytes().next() {
-        let inner = text.get(1..text.len() - 1)?;
-        let closed = text.len() >= 2 && text.as_bytes()[text.len() - 1] == quote;
-        if !closed || inner.contains(char::from(quote)) || inner.contains('\\') {
+    if text.starts_with(['"', '\'']) {
+        let (inner, "") = quoted(text)? else {
             return None;
-        }
+        };
         return Some(Value::Scalar {
             text: inner,
             plain: false,
