@@ -124,7 +124,8 @@ pub struct Args {
     #[arg(long, env = "WRITER_GIT_BATCH_MAX_WAIT_SEC", default_value_t = 20.0)]
     pub git_batch_max_wait_sec: f64,
     /// Batches a worker may hold committed but unpushed while more changes wait in its queue; it pushes them all in
-    /// one push at this many (or when its queue is empty, or at `--git-push-max-delay-sec`). 1 = push every batch.
+    /// one push at this many (or when its queue is empty, or at `--git-push-max-delay-sec`). While that push runs,
+    /// as many again may be committed on top of it. 1 = push every batch.
     #[arg(long, env = "WRITER_GIT_PUSH_MAX_BATCHES", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
     pub git_push_max_batches: u64,
     /// Seconds the oldest committed batch may wait for its push while more changes keep arriving (fractions

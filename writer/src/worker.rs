@@ -6,11 +6,14 @@
 //! clone moved in and out. While more changes already wait in the queue, committed batches are held unpushed and the
 //! next batch is built on top of them; one fast-forward push then carries them all, once the queue is empty after a
 //! commit, `push_max_batches` are held or the oldest has waited `push_max_delay` (a seed over a network transport pays
-//! a push's fixed price once per many batches instead of once per batch). A rejected push means someone else pushed:
-//! fetch, plan every held batch again in order on the new tip (the latest content per path is re-applied), push again,
-//! a bounded number of times. Only after a successful push are a batch's changes acked to their agents (a [`Reply`] on
-//! each stream's bounded reply channel, which never makes the worker wait: see [`crate::reply`]); on failure the
-//! batches stay held (and the buffer keeps its changes) and the worker retries with backoff, reporting
+//! a push's fixed price once per many batches instead of once per batch). That push runs in the background, through a
+//! second handle of the clone ([`InFlight`]), while the worker goes on committing the next batches on top of it (up to
+//! the same bounds, its packs unmerged meanwhile); when it ends, the batches held after it go next. Explicit flushes,
+//! shutdown and the recovery after a rejection wait for it, then push in the foreground. A rejected push means someone
+//! else pushed: fetch, plan every held batch again in order on the new tip (the latest content per path is re-applied),
+//! push again, a bounded number of times. Only after a successful push are a batch's changes acked to their agents
+//! (a [`Reply`] on each stream's bounded reply channel, which never makes the worker wait: see [`crate::reply`]); on
+//! failure the batches stay held (and the buffer keeps its changes) and the worker retries with backoff, reporting
 //! `PushFailing`/`AuthFailed` to the destinations meanwhile. Nothing held is written anywhere but the clone: after a
 //! crash the agents re-send what was not acked.
 //!
@@ -213,6 +216,8 @@ pub fn spawn(
         conditions: HashMap::new(),
         abandoned: watchdog::Abandoned::default(),
         held: BTreeMap::new(),
+        pushing: None,
+        refetch_before_push: false,
     };
     tokio::spawn(worker.run(receiver));
     handle
@@ -248,6 +253,36 @@ struct Worker {
     held: BTreeMap<DestinationId, suspend::Held>,
     /// This worker's own queue, for the push decision (see [`PushRule`]).
     queue: QueueProbe,
+    /// The push running in the background, carrying the oldest held batches.
+    pushing: Option<InFlight>,
+    /// A background push was rejected (someone else pushed): the next flush fetches, rebuilds the held batches on
+    /// the new tip and pushes them itself.
+    refetch_before_push: bool,
+}
+
+/// A push in the background, on a second handle of the clone (see [`Clone::open_for_push`]), while the worker
+/// goes on committing on top of it.
+struct InFlight {
+    /// How many of the oldest held batches it carries.
+    batches: usize,
+    /// The commit pushed: the last of those batches.
+    tip: git2::Oid,
+    task: tokio::task::JoinHandle<Option<Result<PushOutcome, GitError>>>,
+}
+
+/// While a push runs in the background, new commits go to packs that are not merged (see
+/// [`Clone::pause_pack_merges`]): past this many packs in the clone, commits wait for the push.
+const MAX_PACKS_WHILE_PUSHING: usize = 128;
+
+/// What a background push came to: None when the watchdog abandoned it.
+type Joined = Result<Option<Result<PushOutcome, GitError>>, tokio::task::JoinError>;
+
+/// The outcome of the push in flight, if there is one (never ready otherwise).
+async fn push_result(pushing: &mut Option<InFlight>) -> Joined {
+    match pushing {
+        Some(flight) => (&mut flight.task).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Why a flush could not push.
@@ -289,6 +324,17 @@ struct Committed {
     committed_at: Instant,
 }
 
+/// How the blocking part of a flush pushes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PushMode {
+    /// Push when due, here, with fetch and replay on a rejection (explicit flushes, shutdown, recovery).
+    Serial,
+    /// When due, report [`Step::PushDue`]: the worker pushes in the background while it goes on committing.
+    Background,
+    /// A push runs in the background: only commit.
+    Hold,
+}
+
 /// When a flush pushes what it holds.
 #[derive(Clone, Copy, Debug)]
 enum PushWhen {
@@ -318,9 +364,13 @@ impl PushRule {
                 more_waiting || self.queue.as_ref().is_some_and(QueueProbe::more_waiting)
             }
         };
+        !more_waiting || self.bound_reached(held, now)
+    }
+
+    /// Whether `held` reached a bound that forces its push whatever waits in the queue.
+    fn bound_reached(&self, held: &[Committed], now: Instant) -> bool {
         let bytes: usize = held.iter().map(|c| c.plan.stats.bytes).sum();
-        !more_waiting
-            || held.len() >= self.max_batches
+        held.len() >= self.max_batches
             || bytes >= self.max_bytes
             || held
                 .first()
@@ -351,8 +401,11 @@ struct FlushOutcome {
 }
 
 enum Step {
-    /// The batches stay held: more changes wait and no bound is reached.
+    /// The batches stay held: more changes wait and no bound is reached (or a push in the background carries the
+    /// oldest of them).
     Held,
+    /// The held batches are due: the worker pushes them in the background.
+    PushDue,
     /// The held batches are in the remote: pushed (`pushed`), or they changed nothing there.
     Out { pushed: bool, rejections: u32 },
 }
@@ -374,13 +427,20 @@ impl Worker {
             if self.preview_due(Instant::now(), receiver.is_empty()) {
                 self.preview_held(false).await;
             }
-            let linger = self.linger_until.filter(|_| !self.unpushed.is_empty());
+            let pushing = self.pushing.is_some();
+            // Batches held beyond the push in flight wait for it to end (their push starts then).
+            let waiting_batches = !pushing && !self.unpushed.is_empty();
+            let linger = self.linger_until.filter(|_| waiting_batches);
+            let commits_wait = self.commits_wait_for_push();
             let pending = [
                 // While changes wait, reading them comes first (a preview waits for a pause).
                 self.preview_deadline().filter(|_| receiver.is_empty()),
-                self.buffer.deadline(&self.settings.limits),
+                self.buffer
+                    .deadline(&self.settings.limits)
+                    .filter(|_| !commits_wait),
                 self.unpushed
                     .first()
+                    .filter(|_| waiting_batches)
                     .map(|c| c.committed_at + self.settings.push_max_delay),
                 linger,
             ]
@@ -396,15 +456,34 @@ impl Worker {
             // of the buffer growing without bound.
             let backing_off = self.retry_at.is_some_and(|r| r > Instant::now());
             if backing_off && self.buffer.over_hard_cap(&self.settings.limits) {
-                if let Some(deadline) = deadline {
-                    tokio::time::sleep_until(deadline.into()).await;
+                tokio::select! {
+                    joined = push_result(&mut self.pushing) => {
+                        self.push_finished(joined, &receiver).await;
+                        continue;
+                    }
+                    _ = sleep_until(deadline) => {}
                 }
+                self.flush_now(None, waiting(&receiver)).await;
+                continue;
+            }
+            // The buffer is due but cannot be committed before the push in flight ends: stop reading (backpressure).
+            if commits_wait && self.buffer.flush_due(&self.settings.limits, Instant::now()) {
+                let joined = push_result(&mut self.pushing).await;
+                self.push_finished(joined, &receiver).await;
+                continue;
+            }
+            // A due buffer is committed before more is read into it (it may have waited for the push that just
+            // ended).
+            if !backing_off
+                && !commits_wait
+                && self.buffer.flush_due(&self.settings.limits, Instant::now())
+            {
                 self.flush_now(None, waiting(&receiver)).await;
                 continue;
             }
             // Held batches go out as soon as nothing more waits to be committed on top of them (after the linger
             // of a batch that filled up: a stream of changes has short gaps).
-            if !self.unpushed.is_empty()
+            if waiting_batches
                 && !backing_off
                 && receiver.is_empty()
                 && linger.is_none_or(|t| t <= Instant::now())
@@ -413,15 +492,16 @@ impl Worker {
                 self.publish_status();
                 continue;
             }
-            let command = match deadline {
-                Some(deadline) => tokio::select! {
-                    command = receiver.recv() => command,
-                    _ = tokio::time::sleep_until(deadline.into()) => {
-                        self.flush_now(None, waiting(&receiver)).await;
-                        continue;
-                    }
-                },
-                None => receiver.recv().await,
+            let command = tokio::select! {
+                command = receiver.recv() => command,
+                joined = push_result(&mut self.pushing) => {
+                    self.push_finished(joined, &receiver).await;
+                    continue;
+                }
+                _ = sleep_until(deadline) => {
+                    self.flush_now(None, waiting(&receiver)).await;
+                    continue;
+                }
             };
             let Some(command) = command else { break };
             if let Command::Shutdown(reply) = command {
@@ -536,7 +616,8 @@ impl Worker {
         let dir = self.dir.clone();
         let spec = self.spec.clone();
         // An abandoned task may still write a ref of this clone (under its lock file) when its call returns.
-        let clean_locks = self.abandoned.running() == 0;
+        // So may the push in the background (the tracking ref).
+        let clean_locks = self.abandoned.running() == 0 && self.pushing.is_none();
         let ran = watchdog::run(network_deadline(), &self.abandoned, move |watch| {
             if clean_locks {
                 remove_stale_locks(&dir);
@@ -596,6 +677,17 @@ impl Worker {
         reply: Option<oneshot::Sender<Result<FlushReport, String>>>,
         when: PushWhen,
     ) {
+        // A CommitRequest is waiting for its commit: push now, not after more changes.
+        let when = if self.buffer.flush_requested() {
+            PushWhen::Now
+        } else {
+            when
+        };
+        // The push in the background first: this flush pushes what is held after it.
+        let settled = match when {
+            PushWhen::Now => self.settle_push().await,
+            PushWhen::Due { .. } => None,
+        };
         if self.buffer.is_empty() && self.unpushed.is_empty() {
             self.retry_at = None;
             if let Some(reply) = reply {
@@ -607,18 +699,12 @@ impl Worker {
                     .clone();
                 let _ = reply.send(Ok(FlushReport {
                     commit_sha: sha,
-                    files_changed: 0,
+                    files_changed: settled.map_or(0, |r| r.files_changed),
                 }));
             }
             return;
         }
         let full = self.buffer.full(&self.settings.limits);
-        // A CommitRequest is waiting for its commit: push now, not after more changes.
-        let when = if self.buffer.flush_requested() {
-            PushWhen::Now
-        } else {
-            when
-        };
         let result = self.flush(when).await;
         self.linger_until = None;
         let report = match result {
@@ -631,22 +717,24 @@ impl Worker {
                 }
                 Ok(FlushReport::default())
             }
+            Ok(Step::PushDue) => {
+                self.retry_at = None;
+                self.start_push();
+                Ok(FlushReport::default())
+            }
             Ok(Step::Out { pushed, rejections }) => {
                 self.retry_backoff.reset();
                 self.retry_at = None;
-                Ok(self.finish(pushed, rejections))
+                let mut report = self.finish(pushed, rejections, self.unpushed.len());
+                if let Some(settled) = settled {
+                    report.files_changed += settled.files_changed;
+                    if report.commit_sha.is_empty() {
+                        report.commit_sha = settled.commit_sha;
+                    }
+                }
+                Ok(report)
             }
-            Err(error) => {
-                let delay = self.retry_backoff.next_delay();
-                self.retry_at = Some(Instant::now() + delay);
-                self.report_failure(&error);
-                self.metrics
-                    .push_retries
-                    .with_label_values(&self.labels())
-                    .inc();
-                warn!(worker = %self.id, %error, retry_in = ?delay, pending = self.buffer.len(), unpushed_batches = self.unpushed.len(), "flush failed; changes stay pending");
-                Err(error.to_string())
-            }
+            Err(error) => Err(self.flush_failed(&error)),
         };
         self.metrics
             .unpushed_batches
@@ -657,6 +745,136 @@ impl Worker {
         if let Some(reply) = reply {
             let _ = reply.send(report);
         }
+    }
+
+    /// After a failed flush or push: back off, report, keep everything pending.
+    fn flush_failed(&mut self, error: &FlushError) -> String {
+        let delay = self.retry_backoff.next_delay();
+        self.retry_at = Some(Instant::now() + delay);
+        self.report_failure(error);
+        self.metrics
+            .push_retries
+            .with_label_values(&self.labels())
+            .inc();
+        warn!(worker = %self.id, %error, retry_in = ?delay, pending = self.buffer.len(), unpushed_batches = self.unpushed.len(), "flush failed; changes stay pending");
+        error.to_string()
+    }
+
+    /// The held batches the push in the background carries (the oldest ones).
+    fn in_flight(&self) -> usize {
+        self.pushing.as_ref().map_or(0, |p| p.batches)
+    }
+
+    fn push_rule(&self, when: PushWhen) -> PushRule {
+        PushRule {
+            when,
+            queue: Some(self.queue.clone()),
+            max_batches: self.settings.push_max_batches,
+            max_delay: self.settings.push_max_delay,
+            max_bytes: self.settings.limits.max_bytes.saturating_mul(4),
+        }
+    }
+
+    /// A push runs in the background and no more batches may be committed on top of it: those held beyond it
+    /// reached a push bound (they go as soon as it ends), or its packs pile up unmerged.
+    fn commits_wait_for_push(&self) -> bool {
+        if self.pushing.is_none() {
+            return false;
+        }
+        let beyond = &self.unpushed[self.in_flight().min(self.unpushed.len())..];
+        let rule = self.push_rule(PushWhen::Due { more_waiting: true });
+        rule.bound_reached(beyond, Instant::now())
+            || self
+                .clone
+                .as_ref()
+                .is_some_and(|c| c.pack_count() >= MAX_PACKS_WHILE_PUSHING)
+    }
+
+    /// Starts pushing every held batch in the background: on the blocking pool, under the watchdog, through a
+    /// second handle of the clone, while the worker commits the next batches on top of them.
+    fn start_push(&mut self) {
+        let Some(tip) = self.unpushed.last().and_then(|c| c.tip) else {
+            return;
+        };
+        let dir = self.dir.clone();
+        let spec = self.spec.clone();
+        let abandoned = self.abandoned.clone();
+        let push_duration = self.metrics.push_duration.with_label_values(&self.labels());
+        let batches = self.unpushed.len();
+        debug!(worker = %self.id, commit = %tip, batches, "push started");
+        let task = tokio::spawn(async move {
+            watchdog::run(network_deadline(), &abandoned, move |watch| {
+                let mut handle = Clone::open_for_push(&dir, spec)?;
+                let timer = push_duration.start_timer();
+                let pushed = watch.network(|| handle.push(tip));
+                timer.observe_duration();
+                pushed
+            })
+            .await
+        });
+        self.pushing = Some(InFlight { batches, tip, task });
+    }
+
+    /// Waits for the push in the background, if one runs, and books its outcome: what it pushed, if it did.
+    async fn settle_push(&mut self) -> Option<FlushReport> {
+        self.pushing.as_ref()?;
+        let joined = push_result(&mut self.pushing).await;
+        self.book_push(joined)
+    }
+
+    /// The push in the background ended: book it, then push what is held after it when that is due already.
+    async fn push_finished(&mut self, joined: Joined, receiver: &mpsc::Receiver<Command>) {
+        let pushed = self.book_push(joined).is_some();
+        self.publish_status();
+        let more_due = pushed
+            && !self.unpushed.is_empty()
+            && (self.buffer.flush_due(&self.settings.limits, Instant::now())
+                || self
+                    .push_rule(waiting(receiver))
+                    .bound_reached(&self.unpushed, Instant::now()));
+        if more_due {
+            self.flush_now(None, waiting(receiver)).await;
+        }
+    }
+
+    /// Books the outcome of the push in the background: acks on success; on a rejection the next flush fetches
+    /// and replays; on a failure the worker backs off. Returns what it pushed, if it did.
+    fn book_push(&mut self, joined: Joined) -> Option<FlushReport> {
+        let flight = self.pushing.take()?;
+        let outcome = match joined {
+            Ok(Some(outcome)) => outcome,
+            Ok(None) => Err(self.abandoned_error()),
+            Err(error) => Err(GitError::Other(format!("the push task failed: {error}"))),
+        };
+        let pushed = match outcome {
+            Ok(PushOutcome::Pushed) => {
+                if let Some(clone) = &mut self.clone {
+                    clone.advance_base(flight.tip);
+                }
+                self.retry_backoff.reset();
+                self.retry_at = None;
+                Some(self.finish(true, 0, flight.batches))
+            }
+            Ok(PushOutcome::Rejected) => {
+                info!(worker = %self.id, commit = %flight.tip, batches = self.unpushed.len(), "push rejected (non-fast-forward); the next flush fetches and replays");
+                self.metrics
+                    .rebase_retries
+                    .with_label_values(&self.labels())
+                    .inc();
+                self.refetch_before_push = true;
+                None
+            }
+            Err(error) => {
+                self.flush_failed(&FlushError::Git(error));
+                None
+            }
+        };
+        self.metrics
+            .unpushed_batches
+            .with_label_values(&self.labels())
+            .set(self.unpushed.len() as i64);
+        self.ack_held();
+        pushed
     }
 
     async fn flush(&mut self, when: PushWhen) -> Result<Step, FlushError> {
@@ -671,6 +889,11 @@ impl Worker {
             }
         }
         self.refuse_while_abandoned_run().map_err(FlushError::Git)?;
+        let in_flight = self.in_flight();
+        if in_flight > 0 && (self.buffer.is_empty() || self.commits_wait_for_push()) {
+            // Nothing to commit on top of the push in flight: its end decides what comes next.
+            return Ok(Step::Held);
+        }
         if self.clone.is_none() {
             self.open().await.map_err(FlushError::Git)?;
         }
@@ -681,27 +904,39 @@ impl Worker {
         };
         // The buffer becomes a new held batch unless enough are held already (a failing remote): then it keeps
         // filling up to its hard cap, and the queue pushes back on the agents.
+        // Nor when the batches held beyond the push in flight reached a push bound already: they go first (and the
+        // buffer is committed while they are pushed), unless everything is to be pushed now.
+        let held_beyond = &self.unpushed[in_flight.min(self.unpushed.len())..];
+        let bound_reached = self
+            .push_rule(when)
+            .bound_reached(held_beyond, Instant::now());
         let entries = (!self.buffer.is_empty()
-            && self.unpushed.len() < self.settings.push_max_batches)
+            && held_beyond.len() < self.settings.push_max_batches
+            && (matches!(when, PushWhen::Now) || !bound_reached))
             .then(|| Arc::new(self.buffer.entries().to_vec()));
-        // A fetch moves the base: only when nothing is held on top of the old one (a push finds the new tip).
-        let refetch = self.unpushed.is_empty()
-            && self
-                .last_fetch
-                .is_none_or(|t| t.elapsed() >= self.settings.refetch_after);
+        // A fetch moves the base: only when nothing is held on top of the old one (a push finds the new tip), or
+        // after a rejected push (the held batches are then rebuilt on the new tip).
+        let refetch = in_flight == 0
+            && (self.refetch_before_push
+                || self.unpushed.is_empty()
+                    && self
+                        .last_fetch
+                        .is_none_or(|t| t.elapsed() >= self.settings.refetch_after));
+        let mode = if in_flight > 0 {
+            PushMode::Hold
+        } else if matches!(when, PushWhen::Now) || self.refetch_before_push || self.unpushed_stale {
+            PushMode::Serial
+        } else {
+            PushMode::Background
+        };
+        clone.pause_pack_merges(in_flight > 0);
         let context = PlanContext {
             bot_name: self.settings.bot_name.clone(),
             bot_email: self.settings.bot_email.clone(),
             deletes_cap: self.settings.deletes_cap,
             now_rfc3339: Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
         };
-        let rule = PushRule {
-            when,
-            queue: Some(self.queue.clone()),
-            max_batches: self.settings.push_max_batches,
-            max_delay: self.settings.push_max_delay,
-            max_bytes: self.settings.limits.max_bytes.saturating_mul(4),
-        };
+        let rule = self.push_rule(when);
         let max_retries = self.settings.push_max_retries;
         let push_duration = self.metrics.push_duration.with_label_values(&self.labels());
         let held = self.unpushed.clone();
@@ -715,6 +950,7 @@ impl Worker {
                 &context,
                 refetch,
                 &rule,
+                mode,
                 max_retries,
                 &push_duration,
                 watch,
@@ -724,6 +960,9 @@ impl Worker {
         .await;
         if refetch {
             self.last_fetch = Some(Instant::now());
+        }
+        if ran.as_ref().is_some_and(|(_, o)| o.result.is_ok()) {
+            self.refetch_before_push = false;
         }
         let outcome = match ran {
             Some((clone, outcome)) => {
@@ -760,9 +999,13 @@ impl Worker {
         Ok(step)
     }
 
-    /// Book-keeping after the held batches went out: metrics, statuses, acks, batch by batch in order.
-    fn finish(&mut self, pushed: bool, rejections: u32) -> FlushReport {
-        let batches = std::mem::take(&mut self.unpushed);
+    /// Book-keeping after the oldest `count` held batches went out: metrics, statuses, acks, batch by batch in
+    /// order.
+    fn finish(&mut self, pushed: bool, rejections: u32, count: usize) -> FlushReport {
+        let batches: Vec<Committed> = self
+            .unpushed
+            .drain(..count.min(self.unpushed.len()))
+            .collect();
         if pushed {
             self.metrics.pushes.with_label_values(&self.labels()).inc();
             let tip = batches
@@ -1311,6 +1554,7 @@ fn flush_blocking(
     context: &PlanContext,
     refetch: bool,
     rule: &PushRule,
+    mode: PushMode,
     max_retries: u32,
     push_duration: &prometheus::Histogram,
     watch: &watchdog::NetworkWatch,
@@ -1331,8 +1575,18 @@ fn flush_blocking(
             held.push(commit_batch(clone, entries, parent, Vec::new(), context)?);
             committed_buffer = true;
         }
-        if !rule.due(&held, Instant::now()) {
+        if mode == PushMode::Hold || !rule.due(&held, Instant::now()) {
             return Ok(Step::Held);
+        }
+        if mode == PushMode::Background {
+            return Ok(if held.iter().all(|c| c.plan.commits.is_empty()) {
+                Step::Out {
+                    pushed: false,
+                    rejections: 0,
+                }
+            } else {
+                Step::PushDue
+            });
         }
         push_held(clone, &mut held, context, max_retries, push_duration, watch)
     })();
@@ -1461,6 +1715,14 @@ fn commit_batch(
 /// How long a worker that just held a full batch waits for the next change before it pushes: a seed streams
 /// changes with short gaps (flow control, the agents' checks), and a push in each gap would undo the coalescing.
 const LINGER: Duration = Duration::from_millis(50);
+
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Whether more changes wait in a worker's queue (then a committed batch may wait for the next ones).
 fn waiting(receiver: &mpsc::Receiver<Command>) -> PushWhen {

@@ -380,3 +380,237 @@ async fn a_human_push_while_several_batches_are_held_is_replayed_under_them() {
     drop(agent);
     writer.stop().await;
 }
+
+/// A pre-receive hook that, while `hold` exists, creates `reached` and waits; then it lets the push through.
+fn install_holding_hook(remote: &BareRepo, hold: &Path, reached: &Path) {
+    let hook = remote.path().join("hooks").join("pre-receive");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nif [ -e '{0}' ]; then\n  touch '{1}'\n  while [ -e '{0}' ]; do sleep 0.05; done\nfi\nexit 0\n",
+            hold.display(),
+            reached.display()
+        ),
+    )
+    .expect("write hook");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod hook");
+}
+
+/// Waits (bounded) until `path` exists.
+async fn wait_for_file(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (bounded) until a metric has kept its value for a second; returns it.
+async fn settled_metric(writer: &Writer, name: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = metric(writer, name).await;
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let value = metric(writer, name).await;
+        if value != last {
+            (last, since) = (value, Instant::now());
+        } else if since.elapsed() >= Duration::from_secs(1) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{name} kept changing");
+    }
+}
+
+/// An HTTPS remote whose hook holds a push while `hold` exists, and a writer pushing to it with `extra` flags.
+struct HeldRemote {
+    remote: BareRepo,
+    server: Server,
+    hold: std::path::PathBuf,
+    reached: std::path::PathBuf,
+    _files: tempfile::TempDir,
+}
+
+impl HeldRemote {
+    fn new() -> HeldRemote {
+        let remote = logged_remote();
+        let server = Server::https(&remote);
+        let files = tempfile::tempdir().unwrap();
+        let hold = files.path().join("hold");
+        let reached = files.path().join("reached");
+        install_holding_hook(&remote, &hold, &reached);
+        std::fs::write(&hold, "").unwrap();
+        HeldRemote {
+            remote,
+            server,
+            hold,
+            reached,
+            _files: files,
+        }
+    }
+
+    async fn writer(&self, extra: &[&str]) -> Writer {
+        let mut flags: Vec<&str> = self.server.flags.iter().map(String::as_str).collect();
+        flags.extend_from_slice(extra);
+        Writer::start(&flags).await
+    }
+
+    /// Sends objects `range` of the corpus (sequence = index + 1).
+    async fn send(&self, agent: &mut support::Agent, range: std::ops::Range<usize>) {
+        for i in range {
+            agent
+                .send(upsert(
+                    DEST,
+                    i as u64 + 1,
+                    &corpus::path(i),
+                    &corpus::yaml(i, "0"),
+                ))
+                .await;
+        }
+    }
+
+    fn release(&self) {
+        std::fs::remove_file(&self.hold).unwrap();
+    }
+}
+
+/// A push runs in the background: while the server holds it, the worker goes on committing the next batches on top
+/// of it, acks none of them, and pushes them in one push once the first has landed. (A worker that pushed in the
+/// foreground would commit nothing more until the first push ended.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_committed_while_a_push_runs_and_acked_only_once_pushed() {
+    let held = HeldRemote::new();
+    let writer = held.writer(&["--git-batch-max-files", "10"]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &held.server.url, "main", BASE).await;
+    // The first batch: committed, then pushed; the server holds that push.
+    held.send(&mut agent, 0..10).await;
+    wait_for_file(&held.reached).await;
+    // Three more batches are committed on top of it meanwhile.
+    held.send(&mut agent, 10..40).await;
+    wait_for_metric(&writer, "gitops_reverser_unpushed_batches", 4.0).await;
+    let early: Vec<_> = agent
+        .drain_for(Duration::from_millis(300))
+        .await
+        .into_iter()
+        .filter(|m| matches!(m, Out::Ack(_)))
+        .collect();
+    assert!(early.is_empty(), "acked before pushed: {early:?}");
+    assert_eq!(
+        held.remote.rev_parse("main"),
+        None,
+        "the push is still held"
+    );
+    assert_eq!(metric(&writer, "gitops_reverser_pushes_total").await, 0.0);
+
+    held.release();
+    agent.ack(DEST, 40).await;
+    assert_eq!(held.remote.ls_tree("main").len(), 40 + 2);
+    git_ok(&held.remote.path(), &["fsck", "--strict", "--no-dangling"]);
+    assert_eq!(held.remote.commit_count("main"), 4, "one commit per batch");
+    // The held push, then one push carrying the three batches committed during it.
+    assert_eq!(ref_updates(&held.remote), 2);
+    assert_eq!(metric(&writer, "gitops_reverser_pushes_total").await, 2.0);
+    assert_eq!(
+        metric(&writer, "gitops_reverser_unpushed_batches").await,
+        0.0
+    );
+    writer.stop().await;
+}
+
+/// Commits made while a push runs go to packs that are not merged (merging would delete packs the push may be
+/// reading): past a bound, commits wait for the push instead of piling up packs, and the packs are merged again
+/// once no push runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_wait_for_a_long_push_once_their_packs_pile_up_and_nothing_is_lost() {
+    const OBJECTS: usize = 300;
+    let held = HeldRemote::new();
+    // One file per batch, and no batch bound to stop the commits first.
+    let writer = held
+        .writer(&[
+            "--git-batch-max-files",
+            "1",
+            "--git-push-max-batches",
+            "1000",
+        ])
+        .await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &held.server.url, "main", BASE).await;
+    held.send(&mut agent, 0..1).await;
+    wait_for_file(&held.reached).await;
+    held.send(&mut agent, 1..OBJECTS).await;
+    let plateau = settled_metric(&writer, "gitops_reverser_unpushed_batches").await;
+    // A pack per commit while merges are paused; 128 packs at most, counting those from before.
+    assert!(
+        (100.0..=129.0).contains(&plateau),
+        "{plateau} batches held while the push ran"
+    );
+    assert_eq!(
+        held.remote.rev_parse("main"),
+        None,
+        "the push is still held"
+    );
+
+    held.release();
+    agent.ack(DEST, OBJECTS as u64).await;
+    assert_eq!(held.remote.ls_tree("main").len(), OBJECTS + 2);
+    git_ok(&held.remote.path(), &["fsck", "--strict", "--no-dangling"]);
+    // One more change after the pushes: its commit merges the packs again.
+    agent
+        .send(upsert(
+            DEST,
+            OBJECTS as u64 + 1,
+            &corpus::path(0),
+            &corpus::yaml(0, "1"),
+        ))
+        .await;
+    agent.ack(DEST, OBJECTS as u64 + 1).await;
+    let work_dir = writer.stop().await;
+    let packs = walk_packs(work_dir.path());
+    assert!(packs <= 24, "{packs} packs left in the clone");
+}
+
+/// The `.pack` files under `dir`.
+fn walk_packs(dir: &Path) -> usize {
+    let mut count = 0;
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            count += walk_packs(&path);
+        } else if path.extension().is_some_and(|e| e == "pack") {
+            count += 1;
+        }
+    }
+    count
+}
+
+/// A shutdown while a push is held waits for it, then pushes what was committed after it: nothing committed is left
+/// behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_waits_for_the_push_in_flight_and_pushes_what_came_after_it() {
+    let held = HeldRemote::new();
+    let writer = held.writer(&["--git-batch-max-files", "10"]).await;
+    let mut agent = writer.agent("uid-1").await;
+    agent.declare(DEST, &held.server.url, "main", BASE).await;
+    held.send(&mut agent, 0..10).await;
+    wait_for_file(&held.reached).await;
+    held.send(&mut agent, 10..30).await;
+    wait_for_metric(&writer, "gitops_reverser_unpushed_batches", 3.0).await;
+    let release = {
+        let hold = held.hold.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            std::fs::remove_file(hold).unwrap();
+        })
+    };
+    writer.stop().await;
+    release.await.unwrap();
+    assert_eq!(held.remote.ls_tree("main").len(), 30 + 2);
+    assert_eq!(held.remote.commit_count("main"), 3);
+    assert_eq!(ref_updates(&held.remote), 2);
+}

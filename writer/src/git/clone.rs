@@ -32,6 +32,11 @@ pub struct Clone {
     base: Option<Oid>,
     /// Parsed trees (read through `&self` by [`read_file`](Self::read_file)).
     trees: RefCell<TreeCache>,
+    /// Another handle is reading the object database (a push in the background, see
+    /// [`open_for_push`](Self::open_for_push)): merging would delete packs under it.
+    merges_paused: bool,
+    /// Packs in the clone after the last commit (see [`pack_count`](Self::pack_count)).
+    packs: usize,
 }
 
 impl std::fmt::Debug for Clone {
@@ -81,9 +86,54 @@ impl Clone {
             dir: dir.to_owned(),
             base: None,
             trees: RefCell::default(),
+            merges_paused: false,
+            packs: 0,
         };
         clone.base = clone.repo.refname_to_id(&clone.tracking_ref()).ok();
         Ok(clone)
+    }
+
+    /// A second handle on the clone at `dir`, for one push while the first handle goes on
+    /// committing (on another thread). It changes nothing on disk when opened (no init, and no
+    /// clean-up of the temporary files the first handle may be writing), and it is opened afresh
+    /// for every push, so that it lists the packs as they are then. Use it for
+    /// [`push`](Self::push) only; the first handle learns the pushed tip through
+    /// [`advance_base`](Self::advance_base) and pauses its pack merges meanwhile
+    /// ([`pause_pack_merges`](Self::pause_pack_merges)).
+    pub fn open_for_push(dir: &Path, spec: RepoSpec) -> Result<Clone, GitError> {
+        validate_branch_name(&spec.branch)?;
+        relax_libgit2_checks();
+        let repo = Repository::open_bare(dir).map_err(local)?;
+        let mut clone = Clone {
+            repo,
+            spec,
+            dir: dir.to_owned(),
+            base: None,
+            trees: RefCell::default(),
+            merges_paused: true,
+            packs: 0,
+        };
+        clone.base = clone.repo.refname_to_id(&clone.tracking_ref()).ok();
+        Ok(clone)
+    }
+
+    /// `commit` was pushed through another handle (see [`open_for_push`](Self::open_for_push)),
+    /// which also moved the tracking ref: new work builds on it.
+    pub fn advance_base(&mut self, commit: Oid) {
+        self.base = Some(commit);
+    }
+
+    /// While another handle reads the clone's objects, small packs are not merged: merging
+    /// deletes the packs it copied, and a reader that has listed a pack but not opened it yet
+    /// would then fail to read it. They are merged at the first commit after the pause.
+    pub fn pause_pack_merges(&mut self, paused: bool) {
+        self.merges_paused = paused;
+    }
+
+    /// The packs in the clone after its last commit: with merges paused this grows by one per
+    /// commit.
+    pub fn pack_count(&self) -> usize {
+        self.packs
     }
 
     /// The spec this clone was opened with.
@@ -495,7 +545,13 @@ impl Clone {
         let pack_dir = self.dir.join("objects").join("pack");
         let pack_dir = pack_dir.as_path();
         let candidates = match pack::list_packs(pack_dir) {
-            Ok(packs) => pack::merge_candidates(&packs),
+            Ok(packs) => {
+                self.packs = packs.len();
+                if self.merges_paused {
+                    return;
+                }
+                pack::merge_candidates(&packs)
+            }
             Err(error) => {
                 warn!(dir = %pack_dir.display(), %error, "cannot list packs");
                 return;
@@ -504,8 +560,11 @@ impl Clone {
         if candidates.is_empty() {
             return;
         }
-        if let Err(error) = pack::merge(&self.repo, pack_dir, &candidates) {
-            warn!(dir = %pack_dir.display(), %error, "merging packs failed; keeping them as they are");
+        match pack::merge(&self.repo, pack_dir, &candidates) {
+            Ok(()) => self.packs = (self.packs + 1).saturating_sub(candidates.len()),
+            Err(error) => {
+                warn!(dir = %pack_dir.display(), %error, "merging packs failed; keeping them as they are")
+            }
         }
         // libgit2 keeps the old packs open and listed: start from a fresh handle.
         match open_repo(&self.dir) {
