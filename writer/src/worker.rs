@@ -853,7 +853,14 @@ impl Worker {
                 }
                 self.retry_backoff.reset();
                 self.retry_at = None;
-                Some(self.finish(true, 0, flight.batches))
+                let report = self.finish(true, 0, flight.batches);
+                // Its acks just went out: an agent that waited for them sends more within moments, to be committed
+                // on the batches held after it rather than pushed in a push of their own.
+                if !self.unpushed.is_empty() {
+                    self.linger_until =
+                        Some(Instant::now() + LINGER.min(self.settings.push_max_delay));
+                }
+                Some(report)
             }
             Ok(PushOutcome::Rejected) => {
                 info!(worker = %self.id, commit = %flight.tip, batches = self.unpushed.len(), "push rejected (non-fast-forward); the next flush fetches and replays");
