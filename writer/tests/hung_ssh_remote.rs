@@ -157,17 +157,10 @@ async fn ssh_remotes_that_stall_before_or_during_the_handshake_report_push_faili
 /// `keep_alive_sec` 0 the server says nothing meanwhile; otherwise it sends git's keep-alive packets that often,
 /// so the connection never goes quiet and only the whole-operation deadline can end the push.
 fn install_freezing_hook(repo: &BareRepo, freeze: &Path, keep_alive_sec: u32) {
-    let hook = repo.path().join("hooks").join("pre-receive");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\nif [ -e '{0}' ]; then\n  while [ -e '{0}' ]; do sleep 0.1; done\n  exit 1\nfi\nexit 0\n",
-            freeze.display()
-        ),
-    )
-    .expect("write hook");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod hook");
+    repo.set_pre_receive_hook(&format!(
+        "if [ -e '{0}' ]; then\n  while [ -e '{0}' ]; do sleep 0.1; done\n  exit 1\nfi\nexit 0\n",
+        freeze.display()
+    ));
     let out = testkit::git(
         Some(&repo.path()),
         &["config", "receive.keepAlive", &keep_alive_sec.to_string()],

@@ -383,18 +383,11 @@ async fn a_human_push_while_several_batches_are_held_is_replayed_under_them() {
 
 /// A pre-receive hook that, while `hold` exists, creates `reached` and waits; then it lets the push through.
 fn install_holding_hook(remote: &BareRepo, hold: &Path, reached: &Path) {
-    let hook = remote.path().join("hooks").join("pre-receive");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\nif [ -e '{0}' ]; then\n  touch '{1}'\n  while [ -e '{0}' ]; do sleep 0.05; done\nfi\nexit 0\n",
-            hold.display(),
-            reached.display()
-        ),
-    )
-    .expect("write hook");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod hook");
+    remote.set_pre_receive_hook(&format!(
+        "if [ -e '{0}' ]; then\n  touch '{1}'\n  while [ -e '{0}' ]; do sleep 0.05; done\nfi\nexit 0\n",
+        hold.display(),
+        reached.display()
+    ));
 }
 
 /// Waits (bounded) until `path` exists.

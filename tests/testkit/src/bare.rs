@@ -59,6 +59,15 @@ impl BareRepo {
         self.root.path().join(&self.name)
     }
 
+    /// Installs `script` (a `/bin/sh` script) as the server's `pre-receive` hook.
+    pub fn set_pre_receive_hook(&self, script: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let hook = self.path().join("hooks").join("pre-receive");
+        std::fs::write(&hook, format!("#!/bin/sh\n{script}")).expect("write the hook");
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))
+            .expect("make the hook executable");
+    }
+
     /// `file:///…/repo.git`.
     pub fn file_url(&self) -> String {
         format!("file://{}", self.path().display())
