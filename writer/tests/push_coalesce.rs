@@ -447,10 +447,17 @@ impl HeldRemote {
         }
     }
 
-    async fn writer(&self, extra: &[&str]) -> Writer {
+    /// A writer with `extra` flags and an agent that declared the destination and sent the first `first` objects,
+    /// once the server holds the push that carries them.
+    async fn start_held(&self, extra: &[&str], first: usize) -> (Writer, support::Agent) {
         let mut flags: Vec<&str> = self.server.flags.iter().map(String::as_str).collect();
         flags.extend_from_slice(extra);
-        Writer::start(&flags).await
+        let writer = Writer::start(&flags).await;
+        let mut agent = writer.agent("uid-1").await;
+        agent.declare(DEST, &self.server.url, "main", BASE).await;
+        self.send(&mut agent, 0..first).await;
+        wait_for_file(&self.reached).await;
+        (writer, agent)
     }
 
     /// Sends objects `range` of the corpus (sequence = index + 1).
@@ -478,12 +485,8 @@ impl HeldRemote {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_committed_while_a_push_runs_and_acked_only_once_pushed() {
     let held = HeldRemote::new();
-    let writer = held.writer(&["--git-batch-max-files", "10"]).await;
-    let mut agent = writer.agent("uid-1").await;
-    agent.declare(DEST, &held.server.url, "main", BASE).await;
     // The first batch: committed, then pushed; the server holds that push.
-    held.send(&mut agent, 0..10).await;
-    wait_for_file(&held.reached).await;
+    let (writer, mut agent) = held.start_held(&["--git-batch-max-files", "10"], 10).await;
     // Three more batches are committed on top of it meanwhile.
     held.send(&mut agent, 10..40).await;
     wait_for_metric(&writer, "gitops_reverser_unpushed_batches", 4.0).await;
@@ -524,18 +527,17 @@ async fn commits_wait_for_a_long_push_once_their_packs_pile_up_and_nothing_is_lo
     const OBJECTS: usize = 300;
     let held = HeldRemote::new();
     // One file per batch, and no batch bound to stop the commits first.
-    let writer = held
-        .writer(&[
-            "--git-batch-max-files",
-            "1",
-            "--git-push-max-batches",
-            "1000",
-        ])
+    let (writer, mut agent) = held
+        .start_held(
+            &[
+                "--git-batch-max-files",
+                "1",
+                "--git-push-max-batches",
+                "1000",
+            ],
+            1,
+        )
         .await;
-    let mut agent = writer.agent("uid-1").await;
-    agent.declare(DEST, &held.server.url, "main", BASE).await;
-    held.send(&mut agent, 0..1).await;
-    wait_for_file(&held.reached).await;
     held.send(&mut agent, 1..OBJECTS).await;
     let plateau = settled_metric(&writer, "gitops_reverser_unpushed_batches").await;
     // A pack per commit while merges are paused; 128 packs at most, counting those from before.
@@ -587,11 +589,7 @@ fn walk_packs(dir: &Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_waits_for_the_push_in_flight_and_pushes_what_came_after_it() {
     let held = HeldRemote::new();
-    let writer = held.writer(&["--git-batch-max-files", "10"]).await;
-    let mut agent = writer.agent("uid-1").await;
-    agent.declare(DEST, &held.server.url, "main", BASE).await;
-    held.send(&mut agent, 0..10).await;
-    wait_for_file(&held.reached).await;
+    let (writer, mut agent) = held.start_held(&["--git-batch-max-files", "10"], 10).await;
     held.send(&mut agent, 10..30).await;
     wait_for_metric(&writer, "gitops_reverser_unpushed_batches", 3.0).await;
     let release = {

@@ -79,18 +79,22 @@ impl Clone {
             }
             Err(e) => return Err(local(e)),
         }
-        let repo = open_repo(dir)?;
+        Ok(Clone::with_repo(open_repo(dir)?, dir, spec, false))
+    }
+
+    /// A handle on `repo`, its base restored from the tracking ref.
+    fn with_repo(repo: Repository, dir: &Path, spec: RepoSpec, merges_paused: bool) -> Clone {
         let mut clone = Clone {
             repo,
             spec,
             dir: dir.to_owned(),
             base: None,
             trees: RefCell::default(),
-            merges_paused: false,
+            merges_paused,
             packs: 0,
         };
         clone.base = clone.repo.refname_to_id(&clone.tracking_ref()).ok();
-        Ok(clone)
+        clone
     }
 
     /// A second handle on the clone at `dir`, for one push while the first handle goes on
@@ -104,17 +108,7 @@ impl Clone {
         validate_branch_name(&spec.branch)?;
         relax_libgit2_checks();
         let repo = Repository::open_bare(dir).map_err(local)?;
-        let mut clone = Clone {
-            repo,
-            spec,
-            dir: dir.to_owned(),
-            base: None,
-            trees: RefCell::default(),
-            merges_paused: true,
-            packs: 0,
-        };
-        clone.base = clone.repo.refname_to_id(&clone.tracking_ref()).ok();
-        Ok(clone)
+        Ok(Clone::with_repo(repo, dir, spec, true))
     }
 
     /// `commit` was pushed through another handle (see [`open_for_push`](Self::open_for_push)),
